@@ -1,0 +1,157 @@
+"""Memory pools: the large value tables that memory layers (and PEER expert layers) read sparsely.
+
+"Memory Layers at Scale" shares one value table across all memory layers of a model (Memory+): each layer has its
+own query projection and product keys, but every layer indexes the same ``(n_keys², value_dim)`` table. A
+:class:`MemoryPool` is that table. The model owns its pools (``Transformer.pools``) and hands each block the pool it
+names, so a shared table is one ``Parameter``, stored once in ``state_dict``, with one optimizer state, and the
+gradients of all layers that read it add up in it.
+
+A block holds its pool through a :class:`PoolRef`, which is *not* a registered submodule: the pool's parameters
+belong to the model's ``pools`` ModuleDict only. A block built on its own (no shared pool) owns a private pool
+as an ordinary submodule instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+UpdateMode = Literal["dense", "sparse"]
+PoolKind = Literal["memory", "experts"]
+
+#: Tables each pool kind holds, all of shape (num_rows, value_dim).
+POOL_TABLES: dict[str, tuple[str, ...]] = {
+    # product-key memory: one value vector per slot
+    "memory": ("values",),
+    # PEER: expert i is the single neuron  x -> act(down_i · x) · up_i
+    "experts": ("down", "up"),
+}
+
+
+class MemoryPool(nn.Module):
+    """A set of ``n_keys²``-row tables addressed by product keys, shared by any number of layers.
+
+    Args:
+        n_keys: sub-keys per product-key half; the pool has ``num_rows = n_keys ** 2`` rows.
+        value_dim: width of each row.
+        kind: ``"memory"`` (one ``values`` table) or ``"experts"`` (PEER's ``down`` and ``up`` tables).
+        update: ``"dense"``: ordinary gradients for any optimizer; ``"sparse"``: row-sparse gradients and a
+            row-wise optimizer, so a step costs O(rows used) instead of O(num_rows).
+        lr: learning rate of this pool's tables (``None``: the optimizer's). The paper uses 1e-3 for values.
+        weight_decay: weight decay of this pool's tables.
+        init_std: std of the normal init (``None``: ``value_dim ** -0.5``, as in Lample et al. 2019).
+    """
+
+    def __init__(
+        self,
+        n_keys: int,
+        value_dim: int,
+        kind: PoolKind = "memory",
+        update: UpdateMode = "dense",
+        lr: float | None = 1e-3,
+        weight_decay: float = 0.0,
+        init_std: float | None = None,
+    ):
+        super().__init__()
+        if not isinstance(n_keys, int) or n_keys < 1:
+            raise ValueError(f"pool n_keys must be a positive int, got {n_keys!r}")
+        if not isinstance(value_dim, int) or value_dim < 1:
+            raise ValueError(f"pool value_dim must be a positive int, got {value_dim!r}")
+        if kind not in POOL_TABLES:
+            raise ValueError(f"pool kind must be one of {sorted(POOL_TABLES)}, got {kind!r}")
+        if update not in ("dense", "sparse"):
+            raise ValueError(f"pool update must be 'dense' or 'sparse', got {update!r}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"pool lr must be positive or null, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"pool weight_decay must be >= 0, got {weight_decay!r}")
+        self.n_keys = n_keys
+        self.value_dim = value_dim
+        self.kind = kind
+        self.update = update
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.init_std = init_std if init_std is not None else value_dim**-0.5
+        for name in POOL_TABLES[kind]:
+            self.register_parameter(name, nn.Parameter(torch.empty(self.num_rows, value_dim)))
+        self.reset_parameters()
+
+    @property
+    def num_rows(self) -> int:
+        return self.n_keys**2
+
+    @property
+    def sparse(self) -> bool:
+        """Whether reads of this pool produce row-sparse gradients (``update == "sparse"``)."""
+        return self.update == "sparse"
+
+    def tables(self) -> dict[str, nn.Parameter]:
+        """The pool's tables by name, each ``(num_rows, value_dim)``."""
+        return {name: getattr(self, name) for name in POOL_TABLES[self.kind]}
+
+    def reset_parameters(self) -> None:
+        for table in self.tables().values():
+            nn.init.normal_(table, mean=0.0, std=self.init_std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, rows={self.num_rows} (n_keys={self.n_keys}²), value_dim={self.value_dim}, "
+            f"update={self.update}, lr={self.lr}, weight_decay={self.weight_decay}"
+        )
+
+
+class PoolRef:
+    """A non-owning handle from a block to a pool the model owns (keeps the pool out of the block's state_dict)."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: MemoryPool):
+        self.pool = pool
+
+    def __repr__(self) -> str:
+        return f"PoolRef({self.pool.extra_repr()})"
+
+
+def resolve_pool(
+    block_name: str,
+    pool: MemoryPool | str | None,
+    *,
+    kind: PoolKind,
+    n_keys: int | None,
+    value_dim: int | None,
+    default_value_dim: int,
+    **own_pool_kwargs,
+) -> tuple[MemoryPool, bool]:
+    """The pool a block reads, and whether the block owns it.
+
+    A shared pool (a :class:`MemoryPool` passed in by the model) is checked against the block's own
+    ``n_keys``/``value_dim`` if the block gives them; without a shared pool the block gets a private one built
+    from ``n_keys`` (required) and ``value_dim`` (default ``default_value_dim``).
+    """
+    if isinstance(pool, str):
+        raise ValueError(
+            f"{block_name}: pool {pool!r} is a name; names are resolved by the model's `pools:` config. "
+            f"Build the block inside a Transformer with pools={{{pool!r}: {{...}}}}, or pass a MemoryPool."
+        )
+    if pool is not None:
+        if not isinstance(pool, MemoryPool):
+            raise TypeError(f"{block_name}: pool must be a MemoryPool, got {type(pool).__name__}")
+        if pool.kind != kind:
+            raise ValueError(f"{block_name}: needs a pool of kind {kind!r}, but its pool has kind {pool.kind!r}")
+        if n_keys is not None and n_keys != pool.n_keys:
+            raise ValueError(
+                f"{block_name}: n_keys={n_keys} differs from its shared pool's n_keys={pool.n_keys}; "
+                f"drop n_keys from the layer (the pool defines it) or make them equal"
+            )
+        if value_dim is not None and value_dim != pool.value_dim:
+            raise ValueError(
+                f"{block_name}: value_dim={value_dim} differs from its shared pool's value_dim="
+                f"{pool.value_dim}; layers sharing a pool read rows of the pool's width"
+            )
+        return pool, False
+    if n_keys is None:
+        raise ValueError(f"{block_name}: give either a shared `pool` or `n_keys` for a private table")
+    return MemoryPool(n_keys, value_dim or default_value_dim, kind=kind, **own_pool_kwargs), True
+

@@ -1,0 +1,147 @@
+"""Causal multi-head self-attention with rotary embeddings and a pluggable kernel backend.
+
+Backends:
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (any device);
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA only; imported lazily, only on CUDA);
+- ``auto``: xformers on CUDA tensors when it imports and runs, otherwise SDPA, silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memzoo.model.rope import RotaryEmbedding
+
+AttentionBackend = Literal["auto", "sdpa", "xformers"]
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here."""
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_status() -> tuple[bool, str]:
+    """Whether xformers' memory-efficient attention runs on this machine's CUDA device, and why not."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available (xformers' kernels run only on CUDA)"
+    try:
+        import xformers.ops as xops
+    except Exception as err:  # ImportError or a broken build
+        return False, f"xformers does not import: {err}"
+    try:
+        q = torch.zeros(1, 8, 1, 16, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q, attn_bias=xops.LowerTriangularMask())
+    except Exception as err:
+        return False, f"xformers imports but its attention kernel fails here: {err}"
+    return True, ""
+
+
+def check_attention_backend(backend: str) -> None:
+    """Raises if ``backend`` is unknown, or is ``xformers`` on a machine where xformers cannot run."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "xformers":
+        ok, why = _xformers_status()
+        if not ok:
+            raise AttentionBackendError(
+                f"attention_backend: xformers cannot run: {why}. Use attention_backend: auto (xformers on CUDA "
+                f"when available, PyTorch SDPA otherwise) or sdpa."
+            )
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+    """Plain causal softmax attention for tests. ``q: (B, H, Tq, hd)``, ``k, v: (B, H, Tk, hd)``.
+
+    Query ``i`` sits at absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    visible = torch.arange(Tk, device=q.device)[None, :] <= (q_offset + torch.arange(Tq, device=q.device))[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+@dataclass
+class LayerKVCache:
+    """Keys and values of one attention layer for incremental decoding, ``(B, H, max_len, head_dim)`` each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """``y = W_o · softmax(causal(RoPE(W_q x) · RoPE(W_k x)ᵀ / sqrt(hd))) · W_v x``; ``x, y: (B, T, dim)``."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        max_seq_len: int,
+        rope_base: float = 10000.0,
+        dropout: float = 0.0,
+        backend: AttentionBackend = "auto",
+    ):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}; pick n_heads dividing dim")
+        check_attention_backend(backend)
+        self.dim = dim
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.backend = backend
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_base)
+
+    def _use_xformers(self, x: torch.Tensor) -> bool:
+        if self.backend == "sdpa" or not x.is_cuda:
+            if self.backend == "xformers":
+                raise AttentionBackendError(
+                    "attention_backend: xformers runs only on CUDA tensors; use auto or sdpa on this device"
+                )
+            return False
+        return self.backend == "xformers" or _xformers_status()[0]
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        q, k = self.rope(q, start), self.rope(k, start)  # (B, T, H, hd)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
+            if start + T > cache.k.shape[2]:
+                raise ValueError(f"KV cache of length {cache.k.shape[2]} cannot hold {start + T} positions")
+            cache.k[:, :, start : start + T] = k.transpose(1, 2)
+            cache.v[:, :, start : start + T] = v.transpose(1, 2)
+            cache.length = start + T
+            k_all, v_all = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
+            qh = q.transpose(1, 2)
+            if T == 1 or start == 0:
+                y = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=start == 0 and T > 1)
+            else:  # a chunk after a prefix: query i sees keys 0 .. start + i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask)
+            y = y.transpose(1, 2)
+        elif self._use_xformers(x):
+            import xformers.ops as xops
+
+            y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, dropout_p=dropout_p
+            ).transpose(1, 2)
+        return self.proj(y.reshape(B, T, self.dim))
+
+    def new_cache(self, batch_size: int, max_len: int, device, dtype) -> LayerKVCache:
+        shape = (batch_size, self.n_heads, max_len, self.head_dim)
+        return LayerKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
