@@ -1,0 +1,1 @@
+"""Training: the LightningModule, optimizers (parameter groups, sparse row-wise updates), metrics, callbacks."""

@@ -1,0 +1,223 @@
+"""``LanguageModel``: the LightningModule that trains a :class:`~memzoo.model.transformer.Transformer`.
+
+Loss: next-token cross-entropy over labelled positions (labels == -100 are ignored), plus any weighted auxiliary
+losses the blocks report (MoE load balancing). Metrics (torchmetrics, one instance per stage): loss, perplexity,
+token accuracy; on data modules with fact probes, fact recall (greedy exact match, computed teacher-forced); on models
+with memory pools, per-pool memory usage during validation. Optimizer: a callable from YAML (AdamW by default) over
+parameter groups that give memory pools their own learning rate and weight decay; sparse pools get a row-wise
+optimizer. Schedule: linear warmup then cosine decay to ``min_lr_ratio`` of each group's learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch.optim import Optimizer
+
+from memzoo.model.transformer import Transformer
+from memzoo.training import metrics as memzoo_metrics
+
+OptimizerFactory = Callable[[Iterable], Optimizer]
+IGNORE_INDEX = -100
+
+
+def default_optimizer(params: Iterable) -> Optimizer:
+    """AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1) — per-group settings (pools, no-decay) still apply."""
+    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier at ``step``: linear warmup over ``warmup_steps``, cosine to ``min_lr_ratio`` at ``decay_steps``,
+    constant after."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StageMetrics(torch.nn.Module):
+    """Loss, perplexity and token accuracy for one stage (train/val/test), plus fact recall."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.loss = torchmetrics.MeanMetric()
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(
+            num_classes=vocab_size, ignore_index=IGNORE_INDEX, average="micro"
+        )
+        self.fact_recall = memzoo_metrics.FactRecall()
+
+
+class LanguageModel(L.LightningModule):
+    """A decoder LM with per-layer FFN-slot blocks and model-owned memory pools (see ``Transformer`` for the model
+    arguments, which are repeated here so every knob sits in the model's YAML).
+
+    Args:
+        vocab_size: token ids; linked from the data module's tokenizer by the ``memzoo`` CLI.
+        dim, n_layers, n_heads, block, block_args, layers, pools, max_seq_len, rope_base, tie_embeddings,
+            attention_backend, dropout, init_std: see :class:`~memzoo.model.transformer.Transformer`.
+        optimizer: callable building the optimizer from parameter groups (YAML ``class_path``/``init_args``).
+        sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad``).
+        warmup_steps: linear LR warmup steps.
+        lr_decay_steps: step at which the cosine decay reaches ``min_lr_ratio`` (``None``: the whole run).
+        min_lr_ratio: final LR as a fraction of each group's LR.
+        max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``.
+        compile: wrap the transformer in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 258,
+        dim: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        block: str = "dense",
+        block_args: dict[str, Any] | None = None,
+        layers: dict[int, dict[str, Any]] | None = None,
+        pools: dict[str, dict[str, Any]] | None = None,
+        max_seq_len: int = 1024,
+        rope_base: float = 10000.0,
+        tie_embeddings: bool = True,
+        attention_backend: str = "auto",
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+        optimizer: OptimizerFactory = default_optimizer,
+        sparse_optimizer: str = "lazy_adam",
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps} and {min_lr_ratio}"
+            )
+        self.optimizer_factory = optimizer
+        self.model = Transformer(
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            block=block,
+            block_args=block_args,
+            layers=layers,
+            pools=pools,
+            max_seq_len=max_seq_len,
+            rope_base=rope_base,
+            tie_embeddings=tie_embeddings,
+            attention_backend=attention_backend,
+            dropout=dropout,
+            init_std=init_std,
+        )
+        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.stage_metrics = torch.nn.ModuleDict({s: StageMetrics(vocab_size) for s in ("train", "val", "test")})
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids (B, T)`` → logits ``(B, T, vocab_size)``."""
+        return self.forward_fn(input_ids)
+
+    def _lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        logits = self(input_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        n_tokens = int((labels != IGNORE_INDEX).sum())
+        m = self.stage_metrics[stage]
+        m.loss.update(loss.detach(), weight=n_tokens)
+        batch_size = input_ids.shape[0]
+        if stage == "train":
+            aux = self.model.aux_losses()
+            total = loss + sum(aux.values()) if aux else loss
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            for name, value in aux.items():
+                self.log(f"train/aux/{name}", value, batch_size=batch_size)
+            self.log("train/tokens", float(n_tokens), reduce_fx="sum", batch_size=batch_size)
+            return total
+        m.accuracy.update(logits.flatten(0, 1), labels.flatten())
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._lm_step(batch, "train")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, dataloader_idx: int) -> None:
+        if dataloader_idx == 0:
+            self._lm_step(batch, stage)
+        else:  # fact probes: labels mark the answer tokens only
+            self.stage_metrics[stage].fact_recall.update(self(batch["input_ids"]), batch["labels"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val", dataloader_idx)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test", dataloader_idx)
+
+    def _log_epoch(self, stage: str) -> None:
+        m = self.stage_metrics[stage]
+        if m.loss.update_count == 0:
+            return
+        loss = m.loss.compute()
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/ppl", torch.exp(loss))
+        self.log(f"{stage}/accuracy", m.accuracy.compute())
+        m.loss.reset()
+        m.accuracy.reset()
+        if m.fact_recall.update_count:
+            self.log(f"{stage}/fact_recall", m.fact_recall.compute(), prog_bar=True)
+            m.fact_recall.reset()
+            chance = getattr(self.trainer.datamodule, "recall_chance", None) if self._trainer else None
+            if chance is not None:
+                self.log(f"{stage}/fact_recall_chance", float(chance))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def on_train_epoch_end(self) -> None:
+        m = self.stage_metrics["train"]
+        if m.loss.update_count:
+            self.log("train/epoch_loss", m.loss.compute())
+            m.loss.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Continues each prompt; returns ``{"prompt": [str], "prompt_ids": (B, P), "output_ids": (B, P + n)}``."""
+        eos = getattr(getattr(self.trainer.datamodule, "tokenizer", None), "eos_id", None) if self._trainer else None
+        out = self.model.generate(
+            batch["input_ids"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            temperature=self.hparams.temperature,
+            top_k=self.hparams.top_k,
+            eos_id=eos,
+        )
+        return {"prompt": batch.get("prompt"), "prompt_ids": batch["input_ids"], "output_ids": out}
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and hasattr(datamodule, "check_vocab"):
+            datamodule.check_vocab(self.hparams.vocab_size)
+
+    def configure_optimizers(self):
+        from memzoo.training.optim import build_optimizer
+
+        optimizer = build_optimizer(self.model, self.optimizer_factory, sparse_optimizer=self.hparams.sparse_optimizer)
+        decay_steps = self.hparams.lr_decay_steps
+        if decay_steps is None:
+            decay_steps = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
+        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, max(decay_steps, 1), floor)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
