@@ -24,6 +24,8 @@ _LAZY = {
     "MemoryPool": "memzoo.blocks.pool",
     "Transformer": "memzoo.model.transformer",
     "LanguageModel": "memzoo.training.module",
+    "load_pretrained": "memzoo.pretrained",
+    "load_tokenizer": "memzoo.pretrained",
     "FactsDataModule": "memzoo.data",
     "TextDataModule": "memzoo.data",
 }

@@ -2,7 +2,8 @@
 
 ``memzoo fit|validate|test|predict`` run through LightningCLI (subclass mode: ``class_path``/``init_args`` YAML,
 ``--print_config``); ``memzoo blocks`` lists the registered blocks; ``memzoo summary`` prints a model's parameters and
-FLOPs. Heavy imports happen only once a verb is chosen, so ``memzoo --help`` is instant.
+FLOPs; ``memzoo export`` writes a checkpoint as a Hugging Face folder and ``memzoo generate`` streams a
+continuation from one. Heavy imports happen only once a verb is chosen, so ``memzoo --help`` is instant.
 
 User blocks come in with ``--plugins my_blocks.py`` (or a module name; repeatable) on any verb, or a ``plugins:``
 list in the config file.
@@ -17,6 +18,8 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 PLAIN_VERBS = {
     "blocks": "list registered blocks with their hyperparameters and defaults",
     "summary": "parameters, active parameters and FLOPs per token of a config's model",
+    "export": "write a checkpoint as a Hugging Face folder:  memzoo export --ckpt X.ckpt --out DIR",
+    "generate": "continue a prompt with an exported model:  memzoo generate --model DIR --prompt TEXT",
 }
 
 USAGE = """usage: memzoo <verb> [options]
@@ -86,4 +89,12 @@ def main(args: Sequence[str] | None = None) -> object:
         from memzoo.cli_verbs import summary_command
 
         return summary_command(rest)
+    if verb == "export":
+        from memzoo.cli_verbs import export_command
+
+        return export_command(rest)
+    if verb == "generate":
+        from memzoo.cli_verbs import generate_command
+
+        return generate_command(rest)
     raise SystemExit(f"memzoo: unknown verb {verb!r}.\n\n{_usage()}")

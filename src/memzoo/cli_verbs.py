@@ -1,4 +1,4 @@
-"""The plain (non-Lightning) verbs of the ``memzoo`` command: ``blocks`` and ``summary``."""
+"""The plain (non-Lightning) verbs of the ``memzoo`` command: ``blocks``, ``summary``, ``export`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -56,3 +56,108 @@ def summary_command(args: Sequence[str]) -> object:
     else:
         print(summary.table())
     return summary
+
+
+def export_command(args: Sequence[str]) -> object:
+    """``memzoo export --ckpt X.ckpt --out DIR``: a Hugging Face folder (see :mod:`memzoo.export.hf`)."""
+    parser = argparse.ArgumentParser(
+        prog="memzoo export",
+        description="Write a Lightning checkpoint as a Hugging Face folder (config, safetensors weights, modeling "
+        "code, tokenizer) that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and "
+        "memzoo.load_pretrained(DIR) load.",
+    )
+    parser.add_argument("--ckpt", required=True, help="the .ckpt file (e.g. runs/X/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="destination folder (absent or empty unless --overwrite)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the stored weights (default: float32)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 500MB or 2GB (default 5GB)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec ('byte' or a tokenizer.json path); default: the one the checkpoint records")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export at --out, once the new one is complete")
+    options = parser.parse_args(list(args))
+
+    from memzoo.export.errors import ExportError, PretrainedFormatError
+    from memzoo.export.hf import export_checkpoint
+    from memzoo.training.checkpoint_check import CheckpointError
+
+    try:
+        out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
+                                max_shard_size=options.max_shard_size, overwrite=options.overwrite)
+    except (ExportError, PretrainedFormatError, CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"memzoo export: {err}") from None
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"exported {options.ckpt} to {out} ({size / 1e6:.1f} MB)")
+    return out
+
+
+def generate_command(args: Sequence[str]) -> str:
+    """``memzoo generate --model DIR --prompt TEXT``: streams a continuation to the terminal; returns it."""
+    parser = argparse.ArgumentParser(
+        prog="memzoo generate",
+        description="Continue a prompt with an exported model (a folder written by `memzoo export`), printing the "
+        "text as it is generated. Defaults come from the folder's generation_config.json.",
+    )
+    parser.add_argument("--model", required=True, help="an export folder")
+    parser.add_argument("--prompt", required=True, help="the text to continue (may be empty: a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: model's, or 64)")
+    parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the model's)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    options = parser.parse_args(list(args))
+
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from memzoo.export.errors import PretrainedFormatError
+    from memzoo.export.streaming import TextStream, generate_tokens
+    from memzoo.pretrained import load_pretrained
+
+    try:
+        model, tokenizer = load_pretrained(options.model, with_tokenizer=True)
+    except (PretrainedFormatError, FileNotFoundError) as err:
+        raise SystemExit(f"memzoo generate: {err}") from None
+    defaults_file = Path(options.model) / "generation_config.json"
+    defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
+    max_new_tokens, temperature, top_k = _generation_settings(options, defaults)
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
+
+    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(options.prompt)]  # a document starts after eos, as in training
+    stream = TextStream(tokenizer)
+    pieces = []
+    sys.stdout.write(options.prompt)
+    sys.stdout.flush()
+    try:
+        for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, tokenizer.eos_id,
+                                     generator):
+            pieces.append(stream.push(token))
+            sys.stdout.write(pieces[-1])
+            sys.stdout.flush()
+    except ValueError as err:
+        raise SystemExit(f"memzoo generate: {err}") from None
+    pieces.append(stream.flush())
+    sys.stdout.write(pieces[-1] + "\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[int, float, int | None]:
+    """``(max_new_tokens, temperature, top_k)``: the command line's, else generation_config.json's (greedy unless
+    it samples), else 64 greedy tokens."""
+    sampled = bool(defaults.get("do_sample", False))
+    max_new_tokens = options.max_new_tokens if options.max_new_tokens is not None else defaults.get("max_new_tokens", 64)
+    if options.temperature is not None:
+        temperature = options.temperature
+    else:
+        temperature = defaults.get("temperature", 1.0) if sampled else 0.0
+    if options.top_k is not None:
+        top_k = options.top_k
+    else:
+        top_k = (defaults.get("top_k") or None) if sampled else None
+    return max_new_tokens, temperature, top_k

@@ -1,0 +1,84 @@
+"""Reading a Lightning ``.ckpt`` of a :class:`~memzoo.training.module.LanguageModel` back into a Transformer."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memzoo.export.errors import ExportError
+from memzoo.model.transformer import ModelConfigError, Transformer
+from memzoo.training.checkpoint_check import check_checkpoint_file
+
+#: LanguageModel attribute holding the Transformer: its state_dict keys start with this prefix.
+MODEL_PREFIX = "model."
+#: Where ``memzoo fit`` saves a run's resolved config, relative to a checkpoint in the run's ``checkpoints/``.
+RUN_CONFIG = Path("..") / "config.yaml"
+
+
+@dataclass
+class CheckpointContents:
+    """The model of a checkpoint with the hyperparameters it was trained with."""
+
+    model: Transformer
+    hyperparameters: dict[str, Any]
+    tokenizer: str | None  # the tokenizer spec the training data used, when the checkpoint's run records it
+
+
+def read_checkpoint(path: str | Path) -> CheckpointContents:
+    """Loads ``path`` (weights only, on the CPU), rebuilds the Transformer from its saved hyperparameters and loads
+    its weights strictly. Raises :class:`ExportError` (or ``CheckpointError``) naming the file on any mismatch."""
+    path = check_checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ExportError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {err}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ExportError(
+            f"checkpoint {path} is not a memzoo Lightning checkpoint (it needs 'state_dict' and 'hyper_parameters'; "
+            f"write one with `memzoo fit` or Trainer.save_checkpoint of a memzoo LanguageModel)"
+        )
+    hyperparameters = dict(checkpoint["hyper_parameters"])
+    accepted = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
+    arguments = {key: value for key, value in hyperparameters.items() if key in accepted}
+    arguments["attention_backend"] = "auto"  # the kernel is a runtime choice; xformers may not exist here
+    try:
+        model = Transformer(**arguments)
+    except (ModelConfigError, KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"checkpoint {path}: its hyper_parameters do not build a model: {err}") from err
+    weights = {
+        key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(MODEL_PREFIX)
+    }
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ExportError(
+            f"checkpoint {path}: its weights do not fit the architecture in its hyper_parameters: {err}"
+        ) from err
+    model.eval()
+    return CheckpointContents(model, hyperparameters, recorded_tokenizer(path, checkpoint))
+
+
+def recorded_tokenizer(path: Path, checkpoint: dict[str, Any]) -> str | None:
+    """The tokenizer spec of the data a checkpoint was trained on: its data module's saved hyperparameters, else
+    ``data.init_args.tokenizer`` of the run's ``config.yaml`` (``runs/X/version_n/config.yaml`` for a checkpoint
+    in ``runs/X/version_n/checkpoints/``); ``None`` when neither records it."""
+    spec = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+    if isinstance(spec, str):
+        return spec
+    run_config = path.parent / RUN_CONFIG
+    if not run_config.is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    init_args = data.get("init_args", data) if isinstance(data, dict) else None
+    spec = init_args.get("tokenizer") if isinstance(init_args, dict) else None
+    return spec if isinstance(spec, str) else None

@@ -1,0 +1,460 @@
+"""A memzoo language model for Hugging Face ``transformers`` (``AutoModelForCausalLM``, ``generate()``).
+
+Self-contained: this file is copied verbatim into every ``memzoo export`` folder and imports only ``torch`` and
+``transformers``, so an exported model runs where memzoo is not installed. It re-implements, in plain PyTorch, the
+forward pass of memzoo's decoder and of each block family, with the same parameter names, so the exported
+``model.safetensors`` loads as it is and the logits equal memzoo's own:
+
+    embed → [x + attn(norm(x)), then x + ffn(norm(x))] × L → norm → head
+
+- attention: causal multi-head self-attention, rotary embeddings ("rotate half" layout), a KV cache through
+  ``transformers``' Cache API (``DynamicCache``), optional padding masks;
+- ffn blocks: ``dense`` (SwiGLU), ``moe`` (top-k routed SwiGLU experts), ``product_key_memory`` (PKM / Memory+:
+  product-key top-k, softmax weights, one weighted read of a value table), ``peer`` (product-key retrieval of
+  single-neuron experts);
+- pools: value tables shared by several layers (stored once, under ``pools.<name>``).
+
+The sparse reads use ``F.embedding_bag`` (weighted sums of rows) and ``F.embedding`` (gathered rows), which are
+differentiable but not memzoo's fused kernels: fine for inference and light fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_memzoo import POOL_TABLES, MemzooConfig
+
+#: transformers 5.x renamed the KV cache argument and output field from ``past_key_values`` to ``cache``; this file
+#: takes either argument and fills the field this transformers has (tested with 5.17 and 5.24).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------- shared pieces
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation of dimension pair ``(i, i + head_dim/2)`` at position ``p``: angle ``p · base^(-2i/head_dim)``.
+
+    ``positions (B, T)`` int → ``cos, sin (B, T, 1, head_dim/2)`` float32 (angles computed in float64).
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    return angles.cos().float()[:, :, None], angles.sin().float()[:, :, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x (B, T, H, head_dim)`` (computed in float32, returned in ``x.dtype``)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` of the ``n_keys²`` product keys ``(c1[i1], c2[i2])`` scored ``q1·c1[i1] + q2·c2[i2]``.
+
+    ``query (..., H, Dk)`` (halves ``q1, q2``), ``sub_keys (H, 2, n_keys, Dk/2)`` → ``scores, indices (..., H, k)``,
+    best first, ``index = i1 · n_keys + i2``. A pair in the top-k has both halves in the top-k of their own half,
+    so the ``k²`` sums of the two half top-k lists hold the answer.
+    """
+    half, n_keys = sub_keys.shape[-1], sub_keys.shape[2]
+    scores1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0])
+    scores2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1])
+    best1, index1 = scores1.topk(k, dim=-1)
+    best2, index2 = scores2.topk(k, dim=-1)
+    pair_scores = (best1[..., :, None] + best2[..., None, :]).flatten(-2)  # (..., H, k·k): a·k + b
+    scores, pair = pair_scores.topk(k, dim=-1)
+    i1 = index1.gather(-1, torch.div(pair, k, rounding_mode="floor"))
+    i2 = index2.gather(-1, pair % k)
+    return scores, i1 * n_keys + i2
+
+
+def weighted_rows(table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[..., :] = Σ_j weights[..., j] · table[indices[..., j]]``; ``(N, D), (..., K), (..., K) → (..., D)``."""
+    flat = F.embedding_bag(
+        indices.reshape(-1, indices.shape[-1]), table, per_sample_weights=weights.reshape(-1, weights.shape[-1]),
+        mode="sum",
+    )
+    return flat.view(*indices.shape[:-1], table.shape[-1])
+
+
+def row_dots(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out[..., j] = table[indices[..., j]] · x[...]``; ``(N, D), (..., K), (..., D) → (..., K)``."""
+    return torch.einsum("...kd,...d->...k", F.embedding(indices, table), x)
+
+
+class MemoryPool(nn.Module):
+    """``n_keys²``-row tables read by product keys: ``values`` (kind ``memory``) or ``down``/``up`` (``experts``)."""
+
+    def __init__(self, kind: str, n_keys: int, value_dim: int):
+        super().__init__()
+        self.kind, self.n_keys, self.value_dim = kind, n_keys, value_dim
+        for table in POOL_TABLES[kind]:
+            self.register_parameter(table, nn.Parameter(torch.empty(n_keys**2, value_dim)))
+
+
+# ---------------------------------------------------------------------------------------------- FFN blocks
+class DenseMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) ⊙ up(x))``; ``x, y: (..., dim)``."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict | None = None) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts: ``y = Σ_{e ∈ topk(p)} w_e · expert_e(x)``, ``p = softmax(router(x))``.
+
+    ``w_e = p_e``, renormalised over the chosen ``top_k`` when ``renormalize``. Every routed token is processed.
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, hidden: int, renormalize: bool):
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.experts = nn.ModuleList(DenseMLP(dim, hidden) for _ in range(n_experts))
+
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict | None = None) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # (N, dim)
+        probs = self.router(tokens).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, top_k)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token_ids, slot = torch.nonzero(chosen == e, as_tuple=True)
+            if token_ids.numel():
+                contribution = expert(tokens[token_ids]) * weights[token_ids, slot, None].to(tokens.dtype)
+                out.index_add_(0, token_ids, contribution)
+        return out.view(x.shape)
+
+
+class HeadNorm(nn.Module):
+    """LayerNorm or RMSNorm over the last dim of ``(..., H, D)``, gain (and bias) per head and coordinate."""
+
+    def __init__(self, heads: int, head_dim: int, kind: str, eps: float = 1e-6):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        if self.kind == "layernorm":
+            x32 = x32 - x32.mean(dim=-1, keepdim=True)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
+        if self.bias is not None:
+            normed = normed + self.bias.float()
+        return normed.to(x.dtype)
+
+
+def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / rms(x)`` over the last dim, no gain."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class ProductKeyMemory(nn.Module):
+    """PKM / Memory+ memory layer. Per head ``h``: ``q_h = norm(W_q x)_h``; the top-``knn`` product keys give rows
+    ``I_h`` and scores ``s_h``; ``y = Σ_h Σ_j softmax(s_h)_j · V[I_h[j]]``. Output: ``y`` or ``W_o y`` (PKM), or
+    ``W_2 (y ⊙ silu(W_1 x))`` (Memory+, ``gate == "silu"``). With ``qk_norm``, query halves and sub-keys are
+    RMS-normalised and the half scores divided by ``sqrt(k_dim/2)``."""
+
+    def __init__(self, dim: int, spec: dict):
+        super().__init__()
+        self.heads, self.knn, self.k_dim = spec["heads"], spec["knn"], spec["k_dim"]
+        self.qk_norm, self.pool_name = spec["qk_norm"], spec.get("pool")
+        bias, n_keys, value_dim = spec["bias"], spec["n_keys"], spec["value_dim"]
+        if self.pool_name is None:
+            self.private_pool = MemoryPool("memory", n_keys, value_dim)
+        self.query = nn.Linear(dim, self.heads * self.k_dim, bias=bias)
+        query_norm = spec["query_norm"]
+        self.query_norm = HeadNorm(self.heads, self.k_dim, query_norm) if query_norm != "none" else None
+        self.sub_keys = nn.Parameter(torch.empty(self.heads, 2, n_keys, self.k_dim // 2))
+        self.gate_proj = nn.Linear(dim, value_dim, bias=bias) if spec["gate"] == "silu" else None
+        self.out_proj = nn.Linear(value_dim, dim, bias=bias) if spec["output_proj"] else None
+
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict) -> torch.Tensor:
+        values = (self.private_pool if self.pool_name is None else pools[self.pool_name]).values
+        query = self.query(x).unflatten(-1, (self.heads, self.k_dim))  # (..., H, k_dim)
+        if self.query_norm is not None:
+            query = self.query_norm(query)
+        sub_keys = self.sub_keys
+        query = query.to(sub_keys.dtype)
+        if self.qk_norm:
+            half = self.k_dim // 2
+            query = torch.cat([unit_rms(q) for q in query.split(half, dim=-1)], dim=-1) / math.sqrt(half)
+            sub_keys = unit_rms(sub_keys)
+        scores, indices = product_key_topk(query, sub_keys, self.knn)  # (..., H, knn)
+        weights = F.softmax(scores.float(), dim=-1).to(values.dtype)
+        y = weighted_rows(values, indices.flatten(-2), weights.flatten(-2))  # (..., value_dim)
+        if self.gate_proj is not None:
+            y = y.to(x.dtype) * F.silu(self.gate_proj(x))
+        if self.out_proj is not None:
+            y = self.out_proj(y.to(x.dtype))
+        return y.to(x.dtype)
+
+
+PEER_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class PEER(nn.Module):
+    """Single-neuron experts retrieved by product keys: ``y = Σ_h Σ_{i ∈ topk_h} g_hi · act(u_i · x) · v_i``, with
+    ``u_i, v_i`` rows of the pool's ``down``/``up`` tables and ``g_h`` the softmax (or sigmoid) of head ``h``'s
+    scores. The query norm is BatchNorm (running statistics: eval mode), LayerNorm or RMSNorm per head, or none."""
+
+    def __init__(self, dim: int, spec: dict):
+        super().__init__()
+        self.heads, self.k, self.k_dim = spec["heads"], spec["k"], spec["k_dim"]
+        self.per_head_keys, self.score, self.pool_name = spec["per_head_keys"], spec["score"], spec.get("pool")
+        self.activation = PEER_ACTIVATIONS[spec["activation"]]
+        if self.pool_name is None:
+            self.private_pool = MemoryPool("experts", spec["n_keys"], dim)
+        self.query = nn.Linear(dim, self.heads * self.k_dim, bias=False)
+        self.query_norm = peer_query_norm(spec["query_norm"], self.heads, self.k_dim)
+        key_sets = self.heads if self.per_head_keys else 1
+        self.sub_keys = nn.Parameter(torch.empty(key_sets, 2, spec["n_keys"], self.k_dim // 2))
+
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict) -> torch.Tensor:
+        pool = self.private_pool if self.pool_name is None else pools[self.pool_name]
+        q = self.query(x)  # (..., heads·k_dim)
+        if isinstance(self.query_norm, nn.BatchNorm1d):
+            q = self.query_norm(q.reshape(-1, q.shape[-1])).view(q.shape)
+        else:
+            q = self.query_norm(q.unflatten(-1, (self.heads, self.k_dim))).flatten(-2)
+        q = q.unflatten(-1, (self.heads, self.k_dim))
+        keys = self.sub_keys.to(q.dtype)
+        if self.per_head_keys:
+            scores, indices = product_key_topk(q, keys, self.k)
+        else:  # every head queries the one key set
+            scores, indices = product_key_topk(q.unsqueeze(-2), keys, self.k)
+            scores, indices = scores.squeeze(-2), indices.squeeze(-2)
+        weights = scores.softmax(dim=-1) if self.score == "softmax" else scores.sigmoid()
+        indices, weights = indices.flatten(-2), weights.flatten(-2)  # (..., heads·k)
+        x_t = x.to(pool.down.dtype)
+        gated = weights.to(x_t.dtype) * self.activation(row_dots(pool.down, indices, x_t))
+        return weighted_rows(pool.up, indices, gated).to(x.dtype)
+
+
+def peer_query_norm(kind: str, heads: int, k_dim: int) -> nn.Module:
+    """BatchNorm over all ``heads·k_dim`` features, or LayerNorm / RMSNorm over each head's ``k_dim``, or none."""
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(heads * k_dim)
+    if kind == "layernorm":
+        return nn.LayerNorm(k_dim)
+    if kind == "rmsnorm":
+        return RMSNorm(k_dim)
+    return nn.Identity()
+
+
+def build_block(dim: int, spec: dict) -> nn.Module:
+    """The FFN-slot module for one ``config.blocks`` entry."""
+    family = spec["block"]
+    if family == "dense":
+        return DenseMLP(dim, spec["hidden"], spec["bias"])
+    if family == "moe":
+        return MoE(dim, spec["n_experts"], spec["top_k"], spec["hidden"], spec["renormalize"])
+    if family == "product_key_memory":
+        return ProductKeyMemory(dim, spec)
+    if family == "peer":
+        return PEER(dim, spec)
+    raise ValueError(f"memzoo: unknown block family {family!r}")
+
+
+# ---------------------------------------------------------------------------------------------- the decoder
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings; keys/values of earlier steps come from the Cache."""
+
+    def __init__(self, dim: int, n_heads: int, layer_index: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.layer_index = n_heads, dim // n_heads, layer_index
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None
+    ) -> torch.Tensor:
+        B, T, dim = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_index)  # (B, H, past + T, hd)
+        causal = mask is None and T > 1  # no mask: a fresh sequence (T > 1) or one new token
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, dim))
+
+
+class DecoderLayer(nn.Module):
+    """``x + attn(norm(x))``, then ``+ ffn(norm(x))``."""
+
+    def __init__(self, config: MemzooConfig, index: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.attn_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.attn = Attention(dim, config.num_attention_heads, index)
+        self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.ffn = build_block(dim, config.blocks[index])
+
+    def forward(self, x, cos, sin, mask, cache, pools):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x), pools)
+
+
+def attention_mask_for(
+    attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask ``(B, 1, T, past + T)`` (True: may attend), or ``None`` for plain causal attention.
+
+    Query ``i`` (position ``past + i``) sees keys ``0 .. past + i`` that are not padding (``attention_mask == 0``);
+    it always sees itself, so a padding query's row is never empty.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past == 0 or length == 1):
+        return None
+    query_pos = past + torch.arange(length, device=device)
+    key_pos = torch.arange(past + length, device=device)
+    visible = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+    if not padded:
+        return visible
+    keep = attention_mask[:, None, : past + length].bool()  # (B, 1, S)
+    return ((visible[None] & keep) | (key_pos[None, None, :] == query_pos[None, :, None]))[:, None]
+
+
+class MemzooPreTrainedModel(PreTrainedModel):
+    config_class = MemzooConfig
+    _no_split_modules: ClassVar[list[str]] = ["DecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """A fresh model: linear and embedding weights ~ N(0, initializer_range), tables ~ N(0, value_dim^-1/2),
+        sub-keys ~ U(±(k_dim/2)^-1/2), norms at identity. Loaded weights replace all of it."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, MemoryPool):
+            for table in POOL_TABLES[module.kind]:
+                getattr(module, table).normal_(0.0, module.value_dim**-0.5)
+        elif isinstance(module, (ProductKeyMemory, PEER)):
+            bound = (module.k_dim // 2) ** -0.5
+            module.sub_keys.uniform_(-bound, bound)
+        elif isinstance(module, (RMSNorm, HeadNorm, nn.LayerNorm, nn.BatchNorm1d)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+
+
+class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
+    """memzoo's decoder as a causal LM: ``input_ids (B, T) → logits (B, T, vocab_size)`` (float32)."""
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"head.weight": "embed.weight"}
+
+    def __init__(self, config: MemzooConfig):
+        super().__init__(config)
+        dim = config.hidden_size
+        self.pools = nn.ModuleDict(
+            {name: MemoryPool(spec["kind"], spec["n_keys"], spec["value_dim"]) for name, spec in config.pools.items()}
+        )
+        self.embed = nn.Embedding(config.vocab_size, dim)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(dim, config.rms_norm_eps)
+        self.head = nn.Linear(dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits of ``input_ids (B, T)`` continuing the ``cache`` (if any).
+
+        Args:
+            attention_mask: ``(B, past + T)``, 1 for tokens, 0 for padding (left padding for batched prompts).
+            position_ids: ``(B, T)`` rotary positions; default: from ``attention_mask`` (padding skipped), else
+                ``past .. past + T - 1``.
+            cache: a ``transformers`` Cache holding earlier keys/values; a new ``DynamicCache`` when ``use_cache``.
+            labels: ``(B, T)`` next-token targets (shifted inside; -100 ignored) for the returned ``loss``.
+            logits_to_keep: compute logits for only the last ``n`` positions (0: all).
+            past_key_values: the ``cache``, under its name in earlier transformers 5.x releases.
+        """
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        B, T = input_ids.shape
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"memzoo: sequence reaches position {past + T} but the model was built for "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta)
+        mask = attention_mask_for(attention_mask, past, T, input_ids.device)
+
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, self.pools)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.head(x).float()
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})

@@ -1,0 +1,89 @@
+"""Loading a ``memzoo export`` folder back into memzoo's own model (no ``transformers`` needed).
+
+    model = memzoo.load_pretrained("exports/my-model")                       # a Transformer, eval mode
+    model, tokenizer = memzoo.load_pretrained("exports/my-model", with_tokenizer=True)
+    tokenizer = memzoo.load_tokenizer("exports/my-model")
+
+Before reading any weights the folder's manifest is checked (format and version) and every weight file's size and
+SHA-256; the weights must then fit the architecture in ``config.json`` exactly. Each failure raises
+:class:`~memzoo.export.errors.PretrainedFormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from memzoo.data.tokenizers import Tokenizer, build_tokenizer
+from memzoo.export.architecture import transformer_arguments
+from memzoo.export.errors import PretrainedFormatError
+from memzoo.export.manifest import read_manifest, verify_files
+from memzoo.export.tokenizer_files import TOKENIZER_FILE
+from memzoo.export.weights import load_weights
+from memzoo.model.transformer import ModelConfigError, Transformer
+
+CONFIG_FILE = "config.json"
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    with_tokenizer: bool = False,
+    verify: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Transformer | tuple[Transformer, Tokenizer]:
+    """The :class:`Transformer` stored in export folder ``path``, in eval mode, on the CPU.
+
+    Args:
+        with_tokenizer: also return the tokenizer (``(model, tokenizer)``).
+        verify: check the SHA-256 of every weight file against the manifest (reads each file once more).
+        dtype: cast floating weights to this dtype (default: as stored, e.g. ``bfloat16`` for a bf16 export).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PretrainedFormatError(f"{folder} is not a folder; give the folder `memzoo export --out` wrote")
+    manifest = read_manifest(folder)
+    if verify:
+        verify_files(folder, manifest)
+    config_path = folder / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PretrainedFormatError(f"{config_path} cannot be read as JSON ({err}); export the model again") from err
+    try:
+        model = Transformer(**transformer_arguments(config, source=str(config_path)), attention_backend="auto")
+    except (ModelConfigError, TypeError, ValueError) as err:
+        raise PretrainedFormatError(f"{config_path} does not describe a buildable model: {err}") from err
+    weights = load_weights(folder)
+    if model.head.weight is model.embed.weight and "embed.weight" in weights:
+        weights.setdefault("head.weight", weights["embed.weight"])  # tied: stored once
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise PretrainedFormatError(
+            f"the weights in {folder} do not fit the architecture in {config_path}: {err}"
+        ) from err
+    stored = next(t.dtype for t in weights.values() if t.is_floating_point())
+    model.to(dtype or stored).eval()
+    if with_tokenizer:
+        return model, _tokenizer_from(folder, manifest)
+    return model
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The memzoo tokenizer of export folder ``path`` (``ByteTokenizer`` or ``HFTokenizer``)."""
+    folder = Path(path)
+    return _tokenizer_from(folder, read_manifest(folder))
+
+
+def _tokenizer_from(folder: Path, manifest: dict) -> Tokenizer:
+    entry = manifest.get("tokenizer")
+    if entry == "byte":
+        return build_tokenizer("byte")
+    if entry == TOKENIZER_FILE:
+        return build_tokenizer(str(folder / TOKENIZER_FILE))
+    raise PretrainedFormatError(
+        f"{folder}/memzoo_manifest.json names tokenizer {entry!r}; expected 'byte' or {TOKENIZER_FILE!r}"
+    )

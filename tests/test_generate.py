@@ -1,0 +1,134 @@
+"""Streaming generation: KV-cached token stream equals the model's own generate, text pieces never split a
+character, and ``memzoo generate`` streams to the terminal."""
+
+import io
+
+import pytest
+import torch
+
+import memzoo
+from memzoo.cli import main
+from memzoo.data.tokenizers import ByteTokenizer
+from memzoo.export.hf import export_model
+from memzoo.export.streaming import TextStream, generate_tokens
+from memzoo.model.transformer import Transformer
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(3)
+    return Transformer(vocab_size=258, dim=32, n_layers=2, n_heads=4, max_seq_len=40,
+                       layers={1: {"block": "product_key_memory", "n_keys": 8, "heads": 2, "knn": 4}}).eval()
+
+
+# ---------------------------------------------------------------------------------------------- text pieces
+@pytest.mark.parametrize("text", ["plain ascii", "héllo wörld", "日本語 🎉 ok", "🎉", "a\u0301"])
+def test_pieces_join_to_the_text_and_never_hold_a_partial_character(text):
+    stream = TextStream(ByteTokenizer())
+    pieces = [stream.push(b) for b in text.encode("utf-8")] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_a_multibyte_character_appears_with_its_last_byte():
+    stream = TextStream(ByteTokenizer())
+    assert [stream.push(b) for b in "é!".encode()] == ["", "é", "!"]
+    assert [stream.push(b) for b in "🎉".encode()] == ["", "", "", "🎉"]
+
+
+def test_invalid_bytes_come_out_as_replacement_characters():
+    stream = TextStream(ByteTokenizer())
+    pieces = [stream.push(b) for b in [0xFF, ord("a"), 0xE2, 0x82]]
+    assert pieces == ["", "\ufffda", "", ""]  # a trailing U+FFFD waits: it may be a character's start
+    assert stream.flush() == "\ufffd"  # the incomplete E2 82 at the end
+    assert stream.flush() == ""
+    assert "".join(pieces) + "\ufffd" == ByteTokenizer().decode([0xFF, ord("a"), 0xE2, 0x82])
+
+
+def test_special_tokens_add_no_text():
+    stream = TextStream(ByteTokenizer())
+    assert [stream.push(i) for i in (104, 256, 105)] == ["h", "", "i"]
+
+
+# ---------------------------------------------------------------------------------------------- token stream
+def test_cached_stream_equals_uncached_greedy_generate():
+    model = tiny_model()
+    prompt = [256, *b"once upon"]
+    streamed = list(generate_tokens(model, prompt, max_new_tokens=12))
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, use_cache=False)[0, len(prompt):]
+    assert streamed == reference.tolist() and len(streamed) == 12
+
+
+def test_seeded_sampling_equals_generate_with_the_same_seed():
+    model = tiny_model()
+    prompt = [256, *b"abc"]
+    streamed = list(generate_tokens(model, prompt, 10, temperature=0.9, top_k=20,
+                                    generator=torch.Generator().manual_seed(5)))
+    reference = model.generate(torch.tensor([prompt]), 10, temperature=0.9, top_k=20,
+                               generator=torch.Generator().manual_seed(5))[0, len(prompt):]
+    assert streamed == reference.tolist()
+    other = list(generate_tokens(model, prompt, 10, temperature=0.9, top_k=20,
+                                 generator=torch.Generator().manual_seed(6)))
+    assert other != streamed
+
+
+def test_stream_stops_after_eos_and_at_max_seq_len():
+    model = tiny_model()
+    prompt = [256, *b"xyz"]
+    first = next(generate_tokens(model, prompt, 5))
+    assert list(generate_tokens(model, prompt, 5, eos_id=first)) == [first]
+    long_prompt = [65] * 35
+    assert len(list(generate_tokens(model, long_prompt, 50))) == 40 - 35
+
+
+def test_stream_refuses_bad_prompts():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        list(generate_tokens(model, [], 3))
+    with pytest.raises(ValueError, match="max_seq_len=40"):
+        list(generate_tokens(model, [1] * 40, 3))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        list(generate_tokens(model, [1], -1))
+
+
+# ---------------------------------------------------------------------------------------------- the CLI verb
+class RecordingStdout(io.StringIO):
+    """Counts writes, to see that the text arrives piece by piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    return export_model(tiny_model(), tmp_path / "export", tokenizer="byte")
+
+
+def test_generate_verb_streams_the_greedy_continuation(export_dir, monkeypatch):
+    stdout = RecordingStdout()
+    monkeypatch.setattr("sys.stdout", stdout)
+    text = main(["generate", "--model", str(export_dir), "--prompt", "héllo", "--max-new-tokens", "8"])
+    model = memzoo.load_pretrained(export_dir)
+    prompt = [256, *"héllo".encode()]
+    expected_ids = model.generate(torch.tensor([prompt]), 8, eos_id=256)[0, len(prompt):].tolist()
+    expected_ids = expected_ids[: expected_ids.index(256) + 1] if 256 in expected_ids else expected_ids
+    assert text == ByteTokenizer().decode(expected_ids)
+    assert stdout.getvalue() == "héllo" + text + "\n"
+    assert len(stdout.writes) >= 1 + len(expected_ids)  # the prompt, then a write per token (some empty)
+
+
+def test_generate_verb_sampling_is_reproducible_with_a_seed(export_dir, capsys):
+    args = ["generate", "--model", str(export_dir), "--prompt", "", "--max-new-tokens", "12",
+            "--temperature", "1.0", "--top-k", "50"]
+    first = main([*args, "--seed", "1"])
+    assert main([*args, "--seed", "1"]) == first
+    assert main([*args, "--seed", "2"]) != first
+
+
+def test_generate_verb_reports_a_bad_folder(tmp_path):
+    with pytest.raises(SystemExit, match="memzoo generate: .*not a folder"):
+        main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
