@@ -8,12 +8,18 @@ gradients of all layers that read it add up in it.
 
 A block holds its pool through a :class:`PoolRef`, which is *not* a registered submodule: the pool's parameters
 belong to the model's ``pools`` ModuleDict only. A block built on its own (no shared pool) owns a private pool
-as an ordinary submodule instead.
+as an ordinary submodule instead. :func:`find_pools` lists every distinct pool of a model, shared or private.
+
+Usage tracking: a block reports each lookup with ``pool.observe(indices, weights)``. That is a no-op unless an
+observer (anything with ``update(indices, weights)``, e.g. :class:`memzoo.training.metrics.MemoryUsage`) is
+attached with ``pool.track_usage(observer)``; the trainer attaches one per pool for validation and detaches it
+(``pool.track_usage(None)``) afterwards. The observer is held as a plain attribute, never as a submodule, so it
+is not part of the model's ``state_dict``, ``parameters()`` or ``modules()``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -28,6 +34,13 @@ POOL_TABLES: dict[str, tuple[str, ...]] = {
     # PEER: expert i is the single neuron  x -> act(down_i · x) · up_i
     "experts": ("down", "up"),
 }
+
+
+class UsageObserver(Protocol):
+    """What :meth:`MemoryPool.track_usage` accepts: a sink for the lookups of a pool."""
+
+    def update(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """``indices (..., K)`` int64 rows in ``[0, num_rows)`` and their ``weights (..., K)``."""
 
 
 class MemoryPool(nn.Module):
@@ -76,6 +89,7 @@ class MemoryPool(nn.Module):
         self.init_std = init_std if init_std is not None else value_dim**-0.5
         for name in POOL_TABLES[kind]:
             self.register_parameter(name, nn.Parameter(torch.empty(self.num_rows, value_dim)))
+        self.track_usage(None)
         self.reset_parameters()
 
     @property
@@ -95,11 +109,51 @@ class MemoryPool(nn.Module):
         for table in self.tables().values():
             nn.init.normal_(table, mean=0.0, std=self.init_std)
 
+    # ----------------------------------------------------------------------------------------- usage tracking
+    def track_usage(self, observer: UsageObserver | None) -> None:
+        """Starts reporting this pool's lookups to ``observer`` (``None`` stops). See the module docstring."""
+        if observer is not None and not callable(getattr(observer, "update", None)):
+            raise TypeError(
+                f"track_usage needs an object with update(indices, weights) (e.g. MemoryUsage), "
+                f"got {type(observer).__name__}"
+            )
+        # Stored in __dict__ directly: nn.Module.__setattr__ would register a Metric (an nn.Module) as a submodule.
+        self.__dict__["usage_observer"] = observer
+
+    def observe(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Reports one lookup, ``indices (..., K)`` int64 and ``weights (..., K)``; a no-op unless tracking.
+
+        Called by blocks after every read. The values are detached; the observer runs outside ``torch.compile``
+        graphs (a compiled model recompiles once when an observer is attached, with a graph break here).
+        """
+        if self.usage_observer is not None:
+            _report_usage(self.usage_observer, indices.detach(), weights.detach())
+
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind}, rows={self.num_rows} (n_keys={self.n_keys}²), value_dim={self.value_dim}, "
             f"update={self.update}, lr={self.lr}, weight_decay={self.weight_decay}"
         )
+
+
+@torch.compiler.disable
+def _report_usage(observer: UsageObserver, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    observer.update(indices, weights)
+
+
+def find_pools(module: nn.Module) -> dict[str, MemoryPool]:
+    """Every distinct :class:`MemoryPool` registered under ``module``, by its first module path.
+
+    Shared pools appear once (under ``pools.<name>`` in a Transformer; blocks only hold a :class:`PoolRef`),
+    private pools under their block's path (``layers.3.ffn.private_pool``).
+    """
+    found: dict[str, MemoryPool] = {}
+    seen: set[int] = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, MemoryPool) and id(sub) not in seen:
+            seen.add(id(sub))
+            found[name] = sub
+    return found
 
 
 class PoolRef:

@@ -1,0 +1,437 @@
+"""Optimizers for models with memory pools: parameter groups, row-wise sparse updates, one bundled optimizer.
+
+A memory pool's value table can have millions of rows, of which a step reads a few thousand. With
+``update: sparse`` the pool's gradient is a row-sparse COO tensor and a row-wise optimizer touches only those
+rows, so a step costs O(rows used), not O(rows). The pieces:
+
+- :func:`param_groups`: dense weights split into decay / no-decay groups, each pool's tables in a group of
+  their own (the pool's ``lr`` and ``weight_decay``); sparse-mode pools go to a separate list.
+- :class:`LazyAdam` and :class:`RowwiseAdagrad`: row-wise optimizers accepting sparse (and dense) gradients.
+- :class:`OptimizerBundle`: the dense optimizer and the row-wise one as ONE ``torch.optim.Optimizer``, so
+  Lightning's automatic optimization, LR schedulers and checkpoints see a single optimizer.
+- :func:`build_optimizer`: all of the above from a model and a dense optimizer factory (the YAML's ``optimizer``).
+- :func:`clip_dense_grad_norm_`: gradient clipping that skips sparse gradients (``clip_grad_norm_`` rejects them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from memzoo.blocks.pool import find_pools
+
+ParamGroup = dict[str, Any]
+OptimizerFactory = Callable[[Iterable], Optimizer]
+
+__all__ = [
+    "SPARSE_OPTIMIZERS",
+    "LazyAdam",
+    "OptimizerBundle",
+    "RowwiseAdagrad",
+    "build_optimizer",
+    "clip_dense_grad_norm_",
+    "param_groups",
+]
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+
+def param_groups(model: nn.Module) -> tuple[list[ParamGroup], list[ParamGroup]]:
+    """``(dense_groups, sparse_groups)`` covering every trainable parameter of ``model`` exactly once.
+
+    Dense groups: ``"decay"`` (weights with ``ndim >= 2``: linears, embeddings, sub-keys; the optimizer's
+    default weight decay), ``"no_decay"`` (norm gains, biases; ``weight_decay = 0``), then one group per
+    ``update: dense`` pool. Sparse groups: one per ``update: sparse`` pool. A pool group holds the pool's tables
+    with ``weight_decay = pool.weight_decay`` and ``lr = pool.lr`` (no ``lr`` key when the pool's is ``None``:
+    the optimizer's base lr applies). Each group has a ``"name"`` (pools: their module path, ``pools.<name>``)
+    for logging. Empty groups are left out. A pool shared by several layers is found once, so its tables are in
+    one group once.
+    """
+    pools = find_pools(model)
+    table_ids = {id(table) for pool in pools.values() for table in pool.tables().values()}
+    decay, no_decay = [], []
+    for param in model.parameters():  # tied / shared parameters come once
+        if param.requires_grad and id(param) not in table_ids:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    dense: list[ParamGroup] = []
+    if decay:
+        dense.append({"params": decay, "name": "decay"})
+    if no_decay:
+        dense.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    sparse: list[ParamGroup] = []
+    for name, pool in pools.items():
+        tables = [table for table in pool.tables().values() if table.requires_grad]
+        if not tables:
+            continue
+        group: ParamGroup = {"params": tables, "weight_decay": pool.weight_decay, "name": name}
+        if pool.lr is not None:
+            group["lr"] = pool.lr
+        (sparse if pool.sparse else dense).append(group)
+    return dense, sparse
+
+
+# ----------------------------------------------------------------------------------------------- row-wise optimizers
+
+
+def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The rows a gradient touches and their gradients: ``(rows (U,) int64, row_grads (U, D))``.
+
+    A sparse COO gradient (rows sparse, rows dense: ``sparse_dim == 1``) is coalesced first, so duplicate rows
+    are summed. A dense gradient touches every row: ``(None, grad)``.
+    """
+    if not grad.is_sparse:
+        return None, grad
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            f"row-wise optimizers need row-sparse gradients (sparse_dim=1, dense rows), got sparse_dim="
+            f"{grad.sparse_dim()}; produce them with weighted_gather(..., sparse_grad=True)"
+        )
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+def _check_table(optimizer: str, param: torch.Tensor) -> None:
+    if param.dim() != 2:
+        raise ValueError(
+            f"{optimizer} updates (num_rows, row_dim) tables row by row, got a parameter of shape "
+            f"{tuple(param.shape)}; give it to the dense optimizer"
+        )
+
+
+def _check_hyperparameters(name: str, lr: float, eps: float, weight_decay: float) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"{name}: lr must be >= 0, got {lr!r}")
+    if not eps >= 0.0:
+        raise ValueError(f"{name}: eps must be >= 0, got {eps!r}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay!r}")
+
+
+class LazyAdam(Optimizer):
+    """AdamW applied row by row, only to the rows a gradient touches (lazy Adam for embedding tables).
+
+    Exact semantics. Every row ``r`` of a ``(N, D)`` table keeps its own ``step[r]`` (touches so far), first and
+    second moments ``m[r], v[r]``. A step touches the rows present in the (coalesced) sparse gradient, or every
+    row for a dense gradient. For each touched row, with ``t = step[r] + 1`` and its gradient ``g``:
+
+        p[r] ← p[r] · (1 − lr · weight_decay)                  decoupled weight decay, only when touched
+        m[r] ← β1 · m[r] + (1 − β1) · g
+        v[r] ← β2 · v[r] + (1 − β2) · g²
+        p[r] ← p[r] − lr / (1 − β1^t) · m[r] / (sqrt(v[r] / (1 − β2^t)) + eps)
+        step[r] ← t
+
+    Untouched rows (parameter, moments, step) do not change at all. So a row's trajectory is exactly that of
+    ``torch.optim.AdamW`` run on that row alone, fed only the gradients of the steps that touched it (bias
+    correction per row, by its own step count; ``torch.optim.SparseAdam`` instead uses the global step count and
+    has no weight decay). A dense gradient makes it AdamW on the whole table. ``lr`` is read at every step, so
+    schedulers work; rows pay the lr of the steps that touch them.
+
+    State per table: ``exp_avg``, ``exp_avg_sq`` ``(N, D)`` in the parameter's dtype and ``step`` ``(N,)`` int64.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        _check_hyperparameters("LazyAdam", lr, eps, weight_decay)
+        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"LazyAdam: betas must be two numbers in [0, 1), got {betas!r}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            for param in group["params"]:
+                _check_table("LazyAdam", param)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                rows, grad = touched_rows(param.grad)
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if rows is None:  # dense gradient: every row, in place
+                    step, exp_avg, exp_avg_sq, table = state["step"], state["exp_avg"], state["exp_avg_sq"], param
+                else:
+                    step = state["step"].index_select(0, rows)
+                    exp_avg = state["exp_avg"].index_select(0, rows)
+                    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                    table = param.index_select(0, rows)
+                step.add_(1)
+                grad = grad.to(param.dtype)
+                if weight_decay:
+                    table.mul_(1.0 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                t = step.double().unsqueeze(1)
+                bias_correction1 = (1.0 - beta1**t).to(param.dtype)
+                bias_correction2_sqrt = (1.0 - beta2**t).sqrt().to(param.dtype)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                table.sub_(exp_avg / denom * (lr / bias_correction1))
+                if rows is not None:
+                    state["step"].index_copy_(0, rows, step)
+                    state["exp_avg"].index_copy_(0, rows, exp_avg)
+                    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                    param.index_copy_(0, rows, table)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch keeps a loaded "step" where it was (assuming a scalar); ours is a per-row tensor next to its table
+        for param, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=torch.int64)
+
+
+class RowwiseAdagrad(Optimizer):
+    """Adagrad with one accumulator per row (the row-wise Adagrad of large recommender embedding tables).
+
+    For each touched row ``r`` (present in the coalesced sparse gradient; every row for a dense one), gradient
+    ``g (D,)``:
+
+        p[r]   ← p[r] · (1 − lr · weight_decay)     decoupled weight decay, only when touched
+        sum[r] ← sum[r] + mean(g²)                  one number per row: the mean of the squared row gradient
+        p[r]   ← p[r] − lr · g / (sqrt(sum[r]) + eps)
+
+    Untouched rows do not change. State per table: ``sum (N,)`` (parameter dtype), starting at
+    ``initial_accumulator_value``: D times less optimizer memory than Adam's two ``(N, D)`` moments.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+    ):
+        _check_hyperparameters("RowwiseAdagrad", lr, eps, weight_decay)
+        if not initial_accumulator_value >= 0.0:
+            raise ValueError(
+                f"RowwiseAdagrad: initial_accumulator_value must be >= 0, got {initial_accumulator_value!r}"
+            )
+        defaults = {"lr": lr, "eps": eps, "weight_decay": weight_decay,
+                    "initial_accumulator_value": initial_accumulator_value}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                _check_table("RowwiseAdagrad", param)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                rows, grad = touched_rows(param.grad)
+                state = self.state[param]
+                if not state:
+                    state["sum"] = torch.full(
+                        (param.shape[0],), group["initial_accumulator_value"], dtype=param.dtype, device=param.device
+                    )
+                if rows is None:
+                    accumulator, table = state["sum"], param
+                else:
+                    accumulator, table = state["sum"].index_select(0, rows), param.index_select(0, rows)
+                grad = grad.to(param.dtype)
+                if weight_decay:
+                    table.mul_(1.0 - lr * weight_decay)
+                accumulator.add_(grad.pow(2).mean(dim=1))
+                table.addcdiv_(grad, accumulator.sqrt().add_(eps).unsqueeze(1), value=-lr)
+                if rows is not None:
+                    state["sum"].index_copy_(0, rows, accumulator)
+                    param.index_copy_(0, rows, table)
+        return loss
+
+
+SPARSE_OPTIMIZERS: dict[str, type[Optimizer]] = {"lazy_adam": LazyAdam, "rowwise_adagrad": RowwiseAdagrad}
+
+
+# ----------------------------------------------------------------------------------------------- the bundle
+
+
+class _BundleState(MutableMapping):
+    """``bundle.state``: a view of the member optimizers' states, keyed by parameter (each param has one owner)."""
+
+    def __init__(self, optimizers: Sequence[Optimizer]):
+        self._optimizers = optimizers
+
+    def _owner(self, param: torch.Tensor) -> Optimizer:
+        for optimizer in self._optimizers:
+            if any(p is param for group in optimizer.param_groups for p in group["params"]):
+                return optimizer
+        raise KeyError(f"parameter of shape {tuple(param.shape)} is not optimized by this OptimizerBundle")
+
+    def __getitem__(self, param: torch.Tensor) -> dict[str, Any]:
+        return self._owner(param).state[param]
+
+    def __setitem__(self, param: torch.Tensor, value: dict[str, Any]) -> None:
+        self._owner(param).state[param] = value
+
+    def __delitem__(self, param: torch.Tensor) -> None:
+        del self._owner(param).state[param]
+
+    def __contains__(self, param: object) -> bool:
+        return any(param in optimizer.state for optimizer in self._optimizers)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for optimizer in self._optimizers:
+            yield from optimizer.state
+
+    def __len__(self) -> int:
+        return sum(len(optimizer.state) for optimizer in self._optimizers)
+
+
+class OptimizerBundle(Optimizer):
+    """Several optimizers over disjoint parameters, acting as one (e.g. AdamW for dense weights + LazyAdam for
+    sparse value tables).
+
+    - ``param_groups`` is the concatenation of the members' groups (the same dict objects), so an LR scheduler
+      on the bundle scales every group of every member, and ``state`` is a view of the members' states.
+    - ``step(closure)`` evaluates the closure once, then steps each member in order; ``zero_grad`` clears all.
+    - ``state_dict()`` has torch's usual format (``state`` keyed by parameter index over the concatenated
+      groups, ``param_groups``), and ``load_state_dict`` splits it back, so a checkpoint round trip is exact.
+    """
+
+    def __init__(self, optimizers: Sequence[Optimizer]):
+        optimizers = list(optimizers)
+        if not optimizers or not all(isinstance(o, Optimizer) for o in optimizers):
+            raise TypeError(f"OptimizerBundle needs one or more torch.optim.Optimizer, got {optimizers!r}")
+        self.optimizers = optimizers
+        self._building = True
+        super().__init__([group for o in optimizers for group in o.param_groups], defaults={})
+        self._building = False
+        self.param_groups = [group for o in optimizers for group in o.param_groups]
+        self.state = _BundleState(self.optimizers)
+
+    def add_param_group(self, param_group: ParamGroup) -> None:
+        if not self._building:
+            raise TypeError(
+                "OptimizerBundle cannot take new parameter groups (no member would step them); add the group to "
+                "one of bundle.optimizers and build a new bundle"
+            )
+        super().add_param_group(param_group)  # torch's checks: leaf tensors, each parameter in one group only
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for optimizer in self.optimizers:
+            member = optimizer.state_dict()
+            state.update({index + offset: value for index, value in member["state"].items()})
+            groups += [{**group, "params": [i + offset for i in group["params"]]} for group in member["param_groups"]]
+            offset += sum(len(group["params"]) for group in optimizer.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"OptimizerBundle: the state dict has {len(saved_groups)} parameter groups but this bundle has "
+                f"{len(self.param_groups)} ({[g.get('name') for g in self.param_groups]}); was it saved from a "
+                f"model with the same pools and update modes?"
+            )
+        start = offset = 0
+        for optimizer in self.optimizers:
+            n_groups = len(optimizer.param_groups)
+            n_params = sum(len(group["params"]) for group in optimizer.param_groups)
+            groups = saved_groups[start : start + n_groups]
+            indices = {i for group in groups for i in group["params"]}
+            optimizer.load_state_dict({
+                "state": {i - offset: value for i, value in state_dict["state"].items() if i in indices},
+                "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in groups],
+            })
+            start += n_groups
+            offset += n_params
+        # members replaced their group dicts; keep the bundle's list object (others hold a reference to it)
+        self.param_groups[:] = [group for o in self.optimizers for group in o.param_groups]
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+
+def build_optimizer(
+    model: nn.Module,
+    optimizer_factory: OptimizerFactory,
+    sparse_optimizer: str = "lazy_adam",
+    sparse_kwargs: dict[str, Any] | None = None,
+) -> Optimizer:
+    """The optimizer of ``model``: ``optimizer_factory(dense_groups)`` for everything but sparse-mode pools, bundled
+    with a row-wise ``sparse_optimizer`` (``lazy_adam`` | ``rowwise_adagrad``) for those.
+
+    Returns the plain dense optimizer when the model has no sparse pool. The row-wise optimizer's base lr (for
+    pools with ``lr: null``) is the dense optimizer's ``lr`` unless ``sparse_kwargs`` sets one; ``sparse_kwargs``
+    (e.g. ``betas``, ``eps``) go to its constructor.
+    """
+    if sparse_optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sparse_optimizer must be one of {sorted(SPARSE_OPTIMIZERS)}, got {sparse_optimizer!r}")
+    dense_groups, sparse_groups = param_groups(model)
+    if not dense_groups and not sparse_groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+    dense = None
+    if dense_groups:
+        dense = optimizer_factory(dense_groups)
+        if not isinstance(dense, Optimizer):
+            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(dense).__name__}")
+    if not sparse_groups:
+        return dense
+    kwargs = dict(sparse_kwargs or {})
+    if "lr" not in kwargs and dense is not None and "lr" in dense.defaults:
+        kwargs["lr"] = float(dense.defaults["lr"])
+    try:
+        sparse = SPARSE_OPTIMIZERS[sparse_optimizer](sparse_groups, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"sparse optimizer {sparse_optimizer!r} rejected sparse_kwargs {sparse_kwargs}: {err}") from err
+    return sparse if dense is None else OptimizerBundle([dense, sparse])
+
+
+def clip_dense_grad_norm_(
+    optimizer_or_params: Optimizer | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the DENSE gradients only; returns their total norm.
+
+    ``clip_grad_norm_`` fails on sparse gradients (``linalg_vector_norm`` has no sparse kernel), so sparse-mode
+    value tables are left unclipped: their row-wise optimizers normalise per row anyway. Pass an optimizer (all
+    its groups' parameters) or an iterable of parameters.
+    """
+    if isinstance(optimizer_or_params, Optimizer):
+        params = [p for group in optimizer_or_params.param_groups for p in group["params"]]
+    else:
+        params = list(optimizer_or_params)
+    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    return torch.nn.utils.clip_grad_norm_(dense, max_norm, norm_type=norm_type)
