@@ -1,0 +1,219 @@
+"""Parameter and FLOP accounting of a model: what it stores, what one token reads, what one token costs.
+
+:func:`summarize` gives one row per component (embedding, each layer's attention and FFN-slot block, each shared
+pool, the head) with
+
+- ``parameters``: parameters stored (tied or shared tensors counted once, in the row that owns them; a shared pool
+  is its own row);
+- ``active_parameters``: parameters one token's forward pass reads: all of a dense component, one embedding row,
+  only the retrieved rows of a memory or expert table (counted in the layer that reads them, so a shared pool's own
+  row shows 0 active), ``top_k`` experts of a MoE;
+- ``flops``: forward FLOPs per token.
+
+FLOP convention: a multiply-add counts 2 FLOPs; elementwise work (norms, activations, softmax, top-k selection,
+residual adds) and the embedding lookup are not counted. Attention at context length ``T`` costs, per token,
+``2·dim·3·dim`` (qkv) + ``2·dim·dim`` (output projection) + the score and value products, ``2·dim`` each per key
+attended; averaged over the positions of one causal sequence of length ``T`` a token attends ``(T + 1) / 2`` keys,
+so these add ``2·2·dim·(T + 1)/2 = 2·dim·(T + 1)``. An FFN-slot block reports its own cost through
+``flops_per_token()`` (dense, moe, peer and product-key memory all do, the latter two including their product-key
+lookup); for a block without that method the row uses ``2 · active_parameters`` and is marked estimated. The head
+costs ``2·dim·vocab_size``. A training step costs about 3× the forward FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from memzoo.model.summary import active_parameters, count_parameters
+from memzoo.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class Row:
+    """One component of the model."""
+
+    name: str  # "embed", "layers.3.attn", "layers.3.ffn", "pools.shared", "head"
+    kind: str  # "embedding", "attention", the block name (with its pool), "pool (experts, dense)", "head"
+    parameters: int
+    active_parameters: int
+    flops: int  # forward FLOPs per token
+    flops_estimated: bool = False  # True: 2·active_parameters, the block has no flops_per_token()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Accounting rows of a model, their totals, and the context length the attention FLOPs assume."""
+
+    rows: list[Row]
+    context_length: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> int:
+        return sum(r.parameters for r in self.rows)
+
+    @property
+    def active_parameters(self) -> int:
+        return sum(r.active_parameters for r in self.rows)
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs per token of the whole model."""
+        return sum(r.flops for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): rows, totals, context length, notes."""
+        return {
+            "context_length": self.context_length,
+            "flop_convention": "forward FLOPs per token, multiply-add = 2, attention averaged over a causal "
+            "sequence of context_length tokens",
+            "rows": [asdict(r) for r in self.rows],
+            "total": {
+                "parameters": self.parameters,
+                "active_parameters": self.active_parameters,
+                "flops": self.flops,
+            },
+            "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        """A fixed-width text table with a total line and the FLOP convention underneath."""
+        header = ("name", "block", "params", "active/token", "FLOPs/token")
+        body = [
+            (r.name, r.kind, f"{r.parameters:,}", f"{r.active_parameters:,}",
+             f"{r.flops:,}" + ("*" if r.flops_estimated else ""))
+            for r in self.rows
+        ]
+        total = ("total", "", f"{self.parameters:,}", f"{self.active_parameters:,}", f"{self.flops:,}")
+        widths = [max(len(line[i]) for line in (header, *body, total)) for i in range(len(header))]
+
+        def fmt(line: tuple[str, ...]) -> str:
+            left = [f"{line[0]:<{widths[0]}}", f"{line[1]:<{widths[1]}}"]
+            right = [f"{cell:>{w}}" for cell, w in zip(line[2:], widths[2:], strict=True)]
+            return "  ".join(left + right).rstrip()
+
+        rule = "-" * len(fmt(header))
+        lines = [fmt(header), rule, *map(fmt, body), rule, fmt(total)]
+        lines.append(
+            f"FLOPs: forward, per token, multiply-add = 2; attention averaged over a causal sequence of "
+            f"{self.context_length} tokens. Training ≈ 3× forward."
+        )
+        if any(r.flops_estimated for r in self.rows):
+            lines.append("* estimated as 2 × active parameters (the block has no flops_per_token())")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def attention_flops_per_token(dim: int, context_length: int) -> int:
+    """Forward FLOPs per token of one causal self-attention layer: projections ``8·dim²`` + scores and values
+    ``2·dim·(T + 1)`` (the mean over a causal sequence of ``T`` tokens; see the module docstring)."""
+    return 2 * dim * 3 * dim + 2 * dim * dim + 2 * dim * (context_length + 1)
+
+
+def block_flops_per_token(block: nn.Module) -> tuple[int, bool]:
+    """A block's forward FLOPs per token and whether it is an estimate (``2 · active parameters``)."""
+    if hasattr(block, "flops_per_token"):
+        return int(block.flops_per_token()), False
+    return 2 * active_parameters(block), True
+
+
+def summarize(model: nn.Module, context_length: int | None = None) -> Summary:
+    """Accounting rows of a :class:`Transformer` (or a module holding one as ``.model``, e.g. ``LanguageModel``).
+
+    ``context_length`` (default: the model's ``max_seq_len``) sets the attention cost; see the module docstring.
+    """
+    transformer = _find_transformer(model)
+    T = transformer.max_seq_len if context_length is None else context_length
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"context_length must be a positive int, got {context_length!r}")
+    dim, vocab = transformer.dim, transformer.vocab_size
+    rows = [Row("embed", "embedding", transformer.embed.weight.numel(), dim, 0)]
+    for i, (layer, spec) in enumerate(zip(transformer.layers, transformer.layer_specs, strict=True)):
+        attn_params = sum(count_parameters(m) for m in (layer.attn_norm, layer.attn, layer.ffn_norm))
+        rows.append(Row(f"layers.{i}.attn", "attention", attn_params, attn_params, attention_flops_per_token(dim, T)))
+        flops, estimated = block_flops_per_token(layer.ffn)
+        kind = spec.block + (f" (pool {spec.pool})" if spec.pool else "")
+        rows.append(Row(f"layers.{i}.ffn", kind, count_parameters(layer.ffn), active_parameters(layer.ffn), flops,
+                        estimated))
+    for name, pool in transformer.pools.items():  # rows read are counted by the layers reading them
+        rows.append(Row(f"pools.{name}", f"pool ({pool.kind}, {pool.update})", count_parameters(pool), 0, 0))
+    tied = transformer.head.weight is transformer.embed.weight
+    head_params = transformer.norm.weight.numel() + (0 if tied else transformer.head.weight.numel())
+    rows.append(Row("head", "head (tied)" if tied else "head", head_params, dim + vocab * dim, 2 * dim * vocab))
+    notes = []
+    stored, listed = count_parameters(transformer), sum(r.parameters for r in rows)
+    if stored != listed:  # e.g. two blocks registering one tensor: it appears in both rows
+        notes.append(f"note: the rows add up to {listed:,} parameters, the model stores {stored:,}")
+    return Summary(rows, T, notes)
+
+
+def _find_transformer(model: nn.Module) -> Transformer:
+    if isinstance(model, Transformer):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, Transformer):
+        return inner
+    raise TypeError(
+        f"summarize() needs a memzoo Transformer or a module holding one as `.model` (LanguageModel), "
+        f"got {type(model).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- from a config
+def summarize_config(path: str, context_length: int | None = None) -> Summary:
+    """Builds the model of a memzoo YAML config (as ``memzoo fit`` would, without data or training) and summarises it.
+
+    The ``model`` section is parsed and validated by the same jsonargparse machinery as the CLI, so bad keys fail
+    with the same messages. The data section is read but never instantiated (its files may not exist here):
+    ``vocab_size`` (unless the model sets it) comes from the data's ``tokenizer`` as the CLI links it, and the
+    context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``plugins:`` in the
+    config are imported first, so user blocks resolve.
+    """
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from memzoo.data.tokenizers import build_tokenizer
+    from memzoo.registry import load_plugins
+    from memzoo.training.module import LanguageModel
+
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{path}: a memzoo config needs a `model:` section (see configs/quickstart.yaml)")
+    if config.get("plugins"):
+        load_plugins(config["plugins"])
+    model_section = _class_section(config["model"], "memzoo.LanguageModel")
+    data_args = _class_section(config.get("data") or {}, None)["init_args"]
+    init_args = model_section["init_args"]
+    if "vocab_size" not in init_args:  # the CLI links it from the data module's tokenizer
+        init_args["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LanguageModel, "model", required=True)
+    try:
+        parsed = parser.parse_object({"model": model_section})
+    except Exception as err:  # jsonargparse's message names the bad key or value
+        raise ValueError(f"{path}: invalid model config: {err}") from err
+    model = parser.instantiate_classes(parsed).model
+    if context_length is None:
+        context_length = data_args.get("block_size") or _find_transformer(model).max_seq_len
+    summary = summarize(model, context_length)
+    summary.notes.append(f"config: {path} (vocab_size {init_args['vocab_size']})")
+    return summary
+
+
+def _class_section(section: Any, default_class: str | None) -> dict[str, Any]:
+    """A ``class_path``/``init_args`` section as a dict (a bare mapping of arguments gets ``default_class``)."""
+    if isinstance(section, str):
+        return {"class_path": section, "init_args": {}}
+    if not isinstance(section, dict):
+        raise ValueError(f"expected a mapping with class_path/init_args, got {section!r}")
+    if "class_path" in section:
+        return {"class_path": section["class_path"], "init_args": dict(section.get("init_args") or {})}
+    out = {"init_args": dict(section)}
+    if default_class is not None:
+        out["class_path"] = default_class
+    return out

@@ -1,0 +1,32 @@
+"""Smoke test of tools/bench_peer.py: both variants compute the same layer, and the report has its ratios."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "tools" / "bench_peer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # two subprocesses importing torch: ~15 s on a busy 2-core machine
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="CPU peak memory needs Linux /proc")
+def test_quick_run_reports_matching_variants_and_ratios(capsys):
+    bench = load_bench()
+    result = bench.main(["--quick", "--device", "cpu", "--warmup", "0", "--repeats", "1"])
+    assert result["max_abs_output_difference"] < 1e-5
+    assert result["config"]["experts"] == 32**2
+    for variant in bench.VARIANTS:
+        assert result["seconds_per_step"][variant] > 0
+        assert result["memory_bytes"][variant]["step_peak"] > 0
+    # the materialised forward keeps two (B, T, heads, k, dim) gathered tensors alive for the backward
+    assert result["memory_bytes"]["materialised"]["after_forward"] >= 2 * result["one_gathered_tensor_bytes"] * 0.9
+    assert result["time_ratio"] > 0 and result["memory_ratio"] > 0
+    out = capsys.readouterr().out
+    assert "ratio mat/ops" in out and '"time_ratio"' in out
