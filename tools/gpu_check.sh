@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One prepared GPU check (run on a CUDA machine from the repo root, in under 5 minutes):
+# installs memzoo against the machine's own torch, runs the tests marked `cuda`, then the GPU benchmarks.
+# Results land in ${OUT:-gpu_results}/ (pytest log, bench JSON).
+set -uo pipefail
+out=${OUT:-gpu_results}
+mkdir -p "$out"
+python -m pip install --quiet --no-deps -e . >/dev/null 2>&1 || python -m pip install --quiet -e ".[dev,hf]"
+python -m pip install --quiet pytest lightning torchmetrics "jsonargparse[signatures]" safetensors datasets >/dev/null 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+timeout 150 python -m pytest -q -m cuda tests 2>&1 | tail -25 | tee "$out/pytest_cuda.txt"
+timeout 90 python tools/bench_memory.py --sections cuda,layer_step --json "$out/bench_memory.json" 2>&1 | tail -30
+timeout 60 python tools/bench_peer.py --device cuda --json "$out/bench_peer.json" 2>&1 | tail -15
