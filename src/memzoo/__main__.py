@@ -1,6 +1,8 @@
 """``python -m memzoo`` — the same as the ``memzoo`` command."""
 
-from memzoo.cli import main
+import sys
+
+from memzoo.cli import entry_point
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry_point())

@@ -65,8 +65,15 @@ def _pop_plugins(args: list[str]) -> tuple[list[str], list[str]]:
     return plugins, rest
 
 
+def entry_point() -> int:
+    """The ``memzoo`` console script and ``python -m memzoo``: runs :func:`main` on ``sys.argv``, exit status 0."""
+    main()
+    return 0
+
+
 def main(args: Sequence[str] | None = None) -> object:
-    """Entry point of ``memzoo`` (also ``python -m memzoo``); ``args`` excludes the program name."""
+    """Runs one verb in-process; ``args`` excludes the program name. Returns what the verb produced (the
+    LightningCLI object for training verbs), for use from Python and tests."""
     args = list(sys.argv[1:] if args is None else args)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())

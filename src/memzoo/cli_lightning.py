@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from memzoo.training.checkpoint_check import check_checkpoint_file
 from memzoo.training.module import LanguageModel
 
 DEFAULT_RUNS_DIR = "runs"
+
+# memzoo's data modules resume mid-epoch exactly (an epoch's order depends only on seed and epoch, and the loader
+# skips the batches Lightning's restored progress counts as done), so Lightning's generic warning does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class MemzooCLI(LightningCLI):

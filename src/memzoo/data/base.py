@@ -154,7 +154,20 @@ class LMDataModule(L.LightningDataModule, abc.ABC):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self._train, EpochSampler(len(self._train), self.seed, shuffle=self.shuffle_train))
+        sampler = EpochSampler(len(self._train), self.seed, shuffle=self.shuffle_train)
+        sampler.skip_batches(self._batches_done_in_epoch(), self.batch_size)
+        return self._loader(self._train, sampler)
+
+    def _batches_done_in_epoch(self) -> int:
+        """Batches of the current epoch already trained, when Lightning resumes from a mid-epoch checkpoint.
+
+        The order of an epoch depends only on (seed, epoch), so skipping these makes the resumed run read exactly
+        the batches the uninterrupted run would have read next.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")

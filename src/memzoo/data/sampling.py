@@ -41,6 +41,13 @@ class EpochSampler(DistributedSampler):
             rank = dist.get_rank() if distributed else 0
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.samples_per_epoch = num_samples
+        self._skip = 0
+
+    def skip_batches(self, batches: int, batch_size: int) -> None:
+        """Makes the next epoch start after its first ``batches`` batches (resuming from a mid-epoch checkpoint).
+
+        ``len()`` keeps counting the whole epoch, as Lightning's restored batch counter does."""
+        self._skip = batches * batch_size
 
     def __iter__(self) -> Iterator[int]:
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -52,6 +59,7 @@ class EpochSampler(DistributedSampler):
             order = torch.arange(n)
         order = order.repeat(-(-self.total_size // n))[: self.total_size]  # pad to equal shares
         share = order[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+        share, self._skip = share[self._skip :], 0
         return iter((share + epoch * n).tolist())
 
 

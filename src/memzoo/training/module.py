@@ -19,9 +19,12 @@ import torch.nn.functional as F
 import torchmetrics
 from torch.optim import Optimizer
 
+from memzoo.blocks.pool import find_pools
 from memzoo.model.transformer import Transformer
 from memzoo.training import metrics as memzoo_metrics
+from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
+STAGES = ("train", "val", "test")
 OptimizerFactory = Callable[[Iterable], Optimizer]
 IGNORE_INDEX = -100
 
@@ -121,7 +124,13 @@ class LanguageModel(L.LightningModule):
             init_std=init_std,
         )
         self.forward_fn = torch.compile(self.model) if compile else self.model
-        self.stage_metrics = torch.nn.ModuleDict({s: StageMetrics(vocab_size) for s in ("train", "val", "test")})
+        # keyed "<stage>_metrics": a ModuleDict key "train" would shadow nn.Module.train()
+        self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": StageMetrics(vocab_size) for s in STAGES})
+        # one MemoryUsage per distinct pool (shared or private), filled during validation/test
+        self.pools_by_name = {name.replace(".", "/"): pool for name, pool in find_pools(self.model).items()}
+        self.usage_metrics = torch.nn.ModuleDict(
+            {name.replace("/", "__"): memzoo_metrics.MemoryUsage(pool.num_rows) for name, pool in self.pools_by_name.items()}
+        )
 
     # ------------------------------------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -133,7 +142,7 @@ class LanguageModel(L.LightningModule):
         logits = self(input_ids)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         n_tokens = int((labels != IGNORE_INDEX).sum())
-        m = self.stage_metrics[stage]
+        m = self.stage_metrics[f"{stage}_metrics"]
         m.loss.update(loss.detach(), weight=n_tokens)
         batch_size = input_ids.shape[0]
         if stage == "train":
@@ -154,7 +163,7 @@ class LanguageModel(L.LightningModule):
         if dataloader_idx == 0:
             self._lm_step(batch, stage)
         else:  # fact probes: labels mark the answer tokens only
-            self.stage_metrics[stage].fact_recall.update(self(batch["input_ids"]), batch["labels"])
+            self.stage_metrics[f"{stage}_metrics"].fact_recall.update(self(batch["input_ids"]), batch["labels"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val", dataloader_idx)
@@ -163,7 +172,7 @@ class LanguageModel(L.LightningModule):
         self._eval_step(batch, "test", dataloader_idx)
 
     def _log_epoch(self, stage: str) -> None:
-        m = self.stage_metrics[stage]
+        m = self.stage_metrics[f"{stage}_metrics"]
         if m.loss.update_count == 0:
             return
         loss = m.loss.compute()
@@ -179,14 +188,36 @@ class LanguageModel(L.LightningModule):
             if chance is not None:
                 self.log(f"{stage}/fact_recall_chance", float(chance))
 
+    def _track_usage(self, on: bool) -> None:
+        for name, pool in self.pools_by_name.items():
+            pool.track_usage(self.usage_metrics[name.replace("/", "__")] if on else None)
+
+    def _log_usage(self, stage: str) -> None:
+        """Logs ``<stage>/memory/<pool>/<used_fraction|kl_uniform|rows_for_50pct|rows_for_90pct>``."""
+        self._track_usage(False)
+        for name in self.pools_by_name:
+            metric = self.usage_metrics[name.replace("/", "__")]
+            if metric.update_count:
+                for key, value in metric.compute().items():
+                    self.log(f"{stage}/memory/{name}/{key}", value.float())
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._track_usage(True)
+
+    def on_test_epoch_start(self) -> None:
+        self._track_usage(True)
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
+        self._log_usage("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+        self._log_usage("test")
 
     def on_train_epoch_end(self) -> None:
-        m = self.stage_metrics["train"]
+        m = self.stage_metrics["train_metrics"]
         if m.loss.update_count:
             self.log("train/epoch_loss", m.loss.compute())
             m.loss.reset()
@@ -209,9 +240,17 @@ class LanguageModel(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
             datamodule.check_vocab(self.hparams.vocab_size)
 
-    def configure_optimizers(self):
-        from memzoo.training.optim import build_optimizer
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clips dense gradients only (by norm): row-sparse pool gradients are left to their row-wise optimizer."""
+        if gradient_clip_val is None or gradient_clip_val <= 0:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(
+                f"memzoo clips gradients by norm only, got gradient_clip_algorithm={gradient_clip_algorithm!r}"
+            )
+        clip_dense_grad_norm_(optimizer, gradient_clip_val)
 
+    def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optimizer_factory, sparse_optimizer=self.hparams.sparse_optimizer)
         decay_steps = self.hparams.lr_decay_steps
         if decay_steps is None:

@@ -1,0 +1,243 @@
+"""The memzoo command in-process: a tiny fit lowers the loss, exact resume, --print_config round trip, configs parse,
+plugins from YAML and the command line, predict writes completions, and bad input fails before training."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from memzoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+TINY = textwrap.dedent(
+    """
+    seed_everything: 0
+    trainer:
+      max_steps: {steps}
+      accelerator: cpu
+      devices: 1
+      enable_progress_bar: false
+      enable_model_summary: false
+      log_every_n_steps: 1
+      val_check_interval: {val_every}
+      check_val_every_n_epoch: null
+      limit_val_batches: 2
+    model:
+      class_path: memzoo.LanguageModel
+      init_args:
+        dim: 32
+        n_layers: 2
+        n_heads: 2
+        max_seq_len: 64
+        warmup_steps: 2{model_extra}
+        optimizer:
+          class_path: torch.optim.AdamW
+          init_args: {{lr: 0.01}}
+    data:
+      class_path: memzoo.data.FactsDataModule
+      init_args:
+        n_entities: 20
+        block_size: 32
+        batch_size: 8
+        recall_samples: 8
+    """
+)
+
+
+def write_config(tmp_path, steps=12, val_every=6, model_extra="", prefix=""):
+    """A tiny facts config; ``model_extra`` lines go under model.init_args, ``prefix`` at the top."""
+    path = tmp_path / "tiny.yaml"
+    extra = "".join(f"\n        {line}" for line in model_extra.splitlines() if line)
+    path.write_text(prefix + TINY.format(steps=steps, val_every=val_every, model_extra=extra))
+    return path
+
+
+def step_losses(cli):
+    rows = list(csv_rows(Path(cli.trainer.logger.log_dir) / "metrics.csv"))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["memzoo"])
+
+
+def test_help_is_fast_and_lists_verbs():
+    out = subprocess.run([sys.executable, "-m", "memzoo", "--help"], capture_output=True, text=True, check=True)
+    assert "fit" in out.stdout and "blocks" in out.stdout
+    probe = "import sys, memzoo.cli; memzoo.cli.main(['--help']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False")  # no torch import for --help
+
+
+def test_tiny_fit_lowers_loss_and_writes_run_folder(tmp_path):
+    cli = main(["fit", "--config", str(write_config(tmp_path, steps=30, val_every=30))])
+    losses = step_losses(cli)
+    first, last = [losses[k] for k in sorted(losses)[:3]], [losses[k] for k in sorted(losses)[-3:]]
+    assert sum(last) / 3 < sum(first) / 3 - 0.5
+    run_dir = Path(cli.trainer.logger.log_dir)
+    assert run_dir.parts[-3:] == ("runs", "tiny", "version_0")
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    metrics = list(csv_rows(run_dir / "metrics.csv"))
+    assert any(r.get("val/fact_recall") for r in metrics) and any(r.get("val/ppl") for r in metrics)
+    # a second run gets its own folder
+    cli2 = main(["fit", "--config", str(write_config(tmp_path, steps=1, val_every=1))])
+    assert Path(cli2.trainer.logger.log_dir).name == "version_1"
+
+
+def test_checkpoint_hparams_are_plain_data(tmp_path):
+    cli = main(["fit", "--config", str(write_config(tmp_path, steps=2, val_every=2))])
+    ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["hyper_parameters"]["dim"] == 32 and state["hyper_parameters"]["vocab_size"] == 258
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    """Stop at step 8 of a 16-step schedule (mid-epoch), resume from last.ckpt: steps 8..15 match exactly."""
+    schedule = ["--model.init_args.lr_decay_steps", "16"]
+    full = step_losses(main(["fit", "--config", str(write_config(tmp_path, steps=16, val_every=8)), *schedule]))
+    first = main(["fit", "--config", str(write_config(tmp_path, steps=8, val_every=8)), *schedule])
+    assert first.trainer.num_training_batches > 8  # the checkpoint is mid-epoch
+    ckpt = Path(first.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    resumed = step_losses(
+        main(["fit", "--config", str(write_config(tmp_path, steps=16, val_every=8)), *schedule, "--ckpt_path", str(ckpt)])
+    )
+    later = {k: v for k, v in full.items() if k >= 8}
+    assert sorted(later) == sorted(resumed) == list(range(8, 16))
+    for step, loss in later.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    config = write_config(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.init_args.dim", "48", "--print_config"])
+    printed = capsys.readouterr().out
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["init_args"]["dim"] == 48
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(again), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == parsed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
+def test_every_shipped_config_parses(config, capsys, tmp_path):
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("hello world\n" * 200)
+    args = ["fit", "--config", str(config), "--print_config"]
+    if "text" in config.name:
+        args.insert(3, f"--data.init_args.path={text_file}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"]
+
+
+PLUGIN = textwrap.dedent(
+    '''
+    import torch.nn as nn
+    from memzoo import register_block
+
+    @register_block("user_mlp")
+    class UserMLP(nn.Module):
+        def __init__(self, dim: int, hidden: int = 16):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+        def forward(self, x):
+            return self.net(x)
+    '''
+)
+
+
+@pytest.mark.parametrize("route", ["command_line", "yaml"])
+def test_user_block_from_own_file_used_by_short_name(tmp_path, route):
+    from memzoo import registry
+
+    registry._REGISTRY.pop("user_mlp", None)
+    plugin = tmp_path / f"blocks_{route}.py"
+    plugin.write_text(PLUGIN)
+    prefix = f"plugins: [{plugin}]\n" if route == "yaml" else ""
+    config = write_config(tmp_path, steps=2, val_every=2, model_extra="block: user_mlp\nblock_args: {hidden: 24}",
+                          prefix=prefix)
+    args = ["fit", "--config", str(config)] + (["--plugins", str(plugin)] if route == "command_line" else [])
+    cli = main(args)
+    ffn = cli.model.model.layers[0].ffn
+    assert type(ffn).__name__ == "UserMLP" and ffn.net[0].out_features == 24
+    registry._REGISTRY.pop("user_mlp", None)
+
+
+def test_predict_writes_completions(tmp_path):
+    cli = main(["fit", "--config", str(write_config(tmp_path, steps=2, val_every=2))])
+    ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    pred = main(
+        ["predict", "--config", str(write_config(tmp_path)), "--ckpt_path", str(ckpt),
+         "--data.init_args.predict_prompts", '["Hello", "The birth year of"]', "--model.init_args.max_new_tokens", "5"]
+    )
+    path = Path(pred.trainer.logger.log_dir) / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello", "The birth year of"]
+    assert all(isinstance(r["completion"], str) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.block", "dnse"], "Did you mean 'dense'"),
+        (["--model.init_args.n_heads", "3"], "not divisible by n_heads=3"),
+        (["--model.init_args.block_args", "{hiden: 4}"], "did you mean 'hidden'"),
+        (["--model.init_args.attention_backend", "xformers"], "xformers"),
+        (["--model.init_args.dimm", "3"], "dimm"),
+        (["--model.init_args.dim", "abc"], "dim"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, override, message, capsys):
+    if "xformers" in override and torch.cuda.is_available():
+        pytest.skip("xformers may run on this machine")
+    with pytest.raises((SystemExit, ValueError, RuntimeError)) as err:
+        main(["fit", "--config", str(write_config(tmp_path)), *override])
+    text = str(err.value) + capsys.readouterr().err
+    assert message in text
+    assert not list(Path(tmp_path).rglob("*.ckpt"))
+
+
+def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path):
+    from memzoo.training.checkpoint_check import CheckpointError
+
+    config = str(write_config(tmp_path))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main(["fit", "--config", config, "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        main(["fit", "--config", config, "--ckpt_path", str(bad)])
+    cli = main(["fit", "--config", str(write_config(tmp_path, steps=1, val_every=1))])
+    good = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.ckpt"):
+        main(["fit", "--config", config, "--ckpt_path", str(truncated)])
+
+
+def test_blocks_verb_lists_hyperparameters(capsys):
+    names = main(["blocks"])
+    assert "dense" in names
+    out = capsys.readouterr().out
+    assert "hidden" in out and "dropout = 0.0" in out
