@@ -14,7 +14,7 @@ import yaml
 from memzoo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # configs/study/ is tested by test_study.py
 
 TINY = textwrap.dedent(
     """
@@ -54,7 +54,7 @@ TINY = textwrap.dedent(
 def write_config(tmp_path, steps=12, val_every=6, model_extra="", prefix=""):
     """A tiny facts config; ``model_extra`` lines go under model.init_args, ``prefix`` at the top."""
     path = tmp_path / "tiny.yaml"
-    extra = "".join(f"\n        {line}" for line in model_extra.splitlines() if line)
+    extra = "".join(f"\n    {line}" for line in model_extra.splitlines() if line)
     path.write_text(prefix + TINY.format(steps=steps, val_every=val_every, model_extra=extra))
     return path
 
@@ -240,4 +240,4 @@ def test_blocks_verb_lists_hyperparameters(capsys):
     names = main(["blocks"])
     assert "dense" in names
     out = capsys.readouterr().out
-    assert "hidden" in out and "dropout = 0.0" in out
+    assert "hidden: int | None = None" in out and "dropout: float = 0.0" in out

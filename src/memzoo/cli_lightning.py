@@ -67,15 +67,21 @@ class MemzooCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parses, then checks ``--ckpt_path`` before Lightning itself opens the file (to read its hparams)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("plugins"):
             from memzoo.registry import load_plugins
 
             load_plugins(config["plugins"])
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint_file(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
