@@ -1,0 +1,128 @@
+"""product_key_topk against a brute-force top-k over all n_keys² product keys: values, indices, gradients, errors."""
+
+import pytest
+import torch
+
+from memzoo.ops import product_key_topk
+
+
+def brute_force_topk(query, sub_keys, k):
+    """Score every one of the n_keys² product keys, then take the top-k (the definition)."""
+    half = sub_keys.shape[-1]
+    s1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0])
+    s2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1])
+    all_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # index i1 * n_keys + i2
+    return all_scores.topk(k, dim=-1)
+
+
+def random_inputs(lead, heads, n_keys, dk, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(*lead, heads, dk, generator=gen, dtype=dtype, requires_grad=True)
+    sub_keys = torch.randn(heads, 2, n_keys, dk // 2, generator=gen, dtype=dtype, requires_grad=True)
+    return query, sub_keys
+
+
+@pytest.mark.parametrize(
+    "lead, heads, n_keys, dk, k",
+    [
+        ((), 1, 5, 4, 1),
+        ((3,), 2, 16, 8, 4),
+        ((2, 5), 4, 32, 16, 32),
+        ((7,), 3, 9, 6, 9),
+        ((4,), 2, 64, 12, 1),
+    ],
+)
+def test_equals_brute_force_topk(lead, heads, n_keys, dk, k):
+    query, sub_keys = random_inputs(lead, heads, n_keys, dk)
+    scores, indices = product_key_topk(query, sub_keys, k)
+    ref_scores, ref_indices = brute_force_topk(query, sub_keys, k)
+    assert scores.shape == indices.shape == (*lead, heads, k)
+    assert indices.dtype == torch.int64
+    torch.testing.assert_close(scores, ref_scores)
+    # continuous random data has no ties, so even the order matches; compare as sets as well to be explicit
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
+    assert bool((scores[..., :-1] >= scores[..., 1:]).all()), "scores must be sorted descending"
+    assert int(indices.min()) >= 0 and int(indices.max()) < n_keys**2
+
+
+def test_gradients_match_brute_force():
+    query, sub_keys = random_inputs((3, 2), 2, 12, 8)
+    upstream = torch.randn(3, 2, 2, 5, dtype=torch.float64)
+    scores, _ = product_key_topk(query, sub_keys, 5)
+    grads = torch.autograd.grad((scores * upstream).sum(), (query, sub_keys))
+    ref_scores, _ = brute_force_topk(query, sub_keys, 5)
+    ref_grads = torch.autograd.grad((ref_scores * upstream).sum(), (query, sub_keys))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert sub_keys.grad is None and grads[1].abs().sum() > 0
+
+
+def test_gradcheck():
+    query, sub_keys = random_inputs((2,), 2, 6, 4)
+    assert torch.autograd.gradcheck(lambda q, c: product_key_topk(q, c, 3)[0], (query, sub_keys))
+
+
+def test_float32_and_bfloat16_agree_with_brute_force_scores():
+    for dtype in (torch.float32, torch.bfloat16):
+        query, sub_keys = random_inputs((8,), 2, 20, 8, dtype=dtype, seed=3)
+        scores, indices = product_key_topk(query, sub_keys, 4)
+        ref_scores, _ = brute_force_topk(query, sub_keys, 4)
+        assert scores.dtype == dtype
+        torch.testing.assert_close(scores, ref_scores)
+        # the returned indices address keys whose (recomputed) scores are the returned scores
+        all_scores = brute_force_topk(query, sub_keys, 400)
+        flat = torch.full((8, 2, 400), float("nan"), dtype=dtype)
+        flat.scatter_(-1, all_scores[1], all_scores[0])
+        torch.testing.assert_close(flat.gather(-1, indices), scores)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    query, sub_keys = random_inputs((4,), 2, 16, 8, dtype=torch.float32)
+
+    def lookup(q, c):
+        scores, indices = product_key_topk(q, c, 4)
+        return scores.softmax(-1), indices
+
+    compiled = torch.compile(lookup, fullgraph=True)
+    (s, i), (ref_s, ref_i) = compiled(query, sub_keys), lookup(query, sub_keys)
+    torch.testing.assert_close(s, ref_s)
+    assert torch.equal(i, ref_i)
+
+
+@pytest.mark.parametrize(
+    "query_shape, keys_shape, k, error, match",
+    [
+        ((3, 2, 8), (2, 2, 10, 4), 11, ValueError, r"k must be an int in \[1, n_keys=10\], got 11"),
+        ((3, 2, 8), (2, 2, 10, 4), 0, ValueError, r"k must be an int in \[1, n_keys=10\], got 0"),
+        ((3, 2, 7), (2, 2, 10, 4), 2, ValueError, "Dk=7 must be even"),
+        ((3, 2, 8), (3, 2, 10, 4), 2, ValueError, r"expected \(2, 2, n_keys, 4\)"),
+        ((3, 2, 8), (2, 2, 10, 5), 2, ValueError, r"expected \(2, 2, n_keys, 4\)"),
+        ((3, 2, 8), (2, 3, 10, 4), 2, ValueError, r"sub_keys must be \(H, 2, n_keys, Dk/2\)"),
+        ((3, 2, 8), (2, 10, 4), 2, ValueError, r"sub_keys must be \(H, 2, n_keys, Dk/2\)"),
+        ((8,), (1, 2, 10, 4), 2, ValueError, r"query must be \(..., H, Dk\)"),
+    ],
+)
+def test_bad_shapes_and_k(query_shape, keys_shape, k, error, match):
+    with pytest.raises(error, match=match):
+        product_key_topk(torch.randn(query_shape), torch.randn(keys_shape), k)
+
+
+def test_bad_k_type():
+    with pytest.raises(ValueError, match="got 2.0"):
+        product_key_topk(torch.randn(2, 8), torch.randn(2, 2, 4, 4), 2.0)
+
+
+def test_dtype_mismatch():
+    with pytest.raises(TypeError, match="torch.float32 and torch.float64"):
+        product_key_topk(torch.randn(3, 2, 8), torch.randn(2, 2, 10, 4, dtype=torch.float64), 2)
+    with pytest.raises(TypeError, match="floating dtype"):
+        product_key_topk(
+            torch.ones(3, 2, 8, dtype=torch.int64), torch.ones(2, 2, 10, 4, dtype=torch.int64), 2
+        )
+
+
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="query is on meta but sub_keys on cpu"):
+        product_key_topk(torch.randn(3, 2, 8, device="meta"), torch.randn(2, 2, 10, 4), 2)
