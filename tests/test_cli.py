@@ -93,6 +93,7 @@ def test_tiny_fit_lowers_loss_and_writes_run_folder(tmp_path):
     run_dir = Path(cli.trainer.logger.log_dir)
     assert run_dir.parts[-3:] == ("runs", "tiny", "version_0")
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
     metrics = list(csv_rows(run_dir / "metrics.csv"))
     assert any(r.get("val/fact_recall") for r in metrics) and any(r.get("val/ppl") for r in metrics)
     # a second run gets its own folder

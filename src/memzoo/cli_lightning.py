@@ -3,7 +3,7 @@
 - Subclass mode: ``model`` is any :class:`~memzoo.training.module.LanguageModel` (sub)class, ``data`` any
   :class:`~memzoo.data.base.LMDataModule`; short class names work because memzoo imports them before parsing.
 - The data module's vocabulary size is linked into ``model.init_args.vocab_size``: it is never typed twice.
-- Trainer defaults: progress bar, CSV logger under ``runs/<experiment>/version_<n>/`` (a new version per run, so runs
+- Trainer defaults: atomic checkpoint writes, progress bar, CSV logger under ``runs/<experiment>/version_<n>/`` (a new version per run, so runs
   never collide), ``config.yaml`` saved in that folder, checkpoints in its ``checkpoints/`` with ``last.ckpt``.
 - ``--checkpoint.*`` configures the ModelCheckpoint callback; ``--predict_output`` the file ``predict`` writes.
 - Bad input fails before training: model/blocks/pools are built at instantiation, data paths are checked by the
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
@@ -32,6 +32,8 @@ DEFAULT_RUNS_DIR = "runs"
 # memzoo's data modules resume mid-epoch exactly (an epoch's order depends only on seed and epoch, and the loader
 # skips the batches Lightning's restored progress counts as done), so Lightning's generic warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates; nothing a memzoo user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class MemzooCLI(LightningCLI):
@@ -119,6 +121,8 @@ def run_lightning_cli(args: list[str]) -> MemzooCLI:
         trainer_defaults={
             "callbacks": [LearningRateMonitor(logging_interval="step")],
             "log_every_n_steps": 10,
+            # checkpoints are written to a temporary name and renamed: a crash never leaves a half-written file
+            "plugins": [{"class_path": "memzoo.export.checkpoint_io.AtomicCheckpointIO"}],
         },
         parser_kwargs={"default_env": False},
         args=args,
