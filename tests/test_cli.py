@@ -242,3 +242,25 @@ def test_blocks_verb_lists_hyperparameters(capsys):
     assert "dense" in names
     out = capsys.readouterr().out
     assert "hidden: int | None = None" in out and "dropout: float = 0.0" in out
+
+
+def test_text_config_without_or_with_a_missing_path_fails_clearly(capsys):
+    config = str(ROOT / "configs" / "text-dense.yaml")
+    with pytest.raises((SystemExit, ValueError)) as err:
+        main(["fit", "--config", config, "--trainer.max_steps", "1"])
+    assert "needs exactly one of path" in str(err.value) + capsys.readouterr().err
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError)) as err:
+        main(["fit", "--config", config, "--data.init_args.path", "no/such/corpus.txt", "--trainer.max_steps", "1"])
+    assert "no/such/corpus.txt" in str(err.value) + capsys.readouterr().err
+
+
+def test_text_config_trains_on_a_local_file(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 300)
+    cli = main(
+        ["fit", "--config", str(ROOT / "configs" / "text-dense.yaml"), "--data.init_args.path", str(corpus),
+         "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2",
+         "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--model.init_args.n_layers", "1",
+         "--trainer.enable_progress_bar", "false"]
+    )
+    assert cli.trainer.global_step == 2
