@@ -1,0 +1,279 @@
+"""tools/study.py: cell hashing and resume, the FLOP-matching check, metrics.csv parsing, the report (tables, plots,
+targets) on fake cell results, and that every configs/study/*.yaml parses. No training."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_CONFIGS = ROOT / "configs" / "study"
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("memzoo_study_tool", ROOT / "tools" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+study = load_study()
+
+
+# ------------------------------------------------------------------------------------------------ hashing, resume
+def test_config_hash_covers_arguments_and_config_file_contents(tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text("model: {dim: 128}\n")
+    args = ["--config", str(model), "--trainer.max_steps", "10"]
+    first = study.config_hash(args)
+    assert study.config_hash(list(args)) == first  # deterministic
+    assert study.config_hash(["--config", str(model), "--trainer.max_steps", "11"]) != first
+    model.write_text("model: {dim: 256}\n")  # same path, edited content: the cell must rerun
+    assert study.config_hash(args) != first
+    # the hash names config files by file name, so a moved checkout keeps its finished cells
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "model.yaml").write_text("model: {dim: 256}\n")
+    assert study.config_hash(["--config", str(moved / "model.yaml"), "--trainer.max_steps", "10"]) == \
+        study.config_hash(args)
+
+
+def test_load_cell_resumes_only_matching_complete_results(tmp_path):
+    path = tmp_path / "cells" / "facts-100__dense.json"
+    assert study.load_cell(path, "abc") is None  # never run
+    study.write_json_atomic(path, {"config_hash": "abc", "final": {"val_loss": 1.5}})
+    assert study.load_cell(path, "abc")["final"]["val_loss"] == 1.5
+    assert study.load_cell(path, "other") is None  # config changed since
+    path.write_text('{"config_hash": "abc", "fin')  # a torn write from an old, non-atomic writer
+    assert study.load_cell(path, "abc") is None
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left behind
+
+
+def test_run_cell_skips_a_stored_cell_without_training(tmp_path, monkeypatch):
+    workload = study.study_plan(quick=True, text=Path("/data/t.txt"))[0]
+    args = study.cell_args("unit", workload, "dense")
+    stored = {"config_hash": study.config_hash(args), "marker": 7}
+    study.write_json_atomic(tmp_path / f"{study.cell_name(workload, 'dense')}.json", stored)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr("memzoo.cli.main", no_training)
+    assert study.run_cell("unit", workload, "dense", None, tmp_path)["marker"] == 7
+
+
+def test_workload_overrides_fix_schedule_and_data_for_every_model():
+    facts, _, text = study.study_plan(quick=True, text=Path("/data/t.txt"))
+    args = facts.overrides()
+    assert args[args.index("--trainer.max_steps") + 1] == str(facts.steps)
+    assert args[args.index("--model.init_args.lr_decay_steps") + 1] == str(facts.steps)
+    assert args[args.index("--data.init_args.n_entities") + 1] == str(facts.knowledge_load)
+    assert facts.steps % facts.val_every == 0  # the last step validates: the final numbers are end-of-training
+    assert text.overrides()[text.overrides().index("--data.init_args.path") + 1] == "/data/t.txt"
+    cell = study.cell_args("q", facts, "peer")
+    assert str(study.model_config("peer")) in cell and "study-q-facts-100-peer" in cell
+
+
+# ------------------------------------------------------------------------------------------------ FLOP matching
+def cost(model, ratio, target=1.0):
+    return study.ModelCost(model, int(1000 * ratio), 10, 10, target, ratio)
+
+
+def test_flop_check_accepts_matched_and_names_every_unmatched_model():
+    assert study.check_flop_matching([cost("dense", 1.0), cost("pkm", 1.08), cost("dense-2x", 2.1, 2.0)], 0.1) == []
+    problems = study.check_flop_matching([cost("dense", 1.0), cost("peer", 1.25), cost("dense-4x", 3.0, 4.0)], 0.1)
+    assert len(problems) == 2
+    assert "peer" in problems[0] and "+25.0%" in problems[0] and "model-peer.yaml" in problems[0]
+    assert "dense-4x" in problems[1] and "-25.0%" in problems[1]
+
+
+@pytest.mark.parametrize("tolerance", [0, 1.5, -0.1])
+def test_flop_check_rejects_meaningless_tolerance(tolerance):
+    with pytest.raises(study.StudyError, match="tolerance must be in"):
+        study.check_flop_matching([cost("dense", 1.0)], tolerance)
+
+
+@pytest.mark.slow  # builds the seven study models (pools of 16k rows): ~15 s on a busy 2-core machine
+def test_the_study_grid_is_flop_matched_within_ten_percent():
+    costs = {c.model: c for c in study.flop_table(list(study.MODELS))}
+    assert study.check_flop_matching(list(costs.values()), 0.10) == []
+    assert costs["dense"].flop_ratio == 1.0
+    for memory_model in study.MEMORY_MODELS:  # memory adds parameters, not active FLOPs
+        assert costs[memory_model].parameters > 2 * costs["dense"].parameters
+
+
+def test_a_grid_that_is_not_matched_is_refused(tmp_path, monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    # dense-2x at 2.04x while the grid claims it matches dense (target 1x)
+    monkeypatch.setattr(study, "flop_table", lambda models: [cost("dense", 1.0), cost("dense-2x", 2.04)])
+    with pytest.raises(study.StudyError, match=r"not FLOP-matched:\n  dense-2x: 2.040x the dense FLOPs"):
+        study.main(["--dry-run", "--text", str(text), "--models", "dense", "dense-2x"])
+
+
+def test_bad_command_lines_fail_with_the_fix(tmp_path):
+    with pytest.raises(study.StudyError, match="no such file"):
+        study.main(["--dry-run", "--text", str(tmp_path / "missing.txt")])
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with pytest.raises(study.StudyError, match="unknown model.*'densee'"):
+        study.main(["--dry-run", "--text", str(text), "--models", "densee"])
+    with pytest.raises(study.StudyError, match="unknown workload.*facts-7"):
+        study.main(["--dry-run", "--quick", "--text", str(text), "--workloads", "facts-7"])
+
+
+# ------------------------------------------------------------------------------------------------ metrics.csv
+def test_read_validation_merges_split_rows_and_parses_memory_usage(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text(
+        "epoch,step,train/loss,val/loss,val/ppl,val/fact_recall,val/memory/pools/memory/used_fraction,"
+        "val/memory/pools/memory/kl_uniform\n"
+        "0,9,2.5,,,,,\n"
+        "0,19,,2.0,7.39,,,\n"
+        "0,19,,,,0.25,0.9,0.1\n"
+        "0,29,2.1,,,,,\n"
+        "0,39,,1.5,4.48,0.5,0.95,0.05\n"
+    )
+    rows = study.read_validation(csv)
+    assert [r["step"] for r in rows] == [19, 39]
+    assert rows[0]["val/fact_recall"] == 0.25 and rows[0]["val/loss"] == 2.0
+    assert study.memory_usage(rows[1]) == {"pools/memory": {"used_fraction": 0.95, "kl_uniform": 0.05}}
+
+    workload = study.Workload("facts-10", "data-facts.yaml", steps=40, val_every=20, val_batches=1, batch_size=2,
+                              block_size=8, knowledge_load=10)
+    result = study.cell_result(workload, "memoryplus", cost("memoryplus", 1.0), csv, 4.0, "h", ["--x"])
+    assert result["tokens"] == 40 * 16 and result["tokens_per_s"] == 160.0
+    assert result["train_flops"] == 40 * 16 * 3 * 1000
+    assert result["final"]["val_loss"] == 1.5 and result["final"]["fact_recall"] == 0.5
+    assert [p["tokens"] for p in result["curve"]] == [20 * 16, 40 * 16]
+
+
+def test_cell_result_without_validation_is_an_error(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,step,train/loss\n0,9,2.5\n")
+    workload = study.Workload("w", "data-facts.yaml", 10, 10, 1, 1)
+    with pytest.raises(study.StudyError, match="no validation rows"):
+        study.cell_result(workload, "dense", cost("dense", 1.0), csv, 1.0, "h", [])
+
+
+def test_training_seconds_subtracts_the_validation_runs():
+    from lightning.pytorch.callbacks import Timer
+
+    timer = Timer()
+    timer._start_time.update({"train": 100.0, "validate": 150.0})
+    timer._end_time.update({"train": 160.0, "validate": 155.0})
+
+    class FakeTrainer:
+        callbacks = [timer]
+
+    assert study.training_seconds(FakeTrainer(), n_validations=4) == pytest.approx(60.0 - 4 * 5.0)
+    FakeTrainer.callbacks = []
+    with pytest.raises(study.StudyError, match="no Timer"):
+        study.training_seconds(FakeTrainer(), 1)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fake_cell(workload, model, loss, recall=None, load=None, used=None, speed=1000.0):
+    return {
+        "workload": workload, "model": model, "knowledge_load": load, "parameters": 100, "active_parameters": 50,
+        "train_flops": 1e12, "tokens_per_s": speed,
+        "final": {"val_loss": loss, "val_ppl": 2.718**loss, "fact_recall": recall,
+                  "fact_recall_chance": 0.03 if load else None},
+        "memory": {} if used is None else {"pools/memory": {"used_fraction": used, "kl_uniform": 0.2}},
+        "curve": [{"train_flops": 5e11, "val_loss": loss + 0.5}, {"train_flops": 1e12, "val_loss": loss}],
+    }
+
+
+FAKE_CELLS = [
+    fake_cell("facts-100", "dense", 1.2, recall=0.60, load=100),
+    fake_cell("facts-100", "dense-2x", 1.1, recall=0.70, load=100, speed=500.0),
+    fake_cell("facts-100", "memoryplus", 1.0, recall=0.80, load=100, used=0.95),
+    fake_cell("facts-1000", "dense", 2.0, recall=0.10, load=1000),
+    fake_cell("facts-1000", "dense-2x", 1.9, recall=0.25, load=1000, speed=500.0),
+    fake_cell("facts-1000", "memoryplus", 1.5, recall=0.30, load=1000, used=0.50, speed=800.0),
+    fake_cell("shakespeare", "dense", 1.9),
+    fake_cell("shakespeare", "memoryplus", 1.85, used=0.99),
+    fake_cell("shakespeare", "peer", 1.95, used=0.85),
+]
+
+
+def test_targets_are_checked_at_the_largest_load_and_per_pool():
+    checked = {t["target"]: t["met"] for t in study.targets(FAKE_CELLS)}
+    assert checked["facts-1000: Memory+ recall >= 2x dense"] is True  # 0.30 >= 2 × 0.10
+    assert checked["facts-1000: Memory+ recall >= 1x dense-2x"] is True
+    assert checked["shakespeare: memoryplus val loss < dense"] is True
+    assert checked["shakespeare: peer val loss < dense"] is False
+    assert checked["facts-1000/memoryplus pool pools/memory: used >= 80%"] is False  # 50%: collapsed
+    assert checked["shakespeare/peer pool pools/memory: used >= 80%"] is True
+    assert not any(t.startswith("facts-100:") for t in checked)
+
+
+def test_recall_at_chance_is_not_a_win():
+    cells = [fake_cell("facts-9", "dense", 2.0, recall=0.0, load=9), fake_cell("facts-9", "memoryplus", 2.0,
+                                                                               recall=0.0, load=9)]
+    assert [t["met"] for t in study.targets(cells)] == [False]
+
+
+def test_results_table_reports_speed_relative_to_dense():
+    table = study.results_table(FAKE_CELLS)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(FAKE_CELLS)
+    row = next(line for line in lines if "| facts-1000 | memoryplus |" in line)
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[5] == "0.300" and cells[6] == "50.0%" and cells[8] == "0.80"  # recall, used, 800 / 1000
+
+
+def test_write_report_writes_json_markdown_and_png_plots(tmp_path):
+    costs = [cost("dense", 1.0), cost("dense-2x", 2.04, 2.0), cost("memoryplus", 1.0)]
+    paths = study.write_report("unit", FAKE_CELLS, costs, tmp_path, {"command": "python tools/study.py --quick"})
+    data = json.loads(paths["json"].read_text())
+    assert len(data["cells"]) == len(FAKE_CELLS) and data["flop_table"][1]["flop_ratio"] == 2.04
+    assert any(t["target"].startswith("shakespeare: peer") and not t["met"] for t in data["targets"])
+    md = paths["md"].read_text()
+    assert "| dense-2x | 2,040 | 2.04 | 2 |" in md and "MISSED: shakespeare: peer val loss < dense" in md
+    assert "![loss vs FLOPs](unit-loss-vs-flops.png)" in md
+    for plot in ("loss_plot", "recall_plot"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert paths[plot].stat().st_size > 5000  # axes, lines and legend drawn, not an empty canvas
+
+
+def test_each_model_keeps_its_colour_in_every_plot():
+    colours = [study.model_color(m) for m in study.MODELS]
+    assert len(set(colours)) == len(colours)
+    assert study.model_color("peer") == study.model_color("peer") and study.model_color("unknown") == "black"
+
+
+# ------------------------------------------------------------------------------------------------ configs parse
+def print_config(capsys, *configs, extra=()):
+    from memzoo.cli import main
+
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(config)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow  # jsonargparse resolves every class of 9 configs: ~15 s on a busy 2-core machine
+def test_every_study_config_parses_with_print_config(capsys, tmp_path):
+    text = tmp_path / "shakespeare.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
+    path_override = ("--data.init_args.path", str(text))
+    models = sorted(STUDY_CONFIGS.glob("model-*.yaml"))
+    assert {p.stem.removeprefix("model-") for p in models} == set(study.MODELS)
+    for model in models:
+        out = print_config(capsys, model, STUDY_CONFIGS / "data-facts.yaml")
+        assert "memzoo.LanguageModel" in out and "FactsDataModule" in out
+    out = print_config(capsys, STUDY_CONFIGS / "model-dense.yaml", STUDY_CONFIGS / "data-shakespeare.yaml",
+                       extra=path_override)
+    assert "TextDataModule" in out and "sampling: random" in out
+    out = print_config(capsys, STUDY_CONFIGS / "shakespeare-nanogpt.yaml", extra=path_override)
+    assert "max_steps: 2000" in out and "lr_decay_steps: 2000" in out and "- 0.99" in out
+    listed = {p.name for p in STUDY_CONFIGS.glob("*.yaml")}
+    covered = {p.name for p in models} | {"data-facts.yaml", "data-shakespeare.yaml", "shakespeare-nanogpt.yaml"}
+    assert listed == covered  # a new study config must be added to this test

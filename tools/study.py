@@ -1,0 +1,586 @@
+"""The iso-FLOP study: dense, 2x / 4x dense, MoE, PKM, Memory+ and PEER on the same data, tokens and schedule.
+
+A *cell* is one (workload, model) training run. The models are ``configs/study/model-<name>.yaml``, matched on active
+forward FLOPs per token with :func:`memzoo.accounting.summarize_config` (``dense-2x`` / ``dense-4x`` are matched to
+2x / 4x the dense model); the study prints the FLOP/parameter table and refuses a grid whose cells miss their FLOP
+target by more than ``--tolerance``. The workloads are the synthetic facts corpus at several knowledge loads
+(``configs/study/data-facts.yaml``, ``n_entities`` per load) and byte-level tiny Shakespeare
+(``configs/study/data-shakespeare.yaml``, ``--text``). Every cell of a workload trains for the same steps on the same
+batches with the same schedule.
+
+Each cell runs in-process through ``memzoo.cli.main(["fit", ...])`` (one training at a time, ``--threads`` torch
+threads), writes its run folder ``runs/study-<study>-<workload>-<model>/version_<n>/`` and then its result JSON,
+atomically, to ``docs/results/<study>-cells/<workload>__<model>.json``. A rerun skips every cell whose result exists
+with the same config hash (model file, data file, command-line overrides), so an interrupted study resumes.
+Outputs: ``docs/results/<study>.json`` (all cells, the FLOP table, the targets), ``<study>.md`` (tables) and two
+plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, one panel per workload) and
+``<study>-recall-vs-load.png`` (fact recall against knowledge load).
+
+    python tools/study.py --quick                 # 21 cells; 15.5 min measured on a loaded 2-core CPU, 1 thread
+    python tools/study.py                         # the full study, 28 cells (estimated 2 hours on 2 idle cores)
+    python tools/study.py --dry-run               # the FLOP/parameter table and the plan only
+    python tools/study.py --report-only           # rewrite the json/md/png from the stored cells
+
+Throughput (tokens/s) is reported as a ratio to the dense model of the same workload: absolute times on a shared
+machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs" / "study"
+RESULTS_DIR = ROOT / "docs" / "results"
+DEFAULT_TEXT = (ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve()
+STUDY_VERSION = 1  # bump to invalidate every stored cell (the hash covers it)
+
+#: model name -> FLOP target as a multiple of the reference model's FLOPs per token
+MODELS: dict[str, float] = {
+    "dense": 1.0,
+    "dense-2x": 2.0,
+    "dense-4x": 4.0,
+    "moe": 1.0,
+    "pkm": 1.0,
+    "memoryplus": 1.0,
+    "peer": 1.0,
+}
+REFERENCE_MODEL = "dense"
+MEMORY_MODELS = ("pkm", "memoryplus", "peer")
+
+
+class StudyError(ValueError):
+    """A study that cannot run as asked (unmatched FLOPs, missing files, unknown names)."""
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Workload:
+    """One dataset and schedule; every model of the study trains on it identically.
+
+    ``knowledge_load`` is the number of entities of a facts workload (``None`` for text). ``steps`` optimizer steps
+    of ``batch_size x block_size`` tokens; validation every ``val_every`` steps over ``val_batches`` batches.
+    """
+
+    name: str
+    data_config: str  # file name in configs/study/
+    steps: int
+    val_every: int
+    val_batches: int
+    batch_size: int
+    block_size: int = 64
+    knowledge_load: int | None = None
+    data_args: tuple[tuple[str, Any], ...] = ()  # extra --data.init_args.<key> <value>
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
+
+    def overrides(self) -> list[str]:
+        """Command-line overrides that turn a model config + this workload's data config into the cell's run."""
+        warmup = min(100, max(1, self.steps // 10))
+        args = [
+            "--trainer.max_steps", str(self.steps),
+            "--trainer.val_check_interval", str(self.val_every),
+            "--trainer.check_val_every_n_epoch", "null",
+            "--trainer.limit_val_batches", str(self.val_batches),
+            "--trainer.num_sanity_val_steps", "0",
+            "--trainer.gradient_clip_val", "1.0",
+            "--trainer.log_every_n_steps", str(max(1, min(10, self.val_every))),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false",
+            "--model.init_args.warmup_steps", str(warmup),
+            "--model.init_args.lr_decay_steps", str(self.steps),
+            "--data.init_args.batch_size", str(self.batch_size),
+            "--data.init_args.block_size", str(self.block_size),
+        ]
+        for key, value in self.data_args:
+            args += [f"--data.init_args.{key}", str(value)]
+        return args
+
+
+def facts_workloads(loads: Sequence[int], steps: int, val_every: int, val_batches: int, batch_size: int,
+                    recall_samples: int) -> list[Workload]:
+    return [
+        Workload(f"facts-{n}", "data-facts.yaml", steps, val_every, val_batches, batch_size, knowledge_load=n,
+                 data_args=(("n_entities", n), ("recall_samples", recall_samples)))
+        for n in loads
+    ]
+
+
+def study_plan(quick: bool, text: Path) -> list[Workload]:
+    """The workloads of the quick or the full study (see the module docstring).
+
+    Sized for a 2-core CPU: the full study trains each of the 7 models on about 1.75M tokens (facts: 3 loads x 320
+    steps x 1,024 tokens; shakespeare: 1,000 steps x 768 tokens, half the nanoGPT schedule), the quick one on about
+    0.17M. With a fixed token budget, a larger knowledge load also means fewer passes over each fact (facts-100: ~14
+    passes in the full study, facts-10000: ~0.14), so the load axis mixes capacity and repetition."""
+    if quick:
+        facts = facts_workloads((100, 1000), steps=60, val_every=30, val_batches=4, batch_size=16,
+                                recall_samples=64)
+        shakespeare = Workload("shakespeare", "data-shakespeare.yaml", steps=60, val_every=30, val_batches=20,
+                               batch_size=12, data_args=(("path", text),))
+    else:
+        facts = facts_workloads((100, 1000, 10000), steps=320, val_every=80, val_batches=16, batch_size=16,
+                                recall_samples=256)
+        shakespeare = Workload("shakespeare", "data-shakespeare.yaml", steps=1000, val_every=250, val_batches=50,
+                               batch_size=12, data_args=(("path", text),))
+    return [*facts, shakespeare]
+
+
+# ------------------------------------------------------------------------------------------------------- FLOPs
+@dataclass(frozen=True)
+class ModelCost:
+    """Accounting of one study model: forward FLOPs per token, stored and active parameters, FLOP target."""
+
+    model: str
+    flops_per_token: int
+    parameters: int
+    active_parameters: int
+    flop_target: float  # multiple of the reference model's FLOPs
+    flop_ratio: float  # actual multiple
+
+    @property
+    def flop_error(self) -> float:
+        """Relative miss of the FLOP target: ``ratio / target - 1``."""
+        return self.flop_ratio / self.flop_target - 1.0
+
+
+def model_config(model: str) -> Path:
+    return CONFIG_DIR / f"model-{model}.yaml"
+
+
+def flop_table(models: Iterable[str], targets: dict[str, float] | None = None) -> list[ModelCost]:
+    """One :class:`ModelCost` per model, ratios against ``REFERENCE_MODEL`` (always computed); ``targets`` maps a
+    model to its FLOP multiple (default :data:`MODELS`)."""
+    from memzoo.accounting import summarize_config
+
+    targets = MODELS if targets is None else targets
+    summaries = {m: summarize_config(str(model_config(m))) for m in dict.fromkeys([REFERENCE_MODEL, *models])}
+    reference = summaries[REFERENCE_MODEL].flops
+    return [
+        ModelCost(m, s.flops, s.parameters, s.active_parameters, targets[m], s.flops / reference)
+        for m, s in summaries.items() if m in models
+    ]
+
+
+def check_flop_matching(costs: Sequence[ModelCost], tolerance: float) -> list[str]:
+    """Messages for every model whose FLOPs miss its target by more than ``tolerance`` (relative); empty if matched."""
+    if not 0 < tolerance < 1:
+        raise StudyError(f"tolerance must be in (0, 1), got {tolerance!r} (0.1 = cells within 10% of their target)")
+    return [
+        f"{c.model}: {c.flop_ratio:.3f}x the {REFERENCE_MODEL} FLOPs per token, target {c.flop_target:g}x "
+        f"({c.flop_error:+.1%}, tolerance ±{tolerance:.0%}); change configs/study/model-{c.model}.yaml"
+        for c in costs
+        if abs(c.flop_error) > tolerance
+    ]
+
+
+def format_flop_table(costs: Sequence[ModelCost]) -> str:
+    header = "| model | FLOPs/token (fwd) | × dense | target | parameters | active parameters |"
+    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in costs:
+        lines.append(f"| {c.model} | {c.flops_per_token:,} | {c.flop_ratio:.2f} | {c.flop_target:g} | "
+                     f"{c.parameters:,} | {c.active_parameters:,} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- cells
+def cell_name(workload: Workload, model: str) -> str:
+    return f"{workload.name}__{model}"
+
+
+def cell_args(study: str, workload: Workload, model: str) -> list[str]:
+    """The ``memzoo fit`` arguments of one cell (verb excluded)."""
+    return [
+        "--config", str(model_config(model)),
+        "--config", str(CONFIG_DIR / workload.data_config),
+        *workload.overrides(),
+        "--trainer.callbacks+", '{"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step", "verbose": false}}',
+        "--checkpoint.save_last", "false",
+        "--checkpoint.save_top_k", "0",
+        "--experiment", f"study-{study}-{workload.name}-{model}",
+    ]
+
+
+def config_hash(args: Sequence[str]) -> str:
+    """SHA-256 of what determines a cell's result: the study version, the arguments and the content of every config
+    file they name (so editing a YAML invalidates exactly the cells that use it)."""
+    h = hashlib.sha256(f"memzoo-study-v{STUDY_VERSION}\n".encode())
+    args = list(args)
+    for i, arg in enumerate(args):
+        is_config = i > 0 and args[i - 1] == "--config"
+        h.update((Path(arg).name if is_config else arg).encode() + b"\0")
+        if is_config:
+            h.update(Path(arg).read_bytes())
+    return h.hexdigest()
+
+
+def load_cell(path: Path, expected_hash: str) -> dict[str, Any] | None:
+    """The stored result at ``path`` if it exists, parses and has ``expected_hash``; else ``None`` (rerun)."""
+    try:
+        result = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return result if result.get("config_hash") == expected_hash else None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- metrics.csv
+def _float(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
+
+
+def read_validation(metrics_csv: Path) -> list[dict[str, float]]:
+    """The validation rows of a run's ``metrics.csv``: ``{"step": s, "val/loss": ..., ...}`` with every ``val/`` metric
+    logged at that step (Lightning may split one step's metrics over several rows; they are merged)."""
+    by_step: dict[int, dict[str, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k: _float(v) for k, v in row.items() if k.startswith("val/") and _float(v) is not None}
+            if values and row.get("step") not in (None, ""):
+                step = int(float(row["step"]))
+                by_step.setdefault(step, {"step": step}).update(values)
+    return [by_step[s] for s in sorted(by_step) if "val/loss" in by_step[s]]
+
+
+def memory_usage(row: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``val/memory/<pool>/<stat>`` entries of a validation row as ``{pool: {stat: value}}``."""
+    pools: dict[str, dict[str, float]] = {}
+    for key, value in row.items():
+        if key.startswith("val/memory/"):
+            pool, stat = key[len("val/memory/"):].rsplit("/", 1)
+            pools.setdefault(pool, {})[stat] = value
+    return pools
+
+
+def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Path, train_seconds: float,
+                config_hash_: str, args: Sequence[str]) -> dict[str, Any]:
+    """The result record of a finished cell (plain data, JSON-ready)."""
+    rows = read_validation(metrics_csv)
+    if not rows:
+        raise StudyError(f"{metrics_csv}: no validation rows (val/loss); did the run validate at its last step?")
+    final = rows[-1]
+    tokens = workload.steps * workload.tokens_per_step
+    train_flops_per_token = 3 * cost.flops_per_token  # forward + backward ≈ 3x forward
+    return {
+        "workload": workload.name,
+        "model": model,
+        "knowledge_load": workload.knowledge_load,
+        "config_hash": config_hash_,
+        "args": list(args),
+        "run_dir": str(metrics_csv.parent),
+        "flops_per_token": cost.flops_per_token,
+        "parameters": cost.parameters,
+        "active_parameters": cost.active_parameters,
+        "steps": workload.steps,
+        "tokens": tokens,
+        "train_flops": tokens * train_flops_per_token,
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
+        "final": {
+            "step": final["step"],
+            "val_loss": final["val/loss"],
+            "val_ppl": final.get("val/ppl", math.exp(final["val/loss"])),
+            "val_accuracy": final.get("val/accuracy"),
+            "fact_recall": final.get("val/fact_recall"),
+            "fact_recall_chance": final.get("val/fact_recall_chance"),
+        },
+        "memory": memory_usage(final),
+        "curve": [
+            {"step": r["step"], "tokens": (r["step"] + 1) * workload.tokens_per_step,
+             "train_flops": (r["step"] + 1) * workload.tokens_per_step * train_flops_per_token,
+             "val_loss": r["val/loss"], "fact_recall": r.get("val/fact_recall")}
+            for r in rows
+        ],
+    }
+
+
+def training_seconds(trainer: Any, n_validations: int) -> float:
+    """Seconds spent training (the fit's wall time minus its validation runs), from Lightning's ``Timer``: the
+    training stage spans the whole fit, and every validation run of a cell is the same size, so validation costs
+    ``n_validations x`` the last one."""
+    from lightning.pytorch.callbacks import Timer
+
+    timers = [c for c in trainer.callbacks if isinstance(c, Timer)]
+    if not timers:
+        raise StudyError("the cell's trainer has no Timer callback (cell_args adds one)")
+    timer = timers[0]
+    return timer.time_elapsed("train") - n_validations * timer.time_elapsed("validate")
+
+
+def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_dir: Path) -> dict[str, Any]:
+    """Trains one cell in-process (unless a stored result with the same config hash exists) and stores its result."""
+    from memzoo.cli import main as memzoo_main
+
+    args = cell_args(study, workload, model)
+    digest = config_hash(args)
+    path = cells_dir / f"{cell_name(workload, model)}.json"
+    stored = load_cell(path, digest)
+    if stored is not None:
+        print(f"[study] {cell_name(workload, model)}: done before (hash {digest[:10]}), skipped", flush=True)
+        return stored
+    print(f"[study] {cell_name(workload, model)}: training {workload.steps} steps ...", flush=True)
+    start = time.perf_counter()
+    cli = memzoo_main(["fit", *args])
+    metrics_csv = Path(cli.trainer.logger.log_dir) / "metrics.csv"
+    cli.trainer.logger.finalize("success")
+    n_val = workload.steps // workload.val_every
+    result = cell_result(workload, model, cost, metrics_csv, training_seconds(cli.trainer, n_val), digest, args)
+    result["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(path, result)
+    f = result["final"]
+    recall = "" if f["fact_recall"] is None else f", fact recall {f['fact_recall']:.3f}"
+    print(f"[study] {cell_name(workload, model)}: val loss {f['val_loss']:.4f}{recall} "
+          f"({result['wall_seconds']:.0f} s)", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The study's targets checked on the results: ``{"target", "met", "detail"}`` each (skipped if cells are missing).
+
+    - facts, at the largest knowledge load (where the dense model is furthest from storing every fact): Memory+
+      recalls >= 2x the dense model's facts, and at least as many as dense-2x (both only count as met when Memory+
+      recalls more than chance: 0 >= 2 x 0 is no win);
+    - shakespeare: Memory+ and PEER reach a lower validation loss than dense;
+    - every memory pool uses >= 80% of its rows in the final validation (no collapse).
+    """
+    by = {(c["workload"], c["model"]): c for c in cells}
+    out: list[dict[str, Any]] = []
+    loads = sorted({c["knowledge_load"] for c in cells if c["knowledge_load"] is not None})
+    if loads:
+        w = f"facts-{loads[-1]}"
+        recall = {m: by[(w, m)]["final"]["fact_recall"] for m in ("dense", "dense-2x", "memoryplus") if (w, m) in by}
+        if "memoryplus" in recall:
+            mp = recall["memoryplus"]
+            chance = by[(w, "memoryplus")]["final"]["fact_recall_chance"] or 0.0
+            for other, factor in (("dense", 2.0), ("dense-2x", 1.0)):
+                if other in recall:
+                    out.append({"target": f"{w}: Memory+ recall >= {factor:g}x {other}",
+                                "met": mp >= factor * recall[other] and mp > chance,
+                                "detail": f"Memory+ {mp:.3f} vs {other} {recall[other]:.3f}, chance {chance:.3f}"})
+    if ("shakespeare", "dense") in by:
+        dense_loss = by[("shakespeare", "dense")]["final"]["val_loss"]
+        for m in ("memoryplus", "peer"):
+            if ("shakespeare", m) in by:
+                loss = by[("shakespeare", m)]["final"]["val_loss"]
+                out.append({"target": f"shakespeare: {m} val loss < dense", "met": loss < dense_loss,
+                            "detail": f"{m} {loss:.4f} vs dense {dense_loss:.4f}"})
+    for c in cells:
+        for pool, stats in c["memory"].items():
+            used = stats.get("used_fraction")
+            if used is not None:
+                out.append({"target": f"{c['workload']}/{c['model']} pool {pool}: used >= 80%", "met": used >= 0.8,
+                            "detail": f"used {used:.1%}, KL to uniform {stats.get('kl_uniform', float('nan')):.3f}"})
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def results_table(cells: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of every cell, grouped by workload; tokens/s as a ratio to the workload's dense cell."""
+    dense_speed = {c["workload"]: c["tokens_per_s"] for c in cells if c["model"] == REFERENCE_MODEL}
+    header = ("| workload | model | val loss | val ppl | fact recall | memory used | memory KL | tokens/s ÷ dense | "
+              "params | active params | train FLOPs |")
+    lines = [header, "|" + " --- |" * 2 + " ---: |" * 9]
+    for c in cells:
+        f = c["final"]
+        used = [s["used_fraction"] for s in c["memory"].values() if "used_fraction" in s]
+        kl = [s["kl_uniform"] for s in c["memory"].values() if "kl_uniform" in s]
+        base = dense_speed.get(c["workload"])
+        speed = c["tokens_per_s"] / base if base and c["tokens_per_s"] else None
+        lines.append(
+            f"| {c['workload']} | {c['model']} | {f['val_loss']:.4f} | {f['val_ppl']:.2f} | "
+            f"{_fmt(f['fact_recall'], '.3f')} | {', '.join(f'{u:.1%}' for u in used) or '–'} | "
+            f"{', '.join(f'{k:.3f}' for k in kl) or '–'} | {_fmt(speed, '.2f')} | {c['parameters']:,} | "
+            f"{c['active_parameters']:,} | {c['train_flops']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def model_color(model: str) -> str:
+    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`MODELS` order)."""
+    names = list(MODELS)
+    return f"C{names.index(model) % 10}" if model in names else "black"
+
+
+def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
+    """Validation loss against training FLOPs (3x forward), one panel per workload, one line per model."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(c["workload"] for c in cells))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.6), squeeze=False)
+    for ax, w in zip(axes[0], workloads, strict=True):
+        for c in (c for c in cells if c["workload"] == w):
+            ax.plot([p["train_flops"] for p in c["curve"]], [p["val_loss"] for p in c["curve"]], marker="o",
+                    markersize=3, label=c["model"], color=model_color(c["model"]))
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+        ax.set_title(w)
+        ax.set_xlabel("training FLOPs (3 × forward)")
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)  # every panel: a panel may hold a subset of the models
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recall_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
+    """Final fact recall against knowledge load (entities), one line per model, chance as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    facts = sorted((c for c in cells if c["knowledge_load"] is not None), key=lambda c: c["knowledge_load"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model in dict.fromkeys(c["model"] for c in facts):
+        points = [(c["knowledge_load"], c["final"]["fact_recall"]) for c in facts if c["model"] == model]
+        ax.plot(*zip(*points, strict=True), marker="o", label=model, color=model_color(model))
+    chance = [c["final"]["fact_recall_chance"] for c in facts if c["final"]["fact_recall_chance"] is not None]
+    if chance:
+        ax.axhline(sum(chance) / len(chance), color="grey", linestyle="--", linewidth=1, label="chance")
+    top = max([c["final"]["fact_recall"] or 0.0 for c in facts] + chance + [0.0])
+    ax.set_ylim(0.0, max(0.1, 1.1 * top))
+    ax.set_xscale("log")
+    ax.set_xlabel("knowledge load (entities, 5 facts each)")
+    ax.set_ylabel("fact recall (exact match)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[ModelCost], out_dir: Path,
+                 meta: dict[str, Any]) -> dict[str, Path]:
+    """Writes ``<study>.json``, ``<study>.md`` and the two plots into ``out_dir``; returns their paths."""
+    paths = {
+        "json": out_dir / f"{study}.json",
+        "md": out_dir / f"{study}.md",
+        "loss_plot": out_dir / f"{study}-loss-vs-flops.png",
+        "recall_plot": out_dir / f"{study}-recall-vs-load.png",
+    }
+    checked = targets(cells)
+    write_json_atomic(paths["json"], {"study": study, **meta, "flop_table": [asdict(c) for c in costs],
+                                      "targets": checked, "cells": list(cells)})
+    target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
+    md = [f"# Study `{study}`", "", f"Command: `{meta.get('command', '')}`", "", "## Models (FLOPs matched)", "",
+          format_flop_table(costs), "", "## Results (final validation)", "", results_table(cells), "",
+          "## Targets", "", *target_lines, "", f"![loss vs FLOPs]({paths['loss_plot'].name})",
+          "", f"![recall vs load]({paths['recall_plot'].name})", ""]
+    tmp = paths["md"].with_name(f".{paths['md'].name}.tmp")
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, paths["md"])
+    if cells:
+        plot_loss_vs_flops(cells, paths["loss_plot"])
+        if any(c["knowledge_load"] is not None for c in cells):
+            plot_recall_vs_load(cells, paths["recall_plot"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small study (about 10 minutes on 2 CPU cores)")
+    parser.add_argument("--name", default=None, help="study name (default: quick | full)")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="tiny Shakespeare text file")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
+    parser.add_argument("--workloads", nargs="+", default=None, help="subset of workload names (default: all)")
+    parser.add_argument("--tolerance", type=float, default=0.10, help="allowed relative miss of a FLOP target")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--dry-run", action="store_true", help="print the FLOP table and the plan, train nothing")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    study = args.name or ("quick" if args.quick else "full")
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise StudyError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if not args.text.is_file():
+        raise StudyError(f"--text {args.text}: no such file (tiny Shakespeare, e.g. ../shared/data/tinyshakespeare.txt)")
+    plan = study_plan(args.quick, args.text.resolve())
+    if args.workloads is not None:
+        names = [w.name for w in plan]
+        missing = [w for w in args.workloads if w not in names]
+        if missing:
+            raise StudyError(f"unknown workload(s) {missing}; this study has {names}")
+        plan = [w for w in plan if w.name in args.workloads]
+
+    costs = flop_table(args.models)
+    print(format_flop_table(costs), flush=True)
+    problems = check_flop_matching(costs, args.tolerance)
+    if problems:
+        raise StudyError("the grid is not FLOP-matched:\n  " + "\n  ".join(problems))
+    print(f"[study] FLOPs matched within ±{args.tolerance:.0%}; {len(plan)} workloads × {len(args.models)} models: "
+          + ", ".join(f"{w.name} ({w.steps} steps × {w.tokens_per_step} tokens)" for w in plan), flush=True)
+    command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    meta = {"command": " ".join(["python tools/study.py", *command]),
+            "tolerance": args.tolerance, "torch_threads": args.threads,
+            "workloads": [asdict(w) | {"data_args": [list(a) for a in w.data_args]} for w in plan]}
+    meta["workloads"] = json.loads(json.dumps(meta["workloads"], default=str))
+    if args.dry_run:
+        return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"]}
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cells_dir = args.out / f"{study}-cells"
+    by_model = {c.model: c for c in costs}
+    cells = []
+    for workload in plan:
+        for model in args.models:
+            if args.report_only:
+                stored = load_cell(cells_dir / f"{cell_name(workload, model)}.json",
+                                   config_hash(cell_args(study, workload, model)))
+                if stored is not None:
+                    cells.append(stored)
+            else:
+                cells.append(run_cell(study, workload, model, by_model[model], cells_dir))
+            if cells:  # the report is rewritten after every cell: a partial study is readable
+                write_report(study, cells, costs, args.out, meta)
+    paths = write_report(study, cells, costs, args.out, meta)
+    print(results_table(cells))
+    for t in targets(cells):
+        print(f"{'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})")
+    print("[study] wrote " + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
+                                     for p in paths.values()))
+    return {"cells": cells, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StudyError as err:
+        raise SystemExit(f"study: {err}") from None
