@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from memzoo.model.transformer import Transformer
+from memzoo.ops.sparse_gather import weighted_gather
+from memzoo.training import optim
 from memzoo.training.optim import (
     LazyAdam,
     OptimizerBundle,
@@ -15,6 +17,9 @@ from memzoo.training.optim import (
     build_optimizer,
     clip_dense_grad_norm_,
     param_groups,
+    row_blocks,
+    rows_per_block,
+    touched_rows,
 )
 
 
@@ -37,6 +42,17 @@ def memory_model(shared_update="sparse", **kw):
 def sparse_grad(rows: list[int], grads: torch.Tensor, shape) -> torch.Tensor:
     """An uncoalesced row-sparse gradient (rows may repeat: they are summed)."""
     return torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.int64), grads, shape, check_invariants=True)
+
+
+@pytest.fixture(params=[None, 2, 1], ids=["default_blocks", "2_row_blocks", "1_row_blocks"])
+def rows_per_block_of(request, monkeypatch):
+    """Run a test with the default block size, then with blocks of 2 rows and of 1 row (partial last blocks,
+    many gathers and write-backs): returns ``f(row_dim) -> rows per block``."""
+    def set_for(row_dim: int) -> int:
+        if request.param is not None:
+            monkeypatch.setattr(optim, "BLOCK_ELEMENTS", request.param * row_dim)
+        return rows_per_block(row_dim)
+    return set_for
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -66,9 +82,10 @@ def test_param_groups_cover_every_parameter_once_with_pool_settings():
 
 
 # ---------------------------------------------------------------------------------------------- LazyAdam
-def test_lazy_adam_rows_follow_adamw_on_their_own_gradient_streams():
+def test_lazy_adam_rows_follow_adamw_on_their_own_gradient_streams(rows_per_block_of):
     """Semantics: each row is AdamW run on only the steps that touched it (own step count, decay when touched)."""
     n, d = 7, 3
+    rows_per_block_of(d)
     init = torch.randn(n, d, dtype=torch.float64)
     table = torch.nn.Parameter(init.clone())
     opt = LazyAdam([table], lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.3)
@@ -99,7 +116,8 @@ def test_lazy_adam_rows_follow_adamw_on_their_own_gradient_streams():
     assert opt.state[table]["step"].tolist() == [2, 1, 3, 0, 0, 2, 0]
 
 
-def test_lazy_adam_with_dense_gradients_is_adamw():
+def test_lazy_adam_with_dense_gradients_is_adamw(rows_per_block_of):
+    rows_per_block_of(4)
     table = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
     ref = torch.nn.Parameter(table.detach().clone())
     opt, ref_opt = LazyAdam([table], lr=0.01, weight_decay=0.1), torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1)
@@ -110,6 +128,16 @@ def test_lazy_adam_with_dense_gradients_is_adamw():
         ref_opt.step()
     torch.testing.assert_close(table, ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(opt.state[table]["exp_avg_sq"], ref_opt.state[ref]["exp_avg_sq"])
+
+
+def test_lazy_adam_with_zero_lr_moves_moments_and_steps_but_not_the_table():
+    table = torch.nn.Parameter(torch.randn(4, 3))
+    before = table.detach().clone()
+    opt = LazyAdam([table], lr=0.0, weight_decay=0.5)
+    table.grad = sparse_grad([0, 2], torch.randn(2, 3), (4, 3))
+    opt.step()
+    assert torch.equal(table, before)
+    assert opt.state[table]["step"].tolist() == [1, 0, 1, 0] and opt.state[table]["exp_avg"][[0, 2]].ne(0).all()
 
 
 def test_lazy_adam_state_survives_a_checkpoint_round_trip():
@@ -131,9 +159,118 @@ def test_lazy_adam_state_survives_a_checkpoint_round_trip():
     assert torch.equal(table, clone)
 
 
+def two_reads_of_one_table(table, idx_a, idx_b, w_a, w_b, sparse):
+    """Two layers reading one pool: each read's sparse gradient is coalesced; autograd adds them (and drops the
+    flag)."""
+    return (weighted_gather(table, idx_a, w_a, sparse_grad=sparse).square().sum()
+            + weighted_gather(table, idx_b, w_b, sparse_grad=sparse).sin().sum())
+
+
+def embedding_reads(table, idx_a, idx_b, w_a, w_b, sparse):
+    """``F.embedding(sparse=True)``: one gradient row per index, so duplicate rows reach the optimizer."""
+    idx = torch.cat([idx_a, idx_b]).flatten()
+    weights = torch.cat([w_a, w_b]).reshape(-1, 1)
+    return (torch.nn.functional.embedding(idx, table, sparse=sparse) * weights).sin().sum()
+
+
+@pytest.mark.parametrize("read, duplicates", [(two_reads_of_one_table, False), (embedding_reads, True)],
+                         ids=["two_layers_share_a_pool", "embedding_duplicate_rows"])
+def test_lazy_adam_on_real_sparse_gradients_is_adamw_on_the_rows_read(read, duplicates, rows_per_block_of):
+    """All rows read are at the same step count, so LazyAdam must equal AdamW on those rows fed the dense
+    gradient's rows; rows not read stay as they were."""
+    n, d = 50, 8
+    rows_per_block_of(d)
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(n, d, generator=gen)
+    idx_a, idx_b = torch.randint(0, n, (6, 4), generator=gen), torch.randint(0, n, (6, 4), generator=gen)
+    w_a, w_b = torch.rand(6, 4, generator=gen), torch.rand(6, 4, generator=gen)
+    touched = torch.cat([idx_a.flatten(), idx_b.flatten()]).unique()
+    table = torch.nn.Parameter(init.clone())
+    dense_table = torch.nn.Parameter(init.clone())
+    reference = torch.nn.Parameter(init[touched].clone())
+    opt = LazyAdam([table], lr=0.05, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([reference], lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        table.grad = dense_table.grad = None
+        read(table, idx_a, idx_b, w_a, w_b, True).backward()
+        read(dense_table, idx_a, idx_b, w_a, w_b, False).backward()
+        assert table.grad.is_sparse and (table.grad._nnz() > touched.numel()) == duplicates
+        reference.grad = dense_table.grad[touched]
+        opt.step()
+        ref_opt.step()
+        with torch.no_grad():
+            dense_table.copy_(table)
+    torch.testing.assert_close(table[touched], reference.detach())
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[touched] = False
+    assert torch.equal(table[untouched], init[untouched])
+    assert opt.state[table]["step"][touched].eq(2).all() and opt.state[table]["step"][untouched].eq(0).all()
+
+
+def test_touched_rows_uses_ascending_rows_as_they_are_and_coalesces_the_rest():
+    values = torch.randn(3, 2)
+    # ascending distinct rows without the coalesced flag (as autograd's accumulation leaves them): no copy
+    unflagged = sparse_grad([1, 4, 5], values, (6, 2))
+    assert not unflagged.is_coalesced()
+    rows, grads = touched_rows(unflagged)
+    assert rows.tolist() == [1, 4, 5] and grads.data_ptr() == values.data_ptr()
+    flagged = unflagged.coalesce()
+    rows, grads = touched_rows(flagged)
+    assert rows.tolist() == [1, 4, 5] and grads.data_ptr() == flagged.values().data_ptr()
+    # distinct but out of order, and duplicates: sorted, summed
+    rows, grads = touched_rows(sparse_grad([5, 1, 4], values, (6, 2)))
+    assert rows.tolist() == [1, 4, 5] and torch.equal(grads, values[[1, 2, 0]])
+    rows, grads = touched_rows(sparse_grad([4, 1, 4], values, (6, 2)))
+    assert rows.tolist() == [1, 4] and torch.equal(grads, torch.stack([values[1], values[0] + values[2]]))
+    rows, grads = touched_rows(sparse_grad([1, 4, 4], values, (6, 2)))  # ascending, not strictly: summed too
+    assert rows.tolist() == [1, 4] and torch.equal(grads, torch.stack([values[0], values[1] + values[2]]))
+    # one row, no rows, dense
+    assert touched_rows(sparse_grad([3], values[:1], (6, 2)))[0].tolist() == [3]
+    rows, grads = touched_rows(sparse_grad([], values[:0], (6, 2)))
+    assert rows.numel() == 0 and grads.shape == (0, 2)
+    assert touched_rows(values)[0] is None
+
+
+def test_lazy_adam_on_the_sparse_gradient_of_weighted_gather_takes_it_without_a_copy():
+    """One read per step: the op's gradient is already coalesced (rows ascending), so it is used as it is."""
+    table = torch.nn.Parameter(torch.randn(40, 4))
+    dense_table = torch.nn.Parameter(table.detach().clone())
+    idx, w = torch.randint(0, 40, (5, 3)), torch.rand(5, 3)
+    weighted_gather(table, idx, w, sparse_grad=True).sum().backward()
+    weighted_gather(dense_table, idx, w).sum().backward()
+    rows, grads = touched_rows(table.grad)
+    assert grads.data_ptr() == table.grad._values().data_ptr()
+    assert torch.equal(rows, idx.unique()) and torch.equal(grads, dense_table.grad[rows])
+
+
+def test_row_blocks_gathers_and_writes_back_or_gives_views(rows_per_block_of):
+    per_block = rows_per_block_of(3)
+    table, counts = torch.zeros(10, 3), torch.zeros(10, dtype=torch.int64)
+    rows = torch.tensor([0, 3, 4, 8, 9])
+    spans = []
+    for span, (table_rows, count_rows) in row_blocks([table, counts], rows, rows.numel()):
+        spans.append((span.start, span.stop))
+        table_rows += torch.arange(span.start, span.stop, dtype=table.dtype).unsqueeze(1) + 1
+        count_rows += 1
+    assert spans == [(s, min(s + per_block, 5)) for s in range(0, 5, per_block)]
+    assert table[:, 0].tolist() == [1, 0, 0, 2, 3, 0, 0, 0, 4, 5]
+    assert counts.tolist() == [1, 0, 0, 1, 1, 0, 0, 0, 1, 1]
+    for _span, (table_rows,) in row_blocks([table], None, 10):  # dense: every row, through views
+        assert table_rows._base is table
+        table_rows.zero_()
+    assert not table.any()
+    assert list(row_blocks([table], rows[:0], 0)) == []
+
+
+def test_rows_per_block_is_at_least_one():
+    assert rows_per_block(optim.BLOCK_ELEMENTS // 4) == 4
+    assert rows_per_block(optim.BLOCK_ELEMENTS * 3) == 1
+
+
 # ---------------------------------------------------------------------------------------------- RowwiseAdagrad
-def test_rowwise_adagrad_matches_a_plain_loop():
+def test_rowwise_adagrad_matches_a_plain_loop(rows_per_block_of):
     n, d, lr, eps, wd, init_acc = 5, 4, 0.3, 1e-8, 0.1, 0.01
+    rows_per_block_of(d)
     table = torch.nn.Parameter(torch.randn(n, d, dtype=torch.float64))
     ref = [row.clone() for row in table.detach()]
     acc = [init_acc] * n
@@ -152,7 +289,8 @@ def test_rowwise_adagrad_matches_a_plain_loop():
     assert opt.state[table]["sum"][2] == init_acc  # row 2 never touched
 
 
-def test_rowwise_adagrad_dense_gradient_updates_every_row():
+def test_rowwise_adagrad_dense_gradient_updates_every_row(rows_per_block_of):
+    rows_per_block_of(2)
     table = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
     before = table.detach().clone()
     grad = torch.randn(3, 2, dtype=torch.float64)

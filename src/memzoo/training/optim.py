@@ -78,11 +78,20 @@ def param_groups(model: nn.Module) -> tuple[list[ParamGroup], list[ParamGroup]]:
 # ----------------------------------------------------------------------------------------------- row-wise optimizers
 
 
-def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The rows a gradient touches and their gradients: ``(rows (U,) int64, row_grads (U, D))``.
+# Rows per block are chosen so that a block of a (N, D) table holds about this many elements (2 MiB in fp32): the
+# gathered rows, their moments and one scratch buffer then stay in cache while the update's arithmetic passes over
+# them, and no temporary ever has the size of all touched rows. Tests shrink it to exercise block boundaries.
+BLOCK_ELEMENTS = 2**19
 
-    A sparse COO gradient (rows sparse, rows dense: ``sparse_dim == 1``) is coalesced first, so duplicate rows
-    are summed. A dense gradient touches every row: ``(None, grad)``.
+
+def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The rows a gradient touches and their gradients: ``(rows (U,) int64, row_grads (U, D))``, rows distinct.
+
+    A sparse COO gradient (rows sparse, rows dense: ``sparse_dim == 1``) whose row indices are already strictly
+    ascending is used as it is, without a copy, whether or not it carries the coalesced flag (autograd's gradient
+    accumulation drops the flag of the already-coalesced gradients ``weighted_gather(sparse_grad=True)`` makes);
+    any other is coalesced, so duplicate rows (e.g. ``F.embedding(sparse=True)``'s) are summed. A dense gradient
+    touches every row: ``(None, grad)``.
     """
     if not grad.is_sparse:
         return None, grad
@@ -91,8 +100,45 @@ def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]
             f"row-wise optimizers need row-sparse gradients (sparse_dim=1, dense rows), got sparse_dim="
             f"{grad.sparse_dim()}; produce them with weighted_gather(..., sparse_grad=True)"
         )
-    grad = grad.coalesce()
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if bool((rows[1:] > rows[:-1]).all()):  # O(U) check instead of an O(U log U + U·D) sort and copy
+            return rows, grad._values()
+        grad = grad.coalesce()
     return grad.indices()[0], grad.values()
+
+
+def rows_per_block(row_dim: int) -> int:
+    """How many rows of ``row_dim`` elements make one block of about ``BLOCK_ELEMENTS`` elements (at least 1)."""
+    return max(1, BLOCK_ELEMENTS // max(1, row_dim))
+
+
+def row_blocks(
+    tensors: Sequence[torch.Tensor], rows: torch.Tensor | None, n_rows: int
+) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """The touched rows of several ``(N, ...)`` tensors of one table, block by block, for in-place updates.
+
+    ``rows (U,)`` are distinct table rows (``None``: a dense gradient, every row, ``U = N``), ``n_rows = U``.
+    Yields ``(span, blocks)``: ``span`` selects the block's rows of the gradient ``(U, D)``; ``blocks`` holds the
+    block's rows of each tensor. For a dense gradient they are views, so in-place updates land in the tensors;
+    otherwise they are gathered into buffers reused by every block and, when the loop body is done with them,
+    written back (a loop left early leaves its last block unwritten). Memory: one block per tensor.
+    """
+    block = min(rows_per_block(tensors[0].shape[1:].numel()), max(1, n_rows))
+    buffers = None
+    for start in range(0, n_rows, block):
+        span = slice(start, min(start + block, n_rows))
+        if rows is None:
+            yield span, [tensor[span] for tensor in tensors]
+            continue
+        if buffers is None:
+            buffers = [tensor.new_empty((block, *tensor.shape[1:])) for tensor in tensors]
+        block_rows = rows[span]
+        n = block_rows.numel()
+        blocks = [torch.index_select(t, 0, block_rows, out=buffer[:n]) for t, buffer in zip(tensors, buffers)]
+        yield span, blocks
+        for tensor, values in zip(tensors, blocks):
+            tensor.index_copy_(0, block_rows, values)
 
 
 def _check_table(optimizer: str, param: torch.Tensor) -> None:
@@ -132,6 +178,10 @@ class LazyAdam(Optimizer):
     schedulers work; rows pay the lr of the steps that touch them.
 
     State per table: ``exp_avg``, ``exp_avg_sq`` ``(N, D)`` in the parameter's dtype and ``step`` ``(N,)`` int64.
+
+    Cost: the touched rows are updated in blocks of about ``BLOCK_ELEMENTS`` elements: gather the block's rows of
+    the table, moments and step counts, update them in place, write them back. Memory traffic is O(U·D) for U
+    touched rows, temporaries O(block); bias corrections are computed per row in float64 ``(block, 1)``.
     """
 
     def __init__(
@@ -157,40 +207,50 @@ class LazyAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                rows, grad = touched_rows(param.grad)
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                if rows is None:  # dense gradient: every row, in place
-                    step, exp_avg, exp_avg_sq, table = state["step"], state["exp_avg"], state["exp_avg_sq"], param
-                else:
-                    step = state["step"].index_select(0, rows)
-                    exp_avg = state["exp_avg"].index_select(0, rows)
-                    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
-                    table = param.index_select(0, rows)
-                step.add_(1)
-                grad = grad.to(param.dtype)
-                if weight_decay:
-                    table.mul_(1.0 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                t = step.double().unsqueeze(1)
-                bias_correction1 = (1.0 - beta1**t).to(param.dtype)
-                bias_correction2_sqrt = (1.0 - beta2**t).sqrt().to(param.dtype)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                table.sub_(exp_avg / denom * (lr / bias_correction1))
-                if rows is not None:
-                    state["step"].index_copy_(0, rows, step)
-                    state["exp_avg"].index_copy_(0, rows, exp_avg)
-                    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                    param.index_copy_(0, rows, table)
+                if param.grad is not None:
+                    self._update_table(param, group)
         return loss
+
+    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
+        rows, grad = touched_rows(param.grad)
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        update = param.new_empty(min(rows_per_block(param.shape[1]), grad.shape[0]), param.shape[1])  # scratch
+        tensors = [param, state["exp_avg"], state["exp_avg_sq"], state["step"]]
+        for span, (table, exp_avg, exp_avg_sq, step) in row_blocks(tensors, rows, grad.shape[0]):
+            row_grad = grad[span].to(param.dtype)
+            self._adam_rows_(table, exp_avg, exp_avg_sq, step, row_grad, update[: table.shape[0]], group)
+
+    @staticmethod
+    def _adam_rows_(
+        table: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        step: torch.Tensor,
+        grad: torch.Tensor,
+        update: torch.Tensor,
+        group: ParamGroup,
+    ) -> None:
+        """The class docstring's update on a block of rows, in place: ``table, exp_avg, exp_avg_sq, grad,
+        update (scratch)`` ``(B, D)``, ``step (B,)`` int64."""
+        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        step.add_(1)
+        if weight_decay:
+            table.mul_(1.0 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        # per row, c1 = 1 − β1^t, c2 = sqrt(1 − β2^t):  lr/c1 · m / (sqrt(v)/c2 + eps) = m / ((sqrt(v) + eps·c2) · s)
+        # with s = c1 / (lr·c2): two (B, 1) columns, computed in float64, and three passes over the block
+        t = step.to(torch.float64).unsqueeze(1)
+        bias_correction1, bias_correction2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t).sqrt_()
+        eps_column = (eps * bias_correction2_sqrt).to(table.dtype)
+        scale = (bias_correction1 / (lr * bias_correction2_sqrt)).to(table.dtype)
+        denom = torch.sqrt(exp_avg_sq, out=update).add_(eps_column).mul_(scale)
+        table.addcdiv_(exp_avg, denom, value=-1.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -211,7 +271,8 @@ class RowwiseAdagrad(Optimizer):
         p[r]   ← p[r] − lr · g / (sqrt(sum[r]) + eps)
 
     Untouched rows do not change. State per table: ``sum (N,)`` (parameter dtype), starting at
-    ``initial_accumulator_value``: D times less optimizer memory than Adam's two ``(N, D)`` moments.
+    ``initial_accumulator_value``: D times less optimizer memory than Adam's two ``(N, D)`` moments. Rows are
+    updated in blocks, as in :class:`LazyAdam`.
     """
 
     def __init__(
@@ -241,29 +302,26 @@ class RowwiseAdagrad(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                rows, grad = touched_rows(param.grad)
-                state = self.state[param]
-                if not state:
-                    state["sum"] = torch.full(
-                        (param.shape[0],), group["initial_accumulator_value"], dtype=param.dtype, device=param.device
-                    )
-                if rows is None:
-                    accumulator, table = state["sum"], param
-                else:
-                    accumulator, table = state["sum"].index_select(0, rows), param.index_select(0, rows)
-                grad = grad.to(param.dtype)
-                if weight_decay:
-                    table.mul_(1.0 - lr * weight_decay)
-                accumulator.add_(grad.pow(2).mean(dim=1))
-                table.addcdiv_(grad, accumulator.sqrt().add_(eps).unsqueeze(1), value=-lr)
-                if rows is not None:
-                    state["sum"].index_copy_(0, rows, accumulator)
-                    param.index_copy_(0, rows, table)
+                if param.grad is not None:
+                    self._update_table(param, group)
         return loss
+
+    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        rows, grad = touched_rows(param.grad)
+        state = self.state[param]
+        if not state:
+            state["sum"] = torch.full(
+                (param.shape[0],), group["initial_accumulator_value"], dtype=param.dtype, device=param.device
+            )
+        squares = param.new_empty(min(rows_per_block(param.shape[1]), grad.shape[0]), param.shape[1])  # scratch
+        for span, (table, accumulator) in row_blocks([param, state["sum"]], rows, grad.shape[0]):
+            row_grad = grad[span].to(param.dtype)
+            if weight_decay:
+                table.mul_(1.0 - lr * weight_decay)
+            accumulator.add_(torch.mul(row_grad, row_grad, out=squares[: table.shape[0]]).mean(dim=1))
+            table.addcdiv_(row_grad, accumulator.sqrt().add_(eps).unsqueeze(1), value=-lr)
 
 
 SPARSE_OPTIMIZERS: dict[str, type[Optimizer]] = {"lazy_adam": LazyAdam, "rowwise_adagrad": RowwiseAdagrad}
