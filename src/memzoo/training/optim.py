@@ -158,7 +158,26 @@ def _check_hyperparameters(name: str, lr: float, eps: float, weight_decay: float
         raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay!r}")
 
 
-class LazyAdam(Optimizer):
+class _RowwiseOptimizer(Optimizer):
+    """Base of the row-wise table optimizers: ``step`` updates each table that has a gradient, row by row."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update_table(param, group)
+        return loss
+
+    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
+        raise NotImplementedError
+
+
+class LazyAdam(_RowwiseOptimizer):
     """AdamW applied row by row, only to the rows a gradient touches (lazy Adam for embedding tables).
 
     Exact semantics. Every row ``r`` of a ``(N, D)`` table keeps its own ``step[r]`` (touches so far), first and
@@ -200,17 +219,6 @@ class LazyAdam(Optimizer):
             for param in group["params"]:
                 _check_table("LazyAdam", param)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update_table(param, group)
-        return loss
 
     def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
         rows, grad = touched_rows(param.grad)
@@ -260,7 +268,7 @@ class LazyAdam(Optimizer):
                 state["step"] = state["step"].to(device=param.device, dtype=torch.int64)
 
 
-class RowwiseAdagrad(Optimizer):
+class RowwiseAdagrad(_RowwiseOptimizer):
     """Adagrad with one accumulator per row (the row-wise Adagrad of large recommender embedding tables).
 
     For each touched row ``r`` (present in the coalesced sparse gradient; every row for a dense one), gradient
@@ -295,17 +303,6 @@ class RowwiseAdagrad(Optimizer):
             for param in group["params"]:
                 _check_table("RowwiseAdagrad", param)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update_table(param, group)
-        return loss
 
     def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
