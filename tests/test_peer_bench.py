@@ -30,3 +30,16 @@ def test_quick_run_reports_matching_variants_and_ratios(capsys):
     assert result["time_ratio"] > 0 and result["memory_ratio"] > 0
     out = capsys.readouterr().out
     assert "ratio mat/ops" in out and '"time_ratio"' in out
+
+
+def test_sparse_update_mode_gives_both_variants_row_sparse_table_gradients():
+    bench = load_bench()
+    cfg = {**bench.QUICK, "update": "sparse"}
+    peer, x, grad_out = bench.build(cfg, "cpu")
+    for variant in bench.VARIANTS:
+        bench.zero_grads(peer, x)
+        bench.step(peer, variant, x, grad_out)
+        assert peer.pool.down.grad.is_sparse and peer.pool.up.grad.is_sparse, variant
+    dense_peer, _, _ = bench.build(bench.QUICK, "cpu")
+    assert not dense_peer.pool.sparse
+    assert bench.max_output_difference(cfg, "cpu") < 1e-5

@@ -19,7 +19,8 @@ parallel regions is penalised far beyond its real cost.
 Memory, above the resting state (weights, their ``.grad`` buffers from a warm-up step, zeroed in place, and the input):
 ``step_peak``, the peak of one forward+backward (the headline ``memory ratio``), and ``after_forward``, what the
 forward leaves alive for the backward (saved activations). Both variants make a dense ``(N, dim)`` gradient per
-table in the backward, a transient they share that bounds the step-peak ratio. On CUDA:
+table in the backward, a transient they share that bounds the step-peak ratio; ``--update sparse`` trains the pool as
+``update: sparse`` pools are trained (row-sparse gradients in both variants), which removes that shared transient. On CUDA:
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the resting allocation. On CPU there is no
 allocator peak counter, so each variant runs in a fresh subprocess that reads the kernel's peak resident set
 (``VmHWM`` in ``/proc/self/status``) after resetting it (writing ``5`` to ``/proc/self/clear_refs``) at the resting
@@ -27,7 +28,8 @@ state, and the resident set ``VmRSS`` after the forward; glibc is told to serve 
 ``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``), so freed tensors go back to the kernel and the resting RSS holds no
 cached garbage. Linux only.
 
-    python tools/bench_peer.py [--quick] [--device cpu|cuda] [--threads N] [--batch B] [--profile] [--json out.json]
+    python tools/bench_peer.py [--quick] [--device cpu|cuda] [--threads N] [--batch B] [--update dense|sparse]
+                               [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,25 +47,29 @@ import torch
 import torch.nn.functional as F
 
 from memzoo.blocks.peer import ACTIVATIONS, PEER
+from memzoo.blocks.pool import MemoryPool
 
-FULL = dict(n_keys=512, dim=256, heads=8, k=16, k_dim=128, batch=8, seq=256)  # 2^18 experts
-QUICK = dict(n_keys=32, dim=64, heads=4, k=8, k_dim=32, batch=2, seq=64)  # 2^10 experts
+FULL = dict(n_keys=512, dim=256, heads=8, k=16, k_dim=128, batch=8, seq=256, update="dense")  # 2^18 experts
+QUICK = dict(n_keys=32, dim=64, heads=4, k=8, k_dim=32, batch=2, seq=64, update="dense")  # 2^10 experts
 VARIANTS = ("ops", "materialised")
 
 
 def materialised_forward(peer: PEER, x: torch.Tensor) -> torch.Tensor:
     """PEER with the gathered expert vectors built: ``(B, T, heads, k, dim)`` twice."""
     indices, weights = peer.route(x)  # (B, T, heads, k)
-    down = F.embedding(indices, peer.pool.down)  # (B, T, heads, k, dim)
-    up = F.embedding(indices, peer.pool.up)
+    sparse = peer.pool.sparse  # row-sparse table gradients for both variants when the pool trains sparsely
+    down = F.embedding(indices, peer.pool.down, sparse=sparse)  # (B, T, heads, k, dim)
+    up = F.embedding(indices, peer.pool.up, sparse=sparse)
     hidden = ACTIVATIONS[peer.activation](torch.einsum("bthkd,btd->bthk", down, x))
     return torch.einsum("bthk,bthkd->btd", weights * hidden, up)
 
 
 def build(cfg: dict, device: str) -> tuple[PEER, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    peer = PEER(cfg["dim"], n_keys=cfg["n_keys"], heads=cfg["heads"], k=cfg["k"], k_dim=cfg["k_dim"],
-                query_norm="layernorm").to(device)
+    pool = MemoryPool(cfg["n_keys"], cfg["dim"], kind="experts", update=cfg.get("update", "dense"))
+    peer = PEER(cfg["dim"], pool=pool, heads=cfg["heads"], k=cfg["k"], k_dim=cfg["k_dim"], query_norm="layernorm")
+    peer.bench_pool = pool  # a shared pool is not the layer's submodule; registering it here moves and zeroes it
+    peer = peer.to(device)
     # the layer's input needs its gradient, as inside a network (it also makes autograd keep down[idx] alive)
     x = torch.randn(cfg["batch"], cfg["seq"], cfg["dim"], device=device, requires_grad=True)
     grad_out = torch.randn_like(x)
@@ -77,9 +83,13 @@ def step(peer: PEER, variant: str, x: torch.Tensor, grad_out: torch.Tensor) -> N
 
 
 def zero_grads(peer: PEER, x: torch.Tensor) -> None:
+    """Zeroes dense ``.grad`` buffers in place; drops sparse ones (a sparse gradient has no fixed buffer)."""
     for p in (*peer.parameters(), x):
         if p.grad is not None:
-            p.grad.zero_()
+            if p.grad.is_sparse:
+                p.grad = None
+            else:
+                p.grad.zero_()
 
 
 def sync(device: str) -> None:
@@ -221,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8, quick 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
+    parser.add_argument("--update", choices=["dense", "sparse"], default="dense",
+                        help="expert pool update mode: sparse gives both variants row-sparse table gradients "
+                             "(no dense (N, dim) transient), as a pool with update: sparse is trained")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each variant")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     options = parser.parse_args(argv)
@@ -229,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(QUICK if options.quick else FULL)
     if options.batch is not None:
         cfg["batch"] = options.batch
+    cfg["update"] = options.update
     warmup = options.warmup if options.warmup is not None else (1 if options.quick else 2)
     repeats = options.repeats if options.repeats is not None else (3 if options.quick else 5)
     result = run(cfg, options.device, warmup, repeats)
