@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memzoo.accounting import summarize
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.pool import MemoryPool
-from memzoo.model.summary import count_parameters, parameter_summary
+from memzoo.model.summary import count_parameters
 from memzoo.model.transformer import ModelConfigError, Transformer
 from memzoo.registry import BlockConfigError, create_block
 
@@ -203,10 +204,11 @@ def test_transformer_holds_a_shared_pool_once():
     value_keys = [k for k in model.state_dict() if k.endswith("values")]
     assert value_keys == ["pools.shared.values"]
     assert sum(p is pool.values for p in model.parameters()) == 1
-    rows = {r.name: r for r in parameter_summary(model)}
-    assert rows["total"].total == count_parameters(model)
-    assert rows["layers.0.ffn"].total == count_parameters(model.layers[0].ffn)  # without the pool
-    assert rows["layers.0.ffn"].active == model.layers[0].ffn.active_parameters()
+    summary = summarize(model)
+    rows = {r.name: r for r in summary.rows}
+    assert summary.parameters == count_parameters(model)
+    assert rows["layers.0.ffn"].parameters == count_parameters(model.layers[0].ffn)  # without the pool
+    assert rows["layers.0.ffn"].active_parameters == model.layers[0].ffn.active_parameters()
 
 
 def test_model_init_leaves_the_shared_pool_and_initialises_keys_and_projections():

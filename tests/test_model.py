@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from memzoo.accounting import summarize
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.attention import AttentionBackendError, CausalSelfAttention, reference_attention
 from memzoo.model.rope import RotaryEmbedding
-from memzoo.model.summary import count_parameters, parameter_summary
+from memzoo.model.summary import count_parameters
 from memzoo.model.transformer import ModelConfigError, Transformer, resolve_layer_specs
 
 
@@ -153,9 +154,10 @@ def test_tied_embeddings_and_init_scheme():
 
 def test_parameter_summary_counts_once():
     model = tiny()
-    rows = {r.name: r for r in parameter_summary(model)}
-    assert rows["total"].total == count_parameters(model) == sum(p.numel() for p in model.parameters())
-    assert rows["layers.0.ffn"].total == rows["layers.0.ffn"].active == 3 * 32 * 128
+    summary = summarize(model)
+    rows = {r.name: r for r in summary.rows}
+    assert summary.parameters == count_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert rows["layers.0.ffn"].parameters == rows["layers.0.ffn"].active_parameters == 3 * 32 * 128
 
 
 def test_memory_pool_validates_and_initialises():
