@@ -264,3 +264,12 @@ def test_text_config_trains_on_a_local_file(tmp_path):
          "--trainer.enable_progress_bar", "false"]
     )
     assert cli.trainer.global_step == 2
+
+
+def test_console_script_exits_zero_and_survives_a_closed_pipe():
+    out = subprocess.run(
+        f"{sys.executable} -m memzoo blocks | head -1", shell=True, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("dense") and "Traceback" not in out.stderr
+    done = subprocess.run([sys.executable, "-m", "memzoo", "blocks", "dense"], capture_output=True, text=True)
+    assert done.returncode == 0 and "MemzooCLI" not in done.stdout

@@ -66,8 +66,16 @@ def _pop_plugins(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def entry_point() -> int:
-    """The ``memzoo`` console script and ``python -m memzoo``: runs :func:`main` on ``sys.argv``, exit status 0."""
-    main()
+    """The ``memzoo`` console script and ``python -m memzoo``: runs :func:`main` on ``sys.argv``, exit status 0.
+
+    Output piped into a reader that stops early (``memzoo blocks | head``) ends quietly, as Unix tools do."""
+    try:
+        main()
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     return 0
 
 
