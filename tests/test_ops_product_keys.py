@@ -126,3 +126,23 @@ def test_dtype_mismatch():
 def test_device_mismatch():
     with pytest.raises(ValueError, match="query is on meta but sub_keys on cpu"):
         product_key_topk(torch.randn(3, 2, 8, device="meta"), torch.randn(2, 2, 10, 4), 2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6, 16])
+def test_ties_keep_the_exact_top_k_scores(k):
+    """Integer-valued sub-keys make many equal sums; the pruned candidate set (pairs of ranks with
+    (a+1)(b+1) <= k) must still give the brute-force top-k scores, and every index must score what it claims."""
+    gen = torch.Generator().manual_seed(k)
+    n_keys, dk = 16, 4
+    query = torch.randint(-2, 3, (20, 2, dk), generator=gen).double()
+    sub_keys = torch.randint(-1, 2, (2, 2, n_keys, dk // 2), generator=gen).double()
+    scores, indices = product_key_topk(query, sub_keys, k)
+    ref_scores, _ = brute_force_topk(query, sub_keys, k)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+    half = dk // 2
+    i1, i2 = indices // n_keys, indices % n_keys
+    heads = torch.arange(2).view(1, 2, 1)
+    claimed = (query[..., None, :half] * sub_keys[heads, 0, i1]).sum(-1) + \
+        (query[..., None, half:] * sub_keys[heads, 1, i2]).sum(-1)
+    torch.testing.assert_close(claimed, scores, rtol=0, atol=0)
+    assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist()), "an index was returned twice"
