@@ -200,7 +200,7 @@ FAKE_CELLS = [
 ]
 
 
-def test_targets_are_checked_at_the_largest_load_and_per_pool():
+def test_targets_are_checked_at_every_load_and_per_pool():
     checked = {t["target"]: t["met"] for t in study.targets(FAKE_CELLS)}
     assert checked["facts-1000: Memory+ recall >= 2x dense"] is True  # 0.30 >= 2 × 0.10
     assert checked["facts-1000: Memory+ recall >= 1x dense-2x"] is True
@@ -208,7 +208,8 @@ def test_targets_are_checked_at_the_largest_load_and_per_pool():
     assert checked["shakespeare: peer val loss < dense"] is False
     assert checked["facts-1000/memoryplus pool pools/memory: used >= 80%"] is False  # 50%: collapsed
     assert checked["shakespeare/peer pool pools/memory: used >= 80%"] is True
-    assert not any(t.startswith("facts-100:") for t in checked)
+    assert checked["facts-100: Memory+ recall >= 2x dense"] is False  # 0.80 < 2 × 0.60
+    assert checked["facts-100: Memory+ recall >= 1x dense-2x"] is True
 
 
 def test_recall_at_chance_is_not_a_win():
