@@ -3,6 +3,7 @@ targets) on fake cell results, and that every configs/study/*.yaml parses. No tr
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,6 +174,39 @@ def test_training_seconds_subtracts_the_validation_runs():
     FakeTrainer.callbacks = []
     with pytest.raises(study.StudyError, match="no Timer"):
         study.training_seconds(FakeTrainer(), 1)
+
+
+def _store_quick_cells(out: Path, text: Path, models: list[str], workload_name: str) -> None:
+    """Stored results, with the right config hashes, for ``models`` on a quick-study workload: a rerun trains nothing."""
+    workload = next(w for w in study.study_plan(quick=True, text=text.resolve()) if w.name == workload_name)
+    for model in models:
+        cell = fake_cell(workload.name, model, 1.0 + len(model) / 100, recall=0.1, load=workload.knowledge_load)
+        cell["config_hash"] = study.config_hash(study.cell_args("quick", workload, model))
+        study.write_json_atomic(out / "quick-cells" / f"{study.cell_name(workload, model)}.json", cell)
+
+
+def test_parallel_jobs_run_every_cell_in_worker_processes_and_report_in_grid_order(tmp_path):
+    """``--jobs 2`` end to end in a subprocess (the tool as users run it): the spawned workers find the stored cells
+    (so nothing trains) and the report lists them in grid order."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 50)
+    models = ["dense", "moe", "memoryplus"]
+    _store_quick_cells(tmp_path, text, models, "facts-100")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "study.py"), "--quick", "--jobs", "2", "--threads", "1",
+         "--out", str(tmp_path), "--text", str(text), "--workloads", "facts-100", "--models", *models],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done before") == 3, run.stdout
+    report = json.loads((tmp_path / "quick.json").read_text())
+    assert [c["model"] for c in report["cells"]] == models
+    assert report["jobs"] == 2
+
+
+def test_run_grid_rejects_zero_jobs(tmp_path):
+    with pytest.raises(study.StudyError, match="--jobs and --threads must be >= 1"):
+        study.run_grid("unit", [], {}, tmp_path, jobs=0, threads=1)
 
 
 # ------------------------------------------------------------------------------------------------ report
