@@ -20,6 +20,11 @@ plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, on
     python tools/study.py                         # the full study, 28 cells (estimated 2 hours on 2 idle cores)
     python tools/study.py --dry-run               # the FLOP/parameter table and the plan only
     python tools/study.py --report-only           # rewrite the json/md/png from the stored cells
+    python tools/study.py --name full-lr-3e-3 --set model.init_args.optimizer.init_args.lr=3e-3   # a variant study
+
+A variant study (``--name`` + ``--set KEY=VALUE``, repeatable) appends ``--KEY VALUE`` to every cell's ``memzoo fit``
+arguments; a dict-valued key (``layers``, ``pools``) takes the whole dict as JSON, e.g.
+``--set 'model.init_args.pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse", "lr": 0.03}}'``.
 
 Throughput (tokens/s) is reported as a ratio to the dense model of the same workload: absolute times on a shared
 machine are noise.
@@ -208,8 +213,9 @@ def cell_name(workload: Workload, model: str) -> str:
     return f"{workload.name}__{model}"
 
 
-def cell_args(study: str, workload: Workload, model: str) -> list[str]:
-    """The ``memzoo fit`` arguments of one cell (verb excluded)."""
+def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``memzoo fit`` arguments of one cell (verb excluded); ``extra`` (a variant's ``--set`` overrides, as
+    ``--key value`` pairs) comes last, so it wins over the configs and the workload."""
     return [
         "--config", str(model_config(model)),
         "--config", str(CONFIG_DIR / workload.data_config),
@@ -218,6 +224,7 @@ def cell_args(study: str, workload: Workload, model: str) -> list[str]:
         "--checkpoint.save_last", "false",
         "--checkpoint.save_top_k", "0",
         "--experiment", f"study-{study}-{workload.name}-{model}",
+        *extra,
     ]
 
 
@@ -334,11 +341,12 @@ def training_seconds(trainer: Any, n_validations: int) -> float:
     return timer.time_elapsed("train") - n_validations * timer.time_elapsed("validate")
 
 
-def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_dir: Path) -> dict[str, Any]:
+def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_dir: Path,
+             extra: Sequence[str] = ()) -> dict[str, Any]:
     """Trains one cell in-process (unless a stored result with the same config hash exists) and stores its result."""
     from memzoo.cli import main as memzoo_main
 
-    args = cell_args(study, workload, model)
+    args = cell_args(study, workload, model, extra)
     digest = config_hash(args)
     path = cells_dir / f"{cell_name(workload, model)}.json"
     stored = load_cell(path, digest)
@@ -362,16 +370,16 @@ def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_
 
 
 def _run_cell_in_worker(threads: int, study: str, workload: Workload, model: str, cost: ModelCost,
-                        cells_dir: Path) -> dict[str, Any]:
+                        cells_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
     """:func:`run_cell` in a ``--jobs`` worker process, with its own torch thread count."""
     import torch
 
     torch.set_num_threads(threads)
-    return run_cell(study, workload, model, cost, cells_dir)
+    return run_cell(study, workload, model, cost, cells_dir, extra)
 
 
 def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, ModelCost], cells_dir: Path,
-             jobs: int, threads: int, on_cell: Any = None) -> list[dict[str, Any]]:
+             jobs: int, threads: int, on_cell: Any = None, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every cell of ``grid`` (stored ones are reused), ``jobs`` trainings at a time, each with ``threads`` torch
     threads (``jobs x threads`` should not exceed the free cores). Returns the results in grid order; calls
     ``on_cell(results so far, in grid order)`` after every finished cell so a partial study is readable.
@@ -392,7 +400,7 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
 
         torch.set_num_threads(threads)
         for i, (workload, model) in enumerate(grid):
-            finished(i, run_cell(study, workload, model, costs[model], cells_dir))
+            finished(i, run_cell(study, workload, model, costs[model], cells_dir, extra))
         return [results[i] for i in range(len(grid))]
 
     import multiprocessing
@@ -400,7 +408,7 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir): i
+        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir, tuple(extra)): i
                    for i, (w, m) in enumerate(grid)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)
@@ -572,6 +580,21 @@ def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[Mo
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def variant_args(overrides: Sequence[str], name: str | None) -> list[str]:
+    """``["key=value", ...]`` (``--set``) as ``memzoo fit`` arguments ``["--key", "value", ...]``."""
+    if overrides and not name:
+        raise StudyError("--set makes a variant study: give it a --name (e.g. --name full-lr-3e-3), so its cells are "
+                         "stored apart from the study it varies")
+    extra: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise StudyError(f"--set {item!r}: expected KEY=VALUE, e.g. model.init_args.optimizer.init_args.lr=3e-3")
+        extra += [f"--{key}", value]
+    return extra
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the small study (about 10 minutes on 2 CPU cores)")
@@ -584,6 +607,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells trained at once, each in its own process (jobs x threads <= free cores)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a variant: pass --KEY VALUE to every cell (e.g. model.init_args.optimizer.init_args.lr=3e-3); "
+                             "needs --name, so the variant's cells never replace the study's own")
     parser.add_argument("--dry-run", action="store_true", help="print the FLOP table and the plan, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
     return parser.parse_args(argv)
@@ -592,6 +618,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     study = args.name or ("quick" if args.quick else "full")
+    extra = variant_args(args.overrides, args.name)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         raise StudyError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
@@ -614,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           + ", ".join(f"{w.name} ({w.steps} steps × {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     meta = {"command": " ".join(["python tools/study.py", *command]),
-            "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs,
+            "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
             "workloads": [asdict(w) | {"data_args": [list(a) for a in w.data_args]} for w in plan]}
     meta["workloads"] = json.loads(json.dumps(meta["workloads"], default=str))
     if args.dry_run:
@@ -624,11 +651,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     by_model = {c.model: c for c in costs}
     grid = [(workload, model) for workload in plan for model in args.models]
     if args.report_only:
-        stored = (load_cell(cells_dir / f"{cell_name(w, m)}.json", config_hash(cell_args(study, w, m))) for w, m in grid)
+        stored = (load_cell(cells_dir / f"{cell_name(w, m)}.json", config_hash(cell_args(study, w, m, extra)))
+                  for w, m in grid)
         cells = [c for c in stored if c is not None]
     else:
         cells = run_grid(study, grid, by_model, cells_dir, args.jobs, args.threads,
-                         on_cell=lambda done: write_report(study, done, costs, args.out, meta))
+                         on_cell=lambda done: write_report(study, done, costs, args.out, meta), extra=extra)
     paths = write_report(study, cells, costs, args.out, meta)
     print(results_table(cells))
     for t in targets(cells):
