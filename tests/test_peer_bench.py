@@ -28,8 +28,11 @@ def test_quick_run_reports_matching_variants_and_ratios(capsys):
     # the materialised forward keeps two (B, T, heads, k, dim) gathered tensors alive for the backward
     assert result["memory_bytes"]["materialised"]["after_forward"] >= 2 * result["one_gathered_tensor_bytes"] * 0.9
     assert result["time_ratio"] > 0 and result["memory_ratio"] > 0
+    assert result["one_table_gradient_bytes"] == 32**2 * 64 * 4
+    assert result["memory_ratio_bound_dense_update"] == pytest.approx(
+        result["memory_bytes"]["materialised"]["step_peak"] / (32**2 * 64 * 4))
     out = capsys.readouterr().out
-    assert "ratio mat/ops" in out and '"time_ratio"' in out
+    assert "ratio mat/ops" in out and '"time_ratio"' in out and "step-peak ratio is at most" in out
 
 
 def test_sparse_update_mode_gives_both_variants_row_sparse_table_gradients():

@@ -14,7 +14,8 @@ def _format_default(value: object) -> str:
 
 
 def blocks_command(args: Sequence[str]) -> list[str]:
-    """``memzoo blocks [FILTER] [--verbose]``: a table of registered blocks and their hyperparameters."""
+    """``memzoo blocks [FILTER]``: every registered block (name, class, summary line) with its hyperparameters and
+    their defaults."""
     from memzoo.registry import block_hyperparameters, get_block, list_blocks
 
     parser = argparse.ArgumentParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
