@@ -226,6 +226,20 @@ def test_bad_variant_overrides_name_the_fix(overrides, name, match):
         study.variant_args(overrides, name)
 
 
+def test_a_failing_cell_in_a_worker_stops_the_study_with_its_name(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 50)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "study.py"), "--quick", "--jobs", "2", "--threads", "1",
+         "--out", str(tmp_path), "--text", str(text), "--workloads", "facts-100", "--models", "dense",
+         "--name", "broken", "--set", "trainer.max_steps=not-a-number"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode != 0
+    assert "study: cell facts-100__dense failed" in run.stderr and "a rerun resumes" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "broken-cells" / "facts-100__dense.json").exists()
+
+
 def test_run_grid_rejects_zero_jobs(tmp_path):
     with pytest.raises(study.StudyError, match="--jobs and --threads must be >= 1"):
         study.run_grid("unit", [], {}, tmp_path, jobs=0, threads=1)

@@ -404,14 +404,14 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
         return [results[i] for i in range(len(grid))]
 
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir, tuple(extra)): i
                    for i, (w, m) in enumerate(grid)}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)  # report each cell as it finishes
             for future in done:
                 i = pending.pop(future)
                 error = future.exception()
