@@ -527,6 +527,7 @@ def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
 def plot_recall_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     """Final fact recall against knowledge load (entities), one line per model, chance as a dashed line."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -542,6 +543,9 @@ def plot_recall_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     top = max([c["final"]["fact_recall"] or 0.0 for c in facts] + chance + [0.0])
     ax.set_ylim(0.0, max(0.1, 1.1 * top))
     ax.set_xscale("log")
+    loads = sorted({c["knowledge_load"] for c in facts})
+    ax.set_xticks(loads, [f"{n:,}" for n in loads])  # the loads themselves, not log-scale decades
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("knowledge load (entities, 5 facts each)")
     ax.set_ylabel("fact recall (exact match)")
     ax.grid(alpha=0.3)
