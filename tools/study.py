@@ -17,7 +17,7 @@ plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, on
 ``<study>-recall-vs-load.png`` (fact recall against knowledge load).
 
     python tools/study.py --quick                 # 21 cells; 3 min 24 s on 2 idle cores (15.5 min on a loaded CPU)
-    python tools/study.py                         # the full study, 28 cells (estimated 2 hours on 2 idle cores)
+    python tools/study.py --jobs 2 --threads 1    # the full study, 28 cells: 46 min on 2 cores
     python tools/study.py --dry-run               # the FLOP/parameter table and the plan only
     python tools/study.py --report-only           # rewrite the json/md/png from the stored cells
     python tools/study.py --name full-lr-3e-3 --set model.init_args.optimizer.init_args.lr=3e-3   # a variant study
