@@ -16,7 +16,7 @@ Outputs: ``docs/results/<study>.json`` (all cells, the FLOP table, the targets),
 plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, one panel per workload) and
 ``<study>-recall-vs-load.png`` (fact recall against knowledge load).
 
-    python tools/study.py --quick                 # 21 cells; 3 min 24 s on 2 idle cores (15.5 min on a loaded CPU)
+    python tools/study.py --quick                 # 21 cells; 2 min 44 s on 2 idle cores
     python tools/study.py --jobs 2 --threads 1    # the full study, 28 cells: 46 min on 2 cores
     python tools/study.py --dry-run               # the FLOP/parameter table and the plan only
     python tools/study.py --report-only           # rewrite the json/md/png from the stored cells
