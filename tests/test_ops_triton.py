@@ -116,6 +116,15 @@ def test_interpreted_kernels_with_all_zero_weights(interpreted):
 
 
 @interpreter_only
+def test_run_ends_mark_where_each_run_of_equal_rows_stops(interpreted):
+    """The dense scatter's sync-free segmentation: at a run's first position, the end of that run."""
+    ends = interpreted._run_ends(torch.tensor([2, 2, 2, 5, 7, 7]))
+    assert [ends[i].item() for i in (0, 3, 4)] == [3, 4, 6]  # the three run starts
+    assert interpreted._run_ends(torch.tensor([4])).tolist() == [1]
+    assert interpreted._run_ends(torch.tensor([1, 1, 1])).tolist()[0] == 3
+
+
+@interpreter_only
 def test_interpreted_kernels_on_an_empty_batch(interpreted):
     values, _, _, _ = make_batch(8, 4, 1, 1, torch.float32)
     empty = torch.zeros(0, 3, dtype=torch.int64)

@@ -8,7 +8,9 @@
   distinct row (and block of ``D``) sums ``w[b,j] · src[b]`` over that row's run of positions, in fp32, and writes
   the row once. Compared to an atomic-add scatter this is deterministic (a fixed summation order), needs no fp32
   staging buffer for bf16 tables, and yields the coalesced rows of a sparse gradient directly; it pays for one sort
-  of ``B·K`` keys and one host sync (``unique_consecutive`` sizes the output).
+  of ``B·K`` keys. The sparse form (``weighted_scatter_rows``) also pays one host sync (``unique_consecutive``
+  sizes its output); the dense form (:func:`weighted_scatter`) has none: it launches one program per position and
+  only the first position of each row's run writes.
 
 Triton is imported when this module is, i.e. only when a CUDA tensor reaches the ops (or a test imports it with
 ``TRITON_INTERPRET=1``, under which the same kernels run on CPU tensors).
@@ -92,16 +94,14 @@ def _segment_sum_kernel(
     weights_ptr,
     order_ptr,
     seg_start_ptr,
-    rows_ptr,
     out_ptr,
     K,
     D,
-    WRITE_TO_ROW: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Segment ``s`` = sorted positions ``[seg_start[s], seg_start[s+1])``, all with table row ``rows[s]``."""
+    """Segment ``s`` = sorted positions ``[seg_start[s], seg_start[s+1])``, all of one table row; writes ``out[s]``."""
     seg = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
@@ -118,11 +118,45 @@ def _segment_sum_kernel(
             src_ptr + bag[:, None] * D + d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0
         )
         acc += tl.sum(tile.to(ACC) * w[:, None], axis=0)
-    if WRITE_TO_ROW:
-        dest = tl.load(rows_ptr + seg)
-    else:
-        dest = seg
-    tl.store(out_ptr + dest * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_ptr + seg * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _run_sum_kernel(
+    src_ptr,
+    weights_ptr,
+    order_ptr,
+    sorted_rows_ptr,
+    run_end_ptr,
+    out_ptr,
+    K,
+    D,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One program per sorted position ``p``; the first position of each run of equal rows sums the run
+    ``[p, run_end[p])`` and writes its row of the dense output; every other program stores nothing."""
+    p = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    row = tl.load(sorted_rows_ptr + p)
+    previous = tl.load(sorted_rows_ptr + tl.maximum(p - 1, 0))  # position 0 reads itself; it starts a run anyway
+    is_start = (p == 0) | (previous != row)
+    end = tl.where(is_start, tl.load(run_end_ptr + p), p)  # an empty loop for the other positions
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for p0 in range(p, end, BLOCK_P):
+        q = p0 + tl.arange(0, BLOCK_P)
+        q_mask = q < end
+        position = tl.load(order_ptr + q, mask=q_mask, other=0)  # flat index b * K + j
+        w = tl.load(weights_ptr + position, mask=q_mask, other=0.0).to(ACC)
+        bag = position // K
+        tile = tl.load(
+            src_ptr + bag[:, None] * D + d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        acc += tl.sum(tile.to(ACC) * w[:, None], axis=0)
+    writes = d_mask & ((d * 0 + is_start.to(tl.int32)) != 0)  # the scalar flag as a (BLOCK_D,) mask
+    tl.store(out_ptr + row * D + d, acc.to(out_ptr.dtype.element_ty), mask=writes)
 
 
 def weighted_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -181,18 +215,53 @@ def weighted_scatter_rows(
     """``src (B, D)``, ``indices (B, K)``, ``weights (B, K)`` → ``rows (U,)`` ascending, ``sums (U, D)``."""
     rows, seg_start, order = _segments(indices)
     sums = src.new_empty(rows.numel(), src.shape[1])
-    _launch_segment_sum(src, weights, order, seg_start, rows, sums, indices.shape[1], write_to_row=False)
+    _launch_segment_sum(src, weights, order, seg_start, sums, indices.shape[1])
     return rows, sums
 
 
 def weighted_scatter(
     src: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int
 ) -> torch.Tensor:
-    """Dense form: ``(num_rows, D)``, each used row written once by its segment's program, the rest zero."""
-    rows, seg_start, order = _segments(indices)
-    out = src.new_zeros(num_rows, src.shape[1])
-    _launch_segment_sum(src, weights, order, seg_start, rows, out, indices.shape[1], write_to_row=True)
+    """Dense form: ``(num_rows, D)``, each used row written once by the first position of its run, the rest zero.
+
+    No host sync: the launch has one program per position (``B·K``, known on the host) instead of one per distinct
+    row, and each run's end comes from a device-side reverse cumulative minimum over the run starts."""
+    flat = indices.reshape(-1)
+    dim = src.shape[1]
+    out = src.new_zeros(num_rows, dim)
+    if flat.numel() == 0 or dim == 0:
+        return out
+    sorted_rows, order = torch.sort(flat, stable=True)
+    run_end = _run_ends(sorted_rows)
+    block_d = min(SEGMENT_BLOCK_D, triton.next_power_of_2(dim))
+    grid = (flat.numel(), triton.cdiv(dim, block_d))
+    _run_sum_kernel[grid](
+        src,
+        weights,
+        order,
+        sorted_rows,
+        run_end,
+        out,
+        indices.shape[1],
+        dim,
+        BLOCK_P=SEGMENT_BLOCK_P,
+        BLOCK_D=block_d,
+        ACC=_accumulator(src.dtype),
+        num_warps=SEGMENT_WARPS,
+    )
     return out
+
+
+def _run_ends(sorted_rows: torch.Tensor) -> torch.Tensor:
+    """``(P,)`` sorted rows → ``(P,)``: for each position, the first later position that starts a new run (or ``P``);
+    at a run's first position, that is the run's end. On the device, no sync."""
+    n = sorted_rows.numel()
+    positions = torch.arange(n, device=sorted_rows.device)
+    starts = torch.ones(n, dtype=torch.bool, device=sorted_rows.device)
+    starts[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    next_start = torch.full((n,), n, dtype=torch.int64, device=sorted_rows.device)
+    next_start[:-1] = torch.where(starts[1:], positions[1:], n)
+    return next_start.flip(0).cummin(0).values.flip(0)
 
 
 def _segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,22 +273,21 @@ def _segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return rows, seg_start, order
 
 
-def _launch_segment_sum(src, weights, order, seg_start, rows, out, n_per_bag, write_to_row):
+def _launch_segment_sum(src, weights, order, seg_start, out, n_per_bag):
     dim = src.shape[1]
-    if rows.numel() == 0 or dim == 0:
+    n_segments = seg_start.numel() - 1
+    if n_segments == 0 or dim == 0:
         return
     block_d = min(SEGMENT_BLOCK_D, triton.next_power_of_2(dim))
-    grid = (rows.numel(), triton.cdiv(dim, block_d))
+    grid = (n_segments, triton.cdiv(dim, block_d))
     _segment_sum_kernel[grid](
         src,
         weights,
         order,
         seg_start,
-        rows,
         out,
         n_per_bag,
         dim,
-        WRITE_TO_ROW=write_to_row,
         BLOCK_P=SEGMENT_BLOCK_P,
         BLOCK_D=block_d,
         ACC=_accumulator(src.dtype),
