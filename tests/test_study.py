@@ -240,6 +240,19 @@ def test_a_failing_cell_in_a_worker_stops_the_study_with_its_name(tmp_path):
     assert not (tmp_path / "broken-cells" / "facts-100__dense.json").exists()
 
 
+def test_run_grid_in_process_reports_after_every_cell_in_grid_order(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 50)
+    models = ["dense", "moe"]
+    _store_quick_cells(tmp_path, text, models, "facts-100")
+    workload = next(w for w in study.study_plan(quick=True, text=text.resolve()) if w.name == "facts-100")
+    reports = []
+    cells = study.run_grid("quick", [(workload, m) for m in models], {m: None for m in models},
+                           tmp_path / "quick-cells", jobs=1, threads=1, on_cell=reports.append)
+    assert [c["model"] for c in cells] == models
+    assert [[c["model"] for c in r] for r in reports] == [["dense"], ["dense", "moe"]]
+
+
 def test_run_grid_rejects_zero_jobs(tmp_path):
     with pytest.raises(study.StudyError, match="--jobs and --threads must be >= 1"):
         study.run_grid("unit", [], {}, tmp_path, jobs=0, threads=1)

@@ -371,7 +371,7 @@ def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_
 
 def _run_cell_in_worker(threads: int, study: str, workload: Workload, model: str, cost: ModelCost,
                         cells_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
-    """:func:`run_cell` in a ``--jobs`` worker process, with its own torch thread count."""
+    """:func:`run_cell` with ``threads`` torch threads (in a ``--jobs`` worker process, or in this one)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -396,11 +396,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
             on_cell([results[j] for j in sorted(results)])
 
     if jobs == 1:
-        import torch
-
-        torch.set_num_threads(threads)
         for i, (workload, model) in enumerate(grid):
-            finished(i, run_cell(study, workload, model, costs[model], cells_dir, extra))
+            finished(i, _run_cell_in_worker(threads, study, workload, model, costs[model], cells_dir, extra))
         return [results[i] for i in range(len(grid))]
 
     import multiprocessing

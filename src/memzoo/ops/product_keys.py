@@ -13,7 +13,7 @@ top-k of each half, and take the top-k of the candidate sums.
 Not all ``k²`` candidate sums need scoring. With both halves sorted best first, pair ``(a, b)`` (ranks within the
 halves) is beaten or tied by the ``(a+1)(b+1)`` pairs ``(a' <= a, b' <= b)``, and the set of pairs scoring at least
 the k-th best sum is closed under that order, so it holds an exact top-k made of pairs with ``(a+1)(b+1) <= k``:
-about ``k·ln k`` pairs (50 instead of 256 for ``k = 16``) instead of ``k²``.
+about ``k·ln k`` pairs instead of ``k²`` (50 instead of 256 for ``k = 16``).
 """
 
 from __future__ import annotations
@@ -76,10 +76,8 @@ def _candidate_ranks(k: int, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def _build_candidate_ranks(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rank1 = [a for a in range(k) for _ in range(k // (a + 1))]
-    rank2 = [b for a in range(k) for b in range(k // (a + 1))]
-    return (torch.tensor(rank1, dtype=torch.int64, device=device),
-            torch.tensor(rank2, dtype=torch.int64, device=device))
+    pairs = torch.tensor([(a, b) for a in range(k) for b in range(k // (a + 1))], dtype=torch.int64, device=device)
+    return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
 
 
 def _check_args(query: torch.Tensor, sub_keys: torch.Tensor, k: int) -> None:

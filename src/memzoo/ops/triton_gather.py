@@ -89,6 +89,25 @@ def _gather_dot_kernel(
 
 
 @triton.jit
+def _weighted_run_sum(src_ptr, weights_ptr, order_ptr, start, end, d, d_mask, K, D, BLOCK_P: tl.constexpr,
+                      BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """``Σ w[position] · src[position // K, d]`` over the sorted positions ``order[start:end]``, in ``ACC``: the
+    gradient of one table row, block ``d`` of its columns."""
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < end
+        position = tl.load(order_ptr + p, mask=p_mask, other=0)  # flat index b * K + j
+        w = tl.load(weights_ptr + position, mask=p_mask, other=0.0).to(ACC)
+        bag = position // K
+        tile = tl.load(
+            src_ptr + bag[:, None] * D + d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        acc += tl.sum(tile.to(ACC) * w[:, None], axis=0)
+    return acc
+
+
+@triton.jit
 def _segment_sum_kernel(
     src_ptr,
     weights_ptr,
@@ -107,17 +126,7 @@ def _segment_sum_kernel(
     d_mask = d < D
     start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_start_ptr + seg + 1)
-    acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < end
-        position = tl.load(order_ptr + p, mask=p_mask, other=0)  # flat index b * K + j
-        w = tl.load(weights_ptr + position, mask=p_mask, other=0.0).to(ACC)
-        bag = position // K
-        tile = tl.load(
-            src_ptr + bag[:, None] * D + d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0
-        )
-        acc += tl.sum(tile.to(ACC) * w[:, None], axis=0)
+    acc = _weighted_run_sum(src_ptr, weights_ptr, order_ptr, start, end, d, d_mask, K, D, BLOCK_P, BLOCK_D, ACC)
     tl.store(out_ptr + seg * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -144,17 +153,7 @@ def _run_sum_kernel(
     previous = tl.load(sorted_rows_ptr + tl.maximum(p - 1, 0))  # position 0 reads itself; it starts a run anyway
     is_start = (p == 0) | (previous != row)
     end = tl.where(is_start, tl.load(run_end_ptr + p), p)  # an empty loop for the other positions
-    acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for p0 in range(p, end, BLOCK_P):
-        q = p0 + tl.arange(0, BLOCK_P)
-        q_mask = q < end
-        position = tl.load(order_ptr + q, mask=q_mask, other=0)  # flat index b * K + j
-        w = tl.load(weights_ptr + position, mask=q_mask, other=0.0).to(ACC)
-        bag = position // K
-        tile = tl.load(
-            src_ptr + bag[:, None] * D + d[None, :], mask=q_mask[:, None] & d_mask[None, :], other=0.0
-        )
-        acc += tl.sum(tile.to(ACC) * w[:, None], axis=0)
+    acc = _weighted_run_sum(src_ptr, weights_ptr, order_ptr, p, end, d, d_mask, K, D, BLOCK_P, BLOCK_D, ACC)
     writes = d_mask & ((d * 0 + is_start.to(tl.int32)) != 0)  # the scalar flag as a (BLOCK_D,) mask
     tl.store(out_ptr + row * D + d, acc.to(out_ptr.dtype.element_ty), mask=writes)
 
