@@ -30,6 +30,18 @@ after accumulation although its rows are distinct (``AccumulateGrad`` re-wraps i
 ``.coalesce()`` (cheap here); and under ``torch.compile`` a graph may read a table with ``sparse_grad=True`` only
 once, since AOTAutograd cannot yet add two sparse gradients of one input inside a traced graph (compile per
 block, so each layer's sparse gradient leaves its own graph and eager autograd sums them).
+
+A dense table gradient is added where it lands. When the table's ``.grad`` already holds a dense buffer (the
+second and later micro-batches of gradient accumulation, or ``zero_grad(set_to_none=False)``), the backward hands
+autograd the gradient as coalesced rows instead of a fresh ``(N, D)`` tensor; ``AccumulateGrad`` adds a sparse
+gradient into a dense ``.grad`` in place, so ``.grad`` stays dense and the step never allocates, zero-fills and
+adds ``N·D`` elements to update the few rows a batch touched (a 4 GiB transient for a 2^20 × 1024 fp32 table).
+When ``.grad`` is ``None`` (the first micro-batch; Lightning's default ``set_to_none``) the dense gradient is
+returned and ``AccumulateGrad`` keeps that buffer as ``.grad``, so there is no transient either. The row form is
+used only where it is invisible: eager mode, a first-order backward (no ``create_graph``), a leaf table whose
+``.grad`` is a dense tensor of its dtype and device, and a backward that accumulates into it (``.backward()``;
+``torch.autograd.grad`` still receives a dense gradient). Tensor hooks registered on the table itself
+(``table.register_hook``) then see the sparse rows; ``register_post_accumulate_grad_hook`` sees the dense sum.
 """
 
 import torch
@@ -226,13 +238,33 @@ def _(src, indices, weights):
 
 
 def _table_grad(src: Tensor, indices: Tensor, weights: Tensor, table: Tensor, sparse: bool) -> Tensor:
-    """Gradient of a ``(N, D)`` table read at ``indices``: dense, or sparse COO with only the rows used."""
-    if not sparse:
+    """Gradient of a ``(N, D)`` table read at ``indices``: dense, or sparse COO with only the rows used (asked for,
+    or to be added into an existing dense ``.grad`` in place, see the module docstring)."""
+    if not (sparse or _adds_into_dense_grad(table)):
         return _weighted_scatter(src, indices, weights, table.shape[0])
     rows, sums = _weighted_scatter_rows(src, indices, weights)
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0), sums, table.shape, is_coalesced=True, check_invariants=False
     )
+
+
+def _adds_into_dense_grad(table: Tensor) -> bool:
+    """Whether this backward will add the table's gradient into a dense ``.grad`` buffer it already has, so that
+    a row-sparse gradient is added in place by ``AccumulateGrad`` and the caller never sees it (module docstring).
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # create_graph, or traced: keep the dense form
+        return False
+    if not (table.is_leaf and table.requires_grad):
+        return False
+    grad = table.grad
+    if grad is None or grad.layout != torch.strided or grad.dtype != table.dtype or grad.device != table.device:
+        return False
+    if grad.is_cuda and torch.are_deterministic_algorithms_enabled():  # CUDA dense += sparse may alert there
+        return False
+    try:  # True for .backward(); raises inside torch.autograd.grad (which captures the gradient instead)
+        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(table).node)
+    except RuntimeError:
+        return False
 
 
 def _save_table_read(ctx, inputs, output):
