@@ -71,19 +71,20 @@ def test_shared_peer_pool_untied_head_by_hand():
     assert rows["layers.0.attn"].flops == 784 and summary.context_length == 16
     # PEER: query 8·(2·4) = 64, one shared key set 2·4·2 = 16 → 80 stored in the block
     # active: 80 + 2 heads · 3 experts · (8 down + 8 up) = 176
-    # FLOPs: query 2·8·8 = 128, half scores 2·2·4·4 = 64, candidate sums 2·3² = 18, experts 4·2·3·8 = 192 → 402
+    # FLOPs: query 2·8·8 = 128, half scores 2·2·4·4 = 64, candidate sums 2 heads · 5 pairs (3+1+1) = 10,
+    # experts 4·2·3·8 = 192 → 394
     for i in (0, 1):
         row = rows[f"layers.{i}.ffn"]
-        assert (row.kind, row.parameters, row.active_parameters, row.flops) == ("peer (pool experts)", 80, 176, 402)
+        assert (row.kind, row.parameters, row.active_parameters, row.flops) == ("peer (pool experts)", 80, 176, 394)
     # the pool: 16 experts · (8 + 8) = 256 stored once, no active parameters of its own
     pool = rows["pools.experts"]
     assert (pool.kind, pool.parameters, pool.active_parameters, pool.flops) == ("pool (experts, dense)", 256, 0, 0)
     # untied head: 10·8 matrix + final norm 8 = 88
     assert (rows["head"].kind, rows["head"].parameters, rows["head"].active_parameters) == ("head", 88, 88)
-    # totals: 80 (embed) + 2·272 + 2·80 + 256 + 88 = 1128; FLOPs 2·784 + 2·402 + 160 = 2532
+    # totals: 80 (embed) + 2·272 + 2·80 + 256 + 88 = 1128; FLOPs 2·784 + 2·394 + 160 = 2516
     assert summary.parameters == 1128 == count_parameters(model)
     assert summary.active_parameters == 8 + 2 * 272 + 2 * 176 + 88
-    assert summary.flops == 2532
+    assert summary.flops == 2516
 
 
 def test_block_without_flops_method_is_estimated_and_marked():

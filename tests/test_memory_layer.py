@@ -305,13 +305,14 @@ def test_active_parameters_and_flops_by_hand():
     pkm = ProductKeyMemory(dim=16, heads=2, knn=3, k_dim=8, n_keys=10, value_dim=6, query_norm="layernorm")
     # query 16·16=256, layernorm gain+bias 2·2·8=32, sub-keys 2·2·10·4=160, W_o 6·16=96, rows 2·3 · 6=36
     assert pkm.active_parameters() == 256 + 32 + 160 + 96 + 36
-    # query 2·16·16=512, sub-key scores 2·2·10·8=320, candidate sums 2·3²=18, read 2·2·3·6=72, W_o 2·16·6=192
-    assert pkm.flops_per_token() == 512 + 320 + 18 + 72 + 192
+    # query 2·16·16=512, sub-key scores 2·2·10·8=320, candidate sums 2 heads · 5 pairs (3+1+1) = 10,
+    # read 2·2·3·6=72, W_o 2·16·6=192
+    assert pkm.flops_per_token() == 512 + 320 + 10 + 72 + 192
     plus = ProductKeyMemory(dim=16, heads=1, knn=2, k_dim=4, n_keys=3, gate="silu")
     # query 64, sub-keys 1·2·3·2=12, W_1 + W_2 2·256, rows 2·16
     assert plus.active_parameters() == 64 + 12 + 512 + 32
-    # query 2·16·4=128, scores 2·3·4=24, candidates 4, read 2·2·16=64, W_1 and W_2 2·2·16·16=1024
-    assert plus.flops_per_token() == 128 + 24 + 4 + 64 + 1024
+    # query 2·16·4=128, scores 2·3·4=24, candidate pairs (2+1) = 3, read 2·2·16=64, W_1 and W_2 2·2·16·16=1024
+    assert plus.flops_per_token() == 128 + 24 + 3 + 64 + 1024
     tiny = ProductKeyMemory(dim=4, heads=4, knn=2, k_dim=2, n_keys=2)  # 8 lookups in a 4-row table
     assert tiny.active_parameters() == 4 * 8 + 4 * 2 * 2 * 1 + 4 * 4
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ops_sparse_gather import OPS, make_inputs, peak_cpu_bytes
 
 from memzoo.ops import gather_dot, weighted_gather
+from test_ops_sparse_gather import OPS, make_inputs, peak_cpu_bytes
 
 
 def record_layouts(tensor: torch.Tensor) -> list:

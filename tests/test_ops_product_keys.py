@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from memzoo.ops import product_key_topk
+from memzoo.ops import candidate_pairs, product_key_topk
+from memzoo.ops.product_keys import _candidate_ranks
 
 
 def brute_force_topk(query, sub_keys, k):
@@ -146,3 +147,10 @@ def test_ties_keep_the_exact_top_k_scores(k):
         (query[..., None, half:] * sub_keys[heads, 1, i2]).sum(-1)
     torch.testing.assert_close(claimed, scores, rtol=0, atol=0)
     assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist()), "an index was returned twice"
+
+
+@pytest.mark.parametrize("k, pairs", [(1, 1), (2, 3), (3, 5), (16, 50), (32, 119)])
+def test_candidate_pairs_counts_the_rank_pairs_scored(k, pairs):
+    """The accounting's count is the number of (a, b) with (a+1)(b+1) <= k, the pairs product_key_topk sums."""
+    by_definition = sum(1 for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k)
+    assert candidate_pairs(k) == pairs == by_definition == len(_candidate_ranks(k, torch.device("cpu"))[0])

@@ -247,8 +247,9 @@ def test_active_parameters_and_flops_by_hand():
     peer = PEER(dim=16, n_keys=10, heads=2, k=3, k_dim=8, query_norm="layernorm")
     # query 16·(2·8)=256, layernorm weight+bias 2·8=16, sub-keys 1·2·10·4=80, experts 2·3 rows · (16 down + 16 up)=192
     assert peer.active_parameters() == 256 + 16 + 80 + 192
-    # query 2·16·16=512, half scores 2·2·10·8=320, candidate sums 2·3²=18, experts 4·2·3·16=384
-    assert peer.flops_per_token() == 512 + 320 + 18 + 384
+    # query 2·16·16=512, half scores 2·2·10·8=320, candidate sums 2 heads · 5 pairs (3+1+1) = 10,
+    # experts 4·2·3·16=384
+    assert peer.flops_per_token() == 512 + 320 + 10 + 384
     per_head = PEER(dim=16, n_keys=10, heads=2, k=3, k_dim=8, query_norm="none", per_head_keys=True)
     assert per_head.active_parameters() == 256 + 0 + 160 + 192
     assert per_head.flops_per_token() == peer.flops_per_token()

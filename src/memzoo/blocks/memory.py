@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memzoo.blocks.pool import MemoryPool, PoolRef, UpdateMode, resolve_pool
-from memzoo.ops import product_key_topk, weighted_gather
+from memzoo.ops import candidate_pairs, product_key_topk, weighted_gather
 from memzoo.registry import register_block
 
 QueryNorm = Literal["none", "layernorm", "rmsnorm"]
@@ -260,12 +260,12 @@ class ProductKeyMemory(nn.Module):
         """Forward FLOPs per token (2 per multiply-add; elementwise norms, softmax, silu and products omitted).
 
         ``2·dim·H·k_dim`` (query) + ``2·H·n_keys·k_dim`` (both halves scored against all sub-keys)
-        + ``H·knn²`` (candidate sums before the final top-k; the top-k selections themselves are comparisons,
-        not counted) + ``2·H·knn·value_dim`` (weighted read) + ``2·dim·value_dim`` per projection
+        + ``H·candidate_pairs(knn)`` (candidate sums before the final top-k, about ``knn·ln knn``; the top-k
+        selections themselves are comparisons, not counted) + ``2·H·knn·value_dim`` (weighted read) + ``2·dim·value_dim`` per projection
         (``W_1`` and ``W_2`` for Memory+, ``W_o`` for a projecting PKM).
         """
         h, dv = self.heads, self.value_dim
-        flops = 2 * self.dim * h * self.k_dim + 2 * h * self.n_keys * self.k_dim + h * self.knn**2
+        flops = 2 * self.dim * h * self.k_dim + 2 * h * self.n_keys * self.k_dim + h * candidate_pairs(self.knn)
         flops += 2 * h * self.knn * dv
         flops += sum(2 * self.dim * dv for proj in (self.gate_proj, self.out_proj) if proj is not None)
         return flops

@@ -6,7 +6,7 @@ Expert ``i`` of a pool of ``N = n_keys²`` experts is one hidden neuron with a d
     e_i(x) = act(u_i · x) · v_i
 
 Each of ``heads`` query heads maps ``x`` to a query ``q_h(x) = norm(W_q x)_h`` of size ``k_dim``, retrieves its
-``k`` best experts by product keys (exact top-k of ``q_h · key_i`` over all ``N`` keys in ``O(n_keys + k²)``, see
+``k`` best experts by product keys (exact top-k of ``q_h · key_i`` over all ``N`` keys in ``O(n_keys + k·log k)``, see
 :func:`memzoo.ops.product_key_topk`), turns their scores into weights ``g_hi`` (softmax over the head's ``k``, or a
 sigmoid each), and the heads' outputs add up::
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from memzoo.blocks.pool import MemoryPool, PoolRef, resolve_pool
 from memzoo.model.norms import RMSNorm
-from memzoo.ops import gather_dot, product_key_topk, weighted_gather
+from memzoo.ops import candidate_pairs, gather_dot, product_key_topk, weighted_gather
 from memzoo.registry import register_block
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -199,14 +199,14 @@ class PEER(nn.Module):
 
         - query ``dim → heads·k_dim``:                          ``2·dim·heads·k_dim``
         - half scores against both sub-key sets, per head:     ``2·heads·n_keys·k_dim``
-        - the ``k²`` candidate sums per head (additions):      ``heads·k²``
+        - candidate sums per head (additions):                 ``heads·candidate_pairs(k)`` (about ``k·ln k``)
         - expert down and up products, ``heads·k`` experts:    ``2·2·heads·k·dim``
         """
         H, k = self.heads, self.k
         return (
             2 * self.dim * H * self.k_dim
             + 2 * H * self.n_keys * self.k_dim
-            + H * k * k
+            + H * candidate_pairs(k)
             + 4 * H * k * self.dim
         )
 

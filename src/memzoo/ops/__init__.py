@@ -1,6 +1,7 @@
 """Functional kernels of memzoo's sparse-memory blocks (no ``nn.Module`` state).
 
-- :func:`product_key_topk`: exact top-k over ``n_keys²`` product keys in O(n_keys + k²) per query and head.
+- :func:`product_key_topk`: exact top-k over ``n_keys²`` product keys in O(n_keys + k·log k) per query and head
+  (:func:`candidate_pairs` says how many candidate sums it scores).
 - :func:`weighted_gather`: ``out[b] = Σ_j w[b,j] · values[idx[b,j]]``, the read of a memory layer.
 - :func:`gather_dot`: ``out[b,j] = values[idx[b,j]] · x[b]``, its adjoint (PEER's ``u_i · x``).
 
@@ -8,7 +9,7 @@ The last two are ``torch.library`` custom ops with their own backward (optionall
 vectorised PyTorch on CPU and Triton on CUDA.
 """
 
-from memzoo.ops.product_keys import product_key_topk
+from memzoo.ops.product_keys import candidate_pairs, product_key_topk
 from memzoo.ops.sparse_gather import gather_dot, weighted_gather
 
-__all__ = ["gather_dot", "product_key_topk", "weighted_gather"]
+__all__ = ["candidate_pairs", "gather_dot", "product_key_topk", "weighted_gather"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["product_key_topk"]
+__all__ = ["candidate_pairs", "product_key_topk"]
 
 
 def product_key_topk(
@@ -60,12 +60,18 @@ def product_key_topk(
     return scores, i1 * n_keys + i2
 
 
+def candidate_pairs(k: int) -> int:
+    """How many candidate sums :func:`product_key_topk` scores per query and head: the rank pairs ``(a, b)`` with
+    ``(a+1)(b+1) <= k``, ``Σ_a floor(k / (a+1))`` (about ``k·ln k``: 50 for k = 16, 119 for k = 32)."""
+    return sum(k // (a + 1) for a in range(k))
+
+
 _RANKS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _candidate_ranks(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks ``(a, b)`` of the pairs that can be in a top-k of sums of two descending lists: ``(a+1)(b+1) <= k``.
-    Two int64 vectors of length ``sum_a floor(k / (a+1))`` (50 for k = 16); cached per device in eager mode (no
+    Two int64 vectors of length :func:`candidate_pairs` ``(k)``; cached per device in eager mode (no
     host-to-device copy per call), built as graph constants under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return _build_candidate_ranks(k, device)
