@@ -29,10 +29,24 @@ def test_quick_run_reports_matching_variants_and_ratios(capsys):
     assert result["memory_bytes"]["materialised"]["after_forward"] >= 2 * result["one_gathered_tensor_bytes"] * 0.9
     assert result["time_ratio"] > 0 and result["memory_ratio"] > 0
     assert result["one_table_gradient_bytes"] == 32**2 * 64 * 4
-    assert result["memory_ratio_bound_dense_update"] == pytest.approx(
-        result["memory_bytes"]["materialised"]["step_peak"] / (32**2 * 64 * 4))
+    # both gradient regimes are measured; the headline keys are the first one's
+    assert set(result["regimes"]) == set(bench.REGIMES) and result["headline_regime"] == "zeroed"
+    for key in ("seconds_per_step", "memory_bytes", "time_ratio", "memory_ratio", "after_forward_memory_ratio"):
+        assert result[key] == result["regimes"]["zeroed"][key]
     out = capsys.readouterr().out
-    assert "ratio mat/ops" in out and '"time_ratio"' in out and "step-peak ratio is at most" in out
+    assert "ratio mat/ops" in out and '"time_ratio"' in out
+    assert out.count("ratio mat/ops") == 2 and "none    ops" in out
+
+
+def test_gradient_regimes_keep_or_drop_the_grad_buffers():
+    bench = load_bench()
+    peer, x, grad_out = bench.build(bench.QUICK, "cpu")
+    bench.step(peer, "ops", x, grad_out)
+    down_grad = peer.pool.down.grad
+    bench.zero_grads(peer, x, "zeroed")
+    assert peer.pool.down.grad is down_grad and not down_grad.any()  # the same buffer, zeroed in place
+    bench.zero_grads(peer, x, "none")
+    assert all(p.grad is None for p in (*peer.parameters(), x))
 
 
 def test_sparse_update_mode_gives_both_variants_row_sparse_table_gradients():

@@ -16,11 +16,22 @@ in one process so machine drift hits both alike. On a CPU shared with other work
 threads than free cores every OpenMP barrier waits for a descheduled thread, and the variant with more (smaller)
 parallel regions is penalised far beyond its real cost.
 
-Memory, above the resting state (weights, their ``.grad`` buffers from a warm-up step, zeroed in place, and the input):
-``step_peak``, the peak of one forward+backward (the headline ``memory ratio``), and ``after_forward``, what the
-forward leaves alive for the backward (saved activations). Both variants make a dense ``(N, dim)`` gradient per
-table in the backward, a transient they share that bounds the step-peak ratio; ``--update sparse`` trains the pool as
-``update: sparse`` pools are trained (row-sparse gradients in both variants), which removes that shared transient. On CUDA:
+Two gradient regimes, each timed and measured (the headline ratios are ``zeroed``'s):
+
+- ``zeroed``: the ``.grad`` buffers exist (from a warm-up step) and are zeroed in place before each step, as in the
+  later micro-batches of gradient accumulation or with ``zero_grad(set_to_none=False)``. The ops add the rows a
+  batch touched into the table's ``.grad`` in place; the materialised variant's ``F.embedding`` backward builds a
+  fresh dense ``(N, dim)`` gradient per table and autograd adds it in.
+- ``none``: every ``.grad`` is ``None`` before each step (``zero_grad()``'s default, Lightning's). Both variants
+  allocate the table gradients the step leaves behind, two ``(N, dim)`` tensors in dense update mode, so the peak of
+  either includes them and the step-peak ratio is bounded by how large they are next to the activations.
+
+``--update sparse`` trains the pool as ``update: sparse`` pools are trained: row-sparse table gradients in both
+variants (a sparse gradient has no fixed buffer, so the two regimes coincide).
+
+Memory, above the resting state (weights, the ``.grad`` buffers of the regime, and the input): ``step_peak``, the peak
+of one forward+backward (the headline ``memory ratio``), and ``after_forward``, what the forward leaves alive for the
+backward (saved activations). On CUDA:
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the resting allocation. On CPU there is no
 allocator peak counter, so each variant runs in a fresh subprocess that reads the kernel's peak resident set
 (``VmHWM`` in ``/proc/self/status``) after resetting it (writing ``5`` to ``/proc/self/clear_refs``) at the resting
@@ -52,6 +63,7 @@ from memzoo.blocks.pool import MemoryPool
 FULL = dict(n_keys=512, dim=256, heads=8, k=16, k_dim=128, batch=8, seq=256, update="dense")  # 2^18 experts
 QUICK = dict(n_keys=32, dim=64, heads=4, k=8, k_dim=32, batch=2, seq=64, update="dense")  # 2^10 experts
 VARIANTS = ("ops", "materialised")
+REGIMES = ("zeroed", "none")  # .grad before each step: kept and zeroed in place | None (module docstring)
 
 
 def materialised_forward(peer: PEER, x: torch.Tensor) -> torch.Tensor:
@@ -82,11 +94,12 @@ def step(peer: PEER, variant: str, x: torch.Tensor, grad_out: torch.Tensor) -> N
     y.backward(grad_out)
 
 
-def zero_grads(peer: PEER, x: torch.Tensor) -> None:
-    """Zeroes dense ``.grad`` buffers in place; drops sparse ones (a sparse gradient has no fixed buffer)."""
+def zero_grads(peer: PEER, x: torch.Tensor, regime: str = "zeroed") -> None:
+    """``zeroed``: zeroes dense ``.grad`` buffers in place and drops sparse ones (a sparse gradient has no fixed
+    buffer); ``none``: sets every ``.grad`` to ``None``."""
     for p in (*peer.parameters(), x):
         if p.grad is not None:
-            if p.grad.is_sparse:
+            if p.grad.is_sparse or regime == "none":
                 p.grad = None
             else:
                 p.grad.zero_()
@@ -98,8 +111,8 @@ def sync(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- time
-def time_variants(cfg: dict, device: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per forward+backward step of each variant, interleaved."""
+def time_variants(cfg: dict, device: str, warmup: int, repeats: int, regime: str) -> dict[str, float]:
+    """Median seconds per forward+backward step of each variant, interleaved, ``.grad`` as ``regime`` says."""
     peer, x, grad_out = build(cfg, device)
     for _ in range(warmup):
         for variant in VARIANTS:
@@ -107,7 +120,7 @@ def time_variants(cfg: dict, device: str, warmup: int, repeats: int) -> dict[str
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(repeats):
         for variant in VARIANTS:
-            zero_grads(peer, x)
+            zero_grads(peer, x, regime)
             sync(device)
             start = time.perf_counter()
             step(peer, variant, x, grad_out)
@@ -131,12 +144,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_memory_here(cfg: dict, device: str, variant: str) -> dict[str, int]:
+def measure_memory_here(cfg: dict, device: str, variant: str, regime: str) -> dict[str, int]:
     """Bytes above the resting state (see module docstring): ``after_forward``, what the forward leaves for the
     backward (outputs and saved activations), and ``step_peak``, the peak over the whole forward+backward."""
     peer, x, grad_out = build(cfg, device)
     step(peer, variant, x, grad_out)  # warm-up: allocates the .grad buffers
-    zero_grads(peer, x)
+    zero_grads(peer, x, regime)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -155,18 +168,18 @@ def measure_memory_here(cfg: dict, device: str, variant: str) -> dict[str, int]:
     return {"after_forward": after_forward * 1024, "step_peak": (_status_kib("VmHWM") - resting) * 1024}
 
 
-def measure_memory(cfg: dict, device: str, variant: str) -> dict[str, int]:
+def measure_memory(cfg: dict, device: str, variant: str, regime: str) -> dict[str, int]:
     """On CUDA in this process; on CPU in a fresh subprocess (so one variant's RSS never inflates the other's)."""
     if device == "cuda":
         torch.cuda.empty_cache()
-        return measure_memory_here(cfg, device, variant)
+        return measure_memory_here(cfg, device, variant, regime)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_peer as b; "
-        "print(json.dumps(b.measure_memory_here(json.loads(sys.argv[2]), 'cpu', sys.argv[3])))"
+        "print(json.dumps(b.measure_memory_here(json.loads(sys.argv[2]), 'cpu', sys.argv[3], sys.argv[4])))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(cfg), variant],
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(cfg), variant, regime],
         env=env, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -189,44 +202,53 @@ def profile_step(cfg: dict, device: str, variant: str, rows: int = 15) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def measure_regime(cfg: dict, device: str, warmup: int, repeats: int, regime: str) -> dict:
+    """Times and peak memories of both variants in one gradient regime, and their ratios (materialised / ops)."""
+    seconds = time_variants(cfg, device, warmup, repeats, regime)
+    memory = {v: measure_memory(cfg, device, v, regime) for v in VARIANTS}
+    return {
+        "seconds_per_step": seconds,
+        "memory_bytes": memory,
+        "time_ratio": seconds["materialised"] / seconds["ops"],
+        "memory_ratio": memory["materialised"]["step_peak"] / max(memory["ops"]["step_peak"], 1),
+        "after_forward_memory_ratio": memory["materialised"]["after_forward"] / max(memory["ops"]["after_forward"], 1),
+    }
+
+
 def run(cfg: dict, device: str, warmup: int, repeats: int) -> dict:
-    seconds = time_variants(cfg, device, warmup, repeats)
-    memory = {v: measure_memory(cfg, device, v) for v in VARIANTS}
-    gathered = cfg["batch"] * cfg["seq"] * cfg["heads"] * cfg["k"] * cfg["dim"] * 4
-    table_gradient = cfg["n_keys"] ** 2 * cfg["dim"] * 4  # one dense (N, dim) float32 table gradient
+    regimes = {regime: measure_regime(cfg, device, warmup, repeats, regime) for regime in REGIMES}
     return {
         "config": {**cfg, "experts": cfg["n_keys"] ** 2, "dtype": "float32", "device": device,
                    "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats},
         "max_abs_output_difference": max_output_difference(cfg, device),
-        "seconds_per_step": seconds,
-        "memory_bytes": memory,
-        "one_gathered_tensor_bytes": gathered,
-        "one_table_gradient_bytes": table_gradient,
-        # the step-peak ratio ops would reach if it needed nothing but one dense table gradient (dense update mode):
-        "memory_ratio_bound_dense_update": memory["materialised"]["step_peak"] / table_gradient,
-        "time_ratio": seconds["materialised"] / seconds["ops"],
-        "memory_ratio": memory["materialised"]["step_peak"] / max(memory["ops"]["step_peak"], 1),
-        "after_forward_memory_ratio": memory["materialised"]["after_forward"] / max(memory["ops"]["after_forward"], 1),
+        "one_gathered_tensor_bytes": cfg["batch"] * cfg["seq"] * cfg["heads"] * cfg["k"] * cfg["dim"] * 4,
+        "one_table_gradient_bytes": cfg["n_keys"] ** 2 * cfg["dim"] * 4,  # one dense (N, dim) float32 gradient
+        "headline_regime": REGIMES[0],
+        **regimes[REGIMES[0]],  # the headline: seconds_per_step, memory_bytes and the three ratios
+        "regimes": regimes,
         "memory_method": "cuda max_memory_allocated" if device == "cuda"
         else "VmHWM - VmRSS in a fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536",
     }
 
 
 def table(result: dict) -> str:
-    s, m = result["seconds_per_step"], result["memory_bytes"]
     mib = 2**20
-    lines = [
-        f"{'variant':<14}{'fwd+bwd ms':>12}{'step peak MiB':>15}{'after fwd MiB':>15}",
-        *(f"{v:<14}{s[v] * 1e3:>12.1f}{m[v]['step_peak'] / mib:>15.1f}{m[v]['after_forward'] / mib:>15.1f}"
-          for v in VARIANTS),
-        (f"{'ratio mat/ops':<14}{result['time_ratio']:>11.2f}x{result['memory_ratio']:>14.2f}x"
-         f"{result['after_forward_memory_ratio']:>14.2f}x"),
-    ]
+    lines = [f"{'.grad':<8}{'variant':<14}{'fwd+bwd ms':>12}{'step peak MiB':>15}{'after fwd MiB':>15}"]
+    for regime in REGIMES:
+        r = result["regimes"][regime]
+        s, m = r["seconds_per_step"], r["memory_bytes"]
+        lines += [
+            *(f"{regime:<8}{v:<14}{s[v] * 1e3:>12.1f}{m[v]['step_peak'] / mib:>15.1f}"
+              f"{m[v]['after_forward'] / mib:>15.1f}" for v in VARIANTS),
+            (f"{regime:<8}{'ratio mat/ops':<14}{r['time_ratio']:>11.2f}x{r['memory_ratio']:>14.2f}x"
+             f"{r['after_forward_memory_ratio']:>14.2f}x"),
+        ]
+    lines.append("(.grad zeroed: buffers kept and zeroed in place, as in gradient accumulation - the headline; "
+                 ".grad none: set to None, so each step's peak includes the gradients it leaves behind")
     if result["config"]["update"] == "dense":
-        lines.append(f"(dense update: both variants build a {result['one_table_gradient_bytes'] / mib:.0f} MiB table "
-                     f"gradient in the backward, so the step-peak ratio is at most "
-                     f"{result['memory_ratio_bound_dense_update']:.2f}x here)")
+        lines[-1] += f", {result['one_table_gradient_bytes'] / mib:.3g} MiB per table here"
+    lines[-1] += ")"
     return "\n".join(lines)
 
 
@@ -242,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--update", choices=["dense", "sparse"], default="dense",
                         help="expert pool update mode: sparse gives both variants row-sparse table gradients "
                              "(no dense (N, dim) transient), as a pool with update: sparse is trained")
-    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each variant")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top ops of each variant (.grad zeroed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     options = parser.parse_args(argv)
     if options.threads is not None:
