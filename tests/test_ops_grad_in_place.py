@@ -30,13 +30,17 @@ def micro_batches(op_name, n_rows=40, dim=6, count=3):
     return batches
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("op_name", OPS)
-def test_gradient_accumulation_matches_reference_and_adds_rows_once_grad_exists(op_name):
+def test_gradient_accumulation_matches_reference_and_adds_rows_once_grad_exists(op_name, device):
+    """On CUDA: the Triton row-sparse gradient, added into the dense ``.grad`` by CUDA's dense += sparse."""
     op, reference = OPS[op_name]
-    values = torch.nn.Parameter(torch.randn(40, 6, dtype=torch.float64))
+    dtype = torch.float64 if device == "cpu" else torch.float32  # fp32 on the GPU, as models train there
+    values = torch.nn.Parameter(torch.randn(40, 6, dtype=dtype, device=device))
     ref_values = torch.nn.Parameter(values.detach().clone())
     layouts = record_layouts(values)
     for indices, third, upstream in micro_batches(op_name):
+        indices, third, upstream = indices.to(device), third.to(device, dtype), upstream.to(device, dtype)
         (op(values, indices, third) * upstream).sum().backward()
         (reference(ref_values, indices, third) * upstream).sum().backward()
     # the first backward creates .grad (dense, kept as is); the later ones add their rows into it
