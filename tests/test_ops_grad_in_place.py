@@ -4,12 +4,14 @@ row form would be visible to the caller (``autograd.grad``, ``create_graph``, no
 
 import contextlib
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from memzoo.ops import gather_dot, weighted_gather
+from memzoo.model.transformer import Transformer
+from memzoo.ops import gather_dot, sparse_gather, weighted_gather
 from test_ops_sparse_gather import OPS, make_inputs, peak_cpu_bytes
 
 
@@ -87,6 +89,7 @@ def test_autograd_grad_receives_a_dense_gradient_and_leaves_grad_alone():
     assert torch.equal(values.grad, before)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # the cycle is this test's own
 def test_create_graph_keeps_the_dense_form_and_double_backward_works():
     values = torch.nn.Parameter(torch.randn(40, 6, dtype=torch.float64))
     indices, weights, upstream = micro_batches("weighted_gather", count=1)[0]
@@ -188,3 +191,52 @@ def test_ddp_gradient_accumulation_averages_the_in_place_sums(tmp_path):
             (((weights.unsqueeze(-1) * reference[indices]).sum(-2) ** 2).sum() / world).backward()
     for rank in range(world):
         torch.testing.assert_close(grads[rank], reference.grad)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class _PeerLM(L.LightningModule):
+    """Two PEER layers sharing one dense-update expert pool, trained with plain AdamW."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = Transformer(
+            vocab_size=40, dim=16, n_layers=2, n_heads=2, max_seq_len=8, block="peer",
+            block_args={"pool": "experts", "heads": 2, "k": 3, "k_dim": 8, "query_norm": "layernorm"},
+            pools={"experts": {"kind": "experts", "n_keys": 8, "value_dim": 16}},
+        )
+
+    def training_step(self, batch, batch_idx):
+        ids = batch[0]
+        logits = self.model(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _fit_with_accumulation(module: L.LightningModule, tmp_path) -> None:
+    ids = torch.randint(0, 40, (8, 8), generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)  # 4 micro-batches
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, gradient_clip_val=1.0)
+    trainer.fit(module, loader)
+
+
+def test_trainer_gradient_accumulation_trains_the_same_model_with_rows_added_in_place(tmp_path, monkeypatch):
+    """Lightning with ``accumulate_grad_batches=2`` (``.grad`` set to ``None`` after each optimizer step): the second
+    micro-batch of each step adds rows in place, and training ends where the all-dense path ends."""
+    in_place = _PeerLM()
+    layouts = record_layouts(in_place.model.pools["experts"].up)
+    _fit_with_accumulation(in_place, tmp_path / "in_place")
+    assert layouts == [torch.strided, torch.sparse_coo] * 2  # per step: create .grad, then add rows into it
+
+    monkeypatch.setattr(sparse_gather, "_adds_into_dense_grad", lambda table: False)
+    dense = _PeerLM()
+    _fit_with_accumulation(dense, tmp_path / "dense")
+    for (name, p), q in zip(in_place.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch.equal(in_place.model.pools["experts"].up, _PeerLM().model.pools["experts"].up)  # it trained
