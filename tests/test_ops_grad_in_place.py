@@ -123,6 +123,17 @@ def test_backward_with_inputs_excluding_the_table_leaves_its_grad_alone():
     assert torch.equal(values.grad, before)
 
 
+def test_without_pytorchs_engine_query_the_dense_form_is_used(monkeypatch):
+    """The engine query is private PyTorch API: if a release drops it, gradients stay correct (dense)."""
+    monkeypatch.setattr(sparse_gather, "_will_engine_execute_node", None)
+    values = torch.nn.Parameter(torch.randn(40, 6, dtype=torch.float64))
+    indices, weights, upstream = micro_batches("weighted_gather", count=1)[0]
+    (weighted_gather(values, indices, weights) * upstream).sum().backward()
+    layouts = record_layouts(values)
+    (weighted_gather(values, indices, weights) * upstream).sum().backward()
+    assert layouts == [torch.strided] and values.grad.layout == torch.strided
+
+
 @pytest.mark.parametrize("op_name", OPS)
 def test_no_table_sized_transient_once_grad_exists(op_name):
     """With ``.grad`` allocated, the backward's peak is the rows used, not a fresh ``(N, D)`` gradient."""

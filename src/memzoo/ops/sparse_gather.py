@@ -261,10 +261,16 @@ def _adds_into_dense_grad(table: Tensor) -> bool:
         return False
     if grad.is_cuda and torch.are_deterministic_algorithms_enabled():  # CUDA dense += sparse may alert there
         return False
+    if _will_engine_execute_node is None:  # a PyTorch without the query: always the dense form
+        return False
     try:  # True for .backward(); raises inside torch.autograd.grad (which captures the gradient instead)
-        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(table).node)
+        return _will_engine_execute_node(torch.autograd.graph.get_gradient_edge(table).node)
     except RuntimeError:
         return False
+
+
+#: Whether the running backward will execute an autograd node (PyTorch's own ``register_multi_grad_hook`` uses it).
+_will_engine_execute_node = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 def _save_table_read(ctx, inputs, output):
