@@ -1,4 +1,4 @@
-"""Product-key top-k: exact nearest keys among ``n_keys²`` product keys in O(n_keys + k²) (Lample et al. 2019).
+"""Product-key top-k: exact nearest keys among ``n_keys²`` product keys in O(n_keys + k·log k) (Lample et al. 2019).
 
 A product key is a pair of sub-keys ``(c1[i1], c2[i2])``, one from each of two sub-key sets of size ``n_keys``;
 it is scored against a query ``q = [q1, q2]`` (split in halves) as
