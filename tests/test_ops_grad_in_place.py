@@ -12,7 +12,13 @@ import torch.multiprocessing as mp
 
 from memzoo.model.transformer import Transformer
 from memzoo.ops import gather_dot, sparse_gather, weighted_gather
-from test_ops_sparse_gather import OPS, make_inputs, peak_cpu_bytes
+from test_ops_sparse_gather import (
+    OPS,
+    make_inputs,
+    peak_cpu_bytes,
+    reference_gather_dot,
+    reference_weighted_gather,
+)
 
 
 def record_layouts(tensor: torch.Tensor) -> list:
@@ -72,8 +78,8 @@ def test_two_reads_of_one_table_in_one_graph_add_up_in_place():
     idx_a, idx_b = torch.randint(0, 16, (3, 5)), torch.randint(0, 8, (3, 5))
     for _ in range(2):
         ((weighted_gather(values, idx_a, weights) ** 2).sum() + (gather_dot(values, idx_b, x) ** 3).sum()).backward()
-        (((weights.unsqueeze(-1) * ref_values[idx_a]).sum(-2) ** 2).sum()
-         + ((ref_values[idx_b] * x.unsqueeze(-2)).sum(-1) ** 3).sum()).backward()
+        ((reference_weighted_gather(ref_values, idx_a, weights) ** 2).sum()
+         + (reference_gather_dot(ref_values, idx_b, x) ** 3).sum()).backward()
     assert values.grad.layout == torch.strided
     torch.testing.assert_close(values.grad, ref_values.grad)
 
@@ -199,7 +205,7 @@ def test_ddp_gradient_accumulation_averages_the_in_place_sums(tmp_path):
     reference = torch.nn.Parameter(_initial_table())
     for rank in range(world):
         for indices, weights in _micro_batches(rank):
-            (((weights.unsqueeze(-1) * reference[indices]).sum(-2) ** 2).sum() / world).backward()
+            ((reference_weighted_gather(reference, indices, weights) ** 2).sum() / world).backward()
     for rank in range(world):
         torch.testing.assert_close(grads[rank], reference.grad)
 

@@ -261,8 +261,8 @@ class ProductKeyMemory(nn.Module):
 
         ``2·dim·H·k_dim`` (query) + ``2·H·n_keys·k_dim`` (both halves scored against all sub-keys)
         + ``H·candidate_pairs(knn)`` (candidate sums before the final top-k, about ``knn·ln knn``; the top-k
-        selections themselves are comparisons, not counted) + ``2·H·knn·value_dim`` (weighted read) + ``2·dim·value_dim`` per projection
-        (``W_1`` and ``W_2`` for Memory+, ``W_o`` for a projecting PKM).
+        selections themselves are comparisons, not counted) + ``2·H·knn·value_dim`` (weighted read)
+        + ``2·dim·value_dim`` per projection (``W_1`` and ``W_2`` for Memory+, ``W_o`` for a projecting PKM).
         """
         h, dv = self.heads, self.value_dim
         flops = 2 * self.dim * h * self.k_dim + 2 * h * self.n_keys * self.k_dim + h * candidate_pairs(self.knn)
