@@ -11,31 +11,41 @@ class _RMSNormFunction(torch.autograd.Function):
     gradient ``dx = r · (g·w − x̂ · mean(g·w·x̂))``, ``dw = Σ g·x̂`` (sum over all leading dims).
 
     Computed in float32 for half-precision inputs (float64 stays float64); ``y`` and ``dx`` come back in ``x``'s
-    dtype, ``dw`` in ``w``'s. Saves ``x̂`` (compute dtype) and ``r`` for the backward. Cost: about 3 elementwise
-    passes over ``x`` forward and 5 backward, against about 14 for the same formula through autograd.
+    dtype, ``dw`` in ``w``'s. Saves ``x̂`` (compute dtype) and ``r`` for the backward. Cost: 4 passes over ``x``
+    forward (square, mean, two products) and 5 backward (``mean(g·w·x̂)`` as one matrix-vector product), about half
+    the kernels of the same formula through autograd. (``F.rms_norm`` runs the same kernels forward on CPU and has no
+    CPU backward kernel, so it would not be faster here.)
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
-        x_c = x.to(dtype)
+        x_c = x if x.dtype == dtype else x.to(dtype)
         r = torch.rsqrt(x_c.square().mean(dim=-1, keepdim=True).add_(eps))
         x_hat = x_c * r
         ctx.save_for_backward(x_hat, r, weight)
         ctx.x_dtype = x.dtype
-        return (x_hat * weight.to(dtype)).to(x.dtype)
+        y = x_hat * weight  # promotes a half-precision weight to the compute dtype
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x_hat, r, weight = ctx.saved_tensors
-        g = grad.to(x_hat.dtype)
+        if grad.dtype != x_hat.dtype:
+            grad = grad.to(x_hat.dtype)
+        d = x_hat.shape[-1]
+        g_x_hat = (grad * x_hat).reshape(-1, d)  # (N, d)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(dim=0).to(weight.dtype)
+            grad_w = g_x_hat.sum(dim=0)  # in the compute dtype
+            if grad_w.dtype != weight.dtype:
+                grad_w = grad_w.to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            g_w = g * weight.to(x_hat.dtype)
-            dot = (g_w * x_hat).mean(dim=-1, keepdim=True)
-            grad_x = torch.addcmul(g_w, x_hat, dot, value=-1.0).mul_(r).to(ctx.x_dtype)
+            w = weight if weight.dtype == x_hat.dtype else weight.to(x_hat.dtype)
+            dot = torch.mv(g_x_hat, w).view(x_hat.shape[:-1] + (1,))  # Σ_d g·w·x̂, one matrix-vector product
+            grad_x = torch.addcmul(grad * w, x_hat, dot, value=-1.0 / d).mul_(r)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, grad_w, None
 
 
