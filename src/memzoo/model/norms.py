@@ -11,8 +11,8 @@ class _RMSNormFunction(torch.autograd.Function):
     gradient ``dx = r · (g·w − x̂ · mean(g·w·x̂))``, ``dw = Σ g·x̂`` (sum over all leading dims).
 
     Computed in float32 for half-precision inputs (float64 stays float64); ``y`` and ``dx`` come back in ``x``'s
-    dtype, ``dw`` in ``w``'s. Saves ``x̂`` (compute dtype) and ``r`` for the backward. Cost: 4 passes over ``x``
-    forward (square, mean, two products) and 5 backward (``mean(g·w·x̂)`` as one matrix-vector product), about half
+    dtype, ``dw`` in ``w``'s. Saves ``x̂`` (compute dtype) and ``r`` for the backward. Cost: 3 passes over ``x``
+    forward (the norm, two products) and 5 backward (``mean(g·w·x̂)`` as one matrix-vector product), about half
     the kernels of the same formula through autograd. (``F.rms_norm`` runs the same kernels forward on CPU and has no
     CPU backward kernel, so it would not be faster here.)
     """
@@ -21,7 +21,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         x_c = x if x.dtype == dtype else x.to(dtype)
-        r = torch.rsqrt(x_c.square().mean(dim=-1, keepdim=True).add_(eps))
+        d = x.shape[-1]
+        r = torch.linalg.vector_norm(x_c, dim=-1, keepdim=True).square_().div_(d).add_(eps).rsqrt_()  # one pass
         x_hat = x_c * r
         ctx.save_for_backward(x_hat, r, weight)
         ctx.x_dtype = x.dtype
