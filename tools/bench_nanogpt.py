@@ -32,7 +32,6 @@ import io
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +64,17 @@ def load_nanogpt(checkout: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def nanogpt_commit(checkout: Path) -> str | None:
+    """The git commit of a nanoGPT checkout, or None when it is not a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def build_nanogpt(module, vocab_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -178,7 +188,7 @@ def profile_table(step: Step, batches: list[tuple[torch.Tensor, torch.Tensor]], 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of github.com/karpathy/nanoGPT")
     parser.add_argument("--config", type=Path, default=ROOT / "configs/study/shakespeare-nanogpt.yaml")
@@ -189,7 +199,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps of each model")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in ("steps", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -231,6 +241,7 @@ def main() -> None:
     cpu_ratios = [n / m for n, m in zip(cpu_times["nanogpt"], cpu_times["memzoo"])]
     result = {
         "recipe": {**RECIPE, "adamw": ADAMW, "clip": CLIP},
+        "nanogpt_commit": nanogpt_commit(args.nanogpt),
         "memzoo_config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "memzoo_architecture": memzoo_architecture(args.config),
         "vocab": {"nanogpt": char_vocab, "memzoo": ByteTokenizer.vocab_size},
@@ -276,7 +287,8 @@ def main() -> None:
         from memzoo.export.atomic import write_bytes_atomic
 
         write_bytes_atomic(args.json, (json.dumps(result, indent=2) + "\n").encode())
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
