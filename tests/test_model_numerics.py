@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memzoo.model.norms import RMSNorm, rms_norm
+from memzoo.nn.norms import RMSNorm, rms_norm
 from memzoo.model.rope import RotaryEmbedding
 
 

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"\n== {name}: {args.profile} steps, ops by self CPU time")
             print(profile_table(steps[name], batches[name][tail]))
     if args.json:
-        from memzoo.export.atomic import write_bytes_atomic
+        from memzoo.atomic import write_bytes_atomic
 
         write_bytes_atomic(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return result
