@@ -115,8 +115,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
-        q, k = self.rope(q, start), self.rope(k, start)  # (B, T, H, hd)
+        # split (not slicing) so that the backward joins the gradients of (q, k) and v with one copy
+        qk, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
+        q, k = self.rope(qk, start).unbind(dim=2)  # queries and keys rotated in one pass, (B, T, H, hd)
+        v = v.squeeze(2)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             if start + T > cache.k.shape[2]:

@@ -1,0 +1,97 @@
+"""tools/bench_nanogpt.py without nanoGPT: the study config's size, the shared windows, a run against a stand-in."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "study" / "shakespeare-nanogpt.yaml"
+
+# a stand-in with nanoGPT's interface (GPTConfig, GPT(config) -> (logits, loss), configure_optimizers), written here
+STAND_IN = '''
+from dataclasses import dataclass
+import torch, torch.nn as nn, torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 8
+    vocab_size: int = 10
+    n_layer: int = 1
+    n_head: int = 1
+    n_embd: int = 8
+    dropout: float = 0.0
+    bias: bool = False
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d = config.n_embd
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, d), wpe=nn.Embedding(config.block_size, d)))
+        self.body = nn.Linear(d, d, bias=False)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        pos = torch.arange(idx.shape[1])
+        logits = self.lm_head(torch.relu(self.body(self.transformer.wte(idx) + self.transformer.wpe(pos))))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+'''
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_nanogpt", ROOT / "tools" / "bench_nanogpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def nanogpt_non_embedding_params(n_layer: int, n_embd: int) -> int:
+    """nanoGPT with bias=False, without token and position embeddings: per layer c_attn 3d², c_proj d², c_fc 4d²,
+    mlp c_proj 4d², two LayerNorm weights 2d; plus ln_f d."""
+    return n_layer * (12 * n_embd**2 + 2 * n_embd) + n_embd
+
+
+def test_study_config_matches_nanogpts_non_embedding_parameter_count_within_two_percent():
+    bench = load_bench()
+    model, _ = bench.build_memzoo(CONFIG, 258)
+    counts = bench.parameter_counts(model, [model.embed.weight, model.head.weight])
+    target = nanogpt_non_embedding_params(bench.RECIPE["n_layer"], bench.RECIPE["n_embd"])
+    assert target == 787_584
+    assert abs(counts["non_embedding"] / target - 1) <= 0.02, counts
+    assert counts["total"] == counts["non_embedding"] + 258 * 128  # tied embeddings counted once
+
+
+def test_windows_give_both_models_the_same_characters():
+    bench = load_bench()
+    chars, bytes_, vocab = bench.windows(None, n=6, block=9, seed=0)
+    assert chars.shape == bytes_.shape == (6, 10) and vocab == 65
+    assert chars.max() < vocab
+    # one character ↔ one byte: equal bytes map to equal ids and the order of symbols is kept
+    assert torch.equal(torch.argsort(bytes_.flatten(), stable=True), torch.argsort(chars.flatten(), stable=True))
+
+
+def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys):
+    (tmp_path / "model.py").write_text(STAND_IN)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  init_args: {dim: 16, n_layers: 1, n_heads: 2, block: dense, max_seq_len: 64}\n")
+    out = tmp_path / "bench.json"
+    result = load_bench().main(
+        ["--nanogpt", str(tmp_path), "--config", str(config), "--text", str(tmp_path / "none.txt"), "--steps", "2",
+         "--warmup", "1", "--repeats", "2", "--json", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert len(result["ratios_memzoo_vs_nanogpt"]) == 2 and result["median_ratio_memzoo_vs_nanogpt"] > 0
+    assert result["median_cpu_time_ratio_memzoo_vs_nanogpt"] > 0
+    assert result["params"]["memzoo"]["non_embedding"] < result["params"]["memzoo"]["total"]
+    assert "ratio memzoo/nanoGPT" in capsys.readouterr().out
+
+
+def test_a_missing_checkout_names_the_clone_command(tmp_path):
+    with pytest.raises(SystemExit, match="git clone https://github.com/karpathy/nanoGPT"):
+        load_bench().main(["--nanogpt", str(tmp_path)])

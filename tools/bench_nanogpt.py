@@ -1,0 +1,294 @@
+"""Training speed of memzoo's dense decoder against karpathy/nanoGPT's GPT, side by side in one process.
+
+Both bare models train on nanoGPT's CPU recipe for character-level tiny Shakespeare (4 layers, 4 heads, width 128,
+context 64, batch 12, AdamW lr 1e-3 betas (0.9, 0.99) weight decay 0.1 on matrices, gradient clipping 1.0, no
+dropout): each step is forward, cross-entropy, backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``,
+``zero_grad(set_to_none=True)``. No Lightning, no data loader: the same pre-drawn random windows of the text feed both
+(nanoGPT as its 65 character ids, memzoo as bytes, vocab 258). The runs alternate A B A B (``--repeats`` pairs of
+``--steps`` timed steps each, after ``--warmup`` untimed steps per model) so drifts in machine load hit both; the
+headline is the median over pairs of ``memzoo tokens/s ÷ nanoGPT tokens/s`` measured in the same pair, from wall time
+and, less disturbed by other processes on a shared machine, from the CPU time of the (single) compute thread.
+
+nanoGPT's code is not part of memzoo: get a checkout and pass its directory (its ``model.py`` is imported at run
+time)::
+
+    git clone https://github.com/karpathy/nanoGPT ../nanoGPT
+    python tools/bench_nanogpt.py --nanogpt ../nanoGPT [--config configs/study/shakespeare-nanogpt.yaml]
+        [--text ../shared/data/tinyshakespeare.txt] [--steps 100] [--warmup 10] [--repeats 6] [--threads 1]
+        [--json docs/results/bench_nanogpt.json] [--profile 20]
+
+memzoo's architecture comes from ``--config`` (the model section of a ``memzoo fit`` YAML). ``--profile N`` adds a
+torch.profiler table of the ops with the most self CPU time over N steps of each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import io
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from memzoo.data.tokenizers import ByteTokenizer
+from memzoo.model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False)
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+CLIP = 1.0
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ models
+def load_nanogpt(checkout: Path):
+    """nanoGPT's ``model`` module imported from ``checkout/model.py`` (a clone of github.com/karpathy/nanoGPT)."""
+    path = checkout / "model.py"
+    if not path.is_file():
+        raise SystemExit(
+            f"--nanogpt {checkout}: no model.py there; clone nanoGPT first: "
+            f"git clone https://github.com/karpathy/nanoGPT {checkout}"
+        )
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def nanogpt_commit(checkout: Path) -> str | None:
+    """The git commit of a nanoGPT checkout, or None when it is not a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_nanogpt(module, vocab_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """nanoGPT's GPT with the recipe's sizes and its own ``configure_optimizers`` (decay on ≥2-D tensors)."""
+    config = module.GPTConfig(vocab_size=vocab_size, **{k: v for k, v in RECIPE.items() if k != "batch_size"})
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
+        model = module.GPT(config)
+        opt = model.configure_optimizers(ADAMW["weight_decay"], ADAMW["lr"], ADAMW["betas"], "cpu")
+    return model, opt
+
+
+def memzoo_architecture(config: Path) -> dict[str, Any]:
+    """The architecture fields of a ``memzoo fit`` YAML (``model.init_args`` or ``model.init_args.architecture``)."""
+    init = yaml.safe_load(config.read_text())["model"]["init_args"]
+    return dict(init.get("architecture", init))
+
+
+def build_memzoo(config: Path, vocab_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """memzoo's Transformer from ``config``'s architecture, AdamW with memzoo's parameter groups (as ``memzoo fit``)."""
+    from memzoo.training.optim import build_optimizer
+
+    arch = {**memzoo_architecture(config), "vocab_size": vocab_size}
+    try:  # one architecture dataclass (memzoo.model.config.ModelConfig) where it exists
+        from memzoo.model.config import ModelConfig
+    except ImportError:
+        ModelConfig = None
+    if ModelConfig is not None:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = Transformer(ModelConfig(**{k: v for k, v in arch.items() if k in fields}))
+    else:
+        accepted = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
+        model = Transformer(**{k: v for k, v in arch.items() if k in accepted})
+    opt = build_optimizer(model, lambda groups: torch.optim.AdamW(groups, **ADAMW))
+    return model, opt
+
+
+def parameter_counts(model: nn.Module, embedding_weights: list[torch.Tensor]) -> dict[str, int]:
+    """Total (tied weights once) and non-embedding parameters (without token/position embeddings and LM head)."""
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    embedding = sum(p.numel() for p in {id(w): w for w in embedding_weights}.values())
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def nanogpt_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def memzoo_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ data
+def windows(text: Path | None, n: int, block: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``n`` random windows of ``block + 1`` characters: (nanoGPT char ids, memzoo byte ids, nanoGPT vocab size).
+
+    Without a text file: uniform random characters over 65 printable ASCII symbols (timing only).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if text is not None and text.is_file():
+        data = text.read_bytes()
+        if not data.isascii():
+            raise SystemExit(f"--text {text}: not ASCII, so its bytes are not its characters; use an ASCII text")
+    else:
+        data = bytes(range(58, 123)) * 1000
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    chars = torch.unique(raw)
+    lookup = torch.zeros(256, dtype=torch.long)
+    lookup[chars] = torch.arange(len(chars))
+    starts = torch.randint(0, len(raw) - block - 1, (n,), generator=g)
+    idx = starts[:, None] + torch.arange(block + 1)
+    byte_windows = raw[idx]
+    return lookup[byte_windows], byte_windows, len(chars)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def run_steps(step: Step, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, float]:
+    """Wall seconds and CPU seconds of this thread for ``step`` over every ``(inputs, targets)`` batch, and the last
+    loss. With one torch thread all compute runs on the calling thread, so its CPU time excludes the time other
+    processes on a shared machine take from it."""
+    start, start_cpu = time.perf_counter(), time.thread_time()
+    loss = torch.zeros(())
+    for x, y in batches:
+        loss = step(x, y)
+    return time.perf_counter() - start, time.thread_time() - start_cpu, float(loss)
+
+
+def profile_table(step: Step, batches: list[tuple[torch.Tensor, torch.Tensor]], rows: int = 20) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in batches:
+            step(x, y)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of github.com/karpathy/nanoGPT")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/study/shakespeare-nanogpt.yaml")
+    parser.add_argument("--text", type=Path, default=ROOT.parent / "shared/data/tinyshakespeare.txt")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per model before the first run")
+    parser.add_argument("--repeats", type=int, default=6, help="A B pairs; the ratio is the median over pairs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", type=int, default=0, help="also profile this many steps of each model")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for name in ("steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+
+    B, T = RECIPE["batch_size"], RECIPE["block_size"]
+    n_batches = args.warmup + args.steps * args.repeats + args.profile
+    char_ids, byte_ids, char_vocab = windows(args.text, n_batches * B, T, seed=0)
+    def split(ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:  # contiguous, as nanoGPT's get_batch
+        ids = ids.view(n_batches, B, T + 1)
+        return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in ids]
+
+    torch.manual_seed(1337)
+    nano, nano_opt = build_nanogpt(load_nanogpt(args.nanogpt), char_vocab)
+    torch.manual_seed(1337)
+    mz, mz_opt = build_memzoo(args.config, ByteTokenizer.vocab_size)
+    nano.train(), mz.train()
+    counts = {
+        "nanogpt": parameter_counts(nano, [nano.transformer.wte.weight, nano.transformer.wpe.weight, nano.lm_head.weight]),
+        "memzoo": parameter_counts(mz, [mz.embed.weight, mz.head.weight]),
+    }
+    steps = {"nanogpt": nanogpt_step(nano, nano_opt), "memzoo": memzoo_step(mz, mz_opt)}
+    batches = {"nanogpt": split(char_ids), "memzoo": split(byte_ids)}
+
+    w = args.warmup
+    for name in steps:
+        run_steps(steps[name], batches[name][:w])
+    times: dict[str, list[float]] = {"nanogpt": [], "memzoo": []}
+    cpu_times: dict[str, list[float]] = {"nanogpt": [], "memzoo": []}
+    losses: dict[str, float] = {}
+    for r in range(args.repeats):  # A B A B: nanoGPT then memzoo in every pair
+        chunk = slice(w + r * args.steps, w + (r + 1) * args.steps)
+        for name in steps:
+            seconds, cpu_seconds, losses[name] = run_steps(steps[name], batches[name][chunk])
+            times[name].append(seconds)
+            cpu_times[name].append(cpu_seconds)
+    tokens = args.steps * B * T
+    ratios = [n / m for n, m in zip(times["nanogpt"], times["memzoo"])]
+    cpu_ratios = [n / m for n, m in zip(cpu_times["nanogpt"], cpu_times["memzoo"])]
+    result = {
+        "recipe": {**RECIPE, "adamw": ADAMW, "clip": CLIP},
+        "nanogpt_commit": nanogpt_commit(args.nanogpt),
+        "memzoo_config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+        "memzoo_architecture": memzoo_architecture(args.config),
+        "vocab": {"nanogpt": char_vocab, "memzoo": ByteTokenizer.vocab_size},
+        "params": counts,
+        "non_embedding_params_ratio_memzoo_vs_nanogpt": counts["memzoo"]["non_embedding"]
+        / counts["nanogpt"]["non_embedding"],
+        "timed_steps_per_run": args.steps,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+        "tokens_per_s": {name: [tokens / s for s in times[name]] for name in times},
+        "median_tokens_per_s": {name: tokens / statistics.median(times[name]) for name in times},
+        "ratios_memzoo_vs_nanogpt": ratios,
+        "median_ratio_memzoo_vs_nanogpt": statistics.median(ratios),
+        "cpu_time_tokens_per_s": {name: [tokens / s for s in cpu_times[name]] for name in cpu_times},
+        "median_cpu_time_tokens_per_s": {name: tokens / statistics.median(cpu_times[name]) for name in cpu_times},
+        "cpu_time_ratios_memzoo_vs_nanogpt": cpu_ratios,
+        "median_cpu_time_ratio_memzoo_vs_nanogpt": statistics.median(cpu_ratios),
+        "last_train_loss": losses,
+    }
+    result["target_met"] = result["median_ratio_memzoo_vs_nanogpt"] >= 1.0
+    print(json.dumps(result, indent=2))
+    print()
+    print(f"{'model':<10}{'params':>10}{'non-emb':>10}{'tok/s wall':>12}{'tok/s CPU':>12}   tok/s wall per pair")
+    for name in ("nanogpt", "memzoo"):
+        per = " ".join(f"{v:.0f}" for v in result["tokens_per_s"][name])
+        print(f"{name:<10}{counts[name]['total']:>10,}{counts[name]['non_embedding']:>10,}"
+              f"{result['median_tokens_per_s'][name]:>12.0f}{result['median_cpu_time_tokens_per_s'][name]:>12.0f}"
+              f"   {per}")
+    print(f"ratio memzoo/nanoGPT, wall time, per pair: {' '.join(f'{x:.3f}' for x in ratios)}; "
+          f"median {result['median_ratio_memzoo_vs_nanogpt']:.3f} (target >= 1.0 "
+          f"{'met' if result['target_met'] else 'missed'})")
+    print(f"ratio memzoo/nanoGPT, CPU time, per pair: {' '.join(f'{x:.3f}' for x in cpu_ratios)}; "
+          f"median {result['median_cpu_time_ratio_memzoo_vs_nanogpt']:.3f}")
+    if args.profile:
+        tail = slice(n_batches - args.profile, n_batches)
+        torch.set_num_threads(args.threads)
+        for name in steps:
+            print(f"\n== {name}: {args.profile} steps, ops by self CPU time")
+            print(profile_table(steps[name], batches[name][tail]))
+    if args.json:
+        from memzoo.atomic import write_bytes_atomic
+
+        write_bytes_atomic(args.json, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+if __name__ == "__main__":
+    main()
