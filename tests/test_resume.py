@@ -62,3 +62,21 @@ def test_ckpt_path_last_is_the_newest_last_ckpt_of_the_experiment(tmp_path, caps
     assert f"--ckpt_path last is {last_ckpt(second)}" in capsys.readouterr().err
     assert resumed.trainer.global_step == 4
     assert min(step_losses(resumed)) == 2  # continued from step 2, not from 0
+
+
+@pytest.mark.parametrize("every, resume_at", [(5, 5), (4, 12)])
+def test_resume_from_a_step_checkpoint_reproduces_the_uninterrupted_losses(tmp_path, every, resume_at):
+    """``checkpoint.every_n_train_steps`` checkpoints are saved at a train batch's end: mid-epoch (step 5) or at the
+    last batch of an epoch (step 12 of 12-batch epochs). The resumed run reads exactly the batches the uninterrupted
+    run read next, so its losses are equal."""
+    args = ["--model.init_args.lr_decay_steps", "16", "--checkpoint.every_n_train_steps", str(every),
+            "--data.init_args.samples_per_epoch", "96", "--checkpoint.save_top_k", "-1"]  # 12 batches an epoch
+    full = main(["fit", "--config", str(write_config(tmp_path, steps=16, val_every=100)), *args])
+    losses = step_losses(full)
+    ckpt = Path(full.trainer.logger.log_dir) / "checkpoints" / f"step{resume_at}.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == resume_at
+    resumed = step_losses(main(["fit", "--config", str(write_config(tmp_path, steps=16, val_every=100)), *args,
+                                "--ckpt_path", str(ckpt)]))
+    assert sorted(resumed) == list(range(resume_at, 16))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(losses[step], abs=1e-6), step
