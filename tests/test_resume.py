@@ -80,3 +80,17 @@ def test_resume_from_a_step_checkpoint_reproduces_the_uninterrupted_losses(tmp_p
     assert sorted(resumed) == list(range(resume_at, 16))
     for step in resumed:
         assert resumed[step] == pytest.approx(losses[step], abs=1e-6), step
+
+
+def test_last_ckpt_holds_the_final_step_and_resumes_exactly(tmp_path):
+    """10 steps validated every 6: Lightning alone leaves step 6 in last.ckpt; memzoo saves step 10, and resuming
+    from it to step 16 gives the losses of an uninterrupted 16-step run."""
+    schedule = ["--model.init_args.lr_decay_steps", "16"]
+    first = main(["fit", "--config", str(write_config(tmp_path, steps=10, val_every=6)), *schedule])
+    assert torch.load(last_ckpt(first), weights_only=True)["global_step"] == 10
+    full = step_losses(main(["fit", "--config", str(write_config(tmp_path, steps=16, val_every=6)), *schedule]))
+    resumed = step_losses(main(["fit", "--config", str(write_config(tmp_path, steps=16, val_every=6)), *schedule,
+                                "--ckpt_path", str(last_ckpt(first))]))
+    assert sorted(resumed) == list(range(10, 16))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step

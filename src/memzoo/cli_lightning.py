@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -27,6 +27,7 @@ from memzoo.data import LMDataModule
 from memzoo.training.callbacks import PredictionWriter
 from memzoo.training.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
 from memzoo.training.module import LanguageModel
+from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -62,7 +63,7 @@ class MemzooCLI(LightningCLI):
             help="File `memzoo predict` writes (JSON lines: prompt, completion); relative paths go in the run folder.",
         )
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -133,6 +134,15 @@ def _config_stem(config: Any) -> str | None:
 def run_lightning_cli(args: list[str]) -> MemzooCLI:
     """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return _run(args)
+    except StoppedBySignal as stop:
+        hint = f"; resume with --ckpt_path {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"memzoo: {stop}{hint}", file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
+
+
+def _run(args: list[str]) -> MemzooCLI:
     return MemzooCLI(
         model_class=LanguageModel,
         datamodule_class=LMDataModule,
