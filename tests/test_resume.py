@@ -94,3 +94,45 @@ def test_last_ckpt_holds_the_final_step_and_resumes_exactly(tmp_path):
     assert sorted(resumed) == list(range(10, 16))
     for step in resumed:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def _fit_until_checkpointed(tmp_path, config, *extra):
+    """Starts a real ``memzoo fit`` of ``config`` and returns it once its first step checkpoint exists."""
+    import os
+    import subprocess
+    import time
+
+    ckpts = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memzoo", "fit", "--config", str(config), "--checkpoint.every_n_train_steps", "3",
+         "--model.init_args.lr_decay_steps", "200", *extra],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )
+    deadline = time.monotonic() + 60
+    while not list(ckpts.glob("step*.ckpt")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.1)
+    return process, ckpts
+
+
+@pytest.mark.parametrize("signum, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_saves_last_ckpt_at_the_current_step_and_exits_nonzero(tmp_path, signum, status):
+    import signal
+
+    config = write_config(tmp_path, steps=200, val_every=1000)
+    process, ckpts = _fit_until_checkpointed(tmp_path, config)
+    process.send_signal(getattr(signal, signum))
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == status, err
+    step = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+    assert 3 <= step < 200
+    assert f"stopped by {signum} at step {step}" in err and "Traceback" not in err, err
+    assert not list(ckpts.glob(".*partial"))
+    if signum == "SIGTERM":  # resuming from it reproduces the uninterrupted run
+        schedule = ["--model.init_args.lr_decay_steps", "200", "--trainer.max_steps", str(step + 3)]
+        resumed = step_losses(main(["fit", "--config", str(config), *schedule, "--ckpt_path", str(ckpts / "last.ckpt")]))
+        full = step_losses(main(["fit", "--config", str(config), *schedule]))
+        assert sorted(resumed) == [step, step + 1, step + 2]
+        for s in resumed:
+            assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
