@@ -136,3 +136,18 @@ def test_signal_saves_last_ckpt_at_the_current_step_and_exits_nonzero(tmp_path, 
         assert sorted(resumed) == [step, step + 1, step + 2]
         for s in resumed:
             assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
+
+
+def test_a_run_removes_the_partial_files_killed_runs_left(tmp_path, capsys):
+    import os
+    import time
+
+    ckpts = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    stale = ckpts / ".last.ckpt.k1ll3d.partial"
+    stale.write_bytes(b"\0" * 1000)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    main(["fit", "--config", str(write_config(tmp_path, steps=1, val_every=1))])
+    assert not stale.exists()
+    assert "removed 1 partial checkpoint file(s) left by killed runs" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
+from memzoo.export.atomic import remove_stale_partials
 from memzoo.training.callbacks import PredictionWriter
 from memzoo.training.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
 from memzoo.training.module import LanguageModel
@@ -112,9 +113,23 @@ class MemzooCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
             check_same_architecture(ckpt_path, self.model.hparams)
+        if self.subcommand == "fit":
+            _remove_stale_partials(self.config[self.subcommand], ckpt_path)
         if self.subcommand == "predict":
             output = self.config[self.subcommand].get("predict_output", "predictions.jsonl")
             self.trainer.callbacks.append(PredictionWriter(output))
+
+
+def _remove_stale_partials(config: Any, ckpt_path: str | None) -> None:
+    """Deletes the partial checkpoint files killed runs of this experiment left (and those next to ``ckpt_path``);
+    says so in one line."""
+    folders = set(Path(DEFAULT_RUNS_DIR, _experiment_name(config)).glob("version_*/checkpoints"))
+    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
+        folders.add(Path(ckpt_path).parent)
+    removed = [path for folder in sorted(folders) for path in remove_stale_partials(folder)]
+    if removed:
+        print(f"memzoo: removed {len(removed)} partial checkpoint file(s) left by killed runs: "
+              + ", ".join(str(p) for p in removed), file=sys.stderr)
 
 
 def _experiment_name(config: Any) -> str:
