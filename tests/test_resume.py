@@ -151,3 +151,29 @@ def test_a_run_removes_the_partial_files_killed_runs_left(tmp_path, capsys):
     main(["fit", "--config", str(write_config(tmp_path, steps=1, val_every=1))])
     assert not stale.exists()
     assert "removed 1 partial checkpoint file(s) left by killed runs" in capsys.readouterr().err
+
+
+def _claim_version(save_dir, barrier, results):
+    from memzoo.training.run_folder import RunFolderLogger
+
+    logger = RunFolderLogger(save_dir=save_dir, name="exp")
+    barrier.wait()  # every process looks for the next free number at the same instant
+    results.put(logger.version)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_runs_started_together_claim_distinct_version_folders(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    (tmp_path / "exp" / "version_0").mkdir(parents=True)  # an earlier run
+    barrier, results = context.Barrier(6), context.Queue()
+    processes = [context.Process(target=_claim_version, args=(str(tmp_path), barrier, results)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    versions = sorted(results.get(timeout=5) for _ in processes)
+    assert versions == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [f"version_{n}" for n in range(7)]

@@ -3,8 +3,8 @@
 - Subclass mode: ``model`` is any :class:`~memzoo.training.module.LanguageModel` (sub)class, ``data`` any
   :class:`~memzoo.data.base.LMDataModule`; short class names work because memzoo imports them before parsing.
 - The data module's vocabulary size is linked into ``model.init_args.vocab_size``: it is never typed twice.
-- Trainer defaults: atomic checkpoint writes, progress bar, CSV logger under ``runs/<experiment>/version_<n>/`` (a new version per run, so runs
-  never collide), ``config.yaml`` saved in that folder, checkpoints in its ``checkpoints/`` with ``last.ckpt``.
+- Trainer defaults: atomic checkpoint writes, progress bar, CSV logger under ``runs/<experiment>/version_<n>/`` (a new version per run, claimed
+  atomically, so runs never collide, even when started together), ``config.yaml`` saved in that folder, checkpoints in its ``checkpoints/`` with ``last.ckpt``.
 - ``--checkpoint.*`` configures the ModelCheckpoint callback; ``--predict_output`` the file ``predict`` writes.
 - Bad input fails before training: model/blocks/pools are built at instantiation, data paths are checked by the
   data module's constructor, ``--ckpt_path`` is checked before the trainer starts.
@@ -20,7 +20,6 @@ from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
@@ -28,6 +27,7 @@ from memzoo.export.atomic import remove_stale_partials
 from memzoo.training.callbacks import PredictionWriter
 from memzoo.training.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
 from memzoo.training.module import LanguageModel
+from memzoo.training.run_folder import RunFolderLogger
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
 
 DEFAULT_RUNS_DIR = "runs"
@@ -105,7 +105,7 @@ class MemzooCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config["trainer"].get("logger") in (None, True):
             name = _experiment_name(config)
-            kwargs["logger"] = CSVLogger(save_dir=DEFAULT_RUNS_DIR, name=name)
+            kwargs["logger"] = RunFolderLogger(save_dir=DEFAULT_RUNS_DIR, name=name)
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
