@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memzoo
-from memzoo.cli import main
+from memzoo.cli import CommandError, main
 from memzoo.data.tokenizers import ByteTokenizer
 from memzoo.export.hf import export_model
 from memzoo.export.streaming import TextStream, generate_tokens
@@ -130,5 +130,5 @@ def test_generate_verb_sampling_is_reproducible_with_a_seed(export_dir, capsys):
 
 
 def test_generate_verb_reports_a_bad_folder(tmp_path):
-    with pytest.raises(SystemExit, match="memzoo generate: .*not a folder"):
+    with pytest.raises(CommandError, match="generate: .*not a folder"):
         main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])

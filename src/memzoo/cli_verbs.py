@@ -6,6 +6,8 @@ import argparse
 import inspect
 from typing import Sequence
 
+from memzoo.cli import CommandError
+
 
 def _format_default(value: object) -> str:
     if value is inspect.Parameter.empty:
@@ -86,7 +88,7 @@ def export_command(args: Sequence[str]) -> object:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite)
     except (ExportError, PretrainedFormatError, CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"memzoo export: {err}") from None
+        raise CommandError(f"export: {err}") from None
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"exported {options.ckpt} to {out} ({size / 1e6:.1f} MB)")
     return out
@@ -118,14 +120,21 @@ def generate_command(args: Sequence[str]) -> str:
     from memzoo.export.streaming import TextStream, generate_tokens
     from memzoo.pretrained import load_pretrained
 
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as err:
+        raise CommandError(f"generate: --device {options.device!r} is not a device ({err}); use cpu or cuda") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"generate: --device {options.device} needs a CUDA GPU and this machine has none (or "
+                           f"torch was built without CUDA); use --device cpu")
     try:
         model, tokenizer = load_pretrained(options.model, with_tokenizer=True)
     except (PretrainedFormatError, FileNotFoundError) as err:
-        raise SystemExit(f"memzoo generate: {err}") from None
+        raise CommandError(f"generate: {err}") from None
     defaults_file = Path(options.model) / "generation_config.json"
     defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
     max_new_tokens, temperature, top_k = _generation_settings(options, defaults)
-    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
 
@@ -141,7 +150,7 @@ def generate_command(args: Sequence[str]) -> str:
             sys.stdout.write(pieces[-1])
             sys.stdout.flush()
     except ValueError as err:
-        raise SystemExit(f"memzoo generate: {err}") from None
+        raise CommandError(f"generate: {err}") from None
     pieces.append(stream.flush())
     sys.stdout.write(pieces[-1] + "\n")
     sys.stdout.flush()

@@ -21,7 +21,10 @@ def check_checkpoint_file(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check --ckpt_path (or use 'last')")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist (a run's checkpoints are in "
+            f"runs/<experiment>/version_<n>/checkpoints/; `memzoo fit --ckpt_path last` finds the newest)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
     if not zipfile.is_zipfile(path):
