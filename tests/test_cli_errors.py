@@ -123,3 +123,19 @@ def test_block_size_longer_than_the_context_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="block_size=32 is longer than the model's max_seq_len=16"):
         main(["fit", "--config", str(write_config(tmp_path)), "--model.init_args.max_seq_len", "16"])
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_predict_with_a_prompt_longer_than_the_context_warns_and_continues_its_end(tmp_path, caplog):
+    import json
+
+    cli = main(["fit", "--config", str(write_config(tmp_path, steps=1, val_every=1))])
+    ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    long_prompt = "The birth year of " * 6  # 108 bytes + eos, the model reads 64 tokens
+    pred = main(["predict", "--config", str(write_config(tmp_path)), "--ckpt_path", str(ckpt),
+                 "--data.init_args.predict_prompts", json.dumps([long_prompt]), "--model.init_args.max_new_tokens", "5"])
+    assert "the prompt has 109 tokens; with max_new_tokens=5 only its last 59 fit" in caplog.text
+    (row,) = [json.loads(line) for line in (Path(pred.trainer.logger.log_dir) / "predictions.jsonl").open()]
+    assert row["prompt"] == long_prompt
+    output = pred.trainer.predict_loop.predictions if hasattr(pred.trainer.predict_loop, "predictions") else None
+    if output:
+        assert output[0]["prompt_ids"].shape[1] == 59 and output[0]["output_ids"].shape[1] > 59

@@ -132,3 +132,23 @@ def test_generate_verb_sampling_is_reproducible_with_a_seed(export_dir, capsys):
 def test_generate_verb_reports_a_bad_folder(tmp_path):
     with pytest.raises(CommandError, match="generate: .*not a folder"):
         main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(export_dir, capsys):
+    from memzoo.model.sampling import prompt_tokens_to_keep
+
+    assert prompt_tokens_to_keep(10, 5, 40) == 10 and prompt_tokens_to_keep(50, 5, 40) == 35
+    assert prompt_tokens_to_keep(50, 0, 40) == 39
+    with pytest.raises(ValueError, match="ask for at most 39 new tokens"):
+        prompt_tokens_to_keep(3, 40, 40)
+    prompt = "a long prompt that does not fit " * 2  # 64 bytes + eos, the model reads 40 tokens
+    text = main(["generate", "--model", str(export_dir), "--prompt", prompt, "--max-new-tokens", "20"])
+    err = capsys.readouterr().err
+    assert "memzoo: warning: the prompt has 65 tokens; with max_new_tokens=20 only its last 20 fit" in err
+    model = memzoo.load_pretrained(export_dir)
+    kept = list(prompt.encode())[-20:]
+    expected = model.generate(torch.tensor([kept]), 20, eos_id=256)[0, 20:].tolist()
+    expected = expected[: expected.index(256) + 1] if 256 in expected else expected
+    assert text == ByteTokenizer().decode(expected) and len(expected) == 20 or 256 in expected
+    with pytest.raises(CommandError, match="ask for at most 39 new tokens"):
+        main(["generate", "--model", str(export_dir), "--prompt", "x", "--max-new-tokens", "40"])

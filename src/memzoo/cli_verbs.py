@@ -118,6 +118,7 @@ def generate_command(args: Sequence[str]) -> str:
 
     from memzoo.export.errors import PretrainedFormatError
     from memzoo.export.streaming import TextStream, generate_tokens
+    from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
     from memzoo.pretrained import load_pretrained
 
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +140,14 @@ def generate_command(args: Sequence[str]) -> str:
     generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
 
     prompt_ids = [tokenizer.eos_id, *tokenizer.encode(options.prompt)]  # a document starts after eos, as in training
+    try:
+        kept = prompt_tokens_to_keep(len(prompt_ids), max_new_tokens, model.max_seq_len)
+    except ValueError as err:
+        raise CommandError(f"generate: {err} (--max-new-tokens)") from None
+    if kept < len(prompt_ids):
+        print(f"memzoo: warning: {context_warning(len(prompt_ids), kept, max_new_tokens, model.max_seq_len)}",
+              file=sys.stderr)
+        prompt_ids = prompt_ids[-kept:]
     stream = TextStream(tokenizer)
     pieces = []
     sys.stdout.write(options.prompt)
