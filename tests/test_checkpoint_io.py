@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from memzoo.export.atomic import atomic_file, staging_directory
+from memzoo.atomic import atomic_file, staging_directory
+from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.checkpoint_io import AtomicCheckpointIO
-from memzoo.training.checkpoint_check import check_checkpoint_file
 
 
 def checkpoint(value: float) -> dict:
@@ -114,7 +114,7 @@ def test_stale_partials_are_removed_and_files_being_written_are_not(tmp_path):
     import fcntl
     import time
 
-    from memzoo.export.atomic import STALE_AFTER_S, remove_stale_partials
+    from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
 
     old = time.time() - STALE_AFTER_S - 5
     stale = tmp_path / ".last.ckpt.abc123.partial"

@@ -49,7 +49,7 @@ def test_a_fit_prints_steps_tokens_per_second_and_flops_without_lightning_noise(
 
 
 def test_a_mistake_while_building_the_model_is_one_error_line_with_status_2(tmp_path):
-    bad = ["fit", "--config", str(write_config(tmp_path)), "--model.init_args.layers", "{7: {hidden: 4}}"]
+    bad = ["fit", "--config", str(write_config(tmp_path)), "--model.init_args.architecture.layers", "{7: {hidden: 4}}"]
     done = memzoo(*bad, cwd=tmp_path)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("memzoo:")]
@@ -97,7 +97,7 @@ def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_pat
     assert "broken.yaml, line 3, column 8: mapping values are not allowed" in capsys.readouterr().err
     config = write_config(tmp_path)
     duplicated = tmp_path / "dup.yaml"
-    text = config.read_text().replace("    n_layers: 2\n", "    n_layers: 2\n    layers: {1: {hidden: 8}, 1: {hidden: 16}}\n")
+    text = config.read_text().replace("      n_layers: 2\n", "      n_layers: 2\n      layers: {1: {hidden: 8}, 1: {hidden: 16}}\n")
     assert text != config.read_text()
     duplicated.write_text(text)
     with pytest.raises(SystemExit):
@@ -111,7 +111,7 @@ def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_pat
     with pytest.raises(ValueError, match="duplicate key 'dim'"):
         from memzoo.accounting import summarize_config
 
-        summarize_config(str(_write(tmp_path / "s.yaml", "model:\n  init_args: {dim: 8, dim: 16}\n")))
+        summarize_config(str(_write(tmp_path / "s.yaml", "model:\n  init_args: {architecture: {dim: 8, dim: 16}}\n")))
 
 
 def _write(path, text):
@@ -121,7 +121,7 @@ def _write(path, text):
 
 def test_block_size_longer_than_the_context_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="block_size=32 is longer than the model's max_seq_len=16"):
-        main(["fit", "--config", str(write_config(tmp_path)), "--model.init_args.max_seq_len", "16"])
+        main(["fit", "--config", str(write_config(tmp_path)), "--model.init_args.architecture.max_seq_len", "16"])
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memzoo.cli import main
-from memzoo.training.checkpoint_check import CheckpointError, architecture_differences
+from memzoo.export.checkpoint_check import CheckpointError, architecture_differences
 from test_cli import step_losses, write_config
 
 
@@ -41,7 +41,7 @@ def test_checkpoint_of_another_architecture_is_refused_naming_the_fields(tmp_pat
     first = main(["fit", "--config", str(write_config(tmp_path, steps=2, val_every=2))])
     config = str(write_config(tmp_path, steps=4, val_every=2))
     with pytest.raises(CheckpointError) as err:
-        main(["fit", "--config", config, "--model.init_args.dim", "48", "--model.init_args.n_layers", "3",
+        main(["fit", "--config", config, "--model.init_args.architecture.dim", "48", "--model.init_args.architecture.n_layers", "3",
               "--ckpt_path", str(last_ckpt(first))])
     message = str(err.value)
     assert "dim: checkpoint 32, config 48" in message and "n_layers: checkpoint 2, config 3" in message

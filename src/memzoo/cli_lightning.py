@@ -2,7 +2,7 @@
 
 - Subclass mode: ``model`` is any :class:`~memzoo.training.module.LanguageModel` (sub)class, ``data`` any
   :class:`~memzoo.data.base.LMDataModule`; short class names work because memzoo imports them before parsing.
-- The data module's vocabulary size is linked into ``model.init_args.vocab_size``: it is never typed twice.
+- The data module's vocabulary size is linked into ``model.init_args.architecture.vocab_size``: it is never typed twice.
 - Trainer defaults: atomic checkpoint writes; a progress bar in steps of ``max_steps`` with tokens/s; memzoo's model
   summary (parameters, active parameters and FLOPs per token); a CSV logger under ``runs/<experiment>/version_<n>/``
   (a new version per run, claimed atomically, so runs never collide, even when started together); ``config.yaml``
@@ -31,9 +31,9 @@ import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
 from memzoo.data import LMDataModule
-from memzoo.export.atomic import remove_stale_partials
+from memzoo.atomic import remove_stale_partials
+from memzoo.export.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
-from memzoo.training.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_folder import RunFolderLogger
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
@@ -84,7 +84,7 @@ class MemzooCLI(LightningCLI):
             default="predictions.jsonl",
             help="File `memzoo predict` writes (JSON lines: prompt, completion); relative paths go in the run folder.",
         )
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.architecture.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -53,7 +53,7 @@ ARCHITECTURE_FIELDS = (
     "rope_base", "tie_embeddings", "norm_eps",
 )
 # keys of a pool spec that are training settings, not architecture
-_POOL_TRAINING_KEYS = ("lr", "weight_decay")
+_POOL_TRAINING_KEYS = ("lr", "weight_decay", "init_std")
 
 
 def _plain(value: Any) -> Any:
