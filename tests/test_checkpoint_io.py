@@ -107,3 +107,48 @@ def test_staging_directory_appears_complete_or_not_at_all(tmp_path):
     with staging_directory(out) as folder:
         (folder / "b.txt").write_text("b")
     assert os.listdir(out) == ["b.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock and umask are POSIX")
+def test_stale_partials_are_removed_and_files_being_written_are_not(tmp_path):
+    import fcntl
+    import time
+
+    from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
+
+    old = time.time() - STALE_AFTER_S - 5
+    stale = tmp_path / ".last.ckpt.abc123.partial"
+    stale.write_bytes(b"x" * 100)  # left by a kill -9: nobody holds its lock
+    young = tmp_path / ".last.ckpt.young.partial"
+    young.write_bytes(b"x")  # just created: its writer may not hold the lock yet
+    with atomic_file(tmp_path / "step3.ckpt") as handle:  # being written now by this process
+        handle.write(b"y")
+        (writing,) = [p for p in tmp_path.glob(".step3.ckpt.*.partial")]
+        for path in (stale, writing):
+            os.utime(path, (old, old))
+        keep = tmp_path / "last.ckpt"
+        keep.write_bytes(b"z")
+        assert remove_stale_partials(tmp_path) == [stale]
+        assert writing.exists() and young.exists() and keep.exists()
+        fd = os.open(writing, os.O_RDONLY)
+        with pytest.raises(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    assert (tmp_path / "step3.ckpt").read_bytes() == b"y"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="umask is POSIX")
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_files_and_folders_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    previous = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "a.bin") as handle:
+            handle.write(b"a")
+        AtomicCheckpointIO().save_checkpoint(checkpoint(1.0), tmp_path / "c.ckpt")
+        with staging_directory(tmp_path / "export") as folder:
+            (folder / "w.bin").write_bytes(b"w")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "c.ckpt").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "export").stat().st_mode & 0o777 == dir_mode

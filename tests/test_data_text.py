@@ -220,3 +220,31 @@ def test_workers_get_the_file_not_the_array(tmp_path, cache):
     assert len(pickle.dumps(dm._train)) < 2000  # the memory-mapped tokens travel as their file and range
     assert torch.equal(clone[3]["input_ids"], dm._train[3]["input_ids"])
     assert isinstance(dm._train.tokens, np.memmap)
+
+
+def test_undecodable_text_names_the_file_and_byte_offset(tmp_path, cache):
+    """One bad byte at the end of a file larger than a read piece (1 MiB), a Latin-1 file, a binary file."""
+    from memzoo.data.text_sources import TextDecodeError
+
+    big = tmp_path / "big.txt"
+    body = ("naïve café line\n" * 70_000).encode("utf-8")  # 1.2 MB, multi-byte characters across block edges
+    big.write_bytes(body + b"end \xff\n")
+    with pytest.raises(TextDecodeError, match=rf"big.txt: byte {len(body) + 4} \(b'\\xff'.*not valid utf-8.*encoding"):
+        _module(big, cache).setup("fit")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Größe über alles, ".encode("latin-1") * 4)
+    with pytest.raises(TextDecodeError, match=r"latin.txt: byte 2 \(b'\\xf6"):
+        _module(latin, cache).setup("fit")
+    module = _module(latin, cache, encoding="latin-1")  # the right encoding reads it
+    assert bytes(module.token_splits()["train"].load()[:7].tolist()) == "Größe".encode("utf-8")
+    replaced = _module(big, cache, errors="replace")
+    tokens = replaced.token_splits()["val"].load().tolist()
+    assert bytes(tokens[-8:-1]).endswith("\ufffd\n".encode("utf-8"))  # U+FFFD, newline, then eos
+
+
+@pytest.mark.parametrize("kwargs, message", [({"encoding": "utf-9"}, "not a known text encoding"),
+                                             ({"errors": "ignore"}, "errors must be 'strict' or 'replace'")])
+def test_bad_decoding_options(tmp_path, cache, kwargs, message):
+    (tmp_path / "a.txt").write_text("hello world " * 10)
+    with pytest.raises(ValueError, match=message):
+        _module(tmp_path / "a.txt", cache, **kwargs)

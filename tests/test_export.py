@@ -349,3 +349,14 @@ def test_export_loads_in_an_interpreter_without_memzoo(exported, tmp_path):
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"isolated ok {len(FAMILIES)}" in result.stdout
+
+
+@pytest.mark.skipif(os.name != "posix", reason="umask is POSIX")
+def test_export_folder_and_weights_follow_the_umask(exported):
+    from memzoo.atomic import current_umask
+
+    folder = next(iter(exported.values()))[1]
+    mask = current_umask()
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    for file in folder.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file

@@ -10,7 +10,7 @@ from torch import nn
 
 import memzoo
 from memzoo.blocks.dense import DenseMLP
-from memzoo.cli import main
+from memzoo.cli import CommandError, main
 from memzoo.export.checkpoint_check import CheckpointError
 from memzoo.export.errors import ExportError, PretrainedFormatError
 from memzoo.export.hf import export_checkpoint, export_model
@@ -215,9 +215,9 @@ def test_export_verb_writes_a_folder_and_reports_errors(tmp_path, capsys):
     assert "exported" in capsys.readouterr().out
     assert (out / "model.safetensors.index.json").is_file()
     assert memzoo.load_pretrained(out).embed.weight.dtype == torch.bfloat16
-    with pytest.raises(SystemExit, match="memzoo export: --out .* is not empty; pass --overwrite"):
+    with pytest.raises(CommandError, match="export: --out .* is not empty; pass --overwrite"):
         main(["export", "--ckpt", str(ckpt), "--out", str(out), "--tokenizer", "byte"])
     main(["export", "--ckpt", str(ckpt), "--out", str(out), "--tokenizer", "byte", "--overwrite"])
     assert not (out / "model.safetensors.index.json").exists()  # replaced by the unsharded float32 export
-    with pytest.raises(SystemExit, match="memzoo export: checkpoint .*missing.ckpt.* does not exist"):
+    with pytest.raises(CommandError, match="export: checkpoint .*missing.ckpt.* does not exist"):
         main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")])

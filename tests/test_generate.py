@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memzoo
-from memzoo.cli import main
+from memzoo.cli import CommandError, main
 from memzoo.data.tokenizers import ByteTokenizer
 from memzoo.export.hf import export_model
 from memzoo.export.streaming import TextStream, generate_tokens
@@ -130,5 +130,51 @@ def test_generate_verb_sampling_is_reproducible_with_a_seed(export_dir, capsys):
 
 
 def test_generate_verb_reports_a_bad_folder(tmp_path):
-    with pytest.raises(SystemExit, match="memzoo generate: .*not a folder"):
+    with pytest.raises(CommandError, match="generate: .*not a folder"):
         main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end_and_says_so(export_dir, capsys):
+    from memzoo.model.sampling import prompt_tokens_to_keep
+
+    assert prompt_tokens_to_keep(10, 5, 40) == 10 and prompt_tokens_to_keep(50, 5, 40) == 35
+    assert prompt_tokens_to_keep(50, 0, 40) == 39
+    with pytest.raises(ValueError, match="ask for at most 39 new tokens"):
+        prompt_tokens_to_keep(3, 40, 40)
+    prompt = "a long prompt that does not fit " * 2  # 64 bytes + eos, the model reads 40 tokens
+    text = main(["generate", "--model", str(export_dir), "--prompt", prompt, "--max-new-tokens", "20"])
+    err = capsys.readouterr().err
+    assert "memzoo: warning: the prompt has 65 tokens; with max_new_tokens=20 only its last 20 fit" in err
+    model = memzoo.load_pretrained(export_dir)
+    kept = list(prompt.encode())[-20:]
+    expected = model.generate(torch.tensor([kept]), 20, eos_id=256)[0, 20:].tolist()
+    expected = expected[: expected.index(256) + 1] if 256 in expected else expected
+    assert text == ByteTokenizer().decode(expected) and len(expected) == 20 or 256 in expected
+    with pytest.raises(CommandError, match="ask for at most 39 new tokens"):
+        main(["generate", "--model", str(export_dir), "--prompt", "x", "--max-new-tokens", "40"])
+
+
+def test_readme_snippets_run_as_written_and_hf_generate_agrees_with_memzoo_generate(export_dir, tmp_path, capsys):
+    """The README's Python blocks under "Using a trained model elsewhere", run as written in a fresh
+    non-interactive interpreter next to a folder named my-model: no custom-code prompt, and the printed Hugging Face
+    continuation equals `memzoo generate`'s."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Using a trained model elsewhere", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and "trust_remote_code=True)" in blocks[0].splitlines()[2]
+    shutil.copytree(export_dir, tmp_path / "my-model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    done = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[y/N]" not in done.stdout + done.stderr
+    ours = main(["generate", "--model", str(tmp_path / "my-model"), "--prompt", "The birth year of",
+                 "--max-new-tokens", "20"])
+    assert done.stdout == ours + "\n"  # the snippet's only output is its print

@@ -16,6 +16,7 @@ ALLOWED = {
     "ops": {"ops"},
     "nn": {"ops", "nn"},
     "atomic": set(),
+    "config_yaml": set(),
     "registry": {"registry"},  # it imports memzoo.blocks by name (importlib) to register the built-in blocks
     "blocks": LOW | {"registry", "blocks"},
     "model": LOW | {"registry", "blocks", "model"},

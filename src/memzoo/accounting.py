@@ -172,15 +172,14 @@ def summarize_config(path: str, context_length: int | None = None) -> Summary:
     context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``plugins:`` in the
     config are imported first, so user blocks resolve.
     """
-    import yaml
     from jsonargparse import ArgumentParser
 
+    from memzoo.config_yaml import load_yaml_file
     from memzoo.data.tokenizers import build_tokenizer
     from memzoo.registry import load_plugins
     from memzoo.training.module import LanguageModel
 
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+    config = load_yaml_file(path) or {}
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"{path}: a memzoo config needs a `model:` section (see configs/quickstart.yaml)")
     if config.get("plugins"):

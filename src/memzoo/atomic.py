@@ -4,6 +4,10 @@ A file is written under a temporary name in its own folder, flushed and fsync'ed
 final name (an atomic rename on POSIX and Windows filesystems), and the folder is fsync'ed so the rename itself is
 durable. A folder is built under a temporary name next to its destination and renamed into place the same way; an
 earlier folder it replaces is moved aside first and deleted only after the new one is in place.
+
+Files and folders get the permissions of any new file (``0666`` / ``0777`` minus the umask), not the private ones of
+temporary files. A temporary file ``.<name>.<random>.partial`` is locked (``flock``) by its writer while it is
+written, so :func:`remove_stale_partials` can tell the leftovers of a killed writer from files being written now.
 """
 
 from __future__ import annotations
@@ -12,9 +16,65 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, stale partial files are left alone
+    fcntl = None
+
+PARTIAL_SUFFIX = ".partial"
+# a partial file younger than this is never removed: its writer may not have locked it yet
+STALE_AFTER_S = 30.0
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` tells it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _lock(fd: int) -> None:
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the ``.*.partial`` files in ``folder`` left by killed writers (unlocked and older than
+    :data:`STALE_AFTER_S`); returns them. Files being written (locked) and folders are left alone."""
+    removed = []
+    if fcntl is None or not Path(folder).is_dir():
+        return removed
+    for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        try:
+            if not path.is_file() or time.time() - path.stat().st_mtime < STALE_AFTER_S:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -41,7 +101,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_file writes whole files: mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    _lock(fd)  # held until the file is closed: marks it as being written (see remove_stale_partials)
+    os.chmod(temp_name, 0o666 & ~current_umask())
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
@@ -66,16 +128,20 @@ def staging_directory(destination: str | os.PathLike) -> Iterator[Path]:
     """A fresh empty folder next to ``destination``; when the ``with`` block succeeds it becomes ``destination``.
 
     An existing ``destination`` is replaced only then (moved aside, the new folder renamed in, the old one deleted);
-    the caller decides beforehand whether replacing it is allowed. On an exception the staging folder is deleted
+    the caller decides beforehand whether replacing it is allowed. The folder's files get the umask's permissions
+    for new files, whatever their writers chose. On an exception the staging folder is deleted
     and ``destination`` is untouched.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX, dir=destination.parent))
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         yield staging
+        file_mode = 0o666 & ~current_umask()
         for file in staging.rglob("*"):
             if file.is_file():
+                os.chmod(file, file_mode)  # some writers (safetensors) create private files
                 _fsync_file(file)
         fsync_directory(staging)
         _move_into_place(staging, destination)

@@ -7,6 +7,9 @@ continuation from one. Heavy imports happen only once a verb is chosen, so ``mem
 
 User blocks come in with ``--plugins my_blocks.py`` (or a module name; repeatable) on any verb, or a ``plugins:``
 list in the config file.
+
+Errors: a mistake in the input (config, data, checkpoint, arguments) prints ``memzoo: error: <message>`` and exits
+with status 2; ``--debug`` (any verb) or ``MEMZOO_DEBUG=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -36,9 +39,18 @@ Training verbs (LightningCLI; `memzoo <verb> --help` lists every option):
 Other verbs:
 {plain}
 
-Common options: --config FILE (repeatable), --print_config, --plugins FILE_OR_MODULE (repeatable), --seed_everything N
+Common options: --config FILE (repeatable), --print_config, --plugins FILE_OR_MODULE (repeatable), --seed_everything N,
+  --debug (or MEMZOO_DEBUG=1): full tracebacks instead of one-line errors
 Outputs go to runs/<experiment>/version_<n>/ (metrics.csv, config.yaml, checkpoints/).
+Resume: memzoo fit --config X.yaml --ckpt_path last   (the newest last.ckpt of the experiment) or a .ckpt path.
 """
+
+# exit status of a run stopped by a mistake in its input (as argparse's usage errors)
+ERROR_STATUS = 2
+
+
+class CommandError(Exception):
+    """A mistake on the command line that the ``memzoo`` command reports as ``memzoo: error: <message>``."""
 
 
 def _usage() -> str:
@@ -53,7 +65,7 @@ def _pop_plugins(args: list[str]) -> tuple[list[str], list[str]]:
         arg = args[i]
         if arg == "--plugins":
             if i + 1 >= len(args):
-                raise SystemExit("memzoo: --plugins needs a value: a .py file or an importable module name")
+                raise CommandError("--plugins needs a value: a .py file or an importable module name")
             plugins.append(args[i + 1])
             i += 2
             continue
@@ -65,17 +77,63 @@ def _pop_plugins(args: list[str]) -> tuple[list[str], list[str]]:
     return plugins, rest
 
 
-def entry_point() -> int:
-    """The ``memzoo`` console script and ``python -m memzoo``: runs :func:`main` on ``sys.argv``, exit status 0.
+def debug_requested(args: Sequence[str] = ()) -> bool:
+    """Whether tracebacks were asked for: ``--debug`` among ``args`` or ``MEMZOO_DEBUG`` set to a non-empty value
+    other than ``0``."""
+    import os
 
-    Output piped into a reader that stops early (``memzoo blocks | head``) ends quietly, as Unix tools do."""
+    return "--debug" in args or os.environ.get("MEMZOO_DEBUG", "") not in ("", "0")
+
+
+def error_message(error: BaseException) -> str:
+    """The message a user needs from ``error``: jsonargparse's "Does not validate ... Given value: Namespace(...)"
+    wrappers are peeled off down to the error the model, data or checkpoint code raised."""
+    while error.__cause__ is not None and _is_wrapper(error):
+        error = error.__cause__
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, (KeyError, OSError)) and not isinstance(error, FileNotFoundError) or not str(error).strip():
+        text = f"{type(error).__name__}: {text}"
+    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text
+
+
+def _is_wrapper(error: BaseException) -> bool:
+    text = str(error)
+    return (
+        type(error).__module__.startswith(("jsonargparse", "lightning"))
+        or "Given value: Namespace(" in text
+        or text.startswith(("Does not validate against any of the Union subtypes", "Problem with given class_path"))
+    )
+
+
+def entry_point() -> int:
+    """The ``memzoo`` console script and ``python -m memzoo``: runs :func:`main` on ``sys.argv``.
+
+    Exit status 0 on success; 2 with ``memzoo: error: <message>`` on stderr when the input is wrong (the traceback
+    only with ``--debug`` / ``MEMZOO_DEBUG=1``); 128 + N for a run stopped by signal N; 130 on Ctrl-C outside
+    training. Output piped into a reader that stops early (``memzoo blocks | head``) ends quietly, as Unix tools do."""
+    args = sys.argv[1:]
+    debug = debug_requested(args)
     try:
-        main()
+        main([a for a in args if a != "--debug"])
     except BrokenPipeError:
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\nmemzoo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure ends in one readable line
+        if debug:
+            raise
+        sys.stdout.flush()
+        print(f"memzoo: error: {error_message(error)}", file=sys.stderr)
+        print("memzoo: (run with --debug or MEMZOO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return ERROR_STATUS
     return 0
 
 
@@ -112,4 +170,5 @@ def main(args: Sequence[str] | None = None) -> object:
         from memzoo.cli_verbs import generate_command
 
         return generate_command(rest)
-    raise SystemExit(f"memzoo: unknown verb {verb!r}.\n\n{_usage()}")
+    raise CommandError(f"unknown verb {verb!r}; the verbs are {', '.join([*LIGHTNING_VERBS, *PLAIN_VERBS])} "
+                       f"(memzoo --help describes them)")

@@ -3,35 +3,61 @@
 - Subclass mode: ``model`` is any :class:`~memzoo.training.module.LanguageModel` (sub)class, ``data`` any
   :class:`~memzoo.data.base.LMDataModule`; short class names work because memzoo imports them before parsing.
 - The data module's vocabulary size is linked into ``model.init_args.architecture.vocab_size``: it is never typed twice.
-- Trainer defaults: atomic checkpoint writes, progress bar, CSV logger under ``runs/<experiment>/version_<n>/`` (a new version per run, so runs
-  never collide), ``config.yaml`` saved in that folder, checkpoints in its ``checkpoints/`` with ``last.ckpt``.
-- ``--checkpoint.*`` configures the ModelCheckpoint callback; ``--predict_output`` the file ``predict`` writes.
+- Trainer defaults: atomic checkpoint writes; a progress bar in steps of ``max_steps`` with tokens/s; memzoo's model
+  summary (parameters, active parameters and FLOPs per token); a CSV logger under ``runs/<experiment>/version_<n>/``
+  (a new version per run, claimed atomically, so runs never collide, even when started together); ``config.yaml``
+  saved in that folder; checkpoints in its ``checkpoints/``, ``last.ckpt`` holding the final step.
+- ``--checkpoint.*`` configures the checkpoint callback (:class:`~memzoo.training.run_checkpoint.RunCheckpoint`:
+  Lightning's ``ModelCheckpoint`` that also saves on SIGTERM/SIGINT); ``--predict_output`` the file ``predict``
+  writes; ``--ckpt_path last`` is the newest ``last.ckpt`` of the experiment.
 - Bad input fails before training: model/blocks/pools are built at instantiation, data paths are checked by the
-  data module's constructor, ``--ckpt_path`` is checked before the trainer starts.
+  data module's constructor, ``block_size`` against the model's ``max_seq_len``, ``--ckpt_path`` (complete file, same
+  architecture) before the trainer starts. YAML keys given twice are errors (:mod:`memzoo.config_yaml`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
+from memzoo import config_yaml
+from memzoo.accounting import summarize
 from memzoo.data import LMDataModule
-from memzoo.export.checkpoint_check import check_checkpoint_file
-from memzoo.training.callbacks import PredictionWriter
+from memzoo.atomic import remove_stale_partials
+from memzoo.export.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
+from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.module import LanguageModel
+from memzoo.training.run_folder import RunFolderLogger
+from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
 
 DEFAULT_RUNS_DIR = "runs"
 
 # memzoo's data modules resume mid-epoch exactly (an epoch's order depends only on seed and epoch, and the loader
 # skips the batches Lightning's restored progress counts as done), so Lightning's generic warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# A resumed run writes to its own new version folder, so the checkpoint callback's earlier folder is expected to differ.
+warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+class _DropNoise(logging.Filter):
+    """Drops Lightning's lines that say nothing about the user's run: the "Tip: try installing litlogger"
+    advertisement, and the note that memzoo's own model summary replaces Lightning's."""
+
+    NOISE = ("💡 Tip", "Trainer already configured with model summary callbacks")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
 # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates; nothing a memzoo user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
@@ -59,7 +85,7 @@ class MemzooCLI(LightningCLI):
             help="File `memzoo predict` writes (JSON lines: prompt, completion); relative paths go in the run folder.",
         )
         parser.link_arguments("data.vocab_size", "model.init_args.architecture.vocab_size", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -70,13 +96,23 @@ class MemzooCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parses, then checks ``--ckpt_path`` before Lightning itself opens the file (to read its hparams)."""
-        super().parse_arguments(parser, args)
+        """Parses, resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the experiment (saying which on
+        stderr), and checks the checkpoint file is complete."""
+        self.config = parser.parse_args(args)  # LightningCLI's own version warns whenever sys.argv has arguments
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        if ckpt_path == "last":
+            found = find_last_checkpoint(DEFAULT_RUNS_DIR, _experiment_name(config))
+            print(f"memzoo: --ckpt_path last is {found}", file=sys.stderr)
+            config["ckpt_path"] = ckpt_path = str(found)
+        if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
             check_checkpoint_file(ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """The config decides the model: Lightning's default (overwrite the model config with the checkpoint's
+        hyperparameters) would silently train the checkpoint's architecture. :meth:`instantiate_classes` instead
+        refuses a checkpoint whose architecture differs from the configured model's."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -88,16 +124,81 @@ class MemzooCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config["trainer"]
+        extra = []
+        if trainer_config.get("enable_progress_bar") is not False and not _has(trainer_config, "ProgressBar"):
+            extra.append(StepProgressBar())
+        if trainer_config.get("enable_model_summary") is not False and not _has(trainer_config, "ModelSummary"):
+            extra.append(FlopsModelSummary())
+        if extra:
+            kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), *extra]
         if config["trainer"].get("logger") in (None, True):
-            name = config.get("experiment") or _config_stem(config) or "memzoo"
-            kwargs["logger"] = CSVLogger(save_dir=DEFAULT_RUNS_DIR, name=name)
+            name = _experiment_name(config)
+            kwargs["logger"] = RunFolderLogger(save_dir=DEFAULT_RUNS_DIR, name=name)
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
+            check_same_architecture(ckpt_path, self.model.hparams)
+        if self.subcommand in ("fit", "validate", "test"):
+            _check_block_size(self.datamodule, self.model)
+        if self.subcommand == "fit":
+            _remove_stale_partials(self.config[self.subcommand], ckpt_path)
         if self.subcommand == "predict":
             output = self.config[self.subcommand].get("predict_output", "predictions.jsonl")
             self.trainer.callbacks.append(PredictionWriter(output))
+
+
+class FlopsModelSummary(ModelSummary):
+    """Prints memzoo's summary at the start of ``fit``: per-layer parameters, active parameters per token and
+    forward FLOPs per token at the data's ``block_size`` (:func:`memzoo.accounting.summarize`), in place of
+    Lightning's table (whose FLOPs column needs an ``example_input_array`` and reads 0)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        context = getattr(trainer.datamodule, "block_size", None) if trainer.datamodule is not None else None
+        try:
+            summary = summarize(pl_module, context_length=context)
+        except (TypeError, ValueError, AttributeError):  # not a memzoo Transformer inside: Lightning's summary
+            super().on_fit_start(trainer, pl_module)
+            return
+        print(summary.table())
+
+
+def _has(trainer_config: Any, kind: str) -> bool:
+    """Whether the configured callbacks hold one whose class name contains ``kind``."""
+    return any(kind in type(callback).__name__ for callback in trainer_config.get("callbacks") or [])
+
+
+def _check_block_size(datamodule: Any, model: Any) -> None:
+    """Fails at configuration time if the data's samples are longer than the model's context."""
+    block_size = getattr(datamodule, "block_size", None)
+    max_seq_len = getattr(getattr(model, "model", None), "max_seq_len", None)
+    if block_size is not None and max_seq_len is not None and block_size > max_seq_len:
+        raise ValueError(
+            f"data block_size={block_size} is longer than the model's max_seq_len={max_seq_len}: lower "
+            f"data.init_args.block_size or raise the model's max_seq_len to at least {block_size}"
+        )
+
+
+def _remove_stale_partials(config: Any, ckpt_path: str | None) -> None:
+    """Deletes the partial checkpoint files killed runs of this experiment left (and those next to ``ckpt_path``);
+    says so in one line."""
+    folders = set(Path(DEFAULT_RUNS_DIR, _experiment_name(config)).glob("version_*/checkpoints"))
+    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
+        folders.add(Path(ckpt_path).parent)
+    removed = [path for folder in sorted(folders) for path in remove_stale_partials(folder)]
+    if removed:
+        print(f"memzoo: removed {len(removed)} partial checkpoint file(s) left by killed runs: "
+              + ", ".join(str(p) for p in removed), file=sys.stderr)
+
+
+def _experiment_name(config: Any) -> str:
+    """``--experiment``, else the (last) config file's stem, else ``memzoo``."""
+    return config.get("experiment") or _config_stem(config) or "memzoo"
 
 
 def _config_stem(config: Any) -> str | None:
@@ -112,6 +213,16 @@ def _config_stem(config: Any) -> str | None:
 def run_lightning_cli(args: list[str]) -> MemzooCLI:
     """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    config_yaml.install()
+    try:
+        return _run(args)
+    except StoppedBySignal as stop:
+        hint = f"; resume with --ckpt_path {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"memzoo: {stop}{hint}", file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
+
+
+def _run(args: list[str]) -> MemzooCLI:
     return MemzooCLI(
         model_class=LanguageModel,
         datamodule_class=LMDataModule,

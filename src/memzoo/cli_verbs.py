@@ -6,6 +6,8 @@ import argparse
 import inspect
 from typing import Sequence
 
+from memzoo.cli import CommandError
+
 
 def _format_default(value: object) -> str:
     if value is inspect.Parameter.empty:
@@ -86,7 +88,7 @@ def export_command(args: Sequence[str]) -> object:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite)
     except (ExportError, PretrainedFormatError, CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"memzoo export: {err}") from None
+        raise CommandError(f"export: {err}") from None
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"exported {options.ckpt} to {out} ({size / 1e6:.1f} MB)")
     return out
@@ -116,20 +118,36 @@ def generate_command(args: Sequence[str]) -> str:
 
     from memzoo.export.errors import PretrainedFormatError
     from memzoo.export.streaming import TextStream, generate_tokens
+    from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
     from memzoo.pretrained import load_pretrained
 
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as err:
+        raise CommandError(f"generate: --device {options.device!r} is not a device ({err}); use cpu or cuda") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"generate: --device {options.device} needs a CUDA GPU and this machine has none (or "
+                           f"torch was built without CUDA); use --device cpu")
     try:
         model, tokenizer = load_pretrained(options.model, with_tokenizer=True)
     except (PretrainedFormatError, FileNotFoundError) as err:
-        raise SystemExit(f"memzoo generate: {err}") from None
+        raise CommandError(f"generate: {err}") from None
     defaults_file = Path(options.model) / "generation_config.json"
     defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
     max_new_tokens, temperature, top_k = _generation_settings(options, defaults)
-    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
 
     prompt_ids = [tokenizer.eos_id, *tokenizer.encode(options.prompt)]  # a document starts after eos, as in training
+    try:
+        kept = prompt_tokens_to_keep(len(prompt_ids), max_new_tokens, model.max_seq_len)
+    except ValueError as err:
+        raise CommandError(f"generate: {err} (--max-new-tokens)") from None
+    if kept < len(prompt_ids):
+        print(f"memzoo: warning: {context_warning(len(prompt_ids), kept, max_new_tokens, model.max_seq_len)}",
+              file=sys.stderr)
+        prompt_ids = prompt_ids[-kept:]
     stream = TextStream(tokenizer)
     pieces = []
     sys.stdout.write(options.prompt)
@@ -141,7 +159,7 @@ def generate_command(args: Sequence[str]) -> str:
             sys.stdout.write(pieces[-1])
             sys.stdout.flush()
     except ValueError as err:
-        raise SystemExit(f"memzoo generate: {err}") from None
+        raise CommandError(f"generate: {err}") from None
     pieces.append(stream.flush())
     sys.stdout.write(pieces[-1] + "\n")
     sys.stdout.flush()

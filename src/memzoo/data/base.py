@@ -155,19 +155,35 @@ class LMDataModule(L.LightningDataModule, abc.ABC):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         sampler = EpochSampler(len(self._train), self.seed, shuffle=self.shuffle_train)
-        sampler.skip_batches(self._batches_done_in_epoch(), self.batch_size)
+        done = self._batches_done_in_epoch()
+        if done >= self._batches_per_epoch(sampler):
+            done = 0  # the checkpoint ended its epoch: Lightning goes on with the next one, read from its start
+        sampler.skip_batches(done, self.batch_size)
         return self._loader(self._train, sampler)
+
+    def _batches_per_epoch(self, sampler: EpochSampler) -> int:
+        """Batches Lightning trains per epoch: the loader's length, cut by ``trainer.limit_train_batches``."""
+        batches = -(-len(sampler) // self.batch_size)
+        trainer = getattr(self, "trainer", None)
+        limit = getattr(trainer, "limit_train_batches", None) if trainer is not None else None
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            return min(batches, limit)
+        if isinstance(limit, float) and limit < 1.0:
+            return max(1, int(batches * limit))
+        return batches
 
     def _batches_done_in_epoch(self) -> int:
         """Batches of the current epoch already trained, when Lightning resumes from a mid-epoch checkpoint.
 
         The order of an epoch depends only on (seed, epoch), so skipping these makes the resumed run read exactly
-        the batches the uninterrupted run would have read next.
+        the batches the uninterrupted run would have read next. Counted as *processed* batches: a checkpoint saved in
+        a batch's ``on_train_batch_end`` (``checkpoint.every_n_train_steps``, memzoo's signal handler) records that
+        batch as processed but not yet completed, and the loader is built before Lightning's loop counts it done.
         """
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")

@@ -9,6 +9,7 @@ at pseudo-random starts, ``samples_per_epoch`` per epoch (see :mod:`memzoo.data.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,9 @@ class TextDataModule(LMDataModule):
         sampling: ``"chunks"`` (every token once per epoch) or ``"random"`` (random windows).
         samples_per_epoch: windows per epoch for ``sampling="random"`` (default: tokens // block_size).
         cache_dir: where tokenised arrays are cached (default ``~/.cache/memzoo``).
+        encoding: the text encoding of ``.txt`` files (any Python codec name: ``utf-8``, ``latin-1``, ``cp1252`` ...).
+        errors: bytes of a ``.txt`` file that ``encoding`` cannot decode: ``"strict"`` fails naming the file and the
+            byte offset, ``"replace"`` reads them as U+FFFD. jsonl/parquet files and datasets are always UTF-8.
         block_size, batch_size, num_workers, tokenizer, seed, predict_prompts, predict_file: see
             :class:`~memzoo.data.base.LMDataModule`.
     """
@@ -56,6 +60,8 @@ class TextDataModule(LMDataModule):
         sampling: Literal["chunks", "random"] = "chunks",
         samples_per_epoch: int | None = None,
         cache_dir: str | None = None,
+        encoding: str = "utf-8",
+        errors: Literal["strict", "replace"] = "strict",
         block_size: int = 256,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -69,6 +75,20 @@ class TextDataModule(LMDataModule):
             raise ValueError("TextDataModule needs exactly one of path (local files) or dataset (a Hugging Face "
                              f"dataset), got path={path!r}, dataset={dataset!r}")
         self.files = resolve_files(path) if path is not None else None
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"encoding {encoding!r} is not a known text encoding; use e.g. utf-8, latin-1, cp1252") from None
+        if errors not in ("strict", "replace"):
+            raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+        if (codecs.lookup(encoding).name, errors) != ("utf-8", "strict") and (
+            self.files is None or any(f.suffix != ".txt" for f in self.files)
+        ):
+            raise ValueError(
+                f"encoding={encoding!r} / errors={errors!r} apply to .txt files only; jsonl, parquet and datasets are "
+                f"read as UTF-8 (remove the option or convert the files)"
+            )
+        self.encoding, self.errors = encoding, errors
         self.path, self.dataset, self.dataset_config = path, dataset, dataset_config
         self.text_column, self.split = text_column, split
         if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
@@ -113,11 +133,13 @@ class TextDataModule(LMDataModule):
 
     def _file_tokens(self) -> Path:
         key = {"files": file_fingerprint(self.files), "text_column": self.text_column, "tokenizer": self.tokenizer.spec}
+        if (codecs.lookup(self.encoding).name, self.errors) != ("utf-8", "strict"):
+            key["decoding"] = [codecs.lookup(self.encoding).name, self.errors]
         hf_cache = self.cache_dir / "hf_datasets"
 
         def pieces():
             for file in self.files:
-                yield from file_documents(file, self.text_column, hf_cache)
+                yield from file_documents(file, self.text_column, hf_cache, self.encoding, self.errors)
 
         return self._cached(key, pieces, self.path)
 

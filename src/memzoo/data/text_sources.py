@@ -1,12 +1,14 @@
 """Where text comes from: local files (``.txt``, ``.jsonl``/``.json``, ``.parquet``; a file, a folder or a glob)
 and Hugging Face datasets, as a sequence of documents.
 
-A ``.txt`` file is one document; a ``.jsonl``/``.parquet`` row is one document (its ``text_column``), read through
-``datasets.load_dataset`` (which works offline for local files).
+A ``.txt`` file is one document, decoded with a chosen encoding (UTF-8 by default; undecodable bytes are an error
+naming the file and byte offset, or U+FFFD with ``errors="replace"``); a ``.jsonl``/``.parquet`` row is one
+document (its ``text_column``), read through ``datasets.load_dataset`` (which works offline for local files).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,20 +67,46 @@ def dataset_documents(dataset, text_column: str, source: str) -> Iterator[tuple[
                 yield text, True
 
 
-def file_documents(file: Path, text_column: str, hf_cache_dir: Path | None) -> Iterator[tuple[str, bool]]:
+class TextDecodeError(ValueError):
+    """A text file that is not valid in the encoding it is read with; names the file and the byte offset."""
+
+
+def first_undecodable_byte(file: Path, encoding: str) -> tuple[int, bytes, str] | None:
+    """``(byte offset, the offending bytes, reason)`` of the first bytes of ``file`` that ``encoding`` cannot
+    decode, or None. Reads the file in 1 MiB blocks through an incremental decoder."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    offset = 0
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character carried from the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start, err.object[err.start:err.end], err.reason
+            if not block:
+                return None
+            offset += len(block)
+
+
+def file_documents(file: Path, text_column: str, hf_cache_dir: Path | None, encoding: str = "utf-8",
+                   errors: str = "strict") -> Iterator[tuple[str, bool]]:
     """``(text, ends_document)`` pieces of one data file: a row per document, or a ``.txt`` file as one document
-    read in line-aligned pieces (only the last piece ends the document)."""
+    read in line-aligned pieces (only the last piece ends the document).
+
+    ``.txt`` files are decoded with ``encoding``; bytes it cannot decode raise :class:`TextDecodeError` naming the
+    file and byte offset (``errors="strict"``) or read as U+FFFD (``errors="replace"``)."""
     if file.suffix == ".txt":
-        with open(file, encoding="utf-8") as f:
-            piece: list[str] = []
-            size = 0
-            for line in f:
-                piece.append(line)
-                size += len(line)
-                if size >= _TXT_PIECE_CHARS:
-                    yield "".join(piece), False
-                    piece, size = [], 0
-            yield "".join(piece), True
+        try:
+            yield from _txt_pieces(file, encoding, errors)
+        except UnicodeDecodeError as err:
+            found = first_undecodable_byte(file, encoding)
+            where = f"byte {found[0]} ({found[1]!r}: {found[2]})" if found else f"{err.reason}"
+            raise TextDecodeError(
+                f"{file}: {where} is not valid {encoding}. If the file uses another encoding, set "
+                f"data.init_args.encoding (e.g. latin-1, cp1252); to read undecodable bytes as U+FFFD, set "
+                f"data.init_args.errors: replace"
+            ) from None
         return
     from datasets import load_dataset
 
@@ -87,3 +115,16 @@ def file_documents(file: Path, text_column: str, hf_cache_dir: Path | None) -> I
         cache_dir=str(hf_cache_dir) if hf_cache_dir else None,
     )  # fmt: skip
     yield from dataset_documents(dataset, text_column, str(file))
+
+
+def _txt_pieces(file: Path, encoding: str, errors: str) -> Iterator[tuple[str, bool]]:
+    with open(file, encoding=encoding, errors=errors) as f:
+        piece: list[str] = []
+        size = 0
+        for line in f:
+            piece.append(line)
+            size += len(line)
+            if size >= _TXT_PIECE_CHARS:
+                yield "".join(piece), False
+                piece, size = [], 0
+        yield "".join(piece), True

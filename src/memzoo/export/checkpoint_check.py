@@ -1,9 +1,13 @@
-"""Early, clear checks of checkpoint files given on the command line (``--ckpt_path``)."""
+"""Early, clear checks of checkpoint files given on the command line (``--ckpt_path``): the file is a complete
+checkpoint, its model has the configured architecture, and ``last`` names the newest ``last.ckpt`` of the experiment."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 class CheckpointError(ValueError):
@@ -17,7 +21,10 @@ def check_checkpoint_file(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check --ckpt_path (or use 'last')")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist (a run's checkpoints are in "
+            f"runs/<experiment>/version_<n>/checkpoints/; `memzoo fit --ckpt_path last` finds the newest)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
     if not zipfile.is_zipfile(path):
@@ -36,3 +43,84 @@ def check_checkpoint_file(path: str | Path) -> Path:
     if not any(name.endswith("data.pkl") for name in names):
         raise CheckpointError(f"checkpoint {str(path)!r} is a zip archive but not a PyTorch checkpoint")
     return path
+
+
+# Hyperparameters that decide the model's parameters and its function; a checkpoint resumed, validated or used for
+# predictions under a config must agree on all of them. Training settings (dropout, init_std, attention backend,
+# optimizer, schedule, generation) may change between runs and are not compared.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "dim", "n_layers", "n_heads", "block", "block_args", "layers", "pools", "max_seq_len",
+    "rope_base", "tie_embeddings", "norm_eps",
+)
+# keys of a pool spec that are training settings, not architecture
+_POOL_TRAINING_KEYS = ("lr", "weight_decay", "init_std")
+
+
+def _plain(value: Any) -> Any:
+    """Comparable plain data: mappings with str keys, lists for tuples, dataclasses as dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def architecture_of(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture fields of a ``LanguageModel``'s hyperparameters (flat, or nested under ``architecture``) as
+    plain data; absent fields are left out, empty ``block_args``/``layers``/``pools`` read as ``{}``."""
+    source = _plain(hparams.get("architecture", hparams))
+    arch = {key: source[key] for key in ARCHITECTURE_FIELDS if key in source}
+    for key in ("block_args", "layers", "pools"):
+        if key in arch and arch[key] is None:
+            arch[key] = {}
+    if isinstance(arch.get("pools"), dict):
+        arch["pools"] = {
+            name: {k: v for k, v in spec.items() if k not in _POOL_TRAINING_KEYS} if isinstance(spec, dict) else spec
+            for name, spec in arch["pools"].items()
+        }
+    return arch
+
+
+def architecture_differences(saved: Mapping[str, Any], configured: Mapping[str, Any]) -> list[str]:
+    """``"field: checkpoint X, config Y"`` for every architecture field on which the hyperparameters a checkpoint
+    saved and those of the configured model differ (a field only one side has is not compared)."""
+    ours, theirs = architecture_of(saved), architecture_of(configured)
+    return [
+        f"{key}: checkpoint {ours[key]!r}, config {theirs[key]!r}"
+        for key in ARCHITECTURE_FIELDS
+        if key in ours and key in theirs and ours[key] != theirs[key]
+    ]
+
+
+def check_same_architecture(path: str | Path, configured: Mapping[str, Any]) -> None:
+    """Raises :class:`CheckpointError` naming the differing fields if checkpoint ``path`` holds a model whose
+    architecture differs from the configured model's hyperparameters ``configured``."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not saved:
+        return
+    differences = architecture_differences(saved, configured)
+    if differences:
+        run_config = Path(path).resolve().parent.parent / "config.yaml"
+        hint = f"use the checkpoint's own config ({run_config})" if run_config.is_file() else "use the config it was trained with"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a different model than the config: " + "; ".join(differences)
+            + f". Give a checkpoint of this architecture, or {hint}"
+        )
+
+
+def find_last_checkpoint(runs_dir: str | Path, experiment: str) -> Path:
+    """The newest (by modification time) ``<runs_dir>/<experiment>/version_*/checkpoints/last.ckpt``; raises
+    :class:`CheckpointError` if the experiment has none."""
+    pattern = Path(runs_dir) / experiment / "version_*" / "checkpoints" / "last.ckpt"
+    candidates = [p for p in Path(runs_dir).glob(f"{experiment}/version_*/checkpoints/last.ckpt") if p.is_file()]
+    if not candidates:
+        raise CheckpointError(
+            f"--ckpt_path last: no earlier run of experiment {experiment!r} has a checkpoint (looked for {pattern}); "
+            f"start without --ckpt_path, or give a checkpoint file (or --experiment NAME of the run to resume)"
+        )
+    return max(candidates, key=lambda p: (p.stat().st_mtime, p.parent.parent.name))

@@ -25,3 +25,25 @@ def sample_next_token(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prompt_tokens_to_keep(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """How many of a prompt's last tokens fit a model that reads ``max_seq_len`` tokens, leaving room for
+    ``max_new_tokens``: ``min(prompt_len, max_seq_len - max_new_tokens)`` (at least one token of the prompt stays,
+    and at most ``max_seq_len - 1``). Raises ``ValueError`` if ``max_new_tokens`` alone fills the context."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens >= max_seq_len:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit the model's context of max_seq_len={max_seq_len} tokens "
+            f"(the prompt needs at least one): ask for at most {max_seq_len - 1} new tokens"
+        )
+    return min(prompt_len, max_seq_len - max(max_new_tokens, 1))
+
+
+def context_warning(prompt_len: int, kept: int, max_new_tokens: int, max_seq_len: int) -> str:
+    """The line that says a prompt was cut to its last ``kept`` tokens to fit the context."""
+    return (
+        f"the prompt has {prompt_len} tokens; with max_new_tokens={max_new_tokens} only its last {kept} fit the "
+        f"model's context of max_seq_len={max_seq_len} tokens, so the first {prompt_len - kept} are not read"
+    )

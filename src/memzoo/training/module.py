@@ -10,6 +10,7 @@ optimizer. Schedule: linear warmup then cosine decay to ``min_lr_ratio`` of each
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Iterable
 
@@ -21,11 +22,13 @@ from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
 from memzoo.model.config import ModelConfig
+from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
+log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 OptimizerFactory = Callable[[Iterable], Optimizer]
 
@@ -216,16 +219,25 @@ class LanguageModel(L.LightningModule):
             m.loss.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Continues each prompt; returns ``{"prompt": [str], "prompt_ids": (B, P), "output_ids": (B, P + n)}``."""
+        """Continues each prompt; returns ``{"prompt": [str], "prompt_ids": (B, P), "output_ids": (B, P + n)}``.
+
+        A prompt longer than the context leaves room for ``max_new_tokens`` by keeping only its last tokens (a
+        warning says so; ``prompt_ids`` are the tokens read); ``max_new_tokens >= max_seq_len`` is refused."""
         eos = getattr(getattr(self.trainer.datamodule, "tokenizer", None), "eos_id", None) if self._trainer else None
+        prompt_ids = batch["input_ids"]
+        kept = prompt_tokens_to_keep(prompt_ids.shape[1], self.hparams.max_new_tokens, self.model.max_seq_len)
+        if kept < prompt_ids.shape[1]:  # keep the prompt's end: the tokens the continuation depends on most
+            log.warning("memzoo predict: %s", context_warning(prompt_ids.shape[1], kept, self.hparams.max_new_tokens,
+                                                                self.model.max_seq_len))
+            prompt_ids = prompt_ids[:, -kept:]
         out = self.model.generate(
-            batch["input_ids"],
+            prompt_ids,
             max_new_tokens=self.hparams.max_new_tokens,
             temperature=self.hparams.temperature,
             top_k=self.hparams.top_k,
             eos_id=eos,
         )
-        return {"prompt": batch.get("prompt"), "prompt_ids": batch["input_ids"], "output_ids": out}
+        return {"prompt": batch.get("prompt"), "prompt_ids": prompt_ids, "output_ids": out}
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
