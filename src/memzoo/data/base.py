@@ -22,7 +22,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from memzoo.data.sampling import EpochSampler, collate_lm
+import torch.distributed as dist
+
+from memzoo.data.sampling import EpochSampler, ShardSampler, collate_lm
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -167,14 +169,22 @@ class LMDataModule(L.LightningDataModule, abc.ABC):
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        # "processed": a checkpoint written in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) holds
+        # completed = processed - 1, as Lightning counts a batch completed only after that hook
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> list[DataLoader]:
+        """Validation loaders; under ``torch.distributed`` each rank reads a share (:class:`ShardSampler`), every
+        sample once over all ranks, so the synced metrics equal one process's on the whole set."""
         self.setup("validate")
-        loaders = [self._loader(self._val)]
-        if self._recall is not None:
-            loaders.append(self._loader(self._recall))
-        return loaders
+        datasets = [self._val] if self._recall is None else [self._val, self._recall]
+        return [self._loader(dataset, self._eval_sampler(dataset)) for dataset in datasets]
+
+    @staticmethod
+    def _eval_sampler(dataset: Dataset) -> ShardSampler | None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        return ShardSampler(len(dataset), dist.get_world_size(), dist.get_rank())
 
     def test_dataloader(self) -> list[DataLoader]:
         """The validation loaders: memzoo's corpora have no separate test split."""
