@@ -170,8 +170,30 @@ def summarize_config(path: str, context_length: int | None = None) -> Summary:
     with the same messages. The data section is read but never instantiated (its files may not exist here):
     ``vocab_size`` (unless the model sets it) comes from the data's ``tokenizer`` as the CLI links it, and the
     context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``plugins:`` in the
-    config are imported first, so user blocks resolve.
+    config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory is
+    allocated, so configs of any size are summarised.
     """
+    built = model_from_config(path)
+    if context_length is None:
+        context_length = built.data_args.get("block_size") or _find_transformer(built.model).max_seq_len
+    summary = summarize(built.model, context_length)
+    summary.notes.append(f"config: {path} (vocab_size {built.vocab_size})")
+    return summary
+
+
+@dataclass
+class ConfigModel:
+    """A config's model (weights on the ``meta`` device) and the plain sections it was read with."""
+
+    model: nn.Module  # the LanguageModel
+    vocab_size: int
+    data_args: dict[str, Any]
+    trainer_args: dict[str, Any]
+
+
+def model_from_config(path: str) -> ConfigModel:
+    """The ``LanguageModel`` of a memzoo YAML config, validated as the CLI does, built on the ``meta`` device."""
+    import torch
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -197,12 +219,9 @@ def summarize_config(path: str, context_length: int | None = None) -> Summary:
         parsed = parser.parse_object({"model": model_section})
     except Exception as err:  # jsonargparse's message names the bad key or value
         raise ValueError(f"{path}: invalid model config: {err}") from err
-    model = parser.instantiate_classes(parsed).model
-    if context_length is None:
-        context_length = data_args.get("block_size") or _find_transformer(model).max_seq_len
-    summary = summarize(model, context_length)
-    summary.notes.append(f"config: {path} (vocab_size {init_args['vocab_size']})")
-    return summary
+    with torch.device("meta"):
+        model = parser.instantiate_classes(parsed).model
+    return ConfigModel(model, int(init_args["vocab_size"]), data_args, dict(config.get("trainer") or {}))
 
 
 def _class_section(section: Any, default_class: str | None) -> dict[str, Any]:
