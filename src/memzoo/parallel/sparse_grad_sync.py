@@ -108,6 +108,9 @@ def all_reduce_row_sparse_(tables: Sequence[torch.Tensor], group: dist.ProcessGr
         dist.all_gather(gathered_values, padded_values, group=group)
         all_rows = torch.cat([r[:n] for r, n in zip(gathered_rows, sizes, strict=True)])
         all_values = torch.cat([v[:n] for v, n in zip(gathered_values, sizes, strict=True)])
-        summed = torch.sparse_coo_tensor(all_rows.unsqueeze(0), all_values, table.shape, check_invariants=False).coalesce()
-        table.grad = summed / world
+        summed = torch.sparse_coo_tensor(all_rows.unsqueeze(0), all_values, table.shape, check_invariants=False)
+        summed = summed.coalesce()
+        # the mean, rebuilt from the coalesced parts (dividing the sparse tensor itself is an order slower on CPU)
+        table.grad = torch.sparse_coo_tensor(summed.indices(), summed.values().div_(world), table.shape,
+                                             is_coalesced=True, check_invariants=False)
     return ExchangeStats([rows.numel() for rows, _ in local], rows_max, bytes_sent)
