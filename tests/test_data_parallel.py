@@ -201,3 +201,19 @@ def test_a_strategy_that_cannot_hold_row_sparse_gradients_fails_before_training(
                                          r".*--trainer.strategy ddp, or set update: dense"):
         check_strategy(model, FSDPStrategy())
     check_strategy(build(SCENARIOS["memoryplus_dense"][0]), FSDPStrategy())  # dense pools: fine
+
+
+@pytest.mark.cuda
+def test_row_sparse_exchange_on_nccl():
+    """The exchange's collectives on CUDA tensors through NCCL (one GPU: a world of 1, the mean is the gradient)."""
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        table = torch.nn.Parameter(torch.zeros(1000, 16, device="cuda"))
+        rows = torch.tensor([[5, 1, 5, 999]], device="cuda")
+        table.grad = torch.sparse_coo_tensor(rows, torch.randn(4, 16, device="cuda"), table.shape)
+        expected = table.grad.to_dense()
+        stats = all_reduce_row_sparse_([table])
+        torch.testing.assert_close(table.grad.to_dense(), expected)
+        assert table.grad.is_coalesced() and stats.rows_local == [3]
+    finally:
+        dist.destroy_process_group()
