@@ -41,13 +41,16 @@ def sparse_tables(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _strategy_kind(strategy: object) -> str:
-    """``"ddp"``, ``"single"`` or the class name of another strategy."""
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    """``"ddp"``, ``"single"``, ``"flat"`` (FSDP, DeepSpeed: parameters flattened into sharded buffers) or the
+    class name of another strategy."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
     if isinstance(strategy, DDPStrategy):
         return "ddp"
     if isinstance(strategy, SingleDeviceStrategy):
         return "single"
+    if isinstance(strategy, FSDPStrategy) or type(strategy).__name__ == "DeepSpeedStrategy":
+        return "flat"
     return type(strategy).__name__
 
 
@@ -55,19 +58,17 @@ def check_strategy(module: nn.Module, strategy: object) -> None:
     """Raises before training if ``strategy`` cannot run the update mode of one of the module's pools.
 
     Sparse-update pools need row-sparse ``.grad`` tensors on whole tables: single-device and DDP strategies keep
-    them; strategies that flatten or shard parameters (FSDP, DeepSpeed) cannot.
+    them; strategies that flatten parameters into sharded buffers (FSDP, DeepSpeed) cannot.
     """
-    kind = _strategy_kind(strategy)
-    if kind in ("ddp", "single"):
+    if _strategy_kind(strategy) != "flat":
         return
-    if kind in ("FSDPStrategy", "DeepSpeedStrategy"):
-        sparse = sorted(name for name, pool in find_pools(module).items() if pool.sparse)
-        if sparse:
-            raise ValueError(
-                f"strategy {kind} cannot train pools with update: sparse ({', '.join(sparse)}): it flattens "
-                f"parameters into sharded buffers, which cannot hold row-sparse gradients. Use "
-                f"--trainer.strategy ddp, or set update: dense on these pools."
-            )
+    sparse = sorted(name for name, pool in find_pools(module).items() if pool.sparse)
+    if sparse:
+        raise ValueError(
+            f"strategy {type(strategy).__name__} cannot train pools with update: sparse ({', '.join(sparse)}): it "
+            f"flattens parameters into sharded buffers, which cannot hold row-sparse gradients. Use "
+            f"--trainer.strategy ddp, or set update: dense on these pools."
+        )
 
 
 def prepare_data_parallel(module: nn.Module, strategy: object) -> RowSparseSync | None:

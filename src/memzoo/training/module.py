@@ -6,6 +6,8 @@ token accuracy; on data modules with fact probes, fact recall (greedy exact matc
 with memory pools, per-pool memory usage during validation. Optimizer: a callable from YAML (AdamW by default) over
 parameter groups that give memory pools their own learning rate and weight decay; sparse pools get a row-wise
 optimizer. Schedule: linear warmup then cosine decay to ``min_lr_ratio`` of each group's learning rate.
+Data parallel (``trainer.strategy: ddp``): epoch metrics are global (reduced over ranks), and sparse-update pools
+exchange their touched rows once per optimizer step (:mod:`memzoo.parallel.data_parallel`).
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ class LanguageModel(L.LightningModule):
         """Memory usage counts the lookups of real tokens only (padding depends on how samples were batched)."""
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
         pad_id = getattr(tokenizer, "pad_id", None)
+        if pad_id is not None and pad_id == getattr(tokenizer, "eos_id", None):
+            pad_id = None  # padding indistinguishable from document ends: count every position
         mask = None if pad_id is None else input_ids != pad_id
         for metric in self.usage_metrics.values():
             metric.set_position_mask(mask)
