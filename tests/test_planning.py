@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from memzoo.accounting import plan_config
 from memzoo.cli import main
+from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
-from memzoo.parallel.planning import plan_config, plan_parallel
+from memzoo.parallel.planning import plan_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = sorted((ROOT / "configs" / "scale").glob("*.yaml"))
@@ -19,8 +21,9 @@ GIB = 2**30
 def tiny(update: str) -> Transformer:
     """Two memory layers (2 heads × knn 2 each: 8 rows read per token) sharing a 16-row, width-8 pool."""
     memory = {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 2, "k_dim": 4}
-    return Transformer(vocab_size=16, dim=8, n_layers=2, n_heads=2, max_seq_len=8, layers={0: memory, 1: memory},
-                       pools={"memory": {"n_keys": 4, "value_dim": 8, "update": update}})
+    return Transformer(ModelConfig(vocab_size=16, dim=8, n_layers=2, n_heads=2, max_seq_len=8,
+                                   layers={0: memory, 1: memory},
+                                   pools={"memory": {"n_keys": 4, "value_dim": 8, "update": update}}))
 
 
 def test_hand_computed_sparse_pool_on_two_by_two_mesh():
@@ -57,7 +60,7 @@ def test_hand_computed_dense_pool_and_rowwise_adagrad():
 def test_bad_mesh_sizes_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"memory_parallel=3 does not divide world_size=4.*divisor of 4"):
         plan_parallel(tiny("sparse"), world_size=4, memory_parallel=3)
-    with pytest.raises(ValueError, match=r"memory_parallel=3 does not divide value_dim=8 of pool pools.memory.*\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"does not divide value_dim=8 of pool pools.memory.*\[1, 2\]"):
         plan_parallel(tiny("sparse"), world_size=6, memory_parallel=3)
     with pytest.raises(ValueError, match="world_size must be a positive int, got 0"):
         plan_parallel(tiny("sparse"), world_size=0)

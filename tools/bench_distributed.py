@@ -5,7 +5,7 @@
    tokens of the timed steps (the first ``--warmup`` steps are not timed).
 2. Communication: a pool of 2^20 rows of width ``--value-dim``; each rank's step touches a fraction of the rows
    (random, different per rank). Bytes each rank sends per step with the row-sparse exchange
-   (``memzoo.parallel.sparse_grad_sync``, counted from the tensors it hands to the collectives) against a ring
+   (``memzoo.training.sparse_grad_sync``, counted from the tensors it hands to the collectives) against a ring
    all-reduce of the dense table gradient (``2 (W-1)/W · N · D · 4``), and the wall time of both on gloo.
 
 Prints JSON, then a table.  ``python tools/bench_distributed.py [--steps 30] [--value-dim 64]``
@@ -45,6 +45,7 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
 
     from memzoo import LanguageModel
     from memzoo.data import FactsDataModule
+    from memzoo.model.config import ModelConfig
 
     torch.set_num_threads(1)
     if world > 1:
@@ -52,8 +53,9 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
     memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 16, "k_dim": 64, "gate": "silu",
               "qk_norm": True, "query_norm": "none"}
     torch.manual_seed(0)
-    model = LanguageModel(dim=128, n_layers=4, n_heads=4, max_seq_len=128, layers={1: memory, 3: memory},
-                          pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse"}}, warmup_steps=5)
+    architecture = ModelConfig(dim=128, n_layers=4, n_heads=4, max_seq_len=128, layers={1: memory, 3: memory},
+                               pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse"}})
+    model = LanguageModel(architecture, warmup_steps=5)
     batch = args.batch * WORLD // world
     data = FactsDataModule(n_entities=2000, block_size=args.block, batch_size=batch)
 
@@ -82,7 +84,7 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- communication
 def _communication(rank: int, port: int, args, out: str) -> None:
-    from memzoo.parallel.sparse_grad_sync import all_reduce_row_sparse_, dense_all_reduce_bytes_per_rank
+    from memzoo.training.sparse_grad_sync import all_reduce_row_sparse_, dense_all_reduce_bytes_per_rank
 
     torch.set_num_threads(1)
     _env(rank, WORLD, port)

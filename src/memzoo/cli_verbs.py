@@ -59,7 +59,7 @@ def summary_command(args: Sequence[str]) -> object:
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
-        from memzoo.parallel.planning import plan_config
+        from memzoo.accounting import plan_config
 
         try:
             plan = plan_config(options.config, options.world_size, options.memory_parallel)
@@ -99,9 +99,9 @@ def export_command(args: Sequence[str]) -> object:
                         help="replace an earlier export at --out, once the new one is complete")
     options = parser.parse_args(list(args))
 
+    from memzoo.export.checkpoint_check import CheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
-    from memzoo.training.checkpoint_check import CheckpointError
 
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,

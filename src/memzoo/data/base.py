@@ -20,9 +20,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 
 from memzoo.data.sampling import EpochSampler, ShardSampler, collate_lm
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer

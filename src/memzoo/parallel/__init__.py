@@ -1,6 +1,7 @@
-"""Scale-out of memzoo models on PyTorch distributed through Lightning's strategies.
+"""Scale-out of memzoo models on PyTorch distributed through Lightning's strategies (a layer above ``training``).
 
-Data parallel (``trainer.strategy: ddp``): :mod:`memzoo.parallel.data_parallel` (DDP set-up, sparse tables kept out
-of DDP's buckets) and :mod:`memzoo.parallel.sparse_grad_sync` (the touched-row exchange of row-sparse gradients).
-Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and communication per step, without building weights).
+Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and gradient communication per step of a model on W ranks
+with M-way memory-parallel pools, from weights on the ``meta`` device). Data parallel (``trainer.strategy: ddp``)
+is part of training itself, so a plain ``LanguageModel`` runs under DDP: :mod:`memzoo.training.data_parallel` and
+:mod:`memzoo.training.sparse_grad_sync`.
 """

@@ -1,7 +1,8 @@
 """Per-rank memory and per-step communication of a model trained on W ranks, M of them sharing each memory pool.
 
 :func:`plan_parallel` answers "what fits on how many GPUs" from a model built on the ``meta`` device (no weights
-are allocated; ``memzoo summary --config X --world-size W [--memory-parallel M]`` runs it on a YAML config). The
+are allocated; ``memzoo summary --config X --world-size W [--memory-parallel M]`` runs it on a YAML config through
+:func:`memzoo.accounting.plan_config`). The
 layout it assumes:
 
 - ranks form a ``(W / M) × M`` mesh: ``D = W / M`` data-parallel replicas of an ``M``-way memory-parallel group;
@@ -10,7 +11,7 @@ layout it assumes:
 - each pool's tables are split along ``value_dim`` over the ``M`` ranks of a group (each holds all rows ×
   ``value_dim / M``), with their gradients and optimizer states (``M = 1``: replicated);
 - gradients of a pool are reduced over the ``D`` replicas: a sparse-update pool exchanges the rows a step touched
-  (:mod:`memzoo.parallel.sparse_grad_sync`), a dense-update pool is all-reduced densely. Both costs are listed.
+  (:mod:`memzoo.training.sparse_grad_sync`), a dense-update pool is all-reduced densely. Both costs are listed.
 
 Units: bytes per rank; ``element_bytes`` per parameter, gradient and optimizer value (4: fp32), 8 per row index
 and per int64 step counter. Rows touched per step and rank: ``U = min(rows, tokens · reads)``, ``tokens`` the
@@ -30,9 +31,13 @@ from typing import Any
 import torch.nn as nn
 
 from memzoo.blocks.pool import MemoryPool, find_pools
-from memzoo.parallel.sparse_grad_sync import INDEX_BYTES, dense_all_reduce_bytes_per_rank, exchange_bytes_per_rank
+from memzoo.training.sparse_grad_sync import (
+    INDEX_BYTES,
+    dense_all_reduce_bytes_per_rank,
+    exchange_bytes_per_rank,
+)
 
-__all__ = ["PoolPlan", "ParallelPlan", "plan_parallel", "plan_config", "rows_read_per_token"]
+__all__ = ["PoolPlan", "ParallelPlan", "plan_parallel", "rows_read_per_token"]
 
 SPARSE_OPTIMIZER_STATES = ("lazy_adam", "rowwise_adagrad")
 
@@ -232,44 +237,3 @@ def plan_parallel(
         dense_optimizer_bytes=dense_optimizer_states * dense * b,
         dense_all_reduce_bytes=2 * (dp - 1) * dense * b // dp, pools=plans,
     )
-
-
-def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
-    """Optimizer tensors per weight for a YAML ``optimizer`` section, and a note when it is assumed."""
-    class_path = optimizer_section.get("class_path", "") if isinstance(optimizer_section, dict) else ""
-    args = (optimizer_section.get("init_args") or {}) if isinstance(optimizer_section, dict) else {}
-    short = class_path.rsplit(".", 1)[-1]
-    if short in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") or not class_path:
-        return 2, None
-    if short == "SGD":
-        return (1 if args.get("momentum") else 0), None
-    if short in ("Adagrad", "RMSprop"):
-        return 1 + bool(args.get("momentum")), None
-    return 2, f"note: {class_path} assumed to keep 2 optimizer tensors per weight (as Adam)"
-
-
-def plan_config(path: str, world_size: int, memory_parallel: int = 1, element_bytes: int = 4) -> ParallelPlan:
-    """:func:`plan_parallel` of a memzoo YAML config's model (built on ``meta``: any size), with the tokens per rank
-    and step from its data (``batch_size · block_size``) and trainer (``accumulate_grad_batches``) sections and the
-    optimizer states from its ``optimizer`` and ``sparse_optimizer``."""
-    import yaml
-
-    from memzoo.accounting import model_from_config
-
-    built = model_from_config(path)
-    batch = int(built.data_args.get("batch_size", 32))
-    block = int(built.data_args.get("block_size") or built.model.hparams.max_seq_len)
-    accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
-    with open(path) as f:
-        model_section = (yaml.safe_load(f) or {}).get("model") or {}
-    init_args = model_section.get("init_args", model_section) if isinstance(model_section, dict) else {}
-    states, note = _optimizer_states(init_args.get("optimizer"))
-    plan = plan_parallel(
-        built.model, world_size, memory_parallel, tokens_per_rank_step=batch * block * accumulate,
-        dense_optimizer_states=states, sparse_optimizer=built.model.hparams.sparse_optimizer,
-        element_bytes=element_bytes,
-    )
-    plan.notes.append(f"config: {path}")
-    if note:
-        plan.notes.append(note)
-    return plan
