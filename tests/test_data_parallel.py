@@ -219,3 +219,17 @@ def test_row_sparse_exchange_on_nccl():
         assert table.grad.is_coalesced() and stats.rows_local == [3]
     finally:
         dist.destroy_process_group()
+
+
+def test_batchnorm_queries_run_as_sync_batchnorm():
+    """``trainer.sync_batchnorm: true`` swaps PEER's query BatchNorm1d for SyncBatchNorm (global statistics under
+    DDP); in one process both give the same output and running statistics."""
+    args = {"layers": {1: {"block": "peer", "pool": "experts", "heads": 2, "knn": 4, "k_dim": 16,
+                           "query_norm": "batchnorm"}},
+            "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 32}}}
+    plain = build(args).model
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build(args).model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    tokens = torch.randint(0, 250, (3, 10))
+    torch.testing.assert_close(synced(tokens), plain(tokens))
+    torch.testing.assert_close(synced.state_dict(), plain.state_dict())
