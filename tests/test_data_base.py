@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memzoo.data import FactsDataModule, LMDataModule
-from memzoo.data.sampling import IGNORE_INDEX, EpochSampler, collate_lm
+from memzoo.data.sampling import IGNORE_INDEX, EpochSampler, ShardSampler, collate_lm
 from memzoo.data.windows import ChunkWindows, RandomWindows, lm_sample
 
 
@@ -76,14 +76,27 @@ def test_epoch_sampler_yields_each_epochs_ids():
         EpochSampler(0, seed=0, shuffle=True)
 
 
-def test_epoch_sampler_gives_each_rank_a_contiguous_share():
+def test_epoch_sampler_deals_the_epoch_round_robin_over_ranks():
     shares = [EpochSampler(10, seed=0, shuffle=False, num_replicas=3, rank=r) for r in range(3)]
     for share in shares:
         share.set_epoch(1)
-    assert [list(s) for s in shares] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 10, 11]]
+    assert [list(s) for s in shares] == [[10, 13, 16, 19], [11, 14, 17, 10], [12, 15, 18, 11]]
     assert len(shares[0]) == 4
     shuffled = [EpochSampler(10, seed=0, shuffle=True, num_replicas=2, rank=r) for r in range(2)]
     assert sorted(list(shuffled[0]) + list(shuffled[1])) == list(range(10))
+    # the ranks' batches of B at step s are the global batch of W·B one process reads at step s
+    single = EpochSampler(12, seed=3, shuffle=True)
+    ranks = [EpochSampler(12, seed=3, shuffle=True, num_replicas=2, rank=r) for r in range(2)]
+    order, per_rank = list(single), [list(r) for r in ranks]
+    for step in range(3):
+        together = per_rank[0][2 * step : 2 * step + 2] + per_rank[1][2 * step : 2 * step + 2]
+        assert sorted(together) == sorted(order[4 * step : 4 * step + 4])
+
+
+def test_shard_sampler_reads_every_sample_once_over_ranks():
+    shares = [list(ShardSampler(7, num_replicas=3, rank=r)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(ShardSampler(7, 3, r)) for r in range(3)] == [3, 2, 2]
 
 
 def test_window_datasets_errors():

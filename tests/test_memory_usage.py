@@ -165,3 +165,21 @@ def test_a_metric_per_pool_collects_every_layer_reading_it():
     # softmax weights sum to one per head and token
     torch.testing.assert_close(float(metrics["pools.shared"].mass.sum()), 2 * 3 * 5 * 2.0)
     assert 0 < float(metrics["pools.shared"].compute()["used_fraction"]) <= 1
+
+
+def test_position_mask_skips_padded_lookups():
+    indices = torch.tensor([[[0, 1], [2, 3], [3, 3]]])  # (B=1, T=3, K=2); position 2 is padding
+    weights = torch.full((1, 3, 2), 0.5)
+    masked, reference = MemoryUsage(4), MemoryUsage(4)
+    masked.set_position_mask(torch.tensor([[True, True, False]]))
+    masked.update(indices, weights)
+    reference.update(indices[:, :2], weights[:, :2])
+    assert torch.equal(masked.hits, reference.hits) and torch.equal(masked.mass, reference.mass)
+    masked.set_position_mask(None)
+    masked.update(indices, weights)
+    assert int(masked.hits[3]) == 1 + 3
+    masked.set_position_mask(torch.tensor([[True, False]]))
+    with pytest.raises(ValueError, match=r"do not start with the position mask's \(1, 2\)"):
+        masked.update(indices, weights)
+    with pytest.raises(ValueError, match="bool"):
+        masked.set_position_mask(torch.ones(1, 3))

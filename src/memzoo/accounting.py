@@ -23,12 +23,15 @@ costs ``2·dim·vocab_size``. A training step costs about 3× the forward FLOPs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
 from memzoo.model.summary import active_parameters, count_parameters
 from memzoo.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from memzoo.parallel.planning import ParallelPlan
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,30 @@ def summarize_config(path: str, context_length: int | None = None) -> Summary:
     with the same messages. The data section is read but never instantiated (its files may not exist here):
     ``vocab_size`` (unless the model sets it) comes from the data's ``tokenizer`` as the CLI links it, and the
     context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``plugins:`` in the
-    config are imported first, so user blocks resolve.
+    config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory is
+    allocated, so configs of any size are summarised.
     """
+    built = model_from_config(path)
+    if context_length is None:
+        context_length = built.data_args.get("block_size") or _find_transformer(built.model).max_seq_len
+    summary = summarize(built.model, context_length)
+    summary.notes.append(f"config: {path} (vocab_size {built.vocab_size})")
+    return summary
+
+
+@dataclass
+class ConfigModel:
+    """A config's model (weights on the ``meta`` device) and the plain sections it was read with."""
+
+    model: nn.Module  # the LanguageModel
+    vocab_size: int
+    data_args: dict[str, Any]
+    trainer_args: dict[str, Any]
+
+
+def model_from_config(path: str) -> ConfigModel:
+    """The ``LanguageModel`` of a memzoo YAML config, validated as the CLI does, built on the ``meta`` device."""
+    import torch
     from jsonargparse import ArgumentParser
 
     from memzoo.config_yaml import load_yaml_file
@@ -198,12 +223,50 @@ def summarize_config(path: str, context_length: int | None = None) -> Summary:
         parsed = parser.parse_object({"model": model_section})
     except Exception as err:  # jsonargparse's message names the bad key or value
         raise ValueError(f"{path}: invalid model config: {err}") from err
-    model = parser.instantiate_classes(parsed).model
-    if context_length is None:
-        context_length = data_args.get("block_size") or _find_transformer(model).max_seq_len
-    summary = summarize(model, context_length)
-    summary.notes.append(f"config: {path} (vocab_size {architecture['vocab_size']})")
-    return summary
+    with torch.device("meta"):
+        model = parser.instantiate_classes(parsed).model
+    return ConfigModel(model, int(architecture["vocab_size"]), data_args, dict(config.get("trainer") or {}))
+
+
+def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
+    """Optimizer tensors per weight for a YAML ``optimizer`` section, and a note when it is assumed."""
+    class_path = optimizer_section.get("class_path", "") if isinstance(optimizer_section, dict) else ""
+    args = (optimizer_section.get("init_args") or {}) if isinstance(optimizer_section, dict) else {}
+    short = class_path.rsplit(".", 1)[-1]
+    if short in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") or not class_path:
+        return 2, None
+    if short == "SGD":
+        return (1 if args.get("momentum") else 0), None
+    if short in ("Adagrad", "RMSprop"):
+        return 1 + bool(args.get("momentum")), None
+    return 2, f"note: {class_path} assumed to keep 2 optimizer tensors per weight (as Adam)"
+
+
+def plan_config(path: str, world_size: int, memory_parallel: int = 1, element_bytes: int = 4) -> ParallelPlan:
+    """:func:`memzoo.parallel.planning.plan_parallel` of a memzoo YAML config's model (built on ``meta``: any size),
+    with the tokens per rank and step from its data (``batch_size · block_size``) and trainer
+    (``accumulate_grad_batches``) sections and the optimizer states from its ``optimizer`` and ``sparse_optimizer``."""
+    import yaml
+
+    from memzoo.parallel.planning import plan_parallel
+
+    built = model_from_config(path)
+    batch = int(built.data_args.get("batch_size", 32))
+    block = int(built.data_args.get("block_size") or built.model.architecture.max_seq_len)
+    accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
+    with open(path) as f:
+        model_section = (yaml.safe_load(f) or {}).get("model") or {}
+    init_args = model_section.get("init_args", model_section) if isinstance(model_section, dict) else {}
+    states, note = _optimizer_states(init_args.get("optimizer"))
+    plan = plan_parallel(
+        built.model, world_size, memory_parallel, tokens_per_rank_step=batch * block * accumulate,
+        dense_optimizer_states=states, sparse_optimizer=built.model.hparams.sparse_optimizer,
+        element_bytes=element_bytes,
+    )
+    plan.notes.append(f"config: {path}")
+    if note:
+        plan.notes.append(note)
+    return plan
 
 
 def _class_section(section: Any, default_class: str | None) -> dict[str, Any]:

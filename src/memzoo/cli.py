@@ -20,7 +20,8 @@ from typing import Sequence
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 PLAIN_VERBS = {
     "blocks": "list registered blocks with their hyperparameters and defaults",
-    "summary": "parameters, active parameters and FLOPs per token of a config's model",
+    "summary": "parameters, active parameters and FLOPs per token of a config's model; with --world-size N\n"
+    "               [--memory-parallel M]: per-rank bytes and gradient communication per step",
     "export": "write a checkpoint as a Hugging Face folder:  memzoo export --ckpt X.ckpt --out DIR",
     "generate": "continue a prompt with an exported model:  memzoo generate --model DIR --prompt TEXT",
 }

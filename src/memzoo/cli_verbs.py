@@ -50,15 +50,36 @@ def summary_command(args: Sequence[str]) -> object:
     )
     parser.add_argument("--config", required=True, help="a memzoo YAML config (as given to `memzoo fit`)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="also plan a run on this many ranks: per-rank bytes of parameters, gradients and "
+                        "optimizer states, and each pool's gradient communication per step")
+    parser.add_argument("--memory-parallel", type=int, default=1,
+                        help="with --world-size: ranks sharing each pool, its tables split along value_dim (default 1)")
     options = parser.parse_args(list(args))
+    if options.world_size is None and options.memory_parallel != 1:
+        raise SystemExit("memzoo summary: --memory-parallel needs --world-size (the ranks it divides)")
     summary = summarize_config(options.config)
+    plan = None
+    if options.world_size is not None:
+        from memzoo.accounting import plan_config
+
+        try:
+            plan = plan_config(options.config, options.world_size, options.memory_parallel)
+        except ValueError as err:
+            raise SystemExit(f"memzoo summary: {err}") from None
     if options.json:
         import json
 
-        print(json.dumps(summary.to_dict(), indent=2))
+        out = summary.to_dict()
+        if plan is not None:
+            out["parallel"] = plan.to_dict()
+        print(json.dumps(out, indent=2))
     else:
         print(summary.table())
-    return summary
+        if plan is not None:
+            print()
+            print(plan.table())
+    return summary if plan is None else (summary, plan)
 
 
 def export_command(args: Sequence[str]) -> object:

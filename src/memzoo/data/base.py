@@ -20,9 +20,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from memzoo.data.sampling import EpochSampler, collate_lm
+from memzoo.data.sampling import EpochSampler, ShardSampler, collate_lm
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -186,11 +187,17 @@ class LMDataModule(L.LightningDataModule, abc.ABC):
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> list[DataLoader]:
+        """Validation loaders; under ``torch.distributed`` each rank reads a share (:class:`ShardSampler`), every
+        sample once over all ranks, so the synced metrics equal one process's on the whole set."""
         self.setup("validate")
-        loaders = [self._loader(self._val)]
-        if self._recall is not None:
-            loaders.append(self._loader(self._recall))
-        return loaders
+        datasets = [self._val] if self._recall is None else [self._val, self._recall]
+        return [self._loader(dataset, self._eval_sampler(dataset)) for dataset in datasets]
+
+    @staticmethod
+    def _eval_sampler(dataset: Dataset) -> ShardSampler | None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        return ShardSampler(len(dataset), dist.get_world_size(), dist.get_rank())
 
     def test_dataloader(self) -> list[DataLoader]:
         """The validation loaders: memzoo's corpora have no separate test split."""

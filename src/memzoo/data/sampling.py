@@ -25,10 +25,13 @@ class EpochSampler(DistributedSampler):
     """Yields ``epoch · num_samples + i`` for ``i`` in ``range(num_samples)``, in a per-epoch shuffled order if
     ``shuffle``, else in order.
 
-    Under ``torch.distributed`` each of the ``num_replicas`` processes reads a contiguous share of the epoch (padded
-    to equal shares by repeating the first ids, as ``DistributedSampler`` does), so an on-the-fly stream read in order
-    stays in order on every rank. Being a ``DistributedSampler``, Lightning uses it as is, and calls
-    :meth:`set_epoch` before each epoch; without that call each ``iter()`` moves on to the next epoch.
+    Under ``torch.distributed`` the ``num_replicas`` processes read the epoch's order round-robin: rank ``r`` reads
+    positions ``r, r + W, r + 2W, ...`` (padded to equal shares by repeating the first ids, as ``DistributedSampler``
+    does). So the ``W`` batches of ``B`` samples that the ranks read at step ``s`` are together the positions
+    ``[s·W·B, (s+1)·W·B)`` of the order: the global batch one process with batch ``W·B`` reads at step ``s``. An
+    on-the-fly stream read in order stays in increasing order on every rank. Being a ``DistributedSampler``,
+    Lightning uses it as is, and calls :meth:`set_epoch` before each epoch; without that call each ``iter()`` moves
+    on to the next epoch.
     """
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool, num_replicas: int | None = None,
@@ -59,9 +62,23 @@ class EpochSampler(DistributedSampler):
         else:
             order = torch.arange(n)
         order = order.repeat(-(-self.total_size // n))[: self.total_size]  # pad to equal shares
-        share = order[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+        share = order[self.rank :: self.num_replicas]
         share, self._skip = share[self._skip :], 0
         return iter((share + epoch * n).tolist())
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation order under ``torch.distributed``: rank ``r`` reads samples ``r, r + W, r + 2W, ...`` of a finite
+    dataset, each sample exactly once over all ranks (no padding, so sum-reduced metrics count every sample once;
+    ranks may read one sample fewer than others). Lightning keeps it as is (it is a ``DistributedSampler``)."""
+
+    def __init__(self, num_samples: int, num_replicas: int, rank: int):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, num_samples, num_replicas))
+        self.total_size = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

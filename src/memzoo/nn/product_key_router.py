@@ -128,10 +128,12 @@ class ProductKeyRouter(nn.Module):
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., dim)`` → normalised queries ``(..., H, k_dim)``, in the sub-keys' dtype."""
         q = self.query(x)
-        if isinstance(self.query_norm, nn.BatchNorm1d):  # per feature, over every token of the batch
+        # per feature, over every token of the batch; SyncBatchNorm: after Lightning's sync_batchnorm, over all ranks
+        batch_norm = isinstance(self.query_norm, (nn.BatchNorm1d, nn.SyncBatchNorm))
+        if batch_norm:
             q = self.query_norm(q.reshape(-1, q.shape[-1])).view(q.shape)
         q = q.unflatten(-1, (self.heads, self.k_dim))
-        if self.query_norm is not None and not isinstance(self.query_norm, nn.BatchNorm1d):
+        if self.query_norm is not None and not batch_norm:
             q = self.query_norm(q)
         return q.to(self.sub_keys.dtype)
 

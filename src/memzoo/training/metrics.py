@@ -69,6 +69,10 @@ class MemoryUsage(torchmetrics.Metric):
     (..., K)`` integer rows in ``[0, num_rows)``, ``weights (..., K)`` non-negative (the lookup's softmax weights).
     States: ``(N,)`` float64 mass and int64 hits, sum-reduced across processes (16 bytes per row). Feed it by
     attaching it to a pool, ``pool.track_usage(metric)`` (see :mod:`memzoo.blocks.pool`).
+
+    Padding: :meth:`set_position_mask` with a ``(B, T)`` mask of the real tokens of the batch about to run makes
+    the updates of lookups ``(B, T, K)`` skip padded positions, so the statistics do not depend on how samples of
+    different lengths were batched (one process with batch 2B, or 2 ranks with B each, count the same lookups).
     """
 
     is_differentiable = False
@@ -82,6 +86,15 @@ class MemoryUsage(torchmetrics.Metric):
         self.num_rows = num_rows
         self.add_state("mass", torch.zeros(num_rows, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("hits", torch.zeros(num_rows, dtype=torch.int64), dist_reduce_fx="sum")
+        self.position_mask: torch.Tensor | None = None
+
+    def set_position_mask(self, mask: torch.Tensor | None) -> None:
+        """``mask (B, T)`` bool, True at real tokens: later updates skip lookups at False positions (``None``:
+        count every lookup)."""
+        if mask is not None and (mask.dtype != torch.bool or mask.ndim != 2):
+            raise ValueError(f"MemoryUsage: the position mask must be a (B, T) bool tensor, got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        self.position_mask = mask
 
     def update(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
         if indices.shape != weights.shape:
@@ -90,6 +103,14 @@ class MemoryUsage(torchmetrics.Metric):
             )
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise TypeError(f"MemoryUsage: indices must be an integer tensor, got {indices.dtype}")
+        mask = self.position_mask
+        if mask is not None:
+            if indices.shape[:2] != mask.shape:
+                raise ValueError(
+                    f"MemoryUsage: lookups {tuple(indices.shape)} do not start with the position mask's "
+                    f"{tuple(mask.shape)}; set the mask of the batch being run (or None)"
+                )
+            indices, weights = indices[mask.to(indices.device)], weights[mask.to(weights.device)]
         rows = indices.reshape(-1).long()
         if rows.numel() == 0:
             return

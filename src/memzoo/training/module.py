@@ -6,6 +6,8 @@ token accuracy; on data modules with fact probes, fact recall (greedy exact matc
 with memory pools, per-pool memory usage during validation. Optimizer: a callable from YAML (AdamW by default) over
 parameter groups that give memory pools their own learning rate and weight decay; sparse pools get a row-wise
 optimizer. Schedule: linear warmup then cosine decay to ``min_lr_ratio`` of each group's learning rate.
+Data parallel (``trainer.strategy: ddp``): epoch metrics are global (reduced over ranks), and sparse-update pools
+exchange their touched rows once per optimizer step (:mod:`memzoo.training.data_parallel`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
+from memzoo.training.data_parallel import RowSparseSync, prepare_data_parallel
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,7 @@ class LanguageModel(L.LightningModule):
         self.usage_metrics = torch.nn.ModuleDict(
             {name.replace("/", "__"): memzoo_metrics.MemoryUsage(pool.num_rows) for name, pool in self.pools_by_name.items()}
         )
+        self.row_sparse_sync: RowSparseSync | None = None  # set under DDP with sparse pools (see setup)
 
     @property
     def architecture(self) -> ModelConfig:
@@ -156,6 +160,7 @@ class LanguageModel(L.LightningModule):
         return self._lm_step(batch, "train")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, dataloader_idx: int) -> None:
+        self._mask_usage(batch["input_ids"])
         if dataloader_idx == 0:
             self._lm_step(batch, stage)
         else:  # fact probes: labels mark the answer tokens only
@@ -167,26 +172,43 @@ class LanguageModel(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test", dataloader_idx)
 
+    def _log_global(self, name: str, value: torch.Tensor | float, **kwargs) -> None:
+        """Logs an epoch value that is already global: torchmetrics' ``compute()`` reduces the states of all ranks,
+        so every rank holds the same number, and ``sync_dist`` (a mean of equal values) leaves it unchanged."""
+        self.log(name, value, sync_dist=True, **kwargs)
+
     def _log_epoch(self, stage: str) -> None:
         m = self.stage_metrics[f"{stage}_metrics"]
         if m.loss.update_count == 0:
             return
         loss = m.loss.compute()
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/ppl", torch.exp(loss))
-        self.log(f"{stage}/accuracy", m.accuracy.compute())
+        self._log_global(f"{stage}/loss", loss, prog_bar=True)
+        self._log_global(f"{stage}/ppl", torch.exp(loss))
+        self._log_global(f"{stage}/accuracy", m.accuracy.compute())
         m.loss.reset()
         m.accuracy.reset()
         if m.fact_recall.update_count:
-            self.log(f"{stage}/fact_recall", m.fact_recall.compute(), prog_bar=True)
+            self._log_global(f"{stage}/fact_recall", m.fact_recall.compute(), prog_bar=True)
             m.fact_recall.reset()
             chance = getattr(self.trainer.datamodule, "recall_chance", None) if self._trainer else None
             if chance is not None:
-                self.log(f"{stage}/fact_recall_chance", float(chance))
+                self._log_global(f"{stage}/fact_recall_chance", float(chance))
 
     def _track_usage(self, on: bool) -> None:
         for name, pool in self.pools_by_name.items():
-            pool.track_usage(self.usage_metrics[name.replace("/", "__")] if on else None)
+            metric = self.usage_metrics[name.replace("/", "__")]
+            metric.set_position_mask(None)
+            pool.track_usage(metric if on else None)
+
+    def _mask_usage(self, input_ids: torch.Tensor) -> None:
+        """Memory usage counts the lookups of real tokens only (padding depends on how samples were batched)."""
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        pad_id = getattr(tokenizer, "pad_id", None)
+        if pad_id is not None and pad_id == getattr(tokenizer, "eos_id", None):
+            pad_id = None  # padding indistinguishable from document ends: count every position
+        mask = None if pad_id is None else input_ids != pad_id
+        for metric in self.usage_metrics.values():
+            metric.set_position_mask(mask)
 
     def _log_usage(self, stage: str) -> None:
         """Logs ``<stage>/memory/<pool>/<used_fraction|kl_uniform|rows_for_50pct|rows_for_90pct>``."""
@@ -195,7 +217,7 @@ class LanguageModel(L.LightningModule):
             metric = self.usage_metrics[name.replace("/", "__")]
             if metric.update_count:
                 for key, value in metric.compute().items():
-                    self.log(f"{stage}/memory/{name}/{key}", value.float())
+                    self._log_global(f"{stage}/memory/{name}/{key}", value.float())
             metric.reset()
 
     def on_validation_epoch_start(self) -> None:
@@ -215,7 +237,7 @@ class LanguageModel(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         m = self.stage_metrics["train_metrics"]
         if m.loss.update_count:
-            self.log("train/epoch_loss", m.loss.compute())
+            self._log_global("train/epoch_loss", m.loss.compute())
             m.loss.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -244,6 +266,17 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
             datamodule.check_vocab(self.architecture.vocab_size)
+        if self._trainer is not None:  # before the strategy wraps this module (DDP): see memzoo.training.data_parallel
+            self.row_sparse_sync = prepare_data_parallel(self, self.trainer.strategy)
+
+    def on_fit_start(self) -> None:
+        if self.row_sparse_sync is not None:
+            self.row_sparse_sync.broadcast_tables()
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Under DDP: sparse pools' row gradients become the mean over ranks (DDP reduced the dense ones)."""
+        if self.row_sparse_sync is not None:
+            self.row_sparse_sync.all_reduce_()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clips dense gradients only (by norm): row-sparse pool gradients are left to their row-wise optimizer."""

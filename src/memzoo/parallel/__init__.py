@@ -1,0 +1,7 @@
+"""Scale-out of memzoo models on PyTorch distributed through Lightning's strategies (a layer above ``training``).
+
+Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and gradient communication per step of a model on W ranks
+with M-way memory-parallel pools, from weights on the ``meta`` device). Data parallel (``trainer.strategy: ddp``)
+is part of training itself, so a plain ``LanguageModel`` runs under DDP: :mod:`memzoo.training.data_parallel` and
+:mod:`memzoo.training.sparse_grad_sync`.
+"""

@@ -1,0 +1,235 @@
+"""Data parallel (``trainer.strategy: ddp``) against one process on the same global batch, 2 gloo processes on CPU.
+
+One spawn of 2 ranks runs every scenario (start-up is the slow part); each rank trains through Lightning's own
+``DDPStrategy`` with batch B, the reference trains in this process with batch 2B. The ranks' batches at step s are
+together the reference's batch at step s (round-robin sampler), so weights must agree to fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from memzoo import LanguageModel
+from memzoo.data import FactsDataModule
+from memzoo.model.config import ModelConfig
+from memzoo.training.data_parallel import check_strategy, sparse_tables
+from memzoo.training.sparse_grad_sync import (
+    all_reduce_row_sparse_,
+    dense_all_reduce_bytes_per_rank,
+    exchange_bytes_per_rank,
+)
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+BATCH = 2  # per rank; the reference reads WORLD * BATCH
+STEPS = 3
+MEMORY = {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 16, "gate": "silu",
+          "qk_norm": True, "query_norm": "none"}
+SCENARIOS = {
+    "dense": ({}, {}),
+    "memoryplus_sparse": (
+        {"layers": {0: MEMORY, 1: MEMORY},
+         "pools": {"memory": {"n_keys": 8, "value_dim": 32, "update": "sparse", "lr": 0.01}}},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5},  # no_sync micro-batches + clipping
+    ),
+    "memoryplus_dense": (
+        {"layers": {0: MEMORY, 1: MEMORY},
+         "pools": {"memory": {"n_keys": 8, "value_dim": 32, "update": "dense", "lr": 0.01}}},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5},
+    ),
+    "peer": (
+        {"layers": {1: {"block": "peer", "pool": "experts", "heads": 2, "knn": 4, "k_dim": 16,
+                        "query_norm": "rmsnorm"}},
+         "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 32, "update": "sparse"}}},
+        {},
+    ),
+    # the load-balancing loss is a product of batch means, computed per rank (as Switch Transformer does): a
+    # different loss from one process's on 2B, so it is off here; the rest of MoE must match
+    "moe": ({"block": "moe", "block_args": {"n_experts": 8, "top_k": 1, "aux_loss_weight": 0.0, "z_loss_weight": 1e-3}},
+            {}),
+}
+
+
+def build(model_args: dict) -> tuple[LanguageModel, FactsDataModule]:
+    torch.manual_seed(0)
+    architecture = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=64, **model_args)
+    return LanguageModel(architecture, warmup_steps=1, optimizer=lambda groups: torch.optim.AdamW(groups, lr=0.01))
+
+
+def data(batch_size: int) -> FactsDataModule:
+    return FactsDataModule(n_entities=20, block_size=16, batch_size=batch_size, recall_samples=12)
+
+
+def fit(model_args, trainer_args, batch_size, devices, tmp, ckpt_path=None, max_steps=STEPS, callbacks=()):
+    model = build(model_args)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
+        logger=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=max_steps,
+        check_val_every_n_epoch=None, default_root_dir=tmp, **trainer_args,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, data(batch_size), ckpt_path=ckpt_path)
+    unsynced = [str(w.message) for w in caught if "sync_dist=True" in str(w.message)]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    state = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    return state, metrics, unsynced
+
+
+# ----------------------------------------------------------------------------------------------- the ranks
+def _exchange_case(rank: int) -> dict:
+    """Row-sparse exchange vs the dense mean: overlapping rows, one table untouched on rank 1."""
+    tables = [torch.nn.Parameter(torch.zeros(10, 3)), torch.nn.Parameter(torch.zeros(6, 2))]
+    grads = []
+    for r in range(WORLD):
+        g = torch.Generator().manual_seed(r)
+        rows = [torch.tensor([1, 4, 7]), torch.tensor([2, 3])] if r == 0 else [torch.tensor([7, 1, 9, 1]), None]
+        grads.append([None if idx is None else torch.sparse_coo_tensor(
+            idx[None], torch.randn(len(idx), t.shape[1], generator=g), t.shape) for idx, t in zip(rows, tables)])
+    for table, grad in zip(tables, grads[rank]):
+        table.grad = grad
+    stats = all_reduce_row_sparse_(tables)
+    expected = [sum(g[i].to_dense() for g in grads if g[i] is not None) / WORLD for i in range(2)]
+    return {
+        "max_error": max(float((t.grad.to_dense() - e).abs().max()) for t, e in zip(tables, expected)),
+        "coalesced": all(t.grad.is_sparse and t.grad.is_coalesced() for t in tables),
+        "stats": (stats.rows_local, stats.rows_max, stats.bytes_sent),
+    }
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    results = {}
+    for name, (model_args, trainer_args) in SCENARIOS.items():
+        results[name] = fit(model_args, trainer_args, BATCH, WORLD, tmp)
+    # exact resume at 2 ranks: 2 + 2 steps from a mid-epoch checkpoint equal 4 uninterrupted steps
+    model_args, trainer_args = SCENARIOS["memoryplus_sparse"]
+    trainer_args = {"gradient_clip_val": 0.5}
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), every_n_train_steps=2,
+                                               save_top_k=-1, filename="{step}")
+    results["uninterrupted"] = fit(model_args, trainer_args, BATCH, WORLD, tmp, max_steps=4, callbacks=[ckpt])
+    results["resumed"] = fit(model_args, trainer_args, BATCH, WORLD, tmp, max_steps=4,
+                             ckpt_path=os.path.join(tmp, "ckpt", "step=2.ckpt"))
+    results["exchange"] = _exchange_case(rank)
+    torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("ddp"))
+    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+# ----------------------------------------------------------------------------------------------- the tests
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_ranks_train_the_weights_of_one_process(scenario, ranks, tmp_path):
+    torch.set_num_threads(1)
+    model_args, trainer_args = SCENARIOS[scenario]
+    reference, reference_metrics, _ = fit(model_args, trainer_args, WORLD * BATCH, 1, str(tmp_path))
+    start = build(model_args).model.state_dict()
+    for rank in ranks:
+        state, metrics, unsynced = rank[scenario]
+        assert not unsynced, unsynced
+        moved = False
+        for key, value in reference.items():  # Adam amplifies fp32 summation-order noise of ~0 gradients
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, key=key: f"{scenario}: {key}: {m}")
+            moved |= not torch.equal(value, start[key])
+        assert moved
+        # synced validation metrics (loss, ppl, accuracy, fact recall, memory usage) equal one process's
+        assert metrics.keys() == reference_metrics.keys()
+        for key, value in reference_metrics.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+    assert ranks[0][scenario][1] == ranks[1][scenario][1]
+    if scenario.startswith("memoryplus"):
+        assert any(k.startswith("val/memory/") for k in reference_metrics)
+        assert "val/fact_recall" in reference_metrics
+
+
+def test_resume_at_two_ranks_is_exact(ranks):
+    for rank in ranks:
+        uninterrupted, resumed = rank["uninterrupted"][0], rank["resumed"][0]
+        for key, value in uninterrupted.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_row_sparse_exchange_equals_the_dense_mean(ranks):
+    for rank in ranks:
+        result = rank["exchange"]
+        assert result["max_error"] < 1e-6 and result["coalesced"]
+    # rank 0 touched 3 and 2 rows, rank 1 four (with a duplicate: 3 distinct) and none
+    assert ranks[0]["exchange"]["stats"][0] == [3, 2] and ranks[1]["exchange"]["stats"][0] == [3, 0]
+    rows_max, sent = ranks[0]["exchange"]["stats"][1:]
+    assert rows_max == [3, 2]
+    assert sent == 2 * 8 + exchange_bytes_per_rank(3, 3, 2) + exchange_bytes_per_rank(2, 2, 2)
+
+
+def test_communication_formulas():
+    assert exchange_bytes_per_rank(rows_max=100, value_dim=4, world_size=3) == 2 * 100 * (8 + 16)
+    assert dense_all_reduce_bytes_per_rank(num_rows=1000, value_dim=4, world_size=2) == 1000 * 16
+
+
+def test_sparse_tables_are_named_as_ddp_sees_them():
+    model = build(SCENARIOS["memoryplus_sparse"][0])
+    assert list(sparse_tables(model)) == ["model.pools.memory.values"]
+    assert sparse_tables(build(SCENARIOS["memoryplus_dense"][0])) == {}
+
+
+def test_a_strategy_that_cannot_hold_row_sparse_gradients_fails_before_training():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = build(SCENARIOS["memoryplus_sparse"][0])
+    with pytest.raises(ValueError, match=r"FSDPStrategy cannot train pools with update: sparse \(model.pools.memory\)"
+                                         r".*--trainer.strategy ddp, or set update: dense"):
+        check_strategy(model, FSDPStrategy())
+    check_strategy(build(SCENARIOS["memoryplus_dense"][0]), FSDPStrategy())  # dense pools: fine
+
+
+@pytest.mark.cuda
+def test_row_sparse_exchange_on_nccl():
+    """The exchange's collectives on CUDA tensors through NCCL (one GPU: a world of 1, the mean is the gradient)."""
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        table = torch.nn.Parameter(torch.zeros(1000, 16, device="cuda"))
+        rows = torch.tensor([[5, 1, 5, 999]], device="cuda")
+        table.grad = torch.sparse_coo_tensor(rows, torch.randn(4, 16, device="cuda"), table.shape)
+        expected = table.grad.to_dense()
+        stats = all_reduce_row_sparse_([table])
+        torch.testing.assert_close(table.grad.to_dense(), expected)
+        assert table.grad.is_coalesced() and stats.rows_local == [3]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batchnorm_queries_run_as_sync_batchnorm():
+    """``trainer.sync_batchnorm: true`` swaps PEER's query BatchNorm1d for SyncBatchNorm (global statistics under
+    DDP); in one process both give the same output and running statistics."""
+    args = {"layers": {1: {"block": "peer", "pool": "experts", "heads": 2, "knn": 4, "k_dim": 16,
+                           "query_norm": "batchnorm"}},
+            "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 32}}}
+    plain = build(args).model
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build(args).model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    tokens = torch.randint(0, 250, (3, 10))
+    torch.testing.assert_close(synced(tokens), plain(tokens))
+    torch.testing.assert_close(synced.state_dict(), plain.state_dict())
