@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memzoo.blocks.pool import MemoryPool, PoolRef, UpdateMode, resolve_pool
-from memzoo.ops import candidate_pairs, product_key_topk, weighted_gather
+from memzoo.ops import candidate_pairs, product_key_topk
 from memzoo.registry import register_block
 
 QueryNorm = Literal["none", "layernorm", "rmsnorm"]
@@ -237,7 +237,7 @@ class ProductKeyMemory(nn.Module):
         indices, weights = self.lookup(x)
         pool = self.pool
         pool.observe(indices, weights)
-        y = weighted_gather(pool.values, indices, weights, sparse_grad=pool.sparse)  # (..., value_dim)
+        y = pool.read(indices, weights)  # (..., value_dim): weighted_gather of the values
         if self.gate_proj is not None:
             y = y.to(x.dtype) * F.silu(self.gate_proj(x))
         if self.out_proj is not None:

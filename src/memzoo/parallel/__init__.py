@@ -1,0 +1,1 @@
+"""Scaling out: data parallelism and memory parallelism, applied to a built model from outside it."""
