@@ -15,8 +15,11 @@ MODEL = dict(
 )
 
 
-def launch(worker, world_size: int, *args) -> None:
-    """Runs ``worker(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; re-raises a failure."""
+def launch(worker, world_size: int, *args, lightning: bool = False) -> None:
+    """Runs ``worker(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; re-raises a failure.
+
+    ``lightning``: leave the process group to Lightning (the environment variables of an external launcher).
+    """
     import socket
 
     import torch.multiprocessing as mp
@@ -24,20 +27,24 @@ def launch(worker, world_size: int, *args) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_run, args=(worker, world_size, port, args), nprocs=world_size, join=True)
+    mp.spawn(_run, args=(worker, world_size, port, args, lightning), nprocs=world_size, join=True)
 
 
-def _run(rank, worker, world_size, port, args):
+def _run(rank, worker, world_size, port, args, lightning):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if lightning:
+        os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         worker(rank, world_size, *args)
     except BaseException:
         traceback.print_exc()
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
@@ -87,3 +94,101 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
     total = table_bytes_per_rank(sharded, opt)
     assert table_bytes_per_rank(sharded, None) * 2 == ref_bytes, (table_bytes_per_rank(sharded, None), ref_bytes)
     assert total * 2 == ref_total, (total, ref_total)
+
+
+# ----------------------------------------------------------------------------------------------- Lightning runs
+
+SAMPLES, SEQ = 8, 8  # one epoch: 2 steps of 4 sequences globally (1 process × 4, or 2 ranks × 2)
+
+
+def token_data(batch_size: int):
+    """A LightningDataModule over fixed random sequences, in order (no shuffling), so that the global batch of
+    step k is the same set of sequences for 1 process (batch 4) and 2 ranks (batch 2 each: rank r reads
+    sequences r, r + 2, ...)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, DistributedSampler, StackDataset
+
+    tokens = torch.randint(0, 64, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    rows = StackDataset(input_ids=tokens[:, :-1], labels=tokens[:, 1:])
+
+    class TokenData(L.LightningDataModule):
+        def train_dataloader(self):
+            sampler = None
+            if dist.is_initialized():
+                sampler = DistributedSampler(rows, dist.get_world_size(), dist.get_rank(), shuffle=False)
+            return DataLoader(rows, batch_size=batch_size, sampler=sampler, shuffle=False)
+
+    return TokenData()
+
+
+def language_model():
+    from memzoo.training.module import LanguageModel
+
+    torch.manual_seed(0)
+    return LanguageModel(**MODEL, warmup_steps=1, lr_decay_steps=10)
+
+
+def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None):
+    """A quiet CPU Trainer; ``save_dir``: a checkpoint every 2 steps there (``step=2.ckpt``, ...)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from memzoo.parallel.strategy import MemoryParallelStrategy
+
+    strategy = MemoryParallelStrategy(memory_parallel) if memory_parallel else "auto"
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+        enable_checkpointing=save_dir is not None, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=[
+            ModelCheckpoint(save_dir, "{step}", every_n_train_steps=2, save_top_k=-1, save_last=False)
+        ] if save_dir else [],
+    )
+
+
+def full_weights(module) -> dict[str, torch.Tensor]:
+    """Every weight of a (possibly sharded) model as a full tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+        for name, t in module.state_dict().items()
+    }
+
+
+def fit(
+    steps: int, memory_parallel: int | None, devices: int, batch_size: int, ckpt: str | None = None,
+    save_dir: str | None = None,
+):
+    model = language_model()
+    run = trainer(steps, memory_parallel, devices, save_dir)
+    run.fit(model, datamodule=token_data(batch_size), ckpt_path=ckpt)
+    return model, run
+
+
+def one_process_reference(out: str) -> None:
+    """One process, default strategy, 4 steps: out/single/step=2.ckpt and the final weights out/single_step4.pt."""
+    model, _ = fit(4, None, 1, 4, save_dir=f"{out}/single")
+    torch.save(full_weights(model), f"{out}/single_step4.pt")
+
+
+def two_rank_runs(rank: int, world_size: int, out: str) -> None:
+    """2 ranks, pools sharded 2 ways, 4 steps with sharded checkpoints at steps 2 and 4 (out/mp/step=*.ckpt);
+    resumed from step 2 the run ends on exactly the same weights; 1 → 2: the one-process step-2 .ckpt resumed
+    here to step 4 (out/mp_from_single_step4.pt, compared with one process by the test)."""
+    straight, _ = fit(4, 2, 2, 2, save_dir=f"{out}/mp")
+    resumed, _ = fit(4, 2, 2, 2, ckpt=f"{out}/mp/step=2.ckpt")
+    straight_weights, resumed_weights = full_weights(straight), full_weights(resumed)
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=f"exact resume: {name}")
+    from_single, _ = fit(4, 2, 2, 2, ckpt=f"{out}/single/step=2.ckpt")
+    weights = full_weights(from_single)
+    if rank == 0:
+        torch.save(straight_weights, f"{out}/mp_step4.pt")
+        torch.save(weights, f"{out}/mp_from_single_step4.pt")
+
+
+def one_rank_from_sharded(rank: int, world_size: int, out: str) -> None:
+    """2 → 1: the 2-rank sharded step-2 checkpoint resumed in one process (memory_parallel 1) to step 4."""
+    model, _ = fit(4, 1, 1, 4, ckpt=f"{out}/mp/step=2.ckpt")
+    torch.save(full_weights(model), f"{out}/single_from_mp_step4.pt")

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
 from memzoo.model.transformer import Transformer
+from memzoo.parallel.memory_parallel import MEMORY_PARALLEL, apply_memory_parallel
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
@@ -239,6 +240,14 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
             datamodule.check_vocab(self.hparams.vocab_size)
+
+    def configure_model(self) -> None:
+        """Applies parallelism to the built model (called by Lightning before the optimizer is built)."""
+        # --- memory parallelism (MemoryParallelStrategy): pools sharded over the mesh's memory_parallel axis,
+        #     FSDP2 over all ranks for the rest; a no-op on a second call or without such a mesh
+        mesh = self._device_mesh
+        if mesh is not None and MEMORY_PARALLEL in (mesh.mesh_dim_names or ()):
+            apply_memory_parallel(self.model, mesh)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clips dense gradients only (by norm): row-sparse pool gradients are left to their row-wise optimizer."""
