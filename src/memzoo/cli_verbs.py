@@ -67,7 +67,7 @@ def export_command(args: Sequence[str]) -> object:
         "code, tokenizer) that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and "
         "memzoo.load_pretrained(DIR) load.",
     )
-    parser.add_argument("--ckpt", required=True, help="the .ckpt file (e.g. runs/X/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt", required=True, help="the .ckpt file or sharded checkpoint folder (e.g. runs/X/version_0/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="destination folder (absent or empty unless --overwrite)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the stored weights (default: float32)")

@@ -22,6 +22,7 @@ name and renames it into place after every rank has finished (see ``memzoo.expor
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,9 @@ def read_sharded_weights(path: str | Path) -> dict[str, Any]:
         if name.startswith(WEIGHTS_PREFIX) and isinstance(entry, TensorStorageMetadata)
     }
     state = {"state_dict": weights}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
     try:
         meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -27,6 +27,7 @@ sharded checkpoint resumes in one process (M → 1).
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class MemoryParallelStrategy(ModelParallelStrategy):
             raise
         if staging_context is not None:
             staging_context.__exit__(None, None, None)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(path, 0o777 & ~umask)  # the staging folder was private (mkdtemp); the checkpoint is not
         self.barrier("memzoo.save_checkpoint.renamed")
 
     # ------------------------------------------------------------------------------------------------ load

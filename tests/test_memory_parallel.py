@@ -1,0 +1,147 @@
+"""Memory parallelism and sharded checkpoints, with 2 gloo processes on the CPU against one process.
+
+- a pool sharded 2 ways along value_dim (+ FSDP2 for the rest) gives the one-process logits, gradients and AdamW
+  steps on the same global batch, and each rank holds half the table and half its optimizer state;
+- through Lightning (MemoryParallelStrategy): 4 steps on 2 ranks end on one process's weights; a sharded checkpoint
+  resumes exactly at the same world size, and reshards 2 → 1 and 1 → 2; ``memzoo export`` of the sharded folder
+  writes the HF folder (same logits) of the one-process run; an incomplete folder fails naming the file;
+- bad sizes fail before any process group exists, naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mp_workers
+from memzoo.model.transformer import Transformer
+from memzoo.parallel.checkpoint import check_reshardable, check_sharded_checkpoint
+from memzoo.parallel.memory_parallel import MemoryParallelError, check_memory_parallel, read_bytes_per_step
+from memzoo.training.checkpoint_check import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.distributed
+def test_sharded_pool_matches_one_process_and_halves_table_bytes():
+    mp_workers.launch(mp_workers.sharded_equals_unsharded, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process 4 steps; 2 ranks 4 steps (+ exact resume, + 1 → 2 resume); 2 → 1 resume (see mp_workers)."""
+    out = tmp_path_factory.mktemp("memory_parallel")
+    mp_workers.one_process_reference(str(out))
+    mp_workers.launch(mp_workers.two_rank_runs, 2, str(out), lightning=True)
+    mp_workers.launch(mp_workers.one_rank_from_sharded, 1, str(out), lightning=True)
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ranks_and_resharded_resumes_equal_one_process(runs):
+    reference = torch.load(runs / "single_step4.pt")
+    for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4"):
+        weights = torch.load(runs / f"{name}.pt")
+        assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    assert sorted(p.name for p in (runs / "mp").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]  # no staging left
+    shards = sorted(p.name for p in (runs / "mp" / "step=2.ckpt").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+
+
+@pytest.mark.distributed
+def test_export_of_a_sharded_checkpoint_matches_the_one_process_export(runs, tmp_path):
+    from memzoo.export.hf import export_checkpoint
+    from memzoo.pretrained import load_pretrained
+
+    sharded = export_checkpoint(runs / "mp" / "step=4.ckpt", tmp_path / "sharded", tokenizer="byte")
+    single = export_checkpoint(runs / "single" / "step=4.ckpt", tmp_path / "single", tokenizer="byte")
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert (sharded / "config.json").read_text() == (single / "config.json").read_text()
+    tokens = torch.randint(0, 258, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_pretrained(sharded)(tokens), load_pretrained(single)(tokens), rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.distributed
+def test_incomplete_or_foreign_sharded_checkpoint_fails_naming_the_file(runs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "step=2.ckpt"
+    shutil.copytree(runs / "mp" / "step=2.ckpt", folder)
+    check_sharded_checkpoint(folder)
+    shard = folder / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp.*truncated"):
+        check_sharded_checkpoint(folder)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"shard .*__1_0\.distcp.* is missing"):
+        check_sharded_checkpoint(folder)
+    (folder / "meta.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"meta\.pt.* is missing"):
+        check_sharded_checkpoint(folder)
+    values = "model.pools.memory.values"
+    check_reshardable(runs / "mp" / "step=2.ckpt", {values: (torch.Size([64, 12]), torch.float32)})
+    with pytest.raises(CheckpointError, match=r"cannot be resharded.*'model.pools.memory.values'.*\(64, 12\).*\(64, 16\)"):
+        check_reshardable(runs / "mp" / "step=2.ckpt", {values: (torch.Size([64, 16]), torch.float32)})
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _model(**pool):
+    config = {**mp_workers.MODEL, "pools": {"memory": {**mp_workers.MODEL["pools"]["memory"], **pool}}}
+    return Transformer(**config)
+
+
+@pytest.mark.parametrize(
+    ("memory_parallel", "world_size", "pool", "message"),
+    [
+        (5, 10, {}, r"memory_parallel=5 does not divide value_dim=12 of pool 'pools.memory'.*\[1, 2\]"),
+        (3, 4, {}, r"memory_parallel=3 does not divide the world size 4.*\[1, 2, 4\]"),
+        (2, 2, {"update": "sparse"}, r"pool 'pools.memory' has update: sparse.*set the pool's update: dense"),
+        (0, 2, {}, r"memory_parallel must be a positive int, got 0"),
+    ],
+)
+def test_bad_memory_parallel_sizes_fail_with_value_and_fix(memory_parallel, world_size, pool, message):
+    with pytest.raises(MemoryParallelError, match=message):
+        check_memory_parallel(_model(**pool), memory_parallel, world_size)
+
+
+def test_expert_pools_and_strategy_argument_are_checked():
+    from memzoo.parallel.strategy import MemoryParallelStrategy
+
+    peer = Transformer(
+        vocab_size=32, dim=16, n_layers=1, n_heads=2, block="peer",
+        block_args={"pool": "experts", "heads": 2, "k": 2, "k_dim": 8, "query_norm": "none"},
+        pools={"experts": {"kind": "experts", "n_keys": 4, "value_dim": 16}},
+    )
+    with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*memory_parallel: 1"):
+        check_memory_parallel(peer, 2, 2)
+    with pytest.raises(MemoryParallelError, match=r"memory_parallel must be a positive int, got True"):
+        MemoryParallelStrategy(True)
+
+
+def test_shipped_memory_parallel_config_builds_its_strategy():
+    from memzoo.parallel.strategy import MemoryParallelStrategy
+
+    config = yaml.safe_load((ROOT / "configs" / "facts-memoryplus-mp2.yaml").read_text())
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "memzoo.parallel.strategy.MemoryParallelStrategy"
+    built = MemoryParallelStrategy(**strategy["init_args"])
+    assert built.memory_parallel == 2 and config["trainer"]["devices"] % 2 == 0
+    model = config["model"]["init_args"]
+    model.pop("optimizer"), model.pop("warmup_steps")
+    check_memory_parallel(Transformer(vocab_size=258, **model), built.memory_parallel, config["trainer"]["devices"])
+
+
+def test_bytes_per_read_follow_the_formula():
+    # 2 ranks, 1024 bags of 4·32 rows, value_dim 1024, fp32: (M-1)·B·(K·(8+2·4) + 2·(D/M)·4)
+    assert read_bytes_per_step(1024, 128, 1024, 2) == 1024 * (128 * 16 + 2 * 512 * 4)
+    assert read_bytes_per_step(1024, 128, 1024, 1) == 0
