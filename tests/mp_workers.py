@@ -186,6 +186,27 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
     if rank == 0:
         torch.save(straight_weights, f"{out}/mp_step4.pt")
         torch.save(weights, f"{out}/mp_from_single_step4.pt")
+    sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
+
+
+def in_this_process(worker, *args) -> None:
+    """Runs ``worker(0, 1, *args)`` here as a 1-process Lightning job; restores the environment and destroys the
+    process group afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
+                      NODE_RANK="0")
+    try:
+        worker(0, 1, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def one_rank_from_sharded(rank: int, world_size: int, out: str) -> None:
