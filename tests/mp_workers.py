@@ -49,12 +49,13 @@ def _run(rank, worker, world_size, port, args, lightning):
 
 def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
     """A model with its pool sharded 2 ways (+ FSDP2 for the rest) on 2 ranks, each on its half of a global batch,
-    vs the same model in one process on the whole batch: logits, loss, gradients, optimizer steps (float64 tables;
-    RMSNorm computes in float32, hence the tolerances)."""
+    vs the same model in one process on the whole batch: logits, gradients, the clipped gradient norm, AdamW steps,
+    and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances)."""
     from torch.distributed.tensor import DTensor
 
     from memzoo.model.transformer import Transformer
     from memzoo.parallel.memory_parallel import apply_memory_parallel, build_mesh, table_bytes_per_rank
+    from memzoo.training.optim import clip_dense_grad_norm_
 
     torch.manual_seed(0)
     reference = Transformer(**MODEL).double()
@@ -83,6 +84,9 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
         for name, param in sharded.named_parameters():
             full = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
             torch.testing.assert_close(full, ref_grads[name].grad, rtol=1e-5, atol=1e-8, msg=f"grad of {name}")
+        norm = clip_dense_grad_norm_(list(sharded.parameters()), 0.01)  # tables and FSDP2 weights: two meshes
+        torch.testing.assert_close(norm, clip_dense_grad_norm_(list(reference.parameters()), 0.01), rtol=1e-6, atol=0)
+        assert norm > 0.01  # so the clipping scaled the gradients
         ref_opt.step()
         opt.step()
         ref_opt.zero_grad()

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
+from memzoo.parallel.memory_parallel import clip_grad_norm_across_meshes_, uses_several_meshes
 
 ParamGroup = dict[str, Any]
 OptimizerFactory = Callable[[Iterable], Optimizer]
@@ -489,4 +490,6 @@ def clip_dense_grad_norm_(
     else:
         params = list(optimizer_or_params)
     dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    if uses_several_meshes(dense):  # memory parallelism: FSDP2's mesh and the tables' differ
+        return clip_grad_norm_across_meshes_(dense, max_norm, norm_type)
     return torch.nn.utils.clip_grad_norm_(dense, max_norm, norm_type=norm_type)
