@@ -148,3 +148,14 @@ def test_bytes_per_read_follow_the_formula():
     # 2 ranks, 1024 bags of 4·32 rows, value_dim 1024, fp32: (M-1)·B·(K·(8+2·4) + 2·(D/M)·4)
     assert read_bytes_per_step(1024, 128, 1024, 2) == 1024 * (128 * 16 + 2 * 512 * 4)
     assert read_bytes_per_step(1024, 128, 1024, 1) == 0
+
+
+def test_a_sharded_folder_needs_the_memory_parallel_strategy(tmp_path):
+    from memzoo.parallel.checkpoint import check_strategy_reads_sharded
+
+    folder = tmp_path / "last.ckpt"
+    with pytest.raises(CheckpointError, match=r"sharded .* strategy 'ddp' cannot read.*MemoryParallelStrategy"):
+        check_strategy_reads_sharded(folder, "ddp")
+    with pytest.raises(CheckpointError, match=r"strategy 'auto' cannot read.*memzoo export --ckpt"):
+        check_strategy_reads_sharded(folder, "auto")
+    check_strategy_reads_sharded(folder, {"class_path": "memzoo.parallel.strategy.MemoryParallelStrategy"})

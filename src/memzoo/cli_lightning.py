@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
 from memzoo.training.callbacks import PredictionWriter
+from memzoo.parallel.checkpoint import check_sharded_checkpoint, check_strategy_reads_sharded, is_sharded_checkpoint
 from memzoo.training.checkpoint_check import check_checkpoint_file
 from memzoo.training.module import LanguageModel
 
@@ -76,7 +77,11 @@ class MemzooCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint_file(ckpt_path)
+            if is_sharded_checkpoint(ckpt_path):
+                check_sharded_checkpoint(ckpt_path)
+                check_strategy_reads_sharded(ckpt_path, (config.get("trainer") or {}).get("strategy"))
+            else:
+                check_checkpoint_file(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

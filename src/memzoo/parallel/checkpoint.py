@@ -93,6 +93,20 @@ def check_sharded_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def check_strategy_reads_sharded(path: str | Path, strategy: Any) -> None:
+    """Raises :class:`CheckpointError` unless ``strategy`` (a Trainer's ``strategy`` argument: a name, an object,
+    or a ``class_path`` config) is the :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` that reads the
+    sharded checkpoint ``path``."""
+    name = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else None)
+    name = name or (strategy if isinstance(strategy, str) else type(strategy).__name__)
+    if "MemoryParallelStrategy" not in str(name):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a sharded (memory-parallel) checkpoint folder, which strategy {name!r} "
+            f"cannot read; resume it with --trainer.strategy memzoo.parallel.strategy.MemoryParallelStrategy "
+            f"(memory_parallel: 1 in one process), or export it: memzoo export --ckpt {path} --out DIR"
+        )
+
+
 def check_reshardable(path: str | Path, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
     """Raises :class:`CheckpointError` unless every ``expected`` weight (``name -> (global shape, dtype)``, names
     without the ``state_dict.`` prefix) is in the checkpoint with that global shape. Resharding changes how a
