@@ -129,7 +129,7 @@ def language_model():
     from memzoo.training.module import LanguageModel
 
     torch.manual_seed(0)
-    return LanguageModel(**MODEL, warmup_steps=1, lr_decay_steps=10)
+    return LanguageModel(architecture=MODEL, warmup_steps=1, lr_decay_steps=10)
 
 
 def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None):

@@ -18,9 +18,8 @@ import yaml
 
 import mp_workers
 from memzoo.model.transformer import Transformer
-from memzoo.parallel.checkpoint import check_reshardable, check_sharded_checkpoint
+from memzoo.parallel.checkpoint import ShardedCheckpointError, check_reshardable, check_sharded_checkpoint
 from memzoo.parallel.memory_parallel import MemoryParallelError, check_memory_parallel, read_bytes_per_step
-from memzoo.training.checkpoint_check import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,17 +80,17 @@ def test_incomplete_or_foreign_sharded_checkpoint_fails_naming_the_file(runs, tm
     check_sharded_checkpoint(folder)
     shard = folder / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"__1_0\.distcp.*truncated"):
+    with pytest.raises(ShardedCheckpointError, match=r"__1_0\.distcp.*truncated"):
         check_sharded_checkpoint(folder)
     shard.unlink()
-    with pytest.raises(CheckpointError, match=r"shard .*__1_0\.distcp.* is missing"):
+    with pytest.raises(ShardedCheckpointError, match=r"shard .*__1_0\.distcp.* is missing"):
         check_sharded_checkpoint(folder)
     (folder / "meta.pt").unlink()
-    with pytest.raises(CheckpointError, match=r"meta\.pt.* is missing"):
+    with pytest.raises(ShardedCheckpointError, match=r"meta\.pt.* is missing"):
         check_sharded_checkpoint(folder)
     values = "model.pools.memory.values"
     check_reshardable(runs / "mp" / "step=2.ckpt", {values: (torch.Size([64, 12]), torch.float32)})
-    with pytest.raises(CheckpointError, match=r"cannot be resharded.*'model.pools.memory.values'.*\(64, 12\).*\(64, 16\)"):
+    with pytest.raises(ShardedCheckpointError, match=r"cannot be resharded.*'model.pools.memory.values'.*\(64, 12\).*\(64, 16\)"):
         check_reshardable(runs / "mp" / "step=2.ckpt", {values: (torch.Size([64, 16]), torch.float32)})
 
 
@@ -122,7 +121,7 @@ def test_expert_pools_and_strategy_argument_are_checked():
 
     peer = Transformer(
         vocab_size=32, dim=16, n_layers=1, n_heads=2, block="peer",
-        block_args={"pool": "experts", "heads": 2, "k": 2, "k_dim": 8, "query_norm": "none"},
+        block_args={"pool": "experts", "heads": 2, "knn": 2, "k_dim": 8, "query_norm": "none"},
         pools={"experts": {"kind": "experts", "n_keys": 4, "value_dim": 16}},
     )
     with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*memory_parallel: 1"):
@@ -139,9 +138,8 @@ def test_shipped_memory_parallel_config_builds_its_strategy():
     assert strategy["class_path"] == "memzoo.parallel.strategy.MemoryParallelStrategy"
     built = MemoryParallelStrategy(**strategy["init_args"])
     assert built.memory_parallel == 2 and config["trainer"]["devices"] % 2 == 0
-    model = config["model"]["init_args"]
-    model.pop("optimizer"), model.pop("warmup_steps")
-    check_memory_parallel(Transformer(vocab_size=258, **model), built.memory_parallel, config["trainer"]["devices"])
+    architecture = config["model"]["init_args"]["architecture"]
+    check_memory_parallel(Transformer(**architecture), built.memory_parallel, config["trainer"]["devices"])
 
 
 def test_bytes_per_read_follow_the_formula():
@@ -154,8 +152,8 @@ def test_a_sharded_folder_needs_the_memory_parallel_strategy(tmp_path):
     from memzoo.parallel.checkpoint import check_strategy_reads_sharded
 
     folder = tmp_path / "last.ckpt"
-    with pytest.raises(CheckpointError, match=r"sharded .* strategy 'ddp' cannot read.*MemoryParallelStrategy"):
+    with pytest.raises(ShardedCheckpointError, match=r"sharded .* strategy 'ddp' cannot read.*MemoryParallelStrategy"):
         check_strategy_reads_sharded(folder, "ddp")
-    with pytest.raises(CheckpointError, match=r"strategy 'auto' cannot read.*memzoo export --ckpt"):
+    with pytest.raises(ShardedCheckpointError, match=r"strategy 'auto' cannot read.*memzoo export --ckpt"):
         check_strategy_reads_sharded(folder, "auto")
     check_strategy_reads_sharded(folder, {"class_path": "memzoo.parallel.strategy.MemoryParallelStrategy"})

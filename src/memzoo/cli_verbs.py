@@ -78,14 +78,15 @@ def export_command(args: Sequence[str]) -> object:
                         help="replace an earlier export at --out, once the new one is complete")
     options = parser.parse_args(list(args))
 
+    from memzoo.export.checkpoint_check import CheckpointError
+    from memzoo.parallel.checkpoint import ShardedCheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
-    from memzoo.training.checkpoint_check import CheckpointError
 
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite)
-    except (ExportError, PretrainedFormatError, CheckpointError, FileNotFoundError) as err:
+    except (ExportError, PretrainedFormatError, CheckpointError, ShardedCheckpointError, FileNotFoundError) as err:
         raise SystemExit(f"memzoo export: {err}") from None
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"exported {options.ckpt} to {out} ({size / 1e6:.1f} MB)")

@@ -11,13 +11,13 @@ Every tensor is stored with its GLOBAL shape (a value table as ``(N, D)`` whatev
 folder loads at any world size and memory-parallel size: DCP reads the chunks each rank's new shard overlaps.
 
 - :func:`check_sharded_checkpoint`: the folder is complete (index, metadata, every shard file present and long
-  enough) -- raises :class:`~memzoo.training.checkpoint_check.CheckpointError` naming the missing or short file.
+  enough) -- raises :class:`ShardedCheckpointError` naming the missing or short file.
 - :func:`check_reshardable`: every tensor of the model has the same global shape in the checkpoint (else names it).
 - :func:`read_sharded_weights`: the full weights and hyperparameters in ONE process (no process group), for
   ``memzoo export``.
 
 Writes are atomic: :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` writes the folder under a temporary
-name and renames it into place after every rank has finished (see ``memzoo.export.atomic.staging_directory``).
+name and renames it into place after every rank has finished (see ``memzoo.atomic.staging_directory``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ from typing import Any
 
 import torch
 
-from memzoo.training.checkpoint_check import CheckpointError
+
+
+class ShardedCheckpointError(ValueError):
+    """A sharded checkpoint folder that is incomplete, unreadable, or cannot be loaded into this model."""
+
 
 #: Lightning's name for the non-tensor part of a distributed checkpoint (``lightning.fabric.utilities.load``).
 META_FILE = "meta.pt"
@@ -51,7 +55,7 @@ def read_index(path: str | Path):
     try:
         return FileSystemReader(str(path)).read_metadata()
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(
+        raise ShardedCheckpointError(
             f"sharded checkpoint {str(path)!r}: its index {str(path / INDEX_FILE)!r} cannot be read ({err}); the "
             f"save did not finish -- resume from an earlier checkpoint"
         ) from err
@@ -60,16 +64,16 @@ def read_index(path: str | Path):
 def check_sharded_checkpoint(path: str | Path) -> Path:
     """Verifies the folder ``path`` holds a complete sharded checkpoint; returns it as a ``Path``.
 
-    Raises :class:`CheckpointError` naming the file that is missing or shorter than the index says.
+    Raises :class:`ShardedCheckpointError` naming the file that is missing or shorter than the index says.
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check --ckpt_path (or use 'last')")
+        raise ShardedCheckpointError(f"checkpoint {str(path)!r} does not exist; check --ckpt_path (or use 'last')")
     if not path.is_dir():
-        raise CheckpointError(f"{str(path)!r} is a file, not a sharded checkpoint folder")
+        raise ShardedCheckpointError(f"{str(path)!r} is a file, not a sharded checkpoint folder")
     for name in (INDEX_FILE, META_FILE):
         if not (path / name).is_file():
-            raise CheckpointError(
+            raise ShardedCheckpointError(
                 f"sharded checkpoint {str(path)!r} is incomplete: {str(path / name)!r} is missing; resume from "
                 f"another checkpoint (a save that was interrupted leaves no folder under the final name)"
             )
@@ -80,13 +84,13 @@ def check_sharded_checkpoint(path: str | Path) -> Path:
     for name, length in sorted(needed.items()):
         shard = path / name
         if not shard.is_file():
-            raise CheckpointError(
+            raise ShardedCheckpointError(
                 f"sharded checkpoint {str(path)!r} is incomplete: shard {str(shard)!r} is missing (the index lists "
                 f"{len(needed)} shard files); copy the whole folder, or resume from another checkpoint"
             )
         size = shard.stat().st_size
         if size < length:
-            raise CheckpointError(
+            raise ShardedCheckpointError(
                 f"sharded checkpoint {str(path)!r}: shard {str(shard)!r} is truncated ({size} bytes, the index needs "
                 f"{length}); resume from another checkpoint"
             )
@@ -94,13 +98,13 @@ def check_sharded_checkpoint(path: str | Path) -> Path:
 
 
 def check_strategy_reads_sharded(path: str | Path, strategy: Any) -> None:
-    """Raises :class:`CheckpointError` unless ``strategy`` (a Trainer's ``strategy`` argument: a name, an object,
+    """Raises :class:`ShardedCheckpointError` unless ``strategy`` (a Trainer's ``strategy`` argument: a name, an object,
     or a ``class_path`` config) is the :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` that reads the
     sharded checkpoint ``path``."""
     name = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else None)
     name = name or (strategy if isinstance(strategy, str) else type(strategy).__name__)
     if "MemoryParallelStrategy" not in str(name):
-        raise CheckpointError(
+        raise ShardedCheckpointError(
             f"checkpoint {str(path)!r} is a sharded (memory-parallel) checkpoint folder, which strategy {name!r} "
             f"cannot read; resume it with --trainer.strategy memzoo.parallel.strategy.MemoryParallelStrategy "
             f"(memory_parallel: 1 in one process), or export it: memzoo export --ckpt {path} --out DIR"
@@ -108,7 +112,7 @@ def check_strategy_reads_sharded(path: str | Path, strategy: Any) -> None:
 
 
 def check_reshardable(path: str | Path, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
-    """Raises :class:`CheckpointError` unless every ``expected`` weight (``name -> (global shape, dtype)``, names
+    """Raises :class:`ShardedCheckpointError` unless every ``expected`` weight (``name -> (global shape, dtype)``, names
     without the ``state_dict.`` prefix) is in the checkpoint with that global shape. Resharding changes how a
     tensor is split, never its global shape: a mismatch is a different architecture."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -117,13 +121,13 @@ def check_reshardable(path: str | Path, expected: dict[str, tuple[torch.Size, to
     for name, (shape, dtype) in expected.items():
         entry = saved.get(WEIGHTS_PREFIX + name)
         if entry is None:
-            raise CheckpointError(
+            raise ShardedCheckpointError(
                 f"sharded checkpoint {str(path)!r} has no weight {name!r}; it was saved from a different model "
                 f"(compare the model config of the run that wrote it)"
             )
         if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(shape):
             found = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else type(entry).__name__
-            raise CheckpointError(
+            raise ShardedCheckpointError(
                 f"sharded checkpoint {str(path)!r} cannot be resharded into this model: weight {name!r} has global "
                 f"shape {found} there but {tuple(shape)} here; resharding changes the number of shards, not the "
                 f"architecture -- resume with the model config the checkpoint was written with"
@@ -149,5 +153,5 @@ def read_sharded_weights(path: str | Path) -> dict[str, Any]:
     try:
         meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"sharded checkpoint {str(path)!r}: {str(path / META_FILE)!r} cannot be read: {err}") from err
+        raise ShardedCheckpointError(f"sharded checkpoint {str(path)!r}: {str(path / META_FILE)!r} cannot be read: {err}") from err
     return {**meta, "state_dict": state["state_dict"]}

@@ -248,33 +248,6 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, *, data_parallel: 
     fully_shard(model, mesh=all_ranks, ignored_params=ignored)
 
 
-def clip_grad_norm_across_meshes_(
-    params: list[torch.Tensor], max_norm: float, norm_type: float = 2.0
-) -> torch.Tensor:
-    """``clip_grad_norm_`` for gradients that are DTensors on DIFFERENT meshes (FSDP2's over all ranks, the tables'
-    over ``memory_parallel``), which ``torch.nn.utils.clip_grad_norm_`` cannot stack: each mesh's total norm is
-    made global first (``full_tensor``), then combined. Returns the global total norm (a plain tensor)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    by_mesh: dict[object, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
-    norms = []
-    for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.tensor(0.0)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for grad in grads:
-        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coef.to(grad.dtype))
-    return total
-
-
-def uses_several_meshes(params: list[torch.Tensor]) -> bool:
-    """Whether the gradients of ``params`` are DTensors on more than one mesh (see :func:`clip_grad_norm_across_meshes_`)."""
-    meshes = {id(p.grad.device_mesh) for p in params if isinstance(p.grad, DTensor)}
-    return len(meshes) > 1
-
-
 def table_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the pool tables this rank holds, plus their optimizer state in ``optimizer`` (if given)."""
     total = 0
@@ -306,10 +279,8 @@ __all__ = [
     "apply_memory_parallel",
     "build_mesh",
     "check_memory_parallel",
-    "clip_grad_norm_across_meshes_",
     "read_bytes_per_step",
     "sharded_tables",
     "sharded_weighted_gather",
     "table_bytes_per_rank",
-    "uses_several_meshes",
 ]

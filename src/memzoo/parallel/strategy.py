@@ -11,9 +11,9 @@ One YAML switch::
 What it does, on top of Lightning's strategy (process launch, DCP checkpoints, resharding on load):
 
 - builds the mesh ``(world // M, M)`` named ``("data_parallel", "memory_parallel")`` and hands it to the
-  LightningModule as ``self.device_mesh``; ``LanguageModel.configure_model`` then calls
-  :func:`~memzoo.parallel.memory_parallel.apply_memory_parallel` (pools sharded over ``memory_parallel``, FSDP2
-  over all ranks for the rest);
+  LightningModule as ``self.device_mesh``; ``LanguageModel.configure_model`` then calls this strategy's
+  :meth:`parallelize` with its Transformer, i.e. :func:`~memzoo.parallel.memory_parallel.apply_memory_parallel`
+  (pools sharded over ``memory_parallel``, FSDP2 over all ranks for the rest);
 - gives every rank its own data (the sampler splits over all ``W`` ranks, not over ``data_parallel`` as Lightning's
   tensor-parallel default does): memory parallelism shards a table, not the batch;
 - checks the sizes before anything runs (``M`` divides the world size and every pool's ``value_dim``, pools it can
@@ -36,10 +36,19 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 
-from memzoo.export.atomic import staging_directory
-from memzoo.parallel.checkpoint import check_reshardable, check_sharded_checkpoint, is_sharded_checkpoint
-from memzoo.parallel.memory_parallel import MemoryParallelError, build_mesh, check_memory_parallel
-from memzoo.training.checkpoint_check import CheckpointError, check_checkpoint_file
+from memzoo.atomic import staging_directory
+from memzoo.parallel.checkpoint import (
+    ShardedCheckpointError,
+    check_reshardable,
+    check_sharded_checkpoint,
+    is_sharded_checkpoint,
+)
+from memzoo.parallel.memory_parallel import (
+    MemoryParallelError,
+    apply_memory_parallel,
+    build_mesh,
+    check_memory_parallel,
+)
 
 
 class MemoryParallelStrategy(ModelParallelStrategy):
@@ -77,6 +86,11 @@ class MemoryParallelStrategy(ModelParallelStrategy):
         self._device_mesh = build_mesh(self.root_device.type, self.world_size, self.memory_parallel)
         self.lightning_module._device_mesh = self._device_mesh
 
+    def parallelize(self, model: torch.nn.Module) -> None:
+        """Shards ``model``'s pools over the mesh and applies FSDP2 to the rest; ``LanguageModel.configure_model``
+        calls it with its Transformer (:func:`~memzoo.parallel.memory_parallel.apply_memory_parallel`)."""
+        apply_memory_parallel(model, self.device_mesh)
+
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.world_size, "rank": self.global_rank}
@@ -106,7 +120,8 @@ class MemoryParallelStrategy(ModelParallelStrategy):
 
     # ------------------------------------------------------------------------------------------------ load
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """A sharded folder (any world size: DCP reshards) or a one-process ``.ckpt`` file, checked first."""
+        """A sharded folder (any world size: DCP reshards; checked first) or a one-process ``.ckpt`` file (the CLI
+        checks files when it parses ``--ckpt_path``)."""
         path = Path(self.broadcast(str(checkpoint_path)))
         model = self.lightning_module
         expected = {
@@ -116,7 +131,6 @@ class MemoryParallelStrategy(ModelParallelStrategy):
             check_sharded_checkpoint(path)
             check_reshardable(path, expected)
             return super().load_checkpoint(path, weights_only=weights_only)
-        check_checkpoint_file(path)
         return self._load_full_checkpoint(path, expected, weights_only)
 
     def _load_full_checkpoint(self, path: Path, expected: dict, weights_only: bool | None) -> dict[str, Any]:
@@ -129,7 +143,7 @@ class MemoryParallelStrategy(ModelParallelStrategy):
         weights = checkpoint.pop("state_dict")
         for name, (shape, _) in expected.items():
             if name in weights and tuple(weights[name].shape) != tuple(shape):
-                raise CheckpointError(
+                raise ShardedCheckpointError(
                     f"checkpoint {str(path)!r} cannot be resharded into this model: weight {name!r} has shape "
                     f"{tuple(weights[name].shape)} there but {tuple(shape)} here; resume with the model config the "
                     f"checkpoint was written with"
