@@ -47,6 +47,34 @@ def _run(rank, worker, world_size, port, args, lightning):
             dist.destroy_process_group()
 
 
+def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
+    """``sharded_weighted_gather`` of a column-split float64 table vs ``weighted_gather`` of the whole table, with a
+    different number of bags per rank (rank 0 reads 3, rank 1 reads 5 and a repeated row): outputs, and gradients
+    of the table columns and of the weights."""
+    from memzoo.ops import weighted_gather
+    from memzoo.parallel.memory_parallel import sharded_weighted_gather
+
+    generator = torch.Generator().manual_seed(5)
+    table = torch.randn(32, 6, dtype=torch.float64, generator=generator)
+    bags = [3, 5]
+    indices = [torch.randint(0, 32, (n, 4), generator=generator) for n in bags]
+    indices[1][0, 1] = indices[1][0, 0]  # a row read twice by one bag
+    weights = [torch.randn(n, 4, dtype=torch.float64, generator=generator) for n in bags]
+    grads_out = [torch.randn(n, 6, dtype=torch.float64, generator=generator) for n in bags]
+    full = table.clone().requires_grad_()
+    full_weights = [w.clone().requires_grad_() for w in weights]
+    reference = [weighted_gather(full, i, w) for i, w in zip(indices, full_weights)]
+    torch.autograd.backward(reference, grads_out)
+    columns = slice(3 * rank, 3 * rank + 3)
+    local = table[:, columns].clone().requires_grad_()
+    mine = weights[rank].clone().requires_grad_()
+    out = sharded_weighted_gather(local, indices[rank], mine, dist.group.WORLD)
+    out.backward(grads_out[rank])
+    torch.testing.assert_close(out, reference[rank], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine.grad, full_weights[rank].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
+
+
 def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
     """A model with its pool sharded 2 ways (+ FSDP2 for the rest) on 2 ranks, each on its half of a global batch,
     vs the same model in one process on the whole batch: logits, gradients, the clipped gradient norm, AdamW steps,
@@ -191,6 +219,7 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
         torch.save(straight_weights, f"{out}/mp_step4.pt")
         torch.save(weights, f"{out}/mp_from_single_step4.pt")
     sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
+    sharded_read_equals_weighted_gather(rank, world_size)
 
 
 def in_this_process(worker, *args) -> None:

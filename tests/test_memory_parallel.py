@@ -37,8 +37,10 @@ def runs(tmp_path_factory):
 
 @pytest.mark.distributed
 def test_sharded_pool_matches_one_process_and_halves_table_bytes(runs):
-    """Asserted inside the 2 ranks (mp_workers.sharded_equals_unsharded): logits, every gradient and 2 AdamW steps
-    equal one process's on the whole batch; table + optimizer-state bytes per rank are half of one process's."""
+    """Asserted inside the 2 ranks (mp_workers.sharded_equals_unsharded, sharded_read_equals_weighted_gather):
+    logits, every gradient, the clipped norm and 2 AdamW steps equal one process's on the whole batch; table +
+    optimizer-state bytes per rank are half of one process's; the sharded read with unequal bag counts per rank
+    equals weighted_gather of the whole table (outputs and both gradients, float64)."""
     assert (runs / "mp_step4.pt").is_file()  # the ranks got past their assertions
 
 
