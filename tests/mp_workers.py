@@ -75,7 +75,7 @@ def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
     torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
 
 
-def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
+def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_parallel: int = 2) -> None:
     """A model with its pool sharded 2 ways (+ FSDP2 for the rest) on 2 ranks, each on its half of a global batch,
     vs the same model in one process on the whole batch: logits, gradients, the clipped gradient norm, AdamW steps,
     and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances)."""
@@ -90,10 +90,10 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
     sharded = Transformer(**MODEL).double()
     sharded.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, 64, (steps, 4, 8), generator=torch.Generator().manual_seed(1))
-    mesh = build_mesh("cpu", world_size, 2)
+    mesh = build_mesh("cpu", world_size, memory_parallel)
     apply_memory_parallel(sharded, mesh)
     table = sharded.pools["memory"].values
-    assert isinstance(table, DTensor) and table.to_local().shape == (64, 6), table
+    assert isinstance(table, DTensor) and table.to_local().shape == (64, 12 // memory_parallel), table
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
     opt = torch.optim.AdamW(sharded.parameters(), lr=0.01)
     ref_bytes = table_bytes_per_rank(reference, None)
@@ -124,8 +124,8 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int) -> None:
         torch.testing.assert_close(full, dict(reference.named_parameters())[name], rtol=1e-5, atol=1e-6)
     ref_total = table_bytes_per_rank(reference, ref_opt)
     total = table_bytes_per_rank(sharded, opt)
-    assert table_bytes_per_rank(sharded, None) * 2 == ref_bytes, (table_bytes_per_rank(sharded, None), ref_bytes)
-    assert total * 2 == ref_total, (total, ref_total)
+    assert table_bytes_per_rank(sharded, None) * memory_parallel == ref_bytes, (table_bytes_per_rank(sharded, None), ref_bytes)
+    assert total * memory_parallel == ref_total, (total, ref_total)
 
 
 # ----------------------------------------------------------------------------------------------- Lightning runs
@@ -219,6 +219,7 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
         torch.save(straight_weights, f"{out}/mp_step4.pt")
         torch.save(weights, f"{out}/mp_from_single_step4.pt")
     sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
+    sharded_equals_unsharded(rank, world_size, 2, memory_parallel=1)  # replicated tables: summed over data_parallel
     sharded_read_equals_weighted_gather(rank, world_size)
 
 

@@ -24,8 +24,12 @@ from lightning.pytorch.loggers import CSVLogger
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
 from memzoo.export.checkpoint_check import check_checkpoint_file
+from memzoo.parallel.checkpoint import (
+    check_sharded_checkpoint,
+    check_strategy_reads_sharded,
+    is_sharded_checkpoint,
+)
 from memzoo.training.callbacks import PredictionWriter
-from memzoo.parallel.checkpoint import check_sharded_checkpoint, check_strategy_reads_sharded, is_sharded_checkpoint
 from memzoo.training.module import LanguageModel
 
 DEFAULT_RUNS_DIR = "runs"

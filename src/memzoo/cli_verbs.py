@@ -79,9 +79,9 @@ def export_command(args: Sequence[str]) -> object:
     options = parser.parse_args(list(args))
 
     from memzoo.export.checkpoint_check import CheckpointError
-    from memzoo.parallel.checkpoint import ShardedCheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
+    from memzoo.parallel.checkpoint import ShardedCheckpointError
 
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,

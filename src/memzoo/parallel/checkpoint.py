@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 
-
 class ShardedCheckpointError(ValueError):
     """A sharded checkpoint folder that is incomplete, unreadable, or cannot be loaded into this model."""
 
@@ -118,7 +117,7 @@ def check_reshardable(path: str | Path, expected: dict[str, tuple[torch.Size, to
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     saved = read_index(path).state_dict_metadata
-    for name, (shape, dtype) in expected.items():
+    for name, (shape, _) in expected.items():
         entry = saved.get(WEIGHTS_PREFIX + name)
         if entry is None:
             raise ShardedCheckpointError(

@@ -24,8 +24,8 @@ Bytes per rank per read (``s`` bytes per value, 8 per index), with ``M`` ranks i
               all-to-all of outputs           (M-1)·B·(D/M)·s
     backward  all-to-all of output grads      (M-1)·B·(D/M)·s
               reduce-scatter of weight grads  (M-1)·B·K·s
-    table gradient                            0 inside the group; a dense all-reduce of the N·D/M shard over the
-                                              data_parallel axis only when dp > 1
+    table gradient                            0 inside the group; when dp > 1, a dense all-reduce of the N·D/M
+                                              shard over the data_parallel axis, once per read (per memory layer)
 
 Why the value dimension and not row ranges (embedding-table style: rank ``i`` owns rows ``[i·N/M, (i+1)·N/M)``,
 each ``(bag, index, weight)`` is routed to its row's owner, owners return partial sums):
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from memzoo.blocks.pool import MemoryPool, find_pools
+from memzoo.blocks.pool import find_pools
 from memzoo.ops import weighted_gather
 
 #: Names of the two mesh axes: data parallel (replicas of a table shard) and memory parallel (shards of a table).
