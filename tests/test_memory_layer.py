@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import references
 from memzoo.accounting import summarize
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.pool import MemoryPool
@@ -17,44 +17,7 @@ from memzoo.registry import BlockConfigError, create_block
 DIM, N_KEYS = 12, 6
 
 
-def reference_forward(block: ProductKeyMemory, x: torch.Tensor, transform_weights=None) -> torch.Tensor:
-    """Plain PKM / Memory+: scores all ``n_keys²`` product keys, takes their top-knn, gathers the ``(..., H·knn,
-    value_dim)`` rows explicitly and sums them. ``transform_weights`` (optional) edits the softmax weights."""
-    heads, k_dim, knn = block.heads, block.k_dim, block.knn
-    half = k_dim // 2
-    query = F.linear(x, block.router.query.weight, block.router.query.bias).view(*x.shape[:-1], heads, k_dim)
-    norm, kind = block.router.query_norm, block.router.query_norm_kind
-    if kind == "layernorm":
-        centred = query - query.mean(-1, keepdim=True)
-        query = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight + norm.bias
-    elif kind == "rmsnorm":
-        query = query / torch.sqrt(query.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
-    elif kind == "half_layernorm":  # lucidrains' query norm: each half of each head, one shared affine
-        halves = query.unflatten(-1, (2, half))
-        centred = halves - halves.mean(-1, keepdim=True)
-        halves = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight + norm.bias
-        query = halves.flatten(-2)
-    keys1, keys2 = block.router.sub_keys[:, 0], block.router.sub_keys[:, 1]  # (H, n_keys, half)
-    q1, q2 = query[..., :half], query[..., half:]
-    if block.router.qk_norm:  # each half score = sqrt(half) · cosine
-        def unit(v):
-            return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-        q1, q2, keys1, keys2 = unit(q1) / math.sqrt(half), unit(q2) / math.sqrt(half), unit(keys1), unit(keys2)
-    scores1 = torch.einsum("...hd,hnd->...hn", q1, keys1)
-    scores2 = torch.einsum("...hd,hnd->...hn", q2, keys2)
-    all_scores = (scores1.unsqueeze(-1) + scores2.unsqueeze(-2)).flatten(-2)  # (..., H, n_keys²), i1·n + i2
-    scores, indices = all_scores.topk(knn, dim=-1)
-    weights = torch.softmax(scores, dim=-1).flatten(-2)  # (..., H·knn)
-    if transform_weights is not None:
-        weights = transform_weights(weights)
-    rows = block.pool.values[indices.flatten(-2)]  # (..., H·knn, value_dim): materialised on purpose
-    y = (weights.unsqueeze(-1) * rows).sum(-2)
-    if block.gate == "silu":
-        y = y * F.silu(F.linear(x, block.gate_proj.weight, block.gate_proj.bias))
-    if block.out_proj is not None:
-        y = F.linear(y, block.out_proj.weight, block.out_proj.bias)
-    return y
+reference_forward = references.product_key_memory
 
 
 def make(dtype=torch.float64, **kw) -> ProductKeyMemory:

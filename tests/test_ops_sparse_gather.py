@@ -4,16 +4,10 @@ accumulation across calls, torch.compile, memory use, and every bad-input error.
 import pytest
 import torch
 
+import references
 from memzoo.ops import gather_dot, weighted_gather
 
-
-def reference_weighted_gather(values, indices, weights):
-    """Materialises the (..., K, D) gathered rows: the definition, not the implementation."""
-    return (weights.unsqueeze(-1) * values[indices]).sum(-2)
-
-
-def reference_gather_dot(values, indices, x):
-    return (values[indices] * x.unsqueeze(-2)).sum(-1)
+reference_weighted_gather, reference_gather_dot = references.weighted_gather, references.gather_dot
 
 
 OPS = {

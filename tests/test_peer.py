@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import references
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.transformer import Transformer
@@ -18,57 +18,7 @@ DIM, N_KEYS, K_DIM = 12, 6, 8  # 36 experts
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def reference_query(peer: PEER, x: torch.Tensor) -> torch.Tensor:
-    """``x (B, T, dim)`` → normalised queries ``(B, T, heads, k_dim)``, the norms written out by hand."""
-    q = x @ peer.router.query.weight.T  # (B, T, heads·k_dim)
-    norm = peer.router.query_norm
-    kind = peer.router.query_norm_kind
-    if kind == "batchnorm":  # per feature, statistics over all B·T tokens (training) or running (eval)
-        if peer.training:
-            flat = q.reshape(-1, q.shape[-1])
-            mean, var = flat.mean(0), flat.var(0, unbiased=False)
-        else:
-            mean, var = norm.running_mean, norm.running_var
-        q = (q - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-        return q.unflatten(-1, (peer.heads, peer.k_dim))
-    q = q.unflatten(-1, (peer.heads, peer.k_dim))
-    if kind == "layernorm":
-        mean = q.mean(-1, keepdim=True)
-        var = q.var(-1, unbiased=False, keepdim=True)
-        return (q - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-    if kind == "rmsnorm":
-        return q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
-    if kind == "half_layernorm":  # each half of each head, one affine (k_dim/2,) for all
-        halves = q.unflatten(-1, (2, peer.k_dim // 2))
-        mean = halves.mean(-1, keepdim=True)
-        var = halves.var(-1, unbiased=False, keepdim=True)
-        return ((halves - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias).flatten(-2)
-    return q
-
-
-def full_product_keys(sub_keys: torch.Tensor) -> torch.Tensor:
-    """``(S, 2, n, Dk/2)`` → all product keys ``(S, n², Dk)``, key ``i1·n + i2 = [c1[i1], c2[i2]]``."""
-    S, _, n, half = sub_keys.shape
-    c1 = sub_keys[:, 0, :, None, :].expand(S, n, n, half)
-    c2 = sub_keys[:, 1, None, :, :].expand(S, n, n, half)
-    return torch.cat([c1, c2], dim=-1).reshape(S, n * n, 2 * half)
-
-
-def reference_route(peer: PEER, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q = reference_query(peer, x)  # (B, T, H, Dk)
-    keys = full_product_keys(peer.router.sub_keys).expand(peer.heads, -1, -1)  # (H, N, Dk)
-    scores, indices = torch.einsum("bthd,hnd->bthn", q, keys).topk(peer.knn, dim=-1)
-    weights = scores.softmax(-1) if peer.router.score == "softmax" else scores.sigmoid()
-    return indices, weights
-
-
-def reference_peer(peer: PEER, x: torch.Tensor) -> torch.Tensor:
-    """Materialises the gathered expert vectors ``(B, T, H, k, dim)`` as public PEER implementations do."""
-    indices, weights = reference_route(peer, x)
-    down, up = peer.pool.down[indices], peer.pool.up[indices]  # (B, T, H, k, dim) each
-    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[peer.activation]
-    hidden = act(torch.einsum("bthkd,btd->bthk", down, x))
-    return torch.einsum("bthk,bthkd->btd", weights * hidden, up)
+reference_peer = references.peer
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -142,7 +92,7 @@ def test_routes_to_exact_top_k_of_all_product_keys():
     peer = make_peer(heads=3, knn=5, per_head_keys=True)
     x = random_input()
     indices, weights = peer.router(x)
-    ref_indices, ref_weights = reference_route(peer, x)
+    ref_indices, ref_weights = references.route(peer.router, x)
     assert indices.shape == (2, 5, 3, 5) and indices.dtype == torch.int64
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(weights, ref_weights)
@@ -317,7 +267,7 @@ def test_reports_its_lookups_to_a_usage_observer():
     x = random_input()
     peer(x)
     (indices, weights), = recorder.calls
-    ref_indices, ref_weights = reference_route(peer, x)
+    ref_indices, ref_weights = references.route(peer.router, x)
     assert torch.equal(indices, ref_indices.flatten(-2))
     torch.testing.assert_close(weights, ref_weights.flatten(-2))
 

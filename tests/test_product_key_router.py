@@ -2,49 +2,20 @@
 product keys (forward and gradients); the two exact top-k implementations agree; the router file is plain torch."""
 
 import ast
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import memzoo.nn.product_key_router as router_module
+import references
 from memzoo.nn.product_key_router import ProductKeyRouter, plain_product_key_topk
 from memzoo.ops import candidate_pairs, product_key_topk
 
 DIM, N_KEYS, K_DIM = 10, 6, 8
 
 
-def reference_router(router: ProductKeyRouter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores every product key ``[c1[i1], c2[i2]]`` of every head, takes the top-knn, then softmax / sigmoid."""
-    heads, k_dim, half = router.heads, router.k_dim, router.k_dim // 2
-    q = F.linear(x, router.query.weight, router.query.bias)
-    norm, kind = router.query_norm, router.query_norm_kind
-    if kind == "batchnorm":
-        flat = q.reshape(-1, q.shape[-1])
-        q = (q - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + norm.eps) * norm.weight + norm.bias
-    q = q.unflatten(-1, (heads, k_dim))
-    if kind == "layernorm":
-        centred = q - q.mean(-1, keepdim=True)
-        q = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight + norm.bias
-    elif kind == "rmsnorm":
-        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
-    elif kind == "half_layernorm":
-        halves = q.unflatten(-1, (2, half))
-        centred = halves - halves.mean(-1, keepdim=True)
-        q = (centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight + norm.bias).flatten(-2)
-    keys = router.sub_keys.expand(heads, -1, -1, -1)  # (H, 2, n, half)
-    q1, q2, c1, c2 = q[..., :half], q[..., half:], keys[:, 0], keys[:, 1]
-    if router.qk_norm:
-        def unit(v):
-            return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-        q1, q2, c1, c2 = unit(q1) / math.sqrt(half), unit(q2) / math.sqrt(half), unit(c1), unit(c2)
-    full = (torch.einsum("...hd,hnd->...hn", q1, c1)[..., :, None]
-            + torch.einsum("...hd,hnd->...hn", q2, c2)[..., None, :]).flatten(-2)  # index i1·n + i2
-    scores, indices = full.topk(router.knn, dim=-1)
-    return indices, scores.softmax(-1) if router.score == "softmax" else scores.sigmoid()
+reference_router = references.route
 
 
 def make(**kw) -> ProductKeyRouter:
