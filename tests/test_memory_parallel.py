@@ -160,3 +160,15 @@ def test_a_sharded_folder_needs_the_memory_parallel_strategy(tmp_path):
     with pytest.raises(ShardedCheckpointError, match=r"strategy 'auto' cannot read.*memzoo export --ckpt"):
         check_strategy_reads_sharded(folder, "auto")
     check_strategy_reads_sharded(folder, {"class_path": "memzoo.parallel.strategy.MemoryParallelStrategy"})
+
+
+def test_fit_with_a_memory_parallel_size_above_the_world_size_fails_before_training(tmp_path):
+    """Trainer.fit on 1 device with memory_parallel 2: the strategy's size check fails before any process group
+    exists or any step runs."""
+    trainer = mp_workers.trainer(4, 2, devices=1)
+    model = mp_workers.language_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(MemoryParallelError, match=r"memory_parallel=2 does not divide the world size 1.*\[1\]"):
+        trainer.fit(model, datamodule=mp_workers.token_data(4))
+    assert trainer.global_step == 0 and not torch.distributed.is_initialized()
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
