@@ -44,8 +44,9 @@ gradient is the sum over its group's batches, so it is multiplied by ``1/W`` (an
 in backward, which makes one step of ``W`` ranks equal one process on the concatenated batch.
 
 Limits (checked before training, :func:`check_memory_parallel`): pools of kind ``memory`` with ``update: dense``
-(PEER's two-table read and row-sparse COO gradients of ``DTensor`` parameters are not supported); every rank of a
-group must run the same number of forward passes (collectives), as data-parallel training does.
+(PEER's two-table read is not sharded; a row-sparse COO gradient cannot be wrapped as a ``DTensor`` --
+``DTensor.from_local`` of a sparse tensor fails in ``aten::view`` -- so ``update: sparse`` pools are rejected);
+every rank of a group must run the same number of forward passes (collectives), as data-parallel training does.
 """
 
 from __future__ import annotations
@@ -198,9 +199,9 @@ def sharded_tables(model: nn.Module) -> list[nn.Parameter]:
     return [t for pool in find_pools(model).values() for t in pool.tables().values() if isinstance(t, DTensor)]
 
 
-def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = True) -> None:
-    """Shards every pool of ``model`` over ``mesh["memory_parallel"]`` and (``data_parallel``) applies FSDP2 to the
-    rest over all ranks of ``mesh``. In place; a second call on the same model does nothing.
+def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Shards every pool of ``model`` over ``mesh["memory_parallel"]`` and applies FSDP2 to the rest over all ranks
+    of ``mesh`` (the tables in ``ignored_params``). In place; a second call on the same model does nothing.
 
     Every rank must call it with the same model built from the same config. Tables are split from rank 0's copy
     (``distribute_tensor``) and dense parameters broadcast from rank 0 first, so the ranks start identical
@@ -215,9 +216,13 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, *, data_parallel: 
         )
     if sharded_tables(model):
         return
+    if mesh.size() != dist.get_world_size():
+        raise MemoryParallelError(
+            f"the mesh has {mesh.size()} ranks but the process group {dist.get_world_size()}; build the mesh over all "
+            f"processes (memzoo.parallel.memory_parallel.build_mesh)"
+        )
     memory_mesh, data_mesh = mesh[MEMORY_PARALLEL], mesh[DATA_PARALLEL]
     check_memory_parallel(model, memory_mesh.size(), mesh.size())
-    world_group = dist.group.WORLD if mesh.size() == dist.get_world_size() else None
     tables = []
     read = ShardedRead(
         memory_mesh.get_group(), data_mesh.get_group() if data_mesh.size() > 1 else None, 1.0 / mesh.size()
@@ -230,13 +235,9 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh, *, data_parallel: 
             setattr(pool, name, sharded)
             tables.append(sharded)
         pool.shard_reads(read)
-    if not data_parallel:
-        return
     from torch.distributed.fsdp import fully_shard
 
     ignored = set(tables)
-    if world_group is None:
-        raise MemoryParallelError("the mesh must span all processes of the default process group")
     for param in model.parameters():
         if not isinstance(param, DTensor):
             dist.broadcast(param.data, src=0)
