@@ -139,7 +139,7 @@ class MemoryParallelStrategy(ModelParallelStrategy):
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only) if weights_only else False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
         weights = checkpoint.pop("state_dict")
         for name, (shape, _) in expected.items():
             if name in weights and tuple(weights[name].shape) != tuple(shape):
