@@ -33,6 +33,12 @@ from memzoo.accounting import summarize
 from memzoo.data import LMDataModule
 from memzoo.atomic import remove_stale_partials
 from memzoo.export.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
+from memzoo.parallel.checkpoint import (
+    check_sharded_checkpoint,
+    check_strategy_reads_sharded,
+    is_sharded_checkpoint,
+    sharded_meta_file,
+)
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_folder import RunFolderLogger
@@ -107,7 +113,11 @@ class MemzooCLI(LightningCLI):
             print(f"memzoo: --ckpt_path last is {found}", file=sys.stderr)
             config["ckpt_path"] = ckpt_path = str(found)
         if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
-            check_checkpoint_file(ckpt_path)
+            if is_sharded_checkpoint(ckpt_path):
+                check_sharded_checkpoint(ckpt_path)
+                check_strategy_reads_sharded(ckpt_path, (config.get("trainer") or {}).get("strategy"))
+            else:
+                check_checkpoint_file(ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
         """The config decides the model: Lightning's default (overwrite the model config with the checkpoint's
@@ -141,7 +151,8 @@ class MemzooCLI(LightningCLI):
         super().instantiate_classes()
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
-            check_same_architecture(ckpt_path, self.model.hparams)
+            check_same_architecture(sharded_meta_file(ckpt_path) if is_sharded_checkpoint(ckpt_path) else ckpt_path,
+                                    self.model.hparams)
         if self.subcommand in ("fit", "validate", "test"):
             _check_block_size(self.datamodule, self.model)
         if self.subcommand == "fit":

@@ -90,7 +90,7 @@ def export_command(args: Sequence[str]) -> object:
         "code, tokenizer) that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and "
         "memzoo.load_pretrained(DIR) load.",
     )
-    parser.add_argument("--ckpt", required=True, help="the .ckpt file (e.g. runs/X/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt", required=True, help="the .ckpt file or sharded checkpoint folder (e.g. runs/X/version_0/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="destination folder (absent or empty unless --overwrite)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the stored weights (default: float32)")
@@ -104,11 +104,12 @@ def export_command(args: Sequence[str]) -> object:
     from memzoo.export.checkpoint_check import CheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
+    from memzoo.parallel.checkpoint import ShardedCheckpointError
 
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite)
-    except (ExportError, PretrainedFormatError, CheckpointError, FileNotFoundError) as err:
+    except (ExportError, PretrainedFormatError, CheckpointError, ShardedCheckpointError, FileNotFoundError) as err:
         raise CommandError(f"export: {err}") from None
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"exported {options.ckpt} to {out} ({size / 1e6:.1f} MB)")

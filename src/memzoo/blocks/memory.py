@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from memzoo.blocks.pool import MemoryPool, ReadsPool, UpdateMode, resolve_pool
 from memzoo.nn.checks import check_bool, check_choice, check_positive_int
 from memzoo.nn.product_key_router import QUERY_NORMS, SCORES, ProductKeyRouter
-from memzoo.ops import candidate_pairs, product_key_topk, weighted_gather
+from memzoo.ops import candidate_pairs, product_key_topk
 from memzoo.registry import register_block
 
 QueryNorm = Literal["none", "layernorm", "rmsnorm", "half_layernorm", "batchnorm"]
@@ -165,7 +165,7 @@ class ProductKeyMemory(ReadsPool, nn.Module):
         indices, weights = self.lookup(x)
         pool = self.pool
         pool.observe(indices, weights)
-        y = weighted_gather(pool.values, indices, weights, sparse_grad=pool.sparse).to(x.dtype)  # Σ w·V[I]
+        y = pool.read(indices, weights).to(x.dtype)  # Σ w·V[I]: weighted_gather of the (maybe sharded) values
         if self.gate_proj is not None:
             y = y * F.silu(self.gate_proj(x))  # Memory+: y ⊙ silu(W_1 x)
         if self.out_proj is not None:

@@ -15,6 +15,11 @@ observer (anything with ``update(indices, weights)``, e.g. :class:`memzoo.traini
 attached with ``pool.track_usage(observer)``; the trainer attaches one per pool for validation and detaches it
 (``pool.track_usage(None)``) afterwards. The observer is held as a plain attribute, never as a submodule, so it
 is not part of the model's ``state_dict``, ``parameters()`` or ``modules()``.
+
+Reads: a memory layer reads its pool with ``pool.read(indices, weights)`` (``weighted_gather`` of ``values``).
+Memory parallelism (:mod:`memzoo.parallel.memory_parallel`, applied to a built model from outside) replaces the
+``values`` table by a column shard and installs a sharded read with ``pool.shard_reads(read)``; like the usage
+observer, the read is a plain attribute, not a submodule.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn as nn
+
+from memzoo.ops import weighted_gather
 
 UpdateMode = Literal["dense", "sparse"]
 PoolKind = Literal["memory", "experts"]
@@ -41,6 +48,13 @@ class UsageObserver(Protocol):
 
     def update(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
         """``indices (..., K)`` int64 rows in ``[0, num_rows)`` and their ``weights (..., K)``."""
+
+
+class ShardedRead(Protocol):
+    """What :meth:`MemoryPool.shard_reads` accepts: the read of a sharded ``values`` table."""
+
+    def __call__(self, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``values`` the pool's (sharded) table, ``indices, weights (..., K)`` -> ``(..., value_dim)``."""
 
 
 class MemoryPool(nn.Module):
@@ -90,6 +104,7 @@ class MemoryPool(nn.Module):
         for name in POOL_TABLES[kind]:
             self.register_parameter(name, nn.Parameter(torch.empty(self.num_rows, value_dim)))
         self.track_usage(None)
+        self.shard_reads(None)
         self.reset_parameters()
 
     @property
@@ -108,6 +123,21 @@ class MemoryPool(nn.Module):
     def reset_parameters(self) -> None:
         for table in self.tables().values():
             nn.init.normal_(table, mean=0.0, std=self.init_std)
+
+    # ----------------------------------------------------------------------------------------- reads
+    def read(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_j weights[..., j] · values[indices[..., j]]``, ``(..., K) -> (..., value_dim)`` (kind ``memory``).
+
+        Through the installed sharded read when the pool is memory-parallel (see :meth:`shard_reads`).
+        """
+        if self.sharded_read is not None:
+            return self.sharded_read(self.values, indices, weights)
+        return weighted_gather(self.values, indices, weights, sparse_grad=self.sparse)
+
+    def shard_reads(self, read: ShardedRead | None) -> None:
+        """Installs ``read(values, indices, weights) -> (..., value_dim)`` for a sharded ``values`` (``None``:
+        plain reads). Called by :func:`memzoo.parallel.memory_parallel.apply_memory_parallel`."""
+        self.__dict__["sharded_read"] = read
 
     # ----------------------------------------------------------------------------------------- usage tracking
     def track_usage(self, observer: UsageObserver | None) -> None:

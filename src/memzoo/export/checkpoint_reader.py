@@ -12,6 +12,7 @@ from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.errors import ExportError
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.transformer import Transformer
+from memzoo.parallel.checkpoint import is_sharded_checkpoint, read_sharded_weights
 
 #: LanguageModel attribute holding the Transformer: its state_dict keys start with this prefix.
 MODEL_PREFIX = "model."
@@ -30,12 +31,20 @@ class CheckpointContents:
 
 def read_checkpoint(path: str | Path) -> CheckpointContents:
     """Loads ``path`` (weights only, on the CPU), rebuilds the Transformer from its saved hyperparameters and loads
-    its weights strictly. Raises :class:`ExportError` (or ``CheckpointError``) naming the file on any mismatch."""
-    path = check_checkpoint_file(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise ExportError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {err}") from err
+    its weights strictly. Raises :class:`ExportError` (or ``CheckpointError``) naming the file on any mismatch.
+
+    ``path`` is a ``.ckpt`` file or the folder of a sharded (memory-parallel) checkpoint, whose shards are joined
+    into full tensors here (:func:`memzoo.parallel.checkpoint.read_sharded_weights`, no process group needed).
+    """
+    if is_sharded_checkpoint(path):
+        path = Path(path)
+        checkpoint = read_sharded_weights(path)
+    else:
+        path = check_checkpoint_file(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types
+            raise ExportError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {err}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ExportError(
             f"checkpoint {path} is not a memzoo Lightning checkpoint (it needs 'state_dict' and 'hyper_parameters'; "

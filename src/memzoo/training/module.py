@@ -124,7 +124,16 @@ class LanguageModel(L.LightningModule):
 
     def configure_model(self) -> None:
         """Applies ``compile`` to each decoder layer in place (``nn.Module.compile``: no wrapper module, so
-        parameter names, checkpoints and exports are the same as without it). Runs once per model."""
+        parameter names, checkpoints and exports are the same as without it). Runs once per model.
+
+        First, a strategy with a ``parallelize(model)`` method applies its parallelism to the Transformer (e.g.
+        :class:`~memzoo.parallel.strategy.MemoryParallelStrategy`: pools sharded over the mesh's ``memory_parallel``
+        axis, FSDP2 over all ranks for the rest; a no-op on a second call)."""
+        # --- parallelism, applied by the strategy (training does not import memzoo.parallel, which sits above it)
+        parallelize = getattr(self.trainer.strategy, "parallelize", None) if self._trainer else None
+        if parallelize is not None:
+            parallelize(self.model)
+        # --- compile
         backend = self.hparams.compile
         if backend is False or getattr(self, "_layers_compiled", False):
             return

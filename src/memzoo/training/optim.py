@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
@@ -489,4 +490,25 @@ def clip_dense_grad_norm_(
     else:
         params = list(optimizer_or_params)
     dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    if len({id(p.grad.device_mesh) for p in dense if isinstance(p.grad, DTensor)}) > 1:
+        return _clip_grad_norm_across_meshes_(dense, max_norm, norm_type)  # memory parallelism
     return torch.nn.utils.clip_grad_norm_(dense, max_norm, norm_type=norm_type)
+
+
+def _clip_grad_norm_across_meshes_(params: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for gradients that are DTensors on DIFFERENT meshes (memory parallelism: FSDP2's over all
+    ranks, the value tables' over ``memory_parallel``), which torch's cannot stack: each mesh's total norm is made
+    global first (``full_tensor``), then they are combined. Returns the global total norm (a plain tensor)."""
+    by_mesh: dict[int, list[torch.Tensor]] = {}
+    for param in params:
+        by_mesh.setdefault(id(getattr(param.grad, "device_mesh", None)), []).append(param.grad)
+    norms = []
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for param in params:
+        grad = param.grad
+        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coef.to(grad.dtype))
+    return total

@@ -1,0 +1,287 @@
+"""Memory parallelism: a pool's value table sharded over the ``memory_parallel`` axis of a DeviceMesh.
+
+Every rank of a world of ``W = dp · M`` processes trains on its own batch (data parallel over all ``W`` ranks); a
+memory-parallel group of ``M`` ranks shares one copy of each value table, split along the value dimension: rank
+``i`` of the group holds ``values[:, i·D/M : (i+1)·D/M]`` for all ``N`` rows, a ``DTensor`` with placement
+``Shard(1)`` on ``mesh["memory_parallel"]``, and (because the optimizer steps that DTensor) 1/M of its optimizer
+state. Everything else (attention, projections, keys, embeddings) is sharded by FSDP2 (``fully_shard``) over the
+flattened ``data_parallel × memory_parallel`` mesh, with the tables in ``ignored_params``.
+
+One read ``y = Σ_j w[b,j] · values[idx[b,j]]`` of a sharded table (``B`` local bags of ``K`` rows, ``D`` wide):
+
+    1. the group all-gathers everybody's ``indices (B, K)`` and ``weights (B, K)``       -> (M·B, K) each
+    2. every rank reads ITS columns for all M·B bags with the same ``weighted_gather``  -> (M·B, D/M)
+    3. an all-to-all returns to each rank its bags' columns from every rank             -> (B, M · D/M) = (B, D)
+
+Backward is the adjoint: all-to-all of ``grad_y``, the local ``weighted_gather`` backward (the table gradient of a
+rank's columns needs no communication at all inside the group), a reduce-scatter of ``grad_weights`` (each rank
+holds a partial dot over its columns). Bags are padded to the group's largest bag count (zero weights), so ranks
+may read different numbers of tokens; one small all-gather of the counts precedes each read.
+
+Bytes per rank per read (``s`` bytes per value, 8 per index), with ``M`` ranks in the group:
+
+    forward   all-gather indices + weights   (M-1)·B·K·(8 + s)
+              all-to-all of outputs           (M-1)·B·(D/M)·s
+    backward  all-to-all of output grads      (M-1)·B·(D/M)·s
+              reduce-scatter of weight grads  (M-1)·B·K·s
+    table gradient                            0 inside the group; when dp > 1, a dense all-reduce of the N·D/M
+                                              shard over the data_parallel axis, once per read (per memory layer)
+
+Why the value dimension and not row ranges (embedding-table style: rank ``i`` owns rows ``[i·N/M, (i+1)·N/M)``,
+each ``(bag, index, weight)`` is routed to its row's owner, owners return partial sums):
+
+- Bytes: row sharding moves about ``(M-1)/M·B·K·(8+s)`` for routing plus ``(M-1)·B·D·s`` of partial outputs
+  (every owner returns a full-width partial sum per bag it touched); value sharding returns ``(M-1)·B·D/M·s``, M
+  times less on the dominant term (``D = 1024`` ≫ ``K``-scaled terms at the paper's sizes).
+- Balance: product-key lookups are skewed (a few rows are hot); with row ranges the owner of hot rows does most of
+  the reads. With value columns every rank does exactly ``1/M`` of every read, and every collective has a fixed
+  size (no variable-size all-to-all, no capacity factors).
+- Reuse: the read is the unchanged ``weighted_gather`` op (Triton on CUDA) on a narrower table.
+The price: value sharding needs ``D % M == 0``, and ``N`` rows of scores are never partitioned (the keys are small).
+
+Gradient scale: FSDP2 averages dense gradients over all ``W`` ranks (``(1/W) Σ_r ∂L_r``); a sharded table's local
+gradient is the sum over its group's batches, so it is multiplied by ``1/W`` (and summed over ``data_parallel``)
+in backward, which makes one step of ``W`` ranks equal one process on the concatenated batch.
+
+Limits (checked before training, :func:`check_memory_parallel`): pools of kind ``memory`` with ``update: dense``
+(PEER's two-table read is not sharded; a row-sparse COO gradient cannot be wrapped as a ``DTensor`` --
+``DTensor.from_local`` of a sparse tensor fails in ``aten::view`` -- so ``update: sparse`` pools are rejected);
+every rank of a group must run the same number of forward passes (collectives), as data-parallel training does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from memzoo.blocks.pool import find_pools
+from memzoo.ops import weighted_gather
+
+#: Names of the two mesh axes: data parallel (replicas of a table shard) and memory parallel (shards of a table).
+DATA_PARALLEL, MEMORY_PARALLEL = "data_parallel", "memory_parallel"
+#: Name of the flattened (data_parallel, memory_parallel) axis FSDP2 shards the dense parameters over.
+ALL_RANKS = "data_memory_parallel"
+
+
+class MemoryParallelError(ValueError):
+    """A memory-parallel setting that cannot run (names the value and the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------- checks, mesh
+
+
+def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: int) -> None:
+    """Raises :class:`MemoryParallelError` unless every pool of ``model`` can be sharded ``memory_parallel`` ways
+    in a world of ``world_size`` processes. Runs before any process group exists (cheap, no collectives)."""
+    if isinstance(memory_parallel, bool) or not isinstance(memory_parallel, int) or memory_parallel < 1:
+        raise MemoryParallelError(f"memory_parallel must be a positive int, got {memory_parallel!r}")
+    if world_size % memory_parallel:
+        divisors = [m for m in range(1, world_size + 1) if world_size % m == 0]
+        raise MemoryParallelError(
+            f"memory_parallel={memory_parallel} does not divide the world size {world_size} (devices × nodes); "
+            f"use one of {divisors} or run on a multiple of {memory_parallel} devices"
+        )
+    pools = find_pools(model)
+    if memory_parallel > 1 and not pools:
+        raise MemoryParallelError(
+            f"memory_parallel={memory_parallel} but the model has no memory pool to shard; set memory_parallel: 1 "
+            f"(or use the ddp strategy)"
+        )
+    for name, pool in pools.items():
+        if pool.value_dim % memory_parallel:
+            divisors = [m for m in range(1, pool.value_dim + 1) if pool.value_dim % m == 0 and world_size % m == 0]
+            raise MemoryParallelError(
+                f"memory_parallel={memory_parallel} does not divide value_dim={pool.value_dim} of pool {name!r} "
+                f"(values are sharded along the value dimension); use memory_parallel in {divisors} or a value_dim "
+                f"that is a multiple of {memory_parallel}"
+            )
+        if memory_parallel > 1 and pool.kind != "memory":
+            raise MemoryParallelError(
+                f"pool {name!r} has kind {pool.kind!r}; memory parallelism shards product-key memory values "
+                f"(kind: memory) only. Use memory_parallel: 1 (data parallel) for PEER expert pools"
+            )
+        if memory_parallel > 1 and pool.sparse:
+            raise MemoryParallelError(
+                f"pool {name!r} has update: sparse, which memory parallelism cannot run (row-sparse COO gradients "
+                f"of a DTensor shard are not supported by PyTorch's DTensor); set the pool's update: dense, or "
+                f"use memory_parallel: 1 with the ddp strategy for sparse updates"
+            )
+
+
+def build_mesh(device_type: str, world_size: int, memory_parallel: int) -> DeviceMesh:
+    """The ``(data_parallel, memory_parallel)`` mesh of shape ``(world_size // memory_parallel, memory_parallel)``;
+    ranks ``[k·M, (k+1)·M)`` form memory-parallel group ``k``. Needs an initialised default process group."""
+    if world_size % memory_parallel:
+        raise MemoryParallelError(f"memory_parallel={memory_parallel} does not divide the world size {world_size}")
+    return init_device_mesh(
+        device_type, (world_size // memory_parallel, memory_parallel), mesh_dim_names=(DATA_PARALLEL, MEMORY_PARALLEL)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the sharded read
+
+
+def sharded_weighted_gather(
+    local_values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """``weighted_gather`` of a table whose columns are split over ``group`` (module docstring, steps 1-3).
+
+    Args:
+        local_values: this rank's ``(N, D/M)`` columns (rank ``i`` of the group holds block ``i``).
+        indices: ``(..., K)`` int64 rows in ``[0, N)`` read by THIS rank's bags.
+        weights: ``(..., K)`` in ``local_values.dtype``.
+        group: the ``M`` ranks sharing the table; all of them must call this together.
+
+    Returns:
+        ``(..., D)``: the full-width read of this rank's bags. Differentiable in ``local_values`` and ``weights``.
+    """
+    size = dist.get_world_size(group)
+    lead, k = indices.shape[:-1], indices.shape[-1]
+    idx = indices.reshape(-1, k).long()
+    w = weights.reshape(-1, k)
+    n = idx.shape[0]
+    counts = funcol.all_gather_single(torch.tensor([n], device=idx.device), 0, group)
+    n_max = int(counts.max())
+    if n < n_max:  # pad with zero-weight bags so every rank sends and receives equal blocks
+        idx = F.pad(idx, (0, 0, 0, n_max - n))
+        w = F.pad(w, (0, 0, 0, n_max - n))
+    all_idx = funcol.all_gather_single(idx, 0, group)  # (M·n_max, K), no gradient
+    all_w = funcol.all_gather_single_autograd(w, 0, group)  # backward: reduce-scatter (sum of partial dots)
+    columns = weighted_gather(local_values, all_idx, all_w)  # (M·n_max, D/M): my columns of every rank's bags
+    mine = funcol.all_to_all_single_autograd(columns, None, None, group)  # block i: rank i's columns of my bags
+    d_local = local_values.shape[1]
+    out = mine.view(size, n_max, d_local).permute(1, 0, 2).reshape(n_max, size * d_local)[:n]
+    return out.reshape(*lead, size * d_local)
+
+
+class _ScaleAndSumGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale`` and sums it over ``group`` (if any)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.scale, ctx.group = scale, group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad * ctx.scale
+        if ctx.group is not None:
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
+@dataclass
+class ShardedRead:
+    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh and the gradient scale."""
+
+    memory_group: dist.ProcessGroup
+    data_group: dist.ProcessGroup | None  # None when data_parallel has one rank (nothing to sum)
+    grad_scale: float  # 1 / world size
+
+    def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        local = table.to_local() if isinstance(table, DTensor) else table
+        local = _ScaleAndSumGrad.apply(local, self.grad_scale, self.data_group)
+        return sharded_weighted_gather(local, indices, weights.to(local.dtype), self.memory_group)
+
+
+# ----------------------------------------------------------------------------------------------- applying it
+
+
+def sharded_tables(model: nn.Module) -> list[nn.Parameter]:
+    """The memory-parallel (``DTensor`` on the ``memory_parallel`` axis) tables of ``model``'s pools."""
+    return [t for pool in find_pools(model).values() for t in pool.tables().values() if isinstance(t, DTensor)]
+
+
+def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Shards every pool of ``model`` over ``mesh["memory_parallel"]`` and applies FSDP2 to the rest over all ranks
+    of ``mesh`` (the tables in ``ignored_params``). In place; a second call on the same model does nothing.
+
+    Every rank must call it with the same model built from the same config. Tables are split from rank 0's copy
+    (``distribute_tensor``) and dense parameters broadcast from rank 0 first, so the ranks start identical
+    whatever their seeds. ``model`` is the :class:`~memzoo.model.transformer.Transformer` (its ``layers`` are
+    sharded one by one, then the root).
+    """
+    names = mesh.mesh_dim_names or ()
+    if names != (DATA_PARALLEL, MEMORY_PARALLEL):
+        raise MemoryParallelError(
+            f"apply_memory_parallel needs a 2-D mesh named {(DATA_PARALLEL, MEMORY_PARALLEL)}, got {names}; "
+            f"build it with memzoo.parallel.memory_parallel.build_mesh"
+        )
+    if sharded_tables(model):
+        return
+    if mesh.size() != dist.get_world_size():
+        raise MemoryParallelError(
+            f"the mesh has {mesh.size()} ranks but the process group {dist.get_world_size()}; build the mesh over all "
+            f"processes (memzoo.parallel.memory_parallel.build_mesh)"
+        )
+    memory_mesh, data_mesh = mesh[MEMORY_PARALLEL], mesh[DATA_PARALLEL]
+    check_memory_parallel(model, memory_mesh.size(), mesh.size())
+    tables = []
+    read = ShardedRead(
+        memory_mesh.get_group(), data_mesh.get_group() if data_mesh.size() > 1 else None, 1.0 / mesh.size()
+    )
+    for pool in find_pools(model).values():
+        for name, table in pool.tables().items():
+            sharded = nn.Parameter(
+                distribute_tensor(table.detach(), memory_mesh, [Shard(1)]), requires_grad=table.requires_grad
+            )
+            setattr(pool, name, sharded)
+            tables.append(sharded)
+        pool.shard_reads(read)
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = set(tables)
+    for param in model.parameters():
+        if not isinstance(param, DTensor):
+            dist.broadcast(param.data, src=0)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    all_ranks = mesh._flatten(ALL_RANKS) if mesh.size() > 1 else mesh[DATA_PARALLEL]
+    for layer in getattr(model, "layers", ()):
+        fully_shard(layer, mesh=all_ranks, ignored_params=ignored)
+    fully_shard(model, mesh=all_ranks, ignored_params=ignored)
+
+
+def table_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the pool tables this rank holds, plus their optimizer state in ``optimizer`` (if given)."""
+    total = 0
+    for pool in find_pools(model).values():
+        for table in pool.tables().values():
+            local = table.to_local() if isinstance(table, DTensor) else table
+            total += local.numel() * local.element_size()
+            if optimizer is not None:
+                for value in optimizer.state.get(table, {}).values():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        value = value.to_local() if isinstance(value, DTensor) else value
+                        total += value.numel() * value.element_size()
+    return total
+
+
+def read_bytes_per_step(bags: int, knn_total: int, value_dim: int, memory_parallel: int, value_bytes: int = 4) -> int:
+    """Bytes one rank sends per sharded read, forward + backward (module docstring), for ``bags`` local bags of
+    ``knn_total`` rows (``heads · knn``) of a ``value_dim``-wide table in ``memory_parallel`` shards."""
+    m = memory_parallel
+    return (m - 1) * bags * (knn_total * (8 + 2 * value_bytes) + 2 * (value_dim // m) * value_bytes)
+
+
+__all__ = [
+    "ALL_RANKS",
+    "DATA_PARALLEL",
+    "MEMORY_PARALLEL",
+    "MemoryParallelError",
+    "ShardedRead",
+    "apply_memory_parallel",
+    "build_mesh",
+    "check_memory_parallel",
+    "read_bytes_per_step",
+    "sharded_tables",
+    "sharded_weighted_gather",
+    "table_bytes_per_rank",
+]

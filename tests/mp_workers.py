@@ -1,0 +1,249 @@
+"""Worker functions of the memory-parallel tests, run in 2 gloo processes (imported by the spawned processes)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+MODEL = dict(
+    vocab_size=258, dim=16, n_layers=2, n_heads=2, max_seq_len=16, block="dense",
+    layers={1: {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8, "gate": "silu"}},
+    pools={"memory": {"n_keys": 8, "value_dim": 12, "update": "dense", "lr": 0.01}},
+)
+
+
+def launch(worker, world_size: int, *args, lightning: bool = False) -> None:
+    """Runs ``worker(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; re-raises a failure.
+
+    ``lightning``: leave the process group to Lightning (the environment variables of an external launcher).
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_run, args=(worker, world_size, port, args, lightning), nprocs=world_size, join=True)
+
+
+def _run(rank, worker, world_size, port, args, lightning):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if lightning:
+        os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        worker(rank, world_size, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
+    """``sharded_weighted_gather`` of a column-split float64 table vs ``weighted_gather`` of the whole table, with a
+    different number of bags per rank (rank 0 reads 3, rank 1 reads 5 and a repeated row): outputs, and gradients
+    of the table columns and of the weights."""
+    from memzoo.ops import weighted_gather
+    from memzoo.parallel.memory_parallel import sharded_weighted_gather
+
+    generator = torch.Generator().manual_seed(5)
+    table = torch.randn(32, 6, dtype=torch.float64, generator=generator)
+    bags = [3, 5]
+    indices = [torch.randint(0, 32, (n, 4), generator=generator) for n in bags]
+    indices[1][0, 1] = indices[1][0, 0]  # a row read twice by one bag
+    weights = [torch.randn(n, 4, dtype=torch.float64, generator=generator) for n in bags]
+    grads_out = [torch.randn(n, 6, dtype=torch.float64, generator=generator) for n in bags]
+    full = table.clone().requires_grad_()
+    full_weights = [w.clone().requires_grad_() for w in weights]
+    reference = [weighted_gather(full, i, w) for i, w in zip(indices, full_weights)]
+    torch.autograd.backward(reference, grads_out)
+    columns = slice(3 * rank, 3 * rank + 3)
+    local = table[:, columns].clone().requires_grad_()
+    mine = weights[rank].clone().requires_grad_()
+    out = sharded_weighted_gather(local, indices[rank], mine, dist.group.WORLD)
+    out.backward(grads_out[rank])
+    torch.testing.assert_close(out, reference[rank], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine.grad, full_weights[rank].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
+
+
+def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_parallel: int = 2) -> None:
+    """A model with its pool sharded 2 ways (+ FSDP2 for the rest) on 2 ranks, each on its half of a global batch,
+    vs the same model in one process on the whole batch: logits, gradients, the clipped gradient norm, AdamW steps,
+    and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances)."""
+    from torch.distributed.tensor import DTensor
+
+    from memzoo.model.transformer import Transformer
+    from memzoo.parallel.memory_parallel import apply_memory_parallel, build_mesh, table_bytes_per_rank
+    from memzoo.training.optim import clip_dense_grad_norm_
+
+    torch.manual_seed(0)
+    reference = Transformer(**MODEL).double()
+    sharded = Transformer(**MODEL).double()
+    sharded.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 64, (steps, 4, 8), generator=torch.Generator().manual_seed(1))
+    mesh = build_mesh("cpu", world_size, memory_parallel)
+    apply_memory_parallel(sharded, mesh)
+    table = sharded.pools["memory"].values
+    assert isinstance(table, DTensor) and table.to_local().shape == (64, 12 // memory_parallel), table
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    opt = torch.optim.AdamW(sharded.parameters(), lr=0.01)
+    ref_bytes = table_bytes_per_rank(reference, None)
+    half = 4 // world_size
+    for step in range(steps):
+        batch = tokens[step]
+        ref_logits = reference(batch)
+        ref_loss = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        ref_loss.backward()
+        mine = batch[rank * half : (rank + 1) * half]
+        logits = sharded(mine)
+        torch.testing.assert_close(logits, ref_logits[rank * half : (rank + 1) * half], rtol=1e-10, atol=1e-10)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten())
+        loss.backward()
+        ref_grads = dict(reference.named_parameters())
+        for name, param in sharded.named_parameters():
+            full = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+            torch.testing.assert_close(full, ref_grads[name].grad, rtol=1e-5, atol=1e-8, msg=f"grad of {name}")
+        norm = clip_dense_grad_norm_(list(sharded.parameters()), 0.01)  # tables and FSDP2 weights: two meshes
+        torch.testing.assert_close(norm, clip_dense_grad_norm_(list(reference.parameters()), 0.01), rtol=1e-6, atol=0)
+        assert norm > 0.01  # so the clipping scaled the gradients
+        ref_opt.step()
+        opt.step()
+        ref_opt.zero_grad()
+        opt.zero_grad()
+    for name, param in sharded.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        torch.testing.assert_close(full, dict(reference.named_parameters())[name], rtol=1e-5, atol=1e-6)
+    ref_total = table_bytes_per_rank(reference, ref_opt)
+    total = table_bytes_per_rank(sharded, opt)
+    assert table_bytes_per_rank(sharded, None) * memory_parallel == ref_bytes, (table_bytes_per_rank(sharded, None), ref_bytes)
+    assert total * memory_parallel == ref_total, (total, ref_total)
+
+
+# ----------------------------------------------------------------------------------------------- Lightning runs
+
+SAMPLES, SEQ = 8, 8  # one epoch: 2 steps of 4 sequences globally (1 process × 4, or 2 ranks × 2)
+
+
+def token_data(batch_size: int):
+    """A LightningDataModule over fixed random sequences, in order (no shuffling), so that the global batch of
+    step k is the same set of sequences for 1 process (batch 4) and 2 ranks (batch 2 each: rank r reads
+    sequences r, r + 2, ...)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, DistributedSampler, StackDataset
+
+    tokens = torch.randint(0, 64, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    rows = StackDataset(input_ids=tokens[:, :-1], labels=tokens[:, 1:])
+
+    class TokenData(L.LightningDataModule):
+        def train_dataloader(self):
+            sampler = None
+            if dist.is_initialized():
+                sampler = DistributedSampler(rows, dist.get_world_size(), dist.get_rank(), shuffle=False)
+            return DataLoader(rows, batch_size=batch_size, sampler=sampler, shuffle=False)
+
+    return TokenData()
+
+
+def language_model():
+    from memzoo.training.module import LanguageModel
+
+    torch.manual_seed(0)
+    return LanguageModel(architecture=MODEL, warmup_steps=1, lr_decay_steps=10)
+
+
+def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None):
+    """A quiet CPU Trainer; ``save_dir``: a checkpoint every 2 steps there (``step=2.ckpt``, ...)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from memzoo.parallel.strategy import MemoryParallelStrategy
+
+    strategy = MemoryParallelStrategy(memory_parallel) if memory_parallel else "auto"
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+        enable_checkpointing=save_dir is not None, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=[
+            ModelCheckpoint(save_dir, "{step}", every_n_train_steps=2, save_top_k=-1, save_last=False)
+        ] if save_dir else [],
+    )
+
+
+def full_weights(module) -> dict[str, torch.Tensor]:
+    """Every weight of a (possibly sharded) model as a full tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+        for name, t in module.state_dict().items()
+    }
+
+
+def fit(
+    steps: int, memory_parallel: int | None, devices: int, batch_size: int, ckpt: str | None = None,
+    save_dir: str | None = None,
+):
+    model = language_model()
+    run = trainer(steps, memory_parallel, devices, save_dir)
+    run.fit(model, datamodule=token_data(batch_size), ckpt_path=ckpt)
+    return model, run
+
+
+def one_process_reference(out: str) -> None:
+    """One process, default strategy, 4 steps: out/single/step=2.ckpt and the final weights out/single_step4.pt."""
+    model, _ = fit(4, None, 1, 4, save_dir=f"{out}/single")
+    torch.save(full_weights(model), f"{out}/single_step4.pt")
+
+
+def two_rank_runs(rank: int, world_size: int, out: str) -> None:
+    """2 ranks, pools sharded 2 ways, 4 steps with sharded checkpoints at steps 2 and 4 (out/mp/step=*.ckpt);
+    resumed from step 2 the run ends on exactly the same weights; 1 → 2: the one-process step-2 .ckpt resumed
+    here to step 4 (out/mp_from_single_step4.pt, compared with one process by the test)."""
+    straight, _ = fit(4, 2, 2, 2, save_dir=f"{out}/mp")
+    resumed, _ = fit(4, 2, 2, 2, ckpt=f"{out}/mp/step=2.ckpt")
+    straight_weights, resumed_weights = full_weights(straight), full_weights(resumed)
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=f"exact resume: {name}")
+    from_single, _ = fit(4, 2, 2, 2, ckpt=f"{out}/single/step=2.ckpt")
+    weights = full_weights(from_single)
+    if rank == 0:
+        torch.save(straight_weights, f"{out}/mp_step4.pt")
+        torch.save(weights, f"{out}/mp_from_single_step4.pt")
+    sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
+    sharded_equals_unsharded(rank, world_size, 2, memory_parallel=1)  # replicated tables: summed over data_parallel
+    sharded_read_equals_weighted_gather(rank, world_size)
+
+
+def in_this_process(worker, *args) -> None:
+    """Runs ``worker(0, 1, *args)`` here as a 1-process Lightning job; restores the environment and destroys the
+    process group afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
+                      NODE_RANK="0")
+    try:
+        worker(0, 1, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def one_rank_from_sharded(rank: int, world_size: int, out: str) -> None:
+    """2 → 1: the 2-rank sharded step-2 checkpoint resumed in one process (memory_parallel 1) to step 4."""
+    model, _ = fit(4, 1, 1, 4, ckpt=f"{out}/mp/step=2.ckpt")
+    torch.save(full_weights(model), f"{out}/single_from_mp_step4.pt")
