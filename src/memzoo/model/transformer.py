@@ -49,7 +49,8 @@ def resolve_layer_specs(
     without ``block`` changes hyperparameters of the default block (merged over ``block_args``); one naming another
     block starts from that block's defaults.
     """
-    specs = [LayerSpec(block, dict(block_args), block_args.get("pool")) for _ in range(n_layers)]
+    default_pool = layer_pool_name("block_args", block_args)
+    specs = [LayerSpec(block, dict(block_args), default_pool) for _ in range(n_layers)]
     for raw_index, override in layers.items():
         try:
             index = int(raw_index)
@@ -67,8 +68,20 @@ def resolve_layer_specs(
         override = dict(override)
         name = override.pop("block", block)
         args = {**block_args, **override} if name == block else override
-        specs[index % n_layers] = LayerSpec(name, args, args.get("pool"))
+        specs[index % n_layers] = LayerSpec(name, args, layer_pool_name(f"layers.{raw_index}", args))
     return specs
+
+
+def layer_pool_name(where: str, args: Mapping[str, Any]) -> str | None:
+    """The pool a layer reads: its own ``pool:``, or the ``pool:`` of a nested block spec (``beside``'s children,
+    ``{block: ..., pool: name}``). One pool per layer."""
+    if args.get("pool") is not None:
+        return args["pool"]
+    nested = {value["pool"] for value in args.values()
+              if isinstance(value, Mapping) and "block" in value and isinstance(value.get("pool"), str)}
+    if len(nested) > 1:
+        raise ModelConfigError(f"{where}: the nested blocks read different pools {sorted(nested)}; one pool per layer")
+    return nested.pop() if nested else None
 
 
 class TransformerLayer(nn.Module):

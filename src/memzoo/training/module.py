@@ -22,6 +22,8 @@ from torch.optim import Optimizer
 from memzoo.blocks.pool import find_pools
 from memzoo.model.transformer import Transformer
 from memzoo.training import metrics as memzoo_metrics
+from memzoo.training.freezing import apply_freezing
+from memzoo.training.init_from import load_initial_weights, read_weights
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
 STAGES = ("train", "val", "test")
@@ -72,6 +74,10 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: final LR as a fraction of each group's LR.
         max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``.
         compile: wrap the transformer in ``torch.compile``.
+        init_from: start from these weights (a memzoo ``.ckpt``); the model may add retrofits (``beside`` layers,
+            replaced FFNs, new pools), see :mod:`memzoo.training.init_from`.
+        freeze, unfreeze: parameter-name patterns; a parameter trains unless it matches ``freeze`` and no
+            ``unfreeze`` pattern (see :mod:`memzoo.training.freezing`). Frozen parameters get no optimizer state.
     """
 
     def __init__(
@@ -99,6 +105,9 @@ class LanguageModel(L.LightningModule):
         temperature: float = 0.0,
         top_k: int | None = None,
         compile: bool = False,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
+        unfreeze: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -123,6 +132,10 @@ class LanguageModel(L.LightningModule):
             dropout=dropout,
             init_std=init_std,
         )
+        if init_from is not None:
+            load_initial_weights(self.model, read_weights(init_from), where=f"init_from {init_from!r}")
+        if freeze or unfreeze:
+            apply_freezing(self.model, freeze or [], unfreeze or [])
         self.forward_fn = torch.compile(self.model) if compile else self.model
         # keyed "<stage>_metrics": a ModuleDict key "train" would shadow nn.Module.train()
         self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": StageMetrics(vocab_size) for s in STAGES})
