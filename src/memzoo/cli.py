@@ -20,6 +20,8 @@ PLAIN_VERBS = {
     "summary": "parameters, active parameters and FLOPs per token of a config's model",
     "export": "write a checkpoint as a Hugging Face folder:  memzoo export --ckpt X.ckpt --out DIR",
     "generate": "continue a prompt with an exported model:  memzoo generate --model DIR --prompt TEXT",
+    "slot-stats": "background slot statistics for sparse memory finetuning:  memzoo slot-stats --config X.yaml "
+    "--ckpt_path Y.ckpt --out stats.pt",
 }
 
 USAGE = """usage: memzoo <verb> [options]
@@ -112,4 +114,8 @@ def main(args: Sequence[str] | None = None) -> object:
         from memzoo.cli_verbs import generate_command
 
         return generate_command(rest)
+    if verb == "slot-stats":
+        from memzoo.cli_verbs import slot_stats_command
+
+        return slot_stats_command(rest)
     raise SystemExit(f"memzoo: unknown verb {verb!r}.\n\n{_usage()}")

@@ -109,10 +109,8 @@ def _config_stem(config: Any) -> str | None:
     return None
 
 
-def run_lightning_cli(args: list[str]) -> MemzooCLI:
-    """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    return MemzooCLI(
+def _cli_kwargs() -> dict[str, Any]:
+    return dict(
         model_class=LanguageModel,
         datamodule_class=LMDataModule,
         subclass_mode_model=True,
@@ -125,6 +123,18 @@ def run_lightning_cli(args: list[str]) -> MemzooCLI:
             "plugins": [{"class_path": "memzoo.export.checkpoint_io.AtomicCheckpointIO"}],
         },
         parser_kwargs={"default_env": False},
-        args=args,
         auto_configure_optimizers=False,
     )
+
+
+def run_lightning_cli(args: list[str]) -> MemzooCLI:
+    """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    return MemzooCLI(**_cli_kwargs(), args=args)
+
+
+def build_from_config(args: list[str]) -> MemzooCLI:
+    """Parses ``args`` (``--config X.yaml``, overrides) as ``memzoo fit`` would and builds model, data module and
+    trainer without running anything; returns the CLI object (``.model``, ``.datamodule``)."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    return MemzooCLI(**_cli_kwargs(), args=args, run=False)

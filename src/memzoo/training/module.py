@@ -68,7 +68,7 @@ class LanguageModel(L.LightningModule):
         dim, n_layers, n_heads, block, block_args, layers, pools, max_seq_len, rope_base, tie_embeddings,
             attention_backend, dropout, init_std: see :class:`~memzoo.model.transformer.Transformer`.
         optimizer: callable building the optimizer from parameter groups (YAML ``class_path``/``init_args``).
-        sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad``).
+        sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad`` | ``sgd``).
         warmup_steps: linear LR warmup steps.
         lr_decay_steps: step at which the cosine decay reaches ``min_lr_ratio`` (``None``: the whole run).
         min_lr_ratio: final LR as a fraction of each group's LR.
@@ -264,7 +264,15 @@ class LanguageModel(L.LightningModule):
         clip_dense_grad_norm_(optimizer, gradient_clip_val)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optimizer_factory, sparse_optimizer=self.hparams.sparse_optimizer)
+        owners = [cb for cb in self.trainer.callbacks if hasattr(cb, "build_optimizer")] if self._trainer else []
+        if len(owners) > 1:
+            raise ValueError(f"several callbacks want to build the optimizer: {[type(c).__name__ for c in owners]}")
+        if owners:  # e.g. SparseMemoryFinetuning: the callback that freezes the model owns its optimizer
+            optimizer = owners[0].build_optimizer(self.model)
+        else:
+            optimizer = build_optimizer(
+                self.model, self.optimizer_factory, sparse_optimizer=self.hparams.sparse_optimizer
+            )
         decay_steps = self.hparams.lr_decay_steps
         if decay_steps is None:
             decay_steps = int(self.trainer.estimated_stepping_batches) if self._trainer else 1
