@@ -105,7 +105,11 @@ def test_a_step_changes_only_the_top_t_rows(tmp_path, optimizer):
         selected = smf.select_and_mask()["pools.mem"]
         assert selected.numel() == 5 and bool(read[selected].all()) and int(read.sum()) > 5
         prev = model.pools["mem"].values.detach().clone()
+        grad = model.pools["mem"].values.grad.to_dense()
         opt.step()
+        if optimizer == "sgd":  # plain reference: p - lr * g on the selected rows
+            torch.testing.assert_close(model.pools["mem"].values.detach()[selected],
+                                       prev[selected] - 0.1 * grad[selected], rtol=0, atol=1e-7)
         opt.zero_grad()
         values = model.pools["mem"].values.detach()
         outside = torch.ones(values.shape[0], dtype=torch.bool)

@@ -68,7 +68,7 @@ class LanguageModel(L.LightningModule):
         dim, n_layers, n_heads, block, block_args, layers, pools, max_seq_len, rope_base, tie_embeddings,
             attention_backend, dropout, init_std: see :class:`~memzoo.model.transformer.Transformer`.
         optimizer: callable building the optimizer from parameter groups (YAML ``class_path``/``init_args``).
-        sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad`` | ``sgd``).
+        sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad``).
         warmup_steps: linear LR warmup steps.
         lr_decay_steps: step at which the cosine decay reaches ``min_lr_ratio`` (``None``: the whole run).
         min_lr_ratio: final LR as a fraction of each group's LR.

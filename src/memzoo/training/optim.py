@@ -345,9 +345,7 @@ class RowwiseSGD(_RowwiseOptimizer):
             table.add_(grad[span].to(param.dtype), alpha=-lr)
 
 
-SPARSE_OPTIMIZERS: dict[str, type[Optimizer]] = {
-    "lazy_adam": LazyAdam, "rowwise_adagrad": RowwiseAdagrad, "sgd": RowwiseSGD,
-}
+SPARSE_OPTIMIZERS: dict[str, type[Optimizer]] = {"lazy_adam": LazyAdam, "rowwise_adagrad": RowwiseAdagrad}
 
 
 # ----------------------------------------------------------------------------------------------- the bundle
@@ -473,7 +471,7 @@ def build_optimizer(
     sparse_kwargs: dict[str, Any] | None = None,
 ) -> Optimizer:
     """The optimizer of ``model``: ``optimizer_factory(dense_groups)`` for everything but sparse-mode pools, bundled
-    with a row-wise ``sparse_optimizer`` (``lazy_adam`` | ``rowwise_adagrad`` | ``sgd``) for those.
+    with a row-wise ``sparse_optimizer`` (``lazy_adam`` | ``rowwise_adagrad``) for those.
 
     Returns the plain dense optimizer when the model has no sparse pool. The row-wise optimizer's base lr (for
     pools with ``lr: null``) is the dense optimizer's ``lr`` unless ``sparse_kwargs`` sets one; ``sparse_kwargs``
