@@ -2,8 +2,9 @@
 
 Names are the decoder's parameter names (``Transformer.named_parameters()``): ``embed.weight``,
 ``layers.3.attn.qkv.weight``, ``layers.3.ffn.add.query.weight``, ``pools.shared.values``. Patterns are shell globs
-(``fnmatch``; ``*`` also crosses dots). A parameter trains unless it matches a ``freeze`` pattern, and an
-``unfreeze`` pattern overrides ``freeze``: ``freeze: ["*"]`` + ``unfreeze: ["pools.*.values"]`` trains only the memory values.
+(``fnmatch``; ``*`` also crosses dots). A parameter matching a ``freeze`` pattern is frozen, one matching an
+``unfreeze`` pattern trains (``unfreeze`` wins), any other keeps its state (e.g. LoRA's): ``freeze: ["*"]`` +
+``unfreeze: ["pools.*.values"]`` trains only the memory values.
 Frozen parameters get ``requires_grad = False``; :func:`memzoo.training.optim.param_groups` leaves them out, so the
 optimizer keeps no state for them.
 """
@@ -21,7 +22,7 @@ class FreezeConfigError(ValueError):
 
 
 def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), unfreeze: Sequence[str] = ()) -> list[str]:
-    """Sets ``requires_grad`` of every parameter of ``model`` from the patterns; returns the trainable names.
+    """Sets ``requires_grad`` of the parameters the patterns match; returns the names of all trainable ones.
 
     Raises :class:`FreezeConfigError` for a pattern matching no parameter (naming it and a few real names) and
     when nothing is left to train.
@@ -38,14 +39,12 @@ def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), unfreeze: Seque
                     f"{key}: pattern {pattern!r} matches no parameter; parameter names look like {examples} "
                     f"(`memzoo summary` lists the layers)"
                 )
-    trainable = []
     for name, param in model.named_parameters():
-        frozen = any(fnmatch.fnmatchcase(name, p) for p in freeze) and not any(
-            fnmatch.fnmatchcase(name, p) for p in unfreeze
-        )
-        param.requires_grad_(not frozen)
-        if not frozen:
-            trainable.append(name)
+        if any(fnmatch.fnmatchcase(name, p) for p in unfreeze):
+            param.requires_grad_(True)
+        elif any(fnmatch.fnmatchcase(name, p) for p in freeze):
+            param.requires_grad_(False)
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     if (freeze or unfreeze) and not trainable:
         raise FreezeConfigError(f"freeze={list(freeze)} with unfreeze={list(unfreeze)} leaves no parameter to train")
     return trainable

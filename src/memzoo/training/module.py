@@ -24,6 +24,7 @@ from memzoo.model.transformer import Transformer
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.freezing import apply_freezing
 from memzoo.training.init_from import load_initial_weights, read_weights
+from memzoo.training.lora import apply_lora
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
 STAGES = ("train", "val", "test")
@@ -78,6 +79,8 @@ class LanguageModel(L.LightningModule):
             replaced FFNs, new pools), see :mod:`memzoo.training.init_from`.
         freeze, unfreeze: parameter-name patterns; a parameter trains unless it matches ``freeze`` and no
             ``unfreeze`` pattern (see :mod:`memzoo.training.freezing`). Frozen parameters get no optimizer state.
+        lora: LoRA adapters through peft, ``{r, alpha, dropout, target_modules}`` (see :mod:`memzoo.training.lora`);
+            only the adapters train (``unfreeze`` can add more). Applied after ``init_from``, before ``freeze``.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class LanguageModel(L.LightningModule):
         init_from: str | None = None,
         freeze: list[str] | None = None,
         unfreeze: list[str] | None = None,
+        lora: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -134,6 +138,8 @@ class LanguageModel(L.LightningModule):
         )
         if init_from is not None:
             load_initial_weights(self.model, read_weights(init_from), where=f"init_from {init_from!r}")
+        if lora is not None:
+            apply_lora(self.model, **lora)
         if freeze or unfreeze:
             apply_freezing(self.model, freeze or [], unfreeze or [])
         self.forward_fn = torch.compile(self.model) if compile else self.model
