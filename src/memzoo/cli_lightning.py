@@ -84,6 +84,7 @@ class MemzooCLI(LightningCLI):
             from memzoo.registry import load_plugins
 
             load_plugins(config["plugins"])
+        _use_init_from_tokenizer(config)
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
@@ -98,6 +99,18 @@ class MemzooCLI(LightningCLI):
         if self.subcommand == "predict":
             output = self.config[self.subcommand].get("predict_output", "predictions.jsonl")
             self.trainer.callbacks.append(PredictionWriter(output))
+
+
+def _use_init_from_tokenizer(config: Any) -> None:
+    """``model.init_args.init_from: DIR`` with a ``DIR/tokenizer.json``: the data module reads text with that
+    tokenizer unless the config names one other than the default ``byte``."""
+    model_args = config.get("model.init_args") if config.get("model") else None
+    init_from = getattr(model_args, "init_from", None) if model_args is not None else None
+    if not init_from or not (Path(init_from) / "tokenizer.json").is_file():
+        return
+    data_args = config.get("data.init_args") if config.get("data") else None
+    if data_args is not None and getattr(data_args, "tokenizer", None) == "byte":
+        data_args.tokenizer = str(Path(init_from))
 
 
 def _config_stem(config: Any) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
@@ -71,8 +72,12 @@ EXPORTABLE_BLOCKS: dict[type[nn.Module], tuple[str, Callable[[Any], dict[str, An
 def describe_block(index: int, block: nn.Module, shared_pools: dict[int, str]) -> dict[str, Any]:
     """``{"block": family, **hyperparameters}`` of layer ``index``'s FFN block (``"pool"`` if it reads a shared one).
 
-    ``shared_pools`` maps ``id(pool)`` to its name in the model's ``pools``.
+    ``shared_pools`` maps ``id(pool)`` to its name in the model's ``pools``. A ``beside`` block is described with
+    its two children: ``{"block": "beside", "init": ..., "base": {...}, "add": {...}}``.
     """
+    if type(block) is Beside:
+        return {"block": "beside", "init": block.init, "base": describe_block(index, block.base, shared_pools),
+                "add": describe_block(index, block.add, shared_pools)}
     entry = EXPORTABLE_BLOCKS.get(type(block))
     if entry is None:
         cls = type(block)
@@ -105,7 +110,11 @@ def architecture_config(model: Transformer) -> dict[str, Any]:
         "num_hidden_layers": model.n_layers,
         "num_attention_heads": attention.n_heads,
         "max_position_embeddings": model.max_seq_len,
+        "num_key_value_heads": attention.n_kv_heads,
+        "attention_qkv_bias": attention.qkv.bias is not None,
+        "attention_out_bias": attention.proj.bias is not None,
         "rope_theta": float(attention.rope.base),
+        "rotary_scaling": attention.rope.scaling,
         "rms_norm_eps": model.norm.eps,
         "tie_word_embeddings": model.head.weight is model.embed.weight,
         "initializer_range": model.init_std,
@@ -137,6 +146,10 @@ def transformer_arguments(config: dict[str, Any], source: str = "config.json") -
             "tie_embeddings": config["tie_word_embeddings"],
             "norm_eps": config["rms_norm_eps"],
             "init_std": config.get("initializer_range", 0.02),
+            "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
+            "qkv_bias": bool(config.get("attention_qkv_bias", False)),
+            "proj_bias": bool(config.get("attention_out_bias", False)),
+            "rope_scaling": config.get("rotary_scaling"),
         }
     except KeyError as err:
         raise PretrainedFormatError(f"{source} lacks the field {err.args[0]!r}; export the model again") from None

@@ -120,6 +120,10 @@ class Transformer(nn.Module):
         dropout: attention dropout and embedding dropout.
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal weight init.
+        n_kv_heads: key/value heads (grouped-query attention; ``None``: ``n_heads``).
+        qkv_bias, proj_bias: biases on the attention's q/k/v and output projections (Qwen2: q/k/v only).
+        rope_scaling: rotary frequency scaling (``{rope_type: linear | llama3, ...}``, see
+            :func:`memzoo.model.rope.rope_inv_freq`).
     """
 
     def __init__(
@@ -139,6 +143,10 @@ class Transformer(nn.Module):
         dropout: float = 0.0,
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
+        n_kv_heads: int | None = None,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        rope_scaling: dict[str, Any] | None = None,
     ):
         super().__init__()
         for key, value in (("vocab_size", vocab_size), ("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads),
@@ -165,7 +173,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(
                 dim,
-                CausalSelfAttention(dim, n_heads, max_seq_len, rope_base, dropout, attention_backend),
+                CausalSelfAttention(dim, n_heads, max_seq_len, rope_base, dropout, attention_backend, n_kv_heads,
+                                    qkv_bias, proj_bias, rope_scaling),
                 self._build_block(i, spec),
                 norm_eps,
             )
@@ -229,6 +238,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             nn.init.normal_(layer.attn.qkv.weight, std=std)
             nn.init.normal_(layer.attn.proj.weight, std=residual_std)
+            for linear in (layer.attn.qkv, layer.attn.proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
             if hasattr(layer.ffn, "init_weights"):
                 layer.ffn.init_weights(std, residual_std)
 

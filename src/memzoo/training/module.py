@@ -20,6 +20,7 @@ import torchmetrics
 from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
+from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, load_hf_weights
 from memzoo.model.transformer import Transformer
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.freezing import apply_freezing
@@ -67,7 +68,8 @@ class LanguageModel(L.LightningModule):
     Args:
         vocab_size: token ids; linked from the data module's tokenizer by the ``memzoo`` CLI.
         dim, n_layers, n_heads, block, block_args, layers, pools, max_seq_len, rope_base, tie_embeddings,
-            attention_backend, dropout, init_std: see :class:`~memzoo.model.transformer.Transformer`.
+            attention_backend, dropout, init_std, norm_eps, n_kv_heads, qkv_bias, proj_bias, rope_scaling: see
+            :class:`~memzoo.model.transformer.Transformer`.
         optimizer: callable building the optimizer from parameter groups (YAML ``class_path``/``init_args``).
         sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad``).
         warmup_steps: linear LR warmup steps.
@@ -75,8 +77,10 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: final LR as a fraction of each group's LR.
         max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``.
         compile: wrap the transformer in ``torch.compile``.
-        init_from: start from these weights (a memzoo ``.ckpt``); the model may add retrofits (``beside`` layers,
-            replaced FFNs, new pools), see :mod:`memzoo.training.init_from`.
+        init_from: start from these weights: a memzoo ``.ckpt``, or a Hugging Face Llama / Qwen2 / Mistral folder
+            (whose config then sets every architecture field but ``layers``/``pools``, the retrofits, and
+            ``max_seq_len``, the context used here). The model may add retrofits (``beside`` layers, replaced FFNs,
+            new pools): see :mod:`memzoo.model.retrofit` and :mod:`memzoo.model.hf_llama`.
         freeze, unfreeze: parameter-name patterns; a parameter trains unless it matches ``freeze`` and no
             ``unfreeze`` pattern (see :mod:`memzoo.training.freezing`). Frozen parameters get no optimizer state.
         lora: LoRA adapters through peft, ``{r, alpha, dropout, target_modules}`` (see :mod:`memzoo.training.lora`);
@@ -99,6 +103,11 @@ class LanguageModel(L.LightningModule):
         attention_backend: str = "auto",
         dropout: float = 0.0,
         init_std: float = 0.02,
+        norm_eps: float = 1e-6,
+        n_kv_heads: int | None = None,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        rope_scaling: dict[str, Any] | None = None,
         optimizer: OptimizerFactory = default_optimizer,
         sparse_optimizer: str = "lazy_adam",
         warmup_steps: int = 100,
@@ -120,23 +129,22 @@ class LanguageModel(L.LightningModule):
                 f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps} and {min_lr_ratio}"
             )
         self.optimizer_factory = optimizer
-        self.model = Transformer(
-            vocab_size=vocab_size,
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            block=block,
-            block_args=block_args,
-            layers=layers,
-            pools=pools,
-            max_seq_len=max_seq_len,
-            rope_base=rope_base,
-            tie_embeddings=tie_embeddings,
-            attention_backend=attention_backend,
-            dropout=dropout,
-            init_std=init_std,
+        architecture = dict(
+            vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, block=block, block_args=block_args,
+            layers=layers, pools=pools, max_seq_len=max_seq_len, rope_base=rope_base, tie_embeddings=tie_embeddings,
+            norm_eps=norm_eps, n_kv_heads=n_kv_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
+            rope_scaling=rope_scaling,
         )
-        if init_from is not None:
+        hf_folder = init_from is not None and is_hf_llama_folder(init_from)
+        if hf_folder:  # the folder's architecture, plus this config's retrofits (layers, pools)
+            architecture = imported_architecture(init_from, architecture)
+            self.hparams.update(architecture)  # checkpoints record the architecture actually built
+        self.model = Transformer(
+            **architecture, attention_backend=attention_backend, dropout=dropout, init_std=init_std
+        )
+        if hf_folder:
+            load_hf_weights(self.model, init_from)
+        elif init_from is not None:
             load_initial_weights(self.model, read_weights(init_from), where=f"init_from {init_from!r}")
         if lora is not None:
             apply_lora(self.model, **lora)
@@ -144,7 +152,7 @@ class LanguageModel(L.LightningModule):
             apply_freezing(self.model, freeze or [], unfreeze or [])
         self.forward_fn = torch.compile(self.model) if compile else self.model
         # keyed "<stage>_metrics": a ModuleDict key "train" would shadow nn.Module.train()
-        self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": StageMetrics(vocab_size) for s in STAGES})
+        self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": StageMetrics(self.model.vocab_size) for s in STAGES})
         # one MemoryUsage per distinct pool (shared or private), filled during validation/test
         self.pools_by_name = {name.replace(".", "/"): pool for name, pool in find_pools(self.model).items()}
         self.usage_metrics = torch.nn.ModuleDict(
@@ -257,7 +265,7 @@ class LanguageModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
-            datamodule.check_vocab(self.hparams.vocab_size)
+            datamodule.check_vocab(self.model.vocab_size)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clips dense gradients only (by norm): row-sparse pool gradients are left to their row-wise optimizer."""
