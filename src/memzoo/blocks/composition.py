@@ -36,14 +36,6 @@ BesideInit = Literal["zero", "gate", "none"]
 BESIDE_INITS = ("zero", "gate", "none")
 
 
-def child_pool_name(spec: Any) -> str | None:
-    """The pool name a child spec ``{block: ..., pool: name}`` reads (``None``: none)."""
-    if isinstance(spec, Mapping):
-        pool = spec.get("pool")
-        return pool if isinstance(pool, str) else None
-    return None
-
-
 @register_block("beside")
 class Beside(nn.Module):
     """``y = base(x) + add(x)`` (or ``+ scale · add(x)``); see the module docstring.
@@ -146,8 +138,7 @@ def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: Memor
                 f"beside: {role} names pool {pool_name!r}, but no pool was handed in; build the block inside a "
                 f"Transformer whose pools: define {pool_name!r}"
             )
-        else:
-            args["pool"] = pool
+        args["pool"] = pool
     if "pool" in args and "pool" not in inspect.signature(get_block(name).__init__).parameters:
         raise ValueError(f"beside: {role} block {name!r} does not read memory pools; drop `pool:`")
     try:
