@@ -174,12 +174,14 @@ def test_init_from_hf_folder_in_yaml_uses_its_tokenizer_and_trains(folders, tmp_
     folder = tmp_path / "qwen"
     reference = save_hf(folder, "Qwen2", rope_theta=1e6)
     (folder / "tokenizer.json").write_bytes(Path(_byte_free_tokenizer(tmp_path)).read_bytes())
-    lm = LanguageModel(init_from=str(folder), max_seq_len=32)
+    lm = LanguageModel(architecture={"max_seq_len": 32}, init_from=str(folder))
     ids = torch.randint(0, 300, (1, 16))
     torch.testing.assert_close(lm.eval()(ids), hf_logits(reference, ids), rtol=0, atol=1e-4)
-    assert lm.hparams.dim == 32 and lm.hparams.n_kv_heads == 2 and lm.hparams.qkv_bias
-    config = write_config(tmp_path, steps=2, val_every=2, model_extra=f"init_from: {folder}")
-    cli = main(["fit", "--config", str(config), "--model.init_args.warmup_steps", "0"])
+    arch = lm.hparams.architecture
+    assert arch["dim"] == 32 and arch["n_kv_heads"] == 2 and arch["qkv_bias"] and arch["max_seq_len"] == 32
+    config = write_config(tmp_path, steps=2, val_every=2)
+    cli = main(["fit", "--config", str(config), "--model.init_args.warmup_steps", "0",
+                "--model.init_args.init_from", str(folder)])
     assert cli.datamodule.tokenizer.spec == str(folder / "tokenizer.json") and cli.model.model.vocab_size == 320
     ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
     out = memzoo.export.hf.export_checkpoint(ckpt, tmp_path / "exported")

@@ -54,7 +54,7 @@ def test_lora_defaults_target_every_decoder_linear_and_bad_targets_fail():
 
 
 def test_language_model_lora_option_gives_the_optimizer_only_adapters():
-    lm = LanguageModel(**ARGS, lora={"r": 2, "target_modules": ["qkv"]}, unfreeze=["pools.*.values"])
+    lm = LanguageModel(architecture=ARGS, lora={"r": 2, "target_modules": ["qkv"]}, unfreeze=["pools.*.values"])
     optimizer = build_optimizer(lm.model, lambda groups: torch.optim.AdamW(groups, lr=1e-3))
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     names = [n for n, p in lm.model.named_parameters() if id(p) in held]

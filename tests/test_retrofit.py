@@ -74,11 +74,11 @@ def test_beside_pool_errors_and_nested_pool_names():
 
 def test_init_from_checkpoint_with_retrofit_and_freezing(tmp_path):
     torch.manual_seed(0)
-    source = LanguageModel(**BASE, warmup_steps=0)
+    source = LanguageModel(architecture=BASE, warmup_steps=0)
     ckpt = tmp_path / "base.ckpt"
     torch.save({"state_dict": source.state_dict()}, ckpt)
     layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY}}
-    lm = LanguageModel(**BASE, layers=layers, pools=POOLS, init_from=str(ckpt),
+    lm = LanguageModel(architecture={**BASE, "layers": layers, "pools": POOLS}, init_from=str(ckpt),
                        freeze=["*"], unfreeze=["pools.*.values"])
     ids = torch.randint(0, 40, (2, 10))
     assert torch.equal(lm.eval()(ids), source.eval()(ids))
@@ -103,7 +103,7 @@ def test_init_from_mismatches_fail_clearly(tmp_path):
     with pytest.raises(InitFromError, match="lacks"):
         load_initial_weights(source, fewer.state_dict())
     with pytest.raises(Exception, match="does not exist"):
-        LanguageModel(**BASE, init_from=str(tmp_path / "missing.ckpt"))
+        LanguageModel(architecture=BASE, init_from=str(tmp_path / "missing.ckpt"))
 
 
 def test_retrofit_naming_a_layer_out_of_range_fails():

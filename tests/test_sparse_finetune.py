@@ -149,9 +149,9 @@ pools:
 
 def test_slot_stats_verb_and_yaml_finetuning_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs/ lands here
-    base = main(["fit", "--config", str(write_config(tmp_path, steps=4, val_every=4, model_extra=MEMORY_YAML))])
+    base = main(["fit", "--config", str(write_config(tmp_path, steps=4, val_every=4, architecture_extra=MEMORY_YAML))])
     ckpt = Path(base.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
-    config = str(write_config(tmp_path, steps=3, val_every=3, model_extra=MEMORY_YAML))
+    config = str(write_config(tmp_path, steps=3, val_every=3, architecture_extra=MEMORY_YAML))
     stats = main(["slot-stats", "--config", config, "--ckpt_path", str(ckpt), "--out", str(tmp_path / "bg.pt"),
                   "--max_batches", "3"])
     assert stats.n_docs == 24 and (tmp_path / "bg.pt").is_file()

@@ -79,9 +79,9 @@ def export_command(args: Sequence[str]) -> object:
                         help="replace an earlier export at --out, once the new one is complete")
     options = parser.parse_args(list(args))
 
+    from memzoo.export.checkpoint_check import CheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
-    from memzoo.training.checkpoint_check import CheckpointError
 
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
@@ -186,8 +186,8 @@ def slot_stats_command(args: Sequence[str]) -> object:
     import torch
 
     from memzoo.cli_lightning import build_from_config
-    from memzoo.export.atomic import atomic_file
-    from memzoo.training.checkpoint_check import CheckpointError, check_checkpoint_file
+    from memzoo.atomic import atomic_file
+    from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
     from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
 
     cli_args = [arg for path in options.config for arg in ("--config", path)] + overrides

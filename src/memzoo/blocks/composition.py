@@ -142,9 +142,12 @@ def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: Memor
     if "pool" in args and "pool" not in inspect.signature(get_block(name).__init__).parameters:
         raise ValueError(f"beside: {role} block {name!r} does not read memory pools; drop `pool:`")
     try:
-        return create_block(name, dim=dim, **args)
+        child = create_block(name, dim=dim, **args)
     except (KeyError, ValueError) as err:
         raise ValueError(f"beside: {role}: {err}") from err
+    if isinstance(pool_name, str) and isinstance(getattr(child, "block_spec", None), dict):
+        child.block_spec["pool"] = pool_name  # the registry records the pool module as None
+    return child
 
 
 def _active(child: nn.Module) -> int:

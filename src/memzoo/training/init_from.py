@@ -11,15 +11,20 @@ from pathlib import Path
 import torch
 
 from memzoo.model.retrofit import InitFromError, load_initial_weights
-from memzoo.training.checkpoint_check import check_checkpoint_file
 
 __all__ = ["InitFromError", "load_initial_weights", "read_checkpoint_weights", "read_weights"]
 
 
 def read_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The decoder's state dict stored in a LanguageModel ``.ckpt`` (keys without the ``model.`` prefix)."""
-    path = check_checkpoint_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise InitFromError(f"init_from: {str(path)!r} does not exist; give a memzoo fit checkpoint (.ckpt) or a "
+                            f"Hugging Face Llama / Qwen2 / Mistral folder")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a checkpoint, ...: many error types
+        raise InitFromError(f"init_from: {str(path)!r} cannot be read as a checkpoint ({err})") from err
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise InitFromError(f"init_from: {str(path)!r} has no 'state_dict'; give a memzoo fit checkpoint (.ckpt)")
@@ -34,7 +39,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         raise InitFromError(
-            f"init_from: {str(path)!r} is a folder; use memzoo.load_pretrained for export folders, or give a "
-            f"memzoo fit checkpoint (.ckpt)"
+            f"init_from: {str(path)!r} is a folder but not a Hugging Face Llama / Qwen2 / Mistral folder (its "
+            f"config.json names another architecture, or it has none); give such a folder or a memzoo .ckpt"
         )
     return read_checkpoint_weights(path)

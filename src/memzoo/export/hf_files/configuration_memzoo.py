@@ -23,8 +23,9 @@ from transformers import PretrainedConfig
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "dense": ("hidden", "bias"),
     "moe": ("n_experts", "top_k", "hidden", "renormalize"),
-    "product_key_memory": ("heads", "knn", "k_dim", "query_norm", "qk_norm", "gate", "output_proj", "bias"),
-    "peer": ("heads", "k", "k_dim", "per_head_keys", "score", "query_norm", "activation"),
+    "product_key_memory": ("heads", "knn", "k_dim", "query_norm", "qk_norm", "score", "per_head_keys", "gate",
+                           "output_proj", "bias"),
+    "peer": ("heads", "knn", "k_dim", "per_head_keys", "score", "query_norm", "qk_norm", "activation"),
     "beside": ("base", "add", "init"),
 }
 #: Tables of each pool kind, all ``(n_keys², value_dim)``.
@@ -46,6 +47,8 @@ class MemzooConfig(PretrainedConfig):
         pools: memory pools shared by layers, ``{name: {"kind": "memory"|"experts", "n_keys", "value_dim"}}``.
         tie_word_embeddings: the LM head reuses the token embedding matrix.
         initializer_range: std of the normal init of a freshly built (not loaded) model.
+        architecture: memzoo's ``ModelConfig`` of the model as plain data (what ``memzoo.load_pretrained``
+            rebuilds from); kept as it is, not needed by this modeling code.
         num_key_value_heads: key/value heads (grouped-query attention; default ``num_attention_heads``).
         attention_qkv_bias, attention_out_bias: biases on the q/k/v and output projections of attention.
         rotary_scaling: rotary frequency scaling, ``{"rope_type": "linear" | "llama3", ...}`` or ``None`` (not
@@ -68,6 +71,7 @@ class MemzooConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        architecture: dict[str, Any] | None = None,
         num_key_value_heads: int | None = None,
         attention_qkv_bias: bool = False,
         attention_out_bias: bool = False,
@@ -88,6 +92,7 @@ class MemzooConfig(PretrainedConfig):
         self.pools = {name: dict(spec) for name, spec in (pools or {}).items()}
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.architecture = dict(architecture) if architecture is not None else None
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.attention_qkv_bias = attention_qkv_bias
         self.attention_out_bias = attention_out_bias
