@@ -79,6 +79,24 @@ def test_slot_counter_counts_lookups_and_documents_once_per_document():
     assert counter.doc_freq.tolist() == [1, 1, 1, 1, 1] and counter.n_docs == 2
 
 
+def test_counting_only_loss_positions():
+    counter = SlotCounter(5, track_docs=False)
+    counter.position_mask = torch.tensor([[True, False], [False, True]])
+    counter.update(torch.tensor([[[0, 1], [2, 2]], [[3, 3], [4, 1]]]), None)  # (B=2, T=2, K=2)
+    assert counter.counts.tolist() == [1, 2, 0, 0, 1]
+    counter.position_mask = torch.ones(3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="does not match"):
+        counter.update(torch.zeros(2, 2, 2, dtype=torch.long), None)
+    model = memory_model()
+    smf = SparseMemoryFinetuning("unused.pt", top_t=4, count_loss_positions_only=True)
+    smf.pools, smf.counters = {"pools.mem": model.pools["mem"]}, {"pools.mem": SlotCounter(36, track_docs=False)}
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        smf.attach()
+    smf.attach(torch.tensor([[-100, 5]]))
+    assert smf.counters["pools.mem"].position_mask.tolist() == [[False, True]]
+    smf.detach()
+
+
 def test_collect_slot_stats_counts_every_lookup():
     model = memory_model()
     stats = collect_slot_stats(model, batches(3))

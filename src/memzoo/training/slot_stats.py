@@ -107,11 +107,14 @@ class SlotCounter:
 
     ``update(indices (B, ..., K), weights)``: every index adds 1 to ``counts``; the rows of dim 0 are documents,
     whose hits are held until :meth:`end_batch` (so a document read by several layers counts once in
-    ``doc_freq``). Memory: ``(N,)`` counts plus a ``(B, N)`` bool hit mask during a batch.
+    ``doc_freq``). Memory: ``(N,)`` counts plus a ``(B, N)`` bool hit mask during a batch. With ``position_mask``
+    set (``(B, T)`` bool), only lookups at those positions are counted (documents are not tracked then).
     """
 
     def __init__(self, num_rows: int, device: torch.device | str = "cpu", track_docs: bool = True):
         self.num_rows = num_rows
+        #: optional ``(B, T)`` bool: count only lookups at these positions (e.g. the positions a loss covers)
+        self.position_mask: torch.Tensor | None = None
         self.counts = torch.zeros(num_rows, dtype=torch.int64, device=device)
         self.doc_freq = torch.zeros(num_rows, dtype=torch.int64, device=device)
         self.track_docs = track_docs
@@ -119,6 +122,15 @@ class SlotCounter:
         self._hits: torch.Tensor | None = None
 
     def update(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        mask = self.position_mask
+        if mask is not None:
+            if tuple(mask.shape) != tuple(indices.shape[: mask.dim()]):
+                raise ValueError(f"position_mask {tuple(mask.shape)} does not match lookups {tuple(indices.shape)}")
+            indices = torch.where(mask.to(indices.device).reshape(*mask.shape, *[1] * (indices.dim() - mask.dim())),
+                                  indices, torch.full_like(indices, -1))
+            flat = indices.reshape(-1)
+            self.counts += torch.bincount(flat[flat >= 0].to(self.counts.device), minlength=self.num_rows)
+            return
         flat = indices.reshape(-1).to(self.counts.device)
         self.counts += torch.bincount(flat, minlength=self.num_rows)
         if self.track_docs:

@@ -55,6 +55,8 @@ class SparseMemoryFinetuning(L.Callback):
         lr: learning rate of the value rows.
         weight_decay: decoupled weight decay, applied to selected rows only.
         pools: pool names to finetune (``pools.<name>`` as in the model, e.g. ``pools.shared``); ``None``: all.
+        count_loss_positions_only: rank by the lookups at positions the loss covers (``labels != -100``) only,
+            instead of every position of the batch.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class SparseMemoryFinetuning(L.Callback):
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         pools: list[str] | None = None,
+        count_loss_positions_only: bool = False,
     ):
         if rank not in RANKINGS:
             raise SlotStatsError(f"rank must be one of {RANKINGS}, got {rank!r}")
@@ -78,6 +81,7 @@ class SparseMemoryFinetuning(L.Callback):
         self.stats_path = stats
         self.top_t, self.rank, self.optimizer_name = top_t, rank, optimizer
         self.lr, self.weight_decay, self.pool_names = lr, weight_decay, pools
+        self.count_loss_positions_only = count_loss_positions_only
         self.pools: dict[str, MemoryPool] = {}
         self.background: dict[str, PoolSlotStats] = {}
         self.counters: dict[str, SlotCounter] = {}
@@ -120,10 +124,17 @@ class SparseMemoryFinetuning(L.Callback):
         return LazyAdam(groups, lr=self.lr, weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------------------------------- per step
-    def attach(self) -> None:
-        """Starts counting the finetuned pools' lookups (before a forward)."""
+    def attach(self, labels: torch.Tensor | None = None) -> None:
+        """Starts counting the finetuned pools' lookups (before a forward); with ``count_loss_positions_only``,
+        ``labels (B, T)`` mark the counted positions (``!= -100``)."""
         for name, pool in self.pools.items():
-            pool.track_usage(self.counters[name])
+            counter = self.counters[name]
+            counter.position_mask = None
+            if self.count_loss_positions_only:
+                if labels is None:
+                    raise ValueError("count_loss_positions_only needs the batch's labels in attach(labels)")
+                counter.position_mask = labels != -100
+            pool.track_usage(counter)
 
     def detach(self) -> None:
         for pool in self.pools.values():
@@ -151,7 +162,7 @@ class SparseMemoryFinetuning(L.Callback):
             self.prepare(pl_module.model)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.attach()
+        self.attach(batch.get("labels") if isinstance(batch, dict) else None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.detach()
