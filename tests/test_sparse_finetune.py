@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_cli import write_config  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memzoo"])

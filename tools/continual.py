@@ -42,9 +42,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from memzoo.atomic import atomic_file  # noqa: E402
 from memzoo.data.facts_corpus import FactsCorpus  # noqa: E402
 from memzoo.data.tokenizers import ByteTokenizer  # noqa: E402
-from memzoo.atomic import atomic_file  # noqa: E402
 from memzoo.model.transformer import Transformer  # noqa: E402
 from memzoo.training.lora import apply_lora  # noqa: E402
 from memzoo.training.slot_stats import collect_slot_stats  # noqa: E402

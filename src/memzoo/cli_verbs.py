@@ -185,8 +185,8 @@ def slot_stats_command(args: Sequence[str]) -> object:
 
     import torch
 
-    from memzoo.cli_lightning import build_from_config
     from memzoo.atomic import atomic_file
+    from memzoo.cli_lightning import build_from_config
     from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
     from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
 

@@ -63,7 +63,7 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
         return key.startswith("pools.") and key.split(".")[1] not in source_pools
 
     missing = [k for k in target if k not in mapped and not is_new(k)]
-    tied = getattr(model, "head", None) is not None and model.head.weight is getattr(model, "embed").weight
+    tied = getattr(model, "head", None) is not None and model.head.weight is model.embed.weight
     if tied and "head.weight" in missing and "embed.weight" in mapped:
         missing.remove("head.weight")
     if missing:
