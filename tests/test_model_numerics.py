@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from memzoo.nn.norms import RMSNorm, rms_norm
 from memzoo.model.rope import RotaryEmbedding
+from memzoo.nn.norms import RMSNorm, rms_norm
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,6 +24,8 @@ PLAIN_VERBS = {
     "               [--memory-parallel M]: per-rank bytes and gradient communication per step",
     "export": "write a checkpoint as a Hugging Face folder:  memzoo export --ckpt X.ckpt --out DIR",
     "generate": "continue a prompt with an exported model:  memzoo generate --model DIR --prompt TEXT",
+    "slot-stats": "background slot statistics for sparse memory finetuning:  memzoo slot-stats --config X.yaml "
+    "--ckpt_path Y.ckpt --out stats.pt",
 }
 
 USAGE = """usage: memzoo <verb> [options]
@@ -171,5 +173,9 @@ def main(args: Sequence[str] | None = None) -> object:
         from memzoo.cli_verbs import generate_command
 
         return generate_command(rest)
+    if verb == "slot-stats":
+        from memzoo.cli_verbs import slot_stats_command
+
+        return slot_stats_command(rest)
     raise CommandError(f"unknown verb {verb!r}; the verbs are {', '.join([*LIGHTNING_VERBS, *PLAIN_VERBS])} "
                        f"(memzoo --help describes them)")

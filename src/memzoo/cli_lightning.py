@@ -24,15 +24,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
-from memzoo.data import LMDataModule
 from memzoo.atomic import remove_stale_partials
-from memzoo.export.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
+from memzoo.data import LMDataModule
+from memzoo.export.checkpoint_check import (
+    check_checkpoint_file,
+    check_same_architecture,
+    find_last_checkpoint,
+)
 from memzoo.parallel.checkpoint import (
     check_sharded_checkpoint,
     check_strategy_reads_sharded,
@@ -41,8 +46,8 @@ from memzoo.parallel.checkpoint import (
 )
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.module import LanguageModel
-from memzoo.training.run_folder import RunFolderLogger
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
+from memzoo.training.run_folder import RunFolderLogger
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -130,6 +135,7 @@ class MemzooCLI(LightningCLI):
             from memzoo.registry import load_plugins
 
             load_plugins(config["plugins"])
+        _use_init_from_tokenizer(config)
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
@@ -212,6 +218,18 @@ def _experiment_name(config: Any) -> str:
     return config.get("experiment") or _config_stem(config) or "memzoo"
 
 
+def _use_init_from_tokenizer(config: Any) -> None:
+    """``model.init_args.init_from: DIR`` with a ``DIR/tokenizer.json``: the data module reads text with that
+    tokenizer unless the config names one other than the default ``byte``."""
+    model_args = config.get("model.init_args") if config.get("model") else None
+    init_from = getattr(model_args, "init_from", None) if model_args is not None else None
+    if not init_from or not (Path(init_from) / "tokenizer.json").is_file():
+        return
+    data_args = config.get("data.init_args") if config.get("data") else None
+    if data_args is not None and getattr(data_args, "tokenizer", None) == "byte":
+        data_args.tokenizer = str(Path(init_from))
+
+
 def _config_stem(config: Any) -> str | None:
     paths = config.get("config") or []
     for path in reversed(paths):
@@ -221,20 +239,8 @@ def _config_stem(config: Any) -> str | None:
     return None
 
 
-def run_lightning_cli(args: list[str]) -> MemzooCLI:
-    """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    config_yaml.install()
-    try:
-        return _run(args)
-    except StoppedBySignal as stop:
-        hint = f"; resume with --ckpt_path {stop.checkpoint}" if stop.checkpoint else ""
-        print(f"memzoo: {stop}{hint}", file=sys.stderr)
-        raise SystemExit(stop.exit_status) from None
-
-
-def _run(args: list[str]) -> MemzooCLI:
-    return MemzooCLI(
+def _cli_kwargs() -> dict[str, Any]:
+    return dict(
         model_class=LanguageModel,
         datamodule_class=LMDataModule,
         subclass_mode_model=True,
@@ -247,6 +253,25 @@ def _run(args: list[str]) -> MemzooCLI:
             "plugins": [{"class_path": "memzoo.export.checkpoint_io.AtomicCheckpointIO"}],
         },
         parser_kwargs={"default_env": False},
-        args=args,
         auto_configure_optimizers=False,
     )
+
+
+def run_lightning_cli(args: list[str]) -> MemzooCLI:
+    """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    config_yaml.install()
+    try:
+        return MemzooCLI(**_cli_kwargs(), args=args)
+    except StoppedBySignal as stop:
+        hint = f"; resume with --ckpt_path {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"memzoo: {stop}{hint}", file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
+
+
+def build_from_config(args: list[str]) -> MemzooCLI:
+    """Parses ``args`` (``--config X.yaml``, overrides) as ``memzoo fit`` would and builds model, data module and
+    trainer without running anything; returns the CLI object (``.model``, ``.datamodule``)."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    config_yaml.install()
+    return MemzooCLI(**_cli_kwargs(), args=args, run=False)

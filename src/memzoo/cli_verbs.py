@@ -1,4 +1,5 @@
-"""The plain (non-Lightning) verbs of the ``memzoo`` command: ``blocks``, ``summary``, ``export`` and ``generate``."""
+"""The plain (non-Lightning) verbs of the ``memzoo`` command: ``blocks``, ``summary``, ``export``, ``generate`` and
+``slot-stats``."""
 
 from __future__ import annotations
 
@@ -202,3 +203,58 @@ def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[i
     else:
         top_k = (defaults.get("top_k") or None) if sampled else None
     return max_new_tokens, temperature, top_k
+
+
+def slot_stats_command(args: Sequence[str]) -> object:
+    """``memzoo slot-stats --config X.yaml --ckpt_path Y.ckpt --out stats.pt``: per-pool, per-slot background access
+    counts and document frequencies (see :mod:`memzoo.training.slot_stats`), written atomically."""
+    parser = argparse.ArgumentParser(
+        prog="memzoo slot-stats",
+        description="Run a model over a background dataset (the config's data) and store, per memory pool and slot, "
+        "how often it is read and in how many documents (sequences): the background of sparse memory finetuning.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="a memzoo YAML config (repeatable)")
+    parser.add_argument("--ckpt_path", default=None, help="the .ckpt whose weights to use (default: the config's init)")
+    parser.add_argument("--out", required=True, help="the statistics file to write (e.g. stats.pt)")
+    parser.add_argument("--split", default="train", choices=["train", "val"], help="which data split to read")
+    parser.add_argument("--max_batches", type=int, default=100, help="batches to read (default 100)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    options, overrides = parser.parse_known_args(list(args))
+    if options.max_batches < 1:
+        raise SystemExit(f"memzoo slot-stats: --max_batches must be >= 1, got {options.max_batches}")
+
+    import torch
+
+    from memzoo.atomic import atomic_file
+    from memzoo.cli_lightning import build_from_config
+    from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
+    from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
+
+    cli_args = [arg for path in options.config for arg in ("--config", path)] + overrides
+    cli = build_from_config(cli_args)
+    module, datamodule = cli.model, cli.datamodule
+    if options.ckpt_path:
+        try:
+            check_checkpoint_file(options.ckpt_path)
+        except CheckpointError as err:
+            raise SystemExit(f"memzoo slot-stats: {err}") from None
+        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader() if options.split == "train" else datamodule.val_dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]  # the language-modelling loader (fact probes come after it)
+    model = module.model.to(options.device)
+    try:
+        stats = collect_slot_stats(model, loader, options.max_batches)
+    except SlotStatsError as err:
+        raise SystemExit(f"memzoo slot-stats: {err}") from None
+    stats.source = {"config": list(options.config), "ckpt_path": options.ckpt_path, "split": options.split,
+                    "max_batches": options.max_batches}
+    with atomic_file(options.out) as f:
+        torch.save(stats.to_dict(), f)
+    for name, pool in stats.pools.items():
+        used = int((pool.counts > 0).sum())
+        print(f"{name}: {used}/{pool.num_rows} slots read over {stats.n_docs} documents ({stats.n_tokens} tokens)")
+    print(f"wrote {options.out}")
+    return stats

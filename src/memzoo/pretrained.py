@@ -1,8 +1,15 @@
-"""Loading a ``memzoo export`` folder back into memzoo's own model (no ``transformers`` needed).
+"""Loading a ``memzoo export`` folder, or a Hugging Face Llama-family folder, into memzoo's own model (no
+``transformers`` needed).
 
     model = memzoo.load_pretrained("exports/my-model")                       # a Transformer, eval mode
     model, tokenizer = memzoo.load_pretrained("exports/my-model", with_tokenizer=True)
     tokenizer = memzoo.load_tokenizer("exports/my-model")
+    model = memzoo.load_pretrained("Qwen2.5-0.5B/")                         # LlamaForCausalLM, Qwen2, Mistral
+
+A Hugging Face folder (``save_pretrained`` output: ``config.json`` naming ``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` or ``MistralForCausalLM``, ``model.safetensors`` or its shards) is converted by
+:mod:`memzoo.model.hf_llama`; its ``tokenizer.json``, when present, is its tokenizer (``with_tokenizer=True``
+returns ``None`` for a folder without one). Retrofits: ``layers=`` / ``pools=`` as in a model config.
 
 Before reading any weights the folder's manifest is checked (format and version) and every weight file's size and
 SHA-256; the weights must then fit the architecture in ``config.json`` exactly. Each failure raises
@@ -19,10 +26,11 @@ import torch
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer
 from memzoo.export.architecture import rebuild
 from memzoo.export.errors import PretrainedFormatError
-from memzoo.export.manifest import read_manifest, verify_files
+from memzoo.export.manifest import MANIFEST_FILE, read_manifest, verify_files
 from memzoo.export.tokenizer_files import TOKENIZER_FILE
 from memzoo.export.weights import load_weights
-from memzoo.model.transformer import Transformer
+from memzoo.model.hf_llama import HFImportError, load_hf_model
+from memzoo.model.transformer import ModelConfigError, Transformer
 
 CONFIG_FILE = "config.json"
 
@@ -33,17 +41,27 @@ def load_pretrained(
     with_tokenizer: bool = False,
     verify: bool = True,
     dtype: torch.dtype | None = None,
-) -> Transformer | tuple[Transformer, Tokenizer]:
-    """The :class:`Transformer` stored in export folder ``path``, in eval mode, on the CPU.
+    max_seq_len: int | None = None,
+    layers: dict | None = None,
+    pools: dict | None = None,
+) -> Transformer | tuple[Transformer, Tokenizer | None]:
+    """The :class:`Transformer` stored in folder ``path`` (a memzoo export or a Hugging Face Llama-family folder),
+    in eval mode, on the CPU.
 
     Args:
         with_tokenizer: also return the tokenizer (``(model, tokenizer)``).
         verify: check the SHA-256 of every weight file against the manifest (reads each file once more).
         dtype: cast floating weights to this dtype (default: as stored, e.g. ``bfloat16`` for a bf16 export).
+        max_seq_len, layers, pools: Hugging Face folders only: the context length (default: the config's
+            ``max_position_embeddings``) and retrofits (:func:`memzoo.model.hf_llama.load_hf_model`).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise PretrainedFormatError(f"{folder} is not a folder; give the folder `memzoo export --out` wrote")
+    if not (folder / MANIFEST_FILE).is_file() and _model_type(folder) not in (None, "memzoo"):
+        return _load_hf_folder(folder, with_tokenizer, dtype, max_seq_len, layers, pools)
+    if max_seq_len is not None or layers or pools:
+        raise PretrainedFormatError("max_seq_len, layers and pools apply to Hugging Face folders only")
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
@@ -67,6 +85,26 @@ def load_pretrained(
     if with_tokenizer:
         return model, _tokenizer_from(folder, manifest)
     return model
+
+
+def _model_type(folder: Path) -> str | None:
+    """``model_type`` of ``folder/config.json`` (``None``: no readable config)."""
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_hf_folder(folder: Path, with_tokenizer: bool, dtype, max_seq_len, layers, pools):
+    try:
+        model = load_hf_model(folder, max_seq_len=max_seq_len, layers=layers, pools=pools)
+    except (HFImportError, ModelConfigError) as err:
+        raise PretrainedFormatError(str(err)) from err
+    model.to(dtype or torch.float32).eval()
+    if not with_tokenizer:
+        return model
+    tokenizer = build_tokenizer(str(folder)) if (folder / TOKENIZER_FILE).is_file() else None
+    return model, tokenizer
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -1,9 +1,10 @@
 """Blocks that fill a transformer layer's FFN slot. Importing this package registers memzoo's own blocks."""
 
+from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
 
-__all__ = ["DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory"]
+__all__ = ["Beside", "DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory"]

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
@@ -45,7 +46,11 @@ EXPORTABLE_BLOCKS: dict[type[nn.Module], str] = {
 
 
 def describe_block(index: int, block: nn.Module) -> dict[str, Any]:
-    """``{"block": family, **resolved hyperparameters}`` of layer ``index``'s FFN block."""
+    """``{"block": family, **resolved hyperparameters}`` of layer ``index``'s FFN block; a ``beside`` block as
+    ``{"block": "beside", "init": ..., "base": {...}, "add": {...}}`` with both children described."""
+    if type(block) is Beside:
+        return {"block": "beside", "init": block.init, "base": describe_block(index, block.base),
+                "add": describe_block(index, block.add)}
     family = EXPORTABLE_BLOCKS.get(type(block))
     spec = getattr(block, "block_spec", None)
     if family is None or spec is None:
@@ -73,7 +78,11 @@ def architecture_config(model: Transformer) -> dict[str, Any]:
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "max_position_embeddings": config.max_seq_len,
+        "num_key_value_heads": config.n_kv_heads or config.n_heads,
+        "attention_qkv_bias": config.qkv_bias,
+        "attention_out_bias": config.proj_bias,
         "rope_theta": float(config.rope_base),
+        "rotary_scaling": config.rope_scaling,
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,

@@ -79,7 +79,13 @@ class LayerKVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """``y = W_o · softmax(causal(RoPE(W_q x) · RoPE(W_k x)ᵀ / sqrt(hd))) · W_v x``; ``x, y: (B, T, dim)``."""
+    """``y = W_o · softmax(causal(RoPE(W_q x) · RoPE(W_k x)ᵀ / sqrt(hd))) · W_v x``; ``x, y: (B, T, dim)``.
+
+    Grouped-query attention when ``n_kv_heads < n_heads``: keys and values have ``n_kv_heads`` heads, query head
+    ``h`` reads key/value head ``h // (n_heads / n_kv_heads)`` (Llama / Mistral / Qwen2 layout). ``qkv`` is one
+    linear whose output rows are ``[q (n_heads·hd); k (n_kv_heads·hd); v (n_kv_heads·hd)]``, with a bias when
+    ``qkv_bias``; ``proj`` has one when ``proj_bias``. ``rope_scaling``: see :func:`memzoo.model.rope.rope_inv_freq`.
+    """
 
     def __init__(
         self,
@@ -89,19 +95,49 @@ class CausalSelfAttention(nn.Module):
         rope_base: float = 10000.0,
         dropout: float = 0.0,
         backend: AttentionBackend = "auto",
+        n_kv_heads: int | None = None,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        rope_scaling: dict | None = None,
     ):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}; pick n_heads dividing dim")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads={n_kv_heads!r} must be a positive int dividing n_heads={n_heads} (grouped-query attention)"
+            )
         check_attention_backend(backend)
         self.dim = dim
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
         self.head_dim = dim // n_heads
         self.backend = backend
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_base)
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_base, rope_scaling)
+
+    def _rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q (B, T, H, hd)`` and ``k (B, T, H_kv, hd)`` rotated for positions ``start ..``, and ``v``."""
+        B, T, _ = x.shape
+        if self.n_kv_heads == self.n_heads:
+            # split (not slicing) so that the backward joins the gradients of (q, k) and v with one copy
+            qk, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
+            q, k = self.rope(qk, start).unbind(dim=2)  # queries and keys rotated in one pass
+            return q, k, v.squeeze(2)
+        kv = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([self.dim, kv, kv], dim=-1)
+        q = self.rope(q.view(B, T, self.n_heads, self.head_dim), start)
+        k = self.rope(k.view(B, T, self.n_kv_heads, self.head_dim), start)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim)
+
+    def _expand_kv(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """Repeats each key/value head for the ``n_heads / n_kv_heads`` query heads that read it."""
+        if self.n_kv_heads == self.n_heads:
+            return t
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=axis)
 
     def _use_xformers(self, x: torch.Tensor) -> bool:
         if self.backend == "sdpa" or not x.is_cuda:
@@ -115,10 +151,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
-        # split (not slicing) so that the backward joins the gradients of (q, k) and v with one copy
-        qk, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
-        q, k = self.rope(qk, start).unbind(dim=2)  # queries and keys rotated in one pass, (B, T, H, hd)
-        v = v.squeeze(2)
+        q, k, v = self._rotated_qkv(x, start)  # q (B, T, H, hd); k, v (B, T, H_kv, hd)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             if start + T > cache.k.shape[2]:
@@ -126,7 +159,8 @@ class CausalSelfAttention(nn.Module):
             cache.k[:, :, start : start + T] = k.transpose(1, 2)
             cache.v[:, :, start : start + T] = v.transpose(1, 2)
             cache.length = start + T
-            k_all, v_all = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
+            k_all = self._expand_kv(cache.k[:, :, : start + T], 1)
+            v_all = self._expand_kv(cache.v[:, :, : start + T], 1)
             qh = q.transpose(1, 2)
             if T == 1 or start == 0:
                 y = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=start == 0 and T > 1)
@@ -137,13 +171,15 @@ class CausalSelfAttention(nn.Module):
         elif self._use_xformers(x):
             import xformers.ops as xops
 
+            k, v = self._expand_kv(k, 2), self._expand_kv(v, 2)
             y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=dropout_p)
         else:
+            k, v = self._expand_kv(k, 2), self._expand_kv(v, 2)
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, dropout_p=dropout_p
             ).transpose(1, 2)
         return self.proj(y.reshape(B, T, self.dim))
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> LayerKVCache:
-        shape = (batch_size, self.n_heads, max_len, self.head_dim)
+        shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
         return LayerKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

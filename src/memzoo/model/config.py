@@ -51,6 +51,10 @@ class ModelConfig:
         dropout: attention dropout and embedding dropout.
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal weight init.
+        n_kv_heads: key/value heads (grouped-query attention, dividing ``n_heads``; ``None``: ``n_heads``).
+        qkv_bias, proj_bias: biases on the attention's q/k/v and output projections (Qwen2: q/k/v only).
+        rope_scaling: rotary frequency scaling, ``{rope_type: linear | llama3, ...}`` (Hugging Face form; see
+            :func:`memzoo.model.rope.rope_inv_freq`), ``None``: none.
     """
 
     vocab_size: int = 258
@@ -68,6 +72,10 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    n_kv_heads: int | None = None
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -125,7 +133,8 @@ class ModelConfig:
     def layer_specs(self) -> list[LayerSpec]:
         """One :class:`LayerSpec` per layer: the default block merged with the per-layer overrides."""
         block_args = dict(self.block_args)
-        specs = [LayerSpec(self.block, dict(block_args), block_args.get("pool")) for _ in range(self.n_layers)]
+        default_pool = layer_pool_name("block_args", block_args)
+        specs = [LayerSpec(self.block, dict(block_args), default_pool) for _ in range(self.n_layers)]
         for index, override in self.layers.items():
             if override is None:
                 override = {}
@@ -134,8 +143,20 @@ class ModelConfig:
             override = dict(override)
             name = override.pop("block", self.block)
             args = {**block_args, **override} if name == self.block else override
-            specs[index] = LayerSpec(name, args, args.get("pool"))
+            specs[index] = LayerSpec(name, args, layer_pool_name(f"layers.{index}", args))
         return specs
+
+
+def layer_pool_name(where: str, args: Mapping[str, Any]) -> str | None:
+    """The pool a layer reads: its own ``pool:``, or the ``pool:`` of a nested block spec (``beside``'s children,
+    ``{block: ..., pool: name}``). One pool per layer."""
+    if args.get("pool") is not None:
+        return args["pool"]
+    nested = {value["pool"] for value in args.values()
+              if isinstance(value, Mapping) and "block" in value and isinstance(value.get("pool"), str)}
+    if len(nested) > 1:
+        raise ModelConfigError(f"{where}: the nested blocks read different pools {sorted(nested)}; one pool per layer")
+    return nested.pop() if nested else None
 
 
 def _layer_index(raw: Any, n_layers: int) -> int:

@@ -76,7 +76,8 @@ class Transformer(nn.Module):
                 config.dim,
                 CausalSelfAttention(
                     config.dim, config.n_heads, config.max_seq_len, config.rope_base, config.dropout,
-                    config.attention_backend,
+                    config.attention_backend, config.n_kv_heads, config.qkv_bias, config.proj_bias,
+                    config.rope_scaling,
                 ),
                 self._build_block(i, spec),
                 config.norm_eps,
@@ -144,6 +145,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             nn.init.normal_(layer.attn.qkv.weight, std=std)
             nn.init.normal_(layer.attn.proj.weight, std=residual_std)
+            for linear in (layer.attn.qkv, layer.attn.proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
             if hasattr(layer.ffn, "init_weights"):
                 layer.ffn.init_weights(std, residual_std)
 

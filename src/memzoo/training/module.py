@@ -24,11 +24,15 @@ from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
 from memzoo.model.config import ModelConfig
+from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, load_hf_weights
 from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.data_parallel import RowSparseSync, prepare_data_parallel
+from memzoo.training.freezing import apply_freezing
+from memzoo.training.init_from import load_initial_weights, read_weights
+from memzoo.training.lora import apply_lora
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,15 @@ class LanguageModel(L.LightningModule):
         compile: ``torch.compile`` each decoder layer in place when the trainer sets the model up
             (:meth:`configure_model`): ``true`` (inductor), ``false``, or a backend name (``aot_eager``, ...).
             Parameter names and checkpoints are the same with and without it.
+        init_from: start from these weights: a memzoo ``.ckpt``, or a Hugging Face Llama / Qwen2 / Mistral folder
+            (whose ``config.json`` then sets every architecture field but ``layers``/``pools``, the retrofits,
+            ``max_seq_len``, the context used here, and ``attention_backend``/``dropout``/``init_std``; the
+            checkpoint records the architecture built). The model may add retrofits (``beside`` layers, replaced
+            FFNs, new pools): see :mod:`memzoo.model.retrofit` and :mod:`memzoo.model.hf_llama`.
+        freeze, unfreeze: parameter-name patterns; a parameter matching ``freeze`` is frozen, one matching
+            ``unfreeze`` trains (see :mod:`memzoo.training.freezing`). Frozen parameters get no optimizer state.
+        lora: LoRA adapters through peft, ``{r, alpha, dropout, target_modules}`` (see :mod:`memzoo.training.lora`);
+            only the adapters train (``unfreeze`` can add more). Applied after ``init_from``, before ``freeze``.
     """
 
     def __init__(
@@ -94,9 +107,16 @@ class LanguageModel(L.LightningModule):
         temperature: float = 0.0,
         top_k: int | None = None,
         compile: bool | str = False,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
+        unfreeze: list[str] | None = None,
+        lora: dict[str, Any] | None = None,
     ):
         super().__init__()
         architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
+        hf_folder = init_from is not None and is_hf_llama_folder(init_from)
+        if hf_folder:  # the folder's architecture, plus this config's retrofits (layers, pools) and context
+            architecture = architecture.replace(**imported_architecture(init_from, architecture.to_dict()))
         self.save_hyperparameters(ignore=["optimizer", "architecture"])
         self.hparams["architecture"] = architecture.to_dict()  # plain data: loads with weights_only=True
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
@@ -107,6 +127,14 @@ class LanguageModel(L.LightningModule):
             raise TypeError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.optimizer_factory = optimizer
         self.model = Transformer(architecture)
+        if hf_folder:
+            load_hf_weights(self.model, init_from)
+        elif init_from is not None:
+            load_initial_weights(self.model, read_weights(init_from), where=f"init_from {init_from!r}")
+        if lora is not None:
+            apply_lora(self.model, **lora)
+        if freeze or unfreeze:
+            apply_freezing(self.model, freeze or [], unfreeze or [])
         vocab_size = architecture.vocab_size
         # keyed "<stage>_metrics": a ModuleDict key "train" would shadow nn.Module.train()
         self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": StageMetrics(vocab_size) for s in STAGES})
@@ -298,7 +326,15 @@ class LanguageModel(L.LightningModule):
         clip_dense_grad_norm_(optimizer, gradient_clip_val)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optimizer_factory, sparse_optimizer=self.hparams.sparse_optimizer)
+        owners = [cb for cb in self.trainer.callbacks if hasattr(cb, "build_optimizer")] if self._trainer else []
+        if len(owners) > 1:
+            raise ValueError(f"several callbacks want to build the optimizer: {[type(c).__name__ for c in owners]}")
+        if owners:  # e.g. SparseMemoryFinetuning: the callback that freezes the model owns its optimizer
+            optimizer = owners[0].build_optimizer(self.model)
+        else:
+            optimizer = build_optimizer(
+                self.model, self.optimizer_factory, sparse_optimizer=self.hparams.sparse_optimizer
+            )
         decay_steps = self.hparams.lr_decay_steps
         if decay_steps is None:
             decay_steps = int(self.trainer.estimated_stepping_batches) if self._trainer else 1

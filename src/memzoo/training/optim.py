@@ -33,6 +33,7 @@ __all__ = [
     "LazyAdam",
     "OptimizerBundle",
     "RowwiseAdagrad",
+    "RowwiseSGD",
     "build_optimizer",
     "clip_dense_grad_norm_",
     "param_groups",
@@ -320,6 +321,29 @@ class RowwiseAdagrad(_RowwiseOptimizer):
                 table.mul_(1.0 - lr * weight_decay)
             accumulator.add_(torch.mul(row_grad, row_grad, out=squares[: table.shape[0]]).mean(dim=1))
             table.addcdiv_(row_grad, accumulator.sqrt().add_(eps).unsqueeze(1), value=-lr)
+
+
+class RowwiseSGD(_RowwiseOptimizer):
+    """Plain SGD on the rows a gradient touches: ``p[r] ← p[r] · (1 − lr · weight_decay) − lr · g[r]``.
+
+    Untouched rows do not change; no state. Sparse memory finetuning found SGD to forget less than AdamW
+    (Lin et al., 2025).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, weight_decay: float = 0.0):
+        _check_hyperparameters("RowwiseSGD", lr, 0.0, weight_decay)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            for param in group["params"]:
+                _check_table("RowwiseSGD", param)
+
+    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        rows, grad = touched_rows(param.grad)
+        for span, (table,) in row_blocks([param], rows, grad.shape[0]):
+            if weight_decay:
+                table.mul_(1.0 - lr * weight_decay)
+            table.add_(grad[span].to(param.dtype), alpha=-lr)
 
 
 SPARSE_OPTIMIZERS: dict[str, type[Optimizer]] = {"lazy_adam": LazyAdam, "rowwise_adagrad": RowwiseAdagrad}

@@ -26,6 +26,7 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "product_key_memory": ("heads", "knn", "k_dim", "query_norm", "qk_norm", "score", "per_head_keys", "gate",
                            "output_proj", "bias"),
     "peer": ("heads", "knn", "k_dim", "per_head_keys", "score", "query_norm", "qk_norm", "activation"),
+    "beside": ("base", "add", "init"),
 }
 #: Tables of each pool kind, all ``(n_keys², value_dim)``.
 POOL_TABLES: dict[str, tuple[str, ...]] = {"memory": ("values",), "experts": ("down", "up")}
@@ -48,6 +49,10 @@ class MemzooConfig(PretrainedConfig):
         initializer_range: std of the normal init of a freshly built (not loaded) model.
         architecture: memzoo's ``ModelConfig`` of the model as plain data (what ``memzoo.load_pretrained``
             rebuilds from); kept as it is, not needed by this modeling code.
+        num_key_value_heads: key/value heads (grouped-query attention; default ``num_attention_heads``).
+        attention_qkv_bias, attention_out_bias: biases on the q/k/v and output projections of attention.
+        rotary_scaling: rotary frequency scaling, ``{"rope_type": "linear" | "llama3", ...}`` or ``None`` (not
+            named ``rope_scaling``, which transformers reinterprets).
     """
 
     model_type = "memzoo"
@@ -67,6 +72,10 @@ class MemzooConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_cache: bool = True,
         architecture: dict[str, Any] | None = None,
+        num_key_value_heads: int | None = None,
+        attention_qkv_bias: bool = False,
+        attention_out_bias: bool = False,
+        rotary_scaling: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -84,6 +93,10 @@ class MemzooConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.architecture = dict(architecture) if architecture is not None else None
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.attention_qkv_bias = attention_qkv_bias
+        self.attention_out_bias = attention_out_bias
+        self.rotary_scaling = dict(rotary_scaling) if rotary_scaling else None
         self._check()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -103,7 +116,19 @@ class MemzooConfig(PretrainedConfig):
                     f"memzoo config: pool {name!r} must give kind (one of {sorted(POOL_TABLES)}), n_keys and "
                     f"value_dim; got {spec}"
                 )
-        for index, spec in enumerate(self.blocks):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"memzoo config: num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        scaling = self.rotary_scaling or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "linear", "llama3"):
+            raise ValueError(f"memzoo config: rotary_scaling {scaling} is not one of default, linear, llama3")
+        specs = list(enumerate(self.blocks))
+        for index, spec in list(specs):
+            if spec.get("block") == "beside":
+                specs += [(index, spec.get("base") or {}), (index, spec.get("add") or {})]
+        for index, spec in specs:
             family = spec.get("block")
             if family not in BLOCK_FIELDS:
                 raise ValueError(

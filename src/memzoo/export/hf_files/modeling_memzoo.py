@@ -8,11 +8,12 @@ PyTorch, the forward pass of memzoo's decoder and of each block family, with the
 
     embed → [x + attn(norm(x)), then x + ffn(norm(x))] × L → norm → head
 
-- attention: causal multi-head self-attention, rotary embeddings ("rotate half" layout), a KV cache through
+- attention: causal multi-head (or grouped-query) self-attention, rotary embeddings ("rotate half" layout, optional
+  ``linear`` / ``llama3`` frequency scaling), optional q/k/v and output biases, a KV cache through
   ``transformers``' Cache API (``DynamicCache``), optional padding masks;
 - ffn blocks: ``dense`` (SwiGLU), ``moe`` (top-k routed SwiGLU experts), ``product_key_memory`` (PKM / Memory+:
   product-key top-k, softmax weights, one weighted read of a value table), ``peer`` (product-key retrieval of
-  single-neuron experts);
+  single-neuron experts), ``beside`` (two of these summed: a memory block retrofitted beside a pretrained FFN);
 - pools: value tables shared by several layers (stored once, under ``pools.<name>``).
 
 The sparse reads use ``F.embedding_bag`` (weighted sums of rows) and ``F.embedding`` (gathered rows), which are
@@ -21,6 +22,7 @@ differentiable but not memzoo's fused kernels: fine for inference and light fine
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -40,12 +42,36 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation of dimension pair ``(i, i + head_dim/2)`` at position ``p``: angle ``p · base^(-2i/head_dim)``.
+def rope_inv_freq(head_dim: int, base: float, scaling: dict | None, device: torch.device) -> torch.Tensor:
+    """``ω_i = base^(-2i/head_dim)`` (float64), scaled: ``linear`` divides every ω by ``factor``; ``llama3`` divides
+    those of wavelength ``2π/ω`` above ``L/low_freq_factor`` by ``factor`` (``L``: original_max_position_embeddings),
+    keeps those below ``L/high_freq_factor``, and interpolates between with ``s = (L/λ − low) / (high − low)``."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"memzoo: rope_scaling type {kind!r} is not implemented (default, linear, llama3)")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation of dimension pair ``(i, i + head_dim/2)`` at position ``p``: angle ``p · ω_i`` (:func:`rope_inv_freq`).
 
     ``positions (B, T)`` int → ``cos, sin (B, T, 1, head_dim/2)`` float32 (angles computed in float64).
     """
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, base, scaling, positions.device)
     angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos().float()[:, :, None], angles.sin().float()[:, :, None]
 
@@ -178,6 +204,22 @@ def router_from_spec(dim: int, n_keys: int, spec: dict, bias: bool) -> ProductKe
     )
 
 
+class Beside(nn.Module):
+    """``base(x) + add(x)`` (``init: gate``: ``base(x) + scale · add(x)``): a block added beside another."""
+
+    def __init__(self, dim: int, spec: dict):
+        super().__init__()
+        self.base = build_block(dim, spec["base"])
+        self.add = build_block(dim, spec["add"])
+        self.scale = nn.Parameter(torch.zeros(())) if spec["init"] == "gate" else None
+
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict | None = None) -> torch.Tensor:
+        added = self.add(x, pools)
+        if self.scale is not None:
+            added = self.scale.to(added.dtype) * added
+        return self.base(x, pools) + added
+
+
 def build_block(dim: int, spec: dict) -> nn.Module:
     """The FFN-slot module for one ``config.blocks`` entry."""
     family = spec["block"]
@@ -189,28 +231,41 @@ def build_block(dim: int, spec: dict) -> nn.Module:
         return ProductKeyMemory(dim, spec)
     if family == "peer":
         return PEER(dim, spec)
+    if family == "beside":
+        return Beside(dim, spec)
     raise ValueError(f"memzoo: unknown block family {family!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the decoder
 class Attention(nn.Module):
-    """Causal self-attention with rotary embeddings; keys/values of earlier steps come from the Cache."""
+    """Causal self-attention with rotary embeddings; keys/values of earlier steps come from the Cache.
 
-    def __init__(self, dim: int, n_heads: int, layer_index: int):
+    Grouped-query: ``n_kv_heads`` key/value heads, query head ``h`` reads head ``h // (n_heads / n_kv_heads)``;
+    ``qkv`` rows are ``[q (n_heads·hd); k (n_kv_heads·hd); v (n_kv_heads·hd)]``."""
+
+    def __init__(self, dim: int, n_heads: int, layer_index: int, n_kv_heads: int | None = None,
+                 qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
         self.n_heads, self.head_dim, self.layer_index = n_heads, dim // n_heads, layer_index
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.qkv = nn.Linear(dim, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None
     ) -> torch.Tensor:
         B, T, dim = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        kv = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([dim, kv, kv], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, hd)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_index)  # (B, H, past + T, hd)
+            k, v = cache.update(k, v, self.layer_index)  # (B, H_kv, past + T, hd)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         causal = mask is None and T > 1  # no mask: a fresh sequence (T > 1) or one new token
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, dim))
@@ -223,7 +278,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.attn_norm = RMSNorm(dim, config.rms_norm_eps)
-        self.attn = Attention(dim, config.num_attention_heads, index)
+        self.attn = Attention(dim, config.num_attention_heads, index, getattr(config, "num_key_value_heads", None),
+                              getattr(config, "attention_qkv_bias", False), getattr(config, "attention_out_bias", False))
         self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.ffn = build_block(dim, config.blocks[index])
 
@@ -348,7 +404,8 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        cos, sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta,
+                                  getattr(self.config, "rotary_scaling", None))
         mask = attention_mask_for(attention_mask, past, T, input_ids.device)
 
         x = self.embed(input_ids)

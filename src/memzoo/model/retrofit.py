@@ -1,0 +1,71 @@
+"""Loading trained weights into a decoder that may carry retrofits (used by ``init_from`` and the HF import).
+
+:func:`load_initial_weights` copies a source state dict into a freshly built decoder. The decoder may be the
+source's architecture plus retrofits:
+
+- a layer whose FFN became ``beside`` (``{block: beside, base: <the old FFN>, add: <new block>}``) takes the
+  source's ``layers.i.ffn.*`` as ``layers.i.ffn.base.*``;
+- parameters the source does not have are allowed only in new parts: the ``add`` branch (and ``scale``) of a
+  ``beside`` layer, a layer whose FFN was replaced by another block, and pools the source lacks. They keep their
+  init (zero output for ``beside``, so the retrofitted model starts at its base).
+
+Everything else must match in name and shape; any mismatch raises :class:`InitFromError` naming the tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from memzoo.blocks.composition import Beside
+
+
+class InitFromError(ValueError):
+    """Weights that cannot initialise this model (names the source, tensors and fix)."""
+
+
+_FFN = re.compile(r"^layers\.(\d+)\.ffn\.")
+
+
+def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], where: str = "init_from") -> None:
+    """Copies ``source`` into ``model`` (a Transformer) with the retrofit mapping of the module docstring."""
+    target = model.state_dict()
+    beside_layers = {i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, Beside)}
+    mapped: dict[str, torch.Tensor] = {}
+    unused = []
+    for key, value in source.items():
+        match = _FFN.match(key)
+        if match and int(match.group(1)) in beside_layers and key not in target:
+            key = f"{match.group(0)}base.{key[match.end():]}"
+        (mapped.__setitem__(key, value) if key in target else unused.append(key))
+    replaced_layers = {int(m.group(1)) for k in unused if (m := _FFN.match(k))}
+    unused = [k for k in unused if not _FFN.match(k)]
+    if unused:
+        raise InitFromError(
+            f"{where}: source tensors {unused[:6]} have no place in this model; the model must be the source's "
+            f"architecture plus retrofits (beside / replaced FFNs, new pools)"
+        )
+    bad_shapes = [f"{k}: source {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+                  for k, v in mapped.items() if v.shape != target[k].shape]
+    if bad_shapes:
+        raise InitFromError(f"{where}: shapes differ: {'; '.join(bad_shapes[:6])}")
+    source_pools = {k.split(".")[1] for k in source if k.startswith("pools.")}
+
+    def is_new(key: str) -> bool:
+        match = _FFN.match(key)
+        if match:
+            layer = int(match.group(1))
+            rest = key[match.end():]
+            return layer in replaced_layers or (layer in beside_layers and not rest.startswith("base."))
+        return key.startswith("pools.") and key.split(".")[1] not in source_pools
+
+    missing = [k for k in target if k not in mapped and not is_new(k)]
+    tied = getattr(model, "head", None) is not None and model.head.weight is model.embed.weight
+    if tied and "head.weight" in missing and "embed.weight" in mapped:
+        missing.remove("head.weight")
+    if missing:
+        raise InitFromError(f"{where}: the source lacks {missing[:6]}; they are not new (retrofitted) parts")
+    model.load_state_dict(mapped, strict=False)

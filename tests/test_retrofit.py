@@ -1,0 +1,122 @@
+"""Retrofitting: the `beside` composition block, init_from with retrofits (starts exactly at the base), freezing."""
+
+import pytest
+import torch
+
+from memzoo.blocks.composition import Beside
+from memzoo.blocks.dense import DenseMLP
+from memzoo.blocks.pool import MemoryPool
+from memzoo.model.transformer import ModelConfigError, Transformer
+from memzoo.training.freezing import FreezeConfigError, apply_freezing
+from memzoo.training.init_from import InitFromError, load_initial_weights
+from memzoo.training.module import LanguageModel
+from memzoo.training.optim import build_optimizer
+
+BASE = dict(vocab_size=40, dim=32, n_layers=3, n_heads=4, max_seq_len=32, block_args={"hidden": 48})
+MEMORY = {"block": "product_key_memory", "pool": "mem", "heads": 2, "knn": 4, "gate": "silu"}
+POOLS = {"mem": {"n_keys": 8, "value_dim": 16}}
+
+
+def retrofitted(init="zero", **extra):
+    layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY, "init": init}}
+    return Transformer(**BASE, layers=layers, pools=POOLS, **extra)
+
+
+def test_beside_sums_its_two_blocks_forward_and_grads():
+    torch.manual_seed(0)
+    block = Beside(16, base={"block": "dense", "hidden": 8}, add="dense", init="none").double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = block.base(x_ref) + block.add(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert isinstance(block.base, DenseMLP) and block.base.hidden == 8
+
+
+@pytest.mark.parametrize("init", ["zero", "gate"])
+def test_retrofit_starts_exactly_at_the_base_model(tmp_path, init):
+    torch.manual_seed(0)
+    base = Transformer(**BASE).eval()
+    model = retrofitted(init).eval()
+    load_initial_weights(model, base.state_dict())
+    ids = torch.randint(0, 40, (2, 12))
+    assert torch.equal(model(ids), base(ids))
+    # the new branch trains: after one SGD step on all parameters the logits move
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids).logsumexp(-1).mean().backward()
+        opt.step()
+    assert model.layers[1].ffn.add.out_proj.weight.abs().sum() > 0 or model.layers[1].ffn.scale != 0
+
+
+def test_zero_init_refuses_a_block_whose_output_does_not_zero():
+    pool = MemoryPool(4, 16)
+    with pytest.raises(ValueError, match="init: gate"):
+        Beside(16, base="dense", add={"block": "product_key_memory", "pool": "p", "knn": 2, "heads": 1},
+               pool=pool).init_weights(0.02, 0.0)
+
+
+def test_beside_pool_errors_and_nested_pool_names():
+    with pytest.raises(ValueError, match="no pool was handed in"):
+        Beside(16, base="dense", add={"block": "product_key_memory", "pool": "mem"})
+    with pytest.raises(ValueError, match="does not read memory pools"):
+        Beside(16, base={"block": "dense", "pool": "mem"}, add="dense", pool=MemoryPool(4, 16))
+    layers = {1: {"block": "beside", "base": {**MEMORY, "pool": "a"}, "add": {**MEMORY, "pool": "b"}}}
+    with pytest.raises(ModelConfigError, match="different pools"):
+        Transformer(**BASE, layers=layers, pools={"a": POOLS["mem"], "b": POOLS["mem"]})
+
+
+def test_init_from_checkpoint_with_retrofit_and_freezing(tmp_path):
+    torch.manual_seed(0)
+    source = LanguageModel(architecture=BASE, warmup_steps=0)
+    ckpt = tmp_path / "base.ckpt"
+    torch.save({"state_dict": source.state_dict()}, ckpt)
+    layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY}}
+    lm = LanguageModel(architecture={**BASE, "layers": layers, "pools": POOLS}, init_from=str(ckpt),
+                       freeze=["*"], unfreeze=["pools.*.values"])
+    ids = torch.randint(0, 40, (2, 10))
+    assert torch.equal(lm.eval()(ids), source.eval()(ids))
+    trainable = [n for n, p in lm.model.named_parameters() if p.requires_grad]
+    assert trainable == ["pools.mem.values"]
+    optimizer = build_optimizer(lm.model, lambda groups: torch.optim.AdamW(groups, lr=1e-3))
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == 1 and held[0] is lm.model.pools["mem"].values
+    lm.model(ids).sum().backward()
+    optimizer.step()
+    assert list(optimizer.state) == [lm.model.pools["mem"].values]  # frozen parameters hold no optimizer state
+
+
+def test_init_from_mismatches_fail_clearly(tmp_path):
+    source = Transformer(**BASE)
+    wider = Transformer(**{**BASE, "block_args": {"hidden": 64}})
+    with pytest.raises(InitFromError, match="shapes differ"):
+        load_initial_weights(wider, source.state_dict())
+    fewer = Transformer(**{**BASE, "n_layers": 2})
+    with pytest.raises(InitFromError, match="have no place"):
+        load_initial_weights(fewer, source.state_dict())
+    with pytest.raises(InitFromError, match="lacks"):
+        load_initial_weights(source, fewer.state_dict())
+    with pytest.raises(Exception, match="does not exist"):
+        LanguageModel(architecture=BASE, init_from=str(tmp_path / "missing.ckpt"))
+
+
+def test_retrofit_naming_a_layer_out_of_range_fails():
+    with pytest.raises(ModelConfigError, match="out of range"):
+        Transformer(**BASE, layers={5: {"block": "beside", "base": "dense", "add": MEMORY}}, pools=POOLS)
+
+
+def test_freezing_patterns_and_errors():
+    model = retrofitted()
+    names = apply_freezing(model, ["*"], ["layers.1.ffn.add.*"])
+    assert names and all(n.startswith("layers.1.ffn.add.") for n in names)
+    assert apply_freezing(model, ["embed.*"], []) and not model.embed.weight.requires_grad
+    with pytest.raises(FreezeConfigError, match="'nope.*' matches no parameter"):
+        apply_freezing(model, ["nope.*"], [])
+    with pytest.raises(FreezeConfigError, match="leaves no parameter"):
+        apply_freezing(model, ["*"], [])

@@ -1,0 +1,380 @@
+"""The continual-learning study: learn new facts with full finetuning, LoRA or sparse memory finetuning, and
+measure what each forgets (after Lin et al., "Continual Learning via Sparse Memory Finetuning", 2025).
+
+1. Pretrain a small Memory+ model (byte level; two memory layers sharing one pool) on background data: tiny
+   Shakespeare windows plus the sentences of facts set A (people of memzoo's synthetic facts corpus).
+2. Background slot statistics (``memzoo slot-stats``' collector) over the same background data.
+3. From that model, teach facts set B (new people; the loss covers the answers) with each method and each learning
+   rate of its sweep, measuring after several step counts: learning = set-B recall (greedy exact match of the answer, teacher-forced);
+   forgetting = set-A recall drop and held-out Shakespeare loss increase, both against the pretrained model.
+   - ``full``: AdamW on every parameter;
+   - ``lora``: AdamW on LoRA adapters (peft, every linear of the decoder layers);
+   - ``smf``: sparse memory finetuning, the top-t TF-IDF slots per step (term frequencies counted at the answer
+     positions), row-wise SGD (Lin et al. found SGD forgets less than AdamW), everything else frozen.
+4. Matched learning: for a set-B recall level ``r*`` that every method reaches, each method's forgetting is the
+   least of its (learning rate, steps) points with recall >= ``r*`` (its frontier). Targets: SMF's set-A recall
+   drop <= 1/3 of full finetuning's and <= 1/2 of LoRA's (and the same for the held-out loss increase).
+
+Outputs: a table (stdout and ``docs/results/continual[-quick].md``), ``docs/results/continual[-quick].json`` (every
+point, the frontier comparison and ``targets``: ``target``, ``met``, ``detail``) and a plot
+``docs/results/continual[-quick].png`` (forgetting vs learning, one curve per method).
+
+    nice -n 10 python tools/continual.py --quick      # smoke run, a few minutes on 2 cores
+    nice -n 10 python tools/continual.py              # the study (see docs/pretrained.md for its time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from memzoo.atomic import atomic_file  # noqa: E402
+from memzoo.data.facts_corpus import FactsCorpus  # noqa: E402
+from memzoo.data.tokenizers import ByteTokenizer  # noqa: E402
+from memzoo.model.transformer import Transformer  # noqa: E402
+from memzoo.training.lora import apply_lora  # noqa: E402
+from memzoo.training.slot_stats import collect_slot_stats  # noqa: E402
+from memzoo.training.sparse_finetune import SparseMemoryFinetuning  # noqa: E402
+
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+ATTRIBUTES = ("birth_year", "birth_city")
+TEMPLATE = 1  # "The birth year of {name} is {value}." / "The birthplace of {name} is {value}."
+TOK = ByteTokenizer()
+
+
+@dataclass
+class Settings:
+    """Sizes and sweeps of one study mode."""
+
+    name: str
+    n_a: int  # people in facts set A (background)
+    n_b: int  # people in facts set B (new)
+    pretrain_steps: int
+    finetune_steps: tuple[int, ...]  # evaluation points (cumulative steps)
+    lrs: dict[str, tuple[float, ...]]
+    top_t: int = 64
+    batch: int = 16
+    window: int = 128
+
+
+QUICK = Settings("continual-quick", n_a=40, n_b=8, pretrain_steps=300, finetune_steps=(10, 30),
+                 lrs={"full": (3e-4,), "lora": (3e-3,), "smf": (300.0,)}, top_t=256)
+FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=600, finetune_steps=(10, 30, 60),
+                lrs={"full": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2), "smf": (100.0, 300.0, 1000.0)},
+                top_t=256)
+
+
+def build_model() -> Transformer:
+    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of 64² = 4096 slots."""
+    memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 16, "k_dim": 64,
+              "qk_norm": True, "gate": "silu"}
+    return Transformer(vocab_size=TOK.vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
+                       block_args={"hidden": 256}, layers={1: memory, 3: memory},
+                       pools={"memory": {"n_keys": 64, "value_dim": 128}})
+
+
+# ----------------------------------------------------------------------------------------------- data
+def facts(corpus: FactsCorpus, people: range) -> list[tuple[str, str]]:
+    return [corpus.prompt_and_answer(e, a, TEMPLATE) for e in people for a in ATTRIBUTES]
+
+
+def fact_batch(pairs: list[tuple[str, str]], answers_only: bool = False) -> dict[str, torch.Tensor]:
+    """Sentences as ``[eos] + prompt + answer``, right-padded; labels: every next token (padding -100), or with
+    ``answers_only`` only the answer's tokens."""
+    seqs = [[TOK.eos_id] + TOK.encode(p + a) for p, a in pairs]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), TOK.pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (s, (p, _)) in enumerate(zip(seqs, pairs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s) - 1] = torch.tensor(s[1:])
+        if answers_only:
+            labels[i, : len(TOK.encode(p))] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def text_batch(tokens: np.ndarray, starts: np.ndarray, window: int) -> dict[str, torch.Tensor]:
+    chunk = torch.from_numpy(np.stack([tokens[s : s + window + 1] for s in starts]).astype(np.int64))
+    return {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
+
+
+def lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(batch["input_ids"])
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def recall(model: Transformer, pairs: list[tuple[str, str]]) -> float:
+    """Fraction of facts whose answer tokens are all the greedy prediction (teacher-forced)."""
+    model.eval()
+    hits = 0
+    for start in range(0, len(pairs), 64):
+        chunk = pairs[start : start + 64]
+        batch = fact_batch(chunk)
+        pred = model(batch["input_ids"]).argmax(-1)
+        for i, (p, a) in enumerate(chunk):
+            n_prompt, n_answer = 1 + len(TOK.encode(p)), len(TOK.encode(a))
+            span = slice(n_prompt - 1, n_prompt - 1 + n_answer)
+            hits += bool((pred[i, span] == batch["labels"][i, span]).all())
+    model.train()
+    return hits / len(pairs)
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, batches: list[dict[str, torch.Tensor]]) -> float:
+    model.eval()
+    loss = sum(float(lm_loss(model, b)) for b in batches) / len(batches)
+    model.train()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------- phases
+def pretrain(settings: Settings, train_tokens, facts_a, rng) -> Transformer:
+    torch.manual_seed(0)
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup, steps = 50, settings.pretrain_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
+    start = time.time()
+    for step in range(steps):
+        starts = rng.integers(0, len(train_tokens) - settings.window - 1, settings.batch // 2)
+        chosen = rng.choice(len(facts_a), settings.batch, replace=False)
+        loss = lm_loss(model, text_batch(train_tokens, starts, settings.window)) + lm_loss(
+            model, fact_batch([facts_a[i] for i in chosen]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"  pretrain step {step:5d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
+    return model.eval()
+
+
+def background_batches(settings, train_tokens, facts_a, rng, n=40):
+    out = []
+    for i in range(n):
+        if i % 2:
+            chosen = rng.choice(len(facts_a), settings.batch, replace=False)
+            out.append(fact_batch([facts_a[j] for j in chosen]))
+        else:
+            out.append(text_batch(train_tokens, rng.integers(0, len(train_tokens) - settings.window - 1, 8),
+                                  settings.window))
+    return out
+
+
+def finetune(method: str, lr: float, base: Transformer, settings: Settings, facts_b, stats_path, evaluate, seed=0):
+    """Teaches facts B from a copy of ``base``; returns one measurement per step count in ``finetune_steps``."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = copy.deepcopy(base).train()
+    smf = None
+    if method == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    elif method == "lora":
+        apply_lora(model, r=8, alpha=16)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    elif method == "smf":
+        smf = SparseMemoryFinetuning(str(stats_path), top_t=settings.top_t, rank="tfidf", optimizer="sgd", lr=lr,
+                                     count_loss_positions_only=True)
+        smf.prepare(model)
+        opt = smf.build_optimizer(model)
+    else:
+        raise ValueError(method)
+    points, done = [], 0
+    for target in settings.finetune_steps:
+        for _ in range(target - done):
+            chosen = rng.choice(len(facts_b), min(settings.batch, len(facts_b)), replace=False)
+            batch = fact_batch([facts_b[i] for i in chosen], answers_only=True)
+            if smf is not None:
+                smf.attach(batch["labels"])
+            loss = lm_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if smf is not None:
+                smf.detach()
+                smf.select_and_mask()
+            opt.step()
+        done = target
+        points.append({"method": method, "lr": lr, "steps": target, **evaluate(model)})
+    return points
+
+
+# ----------------------------------------------------------------------------------------------- report
+def frontier_forgetting(points, method, key, level):
+    """Least forgetting ``key`` among a method's points with set-B recall >= ``level`` (None if none reach it)."""
+    eligible = [p[key] for p in points if p["method"] == method and p["recall_b"] >= level - 1e-9]
+    return min(eligible) if eligible else None
+
+
+def compare(points, base):
+    reach = {m: max(p["recall_b"] for p in points if p["method"] == m) for m in ("full", "lora", "smf")}
+    level = min(reach.values())
+    out = {"matched_recall_b": level, "max_recall_b": reach, "forgetting": {}}
+    for key in ("recall_a_drop", "heldout_loss_increase"):
+        out["forgetting"][key] = {m: frontier_forgetting(points, m, key, level) for m in ("full", "lora", "smf")}
+    targets = []
+    for key, label in (("recall_a_drop", "set-A recall drop"), ("heldout_loss_increase", "held-out loss increase")):
+        f = out["forgetting"][key]
+        for other, ratio in (("full", 1 / 3), ("lora", 1 / 2)):
+            bound = ratio * max(f[other], 0.0)
+            met = f["smf"] <= bound + 1e-12 and level > 0
+            targets.append({
+                "target": f"at matched set-B recall, SMF's {label} <= {ratio:.2g} x {other}'s",
+                "met": bool(met),
+                "detail": f"matched set-B recall {level:.2f}: smf {f['smf']:.4f}, {other} {f[other]:.4f} "
+                          f"(bound {bound:.4f})",
+            })
+    return out, targets
+
+
+def table(points) -> str:
+    lines = ["| method | lr | steps | set-B recall | set-A recall | set-A drop | held-out loss | increase |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in points:
+        lines.append(f"| {p['method']} | {p['lr']:g} | {p['steps']} | {p['recall_b']:.2f} | {p['recall_a']:.2f} | "
+                     f"{p['recall_a_drop']:+.2f} | {p['heldout_loss']:.3f} | {p['heldout_loss_increase']:+.3f} |")
+    return "\n".join(lines)
+
+
+def plot(points, comparison, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {"full": "tab:red", "lora": "tab:blue", "smf": "tab:green"}
+    names = {"full": "full finetuning", "lora": "LoRA", "smf": "sparse memory finetuning"}
+    for ax, key, label in ((axes[0], "recall_a_drop", "set-A recall drop"),
+                           (axes[1], "heldout_loss_increase", "held-out Shakespeare loss increase")):
+        for method in ("full", "lora", "smf"):
+            mine = [p for p in points if p["method"] == method]
+            for lr in sorted({p["lr"] for p in mine}):
+                run = sorted((p for p in mine if p["lr"] == lr), key=lambda p: p["steps"])
+                ax.plot([p["recall_b"] for p in run], [p[key] for p in run], "o-", color=colors[method], alpha=0.7,
+                        label=names[method] if lr == min(p["lr"] for p in mine) else None)
+        ax.axvline(comparison["matched_recall_b"], color="gray", ls=":", lw=1)
+        ax.set_xlabel("set-B recall (learning)")
+        ax.set_ylabel(label + " (forgetting)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Learning new facts vs forgetting (one line per method and learning rate, points = steps)")
+    fig.tight_layout()
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small smoke study")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="output folder")
+    parser.add_argument("--pretrained", default=None,
+                        help="cache of the pretrained model's weights: loaded when the file exists, else written")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else FULL
+    t0 = time.time()
+
+    tokens = np.frombuffer(SHAKESPEARE.read_bytes(), dtype=np.uint8).astype(np.int64)
+    split = int(0.9 * len(tokens))
+    train_tokens, heldout_tokens = tokens[:split], tokens[split:]
+    corpus = FactsCorpus(n_entities=settings.n_a + settings.n_b, seed=0)
+    facts_a = facts(corpus, range(settings.n_a))
+    facts_b = facts(corpus, range(settings.n_a, settings.n_a + settings.n_b))
+    rng = np.random.default_rng(0)
+    heldout = [text_batch(heldout_tokens, s, settings.window)
+               for s in np.split(np.linspace(0, len(heldout_tokens) - settings.window - 2, 64).astype(int), 4)]
+
+    print(f"[{settings.name}] pretraining {settings.pretrain_steps} steps: Shakespeare + {len(facts_a)} facts (set A)")
+    cache = Path(args.pretrained) if args.pretrained else None
+    if cache is not None and cache.is_file():
+        base = build_model()
+        base.load_state_dict(torch.load(cache, weights_only=True))
+        base.eval()
+        print(f"  loaded the pretrained model from {cache}")
+    else:
+        base = pretrain(settings, train_tokens, facts_a, rng)
+        if cache is not None:
+            with atomic_file(cache) as f:
+                torch.save(base.state_dict(), f)
+    rng = np.random.default_rng(1)  # the same finetuning data whether or not the model came from the cache
+    base_eval = {"recall_a": recall(base, facts_a), "recall_b": recall(base, facts_b),
+                 "heldout_loss": heldout_loss(base, heldout)}
+    print(f"  pretrained: set-A recall {base_eval['recall_a']:.2f}, set-B recall {base_eval['recall_b']:.2f}, "
+          f"held-out loss {base_eval['heldout_loss']:.3f}  ({time.time() - t0:.0f} s)")
+
+    def evaluate(model):
+        r_a, loss = recall(model, facts_a), heldout_loss(model, heldout)
+        return {"recall_b": recall(model, facts_b), "recall_a": r_a, "recall_a_drop": base_eval["recall_a"] - r_a,
+                "heldout_loss": loss, "heldout_loss_increase": loss - base_eval["heldout_loss"]}
+
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_path = Path(tmp) / "background.pt"
+        stats = collect_slot_stats(base, background_batches(settings, train_tokens, facts_a, rng))
+        torch.save(stats.to_dict(), stats_path)
+        for method in ("full", "lora", "smf"):
+            for lr in settings.lrs[method]:
+                run = finetune(method, lr, base, settings, facts_b, stats_path, evaluate)
+                points += run
+                last = run[-1]
+                print(f"  {method:4s} lr {lr:<7g} after {last['steps']:3d} steps: set-B recall {last['recall_b']:.2f}, "
+                      f"set-A drop {last['recall_a_drop']:+.2f}, held-out loss {last['heldout_loss_increase']:+.3f}"
+                      f"  ({time.time() - t0:.0f} s)", flush=True)
+
+    comparison, targets = compare(points, base_eval)
+    seconds = time.time() - t0
+    result = {
+        "study": settings.name,
+        "command": "python tools/continual.py" + (" --quick" if args.quick else ""),
+        "hardware": f"CPU, {args.threads} torch thread(s)",
+        "seconds": round(seconds, 1),
+        "settings": {k: v for k, v in settings.__dict__.items()},
+        "model": "byte-level, dim 128, 4 layers, Memory+ at layers 1 and 3 sharing a 4096-slot pool",
+        "pretrained": base_eval,
+        "points": points,
+        "comparison": comparison,
+        "targets": targets,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / f"{settings.name}.json") as f:
+        f.write((json.dumps(result, indent=2) + "\n").encode())
+    md = [f"# {settings.name}", "", f"`{result['command']}`: {seconds / 60:.1f} min, {result['hardware']}.", "",
+          f"Pretrained: set-A recall {base_eval['recall_a']:.2f}, set-B recall {base_eval['recall_b']:.2f}, "
+          f"held-out loss {base_eval['heldout_loss']:.3f}.", "", table(points), "",
+          f"Matched set-B recall {comparison['matched_recall_b']:.2f}; least forgetting reaching it:", ""]
+    for key, values in comparison["forgetting"].items():
+        md.append(f"- {key}: " + ", ".join(f"{m} {v:.4f}" for m, v in values.items()))
+    md += ["", "| target | met | detail |", "| --- | --- | --- |"]
+    md += [f"| {t['target']} | {t['met']} | {t['detail']} |" for t in targets]
+    with atomic_file(out / f"{settings.name}.md") as f:
+        f.write(("\n".join(md) + "\n").encode())
+    plot(points, comparison, out / f"{settings.name}.png")
+    print()
+    print(table(points))
+    print()
+    print(json.dumps({"comparison": comparison, "targets": targets, "seconds": round(seconds, 1)}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
