@@ -163,14 +163,15 @@ def _find_transformer(model: nn.Module) -> Transformer:
 
 
 # ----------------------------------------------------------------------------------------------- from a config
-def summarize_config(path: str, context_length: int | None = None) -> Summary:
+def summarize_config(path: str, context_length: int | None = None, vocab_size: int | None = None) -> Summary:
     """Builds the model of a memzoo YAML config (as ``memzoo fit`` would, without data or training) and summarises it.
 
     The ``model`` section is parsed and validated by the same jsonargparse machinery as the CLI, so bad keys fail
     with the same messages. The data section is read but never instantiated (its files may not exist here):
     ``vocab_size`` (unless the model sets it) comes from the data's ``tokenizer`` as the CLI links it, and the
-    context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``plugins:`` in the
-    config are imported first, so user blocks resolve.
+    context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``vocab_size``, when
+    given, replaces both (for data modules that bring their own vocabulary, e.g. the biographies' words). ``plugins:``
+    in the config are imported first, so user blocks resolve.
     """
     import yaml
     from jsonargparse import ArgumentParser
@@ -188,7 +189,9 @@ def summarize_config(path: str, context_length: int | None = None) -> Summary:
     model_section = _class_section(config["model"], "memzoo.LanguageModel")
     data_args = _class_section(config.get("data") or {}, None)["init_args"]
     init_args = model_section["init_args"]
-    if "vocab_size" not in init_args:  # the CLI links it from the data module's tokenizer
+    if vocab_size is not None:
+        init_args["vocab_size"] = vocab_size
+    elif "vocab_size" not in init_args:  # the CLI links it from the data module's tokenizer
         init_args["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
 
     parser = ArgumentParser(exit_on_error=False)
