@@ -84,6 +84,10 @@ def test_bits_and_targets_on_fake_cells():
     per = (mp["bits"] - dense["bits"]) / memory  # 0.5 x 39,612 bits / 131,072 = 0.151
     target = checked["people-1000: memoryplus memory parameters hold >= 0.5 bit each (bits over dense)"]
     assert not target["met"] and f"{per:.3f}" in target["detail"]
+    annotated = {c["model"]: c for c in capacity.add_memory_bits(cells)}
+    assert annotated["memoryplus"]["bits_per_memory_param"] == pytest.approx(per)
+    assert annotated["dense"]["bits_per_memory_param"] is None
+    assert "| 0.151 |" in capacity.results_table(list(annotated.values()))
     sat = capacity.saturation(cells)
     assert sat["first_load_below_90pct"] == 1000 and sat["at_load"] == 1000
 

@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from memzoo.data.base import LMDataModule, _positive_int
@@ -105,7 +103,3 @@ class BiographiesDataModule(LMDataModule):
 
     def build_recall_dataset(self) -> RecallProbes:
         return self._val if self._val is not None else self._probes()
-
-
-def bits_per_parameter(bits: float, parameters: int) -> float:
-    return bits / parameters if parameters else math.nan
