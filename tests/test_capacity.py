@@ -105,6 +105,8 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
         assert math.isfinite(c["bits"]) and 0 <= c["final"]["fact_recall"] <= 1
     assert (tmp_path / "micro-bits-vs-load.png").stat().st_size > 0
     assert "| 6 |" in (tmp_path / "micro.md").read_text()
+    md = tmp_path / "micro.md"
+    md.write_text(md.read_text() + f"{capacity.NOTES_MARKER}\nReading: hand-written.\n")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored cell was trained again")
@@ -112,3 +114,4 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     monkeypatch.setattr("memzoo.cli.main", no_training)
     again = capacity.main(argv)  # resumes: every cell stored with the same hash
     assert [c["bits"] for c in again["cells"]] == [c["bits"] for c in result["cells"]]
+    assert md.read_text().count("Reading: hand-written.") == 1  # the notes survive the rewrite, once

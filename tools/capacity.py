@@ -61,6 +61,7 @@ StudyError = study.StudyError
 MODELS: dict[str, float] = {"dense": 1.0, "dense-2x": 2.0, "moe": 1.0, "pkm": 1.0, "memoryplus": 1.0, "peer": 1.0}
 MEMORY_MODELS = ("pkm", "memoryplus", "peer")
 DATA_CONFIG = "data-biographies.yaml"
+NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 DIM, LAYERS, HEADS, BLOCK_SIZE = 32, 2, 2, 64
 LR, MEMORY_LR = 1.0e-2, 3.0e-2  # dense AdamW rate (1e-2 beat 3e-3 on people-300); sparse LazyAdam rate of tables
 
@@ -313,8 +314,11 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     cells = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
     checked = targets(cells)
     sat = saturation(cells)
+    done = {f"people-{c['knowledge_load']}__{c['model']}" for c in cells}
+    not_run = [n for n in meta.get("planned_cells", []) if n not in done]
     study.write_json_atomic(paths["json"], {"study": name, **meta, "flop_table": [asdict(c) for c in costs],
                                             "memory_params": memory, "dense_saturation": sat, "targets": checked,
+                                            "cells_not_run": not_run,
                                             "cells": cells})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
     sat_line = ("–" if sat is None else
@@ -332,8 +336,13 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           f"Command: `{meta.get('command', '')}` ({meta.get('hardware', 'CPU')})", "",
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
-          f"Dense saturation: {sat_line}", "", "### Targets", "", *target_lines, "",
+          f"Dense saturation: {sat_line}", "",
+          f"Cells run: {len(cells)} of {len(cells) + len(not_run)}"
+          + (f"; not run: {', '.join(not_run)}" if not_run else ""), "", "### Targets", "", *target_lines, "",
           f"![bits stored and recall against knowledge load]({paths['plot'].name})", ""]
+    notes = paths["md"].read_text().partition(NOTES_MARKER)[2] if paths["md"].is_file() else ""
+    if notes:  # hand-written reading of the results survives a rewrite of the generated part
+        md += [NOTES_MARKER + notes.rstrip("\n"), ""]
     tmp = paths["md"].with_name(f".{paths['md'].name}.tmp")
     tmp.write_text("\n".join(md))
     tmp.replace(paths["md"])
@@ -402,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = {"command": " ".join(["python tools/capacity.py", *command]), "grid": grid_spec,
             "hardware": "2 shared CPU cores" if not args.gpu else "one GPU",
             "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
-            "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str))}
+            "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
+            "planned_cells": [study.cell_name(w, m) for w in plan for m in MODELS if m in args.models]}
     if args.dry_run:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
