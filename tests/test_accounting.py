@@ -60,7 +60,7 @@ def test_dense_and_moe_by_hand():
 
 
 def test_shared_peer_pool_untied_head_by_hand():
-    peer = {"pool": "experts", "heads": 2, "k": 3, "k_dim": 4, "query_norm": "none"}
+    peer = {"pool": "experts", "heads": 2, "knn": 3, "k_dim": 4, "query_norm": "none"}
     model = Transformer(
         vocab_size=10, dim=8, n_layers=2, n_heads=2, max_seq_len=16, tie_embeddings=False,
         block="peer", block_args=peer, pools={"experts": {"kind": "experts", "n_keys": 4, "value_dim": 8}},
@@ -137,13 +137,14 @@ TINY_CONFIG = """
 model:
   class_path: memzoo.LanguageModel
   init_args:
-    dim: 8
-    n_layers: 2
-    n_heads: 2
-    max_seq_len: 32
-    block_args: {hidden: 16}
-    layers:
-      1: {block: moe, n_experts: 4, top_k: 2, hidden: 16}
+    architecture:
+      dim: 8
+      n_layers: 2
+      n_heads: 2
+      max_seq_len: 32
+      block_args: {hidden: 16}
+      layers:
+        1: {block: moe, n_experts: 4, top_k: 2, hidden: 16}
     optimizer:
       class_path: torch.optim.AdamW
       init_args: {lr: 0.01}

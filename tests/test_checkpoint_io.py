@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from memzoo.export.atomic import atomic_file, staging_directory
+from memzoo.atomic import atomic_file, staging_directory
+from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.checkpoint_io import AtomicCheckpointIO
-from memzoo.training.checkpoint_check import check_checkpoint_file
 
 
 def checkpoint(value: float) -> dict:

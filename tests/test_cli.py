@@ -32,11 +32,12 @@ TINY = textwrap.dedent(
     model:
       class_path: memzoo.LanguageModel
       init_args:
-        dim: 32
-        n_layers: 2
-        n_heads: 2
-        max_seq_len: 64
-        warmup_steps: 2{model_extra}
+        architecture:
+          dim: 32
+          n_layers: 2
+          n_heads: 2
+          max_seq_len: 64{architecture_extra}
+        warmup_steps: 2
         optimizer:
           class_path: torch.optim.AdamW
           init_args: {{lr: 0.01}}
@@ -51,11 +52,12 @@ TINY = textwrap.dedent(
 )
 
 
-def write_config(tmp_path, steps=12, val_every=6, model_extra="", prefix=""):
-    """A tiny facts config; ``model_extra`` lines go under model.init_args, ``prefix`` at the top."""
+def write_config(tmp_path, steps=12, val_every=6, architecture_extra="", prefix=""):
+    """A tiny facts config; ``architecture_extra`` lines go under model.init_args.architecture, ``prefix`` at the
+    top."""
     path = tmp_path / "tiny.yaml"
-    extra = "".join(f"\n    {line}" for line in model_extra.splitlines() if line)
-    path.write_text(prefix + TINY.format(steps=steps, val_every=val_every, model_extra=extra))
+    extra = "".join(f"\n      {line}" for line in architecture_extra.splitlines() if line)
+    path.write_text(prefix + TINY.format(steps=steps, val_every=val_every, architecture_extra=extra))
     return path
 
 
@@ -105,7 +107,8 @@ def test_checkpoint_hparams_are_plain_data(tmp_path):
     cli = main(["fit", "--config", str(write_config(tmp_path, steps=2, val_every=2))])
     ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
-    assert state["hyper_parameters"]["dim"] == 32 and state["hyper_parameters"]["vocab_size"] == 258
+    architecture = state["hyper_parameters"]["architecture"]
+    assert architecture["dim"] == 32 and architecture["vocab_size"] == 258
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
@@ -127,10 +130,10 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
 def test_print_config_round_trips(tmp_path, capsys):
     config = write_config(tmp_path)
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--model.init_args.dim", "48", "--print_config"])
+        main(["fit", "--config", str(config), "--model.init_args.architecture.dim", "48", "--print_config"])
     printed = capsys.readouterr().out
     parsed = yaml.safe_load(printed)
-    assert parsed["model"]["init_args"]["dim"] == 48
+    assert parsed["model"]["init_args"]["architecture"]["dim"] == 48
     again = tmp_path / "printed.yaml"
     again.write_text(printed)
     with pytest.raises(SystemExit):
@@ -176,7 +179,7 @@ def test_user_block_from_own_file_used_by_short_name(tmp_path, route):
     plugin = tmp_path / f"blocks_{route}.py"
     plugin.write_text(PLUGIN)
     prefix = f"plugins: [{plugin}]\n" if route == "yaml" else ""
-    config = write_config(tmp_path, steps=2, val_every=2, model_extra="block: user_mlp\nblock_args: {hidden: 24}",
+    config = write_config(tmp_path, steps=2, val_every=2, architecture_extra="block: user_mlp\nblock_args: {hidden: 24}",
                           prefix=prefix)
     args = ["fit", "--config", str(config)] + (["--plugins", str(plugin)] if route == "command_line" else [])
     cli = main(args)
@@ -201,12 +204,12 @@ def test_predict_writes_completions(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--model.init_args.block", "dnse"], "Did you mean 'dense'"),
-        (["--model.init_args.n_heads", "3"], "not divisible by n_heads=3"),
-        (["--model.init_args.block_args", "{hiden: 4}"], "did you mean 'hidden'"),
-        (["--model.init_args.attention_backend", "xformers"], "xformers"),
-        (["--model.init_args.dimm", "3"], "dimm"),
-        (["--model.init_args.dim", "abc"], "dim"),
+        (["--model.init_args.architecture.block", "dnse"], "Did you mean 'dense'"),
+        (["--model.init_args.architecture.n_heads", "3"], "not divisible by n_heads=3"),
+        (["--model.init_args.architecture.block_args", "{hiden: 4}"], "did you mean 'hidden'"),
+        (["--model.init_args.architecture.attention_backend", "xformers"], "xformers"),
+        (["--model.init_args.architecture.dimm", "3"], "dimm"),
+        (["--model.init_args.architecture.dim", "abc"], "dim"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, override, message, capsys):
@@ -220,7 +223,7 @@ def test_bad_input_fails_before_training(tmp_path, override, message, capsys):
 
 
 def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path):
-    from memzoo.training.checkpoint_check import CheckpointError
+    from memzoo.export.checkpoint_check import CheckpointError
 
     config = str(write_config(tmp_path))
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -260,7 +263,7 @@ def test_text_config_trains_on_a_local_file(tmp_path):
     cli = main(
         ["fit", "--config", str(ROOT / "configs" / "text-dense.yaml"), "--data.init_args.path", str(corpus),
          "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "2",
-         "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--model.init_args.n_layers", "1",
+         "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--model.init_args.architecture.n_layers", "1",
          "--trainer.enable_progress_bar", "false"]
     )
     assert cli.trainer.global_step == 2

@@ -21,13 +21,14 @@ from memzoo.blocks.pool import MemoryPool
 from memzoo.export.checkpoint_io import AtomicCheckpointIO
 from memzoo.export.hf import export_checkpoint, export_model
 from memzoo.export.manifest import MANIFEST_FILE
+from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
 from memzoo.training.module import LanguageModel
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 258
-BASE = {"vocab_size": VOCAB, "dim": 32, "n_layers": 3, "n_heads": 4, "max_seq_len": 48, "warmup_steps": 0}
+BASE = {"vocab_size": VOCAB, "dim": 32, "n_layers": 3, "n_heads": 4, "max_seq_len": 48}
 
 #: Model arguments of one tiny model per exported block family (each option of the family, somewhere).
 FAMILIES = {
@@ -40,10 +41,10 @@ FAMILIES = {
     "peer": {
         "block": "dense",
         "layers": {
-            0: {"block": "peer", "n_keys": 8, "heads": 2, "k": 4, "k_dim": 16, "query_norm": "batchnorm"},
-            1: {"block": "peer", "pool": "experts", "heads": 3, "k": 3, "k_dim": 12, "per_head_keys": True,
+            0: {"block": "peer", "n_keys": 8, "heads": 2, "knn": 4, "k_dim": 16, "query_norm": "batchnorm"},
+            1: {"block": "peer", "pool": "experts", "heads": 3, "knn": 3, "k_dim": 12, "per_head_keys": True,
                 "score": "sigmoid", "query_norm": "layernorm", "activation": "silu"},
-            2: {"block": "peer", "n_keys": 6, "heads": 2, "k": 2, "k_dim": 8, "query_norm": "rmsnorm",
+            2: {"block": "peer", "n_keys": 6, "heads": 2, "knn": 2, "k_dim": 8, "query_norm": "rmsnorm",
                 "activation": "relu"},
         },
         "pools": {"experts": {"kind": "experts", "n_keys": 7, "value_dim": 32}},
@@ -71,8 +72,9 @@ def build_model(family: str) -> tuple[Transformer, dict]:
     is perturbed away from its init (so a parameter read under the wrong name, or a norm gain/bias left at 1/0,
     changes the logits) and PEER's BatchNorm statistics are warmed up."""
     torch.manual_seed(1)
-    hparams = {**BASE, **FAMILIES[family]}
-    model = Transformer(**{k: v for k, v in hparams.items() if k != "warmup_steps"})
+    config = ModelConfig(**BASE, **FAMILIES[family])
+    hparams = {"architecture": config.to_dict(), "warmup_steps": 0}
+    model = Transformer(config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -114,8 +116,8 @@ def prompt_ids(batch: int = 2, length: int = 11) -> torch.Tensor:
 def test_export_folder_has_every_file_and_a_complete_config(exported):
     folder = exported["memory_plus_shared_pool"][1]
     assert sorted(p.name for p in folder.iterdir()) == sorted([
-        "config.json", "generation_config.json", "configuration_memzoo.py", "modeling_memzoo.py",
-        "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST_FILE,
+        "config.json", "generation_config.json", "configuration_memzoo.py", "modeling_memzoo.py", "norms.py",
+        "product_key_router.py", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST_FILE,
     ])
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "memzoo"
@@ -124,17 +126,21 @@ def test_export_folder_has_every_file_and_a_complete_config(exported):
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (32, 3, 4)
     assert config["tie_word_embeddings"] is False and config["eos_token_id"] == 256
     assert [b["block"] for b in config["blocks"]] == ["product_key_memory", "dense", "product_key_memory"]
-    assert config["blocks"][0] == {
+    assert config["blocks"][0] == {  # every constructor argument, resolved (k_dim, value_dim, output_proj, n_keys)
         "block": "product_key_memory", "heads": 2, "knn": 4, "k_dim": 16, "query_norm": "layernorm",
-        "qk_norm": True, "gate": "silu", "output_proj": True, "bias": True, "n_keys": 8, "value_dim": 40,
-        "pool": "shared",
+        "qk_norm": True, "score": "softmax", "per_head_keys": True, "gate": "silu", "output_proj": True,
+        "bias": True, "n_keys": 8, "value_dim": 40, "value_dropout": 0.0, "pool": "shared", "update": None,
+        "lr": None, "weight_decay": None,
     }
+    assert ModelConfig.from_dict(config["architecture"]) == exported["memory_plus_shared_pool"][0].config
     assert config["pools"] == {"shared": {"kind": "memory", "n_keys": 8, "value_dim": 40}}
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == 1 and manifest["memzoo_version"] == memzoo.__version__
     assert list(manifest["files"]) == ["model.safetensors"] and len(manifest["files"]["model.safetensors"]["sha256"]) == 64
-    code_dir = Path(memzoo.__file__).parent / "export" / "hf_files"
-    assert (folder / "modeling_memzoo.py").read_bytes() == (code_dir / "modeling_memzoo.py").read_bytes()
+    package = Path(memzoo.__file__).parent
+    assert (folder / "modeling_memzoo.py").read_bytes() == (package / "export/hf_files/modeling_memzoo.py").read_bytes()
+    for shared in ("norms.py", "product_key_router.py"):  # memzoo's own router and norms, shipped verbatim
+        assert (folder / shared).read_bytes() == (package / "nn" / shared).read_bytes()
 
 
 def test_shared_pool_is_stored_once_and_tied_head_is_not_stored(exported):
@@ -234,7 +240,7 @@ def test_hf_loss_is_next_token_cross_entropy(exported):
 def test_checkpoint_written_by_a_lightning_trainer_exports(tmp_path):
     """The real path: fit a step with the atomic CheckpointIO, save with the Trainer, export the .ckpt."""
     torch.manual_seed(0)
-    lm = LanguageModel(**BASE, **FAMILIES["memory_plus_shared_pool"])
+    lm = LanguageModel(ModelConfig(**BASE, **FAMILIES["memory_plus_shared_pool"]), warmup_steps=0)
     ids = torch.randint(0, 256, (4, 16))
     loader = DataLoader([{"input_ids": ids[i], "labels": ids[i]} for i in range(4)], batch_size=2)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -299,8 +305,8 @@ def test_hf_model_saves_again_and_builds_fresh_from_its_config(exported, tmp_pat
     fresh = transformers.AutoModelForCausalLM.from_config(hf.config, trust_remote_code=True)
     pool = fresh.pools["experts"].down
     assert abs(pool.std().item() - 32**-0.5) < 0.02  # tables ~ N(0, value_dim^-1/2)
-    assert torch.equal(fresh.layers[0].ffn.query_norm.running_var, torch.ones(2 * 16))
-    assert fresh.layers[0].ffn.sub_keys.abs().max() <= 8**-0.5
+    assert torch.equal(fresh.layers[0].ffn.router.query_norm.running_var, torch.ones(2 * 16))
+    assert abs(fresh.layers[0].ffn.router.sub_keys.std().item() - 8**-0.5) < 0.05  # N(0, (k_dim/2)^-1/2)
     assert fresh.head.weight is fresh.embed.weight
 
 

@@ -11,18 +11,20 @@ from torch import nn
 import memzoo
 from memzoo.blocks.dense import DenseMLP
 from memzoo.cli import main
+from memzoo.export.checkpoint_check import CheckpointError
 from memzoo.export.errors import ExportError, PretrainedFormatError
 from memzoo.export.hf import export_checkpoint, export_model
 from memzoo.export.manifest import MANIFEST_FILE
 from memzoo.export.weights import parse_size
 from memzoo.model.transformer import Transformer
-from memzoo.training.checkpoint_check import CheckpointError
 
-HPARAMS = {"vocab_size": 258, "dim": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "block_args": {"hidden": 24}}
+ARCHITECTURE = {"vocab_size": 258, "dim": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
+                "block_args": {"hidden": 24}}
+HPARAMS = {"architecture": ARCHITECTURE}
 
 
 def tiny_model() -> Transformer:
-    return Transformer(**HPARAMS).eval()
+    return Transformer(**ARCHITECTURE).eval()
 
 
 def save_checkpoint(model: Transformer, path: Path, hparams: dict | None = None, **extra) -> Path:
@@ -78,12 +80,19 @@ def test_folder_without_manifest_or_weights_is_refused(export_dir, tmp_path):
 
 
 def test_config_that_does_not_fit_the_weights_is_named(export_dir):
-    config = json.loads((export_dir / "config.json").read_text())
-    config["blocks"][1]["hidden"] = 40
+    original = json.loads((export_dir / "config.json").read_text())
+    config = json.loads(json.dumps(original))
+    config["blocks"][1]["hidden"] = 40  # blocks no longer what the architecture builds
+    (export_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedFormatError, match=r"layer 1 was exported as .*fields \['hidden'\] differ"):
+        memzoo.load_pretrained(export_dir)
+    config["architecture"]["block_args"]["hidden"] = 40  # consistent, but not what the weights hold
+    for block in config["blocks"]:
+        block["hidden"] = 40
     (export_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(PretrainedFormatError, match=r"(?s)do not fit the architecture in .*config\.json.*size mismatch"):
         memzoo.load_pretrained(export_dir)
-    del config["blocks"]
+    del config["blocks"], config["architecture"]
     (export_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(PretrainedFormatError, match=r"config\.json lacks the field 'blocks'"):
         memzoo.load_pretrained(export_dir)
@@ -91,7 +100,7 @@ def test_config_that_does_not_fit_the_weights_is_named(export_dir):
 
 # ---------------------------------------------------------------------------------------------- exporting
 def test_checkpoint_whose_weights_do_not_fit_its_hyperparameters(tmp_path):
-    ckpt = save_checkpoint(tiny_model(), tmp_path / "bad.ckpt", hparams={**HPARAMS, "block_args": {"hidden": 32}})
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "bad.ckpt", hparams={"architecture": {**ARCHITECTURE, "block_args": {"hidden": 32}}})
     with pytest.raises(ExportError, match=r"bad\.ckpt: its weights do not fit the architecture"):
         export_checkpoint(ckpt, tmp_path / "out", tokenizer="byte")
     assert not (tmp_path / "out").exists()

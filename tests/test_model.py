@@ -7,9 +7,10 @@ from memzoo.accounting import summarize
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.attention import AttentionBackendError, CausalSelfAttention, reference_attention
+from memzoo.model.config import ModelConfig
 from memzoo.model.rope import RotaryEmbedding
 from memzoo.model.summary import count_parameters
-from memzoo.model.transformer import ModelConfigError, Transformer, resolve_layer_specs
+from memzoo.model.transformer import ModelConfigError, Transformer
 
 
 def tiny(**kw):
@@ -88,16 +89,19 @@ def test_generate_cached_equals_uncached_and_respects_eos():
 
 
 def test_layer_specs_merge_defaults_and_overrides():
-    specs = resolve_layer_specs(
-        4, "dense", {"hidden": 16}, {1: {"hidden": 32}, -1: {"block": "other", "x": 1}, "2": {"block": "dense"}}
-    )
-    assert [s.block for s in specs] == ["dense", "dense", "dense", "other"]
-    assert specs[0].args == {"hidden": 16} and specs[1].args == {"hidden": 32}
-    assert specs[2].args == {"hidden": 16} and specs[3].args == {"x": 1}
+    def specs(block_args, layers):
+        return ModelConfig(n_layers=4, block="dense", block_args=block_args, layers=layers).layer_specs()
+
+    got = specs({"hidden": 16}, {1: {"hidden": 32}, -1: {"block": "other", "x": 1}, "2": {"block": "dense"}})
+    assert [s.block for s in got] == ["dense", "dense", "dense", "other"]
+    assert got[0].args == {"hidden": 16} and got[1].args == {"hidden": 32}
+    assert got[2].args == {"hidden": 16} and got[3].args == {"x": 1}
     with pytest.raises(ModelConfigError, match="index 4 is out of range for n_layers=4"):
-        resolve_layer_specs(4, "dense", {}, {4: {}})
+        specs({}, {4: {}})
     with pytest.raises(ModelConfigError, match="not a layer index"):
-        resolve_layer_specs(4, "dense", {}, {"first": {}})
+        specs({}, {"first": {}})
+    with pytest.raises(ModelConfigError, match="name the same layer"):
+        specs({}, {3: {}, -1: {}})
 
 
 def test_per_layer_blocks_are_built():

@@ -221,7 +221,7 @@ class _PeerLM(L.LightningModule):
         torch.manual_seed(0)
         self.model = Transformer(
             vocab_size=40, dim=16, n_layers=2, n_heads=2, max_seq_len=8, block="peer",
-            block_args={"pool": "experts", "heads": 2, "k": 3, "k_dim": 8, "query_norm": "layernorm"},
+            block_args={"pool": "experts", "heads": 2, "knn": 3, "k_dim": 8, "query_norm": "layernorm"},
             pools={"experts": {"kind": "experts", "n_keys": 8, "value_dim": 16}},
         )
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import references
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.transformer import Transformer
@@ -18,69 +18,25 @@ DIM, N_KEYS, K_DIM = 12, 6, 8  # 36 experts
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def reference_query(peer: PEER, x: torch.Tensor) -> torch.Tensor:
-    """``x (B, T, dim)`` → normalised queries ``(B, T, heads, k_dim)``, the norms written out by hand."""
-    q = x @ peer.query.weight.T  # (B, T, heads·k_dim)
-    norm = peer.query_norm
-    kind = peer.query_norm_kind
-    if kind == "batchnorm":  # per feature, statistics over all B·T tokens (training) or running (eval)
-        if peer.training:
-            flat = q.reshape(-1, q.shape[-1])
-            mean, var = flat.mean(0), flat.var(0, unbiased=False)
-        else:
-            mean, var = norm.running_mean, norm.running_var
-        q = (q - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-        return q.unflatten(-1, (peer.heads, peer.k_dim))
-    q = q.unflatten(-1, (peer.heads, peer.k_dim))
-    if kind == "layernorm":
-        mean = q.mean(-1, keepdim=True)
-        var = q.var(-1, unbiased=False, keepdim=True)
-        return (q - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-    if kind == "rmsnorm":
-        return q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
-    return q
-
-
-def full_product_keys(sub_keys: torch.Tensor) -> torch.Tensor:
-    """``(S, 2, n, Dk/2)`` → all product keys ``(S, n², Dk)``, key ``i1·n + i2 = [c1[i1], c2[i2]]``."""
-    S, _, n, half = sub_keys.shape
-    c1 = sub_keys[:, 0, :, None, :].expand(S, n, n, half)
-    c2 = sub_keys[:, 1, None, :, :].expand(S, n, n, half)
-    return torch.cat([c1, c2], dim=-1).reshape(S, n * n, 2 * half)
-
-
-def reference_route(peer: PEER, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q = reference_query(peer, x)  # (B, T, H, Dk)
-    keys = full_product_keys(peer.sub_keys).expand(peer.heads, -1, -1)  # (H, N, Dk)
-    scores, indices = torch.einsum("bthd,hnd->bthn", q, keys).topk(peer.k, dim=-1)
-    weights = scores.softmax(-1) if peer.score == "softmax" else scores.sigmoid()
-    return indices, weights
-
-
-def reference_peer(peer: PEER, x: torch.Tensor) -> torch.Tensor:
-    """Materialises the gathered expert vectors ``(B, T, H, k, dim)`` as public PEER implementations do."""
-    indices, weights = reference_route(peer, x)
-    down, up = peer.pool.down[indices], peer.pool.up[indices]  # (B, T, H, k, dim) each
-    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[peer.activation]
-    hidden = act(torch.einsum("bthkd,btd->bthk", down, x))
-    return torch.einsum("bthk,bthkd->btd", weights * hidden, up)
+reference_peer = references.peer
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def make_peer(seed: int = 0, **kw) -> PEER:
     torch.manual_seed(seed)
-    args = dict(n_keys=N_KEYS, heads=2, k=3, k_dim=K_DIM, query_norm="layernorm")
+    args = dict(n_keys=N_KEYS, heads=2, knn=3, k_dim=K_DIM, query_norm="layernorm")
     args.update(kw)
     peer = PEER(DIM, **args).double()
     with torch.no_grad():  # non-trivial norm affine, so its gradients are tested too
-        for p in peer.query_norm.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+        for name, p in peer.named_parameters():
+            if name.startswith("router.query_norm."):
+                p.add_(0.1 * torch.randn_like(p))
     return peer
 
 
 def check_against_reference(peer: PEER, x: torch.Tensor) -> None:
     # memzoo's RMSNorm computes in float32 whatever the input dtype; everything else runs in float64 here
-    rtol, atol = (1e-5, 1e-7) if peer.query_norm_kind == "rmsnorm" else (1e-9, 1e-11)
+    rtol, atol = (1e-5, 1e-7) if peer.router.query_norm_kind == "rmsnorm" else (1e-9, 1e-11)
     x_block = x.clone().requires_grad_(True)
     x_ref = x.clone().requires_grad_(True)
     grad_out = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
@@ -107,12 +63,12 @@ def random_input(seed: int = 1, shape=(2, 5, DIM)) -> torch.Tensor:
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("k", [1, 4])
 def test_matches_reference_keys_scores_heads_k(per_head_keys, score, heads, k):
-    peer = make_peer(per_head_keys=per_head_keys, score=score, heads=heads, k=k)
+    peer = make_peer(per_head_keys=per_head_keys, score=score, heads=heads, knn=k)
     check_against_reference(peer, random_input())
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
-@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "rmsnorm", "none"])
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "rmsnorm", "half_layernorm", "none"])
 def test_matches_reference_activations_and_norms(activation, query_norm):
     peer = make_peer(activation=activation, query_norm=query_norm, per_head_keys=True)
     check_against_reference(peer, random_input())
@@ -123,20 +79,20 @@ def test_batchnorm_eval_uses_running_statistics():
     for seed in range(3):  # move the running statistics away from (0, 1)
         peer(random_input(seed) * 2 + 1)
     peer.eval()
-    assert not torch.allclose(peer.query_norm.running_mean, torch.zeros_like(peer.query_norm.running_mean))
+    assert not torch.allclose(peer.router.query_norm.running_mean, torch.zeros_like(peer.router.query_norm.running_mean))
     check_against_reference(peer, random_input(5))
 
 
 def test_k_equal_to_n_keys_and_single_token():
-    peer = make_peer(k=N_KEYS, query_norm="rmsnorm")
+    peer = make_peer(knn=N_KEYS, query_norm="rmsnorm")
     check_against_reference(peer, random_input(shape=(1, 1, DIM)))
 
 
 def test_routes_to_exact_top_k_of_all_product_keys():
-    peer = make_peer(heads=3, k=5, per_head_keys=True)
+    peer = make_peer(heads=3, knn=5, per_head_keys=True)
     x = random_input()
-    indices, weights = peer.route(x)
-    ref_indices, ref_weights = reference_route(peer, x)
+    indices, weights = peer.router(x)
+    ref_indices, ref_weights = references.route(peer.router, x)
     assert indices.shape == (2, 5, 3, 5) and indices.dtype == torch.int64
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(weights, ref_weights)
@@ -145,19 +101,22 @@ def test_routes_to_exact_top_k_of_all_product_keys():
 
 def test_heads_retrieving_the_same_experts_add_up():
     """Identical query heads pick identical experts: every expert index appears twice per token."""
-    peer = make_peer(heads=2, k=4, query_norm="layernorm")
+    peer = make_peer(heads=2, knn=4, query_norm="layernorm")
     with torch.no_grad():
-        w = peer.query.weight.view(2, K_DIM, DIM)
+        w = peer.router.query.weight.view(2, K_DIM, DIM)
         w[1] = w[0]
+        for p in peer.router.query_norm.parameters():  # per-head gains and biases: head 1 = head 0
+            p[1] = p[0]
     x = random_input()
-    indices, _ = peer.route(x)
+    indices, _ = peer.router(x)
     assert torch.equal(indices[..., 0, :], indices[..., 1, :])
     check_against_reference(peer, x)
-    single = make_peer(heads=1, k=4, query_norm="layernorm")
+    single = make_peer(heads=1, knn=4, query_norm="layernorm")
     with torch.no_grad():
-        single.query.weight.copy_(peer.query.weight[:K_DIM])
-        single.query_norm.load_state_dict(peer.query_norm.state_dict())
-        single.sub_keys.copy_(peer.sub_keys)
+        single.router.query.weight.copy_(peer.router.query.weight[:K_DIM])
+        for mine, theirs in zip(single.router.query_norm.parameters(), peer.router.query_norm.parameters()):
+            mine.copy_(theirs[:1])
+        single.router.sub_keys.copy_(peer.router.sub_keys)
         single.pool.down.copy_(peer.pool.down)
         single.pool.up.copy_(peer.pool.up)
     torch.testing.assert_close(peer(x), 2 * single(x))
@@ -166,7 +125,7 @@ def test_heads_retrieving_the_same_experts_add_up():
 def test_sparse_pool_gives_row_sparse_gradients_equal_to_dense():
     torch.manual_seed(0)
     pool = MemoryPool(N_KEYS, DIM, kind="experts", update="sparse").double()
-    peer = PEER(DIM, pool=pool, heads=2, k=3, k_dim=K_DIM, query_norm="layernorm").double()
+    peer = PEER(DIM, pool=pool, heads=2, knn=3, k_dim=K_DIM, query_norm="layernorm").double()
     x = random_input()
     peer(x).square().sum().backward()
     assert pool.down.grad.is_sparse and pool.up.grad.is_sparse
@@ -181,20 +140,20 @@ def test_sparse_pool_gives_row_sparse_gradients_equal_to_dense():
 
 def test_batchnorm_query_is_not_causal_in_training_but_is_in_eval():
     """The documented caveat: in training, BatchNorm's batch statistics let later tokens change earlier outputs."""
-    peer = make_peer(query_norm="batchnorm", k=4)
+    peer = make_peer(query_norm="batchnorm", knn=4)
     x = random_input(shape=(1, 6, DIM))
     changed_future = x.clone()
     changed_future[0, -1] += 5.0
     assert not torch.allclose(peer(x)[0, 0], peer(changed_future)[0, 0])
     peer.eval()
     torch.testing.assert_close(peer(x)[0, :-1], peer(changed_future)[0, :-1])
-    causal = make_peer(query_norm="layernorm", k=4)
+    causal = make_peer(query_norm="layernorm", knn=4)
     torch.testing.assert_close(causal(x)[0, :-1], causal(changed_future)[0, :-1])
 
 
 # ---------------------------------------------------------------------------------------------- shared pool
 def _shared_pool_model(pools: dict, layer_pools: tuple[str, str]) -> Transformer:
-    peer_args = dict(block="peer", heads=2, k=3, k_dim=K_DIM, query_norm="layernorm")
+    peer_args = dict(block="peer", heads=2, knn=3, k_dim=K_DIM, query_norm="layernorm")
     torch.manual_seed(0)
     return Transformer(
         vocab_size=17, dim=16, n_layers=3, n_heads=2,
@@ -231,26 +190,27 @@ def test_two_peer_layers_share_one_pool_in_a_transformer():
 
 
 def test_model_init_leaves_shared_pool_and_sets_private_pool():
-    peer = PEER(DIM, n_keys=N_KEYS, heads=2, k=3, k_dim=K_DIM)
+    peer = PEER(DIM, n_keys=N_KEYS, heads=2, knn=3, k_dim=K_DIM)
     peer.init_weights(std=0.02, residual_std=0.001)
     assert abs(peer.pool.down.std().item() - 0.02) < 0.004
     assert abs(peer.pool.up.std().item() - 0.001) < 0.0002
-    assert abs(peer.query.weight.std().item() - 0.02) < 0.004
+    assert abs(peer.router.query.weight.std().item() - 0.02) < 0.004
     pool = MemoryPool(N_KEYS, DIM, kind="experts", init_std=0.5)
     before = pool.down.detach().clone()
-    PEER(DIM, pool=pool, heads=2, k=3, k_dim=K_DIM).init_weights(std=0.02, residual_std=0.001)
+    PEER(DIM, pool=pool, heads=2, knn=3, k_dim=K_DIM).init_weights(std=0.02, residual_std=0.001)
     assert torch.equal(pool.down, before)
 
 
 # ---------------------------------------------------------------------------------------------- accounting
 def test_active_parameters_and_flops_by_hand():
-    peer = PEER(dim=16, n_keys=10, heads=2, k=3, k_dim=8, query_norm="layernorm")
-    # query 16·(2·8)=256, layernorm weight+bias 2·8=16, sub-keys 1·2·10·4=80, experts 2·3 rows · (16 down + 16 up)=192
-    assert peer.active_parameters() == 256 + 16 + 80 + 192
+    peer = PEER(dim=16, n_keys=10, heads=2, knn=3, k_dim=8, query_norm="layernorm")
+    # query 16·(2·8)=256, layernorm weight+bias per head 2·2·8=32, sub-keys 1·2·10·4=80,
+    # experts 2·3 rows · (16 down + 16 up)=192
+    assert peer.active_parameters() == 256 + 32 + 80 + 192
     # query 2·16·16=512, half scores 2·2·10·8=320, candidate sums 2 heads · 5 pairs (3+1+1) = 10,
     # experts 4·2·3·16=384
     assert peer.flops_per_token() == 512 + 320 + 10 + 384
-    per_head = PEER(dim=16, n_keys=10, heads=2, k=3, k_dim=8, query_norm="none", per_head_keys=True)
+    per_head = PEER(dim=16, n_keys=10, heads=2, knn=3, k_dim=8, query_norm="none", per_head_keys=True)
     assert per_head.active_parameters() == 256 + 0 + 160 + 192
     assert per_head.flops_per_token() == peer.flops_per_token()
 
@@ -259,18 +219,18 @@ def test_active_parameters_and_flops_by_hand():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 7}, "k=7 exceeds n_keys=6"),
+        ({"knn": 7}, "knn=7 exceeds n_keys=6"),
         ({"activation": "tanh"}, "unknown activation 'tanh'"),
         ({"score": "relu"}, "unknown score 'relu'"),
         ({"query_norm": "groupnorm"}, "unknown query_norm 'groupnorm'"),
         ({"k_dim": 7}, "k_dim=7 must be even"),
         ({"heads": 0}, "heads must be a positive int"),
-        ({"k": 0}, "k must be a positive int"),
+        ({"knn": 0}, "knn must be a positive int"),
         ({"n_keys": None}, "give either a shared `pool` or `n_keys`"),
     ],
 )
 def test_bad_hyperparameters_raise_clear_errors(kwargs, message):
-    args = dict(n_keys=N_KEYS, heads=2, k=3, k_dim=K_DIM)
+    args = dict(n_keys=N_KEYS, heads=2, knn=3, k_dim=K_DIM)
     args.update(kwargs)
     with pytest.raises(ValueError, match=re.escape(message)):
         PEER(DIM, **args)
@@ -288,7 +248,7 @@ def test_pool_must_hold_experts():
 
 
 def test_registry_builds_peer_and_wraps_errors():
-    assert isinstance(create_block("peer", dim=DIM, n_keys=N_KEYS, heads=1, k=2, k_dim=4), PEER)
+    assert isinstance(create_block("peer", dim=DIM, n_keys=N_KEYS, heads=1, knn=2, k_dim=4), PEER)
     with pytest.raises(BlockConfigError, match="unknown activation 'tanh'"):
         create_block("peer", dim=DIM, n_keys=N_KEYS, activation="tanh")
 
@@ -301,13 +261,13 @@ def test_reports_its_lookups_to_a_usage_observer():
         def update(self, indices, weights):
             self.calls.append((indices, weights))
 
-    peer = make_peer(heads=2, k=3)
+    peer = make_peer(heads=2, knn=3)
     recorder = Recorder()
     peer.pool.track_usage(recorder)
     x = random_input()
     peer(x)
     (indices, weights), = recorder.calls
-    ref_indices, ref_weights = reference_route(peer, x)
+    ref_indices, ref_weights = references.route(peer.router, x)
     assert torch.equal(indices, ref_indices.flatten(-2))
     torch.testing.assert_close(weights, ref_weights.flatten(-2))
 
@@ -319,7 +279,7 @@ def test_float32_matches_reference_on_device(device, update):
     one device, so CPU/GPU rounding cannot flip a near-tie in the expert selection)."""
     torch.manual_seed(0)
     pool = MemoryPool(16, 64, kind="experts", update=update).to(device)
-    peer = PEER(64, pool=pool, heads=4, k=8, k_dim=32, query_norm="layernorm").to(device)
+    peer = PEER(64, pool=pool, heads=4, knn=8, k_dim=32, query_norm="layernorm").to(device)
     x = torch.randn(3, 33, 64, device=device)
     tensors = (*peer.parameters(), pool.down, pool.up)
 
@@ -340,11 +300,11 @@ def test_float32_matches_reference_on_device(device, update):
 
 
 def test_reset_parameters_restores_the_norms():
-    for kind in ("batchnorm", "layernorm", "rmsnorm"):
+    for kind in ("batchnorm", "layernorm", "rmsnorm", "half_layernorm"):
         peer = make_peer(query_norm=kind)  # make_peer perturbs the norm's affine parameters
         peer(random_input())
         peer.reset_parameters()
-        for name, p in peer.query_norm.named_parameters():
+        for name, p in peer.router.query_norm.named_parameters():
             assert torch.equal(p, torch.ones_like(p) if name == "weight" else torch.zeros_like(p)), (kind, name)
         if kind == "batchnorm":
-            assert torch.equal(peer.query_norm.running_mean, torch.zeros_like(peer.query_norm.running_mean))
+            assert torch.equal(peer.router.query_norm.running_mean, torch.zeros_like(peer.router.query_norm.running_mean))

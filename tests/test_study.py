@@ -205,20 +205,20 @@ def test_parallel_jobs_run_every_cell_in_worker_processes_and_report_in_grid_ord
 
 
 def test_variant_overrides_become_trailing_fit_arguments_and_change_the_hash():
-    assert study.variant_args(["model.init_args.dim=96", "--trainer.max_steps=5"], "v") == \
-        ["--model.init_args.dim", "96", "--trainer.max_steps", "5"]
-    pools = 'model.init_args.pools={"memory": {"lr": 0.03}}'  # JSON values keep their own "="-free text
+    assert study.variant_args(["model.init_args.architecture.dim=96", "--trainer.max_steps=5"], "v") == \
+        ["--model.init_args.architecture.dim", "96", "--trainer.max_steps", "5"]
+    pools = 'model.init_args.architecture.pools={"memory": {"lr": 0.03}}'  # JSON values keep their own "="-free text
     assert study.variant_args([pools], "v")[1] == '{"memory": {"lr": 0.03}}'
     workload = study.study_plan(quick=True, text=Path("/data/t.txt"))[0]
     base = study.cell_args("v", workload, "dense")
-    varied = study.cell_args("v", workload, "dense", ["--model.init_args.dim", "96"])
-    assert varied[-2:] == ["--model.init_args.dim", "96"] and varied[:-2] == base
+    varied = study.cell_args("v", workload, "dense", ["--model.init_args.architecture.dim", "96"])
+    assert varied[-2:] == ["--model.init_args.architecture.dim", "96"] and varied[:-2] == base
     assert study.config_hash(varied) != study.config_hash(base)
 
 
 @pytest.mark.parametrize("overrides, name, match", [
-    (["model.init_args.dim=96"], None, "give it a --name"),
-    (["model.init_args.dim"], "v", "expected KEY=VALUE"),
+    (["model.init_args.architecture.dim=96"], None, "give it a --name"),
+    (["model.init_args.architecture.dim"], "v", "expected KEY=VALUE"),
     (["=96"], "v", "expected KEY=VALUE"),
 ])
 def test_bad_variant_overrides_name_the_fix(overrides, name, match):

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from memzoo.model.config import ModelConfig
 from memzoo.training.module import LanguageModel
 
-MODEL = dict(vocab_size=258, dim=128, n_layers=4, n_heads=4, max_seq_len=64, dropout=0.0)
+MODEL = ModelConfig(vocab_size=258, dim=128, n_layers=4, n_heads=4, max_seq_len=64, dropout=0.0)
 
 
 def make_batches(text: Path | None, steps: int, batch_size: int, block_size: int, seed: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ def adamw(params):
 def plain_loop(batches: torch.Tensor, warmup: int) -> float:
     """Seconds for the timed steps of a minimal loop: forward, loss, backward, clip, step, zero_grad."""
     torch.manual_seed(0)
-    model = LanguageModel(**MODEL, optimizer=adamw, warmup_steps=0).model
+    model = LanguageModel(MODEL, optimizer=adamw, warmup_steps=0).model
     opt = adamw(model.parameters())
     start = 0.0
     for i, batch in enumerate(batches):
@@ -76,7 +77,7 @@ class _TimingCallback(L.Callback):
 def lightning_loop(batches: torch.Tensor, warmup: int, progress_bar: bool) -> float:
     """Seconds for the timed steps of ``Trainer.fit`` on memzoo's LanguageModel (its loss, metrics and logging)."""
     torch.manual_seed(0)
-    module = LanguageModel(**MODEL, optimizer=adamw, warmup_steps=0)
+    module = LanguageModel(MODEL, optimizer=adamw, warmup_steps=0)
     flat = batches.flatten(0, 1)
     dataset = TensorDataset(flat[:, :-1], flat[:, 1:])
     loader = DataLoader(

@@ -78,14 +78,15 @@ def model_configs() -> dict[str, dict[str, Any]]:
 
     def model(dim: int = DIM, layers: dict | None = None, pools: dict | None = None,
               block_args: dict | None = None) -> dict[str, Any]:
-        init_args: dict[str, Any] = {"dim": dim, "n_layers": LAYERS, "n_heads": HEADS, "max_seq_len": BLOCK_SIZE,
-                                     "block": "dense"}
+        architecture: dict[str, Any] = {"dim": dim, "n_layers": LAYERS, "n_heads": HEADS, "max_seq_len": BLOCK_SIZE,
+                                        "block": "dense"}
         if block_args:
-            init_args["block_args"] = block_args
+            architecture["block_args"] = block_args
         if layers:
-            init_args["layers"] = layers
+            architecture["layers"] = layers
         if pools:
-            init_args["pools"] = pools
+            architecture["pools"] = pools
+        init_args: dict[str, Any] = {"architecture": architecture}
         if layers and any(spec.get("update") == "sparse" for spec in layers.values()) or pools:
             init_args["sparse_optimizer"] = "lazy_adam"
         init_args.update({"warmup_steps": 100, "min_lr_ratio": 0.1, "optimizer": {
@@ -96,7 +97,7 @@ def model_configs() -> dict[str, dict[str, Any]]:
     sparse = {"update": "sparse", "lr": MEMORY_LR, "weight_decay": 0.0}
     memory_plus = {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 16, "k_dim": 48,
                    "query_norm": "none", "qk_norm": True, "gate": "silu"}
-    peer = {"block": "peer", "pool": "experts", "heads": 2, "k": 24, "k_dim": 48, "query_norm": "layernorm",
+    peer = {"block": "peer", "pool": "experts", "heads": 2, "knn": 24, "k_dim": 48, "query_norm": "layernorm",
             "activation": "gelu"}
     return {
         "dense": model(),
@@ -176,11 +177,11 @@ def vocab_size() -> int:
 def memory_parameters(config: dict[str, Any]) -> int:
     """Parameters of a config's memory tables (pool rows and private PKM values): what ``0.5 bit each`` counts."""
     from memzoo.blocks.pool import MemoryPool
+    from memzoo.model.config import ModelConfig
     from memzoo.training.module import LanguageModel
 
-    args = dict(config["model"]["init_args"])
-    args.pop("optimizer", None)
-    model = LanguageModel(vocab_size=vocab_size(), **args)
+    architecture = {**config["model"]["init_args"]["architecture"], "vocab_size": vocab_size()}
+    model = LanguageModel(architecture=ModelConfig(**architecture))
     return sum(p.numel() for m in model.modules() if isinstance(m, MemoryPool) for p in m.parameters())
 
 
@@ -309,6 +310,8 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
 def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any], memory: dict[str, int],
                  out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """Writes ``<name>.json``, ``<name>.md`` and ``<name>-bits-vs-load.png``; returns their paths."""
+    from memzoo.atomic import write_bytes_atomic
+
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
              "plot": out_dir / f"{name}-bits-vs-load.png"}
     cells = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
@@ -343,9 +346,7 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     notes = paths["md"].read_text().partition(NOTES_MARKER)[2] if paths["md"].is_file() else ""
     if notes:  # hand-written reading of the results survives a rewrite of the generated part
         md += [NOTES_MARKER + notes.rstrip("\n"), ""]
-    tmp = paths["md"].with_name(f".{paths['md'].name}.tmp")
-    tmp.write_text("\n".join(md))
-    tmp.replace(paths["md"])
+    write_bytes_atomic(paths["md"], "\n".join(md).encode())
     if cells:
         plot_bits_vs_load(cells, paths["plot"])
     return paths

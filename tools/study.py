@@ -24,7 +24,7 @@ plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, on
 
 A variant study (``--name`` + ``--set KEY=VALUE``, repeatable) appends ``--KEY VALUE`` to every cell's ``memzoo fit``
 arguments; a dict-valued key (``layers``, ``pools``) takes the whole dict as JSON, e.g.
-``--set 'model.init_args.pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse", "lr": 0.03}}'``.
+``--set 'model.init_args.architecture.pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse", "lr": 0.03}}'``.
 
 Throughput (tokens/s) is reported as a ratio to the dense model of the same workload: absolute times on a shared
 machine are noise.
@@ -37,12 +37,13 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from memzoo.atomic import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "study"
@@ -261,9 +262,7 @@ def _relative(path: Path) -> str:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes ``data`` as JSON to ``path`` through a temporary file and a rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------------- metrics.csv
@@ -581,9 +580,7 @@ def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[Mo
           format_flop_table(costs), "", "## Results (final validation)", "", results_table(cells), "",
           "## Targets", "", *target_lines, "", f"![loss vs FLOPs]({paths['loss_plot'].name})",
           "", f"![recall vs load]({paths['recall_plot'].name})", ""]
-    tmp = paths["md"].with_name(f".{paths['md'].name}.tmp")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, paths["md"])
+    write_bytes_atomic(paths["md"], "\n".join(md).encode())
     if cells:
         plot_loss_vs_flops(cells, paths["loss_plot"])
         if any(c["knowledge_load"] is not None for c in cells):

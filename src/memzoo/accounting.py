@@ -188,11 +188,13 @@ def summarize_config(path: str, context_length: int | None = None, vocab_size: i
         load_plugins(config["plugins"])
     model_section = _class_section(config["model"], "memzoo.LanguageModel")
     data_args = _class_section(config.get("data") or {}, None)["init_args"]
-    init_args = model_section["init_args"]
+    architecture = model_section["init_args"].setdefault("architecture", {})
+    if not isinstance(architecture, dict):
+        raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
     if vocab_size is not None:
-        init_args["vocab_size"] = vocab_size
-    elif "vocab_size" not in init_args:  # the CLI links it from the data module's tokenizer
-        init_args["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
+        architecture["vocab_size"] = vocab_size
+    elif "vocab_size" not in architecture:  # the CLI links it from the data module's tokenizer
+        architecture["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LanguageModel, "model", required=True)
@@ -204,7 +206,7 @@ def summarize_config(path: str, context_length: int | None = None, vocab_size: i
     if context_length is None:
         context_length = data_args.get("block_size") or _find_transformer(model).max_seq_len
     summary = summarize(model, context_length)
-    summary.notes.append(f"config: {path} (vocab_size {init_args['vocab_size']})")
+    summary.notes.append(f"config: {path} (vocab_size {architecture['vocab_size']})")
     return summary
 
 

@@ -2,7 +2,7 @@
 
 - Subclass mode: ``model`` is any :class:`~memzoo.training.module.LanguageModel` (sub)class, ``data`` any
   :class:`~memzoo.data.base.LMDataModule`; short class names work because memzoo imports them before parsing.
-- The data module's vocabulary size is linked into ``model.init_args.vocab_size``: it is never typed twice.
+- The data module's vocabulary size is linked into ``model.init_args.architecture.vocab_size``: it is never typed twice.
 - Trainer defaults: atomic checkpoint writes, progress bar, CSV logger under ``runs/<experiment>/version_<n>/`` (a new version per run, so runs
   never collide), ``config.yaml`` saved in that folder, checkpoints in its ``checkpoints/`` with ``last.ckpt``.
 - ``--checkpoint.*`` configures the ModelCheckpoint callback; ``--predict_output`` the file ``predict`` writes.
@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo.data import LMDataModule
+from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.training.callbacks import PredictionWriter
-from memzoo.training.checkpoint_check import check_checkpoint_file
 from memzoo.training.module import LanguageModel
 
 DEFAULT_RUNS_DIR = "runs"
@@ -58,7 +58,7 @@ class MemzooCLI(LightningCLI):
             default="predictions.jsonl",
             help="File `memzoo predict` writes (JSON lines: prompt, completion); relative paths go in the run folder.",
         )
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.architecture.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

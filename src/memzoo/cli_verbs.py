@@ -78,9 +78,9 @@ def export_command(args: Sequence[str]) -> object:
                         help="replace an earlier export at --out, once the new one is complete")
     options = parser.parse_args(list(args))
 
+    from memzoo.export.checkpoint_check import CheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
-    from memzoo.training.checkpoint_check import CheckpointError
 
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer
-from memzoo.export.architecture import transformer_arguments
+from memzoo.export.architecture import rebuild
 from memzoo.export.errors import PretrainedFormatError
 from memzoo.export.manifest import read_manifest, verify_files
 from memzoo.export.tokenizer_files import TOKENIZER_FILE
 from memzoo.export.weights import load_weights
-from memzoo.model.transformer import ModelConfigError, Transformer
+from memzoo.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
 
@@ -52,10 +52,7 @@ def load_pretrained(
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PretrainedFormatError(f"{config_path} cannot be read as JSON ({err}); export the model again") from err
-    try:
-        model = Transformer(**transformer_arguments(config, source=str(config_path)), attention_backend="auto")
-    except (ModelConfigError, TypeError, ValueError) as err:
-        raise PretrainedFormatError(f"{config_path} does not describe a buildable model: {err}") from err
+    model = rebuild(config, source=str(config_path))
     weights = load_weights(folder)
     if model.head.weight is model.embed.weight and "embed.weight" in weights:
         weights.setdefault("head.weight", weights["embed.weight"])  # tied: stored once

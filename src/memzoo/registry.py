@@ -185,9 +185,32 @@ def create_block(name: str, dim: int, **hyperparameters: Any) -> nn.Module:
     if missing:
         raise BlockConfigError(f"block {name!r} needs hyperparameter(s) {', '.join(missing)}")
     try:
-        return cls(dim=dim, **hyperparameters)
+        block = cls(dim=dim, **hyperparameters)
     except (TypeError, ValueError) as err:
         raise BlockConfigError(f"block {name!r} (dim={dim}) rejected its hyperparameters: {err}") from err
+    record_hyperparameters(block, name, sig.bind(None, dim=dim, **hyperparameters))
+    return block
+
+
+def record_hyperparameters(block: nn.Module, name: str, bound: inspect.BoundArguments) -> None:
+    """Stores ``block.block_spec = {"block": name, **resolved hyperparameters}`` (``dim`` excluded).
+
+    A hyperparameter's resolved value is the block's attribute of the same name when the block keeps one (e.g.
+    ``k_dim`` that defaulted to ``dim``), else the argument given (or its default). An argument holding a module
+    (a shared pool) is recorded as ``None``: its owner (the model) records what it refers to.
+    """
+    bound.apply_defaults()
+    attributes = vars(block)
+    spec: dict[str, Any] = {"block": name}
+    for key, value in bound.arguments.items():
+        if key in ("self", "dim"):
+            continue
+        if bound.signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+            spec.update(value)
+            continue
+        resolved = attributes.get(key, value)
+        spec[key] = None if isinstance(resolved, nn.Module) else resolved
+    block.__dict__["block_spec"] = spec
 
 
 def load_plugins(paths: list[str] | tuple[str, ...] | str) -> list[str]:

@@ -168,6 +168,30 @@ class PoolRef:
         return f"PoolRef({self.pool.extra_repr()})"
 
 
+class ReadsPool:
+    """Mixin of blocks that read a :class:`MemoryPool`: ``self.pool`` is the table, shared or private.
+
+    :meth:`attach_pool` stores a private pool as the submodule ``private_pool`` (its tables are the block's
+    parameters) and a shared one behind a :class:`PoolRef` (its tables are the model's).
+    """
+
+    def attach_pool(self, pool: MemoryPool, owned: bool) -> None:
+        if owned:
+            self.private_pool = pool
+        else:
+            self._pool_ref = PoolRef(pool)
+
+    @property
+    def owns_pool(self) -> bool:
+        """Whether the pool is this block's private table (else the model shares it)."""
+        return "private_pool" in self._modules
+
+    @property
+    def pool(self) -> MemoryPool:
+        """The pool this block reads."""
+        return self.private_pool if self.owns_pool else self._pool_ref.pool
+
+
 def resolve_pool(
     block_name: str,
     pool: MemoryPool | str | None,

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from memzoo.data.keyed_random import derive_key
+from memzoo.nn.constants import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label of positions that carry no target (padding, prompts)
+__all__ = ["IGNORE_INDEX", "EpochSampler", "collate_lm"]
 
 
 class EpochSampler(DistributedSampler):

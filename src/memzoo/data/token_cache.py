@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from memzoo.atomic import atomic_file
 
 CACHE_FORMAT = 1  # bump when the tokenised layout changes
 
@@ -42,20 +42,9 @@ class TokenCache:
         """Writes ``tokens`` (and a readable ``.json`` of the key beside it); returns the ``.npy`` path."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda f: np.save(f, tokens, allow_pickle=False))
+        with atomic_file(target) as f:
+            np.save(f, tokens, allow_pickle=False)
         manifest = json.dumps({"format": CACHE_FORMAT, **key, "n_tokens": len(tokens)}, indent=1)
-        _atomic_write(target.with_suffix(".json"), lambda f: f.write(manifest.encode()))
+        with atomic_file(target.with_suffix(".json")) as f:
+            f.write(manifest.encode())
         return target
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

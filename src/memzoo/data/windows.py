@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from memzoo.data.keyed_random import derive_key, keyed_choice
-from memzoo.data.sampling import IGNORE_INDEX
+from memzoo.nn.constants import IGNORE_INDEX
 
 
 def lm_sample(window: np.ndarray, block_size: int, pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from memzoo.export.atomic import atomic_file
+from memzoo.atomic import atomic_file
 
 
 def _is_local(path: _PATH) -> bool:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.errors import ExportError
-from memzoo.model.transformer import ModelConfigError, Transformer
-from memzoo.training.checkpoint_check import check_checkpoint_file
+from memzoo.model.config import ModelConfig, ModelConfigError
+from memzoo.model.transformer import Transformer
 
 #: LanguageModel attribute holding the Transformer: its state_dict keys start with this prefix.
 MODEL_PREFIX = "model."
@@ -42,13 +42,16 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
             f"write one with `memzoo fit` or Trainer.save_checkpoint of a memzoo LanguageModel)"
         )
     hyperparameters = dict(checkpoint["hyper_parameters"])
-    accepted = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
-    arguments = {key: value for key, value in hyperparameters.items() if key in accepted}
-    arguments["attention_backend"] = "auto"  # the kernel is a runtime choice; xformers may not exist here
-    try:
-        model = Transformer(**arguments)
+    if not isinstance(hyperparameters.get("architecture"), dict):
+        raise ExportError(
+            f"checkpoint {path} has no 'architecture' in its hyper_parameters (a LanguageModel stores its "
+            f"ModelConfig there); was it written by another program or an older memzoo?"
+        )
+    try:  # the attention kernel is a runtime choice: xformers may not exist here
+        config = ModelConfig.from_dict(hyperparameters["architecture"]).replace(attention_backend="auto")
+        model = Transformer(config)
     except (ModelConfigError, KeyError, TypeError, ValueError) as err:
-        raise ExportError(f"checkpoint {path}: its hyper_parameters do not build a model: {err}") from err
+        raise ExportError(f"checkpoint {path}: its architecture does not build a model: {err}") from err
     weights = {
         key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(MODEL_PREFIX)
     }

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 import memzoo
+import memzoo.nn as nn_package
+from memzoo.atomic import staging_directory
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer
-from memzoo.export.architecture import architecture_config, transformer_arguments
-from memzoo.export.atomic import staging_directory
+from memzoo.export.architecture import architecture_config, rebuild
 from memzoo.export.checkpoint_reader import read_checkpoint
 from memzoo.export.errors import ExportError
 from memzoo.export.manifest import MANIFEST_FILE, build_manifest
@@ -36,8 +37,14 @@ from memzoo.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-HF_CODE_DIR = Path(__file__).parent / "hf_files"
-HF_CODE_FILES = ("configuration_memzoo.py", "modeling_memzoo.py")
+#: The plain-torch code an export ships (name in the folder -> source file): the config and modeling files, and the
+#: norms and product-key router that memzoo's own blocks use, verbatim (``modeling_memzoo.py`` imports them).
+HF_CODE_FILES = {
+    "configuration_memzoo.py": Path(__file__).parent / "hf_files" / "configuration_memzoo.py",
+    "modeling_memzoo.py": Path(__file__).parent / "hf_files" / "modeling_memzoo.py",
+    "norms.py": Path(nn_package.__file__).parent / "norms.py",
+    "product_key_router.py": Path(nn_package.__file__).parent / "product_key_router.py",
+}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -117,8 +124,8 @@ def export_model(
     with staging_directory(out) as folder:
         _write_json(folder / CONFIG_FILE, config)
         _write_json(folder / GENERATION_CONFIG_FILE, generation_config(tokenizer, generation or {}))
-        for name in HF_CODE_FILES:
-            shutil.copyfile(HF_CODE_DIR / name, folder / name)
+        for name, source in HF_CODE_FILES.items():
+            shutil.copyfile(source, folder / name)
         tokenizer_entry = write_tokenizer_files(tokenizer, folder, model_max_length=model.max_seq_len)
         files = save_weights(tensors, folder, shard_bytes)
         _write_json(folder / MANIFEST_FILE, build_manifest(folder, files, tokenizer_entry, memzoo.__version__))
@@ -147,7 +154,7 @@ def check_architecture_reproduces(config: dict[str, Any], model: Transformer) ->
     """Rebuilds the architecture in ``config`` (on the meta device: no memory) and checks it has exactly the
     model's tensors and shapes, so an export never writes a config its weights do not fit."""
     with torch.device("meta"):
-        rebuilt = Transformer(**transformer_arguments(config), attention_backend="auto")
+        rebuilt = rebuild(config, source="the exported config")
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
     if expected != got:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -23,52 +22,11 @@ import torch.nn as nn
 
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.attention import CausalSelfAttention, LayerKVCache
-from memzoo.model.norms import RMSNorm
+from memzoo.model.config import LayerSpec, ModelConfig, ModelConfigError
+from memzoo.nn.norms import RMSNorm
 from memzoo.registry import BlockConfigError, create_block, get_block
 
-
-class ModelConfigError(ValueError):
-    """A model configuration that cannot be built (names the bad key and the fix)."""
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """The FFN-slot block of one layer: its registered name, hyperparameters and (optional) pool name."""
-
-    block: str
-    args: dict[str, Any]
-    pool: str | None
-
-
-def resolve_layer_specs(
-    n_layers: int, block: str, block_args: Mapping[str, Any], layers: Mapping[int, Mapping[str, Any]]
-) -> list[LayerSpec]:
-    """Merges the default block with per-layer overrides into one :class:`LayerSpec` per layer.
-
-    ``layers`` maps a layer index (negative counts from the end) to ``{block: name, <hyperparameters>}``. An override
-    without ``block`` changes hyperparameters of the default block (merged over ``block_args``); one naming another
-    block starts from that block's defaults.
-    """
-    specs = [LayerSpec(block, dict(block_args), block_args.get("pool")) for _ in range(n_layers)]
-    for raw_index, override in layers.items():
-        try:
-            index = int(raw_index)
-        except (TypeError, ValueError):
-            raise ModelConfigError(f"layers: key {raw_index!r} is not a layer index (0 .. {n_layers - 1})") from None
-        if not -n_layers <= index < n_layers:
-            raise ModelConfigError(
-                f"layers: index {index} is out of range for n_layers={n_layers} (use 0 .. {n_layers - 1}, or "
-                f"negative indices counting from the end)"
-            )
-        if override is None:
-            override = {}
-        if not isinstance(override, Mapping):
-            raise ModelConfigError(f"layers.{raw_index} must be a mapping like {{block: dense}}, got {override!r}")
-        override = dict(override)
-        name = override.pop("block", block)
-        args = {**block_args, **override} if name == block else override
-        specs[index % n_layers] = LayerSpec(name, args, args.get("pool"))
-    return specs
+__all__ = ["LayerSpec", "ModelConfig", "ModelConfigError", "Transformer", "TransformerLayer"]
 
 
 class TransformerLayer(nn.Module):
@@ -87,80 +45,47 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. ``forward(input_ids (B, T)) -> logits (B, T, vocab_size)`` (float32 logits).
+    """Decoder-only LM built from a :class:`ModelConfig`. ``forward(input_ids (B, T)) -> logits (B, T, vocab_size)``
+    (float32 logits).
 
-    Args:
-        vocab_size: number of token ids.
-        dim: model width.
-        n_layers: number of layers.
-        n_heads: attention heads (must divide ``dim``).
-        block: default FFN-slot block of every layer (a registered name or a dotted class path).
-        block_args: hyperparameters of the default block.
-        layers: per-layer overrides ``{index: {block: name, **hyperparameters}}``; ``pool: name`` in an entry
-            makes that layer read the named pool.
-        pools: named pools ``{name: MemoryPool kwargs}`` (``n_keys``, ``value_dim``, ``kind``, ``update``, ``lr``,
-            ``weight_decay``, ``init_std``), each owned once by the model.
-        max_seq_len: longest sequence (rotary tables, KV cache).
-        rope_base: rotary base frequency.
-        tie_embeddings: share the token embedding and LM head weights.
-        attention_backend: ``auto`` | ``sdpa`` | ``xformers``.
-        dropout: attention dropout and embedding dropout.
-        norm_eps: RMSNorm epsilon.
-        init_std: std of the normal weight init.
+    ``Transformer(config)``, or ``Transformer(**fields)`` / ``Transformer(config, **changes)`` with
+    :class:`ModelConfig` fields as keywords. ``self.config`` is the architecture it was built from.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        dim: int = 256,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        block: str = "dense",
-        block_args: Mapping[str, Any] | None = None,
-        layers: Mapping[int, Mapping[str, Any]] | None = None,
-        pools: Mapping[str, Mapping[str, Any]] | None = None,
-        max_seq_len: int = 1024,
-        rope_base: float = 10000.0,
-        tie_embeddings: bool = True,
-        attention_backend: str = "auto",
-        dropout: float = 0.0,
-        norm_eps: float = 1e-6,
-        init_std: float = 0.02,
-    ):
+    def __init__(self, config: ModelConfig | Mapping[str, Any] | None = None, **fields: Any):
         super().__init__()
-        for key, value in (("vocab_size", vocab_size), ("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads),
-                           ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ModelConfigError(f"model {key} must be a positive integer, got {value!r}")
-        if dim % n_heads:
-            raise ModelConfigError(
-                f"model dim={dim} is not divisible by n_heads={n_heads}; choose n_heads among "
-                f"{[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]}"
-            )
-        if (dim // n_heads) % 2:
-            raise ModelConfigError(f"head size dim/n_heads = {dim // n_heads} must be even for rotary embeddings")
-        self.vocab_size = vocab_size
-        self.dim = dim
-        self.n_layers = n_layers
-        self.max_seq_len = max_seq_len
-        self.init_std = init_std
-        self.pools = nn.ModuleDict({name: self._build_pool(name, spec) for name, spec in (pools or {}).items()})
-        self.layer_specs = resolve_layer_specs(n_layers, block, dict(block_args or {}), dict(layers or {}))
+        if config is None:
+            config = ModelConfig(**fields)
+        else:
+            config = ModelConfig.from_dict(config)
+            if fields:
+                config = config.replace(**fields)
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.dim = config.dim
+        self.n_layers = config.n_layers
+        self.max_seq_len = config.max_seq_len
+        self.init_std = config.init_std
+        self.pools = nn.ModuleDict({name: self._build_pool(name, spec) for name, spec in config.pools.items()})
+        self.layer_specs = config.layer_specs()
 
-        self.embed = nn.Embedding(vocab_size, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
             TransformerLayer(
-                dim,
-                CausalSelfAttention(dim, n_heads, max_seq_len, rope_base, dropout, attention_backend),
+                config.dim,
+                CausalSelfAttention(
+                    config.dim, config.n_heads, config.max_seq_len, config.rope_base, config.dropout,
+                    config.attention_backend,
+                ),
                 self._build_block(i, spec),
-                norm_eps,
+                config.norm_eps,
             )
             for i, spec in enumerate(self.layer_specs)
         )
-        self.norm = RMSNorm(dim, norm_eps)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_embeddings:
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self._check_pools_used()
         self.reset_parameters()
@@ -194,9 +119,12 @@ class Transformer(nn.Module):
                 raise ModelConfigError(f"layers.{index}: block {spec.block!r} does not read memory pools; drop `pool:`")
             args["pool"] = self.pools[spec.pool]
         try:
-            return create_block(spec.block, dim=self.dim, **args)
+            block = create_block(spec.block, dim=self.dim, **args)
         except (BlockConfigError, KeyError) as err:
             raise ModelConfigError(f"layers.{index}: {err}") from err
+        if spec.pool is not None:
+            block.block_spec["pool"] = spec.pool  # the registry records the pool module as None
+        return block
 
     def _check_pools_used(self) -> None:
         used = {spec.pool for spec in self.layer_specs}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from memzoo.atomic import atomic_file
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -34,14 +35,12 @@ class PredictionWriter(BasePredictionWriter):
         tokenizer = trainer.datamodule.tokenizer
         path = self._resolve(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(path, mode="w") as f:
             for batch in predictions:
                 prompt_len = batch["prompt_ids"].shape[1]
                 for row, prompt in zip(batch["output_ids"].tolist(), batch["prompt"] or [None] * len(batch["output_ids"])):
                     completion = tokenizer.decode(row[prompt_len:])
                     prompt_text = prompt if prompt is not None else tokenizer.decode(row[:prompt_len])
                     f.write(json.dumps({"prompt": prompt_text, "completion": completion}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
         self.written_to = path
         print(f"memzoo predict: wrote {sum(len(b['output_ids']) for b in predictions)} completions to {path}")

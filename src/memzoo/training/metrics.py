@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torchmetrics
 
-from memzoo.data.sampling import IGNORE_INDEX
+from memzoo.nn.constants import IGNORE_INDEX
 
 
 class FactRecall(torchmetrics.Metric):

@@ -20,13 +20,14 @@ import torchmetrics
 from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
+from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
+from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
 STAGES = ("train", "val", "test")
 OptimizerFactory = Callable[[Iterable], Optimizer]
-IGNORE_INDEX = -100
 
 
 def default_optimizer(params: Iterable) -> Optimizer:
@@ -58,38 +59,26 @@ class StageMetrics(torch.nn.Module):
 
 
 class LanguageModel(L.LightningModule):
-    """A decoder LM with per-layer FFN-slot blocks and model-owned memory pools (see ``Transformer`` for the model
-    arguments, which are repeated here so every knob sits in the model's YAML).
+    """A decoder LM with per-layer FFN-slot blocks and model-owned memory pools, built from one architecture config.
 
     Args:
-        vocab_size: token ids; linked from the data module's tokenizer by the ``memzoo`` CLI.
-        dim, n_layers, n_heads, block, block_args, layers, pools, max_seq_len, rope_base, tie_embeddings,
-            attention_backend, dropout, init_std: see :class:`~memzoo.model.transformer.Transformer`.
+        architecture: the :class:`~memzoo.model.config.ModelConfig` (YAML ``architecture: {dim: ..., layers: ...}``;
+            a plain dict is accepted, as checkpoints store it). ``vocab_size`` is linked from the data module's
+            tokenizer by the ``memzoo`` CLI.
         optimizer: callable building the optimizer from parameter groups (YAML ``class_path``/``init_args``).
         sparse_optimizer: row-wise optimizer for pools with ``update: sparse`` (``lazy_adam`` | ``rowwise_adagrad``).
         warmup_steps: linear LR warmup steps.
         lr_decay_steps: step at which the cosine decay reaches ``min_lr_ratio`` (``None``: the whole run).
         min_lr_ratio: final LR as a fraction of each group's LR.
         max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``.
-        compile: wrap the transformer in ``torch.compile``.
+        compile: ``torch.compile`` each decoder layer in place when the trainer sets the model up
+            (:meth:`configure_model`): ``true`` (inductor), ``false``, or a backend name (``aot_eager``, ...).
+            Parameter names and checkpoints are the same with and without it.
     """
 
     def __init__(
         self,
-        vocab_size: int = 258,
-        dim: int = 256,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        block: str = "dense",
-        block_args: dict[str, Any] | None = None,
-        layers: dict[int, dict[str, Any]] | None = None,
-        pools: dict[str, dict[str, Any]] | None = None,
-        max_seq_len: int = 1024,
-        rope_base: float = 10000.0,
-        tie_embeddings: bool = True,
-        attention_backend: str = "auto",
-        dropout: float = 0.0,
-        init_std: float = 0.02,
+        architecture: ModelConfig | None = None,
         optimizer: OptimizerFactory = default_optimizer,
         sparse_optimizer: str = "lazy_adam",
         warmup_steps: int = 100,
@@ -98,32 +87,21 @@ class LanguageModel(L.LightningModule):
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
+        self.save_hyperparameters(ignore=["optimizer", "architecture"])
+        self.hparams["architecture"] = architecture.to_dict()  # plain data: loads with weights_only=True
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(
                 f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps} and {min_lr_ratio}"
             )
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.optimizer_factory = optimizer
-        self.model = Transformer(
-            vocab_size=vocab_size,
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            block=block,
-            block_args=block_args,
-            layers=layers,
-            pools=pools,
-            max_seq_len=max_seq_len,
-            rope_base=rope_base,
-            tie_embeddings=tie_embeddings,
-            attention_backend=attention_backend,
-            dropout=dropout,
-            init_std=init_std,
-        )
-        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.model = Transformer(architecture)
+        vocab_size = architecture.vocab_size
         # keyed "<stage>_metrics": a ModuleDict key "train" would shadow nn.Module.train()
         self.stage_metrics = torch.nn.ModuleDict({f"{s}_metrics": StageMetrics(vocab_size) for s in STAGES})
         # one MemoryUsage per distinct pool (shared or private), filled during validation/test
@@ -132,10 +110,25 @@ class LanguageModel(L.LightningModule):
             {name.replace("/", "__"): memzoo_metrics.MemoryUsage(pool.num_rows) for name, pool in self.pools_by_name.items()}
         )
 
+    @property
+    def architecture(self) -> ModelConfig:
+        """The architecture this model was built from."""
+        return self.model.config
+
+    def configure_model(self) -> None:
+        """Applies ``compile`` to each decoder layer in place (``nn.Module.compile``: no wrapper module, so
+        parameter names, checkpoints and exports are the same as without it). Runs once per model."""
+        backend = self.hparams.compile
+        if backend is False or getattr(self, "_layers_compiled", False):
+            return
+        for layer in self.model.layers:
+            layer.compile(backend="inductor" if backend is True else backend)
+        self._layers_compiled = True
+
     # ------------------------------------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids (B, T)`` → logits ``(B, T, vocab_size)``."""
-        return self.forward_fn(input_ids)
+        return self.model(input_ids)
 
     def _lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         input_ids, labels = batch["input_ids"], batch["labels"]
@@ -238,7 +231,7 @@ class LanguageModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
-            datamodule.check_vocab(self.hparams.vocab_size)
+            datamodule.check_vocab(self.architecture.vocab_size)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clips dense gradients only (by norm): row-sparse pool gradients are left to their row-wise optimizer."""

@@ -23,8 +23,9 @@ from transformers import PretrainedConfig
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "dense": ("hidden", "bias"),
     "moe": ("n_experts", "top_k", "hidden", "renormalize"),
-    "product_key_memory": ("heads", "knn", "k_dim", "query_norm", "qk_norm", "gate", "output_proj", "bias"),
-    "peer": ("heads", "k", "k_dim", "per_head_keys", "score", "query_norm", "activation"),
+    "product_key_memory": ("heads", "knn", "k_dim", "query_norm", "qk_norm", "score", "per_head_keys", "gate",
+                           "output_proj", "bias"),
+    "peer": ("heads", "knn", "k_dim", "per_head_keys", "score", "query_norm", "qk_norm", "activation"),
 }
 #: Tables of each pool kind, all ``(n_keys², value_dim)``.
 POOL_TABLES: dict[str, tuple[str, ...]] = {"memory": ("values",), "experts": ("down", "up")}
@@ -45,6 +46,8 @@ class MemzooConfig(PretrainedConfig):
         pools: memory pools shared by layers, ``{name: {"kind": "memory"|"experts", "n_keys", "value_dim"}}``.
         tie_word_embeddings: the LM head reuses the token embedding matrix.
         initializer_range: std of the normal init of a freshly built (not loaded) model.
+        architecture: memzoo's ``ModelConfig`` of the model as plain data (what ``memzoo.load_pretrained``
+            rebuilds from); kept as it is, not needed by this modeling code.
     """
 
     model_type = "memzoo"
@@ -63,6 +66,7 @@ class MemzooConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        architecture: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -79,6 +83,7 @@ class MemzooConfig(PretrainedConfig):
         self.pools = {name: dict(spec) for name, spec in (pools or {}).items()}
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.architecture = dict(architecture) if architecture is not None else None
         self._check()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 

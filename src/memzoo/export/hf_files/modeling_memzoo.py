@@ -1,8 +1,9 @@
 """A memzoo language model for Hugging Face ``transformers`` (``AutoModelForCausalLM``, ``generate()``).
 
-Self-contained: this file is copied verbatim into every ``memzoo export`` folder and imports only ``torch`` and
-``transformers``, so an exported model runs where memzoo is not installed. It re-implements, in plain PyTorch, the
-forward pass of memzoo's decoder and of each block family, with the same parameter names, so the exported
+Self-contained: this file is copied verbatim into every ``memzoo export`` folder with its two siblings ``norms.py``
+and ``product_key_router.py`` (memzoo's own norms and product-key router, plain torch), and imports only ``torch``,
+``transformers`` and those, so an exported model runs where memzoo is not installed. It re-implements, in plain
+PyTorch, the forward pass of memzoo's decoder and of each block family, with the same parameter names, so the exported
 ``model.safetensors`` loads as it is and the logits equal memzoo's own:
 
     embed → [x + attn(norm(x)), then x + ffn(norm(x))] × L → norm → head
@@ -20,7 +21,6 @@ differentiable but not memzoo's fused kernels: fine for inference and light fine
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -31,6 +31,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_memzoo import POOL_TABLES, MemzooConfig
+from .norms import HalfLayerNorm, HeadNorm, RMSNorm
+from .product_key_router import ProductKeyRouter
 
 #: transformers 5.x renamed the KV cache argument and output field from ``past_key_values`` to ``cache``; this file
 #: takes either argument and fills the field this transformers has (tested with 5.17 and 5.24).
@@ -38,20 +40,6 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
-class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, computed in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
-
-
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation of dimension pair ``(i, i + head_dim/2)`` at position ``p``: angle ``p · base^(-2i/head_dim)``.
 
@@ -66,25 +54,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotary embedding of ``x (B, T, H, head_dim)`` (computed in float32, returned in ``x.dtype``)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` of the ``n_keys²`` product keys ``(c1[i1], c2[i2])`` scored ``q1·c1[i1] + q2·c2[i2]``.
-
-    ``query (..., H, Dk)`` (halves ``q1, q2``), ``sub_keys (H, 2, n_keys, Dk/2)`` → ``scores, indices (..., H, k)``,
-    best first, ``index = i1 · n_keys + i2``. A pair in the top-k has both halves in the top-k of their own half,
-    so the ``k²`` sums of the two half top-k lists hold the answer.
-    """
-    half, n_keys = sub_keys.shape[-1], sub_keys.shape[2]
-    scores1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0])
-    scores2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1])
-    best1, index1 = scores1.topk(k, dim=-1)
-    best2, index2 = scores2.topk(k, dim=-1)
-    pair_scores = (best1[..., :, None] + best2[..., None, :]).flatten(-2)  # (..., H, k·k): a·k + b
-    scores, pair = pair_scores.topk(k, dim=-1)
-    i1 = index1.gather(-1, torch.div(pair, k, rounding_mode="floor"))
-    i2 = index2.gather(-1, pair % k)
-    return scores, i1 * n_keys + i2
 
 
 def weighted_rows(table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -152,70 +121,29 @@ class MoE(nn.Module):
         return out.view(x.shape)
 
 
-class HeadNorm(nn.Module):
-    """LayerNorm or RMSNorm over the last dim of ``(..., H, D)``, gain (and bias) per head and coordinate."""
-
-    def __init__(self, heads: int, head_dim: int, kind: str, eps: float = 1e-6):
-        super().__init__()
-        self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(torch.ones(heads, head_dim))
-        self.bias = nn.Parameter(torch.zeros(heads, head_dim)) if kind == "layernorm" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        if self.kind == "layernorm":
-            x32 = x32 - x32.mean(dim=-1, keepdim=True)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
-        if self.bias is not None:
-            normed = normed + self.bias.float()
-        return normed.to(x.dtype)
-
-
-def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / rms(x)`` over the last dim, no gain."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
-
-
 class ProductKeyMemory(nn.Module):
-    """PKM / Memory+ memory layer. Per head ``h``: ``q_h = norm(W_q x)_h``; the top-``knn`` product keys give rows
-    ``I_h`` and scores ``s_h``; ``y = Σ_h Σ_j softmax(s_h)_j · V[I_h[j]]``. Output: ``y`` or ``W_o y`` (PKM), or
-    ``W_2 (y ⊙ silu(W_1 x))`` (Memory+, ``gate == "silu"``). With ``qk_norm``, query halves and sub-keys are
-    RMS-normalised and the half scores divided by ``sqrt(k_dim/2)``."""
+    """PKM / Memory+ memory layer: the product-key router gives rows ``I`` and weights ``w`` per head;
+    ``y = Σ_h Σ_j w_hj · V[I_hj]``. Output: ``y`` or ``W_o y`` (PKM), or ``W_2 (y ⊙ silu(W_1 x))`` (Memory+)."""
 
     def __init__(self, dim: int, spec: dict):
         super().__init__()
-        self.heads, self.knn, self.k_dim = spec["heads"], spec["knn"], spec["k_dim"]
-        self.qk_norm, self.pool_name = spec["qk_norm"], spec.get("pool")
+        self.pool_name = spec.get("pool")
         bias, n_keys, value_dim = spec["bias"], spec["n_keys"], spec["value_dim"]
         if self.pool_name is None:
             self.private_pool = MemoryPool("memory", n_keys, value_dim)
-        self.query = nn.Linear(dim, self.heads * self.k_dim, bias=bias)
-        query_norm = spec["query_norm"]
-        self.query_norm = HeadNorm(self.heads, self.k_dim, query_norm) if query_norm != "none" else None
-        self.sub_keys = nn.Parameter(torch.empty(self.heads, 2, n_keys, self.k_dim // 2))
+        self.router = router_from_spec(dim, n_keys, spec, bias=bias)
         self.gate_proj = nn.Linear(dim, value_dim, bias=bias) if spec["gate"] == "silu" else None
         self.out_proj = nn.Linear(value_dim, dim, bias=bias) if spec["output_proj"] else None
 
     def forward(self, x: torch.Tensor, pools: nn.ModuleDict) -> torch.Tensor:
         values = (self.private_pool if self.pool_name is None else pools[self.pool_name]).values
-        query = self.query(x).unflatten(-1, (self.heads, self.k_dim))  # (..., H, k_dim)
-        if self.query_norm is not None:
-            query = self.query_norm(query)
-        sub_keys = self.sub_keys
-        query = query.to(sub_keys.dtype)
-        if self.qk_norm:
-            half = self.k_dim // 2
-            query = torch.cat([unit_rms(q) for q in query.split(half, dim=-1)], dim=-1) / math.sqrt(half)
-            sub_keys = unit_rms(sub_keys)
-        scores, indices = product_key_topk(query, sub_keys, self.knn)  # (..., H, knn)
-        weights = F.softmax(scores.float(), dim=-1).to(values.dtype)
-        y = weighted_rows(values, indices.flatten(-2), weights.flatten(-2))  # (..., value_dim)
+        indices, weights = self.router(x)  # (..., H, knn)
+        y = weighted_rows(values, indices.flatten(-2), weights.to(values.dtype).flatten(-2)).to(x.dtype)
         if self.gate_proj is not None:
-            y = y.to(x.dtype) * F.silu(self.gate_proj(x))
+            y = y * F.silu(self.gate_proj(x))
         if self.out_proj is not None:
-            y = self.out_proj(y.to(x.dtype))
-        return y.to(x.dtype)
+            y = self.out_proj(y)
+        return y
 
 
 PEER_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -223,51 +151,31 @@ PEER_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 class PEER(nn.Module):
     """Single-neuron experts retrieved by product keys: ``y = Σ_h Σ_{i ∈ topk_h} g_hi · act(u_i · x) · v_i``, with
-    ``u_i, v_i`` rows of the pool's ``down``/``up`` tables and ``g_h`` the softmax (or sigmoid) of head ``h``'s
-    scores. The query norm is BatchNorm (running statistics: eval mode), LayerNorm or RMSNorm per head, or none."""
+    ``u_i, v_i`` rows of the pool's ``down``/``up`` tables and ``g_h`` the router's weights of head ``h``."""
 
     def __init__(self, dim: int, spec: dict):
         super().__init__()
-        self.heads, self.k, self.k_dim = spec["heads"], spec["k"], spec["k_dim"]
-        self.per_head_keys, self.score, self.pool_name = spec["per_head_keys"], spec["score"], spec.get("pool")
+        self.pool_name = spec.get("pool")
         self.activation = PEER_ACTIVATIONS[spec["activation"]]
         if self.pool_name is None:
             self.private_pool = MemoryPool("experts", spec["n_keys"], dim)
-        self.query = nn.Linear(dim, self.heads * self.k_dim, bias=False)
-        self.query_norm = peer_query_norm(spec["query_norm"], self.heads, self.k_dim)
-        key_sets = self.heads if self.per_head_keys else 1
-        self.sub_keys = nn.Parameter(torch.empty(key_sets, 2, spec["n_keys"], self.k_dim // 2))
+        self.router = router_from_spec(dim, spec["n_keys"], spec, bias=False)
 
     def forward(self, x: torch.Tensor, pools: nn.ModuleDict) -> torch.Tensor:
         pool = self.private_pool if self.pool_name is None else pools[self.pool_name]
-        q = self.query(x)  # (..., heads·k_dim)
-        if isinstance(self.query_norm, nn.BatchNorm1d):
-            q = self.query_norm(q.reshape(-1, q.shape[-1])).view(q.shape)
-        else:
-            q = self.query_norm(q.unflatten(-1, (self.heads, self.k_dim))).flatten(-2)
-        q = q.unflatten(-1, (self.heads, self.k_dim))
-        keys = self.sub_keys.to(q.dtype)
-        if self.per_head_keys:
-            scores, indices = product_key_topk(q, keys, self.k)
-        else:  # every head queries the one key set
-            scores, indices = product_key_topk(q.unsqueeze(-2), keys, self.k)
-            scores, indices = scores.squeeze(-2), indices.squeeze(-2)
-        weights = scores.softmax(dim=-1) if self.score == "softmax" else scores.sigmoid()
-        indices, weights = indices.flatten(-2), weights.flatten(-2)  # (..., heads·k)
+        indices, weights = self.router(x)
+        indices, weights = indices.flatten(-2), weights.flatten(-2)  # (..., heads·knn)
         x_t = x.to(pool.down.dtype)
         gated = weights.to(x_t.dtype) * self.activation(row_dots(pool.down, indices, x_t))
         return weighted_rows(pool.up, indices, gated).to(x.dtype)
 
 
-def peer_query_norm(kind: str, heads: int, k_dim: int) -> nn.Module:
-    """BatchNorm over all ``heads·k_dim`` features, or LayerNorm / RMSNorm over each head's ``k_dim``, or none."""
-    if kind == "batchnorm":
-        return nn.BatchNorm1d(heads * k_dim)
-    if kind == "layernorm":
-        return nn.LayerNorm(k_dim)
-    if kind == "rmsnorm":
-        return RMSNorm(k_dim)
-    return nn.Identity()
+def router_from_spec(dim: int, n_keys: int, spec: dict, bias: bool) -> ProductKeyRouter:
+    """The product-key router of a ``product_key_memory`` or ``peer`` block entry."""
+    return ProductKeyRouter(
+        dim, n_keys, spec["heads"], spec["knn"], spec["k_dim"], per_head_keys=spec["per_head_keys"],
+        query_norm=spec["query_norm"], qk_norm=spec["qk_norm"], score=spec["score"], bias=bias,
+    )
 
 
 def build_block(dim: int, spec: dict) -> nn.Module:
@@ -351,7 +259,7 @@ class MemzooPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """A fresh model: linear and embedding weights ~ N(0, initializer_range), tables ~ N(0, value_dim^-1/2),
-        sub-keys ~ U(±(k_dim/2)^-1/2), norms at identity. Loaded weights replace all of it."""
+        sub-keys ~ N(0, (k_dim/2)^-1/2), norms at identity. Loaded weights replace all of it."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(0.0, std)
@@ -360,10 +268,9 @@ class MemzooPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MemoryPool):
             for table in POOL_TABLES[module.kind]:
                 getattr(module, table).normal_(0.0, module.value_dim**-0.5)
-        elif isinstance(module, (ProductKeyMemory, PEER)):
-            bound = (module.k_dim // 2) ** -0.5
-            module.sub_keys.uniform_(-bound, bound)
-        elif isinstance(module, (RMSNorm, HeadNorm, nn.LayerNorm, nn.BatchNorm1d)):
+        elif isinstance(module, ProductKeyRouter):
+            module.sub_keys.normal_(0.0, (module.k_dim // 2) ** -0.5)
+        elif isinstance(module, (RMSNorm, HeadNorm, HalfLayerNorm, nn.BatchNorm1d)):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()

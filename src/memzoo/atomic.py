@@ -1,4 +1,4 @@
-"""Atomic writes: a file or a whole folder appears complete under its final name, or not at all.
+"""Atomic writes (memzoo's one implementation, used by checkpoints, exports, caches and tools): a file or a whole folder appears complete under its final name, or not at all.
 
 A file is written under a temporary name in its own folder, flushed and fsync'ed, then ``os.replace``'d onto its
 final name (an atomic rename on POSIX and Windows filesystems), and the folder is fsync'ed so the rename itself is
@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -32,15 +32,18 @@ def fsync_directory(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Opens a binary file that replaces ``path`` only when the ``with`` block completes without an exception.
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Opens a file (``mode`` ``"wb"``, or ``"w"`` for UTF-8 text) that replaces ``path`` only when the ``with``
+    block completes without an exception.
 
     On an exception the temporary file is deleted and ``path`` keeps its earlier content (or stays absent).
     """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_file writes whole files: mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

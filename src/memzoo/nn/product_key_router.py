@@ -1,0 +1,179 @@
+"""The product-key router of product-key memory (PKM, Memory+) and PEER: ``x → (indices, weights)``.
+
+Per token ``x (dim,)`` and head ``h`` of ``H``::
+
+    q_h    = qnorm(W_q x)_h                                                     query, (k_dim,)
+    s, I_h = top-knn over (i1, i2) of  q_h[:k_dim/2]·c1[i1] + q_h[k_dim/2:]·c2[i2]   product keys (Lample et al.)
+    w_h    = softmax(s) | sigmoid(s)                                            weights of the knn rows, (knn,)
+
+``c1, c2`` are the two sets of ``n_keys`` sub-keys, one pair of sets per head (``per_head_keys``) or one pair shared
+by all heads (PEER's default); ``index = i1 · n_keys + i2`` addresses a table of ``n_keys²`` rows.
+
+Options (each available to every block that routes by product keys):
+
+- ``query_norm``: ``none`` | ``layernorm`` | ``rmsnorm`` (per head, gain and bias per head and coordinate) |
+  ``half_layernorm`` (LayerNorm of each query half, one affine shared by heads and halves, as lucidrains'
+  ``product-key-memory``) | ``batchnorm`` (over all ``B·T`` tokens, as Lample et al. and the PEER paper; **not
+  causal in training**: a token's query is normalised with statistics of later tokens of the batch, and eval mode
+  uses running statistics instead, so training and inference see slightly different functions).
+- ``qk_norm``: scale-free scores as in qk-norm attention: each query half and each sub-key is RMS-normalised and
+  their dot product divided by ``sqrt(k_dim/2)``, so each half score is ``sqrt(k_dim/2) · cosine``.
+- ``score``: ``softmax`` over a head's ``knn`` scores, or ``sigmoid`` of each score (computed in float32).
+
+Initialisation: sub-keys ~ N(0, (k_dim/2)^-1/2), so a unit-variance query half scores with unit variance; the query
+projection ~ N(0, std); norms at identity.
+
+Cost per token (forward, a multiply-add counts 2): ``2·dim·H·k_dim`` (query) + ``2·H·n_keys·k_dim`` (both halves
+against all sub-keys) + ``H·candidate_sums`` (additions of the top-k's candidate pairs).
+
+Plain torch: this file imports nothing from memzoo, so ``memzoo export`` ships it verbatim beside the Hugging Face
+modeling code, where the router runs with :func:`plain_product_key_topk`; memzoo's blocks pass
+:func:`memzoo.ops.product_key_topk` (same exact top-k, fewer candidate sums).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .norms import HalfLayerNorm, HeadNorm, at_least_float32, rms_normalize
+
+QUERY_NORMS = ("none", "layernorm", "rmsnorm", "half_layernorm", "batchnorm")
+SCORES = ("softmax", "sigmoid")
+
+#: ``topk(query (..., H, Dk), sub_keys (H, 2, n_keys, Dk/2), k) -> scores, indices (..., H, k)``, exact.
+TopK = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def plain_product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` product keys from all ``k²`` sums of the two half top-k lists (see the module docstring).
+
+    ``query (..., H, Dk)``, ``sub_keys (H, 2, n_keys, Dk/2)`` → ``scores, indices (..., H, k)``, best first.
+    """
+    half, n_keys = sub_keys.shape[-1], sub_keys.shape[2]
+    best1, index1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0]).topk(k, dim=-1)
+    best2, index2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1]).topk(k, dim=-1)
+    scores, pair = (best1[..., :, None] + best2[..., None, :]).flatten(-2).topk(k, dim=-1)  # pair = a·k + b
+    i1 = index1.gather(-1, torch.div(pair, k, rounding_mode="floor"))
+    i2 = index2.gather(-1, pair % k)
+    return scores, i1 * n_keys + i2
+
+
+class ProductKeyRouter(nn.Module):
+    """Routes ``x (..., dim)`` to ``indices (..., H, knn)`` int64 rows in ``[0, n_keys²)`` and their
+    ``weights (..., H, knn)`` (at least float32; softmax weights sum to 1 per head).
+
+    Args:
+        dim: input width.
+        n_keys: sub-keys per half (the routed table has ``n_keys²`` rows).
+        heads: query heads ``H``.
+        knn: rows each head selects, ``1 <= knn <= n_keys``.
+        k_dim: query width per head, even (two halves).
+        per_head_keys: every head has its own sub-keys (else one set shared by all heads).
+        query_norm, qk_norm, score: see the module docstring.
+        bias: a bias on the query projection.
+        topk: the exact product-key top-k to use (default :func:`plain_product_key_topk`).
+
+    Parameters: ``query`` (``nn.Linear``), ``query_norm`` (when not ``none``), ``sub_keys (S, 2, n_keys, k_dim/2)``
+    with ``S = heads`` or ``1``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_keys: int,
+        heads: int,
+        knn: int,
+        k_dim: int,
+        *,
+        per_head_keys: bool = True,
+        query_norm: str = "none",
+        qk_norm: bool = False,
+        score: str = "softmax",
+        bias: bool = False,
+        topk: TopK | None = None,
+    ):
+        super().__init__()
+        if k_dim % 2:
+            raise ValueError(f"product-key router: k_dim={k_dim} must be even (queries split into two halves)")
+        if not 1 <= knn <= n_keys:
+            raise ValueError(
+                f"product-key router: knn={knn} must be in 1 .. n_keys={n_keys} (top-k is taken per sub-key half); "
+                f"lower knn or raise n_keys"
+            )
+        if query_norm not in QUERY_NORMS:
+            raise ValueError(f"product-key router: unknown query_norm {query_norm!r}; choose one of {list(QUERY_NORMS)}")
+        if score not in SCORES:
+            raise ValueError(f"product-key router: unknown score {score!r}; choose one of {list(SCORES)}")
+        self.dim, self.n_keys, self.heads, self.knn, self.k_dim = dim, n_keys, heads, knn, k_dim
+        self.per_head_keys, self.query_norm_kind, self.qk_norm, self.score = per_head_keys, query_norm, qk_norm, score
+        self.topk = topk if topk is not None else plain_product_key_topk
+        self.query = nn.Linear(dim, heads * k_dim, bias=bias)
+        self.query_norm = _make_query_norm(query_norm, heads, k_dim)
+        self.sub_keys = nn.Parameter(torch.empty(heads if per_head_keys else 1, 2, n_keys, k_dim // 2))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Sub-keys ~ N(0, (k_dim/2)^-1/2); query weight ~ N(0, std), bias 0; norms at identity."""
+        nn.init.normal_(self.sub_keys, std=(self.k_dim // 2) ** -0.5)
+        nn.init.normal_(self.query.weight, std=std)
+        if self.query.bias is not None:
+            nn.init.zeros_(self.query.bias)
+        if self.query_norm is not None:
+            self.query_norm.reset_parameters()
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., dim)`` → normalised queries ``(..., H, k_dim)``, in the sub-keys' dtype."""
+        q = self.query(x)
+        if isinstance(self.query_norm, nn.BatchNorm1d):  # per feature, over every token of the batch
+            q = self.query_norm(q.reshape(-1, q.shape[-1])).view(q.shape)
+        q = q.unflatten(-1, (self.heads, self.k_dim))
+        if self.query_norm is not None and not isinstance(self.query_norm, nn.BatchNorm1d):
+            q = self.query_norm(q)
+        return q.to(self.sub_keys.dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, keys = self.queries(x), self.sub_keys
+        if self.qk_norm:
+            half = self.k_dim // 2
+            q = torch.cat([rms_normalize(part) for part in q.split(half, dim=-1)], dim=-1) / math.sqrt(half)
+            keys = rms_normalize(keys)
+        if self.per_head_keys:
+            scores, indices = self.topk(q, keys, self.knn)
+        else:  # every head queries the one key set: a size-1 head axis of its own
+            scores, indices = self.topk(q.unsqueeze(-2), keys, self.knn)
+            scores, indices = scores.squeeze(-2), indices.squeeze(-2)
+        scores = at_least_float32(scores)
+        weights = scores.softmax(dim=-1) if self.score == "softmax" else scores.sigmoid()
+        return indices, weights
+
+    def flops_per_token(self, candidate_sums: int | None = None) -> int:
+        """Forward FLOPs per token (module docstring); ``candidate_sums``: additions per head of the top-k used
+        (the plain top-k: ``knn²``; :func:`memzoo.ops.product_key_topk`: ``memzoo.ops.candidate_pairs(knn)``)."""
+        sums = self.knn**2 if candidate_sums is None else candidate_sums
+        h = self.heads
+        return 2 * self.dim * h * self.k_dim + 2 * h * self.n_keys * self.k_dim + h * sums
+
+    def active_parameters(self) -> int:
+        """Parameters every token reads: the query projection, its norm and ALL sub-keys (each is scored)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}, n_keys={self.n_keys}, "
+            f"per_head_keys={self.per_head_keys}, query_norm={self.query_norm_kind}, qk_norm={self.qk_norm}, "
+            f"score={self.score}"
+        )
+
+
+def _make_query_norm(kind: str, heads: int, k_dim: int) -> nn.Module | None:
+    if kind in ("layernorm", "rmsnorm"):
+        return HeadNorm(heads, k_dim, kind)
+    if kind == "half_layernorm":
+        return HalfLayerNorm(k_dim // 2)
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(heads * k_dim)
+    return None
