@@ -273,6 +273,7 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
 def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     """Bits stored against the bits in the corpus (both log), one line per model, the y = x ceiling dashed."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,6 +296,9 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     axes[0].set_xlabel("bits in the corpus (N · Σ log2 |V_a|)")
     axes[0].set_ylabel("bits stored (bit-complexity lower bound)")
     axes[1].set_xscale("log")
+    loads = sorted({c["knowledge_load"] for c in cells})
+    axes[1].set_xticks(loads, [f"{n:,}" for n in loads])  # the loads themselves, not log-scale decades
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set_xlabel("people (5 attributes each)")
     axes[1].set_ylabel("fact recall (exact match, all facts)")
     axes[1].set_ylim(0, 1.05)
