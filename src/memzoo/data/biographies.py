@@ -12,7 +12,7 @@
   (bit-complexity lower bound, arXiv 2404.05405). Loader 1 is the same probes as recall (exact match of every value
   token: ``val/fact_recall``).
 - **Tokens** are words (:class:`~memzoo.data.word_tokenizer.WordTokenizer` over the corpus vocabulary, which does
-  not depend on ``n_people``): a fact is 8–12 tokens.
+  not depend on ``n_people``): a fact is 5–10 words (6.5 on average) plus eos.
 """
 
 from __future__ import annotations
