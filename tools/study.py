@@ -84,7 +84,7 @@ class Workload:
     data_config: str  # file name in configs/study/
     steps: int
     val_every: int
-    val_batches: int
+    val_batches: int | float  # an int counts batches, 1.0 means all of them
     batch_size: int
     block_size: int = 64
     knowledge_load: int | None = None
@@ -170,17 +170,20 @@ class ModelCost:
         return self.flop_ratio / self.flop_target - 1.0
 
 
-def model_config(model: str) -> Path:
-    return CONFIG_DIR / f"model-{model}.yaml"
+def model_config(model: str, config_dir: Path = CONFIG_DIR) -> Path:
+    return config_dir / f"model-{model}.yaml"
 
 
-def flop_table(models: Iterable[str], targets: dict[str, float] | None = None) -> list[ModelCost]:
-    """One :class:`ModelCost` per model, ratios against ``REFERENCE_MODEL`` (always computed); ``targets`` maps a
-    model to its FLOP multiple (default :data:`MODELS`)."""
+def flop_table(models: Iterable[str], targets: dict[str, float] | None = None, config_dir: Path = CONFIG_DIR,
+               vocab_size: int | None = None) -> list[ModelCost]:
+    """One :class:`ModelCost` per model of ``config_dir``, ratios against ``REFERENCE_MODEL`` (always computed);
+    ``targets`` maps a model to its FLOP multiple (default :data:`MODELS`); ``vocab_size`` overrides the one the
+    configs' data section implies (a study whose data module brings its own vocabulary)."""
     from memzoo.accounting import summarize_config
 
     targets = MODELS if targets is None else targets
-    summaries = {m: summarize_config(str(model_config(m))) for m in dict.fromkeys([REFERENCE_MODEL, *models])}
+    summaries = {m: summarize_config(str(model_config(m, config_dir)), vocab_size=vocab_size)
+                 for m in dict.fromkeys([REFERENCE_MODEL, *models])}
     reference = summaries[REFERENCE_MODEL].flops
     return [
         ModelCost(m, s.flops, s.parameters, s.active_parameters, targets[m], s.flops / reference)
@@ -188,13 +191,13 @@ def flop_table(models: Iterable[str], targets: dict[str, float] | None = None) -
     ]
 
 
-def check_flop_matching(costs: Sequence[ModelCost], tolerance: float) -> list[str]:
+def check_flop_matching(costs: Sequence[ModelCost], tolerance: float, config_dir: Path = CONFIG_DIR) -> list[str]:
     """Messages for every model whose FLOPs miss its target by more than ``tolerance`` (relative); empty if matched."""
     if not 0 < tolerance < 1:
         raise StudyError(f"tolerance must be in (0, 1), got {tolerance!r} (0.1 = cells within 10% of their target)")
     return [
         f"{c.model}: {c.flop_ratio:.3f}x the {REFERENCE_MODEL} FLOPs per token, target {c.flop_target:g}x "
-        f"({c.flop_error:+.1%}, tolerance ±{tolerance:.0%}); change configs/study/model-{c.model}.yaml"
+        f"({c.flop_error:+.1%}, tolerance ±{tolerance:.0%}); change {_relative(model_config(c.model, config_dir))}"
         for c in costs
         if abs(c.flop_error) > tolerance
     ]
@@ -214,12 +217,13 @@ def cell_name(workload: Workload, model: str) -> str:
     return f"{workload.name}__{model}"
 
 
-def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] = ()) -> list[str]:
-    """The ``memzoo fit`` arguments of one cell (verb excluded); ``extra`` (a variant's ``--set`` overrides, as
-    ``--key value`` pairs) comes last, so it wins over the configs and the workload."""
+def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] = (),
+              config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The ``memzoo fit`` arguments of one cell (verb excluded), configs from ``config_dir``; ``extra`` (a variant's
+    ``--set`` overrides, as ``--key value`` pairs) comes last, so it wins over the configs and the workload."""
     return [
-        "--config", str(model_config(model)),
-        "--config", str(CONFIG_DIR / workload.data_config),
+        "--config", str(model_config(model, config_dir)),
+        "--config", str(config_dir / workload.data_config),
         *workload.overrides(),
         "--trainer.callbacks+", '{"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step", "verbose": false}}',
         "--checkpoint.save_last", "false",
@@ -249,6 +253,10 @@ def load_cell(path: Path, expected_hash: str) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return result if result.get("config_hash") == expected_hash else None
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -341,11 +349,11 @@ def training_seconds(trainer: Any, n_validations: int) -> float:
 
 
 def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_dir: Path,
-             extra: Sequence[str] = ()) -> dict[str, Any]:
+             extra: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """Trains one cell in-process (unless a stored result with the same config hash exists) and stores its result."""
     from memzoo.cli import main as memzoo_main
 
-    args = cell_args(study, workload, model, extra)
+    args = cell_args(study, workload, model, extra, config_dir)
     digest = config_hash(args)
     path = cells_dir / f"{cell_name(workload, model)}.json"
     stored = load_cell(path, digest)
@@ -369,16 +377,17 @@ def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_
 
 
 def _run_cell_in_worker(threads: int, study: str, workload: Workload, model: str, cost: ModelCost,
-                        cells_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
+                        cells_dir: Path, extra: Sequence[str], config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """:func:`run_cell` with ``threads`` torch threads (in a ``--jobs`` worker process, or in this one)."""
     import torch
 
     torch.set_num_threads(threads)
-    return run_cell(study, workload, model, cost, cells_dir, extra)
+    return run_cell(study, workload, model, cost, cells_dir, extra, config_dir)
 
 
 def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, ModelCost], cells_dir: Path,
-             jobs: int, threads: int, on_cell: Any = None, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+             jobs: int, threads: int, on_cell: Any = None, extra: Sequence[str] = (),
+             config_dir: Path = CONFIG_DIR) -> list[dict[str, Any]]:
     """Every cell of ``grid`` (stored ones are reused), ``jobs`` trainings at a time, each with ``threads`` torch
     threads (``jobs x threads`` should not exceed the free cores). Returns the results in grid order; calls
     ``on_cell(results so far, in grid order)`` after every finished cell so a partial study is readable.
@@ -396,7 +405,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
 
     if jobs == 1:
         for i, (workload, model) in enumerate(grid):
-            finished(i, _run_cell_in_worker(threads, study, workload, model, costs[model], cells_dir, extra))
+            finished(i, _run_cell_in_worker(threads, study, workload, model, costs[model], cells_dir, extra,
+                                            config_dir))
         return [results[i] for i in range(len(grid))]
 
     import multiprocessing
@@ -404,7 +414,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir, tuple(extra)): i
+        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir, tuple(extra),
+                               config_dir): i
                    for i, (w, m) in enumerate(grid)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)  # report each cell as it finishes

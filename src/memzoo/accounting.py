@@ -166,17 +166,18 @@ def _find_transformer(model: nn.Module) -> Transformer:
 
 
 # ----------------------------------------------------------------------------------------------- from a config
-def summarize_config(path: str, context_length: int | None = None) -> Summary:
+def summarize_config(path: str, context_length: int | None = None, vocab_size: int | None = None) -> Summary:
     """Builds the model of a memzoo YAML config (as ``memzoo fit`` would, without data or training) and summarises it.
 
     The ``model`` section is parsed and validated by the same jsonargparse machinery as the CLI, so bad keys fail
     with the same messages. The data section is read but never instantiated (its files may not exist here):
     ``vocab_size`` (unless the model sets it) comes from the data's ``tokenizer`` as the CLI links it, and the
-    context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``plugins:`` in the
-    config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory is
-    allocated, so configs of any size are summarised.
+    context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``vocab_size``, when
+    given, replaces both (for data modules that bring their own vocabulary, e.g. the biographies' words). ``plugins:``
+    in the config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory
+    is allocated, so configs of any size are summarised.
     """
-    built = model_from_config(path)
+    built = model_from_config(path, vocab_size)
     if context_length is None:
         context_length = built.data_args.get("block_size") or _find_transformer(built.model).max_seq_len
     summary = summarize(built.model, context_length)
@@ -194,8 +195,9 @@ class ConfigModel:
     trainer_args: dict[str, Any]
 
 
-def model_from_config(path: str) -> ConfigModel:
-    """The ``LanguageModel`` of a memzoo YAML config, validated as the CLI does, built on the ``meta`` device."""
+def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
+    """The ``LanguageModel`` of a memzoo YAML config, validated as the CLI does, built on the ``meta`` device
+    (``vocab_size``: see :func:`summarize_config`)."""
     import torch
     from jsonargparse import ArgumentParser
 
@@ -214,7 +216,9 @@ def model_from_config(path: str) -> ConfigModel:
     architecture = model_section["init_args"].setdefault("architecture", {})
     if not isinstance(architecture, dict):
         raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
-    if "vocab_size" not in architecture:  # the CLI links it from the data module's tokenizer
+    if vocab_size is not None:
+        architecture["vocab_size"] = vocab_size
+    elif "vocab_size" not in architecture:  # the CLI links it from the data module's tokenizer
         architecture["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
 
     parser = ArgumentParser(exit_on_error=False)

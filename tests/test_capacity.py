@@ -1,0 +1,117 @@
+"""tools/capacity.py: generated configs (committed = generated, parse, FLOP-matched), the plan, bits and targets on
+fake cells, and the quick path end to end on a 2-cell micro grid (real training, a few steps), resumed."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_capacity():
+    spec = importlib.util.spec_from_file_location("memzoo_capacity_tool", ROOT / "tools" / "capacity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+capacity = load_capacity()
+
+
+def test_committed_configs_are_the_generated_ones():
+    texts = capacity.config_texts()
+    committed = {p.name: p.read_text() for p in capacity.CONFIG_DIR.glob("*.yaml")}
+    assert committed == texts, "configs/capacity/ differs from tools/capacity.py: run --write-configs"
+
+
+def test_every_capacity_config_parses_and_the_grid_is_flop_matched():
+    costs = capacity.study.flop_table(list(capacity.MODELS), capacity.MODELS, capacity.CONFIG_DIR,
+                                      vocab_size=capacity.vocab_size())
+    assert capacity.study.check_flop_matching(costs, 0.10, capacity.CONFIG_DIR) == []
+    by = {c.model: c for c in costs}
+    assert by["dense-2x"].flop_ratio == pytest.approx(2.0, rel=0.1)
+    memory = {m: capacity.memory_parameters(capacity.model_configs()[m]) for m in capacity.MODELS}
+    assert memory["dense"] == memory["dense-2x"] == memory["moe"] == 0
+    assert memory["memoryplus"] == memory["pkm"] == 64 * 64 * 32  # one shared pool / one private table
+    assert memory["peer"] == 2 * 64 * 64 * 32  # PEER's down and up tables
+    # the data config parses as the CLI would read it
+    from memzoo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(capacity.CONFIG_DIR / "model-memoryplus.yaml"), "--config",
+              str(capacity.CONFIG_DIR / capacity.DATA_CONFIG), "--print_config"])
+    assert exit_.value.code == 0
+
+
+def test_plan_gives_every_fact_the_exposures_and_validates_on_the_last_step():
+    (workload,) = capacity.capacity_plan([50], exposures=100, batch_size=16, val_points=4)
+    tokens = capacity.biographies(50).tokens_per_pass()
+    assert workload.steps * workload.tokens_per_step >= 100 * tokens
+    assert workload.steps % workload.val_every == 0 and workload.steps // workload.val_every == 4
+    args = workload.overrides()
+    assert args[args.index("--trainer.limit_val_batches") + 1] == "1.0"  # every fact is probed
+    assert args[args.index("--data.init_args.n_people") + 1] == "50"
+    with pytest.raises(capacity.StudyError, match="exposures"):
+        capacity.capacity_plan([50], exposures=0, batch_size=16, val_points=4)
+
+
+def fake_cell(model, load, val_loss, params, recall=0.5):
+    return {"workload": f"people-{load}", "model": model, "knowledge_load": load, "parameters": params,
+            "train_flops": 1e12, "final": {"val_loss": val_loss, "fact_recall": recall},
+            "curve": [{"step": 9, "val_loss": val_loss}], "memory": {}}
+
+
+def test_bits_and_targets_on_fake_cells():
+    data = capacity.biographies(1000)
+    uniform = sum(math.log(s) for s in data.corpus.value_set_sizes.values()) / 7
+    memory = 131072
+    cells = [capacity.add_bits(fake_cell("dense", 1000, uniform * 0.75, 56000), 0),
+             capacity.add_bits(fake_cell("dense-2x", 1000, uniform * 0.6, 118000), 0),
+             capacity.add_bits(fake_cell("memoryplus", 1000, uniform * 0.25, 185000), memory)]
+    dense, dense2x, mp = cells
+    assert dense["bits"] == pytest.approx(0.25 * data.max_bits)
+    assert mp["bits"] == pytest.approx(0.75 * data.max_bits)
+    assert mp["bits_per_dense_param"] == pytest.approx(mp["bits"] / (185000 - memory))
+    checked = {t["target"]: t for t in capacity.targets(cells)}
+    assert set(next(iter(checked.values()))) == {"target", "met", "detail"}
+    assert checked["people-1000: Memory+ bits >= 2x dense"]["met"]  # 0.75 >= 2 x 0.25
+    assert checked["people-1000: Memory+ bits >= 1x dense-2x"]["met"]
+    per = (mp["bits"] - dense["bits"]) / memory  # 0.5 x 39,612 bits / 131,072 = 0.151
+    target = checked["people-1000: memoryplus memory parameters hold >= 0.5 bit each (bits over dense)"]
+    assert not target["met"] and f"{per:.3f}" in target["detail"]
+    annotated = {c["model"]: c for c in capacity.add_memory_bits(cells)}
+    assert annotated["memoryplus"]["bits_per_memory_param"] == pytest.approx(per)
+    assert annotated["dense"]["bits_per_memory_param"] is None
+    assert "| 0.151 |" in capacity.results_table(list(annotated.values()))
+    sat = capacity.saturation(cells)
+    assert sat["first_load_below_90pct"] == 1000 and sat["at_load"] == 1000
+
+
+def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path, monkeypatch):
+    argv = ["--quick", "--models", "dense", "memoryplus", "--loads", "6", "--exposures", "2", "--batch-size", "4",
+            "--name", "micro", "--out", str(tmp_path)]
+    result = capacity.main(argv)
+    assert [c["model"] for c in result["cells"]] == ["dense", "memoryplus"]
+    report = json.loads((tmp_path / "micro.json").read_text())
+    assert report["targets"] and all(set(t) == {"target", "met", "detail"} for t in report["targets"])
+    assert {c["model"]: c["memory_params"] for c in report["cells"]} == {"dense": 0, "memoryplus": 64 * 64 * 32}
+    for c in report["cells"]:
+        assert c["max_bits"] == pytest.approx(capacity.biographies(6).max_bits)
+        assert math.isfinite(c["bits"]) and 0 <= c["final"]["fact_recall"] <= 1
+    assert (tmp_path / "micro-bits-vs-load.png").stat().st_size > 0
+    assert "| 6 |" in (tmp_path / "micro.md").read_text()
+    md = tmp_path / "micro.md"
+    md.write_text(md.read_text() + f"{capacity.NOTES_MARKER}\nReading: hand-written.\n")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored cell was trained again")
+
+    monkeypatch.setattr("memzoo.cli.main", no_training)
+    again = capacity.main(argv)  # resumes: every cell stored with the same hash
+    assert [c["bits"] for c in again["cells"]] == [c["bits"] for c in result["cells"]]
+    assert md.read_text().count("Reading: hand-written.") == 1  # the notes survive the rewrite, once
