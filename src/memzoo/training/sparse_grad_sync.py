@@ -69,6 +69,18 @@ def _local_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.indices()[0], grad.values()
 
 
+def _pad_rows(rows: torch.Tensor, values: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows (U,)``, ``values (U, D)`` extended to ``length`` rows (the padding is never read: receivers slice
+    each rank's real count), without a copy when ``U == length``."""
+    if rows.numel() == length:
+        return rows.contiguous(), values.contiguous()
+    padded_rows = rows.new_empty(length)
+    padded_values = values.new_empty(length, values.shape[1])
+    padded_rows[: rows.numel()] = rows
+    padded_values[: rows.numel()] = values
+    return padded_rows, padded_values
+
+
 def all_reduce_row_sparse_(tables: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> ExchangeStats:
     """Replaces each table's row-sparse ``.grad`` by the mean over the ranks of ``group``, coalesced.
 
@@ -98,10 +110,7 @@ def all_reduce_row_sparse_(tables: Sequence[torch.Tensor], group: dist.ProcessGr
         if u_max == 0:
             continue
         bytes_sent += exchange_bytes_per_rank(u_max, table.shape[1], world, values.element_size())
-        padded_rows = torch.zeros(u_max, dtype=torch.int64, device=table.device)
-        padded_rows[: rows.numel()] = rows
-        padded_values = values.new_zeros(u_max, table.shape[1])
-        padded_values[: rows.numel()] = values
+        padded_rows, padded_values = _pad_rows(rows, values, u_max)
         gathered_rows = [torch.empty_like(padded_rows) for _ in range(world)]
         gathered_values = [torch.empty_like(padded_values) for _ in range(world)]
         dist.all_gather(gathered_rows, padded_rows, group=group)
