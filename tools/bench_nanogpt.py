@@ -31,6 +31,7 @@ import io
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu_ratios = [n / m for n, m in zip(cpu_times["nanogpt"], cpu_times["memzoo"])]
     result = {
         "recipe": {**RECIPE, "adamw": ADAMW, "clip": CLIP},
+        "command": "python tools/bench_nanogpt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "nanogpt_commit": nanogpt_commit(args.nanogpt),
         "memzoo_config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "memzoo_architecture": memzoo_architecture(args.config),
