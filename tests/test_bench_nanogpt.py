@@ -29,7 +29,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         d = config.n_embd
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, d), wpe=nn.Embedding(config.block_size, d)))
+        self.transformer = nn.ModuleDict(
+            dict(wte=nn.Embedding(config.vocab_size, d), wpe=nn.Embedding(config.block_size, d))
+        )
         self.body = nn.Linear(d, d, bias=False)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
@@ -79,7 +81,8 @@ def test_windows_give_both_models_the_same_characters():
 def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys):
     (tmp_path / "model.py").write_text(STAND_IN)
     config = tmp_path / "tiny.yaml"
-    config.write_text("model:\n  init_args: {dim: 16, n_layers: 1, n_heads: 2, block: dense, max_seq_len: 64}\n")
+    arch = "{dim: 16, n_layers: 1, n_heads: 2, block: dense, max_seq_len: 64}"
+    config.write_text(f"model:\n  init_args:\n    architecture: {arch}\n")
     out = tmp_path / "bench.json"
     result = load_bench().main(
         ["--nanogpt", str(tmp_path), "--config", str(config), "--text", str(tmp_path / "none.txt"), "--steps", "2",

@@ -42,7 +42,9 @@ def test_rms_norm_equals_float64_reference_forward_and_grads(shape):
     w = 1 + 0.5 * torch.randn(shape[-1], generator=g)
     grad_out = torch.randn(shape, generator=g)
     y, (gx, gw) = grads(lambda a, b: rms_norm(a, b, 1e-6), x, w, grad_out=grad_out)
-    y_ref, (gx_ref, gw_ref) = grads(lambda a, b: reference_rms_norm(a, b, 1e-6), x.double(), w.double(), grad_out=grad_out)
+    y_ref, (gx_ref, gw_ref) = grads(
+        lambda a, b: reference_rms_norm(a, b, 1e-6), x.double(), w.double(), grad_out=grad_out
+    )
     assert y.dtype == gx.dtype == gw.dtype == torch.float32
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)

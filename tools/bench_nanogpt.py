@@ -27,11 +27,11 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import io
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import yaml
 
 from memzoo.data.tokenizers import ByteTokenizer
+from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,9 @@ def nanogpt_commit(checkout: Path) -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -87,9 +90,11 @@ def build_nanogpt(module, vocab_size: int) -> tuple[nn.Module, torch.optim.Optim
 
 
 def memzoo_architecture(config: Path) -> dict[str, Any]:
-    """The architecture fields of a ``memzoo fit`` YAML (``model.init_args`` or ``model.init_args.architecture``)."""
+    """The architecture fields of a ``memzoo fit`` YAML (``model.init_args.architecture``)."""
     init = yaml.safe_load(config.read_text())["model"]["init_args"]
-    return dict(init.get("architecture", init))
+    if "architecture" not in init:
+        raise SystemExit(f"--config {config}: no model.init_args.architecture section")
+    return dict(init["architecture"])
 
 
 def build_memzoo(config: Path, vocab_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -97,16 +102,11 @@ def build_memzoo(config: Path, vocab_size: int) -> tuple[nn.Module, torch.optim.
     from memzoo.training.optim import build_optimizer
 
     arch = {**memzoo_architecture(config), "vocab_size": vocab_size}
-    try:  # one architecture dataclass (memzoo.model.config.ModelConfig) where it exists
-        from memzoo.model.config import ModelConfig
-    except ImportError:
-        ModelConfig = None
-    if ModelConfig is not None:
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        model = Transformer(ModelConfig(**{k: v for k, v in arch.items() if k in fields}))
-    else:
-        accepted = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
-        model = Transformer(**{k: v for k, v in arch.items() if k in accepted})
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(arch) - fields)
+    if unknown:
+        raise SystemExit(f"--config {config}: model.init_args.architecture has unknown keys {unknown}")
+    model = Transformer(ModelConfig(**arch))
     opt = build_optimizer(model, lambda groups: torch.optim.AdamW(groups, **ADAMW))
     return model, opt
 
@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mz, mz_opt = build_memzoo(args.config, ByteTokenizer.vocab_size)
     nano.train(), mz.train()
     counts = {
-        "nanogpt": parameter_counts(nano, [nano.transformer.wte.weight, nano.transformer.wpe.weight, nano.lm_head.weight]),
+        "nanogpt": parameter_counts(
+            nano, [nano.transformer.wte.weight, nano.transformer.wpe.weight, nano.lm_head.weight]
+        ),
         "memzoo": parameter_counts(mz, [mz.embed.weight, mz.head.weight]),
     }
     steps = {"nanogpt": nanogpt_step(nano, nano_opt), "memzoo": memzoo_step(mz, mz_opt)}
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu_ratios = [n / m for n, m in zip(cpu_times["nanogpt"], cpu_times["memzoo"])]
     result = {
         "recipe": {**RECIPE, "adamw": ADAMW, "clip": CLIP},
+        "command": "python tools/bench_nanogpt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "nanogpt_commit": nanogpt_commit(args.nanogpt),
         "memzoo_config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "memzoo_architecture": memzoo_architecture(args.config),

@@ -65,8 +65,8 @@ def _number(scaling: Mapping[str, Any], key: str) -> float:
 
 class _RotateHalfFunction(torch.autograd.Function):
     """Rotation of each pair ``(x1_i, x2_i)`` (the two halves of the last dim) by an angle ``θ_i``:
-    ``(x1·cos θ − x2·sin θ, x2·cos θ + x1·sin θ)``, i.e. ``x · (cos θ, cos θ)`` then ``∓ sin θ ·`` the other half
-    added in place. The gradient is the inverse rotation (``sin θ`` negated).
+    ``(x1·cos θ − x2·sin θ, x2·cos θ + x1·sin θ)``, i.e. ``x · (cos θ, cos θ)`` then ``∓ sin θ ·`` the other
+    half added in place. The gradient is the inverse rotation (``sin θ`` negated).
 
     ``x (..., d)``; ``cos_full (..., d)`` broadcasts against ``x`` (best laid out like ``x`` so that the full-width
     multiply runs over long contiguous rows), ``sin (..., d/2)`` against each half, both in the compute dtype:
