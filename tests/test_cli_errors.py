@@ -76,6 +76,7 @@ def test_every_verb_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
         (["export", "--ckpt", "nope.ckpt", "--out", "out"], "checkpoint 'nope.ckpt' does not exist"),
         (["generate", "--model", "nowhere", "--prompt", "x"], "nowhere is not a folder"),
         (["frobnicate"], "unknown verb 'frobnicate'"),
+        (["export", "--ckpt", "nope.ckpt", "--out", "file/sub"], "'file' is a file, not a folder"),
         (["fit", "--config", str(write_config(tmp_path)), "--ckpt_path", "nope.ckpt"], "does not exist"),
     ]
     if not torch.cuda.is_available():

@@ -84,6 +84,12 @@ def export_command(args: Sequence[str]) -> object:
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
 
+    from pathlib import Path
+
+    blocking = next((p for p in [Path(options.out), *Path(options.out).parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CommandError(f"export: --out {options.out!r}: {str(blocking)!r} is a file, not a folder; choose another "
+                           f"--out")
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite)
