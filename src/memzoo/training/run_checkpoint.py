@@ -32,7 +32,7 @@ class StoppedBySignal(Exception):
     def __init__(self, signum: int, step: int, checkpoint: str | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        saved = f"saved {checkpoint}" if checkpoint else "no step trained, nothing saved"
+        saved = f"saved {checkpoint}" if checkpoint else "nothing saved (no step trained, or checkpoint.save_last off)"
         super().__init__(f"stopped by {name} at step {step}; {saved}")
 
     @property
