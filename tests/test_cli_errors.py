@@ -145,9 +145,9 @@ def test_predict_with_a_prompt_longer_than_the_context_warns_and_continues_its_e
 def test_the_memoryplus_smoke_command_in_the_config_header_parses_to_the_small_model(tmp_path, capsys):
     """The laptop smoke command of configs/text-memoryplus.yaml's header gives the width-128 model (parsed only:
     a step of it takes over a minute on the shared test CPU)."""
-    import yaml
-
     import shlex
+
+    import yaml
 
     header = (ROOT / "configs" / "text-memoryplus.yaml").read_text(encoding="utf-8").split("seed_everything", 1)[0]
     (command,) = [line.strip("# ").strip() for line in header.splitlines() if "configs/smoke/" in line]

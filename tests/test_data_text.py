@@ -236,7 +236,7 @@ def test_undecodable_text_names_the_file_and_byte_offset(tmp_path, cache):
     with pytest.raises(TextDecodeError, match=r"latin.txt: byte 2 \(b'\\xf6"):
         _module(latin, cache).setup("fit")
     module = _module(latin, cache, encoding="latin-1")  # the right encoding reads it
-    assert bytes(module.token_splits()["train"].load()[:7].tolist()) == "Größe".encode("utf-8")
+    assert bytes(module.token_splits()["train"].load()[:7].tolist()) == "Größe".encode()
     replaced = _module(big, cache, errors="replace")
     tokens = replaced.token_splits()["val"].load().tolist()
     assert bytes(tokens[-8:-1]).endswith("\ufffd\n".encode("utf-8"))  # U+FFFD, newline, then eos

@@ -24,19 +24,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
-from memzoo.data import LMDataModule
 from memzoo.atomic import remove_stale_partials
-from memzoo.export.checkpoint_check import check_checkpoint_file, check_same_architecture, find_last_checkpoint
+from memzoo.data import LMDataModule
+from memzoo.export.checkpoint_check import (
+    check_checkpoint_file,
+    check_same_architecture,
+    find_last_checkpoint,
+)
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.module import LanguageModel
-from memzoo.training.run_folder import RunFolderLogger
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
+from memzoo.training.run_folder import RunFolderLogger
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -122,7 +127,8 @@ class MemzooCLI(LightningCLI):
             load_plugins(config["plugins"])
 
     def instantiate_trainer(self, **kwargs: Any):
-        """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
+        """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
+        (``runs/<experiment>/version_<n>``, unless the config sets ``trainer.logger``)."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
         extra = []

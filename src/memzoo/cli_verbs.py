@@ -80,11 +80,11 @@ def export_command(args: Sequence[str]) -> object:
                         help="replace an earlier export at --out, once the new one is complete")
     options = parser.parse_args(list(args))
 
+    from pathlib import Path
+
     from memzoo.export.checkpoint_check import CheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
-
-    from pathlib import Path
 
     blocking = next((p for p in [Path(options.out), *Path(options.out).parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
