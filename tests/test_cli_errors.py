@@ -76,6 +76,7 @@ def test_every_verb_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
         (["export", "--ckpt", "nope.ckpt", "--out", "out"], "checkpoint 'nope.ckpt' does not exist"),
         (["generate", "--model", "nowhere", "--prompt", "x"], "nowhere is not a folder"),
         (["frobnicate"], "unknown verb 'frobnicate'"),
+        (["export", "--ckpt", "nope.ckpt", "--out", "file/sub"], "'file' is a file, not a folder"),
         (["fit", "--config", str(write_config(tmp_path)), "--ckpt_path", "nope.ckpt"], "does not exist"),
     ]
     if not torch.cuda.is_available():
@@ -139,3 +140,24 @@ def test_predict_with_a_prompt_longer_than_the_context_warns_and_continues_its_e
     output = pred.trainer.predict_loop.predictions if hasattr(pred.trainer.predict_loop, "predictions") else None
     if output:
         assert output[0]["prompt_ids"].shape[1] == 59 and output[0]["output_ids"].shape[1] > 59
+
+
+def test_the_memoryplus_smoke_command_in_the_config_header_parses_to_the_small_model(tmp_path, capsys):
+    """The laptop smoke command of configs/text-memoryplus.yaml's header gives the width-128 model (parsed only:
+    a step of it takes over a minute on the shared test CPU)."""
+    import shlex
+
+    import yaml
+
+    header = (ROOT / "configs" / "text-memoryplus.yaml").read_text(encoding="utf-8").split("seed_everything", 1)[0]
+    (command,) = [line.strip("# ").strip() for line in header.splitlines() if "configs/smoke/" in line]
+    args = shlex.split(command)
+    assert args[:2] == ["memzoo", "fit"]
+    (tmp_path / "notes.txt").write_text("To be, or not to be, that is the question. " * 400)
+    args = [a.replace("configs/", f"{ROOT}/configs/") if a.startswith("configs/") else a for a in args[1:]]
+    with pytest.raises(SystemExit):
+        main([*args, "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    architecture = config["model"]["init_args"]["architecture"]
+    assert (architecture["dim"], architecture["n_layers"], sorted(map(int, architecture["layers"]))) == (128, 12, [3, 6, 9])
+    assert architecture["pools"]["memory"]["n_keys"] == 32 and config["data"]["init_args"]["block_size"] == 64

@@ -177,3 +177,20 @@ def test_runs_started_together_claim_distinct_version_folders(tmp_path):
     versions = sorted(results.get(timeout=5) for _ in processes)
     assert versions == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [f"version_{n}" for n in range(7)]
+
+
+def test_sigterm_to_one_of_two_ddp_processes_stops_both_after_the_same_step(tmp_path):
+    """``--trainer.strategy ddp --trainer.devices 2`` on CPU (gloo): the signal reaches rank 0 only; both ranks stop
+    at the next multiple of RunCheckpoint.sync_every steps, last.ckpt holds that step, and nothing hangs."""
+    import signal
+
+    from memzoo.training.run_checkpoint import RunCheckpoint
+
+    config = write_config(tmp_path, steps=200, val_every=1000)
+    process, ckpts = _fit_until_checkpointed(tmp_path, config, "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    step = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+    assert step % RunCheckpoint.sync_every == 0 and 3 <= step < 200
+    assert f"stopped by SIGTERM at step {step}" in err

@@ -143,7 +143,7 @@ def entry_point() -> int:
 def main(args: Sequence[str] | None = None) -> object:
     """Runs one verb in-process; ``args`` excludes the program name. Returns what the verb produced (the
     LightningCLI object for training verbs), for use from Python and tests."""
-    args = list(sys.argv[1:] if args is None else args)
+    args = [a for a in (sys.argv[1:] if args is None else args) if a != "--debug"]  # entry_point reads it
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return None

@@ -138,7 +138,8 @@ class MemzooCLI(LightningCLI):
         _use_init_from_tokenizer(config)
 
     def instantiate_trainer(self, **kwargs: Any):
-        """Adds the default CSV logger (``runs/<experiment>/version_<n>``) unless the config sets ``trainer.logger``."""
+        """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
+        (``runs/<experiment>/version_<n>``, unless the config sets ``trainer.logger``)."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
         extra = []

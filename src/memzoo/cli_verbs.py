@@ -102,11 +102,17 @@ def export_command(args: Sequence[str]) -> object:
                         help="replace an earlier export at --out, once the new one is complete")
     options = parser.parse_args(list(args))
 
+    from pathlib import Path
+
     from memzoo.export.checkpoint_check import CheckpointError
     from memzoo.export.errors import ExportError, PretrainedFormatError
     from memzoo.export.hf import export_checkpoint
     from memzoo.parallel.checkpoint import ShardedCheckpointError
 
+    blocking = next((p for p in [Path(options.out), *Path(options.out).parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CommandError(f"export: --out {options.out!r}: {str(blocking)!r} is a file, not a folder; choose another "
+                           f"--out")
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite)

@@ -10,7 +10,8 @@
   128 + signal number (143 for SIGTERM, 130 for SIGINT). A second Ctrl-C aborts at once without saving.
 
 The configuration keys are ``ModelCheckpoint``'s (``--checkpoint.every_n_train_steps`` ...). With several processes
-(DDP) the signal must reach every one of them, as schedulers do when they stop a job.
+(DDP) a signal to any of them stops all: every :attr:`RunCheckpoint.sync_every` steps they agree (one all-reduce)
+whether one was signalled, and all stop after the same batch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class StoppedBySignal(Exception):
     def __init__(self, signum: int, step: int, checkpoint: str | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        saved = f"saved {checkpoint}" if checkpoint else "no step trained, nothing saved"
+        saved = f"saved {checkpoint}" if checkpoint else "nothing saved (no step trained, or checkpoint.save_last off)"
         super().__init__(f"stopped by {name} at step {step}; {saved}")
 
     @property
@@ -43,6 +44,10 @@ class StoppedBySignal(Exception):
 
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that saves the final step and stops gracefully on SIGTERM / SIGINT (see module doc)."""
+
+    #: steps between the processes' agreement on a stop signal (one small all-reduce each time; with one process
+    #: nothing is exchanged)
+    sync_every = 10
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -74,7 +79,8 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._signal_received is None:
+        signum = self._stop_signal(trainer)
+        if signum is None:
             if 0 < trainer.max_steps <= trainer.global_step and not _validates_now(trainer):
                 self._save_last_now(trainer)  # the final step (a validation now would save it, with its metrics)
             return
@@ -82,7 +88,23 @@ class RunCheckpoint(ModelCheckpoint):
         for logger in trainer.loggers:
             logger.save()
         self._restore_handlers()
-        raise StoppedBySignal(self._signal_received, trainer.global_step, saved)
+        raise StoppedBySignal(signum, trainer.global_step, saved)
+
+    def _stop_signal(self, trainer: L.Trainer) -> int | None:
+        """The signal to stop on after this batch, or None. With several processes, only every ``sync_every`` steps,
+        when all of them learn whether any received a signal (the largest signal number wins): all stop after the
+        same batch and save together (one process alone would wait forever in the collective save)."""
+        import torch.distributed as dist
+
+        if trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return self._signal_received
+        if trainer.global_step % self.sync_every:
+            return None
+        import torch
+
+        received = torch.tensor([self._signal_received or 0], device=trainer.strategy.root_device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received.item()) or None
 
     # ------------------------------------------------------------------------------------------ final step
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
