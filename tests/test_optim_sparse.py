@@ -78,7 +78,7 @@ def test_param_groups_cover_every_parameter_once_with_pool_settings():
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
     assert any(p is model.norm.weight for p in no_decay["params"])
     assert "weight_decay" not in dense[0] and all(p.ndim >= 2 for p in dense[0]["params"])
-    assert any(p is model.layers[0].ffn.sub_keys for p in dense[0]["params"])
+    assert any(p is model.layers[0].ffn.router.sub_keys for p in dense[0]["params"])
 
 
 # ---------------------------------------------------------------------------------------------- LazyAdam

@@ -1,7 +1,7 @@
 """PEER layer forward+backward: memzoo's sparse-op PEER against the materialising formulation, same run.
 
 Both variants share one :class:`memzoo.blocks.peer.PEER` module (same weights, same product-key routing,
-``PEER.route``). They differ in how the retrieved experts are applied:
+``PEER.router``). They differ in how the retrieved experts are applied:
 
 - ``ops``: ``memzoo`` PEER, ``h = gather_dot(down, idx, x)``, ``y = weighted_gather(up, idx, w · act(h))``;
 - ``materialised``: what public PEER implementations do, ``down[idx]`` and ``up[idx]`` gathered into
@@ -60,15 +60,15 @@ import torch.nn.functional as F
 from memzoo.blocks.peer import ACTIVATIONS, PEER
 from memzoo.blocks.pool import MemoryPool
 
-FULL = dict(n_keys=512, dim=256, heads=8, k=16, k_dim=128, batch=8, seq=256, update="dense")  # 2^18 experts
-QUICK = dict(n_keys=32, dim=64, heads=4, k=8, k_dim=32, batch=2, seq=64, update="dense")  # 2^10 experts
+FULL = dict(n_keys=512, dim=256, heads=8, knn=16, k_dim=128, batch=8, seq=256, update="dense")  # 2^18 experts
+QUICK = dict(n_keys=32, dim=64, heads=4, knn=8, k_dim=32, batch=2, seq=64, update="dense")  # 2^10 experts
 VARIANTS = ("ops", "materialised")
 REGIMES = ("zeroed", "none")  # .grad before each step: kept and zeroed in place | None (module docstring)
 
 
 def materialised_forward(peer: PEER, x: torch.Tensor) -> torch.Tensor:
     """PEER with the gathered expert vectors built: ``(B, T, heads, k, dim)`` twice."""
-    indices, weights = peer.route(x)  # (B, T, heads, k)
+    indices, weights = peer.router(x)  # (B, T, heads, knn)
     sparse = peer.pool.sparse  # row-sparse table gradients for both variants when the pool trains sparsely
     down = F.embedding(indices, peer.pool.down, sparse=sparse)  # (B, T, heads, k, dim)
     up = F.embedding(indices, peer.pool.up, sparse=sparse)
@@ -79,7 +79,7 @@ def materialised_forward(peer: PEER, x: torch.Tensor) -> torch.Tensor:
 def build(cfg: dict, device: str) -> tuple[PEER, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     pool = MemoryPool(cfg["n_keys"], cfg["dim"], kind="experts", update=cfg.get("update", "dense"))
-    peer = PEER(cfg["dim"], pool=pool, heads=cfg["heads"], k=cfg["k"], k_dim=cfg["k_dim"], query_norm="layernorm")
+    peer = PEER(cfg["dim"], pool=pool, heads=cfg["heads"], knn=cfg["knn"], k_dim=cfg["k_dim"], query_norm="layernorm")
     peer.bench_pool = pool  # a shared pool is not the layer's submodule; registering it here moves and zeroes it
     peer = peer.to(device)
     # the layer's input needs its gradient, as inside a network (it also makes autograd keep down[idx] alive)
@@ -222,7 +222,7 @@ def run(cfg: dict, device: str, warmup: int, repeats: int) -> dict:
                    "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats},
         "max_abs_output_difference": max_output_difference(cfg, device),
-        "one_gathered_tensor_bytes": cfg["batch"] * cfg["seq"] * cfg["heads"] * cfg["k"] * cfg["dim"] * 4,
+        "one_gathered_tensor_bytes": cfg["batch"] * cfg["seq"] * cfg["heads"] * cfg["knn"] * cfg["dim"] * 4,
         "one_table_gradient_bytes": cfg["n_keys"] ** 2 * cfg["dim"] * 4,  # one dense (N, dim) float32 gradient
         "headline_regime": REGIMES[0],
         **regimes[REGIMES[0]],  # the headline: seconds_per_step, memory_bytes and the three ratios
