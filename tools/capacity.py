@@ -293,6 +293,7 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
         axes[0].plot(ceiling, ceiling, color="grey", linestyle="--", linewidth=1, label="corpus (all bits)")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
     axes[0].set_xlabel("bits in the corpus (N · Σ log2 |V_a|)")
     axes[0].set_ylabel("bits stored (bit-complexity lower bound)")
     axes[1].set_xscale("log")
