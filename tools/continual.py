@@ -54,6 +54,7 @@ SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 ATTRIBUTES = ("birth_year", "birth_city")
 TEMPLATE = 1  # "The birth year of {name} is {value}." / "The birthplace of {name} is {value}."
 TOK = ByteTokenizer()
+FRONTIER_LEVELS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -226,9 +227,13 @@ def frontier_forgetting(points, method, key, level):
 def compare(points, base):
     reach = {m: max(p["recall_b"] for p in points if p["method"] == m) for m in ("full", "lora", "smf")}
     level = min(reach.values())
-    out = {"matched_recall_b": level, "max_recall_b": reach, "forgetting": {}}
+    out = {"matched_recall_b": level, "max_recall_b": reach, "forgetting": {}, "frontier": {}}
     for key in ("recall_a_drop", "heldout_loss_increase"):
         out["forgetting"][key] = {m: frontier_forgetting(points, m, key, level) for m in ("full", "lora", "smf")}
+        out["frontier"][key] = {  # the same comparison at lower learning levels
+            f"{r:.2f}": {m: frontier_forgetting(points, m, key, r) for m in ("full", "lora", "smf")}
+            for r in FRONTIER_LEVELS if r <= level
+        }
     targets = []
     for key, label in (("recall_a_drop", "set-A recall drop"), ("heldout_loss_increase", "held-out loss increase")):
         f = out["forgetting"][key]
@@ -364,6 +369,11 @@ def main(argv=None) -> dict:
           f"Matched set-B recall {comparison['matched_recall_b']:.2f}; least forgetting reaching it:", ""]
     for key, values in comparison["forgetting"].items():
         md.append(f"- {key}: " + ", ".join(f"{m} {v:.4f}" for m, v in values.items()))
+    md += ["", "Least forgetting among the points reaching a set-B recall level (the frontier):", "",
+           "| forgetting | set-B recall >= | full | LoRA | SMF |", "| --- | --- | --- | --- | --- |"]
+    for key, levels in comparison["frontier"].items():
+        for level, values in levels.items():
+            md.append(f"| {key} | {level} | " + " | ".join(f"{values[m]:.4f}" for m in ("full", "lora", "smf")) + " |")
     md += ["", "| target | met | detail |", "| --- | --- | --- |"]
     md += [f"| {t['target']} | {t['met']} | {t['detail']} |" for t in targets]
     with atomic_file(out / f"{settings.name}.md") as f:
