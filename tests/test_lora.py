@@ -61,3 +61,21 @@ def test_language_model_lora_option_gives_the_optimizer_only_adapters():
     assert sorted(n for n in names if ".lora_" not in n) == ["pools.mem.values"]
     assert sum(".lora_" in n for n in names) == 4  # A and B of both layers' qkv
     assert lm.hparams.lora == {"r": 2, "target_modules": ["qkv"]}
+
+
+def test_a_lora_checkpoint_exports_with_merged_adapters(tmp_path):
+    from memzoo.export.hf import export_checkpoint
+    from memzoo.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    lm = LanguageModel(architecture={**ARGS, "vocab_size": 258}, lora={"r": 2, "target_modules": ["qkv", "down"]})
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # trained adapters: no longer zero
+    ids = torch.randint(0, 258, (2, 8))
+    expected = lm.eval()(ids)
+    ckpt = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams)}, ckpt)
+    out = export_checkpoint(ckpt, tmp_path / "export", tokenizer="byte")
+    torch.testing.assert_close(load_pretrained(out)(ids), expected, rtol=1e-5, atol=1e-5)

@@ -54,6 +54,7 @@ SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 ATTRIBUTES = ("birth_year", "birth_city")
 TEMPLATE = 1  # "The birth year of {name} is {value}." / "The birthplace of {name} is {value}."
 TOK = ByteTokenizer()
+FRONTIER_LEVELS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -78,13 +79,13 @@ FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=600, finetune_steps=
                 top_t=256)
 
 
-def build_model() -> Transformer:
-    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of 64² = 4096 slots."""
+def build_model(n_keys: int = 64) -> Transformer:
+    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 4096) slots."""
     memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 16, "k_dim": 64,
               "qk_norm": True, "gate": "silu"}
     return Transformer(vocab_size=TOK.vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
                        block_args={"hidden": 256}, layers={1: memory, 3: memory},
-                       pools={"memory": {"n_keys": 64, "value_dim": 128}})
+                       pools={"memory": {"n_keys": n_keys, "value_dim": 128}})
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -143,9 +144,9 @@ def heldout_loss(model: Transformer, batches: list[dict[str, torch.Tensor]]) -> 
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def pretrain(settings: Settings, train_tokens, facts_a, rng) -> Transformer:
+def pretrain(settings: Settings, train_tokens, facts_a, rng, n_keys: int = 64) -> Transformer:
     torch.manual_seed(0)
-    model = build_model()
+    model = build_model(n_keys)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     warmup, steps = 50, settings.pretrain_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -226,9 +227,13 @@ def frontier_forgetting(points, method, key, level):
 def compare(points, base):
     reach = {m: max(p["recall_b"] for p in points if p["method"] == m) for m in ("full", "lora", "smf")}
     level = min(reach.values())
-    out = {"matched_recall_b": level, "max_recall_b": reach, "forgetting": {}}
+    out = {"matched_recall_b": level, "max_recall_b": reach, "forgetting": {}, "frontier": {}}
     for key in ("recall_a_drop", "heldout_loss_increase"):
         out["forgetting"][key] = {m: frontier_forgetting(points, m, key, level) for m in ("full", "lora", "smf")}
+        out["frontier"][key] = {  # the same comparison at lower learning levels
+            f"{r:.2f}": {m: frontier_forgetting(points, m, key, r) for m in ("full", "lora", "smf")}
+            for r in FRONTIER_LEVELS if r <= level
+        }
     targets = []
     for key, label in (("recall_a_drop", "set-A recall drop"), ("heldout_loss_increase", "held-out loss increase")):
         f = out["forgetting"][key]
@@ -286,11 +291,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the small smoke study")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="output folder")
+    parser.add_argument("--n_keys", type=int, default=64, help="sub-keys per half of the pool (n_keys² slots)")
+    parser.add_argument("--top_t", type=int, default=None, help="slots sparse memory finetuning updates per step")
     parser.add_argument("--pretrained", default=None,
                         help="cache of the pretrained model's weights: loaded when the file exists, else written")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
+    if args.n_keys != 64 or args.top_t is not None:  # a variant study, under its own name
+        settings = Settings(**{**settings.__dict__, "top_t": args.top_t or settings.top_t,
+                               "name": f"{settings.name}-keys{args.n_keys}-top{args.top_t or settings.top_t}"})
     t0 = time.time()
 
     tokens = np.frombuffer(SHAKESPEARE.read_bytes(), dtype=np.uint8).astype(np.int64)
@@ -306,12 +316,12 @@ def main(argv=None) -> dict:
     print(f"[{settings.name}] pretraining {settings.pretrain_steps} steps: Shakespeare + {len(facts_a)} facts (set A)")
     cache = Path(args.pretrained) if args.pretrained else None
     if cache is not None and cache.is_file():
-        base = build_model()
+        base = build_model(args.n_keys)
         base.load_state_dict(torch.load(cache, weights_only=True))
         base.eval()
         print(f"  loaded the pretrained model from {cache}")
     else:
-        base = pretrain(settings, train_tokens, facts_a, rng)
+        base = pretrain(settings, train_tokens, facts_a, rng, args.n_keys)
         if cache is not None:
             with atomic_file(cache) as f:
                 torch.save(base.state_dict(), f)
@@ -348,7 +358,7 @@ def main(argv=None) -> dict:
         "hardware": f"CPU, {args.threads} torch thread(s)",
         "seconds": round(seconds, 1),
         "settings": {k: v for k, v in settings.__dict__.items()},
-        "model": "byte-level, dim 128, 4 layers, Memory+ at layers 1 and 3 sharing a 4096-slot pool",
+        "model": f"byte-level, dim 128, 4 layers, Memory+ at layers 1 and 3 sharing a {args.n_keys ** 2}-slot pool",
         "pretrained": base_eval,
         "points": points,
         "comparison": comparison,
@@ -364,6 +374,11 @@ def main(argv=None) -> dict:
           f"Matched set-B recall {comparison['matched_recall_b']:.2f}; least forgetting reaching it:", ""]
     for key, values in comparison["forgetting"].items():
         md.append(f"- {key}: " + ", ".join(f"{m} {v:.4f}" for m, v in values.items()))
+    md += ["", "Least forgetting among the points reaching a set-B recall level (the frontier):", "",
+           "| forgetting | set-B recall >= | full | LoRA | SMF |", "| --- | --- | --- | --- | --- |"]
+    for key, levels in comparison["frontier"].items():
+        for level, values in levels.items():
+            md.append(f"| {key} | {level} | " + " | ".join(f"{values[m]:.4f}" for m in ("full", "lora", "smf")) + " |")
     md += ["", "| target | met | detail |", "| --- | --- | --- |"]
     md += [f"| {t['target']} | {t['met']} | {t['detail']} |" for t in targets]
     with atomic_file(out / f"{settings.name}.md") as f:

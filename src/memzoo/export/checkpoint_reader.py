@@ -31,7 +31,8 @@ class CheckpointContents:
 
 def read_checkpoint(path: str | Path) -> CheckpointContents:
     """Loads ``path`` (weights only, on the CPU), rebuilds the Transformer from its saved hyperparameters and loads
-    its weights strictly. Raises :class:`ExportError` (or ``CheckpointError``) naming the file on any mismatch.
+    its weights strictly; a model trained with ``lora`` gets its adapters merged into the base weights. Raises
+    :class:`ExportError` (or ``CheckpointError``) naming the file on any mismatch.
 
     ``path`` is a ``.ckpt`` file or the folder of a sharded (memory-parallel) checkpoint, whose shards are joined
     into full tensors here (:func:`memzoo.parallel.checkpoint.read_sharded_weights`, no process group needed).
@@ -64,12 +65,20 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     weights = {
         key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(MODEL_PREFIX)
     }
+    lora = hyperparameters.get("lora")
+    if lora:  # trained with LoRA adapters: rebuild them, load, then fold them into plain linears
+        from memzoo.training.lora import apply_lora, merge_lora
+
+        apply_lora(model, **lora)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ExportError(
             f"checkpoint {path}: its weights do not fit the architecture in its hyper_parameters: {err}"
         ) from err
+    if lora:
+        merge_lora(model)
+        model.requires_grad_(True)
     model.eval()
     return CheckpointContents(model, hyperparameters, recorded_tokenizer(path, checkpoint))
 
