@@ -60,7 +60,7 @@ def test_hand_computed_dense_pool_and_rowwise_adagrad():
 def test_bad_mesh_sizes_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"memory_parallel=3 does not divide world_size=4.*divisor of 4"):
         plan_parallel(tiny("sparse"), world_size=4, memory_parallel=3)
-    with pytest.raises(ValueError, match=r"does not divide value_dim=8 of pool pools.memory.*\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"does not divide value_dim=8 of pool 'pools.memory'.*\[1, 2\]"):
         plan_parallel(tiny("sparse"), world_size=6, memory_parallel=3)
     with pytest.raises(ValueError, match="world_size must be a positive int, got 0"):
         plan_parallel(tiny("sparse"), world_size=0)

@@ -119,9 +119,10 @@ def parameter_counts(model: nn.Module, embedding_weights: list[torch.Tensor]) ->
     return {"total": total, "non_embedding": total - embedding}
 
 
-def nanogpt_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable) -> Step:
+    """One optimizer step as both recipes take it: ``loss_of(model, x, y)``, backward, clip 1.0, AdamW step."""
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _, loss = model(x, y)
+        loss = loss_of(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -131,17 +132,12 @@ def nanogpt_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
     return step
 
 
-def memzoo_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+def nanogpt_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, y)[1]  # nanoGPT's forward returns (logits, loss)
 
-    return step
+
+def memzoo_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -223,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "memzoo": parameter_counts(mz, [mz.embed.weight, mz.head.weight]),
     }
-    steps = {"nanogpt": nanogpt_step(nano, nano_opt), "memzoo": memzoo_step(mz, mz_opt)}
+    steps = {"nanogpt": training_step(nano, nano_opt, nanogpt_loss), "memzoo": training_step(mz, mz_opt, memzoo_loss)}
     batches = {"nanogpt": split(char_ids), "memzoo": split(byte_ids)}
 
     w = args.warmup

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from memzoo.blocks.pool import find_pools
+from memzoo.blocks.pool import MemoryPool, find_pools
 from memzoo.ops import weighted_gather
 
 #: Names of the two mesh axes: data parallel (replicas of a table shard) and memory parallel (shards of a table).
@@ -75,6 +75,19 @@ class MemoryParallelError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- checks, mesh
+
+
+def check_pool_widths(pools: dict[str, MemoryPool], memory_parallel: int, world_size: int) -> None:
+    """Raises :class:`MemoryParallelError` naming the pool whose ``value_dim`` ``memory_parallel`` does not divide
+    (tables are sharded along the value dimension), with the sizes that fit."""
+    for name, pool in pools.items():
+        if pool.value_dim % memory_parallel:
+            divisors = [m for m in range(1, pool.value_dim + 1) if pool.value_dim % m == 0 and world_size % m == 0]
+            raise MemoryParallelError(
+                f"memory_parallel={memory_parallel} does not divide value_dim={pool.value_dim} of pool {name!r} "
+                f"(values are sharded along the value dimension); use memory_parallel in {divisors} or a value_dim "
+                f"that is a multiple of {memory_parallel}"
+            )
 
 
 def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: int) -> None:
@@ -94,14 +107,8 @@ def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: in
             f"memory_parallel={memory_parallel} but the model has no memory pool to shard; set memory_parallel: 1 "
             f"(or use the ddp strategy)"
         )
+    check_pool_widths(pools, memory_parallel, world_size)
     for name, pool in pools.items():
-        if pool.value_dim % memory_parallel:
-            divisors = [m for m in range(1, pool.value_dim + 1) if pool.value_dim % m == 0 and world_size % m == 0]
-            raise MemoryParallelError(
-                f"memory_parallel={memory_parallel} does not divide value_dim={pool.value_dim} of pool {name!r} "
-                f"(values are sharded along the value dimension); use memory_parallel in {divisors} or a value_dim "
-                f"that is a multiple of {memory_parallel}"
-            )
         if memory_parallel > 1 and pool.kind != "memory":
             raise MemoryParallelError(
                 f"pool {name!r} has kind {pool.kind!r}; memory parallelism shards product-key memory values "

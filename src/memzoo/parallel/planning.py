@@ -31,6 +31,7 @@ from typing import Any
 import torch.nn as nn
 
 from memzoo.blocks.pool import MemoryPool, find_pools
+from memzoo.parallel.memory_parallel import check_pool_widths
 from memzoo.training.sparse_grad_sync import (
     INDEX_BYTES,
     dense_all_reduce_bytes_per_rank,
@@ -206,13 +207,8 @@ def plan_parallel(
     pool_tables = {id(t) for pool in pools.values() for t in pool.tables().values()}
     dense = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in pool_tables)
     plans = []
+    check_pool_widths(pools, memory_parallel, world_size)
     for name, pool in pools.items():
-        if pool.value_dim % memory_parallel:
-            divisors = [d for d in range(1, pool.value_dim + 1) if pool.value_dim % d == 0 and world_size % d == 0]
-            raise ValueError(
-                f"memory_parallel={memory_parallel} does not divide value_dim={pool.value_dim} of pool {name}: "
-                f"each rank holds value_dim / memory_parallel columns; use one of {divisors}"
-            )
         tables, rows, width = len(pool.tables()), pool.num_rows, pool.value_dim // memory_parallel
         touched = min(rows, tokens_per_rank_step * _pool_readers(model, pool))
         shard = tables * rows * width * b
