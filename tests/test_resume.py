@@ -108,10 +108,10 @@ def _fit_until_checkpointed(tmp_path, config, *extra):
          "--model.init_args.lr_decay_steps", "200", *extra],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240
     while not list(ckpts.glob("step*.ckpt")):
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s (2 processes starting on a loaded machine)"
         time.sleep(0.1)
     return process, ckpts
 
@@ -123,7 +123,7 @@ def test_signal_saves_last_ckpt_at_the_current_step_and_exits_nonzero(tmp_path, 
     config = write_config(tmp_path, steps=200, val_every=1000)
     process, ckpts = _fit_until_checkpointed(tmp_path, config)
     process.send_signal(getattr(signal, signum))
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=240)
     assert process.returncode == status, err
     step = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
     assert 3 <= step < 200
