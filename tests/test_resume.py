@@ -109,10 +109,15 @@ def _fit_until_checkpointed(tmp_path, config, *extra):
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
     )
     deadline = time.monotonic() + 240
-    while not list(ckpts.glob("step*.ckpt")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 240 s (2 processes starting on a loaded machine)"
-        time.sleep(0.1)
+    try:
+        while not list(ckpts.glob("step*.ckpt")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s (2 processes starting on a loaded machine)"
+            time.sleep(0.1)
+    except BaseException:
+        process.kill()  # a failed wait leaves no training process behind (it would run to max_steps)
+        process.communicate()
+        raise
     return process, ckpts
 
 
