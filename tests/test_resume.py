@@ -107,6 +107,7 @@ def _fit_until_checkpointed(tmp_path, config, *extra):
         [sys.executable, "-m", "memzoo", "fit", "--config", str(config), "--checkpoint.every_n_train_steps", "3",
          "--model.init_args.lr_decay_steps", "200", *extra],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+        start_new_session=True,  # its own process group: a failed wait kills DDP's other rank too
     )
     deadline = time.monotonic() + 240
     try:
@@ -115,7 +116,7 @@ def _fit_until_checkpointed(tmp_path, config, *extra):
             assert time.monotonic() < deadline, "no checkpoint within 240 s (2 processes starting on a loaded machine)"
             time.sleep(0.1)
     except BaseException:
-        process.kill()  # a failed wait leaves no training process behind (it would run to max_steps)
+        os.killpg(process.pid, 9)  # a failed wait leaves no training process behind (it would run to max_steps)
         process.communicate()
         raise
     return process, ckpts
