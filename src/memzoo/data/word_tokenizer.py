@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from memzoo.data.tokenizers import _SpecEquality, _check_ids
+from memzoo.data.tokenizers import _check_ids, _SpecEquality
 
 
 class WordTokenizer(_SpecEquality):
