@@ -115,3 +115,12 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     again = capacity.main(argv)  # resumes: every cell stored with the same hash
     assert [c["bits"] for c in again["cells"]] == [c["bits"] for c in result["cells"]]
     assert md.read_text().count("Reading: hand-written.") == 1  # the notes survive the rewrite, once
+
+
+def test_summarize_config_vocab_size_override_sizes_the_embedding():
+    from memzoo.accounting import summarize_config
+
+    path = str(capacity.CONFIG_DIR / "model-dense.yaml")
+    small, large = summarize_config(path, vocab_size=500), summarize_config(path, vocab_size=1000)
+    assert large.parameters - small.parameters == 500 * capacity.DIM  # tied embedding rows
+    assert large.flops > small.flops  # and the LM head
