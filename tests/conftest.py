@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test starts from the same environment variables: Lightning's DDP launcher sets MASTER_PORT, NODE_RANK,
+    LOCAL_RANK, WORLD_SIZE in its own process, and a later ``memzoo fit`` subprocess that inherited them would think
+    it is an already-launched rank and wait for the others forever."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
     yield

@@ -96,6 +96,17 @@ def test_last_ckpt_holds_the_final_step_and_resumes_exactly(tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+#: Variables a distributed launcher sets in its own process; a ``memzoo fit`` started with them would wait for ranks.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
+                    "LOCAL_WORLD_SIZE", "PL_TRAINER_NUM_NODES")
+
+
+def _env_without_launch_variables() -> dict[str, str]:
+    import os
+
+    return {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+
+
 def _fit_until_checkpointed(tmp_path, config, *extra):
     """Starts a real ``memzoo fit`` of ``config`` and returns it once its first step checkpoint exists."""
     import os
@@ -106,7 +117,7 @@ def _fit_until_checkpointed(tmp_path, config, *extra):
     process = subprocess.Popen(
         [sys.executable, "-m", "memzoo", "fit", "--config", str(config), "--checkpoint.every_n_train_steps", "3",
          "--model.init_args.lr_decay_steps", "200", *extra],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env_without_launch_variables(),
         start_new_session=True,  # its own process group: a failed wait kills DDP's other rank too
     )
     deadline = time.monotonic() + 240
