@@ -109,6 +109,7 @@ def _env_without_launch_variables() -> dict[str, str]:
 
 def _fit_until_checkpointed(tmp_path, config, *extra):
     """Starts a real ``memzoo fit`` of ``config`` and returns it once its first step checkpoint exists."""
+    import contextlib
     import os
     import subprocess
     import time
@@ -127,7 +128,8 @@ def _fit_until_checkpointed(tmp_path, config, *extra):
             assert time.monotonic() < deadline, "no checkpoint within 240 s (2 processes starting on a loaded machine)"
             time.sleep(0.1)
     except BaseException:
-        os.killpg(process.pid, 9)  # a failed wait leaves no training process behind (it would run to max_steps)
+        with contextlib.suppress(ProcessLookupError):  # a failed wait leaves no training process behind
+            os.killpg(process.pid, 9)
         process.communicate()
         raise
     return process, ckpts
