@@ -7,7 +7,7 @@ Both variants share one :class:`memzoo.blocks.peer.PEER` module (same weights, s
 - ``materialised``: what public PEER implementations do, ``down[idx]`` and ``up[idx]`` gathered into
   ``(B, T, heads, k, dim)`` tensors, then two einsums (autograd keeps both gathered tensors for backward).
 
-Default size (the task's): ``N = 2^18`` experts (n_keys 512), heads 8, k 16, dim 256, batch 8 × 256 tokens; float32.
+Default size: ``N = 2^18`` experts (n_keys 512), heads 8, knn 16, dim 256, batch 8 × 256 tokens; float32.
 The input requires its gradient, as inside a network. Headline: ``time ratio = materialised / ops`` (target ≥ 2)
 and ``memory ratio = materialised / ops`` (target ≥ 4).
 
