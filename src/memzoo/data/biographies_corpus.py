@@ -30,6 +30,7 @@ import numpy as np
 
 from memzoo.data.facts_corpus import SYLLABLES
 from memzoo.data.keyed_random import KeyedPermutation, derive_key, keyed_choice
+from memzoo.data.templated_corpus import TemplatedCorpus, syllable_word
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
 N_GIVEN, N_FAMILY = 128, 128  # at most 16,384 people
@@ -73,17 +74,15 @@ def knowledge_bits(n_people: int, value_set_sizes: Sequence[int], cross_entropy_
     return n_people * sum(math.log2(s) for s in value_set_sizes) - cross_entropy_nats / math.log(2)
 
 
-def _syllable_word(rng: random.Random, n_syllables: int) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(n_syllables)).capitalize()
-
-
-class BiographyCorpus:
+class BiographyCorpus(TemplatedCorpus):
     """``n_people`` people with :data:`ATTRIBUTES`, all drawn from ``seed`` (see the module docstring).
 
     A *fact* is a ``(person, attribute)`` pair numbered ``fact = person · 5 + attribute_index`` (the numbering and
     the ``sentences`` / ``training_template`` interface of :class:`~memzoo.data.facts_corpus.FactsCorpus`, so the
     facts' training stream reads it unchanged).
     """
+
+    entity_word, count_name = "person", "n_people"
 
     def __init__(self, n_people: int, seed: int = 0):
         if not isinstance(n_people, int) or isinstance(n_people, bool) or not 1 <= n_people <= N_GIVEN * N_FAMILY:
@@ -99,7 +98,7 @@ class BiographyCorpus:
         def words(count: int, n_syllables: tuple[int, ...], suffix: str = "") -> tuple[str, ...]:
             out: list[str] = []
             while len(out) < count:
-                word = _syllable_word(rng, rng.choice(n_syllables)) + suffix
+                word = syllable_word(rng, SYLLABLES, rng.choice(n_syllables)) + suffix
                 if word not in seen:
                     seen.add(word)
                     out.append(word)
@@ -151,21 +150,14 @@ class BiographyCorpus:
                 words.update(value.split(" "))
         return [*SPECIAL_TOKENS, *sorted(words)]
 
-    def _check_people(self, people: np.ndarray | Sequence[int]) -> np.ndarray:
-        people = np.atleast_1d(np.asarray(people, dtype=np.int64))
-        if people.size and (people.min() < 0 or people.max() >= self.n_entities):
-            bad = people[(people < 0) | (people >= self.n_entities)][0]
-            raise IndexError(f"person {bad} is outside [0, {self.n_entities}) (n_people={self.n_entities})")
-        return people
-
     # ----------------------------------------------------------------------------------------- who and what
     def names(self, people: np.ndarray | Sequence[int]) -> list[str]:
-        codes = self._names(self._check_people(people))
+        codes = self._names(self._check_ids(people))
         return [f"{self.given_names[c // N_FAMILY]} {self.family_names[c % N_FAMILY]}" for c in codes.tolist()]
 
     def value_indices(self, people: np.ndarray | Sequence[int], attribute_ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Index into ``value_sets[attribute]`` of each ``(person, attribute)``: independent, uniform; int64."""
-        people = self._check_people(people)
+        people = self._check_ids(people)
         attribute_ids = np.broadcast_to(np.asarray(attribute_ids, dtype=np.int64), people.shape)
         out = np.empty_like(people)
         for a, attribute in enumerate(self.attributes):
@@ -183,18 +175,6 @@ class BiographyCorpus:
         """The template of each fact in training pass ``pass_index`` (all templates, in rotation)."""
         start = keyed_choice(self._rotation_key, fact_ids, TEMPLATES_PER_ATTRIBUTE)
         return (start + pass_index) % TEMPLATES_PER_ATTRIBUTE
-
-    def sentences(self, people: np.ndarray, attribute_ids: np.ndarray, templates: np.ndarray) -> list[str]:
-        """One rendered sentence per ``(person, attribute, template)``: space-separated words ending in ``" ."``."""
-        people = self._check_people(people)
-        attribute_ids = np.broadcast_to(np.asarray(attribute_ids, dtype=np.int64), people.shape)
-        templates = np.broadcast_to(np.asarray(templates, dtype=np.int64), people.shape)
-        names, values = self.names(people), self.value_indices(people, attribute_ids)
-        out = []
-        for name, a, t, v in zip(names, attribute_ids.tolist(), templates.tolist(), values.tolist()):
-            attribute = self.attributes[a]
-            out.append(self.templates[attribute][t].format(name=name, value=self.value_sets[attribute][v]))
-        return out
 
     def prompt_and_answer(self, person: int, attribute: str, template: int) -> tuple[str, str]:
         """The template's words before the value, and ``" " + value`` (no terminator: the answer is the value)."""

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from memzoo.data.keyed_random import KeyedPermutation, derive_key, keyed_choice
+from memzoo.data.templated_corpus import TemplatedCorpus, syllable_word
 
 CONSONANTS = "bdfghklmnprstvz"
 VOWELS = "aeiou"
@@ -91,7 +92,7 @@ UNIVERSITY_PATTERNS = (
 
 
 def _word(rng: random.Random, n_syllables: int) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(n_syllables)).capitalize()
+    return syllable_word(rng, SYLLABLES, n_syllables)
 
 
 def _distinct(make, count: int) -> tuple[str, ...]:
@@ -121,7 +122,7 @@ def synthesise_value_sets(seed: int) -> dict[str, tuple[str, ...]]:
     }
 
 
-class FactsCorpus:
+class FactsCorpus(TemplatedCorpus):
     """``n_entities`` people with five attributes each, all drawn from ``seed``.
 
     A *fact* is an ``(entity, attribute)`` pair, numbered ``fact = entity · 5 + attribute_index``; a *rendering* of
@@ -160,17 +161,10 @@ class FactsCorpus:
             raise ValueError(f"unknown attribute {attribute!r}; the attributes are {list(self.attributes)}")
         return self.attributes.index(attribute)
 
-    def _check_entities(self, entities: np.ndarray) -> np.ndarray:
-        entities = np.atleast_1d(np.asarray(entities, dtype=np.int64))
-        if entities.size and (entities.min() < 0 or entities.max() >= self.n_entities):
-            bad = entities[(entities < 0) | (entities >= self.n_entities)][0]
-            raise IndexError(f"entity {bad} is outside [0, {self.n_entities}) (n_entities={self.n_entities})")
-        return entities
-
     # ----------------------------------------------------------------------------------------- who and what
     def names(self, entities: np.ndarray | Sequence[int]) -> list[str]:
         """``"Given Family"`` for each entity: its code's base-75 digits, low two the given name's syllables."""
-        codes = self._name_codes(self._check_entities(entities))
+        codes = self._name_codes(self._check_ids(entities))
         given, family = np.divmod(codes, len(_SYLLABLE_PAIRS))[::-1]
         family_rest, family_head = np.divmod(family, len(SYLLABLES))
         return [
@@ -183,7 +177,7 @@ class FactsCorpus:
 
     def value_indices(self, entities: np.ndarray, attribute_ids: np.ndarray) -> np.ndarray:
         """Index into ``value_sets[attribute]`` of each ``(entity, attribute)``; int64 array."""
-        entities = self._check_entities(entities)
+        entities = self._check_ids(entities)
         attribute_ids = np.broadcast_to(np.asarray(attribute_ids, dtype=np.int64), entities.shape)
         out = np.empty_like(entities)
         for a, attribute in enumerate(self.attributes):
@@ -212,19 +206,6 @@ class FactsCorpus:
         return slot + (slot >= self.held_out_template(fact_ids))  # skip over the held-out template
 
     # ----------------------------------------------------------------------------------------- rendering
-    def sentences(self, entities: np.ndarray, attribute_ids: np.ndarray, templates: np.ndarray) -> list[str]:
-        """One rendered sentence per ``(entity, attribute, template)``."""
-        entities = self._check_entities(entities)
-        attribute_ids = np.broadcast_to(np.asarray(attribute_ids, dtype=np.int64), entities.shape)
-        templates = np.broadcast_to(np.asarray(templates, dtype=np.int64), entities.shape)
-        names = self.names(entities)
-        values = self.value_indices(entities, attribute_ids)
-        out = []
-        for name, a, t, v in zip(names, attribute_ids.tolist(), templates.tolist(), values.tolist()):
-            attribute = self.attributes[a]
-            out.append(self.templates[attribute][t].format(name=name, value=self.value_sets[attribute][v]))
-        return out
-
     def sentence(self, entity: int, attribute: str, template: int) -> str:
         return self.sentences([entity], [self.attribute_index(attribute)], [template])[0]
 
