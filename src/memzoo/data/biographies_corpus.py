@@ -123,14 +123,6 @@ class BiographyCorpus(TemplatedCorpus):
         return self.n_entities
 
     @property
-    def n_facts(self) -> int:
-        return self.n_entities * len(self.attributes)
-
-    @property
-    def value_set_sizes(self) -> dict[str, int]:
-        return {a: len(v) for a, v in self.value_sets.items()}
-
-    @property
     def value_token_counts(self) -> dict[str, int]:
         """Tokens of one value of each attribute (every value of an attribute has the same count)."""
         return {a: len(v[0].split(" ")) for a, v in self.value_sets.items()}

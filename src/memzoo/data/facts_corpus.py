@@ -148,14 +148,6 @@ class FactsCorpus(TemplatedCorpus):
         self._rotation_key = derive_key(self.seed, "template rotation")
 
     # ----------------------------------------------------------------------------------------- sizes
-    @property
-    def n_facts(self) -> int:
-        return self.n_entities * len(self.attributes)
-
-    @property
-    def value_set_sizes(self) -> dict[str, int]:
-        return {a: len(v) for a, v in self.value_sets.items()}
-
     def attribute_index(self, attribute: str) -> int:
         if attribute not in self.attributes:
             raise ValueError(f"unknown attribute {attribute!r}; the attributes are {list(self.attributes)}")

@@ -31,6 +31,16 @@ class TemplatedCorpus:
     value_sets: dict[str, tuple[str, ...]]
     templates: dict[str, tuple[str, ...]]
 
+    @property
+    def n_facts(self) -> int:
+        """Facts ``(entity, attribute)``, numbered ``entity · len(attributes) + attribute_index``."""
+        return self.n_entities * len(self.attributes)
+
+    @property
+    def value_set_sizes(self) -> dict[str, int]:
+        """How many values each attribute draws from."""
+        return {a: len(v) for a, v in self.value_sets.items()}
+
     def _check_ids(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """``ids`` as a 1-d int64 array; ``IndexError`` naming the first id outside ``[0, n_entities)``."""
         ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
