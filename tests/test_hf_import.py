@@ -187,3 +187,51 @@ def test_init_from_hf_folder_in_yaml_uses_its_tokenizer_and_trains(folders, tmp_
     out = memzoo.export.hf.export_checkpoint(ckpt, tmp_path / "exported")
     exported = memzoo.load_pretrained(out)
     torch.testing.assert_close(exported(ids), cli.model.model.eval()(ids), rtol=0, atol=1e-5)
+
+
+def test_hub_id_resolves_to_its_snapshot_folder(folders, monkeypatch, tmp_path):
+    """``org/name[@rev]`` goes to huggingface_hub.snapshot_download (faked here: no hub in tests); the folder it
+    returns is imported as a local folder would be, for init_from and load_pretrained."""
+    import huggingface_hub
+
+    folder, reference = folders["qwen2-qkv-bias"]
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        assert "*.safetensors" in allow_patterns and "*.json" in allow_patterns
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+    lm = LanguageModel(architecture={"max_seq_len": 32}, init_from="memzoo-tests/tiny-qwen2@v1")
+    torch.testing.assert_close(lm.eval()(ids), hf_logits(reference, ids), rtol=0, atol=1e-4)
+    assert lm.hparams.init_from == "memzoo-tests/tiny-qwen2@v1"  # the checkpoint records the name given
+    torch.testing.assert_close(memzoo.load_pretrained("memzoo-tests/tiny-qwen2")(ids), hf_logits(reference, ids),
+                               rtol=0, atol=1e-4)
+    assert calls == [("memzoo-tests/tiny-qwen2", "v1"), ("memzoo-tests/tiny-qwen2", None)]
+    monkeypatch.chdir(tmp_path)  # a local path of the same spelling wins over the hub
+    (tmp_path / "memzoo-tests").mkdir()
+    (tmp_path / "memzoo-tests" / "tiny-qwen2").symlink_to(folder)
+    memzoo.load_pretrained("memzoo-tests/tiny-qwen2")
+    assert len(calls) == 2
+
+
+def test_hub_id_offline_and_not_cached_fails_clearly(monkeypatch, tmp_path):
+    from memzoo.model.hub import looks_like_hub_id
+    from memzoo.training.init_from import InitFromError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(InitFromError, match=r"init_from: 'memzoo-tests/not-cached'.*huggingface-cli download "
+                                            r"memzoo-tests/not-cached --local-dir DIR"):
+        LanguageModel(init_from="memzoo-tests/not-cached")
+    with pytest.raises(PretrainedFormatError, match="load_pretrained: 'memzoo-tests/not-cached'"):
+        memzoo.load_pretrained("memzoo-tests/not-cached")
+    # a missing checkpoint file is reported as a missing path, never sent to the hub
+    assert not looks_like_hub_id("runs/last.ckpt") and looks_like_hub_id("Qwen/Qwen2.5-0.5B@main")
+    with pytest.raises(InitFromError, match="'runs/last.ckpt' does not exist"):
+        LanguageModel(init_from="runs/last.ckpt")

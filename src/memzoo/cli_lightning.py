@@ -38,6 +38,7 @@ from memzoo.export.checkpoint_check import (
     check_same_architecture,
     find_last_checkpoint,
 )
+from memzoo.model.hub import resolve_model_source
 from memzoo.parallel.checkpoint import (
     check_sharded_checkpoint,
     check_strategy_reads_sharded,
@@ -220,15 +221,19 @@ def _experiment_name(config: Any) -> str:
 
 
 def _use_init_from_tokenizer(config: Any) -> None:
-    """``model.init_args.init_from: DIR`` with a ``DIR/tokenizer.json``: the data module reads text with that
-    tokenizer unless the config names one other than the default ``byte``."""
+    """``model.init_args.init_from: DIR`` (or a hub id, resolved to its snapshot folder) with a
+    ``DIR/tokenizer.json``: the data module reads text with that tokenizer unless the config names one other than the
+    default ``byte``."""
     model_args = config.get("model.init_args") if config.get("model") else None
     init_from = getattr(model_args, "init_from", None) if model_args is not None else None
-    if not init_from or not (Path(init_from) / "tokenizer.json").is_file():
+    if not init_from:
+        return
+    folder = resolve_model_source(init_from, where="model.init_args.init_from")
+    if not (folder / "tokenizer.json").is_file():
         return
     data_args = config.get("data.init_args") if config.get("data") else None
     if data_args is not None and getattr(data_args, "tokenizer", None) == "byte":
-        data_args.tokenizer = str(Path(init_from))
+        data_args.tokenizer = str(folder)
 
 
 def _config_stem(config: Any) -> str | None:

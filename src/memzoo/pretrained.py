@@ -5,6 +5,7 @@
     model, tokenizer = memzoo.load_pretrained("exports/my-model", with_tokenizer=True)
     tokenizer = memzoo.load_tokenizer("exports/my-model")
     model = memzoo.load_pretrained("Qwen2.5-0.5B/")                         # LlamaForCausalLM, Qwen2, Mistral
+    model = memzoo.load_pretrained("Qwen/Qwen2.5-0.5B")                     # a hub id (memzoo.model.hub)
 
 A Hugging Face folder (``save_pretrained`` output: ``config.json`` naming ``LlamaForCausalLM``,
 ``Qwen2ForCausalLM`` or ``MistralForCausalLM``, ``model.safetensors`` or its shards) is converted by
@@ -30,6 +31,8 @@ from memzoo.export.manifest import MANIFEST_FILE, read_manifest, verify_files
 from memzoo.export.tokenizer_files import TOKENIZER_FILE
 from memzoo.export.weights import load_weights
 from memzoo.model.hf_llama import HFImportError, load_hf_model
+from memzoo.model.hub import resolve_model_source
+from memzoo.model.retrofit import InitFromError
 from memzoo.model.transformer import ModelConfigError, Transformer
 
 CONFIG_FILE = "config.json"
@@ -55,7 +58,10 @@ def load_pretrained(
         max_seq_len, layers, pools: Hugging Face folders only: the context length (default: the config's
             ``max_position_embeddings``) and retrofits (:func:`memzoo.model.hf_llama.load_hf_model`).
     """
-    folder = Path(path)
+    try:
+        folder = resolve_model_source(path, where="load_pretrained")
+    except InitFromError as err:
+        raise PretrainedFormatError(str(err)) from err
     if not folder.is_dir():
         raise PretrainedFormatError(f"{folder} is not a folder; give the folder `memzoo export --out` wrote")
     if not (folder / MANIFEST_FILE).is_file() and _model_type(folder) not in (None, "memzoo"):
