@@ -58,6 +58,9 @@ def test_plan_gives_every_fact_the_exposures_and_validates_on_the_last_step():
     assert args[args.index("--data.init_args.n_people") + 1] == "50"
     with pytest.raises(capacity.StudyError, match="exposures"):
         capacity.capacity_plan([50], exposures=0, batch_size=16, val_points=4)
+    small, large = capacity.capacity_plan([50, 3000], exposures=100, batch_size=16, val_points=4, min_steps=1500)
+    assert small.steps == 1500 and small.steps > workload.steps  # a small load gets the minimum of updates
+    assert large.steps == 4 * math.ceil(100 * capacity.biographies(3000).tokens_per_pass() / (16 * 64) / 4)
 
 
 def fake_cell(model, load, val_loss, params, recall=0.5):

@@ -59,6 +59,12 @@ def test_tfidf_and_kl_rankings_match_hand_computed_values():
     assert top_slots(tf, scores, 2).tolist() == [3, 4]
     assert top_slots(tf, scores, 3).tolist() == [2, 3, 4]
     assert top_slots(tf, scores, 10).tolist() == [1, 2, 3, 4]  # fewer read than t: all read slots
+    # idf_power 2: tf · idf²; slot 2 (read once, never in the background: ln²5 = 2.59) now beats slot 3 (2·ln²2.5 = 1.68)
+    squared = slot_scores(tf, background, n_docs=4, rank="tfidf", idf_power=2.0)
+    torch.testing.assert_close(squared, torch.tensor([0.0, 3 * math.log(5 / 4) ** 2, math.log(5) ** 2,
+                                                      2 * math.log(5 / 2) ** 2, 2 * math.log(5) ** 2],
+                                                     dtype=torch.float64))
+    assert top_slots(tf, squared, 2).tolist() == [2, 4]
     kl = slot_scores(tf, background, n_docs=4, rank="kl")
     q = [(c + 1) / (15 + 5) for c in (5, 9, 0, 1, 0)]
     p = [t / 8 for t in (0, 3, 1, 2, 2)]
@@ -149,6 +155,10 @@ def test_bad_stats_and_top_t_fail_clearly(tmp_path):
         SparseMemoryFinetuning(stats, top_t=0)
     with pytest.raises(SlotStatsError, match="rank must be one of"):
         SparseMemoryFinetuning(stats, rank="bm25")
+    with pytest.raises(SlotStatsError, match="idf_power must be > 0, got 0"):
+        SparseMemoryFinetuning(str(tmp_path / "s.pt"), idf_power=0)
+    with pytest.raises(SlotStatsError, match="idf_power applies to rank: tfidf only"):
+        SparseMemoryFinetuning(str(tmp_path / "s.pt"), rank="kl", idf_power=2.0)
     with pytest.raises(SlotStatsError, match="do not exist"):
         SparseMemoryFinetuning(str(tmp_path / "none.pt")).prepare(small)
     torch.save({"x": 1}, tmp_path / "other.pt")

@@ -7,9 +7,11 @@ all. They are collected through the pools' usage hook (:meth:`MemoryPool.observe
 
 Rankings of the slots one finetuning batch read, given its per-slot lookup counts ``tf`` (``(N,)``, int):
 
-- ``tfidf``: ``score[s] = tf[s] · log((n_docs + 1) / (doc_freq[s] + 1))``: slots read often now and in few
-  background documents first (the smoothed IDF is > 0 for every slot, and largest for slots background data never
-  read).
+- ``tfidf``: ``score[s] = tf[s] · idf[s]^p`` with ``idf[s] = log((n_docs + 1) / (doc_freq[s] + 1))``: slots read
+  often now and in few background documents first (the smoothed IDF is > 0 for every slot, and largest for slots
+  background data never read). ``p`` (``idf_power``, default 1: Lin et al.'s TF-IDF) > 1 weighs rarity more
+  against frequency: a batch of many facts reads the slots its template shares with every fact most often, and
+  updating those is what makes other facts forgotten (``tools/continual.py`` measures it).
 - ``kl``: ``score[s] = p[s] · log(p[s] / q[s])``, slot s's term of KL(p ‖ q) between the batch's access
   distribution ``p = tf / Σ tf`` and the background's ``q = (counts + 1) / (Σ counts + N)`` (add-one smoothed).
 
@@ -157,12 +159,14 @@ class SlotCounter:
         self._hits = None
 
 
-def slot_scores(tf: torch.Tensor, background: PoolSlotStats, n_docs: int, rank: Ranking) -> torch.Tensor:
-    """Scores ``(N,)`` float64 of every slot for the batch counts ``tf (N,)`` (module docstring)."""
+def slot_scores(tf: torch.Tensor, background: PoolSlotStats, n_docs: int, rank: Ranking,
+                idf_power: float = 1.0) -> torch.Tensor:
+    """Scores ``(N,)`` float64 of every slot for the batch counts ``tf (N,)`` (module docstring; ``idf_power``
+    applies to ``tfidf``)."""
     tf = tf.to(torch.float64)
     if rank == "tfidf":
         idf = torch.log((n_docs + 1.0) / (background.doc_freq.to(torch.float64) + 1.0))
-        return tf * idf.to(tf.device)
+        return tf * idf.to(tf.device) ** idf_power
     if rank == "kl":
         total = tf.sum()
         p = tf / total if total > 0 else tf

@@ -51,6 +51,9 @@ class SparseMemoryFinetuning(L.Callback):
         stats: background slot statistics (a file ``memzoo slot-stats`` wrote).
         top_t: slots updated per pool and step (``<=`` the pool's rows).
         rank: ``tfidf`` | ``kl``: how the batch's slots are ranked against the background.
+        idf_power: ``tfidf`` scores ``tf · idf^idf_power``; 1 is plain TF-IDF, larger values prefer slots the
+            background rarely reads over slots the batch reads often (less forgetting, slower learning; see
+            :mod:`memzoo.training.slot_stats`).
         optimizer: ``sgd`` (row-wise SGD) | ``adam`` (row-wise AdamW, per-row steps).
         lr: learning rate of the value rows.
         weight_decay: decoupled weight decay, applied to selected rows only.
@@ -64,6 +67,7 @@ class SparseMemoryFinetuning(L.Callback):
         stats: str,
         top_t: int = 500,
         rank: Ranking = "tfidf",
+        idf_power: float = 1.0,
         optimizer: Literal["sgd", "adam"] = "sgd",
         lr: float = 1e-2,
         weight_decay: float = 0.0,
@@ -76,10 +80,14 @@ class SparseMemoryFinetuning(L.Callback):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if not lr > 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr!r}, weight_decay={weight_decay!r}")
+        if not idf_power > 0:
+            raise SlotStatsError(f"idf_power must be > 0, got {idf_power!r}")
+        if rank != "tfidf" and idf_power != 1.0:
+            raise SlotStatsError(f"idf_power applies to rank: tfidf only, got rank {rank!r} with idf_power {idf_power}")
         if isinstance(top_t, bool) or not isinstance(top_t, int) or top_t < 1:
             raise SlotStatsError(f"top_t must be a positive int, got {top_t!r}")
         self.stats_path = stats
-        self.top_t, self.rank, self.optimizer_name = top_t, rank, optimizer
+        self.top_t, self.rank, self.idf_power, self.optimizer_name = top_t, rank, float(idf_power), optimizer
         self.lr, self.weight_decay, self.pool_names = lr, weight_decay, pools
         self.count_loss_positions_only = count_loss_positions_only
         self.pools: dict[str, MemoryPool] = {}
@@ -148,7 +156,7 @@ class SparseMemoryFinetuning(L.Callback):
         for name, pool in self.pools.items():
             counter = self.counters[name]
             tf = counter.counts
-            top = top_slots(tf, slot_scores(tf, self.background[name], self.n_docs, self.rank), self.top_t)
+            top = top_slots(tf, slot_scores(tf, self.background[name], self.n_docs, self.rank, self.idf_power), self.top_t)
             self.selected[name] = top
             for table in pool.tables().values():
                 if table.grad is not None:
