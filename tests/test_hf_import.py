@@ -235,3 +235,23 @@ def test_hub_id_offline_and_not_cached_fails_clearly(monkeypatch, tmp_path):
     assert not looks_like_hub_id("runs/last.ckpt") and looks_like_hub_id("Qwen/Qwen2.5-0.5B@main")
     with pytest.raises(InitFromError, match="'runs/last.ckpt' does not exist"):
         LanguageModel(init_from="runs/last.ckpt")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["xformers", "sdpa"])
+def test_imported_gqa_model_on_cuda_matches_transformers(folders, backend):
+    """Grouped-query attention of an imported model on the GPU, through xformers and SDPA, against transformers on
+    the CPU (float32; GPU matmuls may use TF32, hence the looser tolerance), and KV-cached decoding on the GPU."""
+    from memzoo.model.hf_llama import load_hf_model
+
+    if backend == "xformers":
+        pytest.importorskip("xformers")
+    folder, reference = folders["llama3-gqa-untied"]
+    model = load_hf_model(folder, attention_backend=backend).cuda().eval()
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf_logits(reference, ids)
+        torch.testing.assert_close(model(ids.cuda()).cpu(), expected, rtol=0, atol=2e-3)
+        caches = model.new_caches(2, 40)
+        pieces = [model(ids[:, :30].cuda(), caches)] + [model(ids[:, t : t + 1].cuda(), caches) for t in range(30, 40)]
+        torch.testing.assert_close(torch.cat(pieces, 1).cpu(), expected, rtol=0, atol=2e-3)

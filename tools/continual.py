@@ -1,23 +1,26 @@
 """The continual-learning study: learn new facts with full finetuning, LoRA or sparse memory finetuning, and
 measure what each forgets (after Lin et al., "Continual Learning via Sparse Memory Finetuning", 2025).
 
-1. Pretrain a small Memory+ model (byte level; two memory layers sharing one pool) on background data: tiny
-   Shakespeare windows plus the sentences of facts set A (people of memzoo's synthetic facts corpus).
+1. Pretrain a small Memory+ model (byte level; two memory layers sharing one pool of 16,384 slots) on background
+   data: tiny Shakespeare windows plus the sentences of facts set A (people of memzoo's synthetic facts corpus).
 2. Background slot statistics (``memzoo slot-stats``' collector) over the same background data.
-3. From that model, teach facts set B (new people; the loss covers the answers) with each method and each learning
-   rate of its sweep, measuring after several step counts: learning = set-B recall (greedy exact match of the answer, teacher-forced);
-   forgetting = set-A recall drop and held-out Shakespeare loss increase, both against the pretrained model.
-   - ``full``: AdamW on every parameter;
-   - ``lora``: AdamW on LoRA adapters (peft, every linear of the decoder layers);
-   - ``smf``: sparse memory finetuning, the top-t TF-IDF slots per step (term frequencies counted at the answer
-     positions), row-wise SGD (Lin et al. found SGD forgets less than AdamW), everything else frozen.
+3. From that model, teach facts set B (new people; the loss covers the answers) with each configuration of each
+   method's sweep, measuring after several step counts: learning = set-B recall (greedy exact match of the answer,
+   teacher-forced); forgetting = set-A recall drop and held-out Shakespeare loss increase, both against the
+   pretrained model.
+   - ``full``: AdamW on every parameter (learning rates swept);
+   - ``lora``: AdamW on LoRA adapters (peft, every linear of the decoder layers; learning rates swept);
+   - ``smf``: sparse memory finetuning, the top-t slots per step by TF-IDF (term frequencies counted at the answer
+     positions; ``idf_power`` 1 is plain TF-IDF), row-wise SGD (Lin et al. found SGD forgets less than AdamW),
+     everything else frozen (t, idf_power and learning rate swept).
 4. Matched learning: for a set-B recall level ``r*`` that every method reaches, each method's forgetting is the
-   least of its (learning rate, steps) points with recall >= ``r*`` (its frontier). Targets: SMF's set-A recall
-   drop <= 1/3 of full finetuning's and <= 1/2 of LoRA's (and the same for the held-out loss increase).
+   least of its (configuration, steps) points with recall >= ``r*`` (its frontier), for each forgetting measure.
+   Targets: SMF's set-A recall drop <= 1/3 of full finetuning's and <= 1/2 of LoRA's (and the same for the held-out
+   loss increase). SMF restricted to plain TF-IDF is reported beside it (``smf_tfidf``).
 
 Outputs: a table (stdout and ``docs/results/continual[-quick].md``), ``docs/results/continual[-quick].json`` (every
 point, the frontier comparison and ``targets``: ``target``, ``met``, ``detail``) and a plot
-``docs/results/continual[-quick].png`` (forgetting vs learning, one curve per method).
+``docs/results/continual[-quick].png`` (forgetting vs learning, one curve per configuration).
 
     nice -n 10 python tools/continual.py --quick      # smoke run, a few minutes on 2 cores
     nice -n 10 python tools/continual.py              # the study (see docs/pretrained.md for its time)
@@ -57,6 +60,21 @@ TOK = ByteTokenizer()
 FRONTIER_LEVELS = (0.25, 0.5, 0.75)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One finetuning configuration of a method's sweep: the learning rate, and for ``smf`` the slots updated per
+    step (``top_t``) and the ranking's ``idf_power``."""
+
+    method: str
+    lr: float
+    top_t: int | None = None
+    idf_power: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.top_t is None else f"smf t={self.top_t} p={self.idf_power:g}"
+
+
 @dataclass
 class Settings:
     """Sizes and sweeps of one study mode."""
@@ -66,21 +84,34 @@ class Settings:
     n_b: int  # people in facts set B (new)
     pretrain_steps: int
     finetune_steps: tuple[int, ...]  # evaluation points (cumulative steps)
-    lrs: dict[str, tuple[float, ...]]
-    top_t: int = 64
+    runs: tuple[Run, ...]
+    n_keys: int = 128  # the pool has n_keys² slots
     batch: int = 16
     window: int = 128
 
 
-QUICK = Settings("continual-quick", n_a=40, n_b=8, pretrain_steps=300, finetune_steps=(10, 30),
-                 lrs={"full": (3e-4,), "lora": (3e-3,), "smf": (300.0,)}, top_t=256)
-FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=600, finetune_steps=(10, 30, 60),
-                lrs={"full": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2), "smf": (100.0, 300.0, 1000.0)},
-                top_t=256)
+def smf_runs(configs, lrs) -> tuple[Run, ...]:
+    return tuple(Run("smf", lr, t, p) for t, p in configs for lr in lrs)
 
 
-def build_model(n_keys: int = 64) -> Transformer:
-    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 4096) slots."""
+#: SMF configurations (slots per step t, idf_power p) x learning rates: plain TF-IDF (p = 1, Lin et al.'s) at
+#: several slot budgets, and rarity-weighted rankings (p = 3); full finetuning and LoRA sweep their learning rates.
+#: Pretraining runs long enough (1,500 steps) that set A is memorised with margin: after 600 steps even 10 steps of
+#: full finetuning at lr 1e-4 dropped a third of it, which measures fragile pretraining more than forgetting.
+QUICK = Settings("continual-quick", n_a=40, n_b=8, pretrain_steps=300, finetune_steps=(30, 60, 120),
+                 runs=(Run("full", 3e-5), Run("lora", 3e-4), *smf_runs([(1024, 1.0)], (3.0,)),
+                       *smf_runs([(4096, 1.0)], (1.0,))))
+FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=1500, finetune_steps=(30, 60, 120, 240, 480),
+                runs=(*(Run("full", lr) for lr in (1e-5, 3e-5, 1e-4, 3e-4)),
+                      *(Run("lora", lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)),
+                      *smf_runs([(1024, 1.0)], (3.0, 10.0)), *smf_runs([(2048, 1.0)], (2.0,)),
+                      *smf_runs([(4096, 1.0)], (1.0, 3.0)),
+                      *smf_runs([(1024, 3.0)], (10.0,)), *smf_runs([(2048, 3.0)], (3.0,)),
+                      *smf_runs([(4096, 3.0)], (2.0,))))
+
+
+def build_model(n_keys: int = 128) -> Transformer:
+    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 16,384) slots."""
     memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 16, "k_dim": 64,
               "qk_norm": True, "gate": "silu"}
     return Transformer(vocab_size=TOK.vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
@@ -144,9 +175,9 @@ def heldout_loss(model: Transformer, batches: list[dict[str, torch.Tensor]]) -> 
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def pretrain(settings: Settings, train_tokens, facts_a, rng, n_keys: int = 64) -> Transformer:
+def pretrain(settings: Settings, train_tokens, facts_a, rng) -> Transformer:
     torch.manual_seed(0)
-    model = build_model(n_keys)
+    model = build_model(settings.n_keys)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     warmup, steps = 50, settings.pretrain_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -180,24 +211,24 @@ def background_batches(settings, train_tokens, facts_a, rng, n=40):
     return out
 
 
-def finetune(method: str, lr: float, base: Transformer, settings: Settings, facts_b, stats_path, evaluate, seed=0):
+def finetune(run: Run, base: Transformer, settings: Settings, facts_b, stats_path, evaluate, seed=0):
     """Teaches facts B from a copy of ``base``; returns one measurement per step count in ``finetune_steps``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(base).train()
     smf = None
-    if method == "full":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    elif method == "lora":
+    if run.method == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
+    elif run.method == "lora":
         apply_lora(model, r=8, alpha=16)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    elif method == "smf":
-        smf = SparseMemoryFinetuning(str(stats_path), top_t=settings.top_t, rank="tfidf", optimizer="sgd", lr=lr,
-                                     count_loss_positions_only=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
+    elif run.method == "smf":
+        smf = SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank="tfidf", idf_power=run.idf_power,
+                                     optimizer="sgd", lr=run.lr, count_loss_positions_only=True)
         smf.prepare(model)
         opt = smf.build_optimizer(model)
     else:
-        raise ValueError(method)
+        raise ValueError(run.method)
     points, done = [], 0
     for target in settings.finetune_steps:
         for _ in range(target - done):
@@ -213,26 +244,34 @@ def finetune(method: str, lr: float, base: Transformer, settings: Settings, fact
                 smf.select_and_mask()
             opt.step()
         done = target
-        points.append({"method": method, "lr": lr, "steps": target, **evaluate(model)})
+        points.append({"method": run.method, "lr": run.lr, "top_t": run.top_t, "idf_power": run.idf_power,
+                       "steps": target, **evaluate(model)})
     return points
 
 
 # ----------------------------------------------------------------------------------------------- report
-def frontier_forgetting(points, method, key, level):
-    """Least forgetting ``key`` among a method's points with set-B recall >= ``level`` (None if none reach it)."""
-    eligible = [p[key] for p in points if p["method"] == method and p["recall_b"] >= level - 1e-9]
+#: the groups compared: each method over its whole sweep, and SMF with the paper's plain TF-IDF ranking alone
+GROUPS = {"full": lambda p: p["method"] == "full", "lora": lambda p: p["method"] == "lora",
+          "smf": lambda p: p["method"] == "smf", "smf_tfidf": lambda p: p["method"] == "smf" and p["idf_power"] == 1.0}
+
+
+def frontier_forgetting(points, group, key, level):
+    """Least forgetting ``key`` among a group's points with set-B recall >= ``level`` (None if none reach it)."""
+    eligible = [p[key] for p in points if GROUPS[group](p) and p["recall_b"] >= level - 1e-9]
     return min(eligible) if eligible else None
 
 
-def compare(points, base):
-    reach = {m: max(p["recall_b"] for p in points if p["method"] == m) for m in ("full", "lora", "smf")}
-    level = min(reach.values())
+def compare(points):
+    """The matched comparison: ``r*`` = the least of the methods' best set-B recalls; each group's least
+    forgetting at recall >= ``r*`` and at the lower ``FRONTIER_LEVELS``; the targets (SMF over its sweep)."""
+    groups = [g for g in GROUPS if any(GROUPS[g](p) for p in points)]
+    reach = {g: max(p["recall_b"] for p in points if GROUPS[g](p)) for g in groups}
+    level = min(reach[m] for m in ("full", "lora", "smf"))
     out = {"matched_recall_b": level, "max_recall_b": reach, "forgetting": {}, "frontier": {}}
     for key in ("recall_a_drop", "heldout_loss_increase"):
-        out["forgetting"][key] = {m: frontier_forgetting(points, m, key, level) for m in ("full", "lora", "smf")}
+        out["forgetting"][key] = {g: frontier_forgetting(points, g, key, level) for g in groups}
         out["frontier"][key] = {  # the same comparison at lower learning levels
-            f"{r:.2f}": {m: frontier_forgetting(points, m, key, r) for m in ("full", "lora", "smf")}
-            for r in FRONTIER_LEVELS if r <= level
+            f"{r:.2f}": {g: frontier_forgetting(points, g, key, r) for g in groups} for r in FRONTIER_LEVELS if r <= level
         }
     targets = []
     for key, label in (("recall_a_drop", "set-A recall drop"), ("heldout_loss_increase", "held-out loss increase")):
@@ -240,21 +279,28 @@ def compare(points, base):
         for other, ratio in (("full", 1 / 3), ("lora", 1 / 2)):
             bound = ratio * max(f[other], 0.0)
             met = f["smf"] <= bound + 1e-12 and level > 0
+            plain = f.get("smf_tfidf")
             targets.append({
                 "target": f"at matched set-B recall, SMF's {label} <= {ratio:.2g} x {other}'s",
                 "met": bool(met),
                 "detail": f"matched set-B recall {level:.2f}: smf {f['smf']:.4f}, {other} {f[other]:.4f} "
-                          f"(bound {bound:.4f})",
+                          f"(bound {bound:.4f}); smf with plain TF-IDF (idf_power 1): "
+                          + ("does not reach it" if plain is None else f"{plain:.4f}"),
             })
     return out, targets
 
 
+def _fmt(value, spec=".4f"):
+    return "–" if value is None else format(value, spec)
+
+
 def table(points) -> str:
-    lines = ["| method | lr | steps | set-B recall | set-A recall | set-A drop | held-out loss | increase |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | top_t | idf_power | lr | steps | set-B recall | set-A recall | set-A drop | held-out loss | "
+             "increase |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in points:
-        lines.append(f"| {p['method']} | {p['lr']:g} | {p['steps']} | {p['recall_b']:.2f} | {p['recall_a']:.2f} | "
-                     f"{p['recall_a_drop']:+.2f} | {p['heldout_loss']:.3f} | {p['heldout_loss_increase']:+.3f} |")
+        lines.append(f"| {p['method']} | {_fmt(p['top_t'], 'd')} | {_fmt(p['idf_power'], 'g')} | {p['lr']:g} | "
+                     f"{p['steps']} | {p['recall_b']:.2f} | {p['recall_a']:.2f} | {p['recall_a_drop']:+.2f} | "
+                     f"{p['heldout_loss']:.3f} | {p['heldout_loss_increase']:+.4f} |")
     return "\n".join(lines)
 
 
@@ -264,23 +310,29 @@ def plot(points, comparison, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"full": "tab:red", "lora": "tab:blue", "smf": "tab:green"}
-    names = {"full": "full finetuning", "lora": "LoRA", "smf": "sparse memory finetuning"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"full": ("tab:red", "full finetuning"), "lora": ("tab:blue", "LoRA"),
+              "smf_tfidf": ("tab:olive", "SMF, TF-IDF (idf_power 1)"), "smf": ("tab:green", "SMF, idf_power 3")}
     for ax, key, label in ((axes[0], "recall_a_drop", "set-A recall drop"),
                            (axes[1], "heldout_loss_increase", "held-out Shakespeare loss increase")):
-        for method in ("full", "lora", "smf"):
-            mine = [p for p in points if p["method"] == method]
-            for lr in sorted({p["lr"] for p in mine}):
-                run = sorted((p for p in mine if p["lr"] == lr), key=lambda p: p["steps"])
-                ax.plot([p["recall_b"] for p in run], [p[key] for p in run], "o-", color=colors[method], alpha=0.7,
-                        label=names[method] if lr == min(p["lr"] for p in mine) else None)
+        labelled = set()
+        runs = sorted({(p["method"], p["lr"], p["top_t"], p["idf_power"]) for p in points}, key=str)
+        for method, lr, top_t, idf_power in runs:
+            run = sorted((p for p in points if (p["method"], p["lr"], p["top_t"], p["idf_power"])
+                          == (method, lr, top_t, idf_power)), key=lambda p: p["steps"])
+            style = "smf_tfidf" if method == "smf" and idf_power == 1.0 else method
+            color, name = styles[style]
+            ax.plot([p["recall_b"] for p in run], [p[key] for p in run], "o-", color=color, alpha=0.6, ms=3,
+                    label=None if style in labelled else name)
+            labelled.add(style)
         ax.axvline(comparison["matched_recall_b"], color="gray", ls=":", lw=1)
         ax.set_xlabel("set-B recall (learning)")
         ax.set_ylabel(label + " (forgetting)")
         ax.grid(alpha=0.3)
+        if key == "heldout_loss_increase":
+            ax.set_yscale("symlog", linthresh=1e-3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Learning new facts vs forgetting (one line per method and learning rate, points = steps)")
+    fig.suptitle("Learning new facts vs forgetting (one line per configuration, points = steps)")
     fig.tight_layout()
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=110)
@@ -291,16 +343,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the small smoke study")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="output folder")
-    parser.add_argument("--n_keys", type=int, default=64, help="sub-keys per half of the pool (n_keys² slots)")
-    parser.add_argument("--top_t", type=int, default=None, help="slots sparse memory finetuning updates per step")
     parser.add_argument("--pretrained", default=None,
                         help="cache of the pretrained model's weights: loaded when the file exists, else written")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
-    if args.n_keys != 64 or args.top_t is not None:  # a variant study, under its own name
-        settings = Settings(**{**settings.__dict__, "top_t": args.top_t or settings.top_t,
-                               "name": f"{settings.name}-keys{args.n_keys}-top{args.top_t or settings.top_t}"})
     t0 = time.time()
 
     tokens = np.frombuffer(SHAKESPEARE.read_bytes(), dtype=np.uint8).astype(np.int64)
@@ -316,12 +363,12 @@ def main(argv=None) -> dict:
     print(f"[{settings.name}] pretraining {settings.pretrain_steps} steps: Shakespeare + {len(facts_a)} facts (set A)")
     cache = Path(args.pretrained) if args.pretrained else None
     if cache is not None and cache.is_file():
-        base = build_model(args.n_keys)
+        base = build_model(settings.n_keys)
         base.load_state_dict(torch.load(cache, weights_only=True))
         base.eval()
         print(f"  loaded the pretrained model from {cache}")
     else:
-        base = pretrain(settings, train_tokens, facts_a, rng, args.n_keys)
+        base = pretrain(settings, train_tokens, facts_a, rng)
         if cache is not None:
             with atomic_file(cache) as f:
                 torch.save(base.state_dict(), f)
@@ -341,24 +388,24 @@ def main(argv=None) -> dict:
         stats_path = Path(tmp) / "background.pt"
         stats = collect_slot_stats(base, background_batches(settings, train_tokens, facts_a, rng))
         torch.save(stats.to_dict(), stats_path)
-        for method in ("full", "lora", "smf"):
-            for lr in settings.lrs[method]:
-                run = finetune(method, lr, base, settings, facts_b, stats_path, evaluate)
-                points += run
-                last = run[-1]
-                print(f"  {method:4s} lr {lr:<7g} after {last['steps']:3d} steps: set-B recall {last['recall_b']:.2f}, "
-                      f"set-A drop {last['recall_a_drop']:+.2f}, held-out loss {last['heldout_loss_increase']:+.3f}"
-                      f"  ({time.time() - t0:.0f} s)", flush=True)
+        for run in settings.runs:
+            measured = finetune(run, base, settings, facts_b, stats_path, evaluate)
+            points += measured
+            last = measured[-1]
+            print(f"  {run.label:18s} lr {run.lr:<7g} after {last['steps']:3d} steps: set-B recall "
+                  f"{last['recall_b']:.2f}, set-A drop {last['recall_a_drop']:+.2f}, held-out loss "
+                  f"{last['heldout_loss_increase']:+.4f}  ({time.time() - t0:.0f} s)", flush=True)
 
-    comparison, targets = compare(points, base_eval)
+    comparison, targets = compare(points)
     seconds = time.time() - t0
     result = {
         "study": settings.name,
         "command": "python tools/continual.py" + (" --quick" if args.quick else ""),
         "hardware": f"CPU, {args.threads} torch thread(s)",
         "seconds": round(seconds, 1),
-        "settings": {k: v for k, v in settings.__dict__.items()},
-        "model": f"byte-level, dim 128, 4 layers, Memory+ at layers 1 and 3 sharing a {args.n_keys ** 2}-slot pool",
+        "settings": {**settings.__dict__, "runs": [run.__dict__ for run in settings.runs]},
+        "model": f"byte-level, dim 128, 4 layers, Memory+ at layers 1 and 3 sharing a {settings.n_keys ** 2}-slot "
+                 f"pool",
         "pretrained": base_eval,
         "points": points,
         "comparison": comparison,
@@ -373,12 +420,14 @@ def main(argv=None) -> dict:
           f"held-out loss {base_eval['heldout_loss']:.3f}.", "", table(points), "",
           f"Matched set-B recall {comparison['matched_recall_b']:.2f}; least forgetting reaching it:", ""]
     for key, values in comparison["forgetting"].items():
-        md.append(f"- {key}: " + ", ".join(f"{m} {v:.4f}" for m, v in values.items()))
-    md += ["", "Least forgetting among the points reaching a set-B recall level (the frontier):", "",
-           "| forgetting | set-B recall >= | full | LoRA | SMF |", "| --- | --- | --- | --- | --- |"]
+        md.append(f"- {key}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in values.items()))
+    groups = list(comparison["max_recall_b"])
+    md += ["", "Least forgetting among the points reaching a set-B recall level (the frontier; `smf`: every SMF "
+           "configuration, `smf_tfidf`: those with idf_power 1):", "",
+           "| forgetting | set-B recall >= | " + " | ".join(groups) + " |", "| --- | --- |" + " --- |" * len(groups)]
     for key, levels in comparison["frontier"].items():
         for level, values in levels.items():
-            md.append(f"| {key} | {level} | " + " | ".join(f"{values[m]:.4f}" for m in ("full", "lora", "smf")) + " |")
+            md.append(f"| {key} | {level} | " + " | ".join(_fmt(values[g]) for g in groups) + " |")
     md += ["", "| target | met | detail |", "| --- | --- | --- |"]
     md += [f"| {t['target']} | {t['met']} | {t['detail']} |" for t in targets]
     with atomic_file(out / f"{settings.name}.md") as f:
