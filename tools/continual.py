@@ -98,9 +98,9 @@ def smf_runs(configs, lrs) -> tuple[Run, ...]:
 #: several slot budgets, and rarity-weighted rankings (p = 3); full finetuning and LoRA sweep their learning rates.
 #: Pretraining runs long enough (1,500 steps) that set A is memorised with margin: after 600 steps even 10 steps of
 #: full finetuning at lr 1e-4 dropped a third of it, which measures fragile pretraining more than forgetting.
-QUICK = Settings("continual-quick", n_a=40, n_b=8, pretrain_steps=300, finetune_steps=(30, 60, 120),
-                 runs=(Run("full", 3e-5), Run("lora", 3e-4), *smf_runs([(1024, 1.0)], (3.0,)),
-                       *smf_runs([(4096, 1.0)], (1.0,))))
+QUICK = Settings("continual-quick", n_a=40, n_b=8, pretrain_steps=500, finetune_steps=(30, 60, 120),
+                 runs=(Run("full", 3e-5), Run("lora", 3e-4), *smf_runs([(1024, 1.0)], (10.0,)),
+                       *smf_runs([(2048, 3.0)], (3.0,))))
 FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=1500, finetune_steps=(30, 60, 120, 240, 480),
                 runs=(*(Run("full", lr) for lr in (1e-5, 3e-5, 1e-4, 3e-4)),
                       *(Run("lora", lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)),
