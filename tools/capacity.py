@@ -347,8 +347,10 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "word-level vocabulary, four templates each. The bits a model stores are the bit-complexity lower bound of "
           "Allen-Zhu & Li (arXiv 2404.05405): N · Σ_a log2 |V_a| minus the model's total cross-entropy (bits) on "
           "every person's attribute values, measured after training on every fact. Models: width 32, 2 layers, "
-          "FLOP-matched to dense with `memzoo.accounting` (dense-2x at 2x); each fact seen "
-          f"{meta.get('grid', {}).get('exposures', '?')} times; grid loads: {loads} people.", "",
+          "FLOP-matched to dense with `memzoo.accounting` (dense-2x at 2x); each fact seen at least "
+          f"{meta.get('grid', {}).get('exposures', '?')} times, every cell at least "
+          f"{meta.get('grid', {}).get('min_steps', 0):,} steps of {meta.get('grid', {}).get('batch_size', '?')} "
+          f"sequences; grid loads: {loads} people.", "",
           f"Command: `{meta.get('command', '')}` ({meta.get('hardware', 'CPU')})", "",
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
