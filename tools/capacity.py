@@ -16,7 +16,8 @@ checks the committed files are what it generates), FLOP-matched to the dense mod
 measures the loss on every value token of every person and exact-match recall of every fact.
 
 Outputs in ``docs/results/``: ``<name>.json`` (cells, FLOP table, per-cell bits, the ``targets``), ``<name>.md``
-(tables) and ``<name>-bits-vs-load.png`` (bits stored against bits in the corpus, one line per model).
+(tables), ``<name>-bits-vs-load.png`` (bits stored against bits in the corpus, one line per model) and
+``<name>-bits-vs-step.png`` (bits stored at each validation, one panel per load).
 
     python tools/capacity.py --quick --jobs 2             # the full grid's first 2 loads x 6 models
     python tools/capacity.py --jobs 2 --threads 1         # the full grid (resumable; reuses the quick cells)
@@ -320,13 +321,39 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
+    """Bits stored at each validation of training, one panel per load, one line per model: where memorisation
+    sets in, and whether a model is still climbing when its cell ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = sorted({c["knowledge_load"] for c in cells})
+    fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3.2), squeeze=False)
+    for ax, load in zip(axes[0], loads):
+        for c in sorted((c for c in cells if c["knowledge_load"] == load), key=lambda c: list(MODELS).index(c["model"])):
+            curve = [(0, 0.0)] + [(p["step"], max(p["bits"], 0.0)) for p in c["curve_bits"]]
+            ax.plot(*zip(*curve), marker="o", ms=3, label=c["model"], color=f"C{list(MODELS).index(c['model'])}")
+        ax.axhline(cells[[c["knowledge_load"] for c in cells].index(load)]["max_bits"], color="grey", ls="--", lw=1)
+        ax.set_title(f"people-{load:,}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("bits stored (negative shown as 0)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any], memory: dict[str, int],
                  out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """Writes ``<name>.json``, ``<name>.md`` and ``<name>-bits-vs-load.png``; returns their paths."""
     from memzoo.atomic import write_bytes_atomic
 
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
-             "plot": out_dir / f"{name}-bits-vs-load.png"}
+             "plot": out_dir / f"{name}-bits-vs-load.png", "curves": out_dir / f"{name}-bits-vs-step.png"}
     cells = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
     checked = targets(cells)
     sat = saturation(cells)
@@ -357,13 +384,15 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           f"Dense saturation: {sat_line}", "",
           f"Cells run: {len(cells)} of {len(cells) + len(not_run)}"
           + (f"; not run: {', '.join(not_run)}" if not_run else ""), "", "### Targets", "", *target_lines, "",
-          f"![bits stored and recall against knowledge load]({paths['plot'].name})", ""]
+          f"![bits stored and recall against knowledge load]({paths['plot'].name})", "",
+          f"![bits stored during training, per load]({paths['curves'].name})", ""]
     notes = paths["md"].read_text().partition(NOTES_MARKER)[2] if paths["md"].is_file() else ""
     if notes:  # hand-written reading of the results survives a rewrite of the generated part
         md += [NOTES_MARKER + notes.rstrip("\n"), ""]
     write_bytes_atomic(paths["md"], "\n".join(md).encode())
     if cells:
         plot_bits_vs_load(cells, paths["plot"])
+        plot_bits_vs_step(cells, paths["curves"])
     return paths
 
 
