@@ -97,6 +97,7 @@ def test_bits_and_targets_on_fake_cells():
 
 def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path, monkeypatch):
     argv = ["--quick", "--models", "dense", "memoryplus", "--loads", "6", "--exposures", "2", "--batch-size", "4",
+            "--min-steps", "0",
             "--name", "micro", "--out", str(tmp_path)]
     result = capacity.main(argv)
     assert [c["model"] for c in result["cells"]] == ["dense", "memoryplus"]
@@ -107,6 +108,7 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
         assert c["max_bits"] == pytest.approx(capacity.biographies(6).max_bits)
         assert math.isfinite(c["bits"]) and 0 <= c["final"]["fact_recall"] <= 1
     assert (tmp_path / "micro-bits-vs-load.png").stat().st_size > 0
+    assert (tmp_path / "micro-bits-vs-step.png").stat().st_size > 0
     assert "| 6 |" in (tmp_path / "micro.md").read_text()
     md = tmp_path / "micro.md"
     md.write_text(md.read_text() + f"{capacity.NOTES_MARKER}\nReading: hand-written.\n")
