@@ -22,8 +22,8 @@ Outputs in ``docs/results/``: ``<name>.json`` (cells, FLOP table, per-cell bits,
     python tools/capacity.py --quick --jobs 2             # the full grid's first 2 loads x 6 models
     python tools/capacity.py --jobs 2 --threads 1         # the full grid (resumable; reuses the quick cells)
 
-(Measured on the 2-core CPU shared with other jobs, load average 5-14: the quick grid 29 min, the full grid's
-people-1000 cells 45 min; people-3000, 11,008 steps a cell, did not fit.)
+(Measured on the shared 2-core CPU: the full grid, 24 cells, 65 min wall with ``--jobs 2``; the quick grid's 12
+cells 1,093 s of cell time, about 9 min with ``--jobs 2``.)
 
     python tools/capacity.py --gpu --jobs 6 --threads 2   # the larger GPU grid (tools/gpu_check.sh)
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
