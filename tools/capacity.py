@@ -64,7 +64,10 @@ StudyError = study.StudyError
 
 #: model name -> FLOP target as a multiple of the dense model's forward FLOPs per token
 MODELS: dict[str, float] = {"dense": 1.0, "dense-2x": 2.0, "moe": 1.0, "pkm": 1.0, "memoryplus": 1.0, "peer": 1.0}
-MEMORY_MODELS = ("pkm", "memoryplus", "peer")
+#: ablations, trained only when named in ``--models`` (same FLOP accounting): Memory+ without its SiLU gate
+ABLATIONS: dict[str, float] = {"memoryplus-no-gate": 1.0}
+ALL_MODELS: dict[str, float] = {**MODELS, **ABLATIONS}
+MEMORY_MODELS = ("pkm", "memoryplus", "peer", "memoryplus-no-gate")
 DATA_CONFIG = "data-biographies.yaml"
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 DIM, LAYERS, HEADS, BLOCK_SIZE = 32, 2, 2, 64
@@ -79,7 +82,8 @@ def model_configs() -> dict[str, dict[str, Any]]:
     layers. ``dense-2x``: width 48, SwiGLU hidden 224 (2.06x the FLOPs). ``moe``: 8 SwiGLU experts of hidden 64, top-2, in both layers.
     ``pkm``: layer 1's FFN replaced by a product-key memory of 64² = 4,096 private values. ``memoryplus``: both FFNs
     replaced by Memory+ layers (qk-norm, SiLU gate) that share ONE pool of 4,096 values. ``peer``: both FFNs replaced
-    by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get sparse LazyAdam updates."""
+    by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get sparse LazyAdam updates.
+    Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs)."""
 
     def model(dim: int = DIM, layers: dict | None = None, pools: dict | None = None,
               block_args: dict | None = None) -> dict[str, Any]:
@@ -113,6 +117,8 @@ def model_configs() -> dict[str, dict[str, Any]]:
                                  "query_norm": "layernorm", "gate": "none", **sparse}}),
         "memoryplus": model(layers={i: dict(memory_plus) for i in range(LAYERS)},
                             pools={"memory": {"n_keys": 64, "value_dim": DIM, **sparse}}),
+        "memoryplus-no-gate": model(layers={i: {**memory_plus, "gate": "none"} for i in range(LAYERS)},
+                                    pools={"memory": {"n_keys": 64, "value_dim": DIM, **sparse}}),
         "peer": model(layers={i: dict(peer) for i in range(LAYERS)},
                       pools={"experts": {"kind": "experts", "n_keys": 64, "value_dim": DIM, **sparse}}),
     }
@@ -267,7 +273,7 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
     header = ("| people | corpus bits | model | bits stored | % of corpus | recall | bits / param | "
               "bits / dense param | (bits − dense) / memory param | memory params | params | train FLOPs |")
     lines = [header, "| ---: | ---: | --- |" + " ---: |" * 9]
-    for c in sorted(cells, key=lambda c: (c["knowledge_load"], list(MODELS).index(c["model"]))):
+    for c in sorted(cells, key=lambda c: (c["knowledge_load"], list(ALL_MODELS).index(c["model"]))):
         recall = c["final"]["fact_recall"]
         lines.append(
             f"| {c['knowledge_load']:,} | {c['max_bits']:,.0f} | {c['model']} | {c['bits']:,.0f} | "
@@ -288,11 +294,11 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
-    for model in MODELS:
+    for model in ALL_MODELS:
         own = sorted((c for c in cells if c["model"] == model), key=lambda c: c["knowledge_load"])
         if not own:
             continue
-        color = f"C{list(MODELS).index(model)}"
+        color = f"C{list(ALL_MODELS).index(model)}"
         axes[0].plot([c["max_bits"] for c in own], [max(c["bits"], 1.0) for c in own], marker="o", label=model,
                      color=color)
         axes[1].plot([c["knowledge_load"] for c in own], [c["final"]["fact_recall"] or 0.0 for c in own], marker="o",
@@ -332,9 +338,9 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
     loads = sorted({c["knowledge_load"] for c in cells})
     fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3.2), squeeze=False)
     for ax, load in zip(axes[0], loads):
-        for c in sorted((c for c in cells if c["knowledge_load"] == load), key=lambda c: list(MODELS).index(c["model"])):
+        for c in sorted((c for c in cells if c["knowledge_load"] == load), key=lambda c: list(ALL_MODELS).index(c["model"])):
             curve = [(0, 0.0)] + [(p["step"], max(p["bits"], 0.0)) for p in c["curve_bits"]]
-            ax.plot(*zip(*curve), marker="o", ms=3, label=c["model"], color=f"C{list(MODELS).index(c['model'])}")
+            ax.plot(*zip(*curve), marker="o", ms=3, label=c["model"], color=f"C{list(ALL_MODELS).index(c['model'])}")
         ax.axhline(cells[[c["knowledge_load"] for c in cells].index(load)]["max_bits"], color="grey", ls="--", lw=1)
         ax.set_title(f"people-{load:,}", fontsize=9)
         ax.set_xlabel("step")
@@ -404,7 +410,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default=None,
                         help="study name (default: capacity-quick | capacity | capacity-gpu; quick and full share "
                              "the cells of `capacity`)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help=f"subset of {list(MODELS)} (default: all), or the ablations {list(ABLATIONS)}")
     parser.add_argument("--loads", nargs="+", type=int, default=None, help="people per load (default: the grid's)")
     parser.add_argument("--exposures", type=int, default=None, help="passes over every fact (default: the grid's)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -436,15 +443,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if getattr(args, key) is not None:
             grid_spec[key] = getattr(args, key)
     extra = study.variant_args(args.overrides, args.name)
-    unknown = [m for m in args.models if m not in MODELS]
+    unknown = [m for m in args.models if m not in ALL_MODELS]
     if unknown:
-        raise StudyError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+        raise StudyError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)}")
     if grid_spec["exposures"] < 100:
         print(f"[capacity] warning: {grid_spec['exposures']} exposures per fact; the paper's capacity needs >= 100",
               flush=True)
     plan = capacity_plan(grid_spec["loads"], grid_spec["exposures"], grid_spec["batch_size"],
                          grid_spec["val_points"], grid_spec["min_steps"])
-    targets_ = {m: MODELS[m] for m in MODELS}
+    targets_ = dict(ALL_MODELS)
     costs = study.flop_table(args.models, targets_, args.config_dir, vocab_size=vocab_size())
     print(study.format_flop_table(costs), flush=True)
     problems = study.check_flop_matching(costs, args.tolerance, args.config_dir)
@@ -459,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "hardware": "2 shared CPU cores" if not args.gpu else "one GPU",
             "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
             "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
-            "planned_cells": [study.cell_name(w, m) for w in plan for m in MODELS if m in args.models]}
+            "planned_cells": [study.cell_name(w, m) for w in plan for m in ALL_MODELS if m in args.models]}
     if args.dry_run:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
