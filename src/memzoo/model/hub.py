@@ -16,6 +16,8 @@ from memzoo.model.retrofit import InitFromError
 #: what a hub snapshot needs for memzoo: the config, the safetensors weights (single file or shards + index) and
 #: every tokenizer file format transformers reads
 SNAPSHOT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tiktoken")
+#: hub id -> snapshot folder, resolved once per process
+_RESOLVED: dict[str, Path] = {}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -35,6 +37,8 @@ def resolve_model_source(name: str | Path, where: str = "init_from") -> Path:
     text = str(name)
     if path.exists() or not looks_like_hub_id(text):
         return path
+    if text in _RESOLVED:  # the CLI resolves init_from for its tokenizer, then the model again: one hub call
+        return _RESOLVED[text]
     repo_id, _, revision = text.partition("@")
     try:
         from huggingface_hub import snapshot_download
@@ -49,7 +53,8 @@ def resolve_model_source(name: str | Path, where: str = "init_from") -> Path:
             f"fetched or found in the cache ({type(err).__name__}: {_first_line(err)}). Where the hub is reachable, "
             f"run `huggingface-cli download {repo_id} --local-dir DIR` (or unset HF_HUB_OFFLINE) and give DIR instead"
         ) from err
-    return Path(folder)
+    _RESOLVED[text] = Path(folder)
+    return _RESOLVED[text]
 
 
 def _first_line(err: BaseException) -> str:
