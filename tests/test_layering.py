@@ -17,6 +17,7 @@ ALLOWED = {
     "nn": {"ops", "nn"},
     "atomic": set(),
     "config_yaml": set(),
+    "config_errors": set(),
     "registry": {"registry"},  # it imports memzoo.blocks by name (importlib) to register the built-in blocks
     "blocks": LOW | {"registry", "blocks"},
     "model": LOW | {"registry", "blocks", "model"},

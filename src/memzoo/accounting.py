@@ -225,8 +225,11 @@ def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
     parser.add_subclass_arguments(LanguageModel, "model", required=True)
     try:
         parsed = parser.parse_object({"model": model_section})
-    except Exception as err:  # jsonargparse's message names the bad key or value
-        raise ValueError(f"{path}: invalid model config: {err}") from err
+    except Exception as err:  # one line naming the key, its line in the file and the fix
+        from memzoo.config_errors import describe_parse_error
+
+        message = describe_parse_error(err, parser, files=[str(path)])
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from err
     with torch.device("meta"):
         model = parser.instantiate_classes(parsed).model
     return ConfigModel(model, int(architecture["vocab_size"]), data_args, dict(config.get("trainer") or {}))

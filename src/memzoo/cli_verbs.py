@@ -7,7 +7,7 @@ import argparse
 import inspect
 from typing import Sequence
 
-from memzoo.cli import CommandError
+from memzoo.cli import CommandError, VerbParser
 
 
 def _format_default(value: object) -> str:
@@ -16,12 +16,31 @@ def _format_default(value: object) -> str:
     return repr(value)
 
 
+def _check_file(verb: str, option: str, path: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        raise CommandError(f"{verb}: {option}: file {path!r} {what}")
+
+
+def _check_output_folder(verb: str, option: str, path: str) -> None:
+    """Fails unless the folder ``path`` is to be written in exists (it is not created: a typo would go unseen)."""
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        fix = "choose another" if folder.exists() else f"create it (mkdir -p {folder}) or choose another"
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise CommandError(f"{verb}: {option} {path}: the folder {str(folder)!r} {what}; {fix} {option}")
+
+
 def blocks_command(args: Sequence[str]) -> list[str]:
     """``memzoo blocks [FILTER]``: every registered block (name, class, summary line) with its hyperparameters and
     their defaults."""
     from memzoo.registry import block_hyperparameters, get_block, list_blocks
 
-    parser = argparse.ArgumentParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
+    parser = VerbParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
     parser.add_argument("filter", nargs="?", default=None, help="substring or glob of block names")
     options = parser.parse_args(list(args))
     names = list_blocks(options.filter)
@@ -45,7 +64,7 @@ def summary_command(args: Sequence[str]) -> object:
     """``memzoo summary --config X.yaml``: parameters, active parameters and FLOPs per token of the config's model."""
     from memzoo.accounting import summarize_config
 
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="memzoo summary",
         description="Per-layer parameters, active parameters per token and forward FLOPs per token of a model config.",
     )
@@ -57,8 +76,9 @@ def summary_command(args: Sequence[str]) -> object:
     parser.add_argument("--memory-parallel", type=int, default=1,
                         help="with --world-size: ranks sharing each pool, its tables split along value_dim (default 1)")
     options = parser.parse_args(list(args))
+    _check_file("summary", "--config", options.config)
     if options.world_size is None and options.memory_parallel != 1:
-        raise SystemExit("memzoo summary: --memory-parallel needs --world-size (the ranks it divides)")
+        raise CommandError("summary: --memory-parallel needs --world-size (the ranks it divides)")
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
@@ -67,7 +87,7 @@ def summary_command(args: Sequence[str]) -> object:
         try:
             plan = plan_config(options.config, options.world_size, options.memory_parallel)
         except ValueError as err:
-            raise SystemExit(f"memzoo summary: {err}") from None
+            raise CommandError(f"summary: {err}") from None
     if options.json:
         import json
 
@@ -85,7 +105,7 @@ def summary_command(args: Sequence[str]) -> object:
 
 def export_command(args: Sequence[str]) -> object:
     """``memzoo export --ckpt X.ckpt --out DIR``: a Hugging Face folder (see :mod:`memzoo.export.hf`)."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="memzoo export",
         description="Write a Lightning checkpoint as a Hugging Face folder (config, safetensors weights, modeling "
         "code, tokenizer) that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and "
@@ -125,7 +145,7 @@ def export_command(args: Sequence[str]) -> object:
 
 def generate_command(args: Sequence[str]) -> str:
     """``memzoo generate --model DIR --prompt TEXT``: streams a continuation to the terminal; returns it."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="memzoo generate",
         description="Continue a prompt with an exported model (a folder written by `memzoo export`), printing the "
         "text as it is generated. Defaults come from the folder's generation_config.json.",
@@ -214,7 +234,8 @@ def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[i
 def slot_stats_command(args: Sequence[str]) -> object:
     """``memzoo slot-stats --config X.yaml --ckpt_path Y.ckpt --out stats.pt``: per-pool, per-slot background access
     counts and document frequencies (see :mod:`memzoo.training.slot_stats`), written atomically."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
+        allow_unknown=True,
         prog="memzoo slot-stats",
         description="Run a model over a background dataset (the config's data) and store, per memory pool and slot, "
         "how often it is read and in how many documents (sequences): the background of sparse memory finetuning.",
@@ -227,7 +248,9 @@ def slot_stats_command(args: Sequence[str]) -> object:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     options, overrides = parser.parse_known_args(list(args))
     if options.max_batches < 1:
-        raise SystemExit(f"memzoo slot-stats: --max_batches must be >= 1, got {options.max_batches}")
+        raise CommandError(f"slot-stats: --max_batches must be >= 1, got {options.max_batches}")
+    parser.refuse_unknown_options(overrides)  # the others are config overrides, checked by the config's parser
+    _check_output_folder("slot-stats", "--out", options.out)  # before the model reads its batches
 
     import torch
 
@@ -243,7 +266,7 @@ def slot_stats_command(args: Sequence[str]) -> object:
         try:
             check_checkpoint_file(options.ckpt_path)
         except CheckpointError as err:
-            raise SystemExit(f"memzoo slot-stats: {err}") from None
+            raise CommandError(f"slot-stats: {err}") from None
         state = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     datamodule.setup("fit")
@@ -254,7 +277,7 @@ def slot_stats_command(args: Sequence[str]) -> object:
     try:
         stats = collect_slot_stats(model, loader, options.max_batches)
     except SlotStatsError as err:
-        raise SystemExit(f"memzoo slot-stats: {err}") from None
+        raise CommandError(f"slot-stats: {err}") from None
     stats.source = {"config": list(options.config), "ckpt_path": options.ckpt_path, "split": options.split,
                     "max_batches": options.max_batches}
     with atomic_file(options.out) as f:
