@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memzoo.accounting import plan_config
-from memzoo.cli import main
+from memzoo.cli import CommandError, main
 from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
 from memzoo.parallel.planning import plan_parallel
@@ -87,6 +87,6 @@ def test_summary_verb_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert "8 ranks = 2 data-parallel x 4 memory-parallel" in out
     assert "sparse, value_dim/4 = 512" in out and "1,048,576" in out
-    with pytest.raises(SystemExit, match="does not divide world_size=8"):
+    with pytest.raises(CommandError, match="summary: .*does not divide world_size=8"):
         main(["summary", "--config", config, "--world-size", "8", "--memory-parallel", "3"])
 

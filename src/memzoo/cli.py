@@ -8,8 +8,10 @@ continuation from one. Heavy imports happen only once a verb is chosen, so ``mem
 User blocks come in with ``--plugins my_blocks.py`` (or a module name; repeatable) on any verb, or a ``plugins:``
 list in the config file.
 
-Errors: a mistake in the input (config, data, checkpoint, arguments) prints ``memzoo: error: <message>`` and exits
-with status 2; ``--debug`` (any verb) or ``MEMZOO_DEBUG=1`` shows the full traceback instead.
+Errors: every verb reports a mistake in the input (config, data, checkpoint, arguments) through one place,
+:func:`entry_point`: one line ``memzoo: error: <message>`` on stderr and exit status 2 (config errors are described by
+:mod:`memzoo.config_errors`: key, file and line, did-you-mean); ``--debug`` (any verb) or ``MEMZOO_DEBUG=1`` shows the
+full traceback instead. Options are never abbreviated.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ class _Leaf:
     text: str
     given: str | None = None  # the value of the innermost union the leaf is under, as jsonargparse prints it
     from_command_line: bool = False
+    subtypes: str | None = None  # the types of the innermost union, as jsonargparse prints them
 
 
 @dataclass
@@ -64,22 +65,36 @@ def _leaves(lines: list[str], path: list[str], given: str | None = None, cli: bo
         return _leaves(([rest] if rest else []) + _dedent(lines[1:]), path + [_Class(class_path)], given, cli)
     if first.startswith(UNION_HEAD):
         items: list[list[str]] = []
-        for line in lines[1:]:
-            stripped = line.strip()
-            if stripped.startswith("Given value type:"):
-                cli = cli or "NestedArg" in stripped
-            elif stripped.startswith("Given value:"):
-                given = stripped[len("Given value:"):].strip()
+        subtypes = None
+        for line in lines[1:]:  # this union's own lines are not indented, its alternatives are
+            if line.startswith("Subtypes:"):
+                subtypes = line[len("Subtypes:"):].strip()
+            elif line.startswith("Given value type:"):
+                cli = cli or "NestedArg" in line
+            elif line.startswith("Given value:"):
+                given = line[len("Given value:"):].strip()
             elif line.startswith("  - "):
                 items.append([line[4:]])
             elif line.startswith("    ") and items:
                 items[-1].append(line[4:])
-        return [leaf for item in items for leaf in _leaves(_dedent(item), path, given, cli)]
+        leaves = [leaf for item in items for leaf in _leaves(_dedent(item), path, given, cli)]
+        for leaf in leaves:
+            leaf.subtypes = leaf.subtypes or subtypes
+        return leaves
+    if first.startswith("- "):  # alternatives without a union head ("- Expected a path but ...\n- Does not ...")
+        items = []
+        for line in _dedent(lines):
+            if line.startswith("- "):
+                items.append([line[2:]])
+            elif items:
+                items[-1].append(line)  # jsonargparse writes a union's lines at the level of its "- "
+        return [leaf for item in items for leaf in _leaves(item, path, given, cli)]
     return [_Leaf(path, "\n".join(line.strip() for line in lines), given, cli)]
 
 
-def _is_none_alternative(leaf: _Leaf) -> bool:
-    return leaf.text.startswith("Expected a <class 'NoneType'>")
+def _is_dropped_alternative(leaf: _Leaf) -> bool:
+    """Alternatives the user seldom means: ``null``, and a value read as the path of a file to load."""
+    return leaf.text.startswith(("Expected a <class 'NoneType'>", "Expected a path but "))
 
 
 def _expected(text: str) -> str | None:
@@ -196,6 +211,7 @@ def _find_flag(args: Sequence[str], path: Sequence[str], value: str | None = Non
         if not arg.startswith("--"):
             continue
         name, _, inline = arg[2:].partition("=")
+        name = name.removesuffix("+")  # --trainer.callbacks+=X appends
         written = name.split(".")
         given = inline if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
         if [k for k in written if k != "init_args"] == wanted and (value is None or given == value):
@@ -243,9 +259,17 @@ def describe_parse_error(error: BaseException, parser: Any = None, args: Sequenc
     if match:
         flag = next((a for a in reversed(args) if str(a).startswith(match.group(1))), match.group(1))
         return f"{flag}: expected a value after it"
-    match = re.match(r"Problems parsing config\s*:\s*(.*)$", text, re.S)
+    match = re.match(r"the following arguments are required: (.*)$", text)
     if match:
-        return _one_line(match.group(1))
+        names = [name.strip().removeprefix(f"{verb}.") for name in match.group(1).split(",")]
+        return (f"{'this config has' if files else 'no config given:'} no {' and no '.join(names)} section"
+                f"{'s' if len(names) > 1 else ''}; give {'them' if len(names) > 1 else 'it'} in a --config file "
+                f"(e.g. configs/quickstart.yaml) or as --{names[0]}.class_path ...")
+    match = re.match(r"Problems parsing config\s*:\s*(.*)$", text, re.S)
+    if match:  # jsonargparse reads a config file from inside its folder: it names the file by its bare name
+        message = match.group(1).strip()
+        named = next((f for f in reversed(files) if message.startswith(f"{Path(f).name}, line ")), None)
+        return _one_line(f"{named}{message[len(Path(named).name):]}" if named else message)
     match = re.match(r'Parser key "config":\s*File does not exist:\s*(.*)$', text, re.S)
     if match:
         return f"--config: file {match.group(1).strip()} does not exist"
@@ -255,7 +279,7 @@ def describe_parse_error(error: BaseException, parser: Any = None, args: Sequenc
         return _unknown_top_level_key(f"{group}.{key}" if group else key, parser, verb, args, files)
 
     leaves = _leaves(text.splitlines(), [])
-    chosen = [leaf for leaf in leaves if not _is_none_alternative(leaf)] or leaves
+    chosen = [leaf for leaf in leaves if not _is_dropped_alternative(leaf)] or leaves
     if not chosen:
         return _one_line(text)
     depth = max(len(leaf.path) for leaf in chosen)
@@ -273,7 +297,14 @@ def describe_parse_error(error: BaseException, parser: Any = None, args: Sequenc
     if missing_class and leaf.path and isinstance(leaf.path[-1], _Class):
         return _unknown_class(leaf, missing_class.group(1), missing_class.group(2), args, files)
 
-    expected = [_expected(other.text) for other in leaves if other.path == leaf.path]
+    import_path = re.match(r"Expected a dot import path string: (.*)$", leaf.text)
+    if import_path and _plain(leaf.path):
+        where = _locate(leaf.path, args, files, leaf.from_command_line, import_path.group(1))
+        classes = re.sub(r"<class '([^']+)'>", r"\1", leaf.subtypes or "").strip("[]").replace(", NoneType", "")
+        return (f"{_named(where)}: got {import_path.group(1)!r}, expected a class (module.Class) or a mapping "
+                f"of the keys of {classes or 'its class'}")
+    expected = [_expected(other.text) for other in leaves
+                if other.path == leaf.path and not other.text.startswith("Expected a path but ")]
     if all(expected) and _plain(leaf.path):
         got = re.search(r"\. Got value: (.*)$", leaf.text, re.S)
         value = got.group(1).strip() if got else leaf.given
