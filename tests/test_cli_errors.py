@@ -155,6 +155,8 @@ def test_slot_stats_out_in_a_missing_folder_names_the_folder_and_the_fix(tmp_pat
         ("memzoo.data.FactsDataModule", "memzoo.data.FactDataModule",
          "data.class_path: no class 'FactDataModule' in module 'memzoo.data'; did you mean "
          "'memzoo.data.FactsDataModule'?"),
+        ("torch.optim.AdamW", "torch.optim.Adamw", "model.init_args.optimizer.class_path: no class 'Adamw' in module "
+         "'torch.optim'; did you mean 'torch.optim.AdamW'?"),
     ],
 )
 def test_a_config_mistake_is_one_line_naming_the_key_its_line_and_the_fix(tmp_path, monkeypatch, capsys, old, new,

@@ -123,30 +123,36 @@ def _class_keys(class_path: str) -> list[str]:
     return [a.dest for a in parser._actions if a.dest != "help" and not a.dest.endswith(".help")]
 
 
+def _subparser(parser: Any, verb: str | None) -> Any:
+    """``verb``'s parser when ``parser`` has subcommands (LightningCLI's ``fit``...), else ``parser``."""
+    action = getattr(parser, "_subcommands_action", None)
+    return action._name_parser_map.get(verb, parser) if action is not None and verb else parser
+
+
 def _parser_keys(parser: Any, verb: str | None) -> list[str]:
     """The dotted keys (``trainer.max_steps``) of ``verb``'s parser (a LightningCLI subcommand) or ``parser``."""
     if parser is None:
         return []
-    action = getattr(parser, "_subcommands_action", None)
-    sub = action._name_parser_map.get(verb, parser) if action is not None and verb else parser
-    return [a.dest for a in sub._actions if a.dest not in ("help", "subcommand") and not a.dest.endswith(".help")]
+    actions = _subparser(parser, verb)._actions
+    return [a.dest for a in actions if a.dest not in ("help", "subcommand") and not a.dest.endswith(".help")]
 
 
 def _option_strings(parser: Any, verb: str | None) -> list[str]:
+    """The long options (``--trainer.max_steps``) of ``verb``'s parser or ``parser``."""
     if parser is None:
         return []
-    action = getattr(parser, "_subcommands_action", None)
-    sub = action._name_parser_map.get(verb, parser) if action is not None and verb else parser
-    return [s for s in sub._option_string_actions if s.startswith("--") and not s.endswith(".help")]
+    options = _subparser(parser, verb)._option_string_actions
+    return [s for s in options if s.startswith("--") and not s.endswith(".help")]
 
 
 def _closest(word: str, candidates: Sequence[str]) -> list[str]:
-    """Up to 3 of ``candidates``: those ``word`` abbreviates, else those similar to it (difflib ratio >= 0.6) within
-    0.1 of the best one."""
+    """Up to 3 of ``candidates``: those ``word`` abbreviates, else those similar to it (difflib ratio >= 0.6, case
+    ignored) within 0.1 of the best one."""
     abbreviated = [c for c in candidates if c.startswith(word)]
     if abbreviated:
         return sorted(abbreviated, key=len)[:3]
-    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
+    scored = sorted(((difflib.SequenceMatcher(None, word.lower(), c.lower()).ratio(), c) for c in candidates),
+                    reverse=True)
     scored = [(score, c) for score, c in scored if score >= 0.6]
     return [c for score, c in scored[:3] if score >= scored[0][0] - 0.1]
 
@@ -293,9 +299,10 @@ def describe_parse_error(error: BaseException, parser: Any = None, args: Sequenc
         if owner and not (path and isinstance(path[-1], _Class)):
             path.append(_Class(owner.group(1)))
         return _unknown_key(unknown.group(1), path, args, files, leaf.from_command_line)
-    missing_class = re.match(r"module '([^']+)' has no attribute '([^']+)'", leaf.text)
-    if missing_class and leaf.path and isinstance(leaf.path[-1], _Class):
-        return _unknown_class(leaf, missing_class.group(1), missing_class.group(2), args, files)
+    missing_class = re.search(r"module '([^']+)' has no attribute '([^']+)'", leaf.text)
+    if missing_class and _plain(leaf.path):
+        section = leaf.path[:-1] if isinstance(leaf.path[-1], _Class) else leaf.path
+        return _unknown_class(leaf, section, *missing_class.groups(), args, files)
 
     import_path = re.match(r"Expected a dot import path string: (.*)$", leaf.text)
     if import_path and _plain(leaf.path):
@@ -323,6 +330,7 @@ def _named(where: _Where) -> str:
 
 
 def _unknown_key(key: str, path: list[str], args: Sequence[str], files: Sequence[str], cli: bool) -> str:
+    """``key`` is not a parameter of the class configured at ``path``: where, which section, the closest ones."""
     owner = next((segment for segment in reversed(path) if isinstance(segment, _Class)), None)
     where = _locate([*path, key], args, files, cli)
     section = ".".join(where.keys[:-1]) if where.keys else ".".join(_plain(path))
@@ -347,9 +355,11 @@ def _unknown_top_level_key(dotted: str, parser: Any, verb: str | None, args: Seq
     return f"{prefix}unknown key '{parts[i]}' {section}{_close(parts[i], siblings)}"
 
 
-def _unknown_class(leaf: _Leaf, module: str, name: str, args: Sequence[str], files: Sequence[str]) -> str:
-    path = [*_plain(leaf.path[:-1]), "class_path"]
-    where = _locate(path, args, files, leaf.from_command_line)
+def _unknown_class(leaf: _Leaf, section: list[str], module: str, name: str, args: Sequence[str],
+                   files: Sequence[str]) -> str:
+    """The ``class_path`` of ``section`` names a class its module lacks: where, and the module's closest classes."""
+    path = [*section, "class_path"]
+    where = _find_flag(args, section, f"{module}.{name}") or _locate(path, args, files, leaf.from_command_line)
     try:
         found = importlib.import_module(module)
         names = [n for n in {*dir(found), *getattr(found, "__all__", ())} if n[:1].isupper()]
