@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 MODEL = dict(
     vocab_size=258, dim=16, n_layers=2, n_heads=2, max_seq_len=16, block="dense",
-    layers={1: {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8, "gate": "silu"}},
+    layers={1: {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8}},
     pools={"memory": {"n_keys": 8, "value_dim": 12, "update": "dense", "lr": 0.01}},
 )
 

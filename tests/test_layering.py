@@ -17,8 +17,8 @@ ALLOWED = {
     "nn": {"ops", "nn"},
     "atomic": set(),
     "config_yaml": set(),
-    "registry": {"registry"},  # it imports memzoo.blocks by name (importlib) to register the built-in blocks
-    "blocks": LOW | {"registry", "blocks"},
+    "registry": {"blocks"},  # the public path of memzoo.blocks.registry
+    "blocks": LOW | {"blocks"},
     "model": LOW | {"registry", "blocks", "model"},
     "data": LOW | {"data"},
     "training": LOW | {"registry", "blocks", "model", "training"},

@@ -15,8 +15,9 @@ residual adds) and the embedding lookup are not counted. Attention at context le
 ``2·dim·3·dim`` (qkv) + ``2·dim·dim`` (output projection) + the score and value products, ``2·dim`` each per key
 attended; averaged over the positions of one causal sequence of length ``T`` a token attends ``(T + 1) / 2`` keys,
 so these add ``2·2·dim·(T + 1)/2 = 2·dim·(T + 1)``. An FFN-slot block reports its own cost through
-``flops_per_token()`` (dense, moe, peer and product-key memory all do, the latter two including their product-key
-lookup); for a block without that method the row uses ``2 · active_parameters`` and is marked estimated. The head
+``Block.flops_per_token()`` (dense, moe, peer and product-key memory count their own, the latter two including
+their product-key lookup); a block that does not (``Block.declares_flops()`` false) gets the base class's
+``2 · active_parameters`` and its row is marked estimated. The head
 costs ``2·dim·vocab_size``. A training step costs about 3× the forward FLOPs.
 """
 
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
+from memzoo.blocks.base import Block
 from memzoo.model.summary import active_parameters, count_parameters
 from memzoo.model.transformer import Transformer
 
@@ -43,7 +45,7 @@ class Row:
     parameters: int
     active_parameters: int
     flops: int  # forward FLOPs per token
-    flops_estimated: bool = False  # True: 2·active_parameters, the block has no flops_per_token()
+    flops_estimated: bool = False  # True: 2·active_parameters, the block does not count its own FLOPs
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Summary:
             f"{self.context_length} tokens. Training ≈ 3× forward."
         )
         if any(r.flops_estimated for r in self.rows):
-            lines.append("* estimated as 2 × active parameters (the block has no flops_per_token())")
+            lines.append("* estimated as 2 × active parameters (the block does not count its own FLOPs)")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -116,11 +118,9 @@ def attention_flops_per_token(dim: int, context_length: int) -> int:
     return 2 * dim * 3 * dim + 2 * dim * dim + 2 * dim * (context_length + 1)
 
 
-def block_flops_per_token(block: nn.Module) -> tuple[int, bool]:
+def block_flops_per_token(block: Block) -> tuple[int, bool]:
     """A block's forward FLOPs per token and whether it is an estimate (``2 · active parameters``)."""
-    if hasattr(block, "flops_per_token"):
-        return int(block.flops_per_token()), False
-    return 2 * active_parameters(block), True
+    return int(block.flops_per_token()), not block.declares_flops()
 
 
 def summarize(model: nn.Module, context_length: int | None = None) -> Summary:

@@ -17,9 +17,9 @@ def _format_default(value: object) -> str:
 
 
 def blocks_command(args: Sequence[str]) -> list[str]:
-    """``memzoo blocks [FILTER]``: every registered block (name, class, summary line) with its hyperparameters and
-    their defaults."""
-    from memzoo.registry import block_hyperparameters, get_block, list_blocks
+    """``memzoo blocks [FILTER]``: every registered block and preset (name, class, summary line, the paper it
+    follows, a preset's settings) with its hyperparameters and their defaults (a preset's settings included)."""
+    from memzoo.registry import block_entry, block_hyperparameters, list_blocks
 
     parser = argparse.ArgumentParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
     parser.add_argument("filter", nargs="?", default=None, help="substring or glob of block names")
@@ -29,11 +29,17 @@ def blocks_command(args: Sequence[str]) -> list[str]:
         print(f"no registered block matches {options.filter!r}")
         return names
     for name in names:
-        cls = get_block(name)
+        entry = block_entry(name)
+        cls = entry.cls
         doc = (inspect.getdoc(cls) or "").split("\n", 1)[0]
-        print(f"{name}  ({cls.__module__}.{cls.__qualname__})")
+        kind = f"preset of {entry.preset_of}" if entry.preset_of else f"{cls.__module__}.{cls.__qualname__}"
+        print(f"{name}  ({kind})")
         if doc:
             print(f"    {doc}")
+        if entry.paper:
+            print(f"    paper: {entry.paper}")
+        if entry.settings:
+            print("    settings: " + ", ".join(f"{key}={value!r}" for key, value in entry.settings.items()))
         for hp in block_hyperparameters(name):
             annotation = f": {hp.annotation}" if hp.annotation else ""
             print(f"    {hp.name}{annotation} = {_format_default(hp.default)}")
