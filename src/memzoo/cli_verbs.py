@@ -234,6 +234,7 @@ def slot_stats_command(args: Sequence[str]) -> object:
     from memzoo.atomic import atomic_file
     from memzoo.cli_lightning import build_from_config
     from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
+    from memzoo.safe_load import RefusedPickleError, load_data
     from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
 
     cli_args = [arg for path in options.config for arg in ("--config", path)] + overrides
@@ -244,8 +245,14 @@ def slot_stats_command(args: Sequence[str]) -> object:
             check_checkpoint_file(options.ckpt_path)
         except CheckpointError as err:
             raise SystemExit(f"memzoo slot-stats: {err}") from None
-        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        try:
+            checkpoint = load_data(options.ckpt_path, f"checkpoint {options.ckpt_path!r}")
+        except RefusedPickleError as err:
+            raise SystemExit(f"memzoo slot-stats: {err}") from None
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise SystemExit(f"memzoo slot-stats: checkpoint {options.ckpt_path!r} has no 'state_dict'; give a .ckpt "
+                             f"that memzoo fit wrote")
+        module.load_state_dict(checkpoint["state_dict"])
     datamodule.setup("fit")
     loader = datamodule.train_dataloader() if options.split == "train" else datamodule.val_dataloader()
     if isinstance(loader, (list, tuple)):
