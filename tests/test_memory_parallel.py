@@ -111,6 +111,7 @@ def _model(**pool):
         (5, 10, {}, r"memory_parallel=5 does not divide value_dim=12 of pool 'pools.memory'.*\[1, 2\]"),
         (3, 4, {}, r"memory_parallel=3 does not divide the world size 4.*\[1, 2, 4\]"),
         (2, 2, {"update": "sparse"}, r"pool 'pools.memory' has update: sparse.*set the pool's update: dense"),
+        (1, 2, {"update": "sparse"}, r"update: sparse, which MemoryParallelStrategy cannot run at any memory_parallel"),
         (0, 2, {}, r"memory_parallel must be a positive int, got 0"),
     ],
 )
@@ -127,8 +128,9 @@ def test_expert_pools_and_strategy_argument_are_checked():
         block_args={"pool": "experts", "heads": 2, "knn": 2, "k_dim": 8, "query_norm": "none"},
         pools={"experts": {"kind": "experts", "n_keys": 4, "value_dim": 16}},
     )
-    with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*memory_parallel: 1"):
-        check_memory_parallel(peer, 2, 2)
+    for memory_parallel in (1, 2):  # tables become DTensors at 1 too, which PEER's reads cannot take
+        with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*ddp strategy"):
+            check_memory_parallel(peer, memory_parallel, 2)
     with pytest.raises(MemoryParallelError, match=r"memory_parallel must be a positive int, got True"):
         MemoryParallelStrategy(True)
 

@@ -54,18 +54,23 @@ def summary_command(args: Sequence[str]) -> object:
     parser.add_argument("--world-size", type=int, default=None,
                         help="also plan a run on this many ranks: per-rank bytes of parameters, gradients and "
                         "optimizer states, and each pool's gradient communication per step")
-    parser.add_argument("--memory-parallel", type=int, default=1,
-                        help="with --world-size: ranks sharing each pool, its tables split along value_dim (default 1)")
+    parser.add_argument("--memory-parallel", type=int, default=None,
+                        help="with --world-size: ranks sharing each pool, its tables split along value_dim "
+                        "(default: the config's MemoryParallelStrategy memory_parallel, else 1)")
+    parser.add_argument("--strategy", choices=["ddp", "memory_parallel"], default=None,
+                        help="with --world-size: the layout to plan: ddp (everything replicated) or memory_parallel "
+                        "(MemoryParallelStrategy: dense weights FSDP2-sharded, pools split over --memory-parallel "
+                        "ranks); default: the config's strategy, memory_parallel when --memory-parallel > 1, else ddp")
     options = parser.parse_args(list(args))
-    if options.world_size is None and options.memory_parallel != 1:
-        raise SystemExit("memzoo summary: --memory-parallel needs --world-size (the ranks it divides)")
+    if options.world_size is None and (options.memory_parallel is not None or options.strategy is not None):
+        raise SystemExit("memzoo summary: --memory-parallel and --strategy need --world-size (the ranks to plan)")
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
         from memzoo.accounting import plan_config
 
         try:
-            plan = plan_config(options.config, options.world_size, options.memory_parallel)
+            plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy)
         except ValueError as err:
             raise SystemExit(f"memzoo summary: {err}") from None
     if options.json:
