@@ -221,6 +221,7 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
     sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
     sharded_equals_unsharded(rank, world_size, 2, memory_parallel=1)  # replicated tables: summed over data_parallel
     sharded_read_equals_weighted_gather(rank, world_size)
+    planner_counts_equal_local_shards(rank, world_size)
 
 
 def in_this_process(worker, *args) -> None:

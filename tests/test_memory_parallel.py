@@ -46,6 +46,14 @@ def test_sharded_pool_matches_one_process_and_halves_table_bytes(runs):
 
 
 @pytest.mark.distributed
+def test_planned_elements_equal_the_strategys_shards(runs):
+    """Asserted inside the 2 ranks (mp_workers.planner_counts_equal_local_shards): the parameter elements
+    memzoo.parallel.planning.plan_parallel reports per rank (total, dense weights, pool table) equal the local shards
+    apply_memory_parallel makes, at memory_parallel 2 and 1, with an embedding that splits unevenly."""
+    assert (runs / "mp_step4.pt").is_file()  # the ranks got past their assertions
+
+
+@pytest.mark.distributed
 def test_two_ranks_and_resharded_resumes_equal_one_process(runs):
     reference = torch.load(runs / "single_step4.pt")
     for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4"):

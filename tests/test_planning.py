@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mp_workers
 from memzoo.accounting import plan_config
 from memzoo.cli import main
 from memzoo.model.config import ModelConfig
@@ -84,13 +83,6 @@ def test_the_planner_refuses_what_the_strategy_refuses():
             plan_parallel(tiny("sparse"), world_size=2, memory_parallel=memory_parallel, strategy="memory_parallel")
     with pytest.raises(ValueError, match=r"ddp strategy replicates every pool; memory_parallel=2 needs"):
         plan_parallel(tiny("dense"), world_size=2, memory_parallel=2, strategy="ddp")
-
-
-@pytest.mark.distributed
-def test_planned_elements_equal_the_strategys_shards_on_two_processes():
-    """Asserted in 2 gloo ranks (mp_workers.planner_counts_equal_local_shards): per-rank parameter elements of the
-    plan equal the local shards apply_memory_parallel makes, at memory_parallel 2 and 1."""
-    mp_workers.launch(mp_workers.planner_counts_equal_local_shards, 2)
 
 
 def test_hand_computed_dense_pool_and_rowwise_adagrad():
