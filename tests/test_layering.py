@@ -11,11 +11,12 @@ import memzoo
 PACKAGE = Path(memzoo.__file__).parent
 
 #: The first component under memzoo of each module -> the components it may import.
-LOW = {"ops", "nn", "atomic"}
+LOW = {"ops", "nn", "atomic", "safe_load"}
 ALLOWED = {
     "ops": {"ops"},
     "nn": {"ops", "nn"},
     "atomic": set(),
+    "safe_load": set(),
     "config_yaml": set(),
     "registry": {"blocks"},  # the public path of memzoo.blocks.registry
     "blocks": LOW | {"blocks"},

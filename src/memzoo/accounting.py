@@ -246,10 +246,16 @@ def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
     return 2, f"note: {class_path} assumed to keep 2 optimizer tensors per weight (as Adam)"
 
 
-def plan_config(path: str, world_size: int, memory_parallel: int = 1, element_bytes: int = 4) -> ParallelPlan:
+def plan_config(
+    path: str, world_size: int, memory_parallel: int | None = None, element_bytes: int = 4, strategy: str | None = None
+) -> ParallelPlan:
     """:func:`memzoo.parallel.planning.plan_parallel` of a memzoo YAML config's model (built on ``meta``: any size),
     with the tokens per rank and step from its data (``batch_size · block_size``) and trainer
-    (``accumulate_grad_batches``) sections and the optimizer states from its ``optimizer`` and ``sparse_optimizer``."""
+    (``accumulate_grad_batches``) sections and the optimizer states from its ``optimizer`` and ``sparse_optimizer``.
+
+    ``strategy`` / ``memory_parallel`` ``None``: the config's own (``trainer.strategy`` naming
+    ``MemoryParallelStrategy`` and its ``memory_parallel``), else ``memory_parallel`` 1 and, by
+    :func:`~memzoo.parallel.planning.plan_parallel`'s rule, ``memory_parallel`` when ``M > 1``, ``ddp`` otherwise."""
     import yaml
 
     from memzoo.parallel.planning import plan_parallel
@@ -259,13 +265,19 @@ def plan_config(path: str, world_size: int, memory_parallel: int = 1, element_by
     block = int(built.data_args.get("block_size") or built.model.architecture.max_seq_len)
     accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
     with open(path) as f:
-        model_section = (yaml.safe_load(f) or {}).get("model") or {}
+        config = yaml.safe_load(f) or {}
+    model_section = config.get("model") or {}
     init_args = model_section.get("init_args", model_section) if isinstance(model_section, dict) else {}
     states, note = _optimizer_states(init_args.get("optimizer"))
+    configured = (config.get("trainer") or {}).get("strategy") if isinstance(config.get("trainer"), dict) else None
+    if isinstance(configured, dict) and "MemoryParallelStrategy" in str(configured.get("class_path", "")):
+        strategy = strategy or "memory_parallel"
+        if memory_parallel is None:
+            memory_parallel = int((configured.get("init_args") or {}).get("memory_parallel", 1))
     plan = plan_parallel(
-        built.model, world_size, memory_parallel, tokens_per_rank_step=batch * block * accumulate,
+        built.model, world_size, memory_parallel or 1, tokens_per_rank_step=batch * block * accumulate,
         dense_optimizer_states=states, sparse_optimizer=built.model.hparams.sparse_optimizer,
-        element_bytes=element_bytes,
+        element_bytes=element_bytes, strategy=strategy, micro_batches=accumulate,
     )
     plan.notes.append(f"config: {path}")
     if note:

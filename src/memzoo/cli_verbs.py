@@ -60,18 +60,23 @@ def summary_command(args: Sequence[str]) -> object:
     parser.add_argument("--world-size", type=int, default=None,
                         help="also plan a run on this many ranks: per-rank bytes of parameters, gradients and "
                         "optimizer states, and each pool's gradient communication per step")
-    parser.add_argument("--memory-parallel", type=int, default=1,
-                        help="with --world-size: ranks sharing each pool, its tables split along value_dim (default 1)")
+    parser.add_argument("--memory-parallel", type=int, default=None,
+                        help="with --world-size: ranks sharing each pool, its tables split along value_dim "
+                        "(default: the config's MemoryParallelStrategy memory_parallel, else 1)")
+    parser.add_argument("--strategy", choices=["ddp", "memory_parallel"], default=None,
+                        help="with --world-size: the layout to plan: ddp (everything replicated) or memory_parallel "
+                        "(MemoryParallelStrategy: dense weights FSDP2-sharded, pools split over --memory-parallel "
+                        "ranks); default: the config's strategy, memory_parallel when --memory-parallel > 1, else ddp")
     options = parser.parse_args(list(args))
-    if options.world_size is None and options.memory_parallel != 1:
-        raise SystemExit("memzoo summary: --memory-parallel needs --world-size (the ranks it divides)")
+    if options.world_size is None and (options.memory_parallel is not None or options.strategy is not None):
+        raise SystemExit("memzoo summary: --memory-parallel and --strategy need --world-size (the ranks to plan)")
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
         from memzoo.accounting import plan_config
 
         try:
-            plan = plan_config(options.config, options.world_size, options.memory_parallel)
+            plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy)
         except ValueError as err:
             raise SystemExit(f"memzoo summary: {err}") from None
     if options.json:
@@ -240,6 +245,7 @@ def slot_stats_command(args: Sequence[str]) -> object:
     from memzoo.atomic import atomic_file
     from memzoo.cli_lightning import build_from_config
     from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
+    from memzoo.safe_load import RefusedPickleError, load_data
     from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
 
     cli_args = [arg for path in options.config for arg in ("--config", path)] + overrides
@@ -250,8 +256,14 @@ def slot_stats_command(args: Sequence[str]) -> object:
             check_checkpoint_file(options.ckpt_path)
         except CheckpointError as err:
             raise SystemExit(f"memzoo slot-stats: {err}") from None
-        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        try:
+            checkpoint = load_data(options.ckpt_path, f"checkpoint {options.ckpt_path!r}")
+        except RefusedPickleError as err:
+            raise SystemExit(f"memzoo slot-stats: {err}") from None
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise SystemExit(f"memzoo slot-stats: checkpoint {options.ckpt_path!r} has no 'state_dict'; give a .ckpt "
+                             f"that memzoo fit wrote")
+        module.load_state_dict(checkpoint["state_dict"])
     datamodule.setup("fit")
     loader = datamodule.train_dataloader() if options.split == "train" else datamodule.val_dataloader()
     if isinstance(loader, (list, tuple)):
