@@ -36,9 +36,9 @@ def _check_output_folder(verb: str, option: str, path: str) -> None:
 
 
 def blocks_command(args: Sequence[str]) -> list[str]:
-    """``memzoo blocks [FILTER]``: every registered block (name, class, summary line) with its hyperparameters and
-    their defaults."""
-    from memzoo.registry import block_hyperparameters, get_block, list_blocks
+    """``memzoo blocks [FILTER]``: every registered block and preset (name, class, summary line, the paper it
+    follows, a preset's settings) with its hyperparameters and their defaults (a preset's settings included)."""
+    from memzoo.registry import block_entry, block_hyperparameters, list_blocks
 
     parser = VerbParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
     parser.add_argument("filter", nargs="?", default=None, help="substring or glob of block names")
@@ -48,11 +48,17 @@ def blocks_command(args: Sequence[str]) -> list[str]:
         print(f"no registered block matches {options.filter!r}")
         return names
     for name in names:
-        cls = get_block(name)
+        entry = block_entry(name)
+        cls = entry.cls
         doc = (inspect.getdoc(cls) or "").split("\n", 1)[0]
-        print(f"{name}  ({cls.__module__}.{cls.__qualname__})")
+        kind = f"preset of {entry.preset_of}" if entry.preset_of else f"{cls.__module__}.{cls.__qualname__}"
+        print(f"{name}  ({kind})")
         if doc:
             print(f"    {doc}")
+        if entry.paper:
+            print(f"    paper: {entry.paper}")
+        if entry.settings:
+            print("    settings: " + ", ".join(f"{key}={value!r}" for key, value in entry.settings.items()))
         for hp in block_hyperparameters(name):
             annotation = f": {hp.annotation}" if hp.annotation else ""
             print(f"    {hp.name}{annotation} = {_format_default(hp.default)}")
@@ -73,19 +79,24 @@ def summary_command(args: Sequence[str]) -> object:
     parser.add_argument("--world-size", type=int, default=None,
                         help="also plan a run on this many ranks: per-rank bytes of parameters, gradients and "
                         "optimizer states, and each pool's gradient communication per step")
-    parser.add_argument("--memory-parallel", type=int, default=1,
-                        help="with --world-size: ranks sharing each pool, its tables split along value_dim (default 1)")
+    parser.add_argument("--memory-parallel", type=int, default=None,
+                        help="with --world-size: ranks sharing each pool, its tables split along value_dim "
+                        "(default: the config's MemoryParallelStrategy memory_parallel, else 1)")
+    parser.add_argument("--strategy", choices=["ddp", "memory_parallel"], default=None,
+                        help="with --world-size: the layout to plan: ddp (everything replicated) or memory_parallel "
+                        "(MemoryParallelStrategy: dense weights FSDP2-sharded, pools split over --memory-parallel "
+                        "ranks); default: the config's strategy, memory_parallel when --memory-parallel > 1, else ddp")
     options = parser.parse_args(list(args))
     _check_file("summary", "--config", options.config)
-    if options.world_size is None and options.memory_parallel != 1:
-        raise CommandError("summary: --memory-parallel needs --world-size (the ranks it divides)")
+    if options.world_size is None and (options.memory_parallel is not None or options.strategy is not None):
+        raise CommandError("summary: --memory-parallel and --strategy need --world-size (the ranks to plan)")
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
         from memzoo.accounting import plan_config
 
         try:
-            plan = plan_config(options.config, options.world_size, options.memory_parallel)
+            plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy)
         except ValueError as err:
             raise CommandError(f"summary: {err}") from None
     if options.json:
@@ -257,6 +268,7 @@ def slot_stats_command(args: Sequence[str]) -> object:
     from memzoo.atomic import atomic_file
     from memzoo.cli_lightning import build_from_config
     from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
+    from memzoo.safe_load import RefusedPickleError, load_data
     from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
 
     cli_args = [arg for path in options.config for arg in ("--config", path)] + overrides
@@ -267,8 +279,14 @@ def slot_stats_command(args: Sequence[str]) -> object:
             check_checkpoint_file(options.ckpt_path)
         except CheckpointError as err:
             raise CommandError(f"slot-stats: {err}") from None
-        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        try:
+            checkpoint = load_data(options.ckpt_path, f"checkpoint {options.ckpt_path!r}")
+        except RefusedPickleError as err:
+            raise CommandError(f"slot-stats: {err}") from None
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise CommandError(f"slot-stats: checkpoint {options.ckpt_path!r} has no 'state_dict'; give a .ckpt "
+                               f"that memzoo fit wrote")
+        module.load_state_dict(checkpoint["state_dict"])
     datamodule.setup("fit")
     loader = datamodule.train_dataloader() if options.split == "train" else datamodule.val_dataloader()
     if isinstance(loader, (list, tuple)):

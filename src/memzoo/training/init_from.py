@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from memzoo.model.retrofit import InitFromError, load_initial_weights
+from memzoo.safe_load import RefusedPickleError, load_data
 
 __all__ = ["InitFromError", "load_initial_weights", "read_checkpoint_weights", "read_weights"]
 
@@ -22,7 +23,9 @@ def read_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise InitFromError(f"init_from: {str(path)!r} does not exist; give a memzoo fit checkpoint (.ckpt) or a "
                             f"Hugging Face Llama / Qwen2 / Mistral folder")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_data(path, f"init_from: {str(path)!r}")
+    except RefusedPickleError as err:
+        raise InitFromError(str(err)) from err
     except Exception as err:  # truncated zip, not a checkpoint, ...: many error types
         raise InitFromError(f"init_from: {str(path)!r} cannot be read as a checkpoint ({err})") from err
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
