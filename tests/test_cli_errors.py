@@ -100,7 +100,7 @@ def test_every_verb_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     cases = [
         (["summary", "--config", "missing.yaml"], "summary: --config: file 'missing.yaml' does not exist"),
         (["summary", "--config", config, "--world-size", "0"], "summary: world_size must be a positive int, got 0"),
-        (["summary", "--config", config, "--memory-parallel", "2"], "summary: --memory-parallel needs --world-size"),
+        (["summary", "--config", config, "--memory-parallel", "2"], "summary: --memory-parallel and --strategy need --world-size"),
         (["summary"], "summary: the following arguments are required: --config"),
         (["blocks", "--all"], "blocks: unknown option --all"),
         (["export", "--ckpt", "nope.ckpt", "--out", "out"], "checkpoint 'nope.ckpt' does not exist"),
