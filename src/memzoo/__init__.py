@@ -5,6 +5,7 @@ Public API (imported lazily, so ``import memzoo`` and ``memzoo --help`` stay fas
     register_block, create_block, list_blocks, get_block, load_plugins   # the block registry
     MemoryPool                                                         # shared value tables
     Transformer                                                        # the decoder
+    MemoryBank                                                         # attention memories (Extended Mind)
     LanguageModel                                                      # the LightningModule
 """
 
@@ -24,6 +25,7 @@ _LAZY = {
     "MemoryPool": "memzoo.blocks.pool",
     "Transformer": "memzoo.model.transformer",
     "LanguageModel": "memzoo.training.module",
+    "MemoryBank": "memzoo.model.memory_bank",
     "load_pretrained": "memzoo.pretrained",
     "load_tokenizer": "memzoo.pretrained",
     "FactsDataModule": "memzoo.data",
