@@ -350,3 +350,41 @@ def test_memorize_and_generate_errors(llama_folder, tmp_path, bank):
     with pytest.raises(CommandError, match=r"generate: .*byte\.bank was built for another model"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(path), "--device", "cpu"])
     assert json.loads((Path(llama_folder) / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_readme_commands_and_python_run_as_written(tmp_path, monkeypatch, capsys):
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Attention memory (Extended Mind)", 1)[1].split("\n## ", 1)[0]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    export_model(tiny(), tmp_path / "my-model", tokenizer="byte")
+    (tmp_path / "ada.txt").write_text("The birth year of Ada is 1815.", encoding="utf-8")
+    (tmp_path / "fox.txt").write_text("The quick brown fox jumps over the lazy dog.", encoding="utf-8")
+    assert [c.split()[:2] for c in commands] == [["memzoo", "memorize"], ["memzoo", "generate"]]
+    for command in commands:
+        main(shlex.split(command)[1:] + (["--device", "cpu", "--max-new-tokens", "4"] if "generate" in command else []))
+    out = capsys.readouterr().out
+    assert "memorized" in out and "memories attended" in out and "ada.txt" in out
+    exec(compile(python, "README.md", "exec"), {})
+    assert MemoryBank.load(tmp_path / "ada.bank").doc_names == ["ada.txt"]
+
+
+def test_language_model_attaches_its_bank_once_the_stage_weights_are_loaded(bank, tmp_path):
+    from memzoo.training.module import LanguageModel
+
+    path = bank.save(tmp_path / "b.bank")
+    module = LanguageModel(architecture=dict(vocab_size=258, dim=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                                             max_seq_len=64), memory=str(path))
+    assert getattr(module.model, "memory_bank", None) is None
+    module.model.load_state_dict(tiny().state_dict())  # as a checkpoint restore does, before the stage starts
+    module.on_predict_start()
+    module.on_predict_start()  # once only
+    expected = tiny()
+    expected.attach_memory(bank)
+    ids = torch.randint(0, 258, (1, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(module.model.eval()(ids), expected(ids))
