@@ -238,12 +238,14 @@ def test_config_errors_name_the_bad_value():
         ({"layers": "all", "topk": 0}, "topk must be a positive integer, got 0"),
         ({"layers": "all", "mode": "gate"}, "mode must be one of \\('joint', 'gated'\\), got 'gate'"),
         ({"layers": "all", "similarity_threshold": 2}, "similarity_threshold must be a cosine similarity"),
+        ({"layers": "all", "index": "hnsw"}, "index must be one of \\('exact', 'faiss_ivf'\\), got 'hnsw'"),
         ("all", "must be a mapping"),
     ]:
         with pytest.raises(ModelConfigError, match=message):
             tiny(memory)
     model = tiny({"layers": [-1, 0], "mode": "gated"})
-    assert model.config.attention_memory == {"layers": [0, 2], "topk": 8, "mode": "gated", "similarity_threshold": None}
+    assert model.config.attention_memory == {"layers": [0, 2], "topk": 8, "mode": "gated", "similarity_threshold": None,
+                                             "index": "exact"}
     assert [layer.attn.memory is not None for layer in model.layers] == [True, False, True]
     assert set(k for k in model.state_dict() if "memory" in k) == {"layers.0.attn.memory.gate", "layers.2.attn.memory.gate"}
     rebuilt = memzoo.Transformer(model.config.to_dict())
@@ -388,3 +390,35 @@ def test_language_model_attaches_its_bank_once_the_stage_weights_are_loaded(bank
     ids = torch.randint(0, 258, (1, 12), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         assert torch.equal(module.model.eval()(ids), expected(ids))
+
+
+def test_faiss_index_retrieves_nearly_the_exact_top_k_and_equals_exact_when_it_searches_everything(bank):
+    pytest.importorskip("faiss")
+    from memzoo.model.attention_memory import build_faiss_index, retrieve_faiss
+
+    torch.manual_seed(2)
+    keys = torch.randn(2, 4000, 16)
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    q = torch.randn(1, 2, 2, 50, 16)
+    _, exact = retrieve(q, unit, 8)
+    _, approx = retrieve_faiss(q, build_faiss_index(unit), 8)
+    recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx.reshape(-1, 8), exact.reshape(-1, 8)))
+    assert recall / exact.numel() > 0.8
+    # a small bank has few lists, all searched (nprobe = nlist): the same logits as exact retrieval
+    ids = torch.randint(0, 258, (1, 20), generator=torch.Generator().manual_seed(9))
+    a, b = tiny(), tiny()
+    a.attach_memory(bank, topk=4)
+    b.attach_memory(bank, topk=4, index="faiss_ivf")
+    assert b.layers[0].attn.memory.faiss_indexes is not None
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids), a(ids), rtol=0, atol=1e-5)
+
+
+def test_faiss_index_without_faiss_names_the_package(bank, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    from memzoo.model.attention_memory import AttentionMemoryError
+
+    with pytest.raises(AttentionMemoryError, match="needs the faiss-cpu package"):
+        tiny().attach_memory(bank, index="faiss_ivf")

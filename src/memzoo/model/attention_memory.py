@@ -17,6 +17,10 @@ relative distance ``p``, before its whole context. This is what the authors' Lla
 RoPE, only queries and local keys rotated) and needs no finetuning. ``similarity_threshold`` (the authors'
 ``mask_by_sim``) drops retrieved entries whose cosine similarity is below it.
 
+Retrieval is exact by default. ``index: faiss_ivf`` (needs the optional ``faiss-cpu`` package) searches an inverted
+file index per key/value head instead (``IndexIVFFlat`` over the unit keys, ``nlist = min(√N, N/39)`` lists,
+``nprobe = min(16, nlist)`` of them searched per query): approximate, cost ``≈ N · nprobe / nlist`` per query.
+
 An empty (or no) bank leaves the layer exactly the plain attention. Memory entries are external, so causality is that
 of the local attention. Cost per query: ``N · hd`` multiply-adds for retrieval plus a top-k over ``N``.
 """
@@ -33,6 +37,7 @@ import torch
 import torch.nn as nn
 
 MEMORY_MODES = ("joint", "gated")
+MEMORY_INDEXES = ("exact", "faiss_ivf")
 #: Query chunks are sized so that one chunk's similarity matrix holds at most this many elements.
 _SIMILARITY_CHUNK = 1 << 24
 
@@ -52,12 +57,14 @@ class AttentionMemoryConfig:
             a trainable per-head gate ``gate`` between memory and local attention, logit initialised at 0).
         similarity_threshold: retrieved entries with cosine similarity below this are not attended (``None``: all
             ``topk`` are; the authors use 0.25).
+        index: ``exact`` (matmul + top-k over the bank) or ``faiss_ivf`` (approximate; module docstring).
     """
 
     layers: tuple[int, ...]
     topk: int = 8
     mode: str = "joint"
     similarity_threshold: float | None = None
+    index: str = "exact"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], n_layers: int) -> AttentionMemoryConfig:
@@ -91,12 +98,15 @@ class AttentionMemoryConfig:
                 f"attention_memory.similarity_threshold must be a cosine similarity in [-1, 1] or null, got "
                 f"{threshold!r}"
             )
-        return cls(layers, topk, mode, None if threshold is None else float(threshold))
+        index = data.get("index", cls.index)
+        if index not in MEMORY_INDEXES:
+            raise AttentionMemoryError(f"attention_memory.index must be one of {MEMORY_INDEXES}, got {index!r}")
+        return cls(layers, topk, mode, None if threshold is None else float(threshold), index)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as model configs store it."""
         return {"layers": list(self.layers), "topk": self.topk, "mode": self.mode,
-                "similarity_threshold": self.similarity_threshold}
+                "similarity_threshold": self.similarity_threshold, "index": self.index}
 
 
 def _layer_list(value: Any, n_layers: int) -> tuple[int, ...]:
@@ -141,6 +151,40 @@ def retrieve(queries: torch.Tensor, unit_keys: torch.Tensor, topk: int) -> tuple
     return (torch.cat(sims, 2).view(B, C, G, T, k), torch.cat(idx, 2).view(B, C, G, T, k))
 
 
+def build_faiss_index(unit_keys: torch.Tensor) -> list:
+    """One ``faiss.IndexIVFFlat`` (inner product) per key/value head over ``unit_keys (H_kv, N, hd)``, trained on
+    the keys themselves. Raises :class:`AttentionMemoryError` when faiss is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        raise AttentionMemoryError(
+            "attention_memory.index: faiss_ivf needs the faiss-cpu package (pip install faiss-cpu); or use index: exact"
+        ) from None
+    C, N, hd = unit_keys.shape
+    nlist = max(1, min(int(math.sqrt(N)), N // 39))
+    indexes = []
+    for head in range(C):
+        keys = unit_keys[head].detach().float().cpu().contiguous().numpy()
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(hd), hd, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(keys)
+        index.add(keys)
+        index.nprobe = min(16, nlist)
+        indexes.append(index)
+    return indexes
+
+
+def retrieve_faiss(queries: torch.Tensor, indexes: list, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`retrieve` through per-head faiss indexes (approximate); entries not found have index ``-1``."""
+    B, C, G, T, hd = queries.shape
+    k = min(topk, indexes[0].ntotal)
+    q = queries.detach().float()
+    q = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)).transpose(0, 1).reshape(C, B * G * T, hd).cpu()
+    found = [index.search(q[head].contiguous().numpy(), k) for head, index in enumerate(indexes)]
+    sims = torch.stack([torch.from_numpy(s) for s, _ in found]).view(C, B, G, T, k).transpose(0, 1)
+    idx = torch.stack([torch.from_numpy(i) for _, i in found]).view(C, B, G, T, k).transpose(0, 1)
+    return sims.to(queries.device), idx.long().to(queries.device)
+
+
 class CitationRecorder:
     """Collects, per forward of each memory layer, the memory entries the *last* query position retrieved and the
     attention weight it gave them: ``records[layer] = [(indices (B, H, k), weights (B, H, k)), ...]``."""
@@ -175,6 +219,8 @@ class AttentionMemory(nn.Module):
         self.topk = config.topk
         self.mode = config.mode
         self.similarity_threshold = config.similarity_threshold
+        self.index = config.index
+        self.faiss_indexes: list | None = None
         self.gate = nn.Parameter(torch.zeros(n_heads)) if config.mode == "gated" else None
         empty = torch.zeros(n_kv_heads, 0, head_dim)
         self.register_buffer("keys", empty, persistent=False)
@@ -205,10 +251,12 @@ class AttentionMemory(nn.Module):
         self.values = values.to(device)
         unit = keys.to(device=device, dtype=torch.float32)
         self.unit_keys = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.faiss_indexes = build_faiss_index(self.unit_keys) if self.index == "faiss_ivf" and unit.shape[1] else None
 
     def clear_bank(self) -> None:
         empty = self.keys.new_zeros(self.n_kv_heads, 0, self.head_dim)
         self.keys, self.values, self.unit_keys = empty, empty.clone(), empty.float()
+        self.faiss_indexes = None
 
     def forward(self, q: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, q_offset: int,
                 dropout_p: float = 0.0) -> torch.Tensor:
@@ -222,13 +270,19 @@ class AttentionMemory(nn.Module):
         compute = torch.promote_types(q.dtype, torch.float32)
         qh = q.reshape(B, T, C, G, hd).permute(0, 2, 3, 1, 4).to(compute)  # (B, C, G, T, hd)
 
-        sims, idx = retrieve(qh, self.unit_keys, self.topk)  # (B, C, G, T, k)
+        if self.faiss_indexes is not None:
+            sims, idx = retrieve_faiss(qh, self.faiss_indexes, self.topk)
+        else:
+            sims, idx = retrieve(qh, self.unit_keys, self.topk)  # (B, C, G, T, k)
+        missing = idx < 0  # an approximate index may find fewer than k entries
+        idx = idx.clamp_min(0)
         heads = torch.arange(C, device=q.device).view(1, C, 1, 1, 1)
         k_mem = self.keys[heads, idx].to(compute)  # (B, C, G, T, k, hd)
         v_mem = self.values[heads, idx].to(compute)
         mem_logits = torch.einsum("bcgtd,bcgtkd->bcgtk", qh, k_mem) * scale
         if self.similarity_threshold is not None:
-            mem_logits = mem_logits.masked_fill(sims < self.similarity_threshold, float("-inf"))
+            missing = missing | (sims < self.similarity_threshold)
+        mem_logits = mem_logits.masked_fill(missing, float("-inf"))
 
         local_logits = torch.matmul(qh, k_local.to(compute).unsqueeze(2).transpose(-1, -2)) * scale  # (B,C,G,T,Tk)
         visible = torch.arange(Tk, device=q.device)[None, :] <= (q_offset + torch.arange(T, device=q.device))[:, None]

@@ -179,14 +179,15 @@ class Transformer(nn.Module):
         return out
 
     def attach_memory(self, bank, topk: int | None = None, similarity_threshold: float | None = None,
-                      check_weights: bool = True) -> None:
+                      check_weights: bool = True, index: str | None = None) -> None:
         """Attention over ``bank`` (a :class:`~memzoo.model.memory_bank.MemoryBank` built by this model) in the
         bank's layers. A model without ``attention_memory`` gets the Extended Mind (``joint``) option in those layers
         (no new parameters); one with it must list the bank's layers. ``topk`` / ``similarity_threshold`` override
-        the settings. Raises :class:`~memzoo.model.memory_bank.MemoryBankError` if the bank does not fit."""
+        the settings, as does ``index`` (``exact`` | ``faiss_ivf``). ``check_weights``: compare the bank's probe keys
+        with this model's. Raises :class:`~memzoo.model.memory_bank.MemoryBankError` if the bank does not fit."""
         from memzoo.model.memory_bank import attach_memory
 
-        attach_memory(self, bank, topk, similarity_threshold, check_weights)
+        attach_memory(self, bank, topk, similarity_threshold, check_weights, index)
 
     def detach_memory(self) -> None:
         """Back to plain attention (see :func:`memzoo.model.memory_bank.detach_memory`)."""
