@@ -144,7 +144,8 @@ def main(argv=None) -> dict:
     swapped = known[: options.counterfactuals]
     fake = {c: swapped[(i + 1) % len(swapped)][1] for i, (c, _) in enumerate(swapped)}
     cf_bank = MemoryBank.build(model, tokenizer, {c: f"The capital of {c} is {fake[c]}." for c, _ in swapped})
-    best = max(rows, key=lambda r: r["new_fact_recall"])
+    # the setting reported against the targets: best recall, then least forgetting, then lowest held-out loss
+    best = max(rows, key=lambda r: (r["new_fact_recall"], -r["retention_drop"], -r["heldout_loss"]))
     model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"])
     follows = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {fake[c]}") for c, _ in swapped]
     keeps = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in swapped]
