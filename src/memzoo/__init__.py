@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import memzoo`` and ``memzoo --help`` stay fas
     Block, BlockContext                                                # the block contract
     MemoryPool                                                         # shared value tables
     Transformer                                                        # the decoder
+    MemoryBank                                                         # attention memories (Extended Mind)
     LanguageModel                                                      # the LightningModule
 """
 
@@ -27,6 +28,7 @@ _LAZY = {
     "MemoryPool": "memzoo.blocks.pool",
     "Transformer": "memzoo.model.transformer",
     "LanguageModel": "memzoo.training.module",
+    "MemoryBank": "memzoo.model.memory_bank",
     "load_pretrained": "memzoo.pretrained",
     "load_tokenizer": "memzoo.pretrained",
     "FactsDataModule": "memzoo.data",

@@ -27,6 +27,8 @@ PLAIN_VERBS = {
     "               [--memory-parallel M]: per-rank bytes and gradient communication per step",
     "export": "write a checkpoint as a Hugging Face folder:  memzoo export --ckpt X.ckpt --out DIR",
     "generate": "continue a prompt with an exported model:  memzoo generate --model DIR --prompt TEXT",
+    "memorize": "store a model's attention keys/values over documents as a memory bank:  memzoo memorize\n"
+    "               --model M --docs A.txt B.txt --out facts.bank   (then: generate --memory facts.bank --cite)",
     "slot-stats": "background slot statistics for sparse memory finetuning:  memzoo slot-stats --config X.yaml "
     "--ckpt_path Y.ckpt --out stats.pt",
 }
@@ -224,6 +226,10 @@ def main(args: Sequence[str] | None = None) -> object:
         from memzoo.cli_verbs import generate_command
 
         return generate_command(rest)
+    if verb == "memorize":
+        from memzoo.cli_verbs import memorize_command
+
+        return memorize_command(rest)
     if verb == "slot-stats":
         from memzoo.cli_verbs import slot_stats_command
 

@@ -1,5 +1,5 @@
-"""The plain (non-Lightning) verbs of the ``memzoo`` command: ``blocks``, ``summary``, ``export``, ``generate`` and
-``slot-stats``."""
+"""The plain (non-Lightning) verbs of the ``memzoo`` command: ``blocks``, ``summary``, ``export``, ``generate``,
+``memorize`` and ``slot-stats``."""
 
 from __future__ import annotations
 
@@ -168,10 +168,21 @@ def generate_command(args: Sequence[str]) -> str:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--memory", default=None,
+                        help="a memory bank written by `memzoo memorize` for this model: its layers' attention also "
+                        "reads the bank's keys/values (Extended Mind)")
+    parser.add_argument("--memory-topk", type=int, default=None,
+                        help="memories each query retrieves per layer and head (default: the model's, or 8)")
+    parser.add_argument("--cite", action="store_true",
+                        help="after the text, print the memorised document spans the generated tokens attended to most")
+    parser.add_argument("--cite-top", type=int, default=3, help="how many spans --cite prints (default 3)")
     options = parser.parse_args(list(args))
+    if options.cite and options.memory is None:
+        raise CommandError("generate: --cite needs --memory BANK (citations name the bank's documents)")
 
     import json
     import sys
+    from contextlib import nullcontext
     from pathlib import Path
 
     import torch
@@ -193,6 +204,9 @@ def generate_command(args: Sequence[str]) -> str:
         model, tokenizer = load_pretrained(options.model, with_tokenizer=True)
     except (PretrainedFormatError, FileNotFoundError) as err:
         raise CommandError(f"generate: {err}") from None
+    if tokenizer is None:
+        raise CommandError(f"generate: {options.model} has no tokenizer.json; add the model's tokenizer file to it")
+    bank = _attach_bank(model, options.memory, options.memory_topk, "generate") if options.memory else None
     defaults_file = Path(options.model) / "generation_config.json"
     defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
     max_new_tokens, temperature, top_k = _generation_settings(options, defaults)
@@ -212,18 +226,136 @@ def generate_command(args: Sequence[str]) -> str:
     pieces = []
     sys.stdout.write(options.prompt)
     sys.stdout.flush()
-    try:
-        for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, tokenizer.eos_id,
-                                     generator):
-            pieces.append(stream.push(token))
-            sys.stdout.write(pieces[-1])
-            sys.stdout.flush()
-    except ValueError as err:
-        raise CommandError(f"generate: {err}") from None
+    from memzoo.model.memory_bank import recording_memory_attention
+
+    with recording_memory_attention(model) if options.cite else nullcontext() as recorder:
+        try:
+            for token in generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, tokenizer.eos_id,
+                                         generator):
+                pieces.append(stream.push(token))
+                sys.stdout.write(pieces[-1])
+                sys.stdout.flush()
+        except ValueError as err:
+            raise CommandError(f"generate: {err}") from None
     pieces.append(stream.flush())
     sys.stdout.write(pieces[-1] + "\n")
+    if options.cite:
+        _print_citations(bank, recorder, tokenizer, options.cite_top)
     sys.stdout.flush()
     return "".join(pieces)
+
+
+def _attach_bank(model, path: str, topk: int | None, verb: str):
+    """Loads the bank at ``path`` and attaches it to ``model``; bank errors become command errors."""
+    from memzoo.model.memory_bank import MemoryBank, MemoryBankError
+
+    try:
+        bank = MemoryBank.load(path)
+        model.attach_memory(bank, topk=topk)
+    except MemoryBankError as err:
+        raise CommandError(f"{verb}: {err}") from None
+    return bank
+
+
+def _print_citations(bank, recorder, tokenizer, top: int) -> None:
+    """The document spans with the most memory attention, and each document's share."""
+    weights = recorder.entry_weights(bank.n_entries)
+    citations = bank.citations(weights, tokenizer, top=top)
+    if not citations:
+        print("memories attended: none (no memory received attention)")
+        return
+    shares = bank.doc_shares(weights)
+    order = shares.argsort(descending=True).tolist()
+    print("memories attended (share of the attention paid to memory while generating):")
+    print("  documents: " + ", ".join(f"{bank.doc_names[d]} {float(shares[d]):.1%}" for d in order if shares[d] > 0))
+    for rank, c in enumerate(citations, 1):
+        text = c.text.replace("\n", " ").strip()
+        print(f"  [{rank}] {c.share:6.1%}  {c.name}  tokens {c.start}-{c.end}: {text!r}")
+
+
+def memorize_command(args: Sequence[str]) -> object:
+    """``memzoo memorize --model M --docs FILES --out BANK``: a memory bank (keys/values of every chosen layer over
+    the documents, with their origins) for attention memory (see :mod:`memzoo.model.memory_bank`)."""
+    parser = argparse.ArgumentParser(
+        prog="memzoo memorize",
+        description="Run a model over documents and store each chosen layer's attention keys and values, with the "
+        "document and token offset of every entry, as a memory bank (safetensors) for "
+        "`memzoo generate --memory BANK [--cite]`.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="a memzoo export folder, a Hugging Face Llama-family folder or hub id, or a .ckpt")
+    parser.add_argument("--docs", nargs="+", required=True, help="text files, one document each")
+    parser.add_argument("--out", required=True, help="the bank file to write (e.g. facts.bank)")
+    parser.add_argument("--layers", default="all", help="`all` (default) or comma-separated layer indices")
+    parser.add_argument("--window", type=int, default=None,
+                        help="tokens the model reads at once (default: min(max_seq_len, 1024))")
+    parser.add_argument("--stride", type=int, default=None, help="tokens each window advances (default: window/2)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the stored keys/values (default float32)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec ('byte' or a tokenizer.json path); default: the model's")
+    options = parser.parse_args(list(args))
+
+    from pathlib import Path
+
+    import torch
+
+    from memzoo.model.memory_bank import MemoryBank, MemoryBankError
+
+    try:
+        layers = options.layers if options.layers == "all" else [int(x) for x in options.layers.split(",")]
+    except ValueError:
+        raise CommandError(f"memorize: --layers {options.layers!r} must be `all` or comma-separated integers") from None
+    docs = {}
+    for name in options.docs:
+        path = Path(name)
+        if not path.is_file():
+            raise CommandError(f"memorize: --docs {name!r} is not a file")
+        try:
+            docs[name] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CommandError(f"memorize: --docs {name!r} is not UTF-8 text ({err})") from None
+    model, tokenizer = load_model_and_tokenizer(options.model, options.tokenizer, "memorize")
+    try:
+        bank = MemoryBank.build(model, tokenizer, docs, layers=layers, window=options.window, stride=options.stride,
+                                dtype=getattr(torch, options.dtype))
+    except MemoryBankError as err:
+        raise CommandError(f"memorize: {err}") from None
+    bank.build_settings["model"] = options.model
+    bank.save(options.out)
+    size = Path(options.out).stat().st_size
+    print(f"memorized {bank.n_entries} tokens of {len(docs)} document(s) in layers {bank.layers} to {options.out} "
+          f"({size / 1e6:.1f} MB)")
+    return bank
+
+
+def load_model_and_tokenizer(source: str, tokenizer_spec: str | None, verb: str):
+    """``(model, tokenizer)`` of a ``.ckpt`` (its recorded tokenizer) or of what :func:`memzoo.load_pretrained`
+    reads; ``tokenizer_spec`` overrides the tokenizer."""
+    from pathlib import Path
+
+    from memzoo.data.tokenizers import build_tokenizer
+    from memzoo.export.checkpoint_check import CheckpointError
+    from memzoo.export.errors import ExportError, PretrainedFormatError
+    from memzoo.pretrained import load_pretrained
+
+    tokenizer = None
+    try:
+        if Path(source).is_file() and Path(source).suffix == ".ckpt":
+            from memzoo.export.checkpoint_reader import read_checkpoint
+
+            contents = read_checkpoint(source)
+            model, recorded = contents.model, contents.tokenizer
+            tokenizer = build_tokenizer(recorded) if recorded and tokenizer_spec is None else None
+        else:
+            model, tokenizer = load_pretrained(source, with_tokenizer=True)
+    except (PretrainedFormatError, ExportError, CheckpointError, FileNotFoundError) as err:
+        raise CommandError(f"{verb}: {err}") from None
+    if tokenizer_spec is not None:
+        tokenizer = build_tokenizer(tokenizer_spec)
+    if tokenizer is None:
+        raise CommandError(f"{verb}: {source} records no tokenizer; pass --tokenizer (byte, or a tokenizer.json)")
+    return model, tokenizer
 
 
 def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[int, float, int | None]:

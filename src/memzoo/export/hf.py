@@ -102,6 +102,7 @@ def export_model(
     """
     out = Path(out)
     check_destination(out, overwrite)
+    check_no_attention_memory(model)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
@@ -130,6 +131,22 @@ def export_model(
         files = save_weights(tensors, folder, shard_bytes)
         _write_json(folder / MANIFEST_FILE, build_manifest(folder, files, tokenizer_entry, memzoo.__version__))
     return out
+
+
+def check_no_attention_memory(model: Transformer) -> None:
+    """Refuses a model with attention memory: the Hugging Face modeling code has none, so its export would not
+    compute what the model computes."""
+    memory = model.config.attention_memory
+    if memory is None and not any(layer.attn.memory is not None for layer in model.layers):
+        return
+    how = ("detach the bank first (model.detach_memory()) to export the plain model"
+           if getattr(model, "memory_enabled_by_attach", False) else
+           "its attention_memory layers are part of the architecture; use the checkpoint with memzoo itself "
+           "(memzoo generate/predict) or export a model without attention_memory")
+    raise ExportError(
+        f"the model has attention memory (layers {memory and memory['layers']}, mode {memory and memory['mode']}), "
+        f"which the exported Hugging Face code does not implement; {how}"
+    )
 
 
 def check_destination(out: Path, overwrite: bool) -> None:

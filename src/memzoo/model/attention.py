@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memzoo.model.attention_memory import AttentionMemory
 from memzoo.model.rope import RotaryEmbedding
 
 AttentionBackend = Literal["auto", "sdpa", "xformers"]
@@ -85,6 +86,9 @@ class CausalSelfAttention(nn.Module):
     ``h`` reads key/value head ``h // (n_heads / n_kv_heads)`` (Llama / Mistral / Qwen2 layout). ``qkv`` is one
     linear whose output rows are ``[q (n_heads·hd); k (n_kv_heads·hd); v (n_kv_heads·hd)]``, with a bias when
     ``qkv_bias``; ``proj`` has one when ``proj_bias``. ``rope_scaling``: see :func:`memzoo.model.rope.rope_inv_freq`.
+
+    ``memory``: an :class:`~memzoo.model.attention_memory.AttentionMemory` (attention over an external bank of keys
+    and values); while it holds entries it computes the attention, otherwise the layer is the plain one above.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class CausalSelfAttention(nn.Module):
         qkv_bias: bool = False,
         proj_bias: bool = False,
         rope_scaling: dict | None = None,
+        memory: AttentionMemory | None = None,
     ):
         super().__init__()
         if dim % n_heads:
@@ -118,6 +123,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_base, rope_scaling)
+        self.memory = memory
 
     def _rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q (B, T, H, hd)`` and ``k (B, T, H_kv, hd)`` rotated for positions ``start ..``, and ``v``."""
@@ -159,6 +165,11 @@ class CausalSelfAttention(nn.Module):
             cache.k[:, :, start : start + T] = k.transpose(1, 2)
             cache.v[:, :, start : start + T] = v.transpose(1, 2)
             cache.length = start + T
+        if self.memory is not None and self.memory.active:
+            k_local = cache.k[:, :, : start + T] if cache is not None else k.transpose(1, 2)
+            v_local = cache.v[:, :, : start + T] if cache is not None else v.transpose(1, 2)
+            y = self.memory(q, k_local, v_local, start, dropout_p)
+        elif cache is not None:
             k_all = self._expand_kv(cache.k[:, :, : start + T], 1)
             v_all = self._expand_kv(cache.v[:, :, : start + T], 1)
             qh = q.transpose(1, 2)

@@ -8,6 +8,9 @@ Per-layer blocks: ``block``/``block_args`` give every layer's FFN-slot block; ``
 (``{index: {block: name, **hyperparameters}}``, negative indices count from the end). An override without ``block``
 changes hyperparameters of the default block (merged over ``block_args``); one naming another block starts from that
 block's defaults. ``pool: name`` in an entry makes that layer read the named pool of ``pools``.
+
+Attention memory (Extended Mind / Memorizing Transformers, :mod:`memzoo.model.attention_memory`) is chosen per layer
+too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null}``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from memzoo.model.attention_memory import AttentionMemoryConfig, AttentionMemoryError
 
 
 class ModelConfigError(ValueError):
@@ -55,6 +60,8 @@ class ModelConfig:
         qkv_bias, proj_bias: biases on the attention's q/k/v and output projections (Qwen2: q/k/v only).
         rope_scaling: rotary frequency scaling, ``{rope_type: linear | llama3, ...}`` (Hugging Face form; see
             :func:`memzoo.model.rope.rope_inv_freq`), ``None``: none.
+        attention_memory: layers whose attention also reads an external bank of keys/values, and how
+            (:class:`~memzoo.model.attention_memory.AttentionMemoryConfig`); ``None``: no layer does.
     """
 
     vocab_size: int = 258
@@ -76,6 +83,7 @@ class ModelConfig:
     qkv_bias: bool = False
     proj_bias: bool = False
     rope_scaling: dict[str, Any] | None = None
+    attention_memory: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -106,6 +114,18 @@ class ModelConfig:
                 )
             layers[index] = override
         self.layers = layers
+        if self.attention_memory is not None:
+            try:
+                memory = AttentionMemoryConfig.from_dict(self.attention_memory, self.n_layers)
+            except AttentionMemoryError as err:
+                raise ModelConfigError(str(err)) from None
+            self.attention_memory = memory.to_dict()
+
+    def memory_config(self) -> AttentionMemoryConfig | None:
+        """The checked ``attention_memory`` settings (``None``: no layer has attention memory)."""
+        if self.attention_memory is None:
+            return None
+        return AttentionMemoryConfig.from_dict(self.attention_memory, self.n_layers)
 
     # ----------------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool
 from memzoo.blocks.registry import BlockConfigError, create_block
 from memzoo.model.attention import CausalSelfAttention, LayerKVCache
+from memzoo.model.attention_memory import AttentionMemory
 from memzoo.model.config import LayerSpec, ModelConfig, ModelConfigError
 from memzoo.nn.norms import RMSNorm
 
@@ -71,6 +72,8 @@ class Transformer(nn.Module):
         self.init_std = config.init_std
         self.pools = nn.ModuleDict({name: self._build_pool(name, spec) for name, spec in config.pools.items()})
         self.layer_specs = config.layer_specs()
+        memory = config.memory_config()
+        head_dim, n_kv_heads = config.dim // config.n_heads, config.n_kv_heads or config.n_heads
 
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.dropout = nn.Dropout(config.dropout)
@@ -81,6 +84,8 @@ class Transformer(nn.Module):
                     config.dim, config.n_heads, config.max_seq_len, config.rope_base, config.dropout,
                     config.attention_backend, config.n_kv_heads, config.qkv_bias, config.proj_bias,
                     config.rope_scaling,
+                    AttentionMemory(i, config.n_heads, n_kv_heads, head_dim, memory)
+                    if memory is not None and i in memory.layers else None,
                 ),
                 self._build_block(i, spec),
                 config.norm_eps,
@@ -161,6 +166,23 @@ class Transformer(nn.Module):
         """
         return {f"layers.{i}.{name}": value for i, layer in enumerate(self.layers)
                 for name, value in layer.ffn.aux_losses().items()}
+
+    def attach_memory(self, bank, topk: int | None = None, similarity_threshold: float | None = None,
+                      check_weights: bool = True, index: str | None = None) -> None:
+        """Attention over ``bank`` (a :class:`~memzoo.model.memory_bank.MemoryBank` built by this model) in the
+        bank's layers. A model without ``attention_memory`` gets the Extended Mind (``joint``) option in those layers
+        (no new parameters); one with it must list the bank's layers. ``topk`` / ``similarity_threshold`` override
+        the settings, as does ``index`` (``exact`` | ``faiss_ivf``). ``check_weights``: compare the bank's probe keys
+        with this model's. Raises :class:`~memzoo.model.memory_bank.MemoryBankError` if the bank does not fit."""
+        from memzoo.model.memory_bank import attach_memory
+
+        attach_memory(self, bank, topk, similarity_threshold, check_weights, index)
+
+    def detach_memory(self) -> None:
+        """Back to plain attention (see :func:`memzoo.model.memory_bank.detach_memory`)."""
+        from memzoo.model.memory_bank import detach_memory
+
+        detach_memory(self)
 
     def new_caches(self, batch_size: int, max_len: int) -> list[LayerKVCache]:
         """Empty KV caches for :meth:`forward` to decode up to ``max_len`` positions."""

@@ -95,6 +95,8 @@ class LanguageModel(L.LightningModule):
             ``unfreeze`` trains (see :mod:`memzoo.training.freezing`). Frozen parameters get no optimizer state.
         lora: LoRA adapters through peft, ``{r, alpha, dropout, target_modules}`` (see :mod:`memzoo.training.lora`);
             only the adapters train (``unfreeze`` can add more). Applied after ``init_from``, before ``freeze``.
+        memory: a memory bank file (``memzoo memorize``) attached to the model's attention when a stage starts
+            (after checkpoint weights are loaded): see :meth:`memzoo.model.transformer.Transformer.attach_memory`.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class LanguageModel(L.LightningModule):
         freeze: list[str] | None = None,
         unfreeze: list[str] | None = None,
         lora: dict[str, Any] | None = None,
+        memory: str | None = None,
     ):
         super().__init__()
         architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
@@ -310,8 +313,27 @@ class LanguageModel(L.LightningModule):
             self.row_sparse_sync = prepare_data_parallel(self, self.trainer.strategy)
 
     def on_fit_start(self) -> None:
+        self._attach_memory_bank()
         if self.row_sparse_sync is not None:
             self.row_sparse_sync.broadcast_tables()
+
+    def on_validation_start(self) -> None:
+        self._attach_memory_bank()
+
+    def on_test_start(self) -> None:
+        self._attach_memory_bank()
+
+    def on_predict_start(self) -> None:
+        self._attach_memory_bank()
+
+    def _attach_memory_bank(self) -> None:
+        """Attaches the ``memory`` bank once, to the weights the stage runs with."""
+        path = self.hparams.get("memory")
+        if path is None or getattr(self.model, "memory_bank", None) is not None:
+            return
+        from memzoo.model.memory_bank import MemoryBank
+
+        self.model.attach_memory(MemoryBank.load(path))
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Under DDP: sparse pools' row gradients become the mean over ranks (DDP reduced the dense ones)."""
