@@ -121,7 +121,7 @@ def _product_key_topk(query: Tensor, sub_keys: Tensor, k: int) -> tuple[Tensor, 
     exact = half_scores if half_scores.dtype in (torch.float32, torch.float64) else half_scores.float()
     if query.device.type == "cpu" and cpu_topk.library() is not None:
         scores, indices = cpu_topk.half_topk_merge(exact, k)
-    elif query.is_cuda and exact.dtype == torch.float32 and triton_topk_available():
+    elif query.is_cuda and exact.dtype == torch.float32 and _triton_takes(sub_keys.shape[2], k):
         from memzoo.ops import triton_topk
 
         scores, indices = triton_topk.half_topk_merge(exact, k)
@@ -224,17 +224,10 @@ def _gather_backward(
 _product_key_topk.register_autograd(_product_key_topk_backward, setup_context=_save_for_backward)
 
 
-def triton_topk_available() -> bool:
-    """Whether Triton can be imported (the CUDA kernel's dependency)."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON = True
-        except ImportError:
-            _TRITON = False
-    return _TRITON
-
-
-_TRITON: bool | None = None
+def _triton_takes(n_keys: int, k: int) -> bool:
+    """Whether the Triton kernel can run here (Triton importable) and takes this size."""
+    try:
+        from memzoo.ops import triton_topk
+    except ImportError:
+        return False
+    return triton_topk.supports(n_keys, k)
