@@ -106,6 +106,21 @@ def bench_blocks(threads: int, repeats: int) -> dict:
     return {name: {"ms": 1e3 * t, "ratio_to_dense": t / times["dense"]} for name, t in times.items()}
 
 
+def profile_step(name: str, steps: int = 3, top: int = 10) -> list[dict]:
+    """The ops that take a model's training step's time (1 thread): ``name``, share of self CPU time, calls/step."""
+    torch.set_num_threads(1)
+    batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
+    step = train_step_fn(name, batch)
+    step()
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // steps}
+            for e in events[:top]]
+
+
 # ---------------------------------------------------------------------------------------------- top-k
 def previous_topk(query, sub_keys, k):
     """The PyTorch path memzoo used before its kernels: per-half torch.topk, top-k of the candidate sums."""
@@ -245,6 +260,10 @@ def markdown(result: dict) -> str:
     if "layer_13b" in result:
         lines += ["## 1.3B layer shape (CUDA)", "", f"Memory+ layer fwd+bwd ÷ SwiGLU FFN of equal FLOPs: "
                   f"{result['layer_13b']['ratio']:.2f}", ""]
+    for name, ops in result.get("profile_1_thread", {}).items():
+        lines.append(f"Profile of one {name} step (share of self CPU time): "
+                     + ", ".join(f"`{o['op']}` {100 * o['self_share']:.0f}%" for o in ops[:6]))
+        lines.append("")
     lines += ["## Targets", "", "| target | met | detail |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in result["targets"]]
     return "\n".join(lines) + "\n"
@@ -264,6 +283,7 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         if "blocks" in sections:
             result["blocks"] = {str(t): bench_blocks(t, args.repeats) for t in (1, 2)}
+            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer")}
         if "topk" in sections:
             torch.set_num_threads(1)
             result["topk_cpu"] = bench_topk("cpu", args.n_keys, 768, args.repeats)
