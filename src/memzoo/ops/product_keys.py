@@ -14,6 +14,15 @@ Not all ``k²`` candidate sums need scoring. With both halves sorted best first,
 halves) is beaten or tied by the ``(a+1)(b+1)`` pairs ``(a' <= a, b' <= b)``, and the set of pairs scoring at least
 the k-th best sum is closed under that order, so it holds an exact top-k made of pairs with ``(a+1)(b+1) <= k``:
 about ``k·ln k`` pairs instead of ``k²`` (50 instead of 256 for ``k = 16``).
+
+Implementation: one ``torch.library`` custom op, ``memzoo::product_key_topk`` (a fake implementation for
+``torch.compile``), whose half scores are one batched matmul and whose top-k + merge is a kernel:
+:mod:`memzoo.ops.cpu_topk` (C++/OpenMP) on CPU, :mod:`memzoo.ops.triton_topk` on CUDA (float32 half scores up to
+its size limits), and the vectorised PyTorch formulation above (:func:`_torch_half_topk_merge`) everywhere else,
+including when the C++ kernel cannot be built. The backward is ``memzoo::product_key_topk_grad``: the query's
+gradient gathers the ``k`` chosen sub-keys, the sub-keys' gradient scatters the query halves (C++ on CPU; the
+``weighted_gather`` kernels elsewhere); under ``create_graph`` it is built from the differentiable gather ops, so
+double backward works.
 """
 
 from __future__ import annotations
