@@ -1,7 +1,9 @@
 """Functional kernels of memzoo's sparse-memory blocks (no ``nn.Module`` state).
 
 - :func:`product_key_topk`: exact top-k over ``n_keys²`` product keys in O(n_keys + k·log k) per query and head
-  (:func:`candidate_pairs` says how many candidate sums it scores).
+  (:func:`candidate_pairs` says how many candidate sums it scores); a ``torch.library`` custom op whose top-k and
+  merge run in C++/OpenMP on CPU (:mod:`memzoo.ops.cpu_topk`, built on first use, PyTorch fallback) and in Triton
+  on CUDA (:mod:`memzoo.ops.triton_topk`), with a sparse O(k·Dk) backward.
 - :func:`weighted_gather`: ``out[b] = Σ_j w[b,j] · values[idx[b,j]]``, the read of a memory layer.
 - :func:`gather_dot`: ``out[b,j] = values[idx[b,j]] · x[b]``, its adjoint (PEER's ``u_i · x``).
 

@@ -1,0 +1,35 @@
+"""tools/bench_blocks.py: the previous top-k path it compares against is exact, and its targets list judges ratios."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+spec = importlib.util.spec_from_file_location("bench_blocks", Path(__file__).parents[1] / "tools" / "bench_blocks.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_previous_and_new_topk_agree():
+    gen = torch.Generator().manual_seed(0)
+    query, sub_keys = torch.randn(10, 4, 16, generator=gen), torch.randn(4, 2, 40, 8, generator=gen)
+    new = bench.product_key_topk(query, sub_keys, 8)
+    for fn in (bench.previous_topk, bench.full_product_topk):
+        scores, indices = fn(query, sub_keys, 8)
+        torch.testing.assert_close(scores, new[0])
+        assert torch.equal(indices, new[1])
+
+
+def test_targets_and_table_from_a_result():
+    result = {
+        "machine": "test",
+        "blocks": {"1": {m: {"ms": 1.0, "ratio_to_dense": r} for m, r in
+                         (("dense", 1.0), ("moe", 1.1), ("pkm", 1.2), ("memoryplus", 1.3), ("peer", 1.0))}},
+        "topk_cpu": {"128": {"speedup_vs_previous": 5.0, "speedup_vs_full_product": 20.0},
+                     "1024": {"speedup_vs_previous": 3.0}},
+    }
+    result["targets"] = bench.targets(result)
+    met = {t["target"].split(" ")[0]: t["met"] for t in result["targets"]}
+    assert met == {"pkm": True, "memoryplus": False, "peer": True, "product-key": False}
+    table = bench.markdown(result)
+    assert "| memoryplus | 1.30 |" in table and "| 1024 | 3.00x | n/a (memory) |" in table

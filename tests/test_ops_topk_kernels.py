@@ -1,0 +1,222 @@
+"""The product-key top-k kernels (C++ on CPU; the PyTorch fallback) against the float64 brute force over all
+n_keys² product keys: forward, backward, ties, NaN, dtypes, threads, torch.compile, and the fallback when no
+kernel can be built."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from memzoo.ops import cpu_topk, product_key_topk
+from memzoo.ops import product_keys as pk
+
+
+def brute_force(half_scores, k):
+    """``(2, H, T, n)`` → the top-k of all ``n²`` sums, ``(T, H, k)``, index ``i1·n + i2``."""
+    s1, s2 = half_scores[0].transpose(0, 1), half_scores[1].transpose(0, 1)
+    return (s1[..., :, None] + s2[..., None, :]).flatten(-2).topk(k, dim=-1)
+
+
+def reference_topk(query, sub_keys, k):
+    half = sub_keys.shape[-1]
+    s1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0])
+    s2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1])
+    return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2).topk(k, dim=-1)
+
+
+def random_inputs(lead, heads, n_keys, dk, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(*lead, heads, dk, generator=gen, dtype=dtype).requires_grad_()
+    sub_keys = torch.randn(heads, 2, n_keys, dk // 2, generator=gen, dtype=dtype).requires_grad_()
+    return query, sub_keys
+
+
+def test_the_cpu_kernel_builds_here():
+    """g++ is present on the machines memzoo is tested on, so the fast path must be the one tested."""
+    assert shutil.which("g++") or shutil.which("c++")
+    assert cpu_topk.available(), cpu_topk._state.get("error")
+
+
+# (n_keys, k): n < 16 and k > 64 take the plain route inside the kernel, the others the filtered fast route
+SIZES = [(5, 1), (5, 5), (16, 16), (37, 32), (128, 32), (200, 7), (300, 64), (100, 70), (1024, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_keys, k", SIZES)
+def test_cpu_kernel_equals_brute_force(n_keys, k, dtype):
+    half_scores = torch.randn(2, 3, 40, n_keys, dtype=dtype, generator=torch.Generator().manual_seed(n_keys))
+    scores, indices = cpu_topk.half_topk_merge(half_scores, k)
+    ref_scores, ref_indices = brute_force(half_scores, k)
+    assert torch.equal(scores, ref_scores)  # the same IEEE additions
+    assert torch.equal(indices, ref_indices)  # continuous data: no ties, the order is determined
+
+
+@pytest.mark.parametrize("n_keys, k", [(16, 16), (37, 32), (64, 8), (128, 32), (20, 3)])
+def test_cpu_kernel_with_many_ties(n_keys, k):
+    """Integer scores tie everywhere: the scores are the exact top-k, every index scores what it claims, no index
+    is returned twice."""
+    gen = torch.Generator().manual_seed(k)
+    half_scores = torch.randint(-3, 4, (2, 2, 50, n_keys), generator=gen).float()
+    scores, indices = cpu_topk.half_topk_merge(half_scores, k)
+    ref_scores, _ = brute_force(half_scores, k)
+    assert torch.equal(scores, ref_scores)
+    all_sums = (half_scores[0].transpose(0, 1)[..., :, None] + half_scores[1].transpose(0, 1)[..., None, :]).flatten(-2)
+    assert torch.equal(all_sums.gather(-1, indices), scores)
+    assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist())
+
+
+def test_cpu_kernel_ranks_nan_first_like_torch_topk():
+    half_scores = torch.randn(2, 1, 4, 40, generator=torch.Generator().manual_seed(1))
+    half_scores[0, 0, 1, 7] = float("nan")
+    scores, indices = cpu_topk.half_topk_merge(half_scores, 5)
+    assert scores[1, 0].isnan().all() and indices[1, 0].div(40, rounding_mode="floor").eq(7).all()
+    ref_scores, ref_indices = brute_force(half_scores, 5)
+    assert torch.equal(indices[[0, 2, 3]], ref_indices[[0, 2, 3]])
+
+
+def test_cpu_kernel_same_result_on_two_threads():
+    half_scores = torch.randn(2, 4, 300, 128, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_topk.half_topk_merge(half_scores, 32)
+        torch.set_num_threads(2)
+        two = cpu_topk.half_topk_merge(half_scores, 32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("lead, heads, n_keys, dk, k", [((6,), 2, 20, 8, 5), ((2, 3), 3, 40, 12, 32), ((4,), 1, 9, 6, 9)])
+def test_op_forward_and_backward_equal_float64_reference(lead, heads, n_keys, dk, k):
+    query, sub_keys = random_inputs(lead, heads, n_keys, dk)
+    scores, indices = product_key_topk(query, sub_keys, k)
+    ref_scores, ref_indices = reference_topk(query, sub_keys, k)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(indices, ref_indices)
+    upstream = torch.randn(scores.shape, dtype=scores.dtype, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((scores * upstream).sum(), (query, sub_keys))
+    ref_grads = torch.autograd.grad((ref_scores * upstream).sum(), (query, sub_keys))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_cpu_backward_kernel_sums_duplicate_sub_keys():
+    """Every token picks the same few sub-keys (one dominant key per half): the sub-key gradient sums them."""
+    query, sub_keys = random_inputs((30,), 2, 12, 8)
+    with torch.no_grad():
+        sub_keys[:, :, 3] *= 50
+        query.abs_()
+        sub_keys[:, :, 3].abs_()
+    scores, indices = product_key_topk(query, sub_keys, 4)
+    assert (indices // 12 == 3).float().mean() > 0.5
+    grads = torch.autograd.grad(scores.sum(), (query, sub_keys))
+    ref_grads = torch.autograd.grad(reference_topk(query, sub_keys, 4)[0].sum(), (query, sub_keys))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradcheck_and_double_backward():
+    query, sub_keys = random_inputs((3,), 2, 7, 4)
+    fn = lambda q, c: product_key_topk(q, c, 4)[0]
+    assert torch.autograd.gradcheck(fn, (query, sub_keys))
+    assert torch.autograd.gradgradcheck(fn, (query, sub_keys))
+
+
+def test_bfloat16_input():
+    query, sub_keys = random_inputs((16,), 2, 24, 8, dtype=torch.bfloat16, seed=4)
+    scores, indices = product_key_topk(query, sub_keys, 6)
+    assert scores.dtype == torch.bfloat16 and indices.dtype == torch.int64
+    q64, c64 = query.detach().double(), sub_keys.detach().double()
+    ref_scores, _ = reference_topk(q64, c64, 6)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=0.1, rtol=0.02)
+    # each returned index scores what is returned for it (recomputed in float64 from the bf16 inputs)
+    half = 4
+    i1, i2 = indices // 24, indices % 24
+    heads = torch.arange(2).view(1, 2, 1)
+    claimed = (q64[..., None, :half] * c64[heads, 0, i1]).sum(-1) + (q64[..., None, half:] * c64[heads, 1, i2]).sum(-1)
+    torch.testing.assert_close(claimed, scores.double(), atol=0.1, rtol=0.02)
+    upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    grads = torch.autograd.grad((scores * upstream).sum(), (query, sub_keys))
+    assert grads[0].dtype == grads[1].dtype == torch.bfloat16
+    # the gradient formula at the returned indices, in float64 by the (independent) gather/scatter kernels
+    ref_grads = pk._gather_backward(upstream.double(), indices, q64, c64, differentiable=False)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=0.05, rtol=0.02)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    query, sub_keys = random_inputs((8,), 2, 32, 8, dtype=torch.float32)
+
+    def loss(q, c):
+        scores, indices = product_key_topk(q, c, 5)
+        return (scores.softmax(-1) * (indices % 7).float()).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(query, sub_keys)
+    grads = torch.autograd.grad(got, (query, sub_keys))
+    want = loss(query, sub_keys)
+    ref_grads = torch.autograd.grad(want, (query, sub_keys))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.fixture
+def no_cpu_kernel(monkeypatch):
+    """The kernel state as after a failed build (restored afterwards)."""
+    saved = dict(cpu_topk._state)
+    cpu_topk._state.clear()
+
+    def failing_build():
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(cpu_topk, "_build", failing_build)
+    yield
+    cpu_topk._state.clear()
+    cpu_topk._state.update(saved)
+
+
+def test_fallback_when_the_kernel_cannot_be_built_warns_once_and_stays_exact(no_cpu_kernel):
+    query, sub_keys = random_inputs((5,), 2, 20, 8)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler in this test"):
+        scores, indices = product_key_topk(query, sub_keys, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        product_key_topk(query, sub_keys, 6)
+    assert cpu_topk.library() is None
+    ref_scores, ref_indices = reference_topk(query, sub_keys, 6)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(indices, ref_indices)
+    grads = torch.autograd.grad(scores.sum(), (query, sub_keys))
+    ref_grads = torch.autograd.grad(ref_scores.sum(), (query, sub_keys))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_environment_switch_turns_the_kernel_off_silently(monkeypatch):
+    saved = dict(cpu_topk._state)
+    cpu_topk._state.clear()
+    monkeypatch.setenv("MEMZOO_CPU_KERNELS", "0")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_topk.library() is None
+            half_scores = torch.randn(2, 2, 10, 16, dtype=torch.float64)
+            scores, indices = pk._torch_half_topk_merge(half_scores, 4)
+            ref = brute_force(half_scores, 4)
+            assert torch.equal(indices, ref[1])
+        with pytest.raises(RuntimeError, match="MEMZOO_CPU_KERNELS=0"):
+            cpu_topk.half_topk_merge(half_scores, 4)
+    finally:
+        cpu_topk._state.clear()
+        cpu_topk._state.update(saved)
+
+
+def test_empty_batch():
+    query, sub_keys = random_inputs((0,), 2, 16, 8)
+    scores, indices = product_key_topk(query, sub_keys, 4)
+    assert scores.shape == indices.shape == (0, 2, 4)
+    grads = torch.autograd.grad(scores.sum(), (query, sub_keys), allow_unused=True)
+    assert grads[1] is None or not grads[1].any()

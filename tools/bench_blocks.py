@@ -1,0 +1,309 @@
+"""Memory blocks at the wall-clock cost of their FLOPs: training steps against dense, and product-key top-k alone.
+
+One run measures, as ratios within the run (absolute times only in the JSON's raw section):
+
+- **blocks** (CPU): one full training step (forward, loss, backward, optimizers: AdamW + the pools' row-wise
+  optimizer) of the iso-FLOP study's models (``configs/study/model-*.yaml``: dense, MoE, PKM, Memory+, PEER at
+  equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) at 1 and 2 threads; ratio = step time ÷ dense's.
+- **topk** (CPU, 1 thread): ``memzoo.ops.product_key_topk`` forward+backward at knn 32, heads 4, k_dim 96, 768
+  tokens, n_keys 128–1024, against the previous PyTorch path (per-half ``torch.topk`` + top-k of the candidate
+  sums, autograd through the indexing) and against ``torch.topk`` of the full ``n_keys²`` product set (measured
+  on 64 tokens and scaled to 768; left out where it would not fit in memory).
+- **cuda** (``--device cuda``): the same top-k against the previous path and ``torch.topk`` of the per-half scores,
+  and at the 1.3B layer shape (dim 2048, 1024² keys, value_dim 2048, heads 4, knn 32) a Memory+ layer's
+  forward+backward against a dense SwiGLU FFN of equal forward FLOPs.
+
+    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json]
+
+Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from memzoo.atomic import write_bytes_atomic
+from memzoo.model.config import ModelConfig
+from memzoo.ops import product_key_topk
+from memzoo.ops.product_keys import _candidate_ranks
+from memzoo.training.module import LanguageModel
+from memzoo.training.optim import build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "configs" / "study"
+BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer")
+STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def timed(fn, repeats: int, warmup: int = 3, device: str = "cpu") -> float:
+    """Median seconds of ``fn()`` (CPU: process CPU time of this thread's work is not separable, so wall time)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu") -> dict:
+    """Best-of-rounds median time of each function, the functions interleaved round by round (a noisy machine
+    then slows all of them alike)."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timed(fn, repeats, device=device))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+def study_model(name: str) -> tuple[LanguageModel, str]:
+    config = yaml.safe_load((STUDY / f"model-{name}.yaml").read_text())["model"]["init_args"]
+    torch.manual_seed(0)
+    module = LanguageModel(ModelConfig.from_dict(config["architecture"]),
+                           sparse_optimizer=config.get("sparse_optimizer", "lazy_adam"))
+    return module, config.get("sparse_optimizer", "lazy_adam")
+
+
+def train_step_fn(name: str, batch: torch.Tensor):
+    module, sparse_optimizer = study_model(name)
+    model = module.model
+    optimizer = build_optimizer(
+        model, lambda params: torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        sparse_optimizer=sparse_optimizer,
+    )
+
+    def step():
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        for aux in model.aux_losses().values():
+            loss = loss + aux
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_blocks(threads: int, repeats: int) -> dict:
+    torch.set_num_threads(threads)
+    batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
+    times = interleaved({name: train_step_fn(name, batch) for name in BLOCK_MODELS}, repeats)
+    return {name: {"ms": 1e3 * t, "ratio_to_dense": t / times["dense"]} for name, t in times.items()}
+
+
+def profile_step(name: str, steps: int = 3, top: int = 10) -> list[dict]:
+    """The ops that take a model's training step's time (1 thread): ``name``, share of self CPU time, calls/step."""
+    torch.set_num_threads(1)
+    batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
+    step = train_step_fn(name, batch)
+    step()
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // steps}
+            for e in events[:top]]
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+def previous_topk(query, sub_keys, k):
+    """The PyTorch path memzoo used before its kernels: per-half torch.topk, top-k of the candidate sums."""
+    n_keys, half = sub_keys.shape[2], sub_keys.shape[3]
+    halves = (query[..., :half], query[..., half:])
+    scores = [torch.einsum("...hd,hnd->...hn", q, sub_keys[:, side]) for side, q in enumerate(halves)]
+    (best1, idx1), (best2, idx2) = (s.topk(k, dim=-1) for s in scores)
+    rank1, rank2 = _candidate_ranks(k, query.device)
+    top, position = (best1[..., rank1] + best2[..., rank2]).topk(k, dim=-1)
+    return top, idx1.gather(-1, rank1[position]) * n_keys + idx2.gather(-1, rank2[position])
+
+
+def full_product_topk(query, sub_keys, k):
+    """``torch.topk`` over all ``n_keys²`` product keys (the definition)."""
+    half = sub_keys.shape[-1]
+    s1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0])
+    s2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1])
+    return (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2).topk(k, dim=-1)
+
+
+def half_scores_topk(query, sub_keys, k):
+    """Only ``torch.topk`` of the two per-half score rows (a floor for any per-half top-k path)."""
+    half = sub_keys.shape[-1]
+    s1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0])
+    s2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1])
+    return s1.topk(k, dim=-1)[0] + s2.topk(k, dim=-1)[0], None
+
+
+def fwd_bwd(fn, query, sub_keys, k):
+    def run():
+        scores, _ = fn(query, sub_keys, k)
+        scores.float().sum().backward()
+    return run
+
+
+def bench_topk(device: str, n_keys_list, tokens: int, repeats: int, dtype=torch.float32) -> dict:
+    rows = {}
+    for n_keys in n_keys_list:
+        gen = torch.Generator().manual_seed(n_keys)
+        query = torch.randn(tokens, 4, 96, generator=gen).to(device, dtype).requires_grad_()
+        sub_keys = torch.randn(4, 2, n_keys, 48, generator=gen).to(device, dtype).requires_grad_()
+        fns = {"new": fwd_bwd(product_key_topk, query, sub_keys, 32),
+               "previous": fwd_bwd(previous_topk, query, sub_keys, 32)}
+        if device == "cuda":
+            fns["torch_topk_halves"] = fwd_bwd(half_scores_topk, query, sub_keys, 32)
+        times = interleaved(fns, repeats, device=device)
+        row = {f"{name}_ms": 1e3 * t for name, t in times.items()}
+        row["speedup_vs_previous"] = times["previous"] / times["new"]
+        if device == "cuda":
+            row["speedup_vs_torch_topk_halves"] = times["torch_topk_halves"] / times["new"]
+        small = 64
+        if device == "cpu" and 4 * small * n_keys**2 * 4 * 3 < 2**30:  # scores, grads and topk buffers < 1 GiB
+            q_small = query.detach()[:small].clone().requires_grad_()
+            t_full = timed(fwd_bwd(full_product_topk, q_small, sub_keys, 32), max(3, repeats // 3))
+            row["full_product_ms_scaled"] = 1e3 * t_full * tokens / small
+            row["speedup_vs_full_product"] = t_full * tokens / small / times["new"]
+        rows[str(n_keys)] = row
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 1.3B layer (GPU)
+def bench_layer_13b(repeats: int) -> dict:
+    from memzoo.blocks.dense import DenseMLP
+    from memzoo.blocks.memory import ProductKeyMemory
+
+    dim, tokens = 2048, 8192
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(dim, heads=4, knn=32, k_dim=512, qk_norm=True, gate="silu", n_keys=1024,
+                              value_dim=2048).cuda().bfloat16()
+    hidden = max(64, round(memory.flops_per_token() / (6 * dim) / 64) * 64)  # SwiGLU: 6·dim·hidden FLOPs/token
+    dense = DenseMLP(dim, hidden=hidden).cuda().bfloat16()
+    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step(block):
+        def run():
+            block(x).float().square().mean().backward()
+        return run
+
+    times = interleaved({"memory": step(memory), "dense": step(dense)}, repeats, device="cuda")
+    return {
+        "memory_ms": 1e3 * times["memory"], "dense_ms": 1e3 * times["dense"],
+        "ratio": times["memory"] / times["dense"], "dense_hidden": hidden,
+        "memory_flops_per_token": memory.flops_per_token(), "dense_flops_per_token": dense.flops_per_token(),
+        "tokens": tokens,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+def targets(result: dict) -> list[dict]:
+    out = []
+    for threads in ("1", "2"):
+        blocks = result.get("blocks", {}).get(threads)
+        if not blocks:
+            continue
+        for name in ("pkm", "memoryplus", "peer"):
+            ratio = blocks[name]["ratio_to_dense"]
+            out.append({"target": f"{name} training step <= {STEP_TARGET}x dense ({threads} thread(s), CPU)",
+                        "met": ratio <= STEP_TARGET, "detail": f"{ratio:.2f}x dense"})
+    topk = result.get("topk_cpu", {})
+    if topk:
+        speedups = {n: row["speedup_vs_previous"] for n, row in topk.items()}
+        out.append({"target": f"product-key top-k fwd+bwd >= {TOPK_TARGET}x the previous path (knn 32, 1 thread, CPU)",
+                    "met": min(speedups.values()) >= TOPK_TARGET,
+                    "detail": ", ".join(f"n_keys {n}: {s:.2f}x" for n, s in speedups.items())})
+    if "topk_cuda" in result:
+        speedups = {n: row["speedup_vs_torch_topk_halves"] for n, row in result["topk_cuda"].items()}
+        out.append({"target": f"top-k kernel >= {GPU_TOPK_TARGET}x torch.topk (fwd+bwd, CUDA)",
+                    "met": min(speedups.values()) >= GPU_TOPK_TARGET,
+                    "detail": ", ".join(f"n_keys {n}: {s:.2f}x" for n, s in speedups.items())})
+    if "layer_13b" in result:
+        ratio = result["layer_13b"]["ratio"]
+        out.append({"target": f"1.3B-shape memory layer fwd+bwd <= {GPU_LAYER_TARGET}x a SwiGLU FFN of equal FLOPs",
+                    "met": ratio <= GPU_LAYER_TARGET, "detail": f"{ratio:.2f}x"})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Memory blocks against dense, product-key top-k against the previous path", "",
+             f"Ratios measured in one run (`python tools/bench_blocks.py`); {result['machine']}.", ""]
+    for threads, blocks in result.get("blocks", {}).items():
+        lines += [f"## Training step at equal forward FLOPs, {threads} thread(s) (time ÷ dense)", "",
+                  "| model | ratio to dense |", "|---|---|"]
+        lines += [f"| {name} | {row['ratio_to_dense']:.2f} |" for name, row in blocks.items()]
+        lines.append("")
+    for key, title in (("topk_cpu", "CPU, 1 thread"), ("topk_cuda", "CUDA")):
+        if key not in result:
+            continue
+        rows = result[key]
+        extra = [c for c in ("speedup_vs_full_product", "speedup_vs_torch_topk_halves") if any(c in r for r in rows.values())]
+        lines += [f"## product_key_topk fwd+bwd, knn 32, {title} (speedup of the new path)", "",
+                  "| n_keys | vs previous path | " + " | ".join(c.replace("speedup_", "").replace("_", " ") for c in extra) + " |",
+                  "|---|---|" + "---|" * len(extra)]
+        for n, row in rows.items():
+            cells = [f"{row[c]:.2f}x" if c in row else "n/a (memory)" for c in extra]
+            lines.append(f"| {n} | {row['speedup_vs_previous']:.2f}x | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "layer_13b" in result:
+        lines += ["## 1.3B layer shape (CUDA)", "", f"Memory+ layer fwd+bwd ÷ SwiGLU FFN of equal FLOPs: "
+                  f"{result['layer_13b']['ratio']:.2f}", ""]
+    for name, ops in result.get("profile_1_thread", {}).items():
+        lines.append(f"Profile of one {name} step (share of self CPU time): "
+                     + ", ".join(f"`{o['op']}` {100 * o['self_share']:.0f}%" for o in ops[:6]))
+        lines.append("")
+    lines += ["## Targets", "", "| target | met | detail |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "bench_blocks.json")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--n-keys", type=int, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--sections", default="blocks,topk", help="comma list of: blocks, topk")
+    args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
+    threads = torch.get_num_threads()
+    result: dict = {"machine": f"torch {torch.__version__}, {args.device}"}
+    if args.device == "cpu":
+        if "blocks" in sections:
+            result["blocks"] = {str(t): bench_blocks(t, args.repeats) for t in (1, 2)}
+            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer")}
+        if "topk" in sections:
+            torch.set_num_threads(1)
+            result["topk_cpu"] = bench_topk("cpu", args.n_keys, 768, args.repeats)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_blocks: --device cuda needs a CUDA GPU")
+        result["machine"] += f" ({torch.cuda.get_device_name()})"
+        result["topk_cuda"] = bench_topk("cuda", args.n_keys, 8192, args.repeats)
+        result["layer_13b"] = bench_layer_13b(args.repeats)
+    torch.set_num_threads(threads)
+    result["targets"] = targets(result)
+    for target in result["targets"]:
+        print(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['detail']}")
+    text = markdown(result)
+    print(text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(args.json, (json.dumps(result, indent=2) + "\n").encode())
+    write_bytes_atomic(args.json.with_suffix(".md"), text.encode())
+    return result
+
+
+if __name__ == "__main__":
+    main()
