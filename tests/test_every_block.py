@@ -28,12 +28,16 @@ from memzoo.registry import block_entry, list_blocks
 NAMES = list_blocks()
 VOCAB, DIM, T = 258, 16, 8  # the byte tokenizer's vocabulary, so the export can ship it
 
-#: FLOP formulas of memzoo's custom ops for FlopCounterMode (it counts aten matmuls itself): a weighted read of K rows
-#: of width D, or K dot products of width D, is 2·K·D per bag.
+#: FLOP formulas of memzoo's custom ops for FlopCounterMode (it counts aten matmuls itself, but not those inside a
+#: custom op): a weighted read of K rows of width D, or K dot products of width D, is 2·K·D per bag; the product-key
+#: top-k's half scores are 2 · n_keys · Dk multiply-adds per query and head.
 FLOP_FORMULAS = {
     torch.ops.memzoo.weighted_gather: lambda values, indices, weights, *args, **kw: 2 * indices[0] * indices[1]
     * values[1],
     torch.ops.memzoo.gather_dot: lambda values, indices, x, *args, **kw: 2 * indices[0] * indices[1] * values[1],
+    # the half scores: every (T, H) query half against its n_keys sub-keys of width Dk/2, both halves
+    torch.ops.memzoo.product_key_topk: lambda query, sub_keys, k, *args, **kw: 2 * query[0] * query[1] * query[2]
+    * sub_keys[2],
 }
 #: Declared FLOPs may exceed the measured count by what FlopCounterMode does not see: the sums of product-key
 #: candidate pairs (``heads · candidate_pairs(knn)``, counted by the blocks) and Beside's residual sum; nothing else.
