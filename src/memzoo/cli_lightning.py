@@ -46,6 +46,7 @@ from memzoo.parallel.checkpoint import (
     sharded_meta_file,
 )
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
+from memzoo.training.init_from import checkpoint_tokenizer
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
 from memzoo.training.run_folder import RunFolderLogger
@@ -161,6 +162,8 @@ class MemzooCLI(LightningCLI):
         if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
             check_same_architecture(sharded_meta_file(ckpt_path) if is_sharded_checkpoint(ckpt_path) else ckpt_path,
                                     self.model.hparams)
+        if self.subcommand:
+            _record_built_architecture(self.config[self.subcommand], self.model)
         if self.subcommand in ("fit", "validate", "test"):
             _check_block_size(self.datamodule, self.model)
         if self.subcommand == "fit":
@@ -221,19 +224,35 @@ def _experiment_name(config: Any) -> str:
 
 
 def _use_init_from_tokenizer(config: Any) -> None:
-    """``model.init_args.init_from: DIR`` (or a hub id, resolved to its snapshot folder) with a
-    ``DIR/tokenizer.json``: the data module reads text with that tokenizer unless the config names one other than the
-    default ``byte``."""
+    """``model.init_args.init_from`` names the data tokenizer unless the config names one other than the default
+    ``byte``: a folder (or a hub id, resolved to its snapshot folder) with a ``tokenizer.json`` gives that file; a
+    memzoo ``.ckpt`` gives the tokenizer its run's data module read."""
     model_args = config.get("model.init_args") if config.get("model") else None
     init_from = getattr(model_args, "init_from", None) if model_args is not None else None
     if not init_from:
         return
-    folder = resolve_model_source(init_from, where="model.init_args.init_from")
-    if not (folder / "tokenizer.json").is_file():
-        return
     data_args = config.get("data.init_args") if config.get("data") else None
-    if data_args is not None and getattr(data_args, "tokenizer", None) == "byte":
-        data_args.tokenizer = str(folder)
+    if data_args is None or getattr(data_args, "tokenizer", None) != "byte":
+        return
+    source = resolve_model_source(init_from, where="model.init_args.init_from")
+    if source.is_file():
+        tokenizer = checkpoint_tokenizer(source)
+        if tokenizer not in (None, "byte"):
+            data_args.tokenizer = tokenizer
+    elif (source / "tokenizer.json").is_file():
+        data_args.tokenizer = str(source)
+
+
+def _record_built_architecture(config: Any, model: Any) -> None:
+    """Writes the architecture ``model`` was built from into the run's config (what ``config.yaml`` saves), so the
+    file names the model built (``init_from`` replaces the configured architecture) and reruns it. ``vocab_size``
+    stays linked from the data module."""
+    architecture = getattr(model, "architecture", None)
+    if not hasattr(architecture, "to_dict"):
+        return
+    for key, value in architecture.to_dict().items():
+        if key != "vocab_size":
+            config[f"model.init_args.architecture.{key}"] = value
 
 
 def _config_stem(config: Any) -> str | None:

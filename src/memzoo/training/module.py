@@ -32,7 +32,13 @@ from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.data_parallel import RowSparseSync, prepare_data_parallel
 from memzoo.training.freezing import apply_freezing
-from memzoo.training.init_from import load_initial_weights, read_weights
+from memzoo.training.init_from import (
+    checkpoint_architecture,
+    load_initial_weights,
+    read_checkpoint,
+    read_checkpoint_weights,
+    saved_architecture,
+)
 from memzoo.training.lora import apply_lora
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
@@ -85,7 +91,9 @@ class LanguageModel(L.LightningModule):
         compile: ``torch.compile`` each decoder layer in place when the trainer sets the model up
             (:meth:`configure_model`): ``true`` (inductor), ``false``, or a backend name (``aot_eager``, ...).
             Parameter names and checkpoints are the same with and without it.
-        init_from: start from these weights: a memzoo ``.ckpt``, or a Hugging Face Llama / Qwen2 / Mistral folder
+        init_from: start from these weights: a memzoo ``.ckpt`` (whose recorded architecture is then built, with
+            this config's ``layers``/``pools`` retrofits merged over it and its ``max_seq_len``,
+            ``attention_backend``, ``dropout``, ``init_std``; see :func:`memzoo.training.init_from.checkpoint_architecture`), or a Hugging Face Llama / Qwen2 / Mistral folder
             or hub id (``org/name[@revision]``, downloaded where the hub is reachable, else read from its cache;
             see :mod:`memzoo.model.hub`) (whose ``config.json`` then sets every architecture field but ``layers``/``pools``, the retrofits,
             ``max_seq_len``, the context used here, and ``attention_backend``/``dropout``/``init_std``; the
@@ -118,8 +126,17 @@ class LanguageModel(L.LightningModule):
         architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
         source = None if init_from is None else resolve_model_source(init_from, where="init_from")
         hf_folder = source is not None and is_hf_llama_folder(source)
+        requested = architecture.to_dict(resolve_layers=False)  # layer indices resolve against the depth built
+        checkpoint = None
         if hf_folder:  # the folder's architecture, plus this config's retrofits (layers, pools) and context
-            architecture = architecture.replace(**imported_architecture(source, architecture.to_dict()))
+            architecture = architecture.replace(**imported_architecture(source, requested))
+        elif source is not None:  # a memzoo .ckpt: its architecture, plus this config's retrofits and context
+            checkpoint = read_checkpoint(source)
+            saved = saved_architecture(source, checkpoint)
+            if saved is not None:
+                where = f"init_from {init_from!r}"
+                architecture = architecture.replace(**checkpoint_architecture(saved, requested, source=where))
+        architecture = architecture.resolved()
         self.save_hyperparameters(ignore=["optimizer", "architecture"])
         self.hparams["architecture"] = architecture.to_dict()  # plain data: loads with weights_only=True
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
@@ -132,8 +149,9 @@ class LanguageModel(L.LightningModule):
         self.model = Transformer(architecture)
         if hf_folder:
             load_hf_weights(self.model, source)
-        elif source is not None:
-            load_initial_weights(self.model, read_weights(source), where=f"init_from {init_from!r}")
+        elif checkpoint is not None:
+            load_initial_weights(self.model, read_checkpoint_weights(source, checkpoint),
+                                 where=f"init_from {init_from!r}")
         if lora is not None:
             apply_lora(self.model, **lora)
         if freeze or unfreeze:
