@@ -26,7 +26,7 @@ from memzoo.blocks.pool import find_pools
 from memzoo.model.config import ModelConfig
 from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, load_hf_weights
 from memzoo.model.hub import resolve_model_source
-from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
+from memzoo.model.sampling import context_warning, default_max_new_tokens, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
@@ -87,7 +87,9 @@ class LanguageModel(L.LightningModule):
         warmup_steps: linear LR warmup steps.
         lr_decay_steps: step at which the cosine decay reaches ``min_lr_ratio`` (``None``: the whole run).
         min_lr_ratio: final LR as a fraction of each group's LR.
-        max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``.
+        max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``. ``max_new_tokens=None``
+            generates up to 64 tokens, as many as fit the context beside each prompt; a number that does not fit the
+            context (``>= max_seq_len``) is refused naming ``--model.init_args.max_new_tokens``.
         compile: ``torch.compile`` each decoder layer in place when the trainer sets the model up
             (:meth:`configure_model`): ``true`` (inductor), ``false``, or a backend name (``aot_eager``, ...).
             Parameter names and checkpoints are the same with and without it.
@@ -113,7 +115,7 @@ class LanguageModel(L.LightningModule):
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         compile: bool | str = False,
@@ -302,17 +304,22 @@ class LanguageModel(L.LightningModule):
         """Continues each prompt; returns ``{"prompt": [str], "prompt_ids": (B, P), "output_ids": (B, P + n)}``.
 
         A prompt longer than the context leaves room for ``max_new_tokens`` by keeping only its last tokens (a
-        warning says so; ``prompt_ids`` are the tokens read); ``max_new_tokens >= max_seq_len`` is refused."""
+        warning says so; ``prompt_ids`` are the tokens read); ``max_new_tokens >= max_seq_len`` is refused, naming
+        the flag. ``max_new_tokens=None``: :func:`~memzoo.model.sampling.default_max_new_tokens` (fits)."""
         eos = getattr(getattr(self.trainer.datamodule, "tokenizer", None), "eos_id", None) if self._trainer else None
         prompt_ids = batch["input_ids"]
-        kept = prompt_tokens_to_keep(prompt_ids.shape[1], self.hparams.max_new_tokens, self.model.max_seq_len)
+        max_new_tokens = self.hparams.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = default_max_new_tokens(prompt_ids.shape[1], self.model.max_seq_len)
+        kept = prompt_tokens_to_keep(prompt_ids.shape[1], max_new_tokens, self.model.max_seq_len,
+                                     flag="--model.init_args.max_new_tokens")
         if kept < prompt_ids.shape[1]:  # keep the prompt's end: the tokens the continuation depends on most
-            log.warning("memzoo predict: %s", context_warning(prompt_ids.shape[1], kept, self.hparams.max_new_tokens,
+            log.warning("memzoo predict: %s", context_warning(prompt_ids.shape[1], kept, max_new_tokens,
                                                                 self.model.max_seq_len))
             prompt_ids = prompt_ids[:, -kept:]
         out = self.model.generate(
             prompt_ids,
-            max_new_tokens=self.hparams.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=self.hparams.temperature,
             top_k=self.hparams.top_k,
             eos_id=eos,
