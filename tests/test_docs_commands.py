@@ -209,7 +209,7 @@ def workspace(tmp_path_factory):
         done[tuple(resolve(QUICKSTART_FIT))] = run_memzoo(short_argv(resolve(QUICKSTART_FIT)))
         assert Path(QUICKSTART_CKPT).is_file()
         done[tuple(resolve(EXPORT))] = run_memzoo(resolve(EXPORT))
-        for name, block in documented_python_blocks():
+        for _, block in documented_python_blocks():
             first = block.splitlines()[0]
             if re.match(r"^# [\w-]+\.py$", first):
                 Path(first[2:]).write_text(block, encoding="utf-8")

@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
-from memzoo.atomic import remove_stale_partials
+from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
 from memzoo.data import LMDataModule
 from memzoo.export.checkpoint_check import (
     check_checkpoint_file,
@@ -49,7 +49,7 @@ from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.init_from import checkpoint_tokenizer
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
-from memzoo.training.run_folder import RunFolderLogger
+from memzoo.training.run_folder import RunFolderLogger, claimed_run_folders, remove_unused_run_folders
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -208,14 +208,20 @@ def _check_block_size(datamodule: Any, model: Any) -> None:
 
 def _remove_stale_partials(config: Any, ckpt_path: str | None) -> None:
     """Deletes the partial checkpoint files killed runs of this experiment left (and those next to ``ckpt_path``);
-    says so in one line."""
+    says so in one line. Partial files younger than 30 s are kept (a run may be writing them) and named in a
+    warning line."""
     folders = set(Path(DEFAULT_RUNS_DIR, _experiment_name(config)).glob("version_*/checkpoints"))
     if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
         folders.add(Path(ckpt_path).parent)
-    removed = [path for folder in sorted(folders) for path in remove_stale_partials(folder)]
+    young: list[Path] = []
+    removed = [path for folder in sorted(folders) for path in remove_stale_partials(folder, young)]
     if removed:
         print(f"memzoo: removed {len(removed)} partial checkpoint file(s) left by killed runs: "
               + ", ".join(str(p) for p in removed), file=sys.stderr)
+    if young:
+        print(f"memzoo: warning: kept {len(young)} partial checkpoint file(s) younger than {STALE_AFTER_S:.0f} s "
+              f"(another run may be writing them; a later run removes them once older): "
+              + ", ".join(str(p) for p in young), file=sys.stderr)
 
 
 def _experiment_name(config: Any) -> str:
@@ -286,12 +292,18 @@ def run_lightning_cli(args: list[str]) -> MemzooCLI:
     """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     config_yaml.install()
+    claimed_before = len(claimed_run_folders())
     try:
         return MemzooCLI(**_cli_kwargs(), args=args)
     except StoppedBySignal as stop:
         hint = f"; resume with --ckpt_path {stop.checkpoint}" if stop.checkpoint else ""
-        print(f"memzoo: {stop}{hint}", file=sys.stderr)
+        if stop.rank == 0:  # every DDP process stops; one line says so
+            print(f"memzoo: {stop}{hint}", file=sys.stderr)
         raise SystemExit(stop.exit_status) from None
+    finally:  # a run that wrote nothing (max_steps 0, failed while starting) leaves no version folder
+        for folder in remove_unused_run_folders(since=claimed_before):
+            print(f"memzoo: the run wrote no metrics, checkpoints or predictions; removed its folder {folder}",
+                  file=sys.stderr)
 
 
 def build_from_config(args: list[str]) -> MemzooCLI:

@@ -211,7 +211,8 @@ class LanguageModel(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             for name, value in aux.items():
                 self.log(f"train/aux/{name}", value, batch_size=batch_size)
-            self.log("train/tokens", float(n_tokens), reduce_fx="sum", batch_size=batch_size)
+            # the step's labelled tokens over all processes (under DDP each rank holds its share of the batch)
+            self.log("train/tokens", float(n_tokens), reduce_fx="sum", sync_dist=True, batch_size=batch_size)
             return total
         m.accuracy.update(logits.flatten(0, 1), labels.flatten())
         return loss
