@@ -140,3 +140,7 @@ def test_init_from_a_memzoo_checkpoint_takes_its_architecture_and_tokenizer(in_t
     ids = torch.randint(0, arch.vocab_size, (2, 12))
     with torch.no_grad():  # the added branch starts at zero output: the retrofitted model starts at its base
         torch.testing.assert_close(cli.model.eval()(ids), trained.model.eval()(ids), rtol=0, atol=1e-6)
+    # no architecture section at all: the checkpoint's, as built
+    bare = main(["fit", "--config", str(run_config(in_tmp, "bare", f"    init_from: {ckpt}")),
+                 "--trainer.max_steps", "0"])
+    assert bare.model.architecture.dim == 32 and bare.model.architecture.block_args == {"hidden": 40}

@@ -138,6 +138,11 @@ class MemzooCLI(LightningCLI):
 
             load_plugins(config["plugins"])
         _use_init_from_tokenizer(config)
+        model_args = config.get("model.init_args") if config.get("model") else None
+        if model_args is not None and "architecture" in model_args and model_args.architecture is None:
+            from jsonargparse import Namespace  # no architecture given (init_from names it): defaults, so the data's
+
+            model_args.architecture = Namespace()  # vocab_size has a place to go
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
