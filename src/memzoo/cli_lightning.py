@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -140,9 +141,7 @@ class MemzooCLI(LightningCLI):
         _use_init_from_tokenizer(config)
         model_args = config.get("model.init_args") if config.get("model") else None
         if model_args is not None and "architecture" in model_args and model_args.architecture is None:
-            from jsonargparse import Namespace  # no architecture given (init_from names it): defaults, so the data's
-
-            model_args.architecture = Namespace()  # vocab_size has a place to go
+            model_args.architecture = Namespace()  # none given (init_from names it): the data's vocab_size needs a place
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
