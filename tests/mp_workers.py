@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 MODEL = dict(
     vocab_size=258, dim=16, n_layers=2, n_heads=2, max_seq_len=16, block="dense",
-    layers={1: {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8, "gate": "silu"}},
+    layers={1: {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8}},
     pools={"memory": {"n_keys": 8, "value_dim": 12, "update": "dense", "lr": 0.01}},
 )
 
@@ -221,6 +221,7 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
     sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
     sharded_equals_unsharded(rank, world_size, 2, memory_parallel=1)  # replicated tables: summed over data_parallel
     sharded_read_equals_weighted_gather(rank, world_size)
+    planner_counts_equal_local_shards(rank, world_size)
 
 
 def in_this_process(worker, *args) -> None:
@@ -247,3 +248,28 @@ def one_rank_from_sharded(rank: int, world_size: int, out: str) -> None:
     """2 → 1: the 2-rank sharded step-2 checkpoint resumed in one process (memory_parallel 1) to step 4."""
     model, _ = fit(4, 1, 1, 4, ckpt=f"{out}/mp/step=2.ckpt")
     torch.save(full_weights(model), f"{out}/single_from_mp_step4.pt")
+
+
+def planner_counts_equal_local_shards(rank: int, world_size: int) -> None:
+    """For memory_parallel 2 and 1: the parameter elements ``plan_parallel`` reports for this rank (in total, for
+    the dense weights on rank 0 and for the pool table) equal the local shards ``apply_memory_parallel`` made, on
+    a model whose embedding rows (257) do not split evenly over the ranks."""
+    from torch.distributed.tensor import DTensor
+
+    from memzoo.model.transformer import Transformer
+    from memzoo.parallel.memory_parallel import apply_memory_parallel, build_mesh
+    from memzoo.parallel.planning import plan_parallel
+
+    for memory_parallel in (2, 1):
+        config = {**MODEL, "vocab_size": 257}
+        with torch.device("meta"):
+            plan = plan_parallel(Transformer(**config), world_size, memory_parallel, strategy="memory_parallel")
+        model = Transformer(**config)
+        apply_memory_parallel(model, build_mesh("cpu", world_size, memory_parallel))
+        local = {name: (p.to_local() if isinstance(p, DTensor) else p).numel() for name, p in model.named_parameters()}
+        table = local.pop("pools.memory.values")
+        assert plan.rank_parameter_elements[rank] == sum(local.values()) + table, (rank, plan.rank_parameter_elements)
+        assert plan.pools[0].parameter_elements == table == 64 * 12 // memory_parallel
+        if rank == 0:
+            assert plan.dense_parameter_elements == sum(local.values())
+        assert local["embed.weight"] == (129 if rank == 0 else 128) * 16

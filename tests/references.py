@@ -47,8 +47,6 @@ def route(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = _layer_norm(q, norm.weight, norm.bias, norm.eps)
     elif kind == "rmsnorm":
         q = _unit_rms(q, norm.eps) * norm.weight
-    elif kind == "half_layernorm":  # each half of each head, one affine for all
-        q = _layer_norm(q.unflatten(-1, (2, half)), norm.weight, norm.bias, norm.eps).flatten(-2)
     keys = router.sub_keys.expand(heads, -1, -1, -1)  # (H, 2, n_keys, half)
     q1, q2, c1, c2 = q[..., :half], q[..., half:], keys[:, 0], keys[:, 1]
     if router.qk_norm:  # each half score = sqrt(half) · cosine

@@ -10,6 +10,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 import memzoo
+from memzoo.export.architecture import describe_block
 from memzoo.export.hf import export_model
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.training.module import LanguageModel
@@ -20,11 +21,13 @@ pytest.importorskip("transformers")
 ARCHITECTURES = {
     "dense": "{dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 16, block_args: {hidden: 40}, norm_eps: 1.0e-5}",
     "moe": "{dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 16, layers: {-1: {block: moe, n_experts: 3, top_k: 2}}}",
-    "pkm": "{dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 16, layers: {1: {block: product_key_memory, n_keys: 6,"
-           " knn: 4, query_norm: half_layernorm}}, rope_base: 500.0}",
+    "pkm": "{dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 16, layers: {1: {block: pkm, n_keys: 6,"
+           " knn: 4, query_norm: rmsnorm}}, rope_base: 500.0}",
     "memoryplus": "{dim: 32, n_layers: 3, n_heads: 4, max_seq_len: 16, tie_embeddings: false, layers: {0: &m {block:"
-                  " product_key_memory, pool: mem, heads: 2, knn: 3, k_dim: 16, qk_norm: true, gate: silu}, 2: *m},"
+                  " memory_plus, pool: mem, heads: 2, knn: 3, k_dim: 16}, 2: *m},"
                   " pools: {mem: {n_keys: 5, value_dim: 24, update: sparse, lr: 0.01}}}",
+    "spelled_out": "{dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 16, layers: {0: {block: product_key_memory,"
+                   " n_keys: 5, heads: 2, knn: 3, k_dim: 16, query_norm: none, qk_norm: true, gate: silu}}}",
     "peer": "{dim: 32, n_layers: 2, n_heads: 2, max_seq_len: 16, init_std: 0.01, layers: {0: {block: peer, n_keys: 6,"
             " heads: 2, knn: 3, k_dim: 8, query_norm: layernorm, qk_norm: true, score: sigmoid}}}",
 }
@@ -52,8 +55,9 @@ def test_yaml_to_export_to_load_pretrained_keeps_the_config(block_type, tmp_path
     stored = json.loads((folder / "config.json").read_text())
     loaded = memzoo.load_pretrained(folder)
     assert loaded.config == config  # every field, e.g. norm_eps, rope_base, init_std, pool update and lr
-    built = [layer.ffn.block_spec for layer in lm.model.layers]
-    assert [layer.ffn.block_spec for layer in loaded.layers] == built == stored["blocks"]
+    built = [describe_block(i, layer.ffn) for i, layer in enumerate(lm.model.layers)]
+    assert [describe_block(i, layer.ffn) for i, layer in enumerate(loaded.layers)] == built == stored["blocks"]
+    assert [layer.ffn.hparams for layer in loaded.layers] == [layer.ffn.hparams for layer in lm.model.layers]
     ids = torch.randint(0, 258, (2, 9))
     lm.eval()
     with torch.no_grad():
@@ -62,11 +66,15 @@ def test_yaml_to_export_to_load_pretrained_keeps_the_config(block_type, tmp_path
 
 def test_resolved_hyperparameters_are_recorded_by_the_registry():
     lm = parse_model_section(ARCHITECTURES["memoryplus"])
-    spec = lm.model.layers[0].ffn.block_spec
-    # k_dim given; value_dim and n_keys resolved from the pool; output_proj resolved (Memory+ always projects)
-    assert spec["block"] == "product_key_memory" and spec["pool"] == "mem"
-    assert (spec["n_keys"], spec["value_dim"], spec["output_proj"], spec["per_head_keys"]) == (5, 24, True, True)
-    assert lm.model.layers[1].ffn.block_spec == {"block": "dense", "hidden": 128, "dropout": 0.0, "bias": False}
+    spec = lm.model.layers[0].ffn.hparams
+    # k_dim given; the preset's settings; value_dim and n_keys resolved from the pool
+    assert spec["block"] == "memory_plus" and spec["pool"] == "mem"
+    assert (spec["gate"], spec["qk_norm"], spec["query_norm"]) == ("silu", True, "none")
+    assert (spec["n_keys"], spec["value_dim"], spec["per_head_keys"]) == (5, 24, True)
+    assert lm.model.layers[1].ffn.hparams == {"block": "dense", "hidden": 128, "dropout": 0.0, "bias": False}
+    # the export writes the family and every setting, plus what its modeling code reads
+    exported = describe_block(0, lm.model.layers[0].ffn)
+    assert exported == {**spec, "block": "product_key_memory", "bias": False, "output_proj": True}
 
 
 def test_bad_architecture_fields_are_named():

@@ -157,15 +157,15 @@ def test_every_shipped_config_parses(config, capsys, tmp_path):
 PLUGIN = textwrap.dedent(
     '''
     import torch.nn as nn
-    from memzoo import register_block
+    from memzoo import Block, register_block
 
     @register_block("user_mlp")
-    class UserMLP(nn.Module):
+    class UserMLP(Block):
         def __init__(self, dim: int, hidden: int = 16):
             super().__init__()
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-        def forward(self, x):
+        def forward(self, x, ctx=None):
             return self.net(x)
     '''
 )
@@ -252,6 +252,14 @@ def test_blocks_verb_lists_hyperparameters(capsys):
     assert "dense" in names
     out = capsys.readouterr().out
     assert "hidden: int | None = None" in out and "dropout: float = 0.0" in out
+
+
+def test_blocks_verb_lists_presets_with_their_settings_and_papers(capsys):
+    assert main(["blocks", "memory_plus"]) == ["memory_plus"]
+    out = capsys.readouterr().out
+    assert "memory_plus  (preset of product_key_memory)" in out and "Berges et al. 2024" in out
+    assert "settings: heads=4, knn=32, query_norm='none', qk_norm=True, gate='silu'" in out
+    assert "gate: Gate = 'silu'" in out  # the preset's setting is the listed default
 
 
 def test_text_config_without_or_with_a_missing_path_fails_clearly(capsys):

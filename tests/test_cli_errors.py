@@ -1,7 +1,8 @@
 """What a user of the memzoo command sees: no warning they did not cause, a progress bar in steps with tokens/s and
-memzoo's FLOPs, and mistakes reported as ``memzoo: error: <message>`` with exit status 2 (tracebacks only with
---debug / MEMZOO_DEBUG=1) for every verb; YAML errors name the file, duplicate keys are refused, block_size is
-checked against the model's context before training."""
+memzoo's FLOPs, and mistakes reported as exactly one line ``memzoo: error: <message>`` with exit status 2 (tracebacks
+only with --debug / MEMZOO_DEBUG=1) for every verb: a misspelled config key names the key, where it is written and the
+closest accepted key; a wrong value its key, value and expected type; YAML errors the file, line and column; abbreviated
+options are refused; block_size is checked against the model's context before training."""
 
 import os
 import subprocess
@@ -37,6 +38,23 @@ def run_entry_point(monkeypatch, capsys, *args):
     return status, capsys.readouterr().err
 
 
+def one_error_line(stderr):
+    """The message of ``stderr`` that is exactly one line ``memzoo: error: <message>`` (fails otherwise)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memzoo: error: "), stderr
+    return lines[0].removeprefix("memzoo: error: ")
+
+
+def with_line(path, old, new):
+    """``path``'s text with ``old`` replaced by ``new``, written next to it as ``bad.yaml``; (path, line of new)."""
+    text = path.read_text()
+    assert old in text
+    text = text.replace(old, new, 1)
+    bad = path.with_name("bad.yaml")
+    bad.write_text(text)
+    return bad, text[: text.index(new)].count("\n") + 1
+
+
 def test_a_fit_prints_steps_tokens_per_second_and_flops_without_lightning_noise(tmp_path):
     done = memzoo("fit", "--config", str(write_config(tmp_path, steps=4, val_every=4)),
                   "--trainer.enable_progress_bar", "true", "--trainer.enable_model_summary", "true", cwd=tmp_path)
@@ -56,54 +74,181 @@ def test_a_mistake_while_building_the_model_is_one_error_line_with_status_2(tmp_
     assert errors[0] == ("memzoo: error: layers: index 7 is out of range for n_layers=2 (use 0 .. 1, or negative "
                          "indices counting from the end)")
     assert "Traceback" not in done.stderr and "Namespace(" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) <= 4, done.stderr  # "Seed set to 0", the error, the debug hint
+    assert [line for line in done.stderr.splitlines() if not line.startswith("Seed set to")] == errors, done.stderr
 
 
 def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from memzoo.cli import CommandError, ConfigError
+
     args = ["summary", "--config", str(tmp_path / "missing.yaml")]
     assert run_entry_point(monkeypatch, capsys, *args)[0] == 2
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CommandError, match="missing.yaml"):
         run_entry_point(monkeypatch, capsys, *args, "--debug")
     monkeypatch.setenv("MEMZOO_DEBUG", "1")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CommandError):
         run_entry_point(monkeypatch, capsys, *args)
+    monkeypatch.delenv("MEMZOO_DEBUG")
+    bad, _ = with_line(write_config(tmp_path), "n_heads: 2", "n_head: 2")
+    with pytest.raises(ConfigError, match="did you mean 'n_heads'") as error:
+        run_entry_point(monkeypatch, capsys, "fit", "--config", str(bad), "--debug")
+    assert "Option 'n_head' is not accepted" in str(error.value.__cause__)  # jsonargparse's own error is kept
 
 
 def test_every_verb_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("x")
+    config = str(write_config(tmp_path))
     cases = [
-        (["summary", "--config", "missing.yaml"], "missing.yaml"),
+        (["summary", "--config", "missing.yaml"], "summary: --config: file 'missing.yaml' does not exist"),
+        (["summary", "--config", config, "--world-size", "0"], "summary: world_size must be a positive int, got 0"),
+        (["summary", "--config", config, "--memory-parallel", "2"], "summary: --memory-parallel and --strategy need --world-size"),
+        (["summary"], "summary: the following arguments are required: --config"),
+        (["blocks", "--all"], "blocks: unknown option --all"),
         (["export", "--ckpt", "nope.ckpt", "--out", "out"], "checkpoint 'nope.ckpt' does not exist"),
+        (["export", "--ckpt", "nope.ckpt"], "export: the following arguments are required: --out"),
         (["generate", "--model", "nowhere", "--prompt", "x"], "nowhere is not a folder"),
         (["frobnicate"], "unknown verb 'frobnicate'"),
         (["export", "--ckpt", "nope.ckpt", "--out", "file/sub"], "'file' is a file, not a folder"),
-        (["fit", "--config", str(write_config(tmp_path)), "--ckpt_path", "nope.ckpt"], "does not exist"),
+        (["fit", "--config", config, "--ckpt_path", "nope.ckpt"], "does not exist"),
+        (["slot-stats", "--config", config, "--out", "x.pt", "--max_batches", "0"],
+         "slot-stats: --max_batches must be >= 1, got 0"),
     ]
     if not torch.cuda.is_available():
         cases.append((["generate", "--model", "nowhere", "--prompt", "x", "--device", "cuda"], "needs a CUDA GPU"))
     for args, message in cases:
         status, err = run_entry_point(monkeypatch, capsys, *args)
         assert status == 2, args
-        first, *rest = err.strip().splitlines()
-        assert first.startswith("memzoo: error: ") and message in first, (args, err)
-        assert rest == ["memzoo: (run with --debug or MEMZOO_DEBUG=1 for the traceback)"], (args, err)
+        assert message in one_error_line(err), (args, err)
 
 
-def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_path, capsys):
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("trainer:\n  max_steps: 3\n   oops: [\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(broken)])
-    assert exit_info.value.code == 2
-    assert "broken.yaml, line 3, column 8: mapping values are not allowed" in capsys.readouterr().err
+def test_slot_stats_out_in_a_missing_folder_names_the_folder_and_the_fix(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "missing-dir"
+    args = ["slot-stats", "--config", str(write_config(tmp_path)), "--out", str(missing / "x.pt")]
+    status, err = run_entry_point(monkeypatch, capsys, *args)
+    assert status == 2
+    assert one_error_line(err) == (f"slot-stats: --out {missing}/x.pt: the folder '{missing}' does not exist; "
+                                   f"create it (mkdir -p {missing}) or choose another --out")
+    from memzoo.atomic import atomic_file  # any atomic write names the folder, not its hidden temporary file
+
+    with pytest.raises(FileNotFoundError, match=f"its folder '{missing}' does not exist") as error:
+        with atomic_file(missing / "x.pt"):
+            pass
+    assert ".partial" not in str(error.value) and not missing.exists()
+
+
+# ------------------------------------------------------------------------------------------------ config errors
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("n_heads: 2", "n_head: 2", "unknown key 'n_head' in model.init_args.architecture (memzoo.model.ModelConfig); "
+         "did you mean 'n_heads'?"),
+        ("warmup_steps: 2", "warmup_step: 2", "unknown key 'warmup_step' in model.init_args (memzoo.LanguageModel); "
+         "did you mean 'warmup_steps'?"),
+        ("batch_size: 8", "batch_sise: 8", "unknown key 'batch_sise' in data.init_args (memzoo.data.FactsDataModule); "
+         "did you mean 'batch_size'?"),
+        ("{lr: 0.01}", "{lrr: 0.01}", "unknown key 'lrr' in model.init_args.optimizer.init_args (torch.optim.AdamW); "
+         "did you mean 'lr'?"),
+        ("trainer:", "trainr:", "unknown key 'trainr' at the top level; did you mean 'trainer'?"),
+        ("max_steps: 12", "max_step: 12", "unknown key 'max_step' in trainer; did you mean 'max_steps'?"),
+        ("n_layers: 2", "n_layers: two", "model.init_args.architecture.n_layers: got 'two', expected int"),
+        ("enable_progress_bar: false", "enable_progress_bar: maybe",
+         "trainer.enable_progress_bar: got 'maybe', expected bool or null"),
+        ("memzoo.data.FactsDataModule", "memzoo.data.FactDataModule",
+         "data.class_path: no class 'FactDataModule' in module 'memzoo.data'; did you mean "
+         "'memzoo.data.FactsDataModule'?"),
+        ("torch.optim.AdamW", "torch.optim.Adamw", "model.init_args.optimizer.class_path: no class 'Adamw' in module "
+         "'torch.optim'; did you mean 'torch.optim.AdamW'?"),
+    ],
+)
+def test_a_config_mistake_is_one_line_naming_the_key_its_line_and_the_fix(tmp_path, monkeypatch, capsys, old, new,
+                                                                           message):
+    bad, line = with_line(write_config(tmp_path), old, new)
+    status, err = run_entry_point(monkeypatch, capsys, "fit", "--config", str(bad))
+    assert status == 2
+    assert one_error_line(err) == f"{bad}, line {line}: {message}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.architecture.n_head", "2"], "--model.init_args.architecture.n_head: unknown key 'n_head' "
+         "in model.init_args.architecture (memzoo.model.ModelConfig); did you mean 'n_heads'?"),
+        (["--data.init_args.batch", "3"], "--data.init_args.batch: unknown key 'batch' in data.init_args "
+         "(memzoo.data.FactsDataModule); did you mean 'batch_size'?"),
+        (["--model.init_args.architecture.n_layers", "two"],
+         "--model.init_args.architecture.n_layers: got 'two', expected int"),
+        (["--trainer.max_steps=x"], "--trainer.max_steps: got 'x', expected int"),
+        (["--seed_everything", "x"], "--seed_everything: got 'x', expected bool or int"),
+        (["--trainer.max_step", "5"], "unknown option --trainer.max_step (options are never abbreviated); "
+         "did you mean --trainer.max_steps?"),
+        (["--ckpt_pat", "x.ckpt"], "unknown option --ckpt_pat (options are never abbreviated); did you mean "
+         "--ckpt_path?"),
+        (["--model.class_path", "memzoo.LanguageModl"], "--model.class_path: no class 'LanguageModl' in module "
+         "'memzoo'; did you mean 'memzoo.LanguageModel'?"),
+        (["--model.init_args.architecture.dim"], "--model.init_args.architecture.dim: expected a value after it"),
+        (["--model.init_args.architecture", "3"], "--model.init_args.architecture: got '3', expected a class "
+         "(module.Class) or a mapping of the keys of memzoo.model.config.ModelConfig"),
+    ],
+)
+def test_a_command_line_mistake_is_one_line_naming_the_flag_and_the_fix(tmp_path, monkeypatch, capsys, override,
+                                                                         message):
+    status, err = run_entry_point(monkeypatch, capsys, "fit", "--config", str(write_config(tmp_path)), *override)
+    assert status == 2
+    assert one_error_line(err) == message
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_missing_sections_are_named(tmp_path, monkeypatch, capsys):
+    status, err = run_entry_point(monkeypatch, capsys, "fit")
+    assert status == 2
+    assert one_error_line(err) == ("no config given: no data and no model sections; give them in a --config file "
+                                   "(e.g. configs/quickstart.yaml) or as --data.class_path ...")
+    model_only = _write(tmp_path / "model.yaml", "model:\n  class_path: memzoo.LanguageModel\n")
+    status, err = run_entry_point(monkeypatch, capsys, "fit", "--config", str(model_only))
+    assert status == 2 and one_error_line(err).startswith("this config has no data section; give it in a --config")
+
+
+def test_abbreviated_options_of_the_plain_verbs_are_refused(tmp_path, monkeypatch, capsys):
+    config = str(write_config(tmp_path))
+    cases = [
+        (["summary", "--confi", config], "summary: unknown option --confi (options are never abbreviated); "
+         "did you mean --config?"),
+        (["summary", "--config", config, "--world", "2"], "summary: unknown option --world (options are never "
+         "abbreviated); did you mean --world-size?"),
+        (["generate", "--model", "m", "--prompt", "x", "--max-new", "3"], "generate: unknown option --max-new "
+         "(options are never abbreviated); did you mean --max-new-tokens?"),
+        (["slot-stats", "--config", config, "--out", "x.pt", "--max_batch", "1"], "slot-stats: unknown option "
+         "--max_batch (options are never abbreviated); did you mean --max_batches?"),
+    ]
+    for args, message in cases:
+        status, err = run_entry_point(monkeypatch, capsys, *args)
+        assert status == 2 and one_error_line(err) == message, (args, err)
+
+
+def test_summary_reports_config_mistakes_as_fit_does(tmp_path, monkeypatch, capsys):
+    bad, line = with_line(write_config(tmp_path), "n_heads: 2", "n_head: 2")
+    status, err = run_entry_point(monkeypatch, capsys, "summary", "--config", str(bad))
+    assert status == 2
+    assert one_error_line(err) == (f"{bad}, line {line}: unknown key 'n_head' in model.init_args.architecture "
+                                   f"(memzoo.model.ModelConfig); did you mean 'n_heads'?")
+
+
+def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_path, monkeypatch, capsys):
+    broken = _write(tmp_path / "broken.yaml", "trainer:\n  max_steps: 3\n   oops: [\n")
+    status, err = run_entry_point(monkeypatch, capsys, "fit", "--config", str(broken))
+    assert status == 2
+    assert one_error_line(err) == f"{broken}, line 3, column 8: mapping values are not allowed in this context"
     config = write_config(tmp_path)
     duplicated = tmp_path / "dup.yaml"
     text = config.read_text().replace("      n_layers: 2\n", "      n_layers: 2\n      layers: {1: {hidden: 8}, 1: {hidden: 16}}\n")
     assert text != config.read_text()
     duplicated.write_text(text)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(duplicated)])
-    assert "found duplicate key 1" in capsys.readouterr().err
+    status, err = run_entry_point(monkeypatch, capsys, "fit", "--config", str(duplicated))
+    assert status == 2
+    assert one_error_line(err) == (f"{duplicated}, line 19, column 32: found duplicate key 1 (first given on line "
+                                   f"19); each key may appear once in a mapping")
+    status, err = run_entry_point(monkeypatch, capsys, "fit", "--config", str(tmp_path / "missing.yaml"))
+    assert status == 2
+    assert one_error_line(err) == f"--config: file '{tmp_path / 'missing.yaml'}' does not exist"
     from memzoo.config_yaml import load_yaml
 
     with pytest.raises(Exception, match="dup.yaml, line 2, column 1: found duplicate key 'a' .first given on line 1"):
@@ -113,6 +258,54 @@ def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_pat
         from memzoo.accounting import summarize_config
 
         summarize_config(str(_write(tmp_path / "s.yaml", "model:\n  init_args: {architecture: {dim: 8, dim: 16}}\n")))
+
+
+# One real process per kind of mistake: nothing but the one line reaches stderr (no usage, no warnings, no logs).
+CONSOLE_CASES = {  # kind: (line replaced in the config, its replacement, extra arguments, part of the message)
+    "unknown key": ("n_heads: 2", "n_head: 2", [], "line 19: unknown key 'n_head' in model.init_args.architecture"),
+    "wrong type": (None, None, ["--model.init_args.architecture.n_layers", "two"], "got 'two', expected int"),
+    "yaml syntax": ("  max_steps: 12", "  max_steps: 12\n   oops: [", [], "bad.yaml, line 5, column 8: mapping"),
+    "duplicate key": ("  max_steps: 12", "  max_steps: 12\n  max_steps: 3", [], "line 5, column 3: found duplicate "
+                      "key 'max_steps' (first given on line 4)"),
+    "missing file": (None, None, ["--config", "missing.yaml"], "--config: file"),
+    "abbreviation": (None, None, ["--trainer.max_step", "5"], "did you mean --trainer.max_steps?"),
+}
+
+
+@pytest.mark.slow  # 7 processes that each import torch and Lightning: ~20 s on 2 idle cores
+def test_the_console_script_prints_one_error_line_for_each_kind_of_mistake(tmp_path):
+    """Each kind in its own process (4 at a time: each spends seconds importing torch and Lightning), and one more
+    with --debug that prints the traceback instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    commands = {}
+    for kind, (old, new, extra, _) in CONSOLE_CASES.items():
+        folder = tmp_path / kind.replace(" ", "_")
+        folder.mkdir()
+        config = write_config(folder)
+        if old is not None:
+            config, _ = with_line(config, old, new)
+        commands[kind] = (["fit", "--config", str(config), *extra], folder)
+    typo, _ = with_line(write_config(tmp_path), "n_heads: 2", "n_head: 2")
+    commands["debug"] = (["fit", "--config", str(typo), "--debug"], tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        done = dict(zip(commands, pool.map(lambda c: memzoo(*c[0], cwd=c[1]), commands.values())))
+    for kind, (_, _, _, message) in CONSOLE_CASES.items():
+        assert done[kind].returncode == 2, (kind, done[kind].stderr)
+        assert message in one_error_line(done[kind].stderr), kind
+        assert done[kind].stdout == "", kind
+    assert done["debug"].returncode != 0
+    assert "Traceback (most recent call last)" in done["debug"].stderr and "ConfigError" in done["debug"].stderr
+    assert "Option 'n_head' is not accepted" in done["debug"].stderr  # jsonargparse's own error, as the cause
+
+
+def test_the_console_script_prints_one_error_line_for_the_plain_verbs(tmp_path):
+    done = memzoo("slot-stats", "--config", str(write_config(tmp_path)), "--out", "missing/x.pt", cwd=tmp_path)
+    assert done.returncode == 2
+    assert one_error_line(done.stderr).startswith("slot-stats: --out missing/x.pt: the folder 'missing' does not")
+    done = memzoo("generate", "--model", "m", "--prompt", "x", "--max-new", "3", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "did you mean --max-new-tokens?" in one_error_line(done.stderr)
 
 
 def _write(path, text):

@@ -18,8 +18,7 @@ from memzoo.training.module import LanguageModel
 
 ARCHITECTURE = ModelConfig(
     vocab_size=258, dim=32, n_layers=2, n_heads=2, max_seq_len=32,
-    layers={1: {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 16,
-                "gate": "silu", "qk_norm": True}},
+    layers={1: {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 16}},
     pools={"memory": {"n_keys": 8, "value_dim": 32}},
 )
 IDS = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))

@@ -32,8 +32,7 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 BATCH = 2  # per rank; the reference reads WORLD * BATCH
 STEPS = 3
-MEMORY = {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 16, "gate": "silu",
-          "qk_norm": True, "query_norm": "none"}
+MEMORY = {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 16}
 SCENARIOS = {
     "dense": ({}, {}),
     "memoryplus_sparse": (

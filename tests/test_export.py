@@ -54,14 +54,14 @@ FAMILIES = {
         "layers": {
             1: {"block": "product_key_memory", "n_keys": 8, "heads": 2, "knn": 4, "k_dim": 16, "value_dim": 24,
                 "query_norm": "rmsnorm"},
-            2: {"block": "product_key_memory", "n_keys": 6, "heads": 1, "knn": 3, "output_proj": True},
+            2: {"block": "pkm", "n_keys": 6, "heads": 1, "knn": 3, "value_dim": 20},
         },
     },
     "memory_plus_shared_pool": {
         "block": "dense",
         "tie_embeddings": False,
-        "layers": {i: {"block": "product_key_memory", "pool": "shared", "heads": 2, "knn": 4, "k_dim": 16,
-                    "gate": "silu", "qk_norm": True, "query_norm": "layernorm", "bias": True} for i in (0, 2)},
+        "layers": {i: {"block": "memory_plus", "pool": "shared", "heads": 2, "knn": 4, "k_dim": 16,
+                    "query_norm": "layernorm"} for i in (0, 2)},
         "pools": {"shared": {"n_keys": 8, "value_dim": 40}},
     },
 }
@@ -129,7 +129,7 @@ def test_export_folder_has_every_file_and_a_complete_config(exported):
     assert config["blocks"][0] == {  # every constructor argument, resolved (k_dim, value_dim, output_proj, n_keys)
         "block": "product_key_memory", "heads": 2, "knn": 4, "k_dim": 16, "query_norm": "layernorm",
         "qk_norm": True, "score": "softmax", "per_head_keys": True, "gate": "silu", "output_proj": True,
-        "bias": True, "n_keys": 8, "value_dim": 40, "value_dropout": 0.0, "pool": "shared", "update": None,
+        "bias": False, "n_keys": 8, "value_dim": 40, "value_dropout": 0.0, "pool": "shared", "update": None,
         "lr": None, "weight_decay": None,
     }
     assert ModelConfig.from_dict(config["architecture"]) == exported["memory_plus_shared_pool"][0].config

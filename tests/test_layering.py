@@ -11,14 +11,16 @@ import memzoo
 PACKAGE = Path(memzoo.__file__).parent
 
 #: The first component under memzoo of each module -> the components it may import.
-LOW = {"ops", "nn", "atomic"}
+LOW = {"ops", "nn", "atomic", "safe_load"}
 ALLOWED = {
     "ops": {"ops"},
     "nn": {"ops", "nn"},
     "atomic": set(),
+    "safe_load": set(),
     "config_yaml": set(),
-    "registry": {"registry"},  # it imports memzoo.blocks by name (importlib) to register the built-in blocks
-    "blocks": LOW | {"registry", "blocks"},
+    "config_errors": set(),
+    "registry": {"blocks"},  # the public path of memzoo.blocks.registry
+    "blocks": LOW | {"blocks"},
     "model": LOW | {"registry", "blocks", "model"},
     "data": LOW | {"data"},
     "training": LOW | {"registry", "blocks", "model", "training"},

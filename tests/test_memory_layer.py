@@ -54,7 +54,7 @@ def assert_matches_reference(block: ProductKeyMemory, x: torch.Tensor, zero_grad
 # ---------------------------------------------------------------------------------------------- vs reference
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("query_norm", ["none", "layernorm", "rmsnorm", "half_layernorm"])
+@pytest.mark.parametrize("query_norm", ["none", "layernorm", "rmsnorm"])
 @pytest.mark.parametrize("gate", ["none", "silu"])
 def test_matches_reference_forward_and_every_gradient(gate, query_norm, qk_norm, heads):
     block = make(gate=gate, query_norm=query_norm, qk_norm=qk_norm, heads=heads)
@@ -71,16 +71,13 @@ def test_knn_one_and_knn_equal_to_n_keys(gate):
     assert_matches_reference(make(gate=gate, knn=N_KEYS), torch.randn(3, 4, DIM, dtype=torch.float64))
 
 
-def test_projections_value_width_and_biases():
-    # PKM with value_dim != dim projects by W_o; output_proj=True forces W_o at value_dim == dim; biases on.
-    narrow = make(value_dim=5, bias=True)
+def test_projections_and_value_width():
+    # PKM with value_dim != dim projects by W_o; at value_dim == dim it returns y itself; Memory+ always has W_2.
+    narrow = make(value_dim=5)
     assert narrow.out_proj is not None and narrow.out_proj.in_features == 5
     assert_matches_reference(narrow, torch.randn(2, 3, DIM, dtype=torch.float64))
-    forced = make(output_proj=True)
-    assert forced.out_proj is not None
-    assert_matches_reference(forced, torch.randn(2, 3, DIM, dtype=torch.float64))
-    assert make().out_proj is None  # plain PKM at value_dim == dim returns y itself
-    assert_matches_reference(make(gate="silu", value_dim=7, bias=True), torch.randn(2, 3, DIM, dtype=torch.float64))
+    assert make().out_proj is None
+    assert_matches_reference(make(gate="silu", value_dim=7), torch.randn(2, 3, DIM, dtype=torch.float64))
 
 
 def test_heads_reading_the_same_rows_add_up():
@@ -289,13 +286,11 @@ def test_active_parameters_and_flops_by_hand():
     [
         (dict(knn=7), r"knn=7 exceeds n_keys=6"),
         (dict(k_dim=7), r"k_dim=7 must be even"),
-        (dict(query_norm="groupnorm"), r"unknown query_norm 'groupnorm'; choose one of .*'half_layernorm'"),
+        (dict(query_norm="groupnorm"), r"product_key_memory: unknown query_norm 'groupnorm'; choose one of .*'batchnorm'"),
         (dict(gate="relu"), r"unknown gate 'relu'; choose one of \['none', 'silu'\]"),
         (dict(heads=0), r"heads must be a positive int, got 0"),
         (dict(knn=0), r"knn must be a positive int"),
         (dict(value_dropout=1.0), r"value_dropout must be in \[0, 1\)"),
-        (dict(gate="silu", output_proj=False), r"always projects its output with W_2"),
-        (dict(value_dim=5, output_proj=False), r"value_dim=5 differs from dim=12.*set output_proj"),
         (dict(n_keys=None), r"give either a shared `pool` or `n_keys`"),
         (dict(update="lazy"), r"pool update must be 'dense' or 'sparse'"),
     ],
@@ -308,8 +303,8 @@ def test_bad_hyperparameters_raise_clear_errors(kwargs, message):
 def test_flags_of_the_wrong_type_raise_clear_errors():
     with pytest.raises(TypeError, match=r"qk_norm must be true or false, got 'yes'"):
         make(qk_norm="yes")
-    with pytest.raises(TypeError, match=r"output_proj must be true, false or null, got 'yes'"):
-        make(output_proj="yes")
+    with pytest.raises(TypeError, match=r"product_key_memory: per_head_keys must be true or false, got 1"):
+        make(per_head_keys=1)
 
 
 def test_shared_pool_mismatches_raise_clear_errors():

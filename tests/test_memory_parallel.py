@@ -46,6 +46,14 @@ def test_sharded_pool_matches_one_process_and_halves_table_bytes(runs):
 
 
 @pytest.mark.distributed
+def test_planned_elements_equal_the_strategys_shards(runs):
+    """Asserted inside the 2 ranks (mp_workers.planner_counts_equal_local_shards): the parameter elements
+    memzoo.parallel.planning.plan_parallel reports per rank (total, dense weights, pool table) equal the local shards
+    apply_memory_parallel makes, at memory_parallel 2 and 1, with an embedding that splits unevenly."""
+    assert (runs / "mp_step4.pt").is_file()  # the ranks got past their assertions
+
+
+@pytest.mark.distributed
 def test_two_ranks_and_resharded_resumes_equal_one_process(runs):
     reference = torch.load(runs / "single_step4.pt")
     for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4"):
@@ -111,6 +119,7 @@ def _model(**pool):
         (5, 10, {}, r"memory_parallel=5 does not divide value_dim=12 of pool 'pools.memory'.*\[1, 2\]"),
         (3, 4, {}, r"memory_parallel=3 does not divide the world size 4.*\[1, 2, 4\]"),
         (2, 2, {"update": "sparse"}, r"pool 'pools.memory' has update: sparse.*set the pool's update: dense"),
+        (1, 2, {"update": "sparse"}, r"update: sparse, which MemoryParallelStrategy cannot run at any memory_parallel"),
         (0, 2, {}, r"memory_parallel must be a positive int, got 0"),
     ],
 )
@@ -127,8 +136,9 @@ def test_expert_pools_and_strategy_argument_are_checked():
         block_args={"pool": "experts", "heads": 2, "knn": 2, "k_dim": 8, "query_norm": "none"},
         pools={"experts": {"kind": "experts", "n_keys": 4, "value_dim": 16}},
     )
-    with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*memory_parallel: 1"):
-        check_memory_parallel(peer, 2, 2)
+    for memory_parallel in (1, 2):  # tables become DTensors at 1 too, which PEER's reads cannot take
+        with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*ddp strategy"):
+            check_memory_parallel(peer, memory_parallel, 2)
     with pytest.raises(MemoryParallelError, match=r"memory_parallel must be a positive int, got True"):
         MemoryParallelStrategy(True)
 

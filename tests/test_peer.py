@@ -68,7 +68,7 @@ def test_matches_reference_keys_scores_heads_k(per_head_keys, score, heads, k):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
-@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "rmsnorm", "half_layernorm", "none"])
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "rmsnorm", "none"])
 def test_matches_reference_activations_and_norms(activation, query_norm):
     peer = make_peer(activation=activation, query_norm=query_norm, per_head_keys=True)
     check_against_reference(peer, random_input())
@@ -300,7 +300,7 @@ def test_float32_matches_reference_on_device(device, update):
 
 
 def test_reset_parameters_restores_the_norms():
-    for kind in ("batchnorm", "layernorm", "rmsnorm", "half_layernorm"):
+    for kind in ("batchnorm", "layernorm", "rmsnorm"):
         peer = make_peer(query_norm=kind)  # make_peer perturbs the norm's affine parameters
         peer(random_input())
         peer.reset_parameters()

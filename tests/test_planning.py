@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from memzoo.accounting import plan_config
-from memzoo.cli import main
+from memzoo.cli import CommandError, main
 from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
+from memzoo.parallel.memory_parallel import MemoryParallelError, read_bytes_per_step
 from memzoo.parallel.planning import plan_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,23 +28,61 @@ def tiny(update: str) -> Transformer:
                                    pools={"memory": {"n_keys": 4, "value_dim": 8, "update": update}}))
 
 
-def test_hand_computed_sparse_pool_on_two_by_two_mesh():
+def test_hand_computed_sparse_pool_under_ddp():
     model = tiny("sparse")
-    plan = plan_parallel(model, world_size=4, memory_parallel=2, tokens_per_rank_step=1)
+    plan = plan_parallel(model, world_size=2, tokens_per_rank_step=1)
     (pool,) = plan.pools
-    assert plan.data_parallel == 2 and pool.value_dim_per_rank == 4
+    assert plan.strategy == "ddp" and plan.data_parallel == 2 and pool.value_dim_per_rank == 8
     assert pool.rows_touched_per_step == 8  # 1 token x 2 layers x 2 heads x knn 2
-    assert pool.parameter_bytes == 16 * 4 * 4  # all 16 rows, 4 of 8 columns, fp32
-    assert pool.gradient_bytes == 16 * (4 * 4 + 8)  # min(16, 2 replicas x 8) rows with their int64 index
-    assert pool.optimizer_bytes == 2 * 16 * 4 * 4 + 16 * 8  # LazyAdam moments + per-row step
-    assert pool.row_exchange_bytes == 1 * 8 * (8 + 4 * 4)  # (D - 1) x U x (index + row)
-    assert pool.dense_all_reduce_bytes == 2 * 1 * 16 * 4 * 4 // 2  # 2 (D - 1) / D x table shard
+    assert pool.parameter_bytes == 16 * 8 * 4  # all 16 rows, all 8 columns, fp32
+    assert pool.gradient_bytes == 16 * (8 * 4 + 8)  # min(16, 2 replicas x 8) rows with their int64 index
+    assert pool.optimizer_bytes == 2 * 16 * 8 * 4 + 16 * 8  # LazyAdam moments + per-row step
+    assert pool.row_exchange_bytes == 1 * 8 * (8 + 8 * 4)  # (W - 1) x U x (index + row)
+    assert pool.dense_all_reduce_bytes == 2 * 1 * 16 * 8 * 4 // 2  # 2 (W - 1) / W x table
     assert pool.communication_bytes == pool.row_exchange_bytes
     dense = sum(p.numel() for p in model.parameters()) - 16 * 8
-    assert plan.dense_parameters == dense
+    assert plan.dense_parameters == plan.dense_parameter_elements == dense
     assert (plan.dense_parameter_bytes, plan.dense_optimizer_bytes) == (4 * dense, 8 * dense)
-    assert plan.dense_all_reduce_bytes == 4 * dense  # 2 (D - 1) / D = 1 at D = 2
-    assert plan.total_bytes == 4 * dense * 4 + 256 + 384 + 640
+    assert plan.dense_all_reduce_bytes == 4 * dense and plan.dense_gather_scatter_bytes == 0
+    assert plan.total_bytes == 4 * dense * 4 + 512 + 640 + 1152
+    assert plan.rank_parameter_elements == [dense + 128] * 2
+
+
+def test_hand_computed_memory_parallel_layout_on_two_by_two_mesh():
+    """MemoryParallelStrategy on 4 ranks, pools 2 ways: dense weights FSDP2-sharded over all 4 ranks (torch.chunk
+    rows, the root's all-gathered once and each layer's twice per micro-batch, all reduce-scattered), the table's
+    columns split in 2, its gradient all-reduced over the 2 replicas once per read, and the lookups' collectives."""
+    model = tiny("dense")
+    plan = plan_parallel(model, world_size=4, memory_parallel=2, tokens_per_rank_step=1, micro_batches=1)
+    (pool,) = plan.pools
+    assert plan.strategy == "memory_parallel" and plan.data_parallel == 2
+    dense = {name: p for name, p in model.named_parameters() if name != "pools.memory.values"}
+    chunks = [torch.chunk(torch.empty(p.shape), 4, 0) for p in dense.values()]  # FSDP2's dim-0 split
+    on_rank = [sum(c[r].numel() for c in chunks if r < len(c)) for r in range(4)]
+    assert plan.dense_parameter_elements == on_rank[0] and plan.dense_parameter_bytes == 4 * on_rank[0]
+    assert plan.rank_parameter_elements == [n + 16 * 4 for n in on_rank]
+    padded = {name: -(-p.shape[0] // 4) * p[0].numel() for name, p in dense.items()}
+    layers = sum(v for k, v in padded.items() if k.startswith("layers."))
+    root = sum(v for k, v in padded.items() if not k.startswith("layers."))
+    # layers: 2 all-gathers + 1 reduce-scatter, root: 1 + 1; each rank sends (W - 1) = 3 padded shards per collective
+    assert plan.dense_gather_scatter_bytes == (3 * layers + 2 * root) * 3 * 4
+    assert (pool.parameter_bytes, pool.gradient_bytes, pool.optimizer_bytes) == (256, 256, 512)
+    assert pool.dense_all_reduce_bytes == 2 * (2 * 1 * 16 * 4 * 4 // 2)  # 2 reads x ring all-reduce over 2 replicas
+    assert pool.lookup_bytes == 2 * read_bytes_per_step(1, 4, 8, 2) == 2 * (4 * (8 + 8) + 2 * 4 * 4)
+    assert pool.communication_bytes == pool.dense_all_reduce_bytes + pool.lookup_bytes
+    assert plan.communication_bytes == plan.dense_gather_scatter_bytes + pool.communication_bytes
+    accumulated = plan_parallel(model, world_size=4, memory_parallel=2, tokens_per_rank_step=2, micro_batches=2)
+    assert accumulated.dense_gather_scatter_bytes == 2 * plan.dense_gather_scatter_bytes
+    assert accumulated.pools[0].communication_bytes == 2 * pool.communication_bytes
+
+
+def test_the_planner_refuses_what_the_strategy_refuses():
+    for memory_parallel in (1, 2):
+        with pytest.raises(MemoryParallelError, match=r"update: sparse, which MemoryParallelStrategy cannot run.*"
+                                                      r"set the pool's update: dense"):
+            plan_parallel(tiny("sparse"), world_size=2, memory_parallel=memory_parallel, strategy="memory_parallel")
+    with pytest.raises(ValueError, match=r"ddp strategy replicates every pool; memory_parallel=2 needs"):
+        plan_parallel(tiny("dense"), world_size=2, memory_parallel=2, strategy="ddp")
 
 
 def test_hand_computed_dense_pool_and_rowwise_adagrad():
@@ -55,6 +95,7 @@ def test_hand_computed_dense_pool_and_rowwise_adagrad():
     # sharding halves a pool's table, gradient and optimizer state per rank at M = 2
     half = plan_parallel(tiny("dense"), world_size=2, memory_parallel=2, tokens_per_rank_step=1).pools[0]
     assert (half.parameter_bytes, half.gradient_bytes, half.optimizer_bytes) == (256, 256, 512)
+    assert half.layout == "dense, value_dim/2 = 4"
 
 
 def test_bad_mesh_sizes_name_the_value_and_the_fix():
@@ -68,25 +109,46 @@ def test_bad_mesh_sizes_name_the_value_and_the_fix():
 
 @pytest.mark.parametrize("config", SCALE, ids=[c.name for c in SCALE])
 def test_scale_configs_parse_and_plan_without_allocating(config):
-    plan = plan_config(str(config), world_size=64, memory_parallel=64)
-    (pool,) = plan.pools
-    if "1.3b" in config.name:  # 1024² values of width 2048, 3 layers x 4 heads x knn 32 per token
-        assert (pool.rows, pool.value_dim) == (1024**2, 2048)
+    if "1.3b" in config.name:  # 1024² values of width 2048, 3 layers x 4 heads x knn 32 per token, sparse: ddp
+        plan = plan_config(str(config), world_size=8)
+        (pool,) = plan.pools
+        assert plan.strategy == "ddp" and (pool.rows, pool.value_dim, pool.update) == (1024**2, 2048, "sparse")
         assert pool.rows_touched_per_step == min(1024**2, 4 * 2048 * 3 * 4 * 32)
+        assert pool.parameter_bytes == pool.rows * pool.value_dim * 4
         assert 1.5e9 < plan.dense_parameters < 1.8e9
-    else:  # 64M values of width 4096: 1 TiB in fp32, 16 GiB per rank over 64
-        assert (pool.rows, pool.value_dim) == (8192**2, 4096)
-        assert pool.parameter_bytes == 16 * GIB
+        with pytest.raises(MemoryParallelError, match="update: sparse"):
+            plan_config(str(config), world_size=8, memory_parallel=4)
+    else:  # 64M values of width 4096: 1 TiB in fp32, 16 GiB per rank over 64; dense weights FSDP2 over 64
+        plan = plan_config(str(config), world_size=64, memory_parallel=64)
+        (pool,) = plan.pools
+        assert plan.strategy == "memory_parallel" and (pool.rows, pool.value_dim) == (8192**2, 4096)
+        assert pool.parameter_bytes == 16 * GIB == pool.rows * pool.value_dim * 4 // 64
         assert 7.5e9 < plan.dense_parameters < 8.6e9  # multi-head attention (no GQA): a little over 8B
-    assert pool.parameter_bytes == pool.rows * pool.value_dim * 4 // 64
+        # FSDP2 splits dim 0: each memory layer's router.sub_keys (4, 2, 8192, 256) lands on ranks 0-3 only, one
+        # (2, 8192, 256) row each, so rank 0 holds 3 such rows more than rank 63
+        sub_keys_row = 2 * 8192 * 256
+        assert plan.dense_parameter_bytes == plan.rank_parameter_elements[0] * 4 - pool.parameter_bytes
+        assert plan.dense_parameter_bytes - 3 * sub_keys_row * 4 < plan.dense_parameters * 4 / 64
+        assert plan.rank_parameter_elements[0] - plan.rank_parameter_elements[-1] >= 3 * sub_keys_row
+        assert plan.dense_gather_scatter_bytes > 3 * plan.dense_parameters * 4 * 63 / 64 * 0.95
 
 
 def test_summary_verb_prints_the_plan(capsys):
-    config = str(ROOT / "configs" / "scale" / "memoryplus-1.3b.yaml")
+    config = str(ROOT / "configs" / "scale" / "memoryplus-8b-64m.yaml")
     main(["summary", "--config", config, "--world-size", "8", "--memory-parallel", "4"])
     out = capsys.readouterr().out
-    assert "8 ranks = 2 data-parallel x 4 memory-parallel" in out
-    assert "sparse, value_dim/4 = 512" in out and "1,048,576" in out
-    with pytest.raises(SystemExit, match="does not divide world_size=8"):
+    assert "8 ranks = 2 data-parallel x 4 memory-parallel, MemoryParallelStrategy" in out
+    assert "dense, value_dim/4 = 1024" in out and "FSDP2 over 8 ranks" in out
+    main(["summary", "--config", config, "--world-size", "8", "--strategy", "ddp"])
+    assert "8 ranks, ddp strategy" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="summary: .*does not divide world_size=8"):
         main(["summary", "--config", config, "--world-size", "8", "--memory-parallel", "3"])
+    sparse = str(ROOT / "configs" / "scale" / "memoryplus-1.3b.yaml")
+    with pytest.raises(CommandError, match="update: sparse, which MemoryParallelStrategy cannot run"):
+        main(["summary", "--config", sparse, "--world-size", "8", "--memory-parallel", "4"])
 
+
+def test_a_configured_memory_parallel_strategy_is_planned(tmp_path):
+    config = ROOT / "configs" / "facts-memoryplus-mp2.yaml"
+    plan = plan_config(str(config), world_size=2)
+    assert plan.strategy == "memory_parallel" and plan.memory_parallel == 2

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from memzoo import registry
+from memzoo.blocks import registry
+from memzoo.blocks.base import Block
 from memzoo.registry import (
     BlockConfigError,
     UnknownBlockError,
@@ -46,7 +47,7 @@ def test_unknown_and_missing_hyperparameters_are_named(clean_registry):
         create_block("dense", dim=8, hiden=4)
 
     @register_block("needs_width")
-    class NeedsWidth(nn.Module):
+    class NeedsWidth(Block):
         def __init__(self, dim: int, width: int):
             super().__init__()
 
@@ -65,14 +66,14 @@ def test_register_validates_name_class_and_duplicates(clean_registry):
     with pytest.raises(TypeError, match="nn.Module"):
         register_block("x")(object)
 
-    class NoDim(nn.Module):
+    class NoDim(Block):
         def __init__(self, width: int):
             super().__init__()
 
     with pytest.raises(TypeError, match="must accept `dim`"):
         register_block("nodim")(NoDim)
 
-    class Other(nn.Module):
+    class Other(Block):
         def __init__(self, dim: int):
             super().__init__()
 
@@ -80,6 +81,13 @@ def test_register_validates_name_class_and_duplicates(clean_registry):
         register_block("dense")(Other)
     register_block("dense", override=True)(Other)
     assert get_block("dense") is Other
+
+    class PlainModule(nn.Module):
+        def __init__(self, dim: int):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="not a memzoo Block; subclass memzoo.Block"):
+        register_block("plain")(PlainModule)
 
 
 def test_list_filter_and_hyperparameters():
@@ -95,20 +103,21 @@ def test_dotted_class_path_resolves_and_bad_path_errors():
         get_block("memzoo.blocks.dense.Nope")
     with pytest.raises(UnknownBlockError, match="not an nn.Module"):
         get_block("memzoo.blocks.dense.swiglu_hidden")
+    with pytest.raises(UnknownBlockError, match="not a memzoo Block"):
+        get_block("torch.nn.Linear")
 
 
 USER_BLOCK = textwrap.dedent(
     '''
-    import torch.nn as nn
-    from memzoo import register_block
+    from memzoo import Block, register_block
 
     @register_block("{name}")
-    class Doubler(nn.Module):
+    class Doubler(Block):
         """Returns 2x."""
         def __init__(self, dim: int, scale: float = 2.0):
             super().__init__()
             self.scale = scale
-        def forward(self, x):
+        def forward(self, x, ctx=None):
             return self.scale * x
     '''
 )
@@ -146,3 +155,59 @@ def test_entry_point_plugin(tmp_path, monkeypatch, clean_registry):
     assert "ep_doubler" in list_blocks()
     assert create_block("ep_doubler", dim=2).scale == 2.0
     sys.modules.pop("ep_blocks", None)
+
+
+def test_presets_are_their_blocks_with_the_papers_settings_and_take_overrides():
+    memory_plus = create_block("memory_plus", dim=16, n_keys=4, knn=2, k_dim=8)
+    assert type(memory_plus) is get_block("product_key_memory")
+    assert memory_plus.hparams["block"] == "memory_plus"
+    assert (memory_plus.gate, memory_plus.router.qk_norm, memory_plus.heads) == ("silu", True, 4)
+    pkm = create_block("pkm", dim=16, n_keys=4, knn=2, k_dim=8, heads=2)  # an override of a preset setting
+    assert (pkm.gate, pkm.router.query_norm_kind, pkm.heads) == ("none", "layernorm", 2)
+    entry = registry.block_entry("pkm")
+    assert entry.preset_of == "product_key_memory" and entry.settings["query_norm"] == "layernorm"
+    assert "Lample" in entry.paper
+    defaults = {hp.name: hp.default for hp in block_hyperparameters("memory_plus")}
+    assert defaults["gate"] == "silu" and defaults["qk_norm"] is True
+    with pytest.raises(BlockConfigError, match=r"'gaet' \(did you mean 'gate'\?\)"):
+        create_block("memory_plus", dim=16, n_keys=4, gaet="none")
+
+
+def test_preset_registration_is_checked(clean_registry):
+    with pytest.raises(ValueError, match="not a registered block class name"):
+        registry.register_preset("x", "memory_plus", {}, paper="")
+    with pytest.raises(ValueError, match=r"has no hyperparameter\(s\) \['hiden'\]"):
+        registry.register_preset("x", "dense", {"hiden": 3}, paper="")
+    registry.register_preset("wide_dense", "dense", {"hidden": 48}, paper="a study")
+    assert create_block("wide_dense", dim=8).hidden == 48
+    assert "wide_dense" in list_blocks("wide")
+
+
+def test_pool_names_resolve_through_the_pools_given_and_are_recorded_by_name():
+    from memzoo.blocks.pool import MemoryPool
+
+    pool = MemoryPool(4, 8)
+    block = create_block("memory_plus", dim=16, pools={"shared": pool}, pool="shared", knn=2, k_dim=8)
+    assert block.pool is pool and block.hparams["pool"] == "shared"
+    private = create_block("pkm", dim=16, n_keys=4, knn=2, k_dim=8)
+    assert private.hparams["pool"] is None
+    with pytest.raises(BlockConfigError, match=r"pool 'other' is not defined; defined pools: shared"):
+        create_block("memory_plus", dim=16, pools={"shared": pool}, pool="other")
+    with pytest.raises(BlockConfigError, match="block 'dense' does not read memory pools; drop `pool:`"):
+        create_block("dense", dim=16, pools={"shared": pool}, pool="shared")
+
+
+def test_block_contract_defaults():
+    class Plain(Block):
+        def __init__(self, dim: int):
+            super().__init__()
+            self.linear = nn.Linear(dim, dim)
+
+        def forward(self, x, ctx=None):
+            return self.linear(x)
+
+    block = Plain(4)
+    assert block.aux_losses() == {} and block.table_bytes_read_per_token() == 0
+    assert block.active_parameters() == 20 and block.flops_per_token() == 40
+    assert not Plain.declares_flops() and get_block("dense").declares_flops()
+    assert block.hparams is None and not Plain.reads_pool and get_block("memory_plus").reads_pool

@@ -13,7 +13,7 @@ from memzoo.training.module import LanguageModel
 from memzoo.training.optim import build_optimizer
 
 BASE = dict(vocab_size=40, dim=32, n_layers=3, n_heads=4, max_seq_len=32, block_args={"hidden": 48})
-MEMORY = {"block": "product_key_memory", "pool": "mem", "heads": 2, "knn": 4, "gate": "silu"}
+MEMORY = {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}
 POOLS = {"mem": {"n_keys": 8, "value_dim": 16}}
 
 

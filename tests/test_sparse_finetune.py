@@ -30,7 +30,7 @@ def _plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memzoo"])
 
 
-MEMORY = {"block": "product_key_memory", "pool": "mem", "heads": 2, "knn": 3, "gate": "silu"}
+MEMORY = {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 3}
 
 
 def memory_model(n_keys=6):
@@ -169,7 +169,7 @@ def test_bad_stats_and_top_t_fail_clearly(tmp_path):
 
 
 MEMORY_YAML = """layers:
-  1: {block: product_key_memory, pool: mem, heads: 2, knn: 4, gate: silu}
+  1: {block: memory_plus, pool: mem, heads: 2, knn: 4}
 pools:
   mem: {n_keys: 8, value_dim: 32}"""
 

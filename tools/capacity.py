@@ -104,17 +104,14 @@ def model_configs() -> dict[str, dict[str, Any]]:
         return {"seed_everything": 1337, "model": {"class_path": "memzoo.LanguageModel", "init_args": init_args}}
 
     sparse = {"update": "sparse", "lr": MEMORY_LR, "weight_decay": 0.0}
-    memory_plus = {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 16, "k_dim": 48,
-                   "query_norm": "none", "qk_norm": True, "gate": "silu"}
-    peer = {"block": "peer", "pool": "experts", "heads": 2, "knn": 24, "k_dim": 48, "query_norm": "layernorm",
-            "activation": "gelu"}
+    memory_plus = {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 16, "k_dim": 48}
+    peer = {"block": "peer", "pool": "experts", "heads": 2, "knn": 24, "k_dim": 48}
     return {
         "dense": model(),
         "dense-2x": model(dim=48, block_args={"hidden": 224}),
         "moe": model(layers={i: {"block": "moe", "n_experts": 8, "top_k": 2, "hidden": 64, "aux_loss_weight": 0.01,
                                  "z_loss_weight": 0.001} for i in range(LAYERS)}),
-        "pkm": model(layers={1: {"block": "product_key_memory", "n_keys": 64, "heads": 2, "knn": 24, "k_dim": 48,
-                                 "query_norm": "layernorm", "gate": "none", **sparse}}),
+        "pkm": model(layers={1: {"block": "pkm", "n_keys": 64, "heads": 2, "knn": 24, "k_dim": 48, **sparse}}),
         "memoryplus": model(layers={i: dict(memory_plus) for i in range(LAYERS)},
                             pools={"memory": {"n_keys": 64, "value_dim": DIM, **sparse}}),
         "memoryplus-no-gate": model(layers={i: {**memory_plus, "gate": "none"} for i in range(LAYERS)},

@@ -112,8 +112,7 @@ FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=1500, finetune_steps
 
 def build_model(n_keys: int = 128) -> Transformer:
     """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 16,384) slots."""
-    memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 16, "k_dim": 64,
-              "qk_norm": True, "gate": "silu"}
+    memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64}
     return Transformer(vocab_size=TOK.vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
                        block_args={"hidden": 256}, layers={1: memory, 3: memory},
                        pools={"memory": {"n_keys": n_keys, "value_dim": 128}})

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # One prepared GPU check (run on a CUDA machine from the repo root, in under 8 minutes):
-# installs memzoo against the machine's own torch, runs the tests marked `cuda`, then the GPU benchmarks.
+# installs memzoo against the machine's own torch (from .whl/ when carried: tools/gpu_wheels.sh), runs the tests marked `cuda`, then the GPU benchmarks.
 # Results land in ${OUT:-gpu_results}/ (pytest log, bench JSON).
 set -uo pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
-python -m pip install --quiet --no-deps -e . >/dev/null 2>&1 || python -m pip install --quiet -e ".[dev,hf]"
-python -m pip install --quiet pytest lightning torchmetrics "jsonargparse[signatures]" safetensors datasets >/dev/null 2>&1
+# A GPU machine with no network: wheels carried in .whl/ (tools/gpu_wheels.sh makes them) and memzoo from src/.
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/memzoo-site .whl/*.whl
+  export PYTHONPATH="/tmp/memzoo-site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+  python3 -m pip install --quiet --no-deps -e . >/dev/null 2>&1 || python -m pip install --quiet -e ".[dev,hf]"
+  python3 -m pip install --quiet pytest lightning torchmetrics "jsonargparse[signatures]" safetensors datasets >/dev/null 2>&1
+fi
+python3 -c "import memzoo.cli" || { echo "memzoo does not import here: see the error above"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout 150 python -m pytest -q -m cuda tests 2>&1 | tail -25 | tee "$out/pytest_cuda.txt"
-timeout 90 python tools/bench_memory.py --sections cuda,layer_step --json "$out/bench_memory.json" 2>&1 | tail -30
-timeout 60 python tools/bench_peer.py --device cuda --json "$out/bench_peer.json" 2>&1 | tail -15
+timeout 150 python3 -m pytest -q -m cuda tests 2>&1 | tail -25 | tee "$out/pytest_cuda.txt"
+timeout 90 python3 tools/bench_memory.py --sections cuda,layer_step --json "$out/bench_memory.json" 2>&1 | tail -30
+timeout 60 python3 tools/bench_peer.py --device cuda --json "$out/bench_peer.json" 2>&1 | tail -15
 # knowledge capacity on the larger grid (loads up to 10,000 people): resumable, so whatever cells finish within the
 # timeout are kept in $out/capacity-gpu-cells/ and reported in $out/capacity-gpu.{json,md,png}
-timeout 150 python tools/capacity.py --gpu --jobs 6 --threads 2 --out "$out" 2>&1 | grep -a "^\[capacity\]\|^\[study\]\|^met\|^MISSED\|^| " | tail -40
+timeout 150 python3 tools/capacity.py --gpu --jobs 6 --threads 2 --out "$out" 2>&1 | grep -a "^\[capacity\]\|^\[study\]\|^met\|^MISSED\|^| " | tail -40

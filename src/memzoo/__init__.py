@@ -3,6 +3,7 @@
 Public API (imported lazily, so ``import memzoo`` and ``memzoo --help`` stay fast)::
 
     register_block, create_block, list_blocks, get_block, load_plugins   # the block registry
+    Block, BlockContext                                                # the block contract
     MemoryPool                                                         # shared value tables
     Transformer                                                        # the decoder
     LanguageModel                                                      # the LightningModule
@@ -21,6 +22,8 @@ _LAZY = {
     "get_block": "memzoo.registry",
     "list_blocks": "memzoo.registry",
     "load_plugins": "memzoo.registry",
+    "Block": "memzoo.blocks.base",
+    "BlockContext": "memzoo.blocks.base",
     "MemoryPool": "memzoo.blocks.pool",
     "Transformer": "memzoo.model.transformer",
     "LanguageModel": "memzoo.training.module",

@@ -15,8 +15,9 @@ residual adds) and the embedding lookup are not counted. Attention at context le
 ``2·dim·3·dim`` (qkv) + ``2·dim·dim`` (output projection) + the score and value products, ``2·dim`` each per key
 attended; averaged over the positions of one causal sequence of length ``T`` a token attends ``(T + 1) / 2`` keys,
 so these add ``2·2·dim·(T + 1)/2 = 2·dim·(T + 1)``. An FFN-slot block reports its own cost through
-``flops_per_token()`` (dense, moe, peer and product-key memory all do, the latter two including their product-key
-lookup); for a block without that method the row uses ``2 · active_parameters`` and is marked estimated. The head
+``Block.flops_per_token()`` (dense, moe, peer and product-key memory count their own, the latter two including
+their product-key lookup); a block that does not (``Block.declares_flops()`` false) gets the base class's
+``2 · active_parameters`` and its row is marked estimated. The head
 costs ``2·dim·vocab_size``. A training step costs about 3× the forward FLOPs.
 """
 
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
+from memzoo.blocks.base import Block
 from memzoo.model.summary import active_parameters, count_parameters
 from memzoo.model.transformer import Transformer
 
@@ -43,7 +45,7 @@ class Row:
     parameters: int
     active_parameters: int
     flops: int  # forward FLOPs per token
-    flops_estimated: bool = False  # True: 2·active_parameters, the block has no flops_per_token()
+    flops_estimated: bool = False  # True: 2·active_parameters, the block does not count its own FLOPs
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Summary:
             f"{self.context_length} tokens. Training ≈ 3× forward."
         )
         if any(r.flops_estimated for r in self.rows):
-            lines.append("* estimated as 2 × active parameters (the block has no flops_per_token())")
+            lines.append("* estimated as 2 × active parameters (the block does not count its own FLOPs)")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -116,11 +118,9 @@ def attention_flops_per_token(dim: int, context_length: int) -> int:
     return 2 * dim * 3 * dim + 2 * dim * dim + 2 * dim * (context_length + 1)
 
 
-def block_flops_per_token(block: nn.Module) -> tuple[int, bool]:
+def block_flops_per_token(block: Block) -> tuple[int, bool]:
     """A block's forward FLOPs per token and whether it is an estimate (``2 · active parameters``)."""
-    if hasattr(block, "flops_per_token"):
-        return int(block.flops_per_token()), False
-    return 2 * active_parameters(block), True
+    return int(block.flops_per_token()), not block.declares_flops()
 
 
 def summarize(model: nn.Module, context_length: int | None = None) -> Summary:
@@ -225,8 +225,11 @@ def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
     parser.add_subclass_arguments(LanguageModel, "model", required=True)
     try:
         parsed = parser.parse_object({"model": model_section})
-    except Exception as err:  # jsonargparse's message names the bad key or value
-        raise ValueError(f"{path}: invalid model config: {err}") from err
+    except Exception as err:  # one line naming the key, its line in the file and the fix
+        from memzoo.config_errors import describe_parse_error
+
+        message = describe_parse_error(err, parser, files=[str(path)])
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from err
     with torch.device("meta"):
         model = parser.instantiate_classes(parsed).model
     return ConfigModel(model, int(architecture["vocab_size"]), data_args, dict(config.get("trainer") or {}))
@@ -246,10 +249,16 @@ def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
     return 2, f"note: {class_path} assumed to keep 2 optimizer tensors per weight (as Adam)"
 
 
-def plan_config(path: str, world_size: int, memory_parallel: int = 1, element_bytes: int = 4) -> ParallelPlan:
+def plan_config(
+    path: str, world_size: int, memory_parallel: int | None = None, element_bytes: int = 4, strategy: str | None = None
+) -> ParallelPlan:
     """:func:`memzoo.parallel.planning.plan_parallel` of a memzoo YAML config's model (built on ``meta``: any size),
     with the tokens per rank and step from its data (``batch_size · block_size``) and trainer
-    (``accumulate_grad_batches``) sections and the optimizer states from its ``optimizer`` and ``sparse_optimizer``."""
+    (``accumulate_grad_batches``) sections and the optimizer states from its ``optimizer`` and ``sparse_optimizer``.
+
+    ``strategy`` / ``memory_parallel`` ``None``: the config's own (``trainer.strategy`` naming
+    ``MemoryParallelStrategy`` and its ``memory_parallel``), else ``memory_parallel`` 1 and, by
+    :func:`~memzoo.parallel.planning.plan_parallel`'s rule, ``memory_parallel`` when ``M > 1``, ``ddp`` otherwise."""
     import yaml
 
     from memzoo.parallel.planning import plan_parallel
@@ -259,13 +268,19 @@ def plan_config(path: str, world_size: int, memory_parallel: int = 1, element_by
     block = int(built.data_args.get("block_size") or built.model.architecture.max_seq_len)
     accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
     with open(path) as f:
-        model_section = (yaml.safe_load(f) or {}).get("model") or {}
+        config = yaml.safe_load(f) or {}
+    model_section = config.get("model") or {}
     init_args = model_section.get("init_args", model_section) if isinstance(model_section, dict) else {}
     states, note = _optimizer_states(init_args.get("optimizer"))
+    configured = (config.get("trainer") or {}).get("strategy") if isinstance(config.get("trainer"), dict) else None
+    if isinstance(configured, dict) and "MemoryParallelStrategy" in str(configured.get("class_path", "")):
+        strategy = strategy or "memory_parallel"
+        if memory_parallel is None:
+            memory_parallel = int((configured.get("init_args") or {}).get("memory_parallel", 1))
     plan = plan_parallel(
-        built.model, world_size, memory_parallel, tokens_per_rank_step=batch * block * accumulate,
+        built.model, world_size, memory_parallel or 1, tokens_per_rank_step=batch * block * accumulate,
         dense_optimizer_states=states, sparse_optimizer=built.model.hparams.sparse_optimizer,
-        element_bytes=element_bytes,
+        element_bytes=element_bytes, strategy=strategy, micro_batches=accumulate,
     )
     plan.notes.append(f"config: {path}")
     if note:

@@ -107,6 +107,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_file writes whole files: mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
+    if not path.parent.is_dir():  # else mkstemp's error names its hidden temporary file
+        raise FileNotFoundError(f"cannot write {path}: its folder {str(path.parent)!r} does not exist (create it "
+                                f"first, or write elsewhere)")
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     _lock(fd)  # held until the file is closed: marks it as being written (see remove_stale_partials)
     os.chmod(temp_name, 0o666 & ~current_umask())

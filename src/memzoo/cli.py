@@ -8,12 +8,15 @@ continuation from one. Heavy imports happen only once a verb is chosen, so ``mem
 User blocks come in with ``--plugins my_blocks.py`` (or a module name; repeatable) on any verb, or a ``plugins:``
 list in the config file.
 
-Errors: a mistake in the input (config, data, checkpoint, arguments) prints ``memzoo: error: <message>`` and exits
-with status 2; ``--debug`` (any verb) or ``MEMZOO_DEBUG=1`` shows the full traceback instead.
+Errors: every verb reports a mistake in the input (config, data, checkpoint, arguments) through one place,
+:func:`entry_point`: one line ``memzoo: error: <message>`` on stderr and exit status 2 (config errors are described by
+:mod:`memzoo.config_errors`: key, file and line, did-you-mean); ``--debug`` (any verb) or ``MEMZOO_DEBUG=1`` shows the
+full traceback instead. Options are never abbreviated.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
@@ -56,6 +59,50 @@ class CommandError(Exception):
     """A mistake on the command line that the ``memzoo`` command reports as ``memzoo: error: <message>``."""
 
 
+class ConfigError(CommandError, ValueError):
+    """A config (file or command-line override) the parser refuses; the message is one line that names the key,
+    where it is written and the fix (see :mod:`memzoo.config_errors`)."""
+
+
+class VerbParser(argparse.ArgumentParser):
+    """``argparse`` for the plain verbs: a usage mistake raises :class:`CommandError` (one line, exit status 2 through
+    :func:`entry_point`) instead of printing the usage; options are never abbreviated, an unknown one gets the
+    closest options as a suggestion."""
+
+    def __init__(self, *args, allow_unknown: bool = False, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.allow_unknown = allow_unknown  # unknown options are passed on (slot-stats' config overrides)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        # an unknown option first: argparse reports a missing required one before it ("--confi" for "--config")
+        self.refuse_unknown_options(getattr(self, "_given", []))
+        verb = self.prog.removeprefix("memzoo ")
+        raise CommandError(f"{verb}: {message} ({self.prog} --help lists the options)")
+
+    def refuse_unknown_options(self, args: Sequence[str]) -> None:
+        """Raises :class:`CommandError` naming the first option in ``args`` this parser does not know, with the
+        closest known ones; with ``allow_unknown`` only for options close to known ones (typos, abbreviations)."""
+        import difflib
+
+        options = [s for s in self._option_string_actions if s.startswith("--")]
+        for arg in args:
+            name = arg.split("=", 1)[0]
+            if not name.startswith("--") or name in options:
+                continue
+            close = [o for o in options if o.startswith(name)][:3] or difflib.get_close_matches(
+                name, options, n=3, cutoff=0.75 if self.allow_unknown else 0.6)
+            if self.allow_unknown and not close:
+                continue
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; the options are {', '.join(options)}"
+            verb = self.prog.removeprefix("memzoo ")
+            raise CommandError(f"{verb}: unknown option {name} (options are never abbreviated){hint}")
+
+
 def _usage() -> str:
     plain = "\n".join(f"  {verb:<12} {text}" for verb, text in PLAIN_VERBS.items())
     return USAGE.format(plain=plain)
@@ -89,8 +136,13 @@ def debug_requested(args: Sequence[str] = ()) -> bool:
 
 
 def error_message(error: BaseException) -> str:
-    """The message a user needs from ``error``: jsonargparse's "Does not validate ... Given value: Namespace(...)"
-    wrappers are peeled off down to the error the model, data or checkpoint code raised."""
+    """The one line a user needs from ``error``: jsonargparse's "Does not validate ... Given value: Namespace(...)"
+    wrappers are peeled off down to the error the model, data or checkpoint code raised; a parse error no verb
+    described is described by :func:`memzoo.config_errors.describe_parse_error`; line breaks become spaces."""
+    if isinstance(error, argparse.ArgumentError):
+        from memzoo.config_errors import describe_parse_error
+
+        return describe_parse_error(error)
     while error.__cause__ is not None and _is_wrapper(error):
         error = error.__cause__
     text = str(error).strip() or type(error).__name__
@@ -98,7 +150,7 @@ def error_message(error: BaseException) -> str:
         text = f"{type(error).__name__}: {text}"
     if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
-    return text
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _is_wrapper(error: BaseException) -> bool:
@@ -134,8 +186,7 @@ def entry_point() -> int:
         if debug:
             raise
         sys.stdout.flush()
-        print(f"memzoo: error: {error_message(error)}", file=sys.stderr)
-        print("memzoo: (run with --debug or MEMZOO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"memzoo: error: {error_message(error)}", file=sys.stderr)  # `memzoo --help` tells of --debug
         return ERROR_STATUS
     return 0
 

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
 from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
+from memzoo.cli import ConfigError
+from memzoo.config_errors import describe_parse_error
 from memzoo.data import LMDataModule
 from memzoo.export.checkpoint_check import (
     check_checkpoint_file,
@@ -112,7 +115,10 @@ class MemzooCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parses, resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the experiment (saying which on
         stderr), and checks the checkpoint file is complete."""
-        self.config = parser.parse_args(args)  # LightningCLI's own version warns whenever sys.argv has arguments
+        try:
+            self.config = parser.parse_args(args)  # LightningCLI's own version warns whenever sys.argv has arguments
+        except ArgumentError as error:  # the parser raises (exit_on_error=False): one line, no usage dump
+            raise ConfigError(describe_parse_error(error, parser, args)) from error
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
@@ -287,7 +293,8 @@ def _cli_kwargs() -> dict[str, Any]:
             # checkpoints are written to a temporary name and renamed: a crash never leaves a half-written file
             "plugins": [{"class_path": "memzoo.export.checkpoint_io.AtomicCheckpointIO"}],
         },
-        parser_kwargs={"default_env": False},
+        # errors raise (reported in one line by memzoo.cli.entry_point); abbreviated options are refused
+        parser_kwargs={"default_env": False, "exit_on_error": False, "allow_abbrev": False},
         auto_configure_optimizers=False,
     )
 

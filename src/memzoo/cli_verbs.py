@@ -7,7 +7,7 @@ import argparse
 import inspect
 from typing import Sequence
 
-from memzoo.cli import CommandError
+from memzoo.cli import CommandError, VerbParser
 
 
 def _format_default(value: object) -> str:
@@ -16,12 +16,31 @@ def _format_default(value: object) -> str:
     return repr(value)
 
 
-def blocks_command(args: Sequence[str]) -> list[str]:
-    """``memzoo blocks [FILTER]``: every registered block (name, class, summary line) with its hyperparameters and
-    their defaults."""
-    from memzoo.registry import block_hyperparameters, get_block, list_blocks
+def _check_file(verb: str, option: str, path: str) -> None:
+    from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        raise CommandError(f"{verb}: {option}: file {path!r} {what}")
+
+
+def _check_output_folder(verb: str, option: str, path: str) -> None:
+    """Fails unless the folder ``path`` is to be written in exists (it is not created: a typo would go unseen)."""
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        fix = "choose another" if folder.exists() else f"create it (mkdir -p {folder}) or choose another"
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise CommandError(f"{verb}: {option} {path}: the folder {str(folder)!r} {what}; {fix} {option}")
+
+
+def blocks_command(args: Sequence[str]) -> list[str]:
+    """``memzoo blocks [FILTER]``: every registered block and preset (name, class, summary line, the paper it
+    follows, a preset's settings) with its hyperparameters and their defaults (a preset's settings included)."""
+    from memzoo.registry import block_entry, block_hyperparameters, list_blocks
+
+    parser = VerbParser(prog="memzoo blocks", description="List the registered FFN-slot blocks.")
     parser.add_argument("filter", nargs="?", default=None, help="substring or glob of block names")
     options = parser.parse_args(list(args))
     names = list_blocks(options.filter)
@@ -29,11 +48,17 @@ def blocks_command(args: Sequence[str]) -> list[str]:
         print(f"no registered block matches {options.filter!r}")
         return names
     for name in names:
-        cls = get_block(name)
+        entry = block_entry(name)
+        cls = entry.cls
         doc = (inspect.getdoc(cls) or "").split("\n", 1)[0]
-        print(f"{name}  ({cls.__module__}.{cls.__qualname__})")
+        kind = f"preset of {entry.preset_of}" if entry.preset_of else f"{cls.__module__}.{cls.__qualname__}"
+        print(f"{name}  ({kind})")
         if doc:
             print(f"    {doc}")
+        if entry.paper:
+            print(f"    paper: {entry.paper}")
+        if entry.settings:
+            print("    settings: " + ", ".join(f"{key}={value!r}" for key, value in entry.settings.items()))
         for hp in block_hyperparameters(name):
             annotation = f": {hp.annotation}" if hp.annotation else ""
             print(f"    {hp.name}{annotation} = {_format_default(hp.default)}")
@@ -45,7 +70,7 @@ def summary_command(args: Sequence[str]) -> object:
     """``memzoo summary --config X.yaml``: parameters, active parameters and FLOPs per token of the config's model."""
     from memzoo.accounting import summarize_config
 
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="memzoo summary",
         description="Per-layer parameters, active parameters per token and forward FLOPs per token of a model config.",
     )
@@ -54,20 +79,26 @@ def summary_command(args: Sequence[str]) -> object:
     parser.add_argument("--world-size", type=int, default=None,
                         help="also plan a run on this many ranks: per-rank bytes of parameters, gradients and "
                         "optimizer states, and each pool's gradient communication per step")
-    parser.add_argument("--memory-parallel", type=int, default=1,
-                        help="with --world-size: ranks sharing each pool, its tables split along value_dim (default 1)")
+    parser.add_argument("--memory-parallel", type=int, default=None,
+                        help="with --world-size: ranks sharing each pool, its tables split along value_dim "
+                        "(default: the config's MemoryParallelStrategy memory_parallel, else 1)")
+    parser.add_argument("--strategy", choices=["ddp", "memory_parallel"], default=None,
+                        help="with --world-size: the layout to plan: ddp (everything replicated) or memory_parallel "
+                        "(MemoryParallelStrategy: dense weights FSDP2-sharded, pools split over --memory-parallel "
+                        "ranks); default: the config's strategy, memory_parallel when --memory-parallel > 1, else ddp")
     options = parser.parse_args(list(args))
-    if options.world_size is None and options.memory_parallel != 1:
-        raise SystemExit("memzoo summary: --memory-parallel needs --world-size (the ranks it divides)")
+    _check_file("summary", "--config", options.config)
+    if options.world_size is None and (options.memory_parallel is not None or options.strategy is not None):
+        raise CommandError("summary: --memory-parallel and --strategy need --world-size (the ranks to plan)")
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
         from memzoo.accounting import plan_config
 
         try:
-            plan = plan_config(options.config, options.world_size, options.memory_parallel)
+            plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy)
         except ValueError as err:
-            raise SystemExit(f"memzoo summary: {err}") from None
+            raise CommandError(f"summary: {err}") from None
     if options.json:
         import json
 
@@ -85,7 +116,7 @@ def summary_command(args: Sequence[str]) -> object:
 
 def export_command(args: Sequence[str]) -> object:
     """``memzoo export --ckpt X.ckpt --out DIR``: a Hugging Face folder (see :mod:`memzoo.export.hf`)."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="memzoo export",
         description="Write a Lightning checkpoint as a Hugging Face folder (config, safetensors weights, modeling "
         "code, tokenizer) that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and "
@@ -125,7 +156,7 @@ def export_command(args: Sequence[str]) -> object:
 
 def generate_command(args: Sequence[str]) -> str:
     """``memzoo generate --model DIR --prompt TEXT``: streams a continuation to the terminal; returns it."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="memzoo generate",
         description="Continue a prompt with an exported model (a folder written by `memzoo export`), printing the "
         "text as it is generated. Defaults come from the folder's generation_config.json.",
@@ -224,7 +255,8 @@ def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[i
 def slot_stats_command(args: Sequence[str]) -> object:
     """``memzoo slot-stats --config X.yaml --ckpt_path Y.ckpt --out stats.pt``: per-pool, per-slot background access
     counts and document frequencies (see :mod:`memzoo.training.slot_stats`), written atomically."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
+        allow_unknown=True,
         prog="memzoo slot-stats",
         description="Run a model over a background dataset (the config's data) and store, per memory pool and slot, "
         "how often it is read and in how many documents (sequences): the background of sparse memory finetuning.",
@@ -237,13 +269,16 @@ def slot_stats_command(args: Sequence[str]) -> object:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     options, overrides = parser.parse_known_args(list(args))
     if options.max_batches < 1:
-        raise SystemExit(f"memzoo slot-stats: --max_batches must be >= 1, got {options.max_batches}")
+        raise CommandError(f"slot-stats: --max_batches must be >= 1, got {options.max_batches}")
+    parser.refuse_unknown_options(overrides)  # the others are config overrides, checked by the config's parser
+    _check_output_folder("slot-stats", "--out", options.out)  # before the model reads its batches
 
     import torch
 
     from memzoo.atomic import atomic_file
     from memzoo.cli_lightning import build_from_config
     from memzoo.export.checkpoint_check import CheckpointError, check_checkpoint_file
+    from memzoo.safe_load import RefusedPickleError, load_data
     from memzoo.training.slot_stats import SlotStatsError, collect_slot_stats
 
     cli_args = [arg for path in options.config for arg in ("--config", path)] + overrides
@@ -253,9 +288,15 @@ def slot_stats_command(args: Sequence[str]) -> object:
         try:
             check_checkpoint_file(options.ckpt_path)
         except CheckpointError as err:
-            raise SystemExit(f"memzoo slot-stats: {err}") from None
-        state = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+            raise CommandError(f"slot-stats: {err}") from None
+        try:
+            checkpoint = load_data(options.ckpt_path, f"checkpoint {options.ckpt_path!r}")
+        except RefusedPickleError as err:
+            raise CommandError(f"slot-stats: {err}") from None
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise CommandError(f"slot-stats: checkpoint {options.ckpt_path!r} has no 'state_dict'; give a .ckpt "
+                               f"that memzoo fit wrote")
+        module.load_state_dict(checkpoint["state_dict"])
     datamodule.setup("fit")
     loader = datamodule.train_dataloader() if options.split == "train" else datamodule.val_dataloader()
     if isinstance(loader, (list, tuple)):
@@ -264,7 +305,7 @@ def slot_stats_command(args: Sequence[str]) -> object:
     try:
         stats = collect_slot_stats(model, loader, options.max_batches)
     except SlotStatsError as err:
-        raise SystemExit(f"memzoo slot-stats: {err}") from None
+        raise CommandError(f"slot-stats: {err}") from None
     stats.source = {"config": list(options.config), "ckpt_path": options.ckpt_path, "split": options.split,
                     "max_batches": options.max_batches}
     with atomic_file(options.out) as f:

@@ -1,5 +1,8 @@
-"""Blocks that fill a transformer layer's FFN slot. Importing this package registers memzoo's own blocks."""
+"""Blocks that fill a transformer layer's FFN slot. Importing this package registers memzoo's own blocks and
+presets; the contract every block follows is :class:`~memzoo.blocks.base.Block`."""
 
+from memzoo.blocks import presets  # noqa: F401  (registers the named presets)
+from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.memory import ProductKeyMemory
@@ -7,4 +10,4 @@ from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
 
-__all__ = ["Beside", "DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory"]
+__all__ = ["Beside", "Block", "BlockContext", "DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory"]

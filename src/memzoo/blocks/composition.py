@@ -5,39 +5,48 @@
 any registered blocks, each given as ``{block: name, **hyperparameters}`` (or just a name)::
 
     layers:
-      2: {block: beside, base: {block: dense, hidden: 1536}, add: {block: product_key_memory, pool: shared}}
+      2: {block: beside, base: {block: dense, hidden: 1536}, add: {block: memory_plus, pool: shared}}
 
 A retrofitted model starts exactly at its base model when the added branch outputs zero:
 
 - ``init: zero`` (default): the model's init gives ``add`` a residual-output std of 0 (``init_weights(std, 0)``,
   e.g. Memory+'s ``W_2``, PKM's ``W_o``, dense ``down``), and the block checks on a probe input that ``add``'s
-  output really is zero; a block whose output that does not zero (a PKM without output projection, a PEER on a
-  shared pool) is rejected with a pointer to ``init: gate``.
+  output really is zero; a block whose output that does not zero (a PKM with ``value_dim == dim``, which has no
+  output projection; a PEER on a shared pool) is rejected with a pointer to ``init: gate``.
 - ``init: gate``: a learnable scalar ``scale`` starting at 0 multiplies ``add``'s output (any block); ``add``'s
   own parameters receive gradients once ``scale`` has moved.
 - ``init: none``: both blocks keep the model's ordinary init (the model no longer starts at its base).
 
-A child that names a pool (``pool: shared``) reads the pool the model hands this block; one pool per layer.
+A child that names a pool (``pool: shared``) reads the pool the model hands this block (the layer's one pool,
+``pool`` below); the child records the pool by its name.
 Cost: the sum of both blocks' (parameters, FLOPs); auxiliary losses of both are reported (``base.*``, ``add.*``).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn as nn
 
+from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool
-from memzoo.registry import create_block, get_block, register_block
+from memzoo.blocks.registry import BlockConfigError, create_block, register_block
 
 BesideInit = Literal["zero", "gate", "none"]
 BESIDE_INITS = ("zero", "gate", "none")
 
 
-@register_block("beside")
-class Beside(nn.Module):
+@register_block(
+    "beside",
+    paper="retrofitting: a memory layer added beside a pretrained FFN (as the memory-layer retrofits of Berges et "
+    "al. 2024 and Lin et al. 2025)",
+    smallest={"base": {"block": "dense", "hidden": 16},
+              "add": {"block": "memory_plus", "pool": "shared", "heads": 2, "knn": 2, "k_dim": 8},
+              "init": "zero"},
+    smallest_pools={"shared": {"n_keys": 4, "value_dim": 8}},
+)
+class Beside(Block):
     """``y = base(x) + add(x)`` (or ``+ scale · add(x)``); see the module docstring.
 
     Args:
@@ -47,6 +56,8 @@ class Beside(nn.Module):
         init: ``zero`` | ``gate`` | ``none``: how the added branch starts (module docstring).
         pool: the shared :class:`MemoryPool` the model hands in for the child that names a pool.
     """
+
+    reads_pool = True  # through the child that names a pool
 
     def __init__(
         self,
@@ -65,26 +76,20 @@ class Beside(nn.Module):
         self.add = _build_child("add", dim, add, pool)
         self.scale = nn.Parameter(torch.zeros(())) if init == "gate" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        added = self.add(x)
+    def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        added = self.add(x, ctx)
         if self.scale is not None:
             added = self.scale.to(added.dtype) * added
-        return self.base(x) + added
+        return self.base(x, ctx) + added
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """Model-driven init of both children; with ``init: zero`` the added branch's residual output std is 0."""
-        if hasattr(self.base, "init_weights"):
-            self.base.init_weights(std, residual_std)
-        if self.init == "gate":
+        self.base.init_weights(std, residual_std)
+        self.add.init_weights(std, 0.0 if self.init == "zero" else residual_std)
+        if self.scale is not None:
             nn.init.zeros_(self.scale)
-            if hasattr(self.add, "init_weights"):
-                self.add.init_weights(std, residual_std)
-        elif self.init == "zero":
-            if hasattr(self.add, "init_weights"):
-                self.add.init_weights(std, 0.0)
+        if self.init == "zero":
             self._check_add_outputs_zero()
-        elif hasattr(self.add, "init_weights"):
-            self.add.init_weights(std, residual_std)
 
     @torch.no_grad()
     def _check_add_outputs_zero(self) -> None:
@@ -103,28 +108,25 @@ class Beside(nn.Module):
             )
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, child in (("base", self.base), ("add", self.add)):
-            if hasattr(child, "aux_losses"):
-                out.update({f"{name}.{key}": value for key, value in child.aux_losses().items()})
-        return out
+        return {f"{name}.{key}": value for name, child in (("base", self.base), ("add", self.add))
+                for key, value in child.aux_losses().items()}
 
     def active_parameters(self) -> int:
-        """Parameters one token reads: both children's (their ``active_parameters()``, else all of theirs)."""
-        return _active(self.base) + _active(self.add) + (0 if self.scale is None else 1)
+        """Parameters one token reads: both children's and the gate's scale."""
+        return self.base.active_parameters() + self.add.active_parameters() + (0 if self.scale is None else 1)
 
     def flops_per_token(self) -> int:
-        """Both children's FLOPs (a child without ``flops_per_token`` counts 2 per active parameter) + the sum."""
-        total = self.dim
-        for child in (self.base, self.add):
-            total += int(child.flops_per_token()) if hasattr(child, "flops_per_token") else 2 * _active(child)
-        return total
+        """Both children's FLOPs + the sum (``dim``; the gate's product is not counted)."""
+        return self.base.flops_per_token() + self.add.flops_per_token() + self.dim
+
+    def table_bytes_read_per_token(self) -> int:
+        return self.base.table_bytes_read_per_token() + self.add.table_bytes_read_per_token()
 
     def extra_repr(self) -> str:
         return f"init={self.init}"
 
 
-def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: MemoryPool | None) -> nn.Module:
+def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: MemoryPool | None) -> Block:
     if isinstance(spec, str):
         spec = {"block": spec}
     if not isinstance(spec, Mapping) or "block" not in spec:
@@ -132,25 +134,13 @@ def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: Memor
     args = dict(spec)
     name = args.pop("block")
     pool_name = args.get("pool")
-    if isinstance(pool_name, str):
-        if pool is None:
-            raise ValueError(
-                f"beside: {role} names pool {pool_name!r}, but no pool was handed in; build the block inside a "
-                f"Transformer whose pools: define {pool_name!r}"
-            )
-        args["pool"] = pool
-    if "pool" in args and "pool" not in inspect.signature(get_block(name).__init__).parameters:
-        raise ValueError(f"beside: {role} block {name!r} does not read memory pools; drop `pool:`")
+    if isinstance(pool_name, str) and pool is None:
+        raise ValueError(
+            f"beside: {role} names pool {pool_name!r}, but no pool was handed in; build the block inside a "
+            f"Transformer whose pools: define {pool_name!r}"
+        )
+    pools = {pool_name: pool} if isinstance(pool_name, str) else None
     try:
-        child = create_block(name, dim=dim, **args)
-    except (KeyError, ValueError) as err:
+        return create_block(name, dim=dim, pools=pools, **args)
+    except (KeyError, BlockConfigError) as err:
         raise ValueError(f"beside: {role}: {err}") from err
-    if isinstance(pool_name, str) and isinstance(getattr(child, "block_spec", None), dict):
-        child.block_spec["pool"] = pool_name  # the registry records the pool module as None
-    return child
-
-
-def _active(child: nn.Module) -> int:
-    if hasattr(child, "active_parameters"):
-        return int(child.active_parameters())
-    return sum(p.numel() for p in {id(p): p for p in child.parameters()}.values())

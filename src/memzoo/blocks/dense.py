@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memzoo.registry import register_block
+from memzoo.blocks.base import Block, BlockContext
+from memzoo.blocks.registry import register_block
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
@@ -15,15 +16,17 @@ def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-@register_block("dense")
-class DenseMLP(nn.Module):
+@register_block(
+    "dense", paper="Shazeer 2020, 'GLU Variants Improve Transformer' (SwiGLU, as LLaMA)", smallest={"hidden": 16}
+)
+class DenseMLP(Block):
     """``y = W_down( silu(W_gate x) ⊙ W_up x )``; ``x, y: (B, T, dim)``.
 
     Args:
         dim: model width.
         hidden: inner width (``None``: 8/3·dim rounded up to a multiple of 64).
-        dropout: dropout on the output.
-        bias: add biases to the three projections.
+        dropout: dropout on the output (as nanoGPT's MLP).
+        bias: add biases to the three projections (as GPT-2 / nanoGPT's ``bias=True``).
     """
 
     def __init__(self, dim: int, hidden: int | None = None, dropout: float = 0.0, bias: bool = False):
@@ -38,18 +41,23 @@ class DenseMLP(nn.Module):
         self.up = nn.Linear(dim, self.hidden, bias=bias)
         self.down = nn.Linear(self.hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
-    def init_weights(self, std: float, residual_std: float) -> None:
-        """Model-driven init: ``gate``/``up`` ~ N(0, std), the residual output ``down`` ~ N(0, residual_std)."""
+    def reset_parameters(self, std: float = 0.02, residual_std: float = 0.02) -> None:
+        """``gate``/``up`` ~ N(0, std), the residual output ``down`` ~ N(0, residual_std), biases 0."""
         nn.init.normal_(self.gate.weight, std=std)
         nn.init.normal_(self.up.weight, std=std)
         nn.init.normal_(self.down.weight, std=residual_std)
         for lin in (self.gate, self.up, self.down):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Model-driven init: :meth:`reset_parameters` with the model's stds."""
+        self.reset_parameters(std, residual_std)
 
     def flops_per_token(self) -> int:
         """Forward multiply-adds ×2 per token: three ``dim × hidden`` matmuls."""

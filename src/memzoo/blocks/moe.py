@@ -21,12 +21,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.dense import DenseMLP, swiglu_hidden
-from memzoo.registry import register_block
+from memzoo.blocks.registry import register_block
 
 
-@register_block("moe")
-class MoE(nn.Module):
+@register_block(
+    "moe",
+    paper="Jiang et al. 2024 (Mixtral: 8 SwiGLU experts, top-2, renormalised) with the load-balancing loss of "
+    "Fedus et al. 2021 (Switch Transformer, weight 0.01)",
+    smallest={"n_experts": 4, "top_k": 2, "hidden": 8},
+)
+class MoE(Block):
     """Top-k routed SwiGLU experts; ``x, y: (B, T, dim)``.
 
     Args:
@@ -72,6 +78,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = nn.ModuleList(DenseMLP(dim, self.hidden) for _ in range(n_experts))
         self._aux: dict[str, torch.Tensor] = {}
+        self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------ forward
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,7 +91,7 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return experts, weights, logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         tokens = x.reshape(-1, self.dim)  # (N, dim)
         experts, weights, logits = self.route(tokens)
         self._aux = self._auxiliary_losses(logits, experts) if self.training else {}
@@ -119,11 +126,16 @@ class MoE(nn.Module):
         return dict(self._aux)
 
     # ------------------------------------------------------------------------------------------ init, accounting
-    def init_weights(self, std: float, residual_std: float) -> None:
-        """Model-driven init: router ~ N(0, std); each expert as a dense block (its ``down`` is residual)."""
+    def reset_parameters(self, std: float = 0.02, residual_std: float = 0.02) -> None:
+        """Router ~ N(0, std); each expert as a dense block (:meth:`DenseMLP.reset_parameters`; ``down`` is the
+        residual output)."""
         nn.init.normal_(self.router.weight, std=std)
         for expert in self.experts:
-            expert.init_weights(std, residual_std)
+            expert.reset_parameters(std, residual_std)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Model-driven init: :meth:`reset_parameters` with the model's stds."""
+        self.reset_parameters(std, residual_std)
 
     def active_parameters(self) -> int:
         """Parameters one token reads: the router and ``top_k`` experts."""

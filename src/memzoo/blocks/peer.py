@@ -18,7 +18,10 @@ vectors are never built. The expert tables live in a :class:`~memzoo.blocks.pool
 a private one (``n_keys``), or a named pool the model shares between several PEER layers.
 
 Query normalisation: the paper (after Lample et al. 2019) uses BatchNorm on the queries, which is not causal in
-training (see the router's docstring); ``layernorm``, ``rmsnorm``, ``half_layernorm`` and ``none`` are causal.
+training (batch statistics mix every position of the batch; see the router's docstring). The default here is
+``layernorm`` over each head's query features (causal); ``query_norm: batchnorm`` reproduces the paper and must be
+asked for. The ``peer`` defaults are otherwise the paper's: 8 heads, top-16 experts each, product keys shared by the
+heads, softmax weights, GELU experts.
 """
 
 from __future__ import annotations
@@ -29,17 +32,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool, ReadsPool, resolve_pool
-from memzoo.nn.checks import check_bool, check_choice, check_positive_int
-from memzoo.nn.product_key_router import QUERY_NORMS, SCORES, ProductKeyRouter
+from memzoo.blocks.registry import register_block
+from memzoo.nn.checks import check_choice
+from memzoo.nn.product_key_router import ProductKeyRouter
 from memzoo.ops import candidate_pairs, gather_dot, product_key_topk, weighted_gather
-from memzoo.registry import register_block
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
-@register_block("peer")
-class PEER(ReadsPool, nn.Module):
+@register_block(
+    "peer",
+    paper="He 2024, 'Mixture of A Million Experts' (arXiv 2407.04153), with causal LayerNorm queries",
+    smallest={"n_keys": 4, "heads": 2, "knn": 2, "k_dim": 8},
+)
+class PEER(ReadsPool, Block):
     """Parameter-efficient expert retrieval; ``x, y: (B, T, dim)``.
 
     Args:
@@ -50,15 +58,17 @@ class PEER(ReadsPool, nn.Module):
         knn: experts retrieved per head (``1 <= knn <= n_keys``).
         k_dim: query / product-key width (even: it is split into two halves).
         per_head_keys: give every head its own product keys (default: one set shared by all heads, as in the paper).
-        score: ``softmax`` over a head's ``knn`` scores, or ``sigmoid`` of each score.
-        query_norm: ``batchnorm`` (paper; not causal in training) | ``layernorm`` | ``rmsnorm`` |
-            ``half_layernorm`` | ``none`` (router docs).
+        score: ``softmax`` over a head's ``knn`` scores, or ``sigmoid`` of each score (the paper names both).
+        query_norm: ``layernorm`` (default, causal) | ``rmsnorm`` | ``none`` | ``batchnorm`` (the paper's; not
+            causal in training: router docs).
         qk_norm: scale-free scores (RMS-normalised query halves and sub-keys, dot / sqrt(k_dim/2)).
         activation: the experts' nonlinearity, ``gelu`` | ``relu`` | ``silu``.
 
     A private pool uses dense updates and the pool defaults; for sparse row-wise updates, a pool learning rate, or
     sharing, define a named pool (``pools: {experts: {kind: experts, n_keys: ..., value_dim: dim, ...}}``).
     """
+
+    reads_pool = True
 
     def __init__(
         self,
@@ -70,21 +80,13 @@ class PEER(ReadsPool, nn.Module):
         k_dim: int = 128,
         per_head_keys: bool = False,
         score: Literal["softmax", "sigmoid"] = "softmax",
-        query_norm: Literal["batchnorm", "layernorm", "rmsnorm", "half_layernorm", "none"] = "batchnorm",
+        query_norm: Literal["layernorm", "rmsnorm", "none", "batchnorm"] = "layernorm",
         qk_norm: bool = False,
         activation: Literal["gelu", "relu", "silu"] = "gelu",
     ):
         super().__init__()
         owner = "peer"
-        for name, value in (("heads", heads), ("knn", knn), ("k_dim", k_dim)):
-            check_positive_int(owner, name, value)
-        if k_dim % 2:
-            raise ValueError(f"peer: k_dim={k_dim} must be even (product keys split the query in two halves)")
-        check_choice(owner, "score", score, SCORES)
-        check_choice(owner, "query_norm", query_norm, QUERY_NORMS)
         check_choice(owner, "activation", activation, sorted(ACTIVATIONS))
-        check_bool(owner, "per_head_keys", per_head_keys)
-        check_bool(owner, "qk_norm", qk_norm)
         expert_pool, owned = resolve_pool(
             "peer", pool, kind="experts", n_keys=n_keys, value_dim=None, default_value_dim=dim
         )
@@ -93,35 +95,30 @@ class PEER(ReadsPool, nn.Module):
                 f"peer: its expert pool has value_dim={expert_pool.value_dim}, but PEER experts map dim -> dim "
                 f"with dim={dim}; set the pool's value_dim to {dim}"
             )
-        if knn > expert_pool.n_keys:
-            raise ValueError(
-                f"peer: knn={knn} exceeds n_keys={expert_pool.n_keys} (a head retrieves at most n_keys experts); "
-                f"lower knn or raise n_keys"
-            )
         self.attach_pool(expert_pool, owned)
         self.dim, self.heads, self.knn, self.k_dim = dim, heads, knn, k_dim
         self.n_keys, self.activation = expert_pool.n_keys, activation
         self.router = ProductKeyRouter(
             dim, expert_pool.n_keys, heads, knn, k_dim, per_head_keys=per_head_keys, query_norm=query_norm,
-            qk_norm=qk_norm, score=score, topk=product_key_topk,
+            qk_norm=qk_norm, score=score, topk=product_key_topk, owner=owner,
         )
 
     # ------------------------------------------------------------------------------------------ parameters
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """The router's init (:meth:`ProductKeyRouter.reset_parameters`); pools initialise themselves."""
-        self.router.reset_parameters(std)
-
-    def init_weights(self, std: float, residual_std: float) -> None:
-        """Model-driven init: the router with query ~ N(0, std); with a private pool, ``down`` ~ N(0, std) (the
-        experts' input projection) and ``up`` ~ N(0, residual_std) (the block's residual output). A shared pool is
-        owned by the model and keeps its own init (``MemoryPool.init_std``)."""
+    def reset_parameters(self, std: float = 0.02, residual_std: float = 0.02) -> None:
+        """The router with query ~ N(0, std) (:meth:`ProductKeyRouter.reset_parameters`); with a private pool,
+        ``down`` ~ N(0, std) (the experts' input projection) and ``up`` ~ N(0, residual_std) (the block's residual
+        output). A shared pool is owned by the model and keeps its own init (``MemoryPool.init_std``)."""
         self.router.reset_parameters(std)
         if self.owns_pool:
             nn.init.normal_(self.pool.down, std=std)
             nn.init.normal_(self.pool.up, std=residual_std)
 
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Model-driven init: exactly :meth:`reset_parameters` with the model's stds."""
+        self.reset_parameters(std, residual_std)
+
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         indices, weights = self.router(x)  # (..., heads, knn)
         indices, weights = indices.flatten(-2), weights.flatten(-2)  # (..., heads·knn): heads summed below
         pool = self.pool
@@ -136,14 +133,20 @@ class PEER(ReadsPool, nn.Module):
     def active_parameters(self) -> int:
         """Parameters one token reads: the router (query, its norm, all sub-keys: each is scored) and the
         ``down``/``up`` rows of its ``heads·knn`` experts (an upper bound: heads may pick the same expert)."""
-        experts_read = min(self.heads * self.knn, self.n_keys**2)
-        return self.router.active_parameters() + experts_read * 2 * self.dim
+        return self.router.active_parameters() + self._experts_read() * 2 * self.dim
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (a multiply-add counts 2; norms, activations, softmax and top-k selection are
         not counted): the router's (:meth:`ProductKeyRouter.flops_per_token` with ``candidate_pairs(knn)`` sums)
         + ``2·2·heads·knn·dim`` (the experts' down and up products)."""
         return self.router.flops_per_token(candidate_pairs(self.knn)) + 4 * self.heads * self.knn * self.dim
+
+    def table_bytes_read_per_token(self) -> int:
+        """The ``down`` and ``up`` rows of the ``heads·knn`` experts read (capped at the pool size)."""
+        return self._experts_read() * 2 * self.dim * self.pool.down.element_size()
+
+    def _experts_read(self) -> int:
+        return min(self.heads * self.knn, self.n_keys**2)
 
     def extra_repr(self) -> str:
         source = "private" if self.owns_pool else "shared"

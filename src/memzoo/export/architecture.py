@@ -5,7 +5,9 @@
 - ``architecture``: the :class:`~memzoo.model.config.ModelConfig` as plain data, from which
   :func:`memzoo.load_pretrained` rebuilds the model (``ModelConfig.from_dict``: the same config, every field);
 - ``blocks``: each layer's block fully resolved, ``{"block": family, **hyperparameters}`` as the registry recorded
-  them when the block was built (``block.block_spec``), with ``"pool": name`` for a layer reading a shared pool.
+  them when the block was built (``block.hparams``; a preset such as ``memory_plus`` is written as its family with
+  every setting), with ``"pool": name`` for a layer reading a shared pool. ``product_key_memory`` entries also carry
+  ``bias: false`` and ``output_proj`` (whether ``W_o``/``W_2`` exists), which ``modeling_memzoo.py`` reads.
   ``modeling_memzoo.py`` (Hugging Face, without memzoo) builds from these, so it needs none of memzoo's defaults;
   :func:`rebuild` checks that memzoo still resolves the architecture to the same blocks;
 - ``pools``: each shared pool's ``kind``, ``n_keys`` and ``value_dim``.
@@ -20,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from memzoo.blocks.base import Block
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.memory import ProductKeyMemory
@@ -52,7 +55,7 @@ def describe_block(index: int, block: nn.Module) -> dict[str, Any]:
         return {"block": "beside", "init": block.init, "base": describe_block(index, block.base),
                 "add": describe_block(index, block.add)}
     family = EXPORTABLE_BLOCKS.get(type(block))
-    spec = getattr(block, "block_spec", None)
+    spec = block.hparams if isinstance(block, Block) else None
     if family is None or spec is None:
         cls = type(block)
         registered = cls.__dict__.get("block_name")  # its own registration, not an exportable parent's
@@ -63,6 +66,8 @@ def describe_block(index: int, block: nn.Module) -> dict[str, Any]:
             + f" cannot be exported: the Hugging Face modeling code re-implements only memzoo's own blocks ({known}). "
             f"Export a model built from those blocks, or use the Lightning checkpoint with memzoo itself."
         )
+    if family == "product_key_memory":
+        spec = {**spec, "bias": False, "output_proj": block.out_proj is not None}
     return {**spec, "block": family}
 
 

@@ -97,9 +97,12 @@ def architecture_differences(saved: Mapping[str, Any], configured: Mapping[str, 
 def check_same_architecture(path: str | Path, configured: Mapping[str, Any]) -> None:
     """Raises :class:`CheckpointError` naming the differing fields if checkpoint ``path`` holds a model whose
     architecture differs from the configured model's hyperparameters ``configured``."""
-    import torch
+    from memzoo.safe_load import RefusedPickleError, load_data
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        checkpoint = load_data(path, f"checkpoint {str(path)!r}", mmap=True)
+    except RefusedPickleError as err:
+        raise CheckpointError(str(err)) from err
     saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not saved:
         return

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.errors import ExportError
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.transformer import Transformer
 from memzoo.parallel.checkpoint import is_sharded_checkpoint, read_sharded_weights
+from memzoo.safe_load import RefusedPickleError, load_data
 
 #: LanguageModel attribute holding the Transformer: its state_dict keys start with this prefix.
 MODEL_PREFIX = "model."
@@ -43,7 +42,9 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     else:
         path = check_checkpoint_file(path)
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_data(path, f"checkpoint {str(path)!r}")
+        except RefusedPickleError as err:
+            raise ExportError(str(err)) from err
         except Exception as err:  # unpickling errors come in many types
             raise ExportError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {err}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:

@@ -1,12 +1,14 @@
 """The decoder-only transformer: embed → [attention + FFN-slot block] × L → norm → LM head.
 
-Each layer's FFN slot holds any registered block (``dense``, ``moe``, ``peer``, ``product_key_memory``, or a user's),
-chosen per layer: ``block``/``block_args`` give the default, ``layers`` overrides single layers. Memory pools are
-owned here (``self.pools``) and handed to the blocks that name them, so several layers can read one table.
+Each layer's FFN slot holds any registered block or preset (``dense``, ``moe``, ``peer``, ``pkm``, ``memory_plus``,
+or a user's :class:`~memzoo.blocks.base.Block`), chosen per layer: ``block``/``block_args`` give the default,
+``layers`` overrides single layers. Memory pools are owned here (``self.pools``) and handed to the blocks that name
+them, so several layers can read one table. Every block gets a :class:`~memzoo.blocks.base.BlockContext` (the token
+ids and their absolute positions, also when decoding with a KV cache).
 
 Initialisation (GPT-2 / nanoGPT scheme): embeddings and every linear weight ~ N(0, init_std); the residual output
 projections (attention ``proj`` and a block's output projection) ~ N(0, init_std / sqrt(2·n_layers)); norms at 1.
-A block takes part by defining ``init_weights(std, residual_std)``; a block without it keeps its own init. Pools
+Blocks take part through ``Block.init_weights(std, residual_std)`` (the base class keeps a block's own init). Pools
 initialise themselves (see :class:`memzoo.blocks.pool.MemoryPool`).
 """
 
@@ -20,28 +22,29 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool
+from memzoo.blocks.registry import BlockConfigError, create_block
 from memzoo.model.attention import CausalSelfAttention, LayerKVCache
 from memzoo.model.config import LayerSpec, ModelConfig, ModelConfigError
 from memzoo.nn.norms import RMSNorm
-from memzoo.registry import BlockConfigError, create_block, get_block
 
 __all__ = ["LayerSpec", "ModelConfig", "ModelConfigError", "Transformer", "TransformerLayer"]
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm residual layer: ``x + attn(norm(x))``, then ``+ ffn(norm(x))``; ``x: (B, T, dim)``."""
+    """Pre-norm residual layer: ``x + attn(norm(x))``, then ``+ ffn(norm(x), ctx)``; ``x: (B, T, dim)``."""
 
-    def __init__(self, dim: int, attention: CausalSelfAttention, ffn: nn.Module, norm_eps: float):
+    def __init__(self, dim: int, attention: CausalSelfAttention, ffn: Block, norm_eps: float):
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = attention
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BlockContext, cache: LayerKVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x), ctx)
 
 
 class Transformer(nn.Module):
@@ -108,25 +111,14 @@ class Transformer(nn.Module):
         except (TypeError, ValueError) as err:
             raise ModelConfigError(f"pools.{name}: {err}") from err
 
-    def _build_block(self, index: int, spec: LayerSpec) -> nn.Module:
+    def _build_block(self, index: int, spec: LayerSpec) -> Block:
         args = dict(spec.args)
         if spec.pool is not None:
-            if spec.pool not in self.pools:
-                defined = ", ".join(sorted(self.pools)) or "none"
-                raise ModelConfigError(
-                    f"layers.{index}: pool {spec.pool!r} is not defined; defined pools: {defined}. "
-                    f"Add it under model pools: {{{spec.pool}: {{n_keys: ..., value_dim: ...}}}}"
-                )
-            if "pool" not in inspect.signature(get_block(spec.block).__init__).parameters:
-                raise ModelConfigError(f"layers.{index}: block {spec.block!r} does not read memory pools; drop `pool:`")
-            args["pool"] = self.pools[spec.pool]
+            args["pool"] = spec.pool  # a nested block's pool (beside's children) is the layer's one pool
         try:
-            block = create_block(spec.block, dim=self.dim, **args)
+            return create_block(spec.block, dim=self.dim, pools=self.pools, **args)
         except (BlockConfigError, KeyError) as err:
             raise ModelConfigError(f"layers.{index}: {err}") from err
-        if spec.pool is not None:
-            block.block_spec["pool"] = spec.pool  # the registry records the pool module as None
-        return block
 
     def _check_pools_used(self) -> None:
         used = {spec.pool for spec in self.layer_specs}
@@ -134,7 +126,7 @@ class Transformer(nn.Module):
         if unused:
             raise ModelConfigError(
                 f"pool(s) {unused} are defined but no layer reads them; name them in a layer "
-                f"(layers: {{i: {{block: product_key_memory, pool: {unused[0]}}}}}) or remove them"
+                f"(layers: {{i: {{block: memory_plus, pool: {unused[0]}}}}}) or remove them"
             )
 
     def reset_parameters(self) -> None:
@@ -149,30 +141,27 @@ class Transformer(nn.Module):
             for linear in (layer.attn.qkv, layer.attn.proj):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-            if hasattr(layer.ffn, "init_weights"):
-                layer.ffn.init_weights(std, residual_std)
+            layer.ffn.init_weights(std, residual_std)
 
     # ----------------------------------------------------------------------------------------- running
     def forward(self, input_ids: torch.Tensor, caches: list[LayerKVCache] | None = None) -> torch.Tensor:
         """``input_ids (B, T)`` int64 → logits ``(B, T, vocab_size)``; with ``caches``, continues a decode."""
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        start = caches[0].length if caches else 0
+        ctx = BlockContext.for_tokens(input_ids, start)
         x = self.dropout(self.embed(input_ids))
         for i, layer in enumerate(self.layers):
-            x = layer(x, caches[i] if caches is not None else None)
+            x = layer(x, ctx, caches[i] if caches is not None else None)
         return self.head(self.norm(x)).float()
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses (already weighted) from the last forward, ``{"layers.i.<name>": scalar}``.
 
-        A block contributes by defining ``aux_losses() -> dict[str, Tensor]``, e.g. MoE load balancing.
+        Blocks contribute through ``Block.aux_losses()``, e.g. MoE load balancing.
         """
-        out = {}
-        for i, layer in enumerate(self.layers):
-            if hasattr(layer.ffn, "aux_losses"):
-                for name, value in layer.ffn.aux_losses().items():
-                    out[f"layers.{i}.{name}"] = value
-        return out
+        return {f"layers.{i}.{name}": value for i, layer in enumerate(self.layers)
+                for name, value in layer.ffn.aux_losses().items()}
 
     def new_caches(self, batch_size: int, max_len: int) -> list[LayerKVCache]:
         """Empty KV caches for :meth:`forward` to decode up to ``max_len`` positions."""

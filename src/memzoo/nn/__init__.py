@@ -8,7 +8,7 @@
 beside the Hugging Face modeling code.
 """
 
-from memzoo.nn.norms import HalfLayerNorm, HeadNorm, RMSNorm, at_least_float32, rms_normalize
+from memzoo.nn.norms import HeadNorm, RMSNorm, at_least_float32, rms_normalize
 from memzoo.nn.product_key_router import ProductKeyRouter
 
-__all__ = ["HalfLayerNorm", "HeadNorm", "ProductKeyRouter", "RMSNorm", "at_least_float32", "rms_normalize"]
+__all__ = ["HeadNorm", "ProductKeyRouter", "RMSNorm", "at_least_float32", "rms_normalize"]

@@ -9,7 +9,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -121,26 +120,3 @@ class HeadNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, heads={self.weight.shape[0]}, dim={self.weight.shape[1]}, eps={self.eps}"
-
-
-class HalfLayerNorm(nn.Module):
-    """LayerNorm over each half of each head's query, ``x (..., H, 2·half) → same``, one gain and bias ``(half,)``
-    shared by all heads and both halves (the query norm of lucidrains' ``product-key-memory``)."""
-
-    def __init__(self, half: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(half))
-        self.bias = nn.Parameter(torch.zeros(half))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = at_least_float32(x).unflatten(-1, (2, self.weight.shape[0]))
-        normed = F.layer_norm(x32, self.weight.shape, self.weight.to(x32.dtype), self.bias.to(x32.dtype), self.eps)
-        return normed.flatten(-2).to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return f"half={self.weight.shape[0]}, eps={self.eps}"

@@ -11,14 +11,16 @@ by all heads (PEER's default); ``index = i1 · n_keys + i2`` addresses a table o
 
 Options (each available to every block that routes by product keys):
 
-- ``query_norm``: ``none`` | ``layernorm`` | ``rmsnorm`` (per head, gain and bias per head and coordinate) |
-  ``half_layernorm`` (LayerNorm of each query half, one affine shared by heads and halves, as lucidrains'
-  ``product-key-memory``) | ``batchnorm`` (over all ``B·T`` tokens, as Lample et al. and the PEER paper; **not
-  causal in training**: a token's query is normalised with statistics of later tokens of the batch, and eval mode
-  uses running statistics instead, so training and inference see slightly different functions).
+- ``query_norm``: ``none`` (Memory+, with ``qk_norm``) | ``layernorm`` | ``rmsnorm`` (over each head's query
+  features, gain and bias per head and coordinate: causal, the default of ``pkm`` and ``peer``) | ``batchnorm`` (over
+  all ``B·T`` tokens, as Lample et al. and the PEER paper; **not causal in training**: a token's query is normalised
+  with statistics of later tokens of the batch, and eval mode uses running statistics instead, so training and
+  inference see slightly different functions; an explicit choice, for reproducing those papers).
 - ``qk_norm``: scale-free scores as in qk-norm attention: each query half and each sub-key is RMS-normalised and
   their dot product divided by ``sqrt(k_dim/2)``, so each half score is ``sqrt(k_dim/2) · cosine``.
-- ``score``: ``softmax`` over a head's ``knn`` scores, or ``sigmoid`` of each score (computed in float32).
+- ``score``: ``softmax`` over a head's ``knn`` scores (PKM, Memory+, PEER), or ``sigmoid`` of each score (the PEER
+  paper's alternative router nonlinearity), computed in float32.
+- ``per_head_keys``: each head has its own sub-keys (Lample et al., Memory+), or all heads share one set (PEER).
 
 Initialisation: sub-keys ~ N(0, (k_dim/2)^-1/2), so a unit-variance query half scores with unit variance; the query
 projection ~ N(0, std); norms at identity.
@@ -39,9 +41,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .norms import HalfLayerNorm, HeadNorm, at_least_float32, rms_normalize
+from .norms import HeadNorm, at_least_float32, rms_normalize
 
-QUERY_NORMS = ("none", "layernorm", "rmsnorm", "half_layernorm", "batchnorm")
+QUERY_NORMS = ("none", "layernorm", "rmsnorm", "batchnorm")
 SCORES = ("softmax", "sigmoid")
 
 #: ``topk(query (..., H, Dk), sub_keys (H, 2, n_keys, Dk/2), k) -> scores, indices (..., H, k)``, exact.
@@ -62,6 +64,32 @@ def plain_product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int) 
     return scores, i1 * n_keys + i2
 
 
+def check_router_args(
+    owner: str, n_keys: int, heads: int, knn: int, k_dim: int, per_head_keys: bool, query_norm: str, qk_norm: bool,
+    score: str,
+) -> None:
+    """The checks of every block that routes by product keys (PKM, Memory+, PEER), each naming ``owner``, the
+    argument, its bad value and the fix."""
+    for name, value in (("n_keys", n_keys), ("heads", heads), ("knn", knn), ("k_dim", k_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    if k_dim % 2:
+        raise ValueError(
+            f"{owner}: k_dim={k_dim} must be even (queries are split into two product-key halves); "
+            f"use e.g. k_dim={k_dim + 1}"
+        )
+    if knn > n_keys:
+        raise ValueError(
+            f"{owner}: knn={knn} exceeds n_keys={n_keys} (top-k is taken per sub-key half); lower knn or raise n_keys"
+        )
+    for name, value, choices in (("query_norm", query_norm, QUERY_NORMS), ("score", score, SCORES)):
+        if value not in choices:
+            raise ValueError(f"{owner}: unknown {name} {value!r}; choose one of {list(choices)}")
+    for name, value in (("qk_norm", qk_norm), ("per_head_keys", per_head_keys)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{owner}: {name} must be true or false, got {value!r}")
+
+
 class ProductKeyRouter(nn.Module):
     """Routes ``x (..., dim)`` to ``indices (..., H, knn)`` int64 rows in ``[0, n_keys²)`` and their
     ``weights (..., H, knn)`` (at least float32; softmax weights sum to 1 per head).
@@ -76,6 +104,7 @@ class ProductKeyRouter(nn.Module):
         query_norm, qk_norm, score: see the module docstring.
         bias: a bias on the query projection.
         topk: the exact product-key top-k to use (default :func:`plain_product_key_topk`).
+        owner: the block's name in argument errors (:func:`check_router_args`).
 
     Parameters: ``query`` (``nn.Linear``), ``query_norm`` (when not ``none``), ``sub_keys (S, 2, n_keys, k_dim/2)``
     with ``S = heads`` or ``1``.
@@ -95,19 +124,10 @@ class ProductKeyRouter(nn.Module):
         score: str = "softmax",
         bias: bool = False,
         topk: TopK | None = None,
+        owner: str = "product-key router",
     ):
         super().__init__()
-        if k_dim % 2:
-            raise ValueError(f"product-key router: k_dim={k_dim} must be even (queries split into two halves)")
-        if not 1 <= knn <= n_keys:
-            raise ValueError(
-                f"product-key router: knn={knn} must be in 1 .. n_keys={n_keys} (top-k is taken per sub-key half); "
-                f"lower knn or raise n_keys"
-            )
-        if query_norm not in QUERY_NORMS:
-            raise ValueError(f"product-key router: unknown query_norm {query_norm!r}; choose one of {list(QUERY_NORMS)}")
-        if score not in SCORES:
-            raise ValueError(f"product-key router: unknown score {score!r}; choose one of {list(SCORES)}")
+        check_router_args(owner, n_keys, heads, knn, k_dim, per_head_keys, query_norm, qk_norm, score)
         self.dim, self.n_keys, self.heads, self.knn, self.k_dim = dim, n_keys, heads, knn, k_dim
         self.per_head_keys, self.query_norm_kind, self.qk_norm, self.score = per_head_keys, query_norm, qk_norm, score
         self.topk = topk if topk is not None else plain_product_key_topk
@@ -174,8 +194,6 @@ class ProductKeyRouter(nn.Module):
 def _make_query_norm(kind: str, heads: int, k_dim: int) -> nn.Module | None:
     if kind in ("layernorm", "rmsnorm"):
         return HeadNorm(heads, k_dim, kind)
-    if kind == "half_layernorm":
-        return HalfLayerNorm(k_dim // 2)
     if kind == "batchnorm":
         return nn.BatchNorm1d(heads * k_dim)
     return None

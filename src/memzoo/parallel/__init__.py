@@ -2,9 +2,10 @@
 
 - Memory parallelism: :mod:`memzoo.parallel.memory_parallel` shards pool tables over a mesh axis, applied to a
   built model from outside (``LanguageModel.configure_model`` calls the strategy's ``parallelize``); sharded
-  checkpoints: :mod:`memzoo.parallel.checkpoint`.
-- Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and gradient communication per step of a model on W ranks
-  with M-way memory-parallel pools, from weights on the ``meta`` device).
+  checkpoints: :mod:`memzoo.parallel.checkpoint`, read as data only through
+  :mod:`memzoo.parallel.checkpoint_metadata`.
+- Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and communication per step of a model on W ranks, laid
+  out as the ``ddp`` strategy or ``MemoryParallelStrategy`` does, from weights on the ``meta`` device).
 - Data parallel (``trainer.strategy: ddp``) is part of training itself, so a plain ``LanguageModel`` runs under DDP:
   :mod:`memzoo.training.data_parallel` and :mod:`memzoo.training.sparse_grad_sync`.
 """

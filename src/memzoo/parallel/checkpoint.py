@@ -16,6 +16,9 @@ folder loads at any world size and memory-parallel size: DCP reads the chunks ea
 - :func:`read_sharded_weights`: the full weights and hyperparameters in ONE process (no process group), for
   ``memzoo export``.
 
+A folder is data, never code: its index is read through an allowlist and every item weights-only
+(:mod:`memzoo.parallel.checkpoint_metadata`), ``meta.pt`` with ``torch.load(weights_only=True)`` (:func:`read_meta`).
+
 Writes are atomic: :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` writes the folder under a temporary
 name and renames it into place after every rank has finished (see ``memzoo.atomic.staging_directory``).
 """
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from memzoo.safe_load import RefusedPickleError, load_data
 
 
 class ShardedCheckpointError(ValueError):
@@ -52,12 +57,16 @@ def sharded_meta_file(path: str | Path) -> Path:
 
 
 def read_index(path: str | Path):
-    """DCP's ``Metadata`` of the folder ``path`` (after :func:`check_sharded_checkpoint`'s file checks)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """DCP's ``Metadata`` of the folder ``path``, read through the allowlist of
+    :func:`~memzoo.parallel.checkpoint_metadata.read_checkpoint_metadata` (a crafted index is refused before any of
+    it runs)."""
+    from memzoo.parallel.checkpoint_metadata import UntrustedMetadataError, read_checkpoint_metadata
 
     path = Path(path)
     try:
-        return FileSystemReader(str(path)).read_metadata()
+        return read_checkpoint_metadata(path)
+    except UntrustedMetadataError as err:
+        raise ShardedCheckpointError(str(err)) from err
     except Exception as err:  # unpickling errors come in many types
         raise ShardedCheckpointError(
             f"sharded checkpoint {str(path)!r}: its index {str(path / INDEX_FILE)!r} cannot be read ({err}); the "
@@ -141,8 +150,9 @@ def check_reshardable(path: str | Path, expected: dict[str, tuple[torch.Size, to
 def read_sharded_weights(path: str | Path) -> dict[str, Any]:
     """``{"state_dict": {name: full tensor}, "hyper_parameters": ..., **meta}`` of a sharded checkpoint, read in
     this process alone (no process group), like a Lightning ``.ckpt`` loaded with ``torch.load``."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from memzoo.parallel.checkpoint_metadata import UntrustedMetadataError, load_sharded_state
 
     path = check_sharded_checkpoint(path)
     weights = {
@@ -153,9 +163,24 @@ def read_sharded_weights(path: str | Path) -> dict[str, Any]:
     state = {"state_dict": weights}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        try:
+            load_sharded_state(state, path, no_dist=True)
+        except UntrustedMetadataError as err:
+            raise ShardedCheckpointError(str(err)) from err
+    return {**read_meta(path), "state_dict": state["state_dict"]}
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta.pt`` dict of the sharded checkpoint folder ``path`` (step, loops, hyperparameters), loaded with
+    ``weights_only=True``; raises :class:`ShardedCheckpointError` naming the file when it cannot be read or holds
+    anything but plain data."""
+    file = Path(path) / META_FILE
     try:
-        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        meta = load_data(file, f"{str(file)!r} of sharded checkpoint {str(path)!r}")
+    except RefusedPickleError as err:
+        raise ShardedCheckpointError(str(err)) from err
     except Exception as err:
-        raise ShardedCheckpointError(f"sharded checkpoint {str(path)!r}: {str(path / META_FILE)!r} cannot be read: {err}") from err
-    return {**meta, "state_dict": state["state_dict"]}
+        raise ShardedCheckpointError(f"sharded checkpoint {str(path)!r}: {str(file)!r} cannot be read: {err}") from err
+    if not isinstance(meta, dict):
+        raise ShardedCheckpointError(f"sharded checkpoint {str(path)!r}: {str(file)!r} holds a {type(meta).__name__}, not a dict")
+    return meta

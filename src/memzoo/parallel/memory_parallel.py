@@ -43,10 +43,15 @@ Gradient scale: FSDP2 averages dense gradients over all ``W`` ranks (``(1/W) Σ_
 gradient is the sum over its group's batches, so it is multiplied by ``1/W`` (and summed over ``data_parallel``)
 in backward, which makes one step of ``W`` ranks equal one process on the concatenated batch.
 
-Limits (checked before training, :func:`check_memory_parallel`): pools of kind ``memory`` with ``update: dense``
-(PEER's two-table read is not sharded; a row-sparse COO gradient cannot be wrapped as a ``DTensor`` --
-``DTensor.from_local`` of a sparse tensor fails in ``aten::view`` -- so ``update: sparse`` pools are rejected);
-every rank of a group must run the same number of forward passes (collectives), as data-parallel training does.
+Limits (checked before training, :func:`check_memory_parallel`, at every ``memory_parallel`` including 1, since
+every pool table becomes a ``DTensor``): pools of kind ``memory`` with ``update: dense`` (PEER's two-table read is
+not sharded; a row-sparse COO gradient cannot be wrapped as a ``DTensor`` -- ``DTensor.from_local`` of a sparse
+tensor fails in ``aten::view`` -- so ``update: sparse`` pools are rejected: they train under ``ddp``); every rank of
+a group must run the same number of forward passes (collectives), as data-parallel training does.
+
+The layout (which parameter lives where, in how many elements per rank) is described once, by
+:func:`fsdp_units`, :data:`TABLE_SHARD_DIM` and :func:`memory_parallel_layout`: :func:`apply_memory_parallel`
+applies it and :mod:`memzoo.parallel.planning` counts bytes from it.
 """
 
 from __future__ import annotations
@@ -108,17 +113,18 @@ def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: in
             f"(or use the ddp strategy)"
         )
     check_pool_widths(pools, memory_parallel, world_size)
-    for name, pool in pools.items():
-        if memory_parallel > 1 and pool.kind != "memory":
+    for name, pool in pools.items():  # every pool's tables become DTensors, at memory_parallel 1 too
+        if pool.kind != "memory":
             raise MemoryParallelError(
-                f"pool {name!r} has kind {pool.kind!r}; memory parallelism shards product-key memory values "
-                f"(kind: memory) only. Use memory_parallel: 1 (data parallel) for PEER expert pools"
+                f"pool {name!r} has kind {pool.kind!r}; MemoryParallelStrategy shards product-key memory values "
+                f"(kind: memory) only, at any memory_parallel. Train PEER expert pools with the ddp strategy "
+                f"(--trainer.strategy ddp)"
             )
-        if memory_parallel > 1 and pool.sparse:
+        if pool.sparse:
             raise MemoryParallelError(
-                f"pool {name!r} has update: sparse, which memory parallelism cannot run (row-sparse COO gradients "
-                f"of a DTensor shard are not supported by PyTorch's DTensor); set the pool's update: dense, or "
-                f"use memory_parallel: 1 with the ddp strategy for sparse updates"
+                f"pool {name!r} has update: sparse, which MemoryParallelStrategy cannot run at any memory_parallel "
+                f"(row-sparse COO gradients of a DTensor shard are not supported by PyTorch's DTensor); set the "
+                f"pool's update: dense, or train with the ddp strategy (--trainer.strategy ddp) for sparse updates"
             )
 
 
@@ -130,6 +136,73 @@ def build_mesh(device_type: str, world_size: int, memory_parallel: int) -> Devic
     return init_device_mesh(
         device_type, (world_size // memory_parallel, memory_parallel), mesh_dim_names=(DATA_PARALLEL, MEMORY_PARALLEL)
     )
+
+
+# ----------------------------------------------------------------------------------------------- the layout
+
+#: The dimension along which a pool table is split over the ``memory_parallel`` axis (``Shard(1)``: value columns).
+TABLE_SHARD_DIM = 1
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules :func:`apply_memory_parallel` hands to ``fully_shard``, in that order: each of ``model.layers``,
+    then ``model`` itself (the root: embeddings, final norm, head, whatever no layer holds). FSDP2 all-gathers a
+    layer's weights in forward and again in backward (it frees them after forward); the root's once (FSDP2 keeps the
+    root's gathered for backward)."""
+    return [*getattr(model, "layers", ()), model]
+
+
+def fsdp_shard_rows(rows: int, world_size: int, rank: int) -> int:
+    """Rows of a ``rows``-row parameter that FSDP2 puts on ``rank`` of ``world_size``: ``torch.chunk``'s split,
+    ``ceil(rows / W)`` each, the last ranks fewer or none."""
+    chunk = -(-rows // world_size)
+    return max(0, min(rows, (rank + 1) * chunk) - rank * chunk)
+
+
+@dataclass(frozen=True)
+class PlacedParameter:
+    """One parameter under :class:`~memzoo.parallel.strategy.MemoryParallelStrategy`: a pool table (``unit is
+    None``: split along :data:`TABLE_SHARD_DIM` over ``memory_parallel`` ranks) or a weight of FSDP2 unit ``unit``
+    (an index into :func:`fsdp_units`: split along dim 0 over all ranks)."""
+
+    name: str
+    shape: tuple[int, ...]
+    unit: int | None
+
+    def local_numel(self, rank: int, world_size: int, memory_parallel: int) -> int:
+        """Elements ``rank`` holds (its local shard)."""
+        rows = self.shape[0] if self.shape else 1
+        rest = _numel(self.shape[1:])
+        if self.unit is None:
+            return rows * rest // memory_parallel
+        return fsdp_shard_rows(rows, world_size, rank) * rest
+
+    def padded_numel(self, world_size: int) -> int:
+        """Elements each rank contributes to an FSDP2 all-gather or reduce-scatter (shards padded to equal size)."""
+        rows = self.shape[0] if self.shape else 1
+        return -(-rows // world_size) * _numel(self.shape[1:])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out
+
+
+def memory_parallel_layout(model: nn.Module) -> list[PlacedParameter]:
+    """Where :func:`apply_memory_parallel` puts every parameter of ``model`` (a Transformer; weights may be on
+    ``meta``), by name as in ``model.named_parameters()``: pool tables first, then each FSDP2 unit's weights."""
+    tables = {id(t) for pool in find_pools(model).values() for t in pool.tables().values()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    placed = [PlacedParameter(names[id(p)], tuple(p.shape), None) for p in model.parameters() if id(p) in tables]
+    seen = set(tables)
+    for index, unit in enumerate(fsdp_units(model)):
+        for param in unit.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                placed.append(PlacedParameter(names[id(param)], tuple(param.shape), index))
+    return placed
 
 
 # ----------------------------------------------------------------------------------------------- the sharded read
@@ -237,7 +310,8 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     for pool in find_pools(model).values():
         for name, table in pool.tables().items():
             sharded = nn.Parameter(
-                distribute_tensor(table.detach(), memory_mesh, [Shard(1)]), requires_grad=table.requires_grad
+                distribute_tensor(table.detach(), memory_mesh, [Shard(TABLE_SHARD_DIM)]),
+                requires_grad=table.requires_grad,
             )
             setattr(pool, name, sharded)
             tables.append(sharded)
@@ -251,9 +325,8 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     all_ranks = mesh._flatten(ALL_RANKS) if mesh.size() > 1 else mesh[DATA_PARALLEL]
-    for layer in getattr(model, "layers", ()):
-        fully_shard(layer, mesh=all_ranks, ignored_params=ignored)
-    fully_shard(model, mesh=all_ranks, ignored_params=ignored)
+    for unit in fsdp_units(model):  # the layers, then the root
+        fully_shard(unit, mesh=all_ranks, ignored_params=ignored)
 
 
 def table_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -282,11 +355,16 @@ __all__ = [
     "ALL_RANKS",
     "DATA_PARALLEL",
     "MEMORY_PARALLEL",
+    "TABLE_SHARD_DIM",
     "MemoryParallelError",
+    "PlacedParameter",
     "ShardedRead",
     "apply_memory_parallel",
     "build_mesh",
     "check_memory_parallel",
+    "fsdp_shard_rows",
+    "fsdp_units",
+    "memory_parallel_layout",
     "read_bytes_per_step",
     "sharded_tables",
     "sharded_weighted_gather",

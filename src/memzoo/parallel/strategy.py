@@ -42,6 +42,7 @@ from memzoo.parallel.checkpoint import (
     check_reshardable,
     check_sharded_checkpoint,
     is_sharded_checkpoint,
+    read_meta,
 )
 from memzoo.parallel.memory_parallel import (
     MemoryParallelError,
@@ -49,6 +50,7 @@ from memzoo.parallel.memory_parallel import (
     build_mesh,
     check_memory_parallel,
 )
+from memzoo.safe_load import RefusedPickleError, load_data
 
 
 class MemoryParallelStrategy(ModelParallelStrategy):
@@ -121,7 +123,14 @@ class MemoryParallelStrategy(ModelParallelStrategy):
     # ------------------------------------------------------------------------------------------------ load
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """A sharded folder (any world size: DCP reshards; checked first) or a one-process ``.ckpt`` file (the CLI
-        checks files when it parses ``--ckpt_path``)."""
+        checks files when it parses ``--ckpt_path``). Both are read as data only: the folder's index through an
+        allowlist and its items weights-only (:mod:`memzoo.parallel.checkpoint_metadata`), a file with
+        ``torch.load(weights_only=True)``; ``weights_only=False`` is refused (memzoo checkpoints are plain data)."""
+        if weights_only is False:
+            raise ShardedCheckpointError(
+                "weights_only=False is refused: memzoo checkpoints are plain data and load with weights_only=True; "
+                "leave weights_only unset (or True)"
+            )
         path = Path(self.broadcast(str(checkpoint_path)))
         model = self.lightning_module
         expected = {
@@ -130,16 +139,52 @@ class MemoryParallelStrategy(ModelParallelStrategy):
         if is_sharded_checkpoint(path):
             check_sharded_checkpoint(path)
             check_reshardable(path, expected)
-            return super().load_checkpoint(path, weights_only=weights_only)
-        return self._load_full_checkpoint(path, expected, weights_only)
+            return self._load_sharded_checkpoint(path)
+        return self._load_full_checkpoint(path, expected)
 
-    def _load_full_checkpoint(self, path: Path, expected: dict, weights_only: bool | None) -> dict[str, Any]:
+    def _load_sharded_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Lightning's sharded load (``lightning.fabric.strategies.model_parallel._load_checkpoint``) through
+        memzoo's restricted reader: weights, then each optimizer's state, then ``meta.pt``, which is returned."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from memzoo.parallel.checkpoint_metadata import UntrustedMetadataError, load_sharded_state
+
+        module = self.model
+        try:
+            weights = {"state_dict": get_model_state_dict(module)}
+            load_sharded_state(weights, path)
+            module.load_state_dict(weights["state_dict"], strict=self.lightning_module.strict_loading)
+            for index, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{index}"
+                state = {key: get_optimizer_state_dict(module, optimizer)}
+                load_sharded_state(state, path)
+                set_optimizer_state_dict(
+                    module, optimizer, optim_state_dict=state[key], options=StateDictOptions(cpu_offload=True)
+                )
+        except UntrustedMetadataError as err:
+            raise ShardedCheckpointError(str(err)) from err
+        return read_meta(path)
+
+    def _load_full_checkpoint(self, path: Path, expected: dict) -> dict[str, Any]:
         """A ``.ckpt`` of a one-process run into this sharded model; its optimizer state is re-keyed from
         positions to parameter names by this optimizer's own order (both come from the same parameter groups)."""
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        try:
+            checkpoint = load_data(path, f"checkpoint {str(path)!r}")
+        except RefusedPickleError as err:
+            raise ShardedCheckpointError(str(err)) from err
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise ShardedCheckpointError(
+                f"checkpoint {str(path)!r} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt that "
+                f"memzoo fit wrote"
+            )
         weights = checkpoint.pop("state_dict")
         for name, (shape, _) in expected.items():
             if name in weights and tuple(weights[name].shape) != tuple(shape):

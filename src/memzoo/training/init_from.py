@@ -16,6 +16,7 @@ import torch
 
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.retrofit import InitFromError, load_initial_weights
+from memzoo.safe_load import RefusedPickleError, load_data
 
 __all__ = [
     "InitFromError",
@@ -44,7 +45,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InitFromError(f"init_from: {str(path)!r} does not exist; give a memzoo fit checkpoint (.ckpt) or a "
                             f"Hugging Face Llama / Qwen2 / Mistral folder")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = load_data(path, f"init_from: {str(path)!r}", mmap=True)
+    except RefusedPickleError as err:
+        raise InitFromError(str(err)) from err
     except Exception as err:  # truncated zip, not a checkpoint, ...: many error types
         raise InitFromError(f"init_from: {str(path)!r} cannot be read as a checkpoint ({err})") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

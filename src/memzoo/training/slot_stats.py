@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from memzoo.safe_load import RefusedPickleError, load_data
+
 Ranking = Literal["tfidf", "kl"]
 RANKINGS = ("tfidf", "kl")
 STATS_FORMAT = "memzoo-slot-stats"
@@ -77,7 +79,9 @@ class SlotStats:
         if not path.is_file():
             raise SlotStatsError(f"slot statistics {str(path)!r} do not exist; write them with `memzoo slot-stats`")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_data(path, f"slot statistics {str(path)!r}")
+        except RefusedPickleError as err:
+            raise SlotStatsError(str(err)) from err
         except Exception as err:
             raise SlotStatsError(f"slot statistics {str(path)!r} cannot be read ({err})") from err
         if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:

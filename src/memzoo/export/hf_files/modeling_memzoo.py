@@ -23,6 +23,7 @@ differentiable but not memzoo's fused kernels: fine for inference and light fine
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -33,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_memzoo import POOL_TABLES, MemzooConfig
-from .norms import HalfLayerNorm, HeadNorm, RMSNorm
+from .norms import HeadNorm, RMSNorm
 from .product_key_router import ProductKeyRouter
 
 #: transformers 5.x renamed the KV cache argument and output field from ``past_key_values`` to ``cache``; this file
@@ -42,6 +43,14 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
+@dataclass(frozen=True)
+class BlockContext:
+    """What a block may read besides the hidden states: ``token_ids (B, T)`` and their ``positions (B, T)``."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+
+
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None, device: torch.device) -> torch.Tensor:
     """``ω_i = base^(-2i/head_dim)`` (float64), scaled: ``linear`` divides every ω by ``factor``; ``llama3`` divides
     those of wavelength ``2π/ω`` above ``L/low_freq_factor`` by ``factor`` (``L``: original_max_position_embeddings),
@@ -116,7 +125,9 @@ class DenseMLP(nn.Module):
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, pools: nn.ModuleDict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pools: nn.ModuleDict | None = None, ctx: BlockContext | None = None
+    ) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -132,7 +143,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = nn.ModuleList(DenseMLP(dim, hidden) for _ in range(n_experts))
 
-    def forward(self, x: torch.Tensor, pools: nn.ModuleDict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pools: nn.ModuleDict | None = None, ctx: BlockContext | None = None
+    ) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])  # (N, dim)
         probs = self.router(tokens).float().softmax(dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, top_k)
@@ -161,7 +174,7 @@ class ProductKeyMemory(nn.Module):
         self.gate_proj = nn.Linear(dim, value_dim, bias=bias) if spec["gate"] == "silu" else None
         self.out_proj = nn.Linear(value_dim, dim, bias=bias) if spec["output_proj"] else None
 
-    def forward(self, x: torch.Tensor, pools: nn.ModuleDict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict, ctx: BlockContext | None = None) -> torch.Tensor:
         values = (self.private_pool if self.pool_name is None else pools[self.pool_name]).values
         indices, weights = self.router(x)  # (..., H, knn)
         y = weighted_rows(values, indices.flatten(-2), weights.to(values.dtype).flatten(-2)).to(x.dtype)
@@ -187,7 +200,7 @@ class PEER(nn.Module):
             self.private_pool = MemoryPool("experts", spec["n_keys"], dim)
         self.router = router_from_spec(dim, spec["n_keys"], spec, bias=False)
 
-    def forward(self, x: torch.Tensor, pools: nn.ModuleDict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pools: nn.ModuleDict, ctx: BlockContext | None = None) -> torch.Tensor:
         pool = self.private_pool if self.pool_name is None else pools[self.pool_name]
         indices, weights = self.router(x)
         indices, weights = indices.flatten(-2), weights.flatten(-2)  # (..., heads·knn)
@@ -213,11 +226,13 @@ class Beside(nn.Module):
         self.add = build_block(dim, spec["add"])
         self.scale = nn.Parameter(torch.zeros(())) if spec["init"] == "gate" else None
 
-    def forward(self, x: torch.Tensor, pools: nn.ModuleDict | None = None) -> torch.Tensor:
-        added = self.add(x, pools)
+    def forward(
+        self, x: torch.Tensor, pools: nn.ModuleDict | None = None, ctx: BlockContext | None = None
+    ) -> torch.Tensor:
+        added = self.add(x, pools, ctx)
         if self.scale is not None:
             added = self.scale.to(added.dtype) * added
-        return self.base(x, pools) + added
+        return self.base(x, pools, ctx) + added
 
 
 def build_block(dim: int, spec: dict) -> nn.Module:
@@ -283,9 +298,9 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.ffn = build_block(dim, config.blocks[index])
 
-    def forward(self, x, cos, sin, mask, cache, pools):
+    def forward(self, x, cos, sin, mask, cache, pools, ctx):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        return x + self.ffn(self.ffn_norm(x), pools)
+        return x + self.ffn(self.ffn_norm(x), pools, ctx)
 
 
 def attention_mask_for(
@@ -326,7 +341,7 @@ class MemzooPreTrainedModel(PreTrainedModel):
                 getattr(module, table).normal_(0.0, module.value_dim**-0.5)
         elif isinstance(module, ProductKeyRouter):
             module.sub_keys.normal_(0.0, (module.k_dim // 2) ** -0.5)
-        elif isinstance(module, (RMSNorm, HeadNorm, HalfLayerNorm, nn.BatchNorm1d)):
+        elif isinstance(module, (RMSNorm, HeadNorm, nn.BatchNorm1d)):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
@@ -408,9 +423,10 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
                                   getattr(self.config, "rotary_scaling", None))
         mask = attention_mask_for(attention_mask, past, T, input_ids.device)
 
+        ctx = BlockContext(input_ids, position_ids)  # what token-indexed blocks read (memzoo.blocks.base)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, self.pools)
+            x = layer(x, cos, sin, mask, cache, self.pools, ctx)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -1,0 +1,82 @@
+"""The block contract: what every module filling a transformer layer's FFN slot is and declares.
+
+A block is a :class:`Block` (an ``nn.Module``) built as ``cls(dim, **hyperparameters)`` whose
+``forward(x, ctx)`` maps ``x (B, T, dim)`` to ``(B, T, dim)``. ``ctx`` is a :class:`BlockContext`: the token ids of
+the sequence and their absolute positions, which blocks indexed by tokens (n-gram tables, per-token embeddings) read
+and others ignore; during KV-cache generation it holds only the new tokens and their absolute positions.
+
+Everything the model, the accounting and the exporter need from a block is declared here, with defaults a block
+overrides when they do not hold for it (nothing is probed with ``hasattr``):
+
+- ``reads_pool`` (class variable): the block reads a model-owned :class:`~memzoo.blocks.pool.MemoryPool` that a
+  layer names with ``pool: name``; the model then hands it the pool as the ``pool`` constructor argument.
+- ``hparams``: the block's resolved hyperparameters ``{"block": name, ...}`` as :func:`memzoo.create_block`
+  recorded them (``None`` for a block built directly from its class).
+- :meth:`init_weights`, :meth:`aux_losses`, :meth:`active_parameters`, :meth:`flops_per_token`,
+  :meth:`table_bytes_read_per_token`: see each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What a block may read besides the hidden states: ``token_ids (B, T)`` int64 and their absolute ``positions
+    (B, T)`` int64 (``start .. start + T - 1`` when decoding with a KV cache after ``start`` tokens)."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def for_tokens(cls, token_ids: torch.Tensor, start: int = 0) -> BlockContext:
+        """The context of ``token_ids (B, T)`` that follow ``start`` earlier tokens of their sequences."""
+        B, T = token_ids.shape
+        positions = torch.arange(start, start + T, device=token_ids.device).expand(B, T)
+        return cls(token_ids, positions)
+
+
+class Block(nn.Module):
+    """Base class of every FFN-slot block (module docstring). Subclasses define ``__init__(self, dim, ...)`` and
+    ``forward(self, x, ctx=None)``, and override the accounting methods whose defaults do not describe them."""
+
+    #: The block reads a model-owned pool named by its layer's ``pool:`` (passed in as the ``pool`` argument).
+    reads_pool: ClassVar[bool] = False
+    #: The registered name of the class (set by ``@register_block``).
+    block_name: ClassVar[str | None] = None
+    #: Resolved hyperparameters, ``{"block": name, **arguments}``, recorded by ``create_block``.
+    hparams: dict[str, Any] | None = None
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must define forward(x, ctx)")
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """The model's init: input-side weights ~ N(0, std), the residual output projection ~ N(0, residual_std).
+        Default: keep the block's own init."""
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses (already weighted) of the last forward, by name; default none."""
+        return {}
+
+    def active_parameters(self) -> int:
+        """Parameters one token's forward reads; default: all of the block's (distinct) parameters."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (a multiply-add counts 2). Default, an estimate: ``2 · active_parameters()``;
+        :meth:`declares_flops` tells whether a class computes its own."""
+        return 2 * self.active_parameters()
+
+    def table_bytes_read_per_token(self) -> int:
+        """Bytes of table rows (pools, large embedding tables) one token reads; default 0 (no table)."""
+        return 0
+
+    @classmethod
+    def declares_flops(cls) -> bool:
+        """Whether this class counts its own FLOPs (else :meth:`flops_per_token` is the ``2·active`` estimate)."""
+        return cls.flops_per_token is not Block.flops_per_token
