@@ -10,7 +10,7 @@ How each kind runs (in a scratch folder holding ``configs/`` of this checkout, s
 
 - ``memzoo`` commands run in this process, as written, after the placeholders of :data:`PLACEHOLDERS` are
   replaced (``X.yaml`` -> the quickstart config, ``...`` -> the quickstart run's checkpoint, ``TEXT`` -> a prompt,
-  ``[--option value]`` -> ``--option value``, ``a|b`` -> ``a``);
+  ``[--option value]`` -> ``--option value``, ``a|b`` -> ``a``; slot-stats reads the Memory+ run of the DDP command);
 - training commands get :data:`SHORT` appended (2 steps, 1 validation batch), and commands reading the data of
   another config than the quickstart's also :data:`SMALL_DATA` (50 people; training: batches of 2 x 64 tokens);
 - commands launching several processes (``--trainer.devices 2``, the ``-mp2`` config) run in a subprocess, as
@@ -60,7 +60,8 @@ PLACEHOLDERS = [
     ("--ckpt_path Y.ckpt", f"--ckpt_path {QUICKSTART_CKPT}"),
     ("--prompt TEXT", f"--prompt {shlex.quote(PROMPT)}"),
     ("--world-size W", "--world-size 2"),
-    ("--memory-parallel M", "--memory-parallel 2"),
+    ("--memory-parallel M", "--memory-parallel 1"),  # the quickstart has no pool to shard
+    ("blocks [FILTER]", "blocks memory"),
 ]
 # placeholders of slot-stats, which needs a model with a memory pool: the Memory+ run of the DDP command
 MEMORY_CONFIG, MEMORY_RUN = "configs/facts-memoryplus.yaml", "runs/facts-memoryplus/version_0"
