@@ -38,3 +38,16 @@ def _restore_environment():
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_run_folders_left_in_the_checkout():
+    """Tests write their run folders under ``tmp_path`` (``monkeypatch.chdir``): one that leaves a new folder in the
+    checkout's ``runs/`` fails the session, naming it."""
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parents[1] / "runs"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    yield
+    left = sorted(str(p) for p in (set(runs.iterdir()) if runs.is_dir() else set()) - before)
+    assert not left, f"tests left run folders in the checkout: {left}; write them under tmp_path (monkeypatch.chdir)"

@@ -96,6 +96,7 @@ def test_bits_and_targets_on_fake_cells():
 
 
 def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the cells' run folders (runs/study-micro-*) land here, not in the checkout
     argv = ["--quick", "--models", "dense", "memoryplus", "--loads", "6", "--exposures", "2", "--batch-size", "4",
             "--min-steps", "0",
             "--name", "micro", "--out", str(tmp_path)]

@@ -128,7 +128,9 @@ def test_stale_partials_are_removed_and_files_being_written_are_not(tmp_path):
             os.utime(path, (old, old))
         keep = tmp_path / "last.ckpt"
         keep.write_bytes(b"z")
-        assert remove_stale_partials(tmp_path) == [stale]
+        kept = []
+        assert remove_stale_partials(tmp_path, kept) == [stale]
+        assert kept == [young]
         assert writing.exists() and young.exists() and keep.exists()
         fd = os.open(writing, os.O_RDONLY)
         with pytest.raises(OSError):

@@ -199,6 +199,13 @@ def test_predict_writes_completions(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello", "The birth year of"]
     assert all(isinstance(r["completion"], str) for r in rows)
+    # no max_new_tokens: as many as fit the context (max_seq_len 64) beside the prompt; an empty prompt too
+    args = ["predict", "--config", str(write_config(tmp_path)), "--ckpt_path", str(ckpt),
+            "--data.init_args.predict_prompts", '["", "The birth year of"]']
+    main(args)
+    with pytest.raises(ValueError, match="--model.init_args.max_new_tokens=64 does not fit the model's context of "
+                                         "max_seq_len=64"):
+        main([*args, "--model.init_args.max_new_tokens", "64"])
 
 
 @pytest.mark.parametrize(

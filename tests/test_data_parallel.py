@@ -80,7 +80,7 @@ def fit(model_args, trainer_args, batch_size, devices, tmp, ckpt_path=None, max_
         warnings.simplefilter("always")
         trainer.fit(model, data(batch_size), ckpt_path=ckpt_path)
     unsynced = [str(w.message) for w in caught if "sync_dist=True" in str(w.message)]
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") or k == "train/tokens"}
     state = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
     return state, metrics, unsynced
 
@@ -155,11 +155,13 @@ def test_two_ranks_train_the_weights_of_one_process(scenario, ranks, tmp_path):
                                        msg=lambda m, key=key: f"{scenario}: {key}: {m}")
             moved |= not torch.equal(value, start[key])
         assert moved
-        # synced validation metrics (loss, ppl, accuracy, fact recall, memory usage) equal one process's
+        # synced validation metrics (loss, ppl, accuracy, fact recall, memory usage) and the last step's tokens
+        # (summed over ranks) equal one process's
         assert metrics.keys() == reference_metrics.keys()
         for key, value in reference_metrics.items():
             assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
     assert ranks[0][scenario][1] == ranks[1][scenario][1]
+    assert reference_metrics["train/tokens"] > 0
     if scenario.startswith("memoryplus"):
         assert any(k.startswith("val/memory/") for k in reference_metrics)
         assert "val/fact_recall" in reference_metrics

@@ -2,6 +2,7 @@
 character, and ``memzoo generate`` streams to the terminal."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -178,3 +179,35 @@ def test_readme_snippets_run_as_written_and_hf_generate_agrees_with_memzoo_gener
     ours = main(["generate", "--model", str(tmp_path / "my-model"), "--prompt", "The birth year of",
                  "--max-new-tokens", "20"])
     assert done.stdout == ours + "\n"  # the snippet's only output is its print
+
+
+def test_default_number_of_new_tokens_fits_the_context():
+    from memzoo.model.sampling import default_max_new_tokens
+
+    assert default_max_new_tokens(18, 64) == 46  # the quickstart model, "The birth year of" after eos
+    assert default_max_new_tokens(1, 64) == 63  # an empty prompt
+    assert default_max_new_tokens(1, 1024) == 64 and default_max_new_tokens(5, 40, configured=8) == 8
+    assert default_max_new_tokens(100, 64) == 32  # a prompt filling the context is cut to leave half of it
+    assert default_max_new_tokens(1, 1) == 0
+    for prompt_len in range(1, 90):
+        for max_seq_len in (1, 2, 40, 64):
+            n = default_max_new_tokens(prompt_len, max_seq_len)
+            assert 0 <= n < max_seq_len or max_seq_len == 1
+
+
+def test_generate_without_max_new_tokens_fits_a_model_whose_default_fills_its_context(tmp_path, capsys):
+    """A generation_config.json asking for as many tokens as the context holds (the quickstart export: 64 of 64),
+    and an empty prompt: the default is lowered to fit; an explicit number that does not fit names the flag."""
+    folder = export_model(tiny_model(), tmp_path / "export", tokenizer="byte", generation={"max_new_tokens": 40})
+    assert json.loads((folder / "generation_config.json").read_text())["max_new_tokens"] == 40
+    for prompt in ("The birth year of", ""):
+        text = main(["generate", "--model", str(folder), "--prompt", prompt])
+        model = memzoo.load_pretrained(folder)
+        ids = [256, *prompt.encode()]
+        expected = model.generate(torch.tensor([ids]), 40 - len(ids), eos_id=256)[0, len(ids):].tolist()
+        expected = expected[: expected.index(256) + 1] if 256 in expected else expected
+        assert text == ByteTokenizer().decode(expected)
+    assert "warning" not in capsys.readouterr().err
+    with pytest.raises(CommandError, match="--max-new-tokens=40 does not fit .* at most 39 new tokens with "
+                                           "--max-new-tokens"):
+        main(["generate", "--model", str(folder), "--prompt", "x", "--max-new-tokens", "40"])

@@ -51,15 +51,21 @@ def _lock(fd: int) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_partials(folder: str | os.PathLike, young: list[Path] | None = None) -> list[Path]:
     """Deletes the ``.*.partial`` files in ``folder`` left by killed writers (unlocked and older than
-    :data:`STALE_AFTER_S`); returns them. Files being written (locked) and folders are left alone."""
+    :data:`STALE_AFTER_S`); returns them. Files being written (locked) and folders are left alone. Files younger
+    than :data:`STALE_AFTER_S` are kept too (their writer may not hold the lock yet); they are appended to
+    ``young`` when it is given, so the caller can say so."""
     removed = []
     if fcntl is None or not Path(folder).is_dir():
         return removed
     for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
         try:
-            if not path.is_file() or time.time() - path.stat().st_mtime < STALE_AFTER_S:
+            if not path.is_file():
+                continue
+            if time.time() - path.stat().st_mtime < STALE_AFTER_S:
+                if young is not None:
+                    young.append(path)
                 continue
             fd = os.open(path, os.O_RDONLY)
         except OSError:

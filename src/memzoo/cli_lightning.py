@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
-from memzoo.atomic import remove_stale_partials
+from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
 from memzoo.cli import ConfigError
 from memzoo.config_errors import describe_parse_error
 from memzoo.data import LMDataModule
@@ -49,9 +50,10 @@ from memzoo.parallel.checkpoint import (
     sharded_meta_file,
 )
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
+from memzoo.training.init_from import checkpoint_tokenizer
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
-from memzoo.training.run_folder import RunFolderLogger
+from memzoo.training.run_folder import RunFolderLogger, claimed_run_folders, remove_unused_run_folders
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -143,6 +145,9 @@ class MemzooCLI(LightningCLI):
 
             load_plugins(config["plugins"])
         _use_init_from_tokenizer(config)
+        model_args = config.get("model.init_args") if config.get("model") else None
+        if model_args is not None and "architecture" in model_args and model_args.architecture is None:
+            model_args.architecture = Namespace()  # none given (init_from names it): the data's vocab_size needs a place
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
@@ -167,6 +172,8 @@ class MemzooCLI(LightningCLI):
         if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
             check_same_architecture(sharded_meta_file(ckpt_path) if is_sharded_checkpoint(ckpt_path) else ckpt_path,
                                     self.model.hparams)
+        if self.subcommand:
+            _record_built_architecture(self.config[self.subcommand], self.model)
         if self.subcommand in ("fit", "validate", "test"):
             _check_block_size(self.datamodule, self.model)
         if self.subcommand == "fit":
@@ -211,14 +218,20 @@ def _check_block_size(datamodule: Any, model: Any) -> None:
 
 def _remove_stale_partials(config: Any, ckpt_path: str | None) -> None:
     """Deletes the partial checkpoint files killed runs of this experiment left (and those next to ``ckpt_path``);
-    says so in one line."""
+    says so in one line. Partial files younger than 30 s are kept (a run may be writing them) and named in a
+    warning line."""
     folders = set(Path(DEFAULT_RUNS_DIR, _experiment_name(config)).glob("version_*/checkpoints"))
     if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
         folders.add(Path(ckpt_path).parent)
-    removed = [path for folder in sorted(folders) for path in remove_stale_partials(folder)]
+    young: list[Path] = []
+    removed = [path for folder in sorted(folders) for path in remove_stale_partials(folder, young)]
     if removed:
         print(f"memzoo: removed {len(removed)} partial checkpoint file(s) left by killed runs: "
               + ", ".join(str(p) for p in removed), file=sys.stderr)
+    if young:
+        print(f"memzoo: warning: kept {len(young)} partial checkpoint file(s) younger than {STALE_AFTER_S:.0f} s "
+              f"(another run may be writing them; a later run removes them once older): "
+              + ", ".join(str(p) for p in young), file=sys.stderr)
 
 
 def _experiment_name(config: Any) -> str:
@@ -227,19 +240,35 @@ def _experiment_name(config: Any) -> str:
 
 
 def _use_init_from_tokenizer(config: Any) -> None:
-    """``model.init_args.init_from: DIR`` (or a hub id, resolved to its snapshot folder) with a
-    ``DIR/tokenizer.json``: the data module reads text with that tokenizer unless the config names one other than the
-    default ``byte``."""
+    """``model.init_args.init_from`` names the data tokenizer unless the config names one other than the default
+    ``byte``: a folder (or a hub id, resolved to its snapshot folder) with a ``tokenizer.json`` gives that file; a
+    memzoo ``.ckpt`` gives the tokenizer its run's data module read."""
     model_args = config.get("model.init_args") if config.get("model") else None
     init_from = getattr(model_args, "init_from", None) if model_args is not None else None
     if not init_from:
         return
-    folder = resolve_model_source(init_from, where="model.init_args.init_from")
-    if not (folder / "tokenizer.json").is_file():
-        return
     data_args = config.get("data.init_args") if config.get("data") else None
-    if data_args is not None and getattr(data_args, "tokenizer", None) == "byte":
-        data_args.tokenizer = str(folder)
+    if data_args is None or getattr(data_args, "tokenizer", None) != "byte":
+        return
+    source = resolve_model_source(init_from, where="model.init_args.init_from")
+    if source.is_file():
+        tokenizer = checkpoint_tokenizer(source)
+        if tokenizer not in (None, "byte"):
+            data_args.tokenizer = tokenizer
+    elif (source / "tokenizer.json").is_file():
+        data_args.tokenizer = str(source)
+
+
+def _record_built_architecture(config: Any, model: Any) -> None:
+    """Writes the architecture ``model`` was built from into the run's config (what ``config.yaml`` saves), so the
+    file names the model built (``init_from`` replaces the configured architecture) and reruns it. ``vocab_size``
+    stays linked from the data module."""
+    architecture = getattr(model, "architecture", None)
+    if not hasattr(architecture, "to_dict"):
+        return
+    for key, value in architecture.to_dict().items():
+        if key != "vocab_size":
+            config[f"model.init_args.architecture.{key}"] = value
 
 
 def _config_stem(config: Any) -> str | None:
@@ -274,12 +303,18 @@ def run_lightning_cli(args: list[str]) -> MemzooCLI:
     """Runs one LightningCLI verb (``args[0]``) in-process; returns the CLI object (its ``trainer``, ``model``...)."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     config_yaml.install()
+    claimed_before = len(claimed_run_folders())
     try:
         return MemzooCLI(**_cli_kwargs(), args=args)
     except StoppedBySignal as stop:
         hint = f"; resume with --ckpt_path {stop.checkpoint}" if stop.checkpoint else ""
-        print(f"memzoo: {stop}{hint}", file=sys.stderr)
+        if stop.rank == 0:  # every DDP process stops; one line says so
+            print(f"memzoo: {stop}{hint}", file=sys.stderr)
         raise SystemExit(stop.exit_status) from None
+    finally:  # a run that wrote nothing (max_steps 0, failed while starting) leaves no version folder
+        for folder in remove_unused_run_folders(since=claimed_before):
+            print(f"memzoo: the run wrote no metrics, checkpoints or predictions; removed its folder {folder}",
+                  file=sys.stderr)
 
 
 def build_from_config(args: list[str]) -> MemzooCLI:

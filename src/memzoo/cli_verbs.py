@@ -163,7 +163,9 @@ def generate_command(args: Sequence[str]) -> str:
     )
     parser.add_argument("--model", required=True, help="an export folder")
     parser.add_argument("--prompt", required=True, help="the text to continue (may be empty: a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: model's, or 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to generate (default: the model's generation_config.json, else 64, lowered to "
+                        "what fits the model's context beside the prompt)")
     parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the model's)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
@@ -189,7 +191,12 @@ def generate_command(args: Sequence[str]) -> str:
 
     from memzoo.export.errors import PretrainedFormatError
     from memzoo.export.streaming import TextStream, generate_tokens
-    from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
+    from memzoo.model.sampling import (
+        DEFAULT_MAX_NEW_TOKENS,
+        context_warning,
+        default_max_new_tokens,
+        prompt_tokens_to_keep,
+    )
     from memzoo.pretrained import load_pretrained
 
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,10 +221,13 @@ def generate_command(args: Sequence[str]) -> str:
     generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
 
     prompt_ids = [tokenizer.eos_id, *tokenizer.encode(options.prompt)]  # a document starts after eos, as in training
+    if options.max_new_tokens is None:  # not asked for: the folder's default (else 64), lowered to what fits
+        max_new_tokens = default_max_new_tokens(len(prompt_ids), model.max_seq_len,
+                                                max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     try:
-        kept = prompt_tokens_to_keep(len(prompt_ids), max_new_tokens, model.max_seq_len)
+        kept = prompt_tokens_to_keep(len(prompt_ids), max_new_tokens, model.max_seq_len, flag="--max-new-tokens")
     except ValueError as err:
-        raise CommandError(f"generate: {err} (--max-new-tokens)") from None
+        raise CommandError(f"generate: {err}") from None
     if kept < len(prompt_ids):
         print(f"memzoo: warning: {context_warning(len(prompt_ids), kept, max_new_tokens, model.max_seq_len)}",
               file=sys.stderr)
@@ -358,11 +368,11 @@ def load_model_and_tokenizer(source: str, tokenizer_spec: str | None, verb: str)
     return model, tokenizer
 
 
-def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[int, float, int | None]:
+def _generation_settings(options: argparse.Namespace, defaults: dict) -> tuple[int | None, float, int | None]:
     """``(max_new_tokens, temperature, top_k)``: the command line's, else generation_config.json's (greedy unless
-    it samples), else 64 greedy tokens."""
+    it samples), else greedy; ``max_new_tokens`` is ``None`` when neither names one."""
     sampled = bool(defaults.get("do_sample", False))
-    max_new_tokens = options.max_new_tokens if options.max_new_tokens is not None else defaults.get("max_new_tokens", 64)
+    max_new_tokens = options.max_new_tokens if options.max_new_tokens is not None else defaults.get("max_new_tokens")
     if options.temperature is not None:
         temperature = options.temperature
     else:

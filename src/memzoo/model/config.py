@@ -5,7 +5,9 @@ The :class:`~memzoo.model.transformer.Transformer` takes it, :class:`~memzoo.tra
 ``config.json``, from which :func:`memzoo.load_pretrained` reads it back.
 
 Per-layer blocks: ``block``/``block_args`` give every layer's FFN-slot block; ``layers`` overrides single layers
-(``{index: {block: name, **hyperparameters}}``, negative indices count from the end). An override without ``block``
+(``{index: {block: name, **hyperparameters}}``, negative indices count from the end). Indices are resolved against
+``n_layers`` when the layers are built (:meth:`ModelConfig.resolved`), so a config whose depth is set later (``init_from``
+a model of another depth) resolves ``-1`` against the depth actually built. An override without ``block``
 changes hyperparameters of the default block (merged over ``block_args``); one naming another block starts from that
 block's defaults. ``pool: name`` in an entry makes that layer read the named pool of ``pools``.
 
@@ -106,12 +108,10 @@ class ModelConfig:
             elif not isinstance(value, Mapping):
                 raise ModelConfigError(f"model {key} must be a mapping, got {value!r}")
         layers: dict[int, Any] = {}
-        for raw, override in self.layers.items():
-            index = _layer_index(raw, self.n_layers)
+        for raw, override in self.layers.items():  # keys as given (negative ones resolve against the built depth)
+            index = _layer_key(raw, self.n_layers)
             if index in layers:
-                raise ModelConfigError(
-                    f"layers: keys {raw!r} and {index} name the same layer; give each layer once"
-                )
+                raise ModelConfigError(f"layers: keys name layer {index} twice; give each layer once")
             layers[index] = override
         self.layers = layers
         if self.attention_memory is not None:
@@ -121,6 +121,23 @@ class ModelConfig:
                 raise ModelConfigError(str(err)) from None
             self.attention_memory = memory.to_dict()
 
+    def resolved_layers(self) -> dict[int, Any]:
+        """``layers`` with every index in ``0 .. n_layers - 1`` (negative keys counted from the end); raises
+        :class:`ModelConfigError` for an index out of range or a layer named twice."""
+        layers: dict[int, Any] = {}
+        for raw, override in self.layers.items():
+            index = _layer_index(raw, self.n_layers)
+            if index in layers:
+                raise ModelConfigError(
+                    f"layers: keys {raw!r} and {index} name the same layer; give each layer once"
+                )
+            layers[index] = override
+        return layers
+
+    def resolved(self) -> ModelConfig:
+        """This config with ``layers`` keyed by non-negative indices (:meth:`resolved_layers`)."""
+        return self.replace(layers=self.resolved_layers())
+
     def memory_config(self) -> AttentionMemoryConfig | None:
         """The checked ``attention_memory`` settings (``None``: no layer has attention memory)."""
         if self.attention_memory is None:
@@ -128,9 +145,13 @@ class ModelConfig:
         return AttentionMemoryConfig.from_dict(self.attention_memory, self.n_layers)
 
     # ----------------------------------------------------------------------------------------- conversions
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (dicts, lists, numbers, strings): what checkpoints and ``config.json`` store."""
-        return _plain(dataclasses.asdict(self))
+    def to_dict(self, resolve_layers: bool = True) -> dict[str, Any]:
+        """Plain data (dicts, lists, numbers, strings): what checkpoints and ``config.json`` store. Layer indices
+        are resolved against ``n_layers`` (``resolve_layers=False``: as given, negative ones included)."""
+        data = _plain(dataclasses.asdict(self))
+        if resolve_layers:
+            data["layers"] = _plain(self.resolved_layers())
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "architecture") -> ModelConfig:
@@ -155,7 +176,7 @@ class ModelConfig:
         block_args = dict(self.block_args)
         default_pool = layer_pool_name("block_args", block_args)
         specs = [LayerSpec(self.block, dict(block_args), default_pool) for _ in range(self.n_layers)]
-        for index, override in self.layers.items():
+        for index, override in self.resolved_layers().items():
             if override is None:
                 override = {}
             if not isinstance(override, Mapping):
@@ -177,6 +198,16 @@ def layer_pool_name(where: str, args: Mapping[str, Any]) -> str | None:
     if len(nested) > 1:
         raise ModelConfigError(f"{where}: the nested blocks read different pools {sorted(nested)}; one pool per layer")
     return nested.pop() if nested else None
+
+
+def _layer_key(raw: Any, n_layers: int) -> int:
+    """A ``layers`` key as an int (not yet resolved against the depth)."""
+    try:
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"layers: key {raw!r} is not a layer index (0 .. {n_layers - 1})") from None
 
 
 def _layer_index(raw: Any, n_layers: int) -> int:

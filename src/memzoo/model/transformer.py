@@ -64,6 +64,7 @@ class Transformer(nn.Module):
             config = ModelConfig.from_dict(config)
             if fields:
                 config = config.replace(**fields)
+        config = config.resolved()  # layer indices against this depth (raises for one out of range)
         self.config = config
         self.vocab_size = config.vocab_size
         self.dim = config.dim

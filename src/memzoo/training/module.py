@@ -26,13 +26,19 @@ from memzoo.blocks.pool import find_pools
 from memzoo.model.config import ModelConfig
 from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, load_hf_weights
 from memzoo.model.hub import resolve_model_source
-from memzoo.model.sampling import context_warning, prompt_tokens_to_keep
+from memzoo.model.sampling import context_warning, default_max_new_tokens, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.data_parallel import RowSparseSync, prepare_data_parallel
 from memzoo.training.freezing import apply_freezing
-from memzoo.training.init_from import load_initial_weights, read_weights
+from memzoo.training.init_from import (
+    checkpoint_architecture,
+    load_initial_weights,
+    read_checkpoint,
+    read_checkpoint_weights,
+    saved_architecture,
+)
 from memzoo.training.lora import apply_lora
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
@@ -81,11 +87,15 @@ class LanguageModel(L.LightningModule):
         warmup_steps: linear LR warmup steps.
         lr_decay_steps: step at which the cosine decay reaches ``min_lr_ratio`` (``None``: the whole run).
         min_lr_ratio: final LR as a fraction of each group's LR.
-        max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``.
+        max_new_tokens, temperature, top_k: generation settings of ``memzoo predict``. ``max_new_tokens=None``
+            generates up to 64 tokens, as many as fit the context beside each prompt; a number that does not fit the
+            context (``>= max_seq_len``) is refused naming ``--model.init_args.max_new_tokens``.
         compile: ``torch.compile`` each decoder layer in place when the trainer sets the model up
             (:meth:`configure_model`): ``true`` (inductor), ``false``, or a backend name (``aot_eager``, ...).
             Parameter names and checkpoints are the same with and without it.
-        init_from: start from these weights: a memzoo ``.ckpt``, or a Hugging Face Llama / Qwen2 / Mistral folder
+        init_from: start from these weights: a memzoo ``.ckpt`` (whose recorded architecture is then built, with
+            this config's ``layers``/``pools`` retrofits merged over it and its ``max_seq_len``,
+            ``attention_backend``, ``dropout``, ``init_std``; see :func:`memzoo.training.init_from.checkpoint_architecture`), or a Hugging Face Llama / Qwen2 / Mistral folder
             or hub id (``org/name[@revision]``, downloaded where the hub is reachable, else read from its cache;
             see :mod:`memzoo.model.hub`) (whose ``config.json`` then sets every architecture field but ``layers``/``pools``, the retrofits,
             ``max_seq_len``, the context used here, and ``attention_backend``/``dropout``/``init_std``; the
@@ -107,7 +117,7 @@ class LanguageModel(L.LightningModule):
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         compile: bool | str = False,
@@ -121,8 +131,17 @@ class LanguageModel(L.LightningModule):
         architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
         source = None if init_from is None else resolve_model_source(init_from, where="init_from")
         hf_folder = source is not None and is_hf_llama_folder(source)
+        requested = architecture.to_dict(resolve_layers=False)  # layer indices resolve against the depth built
+        checkpoint = None
         if hf_folder:  # the folder's architecture, plus this config's retrofits (layers, pools) and context
-            architecture = architecture.replace(**imported_architecture(source, architecture.to_dict()))
+            architecture = architecture.replace(**imported_architecture(source, requested))
+        elif source is not None:  # a memzoo .ckpt: its architecture, plus this config's retrofits and context
+            checkpoint = read_checkpoint(source)
+            saved = saved_architecture(source, checkpoint)
+            if saved is not None:
+                where = f"init_from {init_from!r}"
+                architecture = architecture.replace(**checkpoint_architecture(saved, requested, source=where))
+        architecture = architecture.resolved()
         self.save_hyperparameters(ignore=["optimizer", "architecture"])
         self.hparams["architecture"] = architecture.to_dict()  # plain data: loads with weights_only=True
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
@@ -135,8 +154,9 @@ class LanguageModel(L.LightningModule):
         self.model = Transformer(architecture)
         if hf_folder:
             load_hf_weights(self.model, source)
-        elif source is not None:
-            load_initial_weights(self.model, read_weights(source), where=f"init_from {init_from!r}")
+        elif checkpoint is not None:
+            load_initial_weights(self.model, read_checkpoint_weights(source, checkpoint),
+                                 where=f"init_from {init_from!r}")
         if lora is not None:
             apply_lora(self.model, **lora)
         if freeze or unfreeze:
@@ -194,7 +214,8 @@ class LanguageModel(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             for name, value in aux.items():
                 self.log(f"train/aux/{name}", value, batch_size=batch_size)
-            self.log("train/tokens", float(n_tokens), reduce_fx="sum", batch_size=batch_size)
+            # the step's labelled tokens over all processes (under DDP each rank holds its share of the batch)
+            self.log("train/tokens", float(n_tokens), reduce_fx="sum", sync_dist=True, batch_size=batch_size)
             return total
         m.accuracy.update(logits.flatten(0, 1), labels.flatten())
         return loss
@@ -287,17 +308,22 @@ class LanguageModel(L.LightningModule):
         """Continues each prompt; returns ``{"prompt": [str], "prompt_ids": (B, P), "output_ids": (B, P + n)}``.
 
         A prompt longer than the context leaves room for ``max_new_tokens`` by keeping only its last tokens (a
-        warning says so; ``prompt_ids`` are the tokens read); ``max_new_tokens >= max_seq_len`` is refused."""
+        warning says so; ``prompt_ids`` are the tokens read); ``max_new_tokens >= max_seq_len`` is refused, naming
+        the flag. ``max_new_tokens=None``: :func:`~memzoo.model.sampling.default_max_new_tokens` (fits)."""
         eos = getattr(getattr(self.trainer.datamodule, "tokenizer", None), "eos_id", None) if self._trainer else None
         prompt_ids = batch["input_ids"]
-        kept = prompt_tokens_to_keep(prompt_ids.shape[1], self.hparams.max_new_tokens, self.model.max_seq_len)
+        max_new_tokens = self.hparams.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = default_max_new_tokens(prompt_ids.shape[1], self.model.max_seq_len)
+        kept = prompt_tokens_to_keep(prompt_ids.shape[1], max_new_tokens, self.model.max_seq_len,
+                                     flag="--model.init_args.max_new_tokens")
         if kept < prompt_ids.shape[1]:  # keep the prompt's end: the tokens the continuation depends on most
-            log.warning("memzoo predict: %s", context_warning(prompt_ids.shape[1], kept, self.hparams.max_new_tokens,
+            log.warning("memzoo predict: %s", context_warning(prompt_ids.shape[1], kept, max_new_tokens,
                                                                 self.model.max_seq_len))
             prompt_ids = prompt_ids[:, -kept:]
         out = self.model.generate(
             prompt_ids,
-            max_new_tokens=self.hparams.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=self.hparams.temperature,
             top_k=self.hparams.top_k,
             eos_id=eos,

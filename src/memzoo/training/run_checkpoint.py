@@ -11,7 +11,8 @@
 
 The configuration keys are ``ModelCheckpoint``'s (``--checkpoint.every_n_train_steps`` ...). With several processes
 (DDP) a signal to any of them stops all: every :attr:`RunCheckpoint.sync_every` steps they agree (one all-reduce)
-whether one was signalled, and all stop after the same batch.
+whether one was signalled, and all stop after the same batch. Only the process of global rank 0 prints the
+signal and stop lines (:attr:`StoppedBySignal.rank`), so they appear once, not once per process.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StoppedBySignal(Exception):
-    """Training stopped by ``signum`` after saving ``checkpoint`` (``None`` if no step had been trained)."""
+    """Training stopped by ``signum`` after saving ``checkpoint`` (``None`` if no step had been trained), in the
+    process of global rank ``rank`` (every process of a DDP run raises it; rank 0 reports it)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    def __init__(self, signum: int, step: int, checkpoint: str | None, rank: int = 0):
+        self.signum, self.step, self.checkpoint, self.rank = signum, step, checkpoint, rank
         name = signal.Signals(signum).name
         saved = f"saved {checkpoint}" if checkpoint else "nothing saved (no step trained, or checkpoint.save_last off)"
         super().__init__(f"stopped by {name} at step {step}; {saved}")
@@ -53,12 +55,15 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._signal_received: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._rank = 0  # the process's global rank, set when training starts: only rank 0 prints
 
     # ------------------------------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._signal_received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: abort now
         self._signal_received = signum
+        if self._rank != 0:
+            return
         print(f"\nmemzoo: {signal.Signals(signum).name} received: saving last.ckpt after this step, then stopping"
               + (" (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else ""), file=sys.stderr,
               flush=True)
@@ -66,6 +71,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._signal_received = None
+        self._rank = trainer.global_rank
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.getsignal(signum)
@@ -88,7 +94,7 @@ class RunCheckpoint(ModelCheckpoint):
         for logger in trainer.loggers:
             logger.save()
         self._restore_handlers()
-        raise StoppedBySignal(signum, trainer.global_step, saved)
+        raise StoppedBySignal(signum, trainer.global_step, saved, rank=trainer.global_rank)
 
     def _stop_signal(self, trainer: L.Trainer) -> int | None:
         """The signal to stop on after this batch, or None. With several processes, only every ``sync_every`` steps,
