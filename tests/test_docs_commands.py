@@ -65,6 +65,7 @@ PLACEHOLDERS = [
 ]
 # placeholders of slot-stats, which needs a model with a memory pool: the Memory+ run of the DDP command
 MEMORY_CONFIG, MEMORY_RUN = "configs/facts-memoryplus.yaml", "runs/facts-memoryplus/version_0"
+MEMORIZE = "memzoo memorize --model my-model --docs ada.txt fox.txt --out facts.bank"
 DDP_COMMAND = ("memzoo fit --config configs/facts-memoryplus.yaml --trainer.strategy ddp --trainer.devices 2 "
                "--trainer.accelerator cpu")
 QUICKSTART_FIT = "memzoo fit --config configs/quickstart.yaml"
@@ -200,7 +201,8 @@ def run_memzoo_processes(argv: list[str], cwd: Path) -> subprocess.CompletedProc
 def workspace(tmp_path_factory):
     """A scratch folder with ``configs/``, the quickstart model trained (2 steps) and exported to ``my-model`` by the
     README's own commands, ``my_blocks.py`` / ``my.yaml`` of the plugin example, a tiny random ``Qwen2.5-0.5B/``
-    folder (for docs/pretrained.md's import example) and the Memory+ run of the DDP command (slot-stats reads it)."""
+    folder (for docs/pretrained.md's import example), the Memory+ run of the DDP command (slot-stats reads it) and the
+    attention-memory example's bank (``memzoo memorize``, which ``generate --memory`` reads)."""
     folder = tmp_path_factory.mktemp("docs")
     (folder / "configs").symlink_to(ROOT / "configs")
     cwd = os.getcwd()
@@ -221,6 +223,11 @@ def workspace(tmp_path_factory):
         from test_hf_import import save_hf
 
         save_hf(folder / "Qwen2.5-0.5B", "Qwen2")
+        # the attention-memory example's documents; its memorize command runs as written (generate --memory reads it)
+        Path("ada.txt").write_text("The birth year of Ada is 1815.", encoding="utf-8")
+        Path("fox.txt").write_text("The quick brown fox jumps over the lazy dog.", encoding="utf-8")
+        done[tuple(resolve(MEMORIZE))] = run_memzoo(resolve(MEMORIZE))
+        assert Path("facts.bank").is_file()
         ddp = run_memzoo_processes(short_argv(resolve(DDP_COMMAND)), folder)
         assert ddp.returncode == 0, ddp.stderr[-3000:]
         assert Path(MEMORY_RUN, "checkpoints", "last.ckpt").is_file()
@@ -238,6 +245,7 @@ def test_every_documented_command_has_a_rule():
     unknown = [f"{c!r} ({', '.join(files)})" for c, files in COMMANDS.items() if rule_of(c) is None]
     assert not unknown, "commands in the docs that no rule of tests/test_docs_commands.py runs: " + "; ".join(unknown)
     assert any(c.endswith(QUICKSTART_FIT) for c in COMMANDS) and EXPORT in COMMANDS and DDP_COMMAND in COMMANDS
+    assert MEMORIZE in COMMANDS
 
 
 @pytest.mark.parametrize("command", sorted(c for c in COMMANDS if rule_of(c) == "setup line"))
