@@ -38,6 +38,7 @@ from memzoo.export.checkpoint_check import (
     check_same_architecture,
     find_last_checkpoint,
 )
+from memzoo.model.gguf import gguf_tokenizer_folder, is_gguf_file
 from memzoo.model.hub import resolve_model_source
 from memzoo.parallel.checkpoint import (
     check_sharded_checkpoint,
@@ -221,7 +222,7 @@ def _experiment_name(config: Any) -> str:
 
 
 def _use_init_from_tokenizer(config: Any) -> None:
-    """``model.init_args.init_from: DIR`` (or a hub id, resolved to its snapshot folder) with a
+    """``model.init_args.init_from: DIR`` (or a hub id, resolved to its snapshot folder, or a ``.gguf`` file) with a
     ``DIR/tokenizer.json``: the data module reads text with that tokenizer unless the config names one other than the
     default ``byte``."""
     model_args = config.get("model.init_args") if config.get("model") else None
@@ -229,6 +230,8 @@ def _use_init_from_tokenizer(config: Any) -> None:
     if not init_from:
         return
     folder = resolve_model_source(init_from, where="model.init_args.init_from")
+    if is_gguf_file(folder):  # the file's tokenizer, written once into memzoo's cache
+        folder = gguf_tokenizer_folder(folder)
     if not (folder / "tokenizer.json").is_file():
         return
     data_args = config.get("data.init_args") if config.get("data") else None
