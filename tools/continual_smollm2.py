@@ -8,9 +8,10 @@ and LoRA; what each forgets of what the model knew. Run as ``python tools/contin
    and of Python's reference documentation, ``pydoc_data.topics``, shipped with Python) so the memory holds
    something and its output projection is no longer zero (sparse memory finetuning updates value rows only, whose
    gradient is zero through a zero projection). Slot statistics over the same background.
-3. Old knowledge: the cloze set "The capital of <country> is" -> " <capital>" (countries of the ``countryinfo``
-   package's offline data), kept where the *base* model's greedy answer is right; written to
-   ``docs/results/continual-smollm2-cloze.jsonl`` (the lm-evaluation-harness task ``tools/lm_eval/capitals.yaml``
+3. Old knowledge: a cloze set of country facts from the ``countryinfo`` package's offline data ("The capital of
+   <country> is" -> " <capital>", "<capital> is the capital of" -> " <country>", "<country> is a country in" ->
+   " <continent>"), kept where the *base* model's greedy answer is right; written to
+   ``docs/results/continual-smollm2-cloze.jsonl`` (the lm-evaluation-harness task ``tools/lm_eval/country_facts.yaml``
    reads it). Retention = the healed model's correct items still correct. Held-out perplexity on the other halves of
    both texts.
 4. New knowledge: synthetic biographies (``memzoo.data.biographies_corpus``: made-up names, cities, employers) the
@@ -86,23 +87,47 @@ FULL = Settings("continual-smollm2", n_people=8, heal_steps=100, finetune_steps=
 
 
 # ----------------------------------------------------------------------------------------------- data
-def capitals() -> list[tuple[str, str]]:
-    """``(country, capital)`` from the ``countryinfo`` package's JSON files (read without importing it)."""
+def countries() -> list[dict]:
+    """Country records (name, capital, region, subregion) from the ``countryinfo`` package's JSON files, read
+    without importing the package."""
     try:
         files = metadata.distribution("countryinfo").files or []
     except metadata.PackageNotFoundError:
         raise SystemExit("the cloze set needs the countryinfo package's data: pip install --no-deps countryinfo") from None
-    pairs = set()
+    out = {}
     for f in files:
         if str(f).endswith(".json"):
             data = json.loads(Path(f.locate()).read_text(encoding="utf-8"))
-            if isinstance(data, dict) and data.get("name") and data.get("capital"):
-                pairs.add((str(data["name"]), str(data["capital"])))
-    return sorted(pairs)
+            if isinstance(data, dict) and data.get("name"):
+                out[str(data["name"])] = data
+    return [out[name] for name in sorted(out)]
+
+
+def continent(record: dict) -> str | None:
+    """The continent as English prose names it (the Americas split into North and South America)."""
+    region, sub = record.get("region") or "", record.get("subregion") or ""
+    if region == "Americas":
+        return "South America" if sub == "South America" else "North America"
+    return region or None
+
+
+#: relation -> (prompt, answer) of a country record; items whose field is missing are left out
+RELATIONS = {
+    "capital": lambda r: (f"The capital of {r['name']} is", r.get("capital")),
+    "capital_of": lambda r: (f"{r.get('capital')} is the capital of", r["name"]),
+    "continent": lambda r: (f"{r['name']} is a country in", continent(r)),
+}
 
 
 def cloze_items() -> list[dict]:
-    return [{"country": c, "context": f"The capital of {c} is", "answer": f" {cap}"} for c, cap in capitals()]
+    """Every candidate cloze item: ``{relation, context, answer}`` (the answer with its leading space)."""
+    items = []
+    for record in countries():
+        for relation, make in RELATIONS.items():
+            prompt, answer = make(record)
+            if answer and record.get("capital"):
+                items.append({"relation": relation, "context": prompt, "answer": f" {answer}"})
+    return items
 
 
 def background_texts() -> dict[str, str]:
@@ -217,6 +242,19 @@ def heal(model, settings, background, rng, log) -> None:
     model.eval()
 
 
+def prepare_base(model, tokenizer, settings, background, heldout, log) -> dict:
+    """Before any training (the retrofitted model is exactly the base): the cloze items the base model answers
+    right, its held-out perplexity and generations; then heals the memory. Returns those measures (plain data)."""
+    items = [it for it in cloze_items() if consistent(tokenizer, it["context"], it["answer"])]
+    right = correct(model, tokenizer, [(it["context"], it["answer"]) for it in items])
+    prepared = {"study": settings.name, "old": [it for it, ok in zip(items, right) if ok], "candidates": len(items),
+                "base_ppl": {n: float(np.exp(heldout_loss(model, b))) for n, b in heldout.items()},
+                "generations": {p: greedy(model, tokenizer, p) for p in PROMPTS}}
+    log(f"  base model: {len(prepared['old'])} of {len(items)} cloze items right")
+    heal(model, settings, background, np.random.default_rng(0), log)
+    return prepared
+
+
 def finetune(run: Run, base, settings, tokenizer, new_facts, stats_path, evaluate):
     """Teaches ``new_facts`` (one batch of all of them per step) from a copy of ``base``; one measurement per step
     count; returns ``(points, model)``."""
@@ -281,7 +319,7 @@ def plot(points, level, path) -> None:
 
     colors = {"full": "tab:red", "lora": "tab:blue", "smf-tfidf": "tab:green", "smf-kl": "tab:olive"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "recall_a_drop", "old-fact (capitals) recall drop"),
+    for ax, key, label in ((axes[0], "recall_a_drop", "old-fact (country facts) recall drop"),
                            (axes[1], "heldout_loss_increase", "held-out loss increase (nats)")):
         seen = set()
         for run in sorted({(p["method"], p["rank"], p["lr"], p["top_t"]) for p in points}, key=str):
@@ -322,27 +360,37 @@ def run_study(args, compare) -> dict:
                                               pools={"memory": {"n_keys": settings.n_keys, "value_dim": 576}})
     log(f"[{settings.name}] loaded SmolLM2-135M + Memory+ at layers {MEMORY_LAYERS} ({settings.n_keys ** 2} slots)")
 
-    # old knowledge: the base model's correct capitals (the retrofitted model is exactly the base here)
-    items = [it for it in cloze_items() if consistent(tokenizer, it["context"], it["answer"])]
-    right = correct(model, tokenizer, [(it["context"], it["answer"]) for it in items])
-    old = [it for it, ok in zip(items, right) if ok]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / CLOZE_FILE) as f:
-        f.write("".join(json.dumps({"context": it["context"], "answer": it["answer"]}) + "\n" for it in old).encode())
-    old_pairs = [(it["context"], it["answer"]) for it in old]
-    log(f"  cloze: {len(old)} of {len(items)} capitals right before any training -> {out / CLOZE_FILE}")
-    generations_base = {p: greedy(model, tokenizer, p) for p in PROMPTS}
-
     texts = background_texts()
-    rng = np.random.default_rng(0)
     background, heldout = {}, {}
     for name, text in texts.items():
         train, held = split_tokens(tokenizer, text)
         background[name] = train
         starts = np.linspace(0, len(held) - settings.window - 2, settings.heldout_windows).astype(int)
         heldout[name] = [windows(held, starts, settings.window)]
-    heal(model, settings, background, rng, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.pretrained) if args.pretrained else None
+    if cache is not None and cache.is_file():
+        prepared = torch.load(cache, weights_only=True)
+        if prepared.get("study") != settings.name:
+            raise SystemExit(f"--pretrained {cache} holds the healed model of {prepared.get('study')!r}, not "
+                             f"{settings.name!r}; give another file")
+        model.load_state_dict(prepared.pop("state_dict"))
+        model.eval()
+        log(f"  loaded the healed model, cloze set and base measures from {cache}")
+    else:
+        prepared = prepare_base(model, tokenizer, settings, background, heldout, log)
+        if cache is not None:
+            with atomic_file(cache) as f:
+                torch.save({**prepared, "state_dict": model.state_dict()}, f)
+    old, n_candidates, base_ppl = prepared["old"], prepared["candidates"], prepared["base_ppl"]
+    with atomic_file(out / CLOZE_FILE) as f:
+        f.write("".join(json.dumps(it) + "\n" for it in old).encode())
+    old_pairs = [(it["context"], it["answer"]) for it in old]
+    by_relation = {r: sum(it["relation"] == r for it in old) for r in RELATIONS}
+    log(f"  cloze: {len(old)} of {n_candidates} country facts right before any training {by_relation} -> "
+        f"{out / CLOZE_FILE}; base model perplexity {base_ppl}")
+    rng = np.random.default_rng(1)
     stats_batches = [windows(background[n], rng.integers(0, len(background[n]) - settings.window - 1, 4),
                              settings.window) for _ in range(6) for n in background]
 
@@ -364,7 +412,7 @@ def run_study(args, compare) -> dict:
     log(f"  healed: old-fact recall {base_eval['recall_a']:.3f}, new-fact recall {base_eval['recall_b']:.2f}, "
         f"perplexity {base_eval['ppl']}")
 
-    points, generations, best = [], {"base": generations_base}, None
+    points, generations, best = [], {"base": prepared["generations"]}, None
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -401,8 +449,10 @@ def run_study(args, compare) -> dict:
                    f"{settings.heal_batch}x{settings.window} tokens, {len(new_facts)} new facts taught in one batch "
                    f"per step, held-out perplexity on {settings.heldout_windows} windows of {settings.window} tokens per "
                    f"text, {len(settings.runs)} configurations",
-        "old_facts": {"items": len(old), "candidates": len(items), "file": f"docs/results/{CLOZE_FILE}"},
+        "old_facts": {"items": len(old), "candidates": n_candidates, "by_relation": by_relation,
+                      "file": f"docs/results/{CLOZE_FILE}"},
         "new_facts": [{"prompt": p, "answer": a} for p, a in new_facts],
+        "base_perplexity": base_ppl,
         "healed": base_eval,
         "points": points,
         "generations": generations,
@@ -419,7 +469,9 @@ def run_study(args, compare) -> dict:
         f.write((json.dumps(result, indent=2) + "\n").encode())
     md = [f"# {settings.name}", "", f"`{result['command']}`: {seconds / 60:.1f} min, {result['hardware']}.", "",
           f"Model: {result['model']}.", "", f"Reduced for the CPU: {result['reduced']}.", "",
-          f"Old facts: {len(old)} of {len(items)} capitals the base model answers right (greedy). Healed model: "
+          f"Old facts: {len(old)} of {n_candidates} country facts the base model answers right (greedy; by relation "
+          f"{by_relation}). Base model perplexity " +
+          ", ".join(f"{k} {v:.2f}" for k, v in base_ppl.items()) + "; healed model: "
           f"old-fact recall {base_eval['recall_a']:.3f}, perplexity " +
           ", ".join(f"{k} {v:.2f}" for k, v in base_eval["ppl"].items()) + ".", "", table(points), "",
           f"Matched new-fact recall {level:.2f}; least forgetting reaching it:", ""]
