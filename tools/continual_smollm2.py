@@ -10,13 +10,15 @@ and LoRA; what each forgets of what the model knew. Run as ``python tools/contin
    gradient is zero through a zero projection). Slot statistics over the same background.
 3. Old knowledge: a cloze set of country facts from the ``countryinfo`` package's offline data ("The capital of
    <country> is" -> " <capital>", "<capital> is the capital of" -> " <country>", "<country> is a country in" ->
-   " <continent>"), kept where the *base* model's greedy answer is right; written to
+   " <continent>", "The official language of <country> is" -> " <language>"), kept where the *base* model's greedy answer is right; written to
    ``docs/results/continual-smollm2-cloze.jsonl`` (the lm-evaluation-harness task ``tools/lm_eval/country_facts.yaml``
    reads it). Retention = the healed model's correct items still correct. Held-out perplexity on the other halves of
    both texts.
 4. New knowledge: synthetic biographies (``memzoo.data.biographies_corpus``: made-up names, cities, employers) the
    model cannot know, taught with the loss on the answers by full finetuning, LoRA and sparse memory finetuning
-   (TF-IDF and KL rankings), each swept; compared at the new-fact recall every method reaches (the comparison of
+   (TF-IDF and KL rankings; row-wise Adam: the values' gradients pass through the healed but still small output
+   projection, and row-wise SGD at learning rates 1-300 taught no new fact in 20 steps while rates >= 300 wrecked
+   old ones), each swept; compared at the new-fact recall every method reaches (the comparison of
    ``tools/continual.py``).
 
 CPU-sized: sequences of 64 tokens for text, one batch of all new facts per step, a few configurations per method.
@@ -58,10 +60,11 @@ class Run:
     lr: float
     top_t: int | None = None
     rank: str | None = None
+    optimizer: str = "adam"  # smf: row-wise "sgd" or "adam"
 
     @property
     def label(self) -> str:
-        return self.method if self.rank is None else f"smf-{self.rank} t={self.top_t}"
+        return self.method if self.rank is None else f"smf-{self.rank} t={self.top_t} {self.optimizer}"
 
 
 @dataclass
@@ -78,12 +81,12 @@ class Settings:
 
 
 QUICK = Settings("continual-smollm2-quick", n_people=4, heal_steps=20, finetune_steps=(10, 20),
-                 runs=(Run("full", 3e-5), Run("lora", 1e-3), Run("smf", 1.0, 512, "tfidf"), Run("smf", 1.0, 512, "kl")),
+                 runs=(Run("full", 3e-5), Run("lora", 3e-4), Run("smf", 1e-2, 1024, "tfidf"), Run("smf", 1e-2, 256, "kl")),
                  heldout_windows=4)
 FULL = Settings("continual-smollm2", n_people=8, heal_steps=100, finetune_steps=(10, 20, 40),
-                runs=(Run("full", 1e-5), Run("full", 3e-5), Run("lora", 3e-4), Run("lora", 1e-3),
-                      Run("smf", 1.0, 512, "tfidf"), Run("smf", 3.0, 512, "tfidf"), Run("smf", 1.0, 1024, "tfidf"),
-                      Run("smf", 1.0, 512, "kl"), Run("smf", 3.0, 512, "kl")))
+                runs=(Run("full", 1e-5), Run("full", 3e-5), Run("lora", 1e-4), Run("lora", 3e-4),
+                      Run("smf", 3e-3, 1024, "tfidf"), Run("smf", 1e-2, 1024, "tfidf"), Run("smf", 1e-2, 256, "tfidf"),
+                      Run("smf", 3e-3, 256, "kl"), Run("smf", 1e-2, 256, "kl")))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -111,11 +114,25 @@ def continent(record: dict) -> str | None:
     return region or None
 
 
+#: ISO 639-1 codes of the languages named in the ``language`` relation (a country's first listed language)
+LANGUAGES = {"ar": "Arabic", "bn": "Bengali", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
+             "fa": "Persian", "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian",
+             "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
+             "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sv": "Swedish", "th": "Thai", "tr": "Turkish",
+             "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese", "cs": "Czech", "da": "Danish", "id": "Indonesian"}
+
+
+def language(record: dict) -> str | None:
+    codes = record.get("languages") or []
+    return LANGUAGES.get(codes[0]) if codes else None
+
+
 #: relation -> (prompt, answer) of a country record; items whose field is missing are left out
 RELATIONS = {
     "capital": lambda r: (f"The capital of {r['name']} is", r.get("capital")),
     "capital_of": lambda r: (f"{r.get('capital')} is the capital of", r["name"]),
     "continent": lambda r: (f"{r['name']} is a country in", continent(r)),
+    "language": lambda r: (f"The official language of {r['name']} is", language(record=r)),
 }
 
 
@@ -267,8 +284,8 @@ def finetune(run: Run, base, settings, tokenizer, new_facts, stats_path, evaluat
         apply_lora(model, r=8, alpha=16)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
     elif run.method == "smf":
-        smf = SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank=run.rank, optimizer="sgd", lr=run.lr,
-                                     count_loss_positions_only=True)
+        smf = SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank=run.rank, optimizer=run.optimizer,
+                                     lr=run.lr, count_loss_positions_only=True)
         smf.prepare(model)
         opt = smf.build_optimizer(model)
     else:
@@ -288,6 +305,7 @@ def finetune(run: Run, base, settings, tokenizer, new_facts, stats_path, evaluat
             opt.step()
         done = target
         points.append({"method": run.method, "rank": run.rank, "lr": run.lr, "top_t": run.top_t,
+                       "optimizer": run.optimizer if run.method == "smf" else "adamw",
                        "idf_power": 1.0 if run.rank == "tfidf" else None, "steps": target,
                        "train_seconds": round(time.time() - start, 1), **evaluate(model)})
     return points, model.eval()
@@ -434,6 +452,11 @@ def run_study(args, compare) -> dict:
 
     comparison, targets = compare(points)
     level = comparison["matched_recall_b"]
+    if level == 0:  # why no target can be met: some method taught no new fact at all
+        reached = comparison["max_recall_b"]
+        for t in targets:
+            t["detail"] += ("; no matched recall: the best new-fact recall per method is "
+                            + ", ".join(f"{k} {v:.2f}" for k, v in reached.items()))
     for key in ("recall_a_drop", "heldout_loss_increase"):
         comparison["forgetting"][key]["smf_kl"] = kl_frontier(points, key, level)
     seconds = time.time() - t0
@@ -445,7 +468,7 @@ def run_study(args, compare) -> dict:
         "model": f"SmolLM2-135M-Instruct ({MODEL}, Q4_1 dequantised to float32) + Memory+ beside the FFN of layers "
                  f"{list(MEMORY_LAYERS)}, one pool of {settings.n_keys ** 2} slots x 576",
         "settings": {**asdict(settings), "runs": [asdict(r) for r in settings.runs]},
-        "reduced": "CPU-sized: text windows of 64 tokens, healing " f"{settings.heal_steps} steps of "
+        "reduced": f"text windows of {settings.window} tokens, healing {settings.heal_steps} steps of "
                    f"{settings.heal_batch}x{settings.window} tokens, {len(new_facts)} new facts taught in one batch "
                    f"per step, held-out perplexity on {settings.heldout_windows} windows of {settings.window} tokens per "
                    f"text, {len(settings.runs)} configurations",
