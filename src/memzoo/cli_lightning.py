@@ -42,6 +42,7 @@ from memzoo.export.checkpoint_check import (
     check_same_architecture,
     find_last_checkpoint,
 )
+from memzoo.model.gguf import gguf_tokenizer_folder, is_gguf_file
 from memzoo.model.hub import resolve_model_source
 from memzoo.parallel.checkpoint import (
     check_sharded_checkpoint,
@@ -242,7 +243,8 @@ def _experiment_name(config: Any) -> str:
 def _use_init_from_tokenizer(config: Any) -> None:
     """``model.init_args.init_from`` names the data tokenizer unless the config names one other than the default
     ``byte``: a folder (or a hub id, resolved to its snapshot folder) with a ``tokenizer.json`` gives that file; a
-    memzoo ``.ckpt`` gives the tokenizer its run's data module read."""
+    ``.gguf`` file gives its own tokenizer (written once into memzoo's cache); a memzoo ``.ckpt`` gives the tokenizer
+    its run's data module read."""
     model_args = config.get("model.init_args") if config.get("model") else None
     init_from = getattr(model_args, "init_from", None) if model_args is not None else None
     if not init_from:
@@ -251,7 +253,9 @@ def _use_init_from_tokenizer(config: Any) -> None:
     if data_args is None or getattr(data_args, "tokenizer", None) != "byte":
         return
     source = resolve_model_source(init_from, where="model.init_args.init_from")
-    if source.is_file():
+    if is_gguf_file(source):  # the file's tokenizer, written once into memzoo's cache
+        data_args.tokenizer = str(gguf_tokenizer_folder(source))
+    elif source.is_file():
         tokenizer = checkpoint_tokenizer(source)
         if tokenizer not in (None, "byte"):
             data_args.tokenizer = tokenizer

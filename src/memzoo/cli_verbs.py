@@ -161,7 +161,8 @@ def generate_command(args: Sequence[str]) -> str:
         description="Continue a prompt with an exported model (a folder written by `memzoo export`), printing the "
         "text as it is generated. Defaults come from the folder's generation_config.json.",
     )
-    parser.add_argument("--model", required=True, help="an export folder")
+    parser.add_argument("--model", required=True,
+                        help="an export folder, a Hugging Face folder, a .gguf file or package:NAME")
     parser.add_argument("--prompt", required=True, help="the text to continue (may be empty: a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens to generate (default: the model's generation_config.json, else 64, lowered to "

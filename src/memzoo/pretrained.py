@@ -6,11 +6,13 @@
     tokenizer = memzoo.load_tokenizer("exports/my-model")
     model = memzoo.load_pretrained("Qwen2.5-0.5B/")                         # LlamaForCausalLM, Qwen2, Mistral
     model = memzoo.load_pretrained("Qwen/Qwen2.5-0.5B")                     # a hub id (memzoo.model.hub)
+    model = memzoo.load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")       # llama.cpp file (memzoo.model.gguf)
 
 A Hugging Face folder (``save_pretrained`` output: ``config.json`` naming ``LlamaForCausalLM``,
 ``Qwen2ForCausalLM`` or ``MistralForCausalLM``, ``model.safetensors`` or its shards) is converted by
 :mod:`memzoo.model.hf_llama`; its ``tokenizer.json``, when present, is its tokenizer (``with_tokenizer=True``
-returns ``None`` for a folder without one). Retrofits: ``layers=`` / ``pools=`` as in a model config.
+returns ``None`` for a folder without one). A ``.gguf`` file is read by :mod:`memzoo.model.gguf` (weights
+dequantised, its tokenizer and chat template). Retrofits: ``layers=`` / ``pools=`` as in a model config.
 
 Before reading any weights the folder's manifest is checked (format and version) and every weight file's size and
 SHA-256; the weights must then fit the architecture in ``config.json`` exactly. Each failure raises
@@ -30,6 +32,7 @@ from memzoo.export.errors import PretrainedFormatError
 from memzoo.export.manifest import MANIFEST_FILE, read_manifest, verify_files
 from memzoo.export.tokenizer_files import TOKENIZER_FILE
 from memzoo.export.weights import load_weights
+from memzoo.model.gguf import gguf_tokenizer_folder, load_gguf_model
 from memzoo.model.hf_llama import HFImportError, load_hf_model
 from memzoo.model.hub import resolve_model_source
 from memzoo.model.retrofit import InitFromError
@@ -48,26 +51,29 @@ def load_pretrained(
     layers: dict | None = None,
     pools: dict | None = None,
 ) -> Transformer | tuple[Transformer, Tokenizer | None]:
-    """The :class:`Transformer` stored in folder ``path`` (a memzoo export or a Hugging Face Llama-family folder),
-    in eval mode, on the CPU.
+    """The :class:`Transformer` stored in folder ``path`` (a memzoo export or a Hugging Face Llama-family folder) or
+    in a Llama-family ``.gguf`` file, in eval mode, on the CPU.
 
     Args:
         with_tokenizer: also return the tokenizer (``(model, tokenizer)``).
         verify: check the SHA-256 of every weight file against the manifest (reads each file once more).
         dtype: cast floating weights to this dtype (default: as stored, e.g. ``bfloat16`` for a bf16 export).
-        max_seq_len, layers, pools: Hugging Face folders only: the context length (default: the config's
+        max_seq_len, layers, pools: Hugging Face folders and GGUF files only: the context length (default: the config's
             ``max_position_embeddings``) and retrofits (:func:`memzoo.model.hf_llama.load_hf_model`).
     """
     try:
         folder = resolve_model_source(path, where="load_pretrained")
     except InitFromError as err:
         raise PretrainedFormatError(str(err)) from err
+    if str(folder).lower().endswith(".gguf"):
+        return _load_gguf_file(folder, with_tokenizer, dtype, max_seq_len, layers, pools)
     if not folder.is_dir():
-        raise PretrainedFormatError(f"{folder} is not a folder; give the folder `memzoo export --out` wrote")
+        raise PretrainedFormatError(f"{folder} is not a folder; give the folder `memzoo export --out` wrote, a "
+                                    f"Hugging Face folder or a .gguf file")
     if not (folder / MANIFEST_FILE).is_file() and _model_type(folder) not in (None, "memzoo"):
         return _load_hf_folder(folder, with_tokenizer, dtype, max_seq_len, layers, pools)
     if max_seq_len is not None or layers or pools:
-        raise PretrainedFormatError("max_seq_len, layers and pools apply to Hugging Face folders only")
+        raise PretrainedFormatError("max_seq_len, layers and pools apply to Hugging Face folders and GGUF files only")
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
@@ -111,6 +117,18 @@ def _load_hf_folder(folder: Path, with_tokenizer: bool, dtype, max_seq_len, laye
         return model
     tokenizer = build_tokenizer(str(folder)) if (folder / TOKENIZER_FILE).is_file() else None
     return model, tokenizer
+
+
+def _load_gguf_file(path: Path, with_tokenizer: bool, dtype, max_seq_len, layers, pools):
+    """A GGUF file: weights dequantised to ``dtype`` (default float32), the tokenizer from the file."""
+    try:
+        model = load_gguf_model(path, max_seq_len=max_seq_len, layers=layers, pools=pools)
+        model.to(dtype or torch.float32).eval()
+        if not with_tokenizer:
+            return model
+        return model, build_tokenizer(str(gguf_tokenizer_folder(path)))
+    except (HFImportError, ModelConfigError) as err:
+        raise PretrainedFormatError(str(err)) from err
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

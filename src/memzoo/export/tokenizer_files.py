@@ -11,7 +11,8 @@ memzoo's :class:`~memzoo.data.tokenizers.ByteTokenizer` (ids 0–255 = UTF-8 byt
   ``"<|endoftext|>"`` encode as its 13 bytes, as memzoo does;
 - the ``ByteLevel`` decoder turns ids back into bytes, and invalid UTF-8 into U+FFFD.
 
-A :class:`~memzoo.data.tokenizers.HFTokenizer`'s own ``tokenizer.json`` is copied as it is.
+A :class:`~memzoo.data.tokenizers.HFTokenizer`'s own ``tokenizer.json`` is copied as it is, with the chat template,
+bos token and ``add_bos_token`` of a ``tokenizer_config.json`` beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def byte_level_tokenizer(tokenizer: ByteTokenizer):
     return rust
 
 
+#: settings of a source ``tokenizer_config.json`` an export keeps (a GGUF file's or Hugging Face folder's)
+CARRIED_SETTINGS = ("chat_template", "bos_token", "add_bos_token", "unk_token")
+
+
+def carried_tokenizer_settings(config: Path) -> dict[str, Any]:
+    """The :data:`CARRIED_SETTINGS` of the ``tokenizer_config.json`` at ``config`` (none when there is none)."""
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{config} cannot be read as JSON ({err}); fix or remove it") from err
+    return {k: data[k] for k in CARRIED_SETTINGS if isinstance(data, dict) and data.get(k) is not None}
+
+
 def write_tokenizer_files(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> str:
     """Writes ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder``; returns the manifest's tokenizer
     entry (``"byte"``, or ``"tokenizer.json"`` for a copied Hugging Face tokenizer)."""
@@ -64,7 +80,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, folder: Path, model_max_length: 
     elif isinstance(tokenizer, HFTokenizer):
         shutil.copyfile(tokenizer.path, folder / TOKENIZER_FILE)
         eos, pad, entry = tokenizer.eos_token, tokenizer.pad_token, TOKENIZER_FILE
-        extra = {}
+        extra = carried_tokenizer_settings(tokenizer.path.parent / TOKENIZER_CONFIG_FILE)
     else:
         raise ExportError(
             f"cannot export tokenizer {tokenizer!r}: only memzoo's ByteTokenizer and HFTokenizer are written as "

@@ -3,7 +3,8 @@
 :func:`resolve_model_source` turns a hub id into the local folder of its snapshot (``huggingface_hub``'s cache:
 ``config.json``, tokenizer files and ``*.safetensors`` only). It downloads where the hub is reachable and reads the
 cache otherwise (``HF_HUB_OFFLINE=1``), so a run that fetched a model once starts again without network. Local
-paths that exist always win over hub ids of the same spelling.
+paths that exist always win over hub ids of the same spelling. ``package:NAME`` names the ``.gguf`` file installed
+Python distribution NAME ships (:func:`memzoo.model.gguf.package_gguf`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import re
 from pathlib import Path
 
 from memzoo.model.retrofit import InitFromError
+
+#: ``package:NAME``: the .gguf file of installed Python distribution NAME (:func:`memzoo.model.gguf.package_gguf`)
+PACKAGE_PREFIX = "package:"
 
 #: what a hub snapshot needs for memzoo: the config, the safetensors weights (single file or shards + index) and
 #: every tokenizer file format transformers reads
@@ -35,6 +39,13 @@ def resolve_model_source(name: str | Path, where: str = "init_from") -> Path:
     in the cache (``where`` prefixes the message, e.g. the YAML key)."""
     path = Path(name)
     text = str(name)
+    if text.startswith(PACKAGE_PREFIX) and not path.exists():  # a .gguf file an installed Python package ships
+        from memzoo.model.gguf import GGUFImportError, package_gguf
+
+        try:
+            return package_gguf(text[len(PACKAGE_PREFIX):])
+        except GGUFImportError as err:
+            raise InitFromError(f"{where}: {err}") from None
     if path.exists() or not looks_like_hub_id(text):
         return path
     if text in _RESOLVED:  # the CLI resolves init_from for its tokenizer, then the model again: one hub call

