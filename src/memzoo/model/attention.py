@@ -34,7 +34,7 @@ def _xformers_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device is available (xformers' kernels run only on CUDA)"
     try:
-        import xformers.ops as xops
+        xops = _xformers_ops()
     except Exception as err:  # ImportError or a broken build
         return False, f"xformers does not import: {err}"
     try:
@@ -43,6 +43,16 @@ def _xformers_status() -> tuple[bool, str]:
     except Exception as err:
         return False, f"xformers imports but its attention kernel fails here: {err}"
     return True, ""
+
+
+def _xformers_ops():
+    """``xformers.ops`` (optional: imported inside a try, so import checkers such as Hugging Face's remote-code
+    loader treat it as optional; the ImportError reaches the caller)."""
+    try:
+        import xformers.ops as xops
+    except ImportError as err:
+        raise ImportError(f"xformers does not import: {err}") from err
+    return xops
 
 
 def check_attention_backend(backend: str) -> None:
@@ -180,8 +190,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask)
             y = y.transpose(1, 2)
         elif self._use_xformers(x):
-            import xformers.ops as xops
-
+            xops = _xformers_ops()
             k, v = self._expand_kv(k, 2), self._expand_kv(v, 2)
             y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=dropout_p)
         else:
