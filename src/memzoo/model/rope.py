@@ -113,12 +113,22 @@ class RotaryEmbedding(nn.Module):
         self.max_seq_len = max_seq_len
         self.base = base
         self.scaling = dict(scaling) if scaling is not None else None
-        inv_freq = rope_inv_freq(head_dim, base, scaling)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        for name, table in self._tables():
+            self.register_buffer(name, table, persistent=False)
+
+    def _tables(self) -> list[tuple[str, torch.Tensor]]:
+        inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
+        cos, sin = angles.cos(), angles.sin()
         # cos at full width, (cos, cos), as the rotation multiplies it
-        self.register_buffer("cos_full", torch.cat((angles.cos(), angles.cos()), dim=-1).float(), persistent=False)
+        return [("cos", cos.float()), ("sin", sin.float()), ("cos_full", torch.cat((cos, cos), dim=-1).float())]
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Recomputes the tables in place (for a module whose buffers were allocated but not filled, as when a
+        loader builds the model on the meta device and then materialises it)."""
+        for name, table in self._tables():
+            getattr(self, name).copy_(table)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotates ``x: (B, T, ..., head_dim)`` (e.g. ``(B, T, H, hd)``, or queries and keys together as
