@@ -4,7 +4,9 @@ every one of them, and they import only the standard library, torch, transformer
 inside ``try``."""
 
 import ast
+import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from memzoo.export.shipped_code import (
 from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
 
+transformers = pytest.importorskip("transformers")
 dynamic_module_utils = pytest.importorskip("transformers.dynamic_module_utils")
 
 #: Packages a shipped file may import outside ``try``: torch and transformers, and safetensors, which transformers
@@ -129,3 +132,17 @@ def test_rewrite_changes_only_the_import_path_and_the_op_namespace(tmp_path):
         'from .memzoo_ops_product_keys import (\n    candidate_pairs,\n)\nfrom .memzoo_model_rope import x  # k\n'
         'OP = "memzoo_abcdef012345::f"\nDOC = "``memzoo::f``"\n'
     )
+
+
+def test_the_adapter_picks_the_attention_kernel_of_the_loading_machine(folder, tmp_path):
+    """A model trained with ``attention_backend: xformers`` still loads on a machine without CUDA."""
+    copy = tmp_path / "xformers-trained"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["architecture"]["attention_backend"] = "xformers"
+    (copy / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)(ids).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

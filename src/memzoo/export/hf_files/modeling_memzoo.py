@@ -74,7 +74,9 @@ class MemzooForCausalLM(MemzooPreTrainedModel, GenerationMixin):
         if config.architecture is None:
             raise ValueError("memzoo: config.json has no `architecture`; export the model again with memzoo")
         try:
-            decoder = Transformer(ModelConfig.from_dict(config.architecture, source="config.json: architecture"))
+            architecture = ModelConfig.from_dict(config.architecture, source="config.json: architecture")
+            # the attention kernel is this machine's choice (xformers on CUDA when it runs, else SDPA)
+            decoder = Transformer(architecture.replace(attention_backend="auto"))
         except (BlockConfigError, ValueError, TypeError) as err:
             raise ValueError(f"memzoo: config.json does not describe a buildable model: {err}") from err
         self.__dict__["decoder"] = decoder  # not a child: its modules are registered below, under their own names
