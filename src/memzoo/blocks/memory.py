@@ -173,7 +173,7 @@ class ProductKeyMemory(ReadsPool, Block):
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (2 per multiply-add; norms, softmax, silu and products omitted): the router's
-        (:meth:`ProductKeyRouter.flops_per_token` with ``candidate_pairs(knn)`` sums) + ``2·H·knn·value_dim``
+        (:meth:`ProductKeyRouter.flops_per_token`) + ``2·H·knn·value_dim``
         (weighted read) + ``2·dim·value_dim`` per projection (``W_1`` and ``W_2`` for Memory+, ``W_o`` for PKM)."""
         flops = self.router.flops_per_token() + 2 * self.heads * self.knn * self.value_dim
         flops += sum(2 * self.dim * self.value_dim for proj in (self.gate_proj, self.out_proj) if proj is not None)

@@ -137,7 +137,7 @@ class PEER(ReadsPool, Block):
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (a multiply-add counts 2; norms, activations, softmax and top-k selection are
-        not counted): the router's (:meth:`ProductKeyRouter.flops_per_token` with ``candidate_pairs(knn)`` sums)
+        not counted): the router's (:meth:`ProductKeyRouter.flops_per_token`)
         + ``2·2·heads·knn·dim`` (the experts' down and up products)."""
         return self.router.flops_per_token() + 4 * self.heads * self.knn * self.dim
 
