@@ -522,3 +522,16 @@ def test_python_blocks_run(index, workspace, monkeypatch, capsys):
         assert (folder / block.splitlines()[0][2:]).read_text() == block
         return
     exec(compile(block, f"{name} python block {index}", "exec"), {"__name__": "__doc_block__"})
+
+
+def test_shell_forms_expand_as_the_shell_does(tmp_path, monkeypatch):
+    """``\\`` continuations join; ``$(ls -dv GLOB | tail -1)`` is the last match in version order."""
+    assert joined_lines("memzoo fit --a 1 \\\n    --b 2\nmemzoo export\n") == ["memzoo fit --a 1 --b 2", "memzoo export"]
+    monkeypatch.chdir(tmp_path)
+    for n in (2, 9, 10):
+        (tmp_path / "runs" / f"version_{n}").mkdir(parents=True)
+    assert last_version("runs/version_*") == "runs/version_10"
+    assert resolve('memzoo export --ckpt "$(ls -dv runs/version_* | tail -1)/last.ckpt"') == [
+        "export", "--ckpt", "runs/version_10/last.ckpt"]
+    with pytest.raises(AssertionError, match="no path matches"):
+        last_version("runs/other_*")
