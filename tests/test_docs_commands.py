@@ -2,8 +2,9 @@
 
 What counts as a command: each line of a fenced ``bash``/``shell``/``sh``/unlabelled block that starts with
 ``memzoo``, ``python``, ``python3``, ``pip`` or ``export`` (lines ending in ``\\`` joined with the next, one space
-between), and each inline code span that starts with ``memzoo `` or ``python `` (a span may wrap over lines). Every ``python`` block is run too (one whose first line is ``# name.py`` is written to
-that file instead, as the text says). A command no rule below covers fails :func:`test_every_documented_command_has_a_rule`
+between), and each inline code span that starts with ``memzoo `` or ``python `` (a span may wrap over lines).
+Every ``python`` block is run too (one whose first line is ``# name.py`` is written to that file instead, as the
+text says). A command no rule below covers fails :func:`test_every_documented_command_has_a_rule`
 with its text, so a command added to the docs is either run or named.
 
 How each kind runs (in a scratch folder holding ``configs/`` of this checkout, so ``runs/`` lands there):
