@@ -21,7 +21,7 @@ from memzoo import LanguageModel
 from memzoo.data import FactsDataModule
 from memzoo.model.config import ModelConfig
 from memzoo.training.data_parallel import check_strategy, sparse_tables
-from memzoo.training.sparse_grad_sync import (
+from memzoo.parallel.sparse_grad_sync import (
     all_reduce_row_sparse_,
     dense_all_reduce_bytes_per_rank,
     exchange_bytes_per_rank,

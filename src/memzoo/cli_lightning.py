@@ -33,7 +33,7 @@ import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
 from memzoo.atomic import remove_stale_partials
-from memzoo.cli import ConfigError
+from memzoo.cli_base import ConfigError
 from memzoo.config_errors import describe_parse_error
 from memzoo.data import LMDataModule
 from memzoo.export.checkpoint_check import (

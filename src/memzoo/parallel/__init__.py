@@ -7,5 +7,5 @@
 - Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and communication per step of a model on W ranks, laid
   out as the ``ddp`` strategy or ``MemoryParallelStrategy`` does, from weights on the ``meta`` device).
 - Data parallel (``trainer.strategy: ddp``) is part of training itself, so a plain ``LanguageModel`` runs under DDP:
-  :mod:`memzoo.training.data_parallel` and :mod:`memzoo.training.sparse_grad_sync`.
+  :mod:`memzoo.training.data_parallel` and :mod:`memzoo.parallel.sparse_grad_sync`.
 """

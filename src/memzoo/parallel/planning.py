@@ -11,7 +11,7 @@ counting what each really does:
   tensors of each weight's size: 2 for AdamW) are replicated on every rank; DDP all-reduces their gradients once
   per optimizer step;
 - pools are replicated; a dense-update pool is all-reduced with the rest, a sparse-update pool exchanges the rows
-  a step touched (:mod:`memzoo.training.sparse_grad_sync`); both costs are listed.
+  a step touched (:mod:`memzoo.parallel.sparse_grad_sync`); both costs are listed.
 
 ``memory_parallel`` (:class:`~memzoo.parallel.strategy.MemoryParallelStrategy`, any ``M``; the layout is the one
 :func:`memzoo.parallel.memory_parallel.memory_parallel_layout` describes and ``apply_memory_parallel`` applies):
@@ -52,7 +52,7 @@ from memzoo.parallel.memory_parallel import (
     memory_parallel_layout,
     read_bytes_per_step,
 )
-from memzoo.training.sparse_grad_sync import (
+from memzoo.parallel.sparse_grad_sync import (
     INDEX_BYTES,
     dense_all_reduce_bytes_per_rank,
     exchange_bytes_per_rank,

@@ -11,7 +11,7 @@ DDP reduces dense gradients in buckets; it cannot reduce the row-sparse gradient
    sparse tables to every rank, as DDP does for the parameters it manages.
 3. :meth:`RowSparseSync.all_reduce_` (``on_before_optimizer_step``: once per optimizer step, after the last
    micro-batch of gradient accumulation, before gradient clipping) replaces each sparse table's gradient by the mean
-   over ranks, exchanging only touched rows (:mod:`memzoo.training.sparse_grad_sync`). Gradient clipping
+   over ranks, exchanging only touched rows (:mod:`memzoo.parallel.sparse_grad_sync`). Gradient clipping
    (``clip_dense_grad_norm_``) leaves row-sparse gradients to their row-wise optimizer, so its result does not
    depend on when the rows were exchanged.
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from memzoo.blocks.pool import find_pools
-from memzoo.training.sparse_grad_sync import ExchangeStats, all_reduce_row_sparse_
+from memzoo.parallel.sparse_grad_sync import ExchangeStats, all_reduce_row_sparse_
 
 __all__ = ["RowSparseSync", "prepare_data_parallel", "sparse_tables"]
 
@@ -112,7 +112,7 @@ def _find_unused_parameters_for_moe(module: nn.Module, strategy: object) -> None
 class RowSparseSync:
     """The sparse tables of a data-parallel model and their exchange (see the module docstring).
 
-    ``last_stats``: the :class:`~memzoo.training.sparse_grad_sync.ExchangeStats` of the latest exchange."""
+    ``last_stats``: the :class:`~memzoo.parallel.sparse_grad_sync.ExchangeStats` of the latest exchange."""
 
     def __init__(self, tables: Sequence[nn.Parameter], group: dist.ProcessGroup | None = None):
         self.tables = list(tables)
