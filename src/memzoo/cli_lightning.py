@@ -48,6 +48,7 @@ from memzoo.parallel.checkpoint import (
     is_sharded_checkpoint,
     sharded_meta_file,
 )
+from memzoo.parallel.sparse_ddp import sparse_ddp_for
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
@@ -146,7 +147,8 @@ class MemzooCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
-        (``runs/<experiment>/version_<n>``, unless the config sets ``trainer.logger``)."""
+        (``runs/<experiment>/version_<n>``, unless the config sets ``trainer.logger``); runs a DDP strategy name
+        (``ddp``, ``ddp_spawn``, ...) as :class:`memzoo.parallel.SparseDDPStrategy` with the same settings."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
         extra = []
@@ -156,6 +158,9 @@ class MemzooCLI(LightningCLI):
             extra.append(FlopsModelSummary())
         if extra:
             kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), *extra]
+        sparse_ddp = sparse_ddp_for(trainer_config.get("strategy"))
+        if sparse_ddp is not None:  # DDP with the row exchange of sparse pools (plain DDP would refuse them)
+            kwargs["strategy"] = sparse_ddp
         if config["trainer"].get("logger") in (None, True):
             name = _experiment_name(config)
             kwargs["logger"] = RunFolderLogger(save_dir=DEFAULT_RUNS_DIR, name=name)

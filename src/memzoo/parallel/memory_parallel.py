@@ -60,7 +60,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -68,6 +67,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from memzoo.blocks.pool import MemoryPool, find_pools
 from memzoo.ops import weighted_gather
+from memzoo.parallel.torch_private import all_gather_dim0, all_to_all_dim0, flatten_mesh
 
 #: Names of the two mesh axes: data parallel (replicas of a table shard) and memory parallel (shards of a table).
 DATA_PARALLEL, MEMORY_PARALLEL = "data_parallel", "memory_parallel"
@@ -227,15 +227,15 @@ def sharded_weighted_gather(
     idx = indices.reshape(-1, k).long()
     w = weights.reshape(-1, k)
     n = idx.shape[0]
-    counts = funcol.all_gather_single(torch.tensor([n], device=idx.device), 0, group)
+    counts = all_gather_dim0(torch.tensor([n], device=idx.device), group)
     n_max = int(counts.max())
     if n < n_max:  # pad with zero-weight bags so every rank sends and receives equal blocks
         idx = F.pad(idx, (0, 0, 0, n_max - n))
         w = F.pad(w, (0, 0, 0, n_max - n))
-    all_idx = funcol.all_gather_single(idx, 0, group)  # (M·n_max, K), no gradient
-    all_w = funcol.all_gather_single_autograd(w, 0, group)  # backward: reduce-scatter (sum of partial dots)
+    all_idx = all_gather_dim0(idx, group)  # (M·n_max, K), no gradient
+    all_w = all_gather_dim0(w, group, differentiable=True)  # backward: reduce-scatter (sum of partial dots)
     columns = weighted_gather(local_values, all_idx, all_w)  # (M·n_max, D/M): my columns of every rank's bags
-    mine = funcol.all_to_all_single_autograd(columns, None, None, group)  # block i: rank i's columns of my bags
+    mine = all_to_all_dim0(columns, group)  # block i: rank i's columns of my bags
     d_local = local_values.shape[1]
     out = mine.view(size, n_max, d_local).permute(1, 0, 2).reshape(n_max, size * d_local)[:n]
     return out.reshape(*lead, size * d_local)
@@ -324,7 +324,7 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
             dist.broadcast(param.data, src=0)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-    all_ranks = mesh._flatten(ALL_RANKS) if mesh.size() > 1 else mesh[DATA_PARALLEL]
+    all_ranks = flatten_mesh(mesh, ALL_RANKS) if mesh.size() > 1 else mesh[DATA_PARALLEL]
     for unit in fsdp_units(model):  # the layers, then the root
         fully_shard(unit, mesh=all_ranks, ignored_params=ignored)
 
