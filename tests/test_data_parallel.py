@@ -297,3 +297,21 @@ def test_batchnorm_queries_run_as_sync_batchnorm():
     tokens = torch.randint(0, 250, (3, 10))
     torch.testing.assert_close(synced(tokens), plain(tokens))
     torch.testing.assert_close(synced.state_dict(), plain.state_dict())
+
+
+def test_the_cli_runs_ddp_as_sparse_ddp(tmp_path, monkeypatch):
+    """``--trainer.strategy ddp`` (and the other DDP names) in the memzoo CLI build SparseDDPStrategy, so a config
+    with sparse pools never gets a plain DDP; other strategies are left as given."""
+    from pathlib import Path
+
+    from memzoo.cli_lightning import build_from_config
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "facts-memoryplus.yaml")
+    for name, expected in [("ddp", SparseDDPStrategy), ("ddp_find_unused_parameters_true", SparseDDPStrategy)]:
+        cli = build_from_config(["--config", config, "--trainer.strategy", name, "--trainer.devices", "1",
+                                 "--trainer.accelerator", "cpu"])
+        assert type(cli.trainer.strategy) is expected, (name, cli.trainer.strategy)
+    assert cli.trainer.strategy.find_unused_parameters is True
+    cli = build_from_config(["--config", config, "--trainer.devices", "1", "--trainer.accelerator", "cpu"])
+    assert not isinstance(cli.trainer.strategy, SparseDDPStrategy)

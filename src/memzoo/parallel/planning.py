@@ -5,7 +5,7 @@ are allocated; ``memzoo summary --config X --world-size W [--memory-parallel M]`
 :func:`memzoo.accounting.plan_config`). It plans one of the two strategies that train memzoo models on many ranks,
 counting what each really does:
 
-``ddp`` (``trainer.strategy: ddp``, ``M = 1``; :mod:`memzoo.training.data_parallel`):
+``ddp`` (``trainer.strategy: ddp``, ``M = 1``; :class:`memzoo.parallel.SparseDDPStrategy`):
 
 - dense weights (everything outside pools) and their gradients and optimizer states (``dense_optimizer_states``
   tensors of each weight's size: 2 for AdamW) are replicated on every rank; DDP all-reduces their gradients once
