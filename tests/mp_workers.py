@@ -75,14 +75,19 @@ def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
     torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
 
 
-def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_parallel: int = 2) -> None:
+def sharded_equals_unsharded(
+    rank: int, world_size: int, steps: int, memory_parallel: int = 2, activation_checkpointing: bool = False
+) -> None:
     """A model with its pool sharded 2 ways (+ FSDP2 for the rest) on 2 ranks, each on its half of a global batch,
     vs the same model in one process on the whole batch: logits, gradients, the clipped gradient norm, AdamW steps,
-    and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances)."""
+    and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances).
+    Applied through ``memzoo.parallel.parallelize``; ``activation_checkpointing``: the layers, sharded reads included,
+    are recomputed in backward (their collectives run again)."""
     from torch.distributed.tensor import DTensor
 
     from memzoo.model.transformer import Transformer
-    from memzoo.parallel.memory_parallel import apply_memory_parallel, build_mesh, table_bytes_per_rank
+    from memzoo.parallel import parallelize
+    from memzoo.parallel.memory_parallel import build_mesh, table_bytes_per_rank
     from memzoo.training.optim import clip_dense_grad_norm_
 
     torch.manual_seed(0)
@@ -91,7 +96,7 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_para
     sharded.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, 64, (steps, 4, 8), generator=torch.Generator().manual_seed(1))
     mesh = build_mesh("cpu", world_size, memory_parallel)
-    apply_memory_parallel(sharded, mesh)
+    parallelize(sharded, mesh, activation_checkpointing=activation_checkpointing)
     table = sharded.pools["memory"].values
     assert isinstance(table, DTensor) and table.to_local().shape == (64, 12 // memory_parallel), table
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
@@ -220,6 +225,7 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
         torch.save(weights, f"{out}/mp_from_single_step4.pt")
     sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
     sharded_equals_unsharded(rank, world_size, 2, memory_parallel=1)  # replicated tables: summed over data_parallel
+    sharded_equals_unsharded(rank, world_size, 2, activation_checkpointing=True)
     sharded_read_equals_weighted_gather(rank, world_size)
     planner_counts_equal_local_shards(rank, world_size)
 
