@@ -58,7 +58,7 @@ def test_planned_elements_equal_the_strategys_shards(runs):
 @pytest.mark.distributed
 def test_two_ranks_and_resharded_resumes_equal_one_process(runs):
     reference = torch.load(runs / "single_step4.pt")
-    for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4"):
+    for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4", "mp1_step4"):
         weights = torch.load(runs / f"{name}.pt")
         assert weights.keys() == reference.keys()
         for key, value in reference.items():

@@ -25,7 +25,9 @@ Bytes per rank per read (``s`` bytes per value, 8 per index), with ``M`` ranks i
     backward  all-to-all of output grads      (M-1)·B·(D/M)·s
               reduce-scatter of weight grads  (M-1)·B·K·s
     table gradient                            0 inside the group; when dp > 1, a dense all-reduce of the N·D/M
-                                              shard over the data_parallel axis, once per read (per memory layer)
+                                              shard over the data_parallel axis, once per optimizer step
+                                              (:func:`reduce_table_gradients`: reads and micro-batches accumulate
+                                              the local shard gradient first)
 
 Why the value dimension and not row ranges (embedding-table style: rank ``i`` owns rows ``[i·N/M, (i+1)·N/M)``,
 each ``(bag, index, weight)`` is routed to its row's owner, owners return partial sums):
@@ -241,25 +243,25 @@ def sharded_weighted_gather(
     return out.reshape(*lead, size * d_local)
 
 
-class _ScaleAndSumGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``scale`` and sums it over ``group`` (if any)."""
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, scale: float, group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.scale, ctx.group = scale, group
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
         return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad * ctx.scale
-        if ctx.group is not None:
-            dist.all_reduce(grad, group=ctx.group)
-        return grad, None, None
+        return grad * ctx.scale, None
 
 
 @dataclass
 class ShardedRead:
-    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh and the gradient scale."""
+    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh and the gradient scale.
+
+    The table shard's gradient of a read is this rank's only (times ``grad_scale``); the sum over the
+    ``data_group`` replicas happens once per optimizer step (:func:`reduce_table_gradients`)."""
 
     memory_group: dist.ProcessGroup
     data_group: dist.ProcessGroup | None  # None when data_parallel has one rank (nothing to sum)
@@ -267,7 +269,7 @@ class ShardedRead:
 
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         local = table.to_local() if isinstance(table, DTensor) else table
-        local = _ScaleAndSumGrad.apply(local, self.grad_scale, self.data_group)
+        local = _ScaleGrad.apply(local, self.grad_scale)
         return sharded_weighted_gather(local, indices, weights.to(local.dtype), self.memory_group)
 
 
@@ -277,6 +279,29 @@ class ShardedRead:
 def sharded_tables(model: nn.Module) -> list[nn.Parameter]:
     """The memory-parallel (``DTensor`` on the ``memory_parallel`` axis) tables of ``model``'s pools."""
     return [t for pool in find_pools(model).values() for t in pool.tables().values() if isinstance(t, DTensor)]
+
+
+@torch.no_grad()
+def reduce_table_gradients(model: nn.Module) -> int:
+    """Sums each sharded table's gradient over its data-parallel replicas (``mesh["data_parallel"]``), in place:
+    call once per optimizer step, after the last backward and before clipping and the step (as
+    :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` does). Every rank must call it; a table without a
+    gradient on a rank contributes zeros. Returns the number of all-reduces run (0 when there are no replicas)."""
+    reduces = 0
+    for pool in find_pools(model).values():
+        read = pool.sharded_read
+        if not isinstance(read, ShardedRead) or read.data_group is None:
+            continue
+        for table in pool.tables().values():
+            if not isinstance(table, DTensor):
+                continue
+            if table.grad is None:
+                table.grad = DTensor.from_local(torch.zeros_like(table.to_local()), table.device_mesh,
+                                                table.placements)
+            grad = table.grad.to_local() if isinstance(table.grad, DTensor) else table.grad
+            dist.all_reduce(grad, group=read.data_group)
+            reduces += 1
+    return reduces
 
 
 def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -366,6 +391,7 @@ __all__ = [
     "fsdp_units",
     "memory_parallel_layout",
     "read_bytes_per_step",
+    "reduce_table_gradients",
     "sharded_tables",
     "sharded_weighted_gather",
     "table_bytes_per_rank",

@@ -21,9 +21,10 @@ counting what each really does:
   shard, whose bytes are listed), with their gradients and optimizer states; per micro-batch each layer's weights
   are all-gathered twice (forward, backward) and the root's once, and all gradients are reduce-scattered;
 - each pool's tables are split along ``value_dim`` over the ``M`` ranks of a group (each holds all rows ×
-  ``value_dim / M``) with their gradients and optimizer states; per micro-batch and read (each block reading the
-  pool) the table-shard gradient is all-reduced over the ``D`` replicas and the lookup sends its indices, weights
-  and outputs within the group (:func:`memzoo.parallel.memory_parallel.read_bytes_per_step`);
+  ``value_dim / M``) with their gradients and optimizer states; once per optimizer step the table-shard gradient
+  (accumulated over reads and micro-batches) is all-reduced over the ``D`` replicas
+  (:func:`memzoo.parallel.memory_parallel.reduce_table_gradients`), and each read sends its indices, weights and
+  outputs within the group (:func:`memzoo.parallel.memory_parallel.read_bytes_per_step`);
 - pools the strategy cannot run (``update: sparse``, PEER's expert pools) are refused with the strategy's own
   message (:func:`memzoo.parallel.memory_parallel.check_memory_parallel`).
 
@@ -170,7 +171,7 @@ class ParallelPlan:
                      f"memory-parallel, MemoryParallelStrategy")
             explain = ("comm/step: bytes a rank sends per optimizer step (ring collectives); dense weights: FSDP2 "
                        "all-gathers (twice per layer and micro-batch) and reduce-scatters; pools: the table-shard "
-                       "gradient all-reduced over the data-parallel replicas once per read and micro-batch, and "
+                       "gradient all-reduced over the data-parallel replicas once per step, and "
                        "the lookups' all-gathers and all-to-alls within the group (gather/scatter)")
         lines = [
             f"{title}; {self.tokens_per_rank_step:,} tokens per rank and optimizer step in {self.micro_batches} "
@@ -335,7 +336,7 @@ def _plan_memory_parallel(model, dense_optimizer_states, *, world_size, memory_p
         readers = _pool_readers(model, pool)
         touched = min(rows, tokens_per_rank_step * sum(readers))
         shard = tables * rows * width * b
-        all_reduce = micro_batches * len(readers) * tables * dense_all_reduce_bytes_per_rank(rows, width, dp, b)
+        all_reduce = tables * dense_all_reduce_bytes_per_rank(rows, width, dp, b)  # once per step
         lookups = sum(read_bytes_per_step(tokens_per_rank_step, k, pool.value_dim, m, b) for k in readers)
         layout = f"{pool.update}, value_dim/{m} = {width}" if m > 1 else f"{pool.update}, whole table"
         plans.append(PoolPlan(

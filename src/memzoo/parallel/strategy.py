@@ -19,6 +19,9 @@ What it does, on top of Lightning's strategy (process launch, DCP checkpoints, r
   tensor-parallel default does): memory parallelism shards a table, not the batch;
 - checks the sizes before anything runs (``M`` divides the world size and every pool's ``value_dim``, pools it can
   shard), and a resume checkpoint before it is loaded (complete, same global shapes);
+- sums each table shard's gradient over its data-parallel replicas once per optimizer step (after the last
+  backward of gradient accumulation, before clipping: :func:`~memzoo.parallel.memory_parallel.reduce_table_gradients`),
+  not once per read;
 - writes each checkpoint folder atomically (temporary name, renamed after all ranks wrote their shards);
 - loads a one-process ``.ckpt`` file (1 → M) with its optimizer state keyed by parameter name.
 
@@ -49,6 +52,7 @@ from memzoo.parallel.memory_parallel import (
     MemoryParallelError,
     build_mesh,
     check_memory_parallel,
+    reduce_table_gradients,
 )
 from memzoo.parallel.torch_private import (
     load_full_module_state,
@@ -91,6 +95,18 @@ class MemoryParallelStrategy(ModelParallelStrategy):
         check_memory_parallel(self.lightning_module, self.memory_parallel, world_size)  # before any collective
         setup_model_parallel_process_group(self)
         set_device_mesh(self, build_mesh(self.root_device.type, self.world_size, self.memory_parallel))
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        """The optimizer step, with the table shards' gradients summed over the data-parallel replicas right
+        after the backward (once per step, whatever the number of reads and micro-batches)."""
+        module = self.lightning_module
+
+        def closure_then_reduce() -> Any:
+            result = closure()
+            reduce_table_gradients(module)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
