@@ -75,23 +75,30 @@ def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
     torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
 
 
-def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_parallel: int = 2) -> None:
+def sharded_equals_unsharded(
+    rank: int, world_size: int, steps: int, memory_parallel: int = 2, activation_checkpointing: bool = False
+) -> None:
     """A model with its pool sharded 2 ways (+ FSDP2 for the rest) on 2 ranks, each on its half of a global batch,
     vs the same model in one process on the whole batch: logits, gradients, the clipped gradient norm, AdamW steps,
-    and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances)."""
+    and table + optimizer-state bytes per rank (float64 weights; RMSNorm computes in float32, hence tolerances).
+    Applied through ``memzoo.parallel.parallelize``; ``activation_checkpointing``: the layers, sharded reads included,
+    are recomputed in backward (their collectives run again)."""
     from torch.distributed.tensor import DTensor
 
     from memzoo.model.transformer import Transformer
-    from memzoo.parallel.memory_parallel import apply_memory_parallel, build_mesh, table_bytes_per_rank
+    from memzoo.parallel import parallelize
+    from memzoo.parallel.memory_parallel import build_mesh, reduce_table_gradients, table_bytes_per_rank
     from memzoo.training.optim import clip_dense_grad_norm_
 
     torch.manual_seed(0)
-    reference = Transformer(**MODEL).double()
-    sharded = Transformer(**MODEL).double()
+    memory = MODEL["layers"][1]
+    config = {**MODEL, "layers": {0: memory, 1: memory}}  # two reads of one pool per step
+    reference = Transformer(**config).double()
+    sharded = Transformer(**config).double()
     sharded.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, 64, (steps, 4, 8), generator=torch.Generator().manual_seed(1))
     mesh = build_mesh("cpu", world_size, memory_parallel)
-    apply_memory_parallel(sharded, mesh)
+    parallelize(sharded, mesh, activation_checkpointing=activation_checkpointing)
     table = sharded.pools["memory"].values
     assert isinstance(table, DTensor) and table.to_local().shape == (64, 12 // memory_parallel), table
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
@@ -107,7 +114,11 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_para
         logits = sharded(mine)
         torch.testing.assert_close(logits, ref_logits[rank * half : (rank + 1) * half], rtol=1e-10, atol=1e-10)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten())
-        loss.backward()
+        with _counted_all_reduces() as during_backward:
+            loss.backward()
+        assert during_backward == [], during_backward  # no per-read reduction of the table shard ...
+        replicas = world_size // memory_parallel
+        assert reduce_table_gradients(sharded) == (1 if replicas > 1 else 0)  # ... one per step, over the replicas
         ref_grads = dict(reference.named_parameters())
         for name, param in sharded.named_parameters():
             full = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
@@ -126,6 +137,23 @@ def sharded_equals_unsharded(rank: int, world_size: int, steps: int, memory_para
     total = table_bytes_per_rank(sharded, opt)
     assert table_bytes_per_rank(sharded, None) * memory_parallel == ref_bytes, (table_bytes_per_rank(sharded, None), ref_bytes)
     assert total * memory_parallel == ref_total, (total, ref_total)
+
+
+class _counted_all_reduces:
+    """Records the group of every ``dist.all_reduce`` called inside the ``with`` block."""
+
+    def __enter__(self) -> list:
+        self.calls, self.original = [], dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):
+            self.calls.append(kwargs.get("group"))
+            return self.original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counted
+        return self.calls
+
+    def __exit__(self, *exc) -> None:
+        dist.all_reduce = self.original
 
 
 # ----------------------------------------------------------------------------------------------- Lightning runs
@@ -215,11 +243,15 @@ def two_rank_runs(rank: int, world_size: int, out: str) -> None:
         torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=f"exact resume: {name}")
     from_single, _ = fit(4, 2, 2, 2, ckpt=f"{out}/single/step=2.ckpt")
     weights = full_weights(from_single)
+    replicated, _ = fit(4, 1, 2, 2)  # memory_parallel 1: 2 replicas of whole tables, summed once per step
+    replicated_weights = full_weights(replicated)
     if rank == 0:
         torch.save(straight_weights, f"{out}/mp_step4.pt")
         torch.save(weights, f"{out}/mp_from_single_step4.pt")
+        torch.save(replicated_weights, f"{out}/mp1_step4.pt")
     sharded_equals_unsharded(rank, world_size, 2)  # the same processes, without Lightning
     sharded_equals_unsharded(rank, world_size, 2, memory_parallel=1)  # replicated tables: summed over data_parallel
+    sharded_equals_unsharded(rank, world_size, 2, activation_checkpointing=True)
     sharded_read_equals_weighted_gather(rank, world_size)
     planner_counts_equal_local_shards(rank, world_size)
 

@@ -1,7 +1,7 @@
 """Data parallel (``trainer.strategy: ddp``) against one process on the same global batch, 2 gloo processes on CPU.
 
-One spawn of 2 ranks runs every scenario (start-up is the slow part); each rank trains through Lightning's own
-``DDPStrategy`` with batch B, the reference trains in this process with batch 2B. The ranks' batches at step s are
+One spawn of 2 ranks runs every scenario (start-up is the slow part); each rank trains through
+``memzoo.parallel.SparseDDPStrategy`` (Lightning's ``DDPStrategy`` plus the row exchange of sparse pools) with batch B, the reference trains in this process with batch 2B. The ranks' batches at step s are
 together the reference's batch at step s (round-robin sampler), so weights must agree to fp32 tolerance.
 """
 
@@ -20,8 +20,14 @@ import torch.multiprocessing as mp
 from memzoo import LanguageModel
 from memzoo.data import FactsDataModule
 from memzoo.model.config import ModelConfig
-from memzoo.training.data_parallel import check_strategy, sparse_tables
-from memzoo.training.sparse_grad_sync import (
+from memzoo.parallel.sparse_ddp import (
+    RowSparseSync,
+    SparseDDPStrategy,
+    check_strategy,
+    sparse_ddp_for,
+    sparse_tables,
+)
+from memzoo.parallel.sparse_grad_sync import (
     all_reduce_row_sparse_,
     dense_all_reduce_bytes_per_rank,
     exchange_bytes_per_rank,
@@ -71,18 +77,31 @@ def data(batch_size: int) -> FactsDataModule:
 def fit(model_args, trainer_args, batch_size, devices, tmp, ckpt_path=None, max_steps=STEPS, callbacks=()):
     model = build(model_args)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
+        accelerator="cpu", devices=devices, strategy=SparseDDPStrategy() if devices > 1 else "auto", max_steps=max_steps,
         logger=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=max_steps,
         check_val_every_n_epoch=None, default_root_dir=tmp, **trainer_args,
     )
+    exchanges = EXCHANGES["count"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, data(batch_size), ckpt_path=ckpt_path)
     unsynced = [str(w.message) for w in caught if "sync_dist=True" in str(w.message)]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") or k == "train/tokens"}
     state = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-    return state, metrics, unsynced
+    return state, metrics, unsynced, EXCHANGES["count"] - exchanges
+
+
+#: Row exchanges run in this process (counted by the ranks: once per optimizer step, not per micro-batch).
+EXCHANGES = {"count": 0}
+
+
+def _counting_exchange(all_reduce_):
+    def counted(self):
+        EXCHANGES["count"] += 1
+        return all_reduce_(self)
+
+    return counted
 
 
 # ----------------------------------------------------------------------------------------------- the ranks
@@ -110,6 +129,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
+    RowSparseSync.all_reduce_ = _counting_exchange(RowSparseSync.all_reduce_)
     results = {}
     for name, (model_args, trainer_args) in SCENARIOS.items():
         results[name] = fit(model_args, trainer_args, BATCH, WORLD, tmp)
@@ -144,10 +164,12 @@ def ranks(tmp_path_factory):
 def test_two_ranks_train_the_weights_of_one_process(scenario, ranks, tmp_path):
     torch.set_num_threads(1)
     model_args, trainer_args = SCENARIOS[scenario]
-    reference, reference_metrics, _ = fit(model_args, trainer_args, WORLD * BATCH, 1, str(tmp_path))
+    reference, reference_metrics, *_ = fit(model_args, trainer_args, WORLD * BATCH, 1, str(tmp_path))
     start = build(model_args).model.state_dict()
     for rank in ranks:
-        state, metrics, unsynced = rank[scenario]
+        state, metrics, unsynced, exchanges = rank[scenario]
+        # the row exchange runs once per optimizer step (3 steps of 2 micro-batches), only with sparse pools
+        assert exchanges == (STEPS if scenario in ("memoryplus_sparse", "peer") else 0), (scenario, exchanges)
         assert not unsynced, unsynced
         moved = False
         for key, value in reference.items():  # Adam amplifies fp32 summation-order noise of ~0 gradients
@@ -206,6 +228,49 @@ def test_a_strategy_that_cannot_hold_row_sparse_gradients_fails_before_training(
     check_strategy(build(SCENARIOS["memoryplus_dense"][0]), FSDPStrategy())  # dense pools: fine
 
 
+def test_plain_ddp_never_meets_a_sparse_pool():
+    """Lightning's own DDPStrategy with a sparse pool is refused before training (it would not reduce the rows);
+    SparseDDPStrategy runs it, and the CLI's DDP names become SparseDDPStrategy with the same settings."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    sparse = build(SCENARIOS["memoryplus_sparse"][0])
+    with pytest.raises(ValueError, match=r"DDPStrategy cannot train pools with update: sparse \(model.pools.memory\)"
+                                         r".*memzoo.parallel.SparseDDPStrategy"):
+        check_strategy(sparse, DDPStrategy())
+    check_strategy(sparse, SparseDDPStrategy())
+    check_strategy(build(SCENARIOS["memoryplus_dense"][0]), DDPStrategy())  # dense pools: DDP's buckets
+    for name, find_unused, start in [("ddp", None, "popen"), ("ddp_spawn", None, "spawn"),
+                                     ("ddp_find_unused_parameters_true", True, "popen")]:
+        strategy = sparse_ddp_for(name)
+        assert isinstance(strategy, SparseDDPStrategy) and strategy.find_unused_parameters is find_unused
+        assert strategy._start_method == start
+    assert sparse_ddp_for("auto") is None and sparse_ddp_for("fsdp") is None and sparse_ddp_for(None) is None
+
+
+def test_moe_turns_on_find_unused_parameters(monkeypatch):
+    """configure_ddp leaves sparse tables out of DDP and sets find_unused_parameters for MoE models (a fake DDP
+    records what it was given; one process, no collectives)."""
+    import lightning.pytorch.strategies.ddp as lightning_ddp
+
+    seen = {}
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module, device_ids=None, **kwargs):
+            super().__init__()
+            seen.update(kwargs, ignored=set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())))
+            self.module = module
+
+    monkeypatch.setattr(lightning_ddp, "DistributedDataParallel", FakeDDP)
+    for scenario, find_unused, ignored in [("moe", True, set()), ("dense", None, set()),
+                                           ("memoryplus_sparse", None, {"model.pools.memory.values"})]:
+        seen.clear()
+        strategy = SparseDDPStrategy(parallel_devices=[torch.device("cpu")])
+        strategy.model = build(SCENARIOS[scenario][0])
+        strategy.configure_ddp()
+        assert seen.get("find_unused_parameters") is find_unused and seen["ignored"] == ignored, (scenario, seen)
+        assert strategy.row_sparse_sync is None  # a world of one: nothing to exchange
+
+
 @pytest.mark.cuda
 def test_row_sparse_exchange_on_nccl():
     """The exchange's collectives on CUDA tensors through NCCL (one GPU: a world of 1, the mean is the gradient)."""
@@ -234,3 +299,21 @@ def test_batchnorm_queries_run_as_sync_batchnorm():
     tokens = torch.randint(0, 250, (3, 10))
     torch.testing.assert_close(synced(tokens), plain(tokens))
     torch.testing.assert_close(synced.state_dict(), plain.state_dict())
+
+
+def test_the_cli_runs_ddp_as_sparse_ddp(tmp_path, monkeypatch):
+    """``--trainer.strategy ddp`` (and the other DDP names) in the memzoo CLI build SparseDDPStrategy, so a config
+    with sparse pools never gets a plain DDP; other strategies are left as given."""
+    from pathlib import Path
+
+    from memzoo.cli_lightning import build_from_config
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "facts-memoryplus.yaml")
+    for name, expected in [("ddp", SparseDDPStrategy), ("ddp_find_unused_parameters_true", SparseDDPStrategy)]:
+        cli = build_from_config(["--config", config, "--trainer.strategy", name, "--trainer.devices", "1",
+                                 "--trainer.accelerator", "cpu"])
+        assert type(cli.trainer.strategy) is expected, (name, cli.trainer.strategy)
+    assert cli.trainer.strategy.find_unused_parameters is True
+    cli = build_from_config(["--config", config, "--trainer.devices", "1", "--trainer.accelerator", "cpu"])
+    assert not isinstance(cli.trainer.strategy, SparseDDPStrategy)

@@ -1,10 +1,19 @@
-"""memzoo's import layering: ``ops <- nn <- blocks <- model <- training <- export / cli``, data beside them.
+"""memzoo's import layering and its import graph.
 
-Every ``import memzoo.X`` anywhere in a module (top level or inside a function) must name a package its layer may
-use, so no import runs back up the stack and no cycle can form between layers."""
+Layers: ``ops <- nn <- blocks <- model <- parallel <- training <- export / cli``, data beside them. Every import of a
+memzoo module anywhere in a file (top level, inside a function, under ``TYPE_CHECKING``, relative
+``from . import x`` / ``from ..blocks import y``, and a string that is a dotted memzoo path such as a ``class_path``
+value or an ``importlib.import_module`` argument) must name a package its layer may use, and the graph of these
+imports between the modules of ``src/memzoo`` (top-level modules included) has no cycle.
+"""
+
+from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import memzoo
 
@@ -19,50 +28,194 @@ ALLOWED = {
     "safe_load": set(),
     "config_yaml": set(),
     "config_errors": set(),
+    "cli_base": set(),
     "registry": {"blocks"},  # the public path of memzoo.blocks.registry
     "blocks": LOW | {"blocks"},
     "model": LOW | {"registry", "blocks", "model"},
     "data": LOW | {"data"},
-    "training": LOW | {"registry", "blocks", "model", "training"},
-    "parallel": LOW | {"registry", "blocks", "model", "training", "parallel"},
+    "parallel": LOW | {"registry", "blocks", "model", "parallel"},
+    "training": LOW | {"registry", "blocks", "model", "parallel", "training"},
 }
-#: Top layer: may import anything.
+#: Top layer: may import anything (but still no cycle).
 TOP = {"export", "pretrained", "accounting", "cli", "cli_lightning", "cli_verbs", "__main__", "__init__"}
+#: Files shipped into export folders: they import only torch and transformers (tested in test_export).
+SHIPPED = ("export", "hf_files")
+#: A string that is a whole dotted memzoo path (a class path or module name given as data).
+DOTTED_PATH = re.compile(r"memzoo(\.[A-Za-z_]\w*)+")
+#: Strings that look like a dotted path but name no import: (file, string) -> why.
+NOT_AN_IMPORT = {("blocks/registry.py", "memzoo.blocks"): "the entry-point group name"}
 
 
-def memzoo_imports(path: Path) -> set[str]:
-    """The first components under ``memzoo`` of every memzoo module ``path`` imports."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    found = set()
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "memzoo"]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "memzoo" and len(parts) > 1:
-                found.add(parts[1])
+def module_names(package: Path) -> dict[str, Path]:
+    """Every module under ``package`` by dotted name (a package by its ``__init__.py``)."""
+    found = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
     return found
 
 
-def test_no_import_runs_back_up_the_layers():
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    nodes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                nodes.add(id(first.value))
+    return nodes
+
+
+def imported_names(path: Path, name: str, root: str = "memzoo", skip: frozenset = frozenset()) -> set[str]:
+    """The dotted names (under ``root``) that module ``name`` (file ``path``) imports: absolute and relative imports
+    anywhere in the file, and strings that are whole dotted paths (docstrings excluded; ``skip``: strings that are
+    not imports)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    docstrings = _docstring_nodes(tree)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                if node.level - 1 >= len(parts):
+                    raise ValueError(f"{path}: relative import beyond the top-level package")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+              and DOTTED_PATH.fullmatch(node.value.replace(root, "memzoo", 1)) and node.value not in skip):
+            found.add(node.value)
+    return {n for n in found if n == root or n.startswith(root + ".")}
+
+
+def import_graph(package: Path, skip: dict | None = None) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports (a name is resolved to its longest module prefix: ``from
+    memzoo.blocks import dense`` is the module ``memzoo.blocks.dense``, ``from memzoo.blocks import MoE`` the
+    package ``memzoo.blocks``, ``"memzoo.blocks.dense.DenseMLP"`` the module ``memzoo.blocks.dense``)."""
+    modules = module_names(package)
+    skip = skip or {}
+    graph = {}
+    for name, path in modules.items():
+        relative = path.relative_to(package).as_posix()
+        if relative.startswith("/".join(SHIPPED)):
+            continue
+        not_imports = frozenset(s for (file, s) in skip if file == relative)
+        edges = set()
+        for target in imported_names(path, name, package.name, not_imports):
+            parts = target.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            if parts and ".".join(parts) != name:
+                edges.add(".".join(parts))
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle ``[a, b, ..., a]`` of ``graph``, or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(graph):
+        if start in state:
+            continue
+        path, iterators = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while path:
+            target = next(iterators[-1], None)
+            if target is None:
+                state[path.pop()] = 2
+                iterators.pop()
+            elif state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            elif target not in state and target in graph:
+                state[target] = 1
+                path.append(target)
+                iterators.append(iter(sorted(graph[target])))
+    return None
+
+
+def layer_violations(package: Path, skip: dict | None = None) -> list[str]:
+    """``"<file> imports <root>.<layer>"`` for every import that runs back up the layers."""
     wrong = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(PACKAGE)
-        if relative.parts[0] == "export" and relative.parts[1] == "hf_files":
-            continue  # shipped to export folders: imports only torch and transformers (tests/test_export_shipped_code.py)
-        layer = relative.parts[0].removesuffix(".py")
+    for name, targets in import_graph(package, skip).items():
+        parts = name.split(".")[1:]
+        relative = module_names(package)[name].relative_to(package)
+        layer = parts[0] if parts else "__init__"
         if layer in TOP:
             continue
         assert layer in ALLOWED, f"{relative}: add its layer to ALLOWED in this test"
-        for target in memzoo_imports(path) - ALLOWED[layer]:
-            wrong.append(f"{relative} imports memzoo.{target}")
+        for target in sorted({t.split(".")[1] for t in targets if "." in t} - ALLOWED[layer]):
+            wrong.append(f"{relative} imports {package.name}.{target}")
+    return wrong
+
+
+# ----------------------------------------------------------------------------------------------- memzoo
+
+
+def test_no_import_runs_back_up_the_layers():
+    wrong = layer_violations(PACKAGE, NOT_AN_IMPORT)
     assert not wrong, "imports that run back up the layers:\n" + "\n".join(wrong)
 
 
-def test_the_check_sees_an_upward_import(tmp_path):
-    upward = tmp_path / "bad.py"
-    upward.write_text("def f():\n    from memzoo.training.module import LanguageModel\n")
-    assert memzoo_imports(upward) == {"training"}
+def test_memzoo_has_no_import_cycle():
+    cycle = find_cycle(import_graph(PACKAGE, NOT_AN_IMPORT))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ----------------------------------------------------------------------------------------------- planted faults
+
+
+def test_the_check_sees_absolute_relative_and_string_imports(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        '"""memzoo.export.hf is named in a docstring, which imports nothing."""\n'
+        "def f():\n    from memzoo.training.module import LanguageModel\n"
+        "from . import sibling\nfrom ..blocks import dense\n"
+        'PATH = {"class_path": "memzoo.cli.main"}\nMESSAGE = "see memzoo.data for more"\n'
+    )
+    found = imported_names(bad, "memzoo.model.bad")
+    assert "memzoo.training.module.LanguageModel" in found
+    assert {"memzoo.model.sibling", "memzoo.blocks.dense", "memzoo.cli.main"} <= found
+    assert not any(n.startswith(("memzoo.export", "memzoo.data")) for n in found)
+
+
+def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
+    package = tmp_path / "memzoo"
+    for relative, text in {"__init__.py": "", **files}.items():
+        path = package / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return package
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"cli.py": "from memzoo.cli_verbs import run\n", "cli_verbs.py": "def g():\n    from memzoo import cli\n"},
+        {"model/__init__.py": "", "model/a.py": "from . import b\n", "model/b.py": "from .a import thing\n"},
+        {"blocks/__init__.py": "from memzoo.blocks.dense import D\n",
+         "blocks/dense.py": "import importlib\nM = importlib.import_module('memzoo.blocks')\n"},
+    ],
+    ids=["lazy", "relative", "string"],
+)
+def test_a_planted_cycle_fails_naming_it(tmp_path, files):
+    package = _plant(tmp_path, files)
+    cycle = find_cycle(import_graph(package))
+    assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 3, cycle
+    assert find_cycle({"memzoo.a": {"memzoo.b"}, "memzoo.b": set()}) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["from ..training import module\n", "X = 'memzoo.training.module.LanguageModel'\n",
+     "def f():\n    import memzoo.training\n"],
+    ids=["relative", "string", "lazy"],
+)
+def test_a_planted_upward_import_fails(tmp_path, text):
+    package = _plant(tmp_path, {"model/__init__.py": "", "model/bad.py": text, "training/__init__.py": "",
+                                "training/module.py": ""})
+    assert layer_violations(package) == ["model/bad.py imports memzoo.training"]

@@ -39,7 +39,9 @@ def runs(tmp_path_factory):
 def test_sharded_pool_matches_one_process_and_halves_table_bytes(runs):
     """Asserted inside the 2 ranks (mp_workers.sharded_equals_unsharded, sharded_read_equals_weighted_gather):
     logits, every gradient, the clipped norm and 2 AdamW steps equal one process's on the whole batch; table +
-    optimizer-state bytes per rank are half of one process's (and, with memory_parallel 1, the replicated tables'
+    optimizer-state bytes per rank are half of one process's (also with activation checkpointing through
+    memzoo.parallel.parallelize, which recomputes the sharded reads' collectives in backward; and, with
+    memory_parallel 1, the replicated tables'
     gradients are summed over the data_parallel axis to the same result); the sharded read with unequal bag counts per rank
     equals weighted_gather of the whole table (outputs and both gradients, float64)."""
     assert (runs / "mp_step4.pt").is_file()  # the ranks got past their assertions
@@ -56,7 +58,7 @@ def test_planned_elements_equal_the_strategys_shards(runs):
 @pytest.mark.distributed
 def test_two_ranks_and_resharded_resumes_equal_one_process(runs):
     reference = torch.load(runs / "single_step4.pt")
-    for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4"):
+    for name in ("mp_step4", "mp_from_single_step4", "single_from_mp_step4", "mp1_step4"):
         weights = torch.load(runs / f"{name}.pt")
         assert weights.keys() == reference.keys()
         for key, value in reference.items():

@@ -51,7 +51,8 @@ def test_hand_computed_sparse_pool_under_ddp():
 def test_hand_computed_memory_parallel_layout_on_two_by_two_mesh():
     """MemoryParallelStrategy on 4 ranks, pools 2 ways: dense weights FSDP2-sharded over all 4 ranks (torch.chunk
     rows, the root's all-gathered once and each layer's twice per micro-batch, all reduce-scattered), the table's
-    columns split in 2, its gradient all-reduced over the 2 replicas once per read, and the lookups' collectives."""
+    columns split in 2, its gradient all-reduced over the 2 replicas once per step (not per read or micro-batch),
+    and the lookups' collectives."""
     model = tiny("dense")
     plan = plan_parallel(model, world_size=4, memory_parallel=2, tokens_per_rank_step=1, micro_batches=1)
     (pool,) = plan.pools
@@ -67,13 +68,14 @@ def test_hand_computed_memory_parallel_layout_on_two_by_two_mesh():
     # layers: 2 all-gathers + 1 reduce-scatter, root: 1 + 1; each rank sends (W - 1) = 3 padded shards per collective
     assert plan.dense_gather_scatter_bytes == (3 * layers + 2 * root) * 3 * 4
     assert (pool.parameter_bytes, pool.gradient_bytes, pool.optimizer_bytes) == (256, 256, 512)
-    assert pool.dense_all_reduce_bytes == 2 * (2 * 1 * 16 * 4 * 4 // 2)  # 2 reads x ring all-reduce over 2 replicas
+    assert pool.dense_all_reduce_bytes == 2 * 1 * 16 * 4 * 4 // 2  # one ring all-reduce over 2 replicas (2 reads)
     assert pool.lookup_bytes == 2 * read_bytes_per_step(1, 4, 8, 2) == 2 * (4 * (8 + 8) + 2 * 4 * 4)
     assert pool.communication_bytes == pool.dense_all_reduce_bytes + pool.lookup_bytes
     assert plan.communication_bytes == plan.dense_gather_scatter_bytes + pool.communication_bytes
     accumulated = plan_parallel(model, world_size=4, memory_parallel=2, tokens_per_rank_step=2, micro_batches=2)
     assert accumulated.dense_gather_scatter_bytes == 2 * plan.dense_gather_scatter_bytes
-    assert accumulated.pools[0].communication_bytes == 2 * pool.communication_bytes
+    assert accumulated.pools[0].lookup_bytes == 2 * pool.lookup_bytes
+    assert accumulated.pools[0].dense_all_reduce_bytes == pool.dense_all_reduce_bytes  # once per step
 
 
 def test_the_planner_refuses_what_the_strategy_refuses():

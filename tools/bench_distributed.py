@@ -5,7 +5,7 @@
    tokens of the timed steps (the first ``--warmup`` steps are not timed).
 2. Communication: a pool of 2^20 rows of width ``--value-dim``; each rank's step touches a fraction of the rows
    (random, different per rank). Bytes each rank sends per step with the row-sparse exchange
-   (``memzoo.training.sparse_grad_sync``, counted from the tensors it hands to the collectives) against a ring
+   (``memzoo.parallel.sparse_grad_sync``, counted from the tensors it hands to the collectives) against a ring
    all-reduce of the dense table gradient (``2 (W-1)/W · N · D · 4``), and the wall time of both on gloo.
 
 Prints JSON, then a table.  ``python tools/bench_distributed.py [--steps 30] [--value-dim 64]``
@@ -46,6 +46,7 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
     from memzoo import LanguageModel
     from memzoo.data import FactsDataModule
     from memzoo.model.config import ModelConfig
+    from memzoo.parallel import SparseDDPStrategy
 
     torch.set_num_threads(1)
     if world > 1:
@@ -66,7 +67,7 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
             self.times.append(time.perf_counter())
 
     clock = Clock()
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=SparseDDPStrategy() if world > 1 else "auto",
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[clock])
     trainer.fit(model, data)
@@ -83,7 +84,7 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- communication
 def _communication(rank: int, port: int, args, out: str) -> None:
-    from memzoo.training.sparse_grad_sync import all_reduce_row_sparse_, dense_all_reduce_bytes_per_rank
+    from memzoo.parallel.sparse_grad_sync import all_reduce_row_sparse_, dense_all_reduce_bytes_per_rank
 
     torch.set_num_threads(1)
     _env(rank, WORLD, port)

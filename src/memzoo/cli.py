@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from memzoo.cli_base import CommandError, ConfigError, VerbParser  # noqa: F401  (public names of memzoo.cli)
+
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 PLAIN_VERBS = {
     "blocks": "list registered blocks with their hyperparameters and defaults",
@@ -55,54 +57,6 @@ Resume: memzoo fit --config X.yaml --ckpt_path last   (the newest last.ckpt of t
 
 # exit status of a run stopped by a mistake in its input (as argparse's usage errors)
 ERROR_STATUS = 2
-
-
-class CommandError(Exception):
-    """A mistake on the command line that the ``memzoo`` command reports as ``memzoo: error: <message>``."""
-
-
-class ConfigError(CommandError, ValueError):
-    """A config (file or command-line override) the parser refuses; the message is one line that names the key,
-    where it is written and the fix (see :mod:`memzoo.config_errors`)."""
-
-
-class VerbParser(argparse.ArgumentParser):
-    """``argparse`` for the plain verbs: a usage mistake raises :class:`CommandError` (one line, exit status 2 through
-    :func:`entry_point`) instead of printing the usage; options are never abbreviated, an unknown one gets the
-    closest options as a suggestion."""
-
-    def __init__(self, *args, allow_unknown: bool = False, **kwargs) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-        self.allow_unknown = allow_unknown  # unknown options are passed on (slot-stats' config overrides)
-
-    def parse_known_args(self, args=None, namespace=None):
-        self._given = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message: str):
-        # an unknown option first: argparse reports a missing required one before it ("--confi" for "--config")
-        self.refuse_unknown_options(getattr(self, "_given", []))
-        verb = self.prog.removeprefix("memzoo ")
-        raise CommandError(f"{verb}: {message} ({self.prog} --help lists the options)")
-
-    def refuse_unknown_options(self, args: Sequence[str]) -> None:
-        """Raises :class:`CommandError` naming the first option in ``args`` this parser does not know, with the
-        closest known ones; with ``allow_unknown`` only for options close to known ones (typos, abbreviations)."""
-        import difflib
-
-        options = [s for s in self._option_string_actions if s.startswith("--")]
-        for arg in args:
-            name = arg.split("=", 1)[0]
-            if not name.startswith("--") or name in options:
-                continue
-            close = [o for o in options if o.startswith(name)][:3] or difflib.get_close_matches(
-                name, options, n=3, cutoff=0.75 if self.allow_unknown else 0.6)
-            if self.allow_unknown and not close:
-                continue
-            hint = f"; did you mean {' or '.join(close)}?" if close else f"; the options are {', '.join(options)}"
-            verb = self.prog.removeprefix("memzoo ")
-            raise CommandError(f"{verb}: unknown option {name} (options are never abbreviated){hint}")
 
 
 def _usage() -> str:

@@ -34,7 +34,7 @@ import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
 from memzoo.accounting import summarize
 from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
-from memzoo.cli import ConfigError
+from memzoo.cli_base import ConfigError
 from memzoo.config_errors import describe_parse_error
 from memzoo.data import LMDataModule
 from memzoo.export.checkpoint_check import (
@@ -50,6 +50,7 @@ from memzoo.parallel.checkpoint import (
     is_sharded_checkpoint,
     sharded_meta_file,
 )
+from memzoo.parallel.sparse_ddp import sparse_ddp_for
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
 from memzoo.training.init_from import checkpoint_tokenizer
 from memzoo.training.module import LanguageModel
@@ -152,7 +153,8 @@ class MemzooCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
-        (``runs/<experiment>/version_<n>``, unless the config sets ``trainer.logger``)."""
+        (``runs/<experiment>/version_<n>``, unless the config sets ``trainer.logger``); runs a DDP strategy name
+        (``ddp``, ``ddp_spawn``, ...) as :class:`memzoo.parallel.SparseDDPStrategy` with the same settings."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
         extra = []
@@ -162,6 +164,9 @@ class MemzooCLI(LightningCLI):
             extra.append(FlopsModelSummary())
         if extra:
             kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), *extra]
+        sparse_ddp = sparse_ddp_for(trainer_config.get("strategy"))
+        if sparse_ddp is not None:  # DDP with the row exchange of sparse pools (plain DDP would refuse them)
+            kwargs["strategy"] = sparse_ddp
         if config["trainer"].get("logger") in (None, True):
             name = _experiment_name(config)
             kwargs["logger"] = RunFolderLogger(save_dir=DEFAULT_RUNS_DIR, name=name)

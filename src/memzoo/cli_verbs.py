@@ -7,7 +7,7 @@ import argparse
 import inspect
 from typing import Sequence
 
-from memzoo.cli import CommandError, VerbParser
+from memzoo.cli_base import CommandError, VerbParser
 
 
 def _format_default(value: object) -> str:

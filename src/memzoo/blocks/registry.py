@@ -164,11 +164,6 @@ def _arguments(cls: type) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dim")]
 
 
-def _load_builtin_blocks() -> None:
-    """Imports the ``memzoo.blocks`` package, which imports (so registers) memzoo's own blocks and presets."""
-    from memzoo.blocks import Block  # noqa: F401
-
-
 def _load_entry_points() -> None:
     """Registers blocks advertised by installed packages under the ``memzoo.blocks`` entry-point group."""
     global _ENTRY_POINTS_LOADED
@@ -185,7 +180,9 @@ def _load_entry_points() -> None:
 
 
 def _ensure_loaded() -> None:
-    _load_builtin_blocks()
+    """memzoo's own blocks are registered already: importing this module runs ``memzoo/blocks/__init__.py`` first,
+    which imports every block module (so this module never imports them back); installed packages' blocks load
+    here."""
     _load_entry_points()
 
 

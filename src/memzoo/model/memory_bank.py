@@ -23,15 +23,16 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from memzoo.atomic import write_bytes_atomic
 from memzoo.model.attention_memory import AttentionMemoryConfig, AttentionMemoryError, CitationRecorder
 
-if TYPE_CHECKING:
-    from memzoo.model.transformer import Transformer
+#: The model a bank belongs to: a :class:`~memzoo.model.transformer.Transformer` (typed as a module here, since the
+#: Transformer's ``attach_memory`` imports this file).
+Transformer = torch.nn.Module
 
 FORMAT = "memzoo-memory-bank"
 FORMAT_VERSION = 1

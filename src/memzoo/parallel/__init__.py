@@ -1,11 +1,21 @@
-"""Scale-out of memzoo models on PyTorch distributed through Lightning's strategies (a layer above ``training``).
+"""Scale-out of memzoo models on PyTorch distributed through Lightning's strategies (below ``training``, which applies
+them; nothing here imports ``training``).
 
-- Memory parallelism: :mod:`memzoo.parallel.memory_parallel` shards pool tables over a mesh axis, applied to a
-  built model from outside (``LanguageModel.configure_model`` calls the strategy's ``parallelize``); sharded
-  checkpoints: :mod:`memzoo.parallel.checkpoint`, read as data only through
-  :mod:`memzoo.parallel.checkpoint_metadata`.
+- :func:`parallelize` (:mod:`memzoo.parallel.parallelize`): activation checkpointing, compile and sharding of a
+  built model, in torchtitan's order; ``LanguageModel.configure_model`` calls it.
+- Data parallel: :class:`SparseDDPStrategy` (:mod:`memzoo.parallel.sparse_ddp`), Lightning's DDP plus the row
+  exchange of row-sparse table gradients (:mod:`memzoo.parallel.sparse_grad_sync`); the ``memzoo`` CLI runs
+  ``--trainer.strategy ddp`` with it.
+- Memory parallelism: :class:`MemoryParallelStrategy` (:mod:`memzoo.parallel.strategy`) shards pool tables over a
+  mesh axis (:mod:`memzoo.parallel.memory_parallel`); sharded checkpoints: :mod:`memzoo.parallel.checkpoint`, read
+  as data only through :mod:`memzoo.parallel.checkpoint_metadata`.
 - Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and communication per step of a model on W ranks, laid
-  out as the ``ddp`` strategy or ``MemoryParallelStrategy`` does, from weights on the ``meta`` device).
-- Data parallel (``trainer.strategy: ddp``) is part of training itself, so a plain ``LanguageModel`` runs under DDP:
-  :mod:`memzoo.training.data_parallel` and :mod:`memzoo.training.sparse_grad_sync`.
+  out as ``SparseDDPStrategy`` or ``MemoryParallelStrategy`` does, from weights on the ``meta`` device).
+- Private PyTorch / Lightning APIs: each behind one function in :mod:`memzoo.parallel.torch_private`.
 """
+
+from memzoo.parallel.parallelize import parallelize
+from memzoo.parallel.sparse_ddp import SparseDDPStrategy
+from memzoo.parallel.strategy import MemoryParallelStrategy
+
+__all__ = ["MemoryParallelStrategy", "SparseDDPStrategy", "parallelize"]

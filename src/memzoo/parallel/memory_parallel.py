@@ -25,7 +25,9 @@ Bytes per rank per read (``s`` bytes per value, 8 per index), with ``M`` ranks i
     backward  all-to-all of output grads      (M-1)·B·(D/M)·s
               reduce-scatter of weight grads  (M-1)·B·K·s
     table gradient                            0 inside the group; when dp > 1, a dense all-reduce of the N·D/M
-                                              shard over the data_parallel axis, once per read (per memory layer)
+                                              shard over the data_parallel axis, once per optimizer step
+                                              (:func:`reduce_table_gradients`: reads and micro-batches accumulate
+                                              the local shard gradient first)
 
 Why the value dimension and not row ranges (embedding-table style: rank ``i`` owns rows ``[i·N/M, (i+1)·N/M)``,
 each ``(bag, index, weight)`` is routed to its row's owner, owners return partial sums):
@@ -60,7 +62,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -68,6 +69,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from memzoo.blocks.pool import MemoryPool, find_pools
 from memzoo.ops import weighted_gather
+from memzoo.parallel.torch_private import all_gather_dim0, all_to_all_dim0, flatten_mesh
 
 #: Names of the two mesh axes: data parallel (replicas of a table shard) and memory parallel (shards of a table).
 DATA_PARALLEL, MEMORY_PARALLEL = "data_parallel", "memory_parallel"
@@ -227,39 +229,39 @@ def sharded_weighted_gather(
     idx = indices.reshape(-1, k).long()
     w = weights.reshape(-1, k)
     n = idx.shape[0]
-    counts = funcol.all_gather_single(torch.tensor([n], device=idx.device), 0, group)
+    counts = all_gather_dim0(torch.tensor([n], device=idx.device), group)
     n_max = int(counts.max())
     if n < n_max:  # pad with zero-weight bags so every rank sends and receives equal blocks
         idx = F.pad(idx, (0, 0, 0, n_max - n))
         w = F.pad(w, (0, 0, 0, n_max - n))
-    all_idx = funcol.all_gather_single(idx, 0, group)  # (M·n_max, K), no gradient
-    all_w = funcol.all_gather_single_autograd(w, 0, group)  # backward: reduce-scatter (sum of partial dots)
+    all_idx = all_gather_dim0(idx, group)  # (M·n_max, K), no gradient
+    all_w = all_gather_dim0(w, group, differentiable=True)  # backward: reduce-scatter (sum of partial dots)
     columns = weighted_gather(local_values, all_idx, all_w)  # (M·n_max, D/M): my columns of every rank's bags
-    mine = funcol.all_to_all_single_autograd(columns, None, None, group)  # block i: rank i's columns of my bags
+    mine = all_to_all_dim0(columns, group)  # block i: rank i's columns of my bags
     d_local = local_values.shape[1]
     out = mine.view(size, n_max, d_local).permute(1, 0, 2).reshape(n_max, size * d_local)[:n]
     return out.reshape(*lead, size * d_local)
 
 
-class _ScaleAndSumGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``scale`` and sums it over ``group`` (if any)."""
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, scale: float, group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.scale, ctx.group = scale, group
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
         return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad * ctx.scale
-        if ctx.group is not None:
-            dist.all_reduce(grad, group=ctx.group)
-        return grad, None, None
+        return grad * ctx.scale, None
 
 
 @dataclass
 class ShardedRead:
-    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh and the gradient scale."""
+    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh and the gradient scale.
+
+    The table shard's gradient of a read is this rank's only (times ``grad_scale``); the sum over the
+    ``data_group`` replicas happens once per optimizer step (:func:`reduce_table_gradients`)."""
 
     memory_group: dist.ProcessGroup
     data_group: dist.ProcessGroup | None  # None when data_parallel has one rank (nothing to sum)
@@ -267,7 +269,7 @@ class ShardedRead:
 
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         local = table.to_local() if isinstance(table, DTensor) else table
-        local = _ScaleAndSumGrad.apply(local, self.grad_scale, self.data_group)
+        local = _ScaleGrad.apply(local, self.grad_scale)
         return sharded_weighted_gather(local, indices, weights.to(local.dtype), self.memory_group)
 
 
@@ -277,6 +279,29 @@ class ShardedRead:
 def sharded_tables(model: nn.Module) -> list[nn.Parameter]:
     """The memory-parallel (``DTensor`` on the ``memory_parallel`` axis) tables of ``model``'s pools."""
     return [t for pool in find_pools(model).values() for t in pool.tables().values() if isinstance(t, DTensor)]
+
+
+@torch.no_grad()
+def reduce_table_gradients(model: nn.Module) -> int:
+    """Sums each sharded table's gradient over its data-parallel replicas (``mesh["data_parallel"]``), in place:
+    call once per optimizer step, after the last backward and before clipping and the step (as
+    :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` does). Every rank must call it; a table without a
+    gradient on a rank contributes zeros. Returns the number of all-reduces run (0 when there are no replicas)."""
+    reduces = 0
+    for pool in find_pools(model).values():
+        read = pool.sharded_read
+        if not isinstance(read, ShardedRead) or read.data_group is None:
+            continue
+        for table in pool.tables().values():
+            if not isinstance(table, DTensor):
+                continue
+            if table.grad is None:
+                table.grad = DTensor.from_local(torch.zeros_like(table.to_local()), table.device_mesh,
+                                                table.placements)
+            grad = table.grad.to_local() if isinstance(table.grad, DTensor) else table.grad
+            dist.all_reduce(grad, group=read.data_group)
+            reduces += 1
+    return reduces
 
 
 def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -324,7 +349,7 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
             dist.broadcast(param.data, src=0)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-    all_ranks = mesh._flatten(ALL_RANKS) if mesh.size() > 1 else mesh[DATA_PARALLEL]
+    all_ranks = flatten_mesh(mesh, ALL_RANKS) if mesh.size() > 1 else mesh[DATA_PARALLEL]
     for unit in fsdp_units(model):  # the layers, then the root
         fully_shard(unit, mesh=all_ranks, ignored_params=ignored)
 
@@ -366,6 +391,7 @@ __all__ = [
     "fsdp_units",
     "memory_parallel_layout",
     "read_bytes_per_step",
+    "reduce_table_gradients",
     "sharded_tables",
     "sharded_weighted_gather",
     "table_bytes_per_rank",

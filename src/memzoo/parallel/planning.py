@@ -5,13 +5,13 @@ are allocated; ``memzoo summary --config X --world-size W [--memory-parallel M]`
 :func:`memzoo.accounting.plan_config`). It plans one of the two strategies that train memzoo models on many ranks,
 counting what each really does:
 
-``ddp`` (``trainer.strategy: ddp``, ``M = 1``; :mod:`memzoo.training.data_parallel`):
+``ddp`` (``trainer.strategy: ddp``, ``M = 1``; :class:`memzoo.parallel.SparseDDPStrategy`):
 
 - dense weights (everything outside pools) and their gradients and optimizer states (``dense_optimizer_states``
   tensors of each weight's size: 2 for AdamW) are replicated on every rank; DDP all-reduces their gradients once
   per optimizer step;
 - pools are replicated; a dense-update pool is all-reduced with the rest, a sparse-update pool exchanges the rows
-  a step touched (:mod:`memzoo.training.sparse_grad_sync`); both costs are listed.
+  a step touched (:mod:`memzoo.parallel.sparse_grad_sync`); both costs are listed.
 
 ``memory_parallel`` (:class:`~memzoo.parallel.strategy.MemoryParallelStrategy`, any ``M``; the layout is the one
 :func:`memzoo.parallel.memory_parallel.memory_parallel_layout` describes and ``apply_memory_parallel`` applies):
@@ -21,9 +21,10 @@ counting what each really does:
   shard, whose bytes are listed), with their gradients and optimizer states; per micro-batch each layer's weights
   are all-gathered twice (forward, backward) and the root's once, and all gradients are reduce-scattered;
 - each pool's tables are split along ``value_dim`` over the ``M`` ranks of a group (each holds all rows ×
-  ``value_dim / M``) with their gradients and optimizer states; per micro-batch and read (each block reading the
-  pool) the table-shard gradient is all-reduced over the ``D`` replicas and the lookup sends its indices, weights
-  and outputs within the group (:func:`memzoo.parallel.memory_parallel.read_bytes_per_step`);
+  ``value_dim / M``) with their gradients and optimizer states; once per optimizer step the table-shard gradient
+  (accumulated over reads and micro-batches) is all-reduced over the ``D`` replicas
+  (:func:`memzoo.parallel.memory_parallel.reduce_table_gradients`), and each read sends its indices, weights and
+  outputs within the group (:func:`memzoo.parallel.memory_parallel.read_bytes_per_step`);
 - pools the strategy cannot run (``update: sparse``, PEER's expert pools) are refused with the strategy's own
   message (:func:`memzoo.parallel.memory_parallel.check_memory_parallel`).
 
@@ -52,7 +53,7 @@ from memzoo.parallel.memory_parallel import (
     memory_parallel_layout,
     read_bytes_per_step,
 )
-from memzoo.training.sparse_grad_sync import (
+from memzoo.parallel.sparse_grad_sync import (
     INDEX_BYTES,
     dense_all_reduce_bytes_per_rank,
     exchange_bytes_per_rank,
@@ -170,7 +171,7 @@ class ParallelPlan:
                      f"memory-parallel, MemoryParallelStrategy")
             explain = ("comm/step: bytes a rank sends per optimizer step (ring collectives); dense weights: FSDP2 "
                        "all-gathers (twice per layer and micro-batch) and reduce-scatters; pools: the table-shard "
-                       "gradient all-reduced over the data-parallel replicas once per read and micro-batch, and "
+                       "gradient all-reduced over the data-parallel replicas once per step, and "
                        "the lookups' all-gathers and all-to-alls within the group (gather/scatter)")
         lines = [
             f"{title}; {self.tokens_per_rank_step:,} tokens per rank and optimizer step in {self.micro_batches} "
@@ -335,7 +336,7 @@ def _plan_memory_parallel(model, dense_optimizer_states, *, world_size, memory_p
         readers = _pool_readers(model, pool)
         touched = min(rows, tokens_per_rank_step * sum(readers))
         shard = tables * rows * width * b
-        all_reduce = micro_batches * len(readers) * tables * dense_all_reduce_bytes_per_rank(rows, width, dp, b)
+        all_reduce = tables * dense_all_reduce_bytes_per_rank(rows, width, dp, b)  # once per step
         lookups = sum(read_bytes_per_step(tokens_per_rank_step, k, pool.value_dim, m, b) for k in readers)
         layout = f"{pool.update}, value_dim/{m} = {width}" if m > 1 else f"{pool.update}, whole table"
         plans.append(PoolPlan(

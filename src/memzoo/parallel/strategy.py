@@ -11,13 +11,17 @@ One YAML switch::
 What it does, on top of Lightning's strategy (process launch, DCP checkpoints, resharding on load):
 
 - builds the mesh ``(world // M, M)`` named ``("data_parallel", "memory_parallel")`` and hands it to the
-  LightningModule as ``self.device_mesh``; ``LanguageModel.configure_model`` then calls this strategy's
-  :meth:`parallelize` with its Transformer, i.e. :func:`~memzoo.parallel.memory_parallel.apply_memory_parallel`
-  (pools sharded over ``memory_parallel``, FSDP2 over all ranks for the rest);
+  LightningModule as ``self.device_mesh``; ``LanguageModel.configure_model`` then applies
+  :func:`memzoo.parallel.parallelize` with it, which shards the Transformer
+  (:func:`~memzoo.parallel.memory_parallel.apply_memory_parallel`: pools over ``memory_parallel``, FSDP2 over all
+  ranks for the rest);
 - gives every rank its own data (the sampler splits over all ``W`` ranks, not over ``data_parallel`` as Lightning's
   tensor-parallel default does): memory parallelism shards a table, not the batch;
 - checks the sizes before anything runs (``M`` divides the world size and every pool's ``value_dim``, pools it can
   shard), and a resume checkpoint before it is loaded (complete, same global shapes);
+- sums each table shard's gradient over its data-parallel replicas once per optimizer step (after the last
+  backward of gradient accumulation, before clipping: :func:`~memzoo.parallel.memory_parallel.reduce_table_gradients`),
+  not once per read;
 - writes each checkpoint folder atomically (temporary name, renamed after all ranks wrote their shards);
 - loads a one-process ``.ckpt`` file (1 → M) with its optimizer state keyed by parameter name.
 
@@ -46,9 +50,14 @@ from memzoo.parallel.checkpoint import (
 )
 from memzoo.parallel.memory_parallel import (
     MemoryParallelError,
-    apply_memory_parallel,
     build_mesh,
     check_memory_parallel,
+    reduce_table_gradients,
+)
+from memzoo.parallel.torch_private import (
+    load_full_module_state,
+    set_device_mesh,
+    setup_model_parallel_process_group,
 )
 from memzoo.safe_load import RefusedPickleError, load_data
 
@@ -84,14 +93,20 @@ class MemoryParallelStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         world_size = self.num_nodes * self.num_processes
         check_memory_parallel(self.lightning_module, self.memory_parallel, world_size)  # before any collective
-        self._setup_distributed()
-        self._device_mesh = build_mesh(self.root_device.type, self.world_size, self.memory_parallel)
-        self.lightning_module._device_mesh = self._device_mesh
+        setup_model_parallel_process_group(self)
+        set_device_mesh(self, build_mesh(self.root_device.type, self.world_size, self.memory_parallel))
 
-    def parallelize(self, model: torch.nn.Module) -> None:
-        """Shards ``model``'s pools over the mesh and applies FSDP2 to the rest; ``LanguageModel.configure_model``
-        calls it with its Transformer (:func:`~memzoo.parallel.memory_parallel.apply_memory_parallel`)."""
-        apply_memory_parallel(model, self.device_mesh)
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        """The optimizer step, with the table shards' gradients summed over the data-parallel replicas right
+        after the backward (once per step, whatever the number of reads and micro-batches)."""
+        module = self.lightning_module
+
+        def closure_then_reduce() -> Any:
+            result = closure()
+            reduce_table_gradients(module)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -173,7 +188,6 @@ class MemoryParallelStrategy(ModelParallelStrategy):
     def _load_full_checkpoint(self, path: Path, expected: dict) -> dict[str, Any]:
         """A ``.ckpt`` of a one-process run into this sharded model; its optimizer state is re-keyed from
         positions to parameter names by this optimizer's own order (both come from the same parameter groups)."""
-        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         try:
@@ -193,7 +207,7 @@ class MemoryParallelStrategy(ModelParallelStrategy):
                     f"{tuple(weights[name].shape)} there but {tuple(shape)} here; resume with the model config the "
                     f"checkpoint was written with"
                 )
-        _load_raw_module_state(weights, self.lightning_module, strict=self.lightning_module.strict_loading)
+        load_full_module_state(weights, self.lightning_module, strict=self.lightning_module.strict_loading)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             set_optimizer_state_dict(

@@ -6,8 +6,10 @@ token accuracy; on data modules with fact probes, fact recall (greedy exact matc
 with memory pools, per-pool memory usage during validation. Optimizer: a callable from YAML (AdamW by default) over
 parameter groups that give memory pools their own learning rate and weight decay; sparse pools get a row-wise
 optimizer. Schedule: linear warmup then cosine decay to ``min_lr_ratio`` of each group's learning rate.
-Data parallel (``trainer.strategy: ddp``): epoch metrics are global (reduced over ranks), and sparse-update pools
-exchange their touched rows once per optimizer step (:mod:`memzoo.training.data_parallel`).
+Scaling out is applied from outside: :meth:`LanguageModel.configure_model` hands the Transformer to
+:func:`memzoo.parallel.parallelize` (activation checkpointing, compile, sharding by the strategy's mesh), and the
+strategies own their collectives (the row exchange of sparse pools: :class:`memzoo.parallel.SparseDDPStrategy`);
+epoch metrics are global (reduced over ranks).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from memzoo.model.hub import resolve_model_source
 from memzoo.model.sampling import context_warning, default_max_new_tokens, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
+from memzoo.parallel import parallelize
+from memzoo.parallel.sparse_ddp import check_strategy
 from memzoo.training import metrics as memzoo_metrics
-from memzoo.training.data_parallel import RowSparseSync, prepare_data_parallel
 from memzoo.training.freezing import apply_freezing
 from memzoo.training.init_from import (
     checkpoint_architecture,
@@ -94,6 +97,8 @@ class LanguageModel(L.LightningModule):
         compile: ``torch.compile`` each decoder layer in place when the trainer sets the model up
             (:meth:`configure_model`): ``true`` (inductor), ``false``, or a backend name (``aot_eager``, ...).
             Parameter names and checkpoints are the same with and without it.
+        activation_checkpointing: recompute each decoder layer's activations in backward instead of storing them
+            (less memory, one more forward per layer; same results).
         init_from: start from these weights: a memzoo ``.ckpt`` (whose recorded architecture is then built, with
             this config's ``layers``/``pools`` retrofits merged over it and its ``max_seq_len``,
             ``attention_backend``, ``dropout``, ``init_std``; see
@@ -124,6 +129,7 @@ class LanguageModel(L.LightningModule):
         temperature: float = 0.0,
         top_k: int | None = None,
         compile: bool | str = False,
+        activation_checkpointing: bool = False,
         init_from: str | None = None,
         freeze: list[str] | None = None,
         unfreeze: list[str] | None = None,
@@ -177,7 +183,6 @@ class LanguageModel(L.LightningModule):
         self.usage_metrics = torch.nn.ModuleDict(
             {name.replace("/", "__"): memzoo_metrics.MemoryUsage(pool.num_rows) for name, pool in self.pools_by_name.items()}
         )
-        self.row_sparse_sync: RowSparseSync | None = None  # set under DDP with sparse pools (see setup)
 
     @property
     def architecture(self) -> ModelConfig:
@@ -185,23 +190,13 @@ class LanguageModel(L.LightningModule):
         return self.model.config
 
     def configure_model(self) -> None:
-        """Applies ``compile`` to each decoder layer in place (``nn.Module.compile``: no wrapper module, so
-        parameter names, checkpoints and exports are the same as without it). Runs once per model.
-
-        First, a strategy with a ``parallelize(model)`` method applies its parallelism to the Transformer (e.g.
-        :class:`~memzoo.parallel.strategy.MemoryParallelStrategy`: pools sharded over the mesh's ``memory_parallel``
-        axis, FSDP2 over all ranks for the rest; a no-op on a second call)."""
-        # --- parallelism, applied by the strategy (training does not import memzoo.parallel, which sits above it)
-        parallelize = getattr(self.trainer.strategy, "parallelize", None) if self._trainer else None
-        if parallelize is not None:
-            parallelize(self.model)
-        # --- compile
-        backend = self.hparams.compile
-        if backend is False or getattr(self, "_layers_compiled", False):
-            return
-        for layer in self.model.layers:
-            layer.compile(backend="inductor" if backend is True else backend)
-        self._layers_compiled = True
+        """Applies :func:`memzoo.parallel.parallelize` to the Transformer: activation checkpointing, then compile
+        (each decoder layer in place: parameter names, checkpoints and exports are the same as without it), then
+        sharding over the strategy's device mesh (``self.device_mesh``: set by
+        :class:`~memzoo.parallel.MemoryParallelStrategy`, ``None`` otherwise). Once per model."""
+        mesh = self.device_mesh if self._trainer is not None else None
+        parallelize(self.model, mesh, compile=self.hparams.compile,
+                    activation_checkpointing=self.hparams.activation_checkpointing)
 
     # ------------------------------------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -343,13 +338,11 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
             datamodule.check_vocab(self.architecture.vocab_size)
-        if self._trainer is not None:  # before the strategy wraps this module (DDP): see memzoo.training.data_parallel
-            self.row_sparse_sync = prepare_data_parallel(self, self.trainer.strategy)
+        if self._trainer is not None:  # a strategy that cannot run the pools' update mode fails before training
+            check_strategy(self, self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         self._attach_memory_bank()
-        if self.row_sparse_sync is not None:
-            self.row_sparse_sync.broadcast_tables()
 
     def on_validation_start(self) -> None:
         self._attach_memory_bank()
@@ -368,11 +361,6 @@ class LanguageModel(L.LightningModule):
         from memzoo.model.memory_bank import MemoryBank
 
         self.model.attach_memory(MemoryBank.load(path))
-
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Under DDP: sparse pools' row gradients become the mean over ranks (DDP reduced the dense ones)."""
-        if self.row_sparse_sync is not None:
-            self.row_sparse_sync.all_reduce_()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clips dense gradients only (by norm): row-sparse pool gradients are left to their row-wise optimizer."""

@@ -134,8 +134,9 @@ class RunCheckpoint(ModelCheckpoint):
 def _validates_now(trainer: L.Trainer) -> bool:
     """Whether Lightning runs validation right after the current training batch (its own rule; False if unknown,
     which at worst saves the final step twice)."""
-    loop = trainer.fit_loop
+    from memzoo.parallel.torch_private import validates_after_this_batch
+
     try:
-        return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+        return validates_after_this_batch(trainer)
     except Exception:  # noqa: BLE001 - a Lightning without these internals: save, validation may save again
         return False
