@@ -41,8 +41,8 @@ from memzoo.model.hf_llama import (
     retrofit_arguments,
     transformer_arguments_from_hf,
 )
-from memzoo.model.hub import PACKAGE_PREFIX
 from memzoo.model.transformer import Transformer
+from memzoo.nn.constants import PACKAGE_PREFIX
 
 GGUF_SUFFIX = ".gguf"
 #: GGUF ``general.architecture`` (as transformers names it: its ``model_type``) -> the Hugging Face class it maps to

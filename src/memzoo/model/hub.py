@@ -13,9 +13,7 @@ import re
 from pathlib import Path
 
 from memzoo.model.retrofit import InitFromError
-
-#: ``package:NAME``: the .gguf file of installed Python distribution NAME (:func:`memzoo.model.gguf.package_gguf`)
-PACKAGE_PREFIX = "package:"
+from memzoo.nn.constants import PACKAGE_PREFIX
 
 #: what a hub snapshot needs for memzoo: the config, the safetensors weights (single file or shards + index) and
 #: every tokenizer file format transformers reads

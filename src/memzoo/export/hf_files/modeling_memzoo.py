@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_memzoo import MemzooConfig
+from .memzoo_blocks import Block  # noqa: F401  (importing the blocks package registers memzoo's blocks and presets)
 from .memzoo_blocks_registry import BlockConfigError
 from .memzoo_model_config import ModelConfig
 from .memzoo_model_rope import RotaryEmbedding
