@@ -33,3 +33,15 @@ def test_targets_and_table_from_a_result():
     assert met == {"pkm": True, "memoryplus": False, "peer": True, "product-key": False}
     table = bench.markdown(result)
     assert "| memoryplus | 1.30 |" in table and "| 1024 | 3.00x | n/a (memory) |" in table
+
+
+def test_one_thread_targets_judge_the_cpu_time_ratio_and_the_table_shows_both():
+    rows = {m: {"ms": 1.0, "ratio_to_dense": wall, "cpu_ms": 1.0, "cpu_ratio_to_dense": cpu}
+            for m, wall, cpu in (("dense", 1.0, 1.0), ("moe", 1.0, 1.0), ("pkm", 2.0, 1.1),
+                                 ("memoryplus", 1.0, 1.4), ("peer", 1.2, 1.2))}
+    result = {"machine": "test", "blocks": {"1": rows}}
+    result["targets"] = bench.targets(result)
+    met = {t["target"].split(" ")[0]: t["met"] for t in result["targets"]}
+    assert met == {"pkm": True, "memoryplus": False, "peer": True}
+    assert "1.10x dense (CPU time; wall time 2.00x)" in result["targets"][0]["detail"]
+    assert "| pkm | 1.10 | 2.00 |" in bench.markdown(result)

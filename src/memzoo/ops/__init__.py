@@ -7,8 +7,9 @@
 - :func:`weighted_gather`: ``out[b] = Σ_j w[b,j] · values[idx[b,j]]``, the read of a memory layer.
 - :func:`gather_dot`: ``out[b,j] = values[idx[b,j]] · x[b]``, its adjoint (PEER's ``u_i · x``).
 
-The last two are ``torch.library`` custom ops with their own backward (optionally a row-sparse table gradient),
-vectorised PyTorch on CPU and Triton on CUDA.
+The last two are ``torch.library`` custom ops with their own backward (optionally a row-sparse table gradient):
+C++/OpenMP kernels on CPU for float32/float64 (:mod:`memzoo.ops.cpu_read`, built on first use; vectorised PyTorch,
+:mod:`memzoo.ops.cpu_gather`, for other dtypes or without a compiler) and Triton on CUDA.
 """
 
 from memzoo.ops.product_keys import candidate_pairs, product_key_topk

@@ -1,4 +1,6 @@
-"""The CPU kernels behind :mod:`memzoo.ops.sparse_gather`, in vectorised PyTorch.
+"""The CPU kernels behind :mod:`memzoo.ops.sparse_gather`, in vectorised PyTorch: ``weighted_gather``'s forward
+always; the others for dtypes the C++ kernels of :mod:`memzoo.ops.cpu_read` do not take (bf16, fp16) or when those
+cannot be built.
 
 All kernels take a flat batch of ``B`` bags of ``K`` row indices into a table ``values (N, D)``:
 

@@ -19,7 +19,12 @@ so the three are closed under differentiation (double backward works). Each is a
 nodes. No op ever materialises the ``(..., K, D)`` gathered tensor: cost is one pass over the ``B·K`` indexed
 rows, ``O(B·K·D)`` time, ``O(B·D + B·K)`` memory (plus ``O(N·D)`` for a dense table gradient).
 
-Kernels: :mod:`memzoo.ops.cpu_gather` (vectorised PyTorch) on CPU, :mod:`memzoo.ops.triton_gather` on CUDA.
+Kernels: on CPU :mod:`memzoo.ops.cpu_read` (C++/OpenMP, float32/float64; built on first use) or, for other
+dtypes or without a compiler, :mod:`memzoo.ops.cpu_gather` (vectorised PyTorch); :mod:`memzoo.ops.triton_gather`
+on CUDA. ``weighted_gather``'s first-order backward is one op, ``memzoo::weighted_gather_backward``: on the C++
+path one call sorts the positions by row once and computes the table's row gradient and the weights' gradient
+(:func:`memzoo.ops.cpu_read.scatter_dot`), replacing a sort, a ``unique``, an ``embedding_bag`` and aten's
+per-sample-weights backward.
 
 ``sparse_grad=True`` makes the table's gradient a coalesced sparse COO tensor ``(N, D)`` holding only the rows
 used (as ``nn.Embedding(sparse=True)`` does): a row-wise optimizer then updates O(rows used) instead of O(N).
@@ -52,6 +57,9 @@ from memzoo.ops.cpu_gather import gather_dot as cpu_gather_dot
 from memzoo.ops.cpu_gather import weighted_gather as cpu_weighted_gather
 from memzoo.ops.cpu_gather import weighted_scatter as cpu_weighted_scatter
 from memzoo.ops.cpu_gather import weighted_scatter_rows as cpu_weighted_scatter_rows
+from memzoo.ops.cpu_read import gather_dot as cpu_read_gather_dot
+from memzoo.ops.cpu_read import scatter_dot as cpu_read_scatter_dot
+from memzoo.ops.cpu_read import supports as cpu_read_supports
 
 __all__ = ["gather_dot", "weighted_gather"]
 
@@ -221,7 +229,10 @@ def _(values, indices, weights, sparse_grad):
 def _gather_dot(values: Tensor, indices: Tensor, x: Tensor, sparse_grad: bool) -> Tensor:
     """``(N, D), (B, K), (B, D) -> (B, K)``."""
     _check_index_range("gather_dot", indices, values.shape[0])
-    return _kernels(values.device).gather_dot(values.contiguous(), indices.contiguous(), x.contiguous())
+    values, indices, x = values.contiguous(), indices.contiguous(), x.contiguous()
+    if cpu_read_supports(values, x):
+        return cpu_read_gather_dot(values, indices, x)
+    return _kernels(values.device).gather_dot(values, indices, x)
 
 
 @_gather_dot.register_fake
@@ -232,9 +243,10 @@ def _(values, indices, x, sparse_grad):
 @torch.library.custom_op("memzoo::weighted_scatter", mutates_args=())
 def _weighted_scatter(src: Tensor, indices: Tensor, weights: Tensor, num_rows: int) -> Tensor:
     """``(B, D), (B, K), (B, K) -> (num_rows, D)``: ``G[r] = Σ_{idx[b,j]=r} w[b,j] · src[b]``."""
-    return _kernels(src.device).weighted_scatter(
-        src.contiguous(), indices.contiguous(), weights.contiguous(), num_rows
-    )
+    src, indices, weights = src.contiguous(), indices.contiguous(), weights.contiguous()
+    if cpu_read_supports(src, weights):
+        return cpu_read_scatter_dot(src, indices, weights, None, num_rows, dense=True)[1]
+    return _kernels(src.device).weighted_scatter(src, indices, weights, num_rows)
 
 
 @_weighted_scatter.register_fake
@@ -245,15 +257,55 @@ def _(src, indices, weights, num_rows):
 @torch.library.custom_op("memzoo::weighted_scatter_rows", mutates_args=())
 def _weighted_scatter_rows(src: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """Row-sparse ``weighted_scatter``: ``rows (U,)`` ascending distinct indices, ``sums (U, D)``."""
-    return _kernels(src.device).weighted_scatter_rows(
-        src.contiguous(), indices.contiguous(), weights.contiguous()
-    )
+    src, indices, weights = src.contiguous(), indices.contiguous(), weights.contiguous()
+    if cpu_read_supports(src, weights):
+        rows, sums, _ = cpu_read_scatter_dot(src, indices, weights, None, _rows_bound(indices), dense=False)
+        return rows, sums
+    return _kernels(src.device).weighted_scatter_rows(src, indices, weights)
 
 
 @_weighted_scatter_rows.register_fake
 def _(src, indices, weights):
     n_rows_used = torch.library.get_ctx().new_dynamic_size()
     return indices.new_empty(n_rows_used), src.new_empty(n_rows_used, src.shape[1])
+
+
+@torch.library.custom_op("memzoo::weighted_gather_backward", mutates_args=())
+def _weighted_gather_backward_op(
+    grad_out: Tensor, indices: Tensor, weights: Tensor, values: Tensor, dense: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """First-order backward of ``weighted_gather`` in one op: ``(rows, grad_table, grad_weights)``.
+
+    ``grad_table[r] = Σ_{idx[b,j]=r} w[b,j] · grad_out[b]``: with ``dense`` ``(N, D)`` (``rows`` empty), else the
+    ``U`` distinct rows ``rows (U,)`` ascending and ``(U, D)``; ``grad_weights[b,j] = values[idx[b,j]] · grad_out[b]``.
+    """
+    grad_out, indices, weights = grad_out.contiguous(), indices.contiguous(), weights.contiguous()
+    values = values.contiguous()
+    if cpu_read_supports(grad_out, weights, values):
+        rows, grad_table, dots = cpu_read_scatter_dot(grad_out, indices, weights, values, values.shape[0], dense)
+        return (indices.new_empty(0) if rows is None else rows), grad_table, dots
+    kernels = _kernels(values.device)
+    dots = kernels.gather_dot(values, indices, grad_out)
+    if dense:
+        return indices.new_empty(0), kernels.weighted_scatter(grad_out, indices, weights, values.shape[0]), dots
+    rows, sums = kernels.weighted_scatter_rows(grad_out, indices, weights)
+    return rows, sums, dots
+
+
+@_weighted_gather_backward_op.register_fake
+def _(grad_out, indices, weights, values, dense):
+    if dense:
+        return indices.new_empty(0), values.new_empty(values.shape), values.new_empty(indices.shape)
+    n_rows_used = torch.library.get_ctx().new_dynamic_size()
+    return (
+        indices.new_empty(n_rows_used), values.new_empty(n_rows_used, values.shape[1]),
+        values.new_empty(indices.shape),
+    )
+
+
+def _rows_bound(indices: Tensor) -> int:
+    """An upper bound on the row indices (for the counting sort's size choice): their maximum + 1."""
+    return int(indices.max()) + 1 if indices.numel() else 1
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -309,6 +361,14 @@ def _save_scatter(ctx, inputs, output):
 
 def _weighted_gather_backward(ctx, grad_out):
     values, indices, weights = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and not torch.is_grad_enabled():
+        sparse = ctx.sparse_grad or _adds_into_dense_grad(values)
+        rows, grad_values, grad_weights = _weighted_gather_backward_op(grad_out, indices, weights, values, not sparse)
+        if sparse:
+            grad_values = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), grad_values, values.shape, is_coalesced=True, check_invariants=False
+            )
+        return grad_values, None, grad_weights, None
     grad_values = grad_weights = None
     if ctx.needs_input_grad[0]:
         grad_values = _table_grad(grad_out, indices, weights, values, sparse=ctx.sparse_grad)

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
+from memzoo.ops import cpu_read
 
 ParamGroup = dict[str, Any]
 OptimizerFactory = Callable[[Iterable], Optimizer]
@@ -143,6 +144,19 @@ def row_blocks(
             tensor.index_copy_(0, block_rows, values)
 
 
+def _fused_rows(param: torch.Tensor, *state_and_grad: torch.Tensor) -> bool:
+    """Whether a row-wise update can run in the C++ kernel (:mod:`memzoo.ops.cpu_read`): a contiguous float32 /
+    float64 CPU table and state, a gradient of the same dtype, the kernels built."""
+    grad = state_and_grad[-1]
+    tensors = (param, *state_and_grad[:-1])
+    return (
+        not any(isinstance(t, DTensor) for t in (param, grad))
+        and grad.dtype == param.dtype
+        and all(t.is_contiguous() for t in tensors)
+        and cpu_read.supports(param, grad, *state_and_grad[:-2])
+    )
+
+
 def _check_table(optimizer: str, param: torch.Tensor) -> None:
     if param.dim() != 2:
         raise ValueError(
@@ -200,7 +214,9 @@ class LazyAdam(_RowwiseOptimizer):
 
     State per table: ``exp_avg``, ``exp_avg_sq`` ``(N, D)`` in the parameter's dtype and ``step`` ``(N,)`` int64.
 
-    Cost: the touched rows are updated in blocks of about ``BLOCK_ELEMENTS`` elements: gather the block's rows of
+    Cost: on CPU (float32/float64, contiguous) one C++ pass per touched row updates table, moments and step in
+    place (:func:`memzoo.ops.cpu_read.adam_rows_`, rows in parallel): O(U·D) traffic, no temporaries. Elsewhere
+    the touched rows are updated in blocks of about ``BLOCK_ELEMENTS`` elements: gather the block's rows of
     the table, moments and step counts, update them in place, write them back. Memory traffic is O(U·D) for U
     touched rows, temporaries O(block); bias corrections are computed per row in float64 ``(block, 1)``.
     """
@@ -229,8 +245,14 @@ class LazyAdam(_RowwiseOptimizer):
             state["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        if _fused_rows(param, exp_avg, exp_avg_sq, step, grad):  # one C++ pass per touched row, in place
+            lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            cpu_read.adam_rows_(param, exp_avg, exp_avg_sq, step, rows, grad.contiguous(), lr, betas, eps,
+                                weight_decay)
+            return
         update = param.new_empty(min(rows_per_block(param.shape[1]), grad.shape[0]), param.shape[1])  # scratch
-        tensors = [param, state["exp_avg"], state["exp_avg_sq"], state["step"]]
+        tensors = [param, exp_avg, exp_avg_sq, step]
         for span, (table, exp_avg, exp_avg_sq, step) in row_blocks(tensors, rows, grad.shape[0]):
             row_grad = grad[span].to(param.dtype)
             self._adam_rows_(table, exp_avg, exp_avg_sq, step, row_grad, update[: table.shape[0]], group)

@@ -1,0 +1,301 @@
+"""The C++/OpenMP CPU kernels of the sparse read path: table reads, their fused backward, and the row-wise Adam step.
+
+For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` positions ``p = b·K + j``):
+
+- :func:`gather_dot` ``out[p] = values[idx[p]] · x[b]``: bags in parallel, ``x[b]`` in L1 over its ``K`` rows,
+  16-lane dot products (vectorised, fixed order). (``weighted_gather``'s forward stays on PyTorch's
+  ``embedding_bag``, which is faster there.)
+- :func:`scatter_dot`, the backward of both reads in one call: the positions are sorted by row (a stable counting
+  sort when ``N <= 4·P``, else a sort of ``row·P + p`` keys), then each distinct row ``r`` (rows in parallel) sums
+  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic), and optionally
+  ``dots[p] = values[idx[p]] · src[b]`` (bag by bag: measured faster than inside the row pass, where ``src[b]``
+  is re-fetched per position). For ``weighted_gather`` (``src = grad_out``) ``G`` is the table's gradient and
+  ``dots`` the weights' gradient; for ``gather_dot`` (``src = x``, ``w = grad_out``) ``G`` is the table's
+  gradient. ``G`` comes out row-sparse (the ``U`` distinct rows ascending and their sums) or written into a dense
+  ``(N, D)`` buffer; no ``(B, K, D)`` tensor and no sort or bag bookkeeping tensors beyond ``2·P`` int64.
+- :func:`adam_rows_`: :class:`memzoo.training.optim.LazyAdam`'s update of the touched rows in place, one pass per
+  row (weight decay, both moments, bias corrections from the row's own step count in float64), rows in parallel;
+  no gathered copies of the table or its moments.
+
+float32 and float64 only (callers keep their PyTorch path for other dtypes). The source has no torch headers; it is
+compiled with ``torch.utils.cpp_extension.load`` on first use and called through ``ctypes``, as
+:mod:`memzoo.ops.cpu_topk` (same cache, same ``MEMZOO_CPU_KERNELS=0`` switch, one warning when it cannot be built).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+import warnings
+
+import torch
+
+__all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
+
+SOURCE = r"""
+#include <cstdint>
+#include <cmath>
+#include <vector>
+#include <algorithm>
+
+namespace {
+// 16 independent partial sums (vectorised without reassociating: a fixed order, so results are deterministic)
+template <typename T> inline T dot(const T* __restrict a, const T* __restrict b, int64_t d) {
+  T lane[16] = {};
+  const int64_t full = d / 16 * 16;
+  for (int64_t i = 0; i < full; i += 16)
+    for (int l = 0; l < 16; ++l) lane[l] += a[i + l] * b[i + l];
+  for (int64_t i = full; i < d; ++i) lane[i - full] += a[i] * b[i];
+  T acc = T(0);
+  for (int l = 0; l < 16; ++l) acc += lane[l];
+  return acc;
+}
+
+template <typename T>
+void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int64_t K, int64_t D, T* out,
+                int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < K; ++j) out[b * K + j] = dot(values + idx[b * K + j] * D, x + b * D, D);
+}
+
+// order (P,): positions sorted by row, stable; run_start (P+1,): where each distinct row's run starts. Returns U.
+int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, int64_t* run_start) {
+  if (P == 0) { run_start[0] = 0; return 0; }
+  if (N <= 4 * P) {
+    std::vector<int64_t> start(N + 1, 0);
+    for (int64_t p = 0; p < P; ++p) ++start[idx[p] + 1];
+    for (int64_t r = 0; r < N; ++r) start[r + 1] += start[r];
+    for (int64_t p = 0; p < P; ++p) order[start[idx[p]]++] = p;
+  } else {
+    std::vector<int64_t> key(P);
+    for (int64_t p = 0; p < P; ++p) key[p] = idx[p] * P + p;
+    std::sort(key.begin(), key.end());
+    for (int64_t p = 0; p < P; ++p) order[p] = key[p] % P;
+  }
+  int64_t U = 0;
+  for (int64_t q = 0; q < P; ++q)
+    if (q == 0 || idx[order[q]] != idx[order[q - 1]]) run_start[U++] = q;
+  run_start[U] = P;
+  return U;
+}
+
+// For each run u (row r): G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in order. Then
+// dots[p] = values[idx[p]] . src[p/K] bag by bag: src[b] stays in L1 over its K rows (measured faster than taking
+// the dots inside the row pass, where src[b] is re-fetched per position).
+template <typename T>
+void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, const int64_t* order,
+                 const int64_t* run_start, int64_t U, int64_t K, int64_t D, int64_t* rows, T* sums, T* dense,
+                 T* dots, int threads) {
+  if (dots != nullptr && U > 0) gather_dot<T>(values, idx, src, run_start[U] / K, K, D, dots, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 64) if (threads > 1 && U > 1)
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t r = idx[order[run_start[u]]];
+    if (rows != nullptr) rows[u] = r;
+    T* __restrict acc = dense != nullptr ? dense + r * D : sums + u * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
+    for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
+      const int64_t p = order[q];
+      const T* __restrict s = src + (p / K) * D;
+      const T wp = w[p];
+      for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
+    }
+  }
+}
+
+// LazyAdam on rows (or every row when rows == nullptr), in place; grad (U, D) row u belongs to table row rows[u].
+template <typename T>
+void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T* grad, int64_t U, int64_t D,
+               double lr, double beta1, double beta2, double eps, double wd, int threads) {
+  const T decay = T(1.0 - lr * wd), one_minus_b1 = T(1.0 - beta1), b2 = T(beta2), one_minus_b2 = T(1.0 - beta2);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && U > 1)
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t r = rows != nullptr ? rows[u] : u;
+    const int64_t t = ++step[r];
+    const double c1 = 1.0 - std::pow(beta1, (double)t), c2 = std::sqrt(1.0 - std::pow(beta2, (double)t));
+    const T eps_c = T(eps * c2), scale = T(c1 / (lr * c2));
+    T* p = param + r * D; T* mr = m + r * D; T* vr = v + r * D;
+    const T* g = grad + u * D;
+    for (int64_t d = 0; d < D; ++d) {
+      T pd = wd != 0.0 ? p[d] * decay : p[d];
+      const T gd = g[d];
+      const T md = mr[d] + one_minus_b1 * (gd - mr[d]);
+      const T vd = vr[d] * b2 + one_minus_b2 * gd * gd;
+      mr[d] = md; vr[d] = vd;
+      p[d] = pd - md / ((std::sqrt(vd) + eps_c) * scale);
+    }
+  }
+}
+}  // namespace
+
+#define MEMZOO_READ_KERNELS(T, S)                                                                                  \
+  extern "C" int memzoo_gather_dot_##S(const T* v, const int64_t* i, const T* x, int64_t B, int64_t K, int64_t D, \
+                                       T* o, int th) {                                                             \
+    gather_dot<T>(v, i, x, B, K, D, o, th); return 0; }                                                            \
+  extern "C" int memzoo_scatter_dot_##S(const T* s, const int64_t* i, const T* w, const T* v, const int64_t* o,    \
+                                        const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t* rows, T* sums, \
+                                        T* dense, T* dots, int th) {                                               \
+    scatter_dot<T>(s, i, w, v, o, rs, U, K, D, rows, sums, dense, dots, th); return 0; }                           \
+  extern "C" int memzoo_adam_rows_##S(T* p, T* m, T* v, int64_t* st, const int64_t* rows, const T* g, int64_t U,   \
+                                      int64_t D, double lr, double b1, double b2, double eps, double wd, int th) { \
+    adam_rows<T>(p, m, v, st, rows, g, U, D, lr, b1, b2, eps, wd, th); return 0; }
+
+MEMZOO_READ_KERNELS(float, f32)
+MEMZOO_READ_KERNELS(double, f64)
+
+extern "C" int64_t memzoo_sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, int64_t* rs) {
+  return sort_by_row(idx, P, N, order, rs);
+}
+"""
+
+_ENV_SWITCH = "MEMZOO_CPU_KERNELS"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use (builds them on first call)."""
+    return library() is not None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can take the compiled path: all on CPU, one dtype (float32 or float64), and the
+    kernels built."""
+    dtype = tensors[0].dtype
+    if dtype not in _SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return False
+    return available()
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
+    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            if os.environ.get(_ENV_SWITCH, "1") == "0":
+                _state["lib"], _state["error"] = None, f"{_ENV_SWITCH}=0"
+            else:
+                try:
+                    _state["lib"] = _build()
+                except Exception as error:  # noqa: BLE001 - any build failure means: use the PyTorch path
+                    _state["lib"], _state["error"] = None, f"{type(error).__name__}: {error}"
+                    warnings.warn(
+                        "memzoo: the C++ sparse-read kernels could not be built "
+                        f"({str(_state['error'])[:300]}); using the slower PyTorch path. Install a C++ compiler "
+                        f"(g++) or set {_ENV_SWITCH}=0 to silence this.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def _build() -> ctypes.CDLL:
+    from torch.utils import cpp_extension
+
+    from memzoo.ops.cpu_topk import _VECTOR_FLAGS
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fno-math-errno", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])]
+    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+    name = f"memzoo_sparse_read_{capability.lower()}_{digest}"
+    build_dir = os.path.join(cpp_extension.get_default_build_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    source = os.path.join(build_dir, "sparse_read.cpp")
+    if not os.path.exists(source):  # atomic: concurrent processes never compile a half-written file
+        partial = f"{source}.{os.getpid()}.tmp"
+        with open(partial, "w") as handle:
+            handle.write(SOURCE)
+        os.replace(partial, source)
+    path = cpp_extension.load(
+        name, sources=[source], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=build_dir,
+        is_python_module=False, verbose=False,
+    )
+    lib = ctypes.CDLL(path)
+    i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    for suffix in _SUFFIX.values():
+        fn = getattr(lib, f"memzoo_gather_dot_{suffix}")
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, i64, i64, ptr, cint], cint
+        fn = getattr(lib, f"memzoo_scatter_dot_{suffix}")
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, cint], cint
+        fn = getattr(lib, f"memzoo_adam_rows_{suffix}")
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint], cint
+    lib.memzoo_sort_by_row.argtypes, lib.memzoo_sort_by_row.restype = [ptr, i64, i64, ptr, ptr], i64
+    return lib
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_state.get('error')})")
+    return getattr(lib, f"memzoo_{name}_{_SUFFIX[dtype]}")
+
+
+def _ptr(tensor: torch.Tensor | None):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``values (N, D)``, ``indices (B, K)`` int64, ``x (B, D)``, contiguous, one dtype → ``(B, K)``."""
+    n_bags, n_per_bag = indices.shape
+    out = values.new_empty(n_bags, n_per_bag)
+    _kernel("gather_dot", values.dtype)(
+        values.data_ptr(), indices.data_ptr(), x.data_ptr(), n_bags, n_per_bag, values.shape[1], out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def scatter_dot(
+    src: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor | None, num_rows: int,
+    dense: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``src (B, D)``, ``indices (B, K)`` int64 in ``[0, num_rows)``, ``weights (B, K)``, ``values (N, D)`` or
+    ``None``; contiguous, one dtype → ``(rows, G, dots)``:
+
+    - ``G[r] = Σ_{idx[b,j]=r} weights[b,j] · src[b]``: with ``dense`` a ``(num_rows, D)`` tensor (zero in rows not
+      indexed) and ``rows = None``; else the ``U`` distinct rows ascending ``rows (U,)`` and ``G (U, D)``;
+    - ``dots[b,j] = values[idx[b,j]] · src[b]`` ``(B, K)`` (``None`` when ``values`` is ``None``).
+
+    One pass over the ``B·K`` positions sorted by row; time ``O(B·K·D)`` plus the sort.
+    """
+    n_bags, n_per_bag = indices.shape
+    n_positions, dim = n_bags * n_per_bag, src.shape[1]
+    order = torch.empty(n_positions, dtype=torch.int64)
+    run_start = torch.empty(n_positions + 1, dtype=torch.int64)
+    library_ = library()
+    if library_ is None:
+        raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_state.get('error')})")
+    n_runs = library_.memzoo_sort_by_row(indices.data_ptr(), n_positions, num_rows, order.data_ptr(),
+                                         run_start.data_ptr())
+    if dense:
+        rows, grad = None, src.new_zeros(num_rows, dim)
+    else:
+        rows, grad = torch.empty(n_runs, dtype=torch.int64), src.new_empty(n_runs, dim)
+    dots = src.new_empty(n_bags, n_per_bag) if values is not None else None
+    _kernel("scatter_dot", src.dtype)(
+        src.data_ptr(), indices.data_ptr(), weights.data_ptr(), _ptr(values), order.data_ptr(),
+        run_start.data_ptr(), n_runs, n_per_bag, dim, _ptr(rows), None if dense else grad.data_ptr(),
+        grad.data_ptr() if dense else None, _ptr(dots), torch.get_num_threads(),
+    )
+    return rows, grad, dots
+
+
+def adam_rows_(
+    param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
+    rows: torch.Tensor | None, grad: torch.Tensor, lr: float, betas: tuple[float, float], eps: float,
+    weight_decay: float,
+) -> None:
+    """LazyAdam's update (:class:`memzoo.training.optim.LazyAdam`) in place on ``param, exp_avg, exp_avg_sq (N, D)``
+    and ``step (N,)`` int64 for the rows ``rows (U,)`` (distinct; ``None``: every row, ``U = N``) with their
+    gradients ``grad (U, D)``; all contiguous, one float dtype on CPU. Rows in parallel, one pass each."""
+    n_rows, dim = grad.shape
+    _kernel("adam_rows", param.dtype)(
+        param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(), _ptr(rows), grad.data_ptr(),
+        n_rows, dim, float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
+        torch.get_num_threads(),
+    )

@@ -1,0 +1,171 @@
+"""The C++ sparse-read kernels (memzoo.ops.cpu_read) and the one-op weighted_gather backward against plain float64
+references: forward, both gradients, dense and row-sparse table gradients, duplicate indices, empty batches,
+bf16 (PyTorch path), the fused LazyAdam rows, opcheck of the new op's fake, torch.compile, and the fallback."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from memzoo.ops import cpu_read, gather_dot, weighted_gather
+from memzoo.ops import sparse_gather as sg
+from memzoo.training.optim import LazyAdam
+
+
+def inputs(n_rows, dim, n_bags, k, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(n_rows, dim, generator=gen, dtype=dtype)
+    indices = torch.randint(0, n_rows, (n_bags, k), generator=gen)
+    if indices.numel() >= 3:
+        indices.view(-1)[1] = indices.view(-1)[0]  # duplicates inside a bag and across bags
+        indices.view(-1)[-1] = indices.view(-1)[0]
+    weights = torch.randn(n_bags, k, generator=gen, dtype=dtype)
+    src = torch.randn(n_bags, dim, generator=gen, dtype=dtype)
+    return values, indices, weights, src
+
+
+def reference_scatter(src, indices, weights, n_rows):
+    out = torch.zeros(n_rows, src.shape[1], dtype=torch.float64)
+    contributions = weights.double().unsqueeze(-1) * src.double().unsqueeze(1)  # (B, K, D)
+    return out.index_add_(0, indices.reshape(-1), contributions.reshape(-1, src.shape[1]))
+
+
+def test_the_read_kernels_build_here():
+    assert shutil.which("g++") or shutil.which("c++")
+    assert cpu_read.available(), cpu_read._state.get("error")
+
+
+# dims 16 and 37: whole 16-lane blocks and a remainder; N <= 4·P (counting sort) and N > 4·P (key sort)
+@pytest.mark.parametrize("case", [(10, 16, 4, 3), (7, 37, 3, 8), (5000, 20, 6, 4), (1, 5, 4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_float64_reference(case, dtype):
+    n_rows, dim, n_bags, k = case
+    values, indices, weights, src = inputs(*case, dtype=dtype)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    dots_ref = (values.double()[indices] * src.double().unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(cpu_read.gather_dot(values, indices, src).double(), dots_ref, **tol)
+    grad_ref = reference_scatter(src, indices, weights, n_rows)
+    rows, dense, dots = cpu_read.scatter_dot(src, indices, weights, values, n_rows, dense=True)
+    assert rows is None and dense.shape == (n_rows, dim)
+    torch.testing.assert_close(dense.double(), grad_ref, **tol)
+    torch.testing.assert_close(dots.double(), dots_ref, **tol)
+    rows, sums, dots = cpu_read.scatter_dot(src, indices, weights, None, n_rows, dense=False)
+    assert dots is None
+    assert torch.equal(rows, torch.unique(indices))  # distinct, ascending
+    torch.testing.assert_close(sums.double(), grad_ref[rows], **tol)
+
+
+def test_kernels_on_an_empty_batch():
+    values = torch.randn(6, 4, dtype=torch.float64)
+    for n_bags, k in ((0, 3), (3, 0)):
+        indices = torch.zeros(n_bags, k, dtype=torch.int64)
+        weights, src = torch.zeros(n_bags, k, dtype=torch.float64), torch.randn(n_bags, 4, dtype=torch.float64)
+        assert cpu_read.gather_dot(values, indices, src).shape == (n_bags, k)
+        rows, sums, dots = cpu_read.scatter_dot(src, indices, weights, values, 6, dense=False)
+        assert rows.numel() == 0 and sums.shape == (0, 4) and dots.shape == (n_bags, k)
+        _, dense, _ = cpu_read.scatter_dot(src, indices, weights, values, 6, dense=True)
+        assert torch.equal(dense, torch.zeros(6, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_weighted_gather_and_gather_dot_grads_match_float64(sparse_grad, dtype):
+    """Through the public ops (the one-op backward; bf16 takes the PyTorch kernels), with duplicates."""
+    values, indices, weights, src = inputs(12, 19, 5, 6, dtype=dtype)
+    tol = {"float64": {}, "float32": {"rtol": 1e-5, "atol": 1e-5}, "bfloat16": {"rtol": 2e-2, "atol": 5e-2}}
+    tol = tol[str(dtype).split(".")[1]]
+    for op in ("weighted_gather", "gather_dot"):
+        table = values.clone().requires_grad_()
+        third = (weights if op == "weighted_gather" else src).clone().requires_grad_()
+        fn = weighted_gather if op == "weighted_gather" else gather_dot
+        out = fn(table, indices, third, sparse_grad=sparse_grad)
+        table64 = values.detach().double().clone().requires_grad_()
+        third64 = third.detach().double().clone().requires_grad_()
+        ref = (table64[indices] * third64.unsqueeze(-1)).sum(1) if op == "weighted_gather" else (
+            (table64[indices] * third64.unsqueeze(1)).sum(-1))
+        torch.testing.assert_close(out.double(), ref, **tol)
+        upstream = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        (out.double() * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        grad = table.grad.to_dense() if sparse_grad else table.grad
+        assert table.grad.is_sparse == sparse_grad
+        torch.testing.assert_close(grad.double(), table64.grad, **tol)
+        torch.testing.assert_close(third.grad.double(), third64.grad, **tol)
+
+
+def test_fused_backward_op_passes_opcheck():
+    values, indices, weights, src = inputs(9, 8, 4, 5, dtype=torch.float32)
+    for dense in (True, False):
+        torch.library.opcheck(sg._weighted_gather_backward_op, (src, indices, weights, values, dense),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_read_matches_eager_through_the_fused_backward():
+    values, indices, weights, _ = inputs(30, 16, 8, 4, dtype=torch.float32)
+
+    def read(table, w):
+        return (weighted_gather(table, indices, w) ** 2).sum()
+
+    grads = []
+    for fn in (read, torch.compile(read, fullgraph=True, backend="aot_eager")):
+        table, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+        fn(table, w).backward()
+        grads.append((table.grad, w.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_lazy_adam_matches_the_pytorch_path(weight_decay, monkeypatch):
+    """The C++ rows update against the blockwise PyTorch update of the same optimizer (the latter is tested
+    against AdamW in test_optim_sparse), with a dense and a row-sparse gradient over several steps."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(20, 7, generator=gen)
+    grads = [torch.randn(20, 7, generator=gen) for _ in range(3)]
+    rows = torch.tensor([1, 4, 5, 19])
+    from memzoo.training import optim
+
+    assert optim._fused_rows(start, start, start, torch.zeros(20, dtype=torch.int64), grads[0])  # the C++ path
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("memzoo.training.optim._fused_rows", lambda *tensors: False)
+        table = torch.nn.Parameter(start.clone())
+        optimizer = LazyAdam([table], lr=1e-2, betas=(0.9, 0.99), weight_decay=weight_decay)
+        for step, grad in enumerate(grads):
+            if step == 1:
+                table.grad = torch.sparse_coo_tensor(
+                    rows.unsqueeze(0), grad[rows], table.shape, check_invariants=True
+                ).coalesce()
+            else:
+                table.grad = grad.clone()
+            optimizer.step()
+        results.append((table.detach().clone(), optimizer.state[table]))
+    (fused_table, fused_state), (plain_table, plain_state) = results
+    torch.testing.assert_close(fused_table, plain_table, rtol=1e-6, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(fused_state[key], plain_state[key], rtol=1e-6, atol=1e-7)
+    assert torch.equal(fused_state["step"], plain_state["step"])
+
+
+def test_without_the_kernels_the_pytorch_path_gives_the_same_grads(monkeypatch):
+    values, indices, weights, _ = inputs(15, 9, 4, 5)
+    grads = []
+    for disabled in (False, True):
+        saved = dict(cpu_read._state)
+        if disabled:
+            cpu_read._state.clear()
+            monkeypatch.setenv("MEMZOO_CPU_KERNELS", "0")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the switch turns them off without a warning
+                assert cpu_read.available() != disabled
+                table, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+                weighted_gather(table, indices, w, sparse_grad=True).square().sum().backward()
+                grads.append((table.grad.to_dense(), w.grad))
+        finally:
+            cpu_read._state.clear()
+            cpu_read._state.update(saved)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
