@@ -196,43 +196,28 @@ class ConfigModel:
 
 
 def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
-    """The ``LanguageModel`` of a memzoo YAML config, validated as the CLI does, built on the ``meta`` device
-    (``vocab_size``: see :func:`summarize_config`)."""
+    """The ``LanguageModel`` of a memzoo YAML config as :func:`memzoo.build_model` builds it (the CLI's parser and
+    defaults), on the ``meta`` device, without its data module or ``init_from``'s weights (``vocab_size``: see
+    :func:`summarize_config`)."""
     import torch
-    from jsonargparse import ArgumentParser
 
+    from memzoo.build import build_model
     from memzoo.config_yaml import load_yaml_file
     from memzoo.data.tokenizers import build_tokenizer
-    from memzoo.registry import load_plugins
-    from memzoo.training.module import LanguageModel
 
     config = load_yaml_file(path) or {}
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"{path}: a memzoo config needs a `model:` section (see configs/quickstart.yaml)")
-    if config.get("plugins"):
-        load_plugins(config["plugins"])
-    model_section = _class_section(config["model"], "memzoo.LanguageModel")
     data_args = _class_section(config.get("data") or {}, None)["init_args"]
-    architecture = model_section["init_args"].setdefault("architecture", {})
+    model_section = _class_section(config["model"], "memzoo.LanguageModel")
+    architecture = model_section["init_args"].get("architecture") or {}
     if not isinstance(architecture, dict):
         raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
-    if vocab_size is not None:
-        architecture["vocab_size"] = vocab_size
-    elif "vocab_size" not in architecture:  # the CLI links it from the data module's tokenizer
-        architecture["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LanguageModel, "model", required=True)
-    try:
-        parsed = parser.parse_object({"model": model_section})
-    except Exception as err:  # one line naming the key, its line in the file and the fix
-        from memzoo.config_errors import describe_parse_error
-
-        message = describe_parse_error(err, parser, files=[str(path)])
-        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from err
+    if vocab_size is None:  # the CLI links it from the data module, whose vocabulary is its tokenizer's
+        vocab_size = architecture.get("vocab_size") or build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
     with torch.device("meta"):
-        model = parser.instantiate_classes(parsed).model
-    return ConfigModel(model, int(architecture["vocab_size"]), data_args, dict(config.get("trainer") or {}))
+        model = build_model(path, vocab_size=int(vocab_size), load_weights=False)
+    return ConfigModel(model, int(vocab_size), data_args, dict(config.get("trainer") or {}))
 
 
 def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
@@ -259,16 +244,14 @@ def plan_config(
     ``strategy`` / ``memory_parallel`` ``None``: the config's own (``trainer.strategy`` naming
     ``MemoryParallelStrategy`` and its ``memory_parallel``), else ``memory_parallel`` 1 and, by
     :func:`~memzoo.parallel.planning.plan_parallel`'s rule, ``memory_parallel`` when ``M > 1``, ``ddp`` otherwise."""
-    import yaml
-
+    from memzoo.config_yaml import load_yaml_file
     from memzoo.parallel.planning import plan_parallel
 
     built = model_from_config(path)
     batch = int(built.data_args.get("batch_size", 32))
     block = int(built.data_args.get("block_size") or built.model.architecture.max_seq_len)
     accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+    config = load_yaml_file(path) or {}
     model_section = config.get("model") or {}
     init_args = model_section.get("init_args", model_section) if isinstance(model_section, dict) else {}
     states, note = _optimizer_states(init_args.get("optimizer"))
