@@ -27,7 +27,7 @@ ALLOWED = {
     "parallel": LOW | {"registry", "blocks", "model", "training", "parallel"},
 }
 #: Top layer: may import anything.
-TOP = {"export", "pretrained", "accounting", "cli", "cli_lightning", "cli_verbs", "__main__", "__init__"}
+TOP = {"export", "pretrained", "loading", "build", "accounting", "cli", "cli_lightning", "cli_verbs", "__main__", "__init__"}
 
 
 def memzoo_imports(path: Path) -> set[str]:
