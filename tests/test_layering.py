@@ -52,7 +52,7 @@ def test_no_import_runs_back_up_the_layers():
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE)
         if relative.parts[0] == "export" and relative.parts[1] == "hf_files":
-            continue  # shipped to export folders: imports only torch and transformers (tested in test_export)
+            continue  # shipped to export folders: imports only torch and transformers (tests/test_export_shipped_code.py)
         layer = relative.parts[0].removesuffix(".py")
         if layer in TOP:
             continue

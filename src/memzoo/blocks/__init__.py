@@ -1,7 +1,6 @@
 """Blocks that fill a transformer layer's FFN slot. Importing this package registers memzoo's own blocks and
 presets; the contract every block follows is :class:`~memzoo.blocks.base.Block`."""
 
-from memzoo.blocks import presets  # noqa: F401  (registers the named presets)
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
@@ -9,5 +8,6 @@ from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
+from memzoo.blocks.presets import PRESET_NAMES  # noqa: F401  (importing presets registers them)
 
 __all__ = ["Beside", "Block", "BlockContext", "DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory"]

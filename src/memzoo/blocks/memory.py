@@ -41,7 +41,6 @@ from memzoo.blocks.pool import MemoryPool, ReadsPool, UpdateMode, resolve_pool
 from memzoo.blocks.registry import register_block
 from memzoo.nn.checks import check_choice
 from memzoo.nn.product_key_router import ProductKeyRouter
-from memzoo.ops import candidate_pairs, product_key_topk
 
 QueryNorm = Literal["none", "layernorm", "rmsnorm", "batchnorm"]
 Score = Literal["softmax", "sigmoid"]
@@ -118,7 +117,7 @@ class ProductKeyMemory(ReadsPool, Block):
         )
         self.router = ProductKeyRouter(
             dim, memory.n_keys, heads, knn, k_dim, per_head_keys=per_head_keys, query_norm=query_norm,
-            qk_norm=qk_norm, score=score, topk=product_key_topk, owner=owner,
+            qk_norm=qk_norm, score=score, owner=owner,
         )
         self.attach_pool(memory, owned)
         self.dim, self.heads, self.knn, self.k_dim = dim, heads, knn, k_dim
@@ -174,9 +173,9 @@ class ProductKeyMemory(ReadsPool, Block):
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (2 per multiply-add; norms, softmax, silu and products omitted): the router's
-        (:meth:`ProductKeyRouter.flops_per_token` with ``candidate_pairs(knn)`` sums) + ``2·H·knn·value_dim``
+        (:meth:`ProductKeyRouter.flops_per_token`) + ``2·H·knn·value_dim``
         (weighted read) + ``2·dim·value_dim`` per projection (``W_1`` and ``W_2`` for Memory+, ``W_o`` for PKM)."""
-        flops = self.router.flops_per_token(candidate_pairs(self.knn)) + 2 * self.heads * self.knn * self.value_dim
+        flops = self.router.flops_per_token() + 2 * self.heads * self.knn * self.value_dim
         flops += sum(2 * self.dim * self.value_dim for proj in (self.gate_proj, self.out_proj) if proj is not None)
         return flops
 

@@ -37,7 +37,7 @@ from memzoo.blocks.pool import MemoryPool, ReadsPool, resolve_pool
 from memzoo.blocks.registry import register_block
 from memzoo.nn.checks import check_choice
 from memzoo.nn.product_key_router import ProductKeyRouter
-from memzoo.ops import candidate_pairs, gather_dot, product_key_topk, weighted_gather
+from memzoo.ops import gather_dot, weighted_gather
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -100,7 +100,7 @@ class PEER(ReadsPool, Block):
         self.n_keys, self.activation = expert_pool.n_keys, activation
         self.router = ProductKeyRouter(
             dim, expert_pool.n_keys, heads, knn, k_dim, per_head_keys=per_head_keys, query_norm=query_norm,
-            qk_norm=qk_norm, score=score, topk=product_key_topk, owner=owner,
+            qk_norm=qk_norm, score=score, owner=owner,
         )
 
     # ------------------------------------------------------------------------------------------ parameters
@@ -137,9 +137,9 @@ class PEER(ReadsPool, Block):
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (a multiply-add counts 2; norms, activations, softmax and top-k selection are
-        not counted): the router's (:meth:`ProductKeyRouter.flops_per_token` with ``candidate_pairs(knn)`` sums)
+        not counted): the router's (:meth:`ProductKeyRouter.flops_per_token`)
         + ``2·2·heads·knn·dim`` (the experts' down and up products)."""
-        return self.router.flops_per_token(candidate_pairs(self.knn)) + 4 * self.heads * self.knn * self.dim
+        return self.router.flops_per_token() + 4 * self.heads * self.knn * self.dim
 
     def table_bytes_read_per_token(self) -> int:
         """The ``down`` and ``up`` rows of the ``heads·knn`` experts read (capped at the pool size)."""

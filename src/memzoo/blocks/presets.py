@@ -19,6 +19,9 @@ from __future__ import annotations
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.registry import register_preset
 
+#: The names this module registers.
+PRESET_NAMES = ("pkm", "memory_plus")
+
 _MEMORY = ProductKeyMemory.block_name  # "product_key_memory" (importing the class registers it)
 
 #: The every-block test's smallest product-key memory: 2 heads, 2 rows each, 4² rows of width 8.

@@ -165,7 +165,8 @@ def _arguments(cls: type) -> list[str]:
 
 
 def _load_builtin_blocks() -> None:
-    importlib.import_module("memzoo.blocks")
+    """Imports the ``memzoo.blocks`` package, which imports (so registers) memzoo's own blocks and presets."""
+    from memzoo.blocks import Block  # noqa: F401
 
 
 def _load_entry_points() -> None:

@@ -7,13 +7,13 @@
 - ``blocks``: each layer's block fully resolved, ``{"block": family, **hyperparameters}`` as the registry recorded
   them when the block was built (``block.hparams``; a preset such as ``memory_plus`` is written as its family with
   every setting), with ``"pool": name`` for a layer reading a shared pool. ``product_key_memory`` entries also carry
-  ``bias: false`` and ``output_proj`` (whether ``W_o``/``W_2`` exists), which ``modeling_memzoo.py`` reads.
-  ``modeling_memzoo.py`` (Hugging Face, without memzoo) builds from these, so it needs none of memzoo's defaults;
-  :func:`rebuild` checks that memzoo still resolves the architecture to the same blocks;
+  ``bias: false`` and ``output_proj`` (whether ``W_o``/``W_2`` exists), as exports before memzoo shipped its own
+  model code read them; :func:`rebuild` checks that memzoo still resolves the architecture to the same blocks;
 - ``pools``: each shared pool's ``kind``, ``n_keys`` and ``value_dim``.
 
-A block family is exportable when ``modeling_memzoo.py`` re-implements it (:data:`EXPORTABLE_BLOCKS`); others (a
-user's block, a subclass of a memzoo block) raise :class:`~memzoo.export.errors.ExportError`.
+A block family is exportable when its code ships in the export, i.e. it is one of memzoo's own blocks
+(:data:`EXPORTABLE_BLOCKS`, in :mod:`memzoo.export.shipped_code`'s modules); others (a user's block, a subclass of
+a memzoo block, whose code lives outside memzoo) raise :class:`~memzoo.export.errors.ExportError`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_memzoo.MemzooForCausalLM",
 }
 
-#: Block classes (exact types) that ``modeling_memzoo.py`` re-implements, by their family name.
+#: Block classes (exact types) whose code an export ships, by their family name.
 EXPORTABLE_BLOCKS: dict[type[nn.Module], str] = {
     DenseMLP: "dense",
     MoE: "moe",
@@ -63,7 +63,7 @@ def describe_block(index: int, block: nn.Module) -> dict[str, Any]:
         raise ExportError(
             f"layer {index}'s block {cls.__module__}.{cls.__qualname__}"
             + (f" (registered as {registered!r})" if registered else "")
-            + f" cannot be exported: the Hugging Face modeling code re-implements only memzoo's own blocks ({known}). "
+            + f" cannot be exported: an export ships the code of memzoo's own blocks only ({known}). "
             f"Export a model built from those blocks, or use the Lightning checkpoint with memzoo itself."
         )
     if family == "product_key_memory":

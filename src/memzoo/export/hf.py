@@ -4,8 +4,11 @@ The folder (written atomically: built under a temporary name next to ``out``, th
 
     config.json                    architecture (model_type memzoo, auto_map, per-layer blocks, pools), dtype
     generation_config.json         eos/pad ids and the model's generation defaults
-    configuration_memzoo.py        the config class      } copied verbatim from memzoo/export/hf_files;
-    modeling_memzoo.py             the model, plain torch } they import only torch and transformers
+    configuration_memzoo.py        the config class           } the Hugging Face adapter, copied verbatim from
+    modeling_memzoo.py             PreTrainedModel + KV cache  } memzoo/export/hf_files
+    memzoo_*.py                    memzoo's own model source (model, blocks, nn, ops), generated from the installed
+                                   memzoo by memzoo.export.shipped_code; with the adapter, imports only torch and
+                                   transformers (Triton / xformers optional)
     model.safetensors              weights (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     tokenizer.json                 tokenizer (byte-level for memzoo's ByteTokenizer) + tokenizer_config.json
     memzoo_manifest.json           format version, memzoo version, tokenizer, SHA-256 of each weight file
@@ -24,26 +27,24 @@ from typing import Any
 import torch
 
 import memzoo
-import memzoo.nn as nn_package
 from memzoo.atomic import staging_directory
 from memzoo.data.tokenizers import Tokenizer, build_tokenizer
 from memzoo.export.architecture import architecture_config, rebuild
 from memzoo.export.checkpoint_reader import read_checkpoint
 from memzoo.export.errors import ExportError
 from memzoo.export.manifest import MANIFEST_FILE, build_manifest
+from memzoo.export.shipped_code import shipped_files
 from memzoo.export.tokenizer_files import write_tokenizer_files
 from memzoo.export.weights import DTYPES, export_tensors, parse_size, save_weights
 from memzoo.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-#: The plain-torch code an export ships (name in the folder -> source file): the config and modeling files, and the
-#: norms and product-key router that memzoo's own blocks use, verbatim (``modeling_memzoo.py`` imports them).
+#: The Hugging Face adapter an export ships verbatim (name in the folder -> source file); memzoo's own model source
+#: ships beside it (:func:`~memzoo.export.shipped_code.shipped_files`).
 HF_CODE_FILES = {
     "configuration_memzoo.py": Path(__file__).parent / "hf_files" / "configuration_memzoo.py",
     "modeling_memzoo.py": Path(__file__).parent / "hf_files" / "modeling_memzoo.py",
-    "norms.py": Path(nn_package.__file__).parent / "norms.py",
-    "product_key_router.py": Path(nn_package.__file__).parent / "product_key_router.py",
 }
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -127,6 +128,8 @@ def export_model(
         _write_json(folder / GENERATION_CONFIG_FILE, generation_config(tokenizer, generation or {}))
         for name, source in HF_CODE_FILES.items():
             shutil.copyfile(source, folder / name)
+        for name, text in shipped_files().items():
+            (folder / name).write_text(text, encoding="utf-8")
         tokenizer_entry = write_tokenizer_files(tokenizer, folder, model_max_length=model.max_seq_len)
         files = save_weights(tensors, folder, shard_bytes)
         _write_json(folder / MANIFEST_FILE, build_manifest(folder, files, tokenizer_entry, memzoo.__version__))
@@ -134,8 +137,8 @@ def export_model(
 
 
 def check_no_attention_memory(model: Transformer) -> None:
-    """Refuses a model with attention memory: the Hugging Face modeling code has none, so its export would not
-    compute what the model computes."""
+    """Refuses a model with attention memory: an export carries no memory bank, so it would not compute what the
+    model computes."""
     memory = model.config.attention_memory
     if memory is None and not any(layer.attn.memory is not None for layer in model.layers):
         return
@@ -145,7 +148,7 @@ def check_no_attention_memory(model: Transformer) -> None:
            "(memzoo generate/predict) or export a model without attention_memory")
     raise ExportError(
         f"the model has attention memory (layers {memory and memory['layers']}, mode {memory and memory['mode']}), "
-        f"which the exported Hugging Face code does not implement; {how}"
+        f"whose bank an export does not carry; {how}"
     )
 
 

@@ -1,7 +1,7 @@
 """Weights of an export: safetensors files, one or several shards with a Hugging Face index.
 
 The tensors are the model's ``state_dict`` under memzoo's own names (``layers.3.ffn.sub_keys``,
-``pools.shared.values``), so memzoo and ``modeling_memzoo.py`` load them without renaming. A shared pool appears
+``pools.shared.values``), so memzoo and the exported Hugging Face model (memzoo's own modules) load them without renaming. A shared pool appears
 once (layers hold only a reference to it); a tied LM head is not stored (``head.weight`` is ``embed.weight``).
 
 One file ``model.safetensors`` up to ``max_shard_bytes``; beyond, ``model-0000i-of-0000n.safetensors`` shards

@@ -34,7 +34,7 @@ def _xformers_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device is available (xformers' kernels run only on CUDA)"
     try:
-        import xformers.ops as xops
+        xops = _xformers_ops()
     except Exception as err:  # ImportError or a broken build
         return False, f"xformers does not import: {err}"
     try:
@@ -43,6 +43,16 @@ def _xformers_status() -> tuple[bool, str]:
     except Exception as err:
         return False, f"xformers imports but its attention kernel fails here: {err}"
     return True, ""
+
+
+def _xformers_ops():
+    """``xformers.ops`` (optional: imported inside a try, so import checkers such as Hugging Face's remote-code
+    loader treat it as optional; the ImportError reaches the caller)."""
+    try:
+        import xformers.ops as xops
+    except ImportError as err:
+        raise ImportError(f"xformers does not import: {err}") from err
+    return xops
 
 
 def check_attention_backend(backend: str) -> None:
@@ -72,11 +82,45 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_off
 
 @dataclass
 class LayerKVCache:
-    """Keys and values of one attention layer for incremental decoding, ``(B, H, max_len, head_dim)`` each."""
+    """Keys and values of one attention layer for incremental decoding, ``(B, H_kv, max_len, head_dim)`` each.
+
+    The cache contract :class:`CausalSelfAttention` uses: ``length`` (positions held) and :meth:`append`. Another
+    store (e.g. a Hugging Face ``Cache`` layer) takes part by offering the same two.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores ``k, v (B, H_kv, T, hd)`` after the held positions; returns all keys and values held,
+        ``(B, H_kv, length, hd)``."""
+        start, T = self.length, k.shape[2]
+        if start + T > self.k.shape[2]:
+            raise ValueError(f"KV cache of length {self.k.shape[2]} cannot hold {start + T} positions")
+        self.k[:, :, start : start + T] = k
+        self.v[:, :, start : start + T] = v
+        self.length = start + T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+def padding_attention_mask(attention_mask: torch.Tensor, start: int, length: int) -> torch.Tensor | None:
+    """The boolean attention mask ``(B, 1, T, start + T)`` (True: may attend) of ``length`` new queries after
+    ``start`` held positions, from ``attention_mask (B, >= start + T)`` (1: token, 0: padding); ``None`` when nothing
+    is padding (plain causal attention).
+
+    Query ``i`` (position ``start + i``) sees the non-padding keys ``0 .. start + i``, and always itself, so a
+    padding query's row is never empty.
+    """
+    keep = attention_mask[:, : start + length].bool()
+    if bool(keep.all()):
+        return None
+    device = attention_mask.device
+    query_pos = start + torch.arange(length, device=device)
+    key_pos = torch.arange(start + length, device=device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+    itself = key_pos[None, :] == query_pos[:, None]
+    return ((causal[None] & keep[:, None, :]) | itself[None])[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,8 +169,11 @@ class CausalSelfAttention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_base, rope_scaling)
         self.memory = memory
 
-    def _rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q (B, T, H, hd)`` and ``k (B, T, H_kv, hd)`` rotated for positions ``start ..``, and ``v``."""
+    def _rotated_qkv(
+        self, x: torch.Tensor, start: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q (B, T, H, hd)`` and ``k (B, T, H_kv, hd)`` rotated for positions ``start ..`` (or the ``(B, T)``
+        positions in ``start``), and ``v``."""
         B, T, _ = x.shape
         if self.n_kv_heads == self.n_heads:
             # split (not slicing) so that the backward joins the gradients of (q, k) and v with one copy
@@ -154,34 +201,45 @@ class CausalSelfAttention(nn.Module):
             return False
         return self.backend == "xformers" or _xformers_status()[0]
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x (B, T, dim)`` → ``(B, T, dim)``, continuing ``cache`` (if any; see :class:`LayerKVCache`).
+
+        ``positions (B, T)``: rotary positions (default ``start .. start + T - 1``, ``start = cache.length``);
+        ``mask (B, 1, T, start + T)`` bool: which keys each query may see (:func:`padding_attention_mask`; default
+        causal). Both serve batches of left-padded prompts.
+        """
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
-        q, k, v = self._rotated_qkv(x, start)  # q (B, T, H, hd); k, v (B, T, H_kv, hd)
+        q, k, v = self._rotated_qkv(x, start if positions is None else positions)  # q (B,T,H,hd); k, v (B,T,H_kv,hd)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
-            if start + T > cache.k.shape[2]:
-                raise ValueError(f"KV cache of length {cache.k.shape[2]} cannot hold {start + T} positions")
-            cache.k[:, :, start : start + T] = k.transpose(1, 2)
-            cache.v[:, :, start : start + T] = v.transpose(1, 2)
-            cache.length = start + T
+            k_all, v_all = cache.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, start + T, hd)
         if self.memory is not None and self.memory.active:
-            k_local = cache.k[:, :, : start + T] if cache is not None else k.transpose(1, 2)
-            v_local = cache.v[:, :, : start + T] if cache is not None else v.transpose(1, 2)
+            if mask is not None:
+                raise ValueError("attention memory does not take a padding mask; decode unpadded prompts")
+            k_local = k_all if cache is not None else k.transpose(1, 2)
+            v_local = v_all if cache is not None else v.transpose(1, 2)
             y = self.memory(q, k_local, v_local, start, dropout_p)
-        elif cache is not None:
-            k_all = self._expand_kv(cache.k[:, :, : start + T], 1)
-            v_all = self._expand_kv(cache.v[:, :, : start + T], 1)
+        elif cache is not None or mask is not None:
+            if cache is None:
+                k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+            k_all, v_all = self._expand_kv(k_all, 1), self._expand_kv(v_all, 1)
             qh = q.transpose(1, 2)
-            if T == 1 or start == 0:
+            if mask is None and (T == 1 or start == 0):
                 y = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=start == 0 and T > 1)
-            else:  # a chunk after a prefix: query i sees keys 0 .. start + i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            else:  # a chunk after a prefix, or padding: query i sees keys 0 .. start + i (less the padding)
+                if mask is None:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask)
             y = y.transpose(1, 2)
         elif self._use_xformers(x):
-            import xformers.ops as xops
-
+            xops = _xformers_ops()
             k, v = self._expand_kv(k, 2), self._expand_kv(v, 2)
             y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=dropout_p)
         else:

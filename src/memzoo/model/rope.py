@@ -113,26 +113,46 @@ class RotaryEmbedding(nn.Module):
         self.max_seq_len = max_seq_len
         self.base = base
         self.scaling = dict(scaling) if scaling is not None else None
-        inv_freq = rope_inv_freq(head_dim, base, scaling)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
-        # cos at full width, (cos, cos), as the rotation multiplies it
-        self.register_buffer("cos_full", torch.cat((angles.cos(), angles.cos()), dim=-1).float(), persistent=False)
+        for name, table in self._tables():
+            self.register_buffer(name, table, persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def _tables(self) -> list[tuple[str, torch.Tensor]]:
+        inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
+        cos, sin = angles.cos(), angles.sin()
+        # cos at full width, (cos, cos), as the rotation multiplies it
+        return [("cos", cos.float()), ("sin", sin.float()), ("cos_full", torch.cat((cos, cos), dim=-1).float())]
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Recomputes the tables in place (for a module whose buffers were allocated but not filled, as when a
+        loader builds the model on the meta device and then materialises it)."""
+        for name, table in self._tables():
+            getattr(self, name).copy_(table)
+
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotates ``x: (B, T, ..., head_dim)`` (e.g. ``(B, T, H, hd)``, or queries and keys together as
-        ``(B, T, 2, H, hd)``) for positions ``start_pos .. start_pos + T - 1``; returns a new tensor in ``x.dtype``."""
+        ``(B, T, 2, H, hd)``) for positions ``start_pos .. start_pos + T - 1``, or for the positions in
+        ``start_pos`` when it is a ``(B, T)`` int tensor (each row its own, e.g. after left padding); returns a new
+        tensor in ``x.dtype``."""
         T = x.shape[1]
-        if start_pos + T > self.max_seq_len:
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = int(start_pos.max()) + 1 if per_row and start_pos.numel() else (0 if per_row else start_pos + T)
+        if end > self.max_seq_len:
             raise ValueError(
-                f"sequence reaches position {start_pos + T} but the model's max_seq_len is {self.max_seq_len}; "
+                f"sequence reaches position {end} but the model's max_seq_len is {self.max_seq_len}; "
                 f"raise model.max_seq_len or use shorter sequences"
             )
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"rotary embedding of head_dim {self.head_dim} got x of shape {tuple(x.shape)}")
         dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.cos.dtype)
         ones = (1,) * (x.dim() - 3)
+        if per_row:
+            B = x.shape[0]
+            cos_full = self.cos_full[start_pos].to(dtype).view((B, T) + ones + (self.head_dim,))
+            cos_full = cos_full.expand((B, T) + tuple(x.shape[2:])).contiguous()
+            sin = self.sin[start_pos].to(dtype).view((B, T) + ones + (self.head_dim // 2,))
+            return _RotateHalfFunction.apply(x, cos_full, sin)
         # cos laid out like x's (T, ..., head_dim) rows: the full-width multiply then runs over long contiguous rows
         cos_full = self.cos_full[start_pos : start_pos + T].to(dtype).view((1, T) + ones + (self.head_dim,))
         cos_full = cos_full.expand((1, T) + tuple(x.shape[2:])).contiguous()

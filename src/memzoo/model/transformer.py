@@ -25,7 +25,7 @@ import torch.nn as nn
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool
 from memzoo.blocks.registry import BlockConfigError, create_block
-from memzoo.model.attention import CausalSelfAttention, LayerKVCache
+from memzoo.model.attention import CausalSelfAttention, LayerKVCache, padding_attention_mask
 from memzoo.model.attention_memory import AttentionMemory
 from memzoo.model.config import LayerSpec, ModelConfig, ModelConfigError
 from memzoo.nn.norms import RMSNorm
@@ -43,8 +43,15 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, ctx: BlockContext, cache: LayerKVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: BlockContext,
+        cache: LayerKVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, positions, mask)
         return x + self.ffn(self.ffn_norm(x), ctx)
 
 
@@ -149,15 +156,29 @@ class Transformer(nn.Module):
             layer.ffn.init_weights(std, residual_std)
 
     # ----------------------------------------------------------------------------------------- running
-    def forward(self, input_ids: torch.Tensor, caches: list[LayerKVCache] | None = None) -> torch.Tensor:
-        """``input_ids (B, T)`` int64 → logits ``(B, T, vocab_size)``; with ``caches``, continues a decode."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        caches: list[LayerKVCache] | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``input_ids (B, T)`` int64 → logits ``(B, T, vocab_size)``; with ``caches`` (one per layer, see
+        :class:`~memzoo.model.attention.LayerKVCache`), continues a decode after ``caches[0].length`` positions.
+
+        For batches of left-padded prompts: ``attention_mask (B, start + T)`` (1: token, 0: padding; padding keys
+        are never attended) and ``positions (B, T)``, the rotary positions (and :class:`BlockContext` positions)
+        of the tokens, default ``start .. start + T - 1``.
+        """
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         start = caches[0].length if caches else 0
-        ctx = BlockContext.for_tokens(input_ids, start)
+        ctx = BlockContext.for_tokens(input_ids, start) if positions is None else BlockContext(input_ids, positions)
+        mask = padding_attention_mask(attention_mask, start, input_ids.shape[1]) if attention_mask is not None else None
         x = self.dropout(self.embed(input_ids))
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, caches[i] if caches is not None else None)
+            x = layer(x, ctx, caches[i] if caches is not None else None, positions, mask)
         return self.head(self.norm(x)).float()
 
     def aux_losses(self) -> dict[str, torch.Tensor]:

@@ -3,9 +3,6 @@
 - :mod:`memzoo.nn.norms`: RMSNorm, per-head norms, scale-free normalisation.
 - :mod:`memzoo.nn.product_key_router`: the product-key router of PKM / Memory+ and PEER (query → rows, weights).
 - :mod:`memzoo.nn.checks`: argument checks that raise errors naming the bad value.
-
-``norms.py`` and ``product_key_router.py`` import nothing from memzoo, so ``memzoo export`` ships them verbatim
-beside the Hugging Face modeling code.
 """
 
 from memzoo.nn.norms import HeadNorm, RMSNorm, at_least_float32, rms_normalize

@@ -28,41 +28,21 @@ projection ~ N(0, std); norms at identity.
 Cost per token (forward, a multiply-add counts 2): ``2·dim·H·k_dim`` (query) + ``2·H·n_keys·k_dim`` (both halves
 against all sub-keys) + ``H·candidate_sums`` (additions of the top-k's candidate pairs).
 
-Plain torch: this file imports nothing from memzoo, so ``memzoo export`` ships it verbatim beside the Hugging Face
-modeling code, where the router runs with :func:`plain_product_key_topk`; memzoo's blocks pass
-:func:`memzoo.ops.product_key_topk` (same exact top-k, fewer candidate sums).
+The top-k is :func:`memzoo.ops.product_key_topk` (exact, ``candidate_pairs(knn)`` candidate sums per head).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .norms import HeadNorm, at_least_float32, rms_normalize
+from memzoo.nn.norms import HeadNorm, at_least_float32, rms_normalize
+from memzoo.ops.product_keys import candidate_pairs, product_key_topk
 
 QUERY_NORMS = ("none", "layernorm", "rmsnorm", "batchnorm")
 SCORES = ("softmax", "sigmoid")
-
-#: ``topk(query (..., H, Dk), sub_keys (H, 2, n_keys, Dk/2), k) -> scores, indices (..., H, k)``, exact.
-TopK = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def plain_product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` product keys from all ``k²`` sums of the two half top-k lists (see the module docstring).
-
-    ``query (..., H, Dk)``, ``sub_keys (H, 2, n_keys, Dk/2)`` → ``scores, indices (..., H, k)``, best first.
-    """
-    half, n_keys = sub_keys.shape[-1], sub_keys.shape[2]
-    best1, index1 = torch.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0]).topk(k, dim=-1)
-    best2, index2 = torch.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1]).topk(k, dim=-1)
-    scores, pair = (best1[..., :, None] + best2[..., None, :]).flatten(-2).topk(k, dim=-1)  # pair = a·k + b
-    i1 = index1.gather(-1, torch.div(pair, k, rounding_mode="floor"))
-    i2 = index2.gather(-1, pair % k)
-    return scores, i1 * n_keys + i2
-
 
 def check_router_args(
     owner: str, n_keys: int, heads: int, knn: int, k_dim: int, per_head_keys: bool, query_norm: str, qk_norm: bool,
@@ -103,7 +83,6 @@ class ProductKeyRouter(nn.Module):
         per_head_keys: every head has its own sub-keys (else one set shared by all heads).
         query_norm, qk_norm, score: see the module docstring.
         bias: a bias on the query projection.
-        topk: the exact product-key top-k to use (default :func:`plain_product_key_topk`).
         owner: the block's name in argument errors (:func:`check_router_args`).
 
     Parameters: ``query`` (``nn.Linear``), ``query_norm`` (when not ``none``), ``sub_keys (S, 2, n_keys, k_dim/2)``
@@ -123,14 +102,12 @@ class ProductKeyRouter(nn.Module):
         qk_norm: bool = False,
         score: str = "softmax",
         bias: bool = False,
-        topk: TopK | None = None,
         owner: str = "product-key router",
     ):
         super().__init__()
         check_router_args(owner, n_keys, heads, knn, k_dim, per_head_keys, query_norm, qk_norm, score)
         self.dim, self.n_keys, self.heads, self.knn, self.k_dim = dim, n_keys, heads, knn, k_dim
         self.per_head_keys, self.query_norm_kind, self.qk_norm, self.score = per_head_keys, query_norm, qk_norm, score
-        self.topk = topk if topk is not None else plain_product_key_topk
         self.query = nn.Linear(dim, heads * k_dim, bias=bias)
         self.query_norm = _make_query_norm(query_norm, heads, k_dim)
         self.sub_keys = nn.Parameter(torch.empty(heads if per_head_keys else 1, 2, n_keys, k_dim // 2))
@@ -164,18 +141,18 @@ class ProductKeyRouter(nn.Module):
             q = torch.cat([rms_normalize(part) for part in q.split(half, dim=-1)], dim=-1) / math.sqrt(half)
             keys = rms_normalize(keys)
         if self.per_head_keys:
-            scores, indices = self.topk(q, keys, self.knn)
+            scores, indices = product_key_topk(q, keys, self.knn)
         else:  # every head queries the one key set: a size-1 head axis of its own
-            scores, indices = self.topk(q.unsqueeze(-2), keys, self.knn)
+            scores, indices = product_key_topk(q.unsqueeze(-2), keys, self.knn)
             scores, indices = scores.squeeze(-2), indices.squeeze(-2)
         scores = at_least_float32(scores)
         weights = scores.softmax(dim=-1) if self.score == "softmax" else scores.sigmoid()
         return indices, weights
 
-    def flops_per_token(self, candidate_sums: int | None = None) -> int:
-        """Forward FLOPs per token (module docstring); ``candidate_sums``: additions per head of the top-k used
-        (the plain top-k: ``knn²``; :func:`memzoo.ops.product_key_topk`: ``memzoo.ops.candidate_pairs(knn)``)."""
-        sums = self.knn**2 if candidate_sums is None else candidate_sums
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (module docstring), with :func:`memzoo.ops.candidate_pairs` ``(knn)`` candidate
+        sums per head."""
+        sums = candidate_pairs(self.knn)
         h = self.heads
         return 2 * self.dim * h * self.k_dim + 2 * h * self.n_keys * self.k_dim + h * sums
 

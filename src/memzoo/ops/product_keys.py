@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from memzoo.ops import cpu_topk, sparse_gather
+from memzoo.ops.cpu_topk import backward as cpu_topk_backward
+from memzoo.ops.cpu_topk import half_topk_merge as cpu_half_topk_merge
+from memzoo.ops.cpu_topk import library as cpu_topk_library
+from memzoo.ops.sparse_gather import _kernels, _weighted_gather, _weighted_scatter
 
 Tensor = torch.Tensor
 
@@ -128,12 +131,12 @@ def _product_key_topk(query: Tensor, sub_keys: Tensor, k: int) -> tuple[Tensor, 
     """``query (T, H, Dk)``, ``sub_keys (H, 2, n_keys, Dk/2)`` → ``scores, indices (T, H, k)``."""
     half_scores = _half_scores(query, sub_keys)  # (2, H, T, n_keys)
     exact = half_scores if half_scores.dtype in (torch.float32, torch.float64) else half_scores.float()
-    if query.device.type == "cpu" and cpu_topk.library() is not None:
-        scores, indices = cpu_topk.half_topk_merge(exact, k)
+    if query.device.type == "cpu" and cpu_topk_library() is not None:
+        scores, indices = cpu_half_topk_merge(exact, k)
     elif query.is_cuda and exact.dtype == torch.float32 and _triton_takes(sub_keys.shape[2], k):
-        from memzoo.ops import triton_topk
+        from memzoo.ops.triton_topk import half_topk_merge
 
-        scores, indices = triton_topk.half_topk_merge(exact, k)
+        scores, indices = half_topk_merge(exact, k)
     else:
         scores, indices = _torch_half_topk_merge(half_scores, k)
     return scores.to(query.dtype), indices
@@ -193,9 +196,9 @@ def _product_key_topk_grad(grad_scores: Tensor, indices: Tensor, query: Tensor, 
 ]:
     """``grad_scores, indices (T, H, k)``, ``query (T, H, Dk)``, ``sub_keys (H, 2, n_keys, Dk/2)`` →
     ``grad_query``, ``grad_sub_keys`` (dense)."""
-    if query.device.type == "cpu" and cpu_topk.library() is not None:
+    if query.device.type == "cpu" and cpu_topk_library() is not None:
         compute = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
-        grad_query, grad_keys = cpu_topk.backward(
+        grad_query, grad_keys = cpu_topk_backward(
             grad_scores.to(compute), indices, query.to(compute), sub_keys.to(compute)
         )
         return grad_query.to(query.dtype), grad_keys.to(sub_keys.dtype)
@@ -221,10 +224,10 @@ def _gather_backward(
     grads = grad_scores.unsqueeze(2).expand(n_tokens, heads, 2, k).reshape(-1, k)
     table, halves = sub_keys.reshape(-1, half), query.reshape(-1, half)
     if differentiable:
-        grad_query = sparse_gather._weighted_gather(table, rows, grads, False)
-        grad_keys = sparse_gather._weighted_scatter(halves, rows, grads, 2 * heads * n_keys)
+        grad_query = _weighted_gather(table, rows, grads, False)
+        grad_keys = _weighted_scatter(halves, rows, grads, 2 * heads * n_keys)
     else:
-        kernels = sparse_gather._kernels(query.device)
+        kernels = _kernels(query.device)
         grad_query = kernels.weighted_gather(table.contiguous(), rows, grads.contiguous())
         grad_keys = kernels.weighted_scatter(halves.contiguous(), rows, grads.contiguous(), 2 * heads * n_keys)
     return grad_query.view(query.shape), grad_keys.view(sub_keys.shape)
@@ -236,7 +239,7 @@ _product_key_topk.register_autograd(_product_key_topk_backward, setup_context=_s
 def _triton_takes(n_keys: int, k: int) -> bool:
     """Whether the Triton kernel can run here (Triton importable) and takes this size."""
     try:
-        from memzoo.ops import triton_topk
+        from memzoo.ops.triton_topk import supports
     except ImportError:
         return False
-    return triton_topk.supports(n_keys, k)
+    return supports(n_keys, k)

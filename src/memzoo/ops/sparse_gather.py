@@ -44,9 +44,14 @@ used only where it is invisible: eager mode, a first-order backward (no ``create
 (``table.register_hook``) then see the sparse rows; ``register_post_accumulate_grad_hook`` sees the dense sum.
 """
 
+from typing import Callable, NamedTuple
+
 import torch
 
-from memzoo.ops import cpu_gather
+from memzoo.ops.cpu_gather import gather_dot as cpu_gather_dot
+from memzoo.ops.cpu_gather import weighted_gather as cpu_weighted_gather
+from memzoo.ops.cpu_gather import weighted_scatter as cpu_weighted_scatter
+from memzoo.ops.cpu_gather import weighted_scatter_rows as cpu_weighted_scatter_rows
 
 __all__ = ["gather_dot", "weighted_gather"]
 
@@ -169,13 +174,30 @@ def _check_index_range(op: str, indices: Tensor, num_rows: int) -> None:
         )
 
 
-def _kernels(device: torch.device):
-    """The kernel module for a device: Triton on CUDA, vectorised PyTorch elsewhere."""
-    if device.type == "cuda":
-        from memzoo.ops import triton_gather
+class _Kernels(NamedTuple):
+    """One device's kernels (the functions of :mod:`memzoo.ops.cpu_gather` or :mod:`memzoo.ops.triton_gather`)."""
 
-        return triton_gather
-    return cpu_gather
+    weighted_gather: Callable
+    gather_dot: Callable
+    weighted_scatter: Callable
+    weighted_scatter_rows: Callable
+
+
+_CPU_KERNELS = _Kernels(cpu_weighted_gather, cpu_gather_dot, cpu_weighted_scatter, cpu_weighted_scatter_rows)
+
+
+def _kernels(device: torch.device) -> _Kernels:
+    """The kernels for a device: Triton on CUDA, vectorised PyTorch elsewhere."""
+    if device.type == "cuda":
+        from memzoo.ops.triton_gather import (
+            gather_dot,
+            weighted_gather,
+            weighted_scatter,
+            weighted_scatter_rows,
+        )
+
+        return _Kernels(weighted_gather, gather_dot, weighted_scatter, weighted_scatter_rows)
+    return _CPU_KERNELS
 
 
 # ----------------------------------------------------------------------------------------------- custom ops

@@ -1,7 +1,8 @@
 """Configuration of an exported memzoo language model (``model_type: memzoo``).
 
 Self-contained: this file is copied verbatim next to the weights of a ``memzoo export`` folder and imports only
-``transformers``. It pairs with ``modeling_memzoo.py`` (the same folder).
+``transformers``. It pairs with ``modeling_memzoo.py`` (the same folder), which builds memzoo's own model from
+``architecture``.
 
 Besides the usual decoder sizes, the config lists the FFN-slot block of every layer and the memory pools::
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-#: Block families ``modeling_memzoo.py`` implements, with the hyperparameters each entry must give.
+#: Block families an export holds, with the hyperparameters each ``blocks`` entry must give.
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "dense": ("hidden", "bias"),
     "moe": ("n_experts", "top_k", "hidden", "renormalize"),
@@ -47,8 +48,8 @@ class MemzooConfig(PretrainedConfig):
         pools: memory pools shared by layers, ``{name: {"kind": "memory"|"experts", "n_keys", "value_dim"}}``.
         tie_word_embeddings: the LM head reuses the token embedding matrix.
         initializer_range: std of the normal init of a freshly built (not loaded) model.
-        architecture: memzoo's ``ModelConfig`` of the model as plain data (what ``memzoo.load_pretrained``
-            rebuilds from); kept as it is, not needed by this modeling code.
+        architecture: memzoo's ``ModelConfig`` of the model as plain data, from which ``modeling_memzoo.py`` and
+            ``memzoo.load_pretrained`` build the model.
         num_key_value_heads: key/value heads (grouped-query attention; default ``num_attention_heads``).
         attention_qkv_bias, attention_out_bias: biases on the q/k/v and output projections of attention.
         rotary_scaling: rotary frequency scaling, ``{"rope_type": "linear" | "llama3", ...}`` or ``None`` (not
@@ -132,7 +133,7 @@ class MemzooConfig(PretrainedConfig):
             family = spec.get("block")
             if family not in BLOCK_FIELDS:
                 raise ValueError(
-                    f"memzoo config: layer {index} has block {family!r}; this modeling code implements "
+                    f"memzoo config: layer {index} has block {family!r}; an export holds the blocks "
                     f"{sorted(BLOCK_FIELDS)}"
                 )
             missing = [key for key in BLOCK_FIELDS[family] if key not in spec]
