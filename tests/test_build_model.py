@@ -69,6 +69,10 @@ def test_build_model_links_the_data_vocabulary_and_reads_yaml_strictly(in_tmp):
     quickstart = ROOT / "configs" / "quickstart.yaml"
     assert memzoo.build_model(quickstart).architecture.vocab_size == 258  # the byte tokenizer's, linked as fit does
     assert memzoo.build_model(quickstart, vocab_size=300).architecture.vocab_size == 300
+    from jsonargparse import dict_to_namespace
+
+    parsed = dict_to_namespace(yaml.safe_load(quickstart.read_text()))  # a parsed namespace builds the same model
+    assert memzoo.build_model(parsed).hparams.architecture == memzoo.build_model(quickstart).hparams.architecture
     twice = in_tmp / "twice.yaml"
     twice.write_text(quickstart.read_text() + "\nseed_everything: 1\nseed_everything: 2\n")
     with pytest.raises(ValueError, match="duplicate key 'seed_everything'"):
