@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from memzoo.accounting import attention_flops_per_token, block_flops_per_token, summarize, summarize_config
+from memzoo.accounting import attention_flops_per_token, block_flops_per_token, summarize
 from memzoo.blocks.base import Block
+from memzoo.config_accounting import summarize_config
 from memzoo.model.summary import count_parameters
 from memzoo.model.transformer import Transformer
 

@@ -124,7 +124,7 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
 
 
 def test_summarize_config_vocab_size_override_sizes_the_embedding():
-    from memzoo.accounting import summarize_config
+    from memzoo.config_accounting import summarize_config
 
     path = str(capacity.CONFIG_DIR / "model-dense.yaml")
     small, large = summarize_config(path, vocab_size=500), summarize_config(path, vocab_size=1000)

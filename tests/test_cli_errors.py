@@ -255,7 +255,7 @@ def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_pat
         load_yaml("a: 1\na: 2\n", "dup.yaml")
     assert load_yaml("lr: 1e-3\nb: [1, {c: 2}]\n") == {"lr": 1e-3, "b": [1, {"c": 2}]}  # jsonargparse's floats
     with pytest.raises(ValueError, match="duplicate key 'dim'"):
-        from memzoo.accounting import summarize_config
+        from memzoo.config_accounting import summarize_config
 
         summarize_config(str(_write(tmp_path / "s.yaml", "model:\n  init_args: {architecture: {dim: 8, dim: 16}}\n")))
 

@@ -63,8 +63,9 @@ def test_recall_counts_exact_answers_and_every_method_runs(tool, tmp_path):
     model = tool.build_model(settings.n_keys).eval()
     stats = tmp_path / "s.pt"
     torch.save(collect_slot_stats(model, [tool.fact_batch(pairs)]).to_dict(), stats)
+    base = tool.save_base(model, tmp_path / "base.ckpt")
     for run in settings.runs:
-        measured = tool.finetune(run, model, settings, pairs, stats, lambda m: {"recall_b": tool.recall(m, pairs)})
+        measured = tool.finetune(run, base, settings, pairs, stats, lambda m: {"recall_b": tool.recall(m, pairs)})
         assert [p["steps"] for p in measured] == [1, 2]
         assert measured[0]["idf_power"] == run.idf_power and measured[0]["top_t"] == run.top_t
     assert np.isfinite(tool.heldout_loss(model, [tool.fact_batch(pairs)]))

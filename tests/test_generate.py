@@ -211,3 +211,24 @@ def test_generate_without_max_new_tokens_fits_a_model_whose_default_fills_its_co
     with pytest.raises(CommandError, match="--max-new-tokens=40 does not fit .* at most 39 new tokens with "
                                            "--max-new-tokens"):
         main(["generate", "--model", str(folder), "--prompt", "x", "--max-new-tokens", "40"])
+
+
+def test_batch_generate_and_streaming_share_one_decode_loop():
+    """Transformer.generate and generate_tokens are decode_steps: a batch row stops at eos and is padded with it,
+    and the stream of each prompt is that row's tokens."""
+    from memzoo.model.decoding import decode_steps
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=40).eval()
+    prompts = torch.randint(0, 50, (2, 5))
+    out = model.generate(prompts, 8)
+    eos = int(out[0, 6])  # row 0's second new token: row 0 ends there, row 1 goes on (or ends too)
+    stopped = model.generate(prompts, 8, eos_id=eos)
+    steps = torch.stack(list(decode_steps(model, prompts, 8, eos_id=eos)), dim=1)
+    assert torch.equal(stopped[:, 5:], steps)
+    for row in range(2):
+        streamed = list(generate_tokens(model, prompts[row].tolist(), 8, eos_id=eos))
+        expected = stopped[row, 5:].tolist()
+        assert streamed == expected[: expected.index(eos) + 1] if eos in expected else streamed == expected
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate(prompts, -1)

@@ -14,11 +14,11 @@ transformers = pytest.importorskip("transformers")
 
 import memzoo  # noqa: E402
 from gguf_files import CHAT_TEMPLATE, tiny_llama, vocabulary, write_llama_gguf  # noqa: E402
+from memzoo.build import build_language_model  # noqa: E402
 from memzoo.data.tokenizers import build_tokenizer  # noqa: E402
 from memzoo.export.errors import PretrainedFormatError  # noqa: E402
 from memzoo.export.hf import export_model  # noqa: E402
 from memzoo.model.gguf import GGUFImportError, gguf_tokenizer_folder, load_gguf_model, read_gguf_config  # noqa: E402
-from memzoo.training.module import LanguageModel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_tokenizer_and_chat_template(files):
 def test_init_from_gguf_with_retrofit_starts_at_base(files):
     _, path = files[True, "f32"]
     add = {"block": "product_key_memory", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 16, "gate": "silu"}
-    module = LanguageModel(init_from=str(path), architecture={
+    module = build_language_model(init_from=str(path), architecture={
         "max_seq_len": 32, "layers": {1: {"block": "beside", "base": "dense", "add": add}},
         "pools": {"memory": {"n_keys": 8, "value_dim": 32}}})
     base = load_gguf_model(path).eval()
@@ -113,7 +113,7 @@ def test_other_architecture_is_refused(tmp_path):
         memzoo.load_pretrained(path)
     path = write_llama_gguf(tmp_path / "made-up.gguf", tiny_llama(), architecture="madeup")
     with pytest.raises(GGUFImportError, match=r"madeup.*not supported"):
-        LanguageModel(init_from=str(path))
+        build_language_model(init_from=str(path))
 
 
 def test_damaged_files_are_refused(files, tmp_path):

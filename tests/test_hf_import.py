@@ -14,11 +14,11 @@ transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import memzoo  # noqa: E402
+from memzoo.build import build_language_model  # noqa: E402
 from memzoo.cli import main  # noqa: E402
 from memzoo.export.errors import PretrainedFormatError  # noqa: E402
 from memzoo.export.hf import export_model  # noqa: E402
 from memzoo.model.hf_llama import HFImportError, transformer_arguments_from_hf  # noqa: E402
-from memzoo.training.module import LanguageModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli import write_config  # noqa: E402
@@ -174,7 +174,7 @@ def test_init_from_hf_folder_in_yaml_uses_its_tokenizer_and_trains(folders, tmp_
     folder = tmp_path / "qwen"
     reference = save_hf(folder, "Qwen2", rope_theta=1e6)
     (folder / "tokenizer.json").write_bytes(Path(_byte_free_tokenizer(tmp_path)).read_bytes())
-    lm = LanguageModel(architecture={"max_seq_len": 32}, init_from=str(folder))
+    lm = build_language_model(architecture={"max_seq_len": 32}, init_from=str(folder))
     ids = torch.randint(0, 300, (1, 16))
     torch.testing.assert_close(lm.eval()(ids), hf_logits(reference, ids), rtol=0, atol=1e-4)
     arch = lm.hparams.architecture
@@ -204,7 +204,7 @@ def test_hub_id_resolves_to_its_snapshot_folder(folders, monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
-    lm = LanguageModel(architecture={"max_seq_len": 32}, init_from="memzoo-tests/tiny-qwen2@v1")
+    lm = build_language_model(architecture={"max_seq_len": 32}, init_from="memzoo-tests/tiny-qwen2@v1")
     torch.testing.assert_close(lm.eval()(ids), hf_logits(reference, ids), rtol=0, atol=1e-4)
     assert lm.hparams.init_from == "memzoo-tests/tiny-qwen2@v1"  # the checkpoint records the name given
     torch.testing.assert_close(memzoo.load_pretrained("memzoo-tests/tiny-qwen2")(ids), hf_logits(reference, ids),
@@ -228,13 +228,13 @@ def test_hub_id_offline_and_not_cached_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(InitFromError, match=r"init_from: 'memzoo-tests/not-cached'.*huggingface-cli download "
                                             r"memzoo-tests/not-cached --local-dir DIR"):
-        LanguageModel(init_from="memzoo-tests/not-cached")
+        build_language_model(init_from="memzoo-tests/not-cached")
     with pytest.raises(PretrainedFormatError, match="load_pretrained: 'memzoo-tests/not-cached'"):
         memzoo.load_pretrained("memzoo-tests/not-cached")
     # a missing checkpoint file is reported as a missing path, never sent to the hub
     assert not looks_like_hub_id("runs/last.ckpt") and looks_like_hub_id("Qwen/Qwen2.5-0.5B@main")
     with pytest.raises(InitFromError, match="'runs/last.ckpt' does not exist"):
-        LanguageModel(init_from="runs/last.ckpt")
+        build_language_model(init_from="runs/last.ckpt")
 
 
 @pytest.mark.cuda

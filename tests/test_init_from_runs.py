@@ -10,9 +10,9 @@ import yaml
 
 pytest.importorskip("transformers")
 
+from memzoo.build import build_language_model  # noqa: E402
 from memzoo.cli import main  # noqa: E402
 from memzoo.model.config import ModelConfig, ModelConfigError  # noqa: E402
-from memzoo.training.module import LanguageModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_hf_import import _byte_free_tokenizer, save_hf  # noqa: E402
@@ -67,13 +67,13 @@ def llama(tmp_path_factory):
 
 
 def test_negative_layer_indices_resolve_against_the_imported_depth(llama):
-    lm = LanguageModel(architecture={"max_seq_len": 32, "layers": {-1: BESIDE},
+    lm = build_language_model(architecture={"max_seq_len": 32, "layers": {-1: BESIDE},
                                      "pools": {"memory": {"n_keys": 4, "value_dim": 32}}}, init_from=str(llama))
     assert lm.model.n_layers == 2
     assert [spec.block for spec in lm.model.layer_specs] == ["dense", "beside"]
     assert list(lm.hparams.architecture["layers"]) == [1]
     with pytest.raises(ModelConfigError, match="index 8 is out of range for n_layers=2"):
-        LanguageModel(architecture={"layers": {8: BESIDE}, "pools": {"memory": {"n_keys": 4, "value_dim": 32}}},
+        build_language_model(architecture={"layers": {8: BESIDE}, "pools": {"memory": {"n_keys": 4, "value_dim": 32}}},
                       init_from=str(llama))
 
 

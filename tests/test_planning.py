@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memzoo.accounting import plan_config
 from memzoo.cli import CommandError, main
+from memzoo.config_accounting import plan_config
 from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
 from memzoo.parallel.memory_parallel import MemoryParallelError, read_bytes_per_step

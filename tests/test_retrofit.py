@@ -6,6 +6,7 @@ import torch
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.pool import MemoryPool
+from memzoo.build import build_language_model
 from memzoo.model.transformer import ModelConfigError, Transformer
 from memzoo.training.freezing import FreezeConfigError, apply_freezing
 from memzoo.training.init_from import InitFromError, load_initial_weights
@@ -78,7 +79,7 @@ def test_init_from_checkpoint_with_retrofit_and_freezing(tmp_path):
     ckpt = tmp_path / "base.ckpt"
     torch.save({"state_dict": source.state_dict()}, ckpt)
     layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY}}
-    lm = LanguageModel(architecture={**BASE, "layers": layers, "pools": POOLS}, init_from=str(ckpt),
+    lm = build_language_model(architecture={**BASE, "layers": layers, "pools": POOLS}, init_from=str(ckpt),
                        freeze=["*"], unfreeze=["pools.*.values"])
     ids = torch.randint(0, 40, (2, 10))
     assert torch.equal(lm.eval()(ids), source.eval()(ids))
@@ -103,7 +104,7 @@ def test_init_from_mismatches_fail_clearly(tmp_path):
     with pytest.raises(InitFromError, match="lacks"):
         load_initial_weights(source, fewer.state_dict())
     with pytest.raises(Exception, match="does not exist"):
-        LanguageModel(architecture=BASE, init_from=str(tmp_path / "missing.ckpt"))
+        build_language_model(architecture=BASE, init_from=str(tmp_path / "missing.ckpt"))
 
 
 def test_retrofit_naming_a_layer_out_of_range_fails():

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import mp_workers
+from memzoo.build import build_language_model
 from memzoo.cli import main
 from memzoo.parallel.checkpoint import ShardedCheckpointError, read_sharded_weights
 from memzoo.parallel.checkpoint_metadata import (
@@ -156,7 +157,7 @@ def test_a_crafted_item_of_a_real_sharded_folder_is_refused(sharded, crafted, tm
 
 
 def test_init_from_load_pretrained_slot_stats_and_checkpoint_io_refuse(crafted, tmp_path):
-    from memzoo import LanguageModel, load_pretrained
+    from memzoo import load_pretrained
     from memzoo.export.checkpoint_io import AtomicCheckpointIO
     from memzoo.export.errors import PretrainedFormatError
     from memzoo.model.retrofit import InitFromError
@@ -165,7 +166,7 @@ def test_init_from_load_pretrained_slot_stats_and_checkpoint_io_refuse(crafted, 
 
     marker, ckpt, _ = crafted
     with pytest.raises(InitFromError) as err:
-        LanguageModel(architecture={"dim": 16, "n_layers": 1, "n_heads": 2}, init_from=str(ckpt))
+        build_language_model(architecture={"dim": 16, "n_layers": 1, "n_heads": 2}, init_from=str(ckpt))
     _refused(err)
     with pytest.raises(SlotStatsError) as err:
         SlotStats.load(ckpt)

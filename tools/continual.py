@@ -30,13 +30,13 @@ point, the frontier comparison and ``targets``: ``target``, ``met``, ``detail``)
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+
 from memzoo.atomic import atomic_file  # noqa: E402
+from memzoo.build import build_language_model  # noqa: E402
 from memzoo.data.facts_corpus import FactsCorpus  # noqa: E402
 from memzoo.data.tokenizers import ByteTokenizer  # noqa: E402
 from memzoo.model.transformer import Transformer  # noqa: E402
-from memzoo.training.lora import apply_lora  # noqa: E402
+from memzoo.training.metrics import FactRecall  # noqa: E402
 from memzoo.training.slot_stats import collect_slot_stats  # noqa: E402
 from memzoo.training.sparse_finetune import SparseMemoryFinetuning  # noqa: E402
 
@@ -112,11 +116,12 @@ FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=1500, finetune_steps
 
 
 def build_model(n_keys: int = 128) -> Transformer:
-    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 16,384) slots."""
+    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 16,384) slots. The
+    pool has no learning rate of its own (``lr: null``): each method's swept rate applies to it too."""
     memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64}
     return Transformer(vocab_size=TOK.vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
                        block_args={"hidden": 256}, layers={1: memory, 3: memory},
-                       pools={"memory": {"n_keys": n_keys, "value_dim": 128}})
+                       pools={"memory": {"n_keys": n_keys, "value_dim": 128, "lr": None}})
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -151,19 +156,15 @@ def lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def recall(model: Transformer, pairs: list[tuple[str, str]]) -> float:
-    """Fraction of facts whose answer tokens are all the greedy prediction (teacher-forced)."""
+    """Fraction of facts whose answer tokens are all the greedy prediction, teacher-forced: memzoo's
+    :class:`~memzoo.training.metrics.FactRecall` (what ``val/fact_recall`` reports) over answer-labelled sentences."""
     model.eval()
-    hits = 0
+    metric = FactRecall()
     for start in range(0, len(pairs), 64):
-        chunk = pairs[start : start + 64]
-        batch = fact_batch(chunk)
-        pred = model(batch["input_ids"]).argmax(-1)
-        for i, (p, a) in enumerate(chunk):
-            n_prompt, n_answer = 1 + len(TOK.encode(p)), len(TOK.encode(a))
-            span = slice(n_prompt - 1, n_prompt - 1 + n_answer)
-            hits += bool((pred[i, span] == batch["labels"][i, span]).all())
+        batch = fact_batch(pairs[start : start + 64], answers_only=True)
+        metric.update(model(batch["input_ids"]), batch["labels"])
     model.train()
-    return hits / len(pairs)
+    return float(metric.compute())
 
 
 @torch.no_grad()
@@ -211,42 +212,67 @@ def background_batches(settings, train_tokens, facts_a, rng, n=40):
     return out
 
 
-def finetune(run: Run, base: Transformer, settings: Settings, facts_b, stats_path, evaluate, seed=0):
-    """Teaches facts B from a copy of ``base``; returns one measurement per step count in ``finetune_steps``."""
+class _Batches(IterableDataset):
+    """Endless training batches: each is ``make(rng)`` with one seeded generator (a DataLoader with
+    ``batch_size=None`` passes them through as they are)."""
+
+    def __init__(self, make, seed: int):
+        self.make, self.seed = make, seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            yield self.make(rng)
+
+
+class _MeasureAt(L.Callback):
+    """Calls ``evaluate(decoder)`` after each optimizer step count in ``steps``; the results are in ``points``."""
+
+    def __init__(self, steps: tuple[int, ...], evaluate):
+        self.steps, self.evaluate, self.points = set(steps), evaluate, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            self.points.append({"steps": trainer.global_step, **self.evaluate(pl_module.model)})
+
+
+def save_base(base: Transformer, path: Path) -> Path:
+    """``base`` as a memzoo checkpoint (decoder weights and architecture), for ``init_from``."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in base.state_dict().items()},
+                "hyper_parameters": {"architecture": base.config.to_dict()}}, path)
+    return path
+
+
+def finetune(run: Run, base: Path, settings: Settings, facts_b, stats_path, evaluate, seed=0):
+    """Teaches facts B starting from the checkpoint ``base`` (:func:`save_base`), through ``LanguageModel`` and
+    Lightning's ``Trainer`` (constant learning rate, no clipping); returns one measurement per step count in
+    ``finetune_steps``. ``full``: AdamW on every weight; ``lora``: AdamW on the adapters (``lora:``); ``smf``: the
+    :class:`SparseMemoryFinetuning` callback, which freezes the rest and owns its row-wise SGD."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = copy.deepcopy(base).train()
-    smf = None
+    callbacks = []
+    options = {}
     if run.method == "full":
-        opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
+        pass
     elif run.method == "lora":
-        apply_lora(model, r=8, alpha=16)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
+        options["lora"] = {"r": 8, "alpha": 16}
     elif run.method == "smf":
-        smf = SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank="tfidf", idf_power=run.idf_power,
-                                     optimizer="sgd", lr=run.lr, count_loss_positions_only=True)
-        smf.prepare(model)
-        opt = smf.build_optimizer(model)
+        callbacks.append(SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank="tfidf",
+                                                idf_power=run.idf_power, optimizer="sgd", lr=run.lr,
+                                                count_loss_positions_only=True))
     else:
         raise ValueError(run.method)
-    points, done = [], 0
-    for target in settings.finetune_steps:
-        for _ in range(target - done):
-            chosen = rng.choice(len(facts_b), min(settings.batch, len(facts_b)), replace=False)
-            batch = fact_batch([facts_b[i] for i in chosen], answers_only=True)
-            if smf is not None:
-                smf.attach(batch["labels"])
-            loss = lm_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if smf is not None:
-                smf.detach()
-                smf.select_and_mask()
-            opt.step()
-        done = target
-        points.append({"method": run.method, "lr": run.lr, "top_t": run.top_t, "idf_power": run.idf_power,
-                       "steps": target, **evaluate(model)})
-    return points
+    module = build_language_model(init_from=str(base), optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0),
+                                  warmup_steps=0, min_lr_ratio=1.0, **options)
+    measure = _MeasureAt(settings.finetune_steps, evaluate)
+    n = min(settings.batch, len(facts_b))
+    data = _Batches(lambda rng: fact_batch([facts_b[i] for i in rng.choice(len(facts_b), n, replace=False)],
+                                           answers_only=True), seed)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max(settings.finetune_steps), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, measure])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    return [{"method": run.method, "lr": run.lr, "top_t": run.top_t, "idf_power": run.idf_power, **point}
+            for point in measure.points]
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -398,8 +424,9 @@ def main(argv=None) -> dict:
         stats_path = Path(tmp) / "background.pt"
         stats = collect_slot_stats(base, background_batches(settings, train_tokens, facts_a, rng))
         torch.save(stats.to_dict(), stats_path)
+        base_path = save_base(base, Path(tmp) / "base.ckpt")
         for run in settings.runs:
-            measured = finetune(run, base, settings, facts_b, stats_path, evaluate)
+            measured = finetune(run, base_path, settings, facts_b, stats_path, evaluate)
             points += measured
             last = measured[-1]
             print(f"  {run.label:18s} lr {run.lr:<7g} after {last['steps']:3d} steps: set-B recall "

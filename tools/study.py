@@ -1,7 +1,7 @@
 """The iso-FLOP study: dense, 2x / 4x dense, MoE, PKM, Memory+ and PEER on the same data, tokens and schedule.
 
 A *cell* is one (workload, model) training run. The models are ``configs/study/model-<name>.yaml``, matched on active
-forward FLOPs per token with :func:`memzoo.accounting.summarize_config` (``dense-2x`` / ``dense-4x`` are matched to
+forward FLOPs per token with :func:`memzoo.config_accounting.summarize_config` (``dense-2x`` / ``dense-4x`` are matched to
 2x / 4x the dense model); the study prints the FLOP/parameter table and refuses a grid whose cells miss their FLOP
 target by more than ``--tolerance``. The workloads are the synthetic facts corpus at several knowledge loads
 (``configs/study/data-facts.yaml``, ``n_entities`` per load) and byte-level tiny Shakespeare
@@ -179,7 +179,7 @@ def flop_table(models: Iterable[str], targets: dict[str, float] | None = None, c
     """One :class:`ModelCost` per model of ``config_dir``, ratios against ``REFERENCE_MODEL`` (always computed);
     ``targets`` maps a model to its FLOP multiple (default :data:`MODELS`); ``vocab_size`` overrides the one the
     configs' data section implies (a study whose data module brings its own vocabulary)."""
-    from memzoo.accounting import summarize_config
+    from memzoo.config_accounting import summarize_config
 
     targets = MODELS if targets is None else targets
     summaries = {m: summarize_config(str(model_config(m, config_dir)), vocab_size=vocab_size)

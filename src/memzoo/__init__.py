@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import memzoo`` and ``memzoo --help`` stay fas
     Transformer                                                        # the decoder
     MemoryBank                                                         # attention memories (Extended Mind)
     LanguageModel                                                      # the LightningModule
+    build_model                                                        # a config (YAML, dict) -> LanguageModel
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LAZY = {
     "Transformer": "memzoo.model.transformer",
     "LanguageModel": "memzoo.training.module",
     "MemoryBank": "memzoo.model.memory_bank",
+    "build_model": "memzoo.build",
     "load_pretrained": "memzoo.pretrained",
     "load_tokenizer": "memzoo.pretrained",
     "FactsDataModule": "memzoo.data",

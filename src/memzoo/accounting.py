@@ -19,21 +19,20 @@ so these add ``2·2·dim·(T + 1)/2 = 2·dim·(T + 1)``. An FFN-slot block repor
 their product-key lookup); a block that does not (``Block.declares_flops()`` false) gets the base class's
 ``2 · active_parameters`` and its row is marked estimated. The head
 costs ``2·dim·vocab_size``. A training step costs about 3× the forward FLOPs.
+
+A YAML config's summary and per-rank plan: :mod:`memzoo.config_accounting`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn as nn
 
 from memzoo.blocks.base import Block
 from memzoo.model.summary import active_parameters, count_parameters
 from memzoo.model.transformer import Transformer
-
-if TYPE_CHECKING:
-    from memzoo.parallel.planning import ParallelPlan
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def summarize(model: nn.Module, context_length: int | None = None) -> Summary:
 
     ``context_length`` (default: the model's ``max_seq_len``) sets the attention cost; see the module docstring.
     """
-    transformer = _find_transformer(model)
+    transformer = find_transformer(model)
     T = transformer.max_seq_len if context_length is None else context_length
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"context_length must be a positive int, got {context_length!r}")
@@ -153,7 +152,7 @@ def summarize(model: nn.Module, context_length: int | None = None) -> Summary:
     return Summary(rows, T, notes)
 
 
-def _find_transformer(model: nn.Module) -> Transformer:
+def find_transformer(model: nn.Module) -> Transformer:
     if isinstance(model, Transformer):
         return model
     inner = getattr(model, "model", None)
@@ -166,137 +165,3 @@ def _find_transformer(model: nn.Module) -> Transformer:
 
 
 # ----------------------------------------------------------------------------------------------- from a config
-def summarize_config(path: str, context_length: int | None = None, vocab_size: int | None = None) -> Summary:
-    """Builds the model of a memzoo YAML config (as ``memzoo fit`` would, without data or training) and summarises it.
-
-    The ``model`` section is parsed and validated by the same jsonargparse machinery as the CLI, so bad keys fail
-    with the same messages. The data section is read but never instantiated (its files may not exist here):
-    ``vocab_size`` (unless the model sets it) comes from the data's ``tokenizer`` as the CLI links it, and the
-    context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``vocab_size``, when
-    given, replaces both (for data modules that bring their own vocabulary, e.g. the biographies' words). ``plugins:``
-    in the config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory
-    is allocated, so configs of any size are summarised.
-    """
-    built = model_from_config(path, vocab_size)
-    if context_length is None:
-        context_length = built.data_args.get("block_size") or _find_transformer(built.model).max_seq_len
-    summary = summarize(built.model, context_length)
-    summary.notes.append(f"config: {path} (vocab_size {built.vocab_size})")
-    return summary
-
-
-@dataclass
-class ConfigModel:
-    """A config's model (weights on the ``meta`` device) and the plain sections it was read with."""
-
-    model: nn.Module  # the LanguageModel
-    vocab_size: int
-    data_args: dict[str, Any]
-    trainer_args: dict[str, Any]
-
-
-def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
-    """The ``LanguageModel`` of a memzoo YAML config, validated as the CLI does, built on the ``meta`` device
-    (``vocab_size``: see :func:`summarize_config`)."""
-    import torch
-    from jsonargparse import ArgumentParser
-
-    from memzoo.config_yaml import load_yaml_file
-    from memzoo.data.tokenizers import build_tokenizer
-    from memzoo.registry import load_plugins
-    from memzoo.training.module import LanguageModel
-
-    config = load_yaml_file(path) or {}
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{path}: a memzoo config needs a `model:` section (see configs/quickstart.yaml)")
-    if config.get("plugins"):
-        load_plugins(config["plugins"])
-    model_section = _class_section(config["model"], "memzoo.LanguageModel")
-    data_args = _class_section(config.get("data") or {}, None)["init_args"]
-    architecture = model_section["init_args"].setdefault("architecture", {})
-    if not isinstance(architecture, dict):
-        raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
-    if vocab_size is not None:
-        architecture["vocab_size"] = vocab_size
-    elif "vocab_size" not in architecture:  # the CLI links it from the data module's tokenizer
-        architecture["vocab_size"] = build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LanguageModel, "model", required=True)
-    try:
-        parsed = parser.parse_object({"model": model_section})
-    except Exception as err:  # one line naming the key, its line in the file and the fix
-        from memzoo.config_errors import describe_parse_error
-
-        message = describe_parse_error(err, parser, files=[str(path)])
-        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from err
-    with torch.device("meta"):
-        model = parser.instantiate_classes(parsed).model
-    return ConfigModel(model, int(architecture["vocab_size"]), data_args, dict(config.get("trainer") or {}))
-
-
-def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
-    """Optimizer tensors per weight for a YAML ``optimizer`` section, and a note when it is assumed."""
-    class_path = optimizer_section.get("class_path", "") if isinstance(optimizer_section, dict) else ""
-    args = (optimizer_section.get("init_args") or {}) if isinstance(optimizer_section, dict) else {}
-    short = class_path.rsplit(".", 1)[-1]
-    if short in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") or not class_path:
-        return 2, None
-    if short == "SGD":
-        return (1 if args.get("momentum") else 0), None
-    if short in ("Adagrad", "RMSprop"):
-        return 1 + bool(args.get("momentum")), None
-    return 2, f"note: {class_path} assumed to keep 2 optimizer tensors per weight (as Adam)"
-
-
-def plan_config(
-    path: str, world_size: int, memory_parallel: int | None = None, element_bytes: int = 4, strategy: str | None = None
-) -> ParallelPlan:
-    """:func:`memzoo.parallel.planning.plan_parallel` of a memzoo YAML config's model (built on ``meta``: any size),
-    with the tokens per rank and step from its data (``batch_size · block_size``) and trainer
-    (``accumulate_grad_batches``) sections and the optimizer states from its ``optimizer`` and ``sparse_optimizer``.
-
-    ``strategy`` / ``memory_parallel`` ``None``: the config's own (``trainer.strategy`` naming
-    ``MemoryParallelStrategy`` and its ``memory_parallel``), else ``memory_parallel`` 1 and, by
-    :func:`~memzoo.parallel.planning.plan_parallel`'s rule, ``memory_parallel`` when ``M > 1``, ``ddp`` otherwise."""
-    import yaml
-
-    from memzoo.parallel.planning import plan_parallel
-
-    built = model_from_config(path)
-    batch = int(built.data_args.get("batch_size", 32))
-    block = int(built.data_args.get("block_size") or built.model.architecture.max_seq_len)
-    accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    model_section = config.get("model") or {}
-    init_args = model_section.get("init_args", model_section) if isinstance(model_section, dict) else {}
-    states, note = _optimizer_states(init_args.get("optimizer"))
-    configured = (config.get("trainer") or {}).get("strategy") if isinstance(config.get("trainer"), dict) else None
-    if isinstance(configured, dict) and "MemoryParallelStrategy" in str(configured.get("class_path", "")):
-        strategy = strategy or "memory_parallel"
-        if memory_parallel is None:
-            memory_parallel = int((configured.get("init_args") or {}).get("memory_parallel", 1))
-    plan = plan_parallel(
-        built.model, world_size, memory_parallel or 1, tokens_per_rank_step=batch * block * accumulate,
-        dense_optimizer_states=states, sparse_optimizer=built.model.hparams.sparse_optimizer,
-        element_bytes=element_bytes, strategy=strategy, micro_batches=accumulate,
-    )
-    plan.notes.append(f"config: {path}")
-    if note:
-        plan.notes.append(note)
-    return plan
-
-
-def _class_section(section: Any, default_class: str | None) -> dict[str, Any]:
-    """A ``class_path``/``init_args`` section as a dict (a bare mapping of arguments gets ``default_class``)."""
-    if isinstance(section, str):
-        return {"class_path": section, "init_args": {}}
-    if not isinstance(section, dict):
-        raise ValueError(f"expected a mapping with class_path/init_args, got {section!r}")
-    if "class_path" in section:
-        return {"class_path": section["class_path"], "init_args": dict(section.get("init_args") or {})}
-    out = {"init_args": dict(section)}
-    if default_class is not None:
-        out["class_path"] = default_class
-    return out

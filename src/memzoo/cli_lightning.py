@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 
 import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
 from memzoo import config_yaml
@@ -42,8 +42,7 @@ from memzoo.export.checkpoint_check import (
     check_same_architecture,
     find_last_checkpoint,
 )
-from memzoo.model.gguf import gguf_tokenizer_folder, is_gguf_file
-from memzoo.model.hub import resolve_model_source
+from memzoo.loading import ModelSource, build_language_model, open_source
 from memzoo.parallel.checkpoint import (
     check_sharded_checkpoint,
     check_strategy_reads_sharded,
@@ -52,7 +51,6 @@ from memzoo.parallel.checkpoint import (
 )
 from memzoo.parallel.sparse_ddp import sparse_ddp_for
 from memzoo.training.callbacks import PredictionWriter, StepProgressBar
-from memzoo.training.init_from import checkpoint_tokenizer
 from memzoo.training.module import LanguageModel
 from memzoo.training.run_checkpoint import RunCheckpoint, StoppedBySignal
 from memzoo.training.run_folder import RunFolderLogger, claimed_run_folders, remove_unused_run_folders
@@ -117,8 +115,11 @@ class MemzooCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parses, resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the experiment (saying which on
         stderr), and checks the checkpoint file is complete."""
-        try:
-            self.config = parser.parse_args(args)  # LightningCLI's own version warns whenever sys.argv has arguments
+        try:  # LightningCLI's own version warns whenever sys.argv has arguments
+            if isinstance(args, (dict, Namespace)):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
         except ArgumentError as error:  # the parser raises (exit_on_error=False): one line, no usage dump
             raise ConfigError(describe_parse_error(error, parser, args)) from error
         subcommand = self.config.get("subcommand")
@@ -146,10 +147,33 @@ class MemzooCLI(LightningCLI):
             from memzoo.registry import load_plugins
 
             load_plugins(config["plugins"])
-        _use_init_from_tokenizer(config)
+        self.init_source = _open_init_from(config)
+        _use_init_from_tokenizer(config, self.init_source)
         model_args = config.get("model.init_args") if config.get("model") else None
         if model_args is not None and "architecture" in model_args and model_args.architecture is None:
             model_args.architecture = Namespace()  # none given (init_from names it): the data's vocab_size needs a place
+
+    #: ``init_from``'s source, opened once per build (:meth:`before_instantiate_classes`): the tokenizer and the
+    #: model read the same resolved path
+    init_source: ModelSource | None = None
+    #: whether the model built reads ``init_from``'s weights (``False``: its architecture only)
+    load_init_weights: bool = True
+
+    def _add_instantiators(self) -> None:
+        """The model is built by :func:`memzoo.loading.build_language_model` (``init_from`` resolved once), inside
+        Lightning's own instantiator (which records the configured hyperparameters)."""
+        super()._add_instantiators()
+        lightning_instantiator = _InstantiatorFn(cli=self, key="model")
+
+        def instantiate(class_type, *args, applied_instantiation_links: dict, **kwargs):
+            def construct(**init_args):
+                return lightning_instantiator(class_type, *args, applied_instantiation_links=applied_instantiation_links,
+                                              **init_args)
+
+            return build_language_model(construct, source=self.init_source, load_weights=self.load_init_weights,
+                                        **kwargs)
+
+        self.parser.add_instantiator(instantiate, LanguageModel, subclasses=True, prepend=True)
 
     def instantiate_trainer(self, **kwargs: Any):
         """Adds memzoo's progress bar and model summary (unless disabled or configured) and the run-folder CSV logger
@@ -245,27 +269,26 @@ def _experiment_name(config: Any) -> str:
     return config.get("experiment") or _config_stem(config) or "memzoo"
 
 
-def _use_init_from_tokenizer(config: Any) -> None:
+def _open_init_from(config: Any) -> ModelSource | None:
+    """The source ``model.init_args.init_from`` names (a hub id resolved once, here), ``None`` without one."""
+    model_args = config.get("model.init_args") if config.get("model") else None
+    init_from = getattr(model_args, "init_from", None) if model_args is not None else None
+    return open_source(init_from, where="model.init_args.init_from") if init_from else None
+
+
+def _use_init_from_tokenizer(config: Any, source: ModelSource | None) -> None:
     """``model.init_args.init_from`` names the data tokenizer unless the config names one other than the default
     ``byte``: a folder (or a hub id, resolved to its snapshot folder) with a ``tokenizer.json`` gives that file; a
     ``.gguf`` file gives its own tokenizer (written once into memzoo's cache); a memzoo ``.ckpt`` gives the tokenizer
     its run's data module read."""
-    model_args = config.get("model.init_args") if config.get("model") else None
-    init_from = getattr(model_args, "init_from", None) if model_args is not None else None
-    if not init_from:
+    if source is None:
         return
     data_args = config.get("data.init_args") if config.get("data") else None
     if data_args is None or getattr(data_args, "tokenizer", None) != "byte":
         return
-    source = resolve_model_source(init_from, where="model.init_args.init_from")
-    if is_gguf_file(source):  # the file's tokenizer, written once into memzoo's cache
-        data_args.tokenizer = str(gguf_tokenizer_folder(source))
-    elif source.is_file():
-        tokenizer = checkpoint_tokenizer(source)
-        if tokenizer not in (None, "byte"):
-            data_args.tokenizer = tokenizer
-    elif (source / "tokenizer.json").is_file():
-        data_args.tokenizer = str(source)
+    tokenizer = source.tokenizer
+    if tokenizer not in (None, "byte"):
+        data_args.tokenizer = tokenizer
 
 
 def _record_built_architecture(config: Any, model: Any) -> None:
@@ -324,6 +347,39 @@ def run_lightning_cli(args: list[str]) -> MemzooCLI:
         for folder in remove_unused_run_folders(since=claimed_before):
             print(f"memzoo: the run wrote no metrics, checkpoints or predictions; removed its folder {folder}",
                   file=sys.stderr)
+
+
+class _ModelBuilder(MemzooCLI):
+    """The CLI's parsing and model construction without a trainer (:func:`build_model_from_config`)."""
+
+    def __init__(self, *args: Any, vocab_size: int | None = None, load_weights: bool = True, **kwargs: Any):
+        self.vocab_size = vocab_size
+        self.load_init_weights = load_weights
+        super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        config = self.config
+        if self.vocab_size is not None:  # linked from here, not from a data module (which is not built)
+            config = config.clone()
+            config["data"] = None
+            if config.get("model.init_args.architecture") is None:
+                config["model.init_args.architecture"] = Namespace()
+            config["model.init_args.architecture.vocab_size"] = self.vocab_size
+        self.config_init = self.parser.instantiate_classes(config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+
+
+def build_model_from_config(config: Any, vocab_size: int | None = None, load_weights: bool = True) -> LanguageModel:
+    """:func:`memzoo.build.build_model`: ``config`` (a YAML path, a dict as the CLI parses it, or a parsed
+    ``Namespace``) parsed by :class:`MemzooCLI`'s parser and its model built as ``memzoo fit`` builds it."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    config_yaml.install()
+    args = ["--config", str(config)] if isinstance(config, (str, Path)) else config
+    if isinstance(args, dict):
+        args = {key: value for key, value in args.items() if key != "subcommand"}
+    builder = _ModelBuilder(**_cli_kwargs(), args=args, run=False, vocab_size=vocab_size, load_weights=load_weights)
+    return builder.model
 
 
 def build_from_config(args: list[str]) -> MemzooCLI:

@@ -68,7 +68,7 @@ def blocks_command(args: Sequence[str]) -> list[str]:
 
 def summary_command(args: Sequence[str]) -> object:
     """``memzoo summary --config X.yaml``: parameters, active parameters and FLOPs per token of the config's model."""
-    from memzoo.accounting import summarize_config
+    from memzoo.config_accounting import summarize_config
 
     parser = VerbParser(
         prog="memzoo summary",
@@ -93,7 +93,7 @@ def summary_command(args: Sequence[str]) -> object:
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
-        from memzoo.accounting import plan_config
+        from memzoo.config_accounting import plan_config
 
         try:
             plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy)

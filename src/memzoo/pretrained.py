@@ -1,5 +1,5 @@
-"""Loading a ``memzoo export`` folder, or a Hugging Face Llama-family folder, into memzoo's own model (no
-``transformers`` needed).
+"""Loading a ``memzoo export`` folder, a Hugging Face Llama-family folder, a GGUF file or a memzoo checkpoint into
+memzoo's own model (no ``transformers`` needed; every source but an export folder is read by :mod:`memzoo.loading`).
 
     model = memzoo.load_pretrained("exports/my-model")                       # a Transformer, eval mode
     model, tokenizer = memzoo.load_pretrained("exports/my-model", with_tokenizer=True)
@@ -7,6 +7,7 @@
     model = memzoo.load_pretrained("Qwen2.5-0.5B/")                         # LlamaForCausalLM, Qwen2, Mistral
     model = memzoo.load_pretrained("Qwen/Qwen2.5-0.5B")                     # a hub id (memzoo.model.hub)
     model = memzoo.load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")       # llama.cpp file (memzoo.model.gguf)
+    model = memzoo.load_pretrained("runs/x/version_0/checkpoints/last.ckpt") # memzoo fit checkpoint (LoRA merged)
 
 A Hugging Face folder (``save_pretrained`` output: ``config.json`` naming ``LlamaForCausalLM``,
 ``Qwen2ForCausalLM`` or ``MistralForCausalLM``, ``model.safetensors`` or its shards) is converted by
@@ -32,11 +33,14 @@ from memzoo.export.errors import PretrainedFormatError
 from memzoo.export.manifest import MANIFEST_FILE, read_manifest, verify_files
 from memzoo.export.tokenizer_files import TOKENIZER_FILE
 from memzoo.export.weights import load_weights
-from memzoo.model.gguf import gguf_tokenizer_folder, load_gguf_model
-from memzoo.model.hf_llama import HFImportError, load_hf_model
+from memzoo.loading import ModelSource
+from memzoo.model.config import ModelConfig
+from memzoo.model.gguf import GGUF_SUFFIX
+from memzoo.model.hf_llama import HFImportError
 from memzoo.model.hub import resolve_model_source
 from memzoo.model.retrofit import InitFromError
 from memzoo.model.transformer import ModelConfigError, Transformer
+from memzoo.parallel.checkpoint import META_FILE
 
 CONFIG_FILE = "config.json"
 
@@ -52,7 +56,8 @@ def load_pretrained(
     pools: dict | None = None,
 ) -> Transformer | tuple[Transformer, Tokenizer | None]:
     """The :class:`Transformer` stored in folder ``path`` (a memzoo export or a Hugging Face Llama-family folder) or
-    in a Llama-family ``.gguf`` file, in eval mode, on the CPU.
+    in a Llama-family ``.gguf`` file, or in a memzoo checkpoint (``.ckpt`` or sharded folder; LoRA adapters merged),
+    in eval mode, on the CPU.
 
     Args:
         with_tokenizer: also return the tokenizer (``(model, tokenizer)``).
@@ -65,13 +70,21 @@ def load_pretrained(
         folder = resolve_model_source(path, where="load_pretrained")
     except InitFromError as err:
         raise PretrainedFormatError(str(err)) from err
-    if str(folder).lower().endswith(".gguf"):
-        return _load_gguf_file(folder, with_tokenizer, dtype, max_seq_len, layers, pools)
+    requested = {key: value for key, value in (("max_seq_len", max_seq_len), ("layers", layers), ("pools", pools))
+                 if value is not None}
+    if str(folder).lower().endswith(GGUF_SUFFIX):  # read by memzoo.model.gguf, which names a missing file
+        return _load_source(ModelSource(str(path), folder, "gguf", "load_pretrained"), with_tokenizer, dtype, requested)
+    if folder.is_file():  # a memzoo .ckpt: LoRA adapters merged, as in an export
+        return _load_source(ModelSource(str(path), folder, "checkpoint", "load_pretrained"), with_tokenizer, dtype,
+                            requested)
     if not folder.is_dir():
         raise PretrainedFormatError(f"{folder} is not a folder; give the folder `memzoo export --out` wrote, a "
-                                    f"Hugging Face folder or a .gguf file")
+                                    f"Hugging Face folder, a .gguf file or a memzoo .ckpt")
     if not (folder / MANIFEST_FILE).is_file() and _model_type(folder) not in (None, "memzoo"):
-        return _load_hf_folder(folder, with_tokenizer, dtype, max_seq_len, layers, pools)
+        return _load_source(ModelSource(str(path), folder, "hf", "load_pretrained"), with_tokenizer, dtype, requested)
+    if not (folder / MANIFEST_FILE).is_file() and (folder / META_FILE).is_file():  # a sharded memzoo checkpoint
+        return _load_source(ModelSource(str(path), folder, "sharded", "load_pretrained"), with_tokenizer, dtype,
+                            requested)
     if max_seq_len is not None or layers or pools:
         raise PretrainedFormatError("max_seq_len, layers and pools apply to Hugging Face folders and GGUF files only")
     manifest = read_manifest(folder)
@@ -107,27 +120,24 @@ def _model_type(folder: Path) -> str | None:
         return None
 
 
-def _load_hf_folder(folder: Path, with_tokenizer: bool, dtype, max_seq_len, layers, pools):
+def _load_source(source: ModelSource, with_tokenizer: bool, dtype, requested: dict):
+    """A Hugging Face folder, GGUF file or memzoo checkpoint read through :mod:`memzoo.loading`: weights as float32
+    (or ``dtype``), the source's tokenizer (``None`` for a folder without ``tokenizer.json``)."""
+    if source.kind in ("checkpoint", "sharded") and requested:
+        raise PretrainedFormatError("max_seq_len, layers and pools apply to Hugging Face folders and GGUF files only")
     try:
-        model = load_hf_model(folder, max_seq_len=max_seq_len, layers=layers, pools=pools)
-    except (HFImportError, ModelConfigError) as err:
-        raise PretrainedFormatError(str(err)) from err
-    model.to(dtype or torch.float32).eval()
-    if not with_tokenizer:
-        return model
-    tokenizer = build_tokenizer(str(folder)) if (folder / TOKENIZER_FILE).is_file() else None
-    return model, tokenizer
-
-
-def _load_gguf_file(path: Path, with_tokenizer: bool, dtype, max_seq_len, layers, pools):
-    """A GGUF file: weights dequantised to ``dtype`` (default float32), the tokenizer from the file."""
-    try:
-        model = load_gguf_model(path, max_seq_len=max_seq_len, layers=layers, pools=pools)
+        architecture = source.architecture(requested)
+        if architecture is None:
+            raise PretrainedFormatError(f"{source.path} records no architecture (its hyper_parameters have none); "
+                                        f"was it written by memzoo fit?")
+        model = Transformer(ModelConfig.from_dict(architecture).replace(attention_backend="auto"))
+        source.load_into(model)
         model.to(dtype or torch.float32).eval()
         if not with_tokenizer:
             return model
-        return model, build_tokenizer(str(gguf_tokenizer_folder(path)))
-    except (HFImportError, ModelConfigError) as err:
+        spec = source.tokenizer
+        return model, (build_tokenizer(spec) if spec is not None else None)
+    except (HFImportError, ModelConfigError, InitFromError) as err:
         raise PretrainedFormatError(str(err)) from err
 
 

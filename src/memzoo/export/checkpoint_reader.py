@@ -8,13 +8,13 @@ from typing import Any
 
 from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.errors import ExportError
+from memzoo.loading import checkpoint_decoder_weights
 from memzoo.model.config import ModelConfig, ModelConfigError
+from memzoo.model.retrofit import InitFromError
 from memzoo.model.transformer import Transformer
 from memzoo.parallel.checkpoint import is_sharded_checkpoint, read_sharded_weights
 from memzoo.safe_load import RefusedPickleError, load_data
 
-#: LanguageModel attribute holding the Transformer: its state_dict keys start with this prefix.
-MODEL_PREFIX = "model."
 #: Where ``memzoo fit`` saves a run's resolved config, relative to a checkpoint in the run's ``checkpoints/``.
 RUN_CONFIG = Path("..") / "config.yaml"
 
@@ -63,23 +63,16 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         model = Transformer(config)
     except (ModelConfigError, KeyError, TypeError, ValueError) as err:
         raise ExportError(f"checkpoint {path}: its architecture does not build a model: {err}") from err
-    weights = {
-        key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(MODEL_PREFIX)
-    }
-    lora = hyperparameters.get("lora")
-    if lora:  # trained with LoRA adapters: rebuild them, load, then fold them into plain linears
-        from memzoo.training.lora import apply_lora, merge_lora
-
-        apply_lora(model, **lora)
+    try:  # the one reader of checkpoint weights (memzoo.loading): LoRA adapters merged into the base linears
+        weights = checkpoint_decoder_weights(checkpoint, where=f"checkpoint {path}")
+    except InitFromError as err:
+        raise ExportError(str(err)) from err
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ExportError(
             f"checkpoint {path}: its weights do not fit the architecture in its hyper_parameters: {err}"
         ) from err
-    if lora:
-        merge_lora(model)
-        model.requires_grad_(True)
     model.eval()
     return CheckpointContents(model, hyperparameters, recorded_tokenizer(path, checkpoint))
 

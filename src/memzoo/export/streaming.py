@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from memzoo.data.tokenizers import Tokenizer
-from memzoo.model.sampling import sample_next_token
+from memzoo.model.decoding import decode_steps
 from memzoo.model.transformer import Transformer
 
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -55,8 +55,8 @@ def generate_tokens(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
-    """Yields up to ``max_new_tokens`` continuation ids of ``prompt_ids``, one forward of one token per step after
-    the prompt (KV cache). Stops after ``eos_id`` or at the model's ``max_seq_len``. Greedy when
+    """Yields up to ``max_new_tokens`` continuation ids of ``prompt_ids`` as they are made, one forward of one token
+    per step after the prompt (KV cache; the loop is :func:`memzoo.model.decoding.decode_steps`). Stops after ``eos_id`` or at the model's ``max_seq_len``. Greedy when
     ``temperature == 0``; else samples ``softmax(logits / temperature)`` over the ``top_k`` best tokens."""
     if not prompt_ids:
         raise ValueError("generate_tokens: the prompt has no tokens; give at least one")
@@ -66,15 +66,6 @@ def generate_tokens(
         )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    device = model.embed.weight.device
-    step_input = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    total = min(len(prompt_ids) + max_new_tokens, model.max_seq_len)
-    caches = model.new_caches(1, total)
-    for _ in range(total - len(prompt_ids)):
-        logits = model(step_input, caches)[:, -1]
-        next_id = sample_next_token(logits, temperature, top_k, generator)
-        token = int(next_id)
-        yield token
-        if token == eos_id:
-            return
-        step_input = next_id[:, None]
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.embed.weight.device)
+    for next_id in decode_steps(model, prompt, max_new_tokens, temperature, top_k, eos_id, generator):
+        yield int(next_id)

@@ -5,6 +5,9 @@
 cache otherwise (``HF_HUB_OFFLINE=1``), so a run that fetched a model once starts again without network. Local
 paths that exist always win over hub ids of the same spelling. ``package:NAME`` names the ``.gguf`` file installed
 Python distribution NAME ships (:func:`memzoo.model.gguf.package_gguf`).
+
+Nothing is cached here: each call asks the hub (or its cache) again, so a build resolves a name once and passes the
+path along (:func:`memzoo.loading.open_source`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from memzoo.nn.constants import PACKAGE_PREFIX
 #: what a hub snapshot needs for memzoo: the config, the safetensors weights (single file or shards + index) and
 #: every tokenizer file format transformers reads
 SNAPSHOT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tiktoken")
-#: hub id -> snapshot folder, resolved once per process
-_RESOLVED: dict[str, Path] = {}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -46,8 +47,6 @@ def resolve_model_source(name: str | Path, where: str = "init_from") -> Path:
             raise InitFromError(f"{where}: {err}") from None
     if path.exists() or not looks_like_hub_id(text):
         return path
-    if text in _RESOLVED:  # the CLI resolves init_from for its tokenizer, then the model again: one hub call
-        return _RESOLVED[text]
     repo_id, _, revision = text.partition("@")
     try:
         from huggingface_hub import snapshot_download
@@ -62,8 +61,7 @@ def resolve_model_source(name: str | Path, where: str = "init_from") -> Path:
             f"fetched or found in the cache ({type(err).__name__}: {_first_line(err)}). Where the hub is reachable, "
             f"run `huggingface-cli download {repo_id} --local-dir DIR` (or unset HF_HUB_OFFLINE) and give DIR instead"
         ) from err
-    _RESOLVED[text] = Path(folder)
-    return _RESOLVED[text]
+    return Path(folder)
 
 
 def _first_line(err: BaseException) -> str:

@@ -226,25 +226,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Continues ``input_ids (B, P)``: greedy when ``temperature == 0``, else samples ``softmax(logits / T)``
         restricted to the ``top_k`` most likely tokens. Returns ``(B, P + n)`` with ``n <= max_new_tokens`` (all
-        rows stop once every row has produced ``eos_id``; finished rows are padded with ``eos_id``)."""
-        from memzoo.model.sampling import sample_next_token
+        rows stop once every row has produced ``eos_id``; finished rows are padded with ``eos_id``). The loop is
+        :func:`memzoo.model.decoding.decode_steps` (KV cache unless ``use_cache=False``)."""
+        from memzoo.model.decoding import decode_steps
 
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        B, P = input_ids.shape
-        total = min(P + max_new_tokens, self.max_seq_len)
-        caches = self.new_caches(B, total) if use_cache else None
-        out = input_ids
-        step_input = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(total - P):
-            logits = self(step_input, caches)[:, -1] if use_cache else self(out)[:, -1]
-            nxt = sample_next_token(logits, temperature, top_k, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                break
-        return out
+        steps = decode_steps(self, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache)
+        return torch.cat([input_ids, *(token[:, None] for token in steps)], dim=1)

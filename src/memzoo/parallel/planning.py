@@ -2,7 +2,7 @@
 
 :func:`plan_parallel` answers "what fits on how many GPUs" from a model built on the ``meta`` device (no weights
 are allocated; ``memzoo summary --config X --world-size W [--memory-parallel M]`` runs it on a YAML config through
-:func:`memzoo.accounting.plan_config`). It plans one of the two strategies that train memzoo models on many ranks,
+:func:`memzoo.config_accounting.plan_config`). It plans one of the two strategies that train memzoo models on many ranks,
 counting what each really does:
 
 ``ddp`` (``trainer.strategy: ddp``, ``M = 1``; :class:`memzoo.parallel.SparseDDPStrategy`):

@@ -1,10 +1,10 @@
-"""Reading what ``init_from:`` (a LanguageModel's YAML) names when it is a memzoo ``.ckpt``: its decoder weights, the
-architecture it was built from, and the tokenizer its data module read.
+"""The memzoo-checkpoint parts of ``init_from`` (a LanguageModel's YAML): reading a ``.ckpt`` file safely
+(:func:`read_checkpoint`) and the architecture a model built from it has (:func:`checkpoint_architecture`: the
+checkpoint's plus this config's retrofits, as for a Hugging Face folder).
 
-The model built from such a checkpoint is the checkpoint's architecture plus this config's retrofits, as for a
-Hugging Face folder (:func:`checkpoint_architecture`). Loading the weights into it is
-:func:`memzoo.model.retrofit.load_initial_weights`; Hugging Face Llama-family folders are read by
-:mod:`memzoo.model.hf_llama`.
+Every source kind (``.ckpt``, sharded folder, Hugging Face folder, hub id, GGUF) is opened by
+:func:`memzoo.loading.open_source`, which uses these; loading weights into a model is
+:func:`memzoo.model.retrofit.load_initial_weights`.
 """
 
 from __future__ import annotations
@@ -12,21 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.retrofit import InitFromError, load_initial_weights
 from memzoo.safe_load import RefusedPickleError, load_data
 
-__all__ = [
-    "InitFromError",
-    "checkpoint_architecture",
-    "checkpoint_tokenizer",
-    "load_initial_weights",
-    "read_checkpoint",
-    "read_checkpoint_weights",
-    "read_weights",
-]
+__all__ = ["InitFromError", "checkpoint_architecture", "load_initial_weights", "read_checkpoint"]
 
 # architecture fields the config keeps over the source's: retrofits, the context used, and run-time settings
 CONFIG_FIELDS = ("max_seq_len", "attention_backend", "dropout", "init_std")
@@ -36,11 +26,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The LanguageModel ``.ckpt`` at ``path`` (``weights_only=True``, memory-mapped); raises
     :class:`InitFromError` for a missing, unreadable or non-memzoo file."""
     path = Path(path)
-    if path.is_dir():
-        raise InitFromError(
-            f"init_from: {str(path)!r} is a folder but not a Hugging Face Llama / Qwen2 / Mistral folder (its "
-            f"config.json names another architecture, or it has none); give such a folder or a memzoo .ckpt"
-        )
     if not path.is_file():
         raise InitFromError(f"init_from: {str(path)!r} does not exist; give a memzoo fit checkpoint (.ckpt) or a "
                             f"Hugging Face Llama / Qwen2 / Mistral folder")
@@ -53,31 +38,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise InitFromError(f"init_from: {str(path)!r} has no 'state_dict'; give a memzoo fit checkpoint (.ckpt)")
     return checkpoint
-
-
-def read_checkpoint_weights(path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The decoder's state dict stored in a LanguageModel ``.ckpt`` (keys without the ``model.`` prefix)."""
-    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-    weights = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
-               if key.startswith("model.")}
-    if not weights:
-        raise InitFromError(f"init_from: {str(path)!r} holds no decoder weights (no 'model.*' keys)")
-    return weights
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Source weights for ``init_from``: a ``.ckpt`` file."""
-    return read_checkpoint_weights(path)
-
-
-def saved_architecture(path: str | Path, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The architecture dict a LanguageModel checkpoint recorded (``None``: a checkpoint without one)."""
-    saved = (checkpoint.get("hyper_parameters") or {}).get("architecture")
-    if saved is None:
-        return None
-    if not isinstance(saved, Mapping):
-        raise InitFromError(f"init_from: {str(path)!r} records an architecture that is not a mapping: {saved!r}")
-    return dict(saved)
 
 
 def checkpoint_architecture(saved: Mapping[str, Any], requested: Mapping[str, Any],
@@ -118,11 +78,3 @@ def checkpoint_architecture(saved: Mapping[str, Any], requested: Mapping[str, An
         if key in requested:
             out[key] = requested[key]
     return out
-
-
-def checkpoint_tokenizer(path: str | Path) -> str | None:
-    """The tokenizer (``"byte"`` or a ``tokenizer.json`` path) the data module of the run that wrote the ``.ckpt``
-    at ``path`` read (``None``: not recorded)."""
-    data = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
-    tokenizer = data.get("tokenizer") if isinstance(data, Mapping) else None
-    return tokenizer if isinstance(tokenizer, str) else None

@@ -26,9 +26,6 @@ from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
 from memzoo.model.config import ModelConfig
-from memzoo.model.gguf import imported_gguf_architecture, is_gguf_file, load_gguf_weights
-from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, load_hf_weights
-from memzoo.model.hub import resolve_model_source
 from memzoo.model.sampling import context_warning, default_max_new_tokens, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
@@ -36,13 +33,6 @@ from memzoo.parallel import parallelize
 from memzoo.parallel.sparse_ddp import check_strategy
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.freezing import apply_freezing
-from memzoo.training.init_from import (
-    checkpoint_architecture,
-    load_initial_weights,
-    read_checkpoint,
-    read_checkpoint_weights,
-    saved_architecture,
-)
 from memzoo.training.lora import apply_lora
 from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
@@ -99,20 +89,18 @@ class LanguageModel(L.LightningModule):
             Parameter names and checkpoints are the same with and without it.
         activation_checkpointing: recompute each decoder layer's activations in backward instead of storing them
             (less memory, one more forward per layer; same results).
-        init_from: start from these weights: a memzoo ``.ckpt`` (whose recorded architecture is then built, with
-            this config's ``layers``/``pools`` retrofits merged over it and its ``max_seq_len``,
-            ``attention_backend``, ``dropout``, ``init_std``; see
-            :func:`memzoo.training.init_from.checkpoint_architecture`), a Llama-family ``.gguf`` file (dequantised;
-            see :mod:`memzoo.model.gguf`), or a Hugging Face Llama / Qwen2 / Mistral folder or hub id
-            (``org/name[@revision]``, downloaded where the hub is reachable, else read from its cache; see
-            :mod:`memzoo.model.hub`) (whose ``config.json`` / GGUF metadata then sets every architecture field but ``layers``/``pools``, the retrofits,
-            ``max_seq_len``, the context used here, and ``attention_backend``/``dropout``/``init_std``; the
-            checkpoint records the architecture built). The model may add retrofits (``beside`` layers, replaced
-            FFNs, new pools): see :mod:`memzoo.model.retrofit` and :mod:`memzoo.model.hf_llama`.
+        init_from: the weights this model starts from, recorded here only: a memzoo ``.ckpt``, a sharded checkpoint
+            folder, a Hugging Face Llama / Qwen2 / Mistral folder or hub id, a Llama-family ``.gguf`` file or
+            ``package:NAME`` (see :mod:`memzoo.loading`). ``LanguageModel(...)`` itself builds the ``architecture``
+            it is given and reads no file: :func:`memzoo.build_model` and the ``memzoo`` CLI (through
+            :func:`memzoo.loading.build_language_model`) build the source's architecture (plus this config's ``layers``
+            / ``pools`` retrofits, its ``max_seq_len``, ``attention_backend``, ``dropout``, ``init_std``) and load
+            the source's weights once. Rebuilding from a checkpoint's hyperparameters therefore never re-reads them.
         freeze, unfreeze: parameter-name patterns; a parameter matching ``freeze`` is frozen, one matching
             ``unfreeze`` trains (see :mod:`memzoo.training.freezing`). Frozen parameters get no optimizer state.
         lora: LoRA adapters through peft, ``{r, alpha, dropout, target_modules}`` (see :mod:`memzoo.training.lora`);
-            only the adapters train (``unfreeze`` can add more). Applied after ``init_from``, before ``freeze``.
+            only the adapters train (``unfreeze`` can add more). Applied before ``freeze``; ``init_from``'s weights load into
+            the base linears.
         memory: a memory bank file (``memzoo memorize``) attached to the model's attention when a stage starts
             (after checkpoint weights are loaded): see :meth:`memzoo.model.transformer.Transformer.attach_memory`.
     """
@@ -138,21 +126,6 @@ class LanguageModel(L.LightningModule):
     ):
         super().__init__()
         architecture = ModelConfig() if architecture is None else ModelConfig.from_dict(architecture)
-        source = None if init_from is None else resolve_model_source(init_from, where="init_from")
-        hf_folder = source is not None and is_hf_llama_folder(source)
-        gguf_file = source is not None and is_gguf_file(source)
-        requested = architecture.to_dict(resolve_layers=False)  # layer indices resolve against the depth built
-        checkpoint = None
-        if hf_folder:  # the folder's architecture, plus this config's retrofits (layers, pools) and context
-            architecture = architecture.replace(**imported_architecture(source, requested))
-        elif gguf_file:  # the same for a GGUF file's architecture
-            architecture = architecture.replace(**imported_gguf_architecture(source, requested))
-        elif source is not None:  # a memzoo .ckpt: its architecture, plus this config's retrofits and context
-            checkpoint = read_checkpoint(source)
-            saved = saved_architecture(source, checkpoint)
-            if saved is not None:
-                where = f"init_from {init_from!r}"
-                architecture = architecture.replace(**checkpoint_architecture(saved, requested, source=where))
         architecture = architecture.resolved()
         self.save_hyperparameters(ignore=["optimizer", "architecture"])
         self.hparams["architecture"] = architecture.to_dict()  # plain data: loads with weights_only=True
@@ -164,13 +137,6 @@ class LanguageModel(L.LightningModule):
             raise TypeError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.optimizer_factory = optimizer
         self.model = Transformer(architecture)
-        if hf_folder:
-            load_hf_weights(self.model, source)
-        elif gguf_file:
-            load_gguf_weights(self.model, source)
-        elif checkpoint is not None:
-            load_initial_weights(self.model, read_checkpoint_weights(source, checkpoint),
-                                 where=f"init_from {init_from!r}")
         if lora is not None:
             apply_lora(self.model, **lora)
         if freeze or unfreeze:
