@@ -64,8 +64,12 @@ def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
         raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
     if vocab_size is None:  # the CLI links it from the data module, whose vocabulary is its tokenizer's
         vocab_size = architecture.get("vocab_size") or build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
+    source: str | dict = path
+    if not config.get("data"):  # a model-only config (e.g. configs/capacity/model-*.yaml): the parser still wants a
+        # data section; with vocab_size given it is parsed, never built, so the quickstart's module stands in
+        source = {**config, "data": {"class_path": "memzoo.data.FactsDataModule"}}
     with torch.device("meta"):
-        model = build_model(path, vocab_size=int(vocab_size), load_weights=False)
+        model = build_model(source, vocab_size=int(vocab_size), load_weights=False)
     return ConfigModel(model, int(vocab_size), data_args, dict(config.get("trainer") or {}))
 
 

@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from memzoo.ops.cpu_build import ENV_SWITCH, load_once
+
 __all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
 
 SOURCE = r"""
@@ -150,7 +152,7 @@ extern "C" int64_t memzoo_sort_by_row(const int64_t* idx, int64_t P, int64_t N, 
 }
 """
 
-_ENV_SWITCH = "MEMZOO_CPU_KERNELS"
+_ENV_SWITCH = ENV_SWITCH
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -173,8 +175,7 @@ def supports(*tensors: torch.Tensor) -> bool:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
     built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
+    return load_once(_state, _lock, lambda: _build(), "the C++ sparse-read kernels")
     with _lock:
         if "lib" not in _state:
             if os.environ.get(_ENV_SWITCH, "1") == "0":

@@ -38,6 +38,8 @@ import warnings
 
 import torch
 
+from memzoo.ops.cpu_build import ENV_SWITCH, load_once
+
 __all__ = ["available", "backward", "half_topk_merge", "library"]
 
 SOURCE = r"""
@@ -308,7 +310,7 @@ int memzoo_pk_backward_f64(const double* g, const int64_t* idx, const double* q,
 }
 """
 
-_ENV_SWITCH = "MEMZOO_CPU_KERNELS"
+_ENV_SWITCH = ENV_SWITCH
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the vector units torch itself uses here.
 _VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
 _lock = threading.Lock()
@@ -323,8 +325,7 @@ def available() -> bool:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
     built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
+    return load_once(_state, _lock, lambda: _build(), "the C++ product-key top-k kernel")
     with _lock:
         if "lib" not in _state:
             if os.environ.get(_ENV_SWITCH, "1") == "0":
