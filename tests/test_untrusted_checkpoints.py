@@ -293,3 +293,26 @@ def test_the_static_check_sees_unsafe_loads(tmp_path):
     )
     lines = sorted(int(hit.split(":")[1].split()[0]) for hit in _unsafe_loads(bad))
     assert lines == [3, 5, 6, 8, 9], _unsafe_loads(bad)
+
+
+def _getattr_pickle(owner_module: str, owner: str, attribute: str) -> bytes:
+    """A pickle of ``getattr(owner, attribute)``, as Python 3.11.0-3.11.4 write an Enum member."""
+    return (b"\x80\x04" + pickle.dumps("builtins", 4)[2:-1] + pickle.dumps("getattr", 4)[2:-1] + b"\x93"
+            + pickle.dumps(owner_module, 4)[2:-1] + pickle.dumps(owner, 4)[2:-1] + b"\x93"
+            + pickle.dumps(attribute, 4)[2:-1] + b"\x86R.")
+
+
+def test_enum_members_pickled_through_getattr_are_read_and_nothing_else_is():
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from memzoo.parallel.checkpoint_metadata import _MetadataUnpickler as RestrictedUnpickler
+
+    member = next(iter(_MEM_FORMAT_ENCODING))
+    ok = _getattr_pickle("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", member.name)
+    assert pickle.loads(ok) is member  # the plain unpickler agrees on what the bytes say
+    assert RestrictedUnpickler(io.BytesIO(ok)).load() is member
+    for owner, attribute in (("Metadata", "__init__"), ("_MEM_FORMAT_ENCODING", "__class__"),
+                             ("_MEM_FORMAT_ENCODING", "_member_map_")):
+        bad = _getattr_pickle("torch.distributed.checkpoint.metadata", owner, attribute)
+        with pytest.raises(UntrustedMetadataError, match="only members of allowlisted Enum classes"):
+            RestrictedUnpickler(io.BytesIO(bad)).load()

@@ -16,6 +16,7 @@ Tensors of the shard files are read by DCP with ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 from pathlib import Path
@@ -67,9 +68,22 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):  # how some Python versions pickle an Enum member
+            return enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise UntrustedMetadataError(f"it names {module}.{name}, which is not checkpoint metadata")
+
+
+def enum_member(cls: Any, name: Any) -> enum.Enum:
+    """``getattr(cls, name)`` as an unpickled ``.metadata`` may ask for it (Python 3.11.0–3.11.4 pickle an Enum member
+    as ``getattr(EnumClass, "NAME")``), allowed only for a member of an Enum class the allowlist let in: never an
+    attribute of anything else."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise UntrustedMetadataError(
+        f"it asks for the attribute {name!r} of {cls!r}; only members of allowlisted Enum classes may be named"
+    )
 
 
 def read_checkpoint_metadata(path: str | Path) -> Metadata:
