@@ -56,7 +56,7 @@ def test_undoing_the_documented_rewrite_gives_memzoo_source_byte_for_byte(folder
     modules = {m.file_name.removesuffix(".py"): m for m in shipped_modules()}
     for stem, module in modules.items():
         text = (folder / f"{stem}.py").read_text(encoding="utf-8")
-        text = re.sub(r'"memzoo_[0-9a-f]{12}::', '"memzoo::', text)
+        text = re.sub(r'f"memzoo_[0-9a-f]{12}_\{hash\(__name__\) & 0xFFFFFFFF:08x\}::', '"memzoo::', text)
         text = re.sub(r"\bfrom \.(memzoo_\w+) import\b", lambda m: f"from {modules[m.group(1)].name} import", text)
         original = module.path.read_text(encoding="utf-8")
         # memzoo's own relative imports (rule 2 also rewrites them) come back absolute: compare those lines apart
@@ -130,7 +130,7 @@ def test_rewrite_changes_only_the_import_path_and_the_op_namespace(tmp_path):
                     'OP = "memzoo::f"\nDOC = "``memzoo::f``"\n')
     assert rewrite(ShippedModule("memzoo.model.fake", path), "abcdef012345") == (
         'from .memzoo_ops_product_keys import (\n    candidate_pairs,\n)\nfrom .memzoo_model_rope import x  # k\n'
-        'OP = "memzoo_abcdef012345::f"\nDOC = "``memzoo::f``"\n'
+        'OP = f"memzoo_abcdef012345_{hash(__name__) & 0xFFFFFFFF:08x}::f"\nDOC = "``memzoo::f``"\n'
     )
 
 
@@ -146,3 +146,21 @@ def test_the_adapter_picks_the_attention_kernel_of_the_loading_machine(folder, t
         expected = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)(ids).logits
         got = transformers.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True)(ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_two_exports_of_the_same_code_keep_their_own_ops_in_one_process(folder, tmp_path):
+    """Hugging Face imports each export folder as its own modules; their custom ops get distinct namespaces, so
+    loading a second export of the same code does not replace the ops the first one runs on."""
+    copy = tmp_path / "same-code-other-folder"
+    shutil.copytree(folder, copy)
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        first = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        before = first(ids).logits
+        second = transformers.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True)
+        torch.testing.assert_close(second(ids).logits, before, rtol=0, atol=0)
+        torch.testing.assert_close(first(ids).logits, before, rtol=0, atol=0)
+    namespaces = {m.__name__: getattr(m, "_product_key_topk", None) for m in list(sys.modules.values())
+                  if getattr(m, "__name__", "").endswith("memzoo_ops_product_keys")}
+    ops = {str(op._opoverload) for op in namespaces.values() if op is not None}
+    assert len(ops) >= 2, ops  # one namespace per loaded export

@@ -12,8 +12,11 @@ one file per module, and three mechanical rewrites make it importable there; not
    ``import`` on the statement's first line changes. ``import memzoo...`` and importing a module as a name
    (``from memzoo.ops import cpu_gather``) are refused with :class:`ShippedCodeError`: the loader cannot follow them.
 3. **Custom-op namespace.** The string prefix ``"memzoo::`` (``torch.library`` op names) becomes
-   ``"memzoo_<digest>::``, ``digest`` the first 12 hex digits of the SHA-256 of the shipped sources, so the shipped
-   ops never replace memzoo's own in a process that has both, nor those of an export of different code.
+   ``f"memzoo_<digest>_{hash(__name__) & 0xFFFFFFFF:08x}::``, ``digest`` the first 12 hex digits of the SHA-256 of
+   the shipped sources and the second part a per-process name of the module instance, so the shipped ops never
+   replace memzoo's own in a process that has both, nor those of another export (Hugging Face imports each export
+   folder as its own module: defining one op name twice in a process replaces the first definition under the
+   modules that still use it).
 
 The shipped set is every module reachable from :data:`ROOTS` through memzoo imports (lazy ones included), so the
 shipped files import only the standard library, ``torch``, each other, and optional packages (Triton, xformers,
@@ -145,7 +148,7 @@ def rewrite(module: ShippedModule, digest: str) -> str:
             raise ShippedCodeError(f"{module.path}:{node.lineno}: `from <module> import` must start on one line")
         relative = "." + shipped_file_name(target).removesuffix(".py")
         lines[index] = line[: match.start(1)] + relative + line[match.end(1):]
-    return "".join(lines).replace(f'"{OP_NAMESPACE}', f'"memzoo_{digest}::')
+    return "".join(lines).replace(f'"{OP_NAMESPACE}', 'f"memzoo_' + digest + '_{hash(__name__) & 0xFFFFFFFF:08x}::')
 
 
 def shipped_files() -> dict[str, str]:
