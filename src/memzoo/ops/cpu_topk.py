@@ -34,7 +34,6 @@ import ctypes
 import hashlib
 import os
 import threading
-import warnings
 
 import torch
 
@@ -326,23 +325,6 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
     built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
     return load_once(_state, _lock, lambda: _build(), "the C++ product-key top-k kernel")
-    with _lock:
-        if "lib" not in _state:
-            if os.environ.get(_ENV_SWITCH, "1") == "0":
-                _state["lib"], _state["error"] = None, f"{_ENV_SWITCH}=0"
-            else:
-                try:
-                    _state["lib"] = _build()
-                except Exception as error:  # noqa: BLE001 - any build failure means: use the PyTorch path
-                    _state["lib"], _state["error"] = None, f"{type(error).__name__}: {error}"
-                    warnings.warn(
-                        "memzoo: the C++ product-key top-k kernel could not be built "
-                        f"({str(_state['error'])[:300]}); using the slower PyTorch path. Install a C++ compiler "
-                        f"(g++) or set {_ENV_SWITCH}=0 to silence this.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-    return _state["lib"]  # type: ignore[return-value]
 
 
 def _build() -> ctypes.CDLL:
