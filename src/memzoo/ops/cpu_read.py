@@ -31,7 +31,7 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import ENV_SWITCH, load_once
+from memzoo.ops.cpu_build import load_once
 
 __all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
 
@@ -151,7 +151,6 @@ extern "C" int64_t memzoo_sort_by_row(const int64_t* idx, int64_t P, int64_t N, 
 }
 """
 
-_ENV_SWITCH = ENV_SWITCH
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

@@ -37,7 +37,7 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import ENV_SWITCH, load_once
+from memzoo.ops.cpu_build import load_once
 
 __all__ = ["available", "backward", "half_topk_merge", "library"]
 
@@ -309,7 +309,6 @@ int memzoo_pk_backward_f64(const double* g, const int64_t* idx, const double* q,
 }
 """
 
-_ENV_SWITCH = ENV_SWITCH
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the vector units torch itself uses here.
 _VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
 _lock = threading.Lock()
