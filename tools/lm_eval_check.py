@@ -40,7 +40,7 @@ def lm_eval_right(folder: str) -> tuple[float, dict[str, bool]]:
 
     from lm_eval import simple_evaluate
 
-    os.chdir(ROOT)  # the task's data file path is relative to the repository root
+    os.chdir(ROOT)  # lm-eval reads the data file named in country_facts.yaml relative to the repository root
     results = simple_evaluate(
         model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32", tasks=["memzoo_country_facts"],
         task_manager=TaskManager(include_path=str(ROOT / "tools" / "lm_eval")), device="cpu", batch_size=16,
