@@ -9,13 +9,18 @@ with ctypes. A failed build warns once and leaves ``None``: callers then take th
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import threading
 import warnings
 from collections.abc import Callable
 
+import torch
+
 #: ``MEMZOO_CPU_KERNELS=0``: never build or use the compiled CPU kernels (the PyTorch paths run)
 ENV_SWITCH = "MEMZOO_CPU_KERNELS"
+#: compiler flags per ``torch.backends.cpu.get_cpu_capability()`` (what torch itself dispatches to on this CPU)
+VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
 
 
 def load_once(state: dict[str, object], lock: threading.Lock, build: Callable[[], ctypes.CDLL],
@@ -41,3 +46,29 @@ def load_once(state: dict[str, object], lock: threading.Lock, build: Callable[[]
                         stacklevel=4,
                     )
     return state["lib"]  # type: ignore[return-value]
+
+
+def compile_library(stem: str, file_name: str, source: str, flags: list[str]) -> ctypes.CDLL:
+    """``source`` (plain C++, no torch headers) compiled with ``-O3 -fopenmp``, ``flags`` and this CPU's vector flags
+    into torch's extension cache (one folder per stem, capability and hash of source and flags, so a changed source
+    never loads a stale build) and loaded with ctypes. The source file is written atomically, so concurrent processes
+    never compile a half-written file; ``cpp_extension.load`` serialises the build itself."""
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", "VSX", ...
+    flags = ["-O3", *flags, "-fopenmp", *VECTOR_FLAGS.get(capability, [])]
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    name = f"{stem}_{capability.lower()}_{digest}"
+    build_dir = os.path.join(cpp_extension.get_default_build_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    path = os.path.join(build_dir, file_name)
+    if not os.path.exists(path):
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w") as handle:
+            handle.write(source)
+        os.replace(partial, path)
+    library = cpp_extension.load(
+        name, sources=[path], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=build_dir,
+        is_python_module=False, verbose=False,
+    )
+    return ctypes.CDLL(library)

@@ -25,13 +25,11 @@ compiled with ``torch.utils.cpp_extension.load`` on first use and called through
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import threading
 
 import torch
 
-from memzoo.ops.cpu_build import load_once
+from memzoo.ops.cpu_build import compile_library, load_once
 
 __all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
 
@@ -177,27 +175,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL:
-    from torch.utils import cpp_extension
-
-    from memzoo.ops.cpu_topk import _VECTOR_FLAGS
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-fno-math-errno", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])]
-    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    name = f"memzoo_sparse_read_{capability.lower()}_{digest}"
-    build_dir = os.path.join(cpp_extension.get_default_build_root(), name)
-    os.makedirs(build_dir, exist_ok=True)
-    source = os.path.join(build_dir, "sparse_read.cpp")
-    if not os.path.exists(source):  # atomic: concurrent processes never compile a half-written file
-        partial = f"{source}.{os.getpid()}.tmp"
-        with open(partial, "w") as handle:
-            handle.write(SOURCE)
-        os.replace(partial, source)
-    path = cpp_extension.load(
-        name, sources=[source], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=build_dir,
-        is_python_module=False, verbose=False,
-    )
-    lib = ctypes.CDLL(path)
+    lib = compile_library("memzoo_sparse_read", "sparse_read.cpp", SOURCE, ["-fno-math-errno"])
     i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for suffix in _SUFFIX.values():
         fn = getattr(lib, f"memzoo_gather_dot_{suffix}")

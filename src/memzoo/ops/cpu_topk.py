@@ -31,13 +31,11 @@ then take the vectorised PyTorch path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import threading
 
 import torch
 
-from memzoo.ops.cpu_build import load_once
+from memzoo.ops.cpu_build import compile_library, load_once
 
 __all__ = ["available", "backward", "half_topk_merge", "library"]
 
@@ -310,7 +308,6 @@ int memzoo_pk_backward_f64(const double* g, const int64_t* idx, const double* q,
 """
 
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the vector units torch itself uses here.
-_VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
 
@@ -327,30 +324,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL:
-    from torch.utils import cpp_extension
-
-    capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", "VSX", ...
-    flags = ["-O3", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])]
-    digest = hashlib.sha256((SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    name = f"memzoo_pk_topk_{capability.lower()}_{digest}"
-    build_dir = os.path.join(cpp_extension.get_default_build_root(), name)
-    os.makedirs(build_dir, exist_ok=True)
-    source = os.path.join(build_dir, "product_key_topk.cpp")
-    if not os.path.exists(source):  # atomic: concurrent processes never compile a half-written file
-        partial = f"{source}.{os.getpid()}.tmp"
-        with open(partial, "w") as handle:
-            handle.write(SOURCE)
-        os.replace(partial, source)
-    path = cpp_extension.load(
-        name,
-        sources=[source],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=build_dir,
-        is_python_module=False,
-        verbose=False,
-    )
-    lib = ctypes.CDLL(path)
+    lib = compile_library("memzoo_pk_topk", "product_key_topk.cpp", SOURCE, [])
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.memzoo_pk_topk_f32, lib.memzoo_pk_topk_f64):
         fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int]
