@@ -5,6 +5,7 @@ import torch
 
 from memzoo.accounting import summarize
 from memzoo.blocks.dense import DenseMLP
+from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.attention import AttentionBackendError, CausalSelfAttention, reference_attention
 from memzoo.model.config import ModelConfig
@@ -174,3 +175,16 @@ def test_memory_pool_validates_and_initialises():
                      (dict(lr=-1.0), "lr"), (dict(weight_decay=-1.0), "weight_decay")]:
         with pytest.raises(ValueError, match=msg):
             MemoryPool(**{"n_keys": 4, "value_dim": 8, **bad})
+
+
+def test_memory_pool_with_num_rows_is_a_directly_indexed_table():
+    table = MemoryPool(None, 8, num_rows=37, update="sparse")
+    assert table.values.shape == (37, 8) and table.num_rows == 37 and not table.product_keyed
+    assert "rows=37," in table.extra_repr() and "n_keys" not in table.extra_repr()
+    for bad in [dict(n_keys=4, num_rows=16), dict(n_keys=None), dict(n_keys=None, num_rows=0),
+                dict(n_keys=None, num_rows=True)]:
+        with pytest.raises(ValueError, match="num_rows|n_keys"):
+            MemoryPool(value_dim=8, **bad)
+    # product-key blocks refuse a table without the n_keys² layout, naming the fix
+    with pytest.raises(ValueError, match="num_rows=16 and no n_keys"):
+        ProductKeyMemory(16, pool=MemoryPool(None, 16, num_rows=16), k_dim=8, knn=2)

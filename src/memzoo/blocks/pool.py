@@ -58,11 +58,16 @@ class ShardedRead(Protocol):
 
 
 class MemoryPool(nn.Module):
-    """A set of ``n_keys²``-row tables addressed by product keys, shared by any number of layers.
+    """A set of equally long tables read sparsely, shared by any number of layers.
+
+    A product-key pool has ``n_keys²`` rows addressed by two halves of ``n_keys`` sub-keys each; a token-indexed
+    table (n-gram hashes, per-token embeddings: rows known from the token ids) gives its ``num_rows`` directly.
 
     Args:
-        n_keys: sub-keys per product-key half; the pool has ``num_rows = n_keys ** 2`` rows.
+        n_keys: sub-keys per product-key half; the pool has ``num_rows = n_keys ** 2`` rows. ``None`` with
+            ``num_rows`` for a table not addressed by product keys.
         value_dim: width of each row.
+        num_rows: the number of rows of a table not addressed by product keys (exclusive with ``n_keys``).
         kind: ``"memory"`` (one ``values`` table) or ``"experts"`` (PEER's ``down`` and ``up`` tables).
         update: ``"dense"``: ordinary gradients for any optimizer; ``"sparse"``: row-sparse gradients and a
             row-wise optimizer, so a step costs O(rows used) instead of O(num_rows).
@@ -73,17 +78,26 @@ class MemoryPool(nn.Module):
 
     def __init__(
         self,
-        n_keys: int,
+        n_keys: int | None,
         value_dim: int,
         kind: PoolKind = "memory",
         update: UpdateMode = "dense",
         lr: float | None = 1e-3,
         weight_decay: float = 0.0,
         init_std: float | None = None,
+        *,
+        num_rows: int | None = None,
     ):
         super().__init__()
-        if not isinstance(n_keys, int) or n_keys < 1:
+        if (n_keys is None) == (num_rows is None):
+            raise ValueError(
+                f"pool: give exactly one of n_keys (a product-key table of n_keys² rows) or num_rows (a table "
+                f"indexed directly), got n_keys={n_keys!r}, num_rows={num_rows!r}"
+            )
+        if n_keys is not None and (isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 1):
             raise ValueError(f"pool n_keys must be a positive int, got {n_keys!r}")
+        if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1):
+            raise ValueError(f"pool num_rows must be a positive int, got {num_rows!r}")
         if not isinstance(value_dim, int) or value_dim < 1:
             raise ValueError(f"pool value_dim must be a positive int, got {value_dim!r}")
         if kind not in POOL_TABLES:
@@ -95,6 +109,7 @@ class MemoryPool(nn.Module):
         if weight_decay < 0:
             raise ValueError(f"pool weight_decay must be >= 0, got {weight_decay!r}")
         self.n_keys = n_keys
+        self._num_rows = n_keys**2 if n_keys is not None else num_rows
         self.value_dim = value_dim
         self.kind = kind
         self.update = update
@@ -109,7 +124,13 @@ class MemoryPool(nn.Module):
 
     @property
     def num_rows(self) -> int:
-        return self.n_keys**2
+        """Rows of each table: ``n_keys²`` for a product-key pool, else the ``num_rows`` given."""
+        return self._num_rows
+
+    @property
+    def product_keyed(self) -> bool:
+        """Whether rows are addressed by product keys (``n_keys`` given), as memory and PEER layers need."""
+        return self.n_keys is not None
 
     @property
     def sparse(self) -> bool:
@@ -160,8 +181,9 @@ class MemoryPool(nn.Module):
             _report_usage(self.usage_observer, indices.detach(), weights.detach())
 
     def extra_repr(self) -> str:
+        layout = f" (n_keys={self.n_keys}²)" if self.product_keyed else ""
         return (
-            f"kind={self.kind}, rows={self.num_rows} (n_keys={self.n_keys}²), value_dim={self.value_dim}, "
+            f"kind={self.kind}, rows={self.num_rows}{layout}, value_dim={self.value_dim}, "
             f"update={self.update}, lr={self.lr}, weight_decay={self.weight_decay}"
         )
 
@@ -248,6 +270,11 @@ def resolve_pool(
             raise TypeError(f"{block_name}: pool must be a MemoryPool, got {type(pool).__name__}")
         if pool.kind != kind:
             raise ValueError(f"{block_name}: needs a pool of kind {kind!r}, but its pool has kind {pool.kind!r}")
+        if not pool.product_keyed:
+            raise ValueError(
+                f"{block_name}: reads its pool by product keys, but the pool was built with num_rows={pool.num_rows} "
+                f"and no n_keys; give the pool n_keys (num_rows = n_keys²)"
+            )
         if n_keys is not None and n_keys != pool.n_keys:
             raise ValueError(
                 f"{block_name}: n_keys={n_keys} differs from its shared pool's n_keys={pool.n_keys}; "
