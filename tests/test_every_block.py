@@ -186,6 +186,12 @@ def test_export_loads_in_plain_transformers_with_equal_logits(name, exports):
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+    # transformers' own generate, with its cache, continues as memzoo's decode loop does
+    prompt = token_ids(length=5)
+    eos = hf.generation_config.eos_token_id  # both stop a row at it and pad finished rows with it
+    greedy = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                         pad_token_id=eos)
+    assert torch.equal(greedy, model.generate(prompt, max_new_tokens=4, eos_id=eos))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -211,3 +211,48 @@ def test_block_contract_defaults():
     assert block.active_parameters() == 20 and block.flops_per_token() == 40
     assert not Plain.declares_flops() and get_block("dense").declares_flops()
     assert block.hparams is None and not Plain.reads_pool and get_block("memory_plus").reads_pool
+
+
+def test_token_indexed_block_gets_vocab_size_and_a_decode_state(clean_registry):
+    """The contract's token-id side: ``needs_vocab_size`` brings the model's vocabulary size, and ``ctx.state``
+    carries a block's history across KV-cache decode steps (here the previous token id of a bigram table), so
+    cached decoding equals recomputation; without a cache ``ctx.state`` is None."""
+    from memzoo.model.config import ModelConfig
+    from memzoo.model.transformer import Transformer
+
+    states_seen = []
+
+    @register_block("previous_token_table")
+    class PreviousTokenTable(Block):
+        needs_vocab_size = True
+
+        def __init__(self, dim: int, vocab_size: int):
+            super().__init__()
+            self.vocab_size = vocab_size
+            self.table = nn.Embedding(vocab_size + 1, dim)  # row vocab_size: "no previous token"
+
+        def forward(self, x, ctx=None):
+            ids = ctx.token_ids
+            first = torch.full_like(ids[:, :1], self.vocab_size)
+            if ctx.state is not None:
+                first = ctx.state.get("last", first)
+                ctx.state["last"] = ids[:, -1:]
+            states_seen.append(ctx.state is None)
+            return self.table(torch.cat([first, ids[:, :-1]], dim=1))
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=16,
+                                    block="previous_token_table")).eval()
+    assert model.layers[0].ffn.hparams == {"block": "previous_token_table", "vocab_size": 50}
+    with pytest.raises(BlockConfigError, match="needs the model's vocab_size"):
+        create_block("previous_token_table", dim=16)
+    prompt = torch.randint(0, 50, (2, 4))
+    cached = model.generate(prompt, max_new_tokens=5, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=5, use_cache=False))
+    with torch.no_grad():
+        full = model(cached)
+        caches = model.new_caches(2, cached.shape[1])
+        steps = [model(cached[:, :4], caches)] + [model(cached[:, i : i + 1], caches) for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert True in states_seen and False in states_seen
+    assert caches[0].block_state is not caches[1].block_state  # one state per layer

@@ -10,6 +10,11 @@ overrides when they do not hold for it (nothing is probed with ``hasattr``):
 
 - ``reads_pool`` (class variable): the block reads a model-owned :class:`~memzoo.blocks.pool.MemoryPool` that a
   layer names with ``pool: name``; the model then hands it the pool as the ``pool`` constructor argument.
+- ``needs_vocab_size`` (class variable): the block is indexed by token ids; the model passes its ``vocab_size`` as
+  the ``vocab_size`` constructor argument (unless the layer sets one).
+- Decoding state: with a KV cache, ``ctx.state`` is a dict private to the block's layer that persists across the
+  decode steps of one batch (empty at the first step), e.g. the last ``n - 1`` token ids of an n-gram block or a
+  causal convolution's last inputs; it is ``None`` when the forward sees whole sequences.
 - ``hparams``: the block's resolved hyperparameters ``{"block": name, ...}`` as :func:`memzoo.create_block`
   recorded them (``None`` for a block built directly from its class).
 - :meth:`init_weights`, :meth:`aux_losses`, :meth:`active_parameters`, :meth:`flops_per_token`,
@@ -28,10 +33,16 @@ import torch.nn as nn
 @dataclass(frozen=True)
 class BlockContext:
     """What a block may read besides the hidden states: ``token_ids (B, T)`` int64 and their absolute ``positions
-    (B, T)`` int64 (``start .. start + T - 1`` when decoding with a KV cache after ``start`` tokens)."""
+    (B, T)`` int64 (``start .. start + T - 1`` when decoding with a KV cache after ``start`` tokens), and ``state``:
+    with a KV cache, the block's own dict that persists between decode steps (``None`` without a cache)."""
 
     token_ids: torch.Tensor
     positions: torch.Tensor
+    state: dict[str, Any] | None = None
+
+    def with_state(self, state: dict[str, Any] | None) -> BlockContext:
+        """This context with ``state`` as the block's decode state (what each layer hands its block)."""
+        return BlockContext(self.token_ids, self.positions, state)
 
     @classmethod
     def for_tokens(cls, token_ids: torch.Tensor, start: int = 0) -> BlockContext:
@@ -47,6 +58,8 @@ class Block(nn.Module):
 
     #: The block reads a model-owned pool named by its layer's ``pool:`` (passed in as the ``pool`` argument).
     reads_pool: ClassVar[bool] = False
+    #: The block is indexed by token ids and takes the model's ``vocab_size`` as a constructor argument.
+    needs_vocab_size: ClassVar[bool] = False
     #: The registered name of the class (set by ``@register_block``).
     block_name: ClassVar[str | None] = None
     #: Resolved hyperparameters, ``{"block": name, **arguments}``, recorded by ``create_block``.

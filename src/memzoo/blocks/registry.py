@@ -249,10 +249,17 @@ def block_hyperparameters(name: str) -> list[Hyperparameter]:
 
 
 def create_block(
-    name: str, dim: int, *, pools: Mapping[str, nn.Module] | None = None, **hyperparameters: Any
+    name: str,
+    dim: int,
+    *,
+    pools: Mapping[str, nn.Module] | None = None,
+    vocab_size: int | None = None,
+    **hyperparameters: Any,
 ) -> Block:
     """Builds block (or preset) ``name`` for model width ``dim``; a preset's settings come first, ``hyperparameters``
     override them. Unknown or missing hyperparameters raise a clear error.
+
+    ``vocab_size`` (the model's) is passed to blocks that declare ``needs_vocab_size`` unless the settings give one.
 
     ``pool: "<name>"`` (a string) makes a block that ``reads_pool`` read ``pools[name]`` (the model's pools); it is
     recorded by name. The resolved hyperparameters land in ``block.hparams`` (see :func:`record_hyperparameters`).
@@ -271,6 +278,10 @@ def create_block(
         args["pool"] = pools[pool_name]
     if "pool" in args and not cls.reads_pool:
         raise BlockConfigError(f"block {name!r} does not read memory pools; drop `pool:`")
+    if cls.needs_vocab_size and "vocab_size" not in args:
+        if vocab_size is None:
+            raise BlockConfigError(f"block {name!r} is indexed by token ids and needs the model's vocab_size")
+        args["vocab_size"] = vocab_size
     sig = inspect.signature(cls.__init__)
     accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     allowed = _arguments(cls)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -85,12 +85,14 @@ class LayerKVCache:
     """Keys and values of one attention layer for incremental decoding, ``(B, H_kv, max_len, head_dim)`` each.
 
     The cache contract :class:`CausalSelfAttention` uses: ``length`` (positions held) and :meth:`append`. Another
-    store (e.g. a Hugging Face ``Cache`` layer) takes part by offering the same two.
+    store (e.g. a Hugging Face ``Cache`` layer) takes part by offering the same two. ``block_state`` is the decode
+    state of the layer's FFN-slot block (:class:`~memzoo.blocks.base.BlockContext` ``state``).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    block_state: dict = field(default_factory=dict)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores ``k, v (B, H_kv, T, hd)`` after the held positions; returns all keys and values held,

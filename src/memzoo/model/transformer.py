@@ -52,6 +52,8 @@ class TransformerLayer(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache, positions, mask)
+        if cache is not None:
+            ctx = ctx.with_state(cache.block_state)
         return x + self.ffn(self.ffn_norm(x), ctx)
 
 
@@ -128,7 +130,7 @@ class Transformer(nn.Module):
         if spec.pool is not None:
             args["pool"] = spec.pool  # a nested block's pool (beside's children) is the layer's one pool
         try:
-            return create_block(spec.block, dim=self.dim, pools=self.pools, **args)
+            return create_block(spec.block, dim=self.dim, pools=self.pools, vocab_size=self.vocab_size, **args)
         except (BlockConfigError, KeyError) as err:
             raise ModelConfigError(f"layers.{index}: {err}") from err
 

@@ -41,6 +41,12 @@ class CacheLayer:
         self.cache, self.index = cache, index
 
     @property
+    def block_state(self) -> dict:
+        """The decode state of the layer's block, kept on the Cache object beside its keys and values."""
+        states = self.cache.__dict__.setdefault("memzoo_block_states", {})
+        return states.setdefault(self.index, {})
+
+    @property
     def length(self) -> int:
         return self.cache.get_seq_length(self.index)
 
