@@ -17,6 +17,9 @@ overrides when they do not hold for it (nothing is probed with ``hasattr``):
   causal convolution's last inputs; it is ``None`` when the forward sees whole sequences.
 - ``hparams``: the block's resolved hyperparameters ``{"block": name, ...}`` as :func:`memzoo.create_block`
   recorded them (``None`` for a block built directly from its class).
+- :meth:`prefetch`: called by the model for every layer's block with that layer's context BEFORE any layer runs,
+  so a block whose table rows follow from the token ids alone can start moving them early (a host table's
+  ``pool.prefetch(indices)``, see :mod:`memzoo.blocks.pool`); default: nothing.
 - :meth:`init_weights`, :meth:`aux_losses`, :meth:`active_parameters`, :meth:`flops_per_token`,
   :meth:`table_bytes_read_per_token`: see each.
 """
@@ -67,6 +70,15 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must define forward(x, ctx)")
+
+    def prefetch(self, ctx: BlockContext) -> None:
+        """Starts fetching what ``forward(x, ctx)`` will read; called with the same ``ctx`` (its ``state`` too, as
+        it is before this forward) before the model runs its layers. Must not change ``ctx.state`` or any output:
+        a forward without a prefetch gives the same result. Default: nothing.
+
+        A token-indexed block on a host pool: ``self.pool.prefetch(self.table_indices(ctx))``; its forward then
+        reads ``self.pool.read(indices, weights)`` with the same indices (the same tensor is fastest; equal values
+        also match, at the cost of a comparison)."""
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """The model's init: input-side weights ~ N(0, std), the residual output projection ~ N(0, residual_std).
