@@ -378,3 +378,38 @@ def test_cuda_kv_cache_decode_with_a_host_table(clean_registry):
     host_model.cuda().eval()
     prompt = _ids(length=4).cuda()
     assert torch.equal(host_model.generate(prompt, max_new_tokens=5), device_model.generate(prompt, max_new_tokens=5))
+
+
+@pytest.mark.slow
+def test_lightning_fit_and_resume_with_a_host_pool_equals_the_device_pool(tmp_path):
+    """memory_plus on a shared sparse pool: 1 step, a checkpoint, 1 resumed step give the same weights with the pool
+    in host memory as with it on the device (single-device strategy, LazyAdam on the host table)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from memzoo.training.module import LanguageModel
+
+    ids = torch.randint(0, 256, (4, 13), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[i, :-1], "labels": ids[i, 1:]} for i in range(4)]
+
+    def fit(table_device, steps, ckpt_path=None, module=None):
+        torch.manual_seed(0)
+        module = module or LanguageModel(ModelConfig(
+            vocab_size=258, dim=16, n_layers=2, n_heads=2, max_seq_len=16,
+            layers={1: {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 2, "k_dim": 8}},
+            pools={"memory": {"n_keys": 4, "value_dim": 16, "update": "sparse", "table_device": table_device}},
+        ), warmup_steps=0, lr_decay_steps=4)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=2), ckpt_path=ckpt_path)
+        return trainer, module
+
+    def two_plus_two(table_device):
+        trainer, _ = fit(table_device, 1)
+        trainer.save_checkpoint(tmp_path / f"{table_device}.ckpt")
+        return fit(table_device, 2, ckpt_path=tmp_path / f"{table_device}.ckpt")[1]
+
+    reference, resumed = two_plus_two("accelerator"), two_plus_two("host")
+    assert resumed.model.pools["memory"].on_host
+    for (name, p), q in zip(reference.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
