@@ -20,6 +20,33 @@ Reads: a memory layer reads its pool with ``pool.read(indices, weights)`` (``wei
 Memory parallelism (:mod:`memzoo.parallel.memory_parallel`, applied to a built model from outside) replaces the
 ``values`` table by a column shard and installs a sharded read with ``pool.shard_reads(read)``; like the usage
 observer, the read is a plain attribute, not a submodule.
+
+Host tables (``table_device: "host"``, kind ``memory``). The tables stay in host memory when the model moves
+(``.to(device)``, ``.cuda()``, Lightning's strategy moving the model): :meth:`MemoryPool._apply` lets dtype casts
+through (``.half()``, ``.to(torch.bfloat16)``) and leaves device moves out, for the tables and their gradients, so
+``state_dict``, ``load_state_dict`` and checkpoints are those of any pool. A read stages only the rows it uses on the
+compute device (host gather into a pinned buffer, non-blocking copy) and sums there; backward returns the table's
+gradient on the host, row-sparse with ``update: sparse`` (then the row-wise optimizers of
+:mod:`memzoo.training.optim`, e.g. LazyAdam, update the table in host memory) or dense (``N·D`` on the host per
+backward: use ``sparse`` for large tables). See :mod:`memzoo.ops.host_read`. Only the rows a step reads must fit the
+accelerator, so a table larger than its memory trains and serves.
+
+Reading ahead. A block whose rows follow from the token ids (``table_indices(ctx)``) overrides
+:meth:`~memzoo.blocks.base.Block.prefetch` to call ``pool.prefetch(indices)``; the Transformer calls every block's
+``prefetch`` before it runs the layers (after :meth:`discard_staged` drops what a previous forward left), and the
+block's ``pool.read(indices, weights)`` consumes the staged rows: the same tensor matches at once, equal values
+after a comparison (a device sync on CUDA), anything else is read synchronously (``prefetch_stats`` counts
+``staged``, ``synchronous`` and ``dropped`` reads). On CUDA staging runs on a worker thread and a side stream, so
+later layers' rows move while earlier layers compute; on CPU it is done at once. The staged rows of every layer are
+on the device together until their layers run. Prefetch and host reads run outside ``torch.compile`` graphs (a graph
+break), and work with the KV cache (``ctx.state`` is handed to ``prefetch`` as the layer will see it) and in the
+Hugging Face export, which ships this code.
+
+Supported: one process on one device (Lightning's ``SingleDeviceStrategy``), eager or compiled, inference and
+training, checkpoints and resume (the optimizer state of host tables is moved back to the host at the start of
+training, :func:`memzoo.training.optim.keep_host_state_on_host`). Refused by name: DDP (it needs every parameter on
+the accelerator), FSDP and DeepSpeed, memory parallelism (:meth:`shard_reads`), and host pools of kind
+``experts``. The table itself is pageable memory; only the staging buffers are pinned.
 """
 
 from __future__ import annotations
