@@ -307,6 +307,17 @@ def test_export_of_a_host_pool_loads_in_plain_transformers(tmp_path):
     assert pool.prefetch_stats["synchronous"] >= 1  # the host read ran in the shipped code
 
 
+def test_table_device_is_not_part_of_the_architecture_a_checkpoint_is_checked_against():
+    from memzoo.export.checkpoint_check import architecture_differences
+
+    def hparams(table_device):
+        return {"architecture": {"dim": 16, "pools": {"m": {"n_keys": 4, "value_dim": 8, "table_device": table_device}}}}
+
+    assert architecture_differences(hparams("accelerator"), hparams("host")) == []
+    assert architecture_differences(hparams("host"), {"architecture": {"dim": 16, "pools": {"m": {
+        "n_keys": 8, "value_dim": 8}}}})
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
