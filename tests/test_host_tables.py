@@ -146,7 +146,60 @@ def test_host_weighted_gather_double_call_shares_no_graph():
     torch.testing.assert_close(_dense(table.grad), reference.grad)
 
 
+def test_dense_host_gradient_accumulates_rows_into_an_existing_grad_in_place():
+    """``update: dense`` with gradient accumulation: the second micro-batch adds only its rows into the table's dense
+    ``.grad`` (same buffer), with the values of an on-device table's accumulated gradient."""
+    host = MemoryPool(None, 8, num_rows=11, update="dense", table_device="host")
+    device = MemoryPool(None, 8, num_rows=11, update="dense")
+    device.load_state_dict(host.state_dict())
+    batches = [(torch.randint(0, 11, (2, 3, 2)), torch.randn(2, 3, 2)) for _ in range(2)]
+    layouts, buffers = [], []
+    host.values.register_hook(lambda grad: layouts.append(grad.layout))  # what the read's backward hands autograd
+    for pool in (host, device):
+        for indices, weights in batches:
+            pool.read(indices, weights).square().sum().backward()
+            buffers.append(pool.values.grad.data_ptr())
+    assert layouts == [torch.strided, torch.sparse_coo]  # no (N, D) gradient built for the second micro-batch
+    assert not host.values.grad.is_sparse and buffers[0] == buffers[1]
+    torch.testing.assert_close(host.values.grad, device.values.grad)
+
+
+def test_host_read_refuses_create_graph():
+    pool = MemoryPool(None, 4, num_rows=5, table_device="host")
+    out = pool.read(torch.tensor([[1, 2]]), torch.ones(1, 2))
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out.sum(), pool.values, create_graph=True)
+
+
 # ----------------------------------------------------------------------------------------------- prefetch
+
+
+def test_threaded_staging_equals_and_reports_errors_on_read(monkeypatch):
+    """The worker-thread staging (CUDA's path) run on CPU: the same rows, and an index error raised by the worker
+    surfaces at the read that consumes it."""
+    from memzoo.ops import host_read
+
+    monkeypatch.setattr(host_read, "THREADED_ON_CPU", True)
+    pool = MemoryPool(None, 8, num_rows=11, table_device="host")
+    indices, weights = torch.randint(0, 11, (2, 3, 2)), torch.randn(2, 3, 2)
+    pool.prefetch(indices)
+    assert pool._staged and hasattr(pool._staged[0]._result, "result")  # a Future: staged by the worker
+    torch.testing.assert_close(pool.read(indices, weights), weighted_gather(pool.values.detach(), indices, weights))
+    assert pool.prefetch_stats["staged"] == 1
+    bad = torch.tensor([[0, 11]])
+    pool.prefetch(bad)
+    with pytest.raises(IndexError, match="row index 11 is out of range"):
+        pool.read(bad, torch.ones(1, 2))
+
+
+def test_threaded_staging_in_a_model_equals_the_device_table(clean_registry, monkeypatch):
+    from memzoo.ops import host_read
+
+    monkeypatch.setattr(host_read, "THREADED_ON_CPU", True)
+    device_model, host_model = _models("sparse")
+    torch.testing.assert_close(host_model(_ids()), device_model(_ids()))
+    assert host_model.layers[1].ffn.pool.prefetch_stats == {"staged": 1, "synchronous": 0, "dropped": 0}
+
 
 
 def test_prefetch_is_consumed_by_the_same_or_equal_indices_only():

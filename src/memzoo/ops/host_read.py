@@ -11,20 +11,24 @@ as :func:`memzoo.ops.weighted_gather`, computed in three steps so only the rows 
    staging buffer and copied to the compute device with ``non_blocking=True``;
 2. **attach** (:class:`HostRows`): the staged ``(U, D)`` rows enter autograd as a function of the host table; its
    backward copies their ``(U, D)`` gradient to the host and returns the table's gradient there: a coalesced
-   row-sparse COO tensor (``sparse_grad=True``, for the row-wise optimizers) or a dense ``(N, D)`` tensor;
+   row-sparse COO tensor (``sparse_grad=True``, for the row-wise optimizers) or a dense ``(N, D)`` tensor (as the
+   rows alone when the table's ``.grad`` is already a dense buffer that ``AccumulateGrad`` adds them into in place,
+   the rule of :mod:`memzoo.ops.sparse_gather`);
 3. **sum** on the compute device: ``weighted_gather(staged, inverse, weights)``.
 
 Outputs equal the on-device read and the gradients are the same sums (the order of additions may differ). Cost per
 read: ``U·D`` elements gathered on the host and copied over the bus (``U <= B·K``: duplicate rows cross once), a
 host sort of the ``B·K`` indices, and in backward ``U·D`` copied back (a dense table gradient also allocates and
-fills ``N·D`` on the host: use ``update: sparse`` for large host tables). First-order gradients only.
+fills ``N·D`` on the host when ``.grad`` is ``None``: use ``update: sparse`` for large host tables). First-order
+gradients only.
 
 Ahead of the layer. A token-indexed block knows its indices before the layer runs, so staging can start early
 (:func:`stage_rows` with ``asynchronous=True``): on CUDA, the indices go to the host by a non-blocking copy, a
 worker thread waits for that copy, sorts and gathers, and copies the rows to the device on a side stream, recording
 an event; :meth:`StagedRows.wait` makes the current stream wait for that event. The calling thread only launches
 work, so the gathers of later layers overlap the compute of earlier ones. On CPU (or when the compute device is the
-host) staging is done at once. Nothing here runs inside a ``torch.compile`` graph (:func:`host_weighted_gather` is
+host) staging is done at once, unless :data:`THREADED_ON_CPU` (a test switch) sends it to the worker thread too.
+Nothing here runs inside a ``torch.compile`` graph (:func:`host_weighted_gather` is
 excluded from compilation; the weighted sum is an ordinary call of the custom op).
 """
 
@@ -34,13 +38,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from memzoo.ops.sparse_gather import weighted_gather
+from memzoo.ops.sparse_gather import _adds_into_dense_grad, weighted_gather
 
 __all__ = ["HostRows", "StagedRows", "host_weighted_gather", "stage_rows"]
 
 Tensor = torch.Tensor
+
+#: Stage asynchronous reads on the worker thread on CPU too (tests use it to run the threaded path without CUDA).
+THREADED_ON_CPU = False
 
 _WORKER: ThreadPoolExecutor | None = None
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -139,6 +145,9 @@ def stage_rows(table: Tensor, indices: Tensor, device: torch.device, *, asynchro
             copied.record(torch.cuda.current_stream(indices.device))
             future = _worker().submit(_gather, table, indices_host, device, copied)
             return StagedRows(indices, table._version, future)
+        if asynchronous and THREADED_ON_CPU and device.type == "cpu":
+            future = _worker().submit(_gather, table, indices.to("cpu", torch.int64), device, None)
+            return StagedRows(indices, table._version, future)
         indices_host = indices.to("cpu", torch.int64)
         rows = _gather(table, indices_host, device, None)
         return StagedRows(indices, table._version, rows)
@@ -150,18 +159,22 @@ class HostRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table: Tensor, rows: Tensor, staged_box: list, sparse_grad: bool) -> Tensor:
-        ctx.save_for_backward(rows)
+        ctx.save_for_backward(rows, table)
         ctx.table_shape, ctx.table_dtype, ctx.sparse_grad = tuple(table.shape), table.dtype, sparse_grad
         return staged_box[0]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_staged: Tensor):
+        if torch.is_grad_enabled():  # the engine enables grad mode for a backward with create_graph=True
+            raise RuntimeError(
+                "a read of a host table (table_device: host) has first-order gradients only; run the backward "
+                "without create_graph=True, or keep the table on the accelerator"
+            )
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        (rows,) = ctx.saved_tensors
+        rows, table = ctx.saved_tensors
         grad_rows = grad_staged.to("cpu", ctx.table_dtype)
-        if ctx.sparse_grad:
+        if ctx.sparse_grad or _adds_into_dense_grad(table):
             grad = torch.sparse_coo_tensor(rows[None], grad_rows, ctx.table_shape, is_coalesced=True,
                                            check_invariants=False)
         else:
