@@ -477,3 +477,18 @@ def test_lightning_fit_and_resume_with_a_host_pool_equals_the_device_pool(tmp_pa
     assert resumed.model.pools["memory"].on_host
     for (name, p), q in zip(reference.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(q, p, msg=name)
+
+
+def test_activation_checkpointing_recomputes_host_reads(clean_registry):
+    """A checkpointed layer's recomputation in backward reads the host table again (synchronously): same gradients."""
+    from memzoo.parallel.parallelize import parallelize
+
+    device_model, host_model = _models("sparse")
+    parallelize(host_model, activation_checkpointing=True)
+    expected, got = device_model(_ids()), host_model(_ids())
+    torch.testing.assert_close(got, expected)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    for (name, p), q in zip(device_model.named_parameters(), host_model.parameters()):
+        torch.testing.assert_close(_dense(q.grad), _dense(p.grad), msg=name)
+    assert host_model.layers[0].ffn.pool.prefetch_stats == {"staged": 1, "synchronous": 1, "dropped": 0}

@@ -38,7 +38,8 @@ block's ``pool.read(indices, weights)`` consumes the staged rows: the same tenso
 after a comparison (a device sync on CUDA), anything else is read synchronously (``prefetch_stats`` counts
 ``staged``, ``synchronous`` and ``dropped`` reads). On CUDA staging runs on a worker thread and a side stream, so
 later layers' rows move while earlier layers compute; on CPU it is done at once. The staged rows of every layer are
-on the device together until their layers run. Prefetch and host reads run outside ``torch.compile`` graphs (a graph
+on the device together until their layers run; with activation checkpointing a layer's recomputation in backward
+reads its rows again, synchronously. Prefetch and host reads run outside ``torch.compile`` graphs (a graph
 break), and work with the KV cache (``ctx.state`` is handed to ``prefetch`` as the layer will see it) and in the
 Hugging Face export, which ships this code.
 
