@@ -134,7 +134,8 @@ class Transformer(nn.Module):
         if spec.pool is not None:
             args["pool"] = spec.pool  # a nested block's pool (beside's children) is the layer's one pool
         try:
-            return create_block(spec.block, dim=self.dim, pools=self.pools, vocab_size=self.vocab_size, **args)
+            return create_block(spec.block, dim=self.dim, pools=self.pools, vocab_size=self.vocab_size,
+                                embedding=self.embed, **args)
         except (BlockConfigError, KeyError) as err:
             raise ModelConfigError(f"layers.{index}: {err}") from err
 
