@@ -492,3 +492,37 @@ def test_activation_checkpointing_recomputes_host_reads(clean_registry):
     for (name, p), q in zip(device_model.named_parameters(), host_model.parameters()):
         torch.testing.assert_close(_dense(q.grad), _dense(p.grad), msg=name)
     assert host_model.layers[0].ffn.pool.prefetch_stats == {"staged": 1, "synchronous": 1, "dropped": 0}
+
+
+# ----------------------------------------------------------------------------------------------- memzoo's token tables
+
+
+@pytest.mark.parametrize("block, args", [("stem", {"hidden": 24, "update": "sparse"}),
+                                         ("lookup_experts", {"n_experts": 2, "hidden": 16, "mode": "lookup"})])
+def test_memzoos_token_indexed_blocks_on_host_tables_equal_the_device_ones(block, args):
+    """STEM's table and MoLE's lookup table with ``table_device: host``: the prefetch pass stages every layer's
+    rows (the very tensor the read then uses: no synchronous gather), and logits, gradients and a cached decode
+    equal the on-device model's."""
+    def build(table_device):
+        torch.manual_seed(0)
+        return Transformer(ModelConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, max_seq_len=16, block=block,
+                                       block_args={**args, "table_device": table_device}))
+
+    device_model, host_model = build("accelerator"), build("host")
+    host_model.load_state_dict(device_model.state_dict())
+    ids = _ids() % 40
+    out_device, out_host = device_model(ids), host_model(ids)
+    torch.testing.assert_close(out_host, out_device)
+    out_device.square().mean().backward()
+    out_host.square().mean().backward()
+    for (name, p_device), p_host in zip(device_model.named_parameters(), host_model.parameters(), strict=True):
+        torch.testing.assert_close(_dense(p_host.grad), _dense(p_device.grad), msg=name)
+    for layer in host_model.layers:
+        assert layer.ffn.pool.on_host
+        assert layer.ffn.pool.prefetch_stats == {"staged": 1, "synchronous": 0, "dropped": 0}
+    prompt = ids[:, :4]
+    assert torch.equal(host_model.generate(prompt, 5), device_model.generate(prompt, 5))
+    from memzoo.export.checkpoint_check import architecture_differences
+
+    assert architecture_differences({"block": block, "block_args": {**args, "table_device": "host"}},
+                                    {"block": block, "block_args": args}) == []

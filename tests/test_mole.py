@@ -109,7 +109,7 @@ def test_lookup_mode_equals_experts_mode_for_every_token_id():
 def test_accounting_in_both_modes():
     block = create_block("mole", dim=64, vocab_size=100)
     assert block.hparams == {"block": "mole", "vocab_size": 100, "n_experts": 4, "hidden": 256, "expert_hidden": 256,
-                             "mode": "experts", "norm_eps": 1e-6}
+                             "mode": "experts", "norm_eps": 1e-6, "table_device": "accelerator"}
     shared = 2 * 64 * 4 + 4 * 64 * 256 + 2 * 4 * 64
     assert block.flops_per_token() == shared + 4 * 4 * 64 * 256
     assert block.table_bytes_read_per_token() == 0

@@ -71,7 +71,8 @@ def test_table_row_follows_the_token_not_the_hidden_state():
 def test_preset_has_the_papers_settings_and_exact_accounting():
     block = create_block("stem", dim=64, vocab_size=1000)
     assert block.hparams == {"block": "stem", "vocab_size": 1000, "hidden": 192, "update": "dense", "lr": None,
-                             "weight_decay": 0.1, "init_std": math.sqrt(2 / (1000 + 192))}
+                             "weight_decay": 0.1, "init_std": math.sqrt(2 / (1000 + 192)),
+                             "table_device": "accelerator"}
     assert block.pool.lr is None and block.pool.weight_decay == 0.1 and block.pool.num_rows == 1000
     assert block.active_parameters() == 2 * 64 * 192 + 192  # gate, down, one row
     assert block.flops_per_token() == 4 * 64 * 192 + 2 * 192

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memzoo.blocks.base import Block, BlockContext
-from memzoo.blocks.pool import MemoryPool, ReadsPool
+from memzoo.blocks.pool import MemoryPool, ReadsTokenTable, TableDevice
 from memzoo.blocks.registry import register_block
 from memzoo.nn.checks import check_choice, check_positive_int
 from memzoo.nn.norms import RMSNorm
@@ -75,7 +75,7 @@ class ExpertMLPs(nn.Module):
     paper="Jie et al. 2025, 'Mixture of Lookup Experts' (ICML 2025, arXiv 2503.15798)",
     smallest={"n_experts": 2, "hidden": 16, "expert_hidden": 8},
 )
-class LookupExperts(ReadsPool, Block):
+class LookupExperts(ReadsTokenTable, Block):
     """A dense GELU FFN plus router-weighted experts of the token embedding, or their lookup table; ``x, y: (B, T,
     dim)`` (module docstring).
 
@@ -88,6 +88,8 @@ class LookupExperts(ReadsPool, Block):
         mode: ``experts`` (training: the experts run on the embedding) or ``lookup`` (inference: their outputs
             are read from the re-parameterised table; see :meth:`reparameterize`).
         norm_eps: epsilon of the RMSNorm on the embedding.
+        table_device: ``accelerator`` | ``host``: where the lookup table lives (``host``: in host memory, rows
+            gathered ahead of the layer; see :mod:`memzoo.blocks.pool`); a placement, not part of the architecture.
     """
 
     needs_vocab_size = True
@@ -102,6 +104,7 @@ class LookupExperts(ReadsPool, Block):
         expert_hidden: int | None = None,
         mode: MoleMode = "experts",
         norm_eps: float = 1e-6,
+        table_device: TableDevice = "accelerator",
     ):
         super().__init__()
         owner = "lookup_experts"
@@ -112,6 +115,7 @@ class LookupExperts(ReadsPool, Block):
                 check_positive_int(owner, name, value)
         check_choice(owner, "mode", mode, ("experts", "lookup"))
         self.dim, self.vocab_size, self.n_experts, self.mode, self.norm_eps = dim, vocab_size, n_experts, mode, norm_eps
+        self.table_device = table_device
         self.hidden = hidden or 4 * dim
         self.expert_hidden = expert_hidden or self.hidden
         self.router = nn.Linear(dim, n_experts, bias=False)
@@ -127,7 +131,8 @@ class LookupExperts(ReadsPool, Block):
         self.reset_parameters()
 
     def _new_table(self) -> MemoryPool:
-        return MemoryPool(None, self.dim, lr=None, weight_decay=0.0, num_rows=self.vocab_size * self.n_experts)
+        return MemoryPool(None, self.dim, lr=None, weight_decay=0.0, num_rows=self.vocab_size * self.n_experts,
+                          table_device=self.table_device)
 
     # ------------------------------------------------------------------------------------------ parameters
     def reset_parameters(self, std: float = 0.02, residual_std: float = 0.02) -> None:
@@ -183,7 +188,7 @@ class LookupExperts(ReadsPool, Block):
             outs = self.experts(e.to(x.dtype))  # E_j(...), (B, T, n_experts, dim)
             mixed = torch.einsum("btj,btjd->btd", p.to(outs.dtype), outs)
         else:
-            table, indices = self.pool, self.table_indices(ctx)
+            table, indices = self.pool, self.rows_for(ctx)
             weights = p.to(table.values.dtype)
             table.observe(indices, weights)
             mixed = table.read(indices, weights)  # Σ_j p_j · L[v·n + j]

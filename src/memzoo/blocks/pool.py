@@ -377,6 +377,36 @@ class ReadsPool:
         return self.private_pool if self.owns_pool else self._pool_ref.pool
 
 
+class ReadsTokenTable(ReadsPool):
+    """Mixin of blocks whose private table's rows follow from the token ids alone (hashed n-grams, per-token
+    embeddings, lookup experts). Such a block defines ``table_indices(ctx) -> (B, T, K)`` int64 and reads
+    ``self.pool.read(self.rows_for(ctx), weights)``; with ``table_device: host`` the model's prefetch pass
+    (:meth:`prefetch`) then stages those rows before the layer runs, and :meth:`rows_for` hands the read the very
+    tensor that was staged (no comparison, no device sync)."""
+
+    def table_indices(self, ctx) -> torch.Tensor:  # pragma: no cover - each block defines it
+        raise NotImplementedError(f"{type(self).__name__} must define table_indices(ctx)")
+
+    def rows_for(self, ctx) -> torch.Tensor:
+        """``table_indices(ctx)``, computed once per ``ctx.token_ids`` tensor while the table is on the host."""
+        if not self._table_on_host():
+            return self.table_indices(ctx)
+        cached = self.__dict__.get("_staged_rows")
+        if cached is not None and cached[0] is ctx.token_ids and cached[1] is ctx.state:
+            return cached[2]
+        rows = self.table_indices(ctx)
+        self.__dict__["_staged_rows"] = (ctx.token_ids, ctx.state, rows)
+        return rows
+
+    def prefetch(self, ctx) -> None:
+        """Stages this forward's rows of a host table (a no-op on the accelerator, or with no table)."""
+        if self._table_on_host():
+            self.pool.prefetch(self.rows_for(ctx))
+
+    def _table_on_host(self) -> bool:
+        return self.owns_pool and self.pool.on_host
+
+
 def resolve_pool(
     block_name: str,
     pool: MemoryPool | str | None,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.dense import swiglu_hidden
-from memzoo.blocks.pool import MemoryPool, ReadsPool, UpdateMode
+from memzoo.blocks.pool import MemoryPool, ReadsTokenTable, TableDevice, UpdateMode
 from memzoo.blocks.registry import register_block
 from memzoo.nn.checks import check_choice, check_positive_int
 
@@ -37,7 +37,7 @@ from memzoo.nn.checks import check_choice, check_positive_int
     paper="STEM (arXiv 2601.10639): SwiGLU FFN with the up-projection replaced by a per-layer token-indexed table",
     smallest={"hidden": 16},
 )
-class TokenEmbeddingFFN(ReadsPool, Block):
+class TokenEmbeddingFFN(ReadsTokenTable, Block):
     """``y = W_down(silu(W_gate x) ⊙ U[token])`` (module docstring); ``x, y: (B, T, dim)``.
 
     Args:
@@ -48,6 +48,8 @@ class TokenEmbeddingFFN(ReadsPool, Block):
         lr: the table's learning rate (``None``: the optimizer's, as the authors train it).
         weight_decay: the table's weight decay.
         init_std: std of the table's normal init (``None``: Xavier, ``sqrt(2 / (vocab_size + hidden))``).
+        table_device: ``accelerator`` | ``host``: keep the table in host memory, its rows gathered ahead of the
+            layer (see :mod:`memzoo.blocks.pool`); a placement, not part of the architecture.
     """
 
     needs_vocab_size = True
@@ -61,6 +63,7 @@ class TokenEmbeddingFFN(ReadsPool, Block):
         lr: float | None = None,
         weight_decay: float = 0.1,
         init_std: float | None = None,
+        table_device: TableDevice = "accelerator",
     ):
         super().__init__()
         owner = "token_embedding_ffn"
@@ -74,7 +77,7 @@ class TokenEmbeddingFFN(ReadsPool, Block):
         self.gate = nn.Linear(dim, self.hidden, bias=False)
         self.down = nn.Linear(self.hidden, dim, bias=False)
         table = MemoryPool(None, self.hidden, update=update, lr=lr, weight_decay=weight_decay,
-                           init_std=self.init_std, num_rows=vocab_size)
+                           init_std=self.init_std, num_rows=vocab_size, table_device=table_device)
         self.attach_pool(table, owned=True)
         self.reset_parameters()
 
@@ -100,7 +103,7 @@ class TokenEmbeddingFFN(ReadsPool, Block):
         if ctx.token_ids.shape != x.shape[:-1]:
             raise ValueError(f"token_embedding_ffn: token_ids {tuple(ctx.token_ids.shape)} do not match the hidden "
                              f"states {tuple(x.shape)}; give one token id per position")
-        indices = self.table_indices(ctx)
+        indices = self.rows_for(ctx)
         table = self.pool
         ones = torch.ones(indices.shape, dtype=table.values.dtype, device=x.device)
         table.observe(indices, ones)

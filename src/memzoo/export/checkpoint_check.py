@@ -55,6 +55,8 @@ ARCHITECTURE_FIELDS = (
 # keys of a pool spec that are training or placement settings, not architecture (a checkpoint trained with its tables
 # on the accelerator is served with them in host memory, and the reverse)
 _POOL_TRAINING_KEYS = ("lr", "weight_decay", "init_std", "table_device")
+# block settings that place a token-indexed block's private table, not architecture
+_BLOCK_PLACEMENT_KEYS = ("table_device",)
 
 
 def _plain(value: Any) -> Any:
@@ -76,6 +78,14 @@ def architecture_of(hparams: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("block_args", "layers", "pools"):
         if key in arch and arch[key] is None:
             arch[key] = {}
+    for key in ("block_args",):
+        if isinstance(arch.get(key), dict):
+            arch[key] = {k: v for k, v in arch[key].items() if k not in _BLOCK_PLACEMENT_KEYS}
+    if isinstance(arch.get("layers"), dict):
+        arch["layers"] = {
+            index: {k: v for k, v in spec.items() if k not in _BLOCK_PLACEMENT_KEYS} if isinstance(spec, dict) else spec
+            for index, spec in arch["layers"].items()
+        }
     if isinstance(arch.get("pools"), dict):
         arch["pools"] = {
             name: {k: v for k, v in spec.items() if k not in _POOL_TRAINING_KEYS} if isinstance(spec, dict) else spec
