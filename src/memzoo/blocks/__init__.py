@@ -8,8 +8,8 @@ from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
-from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 from memzoo.blocks.presets import PRESET_NAMES  # noqa: F401  (importing presets registers them)
+from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 
 __all__ = [
     "Beside", "Block", "BlockContext", "DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory",

@@ -25,10 +25,10 @@ from torch import nn
 from memzoo.blocks.base import Block
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
-from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
+from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 from memzoo.export.errors import ExportError, PretrainedFormatError
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.transformer import Transformer
