@@ -223,13 +223,13 @@ SKIP = {"n_keys": 4, "value_dim": 8, "k_dim": 4, "knn": 2, "heads": 1}
 
 def skip_model(add_at=2):
     torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=50, dim=16, n_layers=3, n_heads=2, max_seq_len=16,
+    return Transformer(ModelConfig(vocab_size=258, dim=16, n_layers=3, n_heads=2, max_seq_len=16,
                                    layers={0: {"block": "ultramem", **SKIP, "add_at": add_at}})).eval()
 
 
 def test_add_at_adds_the_block_output_after_the_later_layer():
     model = skip_model()
-    ids = torch.randint(0, 50, (2, 7))
+    ids = torch.randint(0, 258, (2, 7))
     from memzoo.blocks.base import BlockContext
 
     ctx = BlockContext.for_tokens(ids)
@@ -248,7 +248,7 @@ def test_add_at_adds_the_block_output_after_the_later_layer():
 
 def test_add_at_decodes_with_the_kv_cache_as_recomputation():
     model = skip_model(add_at=-1)
-    prompt = torch.randint(0, 50, (2, 4))
+    prompt = torch.randint(0, 258, (2, 4))
     cached = model.generate(prompt, max_new_tokens=5)
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=5, use_cache=False))
 
@@ -260,3 +260,15 @@ def test_bad_add_at_is_refused(add_at, match):
         skip_model(add_at)
     with pytest.raises(ModelConfigError, match="per-layer setting"):
         ModelConfig(n_layers=2, block_args={"add_at": 1}).layer_specs()
+
+
+def test_add_at_survives_the_hf_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from memzoo.export.hf import export_model
+
+    model = skip_model(add_at=2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_model(model, tmp_path / "hf", tokenizer="byte"),
+                                                           trust_remote_code=True)
+    ids = torch.randint(0, 258, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)

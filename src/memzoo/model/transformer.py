@@ -134,7 +134,7 @@ class Transformer(nn.Module):
                      for k in unknown]
             raise ModelConfigError(f"pools.{name}: unknown key(s) {', '.join(hints)}; a pool accepts {allowed}")
         try:
-            return MemoryPool(**spec)
+            return MemoryPool(**({"n_keys": None, **spec} if "num_rows" in spec else spec))  # a directly indexed table
         except (TypeError, ValueError) as err:
             raise ModelConfigError(f"pools.{name}: {err}") from err
 
