@@ -143,10 +143,11 @@ def _grads(out, params, w):
     return torch.autograd.grad((out * w).sum(), params)
 
 
-@pytest.mark.parametrize("value_expand,candidates", [(4, 3), (1, 2)])
-def test_ultramem_matches_float64_reference_forward_and_grad(value_expand, candidates):
+@pytest.mark.parametrize("value_expand,candidates,update", [(4, 3, "dense"), (1, 2, "dense"), (4, 3, "sparse")])
+def test_ultramem_matches_float64_reference_forward_and_grad(value_expand, candidates, update):
+    """Both read paths: a dense table read as its chunk view, a row-sparse one read whole per core."""
     block = perturbed(UltraMem(DIM, n_keys=4, value_dim=6, value_expand=value_expand, value_rows=4, heads=2, knn=3,
-                               k_dim=4, rank=2, cores=2, candidates=candidates))
+                               k_dim=4, rank=2, cores=2, candidates=candidates, update=update))
     x = torch.randn(5, DIM, dtype=torch.float64, requires_grad=True)
     out = block(x)
     ref = ref_ultramem(block, x)
@@ -155,7 +156,23 @@ def test_ultramem_matches_float64_reference_forward_and_grad(value_expand, candi
               block.pool.values, block.out.weight]
     w = torch.randn_like(out)
     for got, want in zip(_grads(out, params, w), _grads(ref, params, w)):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got.to_dense() if got.is_sparse else got, want)
+
+
+@pytest.mark.parametrize("update,cores,chunk_reads", [("dense", 3, True), ("sparse", 3, False), ("sparse", 1, True)])
+def test_the_read_costs_what_flops_per_token_says(update, cores, chunk_reads):
+    """A dense table's (group, core) slots read only their chunk (2·E·K·D); a row-sparse one's read whole rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    block = UltraMem(DIM, n_keys=4, value_dim=6, value_expand=4, heads=2, knn=3, k_dim=4, cores=cores, update=update)
+    E, K, D = 4, 6, 6
+    expected = 2 * E * K * D * (1 if chunk_reads else cores)
+    assert block._read_flops() == expected
+    formulas = {torch.ops.memzoo.weighted_gather: lambda values, indices, *_, **__: 2 * indices.numel() * values[1]}
+    rows, groups, scores = block.router(torch.randn(5, DIM))
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
+        block.grouped_read(block.pool.values, rows, groups, scores)
+    assert counter.get_total_flops() == 5 * expected
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu"])

@@ -25,9 +25,9 @@ Initialisation follows the authors' code, not the model's ``std``: the router as
 ``~ N(0, 0.02)`` (private tables), ``W_o ~ N(0, (E·D)^-1/2)``, ``W_pre ~ N(0, dim^-1/2)``; the dense FFN beside
 V2's memory takes the model's ``std``/``residual_std``.
 
-Cost per token (forward, a multiply-add counts 2): the router's + the reads ``2·E·M·H·knn·D`` (each (group, core)
-pair is one weighted read of the ``H·knn`` rows: memzoo's sparse read takes one weight per row, so the E·M chunk
-sums are read separately) + ``2·E·D·dim`` (``W_o``); V2 adds ``2·dim·D`` (``W_pre``) + ``2·H·knn·D`` (the down
+Cost per token (forward, a multiply-add counts 2): the router's + the reads ``2·E·H·knn·D`` (each (group, core)
+pair is one weighted read of the ``H·knn`` rows' chunk of width ``D/M``, weight 0 outside the group; a row-sparse
+table with ``M > 1`` reads whole rows per pair: ``2·E·M·H·knn·D``, :meth:`_TuckerMemory.grouped_read`) + ``2·E·D·dim`` (``W_o``); V2 adds ``2·dim·D`` (``W_pre``) + ``2·H·knn·D`` (the down
 dot products) + the dense FFN's.
 
 Placement: the UltraMem paper reads the memory at layer ``i`` and adds it to the residual after layer ``j > i``
@@ -132,16 +132,29 @@ class _TuckerMemory(ReadsPool, Block):
     def grouped_read(self, table: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
         """``(..., E·D)``: for each group g and core c, chunk c of ``Σ_{k: g_k = g} weights[k, c] · table[rows_k]``
-        (``rows, groups (..., K)``, ``weights (..., K, M)``)."""
+        (``rows, groups (..., K)``, ``weights (..., K, M)``).
+
+        One weighted read per (group, core) slot of the ``K`` rows (weight 0 where ``g_k != g``). A dense table is
+        read as its ``(P·M, D/M)`` chunk view (chunk c of row n is row ``n·M + c``), so each slot reads only its
+        ``K`` chunks: ``E·K·D`` elements. A row-sparse table (``update: sparse``) is read whole per slot and its
+        chunk c kept (``E·M·K·D``): a sparse gradient cannot flow back through the view."""
         E, M, D = self.value_expand, self.n_cores, self.value_dim
         w = weights.transpose(-1, -2).unsqueeze(-3)  # (..., 1, M, K)
         if E > 1:
             w = w * (groups.unsqueeze(-2) == torch.arange(E, device=groups.device).unsqueeze(-1)).unsqueeze(-2)
-        w = w.expand(*weights.shape[:-2], E, M, weights.shape[-2])
-        sums = weighted_gather(table, rows.unsqueeze(-2).unsqueeze(-2).expand(w.shape), w.to(table.dtype),
+        w = w.expand(*weights.shape[:-2], E, M, weights.shape[-2]).to(table.dtype)
+        if not self._reads_whole_rows():
+            chunk_rows = rows.unsqueeze(-2) * M + torch.arange(M, device=rows.device).unsqueeze(-1)  # (..., M, K)
+            sums = weighted_gather(table.view(table.shape[0] * M, D // M), chunk_rows.unsqueeze(-3).expand(w.shape), w)
+            return sums.flatten(-3)  # (..., E, M, D/M) -> (..., E·D)
+        sums = weighted_gather(table, rows.unsqueeze(-2).unsqueeze(-2).expand(w.shape), w,
                                sparse_grad=self.pool.sparse)  # (..., E, M, D): chunk c is read from slot (g, c)
         chunks = sums.unflatten(-1, (M, D // M)).diagonal(dim1=-3, dim2=-2)  # (..., E, D/M, M)
         return chunks.transpose(-1, -2).flatten(-3)
+
+    def _reads_whole_rows(self) -> bool:
+        """Whether :meth:`grouped_read` reads whole rows per core (a row-sparse table with several cores)."""
+        return self.n_cores > 1 and self.pool.sparse
 
     def reset_parameters(self) -> None:
         """The authors' init (module docstring)."""
@@ -164,7 +177,9 @@ class _TuckerMemory(ReadsPool, Block):
         return sum(self._rows_read() * self.value_dim * t.element_size() for t in tables)
 
     def _read_flops(self) -> int:
-        return 2 * self.value_expand * self.n_cores * self._rows_read() * self.value_dim
+        """:meth:`grouped_read`'s: ``2·E·K·D``, or ``2·E·M·K·D`` where it reads whole rows per core."""
+        per_core = self.n_cores if self._reads_whole_rows() else 1
+        return 2 * self.value_expand * per_core * self._rows_read() * self.value_dim
 
     def extra_repr(self) -> str:
         source = "private" if self.owns_pool else "shared"

@@ -98,10 +98,12 @@ class TuckerRouter(nn.Module):
         q = self.query(x).unflatten(-1, (2, self.k_dim))
         q = F.layer_norm(q, (self.k_dim,), self.query_norm, None, LAYER_NORM_EPS)  # (..., 2, k_dim)
         keys = F.layer_norm(self.keys, (self.k_dim,), self.key_norm, None, LAYER_NORM_EPS)  # (H, 2, n, r, k_dim)
-        flat_keys = keys.flatten(2, 3).transpose(-1, -2)  # (H, 2, k_dim, n·r)
-        scores = (q.unsqueeze(-3).unsqueeze(-2) @ flat_keys).squeeze(-2)  # (..., H, 2, n·r)
-        scores = scores.unflatten(-1, (self.n_keys, self.rank))
-        return scores[..., 0, :, :], scores[..., 1, :, :]
+        # one (tokens, k_dim) @ (k_dim, H·n·r) product per side: the keys are never broadcast per token
+        side_keys = keys.transpose(0, 1).flatten(1, 3).transpose(-1, -2)  # (2, k_dim, H·n·r)
+        scores = torch.bmm(q.reshape(-1, 2, self.k_dim).transpose(0, 1), side_keys)  # (2, tokens, H·n·r)
+        scores = scores.unflatten(-1, (self.heads, self.n_keys, self.rank))
+        rows, cols = (s.reshape(*q.shape[:-2], self.heads, self.n_keys, self.rank) for s in scores)
+        return rows, cols
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, cols = self.half_scores(x)
