@@ -308,7 +308,7 @@ def markdown(result: dict) -> str:
              result["notes"], ""]
     for key, title in (("ultramem", "UltraMem (V1) vs `UltraMemLayerV1`"),
                        ("ultramem_v2", "UltraMemV2 vs `UltraMemLayerV2` (+ its `has_value` table layer)")):
-        lines += [f"## {title}", "", "| case | tokens | u,v diff | slots equal | scores diff | output diff (max |y|) "
+        lines += [f"## {title}", "", "| case | tokens | u,v diff | slots equal | scores diff | output diff (max abs output) "
                   "| grad diff (all) |", "|---|---|---|---|---|---|---|"]
         for row in result[key]["cases"]:
             case = ", ".join(f"{k}={v}" for k, v in row["case"].items())
