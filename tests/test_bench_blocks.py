@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 spec = importlib.util.spec_from_file_location("bench_blocks", Path(__file__).parents[1] / "tools" / "bench_blocks.py")
@@ -45,3 +46,20 @@ def test_one_thread_targets_judge_the_cpu_time_ratio_and_the_table_shows_both():
     assert met == {"pkm": True, "memoryplus": False, "peer": True}
     assert "1.10x dense (CPU time; wall time 2.00x)" in result["targets"][0]["detail"]
     assert "| pkm | 1.10 | 2.00 |" in bench.markdown(result)
+
+
+def test_dense_with_models_replace_layers_1_and_3_at_equal_forward_flops():
+    dense = bench.study_model("dense")[0].model
+    dense_ffn = dense.layers[1].ffn.flops_per_token()
+    for name in bench.DENSE_WITH:
+        model = bench.study_model(name)[0].model
+        for i in (1, 3):
+            assert model.layers[i].ffn.block_name == name
+            assert abs(model.layers[i].ffn.flops_per_token() / dense_ffn - 1) < 0.03
+        assert model.layers[0].ffn.block_name == "dense"
+
+
+def test_models_filter_refuses_an_unknown_name(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "dense,ultramem,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err

@@ -4,7 +4,8 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
 
 - **blocks** (CPU): one full training step (forward, loss, backward, optimizers: AdamW + the pools' row-wise
   optimizer) of the iso-FLOP study's models (``configs/study/model-*.yaml``: dense, MoE, PKM, Memory+, PEER at
-  equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
+  equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) and UltraMem / UltraMemV2 ("dense" with layers 1 and 3
+  replaced at equal forward FLOPs, :data:`DENSE_WITH`) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
   thread both by wall time and by the compute thread's CPU time (the headline and the targets' measure: on a
   shared machine it does not count the time other processes hold the core); at 2 threads by wall time.
 - **topk** (CPU, 1 thread, CPU time of the thread): ``memzoo.ops.product_key_topk`` forward+backward at knn 32, heads 4, k_dim 96, 768
@@ -18,7 +19,8 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   and at the 1.3B layer shape (dim 2048, 1024² keys, value_dim 2048, heads 4, knn 32) a Memory+ layer's
   forward+backward against a dense SwiGLU FFN of equal forward FLOPs.
 
-    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json] [--sections blocks,topk,lookup]
+    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json]
+        [--sections blocks,topk,lookup] [--models dense,ultramem,ultramem_v2]
 
 Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table beside it.
 """
@@ -47,7 +49,17 @@ from memzoo.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "configs" / "study"
-BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer")
+BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramem_v2")
+#: Models that are "dense" with layers 1 and 3 replaced, at equal forward FLOPs (``flops_per_token``): UltraMem
+#: 298k per layer (a 128² grid, rank 2, 2 cores, over 4,096 rows of width 128 through 4 projections, 2 heads × top-32,
+#: k_dim 32, private tables with dense updates, read and added in place) and UltraMemV2 288k (16,384 FFN-valued slots
+#: of width 128, 1 head × top-32, k_dim 32, beside a SwiGLU FFN of half the width) against the dense FFN's 295k.
+DENSE_WITH = {
+    "ultramem": {"block": "ultramem", "n_keys": 128, "value_dim": 128, "value_expand": 4, "heads": 2, "knn": 32,
+                 "k_dim": 32},
+    "ultramem_v2": {"block": "ultramem_v2", "n_keys": 128, "value_dim": 128, "heads": 1, "knn": 32, "k_dim": 32,
+                    "ffn_fraction": 0.5},
+}
 STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
 
 
@@ -82,7 +94,11 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu", c
 
 # ---------------------------------------------------------------------------------------------- blocks
 def study_model(name: str) -> tuple[LanguageModel, str]:
-    config = yaml.safe_load((STUDY / f"model-{name}.yaml").read_text())["model"]["init_args"]
+    """A study model (``configs/study/model-<name>.yaml``), or "dense" with layers 1 and 3 of :data:`DENSE_WITH`."""
+    config = yaml.safe_load((STUDY / f"model-{'dense' if name in DENSE_WITH else name}.yaml").read_text())
+    config = config["model"]["init_args"]
+    if name in DENSE_WITH:
+        config["architecture"]["layers"] = {1: dict(DENSE_WITH[name]), 3: dict(DENSE_WITH[name])}
     torch.manual_seed(0)
     module = LanguageModel(ModelConfig.from_dict(config["architecture"]),
                            sparse_optimizer=config.get("sparse_optimizer", "lazy_adam"))
@@ -109,10 +125,10 @@ def train_step_fn(name: str, batch: torch.Tensor):
     return step
 
 
-def bench_blocks(threads: int, repeats: int) -> dict:
+def bench_blocks(threads: int, repeats: int, models=BLOCK_MODELS) -> dict:
     torch.set_num_threads(threads)
     batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
-    steps = {name: train_step_fn(name, batch) for name in BLOCK_MODELS}
+    steps = {name: train_step_fn(name, batch) for name in models}
     times = interleaved(steps, repeats)
     rows = {name: {"ms": 1e3 * t, "ratio_to_dense": t / times["dense"]} for name, t in times.items()}
     if threads == 1:  # all compute on this thread: its CPU time is the load-independent measure (the headline)
@@ -273,7 +289,9 @@ def targets(result: dict) -> list[dict]:
         blocks = result.get("blocks", {}).get(threads)
         if not blocks:
             continue
-        for name in ("pkm", "memoryplus", "peer"):
+        for name in ("pkm", "memoryplus", "peer", "ultramem", "ultramem_v2"):
+            if name not in blocks:
+                continue
             row = blocks[name]
             ratio = headline_ratio(row)
             detail = f"{ratio:.2f}x dense" + (
@@ -350,14 +368,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--n-keys", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--sections", default="blocks,topk,lookup", help="comma list of: blocks, topk, lookup")
+    parser.add_argument("--models", default=",".join(BLOCK_MODELS),
+                        help=f"comma list of the blocks section's models (dense is always run: the ratios' base): "
+                             f"{', '.join(BLOCK_MODELS)}")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
+    models = ["dense", *(m for m in args.models.split(",") if m and m != "dense")]
+    unknown = [m for m in models if m not in BLOCK_MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(BLOCK_MODELS)}")
     threads = torch.get_num_threads()
     result: dict = {"machine": f"torch {torch.__version__}, {args.device}"}
     if args.device == "cpu":
         if "blocks" in sections:
-            result["blocks"] = {str(t): bench_blocks(t, args.repeats) for t in (1, 2)}
-            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer")}
+            result["blocks"] = {str(t): bench_blocks(t, args.repeats, models) for t in (1, 2)}
+            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer")
+                                          if name in models}
         if "topk" in sections:
             torch.set_num_threads(1)
             result["topk_cpu"] = bench_topk("cpu", args.n_keys, 768, args.repeats)

@@ -11,6 +11,9 @@ from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
 from memzoo.blocks.presets import PRESET_NAMES  # noqa: F401  (importing presets registers them)
 from memzoo.blocks.stem import TokenEmbeddingFFN
+from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 
-__all__ = ["Beside", "Block", "BlockContext", "DenseMLP", "LookupExperts", "MemoryPool", "MoE", "PEER", "PoolRef",
-           "ProductKeyMemory", "TokenEmbeddingFFN"]
+__all__ = [
+    "Beside", "Block", "BlockContext", "DenseMLP", "LookupExperts", "MemoryPool", "MoE", "PEER", "PoolRef",
+    "ProductKeyMemory", "TokenEmbeddingFFN", "UltraMem", "UltraMemV2",
+]

@@ -106,6 +106,8 @@ class MemoryPool(nn.Module):
         update: ``"dense"``: ordinary gradients for any optimizer; ``"sparse"``: row-sparse gradients and a
             row-wise optimizer, so a step costs O(rows used) instead of O(num_rows).
         lr: learning rate of this pool's tables (``None``: the optimizer's). The paper uses 1e-3 for values.
+        lr_scale: multiplier on that learning rate (UltraMem trains its values at 4× the model's lr: ``lr: null,
+            lr_scale: 4``); the optimizer group gets ``lr_scale · (lr or the optimizer's lr)``.
         weight_decay: weight decay of this pool's tables.
         init_std: std of the normal init (``None``: ``value_dim ** -0.5``, as in Lample et al. 2019).
         table_device: ``"accelerator"``: the tables move with the model; ``"host"``: they stay in host memory when
@@ -125,6 +127,7 @@ class MemoryPool(nn.Module):
         *,
         num_rows: int | None = None,
         table_device: TableDevice = "accelerator",
+        lr_scale: float = 1.0,
     ):
         super().__init__()
         if (n_keys is None) == (num_rows is None):
@@ -156,12 +159,15 @@ class MemoryPool(nn.Module):
                 f"pool table_device: host needs kind: memory (tables read with pool.read); a pool of kind {kind!r} "
                 f"is read by its layer directly, on the accelerator: use table_device: accelerator"
             )
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
+            raise ValueError(f"pool lr_scale must be a positive number (1: the lr as is), got {lr_scale!r}")
         self.n_keys = n_keys
         self._num_rows = n_keys**2 if n_keys is not None else num_rows
         self.value_dim = value_dim
         self.kind = kind
         self.update = update
         self.lr = lr
+        self.lr_scale = float(lr_scale)
         self.weight_decay = weight_decay
         self.init_std = init_std if init_std is not None else value_dim**-0.5
         self.table_device = table_device
@@ -302,7 +308,7 @@ class MemoryPool(nn.Module):
         layout = f" (n_keys={self.n_keys}²)" if self.product_keyed else ""
         return (
             f"kind={self.kind}, rows={self.num_rows}{layout}, value_dim={self.value_dim}, "
-            f"update={self.update}, lr={self.lr}, weight_decay={self.weight_decay}"
+            f"update={self.update}, lr={self.lr}, lr_scale={self.lr_scale}, weight_decay={self.weight_decay}"
             + (", table_device=host" if self.on_host else "")
         )
 

@@ -9,7 +9,7 @@
   every setting), with ``"pool": name`` for a layer reading a shared pool. ``product_key_memory`` entries also carry
   ``bias: false`` and ``output_proj`` (whether ``W_o``/``W_2`` exists), as exports before memzoo shipped its own
   model code read them; :func:`rebuild` checks that memzoo still resolves the architecture to the same blocks;
-- ``pools``: each shared pool's ``kind``, ``n_keys`` and ``value_dim``.
+- ``pools``: each shared pool's ``kind``, ``n_keys`` (or ``num_rows``) and ``value_dim``.
 
 A block family is exportable when its code ships in the export, i.e. it is one of memzoo's own blocks
 (:data:`EXPORTABLE_BLOCKS`, in :mod:`memzoo.export.shipped_code`'s modules); others (a user's block, a subclass of
@@ -30,6 +30,7 @@ from memzoo.blocks.moe import MoE
 from memzoo.blocks.mole import LookupExperts
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.stem import TokenEmbeddingFFN
+from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 from memzoo.export.errors import ExportError, PretrainedFormatError
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.transformer import Transformer
@@ -49,6 +50,8 @@ EXPORTABLE_BLOCKS: dict[type[nn.Module], str] = {
     PEER: "peer",
     TokenEmbeddingFFN: "token_embedding_ffn",
     LookupExperts: "lookup_experts",
+    UltraMem: "ultramem",
+    UltraMemV2: "ultramem_v2",
 }
 
 
@@ -97,7 +100,8 @@ def architecture_config(model: Transformer) -> dict[str, Any]:
         "initializer_range": config.init_std,
         "blocks": [describe_block(i, layer.ffn) for i, layer in enumerate(model.layers)],
         "pools": {
-            name: {"kind": pool.kind, "n_keys": pool.n_keys, "value_dim": pool.value_dim}
+            name: {"kind": pool.kind, "value_dim": pool.value_dim,
+                   **({"n_keys": pool.n_keys} if pool.product_keyed else {"num_rows": pool.num_rows})}
             for name, pool in model.pools.items()
         },
         "architecture": config.to_dict(),

@@ -9,7 +9,9 @@ Per-layer blocks: ``block``/``block_args`` give every layer's FFN-slot block; ``
 ``n_layers`` when the layers are built (:meth:`ModelConfig.resolved`), so a config whose depth is set later (``init_from``
 a model of another depth) resolves ``-1`` against the depth actually built. An override without ``block``
 changes hyperparameters of the default block (merged over ``block_args``); one naming another block starts from that
-block's defaults. ``pool: name`` in an entry makes that layer read the named pool of ``pools``.
+block's defaults. ``pool: name`` in an entry makes that layer read the named pool of ``pools``. ``add_at: j`` in
+an entry of layer ``i < j`` (UltraMem's skip-layer placement): the block reads layer ``i``'s normed input, and its
+output is added to the residual stream after layer ``j`` (after ``j``'s own FFN-slot output).
 
 Attention memory (Extended Mind / Memorizing Transformers, :mod:`memzoo.model.attention_memory`) is chosen per layer
 too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null}``.
@@ -35,6 +37,7 @@ class LayerSpec:
     block: str
     args: dict[str, Any]
     pool: str | None
+    add_at: int | None = None  # the block's output joins the residual after this later layer (skip-layer)
 
 
 @dataclass
@@ -174,6 +177,11 @@ class ModelConfig:
     def layer_specs(self) -> list[LayerSpec]:
         """One :class:`LayerSpec` per layer: the default block merged with the per-layer overrides."""
         block_args = dict(self.block_args)
+        if "add_at" in block_args:
+            raise ModelConfigError(
+                "block_args: add_at is a per-layer setting (the later layer a block's output joins); set it in "
+                "layers: {i: {add_at: j}}"
+            )
         default_pool = layer_pool_name("block_args", block_args)
         specs = [LayerSpec(self.block, dict(block_args), default_pool) for _ in range(self.n_layers)]
         for index, override in self.resolved_layers().items():
@@ -183,9 +191,26 @@ class ModelConfig:
                 raise ModelConfigError(f"layers.{index} must be a mapping like {{block: dense}}, got {override!r}")
             override = dict(override)
             name = override.pop("block", self.block)
+            add_at = _add_at(index, override.pop("add_at", None), self.n_layers)
             args = {**block_args, **override} if name == self.block else override
-            specs[index] = LayerSpec(name, args, layer_pool_name(f"layers.{index}", args))
+            specs[index] = LayerSpec(name, args, layer_pool_name(f"layers.{index}", args), add_at)
         return specs
+
+
+def _add_at(index: int, add_at: Any, n_layers: int) -> int | None:
+    """A layer's ``add_at``: ``None`` (its block's output joins the residual in the layer itself) or a later
+    layer ``index < j < n_layers`` (negative ``j`` counts from the end)."""
+    if add_at is None:
+        return None
+    if isinstance(add_at, bool) or not isinstance(add_at, int):
+        raise ModelConfigError(f"layers.{index}.add_at must be a layer index, got {add_at!r}")
+    resolved = add_at + n_layers if add_at < 0 else add_at
+    if not index < resolved < n_layers:
+        raise ModelConfigError(
+            f"layers.{index}.add_at={add_at} must name a later layer ({index + 1} .. {n_layers - 1}); drop it to add "
+            f"the block's output in layer {index} itself"
+        )
+    return None if resolved == index else resolved
 
 
 def layer_pool_name(where: str, args: Mapping[str, Any]) -> str | None:

@@ -36,14 +36,21 @@ __all__ = ["LayerSpec", "ModelConfig", "ModelConfigError", "Transformer", "Trans
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm residual layer: ``x + attn(norm(x))``, then ``+ ffn(norm(x), ctx)``; ``x: (B, T, dim)``."""
+    """Pre-norm residual layer: ``x + attn(norm(x))``, then ``+ ffn(norm(x), ctx)``; ``x: (B, T, dim)``.
 
-    def __init__(self, dim: int, attention: CausalSelfAttention, ffn: Block, norm_eps: float):
+    With ``add_at`` (skip-layer placement, see :mod:`memzoo.model.config`), the FFN-slot output is not added here:
+    ``forward`` returns ``(x, ffn_out)`` and the model adds ``ffn_out`` after layer ``add_at``. ``incoming``: the
+    deferred outputs of earlier layers that join the residual after this layer.
+    """
+
+    def __init__(self, dim: int, attention: CausalSelfAttention, ffn: Block, norm_eps: float,
+                 add_at: int | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.attn = attention
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.ffn = ffn
+        self.add_at = add_at
 
     def forward(
         self,
@@ -52,11 +59,16 @@ class TransformerLayer(nn.Module):
         cache: LayerKVCache | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        incoming: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cache, positions, mask)
         if cache is not None:
             ctx = ctx.with_state(cache.block_state)
-        return x + self.ffn(self.ffn_norm(x), ctx)
+        out = self.ffn(self.ffn_norm(x), ctx)
+        if self.add_at is not None:
+            return (x if incoming is None else x + incoming), out
+        x = x + out
+        return x if incoming is None else x + incoming
 
 
 class Transformer(nn.Module):
@@ -101,6 +113,7 @@ class Transformer(nn.Module):
                 ),
                 self._build_block(i, spec),
                 config.norm_eps,
+                spec.add_at,
             )
             for i, spec in enumerate(self.layer_specs)
         )
@@ -125,7 +138,7 @@ class Transformer(nn.Module):
                      for k in unknown]
             raise ModelConfigError(f"pools.{name}: unknown key(s) {', '.join(hints)}; a pool accepts {allowed}")
         try:
-            return MemoryPool(**spec)
+            return MemoryPool(**({"n_keys": None, **spec} if "num_rows" in spec else spec))  # a directly indexed table
         except (TypeError, ValueError) as err:
             raise ModelConfigError(f"pools.{name}: {err}") from err
 
@@ -186,8 +199,12 @@ class Transformer(nn.Module):
         x = self.dropout(self.embed(input_ids))
         if self.host_pools:
             self._prefetch(ctx, caches)
+        deferred: dict[int, torch.Tensor] = {}  # skip-layer outputs by the layer after which they join
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, caches[i] if caches is not None else None, positions, mask)
+            x = layer(x, ctx, caches[i] if caches is not None else None, positions, mask, deferred.pop(i, None))
+            if layer.add_at is not None:
+                x, out = x
+                deferred[layer.add_at] = out if layer.add_at not in deferred else deferred[layer.add_at] + out
         return self.head(self.norm(x)).float()
 
     @torch.compiler.disable

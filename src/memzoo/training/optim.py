@@ -56,7 +56,8 @@ def param_groups(model: nn.Module) -> tuple[list[ParamGroup], list[ParamGroup]]:
     default weight decay), ``"no_decay"`` (norm gains, biases; ``weight_decay = 0``), then one group per
     ``update: dense`` pool. Sparse groups: one per ``update: sparse`` pool. A pool group holds the pool's tables
     with ``weight_decay = pool.weight_decay`` and ``lr = pool.lr`` (no ``lr`` key when the pool's is ``None``:
-    the optimizer's base lr applies). Each group has a ``"name"`` (pools: their module path, ``pools.<name>``)
+    the optimizer's base lr applies), and ``lr_scale`` when the pool's is not 1 (:func:`build_optimizer` multiplies
+    the group's lr by it). Each group has a ``"name"`` (pools: their module path, ``pools.<name>``)
     for logging. Empty groups are left out. A pool shared by several layers is found once, so its tables are in
     one group once.
     """
@@ -79,6 +80,8 @@ def param_groups(model: nn.Module) -> tuple[list[ParamGroup], list[ParamGroup]]:
         group: ParamGroup = {"params": tables, "weight_decay": pool.weight_decay, "name": name}
         if pool.lr is not None:
             group["lr"] = pool.lr
+        if pool.lr_scale != 1.0:
+            group["lr_scale"] = pool.lr_scale  # applied by build_optimizer once the optimizer's lr is known
         (sparse if pool.sparse else dense).append(group)
     return dense, sparse
 
@@ -515,6 +518,7 @@ def build_optimizer(
         dense = optimizer_factory(dense_groups)
         if not isinstance(dense, Optimizer):
             raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(dense).__name__}")
+        _apply_lr_scales(dense)
     if not sparse_groups:
         return dense
     kwargs = dict(sparse_kwargs or {})
@@ -524,6 +528,7 @@ def build_optimizer(
         sparse = SPARSE_OPTIMIZERS[sparse_optimizer](sparse_groups, **kwargs)
     except TypeError as err:
         raise TypeError(f"sparse optimizer {sparse_optimizer!r} rejected sparse_kwargs {sparse_kwargs}: {err}") from err
+    _apply_lr_scales(sparse)
     return sparse if dense is None else OptimizerBundle([dense, sparse])
 
 
@@ -545,6 +550,12 @@ def keep_host_state_on_host(optimizer: Optimizer, model: nn.Module) -> int:
                 state[key] = value.to(param.device)
                 moved += 1
     return moved
+def _apply_lr_scales(optimizer: Optimizer) -> None:
+    """Multiplies the lr of each group that carries a pool's ``lr_scale`` (its lr is final only once the
+    optimizer has filled in its defaults); schedulers built afterwards scale from there."""
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            group["lr"] = group["lr"] * group["lr_scale"]
 
 
 def clip_dense_grad_norm_(

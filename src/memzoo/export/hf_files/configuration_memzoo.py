@@ -27,6 +27,8 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "product_key_memory": ("heads", "knn", "k_dim", "query_norm", "qk_norm", "score", "per_head_keys", "gate",
                            "output_proj", "bias"),
     "peer": ("heads", "knn", "k_dim", "per_head_keys", "score", "query_norm", "qk_norm", "activation"),
+    "ultramem": ("value_expand", "heads", "knn", "k_dim", "rank", "cores"),
+    "ultramem_v2": ("value_expand", "heads", "knn", "k_dim", "rank", "cores", "activation", "ffn_fraction"),
     "beside": ("base", "add", "init"),
     "token_embedding_ffn": ("vocab_size", "hidden"),
     "lookup_experts": ("vocab_size", "n_experts", "hidden", "expert_hidden", "mode"),
@@ -114,10 +116,11 @@ class MemzooConfig(PretrainedConfig):
                 f"memzoo config: blocks lists {len(self.blocks)} layers but num_hidden_layers={self.num_hidden_layers}"
             )
         for name, spec in self.pools.items():
-            if spec.get("kind") not in POOL_TABLES or not {"n_keys", "value_dim"} <= set(spec):
+            if spec.get("kind") not in POOL_TABLES or "value_dim" not in spec or (
+                    ("n_keys" in spec) == ("num_rows" in spec)):
                 raise ValueError(
-                    f"memzoo config: pool {name!r} must give kind (one of {sorted(POOL_TABLES)}), n_keys and "
-                    f"value_dim; got {spec}"
+                    f"memzoo config: pool {name!r} must give kind (one of {sorted(POOL_TABLES)}), n_keys or "
+                    f"num_rows, and value_dim; got {spec}"
                 )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -139,7 +142,8 @@ class MemzooConfig(PretrainedConfig):
                     f"{sorted(BLOCK_FIELDS)}"
                 )
             missing = [key for key in BLOCK_FIELDS[family] if key not in spec]
-            if family in ("product_key_memory", "peer") and "pool" not in spec and "n_keys" not in spec:
+            if family in ("product_key_memory", "peer", "ultramem", "ultramem_v2") and "pool" not in spec and (
+                    "n_keys" not in spec):
                 missing.append("pool or n_keys")
             if missing:
                 raise ValueError(f"memzoo config: layer {index} ({family}) lacks {missing}")

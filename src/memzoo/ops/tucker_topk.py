@@ -1,0 +1,79 @@
+"""Top-k over a Tucker-decomposed product-key grid (UltraMem, Huang et al. 2025, arXiv 2411.12364).
+
+A query scores ``n`` row keys and ``n`` column keys in ``r`` ranks each: ``rows (..., n, r)``, ``cols (..., n, r)``.
+Grid cell ``(i, j)`` of the ``n²`` cells scores, with ``M`` cores ``C_c (r, r)``::
+
+    score_c(i, j) = Σ_{a,b} rows[i, a] · C_c[a, b] · cols[j, b]        one score per core
+    score(i, j)   = Σ_c score_c(i, j)
+
+The exact top-k would score all ``n²`` cells. :func:`tucker_topk` instead takes the rank-1 approximation
+``Σ_c C_c ≈ σ·u vᵀ`` (top singular vectors, :func:`tucker_rank1`), keeps the ``m`` best rows by ``rows @ u`` and the
+``m`` best columns by ``cols @ v``, and scores the ``m × m`` candidate cells exactly with every core. When
+``Σ_c C_c`` has rank 1, or ``m = n``, the result is the exact top-k.
+
+Cost per query (multiply-adds): ``2·n·r`` (the two rank-1 projections) + ``M·(m·r² + m²·r)`` (candidate cells, per
+core). Gradients flow to ``rows``, ``cols`` and the cores through the returned scores (the selection itself is not
+differentiable, as in any top-k); ``u, v`` carry no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def tucker_rank1(core_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """The top left and right singular vectors ``u, v (..., r)`` of ``core_sum (..., r, r)`` (float32 or wider),
+    signed so that ``Σ u >= 0`` (``u vᵀ`` is unchanged; the sign decides which end of each side is "best")."""
+    u_all, _, vh_all = torch.linalg.svd(core_sum.to(torch.promote_types(core_sum.dtype, torch.float32)))
+    u, v = u_all[..., :, 0], vh_all[..., 0, :]
+    sign = torch.where(u.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(u.dtype)
+    return (u * sign).to(core_sum.dtype), (v * sign).to(core_sum.dtype)
+
+
+def tucker_topk(rows: Tensor, cols: Tensor, cores: Tensor, knn: int, candidates: int) -> tuple[Tensor, Tensor]:
+    """The ``knn`` best cells of the Tucker grid (module docstring) among ``candidates²`` candidate cells.
+
+    Args:
+        rows, cols: ``(..., n, r)`` row and column scores, per rank.
+        cores: ``(..., M, r, r)`` the cores (leading dims broadcast against ``rows``' leading dims, e.g. per head).
+        knn: cells returned, ``1 <= knn <= candidates²``.
+        candidates: rows and columns kept by the rank-1 approximation, ``1 <= candidates <= n``.
+
+    Returns:
+        ``scores (..., knn, M)``: each returned cell's score under each core (their sum is the ranking score;
+        sorted by it, best first), and ``indices (..., knn)`` int64: ``i · n + j`` of each cell.
+    """
+    n, r = rows.shape[-2:]
+    if cols.shape[-2:] != (n, r) or cores.shape[-2:] != (r, r):
+        raise ValueError(
+            f"tucker_topk: rows {tuple(rows.shape)} and cols {tuple(cols.shape)} must be (..., n, r) and cores "
+            f"{tuple(cores.shape)} (..., M, r, r) with the same n and r"
+        )
+    if not 1 <= candidates <= n:
+        raise ValueError(f"tucker_topk: candidates={candidates} must be in [1, n={n}]; lower it to at most {n}")
+    if not 1 <= knn <= candidates * candidates:
+        raise ValueError(
+            f"tucker_topk: knn={knn} must be in [1, candidates²={candidates * candidates}]; raise candidates or "
+            f"lower knn"
+        )
+    u, v = tucker_rank1(cores.detach().sum(-3))  # (..., r)
+    best_rows = (rows.detach() @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+    best_cols = (cols.detach() @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+    row_c = rows.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
+    col_c = cols.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))  # (..., m, r)
+    # per core: (m, r) @ (r, r) @ (r, m) -> (..., M, m, m)
+    per_core = (row_c.unsqueeze(-3) @ cores) @ col_c.unsqueeze(-3).transpose(-1, -2)
+    flat = per_core.flatten(-2)  # (..., M, m²)
+    best = flat.detach().sum(-2).topk(knn, dim=-1).indices  # (..., knn)
+    scores = flat.gather(-1, best.unsqueeze(-2).expand(*flat.shape[:-1], knn)).transpose(-1, -2)
+    indices = best_rows.gather(-1, best // candidates) * n + best_cols.gather(-1, best % candidates)
+    return scores, indices
+
+
+def tucker_topk_flops(n: int, rank: int, cores: int, candidates: int) -> int:
+    """Forward FLOPs of one :func:`tucker_topk` call per query (a multiply-add counts 2): the two rank-1
+    projections and every core's candidate cells (module docstring)."""
+    return 2 * (2 * n * rank) + 2 * cores * (candidates * rank * rank + candidates * candidates * rank)
