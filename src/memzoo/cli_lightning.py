@@ -121,7 +121,8 @@ class MemzooCLI(LightningCLI):
             else:
                 self.config = parser.parse_args(args)
         except ArgumentError as error:  # the parser raises (exit_on_error=False): one line, no usage dump
-            raise ConfigError(describe_parse_error(error, parser, args)) from error
+            command_line = () if isinstance(args, (dict, Namespace)) else args  # a parsed object has no tokens
+            raise ConfigError(describe_parse_error(error, parser, command_line)) from error
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
@@ -378,6 +379,8 @@ def build_model_from_config(config: Any, vocab_size: int | None = None, load_wei
     args = ["--config", str(config)] if isinstance(config, (str, Path)) else config
     if isinstance(args, dict):
         args = {key: value for key, value in args.items() if key != "subcommand"}
+        if vocab_size is not None and args.get("data") is None:  # never built (instantiate_classes); parsing needs one
+            args["data"] = {"class_path": "memzoo.data.facts.FactsDataModule"}
     builder = _ModelBuilder(**_cli_kwargs(), args=args, run=False, vocab_size=vocab_size, load_weights=load_weights)
     return builder.model
 
