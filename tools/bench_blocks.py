@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import memzoo
 from memzoo.atomic import write_bytes_atomic
-from memzoo.model.config import ModelConfig
 from memzoo.ops import product_key_topk
 from memzoo.ops.product_keys import _candidate_ranks
 from memzoo.training.module import LanguageModel
@@ -77,11 +77,11 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu", c
 
 # ---------------------------------------------------------------------------------------------- blocks
 def study_model(name: str) -> tuple[LanguageModel, str]:
-    config = yaml.safe_load((STUDY / f"model-{name}.yaml").read_text())["model"]["init_args"]
-    torch.manual_seed(0)
-    module = LanguageModel(ModelConfig.from_dict(config["architecture"]),
-                           sparse_optimizer=config.get("sparse_optimizer", "lazy_adam"))
-    return module, config.get("sparse_optimizer", "lazy_adam")
+    """The iso-FLOP study's model ``name`` as ``memzoo fit`` builds it (:func:`memzoo.build_model`, byte
+    vocabulary, seed 0), and its sparse optimizer's name."""
+    config = yaml.safe_load((STUDY / f"model-{name}.yaml").read_text())
+    module = memzoo.build_model({**config, "seed_everything": 0}, vocab_size=258)
+    return module, module.hparams.sparse_optimizer
 
 
 def train_step_fn(name: str, batch: torch.Tensor):

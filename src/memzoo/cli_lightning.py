@@ -358,6 +358,11 @@ class _ModelBuilder(MemzooCLI):
         self.load_init_weights = load_weights
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        if self.vocab_size is not None:  # the data module is not built (below), so a config may leave it out
+            parser.set_defaults({"data": {"class_path": "memzoo.data.facts.FactsDataModule"}})
+
     def instantiate_classes(self) -> None:
         config = self.config
         if self.vocab_size is not None:  # linked from here, not from a data module (which is not built)
@@ -379,8 +384,6 @@ def build_model_from_config(config: Any, vocab_size: int | None = None, load_wei
     args = ["--config", str(config)] if isinstance(config, (str, Path)) else config
     if isinstance(args, dict):
         args = {key: value for key, value in args.items() if key != "subcommand"}
-        if vocab_size is not None and args.get("data") is None:  # never built (instantiate_classes); parsing needs one
-            args["data"] = {"class_path": "memzoo.data.facts.FactsDataModule"}
     builder = _ModelBuilder(**_cli_kwargs(), args=args, run=False, vocab_size=vocab_size, load_weights=load_weights)
     return builder.model
 
