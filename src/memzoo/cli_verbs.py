@@ -162,7 +162,7 @@ def generate_command(args: Sequence[str]) -> str:
         "text as it is generated. Defaults come from the folder's generation_config.json.",
     )
     parser.add_argument("--model", required=True,
-                        help="an export folder, a Hugging Face folder, a .gguf file or package:NAME")
+                        help="an export folder, a Hugging Face folder, a .gguf file, package:NAME or a memzoo .ckpt")
     parser.add_argument("--prompt", required=True, help="the text to continue (may be empty: a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens to generate (default: the model's generation_config.json, else 64, lowered to "
@@ -213,7 +213,9 @@ def generate_command(args: Sequence[str]) -> str:
     except (PretrainedFormatError, FileNotFoundError) as err:
         raise CommandError(f"generate: {err}") from None
     if tokenizer is None:
-        raise CommandError(f"generate: {options.model} has no tokenizer.json; add the model's tokenizer file to it")
+        raise CommandError(f"generate: {options.model} has no tokenizer (a folder without tokenizer.json, or a checkpoint "
+                           f"whose run recorded none); add the model's tokenizer.json to the folder, or export the checkpoint with "
+                           f"`memzoo export --tokenizer`")
     bank = _attach_bank(model, options.memory, options.memory_topk, "generate") if options.memory else None
     defaults_file = Path(options.model) / "generation_config.json"
     defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
