@@ -340,6 +340,37 @@ def test_memorize_and_generate_cite_the_document_the_prompt_retrieves(llama_fold
     assert torch.equal(model.generate(ids, 5), model.generate(ids, 5, use_cache=False))
 
 
+def test_memorize_reads_a_checkpoint_through_the_one_loader(tmp_path, monkeypatch, capsys):
+    """A memzoo .ckpt is read by memzoo.loading (as every other source) in memorize and generate, its tokenizer the
+    one its run recorded (the run folder's config.yaml); a checkpoint recording none needs --tokenizer."""
+    from memzoo.loading import ModelSource
+    from memzoo.training.module import LanguageModel
+
+    run = tmp_path / "runs" / "x" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  init_args:\n    tokenizer: byte\n", encoding="utf-8")
+    torch.manual_seed(0)
+    module = LanguageModel({"dim": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "block_args": {"hidden": 32}})
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    (tmp_path / "d.txt").write_text("a short document", encoding="utf-8")
+    loads = []
+    real = ModelSource.load_into
+    monkeypatch.setattr(ModelSource, "load_into", lambda self, model: (loads.append(self.kind), real(self, model)))
+    bank = main(["memorize", "--model", str(ckpt), "--docs", str(tmp_path / "d.txt"), "--out", str(tmp_path / "b")])
+    assert loads == ["checkpoint"] and bank.n_entries == len("a short document")  # one entry per byte
+    bank_again = MemoryBank.build(module.model.eval(), build_tokenizer("byte"), {str(tmp_path / "d.txt"): "a short document"})
+    assert torch.equal(bank.keys[0], bank_again.keys[0])  # the checkpoint's weights
+    text = main(["generate", "--model", str(ckpt), "--prompt", "ab", "--max-new-tokens", "3", "--device", "cpu"])
+    expected = module.model.generate(torch.tensor([[build_tokenizer("byte").eos_id, 97, 98]]), 3)[0, 3:].tolist()
+    assert loads[-1] == "checkpoint" and text == build_tokenizer("byte").decode(expected)  # generate: the same loader
+    (run / "config.yaml").unlink()
+    with pytest.raises(CommandError, match="records no tokenizer; pass --tokenizer"):
+        main(["memorize", "--model", str(ckpt), "--docs", str(tmp_path / "d.txt"), "--out", str(tmp_path / "b")])
+    main(["memorize", "--model", str(ckpt), "--docs", str(tmp_path / "d.txt"), "--out", str(tmp_path / "b"),
+          "--tokenizer", "byte"])
+
+
 def test_memorize_and_generate_errors(llama_folder, tmp_path, bank):
     with pytest.raises(CommandError, match="--docs 'nope.txt' is not a file"):
         main(["memorize", "--model", str(llama_folder), "--docs", "nope.txt", "--out", str(tmp_path / "x.bank")])

@@ -79,6 +79,23 @@ def test_build_model_links_the_data_vocabulary_and_reads_yaml_strictly(in_tmp):
         memzoo.build_model(twice)
 
 
+def test_build_model_with_a_vocabulary_needs_no_data_section(in_tmp):
+    """With ``vocab_size`` the data module is not built, so a model-only config (a dict, or a YAML such as the
+    study's ``model-*.yaml``) builds; a bad key in a dict config is one clear error, not a crash of the reporter."""
+    from memzoo.cli_base import ConfigError
+
+    config = {"seed_everything": 0, "model": {"class_path": "memzoo.LanguageModel", "init_args": {
+        "architecture": TINY, "warmup_steps": 7}}}
+    built = memzoo.build_model(config, vocab_size=50)
+    assert built.architecture.vocab_size == 50 and built.hparams.warmup_steps == 7
+    assert memzoo.build_model(ROOT / "configs" / "study" / "model-pkm.yaml", vocab_size=64).architecture.vocab_size == 64
+    with pytest.raises(ConfigError, match="no data section"):  # without a vocabulary the data module is needed
+        memzoo.build_model(ROOT / "configs" / "study" / "model-pkm.yaml")
+    config["model"]["init_args"]["warmup"] = 1
+    with pytest.raises(ConfigError, match="unknown key 'warmup'"):
+        memzoo.build_model(config, vocab_size=50)
+
+
 def _save_lm_checkpoint(module: LanguageModel, path: Path, **extra) -> Path:
     state = {f"model.{k}": v for k, v in module.model.state_dict().items()}
     import lightning

@@ -49,23 +49,44 @@ def test_comparison_takes_each_methods_least_forgetting_at_the_matched_recall(to
     assert [t["met"] for t in targets] == [False, True, False, True]
 
 
-def test_recall_counts_exact_answers_and_every_method_runs(tool, tmp_path):
+def test_recall_counts_exact_answers_and_every_method_trains_through_lightnings_trainer(tool, tmp_path, monkeypatch):
+    """Pretraining and each method's finetuning are LanguageModel + Lightning's Trainer fits (a tool that trains
+    with a loop of its own fails this: its steps would not be Trainer steps)."""
+    import lightning as L
+
     from memzoo.data.facts_corpus import FactsCorpus
+    from memzoo.training.module import LanguageModel
     from memzoo.training.slot_stats import collect_slot_stats
 
-    torch.manual_seed(0)
-    model = tool.build_model().eval()
+    fits = []
+    real_fit = L.Trainer.fit
+
+    def spy(trainer, module, *args, **kwargs):
+        assert isinstance(module, LanguageModel)
+        real_fit(trainer, module, *args, **kwargs)
+        fits.append(trainer.global_step)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
+    model = tool.build_model(16).model.eval()
     pairs = tool.facts(FactsCorpus(4, seed=0), range(2))
     assert tool.recall(model, pairs) == 0.0  # an untrained model recalls nothing
     runs = (tool.Run("full", 1e-3), tool.Run("lora", 1e-3), *tool.smf_runs([(8, 3.0)], (1.0,)))
-    settings = tool.Settings("t", n_a=2, n_b=2, pretrain_steps=1, finetune_steps=(1, 2), runs=runs, n_keys=16,
-                             batch=2)
-    model = tool.build_model(settings.n_keys).eval()
+    settings = tool.Settings("t", n_a=2, n_b=2, pretrain_steps=3, finetune_steps=(1, 2), runs=runs, n_keys=16,
+                             batch=2, window=8)
+    base = tool.pretrain(settings, np.arange(200) % 50, pairs, tmp_path / "base.ckpt", log=lambda _: None)
+    assert (tmp_path / "base.ckpt").is_file() and not base.training
     stats = tmp_path / "s.pt"
-    torch.save(collect_slot_stats(model, [tool.fact_batch(pairs)]).to_dict(), stats)
-    base = tool.save_base(model, tmp_path / "base.ckpt")
+    torch.save(collect_slot_stats(base.model, [tool.fact_batch(pairs)]).to_dict(), stats)
     for run in settings.runs:
-        measured = tool.finetune(run, base, settings, pairs, stats, lambda m: {"recall_b": tool.recall(m, pairs)})
+        measured = tool.finetune(run, tmp_path / "base.ckpt", settings, pairs, stats,
+                                 lambda m: {"recall_b": tool.recall(m, pairs)})
         assert [p["steps"] for p in measured] == [1, 2]
         assert measured[0]["idf_power"] == run.idf_power and measured[0]["top_t"] == run.top_t
-    assert np.isfinite(tool.heldout_loss(model, [tool.fact_batch(pairs)]))
+    assert fits == [3, 2, 2, 2]
+    assert np.isfinite(tool.heldout_loss(base.model, [tool.fact_batch(pairs)]))
+    # the cache --pretrained names is that checkpoint, read back by memzoo's loader with the same weights
+    loaded = tool.load_base(tmp_path / "base.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), base.model.state_dict().values()))
+    (tmp_path / "old.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="--pretrained .* is not a memzoo checkpoint"):
+        tool.load_base(tmp_path / "old.pt")

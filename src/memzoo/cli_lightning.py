@@ -121,7 +121,8 @@ class MemzooCLI(LightningCLI):
             else:
                 self.config = parser.parse_args(args)
         except ArgumentError as error:  # the parser raises (exit_on_error=False): one line, no usage dump
-            raise ConfigError(describe_parse_error(error, parser, args)) from error
+            command_line = () if isinstance(args, (dict, Namespace)) else args  # a parsed object has no tokens
+            raise ConfigError(describe_parse_error(error, parser, command_line)) from error
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")
@@ -356,6 +357,11 @@ class _ModelBuilder(MemzooCLI):
         self.vocab_size = vocab_size
         self.load_init_weights = load_weights
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        if self.vocab_size is not None:  # the data module is not built (below), so a config may leave it out
+            parser.set_defaults({"data": {"class_path": "memzoo.data.facts.FactsDataModule"}})
 
     def instantiate_classes(self) -> None:
         config = self.config

@@ -166,7 +166,7 @@ def generate_command(args: Sequence[str]) -> str:
         "text as it is generated. Defaults come from the folder's generation_config.json.",
     )
     parser.add_argument("--model", required=True,
-                        help="an export folder, a Hugging Face folder, a .gguf file or package:NAME")
+                        help="an export folder, a Hugging Face folder, a .gguf file, package:NAME or a memzoo .ckpt")
     parser.add_argument("--prompt", required=True, help="the text to continue (may be empty: a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens to generate (default: the model's generation_config.json, else 64, lowered to "
@@ -217,7 +217,9 @@ def generate_command(args: Sequence[str]) -> str:
     except (PretrainedFormatError, FileNotFoundError) as err:
         raise CommandError(f"generate: {err}") from None
     if tokenizer is None:
-        raise CommandError(f"generate: {options.model} has no tokenizer.json; add the model's tokenizer file to it")
+        raise CommandError(f"generate: {options.model} has no tokenizer (a folder without tokenizer.json, or a checkpoint "
+                           f"whose run recorded none); add the model's tokenizer.json to the folder, or export the checkpoint with "
+                           f"`memzoo export --tokenizer`")
     bank = _attach_bank(model, options.memory, options.memory_topk, "generate") if options.memory else None
     defaults_file = Path(options.model) / "generation_config.json"
     defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
@@ -345,29 +347,20 @@ def memorize_command(args: Sequence[str]) -> object:
 
 
 def load_model_and_tokenizer(source: str, tokenizer_spec: str | None, verb: str):
-    """``(model, tokenizer)`` of a ``.ckpt`` (its recorded tokenizer) or of what :func:`memzoo.load_pretrained`
-    reads; ``tokenizer_spec`` overrides the tokenizer."""
-    from pathlib import Path
-
+    """``(model, tokenizer)`` of whatever :func:`memzoo.load_pretrained` reads (an export folder, a Hugging Face
+    folder or hub id, a ``.gguf`` file, a memzoo ``.ckpt`` or sharded checkpoint: one loader, :mod:`memzoo.loading`)
+    with the source's tokenizer; ``tokenizer_spec`` replaces it (the source's is then not read)."""
     from memzoo.data.tokenizers import build_tokenizer
-    from memzoo.export.checkpoint_check import CheckpointError
-    from memzoo.export.errors import ExportError, PretrainedFormatError
+    from memzoo.export.errors import PretrainedFormatError
     from memzoo.pretrained import load_pretrained
 
-    tokenizer = None
     try:
-        if Path(source).is_file() and Path(source).suffix == ".ckpt":
-            from memzoo.export.checkpoint_reader import read_checkpoint
-
-            contents = read_checkpoint(source)
-            model, recorded = contents.model, contents.tokenizer
-            tokenizer = build_tokenizer(recorded) if recorded and tokenizer_spec is None else None
-        else:
+        if tokenizer_spec is None:
             model, tokenizer = load_pretrained(source, with_tokenizer=True)
-    except (PretrainedFormatError, ExportError, CheckpointError, FileNotFoundError) as err:
+        else:
+            model, tokenizer = load_pretrained(source), build_tokenizer(tokenizer_spec)
+    except (PretrainedFormatError, FileNotFoundError) as err:
         raise CommandError(f"{verb}: {err}") from None
-    if tokenizer_spec is not None:
-        tokenizer = build_tokenizer(tokenizer_spec)
     if tokenizer is None:
         raise CommandError(f"{verb}: {source} records no tokenizer; pass --tokenizer (byte, or a tokenizer.json)")
     return model, tokenizer

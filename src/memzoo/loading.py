@@ -39,6 +39,8 @@ from memzoo.training.module import LanguageModel
 
 #: LanguageModel attribute holding the Transformer: its state-dict keys start with this prefix.
 MODEL_PREFIX = "model."
+#: Where ``memzoo fit`` saves a run's resolved config, relative to a checkpoint in the run's ``checkpoints/``.
+RUN_CONFIG = Path("..") / "config.yaml"
 
 KINDS = ("checkpoint", "sharded", "hf", "gguf")
 
@@ -94,16 +96,14 @@ class ModelSource:
     def tokenizer(self) -> str | None:
         """The tokenizer spec (``"byte"``, a ``tokenizer.json`` folder/file) of this source, ``None`` if unknown:
         a folder's ``tokenizer.json``, a GGUF file's own tokenizer (written once into memzoo's cache), a
-        checkpoint's recorded data tokenizer."""
+        checkpoint's recorded data tokenizer (:func:`recorded_tokenizer`)."""
         if self.kind == "gguf":
             from memzoo.model.gguf import gguf_tokenizer_folder
 
             return str(gguf_tokenizer_folder(self.path))
         if self.kind == "hf":
             return str(self.path) if (self.path / "tokenizer.json").is_file() else None
-        data = self.checkpoint.get("datamodule_hyper_parameters") or {}
-        spec = data.get("tokenizer") if isinstance(data, Mapping) else None
-        return spec if isinstance(spec, str) else None
+        return recorded_tokenizer(self.path, self.checkpoint)
 
     # ------------------------------------------------------------------------------------------- weights
     def weights(self) -> dict[str, torch.Tensor]:
@@ -169,6 +169,28 @@ def _read_checkpoint(path: Path, kind: str, where: str) -> dict[str, Any]:
     return read_checkpoint(path)
 
 
+def recorded_tokenizer(path: Path, checkpoint: dict[str, Any]) -> str | None:
+    """The tokenizer spec of the data a checkpoint was trained on: its data module's saved hyperparameters, else
+    ``data.init_args.tokenizer`` of the run's ``config.yaml`` (``runs/X/version_n/config.yaml`` for a checkpoint
+    in ``runs/X/version_n/checkpoints/``); ``None`` when neither records it."""
+    spec = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+    if isinstance(spec, str):
+        return spec
+    run_config = path.parent / RUN_CONFIG
+    if not run_config.is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    init_args = data.get("init_args", data) if isinstance(data, dict) else None
+    spec = init_args.get("tokenizer") if isinstance(init_args, dict) else None
+    return spec if isinstance(spec, str) else None
+
+
 def checkpoint_decoder_weights(checkpoint: Mapping[str, Any], where: str = "init_from") -> dict[str, torch.Tensor]:
     """The decoder state dict of a LanguageModel checkpoint dict (keys without ``model.``). A model trained with
     ``lora`` (recorded in its hyperparameters) is rebuilt with its adapters, loaded strictly and merged, so the
@@ -218,7 +240,8 @@ class _lora_unwrapped:
             setattr(parent, child, module)
 
 
-__all__ = ["KINDS", "MODEL_PREFIX", "ModelSource", "checkpoint_decoder_weights", "open_source"]
+__all__ = ["KINDS", "MODEL_PREFIX", "RUN_CONFIG", "ModelSource", "checkpoint_decoder_weights", "open_source",
+           "recorded_tokenizer"]
 
 
 def build_language_model(model_class: type[LanguageModel] = LanguageModel, /, *, source: ModelSource | None = None,

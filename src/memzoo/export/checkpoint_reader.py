@@ -8,15 +8,12 @@ from typing import Any
 
 from memzoo.export.checkpoint_check import check_checkpoint_file
 from memzoo.export.errors import ExportError
-from memzoo.loading import checkpoint_decoder_weights
+from memzoo.loading import RUN_CONFIG, checkpoint_decoder_weights, recorded_tokenizer  # noqa: F401
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.retrofit import InitFromError
 from memzoo.model.transformer import Transformer
 from memzoo.parallel.checkpoint import is_sharded_checkpoint, read_sharded_weights
 from memzoo.safe_load import RefusedPickleError, load_data
-
-#: Where ``memzoo fit`` saves a run's resolved config, relative to a checkpoint in the run's ``checkpoints/``.
-RUN_CONFIG = Path("..") / "config.yaml"
 
 
 @dataclass
@@ -75,25 +72,3 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         ) from err
     model.eval()
     return CheckpointContents(model, hyperparameters, recorded_tokenizer(path, checkpoint))
-
-
-def recorded_tokenizer(path: Path, checkpoint: dict[str, Any]) -> str | None:
-    """The tokenizer spec of the data a checkpoint was trained on: its data module's saved hyperparameters, else
-    ``data.init_args.tokenizer`` of the run's ``config.yaml`` (``runs/X/version_n/config.yaml`` for a checkpoint
-    in ``runs/X/version_n/checkpoints/``); ``None`` when neither records it."""
-    spec = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer")
-    if isinstance(spec, str):
-        return spec
-    run_config = path.parent / RUN_CONFIG
-    if not run_config.is_file():
-        return None
-    import yaml
-
-    try:
-        config = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    data = config.get("data") if isinstance(config, dict) else None
-    init_args = data.get("init_args", data) if isinstance(data, dict) else None
-    spec = init_args.get("tokenizer") if isinstance(init_args, dict) else None
-    return spec if isinstance(spec, str) else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -169,28 +169,47 @@ class LanguageModel(L.LightningModule):
         """``input_ids (B, T)`` → logits ``(B, T, vocab_size)``."""
         return self.model(input_ids)
 
-    def _lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, int]:
+        """``(mean cross-entropy over the labelled tokens, their count)``; updates the stage's metrics."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         logits = self(input_ids)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         n_tokens = int((labels != IGNORE_INDEX).sum())
         m = self.stage_metrics[f"{stage}_metrics"]
         m.loss.update(loss.detach(), weight=n_tokens)
-        batch_size = input_ids.shape[0]
-        if stage == "train":
-            aux = self.model.aux_losses()
-            total = loss + sum(aux.values()) if aux else loss
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-            for name, value in aux.items():
-                self.log(f"train/aux/{name}", value, batch_size=batch_size)
-            # the step's labelled tokens over all processes (under DDP each rank holds its share of the batch)
-            self.log("train/tokens", float(n_tokens), reduce_fx="sum", sync_dist=True, batch_size=batch_size)
-            return total
-        m.accuracy.update(logits.flatten(0, 1), labels.flatten())
-        return loss
+        if stage != "train":
+            m.accuracy.update(logits.flatten(0, 1), labels.flatten())
+        return loss, n_tokens
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._lm_step(batch, "train")
+    def training_step(self, batch: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
+                      batch_idx: int) -> torch.Tensor:
+        """The step's loss: next-token cross-entropy (mean over labelled tokens) plus the blocks' auxiliary losses.
+
+        ``batch``: ``{"input_ids": (B, T), "labels": (B, T)}``, or a list of such batches (sources mixed in one
+        step at fixed weights, e.g. text windows and short fact sentences, each at its own length): the loss is
+        then the sum of each part's mean loss, each part with its own forward (and auxiliary losses)."""
+        parts = [batch] if isinstance(batch, Mapping) else list(batch)
+        if not parts:
+            raise ValueError("training_step got an empty list of batches")
+        losses, totals = [], []
+        aux_sums: dict[str, torch.Tensor] = {}
+        n_tokens = batch_size = 0
+        for part in parts:
+            part_loss, part_tokens = self._lm_step(part, "train")
+            losses.append(part_loss)
+            aux = self.model.aux_losses()
+            totals.append(losses[-1] + sum(aux.values()) if aux else losses[-1])
+            for name, value in aux.items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value
+            n_tokens += part_tokens
+            batch_size += part["input_ids"].shape[0]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in aux_sums.items():
+            self.log(f"train/aux/{name}", value, batch_size=batch_size)
+        # the step's labelled tokens over all processes (under DDP each rank holds its share of the batch)
+        self.log("train/tokens", float(n_tokens), reduce_fx="sum", sync_dist=True, batch_size=batch_size)
+        return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, dataloader_idx: int) -> None:
         self._mask_usage(batch["input_ids"])
