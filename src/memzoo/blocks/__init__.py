@@ -4,10 +4,22 @@ presets; the contract every block follows is :class:`~memzoo.blocks.base.Block`.
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
+from memzoo.blocks.engram import Engram
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
 from memzoo.blocks.presets import PRESET_NAMES  # noqa: F401  (importing presets registers them)
 
-__all__ = ["Beside", "Block", "BlockContext", "DenseMLP", "MemoryPool", "MoE", "PEER", "PoolRef", "ProductKeyMemory"]
+__all__ = [
+    "Beside",
+    "Block",
+    "BlockContext",
+    "DenseMLP",
+    "Engram",
+    "MemoryPool",
+    "MoE",
+    "PEER",
+    "PoolRef",
+    "ProductKeyMemory",
+]

@@ -99,13 +99,18 @@ class Beside(Block):
             probe = probe.to(param.device, param.dtype if param.is_floating_point() else probe.dtype)
         if param is not None and param.device.type == "meta":
             return
-        out = self.add(probe)
+        out = self.add(probe, BlockContext.for_tokens(torch.zeros(1, 3, dtype=torch.int64, device=probe.device)))
         if bool(out.abs().max() > 0):
             raise ValueError(
                 f"beside: init='zero' needs the added block {type(self.add).__name__} to output zeros once its "
                 f"residual-output init std is 0 (init_weights(std, 0)), but it does not (e.g. a PKM without output "
                 f"projection, a PEER on a shared pool); use init: gate (a scale starting at 0) instead"
             )
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Both children get the data tokenizer."""
+        self.base.bind_tokenizer(tokenizer)
+        self.add.bind_tokenizer(tokenizer)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{key}": value for name, child in (("base", self.base), ("add", self.add))

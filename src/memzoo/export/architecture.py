@@ -25,6 +25,7 @@ from torch import nn
 from memzoo.blocks.base import Block
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
+from memzoo.blocks.engram import Engram
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.peer import PEER
@@ -45,6 +46,7 @@ EXPORTABLE_BLOCKS: dict[type[nn.Module], str] = {
     MoE: "moe",
     ProductKeyMemory: "product_key_memory",
     PEER: "peer",
+    Engram: "engram",
 }
 
 

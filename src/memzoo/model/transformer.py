@@ -183,6 +183,11 @@ class Transformer(nn.Module):
             x = layer(x, ctx, caches[i] if caches is not None else None, positions, mask)
         return self.head(self.norm(x)).float()
 
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Hands the data tokenizer to every layer's block (:meth:`memzoo.blocks.base.Block.bind_tokenizer`)."""
+        for layer in self.layers:
+            layer.ffn.bind_tokenizer(tokenizer)
+
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses (already weighted) from the last forward, ``{"layers.i.<name>": scalar}``.
 

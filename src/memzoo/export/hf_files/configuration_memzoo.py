@@ -28,6 +28,8 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
                            "output_proj", "bias"),
     "peer": ("heads", "knn", "k_dim", "per_head_keys", "score", "query_norm", "qk_norm", "activation"),
     "beside": ("base", "add", "init"),
+    "engram": ("vocab_size", "max_ngram", "ngram_dim", "heads", "kernel_size", "dilation", "layer_id", "seed",
+               "table"),
 }
 #: Tables of each pool kind, all ``(n_keys², value_dim)``.
 POOL_TABLES: dict[str, tuple[str, ...]] = {"memory": ("values",), "experts": ("down", "up")}
