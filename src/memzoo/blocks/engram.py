@@ -49,7 +49,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memzoo.blocks.base import Block, BlockContext
-from memzoo.blocks.engram_vocab import compressed_vocabulary, hash_multipliers, table_primes, tokenizer_id_texts
+from memzoo.blocks.engram_vocab import (
+    compressed_vocabulary,
+    hash_multipliers,
+    table_primes,
+    tokenizer_id_texts,
+)
 from memzoo.blocks.pool import MemoryPool, ReadsPool, UpdateMode
 from memzoo.blocks.registry import register_block
 from memzoo.nn.checks import check_choice

@@ -4,7 +4,10 @@ Compression (Engram, arXiv 2601.07372, §2.2): token ids whose text is equal aft
 token's text is normalised as the authors' ``tokenizers`` normalizer sequence does, here in plain Python:
 
     NFKC → NFD → drop combining marks → lowercase → runs of [ \\t\\r\\n] → " " → a text that is exactly " " stays " "
-    → strip Unicode white space at both ends
+    → strip Unicode white space at both ends → U+E000 (the authors' sentinel) → " "
+
+(identical to the ``tokenizers`` library's sequence on every character of Unicode 3.2; characters added to Unicode
+later may normalise differently, as Python's ``unicodedata`` and the library's tables are of different versions)
 
 and its key is the normalised text, or the text itself when that is empty, or the token's own string (e.g. a
 byte-level BPE piece) when the text decoded alone has a U+FFFD replacement character (an incomplete UTF-8
@@ -29,6 +32,7 @@ WHITE_SPACE = (
     "\u2028\u2029\u202f\u205f\u3000"
 )
 _SPACE_RUNS = re.compile(r"[ \t\r\n]+")
+_SENTINEL = "\ue000"
 _INT64_MAX = 2**63 - 1
 #: The layer stride of the multipliers' seed (the authors': seed + 10007 · layer_id).
 LAYER_SEED_STRIDE = 10007
@@ -39,9 +43,9 @@ def normalize_token_text(text: str) -> str:
     text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
     text = "".join(c for c in text if not unicodedata.category(c).startswith("M")).lower()
     text = _SPACE_RUNS.sub(" ", text)
-    if text == " ":
-        return " "
-    return text.strip(WHITE_SPACE)
+    if text == " ":  # a whitespace-only token stays one space (through the authors' sentinel, U+E000)
+        text = _SENTINEL
+    return text.strip(WHITE_SPACE).replace(_SENTINEL, " ")
 
 
 def token_key(text: str, token: str) -> str:
