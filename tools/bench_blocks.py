@@ -15,7 +15,7 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   and at the 1.3B layer shape (dim 2048, 1024² keys, value_dim 2048, heads 4, knn 32) a Memory+ layer's
   forward+backward against a dense SwiGLU FFN of equal forward FLOPs.
 
-    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json]
+    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json] [--models dense,engram]
 
 Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table beside it.
 """
@@ -42,7 +42,20 @@ from memzoo.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "configs" / "study"
-BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer")
+BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer", "engram")
+
+
+def _engram_layer(layer_id: int) -> dict:
+    """A study layer with Engram beside a dense FFN narrowed to hidden 296: FFN + Engram 294,272 forward FLOPs per
+    token against the dense study layer's 294,912 (2- and 3-grams, 4 heads × 16 values per order, ~4,096-row tables)."""
+    return {"block": "beside", "init": "none", "base": {"block": "dense", "hidden": 296},
+            "add": {"block": "engram", "layer_id": layer_id, "max_ngram": 3, "ngram_dim": 64, "heads": 4,
+                    "table_rows": 4096, "update": "sparse", "lr": 1.0e-2, "weight_decay": 0.0}}
+
+
+#: Rows built in code on the dense study model (``configs/study/model-dense.yaml``) with these ``layers:``, for
+#: blocks that are not study models.
+DENSE_VARIANTS = {"engram": {1: _engram_layer(1), 3: _engram_layer(3)}}
 STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
 
 
@@ -77,7 +90,10 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu", c
 
 # ---------------------------------------------------------------------------------------------- blocks
 def study_model(name: str) -> tuple[LanguageModel, str]:
-    config = yaml.safe_load((STUDY / f"model-{name}.yaml").read_text())["model"]["init_args"]
+    source = "dense" if name in DENSE_VARIANTS else name
+    config = yaml.safe_load((STUDY / f"model-{source}.yaml").read_text())["model"]["init_args"]
+    if name in DENSE_VARIANTS:
+        config["architecture"]["layers"] = DENSE_VARIANTS[name]
     torch.manual_seed(0)
     module = LanguageModel(ModelConfig.from_dict(config["architecture"]),
                            sparse_optimizer=config.get("sparse_optimizer", "lazy_adam"))
@@ -104,10 +120,10 @@ def train_step_fn(name: str, batch: torch.Tensor):
     return step
 
 
-def bench_blocks(threads: int, repeats: int) -> dict:
+def bench_blocks(threads: int, repeats: int, models=BLOCK_MODELS) -> dict:
     torch.set_num_threads(threads)
     batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
-    steps = {name: train_step_fn(name, batch) for name in BLOCK_MODELS}
+    steps = {name: train_step_fn(name, batch) for name in dict.fromkeys(("dense", *models))}
     times = interleaved(steps, repeats)
     rows = {name: {"ms": 1e3 * t, "ratio_to_dense": t / times["dense"]} for name, t in times.items()}
     if threads == 1:  # all compute on this thread: its CPU time is the load-independent measure (the headline)
@@ -231,7 +247,9 @@ def targets(result: dict) -> list[dict]:
         blocks = result.get("blocks", {}).get(threads)
         if not blocks:
             continue
-        for name in ("pkm", "memoryplus", "peer"):
+        for name in ("pkm", "memoryplus", "peer", "engram"):
+            if name not in blocks:
+                continue
             row = blocks[name]
             ratio = headline_ratio(row)
             detail = f"{ratio:.2f}x dense" + (
@@ -301,14 +319,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--n-keys", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--sections", default="blocks,topk", help="comma list of: blocks, topk")
+    parser.add_argument("--models", default=",".join(BLOCK_MODELS),
+                        help=f"blocks section: comma list of {', '.join(BLOCK_MODELS)} (dense always runs)")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
     threads = torch.get_num_threads()
     result: dict = {"machine": f"torch {torch.__version__}, {args.device}"}
     if args.device == "cpu":
         if "blocks" in sections:
-            result["blocks"] = {str(t): bench_blocks(t, args.repeats) for t in (1, 2)}
-            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer")}
+            models = tuple(m for m in args.models.split(",") if m)
+            unknown = sorted(set(models) - set(BLOCK_MODELS))
+            if unknown:
+                sys.exit(f"bench_blocks: unknown --models {unknown}; choose from {', '.join(BLOCK_MODELS)}")
+            result["blocks"] = {str(t): bench_blocks(t, args.repeats, models) for t in (1, 2)}
+            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer", "engram")
+                                          if name in ("dense", *models)}
         if "topk" in sections:
             torch.set_num_threads(1)
             result["topk_cpu"] = bench_topk("cpu", args.n_keys, 768, args.repeats)
