@@ -181,7 +181,9 @@ def markdown(result: dict) -> str:
     lines = ["# Engram: memzoo's block against the authors' module", "",
              f"Command: `{result['command']}`", "", result["compared"], "",
              f"Tokenizer: {result['tokenizer']} ({result['shapes'][0]['checks']['vocab']} ids, "
-             f"{result['shapes'][0]['checks']['compressed_vocab']} after compression).", "",
+             f"{result['shapes'][0]['checks']['compressed_vocab']} after compression). Imports stubbed: "
+             f"{', '.join(result['stubbed_imports']) or 'none'} (the authors' sympy, numpy, transformers and tokenizers "
+             f"imports are the installed packages); the authors' module runs with hc_mult = 1.", "",
              "| dim | ngram_dim | heads | table_rows | B×T | lookup equal | primes equal | fwd max diff fp64 | "
              "grad max diff fp64 | fwd max diff fp32 | decode vs authors fp64 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
