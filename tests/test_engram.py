@@ -347,3 +347,31 @@ def test_beside_zero_init_starts_at_the_base():
     block.init_weights(0.02, 0.01)
     x, ctx = torch.randn(2, 5, DIM), BlockContext.for_tokens(token_ids((2, 5)))
     torch.testing.assert_close(block(x, ctx), block.base(x, ctx), rtol=0, atol=0)
+
+
+def test_training_setup_binds_the_data_tokenizer(tmp_path):
+    """``LanguageModel.setup`` hands the data module's tokenizer to the blocks before the first step."""
+    import lightning as L
+
+    from memzoo.data import FactsDataModule
+
+    arch = {"vocab_size": 258, "dim": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 16,
+            "layers": {0: {"block": "beside", "base": {"block": "dense", "hidden": 16},
+                           "add": {"block": "engram", **SMALL}, "init": "none"}}}
+    lm = memzoo.LanguageModel(architecture=arch, warmup_steps=1)
+    engram = lm.model.layers[0].ffn.add
+    assert torch.equal(engram.lookup, torch.arange(258))  # identity before a tokenizer is bound
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(lm, FactsDataModule(n_entities=5, block_size=16, batch_size=2))
+    assert engram.lookup[65] == engram.lookup[97] and int(engram.pad_id) == int(engram.lookup[257])
+
+
+def test_beside_hands_the_model_vocab_size_to_a_token_indexed_child_only():
+    block = create_block("beside", dim=DIM, vocab_size=VOCAB, base={"block": "dense", "hidden": 16},
+                         add={"block": "engram", **SMALL})
+    assert block.add.vocab_size == VOCAB and block.add.hparams["vocab_size"] == VOCAB
+    with pytest.raises(BlockConfigError, match="block 'dense' is not indexed by token ids; drop its vocab_size"):
+        create_block("beside", dim=DIM, base={"block": "dense", "vocab_size": 5}, add="dense")
+    with pytest.raises(BlockConfigError, match="'engram' is indexed by token ids and needs the model's vocab_size"):
+        create_block("beside", dim=DIM, base="dense", add={"block": "engram", **SMALL})

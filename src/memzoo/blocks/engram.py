@@ -34,7 +34,10 @@ gain). The paper's hyper-connections (``hc_mult`` branches with a gate and key p
 memzoo's decoder: this is the single-branch block (``hc_mult = 1``).
 
 KV-cache decoding keeps in ``ctx.state`` the last ``N - 1`` compressed ids (the n-gram windows span the cache
-boundary) and the convolution's last ``(kernel - 1) · dilation`` inputs.
+boundary) and the convolution's last ``(kernel - 1) · dilation`` inputs. Left-padded batches (prompts of different
+lengths decoded together) are read as tokens: a prompt's first n-grams then see the pad token (the same padding id as
+a sequence start, once the tokenizer is bound) but the convolution also sees the padded positions' values, so such
+a row is not exactly the prompt decoded alone.
 Cost per token: ``2·2·E·dim`` (key and value projections, ``E = (N-1)·ngram_dim``) ``+ 2·kernel·dim`` (the
 convolution) ``+ 2·E`` (reading ``E`` table values); ``E`` values read from the table.
 """
