@@ -59,6 +59,8 @@ def test_dense_and_moe_by_hand():
     assert summary.active_parameters == 1824
     assert summary.flops == 3776
     assert summary.context_length == 6 and not summary.notes
+    # table bytes: the MoE's 2 routed experts, 384 float32 weights each (2·384·4 = 3072); dense reads no table
+    assert (dense.table_bytes, moe.table_bytes, summary.table_bytes) == (0, 3072, 3072)
 
 
 def test_shared_peer_pool_untied_head_by_hand():
@@ -81,6 +83,8 @@ def test_shared_peer_pool_untied_head_by_hand():
     # the pool: 16 experts · (8 + 8) = 256 stored once, no active parameters of its own
     pool = rows["pools.experts"]
     assert (pool.kind, pool.parameters, pool.active_parameters, pool.flops) == ("pool (experts, dense)", 256, 0, 0)
+    # table bytes: 2 heads · 3 experts · (8 down + 8 up) float32 = 384 per layer
+    assert rows["layers.0.ffn"].table_bytes == 384 and summary.table_bytes == 768
     # untied head: 10·8 matrix + final norm 8 = 88
     assert (rows["head"].kind, rows["head"].parameters, rows["head"].active_parameters) == ("head", 88, 88)
     # totals: 80 (embed) + 2·272 + 2·80 + 256 + 88 = 1128; FLOPs 2·784 + 2·394 + 160 = 2516
@@ -109,14 +113,15 @@ def test_attention_flops_formula():
 def test_table_and_dict():
     summary = summarize(dense_moe_model(), context_length=6)
     data = json.loads(json.dumps(summary.to_dict()))
-    assert data["total"] == {"parameters": 2584, "active_parameters": 1824, "flops": 3776}
+    assert data["total"] == {"parameters": 2584, "active_parameters": 1824, "flops": 3776, "table_bytes": 3072}
     assert data["context_length"] == 6
     assert [r["name"] for r in data["rows"]][:3] == ["embed", "layers.0.attn", "layers.0.ffn"]
     table = summary.table()
     assert "2,584" in table and "1,824" in table and "3,776" in table
     assert "causal sequence of 6 tokens" in table
     total_line = [line for line in table.splitlines() if line.startswith("total")]
-    assert len(total_line) == 1 and total_line[0].split()[1:] == ["2,584", "1,824", "3,776"]
+    assert len(total_line) == 1 and total_line[0].split()[1:] == ["2,584", "1,824", "3,776", "3,072"]
+    assert "table bytes/token" in table.splitlines()[0]
 
 
 def test_accepts_a_module_holding_the_transformer():

@@ -11,11 +11,15 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   tokens, n_keys 128–1024, against the previous PyTorch path (per-half ``torch.topk`` + top-k of the candidate
   sums, autograd through the indexing) and against ``torch.topk`` of the full ``n_keys²`` product set (measured
   on 64 tokens and scaled to 768; left out where it would not fit in memory).
+- **lookup** (CPU, 1 thread, CPU time of the thread): the token-indexed blocks (STEM; MoLE as trained, ``experts``,
+  and re-parameterised, ``lookup``; Engram alone, 2- and 3-grams, 8 heads × 32 values per order) forward+backward at dim 256, vocab 8192, batch 8 × 128, each against a dense
+  SwiGLU FFN of equal forward FLOPs (hidden = the block's FLOPs ÷ 6·dim); ratio = block ÷ that dense FFN.
 - **cuda** (``--device cuda``): the same top-k against the previous path and ``torch.topk`` of the per-half scores,
   and at the 1.3B layer shape (dim 2048, 1024² keys, value_dim 2048, heads 4, knn 32) a Memory+ layer's
   forward+backward against a dense SwiGLU FFN of equal forward FLOPs.
 
-    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json] [--models dense,engram]
+    python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json] [--sections blocks,topk,lookup]
+        [--models dense,engram]
 
 Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table beside it.
 """
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 import yaml
 
 from memzoo.atomic import write_bytes_atomic
+from memzoo.blocks.base import BlockContext
+from memzoo.blocks.registry import create_block
 from memzoo.model.config import ModelConfig
 from memzoo.ops import product_key_topk
 from memzoo.ops.product_keys import _candidate_ranks
@@ -151,6 +157,44 @@ def profile_step(name: str, steps: int = 3, top: int = 10) -> list[dict]:
     total = sum(e.self_cpu_time_total for e in events) or 1
     return [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // steps}
             for e in events[:top]]
+
+
+# ---------------------------------------------------------------------------------------------- lookup blocks
+#: Token-indexed blocks of the lookup section: name -> (preset, settings, re-parameterise before timing).
+LOOKUP_BLOCKS = {
+    "stem": ("stem", {"hidden": 1056}, False),
+    "mole (experts)": ("mole", {"hidden": 512, "expert_hidden": 512}, False),
+    "mole (lookup)": ("mole", {"hidden": 512, "expert_hidden": 512}, True),
+    "engram": ("engram", {"ngram_dim": 256, "heads": 8, "table_rows": 16384, "update": "sparse"}, False),
+}
+LOOKUP_SHAPE = {"dim": 256, "vocab": 8192, "batch": 8, "length": 128}
+
+
+def bench_lookup(repeats: int) -> dict:
+    """Each lookup block's fwd+bwd ÷ a dense SwiGLU FFN's of equal forward FLOPs (1 thread, thread CPU time)."""
+    torch.set_num_threads(1)
+    dim, vocab = LOOKUP_SHAPE["dim"], LOOKUP_SHAPE["vocab"]
+    ids = torch.randint(0, vocab, (LOOKUP_SHAPE["batch"], LOOKUP_SHAPE["length"]),
+                        generator=torch.Generator().manual_seed(0))
+    x = torch.randn(*ids.shape, dim, requires_grad=True)
+    ctx = BlockContext.for_tokens(ids)
+    embedding = torch.nn.Embedding(vocab, dim)
+    rows = {}
+    for name, (preset, settings, reparameterize) in LOOKUP_BLOCKS.items():
+        torch.manual_seed(0)
+        block = create_block(preset, dim=dim, vocab_size=vocab, embedding=embedding, **settings)
+        if reparameterize:
+            block.reparameterize()
+        dense = create_block("dense", dim=dim, hidden=round(block.flops_per_token() / (6 * dim)))
+
+        def fwd_bwd(module, *args):
+            return lambda: module(x, *args).square().mean().backward()
+
+        times = interleaved({"block": fwd_bwd(block, ctx), "dense": fwd_bwd(dense)}, repeats, clock="thread")
+        rows[name] = {"flops_per_token": block.flops_per_token(), "dense_hidden": dense.hidden,
+                      "block_ms": 1e3 * times["block"], "dense_ms": 1e3 * times["dense"],
+                      "ratio_to_dense": times["block"] / times["dense"]}
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -300,6 +344,13 @@ def markdown(result: dict) -> str:
             cells = [f"{row[c]:.2f}x" if c in row else "n/a (memory)" for c in extra]
             lines.append(f"| {n} | {row['speedup_vs_previous']:.2f}x | " + " | ".join(cells) + " |")
         lines.append("")
+    if "lookup_cpu" in result:
+        shape = ", ".join(f"{k} {v}" for k, v in LOOKUP_SHAPE.items())
+        lines += [f"## Token-indexed blocks fwd+bwd vs a dense SwiGLU FFN of equal FLOPs, CPU, 1 thread ({shape})", "",
+                  "| block | FLOPs/token | dense hidden | ratio to dense (CPU time) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['flops_per_token']:,} | {row['dense_hidden']} | {row['ratio_to_dense']:.2f} |"
+                  for name, row in result["lookup_cpu"].items()]
+        lines.append("")
     if "layer_13b" in result:
         lines += ["## 1.3B layer shape (CUDA)", "", f"Memory+ layer fwd+bwd ÷ SwiGLU FFN of equal FLOPs: "
                   f"{result['layer_13b']['ratio']:.2f}", ""]
@@ -318,7 +369,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "bench_blocks.json")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--n-keys", type=int, nargs="+", default=[128, 256, 512, 1024])
-    parser.add_argument("--sections", default="blocks,topk", help="comma list of: blocks, topk")
+    parser.add_argument("--sections", default="blocks,topk,lookup", help="comma list of: blocks, topk, lookup")
     parser.add_argument("--models", default=",".join(BLOCK_MODELS),
                         help=f"blocks section: comma list of {', '.join(BLOCK_MODELS)} (dense always runs)")
     args = parser.parse_args(argv)
@@ -337,6 +388,8 @@ def main(argv=None) -> dict:
         if "topk" in sections:
             torch.set_num_threads(1)
             result["topk_cpu"] = bench_topk("cpu", args.n_keys, 768, args.repeats)
+        if "lookup" in sections:
+            result["lookup_cpu"] = bench_lookup(args.repeats)
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_blocks: --device cuda needs a CUDA GPU")

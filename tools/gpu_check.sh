@@ -19,6 +19,8 @@ timeout 150 python3 -m pytest -q -m cuda tests 2>&1 | tail -25 | tee "$out/pytes
 timeout 90 python3 tools/bench_memory.py --sections cuda,layer_step --json "$out/bench_memory.json" 2>&1 | tail -30
 timeout 60 python3 tools/bench_peer.py --device cuda --json "$out/bench_peer.json" 2>&1 | tail -15
 timeout 90 python3 tools/bench_blocks.py --device cuda --repeats 5 --json "$out/bench_blocks_cuda.json" 2>&1 | tail -25
+# host tables: on-device vs host with prefetch overlap vs host without (JSON + .md)
+timeout 90 python3 tools/bench_host_tables.py --device cuda --json "$out/bench_host_tables_cuda.json" 2>&1 | tail -6
 # knowledge capacity on the larger grid (loads up to 10,000 people): resumable, so whatever cells finish within the
 # timeout are kept in $out/capacity-gpu-cells/ and reported in $out/capacity-gpu.{json,md,png}
 timeout 120 python3 tools/capacity.py --gpu --jobs 6 --threads 2 --out "$out" 2>&1 | grep -a "^\[capacity\]\|^\[study\]\|^met\|^MISSED\|^| " | tail -40

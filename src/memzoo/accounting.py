@@ -8,7 +8,10 @@ pool, the head) with
 - ``active_parameters``: parameters one token's forward pass reads: all of a dense component, one embedding row,
   only the retrieved rows of a memory or expert table (counted in the layer that reads them, so a shared pool's own
   row shows 0 active), ``top_k`` experts of a MoE;
-- ``flops``: forward FLOPs per token.
+- ``flops``: forward FLOPs per token;
+- ``table_bytes``: bytes one token reads from sparse tables: the value or expert rows it retrieves from pools, its
+  rows of token-indexed tables (n-gram, per-token embeddings, lookup experts), the weights of a MoE's routed experts
+  (``Block.table_bytes_read_per_token()``). This, not FLOPs, sets the memory traffic of a decode step.
 
 FLOP convention: a multiply-add counts 2 FLOPs; elementwise work (norms, activations, softmax, top-k selection,
 residual adds) and the embedding lookup are not counted. Attention at context length ``T`` costs, per token,
@@ -45,6 +48,7 @@ class Row:
     active_parameters: int
     flops: int  # forward FLOPs per token
     flops_estimated: bool = False  # True: 2·active_parameters, the block does not count its own FLOPs
+    table_bytes: int = 0  # bytes per token read from sparse tables (module docstring)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class Summary:
         """Forward FLOPs per token of the whole model."""
         return sum(r.flops for r in self.rows)
 
+    @property
+    def table_bytes(self) -> int:
+        """Bytes per token the whole model reads from sparse tables."""
+        return sum(r.table_bytes for r in self.rows)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready): rows, totals, context length, notes."""
         return {
@@ -79,19 +88,21 @@ class Summary:
                 "parameters": self.parameters,
                 "active_parameters": self.active_parameters,
                 "flops": self.flops,
+                "table_bytes": self.table_bytes,
             },
             "notes": list(self.notes),
         }
 
     def table(self) -> str:
         """A fixed-width text table with a total line and the FLOP convention underneath."""
-        header = ("name", "block", "params", "active/token", "FLOPs/token")
+        header = ("name", "block", "params", "active/token", "FLOPs/token", "table bytes/token")
         body = [
             (r.name, r.kind, f"{r.parameters:,}", f"{r.active_parameters:,}",
-             f"{r.flops:,}" + ("*" if r.flops_estimated else ""))
+             f"{r.flops:,}" + ("*" if r.flops_estimated else ""), f"{r.table_bytes:,}")
             for r in self.rows
         ]
-        total = ("total", "", f"{self.parameters:,}", f"{self.active_parameters:,}", f"{self.flops:,}")
+        total = ("total", "", f"{self.parameters:,}", f"{self.active_parameters:,}", f"{self.flops:,}",
+                 f"{self.table_bytes:,}")
         widths = [max(len(line[i]) for line in (header, *body, total)) for i in range(len(header))]
 
         def fmt(line: tuple[str, ...]) -> str:
@@ -103,7 +114,8 @@ class Summary:
         lines = [fmt(header), rule, *map(fmt, body), rule, fmt(total)]
         lines.append(
             f"FLOPs: forward, per token, multiply-add = 2; attention averaged over a causal sequence of "
-            f"{self.context_length} tokens. Training ≈ 3× forward."
+            f"{self.context_length} tokens. Training ≈ 3× forward. Table bytes: read per token from pools, "
+            f"token-indexed tables and routed experts."
         )
         if any(r.flops_estimated for r in self.rows):
             lines.append("* estimated as 2 × active parameters (the block does not count its own FLOPs)")
@@ -139,7 +151,7 @@ def summarize(model: nn.Module, context_length: int | None = None) -> Summary:
         flops, estimated = block_flops_per_token(layer.ffn)
         kind = spec.block + (f" (pool {spec.pool})" if spec.pool else "")
         rows.append(Row(f"layers.{i}.ffn", kind, count_parameters(layer.ffn), active_parameters(layer.ffn), flops,
-                        estimated))
+                        estimated, int(layer.ffn.table_bytes_read_per_token())))
     for name, pool in transformer.pools.items():  # rows read are counted by the layers reading them
         rows.append(Row(f"pools.{name}", f"pool ({pool.kind}, {pool.update})", count_parameters(pool), 0, 0))
     tied = transformer.head.weight is transformer.embed.weight

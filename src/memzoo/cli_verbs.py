@@ -131,6 +131,9 @@ def export_command(args: Sequence[str]) -> object:
                         help="tokenizer spec ('byte' or a tokenizer.json path); default: the one the checkpoint records")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export at --out, once the new one is complete")
+    parser.add_argument("--reparameterize", action="store_true",
+                        help="export MoLE layers in lookup mode: their experts become per-token lookup tables "
+                        "(equal outputs, no expert FLOPs)")
     options = parser.parse_args(list(args))
 
     from pathlib import Path
@@ -146,7 +149,8 @@ def export_command(args: Sequence[str]) -> object:
                            f"--out")
     try:
         out = export_checkpoint(options.ckpt, options.out, tokenizer=options.tokenizer, dtype=options.dtype,
-                                max_shard_size=options.max_shard_size, overwrite=options.overwrite)
+                                max_shard_size=options.max_shard_size, overwrite=options.overwrite,
+                                reparameterize=options.reparameterize)
     except (ExportError, PretrainedFormatError, CheckpointError, ShardedCheckpointError, FileNotFoundError) as err:
         raise CommandError(f"export: {err}") from None
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

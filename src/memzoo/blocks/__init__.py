@@ -7,19 +7,11 @@ from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.engram import Engram
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
+from memzoo.blocks.mole import LookupExperts
 from memzoo.blocks.peer import PEER
 from memzoo.blocks.pool import MemoryPool, PoolRef
 from memzoo.blocks.presets import PRESET_NAMES  # noqa: F401  (importing presets registers them)
+from memzoo.blocks.stem import TokenEmbeddingFFN
 
-__all__ = [
-    "Beside",
-    "Block",
-    "BlockContext",
-    "DenseMLP",
-    "Engram",
-    "MemoryPool",
-    "MoE",
-    "PEER",
-    "PoolRef",
-    "ProductKeyMemory",
-]
+__all__ = ["Beside", "Block", "BlockContext", "DenseMLP", "Engram", "LookupExperts", "MemoryPool", "MoE", "PEER",
+           "PoolRef", "ProductKeyMemory", "TokenEmbeddingFFN"]

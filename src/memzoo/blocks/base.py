@@ -12,6 +12,9 @@ overrides when they do not hold for it (nothing is probed with ``hasattr``):
   layer names with ``pool: name``; the model then hands it the pool as the ``pool`` constructor argument.
 - ``needs_vocab_size`` (class variable): the block is indexed by token ids; the model passes its ``vocab_size`` as
   the ``vocab_size`` constructor argument (unless the layer sets one).
+- ``reads_embedding`` (class variable): the block reads the model's token embedding ``embed(token_ids)`` (e.g.
+  MoLE's experts); the model hands its ``nn.Embedding`` to :meth:`attach_embedding` when it builds the block, and
+  the block keeps it as a non-owning handle, so the state dict holds the embedding once (the model's).
 - Decoding state: with a KV cache, ``ctx.state`` is a dict private to the block's layer that persists across the
   decode steps of one batch (empty at the first step), e.g. the last ``n - 1`` token ids of an n-gram block or a
   causal convolution's last inputs; it is ``None`` when the forward sees whole sequences.
@@ -20,6 +23,9 @@ overrides when they do not hold for it (nothing is probed with ``hasattr``):
   block derives from it must live in its state dict (buffers), so checkpoints and exports need no tokenizer.
 - ``hparams``: the block's resolved hyperparameters ``{"block": name, ...}`` as :func:`memzoo.create_block`
   recorded them (``None`` for a block built directly from its class).
+- :meth:`prefetch`: called by the model for every layer's block with that layer's context BEFORE any layer runs,
+  so a block whose table rows follow from the token ids alone can start moving them early (a host table's
+  ``pool.prefetch(indices)``, see :mod:`memzoo.blocks.pool`); default: nothing.
 - :meth:`init_weights`, :meth:`aux_losses`, :meth:`active_parameters`, :meth:`flops_per_token`,
   :meth:`table_bytes_read_per_token`: see each.
 """
@@ -63,6 +69,8 @@ class Block(nn.Module):
     reads_pool: ClassVar[bool] = False
     #: The block is indexed by token ids and takes the model's ``vocab_size`` as a constructor argument.
     needs_vocab_size: ClassVar[bool] = False
+    #: The block reads the model's token embedding, handed over with :meth:`attach_embedding`.
+    reads_embedding: ClassVar[bool] = False
     #: The registered name of the class (set by ``@register_block``).
     block_name: ClassVar[str | None] = None
     #: Resolved hyperparameters, ``{"block": name, **arguments}``, recorded by ``create_block``.
@@ -70,6 +78,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must define forward(x, ctx)")
+
+    def prefetch(self, ctx: BlockContext) -> None:
+        """Starts fetching what ``forward(x, ctx)`` will read; called with the same ``ctx`` (its ``state`` too, as
+        it is before this forward) before the model runs its layers. Must not change ``ctx.state`` or any output:
+        a forward without a prefetch gives the same result. Default: nothing.
+
+        A token-indexed block on a host pool: ``self.pool.prefetch(self.table_indices(ctx))``; its forward then
+        reads ``self.pool.read(indices, weights)`` with the same indices (the same tensor is fastest; equal values
+        also match, at the cost of a comparison)."""
+
+    def attach_embedding(self, embedding: nn.Embedding) -> None:
+        """Gives a block that ``reads_embedding`` the model's token embedding (a handle: the model owns it)."""
+        raise TypeError(f"{type(self).__name__} does not read the model's embedding (reads_embedding is False)")
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """The model's init: input-side weights ~ N(0, std), the residual output projection ~ N(0, residual_std).

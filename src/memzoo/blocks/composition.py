@@ -85,6 +85,10 @@ class Beside(Block):
             added = self.scale.to(added.dtype) * added
         return self.base(x, ctx) + added
 
+    def prefetch(self, ctx: BlockContext) -> None:
+        self.add.prefetch(ctx)
+        self.base.prefetch(ctx)
+
     def init_weights(self, std: float, residual_std: float) -> None:
         """Model-driven init of both children; with ``init: zero`` the added branch's residual output std is 0."""
         self.base.init_weights(std, residual_std)

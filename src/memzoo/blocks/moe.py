@@ -142,6 +142,12 @@ class MoE(Block):
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
         return self.router.weight.numel() + self.top_k * per_expert
 
+    def table_bytes_read_per_token(self) -> int:
+        """The weights of the ``top_k`` routed experts one token reads (what sets a decode step's memory traffic,
+        the quantity lookup tables are compared on)."""
+        expert = self.experts[0]
+        return self.top_k * sum(p.numel() * p.element_size() for p in expert.parameters())
+
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (multiply-add = 2): router ``2·dim·n_experts`` + ``top_k`` SwiGLU experts
         ``top_k · 2·3·dim·hidden`` (softmax, top-k and the weighted sum are not counted)."""

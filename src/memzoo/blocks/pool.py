@@ -20,6 +20,34 @@ Reads: a memory layer reads its pool with ``pool.read(indices, weights)`` (``wei
 Memory parallelism (:mod:`memzoo.parallel.memory_parallel`, applied to a built model from outside) replaces the
 ``values`` table by a column shard and installs a sharded read with ``pool.shard_reads(read)``; like the usage
 observer, the read is a plain attribute, not a submodule.
+
+Host tables (``table_device: "host"``, kind ``memory``). The tables stay in host memory when the model moves
+(``.to(device)``, ``.cuda()``, Lightning's strategy moving the model): :meth:`MemoryPool._apply` lets dtype casts
+through (``.half()``, ``.to(torch.bfloat16)``) and leaves device moves out, for the tables and their gradients, so
+``state_dict``, ``load_state_dict`` and checkpoints are those of any pool. A read stages only the rows it uses on the
+compute device (host gather into a pinned buffer, non-blocking copy) and sums there; backward returns the table's
+gradient on the host, row-sparse with ``update: sparse`` (then the row-wise optimizers of
+:mod:`memzoo.training.optim`, e.g. LazyAdam, update the table in host memory) or dense (``N·D`` on the host per
+backward: use ``sparse`` for large tables). See :mod:`memzoo.ops.host_read`. Only the rows a step reads must fit the
+accelerator, so a table larger than its memory trains and serves.
+
+Reading ahead. A block whose rows follow from the token ids (``table_indices(ctx)``) overrides
+:meth:`~memzoo.blocks.base.Block.prefetch` to call ``pool.prefetch(indices)``; the Transformer calls every block's
+``prefetch`` before it runs the layers (after :meth:`discard_staged` drops what a previous forward left), and the
+block's ``pool.read(indices, weights)`` consumes the staged rows: the same tensor matches at once, equal values
+after a comparison (a device sync on CUDA), anything else is read synchronously (``prefetch_stats`` counts
+``staged``, ``synchronous`` and ``dropped`` reads). On CUDA staging runs on a worker thread and a side stream, so
+later layers' rows move while earlier layers compute; on CPU it is done at once. The staged rows of every layer are
+on the device together until their layers run; with activation checkpointing a layer's recomputation in backward
+reads its rows again, synchronously. Prefetch and host reads run outside ``torch.compile`` graphs (a graph
+break), and work with the KV cache (``ctx.state`` is handed to ``prefetch`` as the layer will see it) and in the
+Hugging Face export, which ships this code.
+
+Supported: one process on one device (Lightning's ``SingleDeviceStrategy``), eager or compiled, inference and
+training, checkpoints and resume (the optimizer state of host tables is moved back to the host at the start of
+training, :func:`memzoo.training.optim.keep_host_state_on_host`). Refused by name: DDP (it needs every parameter on
+the accelerator), FSDP and DeepSpeed, memory parallelism (:meth:`shard_reads`), and host pools of kind
+``experts``. The table itself is pageable memory; only the staging buffers are pinned.
 """
 
 from __future__ import annotations
@@ -30,9 +58,15 @@ import torch
 import torch.nn as nn
 
 from memzoo.ops import weighted_gather
+from memzoo.ops.host_read import StagedRows, host_weighted_gather, stage_rows
 
 UpdateMode = Literal["dense", "sparse"]
 PoolKind = Literal["memory", "experts"]
+TableDevice = Literal["accelerator", "host"]
+TABLE_DEVICES = ("accelerator", "host")
+
+#: Staged reads a host pool keeps at most (oldest dropped first): a forward stages one per layer reading the pool.
+MAX_STAGED = 64
 
 #: Tables each pool kind holds, all of shape (num_rows, value_dim).
 POOL_TABLES: dict[str, tuple[str, ...]] = {
@@ -74,6 +108,9 @@ class MemoryPool(nn.Module):
         lr: learning rate of this pool's tables (``None``: the optimizer's). The paper uses 1e-3 for values.
         weight_decay: weight decay of this pool's tables.
         init_std: std of the normal init (``None``: ``value_dim ** -0.5``, as in Lample et al. 2019).
+        table_device: ``"accelerator"``: the tables move with the model; ``"host"``: they stay in host memory when
+            the model moves to an accelerator, and reads copy only the rows used (module docstring, "Host tables").
+            Kind ``memory`` only.
     """
 
     def __init__(
@@ -87,6 +124,7 @@ class MemoryPool(nn.Module):
         init_std: float | None = None,
         *,
         num_rows: int | None = None,
+        table_device: TableDevice = "accelerator",
     ):
         super().__init__()
         if (n_keys is None) == (num_rows is None):
@@ -108,6 +146,16 @@ class MemoryPool(nn.Module):
             raise ValueError(f"pool lr must be positive or null, got {lr!r}")
         if weight_decay < 0:
             raise ValueError(f"pool weight_decay must be >= 0, got {weight_decay!r}")
+        if table_device not in TABLE_DEVICES:
+            raise ValueError(
+                f"pool table_device must be 'accelerator' (the tables move with the model) or 'host' (they stay in "
+                f"host memory), got {table_device!r}"
+            )
+        if table_device == "host" and kind != "memory":
+            raise ValueError(
+                f"pool table_device: host needs kind: memory (tables read with pool.read); a pool of kind {kind!r} "
+                f"is read by its layer directly, on the accelerator: use table_device: accelerator"
+            )
         self.n_keys = n_keys
         self._num_rows = n_keys**2 if n_keys is not None else num_rows
         self.value_dim = value_dim
@@ -116,8 +164,13 @@ class MemoryPool(nn.Module):
         self.lr = lr
         self.weight_decay = weight_decay
         self.init_std = init_std if init_std is not None else value_dim**-0.5
+        self.table_device = table_device
+        self.__dict__["_staged"] = []  # StagedRows of prefetched reads (host pools), oldest first
+        self.__dict__["prefetch_stats"] = {"staged": 0, "synchronous": 0, "dropped": 0}
+        # a host table is made in host memory even under a default-device context (the meta device aside)
+        device = "cpu" if table_device == "host" and torch.empty(0).device.type != "meta" else None
         for name in POOL_TABLES[kind]:
-            self.register_parameter(name, nn.Parameter(torch.empty(self.num_rows, value_dim)))
+            self.register_parameter(name, nn.Parameter(torch.empty(self.num_rows, value_dim, device=device)))
         self.track_usage(None)
         self.shard_reads(None)
         self.reset_parameters()
@@ -145,20 +198,85 @@ class MemoryPool(nn.Module):
         for table in self.tables().values():
             nn.init.normal_(table, mean=0.0, std=self.init_std)
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the tables stay in host memory (``table_device == "host"``, module docstring)."""
+        return self.table_device == "host"
+
     # ----------------------------------------------------------------------------------------- reads
     def read(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``Σ_j weights[..., j] · values[indices[..., j]]``, ``(..., K) -> (..., value_dim)`` (kind ``memory``).
+        """``Σ_j weights[..., j] · values[indices[..., j]]``, ``(..., K) -> (..., value_dim)`` (kind ``memory``),
+        on ``weights.device``.
 
-        Through the installed sharded read when the pool is memory-parallel (see :meth:`shard_reads`).
+        Through the installed sharded read when the pool is memory-parallel (see :meth:`shard_reads`). A host pool
+        uses the rows :meth:`prefetch` staged for these indices (the same tensor, or equal values), else it
+        gathers them now (:func:`memzoo.ops.host_read.host_weighted_gather`).
         """
         if self.sharded_read is not None:
             return self.sharded_read(self.values, indices, weights)
+        if self.on_host:
+            staged = self._take_staged(indices)
+            return host_weighted_gather(self.values, indices, weights, sparse_grad=self.sparse, staged=staged)
         return weighted_gather(self.values, indices, weights, sparse_grad=self.sparse)
+
+    @torch.compiler.disable
+    def prefetch(self, indices: torch.Tensor) -> None:
+        """Starts moving the rows ``indices (..., K)`` (int64, on the compute device) of a host pool to the device
+        where they live, for a later :meth:`read` of the same indices; a no-op for an accelerator pool.
+
+        On CUDA this returns at once (worker thread and side stream, see :mod:`memzoo.ops.host_read`); elsewhere the
+        rows are gathered now. Keeps at most :data:`MAX_STAGED` staged reads (the oldest are dropped).
+        """
+        if not self.on_host:
+            return
+        staged = self._staged
+        staged.append(stage_rows(self.values, indices, indices.device, asynchronous=True))
+        while len(staged) > MAX_STAGED:
+            staged.pop(0)
+            self.prefetch_stats["dropped"] += 1
+
+    @torch.compiler.disable
+    def discard_staged(self) -> None:
+        """Drops the staged reads no :meth:`read` consumed (the model calls it before prefetching a new batch)."""
+        self.prefetch_stats["dropped"] += len(self._staged)
+        self._staged.clear()
+
+    @torch.compiler.disable
+    def _take_staged(self, indices: torch.Tensor) -> StagedRows | None:
+        """The staged read for ``indices``: the same tensor, else equal values (a device sync on CUDA); ``None``
+        (and counted as a synchronous read) when none matches or the table changed since staging."""
+        match = next((entry for entry in self._staged if entry.indices is indices), None)
+        if match is None:
+            match = next(
+                (entry for entry in self._staged
+                 if entry.indices.shape == indices.shape and entry.indices.device == indices.device
+                 and torch.equal(entry.indices, indices)),
+                None,
+            )
+        if match is not None:
+            self._staged.remove(match)
+            if match.version == self.values._version:
+                self.prefetch_stats["staged"] += 1
+                return match
+            self.prefetch_stats["dropped"] += 1
+        self.prefetch_stats["synchronous"] += 1
+        return None
 
     def shard_reads(self, read: ShardedRead | None) -> None:
         """Installs ``read(values, indices, weights) -> (..., value_dim)`` for a sharded ``values`` (``None``:
         plain reads). Called by :func:`memzoo.parallel.memory_parallel.apply_memory_parallel`."""
+        if read is not None and self.on_host:
+            raise ValueError("a pool with table_device: host cannot be memory-parallel (its table is not sharded)")
         self.__dict__["sharded_read"] = read
+
+    # ----------------------------------------------------------------------------------------- placement
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ``.half()``, ``to_empty``, ...). A host pool takes
+        dtype changes and stays in host memory: where ``fn`` would move a table (or its gradient) to another
+        device, the table is only cast to the dtype ``fn`` gives (a meta table becomes an empty host one)."""
+        if not self.on_host:
+            return super()._apply(fn, recurse)
+        return super()._apply(_on_host(fn), recurse)
 
     # ----------------------------------------------------------------------------------------- usage tracking
     def track_usage(self, observer: UsageObserver | None) -> None:
@@ -185,7 +303,22 @@ class MemoryPool(nn.Module):
         return (
             f"kind={self.kind}, rows={self.num_rows}{layout}, value_dim={self.value_dim}, "
             f"update={self.update}, lr={self.lr}, weight_decay={self.weight_decay}"
+            + (", table_device=host" if self.on_host else "")
         )
+
+
+def _on_host(fn):
+    """``fn`` (a tensor conversion of ``nn.Module._apply``) with device moves away from the host left out."""
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))  # what fn does to such a tensor
+        if probe.device == tensor.device or probe.device.type in ("cpu", "meta"):
+            return fn(tensor)
+        if tensor.device.type == "meta":
+            return torch.empty_like(tensor, device="cpu", dtype=probe.dtype)
+        return tensor.to(device="cpu", dtype=probe.dtype)
+
+    return convert
 
 
 @torch.compiler.disable

@@ -14,15 +14,26 @@ order, tables from 5 × vocab_size rows, kernel 4, dilation 3; a config adds it 
   (no query norm besides), and the SiLU-gated output ``W_2 (y ⊙ silu(W_1 x))``; the paper's layers share one value
   table, so a config names a pool: ``{block: memory_plus, pool: shared}`` with ``pools: {shared: {n_keys: ...,
   value_dim: ...}}``. Without ``pool:`` it needs ``n_keys`` and builds a private table.
+
+Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
+
+- ``stem``: STEM (arXiv 2601.10639), ``token_embedding_ffn``: ``W_down(silu(W_gate x) ⊙ U[token])`` with a per-layer
+  table ``U (vocab_size, hidden)`` in place of the up-projection; hidden as the dense SwiGLU FFN's, the table
+  trained by the model's optimizer (``lr: null``, weight decay 0.1) from a Xavier-normal init, as the authors do.
+- ``mole``: Mixture of Lookup Experts (Jie et al. 2025, arXiv 2503.15798), ``lookup_experts``: a dense GELU FFN
+  plus 4 GELU experts (all 4·dim wide) of the RMS-normalised token embedding, softmax-weighted by a router of the
+  hidden state; ``reparameterize`` turns the experts into a per-token lookup table for inference.
 """
 
 from __future__ import annotations
 
 from memzoo.blocks.memory import ProductKeyMemory
+from memzoo.blocks.mole import LookupExperts
 from memzoo.blocks.registry import register_preset
+from memzoo.blocks.stem import TokenEmbeddingFFN
 
 #: The names this module registers.
-PRESET_NAMES = ("pkm", "memory_plus")
+PRESET_NAMES = ("pkm", "memory_plus", "stem", "mole")
 
 _MEMORY = ProductKeyMemory.block_name  # "product_key_memory" (importing the class registers it)
 
@@ -46,4 +57,22 @@ register_preset(
     "shared by the memory layers (pool: <name>)",
     smallest={**_SMALLEST_MEMORY, "pool": "shared"},
     smallest_pools={"shared": {"n_keys": 4, "value_dim": 8}},
+)
+
+register_preset(
+    "stem",
+    TokenEmbeddingFFN.block_name,  # "token_embedding_ffn"
+    {"hidden": None, "update": "dense", "lr": None, "weight_decay": 0.1, "init_std": None},
+    paper="STEM (arXiv 2601.10639; Infini-AI-Lab/STEM lingua/stem.py): the up-projection of a SwiGLU FFN replaced by "
+    "a per-layer token-indexed table, trained with the model's AdamW, Xavier-normal init",
+    smallest={"hidden": 16},
+)
+
+register_preset(
+    "mole",
+    LookupExperts.block_name,  # "lookup_experts"
+    {"n_experts": 4, "hidden": None, "expert_hidden": None, "mode": "experts"},
+    paper="Jie et al. 2025, 'Mixture of Lookup Experts' (ICML 2025, arXiv 2503.15798; JieShibo/MoLE "
+    "modeling_mole.py): MoLE-4E, GELU FFN and experts of width 4·dim, experts of the normalised embedding",
+    smallest={"n_experts": 2, "hidden": 16, "expert_hidden": 8},
 )

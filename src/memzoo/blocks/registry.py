@@ -254,13 +254,15 @@ def create_block(
     *,
     pools: Mapping[str, nn.Module] | None = None,
     vocab_size: int | None = None,
+    embedding: nn.Embedding | None = None,
     **hyperparameters: Any,
 ) -> Block:
     """Builds block (or preset) ``name`` for model width ``dim``; a preset's settings come first, ``hyperparameters``
     override them. Unknown or missing hyperparameters raise a clear error.
 
     ``vocab_size`` (the model's) is passed to blocks that declare ``needs_vocab_size`` unless the settings give one
-    (required unless the block's ``vocab_size`` argument has a default, as ``beside``'s, which hands it on).
+    (required unless the block's ``vocab_size`` argument has a default, as ``beside``'s, which hands it on);
+    ``embedding`` (the model's token embedding) is attached to blocks that declare ``reads_embedding``.
 
     ``pool: "<name>"`` (a string) makes a block that ``reads_pool`` read ``pools[name]`` (the model's pools); it is
     recorded by name. The resolved hyperparameters land in ``block.hparams`` (see :func:`record_hyperparameters`).
@@ -313,6 +315,8 @@ def create_block(
     except (TypeError, ValueError) as err:
         raise BlockConfigError(f"block {name!r} (dim={dim}) rejected its hyperparameters: {err}") from err
     block.hparams = record_hyperparameters(block, name, sig.bind(None, dim=dim, **args), pool_name)
+    if cls.reads_embedding and embedding is not None:
+        block.attach_embedding(embedding)
     return block
 
 

@@ -28,7 +28,9 @@ from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.engram import Engram
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
+from memzoo.blocks.mole import LookupExperts
 from memzoo.blocks.peer import PEER
+from memzoo.blocks.stem import TokenEmbeddingFFN
 from memzoo.export.errors import ExportError, PretrainedFormatError
 from memzoo.model.config import ModelConfig, ModelConfigError
 from memzoo.model.transformer import Transformer
@@ -46,6 +48,8 @@ EXPORTABLE_BLOCKS: dict[type[nn.Module], str] = {
     MoE: "moe",
     ProductKeyMemory: "product_key_memory",
     PEER: "peer",
+    TokenEmbeddingFFN: "token_embedding_ffn",
+    LookupExperts: "lookup_experts",
     Engram: "engram",
 }
 

@@ -52,8 +52,9 @@ ARCHITECTURE_FIELDS = (
     "vocab_size", "dim", "n_layers", "n_heads", "block", "block_args", "layers", "pools", "max_seq_len",
     "rope_base", "tie_embeddings", "norm_eps",
 )
-# keys of a pool spec that are training settings, not architecture
-_POOL_TRAINING_KEYS = ("lr", "weight_decay", "init_std")
+# keys of a pool spec that are training or placement settings, not architecture (a checkpoint trained with its tables
+# on the accelerator is served with them in host memory, and the reverse)
+_POOL_TRAINING_KEYS = ("lr", "weight_decay", "init_std", "table_device")
 
 
 def _plain(value: Any) -> Any:

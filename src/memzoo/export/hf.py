@@ -36,6 +36,7 @@ from memzoo.export.manifest import MANIFEST_FILE, build_manifest
 from memzoo.export.shipped_code import shipped_files
 from memzoo.export.tokenizer_files import write_tokenizer_files
 from memzoo.export.weights import DTYPES, export_tensors, parse_size, save_weights
+from memzoo.model.reparameterize import reparameterize_lookup_experts
 from memzoo.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -57,6 +58,7 @@ def export_checkpoint(
     dtype: str = "float32",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    reparameterize: bool = False,
 ) -> Path:
     """Exports a memzoo Lightning checkpoint to the Hugging Face folder ``out``; returns ``out``.
 
@@ -68,10 +70,18 @@ def export_checkpoint(
         dtype: ``float32`` | ``bfloat16`` | ``float16``, the dtype of the stored floating tensors.
         max_shard_size: largest weight file (``"5GB"``, ``"500MB"``, bytes); bigger models are sharded.
         overwrite: replace an earlier export at ``out`` (only after the new one is complete).
+        reparameterize: first turn MoLE's experts into their lookup tables (equal outputs; see
+            :func:`~memzoo.model.reparameterize.reparameterize_lookup_experts`); refused for a model without MoLE
+            layers in experts mode.
     """
     out = Path(out)
     check_destination(out, overwrite)
     contents = read_checkpoint(checkpoint)
+    if reparameterize:
+        try:
+            reparameterize_lookup_experts(contents.model)
+        except ValueError as err:
+            raise ExportError(f"--reparameterize: {err}") from None
     if tokenizer is None:
         tokenizer = contents.tokenizer
         if tokenizer is None:

@@ -50,7 +50,7 @@ class ModelConfig:
         block_args: hyperparameters of the default block.
         layers: per-layer overrides ``{index: {block: name, **hyperparameters}}``.
         pools: named pools ``{name: MemoryPool kwargs}`` (``n_keys``, ``value_dim``, ``kind``, ``update``, ``lr``,
-            ``weight_decay``, ``init_std``), each owned once by the model and shared by the layers naming it.
+            ``weight_decay``, ``init_std``, ``num_rows``, ``table_device``), each owned once by the model and shared by the layers naming it.
         max_seq_len: longest sequence (rotary tables, KV cache).
         rope_base: rotary base frequency.
         tie_embeddings: share the token embedding and LM head weights.

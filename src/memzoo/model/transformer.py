@@ -4,7 +4,9 @@ Each layer's FFN slot holds any registered block or preset (``dense``, ``moe``, 
 or a user's :class:`~memzoo.blocks.base.Block`), chosen per layer: ``block``/``block_args`` give the default,
 ``layers`` overrides single layers. Memory pools are owned here (``self.pools``) and handed to the blocks that name
 them, so several layers can read one table. Every block gets a :class:`~memzoo.blocks.base.BlockContext` (the token
-ids and their absolute positions, also when decoding with a KV cache).
+ids and their absolute positions, also when decoding with a KV cache). A model with host tables (pools with
+``table_device: host``) first calls every block's :meth:`~memzoo.blocks.base.Block.prefetch` with its layer's
+context, then runs the layers, so token-indexed blocks move their rows while earlier layers compute.
 
 Initialisation (GPT-2 / nanoGPT scheme): embeddings and every linear weight ~ N(0, init_std); the residual output
 projections (attention ``proj`` and a block's output projection) ~ N(0, init_std / sqrt(2·n_layers)); norms at 1.
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from memzoo.blocks.base import Block, BlockContext
-from memzoo.blocks.pool import MemoryPool
+from memzoo.blocks.pool import MemoryPool, find_pools
 from memzoo.blocks.registry import BlockConfigError, create_block
 from memzoo.model.attention import CausalSelfAttention, LayerKVCache, padding_attention_mask
 from memzoo.model.attention_memory import AttentionMemory
@@ -108,6 +110,8 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self._check_pools_used()
         self.reset_parameters()
+        # pools whose tables stay in host memory: their rows are prefetched before the layers run (see forward)
+        self.__dict__["host_pools"] = tuple(pool for pool in find_pools(self).values() if pool.on_host)
 
     # ----------------------------------------------------------------------------------------- construction
     @staticmethod
@@ -130,7 +134,8 @@ class Transformer(nn.Module):
         if spec.pool is not None:
             args["pool"] = spec.pool  # a nested block's pool (beside's children) is the layer's one pool
         try:
-            return create_block(spec.block, dim=self.dim, pools=self.pools, vocab_size=self.vocab_size, **args)
+            return create_block(spec.block, dim=self.dim, pools=self.pools, vocab_size=self.vocab_size,
+                                embedding=self.embed, **args)
         except (BlockConfigError, KeyError) as err:
             raise ModelConfigError(f"layers.{index}: {err}") from err
 
@@ -179,6 +184,8 @@ class Transformer(nn.Module):
         ctx = BlockContext.for_tokens(input_ids, start) if positions is None else BlockContext(input_ids, positions)
         mask = padding_attention_mask(attention_mask, start, input_ids.shape[1]) if attention_mask is not None else None
         x = self.dropout(self.embed(input_ids))
+        if self.host_pools:
+            self._prefetch(ctx, caches)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, caches[i] if caches is not None else None, positions, mask)
         return self.head(self.norm(x)).float()
@@ -187,6 +194,15 @@ class Transformer(nn.Module):
         """Hands the data tokenizer to every layer's block (:meth:`memzoo.blocks.base.Block.bind_tokenizer`)."""
         for layer in self.layers:
             layer.ffn.bind_tokenizer(tokenizer)
+
+    @torch.compiler.disable
+    def _prefetch(self, ctx: BlockContext, caches: list[LayerKVCache] | None) -> None:
+        """Drops staged reads of a previous forward, then asks every layer's block to prefetch (with its decode
+        state, as the layer's forward will see it)."""
+        for pool in self.host_pools:
+            pool.discard_staged()
+        for i, layer in enumerate(self.layers):
+            layer.ffn.prefetch(ctx.with_state(caches[i].block_state) if caches is not None else ctx)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses (already weighted) from the last forward, ``{"layers.i.<name>": scalar}``.

@@ -116,6 +116,11 @@ def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: in
         )
     check_pool_widths(pools, memory_parallel, world_size)
     for name, pool in pools.items():  # every pool's tables become DTensors, at memory_parallel 1 too
+        if pool.on_host:
+            raise MemoryParallelError(
+                f"pool {name!r} has table_device: host, which MemoryParallelStrategy cannot shard (its tables stay "
+                f"in host memory); train it on a single device, or set table_device: accelerator"
+            )
         if pool.kind != "memory":
             raise MemoryParallelError(
                 f"pool {name!r} has kind {pool.kind!r}; MemoryParallelStrategy shards product-key memory values "

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from memzoo.blocks.pool import find_pools
 from memzoo.parallel.sparse_grad_sync import ExchangeStats, all_reduce_row_sparse_
@@ -59,9 +59,18 @@ def check_strategy(module: nn.Module, strategy: object) -> None:
     Sparse-update pools need row-sparse ``.grad`` tensors on whole tables and, over several processes, their row
     exchange: a single device and :class:`SparseDDPStrategy` run them; a plain ``DDPStrategy`` would not reduce
     them, and strategies that flatten parameters (FSDP, DeepSpeed) cannot hold them. (``MemoryParallelStrategy``
-    checks its own pools.)
+    checks its own pools.) Pools with ``table_device: host`` need a single device (``SingleDeviceStrategy``).
     """
-    sparse = sorted(name for name, pool in find_pools(module).items() if pool.sparse)
+    pools = find_pools(module)
+    host = sorted(name for name, pool in pools.items() if pool.on_host)
+    if host and not isinstance(strategy, SingleDeviceStrategy):
+        raise ValueError(
+            f"strategy {type(strategy).__name__} cannot train pools with table_device: host ({', '.join(host)}): host "
+            f"tables train on a single device (Lightning's SingleDeviceStrategy, e.g. --trainer.devices 1); DDP "
+            f"would need every parameter on the accelerator, and FSDP, DeepSpeed and memory parallelism shard tables "
+            f"on it. Train on one device, or set table_device: accelerator on these pools."
+        )
+    sparse = sorted(name for name, pool in pools.items() if pool.sparse)
     if not sparse or isinstance(strategy, SparseDDPStrategy):
         return
     if _flattens_parameters(strategy):

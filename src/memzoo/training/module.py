@@ -34,7 +34,7 @@ from memzoo.parallel.sparse_ddp import check_strategy
 from memzoo.training import metrics as memzoo_metrics
 from memzoo.training.freezing import apply_freezing
 from memzoo.training.lora import apply_lora
-from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
+from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_, keep_host_state_on_host
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -312,6 +312,11 @@ class LanguageModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._attach_memory_bank()
+
+    def on_train_start(self) -> None:
+        """Host tables' optimizer state back in host memory (Lightning moved a restored state to the device)."""
+        for optimizer in self.trainer.optimizers:
+            keep_host_state_on_host(optimizer, self.model)
 
     def on_validation_start(self) -> None:
         self._attach_memory_bank()

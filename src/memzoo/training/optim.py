@@ -11,6 +11,10 @@ rows, so a step costs O(rows used), not O(rows). The pieces:
   Lightning's automatic optimization, LR schedulers and checkpoints see a single optimizer.
 - :func:`build_optimizer`: all of the above from a model and a dense optimizer factory (the YAML's ``optimizer``).
 - :func:`clip_dense_grad_norm_`: gradient clipping that skips sparse gradients (``clip_grad_norm_`` rejects them).
+- :func:`keep_host_state_on_host`: the optimizer state of host tables (``table_device: host``) back next to them.
+
+Host tables: their gradients are on the host, so the row-wise optimizers (and a dense optimizer, for ``update:
+dense``) update them there, with their state in host memory (LazyAdam's C++ row kernel runs on them).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "RowwiseSGD",
     "build_optimizer",
     "clip_dense_grad_norm_",
+    "keep_host_state_on_host",
     "param_groups",
 ]
 
@@ -520,6 +525,26 @@ def build_optimizer(
     except TypeError as err:
         raise TypeError(f"sparse optimizer {sparse_optimizer!r} rejected sparse_kwargs {sparse_kwargs}: {err}") from err
     return sparse if dense is None else OptimizerBundle([dense, sparse])
+
+
+def keep_host_state_on_host(optimizer: Optimizer, model: nn.Module) -> int:
+    """Moves every optimizer state tensor of a host table (pools with ``table_device: host``) that is not on its
+    table's device back there; returns how many moved.
+
+    Lightning moves a restored optimizer state to the accelerator (``_optimizer_to_device``); ``LanguageModel``
+    calls this at the start of training, so a resumed run updates host tables on the host again. (The state
+    crosses to the accelerator once during that restore, so it must fit there.)
+    """
+    host = {id(t) for pool in find_pools(model).values() if pool.on_host for t in pool.tables().values()}
+    moved = 0
+    for param, state in optimizer.state.items():
+        if id(param) not in host or not isinstance(state, MutableMapping):
+            continue
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and value.device != param.device:
+                state[key] = value.to(param.device)
+                moved += 1
+    return moved
 
 
 def clip_dense_grad_norm_(

@@ -28,6 +28,8 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
                            "output_proj", "bias"),
     "peer": ("heads", "knn", "k_dim", "per_head_keys", "score", "query_norm", "qk_norm", "activation"),
     "beside": ("base", "add", "init"),
+    "token_embedding_ffn": ("vocab_size", "hidden"),
+    "lookup_experts": ("vocab_size", "n_experts", "hidden", "expert_hidden", "mode"),
     "engram": ("vocab_size", "max_ngram", "ngram_dim", "heads", "kernel_size", "dilation", "layer_id", "seed",
                "table"),
 }
