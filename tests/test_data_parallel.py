@@ -57,6 +57,13 @@ SCENARIOS = {
          "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 32, "update": "sparse"}}},
         {},
     ),
+    # Engram's private table pool: sparse rows exchanged; the data tokenizer bound on every rank by setup
+    "engram_sparse": (
+        {"layers": {1: {"block": "beside", "init": "none", "base": {"block": "dense", "hidden": 32},
+                        "add": {"block": "engram", "ngram_dim": 8, "heads": 2, "table_rows": 31, "update": "sparse",
+                                "lr": 0.01}}}},
+        {},
+    ),
     # the load-balancing loss is a product of batch means, computed per rank (as Switch Transformer does): a
     # different loss from one process's on 2B, so it is off here; the rest of MoE must match
     "moe": ({"block": "moe", "block_args": {"n_experts": 8, "top_k": 1, "aux_loss_weight": 0.0, "z_loss_weight": 1e-3}},
@@ -169,7 +176,7 @@ def test_two_ranks_train_the_weights_of_one_process(scenario, ranks, tmp_path):
     for rank in ranks:
         state, metrics, unsynced, exchanges = rank[scenario]
         # the row exchange runs once per optimizer step (3 steps of 2 micro-batches), only with sparse pools
-        assert exchanges == (STEPS if scenario in ("memoryplus_sparse", "peer") else 0), (scenario, exchanges)
+        assert exchanges == (STEPS if scenario in ("memoryplus_sparse", "peer", "engram_sparse") else 0), (scenario, exchanges)
         assert not unsynced, unsynced
         moved = False
         for key, value in reference.items():  # Adam amplifies fp32 summation-order noise of ~0 gradients

@@ -82,7 +82,7 @@ def exports(tmp_path_factory):
 
 
 def test_every_builtin_block_and_preset_is_tested():
-    assert {"dense", "moe", "peer", "pkm", "memory_plus", "product_key_memory", "beside"} <= set(NAMES)
+    assert {"dense", "moe", "peer", "pkm", "memory_plus", "product_key_memory", "beside", "engram"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,8 +4,8 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
 
 - **blocks** (CPU): one full training step (forward, loss, backward, optimizers: AdamW + the pools' row-wise
   optimizer) of the iso-FLOP study's models (``configs/study/model-*.yaml``: dense, MoE, PKM, Memory+, PEER at
-  equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) and UltraMem / UltraMemV2 ("dense" with layers 1 and 3
-  replaced at equal forward FLOPs, :data:`DENSE_WITH`) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
+  equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) and UltraMem, UltraMemV2 and Engram beside a narrowed FFN ("dense" with layers 1 and 3
+  replaced at equal forward FLOPs, :data:`DENSE_VARIANTS`) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
   thread both by wall time and by the compute thread's CPU time (the headline and the targets' measure: on a
   shared machine it does not count the time other processes hold the core); at 2 threads by wall time.
 - **topk** (CPU, 1 thread, CPU time of the thread): ``memzoo.ops.product_key_topk`` forward+backward at knn 32, heads 4, k_dim 96, 768
@@ -13,14 +13,14 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   sums, autograd through the indexing) and against ``torch.topk`` of the full ``n_keys²`` product set (measured
   on 64 tokens and scaled to 768; left out where it would not fit in memory).
 - **lookup** (CPU, 1 thread, CPU time of the thread): the token-indexed blocks (STEM; MoLE as trained, ``experts``,
-  and re-parameterised, ``lookup``) forward+backward at dim 256, vocab 8192, batch 8 × 128, each against a dense
+  and re-parameterised, ``lookup``; Engram alone, 2- and 3-grams, 8 heads × 32 values per order) forward+backward at dim 256, vocab 8192, batch 8 × 128, each against a dense
   SwiGLU FFN of equal forward FLOPs (hidden = the block's FLOPs ÷ 6·dim); ratio = block ÷ that dense FFN.
 - **cuda** (``--device cuda``): the same top-k against the previous path and ``torch.topk`` of the per-half scores,
   and at the 1.3B layer shape (dim 2048, 1024² keys, value_dim 2048, heads 4, knn 32) a Memory+ layer's
   forward+backward against a dense SwiGLU FFN of equal forward FLOPs.
 
     python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json]
-        [--sections blocks,topk,lookup] [--models dense,ultramem,ultramem_v2]
+        [--sections blocks,topk,lookup] [--models dense,engram,ultramem,ultramem_v2]
 
 Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table beside it.
 """
@@ -49,16 +49,29 @@ from memzoo.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "configs" / "study"
-BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramem_v2")
-#: Models that are "dense" with layers 1 and 3 replaced, at equal forward FLOPs (``flops_per_token``): UltraMem
-#: 298k per layer (a 128² grid, rank 2, 2 cores, over 4,096 rows of width 128 through 4 projections, 2 heads × top-32,
-#: k_dim 32, private tables with dense updates, read and added in place) and UltraMemV2 288k (16,384 FFN-valued slots
-#: of width 128, 1 head × top-32, k_dim 32, beside a SwiGLU FFN of half the width) against the dense FFN's 295k.
-DENSE_WITH = {
-    "ultramem": {"block": "ultramem", "n_keys": 128, "value_dim": 128, "value_expand": 4, "heads": 2, "knn": 32,
-                 "k_dim": 32},
-    "ultramem_v2": {"block": "ultramem_v2", "n_keys": 128, "value_dim": 128, "heads": 1, "knn": 32, "k_dim": 32,
-                    "ffn_fraction": 0.5},
+BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramem_v2", "engram")
+
+
+def _engram_layer(layer_id: int) -> dict:
+    """A study layer with Engram beside a dense FFN narrowed to hidden 296: FFN + Engram 294,272 forward FLOPs per
+    token against the dense study layer's 294,912 (2- and 3-grams, 4 heads × 16 values per order, ~4,096-row tables)."""
+    return {"block": "beside", "init": "none", "base": {"block": "dense", "hidden": 296},
+            "add": {"block": "engram", "layer_id": layer_id, "max_ngram": 3, "ngram_dim": 64, "heads": 4,
+                    "table_rows": 4096, "update": "sparse", "lr": 1.0e-2, "weight_decay": 0.0}}
+
+
+#: Models that are "dense" (``configs/study/model-dense.yaml``) with these ``layers:``, at equal forward FLOPs
+#: (``flops_per_token``): UltraMem 298k per layer (a 128² grid, rank 2, 2 cores, over 4,096 rows of width 128 through
+#: 4 projections, 2 heads × top-32, k_dim 32, private tables with dense updates, read and added in place), UltraMemV2
+#: 288k (16,384 FFN-valued slots of width 128, 1 head × top-32, k_dim 32, beside a SwiGLU FFN of half the width) and
+#: Engram beside a narrowed FFN 294k, against the dense FFN's 295k.
+_ULTRAMEM = {"block": "ultramem", "n_keys": 128, "value_dim": 128, "value_expand": 4, "heads": 2, "knn": 32, "k_dim": 32}
+_ULTRAMEM_V2 = {"block": "ultramem_v2", "n_keys": 128, "value_dim": 128, "heads": 1, "knn": 32, "k_dim": 32,
+                "ffn_fraction": 0.5}
+DENSE_VARIANTS = {
+    "ultramem": {1: _ULTRAMEM, 3: _ULTRAMEM},
+    "ultramem_v2": {1: _ULTRAMEM_V2, 3: _ULTRAMEM_V2},
+    "engram": {1: _engram_layer(1), 3: _engram_layer(3)},
 }
 STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
 
@@ -95,10 +108,11 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu", c
 # ---------------------------------------------------------------------------------------------- blocks
 def study_model(name: str) -> tuple[LanguageModel, str]:
     """The iso-FLOP study's model ``name`` as ``memzoo fit`` builds it (:func:`memzoo.build_model`, byte
-    vocabulary, seed 0), or "dense" with layers 1 and 3 of :data:`DENSE_WITH`; and its sparse optimizer's name."""
-    config = yaml.safe_load((STUDY / f"model-{'dense' if name in DENSE_WITH else name}.yaml").read_text())
-    if name in DENSE_WITH:
-        config["model"]["init_args"]["architecture"]["layers"] = {1: dict(DENSE_WITH[name]), 3: dict(DENSE_WITH[name])}
+    vocabulary, seed 0), or "dense" with the ``layers:`` of :data:`DENSE_VARIANTS`; and its sparse optimizer's name."""
+    config = yaml.safe_load((STUDY / f"model-{'dense' if name in DENSE_VARIANTS else name}.yaml").read_text())
+    if name in DENSE_VARIANTS:
+        layers = {i: dict(spec) for i, spec in DENSE_VARIANTS[name].items()}
+        config["model"]["init_args"]["architecture"]["layers"] = layers
     module = memzoo.build_model({**config, "seed_everything": 0}, vocab_size=258)
     return module, module.hparams.sparse_optimizer
 
@@ -126,7 +140,7 @@ def train_step_fn(name: str, batch: torch.Tensor):
 def bench_blocks(threads: int, repeats: int, models=BLOCK_MODELS) -> dict:
     torch.set_num_threads(threads)
     batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
-    steps = {name: train_step_fn(name, batch) for name in models}
+    steps = {name: train_step_fn(name, batch) for name in dict.fromkeys(("dense", *models))}
     times = interleaved(steps, repeats)
     rows = {name: {"ms": 1e3 * t, "ratio_to_dense": t / times["dense"]} for name, t in times.items()}
     if threads == 1:  # all compute on this thread: its CPU time is the load-independent measure (the headline)
@@ -162,6 +176,7 @@ LOOKUP_BLOCKS = {
     "stem": ("stem", {"hidden": 1056}, False),
     "mole (experts)": ("mole", {"hidden": 512, "expert_hidden": 512}, False),
     "mole (lookup)": ("mole", {"hidden": 512, "expert_hidden": 512}, True),
+    "engram": ("engram", {"ngram_dim": 256, "heads": 8, "table_rows": 16384, "update": "sparse"}, False),
 }
 LOOKUP_SHAPE = {"dim": 256, "vocab": 8192, "batch": 8, "length": 128}
 
@@ -287,7 +302,7 @@ def targets(result: dict) -> list[dict]:
         blocks = result.get("blocks", {}).get(threads)
         if not blocks:
             continue
-        for name in ("pkm", "memoryplus", "peer", "ultramem", "ultramem_v2"):
+        for name in ("pkm", "memoryplus", "peer", "ultramem", "ultramem_v2", "engram"):
             if name not in blocks:
                 continue
             row = blocks[name]
@@ -380,7 +395,7 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         if "blocks" in sections:
             result["blocks"] = {str(t): bench_blocks(t, args.repeats, models) for t in (1, 2)}
-            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer")
+            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer", "engram")
                                           if name in models}
         if "topk" in sections:
             torch.set_num_threads(1)

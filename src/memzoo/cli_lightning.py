@@ -385,6 +385,9 @@ def build_model_from_config(config: Any, vocab_size: int | None = None, load_wei
     if isinstance(args, dict):
         args = {key: value for key, value in args.items() if key != "subcommand"}
     builder = _ModelBuilder(**_cli_kwargs(), args=args, run=False, vocab_size=vocab_size, load_weights=load_weights)
+    tokenizer = getattr(builder.datamodule, "tokenizer", None)
+    if tokenizer is not None:  # as LanguageModel.setup does when training starts
+        builder.model.model.bind_tokenizer(tokenizer)
     return builder.model
 
 

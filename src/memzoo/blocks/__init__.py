@@ -4,6 +4,7 @@ presets; the contract every block follows is :class:`~memzoo.blocks.base.Block`.
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
+from memzoo.blocks.engram import Engram
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.mole import LookupExperts
@@ -14,6 +15,6 @@ from memzoo.blocks.stem import TokenEmbeddingFFN
 from memzoo.blocks.ultramem import UltraMem, UltraMemV2
 
 __all__ = [
-    "Beside", "Block", "BlockContext", "DenseMLP", "LookupExperts", "MemoryPool", "MoE", "PEER", "PoolRef",
+    "Beside", "Block", "BlockContext", "DenseMLP", "Engram", "LookupExperts", "MemoryPool", "MoE", "PEER", "PoolRef",
     "ProductKeyMemory", "TokenEmbeddingFFN", "UltraMem", "UltraMemV2",
 ]

@@ -18,6 +18,9 @@ overrides when they do not hold for it (nothing is probed with ``hasattr``):
 - Decoding state: with a KV cache, ``ctx.state`` is a dict private to the block's layer that persists across the
   decode steps of one batch (empty at the first step), e.g. the last ``n - 1`` token ids of an n-gram block or a
   causal convolution's last inputs; it is ``None`` when the forward sees whole sequences.
+- :meth:`bind_tokenizer`: called with the data tokenizer once it is known (training setup, ``memzoo.build_model``),
+  for blocks whose tables depend on the tokens' text (Engram's compressed vocabulary); default: nothing. What a
+  block derives from it must live in its state dict (buffers), so checkpoints and exports need no tokenizer.
 - ``hparams``: the block's resolved hyperparameters ``{"block": name, ...}`` as :func:`memzoo.create_block`
   recorded them (``None`` for a block built directly from its class).
 - :meth:`prefetch`: called by the model for every layer's block with that layer's context BEFORE any layer runs,
@@ -92,6 +95,11 @@ class Block(nn.Module):
     def init_weights(self, std: float, residual_std: float) -> None:
         """The model's init: input-side weights ~ N(0, std), the residual output projection ~ N(0, residual_std).
         Default: keep the block's own init."""
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Tells the block the data tokenizer (a :class:`memzoo.data.tokenizers.Tokenizer`: memzoo's byte
+        tokenizer or a Hugging Face ``tokenizer.json``), once it is known; default: nothing. A block that derives
+        tables from it keeps them as buffers; without a call those keep their tokenizer-free defaults."""
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses (already weighted) of the last forward, by name; default none."""

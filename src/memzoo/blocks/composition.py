@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool
-from memzoo.blocks.registry import BlockConfigError, create_block, register_block
+from memzoo.blocks.registry import BlockConfigError, block_entry, create_block, register_block
 
 BesideInit = Literal["zero", "gate", "none"]
 BESIDE_INITS = ("zero", "gate", "none")
@@ -55,9 +55,11 @@ class Beside(Block):
         add: the block added beside it, same form.
         init: ``zero`` | ``gate`` | ``none``: how the added branch starts (module docstring).
         pool: the shared :class:`MemoryPool` the model hands in for the child that names a pool.
+        vocab_size: the model's vocabulary size, handed on to a token-indexed child (e.g. ``engram``).
     """
 
     reads_pool = True  # through the child that names a pool
+    needs_vocab_size = True  # for a token-indexed child; optional here
 
     def __init__(
         self,
@@ -66,14 +68,15 @@ class Beside(Block):
         add: dict[str, Any] | str = "dense",
         init: BesideInit = "zero",
         pool: MemoryPool | None = None,
+        vocab_size: int | None = None,
     ):
         super().__init__()
         if init not in BESIDE_INITS:
             raise ValueError(f"beside: init must be one of {BESIDE_INITS}, got {init!r}")
         self.dim = dim
         self.init = init
-        self.base = _build_child("base", dim, base, pool)
-        self.add = _build_child("add", dim, add, pool)
+        self.base = _build_child("base", dim, base, pool, vocab_size)
+        self.add = _build_child("add", dim, add, pool, vocab_size)
         self.scale = nn.Parameter(torch.zeros(())) if init == "gate" else None
 
     def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
@@ -103,13 +106,18 @@ class Beside(Block):
             probe = probe.to(param.device, param.dtype if param.is_floating_point() else probe.dtype)
         if param is not None and param.device.type == "meta":
             return
-        out = self.add(probe)
+        out = self.add(probe, BlockContext.for_tokens(torch.zeros(1, 3, dtype=torch.int64, device=probe.device)))
         if bool(out.abs().max() > 0):
             raise ValueError(
                 f"beside: init='zero' needs the added block {type(self.add).__name__} to output zeros once its "
                 f"residual-output init std is 0 (init_weights(std, 0)), but it does not (e.g. a PKM without output "
                 f"projection, a PEER on a shared pool); use init: gate (a scale starting at 0) instead"
             )
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Both children get the data tokenizer."""
+        self.base.bind_tokenizer(tokenizer)
+        self.add.bind_tokenizer(tokenizer)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{key}": value for name, child in (("base", self.base), ("add", self.add))
@@ -130,7 +138,8 @@ class Beside(Block):
         return f"init={self.init}"
 
 
-def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: MemoryPool | None) -> Block:
+def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: MemoryPool | None,
+                 vocab_size: int | None) -> Block:
     if isinstance(spec, str):
         spec = {"block": spec}
     if not isinstance(spec, Mapping) or "block" not in spec:
@@ -145,6 +154,9 @@ def _build_child(role: str, dim: int, spec: Mapping[str, Any] | str, pool: Memor
         )
     pools = {pool_name: pool} if isinstance(pool_name, str) else None
     try:
-        return create_block(name, dim=dim, pools=pools, **args)
+        if "vocab_size" in args and not block_entry(name).cls.needs_vocab_size:
+            raise ValueError(f"beside: {role}: block {name!r} is not indexed by token ids; drop its vocab_size")
+        child_vocab = args.pop("vocab_size", vocab_size)  # a child's own vocab_size wins over the model's
+        return create_block(name, dim=dim, pools=pools, vocab_size=child_vocab, **args)
     except (KeyError, BlockConfigError) as err:
         raise ValueError(f"beside: {role}: {err}") from err

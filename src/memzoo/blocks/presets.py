@@ -1,8 +1,11 @@
 """Named presets: a paper's block is a name with the paper's settings (``{block: memory_plus, pool: shared}``).
 
 Each preset is a registered block (``memzoo blocks`` lists them with their settings) whose settings a config may
-override one by one. ``dense``, ``moe``, ``peer``, ``ultramem`` and ``ultramem_v2`` are their blocks' own names, whose defaults are
-their papers' settings (:mod:`memzoo.blocks.ultramem`); product-key memory has two:
+override one by one. ``dense``, ``moe``, ``peer``, ``ultramem``, ``ultramem_v2`` and ``engram`` are their blocks' own
+names, whose defaults are their papers' settings (:mod:`memzoo.blocks.ultramem`; ``engram``: one Engram layer as in
+DeepSeek's demo, 2- and 3-grams, 8 heads of 64 values per order, tables from 5 × vocab_size rows, kernel 4, dilation
+3; a config adds it beside a layer's FFN with ``{block: beside, base: {block: dense}, add: {block: engram, layer_id:
+i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key memory has two:
 
 - ``pkm``: Lample et al. 2019, "Large Memory Layers with Product Keys": 4 heads with their own sub-keys, the top 32
   rows each, softmax weights, ``out = y`` (``W_o y`` when ``value_dim != dim``). The paper normalises queries with

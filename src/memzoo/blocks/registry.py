@@ -260,7 +260,8 @@ def create_block(
     """Builds block (or preset) ``name`` for model width ``dim``; a preset's settings come first, ``hyperparameters``
     override them. Unknown or missing hyperparameters raise a clear error.
 
-    ``vocab_size`` (the model's) is passed to blocks that declare ``needs_vocab_size`` unless the settings give one;
+    ``vocab_size`` (the model's) is passed to blocks that declare ``needs_vocab_size`` unless the settings give one
+    (required unless the block's ``vocab_size`` argument has a default, as ``beside``'s, which hands it on);
     ``embedding`` (the model's token embedding) is attached to blocks that declare ``reads_embedding``.
 
     ``pool: "<name>"`` (a string) makes a block that ``reads_pool`` read ``pools[name]`` (the model's pools); it is
@@ -280,11 +281,12 @@ def create_block(
         args["pool"] = pools[pool_name]
     if "pool" in args and not cls.reads_pool:
         raise BlockConfigError(f"block {name!r} does not read memory pools; drop `pool:`")
-    if cls.needs_vocab_size and "vocab_size" not in args:
-        if vocab_size is None:
-            raise BlockConfigError(f"block {name!r} is indexed by token ids and needs the model's vocab_size")
-        args["vocab_size"] = vocab_size
     sig = inspect.signature(cls.__init__)
+    if cls.needs_vocab_size and "vocab_size" not in args:
+        if vocab_size is not None:
+            args["vocab_size"] = vocab_size
+        elif "vocab_size" not in sig.parameters or sig.parameters["vocab_size"].default is inspect.Parameter.empty:
+            raise BlockConfigError(f"block {name!r} is indexed by token ids and needs the model's vocab_size")
     accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     allowed = _arguments(cls)
     if not accepts_var_kw:

@@ -18,7 +18,9 @@ BYTE_SPEC = "byte"
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What memzoo needs of a tokenizer. ``encode`` adds no special tokens; ``decode`` drops them."""
+    """What memzoo needs of a tokenizer. ``encode`` adds no special tokens; ``decode`` drops them. memzoo's
+    tokenizers also give ``id_texts()`` (each id's text and token string), which token-indexed blocks that merge
+    ids by their text (Engram) read."""
 
     vocab_size: int
     eos_id: int
@@ -75,6 +77,12 @@ class ByteTokenizer(_SpecEquality):
         """Bytes back to text; special ids are skipped, an invalid UTF-8 sequence becomes U+FFFD."""
         ids = _check_ids(ids, self.vocab_size, "ByteTokenizer")
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def id_texts(self) -> list[tuple[str, str]]:
+        """Per id: its text decoded alone (special tokens kept; a byte >= 0x80 alone is U+FFFD) and its own token
+        string (``<0xNN>`` for a byte, the special token's text)."""
+        texts = [(bytes([i]).decode("utf-8", errors="replace"), f"<0x{i:02X}>") for i in range(256)]
+        return texts + [(self.eos_token, self.eos_token), (self.pad_token, self.pad_token)]
 
 
 # Special tokens tried, in order, when a tokenizer.json does not say which is which.
@@ -172,6 +180,13 @@ class HFTokenizer(_SpecEquality):
         """Ids back to text, special tokens skipped; invalid byte sequences become U+FFFD."""
         ids = _check_ids(ids, self.vocab_size, f"tokenizer {self.path}")
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def id_texts(self) -> list[tuple[str, str]]:
+        """Per id: its text decoded alone (special tokens kept; an incomplete byte sequence holds U+FFFD) and its
+        own token string (``""`` for an id the vocabulary skips)."""
+        ids = range(self.vocab_size)
+        texts = self._tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        return [(text, self._tokenizer.id_to_token(i) or "") for i, text in zip(ids, texts)]
 
 
 def build_tokenizer(spec: str) -> Tokenizer:

@@ -25,6 +25,7 @@ from torch import nn
 from memzoo.blocks.base import Block
 from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
+from memzoo.blocks.engram import Engram
 from memzoo.blocks.memory import ProductKeyMemory
 from memzoo.blocks.moe import MoE
 from memzoo.blocks.mole import LookupExperts
@@ -52,6 +53,7 @@ EXPORTABLE_BLOCKS: dict[type[nn.Module], str] = {
     LookupExperts: "lookup_experts",
     UltraMem: "ultramem",
     UltraMemV2: "ultramem_v2",
+    Engram: "engram",
 }
 
 

@@ -207,6 +207,11 @@ class Transformer(nn.Module):
                 deferred[layer.add_at] = out if layer.add_at not in deferred else deferred[layer.add_at] + out
         return self.head(self.norm(x)).float()
 
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Hands the data tokenizer to every layer's block (:meth:`memzoo.blocks.base.Block.bind_tokenizer`)."""
+        for layer in self.layers:
+            layer.ffn.bind_tokenizer(tokenizer)
+
     @torch.compiler.disable
     def _prefetch(self, ctx: BlockContext, caches: list[LayerKVCache] | None) -> None:
         """Drops staged reads of a previous forward, then asks every layer's block to prefetch (with its decode

@@ -323,6 +323,9 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "check_vocab"):
             datamodule.check_vocab(self.architecture.vocab_size)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:  # blocks whose tables depend on the tokens' text (Engram) build them now
+            self.model.bind_tokenizer(tokenizer)
         if self._trainer is not None:  # a strategy that cannot run the pools' update mode fails before training
             check_strategy(self, self.trainer.strategy)
 

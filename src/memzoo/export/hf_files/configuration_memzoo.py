@@ -32,6 +32,8 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "beside": ("base", "add", "init"),
     "token_embedding_ffn": ("vocab_size", "hidden"),
     "lookup_experts": ("vocab_size", "n_experts", "hidden", "expert_hidden", "mode"),
+    "engram": ("vocab_size", "max_ngram", "ngram_dim", "heads", "kernel_size", "dilation", "layer_id", "seed",
+               "table"),
 }
 #: Tables of each pool kind, all ``(n_keys², value_dim)``.
 POOL_TABLES: dict[str, tuple[str, ...]] = {"memory": ("values",), "experts": ("down", "up")}
