@@ -498,9 +498,10 @@ def test_activation_checkpointing_recomputes_host_reads(clean_registry):
 
 
 @pytest.mark.parametrize("block, args", [("stem", {"hidden": 24, "update": "sparse"}),
-                                         ("lookup_experts", {"n_experts": 2, "hidden": 16, "mode": "lookup"})])
+                                         ("lookup_experts", {"n_experts": 2, "hidden": 16, "mode": "lookup"}),
+                                         ("engram", {"ngram_dim": 8, "heads": 2, "table_rows": 31, "update": "sparse"})])
 def test_memzoos_token_indexed_blocks_on_host_tables_equal_the_device_ones(block, args):
-    """STEM's table and MoLE's lookup table with ``table_device: host``: the prefetch pass stages every layer's
+    """STEM's table, MoLE's lookup table and Engram's n-gram tables with ``table_device: host``: the prefetch pass stages every layer's
     rows (the very tensor the read then uses: no synchronous gather), and logits, gradients and a cached decode
     equal the on-device model's."""
     def build(table_device):

@@ -58,7 +58,7 @@ from memzoo.blocks.engram_vocab import (
     table_primes,
     tokenizer_id_texts,
 )
-from memzoo.blocks.pool import MemoryPool, ReadsPool, UpdateMode
+from memzoo.blocks.pool import MemoryPool, ReadsTokenTable, TableDevice, UpdateMode
 from memzoo.blocks.registry import register_block
 from memzoo.nn.checks import check_choice
 from memzoo.nn.norms import RMSNorm
@@ -73,7 +73,7 @@ _STATE_IDS, _STATE_CONV = "engram.ids", "engram.conv"
     paper="DeepSeek 2026, 'Conditional Memory via Scalable Lookup' (Engram, arXiv 2601.07372), single branch",
     smallest={"max_ngram": 3, "ngram_dim": 8, "heads": 2, "table_rows": 11, "kernel_size": 2},
 )
-class Engram(ReadsPool, Block):
+class Engram(ReadsTokenTable, Block):
     """Hashed n-gram memory with a context gate and a short convolution; ``x, y: (B, T, dim)`` (module docstring).
 
     Args:
@@ -92,6 +92,8 @@ class Engram(ReadsPool, Block):
         update: the table pool's update mode, ``dense`` or ``sparse`` (row-sparse gradients, row-wise optimizer).
         lr: the table pool's learning rate (``None``: the optimizer's).
         weight_decay: the table pool's weight decay.
+        table_device: ``accelerator`` | ``host``: keep the tables in host memory, their rows gathered ahead of the
+            layer (see :mod:`memzoo.blocks.pool`); a placement, not part of the architecture.
     """
 
     reads_pool = False  # the tables are a private pool, not one the model names
@@ -113,6 +115,7 @@ class Engram(ReadsPool, Block):
         update: UpdateMode = "dense",
         lr: float | None = None,
         weight_decay: float = 0.0,
+        table_device: TableDevice = "accelerator",
     ):
         super().__init__()
         check_choice("engram", "table", table, TABLE_MODES)
@@ -148,7 +151,8 @@ class Engram(ReadsPool, Block):
         self.register_buffer("multipliers", hash_multipliers(max_ngram, vocab_size, seed, layer_id))
         self.register_buffer("primes", torch.tensor(primes, dtype=torch.int64))
         self.register_buffer("row_offsets", torch.tensor(offsets, dtype=torch.int64))
-        pool = MemoryPool(None, self.head_dim, update=update, lr=lr, weight_decay=weight_decay, num_rows=sum(sizes))
+        pool = MemoryPool(None, self.head_dim, update=update, lr=lr, weight_decay=weight_decay, num_rows=sum(sizes),
+                          table_device=table_device)
         if table == "frozen_random":
             pool.values.requires_grad_(False)
         self.attach_pool(pool, owned=True)
@@ -210,6 +214,10 @@ class Engram(ReadsPool, Block):
         mixed = torch.stack(mixes, dim=-1).repeat_interleave(self.heads, dim=-1)  # (B, T, K)
         return mixed % self.primes + self.row_offsets
 
+    def read_indices(self, ctx: BlockContext) -> torch.Tensor:
+        """``(B, T, K, 1)``: one row per bag, so the heads' rows concatenate."""
+        return self.table_indices(ctx).unsqueeze(-1)
+
     def _previous_ids(self, ctx: BlockContext, batch: int) -> torch.Tensor:
         """``(B, N-1)`` compressed ids before ``ctx``'s first token: kept in ``ctx.state`` when decoding, else the
         padding id (positions before the sequence's start)."""
@@ -223,12 +231,12 @@ class Engram(ReadsPool, Block):
         if ctx.token_ids.shape != x.shape[:2]:
             raise ValueError(f"engram: token_ids {tuple(ctx.token_ids.shape)} must match x's (B, T) "
                              f"{tuple(x.shape[:2])}")
-        indices = self.table_indices(ctx)  # (B, T, K)
+        indices = self.rows_for(ctx)  # (B, T, K, 1): one row of weight 1 per head
         pool = self.pool
         ones = torch.ones(indices.shape, dtype=pool.values.dtype, device=indices.device)
-        pool.observe(indices, ones)
-        # one row of weight 1 per head: (B, T, K, 1) bags -> (B, T, K, head_dim) -> concatenated (B, T, E)
-        memory = pool.read(indices.unsqueeze(-1), ones.unsqueeze(-1)).flatten(-2).to(x.dtype)
+        pool.observe(indices.squeeze(-1), ones.squeeze(-1))
+        # (B, T, K, 1) bags -> (B, T, K, head_dim) -> concatenated (B, T, E)
+        memory = pool.read(indices, ones).flatten(-2).to(x.dtype)
         key = self.key_norm(self.key_proj(memory))
         score = (self.query_norm(x) * key).sum(dim=-1, keepdim=True) / math.sqrt(self.dim)
         gate = torch.sigmoid(score.sign() * score.abs().clamp_min(1e-6).sqrt())

@@ -385,32 +385,34 @@ class ReadsPool:
 
 class ReadsTokenTable(ReadsPool):
     """Mixin of blocks whose private table's rows follow from the token ids alone (hashed n-grams, per-token
-    embeddings, lookup experts). Such a block defines ``table_indices(ctx) -> (B, T, K)`` int64 and reads
-    ``self.pool.read(self.rows_for(ctx), weights)``; with ``table_device: host`` the model's prefetch pass
-    (:meth:`prefetch`) then stages those rows before the layer runs, and :meth:`rows_for` hands the read the very
-    tensor that was staged (no comparison, no device sync)."""
+    embeddings, lookup experts). Such a block defines ``table_indices(ctx) -> (B, T, K)`` int64 (the rows each
+    position reads; with a KV cache they may also depend on ``ctx.state``, which they must not change) and reads
+    ``self.pool.read(self.rows_for(ctx), weights)``. With ``table_device: host`` the model's prefetch pass
+    (:meth:`prefetch`) stages those rows before the layer runs, and :meth:`rows_for` hands the forward's read the
+    very tensor that was staged (no comparison, no device sync)."""
 
     def table_indices(self, ctx) -> torch.Tensor:  # pragma: no cover - each block defines it
         raise NotImplementedError(f"{type(self).__name__} must define table_indices(ctx)")
 
+    def read_indices(self, ctx) -> torch.Tensor:
+        """The indices the block's ``pool.read`` takes (default :meth:`table_indices`; a block reading one row per
+        bag returns ``table_indices(ctx).unsqueeze(-1)``)."""
+        return self.table_indices(ctx)
+
     def rows_for(self, ctx) -> torch.Tensor:
-        """``table_indices(ctx)``, computed once per ``ctx.token_ids`` tensor while the table is on the host."""
-        if not self._table_on_host():
-            return self.table_indices(ctx)
-        cached = self.__dict__.get("_staged_rows")
-        if cached is not None and cached[0] is ctx.token_ids and cached[1] is ctx.state:
-            return cached[2]
-        rows = self.table_indices(ctx)
-        self.__dict__["_staged_rows"] = (ctx.token_ids, ctx.state, rows)
-        return rows
+        """:meth:`read_indices` of ``ctx``: the tensor :meth:`prefetch` staged for this ``ctx`` (taken once, by the
+        forward that follows it), else computed now."""
+        staged = self.__dict__.pop("_staged_rows", None)
+        if staged is not None and staged[0] is ctx.token_ids and staged[1] is ctx.state:
+            return staged[2]
+        return self.read_indices(ctx)
 
     def prefetch(self, ctx) -> None:
         """Stages this forward's rows of a host table (a no-op on the accelerator, or with no table)."""
-        if self._table_on_host():
-            self.pool.prefetch(self.rows_for(ctx))
-
-    def _table_on_host(self) -> bool:
-        return self.owns_pool and self.pool.on_host
+        if self.owns_pool and self.pool.on_host:
+            rows = self.read_indices(ctx)
+            self.__dict__["_staged_rows"] = (ctx.token_ids, ctx.state, rows)
+            self.pool.prefetch(rows)
 
 
 def resolve_pool(
