@@ -16,7 +16,12 @@ from memzoo.cli import CommandError, main
 from memzoo.data.tokenizers import build_tokenizer
 from memzoo.export.errors import ExportError
 from memzoo.export.hf import export_model
-from memzoo.model.attention_memory import AttentionMemory, AttentionMemoryConfig, AttentionMemoryError, retrieve
+from memzoo.model.attention_memory import (
+    AttentionMemory,
+    AttentionMemoryConfig,
+    AttentionMemoryError,
+    retrieve,
+)
 from memzoo.model.config import ModelConfigError
 from memzoo.model.memory_bank import MemoryBank, MemoryBankError, recording_memory_attention
 
