@@ -17,7 +17,7 @@ citations, and a counterfactual check.
 For scale, the new facts are also asked with the person's document in the prompt (in context, no memory).
 
     python tools/extended_mind_study.py                       # writes docs/results/extended-mind.{json,md}
-    python tools/extended_mind_study.py --people 10 --topk 4 8 --out /tmp/em
+    python tools/extended_mind_study.py --people 10 --topk 4 8 --distances 0 4096 --out /tmp/em
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--topk", type=int, nargs="+", default=[8])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[-1.0],
                         help="similarity thresholds to sweep (-1: none)")
+    parser.add_argument("--distances", type=int, nargs="+", default=[0],
+                        help="memory distances to sweep (attention_memory.distance; 0: the authors' placement)")
     parser.add_argument("--countries", type=int, default=60, help="capitals probed for retention")
     parser.add_argument("--counterfactuals", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -124,21 +126,22 @@ def main(argv=None) -> dict:
 
     bank = MemoryBank.build(model, tokenizer, docs)
     rows = []
-    for topk in options.topk:
-        for threshold in options.thresholds:
-            model.attach_memory(bank, topk=topk, similarity_threshold=None if threshold < 0 else threshold)
-            ok = {(p, a, t): answer_correct(model, tokenizer, q, a_) for p, a, t, q, a_ in facts}
-            right = [cited_doc(model, bank, tokenizer, q) == p for p, a, t, q, _ in facts if t == 0 and ok[(p, a, t)]]
-            still = rate([answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known])
-            row = {"topk": topk, "similarity_threshold": None if threshold < 0 else threshold,
-                   "new_fact_recall": rate([v for (p, a, t), v in ok.items() if t == 0]),
-                   "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
-                   "retention": still, "retention_drop": 1.0 - still,
-                   "heldout_loss": heldout_loss(model, tokenizer), "citations_right": rate(right),
-                   "citations_checked": len(right)}
-            model.detach_memory()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    settings = [(k, t, d) for d in options.distances for k in options.topk for t in options.thresholds]
+    for topk, threshold, distance in settings:
+        model.attach_memory(bank, topk=topk, similarity_threshold=None if threshold < 0 else threshold,
+                            distance=distance)
+        ok = {(p, a, t): answer_correct(model, tokenizer, q, a_) for p, a, t, q, a_ in facts}
+        right = [cited_doc(model, bank, tokenizer, q) == p for p, a, t, q, _ in facts if t == 0 and ok[(p, a, t)]]
+        still = rate([answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known])
+        row = {"topk": topk, "similarity_threshold": None if threshold < 0 else threshold, "distance": distance,
+               "new_fact_recall": rate([v for (p, a, t), v in ok.items() if t == 0]),
+               "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
+               "retention": still, "retention_drop": 1.0 - still,
+               "heldout_loss": heldout_loss(model, tokenizer), "citations_right": rate(right),
+               "citations_checked": len(right)}
+        model.detach_memory()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     # counterfactual: each known country paired with the next one's capital
     swapped = known[: options.counterfactuals]
@@ -146,12 +149,14 @@ def main(argv=None) -> dict:
     cf_bank = MemoryBank.build(model, tokenizer, {c: f"The capital of {c} is {fake[c]}." for c, _ in swapped})
     # the setting reported against the targets: best recall, then least forgetting, then lowest held-out loss
     best = max(rows, key=lambda r: (r["new_fact_recall"], -r["retention_drop"], -r["heldout_loss"]))
-    model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"])
+    model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"],
+                        distance=best["distance"])
     follows = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {fake[c]}") for c, _ in swapped]
     keeps = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in swapped]
     model.detach_memory()
     counterfactual = {"items": len(swapped), "follows_memory": rate(follows), "keeps_true_answer": rate(keeps),
-                      "topk": best["topk"], "similarity_threshold": best["similarity_threshold"]}
+                      "topk": best["topk"], "similarity_threshold": best["similarity_threshold"],
+                      "distance": best["distance"]}
     print(json.dumps({"counterfactual": counterfactual}), flush=True)
 
     targets = [
@@ -186,17 +191,18 @@ def markdown(r: dict) -> str:
         f"{r['plain']['in_context_recall']:.2f} with the person's document in the prompt instead (no memory); "
         f"held-out loss {r['plain']['heldout_loss']:.3f} nats.",
         "",
-        "| top-k | similarity threshold | new-fact recall | paraphrase recall | retention drop | held-out loss | "
-        "citations right |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| distance | top-k | similarity threshold | new-fact recall | paraphrase recall | retention drop | "
+        "held-out loss | citations right |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         threshold = "none" if row["similarity_threshold"] is None else f"{row['similarity_threshold']:.2f}"
-        lines.append(f"| {row['topk']} | {threshold} | {row['new_fact_recall']:.3f} | "
+        lines.append(f"| {row['distance']} | {row['topk']} | {threshold} | {row['new_fact_recall']:.3f} | "
                      f"{row['new_fact_recall_paraphrase']:.3f} | {row['retention_drop']:.3f} | "
                      f"{row['heldout_loss']:.3f} | {row['citations_right']:.3f} ({row['citations_checked']}) |")
     cf = r["counterfactual"]
-    lines += ["", f"Counterfactual ({cf['items']} capitals swapped in the bank, top-k {cf['topk']}): the model answers "
+    lines += ["", f"Counterfactual ({cf['items']} capitals swapped in the bank, top-k {cf['topk']}, distance {cf['distance']}): "
+              f"the model answers "
               f"with the memory's capital for {cf['follows_memory']:.2f} of them and still with the true one for "
               f"{cf['keeps_true_answer']:.2f}.", "", "## Targets", "", "| target | value | goal | met |",
               "|---|---:|---|---|"]
