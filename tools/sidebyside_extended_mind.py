@@ -20,7 +20,7 @@ Both models get the same memzoo weights (a tiny random Llama, and optionally a r
 memory tokens (one document: the authors' ``external_memories = [eos, *doc]`` with their special-token removal;
 memzoo's ``MemoryBank.build`` of the document with ``window``/``stride`` set to their ``max_len``/``stride``, 3072/512)
 and the same prompt. Retrieved indices are compared as sets per (layer, query head, position): ties in similarity may
-order them differently.
+order them differently (the table gives the similarity gap where sets differ).
 
     python tools/sidebyside_extended_mind.py --repo /path/to/extended-mind-transformers
     python tools/sidebyside_extended_mind.py --repo CLONE --model /path/to/smollm2-export --out /tmp/sbs
@@ -43,6 +43,7 @@ import torch
 
 import memzoo
 import memzoo.model.attention_memory as attention_memory
+from memzoo.data.biographies_corpus import BiographyCorpus
 from memzoo.model.hf_llama import _LAYER_NAMES
 from memzoo.model.memory_bank import MemoryBank
 
@@ -146,9 +147,12 @@ def recorded_retrieval(model):
             hooks.append(layer.attn.memory.register_forward_pre_hook(lambda m, a, i=i: current.update(layer=i)))
 
     def retrieve(queries, unit_keys, topk):
-        sims, idx = original(queries, unit_keys, topk)
+        sims, idx = original(queries, unit_keys, topk)  # what memzoo retrieves
         B, C, G, T, k = idx.shape
+        more = original(queries, unit_keys, topk + 1)[0]  # one more: the margin to the first entry left out
+        margin = more[..., k - 1] - more[..., k] if more.shape[-1] > k else torch.full_like(more[..., 0], 2.0)
         log.setdefault(current["layer"], []).append(idx.reshape(B, C * G, T, k))
+        log.setdefault(("margin", current["layer"]), []).append(margin.reshape(B, C * G, T))
         log["sims"].append(sims.flatten())
         return sims, idx
 
@@ -219,13 +223,16 @@ def compare(model, modeling, config_cls, doc: list[int], prompt: list[int], topk
             token = mine[0, -1].argmax().view(1, 1)
     model.detach_memory()
     same = total = 0
+    margins = [0.0]
     for layer, forwards in enumerate(their_idx):
-        for theirs_t, mine_t in zip(forwards, log[layer]):
+        for theirs_t, mine_t, margin in zip(forwards, log[layer], log[("margin", layer)]):
             B, H, T, k = mine_t.shape
             a = theirs_t.reshape(B, H, T, -1).sort(-1).values
             b = mine_t.sort(-1).values
-            same += int((a == b).all(-1).sum())
+            equal = (a == b).all(-1)
+            same += int(equal.sum())
             total += B * H * T
+            margins += margin[~equal].tolist()
     scale = float(out.logits.abs().max())
     sims = torch.cat(log["sims"])
     masked = float((sims < threshold).float().mean()) if threshold is not None else 0.0
@@ -233,7 +240,9 @@ def compare(model, modeling, config_cls, doc: list[int], prompt: list[int], topk
             "prompt_tokens": len(prompt), "decode_steps": steps, "logit_scale": scale,
             "memory_effect_on_logits": effect, "retrieved_below_threshold": masked,
             "max_abs_logit_diff_prompt": logit_diff[0], "max_abs_logit_diff_decode": max(logit_diff[1:], default=0.0),
-            "retrieved_sets_equal": same, "retrieved_sets_compared": total}
+            "retrieved_sets_equal": same, "retrieved_sets_compared": total,
+            # where the sets differ: memzoo's similarity gap between its last retrieved entry and the next one
+            "largest_similarity_margin_where_sets_differ": max(margins)}
 
 
 def main(argv=None) -> dict:
@@ -241,7 +250,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repo", required=True, type=Path, help="clone of normal-computing/extended-mind-transformers")
     parser.add_argument("--model", default=None, help="also compare this dense model (anything load_pretrained reads)")
     parser.add_argument("--topk", type=int, nargs="+", default=[2, 12])
-    parser.add_argument("--threshold", type=float, default=0.25, help="also run with mask_by_sim at this threshold")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.25, 0.6],
+                        help="also run with the authors' mask_by_sim at these thresholds (with the largest top-k)")
+    parser.add_argument("--model-label", default=None, help="how the results name --model (default: its path)")
     parser.add_argument("--doc-tokens", type=int, default=3600, help="tiny model's memory document (3 windows)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--keep-float32-rope", action="store_true")
@@ -257,7 +268,7 @@ def main(argv=None) -> dict:
     tiny = tiny_llama(0)
     doc = (torch.randint(3, tiny.vocab_size, (options.doc_tokens,), generator=g)).tolist()
     prompt = [1, *torch.randint(3, tiny.vocab_size, (15,), generator=g).tolist()]
-    settings = [(k, None) for k in options.topk] + [(options.topk[-1], options.threshold)]
+    settings = [(k, None) for k in options.topk] + [(options.topk[-1], t) for t in options.thresholds]
     for topk, threshold in settings:
         row = {"model": "tiny random Llama (4 layers, 4 heads, 2 kv heads, head_dim 16)", **compare(
             tiny, modeling, config_cls, doc, prompt, topk, threshold, options.steps, rope64)}
@@ -265,12 +276,14 @@ def main(argv=None) -> dict:
         print(json.dumps(row), flush=True)
     if options.model:
         real, tokenizer = memzoo.load_pretrained(options.model, with_tokenizer=True, dtype=torch.float32)
-        text = "Delo Kisuda was born in Puleville. Delo Kisuda works for Zakicorp."
+        corpus = BiographyCorpus(8, seed=0)
+        text = " ".join(corpus.prompt_and_answer(p, a, 0)[0] + corpus.prompt_and_answer(p, a, 0)[1] + "."
+                        for p in range(8) for a in ("birth_city", "employer"))
         doc = [t for t in tokenizer.encode(text) if t not in SPECIAL]
-        prompt = [tokenizer.eos_id, *tokenizer.encode("Delo Kisuda was born in")]
+        prompt = [tokenizer.eos_id, *tokenizer.encode(corpus.prompt_and_answer(3, "birth_city", 0)[0])]
         _Ids.eos_id = tokenizer.eos_id
         for topk, threshold in settings:
-            row = {"model": options.model, **compare(real, modeling, config_cls, doc, prompt, topk, threshold,
+            row = {"model": options.model_label or options.model, **compare(real, modeling, config_cls, doc, prompt, topk, threshold,
                                                      options.steps, rope64)}
             runs.append(row)
             print(json.dumps(row), flush=True)
@@ -291,18 +304,21 @@ def markdown(r: dict) -> str:
              "the largest logit difference over the prompt forward and the KV-cached decode steps, and how many "
              "(layer, query head, position) retrieved the same set of memories. For scale: the largest change the "
              "memory makes to memzoo's prompt logits (memory effect), and the share of retrieved entries the "
-             "similarity threshold masks.", "",
+             "similarity threshold masks. Where a set differs, memzoo's cosine-similarity gap between its last "
+             "retrieved entry and the first one left out shows whether it is a near tie (float32 rounding).", "",
              "| model | top-k | similarity threshold (masked) | bank entries | logit scale | memory effect | "
-             "max logit diff (prompt) | max logit diff (decode) | same retrieved sets |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "max logit diff (prompt) | max logit diff (decode) | same retrieved sets | gap where they differ |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["runs"]:
+        differ = row["retrieved_sets_equal"] < row["retrieved_sets_compared"]
+        gap = f"{row['largest_similarity_margin_where_sets_differ']:.1e}" if differ else "-"
         threshold = ("none" if row["similarity_threshold"] is None
                      else f"{row['similarity_threshold']:.2f} ({row['retrieved_below_threshold']:.0%})")
         lines.append(f"| {row['model']} | {row['topk']} | {threshold} | {row['bank_entries']} | "
                      f"{row['logit_scale']:.2f} | {row['memory_effect_on_logits']:.2f} | "
                      f"{row['max_abs_logit_diff_prompt']:.2e} | "
                      f"{row['max_abs_logit_diff_decode']:.2e} | {row['retrieved_sets_equal']} / "
-                     f"{row['retrieved_sets_compared']} |")
+                     f"{row['retrieved_sets_compared']} | {gap} |")
     return "\n".join(lines) + "\n"
 
 

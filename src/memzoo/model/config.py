@@ -12,7 +12,8 @@ changes hyperparameters of the default block (merged over ``block_args``); one n
 block's defaults. ``pool: name`` in an entry makes that layer read the named pool of ``pools``.
 
 Attention memory (Extended Mind / Memorizing Transformers, :mod:`memzoo.model.attention_memory`) is chosen per layer
-too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null}``.
+too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null,
+distance: 0}``.
 """
 
 from __future__ import annotations
