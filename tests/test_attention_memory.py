@@ -384,6 +384,14 @@ def test_memorize_and_generate_errors(llama_folder, tmp_path, bank):
         main(["memorize", "--model", str(llama_folder), "--docs", str(tmp_path / "d.txt"), "--out", "x", "--layers", "x"])
     with pytest.raises(CommandError, match="--cite needs --memory BANK"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--cite"])
+    main(["memorize", "--model", str(llama_folder), "--docs", str(tmp_path / "d.txt"), "--out", str(tmp_path / "d.bank"),
+          "--layers", "0"])
+    with pytest.raises(CommandError, match="generate: attention_memory.distance must be a non-negative integer.*-3"):
+        main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+              "--memory-distance", "-3", "--device", "cpu"])
+    far = main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+                "--memory-distance", "5000", "--max-new-tokens", "2", "--device", "cpu"])
+    assert isinstance(far, str)
     path = bank.save(tmp_path / "byte.bank")  # built by the byte-level tiny model: other dimensions
     with pytest.raises(CommandError, match=r"generate: .*byte\.bank was built for another model"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(path), "--device", "cpu"])

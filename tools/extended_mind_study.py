@@ -23,6 +23,7 @@ For scale, the new facts are also asked with the person's document in the prompt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from importlib import metadata
@@ -72,15 +73,27 @@ def cited_doc(model, bank: MemoryBank, tokenizer, prompt: str) -> int:
 
 
 @torch.no_grad()
-def memory_share(model, tokenizer, prompts: list[str]) -> float:
-    """Share of the attention of each prompt's last query that goes to retrieved memories, averaged over the
-    memory layers, heads and prompts (the rest goes to the local context)."""
-    shares = []
+def memory_share(model, bank: MemoryBank, tokenizer, prompts: list[str]) -> tuple[float, float]:
+    """``(share, first)``: the share of the attention of each prompt's last query that goes to retrieved memories,
+    averaged over the memory layers, heads and prompts (the rest goes to the local context); and the part of that
+    memory attention that goes to the first two tokens of the documents."""
+    shares, first, total = [], 0.0, 0.0
     for prompt in prompts:
         with recording_memory_attention(model) as recorder:
             model(torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]]))
         shares += [float(w.sum(-1).mean()) for steps in recorder.records.values() for _, w in steps]
-    return sum(shares) / max(1, len(shares))
+        weights = recorder.entry_weights(bank.n_entries)
+        first += float(weights[bank.entry_offset < 2].sum())
+        total += float(weights.sum())
+    return sum(shares) / max(1, len(shares)), first / max(total, 1e-300)
+
+
+def own_document(bank: MemoryBank, doc: int) -> MemoryBank:
+    """The entries of document ``doc`` alone (same model, same file fields)."""
+    keep = bank.entry_doc == doc
+    return dataclasses.replace(bank, keys={k: v[:, keep] for k, v in bank.keys.items()},
+                               values={k: v[:, keep] for k, v in bank.values.items()},
+                               entry_doc=bank.entry_doc[keep], entry_offset=bank.entry_offset[keep])
 
 
 @torch.no_grad()
@@ -150,11 +163,26 @@ def main(argv=None) -> dict:
                "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
                "retention": still, "retention_drop": 1.0 - still,
                "heldout_loss": heldout_loss(model, tokenizer), "citations_right": rate(right),
-               "citations_checked": len(right),
-               "memory_attention_share": memory_share(model, tokenizer, [f"The capital of {c} is" for c, _ in known[:8]])}
+               "citations_checked": len(right)}
+        row["memory_attention_share"], row["first_tokens_share"] = memory_share(
+            model, bank, tokenizer, [f"The capital of {c} is" for c, _ in known[:8]])
         model.detach_memory()
         rows.append(row)
         print(json.dumps(row), flush=True)
+
+    # retrieval taken out: each question with its person's document alone in the bank, every entry attended
+    own_doc = []
+    for distance in options.distances:
+        hits, kept = [], []
+        for p in range(options.people):
+            single = own_document(bank, p)
+            model.attach_memory(single, topk=single.n_entries, distance=distance)
+            hits += [answer_correct(model, tokenizer, q, a) for p_, _, t, q, a in facts if p_ == p and t == 0]
+            if p < 3:
+                kept += [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known]
+            model.detach_memory()
+        own_doc.append({"distance": distance, "new_fact_recall": rate(hits), "retention_drop": 1.0 - rate(kept)})
+        print(json.dumps({"own_document": own_doc[-1]}), flush=True)
 
     # counterfactual: each known country paired with the next one's capital
     swapped = known[: options.counterfactuals]
@@ -183,7 +211,7 @@ def main(argv=None) -> dict:
     result = {"model": options.model, "people": options.people, "facts": len(facts) // 2,
               "bank_entries": bank.n_entries, "bank_layers": "all", "capitals_probed": len(probed),
               "capitals_known": len(known), "plain": plain, "rows": rows, "best": best,
-              "counterfactual": counterfactual, "targets": targets, "threads": options.threads,
+              "counterfactual": counterfactual, "own_document_only": own_doc, "targets": targets, "threads": options.threads,
               "seconds": round(time.time() - started, 1)}
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,19 +233,26 @@ def markdown(r: dict) -> str:
         f"held-out loss {r['plain']['heldout_loss']:.3f} nats.",
         "",
         "| distance | top-k | similarity threshold | new-fact recall | paraphrase recall | retention drop | "
-        "held-out loss | citations right | memory share |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "held-out loss | citations right | memory share | first two tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         threshold = "none" if row["similarity_threshold"] is None else f"{row['similarity_threshold']:.2f}"
         lines.append(f"| {row['distance']} | {row['topk']} | {threshold} | {row['new_fact_recall']:.3f} | "
                      f"{row['new_fact_recall_paraphrase']:.3f} | {row['retention_drop']:.3f} | "
                      f"{row['heldout_loss']:.3f} | {row['citations_right']:.3f} ({row['citations_checked']}) | "
-                     f"{row['memory_attention_share']:.2f} |")
+                     f"{row['memory_attention_share']:.2f} | {row['first_tokens_share']:.2f} |")
     cf = r["counterfactual"]
     lines += ["", "Distance: memories sit that many positions before the prompt (`attention_memory.distance`; 0 is the "
               "authors' placement). Memory share: the share of the attention of the last query of 8 known-capital "
-              "prompts that goes to retrieved memories, mean over layers and heads."]
+              "prompts that goes to retrieved memories, mean over layers and heads; first two tokens: the part of "
+              "that memory attention paid to the first two tokens of the documents (each document is read from "
+              "position 0, and its first tokens take the attention-sink role)."]
+    lines += ["", "Retrieval taken out (each question with its person's document alone in the bank, every entry "
+              "attended; retention over 3 such one-document banks):", "",
+              "| distance | new-fact recall | retention drop |", "|---:|---:|---:|"]
+    lines += [f"| {o['distance']} | {o['new_fact_recall']:.3f} | {o['retention_drop']:.3f} |"
+              for o in r["own_document_only"]]
     lines += ["", f"Counterfactual ({cf['items']} capitals swapped in the bank, top-k {cf['topk']}, distance {cf['distance']}): "
               f"the model answers "
               f"with the memory's capital for {cf['follows_memory']:.2f} of them and still with the true one for "
