@@ -16,16 +16,29 @@ from memzoo.cli import CommandError, main
 from memzoo.data.tokenizers import build_tokenizer
 from memzoo.export.errors import ExportError
 from memzoo.export.hf import export_model
-from memzoo.model.attention_memory import AttentionMemory, AttentionMemoryConfig, retrieve
+from memzoo.model.attention_memory import (
+    AttentionMemory,
+    AttentionMemoryConfig,
+    AttentionMemoryError,
+    retrieve,
+)
 from memzoo.model.config import ModelConfigError
 from memzoo.model.memory_bank import MemoryBank, MemoryBankError, recording_memory_attention
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def reference(q, k_loc, v_loc, bank_k, bank_v, topk, q_offset, mode="joint", gate=None, threshold=None):
-    """float64, one query and head at a time: cosine similarity with *every* bank entry, sorted, the best ``topk``."""
+def reference(q, k_loc, v_loc, bank_k, bank_v, topk, q_offset, mode="joint", gate=None, threshold=None,
+              distance=0, inv_freq=None):
+    """float64, one query and head at a time: cosine similarity with *every* bank entry, sorted, the best ``topk``.
+    ``distance``: the bank keys first turned back by ``distance`` positions, as complex numbers ``x_i + i x_{i+hd/2}``
+    times ``exp(-i · distance · inv_freq_i)``."""
     q, k_loc, v_loc, bank_k, bank_v = (t.double() for t in (q, k_loc, v_loc, bank_k, bank_v))
+    if distance:
+        half = bank_k.shape[-1] // 2
+        z = torch.complex(bank_k[..., :half], bank_k[..., half:]) * torch.polar(
+            torch.ones(half, dtype=torch.float64), -distance * inv_freq.double())
+        bank_k = torch.cat([z.real, z.imag], dim=-1)
     B, T, H, hd = q.shape
     C = k_loc.shape[1]
     out = torch.zeros(B, T, H, hd, dtype=torch.float64)
@@ -53,24 +66,29 @@ def reference(q, k_loc, v_loc, bank_k, bank_v, topk, q_offset, mode="joint", gat
     return out
 
 
-def memory_module(mode, topk, threshold=None, H=4, C=2, hd=8, N=11, seed=0, duplicates=False):
+def memory_module(mode, topk, threshold=None, H=4, C=2, hd=8, N=11, seed=0, duplicates=False, distance=0):
     torch.manual_seed(seed)
-    module = AttentionMemory(0, H, C, hd, AttentionMemoryConfig((0,), topk, mode, threshold))
+    module = AttentionMemory(0, H, C, hd, AttentionMemoryConfig((0,), topk, mode, threshold, distance=distance))
     if module.gate is not None:
         module.gate.data.normal_()
     keys, values = torch.randn(C, N, hd), torch.randn(C, N, hd)
     if duplicates:  # the same key/value stored twice: ties in the ranking pick equal entries
         keys[:, 1], values[:, 1] = keys[:, 0], values[:, 0]
-    module.set_bank(keys, values)
+    module.set_bank(keys, values, INV_FREQ)
     return module, keys, values
 
 
-@pytest.mark.parametrize("mode,topk,threshold,offset,duplicates", [
-    ("joint", 3, None, 0, False), ("joint", 50, None, 2, False), ("joint", 4, 0.1, 1, True),
-    ("gated", 3, None, 0, False), ("gated", 2, 0.3, 3, True),
+INV_FREQ = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+
+
+@pytest.mark.parametrize("mode,topk,threshold,offset,duplicates,distance", [
+    ("joint", 3, None, 0, False, 0), ("joint", 50, None, 2, False, 0), ("joint", 4, 0.1, 1, True, 0),
+    ("gated", 3, None, 0, False, 0), ("gated", 2, 0.3, 3, True, 0), ("joint", 3, None, 1, False, 5000),
+    ("gated", 4, 0.1, 0, True, 37),
 ])
-def test_memory_attention_equals_a_float64_reference_forward_and_gradients(mode, topk, threshold, offset, duplicates):
-    module, keys, values = memory_module(mode, topk, threshold, duplicates=duplicates)
+def test_memory_attention_equals_a_float64_reference_forward_and_gradients(mode, topk, threshold, offset, duplicates,
+                                                                            distance):
+    module, keys, values = memory_module(mode, topk, threshold, duplicates=duplicates, distance=distance)
     B, T, H, C, hd = 2, 5, 4, 2, 8
     q = torch.randn(B, T, H, hd, requires_grad=True)
     k_loc = torch.randn(B, C, offset + T, hd, requires_grad=True)
@@ -78,7 +96,7 @@ def test_memory_attention_equals_a_float64_reference_forward_and_gradients(mode,
     y = module(q, k_loc, v_loc, offset)
     gate = module.gate.detach().clone().requires_grad_() if module.gate is not None else None
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k_loc, v_loc))
-    expected = reference(q64, k64, v64, keys, values, topk, offset, mode, gate, threshold)
+    expected = reference(q64, k64, v64, keys, values, topk, offset, mode, gate, threshold, distance, INV_FREQ)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(expected)
     (y.double() * grad).sum().backward()
@@ -156,6 +174,23 @@ def test_kv_cache_decoding_equals_recomputation_with_a_bank(bank):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-5)
     prompt = ids[:, :6]
     assert torch.equal(model.generate(prompt, 12), model.generate(prompt, 12, use_cache=False))
+
+
+def test_memory_distance_equals_queries_moved_that_far_and_needs_the_frequencies(bank):
+    """A query at position p sees memories at distance p + D: with ``distance D`` the model equals the model with
+    memories at distance 0 whose tokens sit at positions D, D + 1, ... (local attention depends only on differences)."""
+    ids = torch.randint(0, 258, (1, 20), generator=torch.Generator().manual_seed(6))
+    near, far = tiny(), tiny()
+    near.attach_memory(bank, topk=4)
+    far.attach_memory(bank, topk=4, distance=30)
+    assert far.config.attention_memory["distance"] == 30
+    with torch.no_grad():
+        moved = near(ids, positions=torch.arange(30, 50)[None])
+        torch.testing.assert_close(far(ids), moved, rtol=0, atol=1e-5)
+        assert not torch.allclose(far(ids), near(ids), atol=1e-3)  # the distance matters
+    module = AttentionMemory(0, 4, 2, 8, AttentionMemoryConfig((0,), 2, distance=3))
+    with pytest.raises(AttentionMemoryError, match="distance 3 needs the layer's rotary frequencies"):
+        module.set_bank(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
 
 
 def test_bank_entries_record_their_origin_and_windows_keep_context():
@@ -239,13 +274,14 @@ def test_config_errors_name_the_bad_value():
         ({"layers": "all", "mode": "gate"}, "mode must be one of \\('joint', 'gated'\\), got 'gate'"),
         ({"layers": "all", "similarity_threshold": 2}, "similarity_threshold must be a cosine similarity"),
         ({"layers": "all", "index": "hnsw"}, "index must be one of \\('exact', 'faiss_ivf'\\), got 'hnsw'"),
+        ({"layers": "all", "distance": -4}, "distance must be a non-negative integer.*got -4"),
         ("all", "must be a mapping"),
     ]:
         with pytest.raises(ModelConfigError, match=message):
             tiny(memory)
     model = tiny({"layers": [-1, 0], "mode": "gated"})
     assert model.config.attention_memory == {"layers": [0, 2], "topk": 8, "mode": "gated", "similarity_threshold": None,
-                                             "index": "exact"}
+                                             "index": "exact", "distance": 0}
     assert [layer.attn.memory is not None for layer in model.layers] == [True, False, True]
     assert set(k for k in model.state_dict() if "memory" in k) == {"layers.0.attn.memory.gate", "layers.2.attn.memory.gate"}
     rebuilt = memzoo.Transformer(model.config.to_dict())
@@ -379,6 +415,14 @@ def test_memorize_and_generate_errors(llama_folder, tmp_path, bank):
         main(["memorize", "--model", str(llama_folder), "--docs", str(tmp_path / "d.txt"), "--out", "x", "--layers", "x"])
     with pytest.raises(CommandError, match="--cite needs --memory BANK"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--cite"])
+    main(["memorize", "--model", str(llama_folder), "--docs", str(tmp_path / "d.txt"), "--out", str(tmp_path / "d.bank"),
+          "--layers", "0"])
+    with pytest.raises(CommandError, match="generate: attention_memory.distance must be a non-negative integer.*-3"):
+        main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+              "--memory-distance", "-3", "--device", "cpu"])
+    far = main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+                "--memory-distance", "5000", "--max-new-tokens", "2", "--device", "cpu"])
+    assert isinstance(far, str)
     path = bank.save(tmp_path / "byte.bank")  # built by the byte-level tiny model: other dimensions
     with pytest.raises(CommandError, match=r"generate: .*byte\.bank was built for another model"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(path), "--device", "cpu"])

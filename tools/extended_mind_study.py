@@ -17,12 +17,13 @@ citations, and a counterfactual check.
 For scale, the new facts are also asked with the person's document in the prompt (in context, no memory).
 
     python tools/extended_mind_study.py                       # writes docs/results/extended-mind.{json,md}
-    python tools/extended_mind_study.py --people 10 --topk 4 8 --out /tmp/em
+    python tools/extended_mind_study.py --people 10 --topk 4 8 --distances 0 4096 --out /tmp/em
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from importlib import metadata
@@ -72,6 +73,30 @@ def cited_doc(model, bank: MemoryBank, tokenizer, prompt: str) -> int:
 
 
 @torch.no_grad()
+def memory_share(model, bank: MemoryBank, tokenizer, prompts: list[str]) -> tuple[float, float]:
+    """``(share, first)``: the share of the attention of each prompt's last query that goes to retrieved memories,
+    averaged over the memory layers, heads and prompts (the rest goes to the local context); and the part of that
+    memory attention that goes to the first two tokens of the documents."""
+    shares, first, total = [], 0.0, 0.0
+    for prompt in prompts:
+        with recording_memory_attention(model) as recorder:
+            model(torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]]))
+        shares += [float(w.sum(-1).mean()) for steps in recorder.records.values() for _, w in steps]
+        weights = recorder.entry_weights(bank.n_entries)
+        first += float(weights[bank.entry_offset < 2].sum())
+        total += float(weights.sum())
+    return sum(shares) / max(1, len(shares)), first / max(total, 1e-300)
+
+
+def own_document(bank: MemoryBank, doc: int) -> MemoryBank:
+    """The entries of document ``doc`` alone (same model, same file fields)."""
+    keep = bank.entry_doc == doc
+    return dataclasses.replace(bank, keys={k: v[:, keep] for k, v in bank.keys.items()},
+                               values={k: v[:, keep] for k, v in bank.values.items()},
+                               entry_doc=bank.entry_doc[keep], entry_offset=bank.entry_offset[keep])
+
+
+@torch.no_grad()
 def heldout_loss(model, tokenizer, n_windows: int = 8, window: int = 128) -> float:
     import pydoc_data.topics
 
@@ -96,6 +121,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--topk", type=int, nargs="+", default=[8])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[-1.0],
                         help="similarity thresholds to sweep (-1: none)")
+    parser.add_argument("--distances", type=int, nargs="+", default=[0],
+                        help="memory distances to sweep (attention_memory.distance; 0: the authors' placement)")
     parser.add_argument("--countries", type=int, default=60, help="capitals probed for retention")
     parser.add_argument("--counterfactuals", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -124,21 +151,38 @@ def main(argv=None) -> dict:
 
     bank = MemoryBank.build(model, tokenizer, docs)
     rows = []
-    for topk in options.topk:
-        for threshold in options.thresholds:
-            model.attach_memory(bank, topk=topk, similarity_threshold=None if threshold < 0 else threshold)
-            ok = {(p, a, t): answer_correct(model, tokenizer, q, a_) for p, a, t, q, a_ in facts}
-            right = [cited_doc(model, bank, tokenizer, q) == p for p, a, t, q, _ in facts if t == 0 and ok[(p, a, t)]]
-            still = rate([answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known])
-            row = {"topk": topk, "similarity_threshold": None if threshold < 0 else threshold,
-                   "new_fact_recall": rate([v for (p, a, t), v in ok.items() if t == 0]),
-                   "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
-                   "retention": still, "retention_drop": 1.0 - still,
-                   "heldout_loss": heldout_loss(model, tokenizer), "citations_right": rate(right),
-                   "citations_checked": len(right)}
+    settings = [(k, t, d) for d in options.distances for k in options.topk for t in options.thresholds]
+    for topk, threshold, distance in settings:
+        model.attach_memory(bank, topk=topk, similarity_threshold=None if threshold < 0 else threshold,
+                            distance=distance)
+        ok = {(p, a, t): answer_correct(model, tokenizer, q, a_) for p, a, t, q, a_ in facts}
+        right = [cited_doc(model, bank, tokenizer, q) == p for p, a, t, q, _ in facts if t == 0 and ok[(p, a, t)]]
+        still = rate([answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known])
+        row = {"topk": topk, "similarity_threshold": None if threshold < 0 else threshold, "distance": distance,
+               "new_fact_recall": rate([v for (p, a, t), v in ok.items() if t == 0]),
+               "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
+               "retention": still, "retention_drop": 1.0 - still,
+               "heldout_loss": heldout_loss(model, tokenizer), "citations_right": rate(right),
+               "citations_checked": len(right)}
+        row["memory_attention_share"], row["first_tokens_share"] = memory_share(
+            model, bank, tokenizer, [f"The capital of {c} is" for c, _ in known[:8]])
+        model.detach_memory()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # retrieval taken out: each question with its person's document alone in the bank, every entry attended
+    own_doc = []
+    for distance in options.distances:
+        hits, kept = [], []
+        for p in range(options.people):
+            single = own_document(bank, p)
+            model.attach_memory(single, topk=single.n_entries, distance=distance)
+            hits += [answer_correct(model, tokenizer, q, a) for p_, _, t, q, a in facts if p_ == p and t == 0]
+            if p < 3:
+                kept += [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known]
             model.detach_memory()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        own_doc.append({"distance": distance, "new_fact_recall": rate(hits), "retention_drop": 1.0 - rate(kept)})
+        print(json.dumps({"own_document": own_doc[-1]}), flush=True)
 
     # counterfactual: each known country paired with the next one's capital
     swapped = known[: options.counterfactuals]
@@ -146,12 +190,14 @@ def main(argv=None) -> dict:
     cf_bank = MemoryBank.build(model, tokenizer, {c: f"The capital of {c} is {fake[c]}." for c, _ in swapped})
     # the setting reported against the targets: best recall, then least forgetting, then lowest held-out loss
     best = max(rows, key=lambda r: (r["new_fact_recall"], -r["retention_drop"], -r["heldout_loss"]))
-    model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"])
+    model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"],
+                        distance=best["distance"])
     follows = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {fake[c]}") for c, _ in swapped]
     keeps = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in swapped]
     model.detach_memory()
     counterfactual = {"items": len(swapped), "follows_memory": rate(follows), "keeps_true_answer": rate(keeps),
-                      "topk": best["topk"], "similarity_threshold": best["similarity_threshold"]}
+                      "topk": best["topk"], "similarity_threshold": best["similarity_threshold"],
+                      "distance": best["distance"]}
     print(json.dumps({"counterfactual": counterfactual}), flush=True)
 
     targets = [
@@ -165,7 +211,7 @@ def main(argv=None) -> dict:
     result = {"model": options.model, "people": options.people, "facts": len(facts) // 2,
               "bank_entries": bank.n_entries, "bank_layers": "all", "capitals_probed": len(probed),
               "capitals_known": len(known), "plain": plain, "rows": rows, "best": best,
-              "counterfactual": counterfactual, "targets": targets, "threads": options.threads,
+              "counterfactual": counterfactual, "own_document_only": own_doc, "targets": targets, "threads": options.threads,
               "seconds": round(time.time() - started, 1)}
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,17 +232,29 @@ def markdown(r: dict) -> str:
         f"{r['plain']['in_context_recall']:.2f} with the person's document in the prompt instead (no memory); "
         f"held-out loss {r['plain']['heldout_loss']:.3f} nats.",
         "",
-        "| top-k | similarity threshold | new-fact recall | paraphrase recall | retention drop | held-out loss | "
-        "citations right |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| distance | top-k | similarity threshold | new-fact recall | paraphrase recall | retention drop | "
+        "held-out loss | citations right | memory share | first two tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         threshold = "none" if row["similarity_threshold"] is None else f"{row['similarity_threshold']:.2f}"
-        lines.append(f"| {row['topk']} | {threshold} | {row['new_fact_recall']:.3f} | "
+        lines.append(f"| {row['distance']} | {row['topk']} | {threshold} | {row['new_fact_recall']:.3f} | "
                      f"{row['new_fact_recall_paraphrase']:.3f} | {row['retention_drop']:.3f} | "
-                     f"{row['heldout_loss']:.3f} | {row['citations_right']:.3f} ({row['citations_checked']}) |")
+                     f"{row['heldout_loss']:.3f} | {row['citations_right']:.3f} ({row['citations_checked']}) | "
+                     f"{row['memory_attention_share']:.2f} | {row['first_tokens_share']:.2f} |")
     cf = r["counterfactual"]
-    lines += ["", f"Counterfactual ({cf['items']} capitals swapped in the bank, top-k {cf['topk']}): the model answers "
+    lines += ["", "Distance: memories sit that many positions before the prompt (`attention_memory.distance`; 0 is the "
+              "authors' placement). Memory share: the share of the attention of the last query of 8 known-capital "
+              "prompts that goes to retrieved memories, mean over layers and heads; first two tokens: the part of "
+              "that memory attention paid to the first two tokens of the documents (each document is read from "
+              "position 0, and its first tokens take the attention-sink role)."]
+    lines += ["", "Retrieval taken out (each question with its person's document alone in the bank, every entry "
+              "attended; retention over 3 such one-document banks):", "",
+              "| distance | new-fact recall | retention drop |", "|---:|---:|---:|"]
+    lines += [f"| {o['distance']} | {o['new_fact_recall']:.3f} | {o['retention_drop']:.3f} |"
+              for o in r["own_document_only"]]
+    lines += ["", f"Counterfactual ({cf['items']} capitals swapped in the bank, top-k {cf['topk']}, distance {cf['distance']}): "
+              f"the model answers "
               f"with the memory's capital for {cf['follows_memory']:.2f} of them and still with the true one for "
               f"{cf['keeps_true_answer']:.2f}.", "", "## Targets", "", "| target | value | goal | met |",
               "|---|---:|---|---|"]

@@ -14,8 +14,12 @@ largest cosine similarity ``q·k / (|q||k|)``: an exact matmul + top-k over the 
 Positions (the Extended Mind treatment for rotary models): bank keys are stored *before* rotation and used as they are,
 i.e. rotated for position 0, while the query keeps its own rotation; a query at position ``p`` sees every memory at
 relative distance ``p``, before its whole context. This is what the authors' Llama code computes (keys cached before
-RoPE, only queries and local keys rotated) and needs no finetuning. ``similarity_threshold`` (the authors'
-``mask_by_sim``) drops retrieved entries whose cosine similarity is below it.
+RoPE, only queries and local keys rotated) and needs no finetuning. ``distance: D`` moves the memories further back:
+bank keys are rotated for position ``−D`` (for retrieval and attention alike), so a query at position ``p`` sees them
+at relative distance ``p + D`` (``D = 0``: the authors' treatment). With short prompts ``p`` is small and memories look
+like recent tokens; on SmolLM2-135M, ``D = 0`` lets two retrieved memories per head take most of the attention and
+breaks the model, a few thousand keeps what it knew (``docs/results/extended-mind.md``). ``similarity_threshold``
+(the authors' ``mask_by_sim``) drops retrieved entries whose cosine similarity is below it.
 
 Retrieval is exact by default. ``index: faiss_ivf`` (needs the optional ``faiss-cpu`` package) searches an inverted
 file index per key/value head instead (``IndexIVFFlat`` over the unit keys, ``nlist = min(√N, N/39)`` lists,
@@ -35,6 +39,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+
+from memzoo.model.rope import rotate_for_position
 
 MEMORY_MODES = ("joint", "gated")
 MEMORY_INDEXES = ("exact", "faiss_ivf")
@@ -58,6 +64,8 @@ class AttentionMemoryConfig:
         similarity_threshold: retrieved entries with cosine similarity below this are not attended (``None``: all
             ``topk`` are; the authors use 0.25).
         index: ``exact`` (matmul + top-k over the bank) or ``faiss_ivf`` (approximate; module docstring).
+        distance: memories are rotated for position ``-distance``: a query at position ``p`` sees them at relative
+            distance ``p + distance`` (0: the Extended Mind authors' treatment; module docstring).
     """
 
     layers: tuple[int, ...]
@@ -65,6 +73,7 @@ class AttentionMemoryConfig:
     mode: str = "joint"
     similarity_threshold: float | None = None
     index: str = "exact"
+    distance: int = 0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], n_layers: int) -> AttentionMemoryConfig:
@@ -101,12 +110,18 @@ class AttentionMemoryConfig:
         index = data.get("index", cls.index)
         if index not in MEMORY_INDEXES:
             raise AttentionMemoryError(f"attention_memory.index must be one of {MEMORY_INDEXES}, got {index!r}")
-        return cls(layers, topk, mode, None if threshold is None else float(threshold), index)
+        distance = data.get("distance", cls.distance)
+        if isinstance(distance, bool) or not isinstance(distance, int) or distance < 0:
+            raise AttentionMemoryError(
+                f"attention_memory.distance must be a non-negative integer (positions between the memories and the "
+                f"context), got {distance!r}"
+            )
+        return cls(layers, topk, mode, None if threshold is None else float(threshold), index, distance)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as model configs store it."""
         return {"layers": list(self.layers), "topk": self.topk, "mode": self.mode,
-                "similarity_threshold": self.similarity_threshold, "index": self.index}
+                "similarity_threshold": self.similarity_threshold, "index": self.index, "distance": self.distance}
 
 
 def _layer_list(value: Any, n_layers: int) -> tuple[int, ...]:
@@ -220,6 +235,7 @@ class AttentionMemory(nn.Module):
         self.mode = config.mode
         self.similarity_threshold = config.similarity_threshold
         self.index = config.index
+        self.distance = config.distance
         self.faiss_indexes: list | None = None
         self.gate = nn.Parameter(torch.zeros(n_heads)) if config.mode == "gated" else None
         empty = torch.zeros(n_kv_heads, 0, head_dim)
@@ -238,14 +254,23 @@ class AttentionMemory(nn.Module):
         """Whether this layer attends to memory now (a non-empty bank is attached and memory is not suspended)."""
         return self.enabled and self.n_entries > 0
 
-    def set_bank(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Attaches ``keys, values (H_kv, N, hd)`` (pre-rotation keys), on this module's device, in the given dtype."""
+    def set_bank(self, keys: torch.Tensor, values: torch.Tensor, inv_freq: torch.Tensor | None = None) -> None:
+        """Attaches ``keys, values (H_kv, N, hd)`` (pre-rotation keys), on this module's device, in the given dtype.
+        With ``distance > 0`` the keys are rotated for position ``-distance`` with the layer's rotary inverse
+        frequencies ``inv_freq (hd/2,)`` (required then)."""
         expected = (self.n_kv_heads, keys.shape[1] if keys.dim() == 3 else -1, self.head_dim)
         if keys.dim() != 3 or tuple(keys.shape) != expected or keys.shape != values.shape:
             raise AttentionMemoryError(
                 f"layer {self.layer}: bank keys {tuple(keys.shape)} / values {tuple(values.shape)} must both be "
                 f"(n_kv_heads={self.n_kv_heads}, N, head_dim={self.head_dim})"
             )
+        if self.distance:
+            if inv_freq is None:
+                raise AttentionMemoryError(
+                    f"layer {self.layer}: attention_memory.distance {self.distance} needs the layer's rotary "
+                    f"frequencies; attach banks with Transformer.attach_memory"
+                )
+            keys = rotate_for_position(keys, inv_freq, -self.distance)
         device = self.keys.device
         self.keys = keys.to(device)
         self.values = values.to(device)

@@ -14,7 +14,8 @@ an entry of layer ``i < j`` (UltraMem's skip-layer placement): the block reads l
 output is added to the residual stream after layer ``j`` (after ``j``'s own FFN-slot output).
 
 Attention memory (Extended Mind / Memorizing Transformers, :mod:`memzoo.model.attention_memory`) is chosen per layer
-too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null}``.
+too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null,
+distance: 0}``.
 """
 
 from __future__ import annotations

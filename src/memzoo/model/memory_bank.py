@@ -29,6 +29,7 @@ import torch
 
 from memzoo.atomic import write_bytes_atomic
 from memzoo.model.attention_memory import AttentionMemoryConfig, AttentionMemoryError, CitationRecorder
+from memzoo.model.rope import rope_inv_freq
 
 #: The model a bank belongs to: a :class:`~memzoo.model.transformer.Transformer` (typed as a module here, since the
 #: Transformer's ``attach_memory`` imports this file).
@@ -378,12 +379,12 @@ def _split(tokens: torch.Tensor, starts: torch.Tensor) -> list[list[int]]:
 
 def attach_memory(model: Transformer, bank: MemoryBank, topk: int | None = None,
                   similarity_threshold: float | None = None, check_weights: bool = True,
-                  index: str | None = None) -> None:
+                  index: str | None = None, distance: int | None = None) -> None:
     """Gives ``model``'s attention the entries of ``bank`` (see :meth:`Transformer.attach_memory`)."""
     bank.check_fits(model, check_weights)
     config = model.config.memory_config()
-    changes = {k: v for k, v in (("topk", topk), ("similarity_threshold", similarity_threshold), ("index", index))
-               if v is not None}
+    changes = {k: v for k, v in (("topk", topk), ("similarity_threshold", similarity_threshold), ("index", index),
+                                 ("distance", distance)) if v is not None}
     if config is None:
         settings = AttentionMemoryConfig.from_dict({"layers": bank.layers, **changes}, model.n_layers)
         _install(model, settings)
@@ -399,11 +400,13 @@ def attach_memory(model: Transformer, bank: MemoryBank, topk: int | None = None,
         for layer in settings.layers:
             memory = model.layers[layer].attn.memory
             memory.topk, memory.similarity_threshold = settings.topk, settings.similarity_threshold
-            memory.index = settings.index
+            memory.index, memory.distance = settings.index, settings.distance
     model.config = model.config.replace(attention_memory=settings.to_dict())
     dtype = model.embed.weight.dtype
     for layer in bank.layers:
-        model.layers[layer].attn.memory.set_bank(bank.keys[layer].to(dtype), bank.values[layer].to(dtype))
+        attn = model.layers[layer].attn
+        inv_freq = rope_inv_freq(attn.head_dim, attn.rope.base, attn.rope.scaling)
+        attn.memory.set_bank(bank.keys[layer].to(dtype), bank.values[layer].to(dtype), inv_freq)
     model.memory_bank = bank
 
 

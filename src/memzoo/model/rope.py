@@ -63,6 +63,16 @@ def _number(scaling: Mapping[str, Any], key: str) -> float:
     return float(value)
 
 
+def rotate_for_position(x: torch.Tensor, inv_freq: torch.Tensor, position: float) -> torch.Tensor:
+    """``x (..., head_dim)`` rotated as a key or query at ``position`` (any real number, negative included, beyond
+    the tables too): pair ``(x1_i, x2_i)`` by angle ``position · inv_freq_i`` ("rotate half" layout, as
+    :class:`RotaryEmbedding`). Computed in float64, returned in ``x.dtype``."""
+    angles = position * inv_freq.to(device=x.device, dtype=torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.double().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
 class _RotateHalfFunction(torch.autograd.Function):
     """Rotation of each pair ``(x1_i, x2_i)`` (the two halves of the last dim) by an angle ``θ_i``:
     ``(x1·cos θ − x2·sin θ, x2·cos θ + x1·sin θ)``, i.e. ``x · (cos θ, cos θ)`` then ``∓ sin θ ·`` the other
