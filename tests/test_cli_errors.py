@@ -260,7 +260,8 @@ def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_pat
         summarize_config(str(_write(tmp_path / "s.yaml", "model:\n  init_args: {architecture: {dim: 8, dim: 16}}\n")))
 
 
-# One real process per kind of mistake: nothing but the one line reaches stderr (no usage, no warnings, no logs).
+# Each kind of mistake gives one line on stderr, nothing else (no usage, no warnings, no logs): in-process through the
+# console script's entry point, and in real processes for the kinds whose error comes before / after Lightning starts.
 CONSOLE_CASES = {  # kind: (line replaced in the config, its replacement, extra arguments, part of the message)
     "unknown key": ("n_heads: 2", "n_head: 2", [], "line 19: unknown key 'n_head' in model.init_args.architecture"),
     "wrong type": (None, None, ["--model.init_args.architecture.n_layers", "two"], "got 'two', expected int"),
@@ -270,29 +271,45 @@ CONSOLE_CASES = {  # kind: (line replaced in the config, its replacement, extra 
     "missing file": (None, None, ["--config", "missing.yaml"], "--config: file"),
     "abbreviation": (None, None, ["--trainer.max_step", "5"], "did you mean --trainer.max_steps?"),
 }
+#: the kinds also run as real processes (the rest only in-process: each process spends seconds importing)
+IN_A_PROCESS = ("unknown key", "yaml syntax")
 
 
-@pytest.mark.slow  # 7 processes that each import torch and Lightning: ~20 s on 2 idle cores
-def test_the_console_script_prints_one_error_line_for_each_kind_of_mistake(tmp_path):
-    """Each kind in its own process (4 at a time: each spends seconds importing torch and Lightning), and one more
-    with --debug that prints the traceback instead."""
+def _console_command(tmp_path, kind):
+    old, new, extra, _ = CONSOLE_CASES[kind]
+    folder = tmp_path / kind.replace(" ", "_")
+    folder.mkdir()
+    config = write_config(folder)
+    if old is not None:
+        config, _ = with_line(config, old, new)
+    return ["fit", "--config", str(config), *extra], folder
+
+
+def test_the_entry_point_prints_one_error_line_for_each_kind_of_mistake(tmp_path, monkeypatch, capsys):
+    for kind, (_, _, _, message) in CONSOLE_CASES.items():
+        args, folder = _console_command(tmp_path, kind)
+        monkeypatch.chdir(folder)
+        monkeypatch.setattr(sys, "argv", ["memzoo", *args])
+        status = entry_point()
+        captured = capsys.readouterr()
+        assert status == 2, (kind, captured.err)
+        assert message in one_error_line(captured.err), kind
+        assert captured.out == "", kind
+
+
+@pytest.mark.slow  # 3 processes that each import torch and Lightning
+def test_the_console_script_prints_one_error_line_and_the_traceback_with_debug(tmp_path):
+    """Real processes (2 at a time): nothing but the one line reaches stderr; with --debug the traceback instead."""
     from concurrent.futures import ThreadPoolExecutor
 
-    commands = {}
-    for kind, (old, new, extra, _) in CONSOLE_CASES.items():
-        folder = tmp_path / kind.replace(" ", "_")
-        folder.mkdir()
-        config = write_config(folder)
-        if old is not None:
-            config, _ = with_line(config, old, new)
-        commands[kind] = (["fit", "--config", str(config), *extra], folder)
+    commands = {kind: _console_command(tmp_path, kind) for kind in IN_A_PROCESS}
     typo, _ = with_line(write_config(tmp_path), "n_heads: 2", "n_head: 2")
     commands["debug"] = (["fit", "--config", str(typo), "--debug"], tmp_path)
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(2) as pool:
         done = dict(zip(commands, pool.map(lambda c: memzoo(*c[0], cwd=c[1]), commands.values())))
-    for kind, (_, _, _, message) in CONSOLE_CASES.items():
+    for kind in IN_A_PROCESS:
         assert done[kind].returncode == 2, (kind, done[kind].stderr)
-        assert message in one_error_line(done[kind].stderr), kind
+        assert CONSOLE_CASES[kind][3] in one_error_line(done[kind].stderr), kind
         assert done[kind].stdout == "", kind
     assert done["debug"].returncode != 0
     assert "Traceback (most recent call last)" in done["debug"].stderr and "ConfigError" in done["debug"].stderr
