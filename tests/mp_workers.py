@@ -13,6 +13,8 @@ MODEL = dict(
     layers={1: {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8}},
     pools={"memory": {"n_keys": 8, "value_dim": 12, "update": "dense", "lr": 0.01}},
 )
+#: MODEL with its pool trained by row-sparse gradients and the row-wise optimizer.
+SPARSE_MODEL = {**MODEL, "pools": {"memory": {**MODEL["pools"]["memory"], "update": "sparse"}}}
 
 
 def launch(worker, world_size: int, *args, lightning: bool = False) -> None:
@@ -181,14 +183,15 @@ def token_data(batch_size: int):
     return TokenData()
 
 
-def language_model():
+def language_model(architecture: dict = MODEL, **kwargs):
     from memzoo.training.module import LanguageModel
 
     torch.manual_seed(0)
-    return LanguageModel(architecture=MODEL, warmup_steps=1, lr_decay_steps=10)
+    return LanguageModel(architecture=architecture, warmup_steps=1, lr_decay_steps=10, **kwargs)
 
 
-def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None):
+def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None,
+            gradient_clip_val: float | None = None):
     """A quiet CPU Trainer; ``save_dir``: a checkpoint every 2 steps there (``step=2.ckpt``, ...)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -200,6 +203,7 @@ def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
         enable_checkpointing=save_dir is not None, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        gradient_clip_val=gradient_clip_val,
         callbacks=[
             ModelCheckpoint(save_dir, "{step}", every_n_train_steps=2, save_top_k=-1, save_last=False)
         ] if save_dir else [],
@@ -218,10 +222,10 @@ def full_weights(module) -> dict[str, torch.Tensor]:
 
 def fit(
     steps: int, memory_parallel: int | None, devices: int, batch_size: int, ckpt: str | None = None,
-    save_dir: str | None = None,
+    save_dir: str | None = None, architecture: dict = MODEL, gradient_clip_val: float | None = None, **model_args,
 ):
-    model = language_model()
-    run = trainer(steps, memory_parallel, devices, save_dir)
+    model = language_model(architecture, **model_args)
+    run = trainer(steps, memory_parallel, devices, save_dir, gradient_clip_val)
     run.fit(model, datamodule=token_data(batch_size), ckpt_path=ckpt)
     return model, run
 
@@ -305,3 +309,49 @@ def planner_counts_equal_local_shards(rank: int, world_size: int) -> None:
         if rank == 0:
             assert plan.dense_parameter_elements == sum(local.values())
         assert local["embed.weight"] == (129 if rank == 0 else 128) * 16
+
+
+# ----------------------------------------------------------------------------------------------- update: sparse
+
+SPARSE_CLIP = 0.05  # small enough that every step's dense gradients are clipped
+
+
+def sparse_fit(steps: int, memory_parallel: int | None, devices: int, batch_size: int, **kwargs):
+    """``fit`` of :data:`SPARSE_MODEL` (LazyAdam on the pool, AdamW elsewhere) with gradient clipping."""
+    return fit(steps, memory_parallel, devices, batch_size, architecture=SPARSE_MODEL,
+               gradient_clip_val=SPARSE_CLIP, **kwargs)
+
+
+def sparse_one_process_reference(out: str) -> None:
+    """One process, the unsharded sparse pool, 4 steps: out/sparse_single_step4.pt (and the initial weights)."""
+    torch.save(full_weights(language_model(SPARSE_MODEL)), f"{out}/sparse_init.pt")
+    model, _ = sparse_fit(4, None, 1, 4)
+    torch.save(full_weights(model), f"{out}/sparse_single_step4.pt")
+
+
+def sparse_two_rank_runs(rank: int, world_size: int, out: str) -> None:
+    """2 ranks, the sparse pool sharded 2 ways, 4 steps with sharded checkpoints at steps 2 and 4; resumed from
+    step 2 the run ends on exactly the same weights and optimizer state; memory_parallel 1 (2 replicas of the
+    whole table, rows exchanged once per step) to step 4. Weights saved by rank 0 for the test."""
+    from torch.distributed.tensor import DTensor
+
+    straight, run = sparse_fit(4, 2, 2, 2, save_dir=f"{out}/sparse_mp")
+    table = straight.model.pools["memory"].values
+    assert isinstance(table, DTensor) and table.to_local().shape == (64, 6), table
+    lazy_adam = run.optimizers[0].optimizers[1]
+    state = lazy_adam.state[table]
+    assert type(lazy_adam).__name__ == "LazyAdam" and isinstance(state["exp_avg"], DTensor)
+    assert state["exp_avg"].to_local().shape == (64, 6) and state["step"].shape == (64,)
+    resumed, resumed_run = sparse_fit(4, 2, 2, 2, ckpt=f"{out}/sparse_mp/step=2.ckpt")
+    straight_weights, resumed_weights = full_weights(straight), full_weights(resumed)
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=f"exact resume: {name}")
+    resumed_state = resumed_run.optimizers[0].optimizers[1].state[resumed.model.pools["memory"].values]
+    for key, value in state.items():
+        value, again = (v.full_tensor() if isinstance(v, DTensor) else v for v in (value, resumed_state[key]))
+        torch.testing.assert_close(again, value, rtol=0, atol=0, msg=f"exact resume: LazyAdam {key}")
+    replicated, _ = sparse_fit(4, 1, 2, 2)
+    replicated_weights = full_weights(replicated)
+    if rank == 0:
+        torch.save(straight_weights, f"{out}/sparse_mp_step4.pt")
+        torch.save(replicated_weights, f"{out}/sparse_mp1_step4.pt")

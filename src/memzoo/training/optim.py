@@ -447,7 +447,9 @@ class OptimizerBundle(Optimizer):
       on the bundle scales every group of every member, and ``state`` is a view of the members' states.
     - ``step(closure)`` evaluates the closure once, then steps each member in order; ``zero_grad`` clears all.
     - ``state_dict()`` has torch's usual format (``state`` keyed by parameter index over the concatenated
-      groups, ``param_groups``), and ``load_state_dict`` splits it back, so a checkpoint round trip is exact.
+      groups, ``param_groups``), and ``load_state_dict`` splits it back, so a checkpoint round trip is exact; it
+      also takes the state keyed by parameter name that ``torch.distributed.checkpoint`` loads (sharded
+      checkpoints of memory-parallel runs).
     """
 
     def __init__(self, optimizers: Sequence[Optimizer]):
@@ -507,9 +509,13 @@ class OptimizerBundle(Optimizer):
             n_params = sum(len(group["params"]) for group in optimizer.param_groups)
             groups = saved_groups[start : start + n_groups]
             indices = {i for group in groups for i in group["params"]}
+
+            def own(key: int | str, offset: int = offset) -> int | str:  # positions shift, names stay
+                return key - offset if isinstance(key, int) else key
+
             optimizer.load_state_dict({
-                "state": {i - offset: value for i, value in state_dict["state"].items() if i in indices},
-                "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in groups],
+                "state": {own(i): value for i, value in state_dict["state"].items() if i in indices},
+                "param_groups": [{**group, "params": [own(i) for i in group["params"]]} for group in groups],
             })
             start += n_groups
             offset += n_params
