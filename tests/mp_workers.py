@@ -49,17 +49,18 @@ def _run(rank, worker, world_size, port, args, lightning):
             dist.destroy_process_group()
 
 
-def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
+def sharded_read_equals_weighted_gather(rank: int, world_size: int, sparse_grad: bool = False) -> None:
     """``sharded_weighted_gather`` of a column-split float64 table vs ``weighted_gather`` of the whole table, with a
     different number of bags per rank (rank 0 reads 3, rank 1 reads 5 and a repeated row): outputs, and gradients
-    of the table columns and of the weights."""
+    of the table columns and of the weights. ``sparse_grad``: the column gradient is row-sparse and holds exactly
+    the rows the bags read (row 0 is read by none; rank 0's padding bags must not touch it)."""
     from memzoo.ops import weighted_gather
     from memzoo.parallel.memory_parallel import sharded_weighted_gather
 
     generator = torch.Generator().manual_seed(5)
     table = torch.randn(32, 6, dtype=torch.float64, generator=generator)
     bags = [3, 5]
-    indices = [torch.randint(0, 32, (n, 4), generator=generator) for n in bags]
+    indices = [torch.randint(1, 32, (n, 4), generator=generator) for n in bags]
     indices[1][0, 1] = indices[1][0, 0]  # a row read twice by one bag
     weights = [torch.randn(n, 4, dtype=torch.float64, generator=generator) for n in bags]
     grads_out = [torch.randn(n, 6, dtype=torch.float64, generator=generator) for n in bags]
@@ -70,11 +71,16 @@ def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
     columns = slice(3 * rank, 3 * rank + 3)
     local = table[:, columns].clone().requires_grad_()
     mine = weights[rank].clone().requires_grad_()
-    out = sharded_weighted_gather(local, indices[rank], mine, dist.group.WORLD)
+    out = sharded_weighted_gather(local, indices[rank], mine, dist.group.WORLD, sparse_grad=sparse_grad)
     out.backward(grads_out[rank])
     torch.testing.assert_close(out, reference[rank], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mine.grad, full_weights[rank].grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
+    grad = local.grad
+    if sparse_grad:
+        assert grad.is_sparse and grad.sparse_dim() == 1
+        assert torch.equal(grad.coalesce().indices()[0], torch.cat(indices).unique())
+        grad = grad.to_dense()
+    torch.testing.assert_close(grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
 
 
 def sharded_equals_unsharded(
@@ -355,3 +361,59 @@ def sparse_two_rank_runs(rank: int, world_size: int, out: str) -> None:
     if rank == 0:
         torch.save(straight_weights, f"{out}/sparse_mp_step4.pt")
         torch.save(replicated_weights, f"{out}/sparse_mp1_step4.pt")
+    for sparse_optimizer in ("lazy_adam", "rowwise_adagrad"):
+        sparse_sharded_equals_unsharded(rank, world_size, sparse_optimizer)
+    sharded_read_equals_weighted_gather(rank, world_size, sparse_grad=True)
+
+
+def sparse_sharded_equals_unsharded(rank: int, world_size: int, sparse_optimizer: str) -> None:
+    """The sparse pool sharded 2 ways (Lightning-less, float64) vs one process on the whole batch, 2 steps of
+    ``build_optimizer`` (AdamW + ``sparse_optimizer``): each shard's gradient is row-sparse with the rows the
+    group read (the same rows on both ranks), equal to the reference's columns; clipping leaves it alone; the
+    weights after the steps are equal (RowwiseAdagrad's row means are summed over the column shards)."""
+    from torch.distributed.tensor import DTensor
+
+    from memzoo.model.transformer import Transformer
+    from memzoo.parallel import parallelize
+    from memzoo.parallel.memory_parallel import build_mesh
+    from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
+
+    torch.manual_seed(0)
+    memory = SPARSE_MODEL["layers"][1]
+    config = {**SPARSE_MODEL, "layers": {0: memory, 1: memory}}  # two reads of one pool per step
+    reference = Transformer(**config).double()
+    sharded = Transformer(**config).double()
+    sharded.load_state_dict(reference.state_dict())
+    parallelize(sharded, build_mesh("cpu", world_size, 2))
+
+    def adamw(groups):
+        return torch.optim.AdamW(groups, lr=0.01)
+
+    ref_opt = build_optimizer(reference, adamw, sparse_optimizer)
+    opt = build_optimizer(sharded, adamw, sparse_optimizer)
+    tokens = torch.randint(0, 64, (2, 4, 8), generator=torch.Generator().manual_seed(1))
+    columns = slice(6 * rank, 6 * rank + 6)
+    for batch in tokens:
+        ref_logits = reference(batch)
+        torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()).backward()
+        mine = batch[rank * 2 : (rank + 1) * 2]
+        logits = sharded(mine)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten()).backward()
+        grad, ref_grad = sharded.pools["memory"].values.grad, reference.pools["memory"].values.grad
+        assert isinstance(grad, DTensor) and grad.is_sparse and ref_grad.is_sparse
+        local = grad._local_tensor.coalesce()
+        rows = [torch.empty_like(local.indices()[0]) for _ in range(world_size)]
+        torch.distributed.all_gather(rows, local.indices()[0])
+        assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], ref_grad.coalesce().indices()[0])
+        torch.testing.assert_close(local.to_dense(), ref_grad.to_dense()[:, columns], rtol=1e-10, atol=1e-12)
+        norm = clip_dense_grad_norm_(list(sharded.parameters()), 0.01)  # the FSDP2 weights only: one mesh
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        torch.testing.assert_close(norm, clip_dense_grad_norm_(list(reference.parameters()), 0.01), rtol=1e-6, atol=0)
+        assert norm > 0.01 and torch.equal(grad._local_tensor.coalesce().values(), local.values())  # not clipped
+        ref_opt.step()
+        opt.step()
+        ref_opt.zero_grad()
+        opt.zero_grad()
+    for name, param in sharded.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        torch.testing.assert_close(full, dict(reference.named_parameters())[name], rtol=1e-5, atol=1e-7, msg=name)

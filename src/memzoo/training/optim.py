@@ -350,8 +350,8 @@ class RowwiseAdagrad(_RowwiseOptimizer):
             block = max(1, squares.shape[0])
             for start in range(0, grad.shape[0], block):
                 row_grad = grad[start : start + block].to(param.dtype)
-                torch.mul(row_grad, row_grad, out=squares[: row_grad.shape[0]]).sum(
-                    dim=1, out=mean_squares[start : start + block])
+                square = torch.mul(row_grad, row_grad, out=squares[: row_grad.shape[0]])
+                torch.sum(square, dim=1, out=mean_squares[start : start + block])
             torch.distributed.all_reduce(mean_squares, group=column_group)
             mean_squares.div_(sharded.shape[1])
         for span, (table, accumulator) in row_blocks([param, state["sum"]], rows, grad.shape[0]):
