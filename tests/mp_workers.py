@@ -376,6 +376,7 @@ def sparse_sharded_equals_unsharded(rank: int, world_size: int, sparse_optimizer
     from memzoo.model.transformer import Transformer
     from memzoo.parallel import parallelize
     from memzoo.parallel.memory_parallel import build_mesh
+    from memzoo.parallel.torch_private import local_shard
     from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
 
     torch.manual_seed(0)
@@ -401,7 +402,7 @@ def sparse_sharded_equals_unsharded(rank: int, world_size: int, sparse_optimizer
         torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten()).backward()
         grad, ref_grad = sharded.pools["memory"].values.grad, reference.pools["memory"].values.grad
         assert isinstance(grad, DTensor) and grad.is_sparse and ref_grad.is_sparse
-        local = grad._local_tensor.coalesce()
+        local = local_shard(grad).coalesce()
         rows = [torch.empty_like(local.indices()[0]) for _ in range(world_size)]
         torch.distributed.all_gather(rows, local.indices()[0])
         assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], ref_grad.coalesce().indices()[0])
@@ -409,7 +410,7 @@ def sparse_sharded_equals_unsharded(rank: int, world_size: int, sparse_optimizer
         norm = clip_dense_grad_norm_(list(sharded.parameters()), 0.01)  # the FSDP2 weights only: one mesh
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         torch.testing.assert_close(norm, clip_dense_grad_norm_(list(reference.parameters()), 0.01), rtol=1e-6, atol=0)
-        assert norm > 0.01 and torch.equal(grad._local_tensor.coalesce().values(), local.values())  # not clipped
+        assert norm > 0.01 and torch.equal(local_shard(grad).coalesce().values(), local.values())  # not clipped
         ref_opt.step()
         opt.step()
         ref_opt.zero_grad()
