@@ -329,16 +329,24 @@ def sparse_fit(steps: int, memory_parallel: int | None, devices: int, batch_size
 
 
 def sparse_one_process_reference(out: str) -> None:
-    """One process, the unsharded sparse pool, 4 steps: out/sparse_single_step4.pt (and the initial weights)."""
+    """One process, the unsharded sparse pool, 4 steps: out/sparse_single_step4.pt (and the initial weights),
+    checkpoints out/sparse_single/step=*.ckpt."""
     torch.save(full_weights(language_model(SPARSE_MODEL)), f"{out}/sparse_init.pt")
-    model, _ = sparse_fit(4, None, 1, 4)
+    model, _ = sparse_fit(4, None, 1, 4, save_dir=f"{out}/sparse_single")
     torch.save(full_weights(model), f"{out}/sparse_single_step4.pt")
+
+
+def sparse_one_rank_from_sharded(rank: int, world_size: int, out: str) -> None:
+    """2 → 1: the 2-rank sharded sparse step-2 checkpoint resumed in one process (memory_parallel 1) to step 4."""
+    model, _ = sparse_fit(4, 1, 1, 4, ckpt=f"{out}/sparse_mp/step=2.ckpt")
+    torch.save(full_weights(model), f"{out}/sparse_single_from_mp_step4.pt")
 
 
 def sparse_two_rank_runs(rank: int, world_size: int, out: str) -> None:
     """2 ranks, the sparse pool sharded 2 ways, 4 steps with sharded checkpoints at steps 2 and 4; resumed from
     step 2 the run ends on exactly the same weights and optimizer state; memory_parallel 1 (2 replicas of the
-    whole table, rows exchanged once per step) to step 4. Weights saved by rank 0 for the test."""
+    whole table, rows exchanged once per step) to step 4; 1 → 2: the one-process step-2 .ckpt resumed here to
+    step 4. Weights saved by rank 0 for the test."""
     from torch.distributed.tensor import DTensor
 
     straight, run = sparse_fit(4, 2, 2, 2, save_dir=f"{out}/sparse_mp")
@@ -358,9 +366,12 @@ def sparse_two_rank_runs(rank: int, world_size: int, out: str) -> None:
         torch.testing.assert_close(again, value, rtol=0, atol=0, msg=f"exact resume: LazyAdam {key}")
     replicated, _ = sparse_fit(4, 1, 2, 2)
     replicated_weights = full_weights(replicated)
+    from_single, _ = sparse_fit(4, 2, 2, 2, ckpt=f"{out}/sparse_single/step=2.ckpt")  # 1 → 2
+    from_single_weights = full_weights(from_single)
     if rank == 0:
         torch.save(straight_weights, f"{out}/sparse_mp_step4.pt")
         torch.save(replicated_weights, f"{out}/sparse_mp1_step4.pt")
+        torch.save(from_single_weights, f"{out}/sparse_mp_from_single_step4.pt")
     for sparse_optimizer in ("lazy_adam", "rowwise_adagrad"):
         sparse_sharded_equals_unsharded(rank, world_size, sparse_optimizer)
     sharded_read_equals_weighted_gather(rank, world_size, sparse_grad=True)
