@@ -296,12 +296,19 @@ class ShardedRead:
 
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.sparse and isinstance(table, DTensor) and table.requires_grad and torch.is_grad_enabled():
-            local = shard_alias(table)
+            local = _scaled_shard_alias(table, self.grad_scale)
         else:
             local = table.to_local() if isinstance(table, DTensor) else table
-        local = _ScaleGrad.apply(local, self.grad_scale)
+            local = _ScaleGrad.apply(local, self.grad_scale)
         return sharded_weighted_gather(local, indices, weights.to(local.dtype), self.memory_group,
                                        sparse_grad=self.sparse)
+
+
+@torch.compiler.disable
+def _scaled_shard_alias(table: DTensor, scale: float) -> torch.Tensor:
+    """:func:`shard_alias` with its gradient scaled by ``scale``, kept out of ``torch.compile`` graphs: a compiled
+    graph's backward cannot take the row-sparse gradient the read hands back as its incoming gradient."""
+    return _ScaleGrad.apply(shard_alias(table), scale)
 
 
 def shard_alias(table: DTensor) -> torch.Tensor:
