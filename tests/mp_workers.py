@@ -13,6 +13,8 @@ MODEL = dict(
     layers={1: {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 4, "k_dim": 8}},
     pools={"memory": {"n_keys": 8, "value_dim": 12, "update": "dense", "lr": 0.01}},
 )
+#: MODEL with its pool trained by row-sparse gradients and the row-wise optimizer.
+SPARSE_MODEL = {**MODEL, "pools": {"memory": {**MODEL["pools"]["memory"], "update": "sparse"}}}
 
 
 def launch(worker, world_size: int, *args, lightning: bool = False) -> None:
@@ -47,17 +49,18 @@ def _run(rank, worker, world_size, port, args, lightning):
             dist.destroy_process_group()
 
 
-def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
+def sharded_read_equals_weighted_gather(rank: int, world_size: int, sparse_grad: bool = False) -> None:
     """``sharded_weighted_gather`` of a column-split float64 table vs ``weighted_gather`` of the whole table, with a
     different number of bags per rank (rank 0 reads 3, rank 1 reads 5 and a repeated row): outputs, and gradients
-    of the table columns and of the weights."""
+    of the table columns and of the weights. ``sparse_grad``: the column gradient is row-sparse and holds exactly
+    the rows the bags read (row 0 is read by none; rank 0's padding bags must not touch it)."""
     from memzoo.ops import weighted_gather
     from memzoo.parallel.memory_parallel import sharded_weighted_gather
 
     generator = torch.Generator().manual_seed(5)
     table = torch.randn(32, 6, dtype=torch.float64, generator=generator)
     bags = [3, 5]
-    indices = [torch.randint(0, 32, (n, 4), generator=generator) for n in bags]
+    indices = [torch.randint(1, 32, (n, 4), generator=generator) for n in bags]
     indices[1][0, 1] = indices[1][0, 0]  # a row read twice by one bag
     weights = [torch.randn(n, 4, dtype=torch.float64, generator=generator) for n in bags]
     grads_out = [torch.randn(n, 6, dtype=torch.float64, generator=generator) for n in bags]
@@ -68,11 +71,16 @@ def sharded_read_equals_weighted_gather(rank: int, world_size: int) -> None:
     columns = slice(3 * rank, 3 * rank + 3)
     local = table[:, columns].clone().requires_grad_()
     mine = weights[rank].clone().requires_grad_()
-    out = sharded_weighted_gather(local, indices[rank], mine, dist.group.WORLD)
+    out = sharded_weighted_gather(local, indices[rank], mine, dist.group.WORLD, sparse_grad=sparse_grad)
     out.backward(grads_out[rank])
     torch.testing.assert_close(out, reference[rank], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mine.grad, full_weights[rank].grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(local.grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
+    grad = local.grad
+    if sparse_grad:
+        assert grad.is_sparse and grad.sparse_dim() == 1
+        assert torch.equal(grad.coalesce().indices()[0], torch.cat(indices).unique())
+        grad = grad.to_dense()
+    torch.testing.assert_close(grad, full.grad[:, columns], rtol=1e-12, atol=1e-12)
 
 
 def sharded_equals_unsharded(
@@ -181,14 +189,15 @@ def token_data(batch_size: int):
     return TokenData()
 
 
-def language_model():
+def language_model(architecture: dict = MODEL, **kwargs):
     from memzoo.training.module import LanguageModel
 
     torch.manual_seed(0)
-    return LanguageModel(architecture=MODEL, warmup_steps=1, lr_decay_steps=10)
+    return LanguageModel(architecture=architecture, warmup_steps=1, lr_decay_steps=10, **kwargs)
 
 
-def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None):
+def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_dir: str | None = None,
+            gradient_clip_val: float | None = None):
     """A quiet CPU Trainer; ``save_dir``: a checkpoint every 2 steps there (``step=2.ckpt``, ...)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -200,6 +209,7 @@ def trainer(max_steps: int, memory_parallel: int | None, devices: int = 1, save_
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
         enable_checkpointing=save_dir is not None, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        gradient_clip_val=gradient_clip_val,
         callbacks=[
             ModelCheckpoint(save_dir, "{step}", every_n_train_steps=2, save_top_k=-1, save_last=False)
         ] if save_dir else [],
@@ -218,10 +228,10 @@ def full_weights(module) -> dict[str, torch.Tensor]:
 
 def fit(
     steps: int, memory_parallel: int | None, devices: int, batch_size: int, ckpt: str | None = None,
-    save_dir: str | None = None,
+    save_dir: str | None = None, architecture: dict = MODEL, gradient_clip_val: float | None = None, **model_args,
 ):
-    model = language_model()
-    run = trainer(steps, memory_parallel, devices, save_dir)
+    model = language_model(architecture, **model_args)
+    run = trainer(steps, memory_parallel, devices, save_dir, gradient_clip_val)
     run.fit(model, datamodule=token_data(batch_size), ckpt_path=ckpt)
     return model, run
 
@@ -305,3 +315,117 @@ def planner_counts_equal_local_shards(rank: int, world_size: int) -> None:
         if rank == 0:
             assert plan.dense_parameter_elements == sum(local.values())
         assert local["embed.weight"] == (129 if rank == 0 else 128) * 16
+
+
+# ----------------------------------------------------------------------------------------------- update: sparse
+
+SPARSE_CLIP = 0.05  # small enough that every step's dense gradients are clipped
+
+
+def sparse_fit(steps: int, memory_parallel: int | None, devices: int, batch_size: int, **kwargs):
+    """``fit`` of :data:`SPARSE_MODEL` (LazyAdam on the pool, AdamW elsewhere) with gradient clipping."""
+    return fit(steps, memory_parallel, devices, batch_size, architecture=SPARSE_MODEL,
+               gradient_clip_val=SPARSE_CLIP, **kwargs)
+
+
+def sparse_one_process_reference(out: str) -> None:
+    """One process, the unsharded sparse pool, 4 steps: out/sparse_single_step4.pt (and the initial weights),
+    checkpoints out/sparse_single/step=*.ckpt."""
+    torch.save(full_weights(language_model(SPARSE_MODEL)), f"{out}/sparse_init.pt")
+    model, _ = sparse_fit(4, None, 1, 4, save_dir=f"{out}/sparse_single")
+    torch.save(full_weights(model), f"{out}/sparse_single_step4.pt")
+
+
+def sparse_one_rank_from_sharded(rank: int, world_size: int, out: str) -> None:
+    """2 → 1: the 2-rank sharded sparse step-2 checkpoint resumed in one process (memory_parallel 1) to step 4."""
+    model, _ = sparse_fit(4, 1, 1, 4, ckpt=f"{out}/sparse_mp/step=2.ckpt")
+    torch.save(full_weights(model), f"{out}/sparse_single_from_mp_step4.pt")
+
+
+def sparse_two_rank_runs(rank: int, world_size: int, out: str) -> None:
+    """2 ranks, the sparse pool sharded 2 ways, 4 steps with sharded checkpoints at steps 2 and 4; resumed from
+    step 2 the run ends on exactly the same weights and optimizer state; memory_parallel 1 (2 replicas of the
+    whole table, rows exchanged once per step) to step 4; 1 → 2: the one-process step-2 .ckpt resumed here to
+    step 4. Weights saved by rank 0 for the test."""
+    from torch.distributed.tensor import DTensor
+
+    straight, run = sparse_fit(4, 2, 2, 2, save_dir=f"{out}/sparse_mp")
+    table = straight.model.pools["memory"].values
+    assert isinstance(table, DTensor) and table.to_local().shape == (64, 6), table
+    lazy_adam = run.optimizers[0].optimizers[1]
+    state = lazy_adam.state[table]
+    assert type(lazy_adam).__name__ == "LazyAdam" and isinstance(state["exp_avg"], DTensor)
+    assert state["exp_avg"].to_local().shape == (64, 6) and state["step"].shape == (64,)
+    resumed, resumed_run = sparse_fit(4, 2, 2, 2, ckpt=f"{out}/sparse_mp/step=2.ckpt")
+    straight_weights, resumed_weights = full_weights(straight), full_weights(resumed)
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=f"exact resume: {name}")
+    resumed_state = resumed_run.optimizers[0].optimizers[1].state[resumed.model.pools["memory"].values]
+    for key, value in state.items():
+        value, again = (v.full_tensor() if isinstance(v, DTensor) else v for v in (value, resumed_state[key]))
+        torch.testing.assert_close(again, value, rtol=0, atol=0, msg=f"exact resume: LazyAdam {key}")
+    replicated, _ = sparse_fit(4, 1, 2, 2)
+    replicated_weights = full_weights(replicated)
+    from_single, _ = sparse_fit(4, 2, 2, 2, ckpt=f"{out}/sparse_single/step=2.ckpt")  # 1 → 2
+    from_single_weights = full_weights(from_single)
+    if rank == 0:
+        torch.save(straight_weights, f"{out}/sparse_mp_step4.pt")
+        torch.save(replicated_weights, f"{out}/sparse_mp1_step4.pt")
+        torch.save(from_single_weights, f"{out}/sparse_mp_from_single_step4.pt")
+    for sparse_optimizer in ("lazy_adam", "rowwise_adagrad"):
+        sparse_sharded_equals_unsharded(rank, world_size, sparse_optimizer)
+    sharded_read_equals_weighted_gather(rank, world_size, sparse_grad=True)
+
+
+def sparse_sharded_equals_unsharded(rank: int, world_size: int, sparse_optimizer: str) -> None:
+    """The sparse pool sharded 2 ways (Lightning-less, float64) vs one process on the whole batch, 2 steps of
+    ``build_optimizer`` (AdamW + ``sparse_optimizer``): each shard's gradient is row-sparse with the rows the
+    group read (the same rows on both ranks), equal to the reference's columns; clipping leaves it alone; the
+    weights after the steps are equal (RowwiseAdagrad's row means are summed over the column shards)."""
+    from torch.distributed.tensor import DTensor
+
+    from memzoo.model.transformer import Transformer
+    from memzoo.parallel import parallelize
+    from memzoo.parallel.memory_parallel import build_mesh
+    from memzoo.parallel.torch_private import local_shard
+    from memzoo.training.optim import build_optimizer, clip_dense_grad_norm_
+
+    torch.manual_seed(0)
+    memory = SPARSE_MODEL["layers"][1]
+    config = {**SPARSE_MODEL, "layers": {0: memory, 1: memory}}  # two reads of one pool per step
+    reference = Transformer(**config).double()
+    sharded = Transformer(**config).double()
+    sharded.load_state_dict(reference.state_dict())
+    parallelize(sharded, build_mesh("cpu", world_size, 2))
+
+    def adamw(groups):
+        return torch.optim.AdamW(groups, lr=0.01)
+
+    ref_opt = build_optimizer(reference, adamw, sparse_optimizer)
+    opt = build_optimizer(sharded, adamw, sparse_optimizer)
+    tokens = torch.randint(0, 64, (2, 4, 8), generator=torch.Generator().manual_seed(1))
+    columns = slice(6 * rank, 6 * rank + 6)
+    for batch in tokens:
+        ref_logits = reference(batch)
+        torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()).backward()
+        mine = batch[rank * 2 : (rank + 1) * 2]
+        logits = sharded(mine)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten()).backward()
+        grad, ref_grad = sharded.pools["memory"].values.grad, reference.pools["memory"].values.grad
+        assert isinstance(grad, DTensor) and grad.is_sparse and ref_grad.is_sparse
+        local = local_shard(grad).coalesce()
+        rows = [torch.empty_like(local.indices()[0]) for _ in range(world_size)]
+        torch.distributed.all_gather(rows, local.indices()[0])
+        assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], ref_grad.coalesce().indices()[0])
+        torch.testing.assert_close(local.to_dense(), ref_grad.to_dense()[:, columns], rtol=1e-10, atol=1e-12)
+        norm = clip_dense_grad_norm_(list(sharded.parameters()), 0.01)  # the FSDP2 weights only: one mesh
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        torch.testing.assert_close(norm, clip_dense_grad_norm_(list(reference.parameters()), 0.01), rtol=1e-6, atol=0)
+        assert norm > 0.01 and torch.equal(local_shard(grad).coalesce().values(), local.values())  # not clipped
+        ref_opt.step()
+        opt.step()
+        ref_opt.zero_grad()
+        opt.zero_grad()
+    for name, param in sharded.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        torch.testing.assert_close(full, dict(reference.named_parameters())[name], rtol=1e-5, atol=1e-7, msg=name)

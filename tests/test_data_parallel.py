@@ -230,7 +230,8 @@ def test_a_strategy_that_cannot_hold_row_sparse_gradients_fails_before_training(
 
     model = build(SCENARIOS["memoryplus_sparse"][0])
     with pytest.raises(ValueError, match=r"FSDPStrategy cannot train pools with update: sparse \(model.pools.memory\)"
-                                         r".*--trainer.strategy ddp, or set update: dense"):
+                                         r".*--trainer.strategy ddp, memzoo.parallel.strategy.MemoryParallelStrategy .*"
+                                         r"or set update: dense"):
         check_strategy(model, FSDPStrategy())
     check_strategy(build(SCENARIOS["memoryplus_dense"][0]), FSDPStrategy())  # dense pools: fine
 

@@ -5,6 +5,9 @@
 - through Lightning (MemoryParallelStrategy): 4 steps on 2 ranks end on one process's weights; a sharded checkpoint
   resumes exactly at the same world size, and reshards 2 → 1 and 1 → 2; ``memzoo export`` of the sharded folder
   writes the HF folder (same logits) of the one-process run; an incomplete folder fails naming the file;
+- ``update: sparse`` pools: 4 Lightning steps (LazyAdam on the table shard, clipping) on 2 ranks sharded 2 ways,
+  and on 2 replicas (memory_parallel 1, rows exchanged), end on one process's weights; a sharded checkpoint resumes
+  exactly (weights and LazyAdam state), and reshards 2 → 1 and 1 → 2;
 - bad sizes fail before any process group exists, naming the value and the fix.
 """
 
@@ -107,6 +110,39 @@ def test_incomplete_or_foreign_sharded_checkpoint_fails_naming_the_file(runs, tm
         check_reshardable(runs / "mp" / "step=2.ckpt", {values: (torch.Size([64, 16]), torch.float32)})
 
 
+@pytest.fixture(scope="module")
+def sparse_runs(tmp_path_factory):
+    """update: sparse: one process 4 steps; 2 ranks: memory_parallel 2 (+ exact resume), memory_parallel 1, 1 → 2,
+    and the Lightning-less checks asserted in the ranks (see mp_workers.sparse_two_rank_runs); 2 → 1 here."""
+    out = tmp_path_factory.mktemp("memory_parallel_sparse")
+    mp_workers.sparse_one_process_reference(str(out))
+    mp_workers.launch(mp_workers.sparse_two_rank_runs, 2, str(out), lightning=True)
+    mp_workers.in_this_process(mp_workers.sparse_one_rank_from_sharded, str(out))
+    return out
+
+
+@pytest.mark.distributed
+def test_sparse_pool_two_ranks_and_resharded_resumes_equal_one_process(sparse_runs):
+    """Asserted inside the ranks: the resumed run ends on the straight run's weights and LazyAdam state, bit for
+    bit; the table shard is a (64, 6) DTensor with DTensor moments and a whole per-row step; Lightning-less, the
+    shard gradients are row-sparse with the reference's rows and columns, clipping leaves them alone, and LazyAdam
+    and RowwiseAdagrad steps equal one process's; the sparse sharded read touches no padding row. Here: both
+    2-rank runs and the resharded resumes (2 → 1 and 1 → 2, LazyAdam state included) end on one process's
+    weights, and the table did train."""
+    reference = torch.load(sparse_runs / "sparse_single_step4.pt")
+    initial = torch.load(sparse_runs / "sparse_init.pt")
+    values = "model.pools.memory.values"
+    moved = (reference[values] - initial[values]).abs().sum(dim=1)
+    assert 0 < int((moved > 0).sum()) < 64  # some rows trained, the unread ones untouched
+    for name in ("sparse_mp_step4", "sparse_mp1_step4", "sparse_single_from_mp_step4", "sparse_mp_from_single_step4"):
+        weights = torch.load(sparse_runs / f"{name}.pt")
+        assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    shards = sorted(p.name for p in (sparse_runs / "sparse_mp" / "step=2.ckpt").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
@@ -120,8 +156,7 @@ def _model(**pool):
     [
         (5, 10, {}, r"memory_parallel=5 does not divide value_dim=12 of pool 'pools.memory'.*\[1, 2\]"),
         (3, 4, {}, r"memory_parallel=3 does not divide the world size 4.*\[1, 2, 4\]"),
-        (2, 2, {"update": "sparse"}, r"pool 'pools.memory' has update: sparse.*set the pool's update: dense"),
-        (1, 2, {"update": "sparse"}, r"update: sparse, which MemoryParallelStrategy cannot run at any memory_parallel"),
+        (5, 10, {"update": "sparse"}, r"memory_parallel=5 does not divide value_dim=12 of pool 'pools.memory'"),
         (0, 2, {}, r"memory_parallel must be a positive int, got 0"),
     ],
 )
@@ -155,6 +190,9 @@ def test_shipped_memory_parallel_config_builds_its_strategy():
     assert built.memory_parallel == 2 and config["trainer"]["devices"] % 2 == 0
     architecture = config["model"]["init_args"]["architecture"]
     check_memory_parallel(Transformer(**architecture), built.memory_parallel, config["trainer"]["devices"])
+    one_process = yaml.safe_load((ROOT / "configs" / "facts-memoryplus.yaml").read_text())
+    assert architecture["pools"] == one_process["model"]["init_args"]["architecture"]["pools"]  # same optimizer
+    assert architecture["pools"]["memory"]["update"] == "sparse"
 
 
 def test_bytes_per_read_follow_the_formula():

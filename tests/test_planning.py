@@ -78,11 +78,36 @@ def test_hand_computed_memory_parallel_layout_on_two_by_two_mesh():
     assert accumulated.pools[0].dense_all_reduce_bytes == pool.dense_all_reduce_bytes  # once per step
 
 
+def test_hand_computed_sparse_pool_under_memory_parallel():
+    """4 ranks = 2 replicas x 2 shards, update: sparse: the shard (all 16 rows, 4 columns) has a row-sparse
+    gradient of the rows its group read, exchanged over the 2 replicas once per step; LazyAdam's moments are
+    sharded with the table, its per-row step is whole on every rank; RowwiseAdagrad adds the all-reduce of the
+    row sums within the group."""
+    plan = plan_parallel(tiny("sparse"), world_size=4, memory_parallel=2, tokens_per_rank_step=1)
+    (pool,) = plan.pools
+    assert pool.layout == "sparse, value_dim/2 = 4" and pool.rows_touched_per_step == 8
+    assert pool.parameter_bytes == 16 * 4 * 4
+    assert pool.gradient_bytes == 16 * (4 * 4 + 8)  # min(16, 4 ranks x 8) rows of 4 columns + their index
+    assert pool.optimizer_bytes == 2 * 16 * 4 * 4 + 16 * 8
+    assert pool.row_exchange_bytes == 1 * 16 * (8 + 4 * 4)  # (dp - 1) x min(16, M x U) x (index + shard row)
+    assert pool.communication_bytes == pool.row_exchange_bytes + pool.lookup_bytes
+    adagrad = plan_parallel(tiny("sparse"), world_size=4, memory_parallel=2, tokens_per_rank_step=1,
+                            sparse_optimizer="rowwise_adagrad").pools[0]
+    assert adagrad.optimizer_bytes == 16 * 4
+    assert adagrad.row_exchange_bytes == pool.row_exchange_bytes + 2 * 1 * 16 * 4 // 2  # + ring all-reduce (U,)
+    one_group = plan_parallel(tiny("sparse"), world_size=2, memory_parallel=2, tokens_per_rank_step=1).pools[0]
+    assert one_group.row_exchange_bytes == 0  # no replicas: nothing to exchange
+
+
 def test_the_planner_refuses_what_the_strategy_refuses():
+    peer = Transformer(ModelConfig(
+        vocab_size=16, dim=8, n_layers=1, n_heads=2, max_seq_len=8, block="peer",
+        block_args={"pool": "experts", "heads": 2, "knn": 2, "k_dim": 4, "query_norm": "none"},
+        pools={"experts": {"kind": "experts", "n_keys": 4, "value_dim": 8}},
+    ))
     for memory_parallel in (1, 2):
-        with pytest.raises(MemoryParallelError, match=r"update: sparse, which MemoryParallelStrategy cannot run.*"
-                                                      r"set the pool's update: dense"):
-            plan_parallel(tiny("sparse"), world_size=2, memory_parallel=memory_parallel, strategy="memory_parallel")
+        with pytest.raises(MemoryParallelError, match=r"pool 'pools.experts' has kind 'experts'.*ddp strategy"):
+            plan_parallel(peer, world_size=2, memory_parallel=memory_parallel, strategy="memory_parallel")
     with pytest.raises(ValueError, match=r"ddp strategy replicates every pool; memory_parallel=2 needs"):
         plan_parallel(tiny("dense"), world_size=2, memory_parallel=2, strategy="ddp")
 
@@ -118,8 +143,8 @@ def test_scale_configs_parse_and_plan_without_allocating(config):
         assert pool.rows_touched_per_step == min(1024**2, 4 * 2048 * 3 * 4 * 32)
         assert pool.parameter_bytes == pool.rows * pool.value_dim * 4
         assert 1.5e9 < plan.dense_parameters < 1.8e9
-        with pytest.raises(MemoryParallelError, match="update: sparse"):
-            plan_config(str(config), world_size=8, memory_parallel=4)
+        sharded = plan_config(str(config), world_size=8, memory_parallel=4).pools[0]
+        assert sharded.layout == "sparse, value_dim/4 = 512" and sharded.parameter_bytes == pool.parameter_bytes // 4
     else:  # 64M values of width 4096: 1 TiB in fp32, 16 GiB per rank over 64; dense weights FSDP2 over 64
         plan = plan_config(str(config), world_size=64, memory_parallel=64)
         (pool,) = plan.pools
@@ -146,8 +171,8 @@ def test_summary_verb_prints_the_plan(capsys):
     with pytest.raises(CommandError, match="summary: .*does not divide world_size=8"):
         main(["summary", "--config", config, "--world-size", "8", "--memory-parallel", "3"])
     sparse = str(ROOT / "configs" / "scale" / "memoryplus-1.3b.yaml")
-    with pytest.raises(CommandError, match="update: sparse, which MemoryParallelStrategy cannot run"):
-        main(["summary", "--config", sparse, "--world-size", "8", "--memory-parallel", "4"])
+    main(["summary", "--config", sparse, "--world-size", "8", "--memory-parallel", "4"])
+    assert "sparse, value_dim/4 = 512" in capsys.readouterr().out
 
 
 def test_a_configured_memory_parallel_strategy_is_planned(tmp_path):

@@ -128,11 +128,42 @@ def test_all_to_all_dim0(world_of_one):
     torch.testing.assert_close(tensor.grad, torch.ones(4))
 
 
+def test_row_sparse_dtensor(world_of_one):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    table = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(1)]))
+    local = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.randn(2, 4), (8, 4), check_invariants=True)
+    grad = torch_private.row_sparse_dtensor(local, table)
+    table.grad = grad  # a DTensor parameter takes it as its gradient
+    assert isinstance(table.grad, DTensor) and table.grad.is_sparse and table.grad.shape == (8, 4)
+    assert table.grad.placements == table.placements and table.grad.device_mesh is mesh
+    assert torch_private.local_shard(table.grad) is local
+    with pytest.raises(ValueError, match=r"local shape \(8, 3\) is not the local shard shape \(8, 4\)"):
+        torch_private.row_sparse_dtensor(torch.zeros(8, 3).to_sparse(1), table)
+    with pytest.raises(NotImplementedError):  # why the constructor: the public path views the local tensor
+        DTensor.from_local(local, mesh, [Shard(1)])
+
+
+def test_local_shard(world_of_one):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    table = distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(1)])
+    torch_private.local_shard(table).add_(1.0)  # shares storage
+    torch.testing.assert_close(torch_private.local_shard(table), table.to_local())
+    assert torch_private.local_shard(table).data_ptr() == table.to_local().data_ptr()
+    plain = torch.zeros(2)
+    assert torch_private.local_shard(plain) is plain
+
+
 def test_no_private_api_outside_this_module():
     """The distributed code calls these private APIs only through torch_private."""
     root = os.path.dirname(torch_private.__file__)
     patterns = ["_set_params_and_buffers_to_ignore_for_model", "_ddp_kwargs", "._flatten(", "_should_check_val_fx",
-                "_load_raw_module_state", "_setup_distributed", "_functional_collectives", "._device_mesh ="]
+                "_load_raw_module_state", "_setup_distributed", "_functional_collectives", "._device_mesh =",
+                "_local_tensor", "DTensor(local"]
     package = os.path.dirname(root)
     found = []
     for folder, _, files in os.walk(package):

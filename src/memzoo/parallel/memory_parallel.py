@@ -18,14 +18,26 @@ rank's columns needs no communication at all inside the group), a reduce-scatter
 holds a partial dot over its columns). Bags are padded to the group's largest bag count (zero weights), so ranks
 may read different numbers of tokens; one small all-gather of the counts precedes each read.
 
+``update: sparse`` pools: the local shard's gradient is row-sparse, a COO tensor ``(N, D/M)`` with ``sparse_dim=1``
+holding the rows the group's bags read (padding bags are left out of the read, so they touch no row), and the
+pool's row-wise optimizer (``LazyAdam``, ``RowwiseAdagrad``) updates those rows of the local shard. Every rank of a
+group reads the same bags, so its shard gradient has the same rows as its peers'. PyTorch's autograd cannot
+accumulate a sparse gradient into a ``DTensor`` (``DTensor.from_local`` of a sparse tensor fails in
+``aten::view``), so a read differentiates a plain alias of the local shard and a hook adds its gradient to the
+table's ``.grad``, a ``DTensor`` wrapping the sparse local tensor (:func:`accumulate_shard_grad`). With
+data-parallel replicas the shard's rows are exchanged once per step (:func:`reduce_table_gradients`, through
+:func:`memzoo.parallel.sparse_grad_sync.reduce_row_sparse`): ``(dp-1)·U_max·(8 + (D/M)·s)`` bytes per rank and
+table instead of the dense shard's all-reduce.
+
 Bytes per rank per read (``s`` bytes per value, 8 per index), with ``M`` ranks in the group:
 
     forward   all-gather indices + weights   (M-1)·B·K·(8 + s)
               all-to-all of outputs           (M-1)·B·(D/M)·s
     backward  all-to-all of output grads      (M-1)·B·(D/M)·s
               reduce-scatter of weight grads  (M-1)·B·K·s
-    table gradient                            0 inside the group; when dp > 1, a dense all-reduce of the N·D/M
-                                              shard over the data_parallel axis, once per optimizer step
+    table gradient                            0 inside the group; when dp > 1, once per optimizer step over the
+                                              data_parallel axis, a dense all-reduce of the N·D/M shard (dense
+                                              pools) or an exchange of its touched rows (sparse pools)
                                               (:func:`reduce_table_gradients`: reads and micro-batches accumulate
                                               the local shard gradient first)
 
@@ -46,10 +58,9 @@ gradient is the sum over its group's batches, so it is multiplied by ``1/W`` (an
 in backward, which makes one step of ``W`` ranks equal one process on the concatenated batch.
 
 Limits (checked before training, :func:`check_memory_parallel`, at every ``memory_parallel`` including 1, since
-every pool table becomes a ``DTensor``): pools of kind ``memory`` with ``update: dense`` (PEER's two-table read is
-not sharded; a row-sparse COO gradient cannot be wrapped as a ``DTensor`` -- ``DTensor.from_local`` of a sparse
-tensor fails in ``aten::view`` -- so ``update: sparse`` pools are rejected: they train under ``ddp``); every rank of
-a group must run the same number of forward passes (collectives), as data-parallel training does.
+every pool table becomes a ``DTensor``): pools of kind ``memory``, ``update: dense`` or ``sparse`` (PEER's
+two-table read is not sharded); every rank of a group must run the same number of forward passes (collectives),
+as data-parallel training does.
 
 The layout (which parameter lives where, in how many elements per rank) is described once, by
 :func:`fsdp_units`, :data:`TABLE_SHARD_DIM` and :func:`memory_parallel_layout`: :func:`apply_memory_parallel`
@@ -58,7 +69,7 @@ applies it and :mod:`memzoo.parallel.planning` counts bytes from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -69,7 +80,14 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from memzoo.blocks.pool import MemoryPool, find_pools
 from memzoo.ops import weighted_gather
-from memzoo.parallel.torch_private import all_gather_dim0, all_to_all_dim0, flatten_mesh
+from memzoo.parallel.sparse_grad_sync import reduce_row_sparse
+from memzoo.parallel.torch_private import (
+    all_gather_dim0,
+    all_to_all_dim0,
+    flatten_mesh,
+    local_shard,
+    row_sparse_dtensor,
+)
 
 #: Names of the two mesh axes: data parallel (replicas of a table shard) and memory parallel (shards of a table).
 DATA_PARALLEL, MEMORY_PARALLEL = "data_parallel", "memory_parallel"
@@ -126,12 +144,6 @@ def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: in
                 f"pool {name!r} has kind {pool.kind!r}; MemoryParallelStrategy shards product-key memory values "
                 f"(kind: memory) only, at any memory_parallel. Train PEER expert pools with the ddp strategy "
                 f"(--trainer.strategy ddp)"
-            )
-        if pool.sparse:
-            raise MemoryParallelError(
-                f"pool {name!r} has update: sparse, which MemoryParallelStrategy cannot run at any memory_parallel "
-                f"(row-sparse COO gradients of a DTensor shard are not supported by PyTorch's DTensor); set the "
-                f"pool's update: dense, or train with the ddp strategy (--trainer.strategy ddp) for sparse updates"
             )
 
 
@@ -216,7 +228,11 @@ def memory_parallel_layout(model: nn.Module) -> list[PlacedParameter]:
 
 
 def sharded_weighted_gather(
-    local_values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, group: dist.ProcessGroup
+    local_values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    group: dist.ProcessGroup,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """``weighted_gather`` of a table whose columns are split over ``group`` (module docstring, steps 1-3).
 
@@ -225,6 +241,8 @@ def sharded_weighted_gather(
         indices: ``(..., K)`` int64 rows in ``[0, N)`` read by THIS rank's bags.
         weights: ``(..., K)`` in ``local_values.dtype``.
         group: the ``M`` ranks sharing the table; all of them must call this together.
+        sparse_grad: the gradient of ``local_values`` is row-sparse (COO, the rows the group's bags read; the
+            padding bags read none), as ``weighted_gather(..., sparse_grad=True)``'s.
 
     Returns:
         ``(..., D)``: the full-width read of this rank's bags. Differentiable in ``local_values`` and ``weights``.
@@ -241,7 +259,13 @@ def sharded_weighted_gather(
         w = F.pad(w, (0, 0, 0, n_max - n))
     all_idx = all_gather_dim0(idx, group)  # (M·n_max, K), no gradient
     all_w = all_gather_dim0(w, group, differentiable=True)  # backward: reduce-scatter (sum of partial dots)
-    columns = weighted_gather(local_values, all_idx, all_w)  # (M·n_max, D/M): my columns of every rank's bags
+    if sparse_grad and int(counts.sum()) < size * n_max:  # read the real bags only: padding touches no row
+        real = torch.cat([torch.arange(r * n_max, r * n_max + int(c), device=idx.device)
+                          for r, c in enumerate(counts.tolist())])
+        read = weighted_gather(local_values, all_idx[real], all_w[real], sparse_grad=True)
+        columns = read.new_zeros(size * n_max, local_values.shape[1]).index_copy(0, real, read)
+    else:  # (M·n_max, D/M): my columns of every rank's bags
+        columns = weighted_gather(local_values, all_idx, all_w, sparse_grad=sparse_grad)
     mine = all_to_all_dim0(columns, group)  # block i: rank i's columns of my bags
     d_local = local_values.shape[1]
     out = mine.view(size, n_max, d_local).permute(1, 0, 2).reshape(n_max, size * d_local)[:n]
@@ -263,19 +287,57 @@ class _ScaleGrad(torch.autograd.Function):
 
 @dataclass
 class ShardedRead:
-    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh and the gradient scale.
+    """What :meth:`MemoryPool.read` calls for a sharded pool: the groups of the mesh, the gradient scale and the
+    pool's update mode.
 
     The table shard's gradient of a read is this rank's only (times ``grad_scale``); the sum over the
-    ``data_group`` replicas happens once per optimizer step (:func:`reduce_table_gradients`)."""
+    ``data_group`` replicas happens once per optimizer step (:func:`reduce_table_gradients`). ``sparse``: the
+    shard's gradient is row-sparse and reaches the table through :func:`accumulate_shard_grad`."""
 
     memory_group: dist.ProcessGroup
     data_group: dist.ProcessGroup | None  # None when data_parallel has one rank (nothing to sum)
     grad_scale: float  # 1 / world size
+    sparse: bool = False
 
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        local = table.to_local() if isinstance(table, DTensor) else table
-        local = _ScaleGrad.apply(local, self.grad_scale)
-        return sharded_weighted_gather(local, indices, weights.to(local.dtype), self.memory_group)
+        if self.sparse and isinstance(table, DTensor) and table.requires_grad and torch.is_grad_enabled():
+            local = _scaled_shard_alias(table, self.grad_scale)
+        else:
+            local = table.to_local() if isinstance(table, DTensor) else table
+            local = _ScaleGrad.apply(local, self.grad_scale)
+        return sharded_weighted_gather(local, indices, weights.to(local.dtype), self.memory_group,
+                                       sparse_grad=self.sparse)
+
+
+@torch.compiler.disable
+def _scaled_shard_alias(table: DTensor, scale: float) -> torch.Tensor:
+    """:func:`shard_alias` with its gradient scaled by ``scale``, kept out of ``torch.compile`` graphs: a compiled
+    graph's backward cannot take the row-sparse gradient the read hands back as its incoming gradient."""
+    return _ScaleGrad.apply(shard_alias(table), scale)
+
+
+def shard_alias(table: DTensor) -> torch.Tensor:
+    """A plain leaf sharing ``table``'s local shard (storage and values) whose gradient, once autograd has
+    accumulated it, is added to ``table.grad`` (:func:`accumulate_shard_grad`) and cleared from the leaf."""
+    leaf = local_shard(table).detach().requires_grad_(True)
+
+    def move_to_table(alias: torch.Tensor) -> None:
+        grad, alias.grad = alias.grad, None
+        accumulate_shard_grad(table, grad)
+
+    leaf.register_post_accumulate_grad_hook(move_to_table)
+    return leaf
+
+
+@torch.no_grad()
+def accumulate_shard_grad(table: DTensor, grad: torch.Tensor) -> None:
+    """``table.grad += grad`` for a ``DTensor`` table and a gradient ``grad`` of its local shard (sparse COO or
+    dense, the local shape): ``table.grad`` becomes (or stays) a ``DTensor`` around the local sum, which is sparse
+    when both parts are. Row-sparse parts are concatenated, not coalesced (the optimizer coalesces once)."""
+    if table.grad is not None:
+        grad = local_shard(table.grad) + grad
+    table.grad = row_sparse_dtensor(grad, table) if grad.is_sparse else DTensor.from_local(
+        grad, table.device_mesh, table.placements, shape=table.shape, stride=table.stride())
 
 
 # ----------------------------------------------------------------------------------------------- applying it
@@ -291,11 +353,18 @@ def reduce_table_gradients(model: nn.Module) -> int:
     """Sums each sharded table's gradient over its data-parallel replicas (``mesh["data_parallel"]``), in place:
     call once per optimizer step, after the last backward and before clipping and the step (as
     :class:`~memzoo.parallel.strategy.MemoryParallelStrategy` does). Every rank must call it; a table without a
-    gradient on a rank contributes zeros. Returns the number of all-reduces run (0 when there are no replicas)."""
+    gradient on a rank contributes zeros (no rows). Dense-update tables are all-reduced; the row-sparse gradients
+    of ``update: sparse`` tables exchange their touched rows
+    (:func:`~memzoo.parallel.sparse_grad_sync.reduce_row_sparse`, summed). Returns the number of tables reduced
+    (0 when there are no replicas)."""
     reduces = 0
     for pool in find_pools(model).values():
         read = pool.sharded_read
         if not isinstance(read, ShardedRead) or read.data_group is None:
+            continue
+        if read.sparse:
+            reduces += _exchange_shard_rows([t for t in pool.tables().values() if isinstance(t, DTensor)],
+                                            read.data_group)
             continue
         for table in pool.tables().values():
             if not isinstance(table, DTensor):
@@ -307,6 +376,16 @@ def reduce_table_gradients(model: nn.Module) -> int:
             dist.all_reduce(grad, group=read.data_group)
             reduces += 1
     return reduces
+
+
+def _exchange_shard_rows(tables: list[DTensor], group: dist.ProcessGroup) -> int:
+    """Each table's row-sparse shard gradient summed over ``group`` by a row exchange; returns ``len(tables)``."""
+    grads = [None if t.grad is None else local_shard(t.grad) for t in tables]
+    reduced, _ = reduce_row_sparse([local_shard(t) for t in tables], grads, group, average=False)
+    for table, grad in zip(tables, reduced, strict=True):
+        if grad is not None:
+            table.grad = row_sparse_dtensor(grad, table)
+    return len(tables)
 
 
 def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -345,7 +424,7 @@ def apply_memory_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
             )
             setattr(pool, name, sharded)
             tables.append(sharded)
-        pool.shard_reads(read)
+        pool.shard_reads(replace(read, sparse=pool.sparse))
     from torch.distributed.fsdp import fully_shard
 
     ignored = set(tables)
@@ -389,6 +468,7 @@ __all__ = [
     "MemoryParallelError",
     "PlacedParameter",
     "ShardedRead",
+    "accumulate_shard_grad",
     "apply_memory_parallel",
     "build_mesh",
     "check_memory_parallel",
@@ -398,6 +478,7 @@ __all__ = [
     "read_bytes_per_step",
     "reduce_table_gradients",
     "sharded_tables",
+    "shard_alias",
     "sharded_weighted_gather",
     "table_bytes_per_rank",
 ]

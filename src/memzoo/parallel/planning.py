@@ -22,11 +22,13 @@ counting what each really does:
   are all-gathered twice (forward, backward) and the root's once, and all gradients are reduce-scattered;
 - each pool's tables are split along ``value_dim`` over the ``M`` ranks of a group (each holds all rows ×
   ``value_dim / M``) with their gradients and optimizer states; once per optimizer step the table-shard gradient
-  (accumulated over reads and micro-batches) is all-reduced over the ``D`` replicas
-  (:func:`memzoo.parallel.memory_parallel.reduce_table_gradients`), and each read sends its indices, weights and
-  outputs within the group (:func:`memzoo.parallel.memory_parallel.read_bytes_per_step`);
-- pools the strategy cannot run (``update: sparse``, PEER's expert pools) are refused with the strategy's own
-  message (:func:`memzoo.parallel.memory_parallel.check_memory_parallel`).
+  (accumulated over reads and micro-batches) is reduced over the ``D`` replicas
+  (:func:`memzoo.parallel.memory_parallel.reduce_table_gradients`): a dense-update pool's by an all-reduce, a
+  sparse-update pool's by exchanging the rows its group's step touched (``min(rows, M·U)``, ``D/M`` wide; plus,
+  with ``rowwise_adagrad`` and ``M > 1``, an all-reduce of their row sums within the group); each read sends its
+  indices, weights and outputs within the group (:func:`memzoo.parallel.memory_parallel.read_bytes_per_step`);
+- pools the strategy cannot run (PEER's expert pools) are refused with the strategy's own message
+  (:func:`memzoo.parallel.memory_parallel.check_memory_parallel`).
 
 Units: bytes per rank; ``element_bytes`` per parameter, gradient and optimizer value (4: fp32), 8 per row index
 and per int64 step counter; communication: bytes a rank sends per optimizer step (ring collectives). Rows touched
@@ -82,7 +84,7 @@ class PoolPlan:
     parameter_bytes: int
     gradient_bytes: int
     optimizer_bytes: int
-    row_exchange_bytes: int  # ddp, sparse pools: sent per rank and step by the row-sparse exchange
+    row_exchange_bytes: int  # sparse pools: sent per rank and step by the row-sparse exchange
     dense_all_reduce_bytes: int  # sent per rank and step by ring all-reduces of the dense table gradient
     lookup_bytes: int  # memory_parallel: the lookups' all-gathers and all-to-alls within the group, per step
     communication_bytes: int  # what the strategy really sends for this pool per rank and step
@@ -146,7 +148,7 @@ class ParallelPlan:
                  _gib(self.dense_communication_bytes), "-", _gib(self.dense_all_reduce_bytes),
                  _gib(self.dense_gather_scatter_bytes))]
         for p in self.pools:
-            exchange = _gib(p.row_exchange_bytes) if self.strategy == "ddp" and p.update == "sparse" else "-"
+            exchange = _gib(p.row_exchange_bytes) if p.update == "sparse" else "-"
             body.append((p.name, p.layout, f"{p.rows_touched_per_step:,}", _gib(p.parameter_bytes),
                          _gib(p.gradient_bytes), _gib(p.optimizer_bytes), _gib(p.communication_bytes), exchange,
                          _gib(p.dense_all_reduce_bytes), _gib(p.lookup_bytes)))
@@ -171,7 +173,8 @@ class ParallelPlan:
                      f"memory-parallel, MemoryParallelStrategy")
             explain = ("comm/step: bytes a rank sends per optimizer step (ring collectives); dense weights: FSDP2 "
                        "all-gathers (twice per layer and micro-batch) and reduce-scatters; pools: the table-shard "
-                       "gradient all-reduced over the data-parallel replicas once per step, and "
+                       "gradient reduced over the data-parallel replicas once per step (all-reduce; a sparse pool "
+                       "exchanges its touched rows instead: row exchange), and "
                        "the lookups' all-gathers and all-to-alls within the group (gather/scatter)")
         lines = [
             f"{title}; {self.tokens_per_rank_step:,} tokens per rank and optimizer step in {self.micro_batches} "
@@ -269,7 +272,7 @@ def plan_parallel(
                 micro_batches=micro_batches, element_bytes=element_bytes)
     if strategy == "ddp":
         return _plan_ddp(model, dense_optimizer_states, sparse_optimizer, **args)
-    return _plan_memory_parallel(model, dense_optimizer_states, **args)
+    return _plan_memory_parallel(model, dense_optimizer_states, sparse_optimizer, **args)
 
 
 def _plan_ddp(model, dense_optimizer_states, sparse_optimizer, *, world_size, memory_parallel, tokens_per_rank_step,
@@ -312,13 +315,13 @@ def _plan_ddp(model, dense_optimizer_states, sparse_optimizer, *, world_size, me
     )
 
 
-def _plan_memory_parallel(model, dense_optimizer_states, *, world_size, memory_parallel, tokens_per_rank_step,
-                          micro_batches, element_bytes) -> ParallelPlan:
+def _plan_memory_parallel(model, dense_optimizer_states, sparse_optimizer, *, world_size, memory_parallel,
+                          tokens_per_rank_step, micro_batches, element_bytes) -> ParallelPlan:
     """MemoryParallelStrategy's layout (:func:`~memzoo.parallel.memory_parallel.memory_parallel_layout`)."""
     w, m, b = world_size, memory_parallel, element_bytes
     dp = w // m
     pools = find_pools(model)
-    check_memory_parallel(model, m, w)  # the strategy's own refusals (sparse and PEER pools), word for word
+    check_memory_parallel(model, m, w)  # the strategy's own refusals (PEER pools), word for word
     placed = memory_parallel_layout(model)
     dense_params = [p for p in placed if p.unit is not None]
     dense = sum(p.local_numel(0, 1, 1) for p in dense_params)
@@ -339,12 +342,22 @@ def _plan_memory_parallel(model, dense_optimizer_states, *, world_size, memory_p
         all_reduce = tables * dense_all_reduce_bytes_per_rank(rows, width, dp, b)  # once per step
         lookups = sum(read_bytes_per_step(tokens_per_rank_step, k, pool.value_dim, m, b) for k in readers)
         layout = f"{pool.update}, value_dim/{m} = {width}" if m > 1 else f"{pool.update}, whole table"
+        gradient, optimizer, exchange = shard, dense_optimizer_states * shard, 0
+        if pool.sparse:  # the shard's rows read by the group, exchanged over the replicas
+            group_rows = min(rows, m * touched)
+            gradient = tables * min(rows, w * touched) * (width * b + INDEX_BYTES)
+            exchange = tables * exchange_bytes_per_rank(group_rows, width, dp, b)
+            if sparse_optimizer == "lazy_adam":
+                optimizer = tables * (2 * rows * width * b + rows * INDEX_BYTES)
+            else:  # one accumulator per row, whole on every rank; row sums all-reduced within the group
+                optimizer = tables * rows * b
+                exchange += tables * 2 * (m - 1) * min(rows, w * touched) * b // m
         plans.append(PoolPlan(
             name=name, update=pool.update, layout=layout, rows=rows, value_dim=pool.value_dim, tables=tables,
             value_dim_per_rank=width, rows_touched_per_step=touched, parameter_elements=tables * rows * width,
-            parameter_bytes=shard, gradient_bytes=shard, optimizer_bytes=dense_optimizer_states * shard,
-            row_exchange_bytes=0, dense_all_reduce_bytes=all_reduce, lookup_bytes=lookups,
-            communication_bytes=all_reduce + lookups,
+            parameter_bytes=shard, gradient_bytes=gradient, optimizer_bytes=optimizer,
+            row_exchange_bytes=exchange, dense_all_reduce_bytes=all_reduce, lookup_bytes=lookups,
+            communication_bytes=(exchange if pool.sparse else all_reduce) + lookups,
         ))
     ranks = [sum(p.local_numel(r, w, m) for p in placed) for r in range(w)]
     return ParallelPlan(

@@ -77,7 +77,8 @@ def check_strategy(module: nn.Module, strategy: object) -> None:
         raise ValueError(
             f"strategy {type(strategy).__name__} cannot train pools with update: sparse ({', '.join(sparse)}): it "
             f"flattens parameters into sharded buffers, which cannot hold row-sparse gradients. Use "
-            f"--trainer.strategy ddp, or set update: dense on these pools."
+            f"--trainer.strategy ddp, memzoo.parallel.strategy.MemoryParallelStrategy (FSDP2 for the dense weights, "
+            f"sharded sparse pools), or set update: dense on these pools."
         )
     if isinstance(strategy, DDPStrategy):
         raise ValueError(

@@ -28,6 +28,7 @@ __all__ = [
     "all_reduce_row_sparse_",
     "dense_all_reduce_bytes_per_rank",
     "exchange_bytes_per_rank",
+    "reduce_row_sparse",
 ]
 
 INDEX_BYTES = 8  # int64 row index
@@ -54,9 +55,9 @@ def dense_all_reduce_bytes_per_rank(num_rows: int, value_dim: int, world_size: i
     return 2 * (world_size - 1) * num_rows * value_dim * element_bytes // world_size
 
 
-def _local_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows (U,) int64, values (U, D))`` of ``table.grad``: a sparse COO gradient coalesced, none when absent."""
-    grad = table.grad
+def _local_rows(table: torch.Tensor, grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows (U,) int64, values (U, D))`` of ``grad``, the gradient of ``table``: a sparse COO gradient
+    coalesced, none when absent."""
     if grad is None:
         return (torch.empty(0, dtype=torch.int64, device=table.device),
                 table.new_empty(0, table.shape[1]))
@@ -93,8 +94,27 @@ def all_reduce_row_sparse_(tables: Sequence[torch.Tensor], group: dist.ProcessGr
     Returns:
         :class:`ExchangeStats` of the call. Time O(W · U_max · D) per table; no O(N · D) tensor is made.
     """
+    grads, stats = reduce_row_sparse(tables, [table.grad for table in tables], group)
+    for table, grad in zip(tables, grads, strict=True):
+        if grad is not None:
+            table.grad = grad
+    return stats
+
+
+def reduce_row_sparse(
+    tables: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    group: dist.ProcessGroup | None = None,
+    *,
+    average: bool = True,
+) -> tuple[list[torch.Tensor | None], ExchangeStats]:
+    """The exchange of :func:`all_reduce_row_sparse_` on plain tensors: ``grads[i]`` (row-sparse COO or ``None``)
+    of the ``(N, D)`` tensor ``tables[i]`` (its shape, dtype and device), summed over the ranks of ``group`` and,
+    with ``average``, divided by their number. Returns the coalesced results (``None`` where no rank had rows) and
+    the :class:`ExchangeStats`. Memory parallelism passes each rank's local column shard and its gradient with
+    ``average=False`` (the shard's gradient is pre-scaled)."""
     world = dist.get_world_size(group)
-    local = [_local_rows(table) for table in tables]
+    local = [_local_rows(table, grad) for table, grad in zip(tables, grads, strict=True)]
     counts = torch.tensor([rows.numel() for rows, _ in local], dtype=torch.int64)
     device = tables[0].device if tables else torch.device("cpu")
     counts = counts.to(device)
@@ -103,11 +123,13 @@ def all_reduce_row_sparse_(tables: Sequence[torch.Tensor], group: dist.ProcessGr
     per_rank = torch.stack(all_counts).cpu()  # (W, tables)
     bytes_sent = (world - 1) * counts.numel() * INDEX_BYTES
     rows_max = []
+    reduced: list[torch.Tensor | None] = []
     for t, (table, (rows, values)) in enumerate(zip(tables, local, strict=True)):
         sizes = per_rank[:, t].tolist()
         u_max = max(sizes)
         rows_max.append(u_max)
         if u_max == 0:
+            reduced.append(None)
             continue
         bytes_sent += exchange_bytes_per_rank(u_max, table.shape[1], world, values.element_size())
         padded_rows, padded_values = _pad_rows(rows, values, u_max)
@@ -120,6 +142,7 @@ def all_reduce_row_sparse_(tables: Sequence[torch.Tensor], group: dist.ProcessGr
         summed = torch.sparse_coo_tensor(all_rows.unsqueeze(0), all_values, table.shape, check_invariants=False)
         summed = summed.coalesce()
         # the mean, rebuilt from the coalesced parts (dividing the sparse tensor itself is an order slower on CPU)
-        table.grad = torch.sparse_coo_tensor(summed.indices(), summed.values().div_(world), table.shape,
-                                             is_coalesced=True, check_invariants=False)
-    return ExchangeStats([rows.numel() for rows, _ in local], rows_max, bytes_sent)
+        values = summed.values().div_(world) if average else summed.values()
+        reduced.append(torch.sparse_coo_tensor(summed.indices(), values, table.shape, is_coalesced=True,
+                                               check_invariants=False))
+    return reduced, ExchangeStats([rows.numel() for rows, _ in local], rows_max, bytes_sent)

@@ -21,7 +21,9 @@ What it does, on top of Lightning's strategy (process launch, DCP checkpoints, r
   shard), and a resume checkpoint before it is loaded (complete, same global shapes);
 - sums each table shard's gradient over its data-parallel replicas once per optimizer step (after the last
   backward of gradient accumulation, before clipping: :func:`~memzoo.parallel.memory_parallel.reduce_table_gradients`),
-  not once per read;
+  not once per read: an all-reduce for ``update: dense`` pools, an exchange of the touched rows for
+  ``update: sparse`` pools, whose shards train with row-sparse gradients and the row-wise optimizer as in one
+  process;
 - writes each checkpoint folder atomically (temporary name, renamed after all ranks wrote their shards);
 - loads a one-process ``.ckpt`` file (1 → M) with its optimizer state keyed by parameter name.
 

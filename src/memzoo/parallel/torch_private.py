@@ -22,6 +22,9 @@ training run.
 - :func:`setup_model_parallel_process_group` and :func:`set_device_mesh`: ``ModelParallelStrategy._setup_distributed``
   and the ``_device_mesh`` attributes of the strategy and the LightningModule, which Lightning's own
   ``ModelParallelStrategy.setup_environment`` sets (its mesh has fixed axis names; memzoo's has its own).
+- :func:`row_sparse_dtensor` and :func:`local_shard`: the ``DTensor(local, spec, requires_grad=...)`` constructor and
+  ``DTensor._local_tensor`` (torch): the row-sparse COO gradient of a memory-parallel table shard as a ``DTensor``
+  (``DTensor.from_local`` and ``to_local`` call ``view``, which sparse tensors lack).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ __all__ = [
     "flatten_mesh",
     "ignore_in_ddp",
     "load_full_module_state",
+    "local_shard",
+    "row_sparse_dtensor",
     "set_device_mesh",
     "setup_model_parallel_process_group",
     "validates_after_this_batch",
@@ -109,3 +114,24 @@ def set_device_mesh(strategy: Any, mesh: DeviceMesh) -> None:
     """Makes ``mesh`` the strategy's ``device_mesh`` and its LightningModule's ``self.device_mesh``."""
     strategy._device_mesh = mesh
     strategy.lightning_module._device_mesh = mesh
+
+
+def row_sparse_dtensor(local: torch.Tensor, like: Any) -> Any:
+    """``local`` (a sparse COO tensor of ``like``'s local shape) as a ``DTensor`` with ``like``'s mesh, placements
+    and global shape: the gradient of the ``DTensor`` parameter ``like``. Its ``layout`` is ``torch.sparse_coo``."""
+    from torch.distributed.tensor import DTensor
+
+    if tuple(local.shape) != tuple(like._local_tensor.shape):
+        raise ValueError(
+            f"row_sparse_dtensor: local shape {tuple(local.shape)} is not the local shard shape "
+            f"{tuple(like._local_tensor.shape)} of the DTensor it belongs to"
+        )
+    return DTensor(local, like._spec, requires_grad=False)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a ``DTensor`` (``to_local`` without autograd; also for a sparse one), the tensor itself
+    otherwise. Shares storage: in-place updates of the result update ``tensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor

@@ -15,6 +15,12 @@ rows, so a step costs O(rows used), not O(rows). The pieces:
 
 Host tables: their gradients are on the host, so the row-wise optimizers (and a dense optimizer, for ``update:
 dense``) update them there, with their state in host memory (LazyAdam's C++ row kernel runs on them).
+
+The row-wise optimizers also step memory-parallel tables (:mod:`memzoo.parallel.memory_parallel`): a ``DTensor``
+whose local shard holds all rows and ``D/M`` columns, with a row-sparse gradient of that shard. They update the
+local shard in place and keep the ``(N, D)`` states as ``DTensor`` s of the same layout (so sharded checkpoints hold
+each rank's part) and the per-row states (``step``, ``sum``) whole on every rank of the group, equal there because
+every rank of a group reads the same rows.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
 from memzoo.ops import cpu_read
+from memzoo.parallel.torch_private import local_shard
 
 ParamGroup = dict[str, Any]
 OptimizerFactory = Callable[[Iterable], Optimizer]
@@ -246,14 +253,14 @@ class LazyAdam(_RowwiseOptimizer):
                 _check_table("LazyAdam", param)
 
 
-    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
-        rows, grad = touched_rows(param.grad)
-        state = self.state[param]
+    def _update_table(self, sharded: torch.Tensor, group: ParamGroup) -> None:
+        param, (rows, grad) = local_shard(sharded), touched_rows(local_shard(sharded.grad))
+        state = self.state[sharded]
         if not state:
             state["step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            state["exp_avg"] = torch.zeros_like(sharded, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(sharded, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq, step = (local_shard(state[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
         if _fused_rows(param, exp_avg, exp_avg_sq, step, grad):  # one C++ pass per touched row, in place
             lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             cpu_read.adam_rows_(param, exp_avg, exp_avg_sq, step, rows, grad.contiguous(), lr, betas, eps,
@@ -336,20 +343,33 @@ class RowwiseAdagrad(_RowwiseOptimizer):
                 _check_table("RowwiseAdagrad", param)
 
 
-    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
+    def _update_table(self, sharded: torch.Tensor, group: ParamGroup) -> None:
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        rows, grad = touched_rows(param.grad)
-        state = self.state[param]
+        param, (rows, grad) = local_shard(sharded), touched_rows(local_shard(sharded.grad))
+        state = self.state[sharded]
         if not state:
             state["sum"] = torch.full(
                 (param.shape[0],), group["initial_accumulator_value"], dtype=param.dtype, device=param.device
             )
         squares = param.new_empty(min(rows_per_block(param.shape[1]), grad.shape[0]), param.shape[1])  # scratch
+        column_group = _column_shard_group(sharded)
+        if column_group is not None:  # mean(g²) of a row split over ranks: the sum of the ranks' sums / D
+            mean_squares = torch.empty(grad.shape[0], dtype=param.dtype, device=param.device)
+            block = max(1, squares.shape[0])
+            for start in range(0, grad.shape[0], block):
+                row_grad = grad[start : start + block].to(param.dtype)
+                square = torch.mul(row_grad, row_grad, out=squares[: row_grad.shape[0]])
+                torch.sum(square, dim=1, out=mean_squares[start : start + block])
+            torch.distributed.all_reduce(mean_squares, group=column_group)
+            mean_squares.div_(sharded.shape[1])
         for span, (table, accumulator) in row_blocks([param, state["sum"]], rows, grad.shape[0]):
             row_grad = grad[span].to(param.dtype)
             if weight_decay:
                 table.mul_(1.0 - lr * weight_decay)
-            accumulator.add_(torch.mul(row_grad, row_grad, out=squares[: table.shape[0]]).mean(dim=1))
+            if column_group is not None:
+                accumulator.add_(mean_squares[span])
+            else:
+                accumulator.add_(torch.mul(row_grad, row_grad, out=squares[: table.shape[0]]).mean(dim=1))
             table.addcdiv_(row_grad, accumulator.sqrt().add_(eps).unsqueeze(1), value=-lr)
 
 
@@ -367,13 +387,26 @@ class RowwiseSGD(_RowwiseOptimizer):
             for param in group["params"]:
                 _check_table("RowwiseSGD", param)
 
-    def _update_table(self, param: torch.Tensor, group: ParamGroup) -> None:
+    def _update_table(self, sharded: torch.Tensor, group: ParamGroup) -> None:
         lr, weight_decay = group["lr"], group["weight_decay"]
-        rows, grad = touched_rows(param.grad)
+        param, (rows, grad) = local_shard(sharded), touched_rows(local_shard(sharded.grad))
         for span, (table,) in row_blocks([param], rows, grad.shape[0]):
             if weight_decay:
                 table.mul_(1.0 - lr * weight_decay)
             table.add_(grad[span].to(param.dtype), alpha=-lr)
+
+
+def _column_shard_group(table: torch.Tensor) -> Any:
+    """The process group over which ``table``'s columns are split (a ``DTensor`` sharded along dim 1 over more
+    than one rank), else ``None``."""
+    if not isinstance(table, DTensor) or table.device_mesh.size() == 1:
+        return None
+    if table.device_mesh.ndim != 1 or not table.placements[0].is_shard(1):
+        raise ValueError(
+            f"row-wise optimizers step tables whose columns are split over a 1-D mesh (Shard(1)), got placements "
+            f"{table.placements} on a {table.device_mesh.ndim}-D mesh"
+        )
+    return table.device_mesh.get_group()
 
 
 SPARSE_OPTIMIZERS: dict[str, type[Optimizer]] = {"lazy_adam": LazyAdam, "rowwise_adagrad": RowwiseAdagrad}
@@ -422,7 +455,9 @@ class OptimizerBundle(Optimizer):
       on the bundle scales every group of every member, and ``state`` is a view of the members' states.
     - ``step(closure)`` evaluates the closure once, then steps each member in order; ``zero_grad`` clears all.
     - ``state_dict()`` has torch's usual format (``state`` keyed by parameter index over the concatenated
-      groups, ``param_groups``), and ``load_state_dict`` splits it back, so a checkpoint round trip is exact.
+      groups, ``param_groups``), and ``load_state_dict`` splits it back, so a checkpoint round trip is exact; it
+      also takes the state keyed by parameter name that ``torch.distributed.checkpoint`` loads (sharded
+      checkpoints of memory-parallel runs).
     """
 
     def __init__(self, optimizers: Sequence[Optimizer]):
@@ -482,9 +517,13 @@ class OptimizerBundle(Optimizer):
             n_params = sum(len(group["params"]) for group in optimizer.param_groups)
             groups = saved_groups[start : start + n_groups]
             indices = {i for group in groups for i in group["params"]}
+
+            def own(key: int | str, offset: int = offset) -> int | str:  # positions shift, names stay
+                return key - offset if isinstance(key, int) else key
+
             optimizer.load_state_dict({
-                "state": {i - offset: value for i, value in state_dict["state"].items() if i in indices},
-                "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in groups],
+                "state": {own(i): value for i, value in state_dict["state"].items() if i in indices},
+                "param_groups": [{**group, "params": [own(i) for i in group["params"]]} for group in groups],
             })
             start += n_groups
             offset += n_params
