@@ -124,13 +124,13 @@ def test_fused_lazy_adam_matches_the_pytorch_path(weight_decay, monkeypatch):
     start = torch.randn(20, 7, generator=gen)
     grads = [torch.randn(20, 7, generator=gen) for _ in range(3)]
     rows = torch.tensor([1, 4, 5, 19])
-    from memzoo.training import optim
+    from memzoo.training import rowwise_optim as optim
 
     assert optim._fused_rows(start, start, start, torch.zeros(20, dtype=torch.int64), grads[0])  # the C++ path
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr("memzoo.training.optim._fused_rows", lambda *tensors: False)
+            monkeypatch.setattr("memzoo.training.rowwise_optim._fused_rows", lambda *tensors: False)
         table = torch.nn.Parameter(start.clone())
         optimizer = LazyAdam([table], lr=1e-2, betas=(0.9, 0.99), weight_decay=weight_decay)
         for step, grad in enumerate(grads):

@@ -9,7 +9,7 @@ import torch
 
 from memzoo.model.transformer import Transformer
 from memzoo.ops.sparse_gather import weighted_gather
-from memzoo.training import optim
+from memzoo.training import rowwise_optim as optim
 from memzoo.training.optim import (
     LazyAdam,
     OptimizerBundle,
@@ -17,10 +17,8 @@ from memzoo.training.optim import (
     build_optimizer,
     clip_dense_grad_norm_,
     param_groups,
-    row_blocks,
-    rows_per_block,
-    touched_rows,
 )
+from memzoo.training.rowwise_optim import row_blocks, rows_per_block, touched_rows
 
 
 def adamw(params):

@@ -7,7 +7,7 @@ Sections (``--sections a,b``; each a function in :data:`SECTIONS` returning tabl
   Reports time ratios (ours / baseline), the forward's bandwidth as a fraction of a copy-bandwidth probe, and the
   peak *temporary* memory of forward+backward (above inputs, outputs and gradients) of ours vs the naive gather.
 - ``sparse_update``: forward + backward + optimizer step at N = 2^20, D = 512: ``weighted_gather(sparse_grad=True)``
-  with :class:`memzoo.training.optim.LazyAdam` (touched rows only) vs ``embedding_bag`` with dense ``torch.optim.Adam``.
+  with :class:`memzoo.training.rowwise_optim.LazyAdam` (touched rows only) vs ``embedding_bag`` with dense ``torch.optim.Adam``.
 - ``lookup``: ``product_key_topk`` vs brute-force top-k over N flat keys, N = 2^12 … 2^20.
 - ``cuda`` (only with a GPU): Triton forward / backward bandwidth at N = 2^20, D = 1024, bf16, as a fraction of the
   card's copy bandwidth measured in the same run, and time vs CUDA ``embedding_bag``.

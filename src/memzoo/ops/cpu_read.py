@@ -13,7 +13,7 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
   ``dots`` the weights' gradient; for ``gather_dot`` (``src = x``, ``w = grad_out``) ``G`` is the table's
   gradient. ``G`` comes out row-sparse (the ``U`` distinct rows ascending and their sums) or written into a dense
   ``(N, D)`` buffer; no ``(B, K, D)`` tensor and no sort or bag bookkeeping tensors beyond ``2·P`` int64.
-- :func:`adam_rows_`: :class:`memzoo.training.optim.LazyAdam`'s update of the touched rows in place, one pass per
+- :func:`adam_rows_`: :class:`memzoo.training.rowwise_optim.LazyAdam`'s update of the touched rows in place, one pass per
   row (weight decay, both moments, bias corrections from the row's own step count in float64), rows in parallel;
   no gathered copies of the table or its moments.
 
@@ -250,7 +250,7 @@ def adam_rows_(
     rows: torch.Tensor | None, grad: torch.Tensor, lr: float, betas: tuple[float, float], eps: float,
     weight_decay: float,
 ) -> None:
-    """LazyAdam's update (:class:`memzoo.training.optim.LazyAdam`) in place on ``param, exp_avg, exp_avg_sq (N, D)``
+    """LazyAdam's update (:class:`memzoo.training.rowwise_optim.LazyAdam`) in place on ``param, exp_avg, exp_avg_sq (N, D)``
     and ``step (N,)`` int64 for the rows ``rows (U,)`` (distinct; ``None``: every row, ``U = N``) with their
     gradients ``grad (U, D)``; all contiguous, one float dtype on CPU. Rows in parallel, one pass each."""
     n_rows, dim = grad.shape

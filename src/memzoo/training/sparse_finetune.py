@@ -11,8 +11,8 @@ trainer callback::
 
 Mechanics, per optimizer step: a :class:`~memzoo.training.slot_stats.SlotCounter` on each finetuned pool counts the
 batch's lookups (all micro-batches of the step); before the optimizer runs, each table's gradient is replaced by a
-row-sparse one holding only the selected rows; a row-wise optimizer (:class:`~memzoo.training.optim.RowwiseSGD` or
-:class:`~memzoo.training.optim.LazyAdam`, both touching only the rows in the gradient) updates them. Rows outside
+row-sparse one holding only the selected rows; a row-wise optimizer (:class:`~memzoo.training.rowwise_optim.RowwiseSGD` or
+:class:`~memzoo.training.rowwise_optim.LazyAdam`, both touching only the rows in the gradient) updates them. Rows outside
 the selection, their optimizer state and every frozen parameter stay bit-identical. The callback owns the optimizer:
 :class:`~memzoo.training.module.LanguageModel` asks a callback with ``build_optimizer`` for it (its LR schedule
 still applies).
