@@ -304,3 +304,13 @@ def test_a_sharded_or_host_table_is_refused_by_name():
     host = UltraMem(DIM, pool=MemoryPool(None, 8, num_rows=16, table_device="host"), value_expand=4, k_dim=4, knn=2)
     with pytest.raises(NotImplementedError, match="host-resident"):
         host(x)
+
+
+def test_memory_parallelism_refuses_ultramem_by_layer():
+    from memzoo.parallel.memory_parallel import MemoryParallelError, check_memory_parallel
+
+    model = Transformer(ModelConfig(vocab_size=32, dim=DIM, n_layers=2, n_heads=2, max_seq_len=8,
+                                    layers={1: {"block": "ultramem", "n_keys": 4, "value_dim": 8, "k_dim": 4,
+                                                "knn": 2, "heads": 1}}))
+    with pytest.raises(MemoryParallelError, match=r"layers\.1\.ffn \(UltraMem\) indexes its table directly.*ddp"):
+        check_memory_parallel(model, 1, 1)

@@ -67,6 +67,9 @@ class Block(nn.Module):
 
     #: The block reads a model-owned pool named by its layer's ``pool:`` (passed in as the ``pool`` argument).
     reads_pool: ClassVar[bool] = False
+    #: The block reads its pool only through ``pool.read`` (so a memory-parallel sharded read or a host table
+    #: applies); ``False`` for a block that indexes the table tensor itself, which memory parallelism then refuses.
+    reads_through_pool: ClassVar[bool] = True
     #: The block is indexed by token ids and takes the model's ``vocab_size`` as a constructor argument.
     needs_vocab_size: ClassVar[bool] = False
     #: The block reads the model's token embedding, handed over with :meth:`attach_embedding`.

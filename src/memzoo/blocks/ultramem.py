@@ -202,6 +202,9 @@ class _TuckerMemory(ReadsPool, Block):
 class UltraMem(_TuckerMemory):
     """UltraMem memory layer; ``x, y: (B, T, dim)`` (module docstring).
 
+    It reads its table's per-core chunks directly (not through ``pool.read``): memory parallelism and host tables
+    do not apply to it (``reads_through_pool = False``).
+
     Args:
         dim: model width.
         pool: a shared table (kind ``memory``) the model passes for a layer's ``pool: name``.
@@ -215,6 +218,8 @@ class UltraMem(_TuckerMemory):
         value_lr_scale: the private table's lr as a multiple of the model's (the authors: 4).
         update: ``dense`` | ``sparse`` (row-sparse gradients, row-wise optimizer) for a private table.
     """
+
+    reads_through_pool = False
 
     def __init__(
         self, dim: int, pool: MemoryPool | None = None, n_keys: int | None = None, value_dim: int | None = None,

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from memzoo.blocks.base import Block
 from memzoo.blocks.pool import MemoryPool, find_pools
 from memzoo.ops import weighted_gather
 from memzoo.parallel.sparse_grad_sync import reduce_row_sparse
@@ -133,6 +134,13 @@ def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: in
             f"(or use the ddp strategy)"
         )
     check_pool_widths(pools, memory_parallel, world_size)
+    for path, module in model.named_modules():
+        if isinstance(module, Block) and not module.reads_through_pool:
+            raise MemoryParallelError(
+                f"{path or 'the model'} ({type(module).__name__}) indexes its table directly instead of reading it "
+                f"through pool.read, so MemoryParallelStrategy cannot shard it; train it with the ddp strategy "
+                f"(--trainer.strategy ddp)"
+            )
     for name, pool in pools.items():  # every pool's tables become DTensors, at memory_parallel 1 too
         if pool.on_host:
             raise MemoryParallelError(
