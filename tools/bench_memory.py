@@ -25,6 +25,8 @@ gradients that the step must produce anyway. On CUDA: ``torch.cuda.max_memory_al
     python tools/bench_memory.py [--quick] [--sections gather,lookup] [--json out.json]
 
 The JSON goes to stdout (table to stderr), or to ``--json PATH`` (table to stdout).
+
+One file past 500 lines: the five sections share the timing, bandwidth and memory probes and write one JSON.
 """
 
 from __future__ import annotations
