@@ -63,11 +63,12 @@ Workload = study.Workload
 StudyError = study.StudyError
 
 #: model name -> FLOP target as a multiple of the dense model's forward FLOPs per token
-MODELS: dict[str, float] = {"dense": 1.0, "dense-2x": 2.0, "moe": 1.0, "pkm": 1.0, "memoryplus": 1.0, "peer": 1.0}
+MODELS: dict[str, float] = {"dense": 1.0, "dense-2x": 2.0, "moe": 1.0, "pkm": 1.0, "memoryplus": 1.0, "peer": 1.0,
+                            "ultramem_v2": 1.0, "engram": 1.0, "stem": 1.0, "mole": 1.0}
 #: ablations, trained only when named in ``--models`` (same FLOP accounting): Memory+ without its SiLU gate
 ABLATIONS: dict[str, float] = {"memoryplus-no-gate": 1.0}
 ALL_MODELS: dict[str, float] = {**MODELS, **ABLATIONS}
-MEMORY_MODELS = ("pkm", "memoryplus", "peer", "memoryplus-no-gate")
+MEMORY_MODELS = ("pkm", "memoryplus", "peer", "ultramem_v2", "engram", "stem", "mole", "memoryplus-no-gate")
 DATA_CONFIG = "data-biographies.yaml"
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 DIM, LAYERS, HEADS, BLOCK_SIZE = 32, 2, 2, 64
@@ -75,6 +76,32 @@ LR, MEMORY_LR = 1.0e-2, 3.0e-2  # dense AdamW rate (1e-2 beat 3e-3 on people-300
 
 
 # ------------------------------------------------------------------------------------------------- model configs
+#: how each model was sized (forward FLOPs per token from `memzoo summary` / ``summarize_config`` at the biographies'
+#: 728-word vocabulary; dense: 120,448 FLOPs, 56,224 parameters); written into the config's header
+SIZING: dict[str, str] = {
+    "dense": "the reference: 120,448 forward FLOPs per token, 56,224 parameters.",
+    "dense-2x": "width 48, SwiGLU hidden 224: 2.06x dense's FLOPs (the 'more compute' baseline).",
+    "ultramem_v2": (
+        "UltraMemV2 in both layers over ONE shared pool of 64^2 = 4,096 FFN-valued slots of width 32 (PEER's pool, "
+        "262,144 table parameters), 1 head x top-16, k_dim 16, beside a SwiGLU FFN of a quarter of the width "
+        "(ffn_fraction 0.25, hidden 32): ~1.03x dense's FLOPs (ffn_fraction 0.5 gives 1.13x). Equal total "
+        "parameters with PEER; the fairer axis against dense is FLOPs (the table adds parameters, not FLOPs)."),
+    "engram": (
+        "Engram (2- and 3-grams, 2 heads x 16 values per order, ~2,048-row tables: 131,072 table values, Memory+'s "
+        "pool size) beside layer 1's FFN narrowed to hidden 64: 0.97x dense's FLOPs. Layer 0 stays dense."),
+    "stem": (
+        "STEM in both layers, hidden 192 (gate + down = 2/3 of a SwiGLU of width 192 = a SwiGLU of width 128): "
+        "1.006x dense's FLOPs; the per-layer token tables add 728 x 192 x 2 = 279,552 parameters. At this word "
+        "vocabulary the tables index only the current word, so equal FLOPs is the axis; equal parameters would "
+        "need a wider vocabulary, not a bigger table."),
+    "mole": (
+        "MoLE-4E in both layers, dense GELU FFN and 4 experts all of width 40 (the paper's equal widths; "
+        "640 x 40 + 512 FLOPs per layer in training): 1.03x dense's FLOPs as trained (experts mode). "
+        "Re-parameterised for inference (lookup mode) it costs ~0.72x dense and its table has 728 x 4 x 32 = "
+        "93,184 values: at inference, equal total parameters is the fairer axis."),
+}
+
+
 def model_configs() -> dict[str, dict[str, Any]]:
     """Every capacity model as a config dict (the one place architectures are written down).
 
@@ -83,7 +110,8 @@ def model_configs() -> dict[str, dict[str, Any]]:
     ``pkm``: layer 1's FFN replaced by a product-key memory of 64² = 4,096 private values. ``memoryplus``: both FFNs
     replaced by Memory+ layers (qk-norm, SiLU gate) that share ONE pool of 4,096 values. ``peer``: both FFNs replaced
     by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get sparse LazyAdam updates.
-    Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs)."""
+    Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs). The lookup family (sizing in
+    :data:`SIZING`, written into each config's header): ``ultramem_v2``, ``engram``, ``stem``, ``mole``."""
 
     def model(dim: int = DIM, layers: dict | None = None, pools: dict | None = None,
               block_args: dict | None = None) -> dict[str, Any]:
@@ -106,6 +134,10 @@ def model_configs() -> dict[str, dict[str, Any]]:
     sparse = {"update": "sparse", "lr": MEMORY_LR, "weight_decay": 0.0}
     memory_plus = {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 16, "k_dim": 48}
     peer = {"block": "peer", "pool": "experts", "heads": 2, "knn": 24, "k_dim": 48}
+    ultramem_v2 = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 16, "k_dim": 16, "ffn_fraction": 0.25}
+    engram = {"block": "beside", "init": "none", "base": {"block": "dense", "hidden": 64},
+              "add": {"block": "engram", "layer_id": 1, "max_ngram": 3, "ngram_dim": 32, "heads": 2,
+                      "table_rows": 2048, **sparse}}
     return {
         "dense": model(),
         "dense-2x": model(dim=48, block_args={"hidden": 224}),
@@ -118,6 +150,12 @@ def model_configs() -> dict[str, dict[str, Any]]:
                                     pools={"memory": {"n_keys": 64, "value_dim": DIM, **sparse}}),
         "peer": model(layers={i: dict(peer) for i in range(LAYERS)},
                       pools={"experts": {"kind": "experts", "n_keys": 64, "value_dim": DIM, **sparse}}),
+        "ultramem_v2": model(layers={i: dict(ultramem_v2) for i in range(LAYERS)},
+                             pools={"experts": {"kind": "experts", "n_keys": 64, "value_dim": DIM, **sparse}}),
+        "engram": model(layers={1: engram}),
+        "stem": model(layers={i: {"block": "stem", "hidden": 192} for i in range(LAYERS)}),
+        "mole": model(layers={i: {"block": "mole", "n_experts": 4, "hidden": 40, "expert_hidden": 40}
+                              for i in range(LAYERS)}),
     }
 
 
@@ -132,7 +170,14 @@ def config_texts() -> dict[str, str]:
 
     header = ("# Generated by tools/capacity.py (model_configs / data_config): edit there, then run\n"
               "#   python tools/capacity.py --write-configs\n")
-    texts = {f"model-{name}.yaml": header + yaml.safe_dump(config, sort_keys=False)
+    def sizing(name: str) -> str:
+        if name not in SIZING:
+            return ""
+        import textwrap
+
+        return "".join(f"# {line}\n" for line in textwrap.wrap("Sizing: " + SIZING[name], 114))
+
+    texts = {f"model-{name}.yaml": header + sizing(name) + yaml.safe_dump(config, sort_keys=False)
              for name, config in model_configs().items()}
     texts[DATA_CONFIG] = header + ("# tools/capacity.py sets n_people (the knowledge load) and the schedule per cell.\n"
                                    + yaml.safe_dump(data_config(), sort_keys=False))
