@@ -60,11 +60,17 @@ MODELS: dict[str, float] = {
     "pkm": 1.0,
     "memoryplus": 1.0,
     "peer": 1.0,
+    "ultramem_v2": 1.0,
+    "engram": 1.0,
+    "stem": 1.0,
+    "mole": 1.0,
 }
 REFERENCE_MODEL = "dense"
 #: dense learning rate on the facts workloads (memorisation; the quickstart's): 3x the text rate of the model configs
 FACTS_LR = 3.0e-3
-MEMORY_MODELS = ("pkm", "memoryplus", "peer")
+MEMORY_MODELS = ("pkm", "memoryplus", "peer", "ultramem_v2", "engram")
+#: token-indexed tables (STEM: the byte vocabulary's rows; MoLE: experts as trained, a table only at inference)
+LOOKUP_MODELS = ("stem", "mole")
 
 
 class StudyError(ValueError):
