@@ -73,6 +73,8 @@ DATA_CONFIG = "data-biographies.yaml"
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 DIM, LAYERS, HEADS, BLOCK_SIZE = 32, 2, 2, 64
 LR, MEMORY_LR = 1.0e-2, 3.0e-2  # dense AdamW rate (1e-2 beat 3e-3 on people-300); sparse LazyAdam rate of tables
+SEED = 1337  # the configs' seed_everything
+CONTROLS = ("frozen", "single_row", "shuffled")
 
 
 # ------------------------------------------------------------------------------------------------- model configs
@@ -129,7 +131,7 @@ def model_configs() -> dict[str, dict[str, Any]]:
         init_args.update({"warmup_steps": 100, "min_lr_ratio": 0.1, "optimizer": {
             "class_path": "torch.optim.AdamW",
             "init_args": {"lr": LR, "betas": [0.9, 0.99], "weight_decay": 0.0}}})
-        return {"seed_everything": 1337, "model": {"class_path": "memzoo.LanguageModel", "init_args": init_args}}
+        return {"seed_everything": SEED, "model": {"class_path": "memzoo.LanguageModel", "init_args": init_args}}
 
     sparse = {"update": "sparse", "lr": MEMORY_LR, "weight_decay": 0.0}
     memory_plus = {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 16, "k_dim": 48}
@@ -221,9 +223,12 @@ def capacity_plan(loads: Sequence[int], exposures: int, batch_size: int, val_poi
 #: the full grid, and its first two loads as the quick one: same schedule, so the full grid reuses the quick cells.
 #: ``min_steps``: people-100 and -300 take 367 and 1,101 steps at 100 exposures, too few updates for any model to
 #: memorise what it could hold, so they train 1,500 steps (408 and 136 exposures)
-FULL = {"loads": (100, 300, 1000, 3000), "exposures": 100, "batch_size": 16, "val_points": 4, "min_steps": 1500}
-QUICK = {**FULL, "loads": FULL["loads"][:2]}
-GPU = {"loads": (300, 1000, 3000, 10000), "exposures": 100, "batch_size": 64, "val_points": 4, "min_steps": 1500}
+FULL = {"loads": (100, 300, 1000, 3000), "exposures": 100, "batch_size": 16, "val_points": 4, "min_steps": 1500,
+        "lrs": (3.0e-3, LR, 3.0e-2), "seeds": (SEED, SEED + 1)}
+#: the quick grid: one load (people-300, 1,500 steps) x the models at their config's rate and seed
+QUICK = {**FULL, "loads": (300,), "lrs": (LR,), "seeds": (SEED,)}
+GPU = {"loads": (300, 1000, 3000, 10000), "exposures": 100, "batch_size": 64, "val_points": 4, "min_steps": 1500,
+       "lrs": (3.0e-3, LR, 3.0e-2), "seeds": (SEED, SEED + 1)}
 
 
 # ------------------------------------------------------------------------------------------------------- bits
@@ -306,6 +311,114 @@ def saturation(cells: Sequence[dict[str, Any]], model: str = "dense") -> dict[st
     best = max(own, key=lambda c: c["bits"])
     return {"model": model, "max_bits": best["bits"], "at_load": best["knowledge_load"],
             "bits_per_param": best["bits_per_param"], "first_load_below_90pct": below[0] if below else None}
+
+
+# ------------------------------------------------------------------------------------------------------- variants
+def table_modules(config: dict[str, Any]) -> list[str]:
+    """Decoder names of a config's memory tables: its :class:`MemoryPool` modules (shared pools once), and MoLE's
+    expert MLPs (its table as trained, a lookup table only after re-parameterisation)."""
+    import memzoo
+    from memzoo.blocks.mole import ExpertMLPs
+    from memzoo.blocks.pool import MemoryPool
+
+    model = memzoo.build_model(config, vocab_size=vocab_size()).model
+    return [name for name, m in model.named_modules(remove_duplicate=True) if isinstance(m, (MemoryPool, ExpertMLPs))]
+
+
+def control_args(model: str, control: str, config: dict[str, Any]) -> list[str]:
+    """The ``memzoo fit`` arguments that turn ``model`` into its ``control`` cell (:data:`CONTROLS`):
+
+    - ``frozen``: the tables keep their init values (``freeze:`` patterns of every table, no optimizer state);
+    - ``single_row``: Engram's own ``table: single_row``; for a pool, its rows tied to their mean at the start and
+      after every step (``memzoo.training.table_controls.TableControl("tie_rows")``: one row's worth of values);
+    - ``shuffled``: trained as the model, the rows of every pool permuted before the last validation
+      (``TableControl("shuffle_rows")``), so the final bits are those of the trained values at the wrong rows.
+    Raises :class:`StudyError` for a model without tables, or a control not defined for it (MoLE's experts have no
+    rows to tie or shuffle as trained)."""
+    tables = table_modules(config)
+    if not tables:
+        raise StudyError(f"--controls {control}: model {model!r} has no memory table; choose among models with "
+                         f"tables ({', '.join(MEMORY_MODELS)})")
+    if control == "frozen":
+        return ["--model.init_args.freeze", json.dumps([f"{name}.*" for name in tables])]
+    if control not in CONTROLS[1:]:
+        raise StudyError(f"unknown control {control!r}; choose from {CONTROLS}")
+    layers = config["model"]["init_args"]["architecture"].get("layers", {})
+    engram = [i for i, spec in layers.items() if spec.get("add", {}).get("block") == "engram"]
+    if control == "single_row" and engram:
+        return [a for i in engram for a in (f"--model.init_args.architecture.layers.{i}.add.table", "single_row")]
+    if any(spec.get("block") == "mole" for spec in layers.values()):
+        raise StudyError(f"--controls {control}: not defined for {model!r} (MoLE's experts, as trained, are MLPs "
+                         f"of the embedding, not rows); use frozen")
+    mode = "tie_rows" if control == "single_row" else "shuffle_rows"
+    callback = {"class_path": "memzoo.training.table_controls.TableControl", "init_args": {"mode": mode}}
+    return ["--trainer.callbacks+", json.dumps(callback)]
+
+
+def variant_name(model: str, lr: float | None = None, seed: int | None = None, control: str | None = None) -> str:
+    """``model`` for the config's own rate and seed, else ``model@lr<rate>``, ``@seed<n>``, ``@<control>``."""
+    name = model
+    if lr is not None and lr != LR:
+        name += f"@lr{lr:g}"
+    if seed is not None and seed != SEED:
+        name += f"@seed{seed}"
+    return name + (f"@{control}" if control else "")
+
+
+def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], controls: Sequence[str],
+             configs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Every cell model of the grid -> its extra ``memzoo fit`` arguments: each model at every rate x seed (the
+    AdamW rate; table rates stay the config's), and at the config's rate and seed under each control."""
+    out: dict[str, list[str]] = {}
+    for m in models:
+        for lr in lrs:
+            for seed in seeds:
+                extra = [] if lr == LR else ["--model.init_args.optimizer.init_args.lr", str(lr)]
+                out[variant_name(m, lr, seed)] = extra + ([] if seed == SEED else ["--seed_everything", str(seed)])
+        if m in MEMORY_MODELS:
+            for control in controls:
+                if control != "frozen" and m == "mole":
+                    print(f"[capacity] control {control} is not defined for mole (its experts have no rows): "
+                          f"only frozen runs", flush=True)
+                    continue
+                out[variant_name(m, control=control)] = control_args(m, control, configs[m])
+    return out
+
+
+def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (load, model): the mean bits over seeds at each rate, and the best rate (every cell stays in the JSON)."""
+    groups: dict[tuple[int, str], dict[float, list[float]]] = {}
+    for c in cells:
+        model, _, variant = c["model"].partition("@")
+        if any(part in CONTROLS for part in variant.split("@")):
+            continue
+        lr = next((float(v[2:]) for v in variant.split("@") if v.startswith("lr")), LR)
+        groups.setdefault((c["knowledge_load"], model), {}).setdefault(lr, []).append(c["bits"])
+    out = []
+    for (load, model), by_lr in sorted(groups.items()):
+        means = {lr: sum(b) / len(b) for lr, b in by_lr.items()}
+        best = max(means, key=means.get)
+        out.append({"knowledge_load": load, "model": model, "best_lr": best, "best_bits": means[best],
+                    "bits_by_lr": [{"lr": lr, "mean_bits": means[lr], "bits": by_lr[lr]} for lr in sorted(by_lr)]})
+    return out
+
+
+def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per control cell: ``bits_trained`` (the model's cell at the same load, rate and seed),
+    ``bits_control`` and ``bits_attributed`` = trained - control (the bits the table holds by that control)."""
+    by = {(c["knowledge_load"], c["model"]): c for c in cells}
+    out = []
+    for c in cells:
+        model, _, control = c["model"].rpartition("@")
+        if control not in CONTROLS:
+            continue
+        trained = by.get((c["knowledge_load"], model))
+        out.append({"knowledge_load": c["knowledge_load"], "model": model, "control": control,
+                    "bits_trained": None if trained is None else trained["bits"], "bits_control": c["bits"],
+                    "bits_attributed": None if trained is None else trained["bits"] - c["bits"],
+                    "recall_trained": None if trained is None else trained["final"]["fact_recall"],
+                    "recall_control": c["final"]["fact_recall"]})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -393,6 +506,10 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _bits(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
 def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any], memory: dict[str, int],
                  out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """Writes ``<name>.json``, ``<name>.md`` and ``<name>-bits-vs-load.png``; returns their paths."""
@@ -400,15 +517,18 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
 
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
              "plot": out_dir / f"{name}-bits-vs-load.png", "curves": out_dir / f"{name}-bits-vs-step.png"}
-    cells = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
+    every = [add_bits(c, memory[study.base_model(c["model"])]) for c in cells]
+    cells = add_memory_bits([c for c in every if "@" not in c["model"]])
+    variant_cells = [c for c in every if "@" in c["model"]]
+    controls = control_rows(cells + variant_cells)
     checked = targets(cells)
     sat = saturation(cells)
     done = {f"people-{c['knowledge_load']}__{c['model']}" for c in cells}
     not_run = [n for n in meta.get("planned_cells", []) if n not in done]
     study.write_json_atomic(paths["json"], {"study": name, **meta, "flop_table": [asdict(c) for c in costs],
                                             "memory_params": memory, "dense_saturation": sat, "targets": checked,
-                                            "cells_not_run": not_run,
-                                            "cells": cells})
+                                            "cells_not_run": not_run, "lr_sweep": lr_sweep(cells + variant_cells),
+                                            "controls": controls, "cells": cells, "variant_cells": variant_cells})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
     sat_line = ("–" if sat is None else
                 f"dense stores at most {sat['max_bits']:,.0f} bits ({sat['bits_per_param']:.3f} per parameter, at "
@@ -428,6 +548,12 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
+          *(["### Controls (bits attributed to the table = trained − control)", "",
+             "| people | model | control | bits trained | bits control | bits attributed |",
+             "| ---: | --- | --- | ---: | ---: | ---: |",
+             *(f"| {r['knowledge_load']:,} | {r['model']} | {r['control']} | {_bits(r['bits_trained'])} | "
+               f"{_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} |" for r in controls), ""]
+            if controls else []),
           f"Cells run: {len(cells)} of {len(cells) + len(not_run)}"
           + (f"; not run: {', '.join(not_run)}" if not_run else ""), "", "### Targets", "", *target_lines, "",
           f"![bits stored and recall against knowledge load]({paths['plot'].name})", "",
@@ -457,6 +583,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--min-steps", type=int, default=None,
                         help="optimizer steps a cell trains at least (default: the grid's)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="AdamW rates of the per-model sweep (default: the grid's; every cell kept, best reported)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the grid's)")
+    parser.add_argument("--controls", nargs="+", default=[], choices=CONTROLS,
+                        help="table controls of every memory model at its config's rate and seed (see control_args)")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed relative miss of a FLOP target")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process")
@@ -479,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     grid_spec = dict(GPU if args.gpu else QUICK if args.quick else FULL)
     name = args.name or ("capacity-gpu" if args.gpu else "capacity-quick" if args.quick else "capacity")
     cells_name = args.name or ("capacity-gpu" if args.gpu else "capacity")  # quick = the full grid's first cells
-    for key in ("loads", "exposures", "batch_size", "min_steps"):
+    for key in ("loads", "exposures", "batch_size", "min_steps", "lrs", "seeds"):
         if getattr(args, key) is not None:
             grid_spec[key] = getattr(args, key)
     extra = study.variant_args(args.overrides, args.name)
@@ -499,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise StudyError("the grid is not FLOP-matched:\n  " + "\n  ".join(problems))
     configs = model_configs()
     memory = {m: memory_parameters(configs[m]) for m in args.models}
+    cell_extra = variants(args.models, grid_spec["lrs"], grid_spec["seeds"], args.controls, configs)
+    grid_spec["controls"] = list(args.controls)
     print(f"[capacity] {len(plan)} loads x {len(args.models)} models: "
           + ", ".join(f"{w.name} ({w.steps} steps x {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
@@ -506,29 +639,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "hardware": "2 shared CPU cores" if not args.gpu else "one GPU",
             "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
             "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
-            "planned_cells": [study.cell_name(w, m) for w in plan for m in ALL_MODELS if m in args.models]}
+            "planned_cells": [study.cell_name(w, m) for w in plan for m in cell_extra]}
     if args.dry_run:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
     cells_dir = args.out / f"{cells_name}-cells"
-    by_model = {c.model: c for c in costs}
-    grid = [(w, m) for w in plan for m in args.models]
+    by_model = {m: next(c for c in costs if c.model == study.base_model(m)) for m in cell_extra}
+    grid = [(w, m) for w in plan for m in cell_extra]
     if args.report_only:
         stored = (study.load_cell(cells_dir / f"{study.cell_name(w, m)}.json",
-                                  study.config_hash(study.cell_args(cells_name, w, m, extra, args.config_dir)))
+                                  study.config_hash(study.cell_args(cells_name, w, m, [*extra, *cell_extra[m]],
+                                                                    args.config_dir)))
                   for w, m in grid)
         cells = [c for c in stored if c is not None]
     else:
         cells = study.run_grid(cells_name, grid, by_model, cells_dir, args.jobs, args.threads,
                                on_cell=lambda done: write_report(name, done, costs, memory, args.out, meta),
-                               extra=extra, config_dir=args.config_dir)
+                               extra=extra, config_dir=args.config_dir, cell_extra=cell_extra)
     paths = write_report(name, cells, costs, memory, args.out, meta)
-    with_bits = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
+    with_bits = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells if "@" not in c["model"]])
     print(results_table(with_bits))
     for t in targets(with_bits):
         print(f"{'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})")
     print("[capacity] wrote " + ", ".join(str(p) for p in paths.values()))
-    return {"cells": with_bits, "paths": {k: str(v) for k, v in paths.items()}}
+    report = json.loads(paths["json"].read_text())
+    return {"cells": with_bits, "variant_cells": report["variant_cells"], "controls": report["controls"],
+            "lr_sweep": report["lr_sweep"], "paths": {k: str(v) for k, v in paths.items()}}
 
 
 if __name__ == "__main__":
