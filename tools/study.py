@@ -515,9 +515,16 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
 
 
 def model_color(model: str) -> str:
-    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`MODELS` order)."""
+    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`MODELS` order, then
+    :data:`MORE_COLOURS`)."""
     names = list(MODELS)
-    return f"C{names.index(model) % 10}" if model in names else "black"
+    if model not in names:
+        return "black"
+    i = names.index(model)
+    return f"C{i}" if i < 10 else MORE_COLOURS[(i - 10) % len(MORE_COLOURS)]
+
+
+MORE_COLOURS = ("darkgoldenrod", "teal", "indigo", "olive", "crimson")
 
 
 def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
