@@ -19,11 +19,23 @@ Outputs in ``docs/results/``: ``<name>.json`` (cells, FLOP table, per-cell bits,
 (tables), ``<name>-bits-vs-load.png`` (bits stored against bits in the corpus, one line per model) and
 ``<name>-bits-vs-step.png`` (bits stored at each validation, one panel per load).
 
-    python tools/capacity.py --quick --jobs 2             # the full grid's first 2 loads x 6 models
-    python tools/capacity.py --jobs 2 --threads 1         # the full grid (resumable; reuses the quick cells)
+    python tools/capacity.py --quick --jobs 2             # people-300 x the 10 models, config rate and seed
+    python tools/capacity.py --jobs 2 --threads 1         # the full grid: 4 loads x 10 models x 3 rates x 2 seeds
 
-(Measured on the shared 2-core CPU: the full grid, 24 cells, 65 min wall with ``--jobs 2``; the quick grid's 12
-cells 1,093 s of cell time, about 9 min with ``--jobs 2``.)
+(Measured on the shared 2-core CPU with the earlier 6-model grid at one rate and seed: 24 cells, 65 min wall with
+``--jobs 2``; a people-300 cell takes ~86 s. The full grid with the sweep is 6x that per model: a GPU's job, or
+narrow it with ``--loads``, ``--lrs``, ``--seeds``, ``--models``.)
+
+Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
+``--seeds``) and ``<model>@<control>``; the report's tables and targets read the plain cells (config rate and seed),
+the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
+the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
+rate and seed; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
+``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
+``shuffled`` permutes the trained rows before the last validation. ``controls`` rows in the JSON carry
+``bits_trained``, ``bits_control`` and ``bits_attributed`` = trained - control: the bits the table holds.
+
+    python tools/capacity.py --quick --models memoryplus peer engram --controls frozen single_row shuffled --jobs 2
 
     python tools/capacity.py --gpu --jobs 6 --threads 2   # the larger GPU grid (tools/gpu_check.sh)
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
