@@ -130,3 +130,81 @@ def test_summarize_config_vocab_size_override_sizes_the_embedding():
     small, large = summarize_config(path, vocab_size=500), summarize_config(path, vocab_size=1000)
     assert large.parameters - small.parameters == 500 * capacity.DIM  # tied embedding rows
     assert large.flops > small.flops  # and the LM head
+
+
+# ------------------------------------------------------------------------------------------------ variants
+def test_new_models_are_in_the_flop_matched_grid_with_their_sizing_in_the_header():
+    for m in ("ultramem_v2", "engram", "stem", "mole"):
+        assert m in capacity.MODELS
+        assert "# Sizing:" in (capacity.CONFIG_DIR / f"model-{m}.yaml").read_text()
+
+
+def test_variant_cells_name_their_rate_seed_and_control():
+    configs = capacity.model_configs()
+    extra = capacity.variants(["dense", "memoryplus"], [capacity.LR, 3e-2], [capacity.SEED, 7], ["frozen"], configs)
+    assert extra["dense"] == [] and extra["memoryplus"] == []
+    assert extra["dense@lr0.03@seed7"] == ["--model.init_args.optimizer.init_args.lr", "0.03", "--seed_everything", "7"]
+    assert "dense@frozen" not in extra  # dense has no table
+    assert extra["memoryplus@frozen"] == ["--model.init_args.freeze", '["pools.memory.*"]']
+    assert capacity.study.base_model("memoryplus@lr0.03@seed7") == "memoryplus"
+    engram = capacity.control_args("engram", "single_row", configs["engram"])
+    assert engram == ["--model.init_args.architecture.layers.1.add.table", "single_row"]
+    assert "tie_rows" in capacity.control_args("peer", "single_row", configs["peer"])[1]
+    assert "shuffle_rows" in capacity.control_args("stem", "shuffled", configs["stem"])[1]
+    with pytest.raises(capacity.StudyError, match="no memory table"):
+        capacity.control_args("dense", "frozen", configs["dense"])
+    with pytest.raises(capacity.StudyError, match="not defined"):
+        capacity.control_args("mole", "shuffled", configs["mole"])
+
+
+def test_lr_sweep_and_control_rows_on_fake_cells():
+    cells = [{"knowledge_load": 10, "model": m, "bits": b, "final": {"fact_recall": 0.5}} for m, b in
+             [("pkm", 100.0), ("pkm@seed2", 80.0), ("pkm@lr0.03", 120.0), ("pkm@lr0.03@seed2", 110.0),
+              ("pkm@frozen", 30.0), ("pkm@shuffled", 10.0)]]
+    (sweep,) = capacity.lr_sweep(cells)
+    assert sweep["best_lr"] == 0.03 and sweep["best_bits"] == pytest.approx(115.0)
+    assert [r["mean_bits"] for r in sweep["bits_by_lr"]] == [90.0, 115.0]
+    rows = {r["control"]: r for r in capacity.control_rows(cells)}
+    assert rows["frozen"]["bits_attributed"] == 70.0 and rows["shuffled"]["bits_attributed"] == 90.0
+
+
+def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--models", "pkm", "--loads", "4", "--exposures", "1", "--batch-size", "2", "--min-steps", "0",
+            "--lrs", str(capacity.LR), "--seeds", str(capacity.SEED),
+            "--controls", "frozen", "single_row", "shuffled", "--name", "ctl", "--out", str(tmp_path)]
+    import torch
+
+    from memzoo.blocks.pool import MemoryPool
+
+    seen = {}
+    from memzoo import cli as memzoo_cli
+
+    real = memzoo_cli.main
+
+    def spy(args):
+        out = real(args)
+        model = out.model
+        pool = next(m for m in model.modules() if isinstance(m, MemoryPool))
+        seen[next(a for a in args if a.startswith("study-ctl"))] = pool.values.detach().clone()
+        return out
+
+    monkeypatch.setattr("memzoo.cli.main", spy)
+    result = capacity.main(argv)
+    values = {k.rsplit("-", 1)[-1]: v for k, v in seen.items()}
+    fresh = next(m for m in __import__("memzoo").build_model(capacity.model_configs()["pkm"],
+                 vocab_size=capacity.vocab_size()).modules() if isinstance(m, MemoryPool)).values
+    assert torch.equal(values["pkm@frozen"], fresh)  # frozen: the init values, unchanged by training
+    assert not torch.equal(values["pkm"], fresh)
+    tied = values["pkm@single_row"]
+    assert torch.equal(tied, tied[:1].expand_as(tied))  # one row's worth of values
+    shuffled = values["pkm@shuffled"]
+    assert not torch.equal(shuffled, values["pkm"])
+    assert torch.equal(shuffled.sort(0).values, values["pkm"].sort(0).values)  # the same rows, permuted
+    report = json.loads((tmp_path / "ctl.json").read_text())
+    assert {r["control"] for r in report["controls"]} == {"frozen", "single_row", "shuffled"}
+    for r in report["controls"]:
+        assert set(r) >= {"bits_trained", "bits_control", "bits_attributed"}
+        assert r["bits_attributed"] == pytest.approx(r["bits_trained"] - r["bits_control"])
+    assert {c["model"] for c in report["variant_cells"]} == {"pkm@frozen", "pkm@single_row", "pkm@shuffled"}
+    assert result["controls"] == report["controls"]

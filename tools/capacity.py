@@ -19,11 +19,23 @@ Outputs in ``docs/results/``: ``<name>.json`` (cells, FLOP table, per-cell bits,
 (tables), ``<name>-bits-vs-load.png`` (bits stored against bits in the corpus, one line per model) and
 ``<name>-bits-vs-step.png`` (bits stored at each validation, one panel per load).
 
-    python tools/capacity.py --quick --jobs 2             # the full grid's first 2 loads x 6 models
-    python tools/capacity.py --jobs 2 --threads 1         # the full grid (resumable; reuses the quick cells)
+    python tools/capacity.py --quick --jobs 2             # people-300 x the 10 models, config rate and seed
+    python tools/capacity.py --jobs 2 --threads 1         # the full grid: 4 loads x 10 models x 3 rates x 2 seeds
 
-(Measured on the shared 2-core CPU: the full grid, 24 cells, 65 min wall with ``--jobs 2``; the quick grid's 12
-cells 1,093 s of cell time, about 9 min with ``--jobs 2``.)
+(Measured on the shared 2-core CPU with the earlier 6-model grid at one rate and seed: 24 cells, 65 min wall with
+``--jobs 2``; a people-300 cell takes ~86 s. The full grid with the sweep is 6x that per model: a GPU's job, or
+narrow it with ``--loads``, ``--lrs``, ``--seeds``, ``--models``.)
+
+Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
+``--seeds``) and ``<model>@<control>``; the report's tables and targets read the plain cells (config rate and seed),
+the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
+the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
+rate and seed; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
+``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
+``shuffled`` permutes the trained rows before the last validation. ``controls`` rows in the JSON carry
+``bits_trained``, ``bits_control`` and ``bits_attributed`` = trained - control: the bits the table holds.
+
+    python tools/capacity.py --quick --models memoryplus peer engram --controls frozen single_row shuffled --jobs 2
 
     python tools/capacity.py --gpu --jobs 6 --threads 2   # the larger GPU grid (tools/gpu_check.sh)
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
@@ -63,18 +75,47 @@ Workload = study.Workload
 StudyError = study.StudyError
 
 #: model name -> FLOP target as a multiple of the dense model's forward FLOPs per token
-MODELS: dict[str, float] = {"dense": 1.0, "dense-2x": 2.0, "moe": 1.0, "pkm": 1.0, "memoryplus": 1.0, "peer": 1.0}
+MODELS: dict[str, float] = {"dense": 1.0, "dense-2x": 2.0, "moe": 1.0, "pkm": 1.0, "memoryplus": 1.0, "peer": 1.0,
+                            "ultramem_v2": 1.0, "engram": 1.0, "stem": 1.0, "mole": 1.0}
 #: ablations, trained only when named in ``--models`` (same FLOP accounting): Memory+ without its SiLU gate
 ABLATIONS: dict[str, float] = {"memoryplus-no-gate": 1.0}
 ALL_MODELS: dict[str, float] = {**MODELS, **ABLATIONS}
-MEMORY_MODELS = ("pkm", "memoryplus", "peer", "memoryplus-no-gate")
+MEMORY_MODELS = ("pkm", "memoryplus", "peer", "ultramem_v2", "engram", "stem", "mole", "memoryplus-no-gate")
 DATA_CONFIG = "data-biographies.yaml"
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 DIM, LAYERS, HEADS, BLOCK_SIZE = 32, 2, 2, 64
 LR, MEMORY_LR = 1.0e-2, 3.0e-2  # dense AdamW rate (1e-2 beat 3e-3 on people-300); sparse LazyAdam rate of tables
+SEED = 1337  # the configs' seed_everything
+CONTROLS = ("frozen", "single_row", "shuffled")
 
 
 # ------------------------------------------------------------------------------------------------- model configs
+#: how each model was sized (forward FLOPs per token from `memzoo summary` / ``summarize_config`` at the biographies'
+#: 728-word vocabulary; dense: 120,448 FLOPs, 56,224 parameters); written into the config's header
+SIZING: dict[str, str] = {
+    "dense": "the reference: 120,448 forward FLOPs per token, 56,224 parameters.",
+    "dense-2x": "width 48, SwiGLU hidden 224: 2.06x dense's FLOPs (the 'more compute' baseline).",
+    "ultramem_v2": (
+        "UltraMemV2 in both layers over ONE shared pool of 64^2 = 4,096 FFN-valued slots of width 32 (PEER's pool, "
+        "262,144 table parameters), 1 head x top-16, k_dim 16, beside a SwiGLU FFN of a quarter of the width "
+        "(ffn_fraction 0.25, hidden 32): ~1.03x dense's FLOPs (ffn_fraction 0.5 gives 1.13x). Equal total "
+        "parameters with PEER; the fairer axis against dense is FLOPs (the table adds parameters, not FLOPs)."),
+    "engram": (
+        "Engram (2- and 3-grams, 2 heads x 16 values per order, ~2,048-row tables: 131,072 table values, Memory+'s "
+        "pool size) beside layer 1's FFN narrowed to hidden 64: 0.97x dense's FLOPs. Layer 0 stays dense."),
+    "stem": (
+        "STEM in both layers, hidden 192 (gate + down = 2/3 of a SwiGLU of width 192 = a SwiGLU of width 128): "
+        "1.006x dense's FLOPs; the per-layer token tables add 728 x 192 x 2 = 279,552 parameters. At this word "
+        "vocabulary the tables index only the current word, so equal FLOPs is the axis; equal parameters would "
+        "need a wider vocabulary, not a bigger table."),
+    "mole": (
+        "MoLE-4E in both layers, dense GELU FFN and 4 experts all of width 40 (the paper's equal widths; "
+        "640 x 40 + 512 FLOPs per layer in training): 1.03x dense's FLOPs as trained (experts mode). "
+        "Re-parameterised for inference (lookup mode) it costs ~0.72x dense and its table has 728 x 4 x 32 = "
+        "93,184 values: at inference, equal total parameters is the fairer axis."),
+}
+
+
 def model_configs() -> dict[str, dict[str, Any]]:
     """Every capacity model as a config dict (the one place architectures are written down).
 
@@ -83,7 +124,8 @@ def model_configs() -> dict[str, dict[str, Any]]:
     ``pkm``: layer 1's FFN replaced by a product-key memory of 64² = 4,096 private values. ``memoryplus``: both FFNs
     replaced by Memory+ layers (qk-norm, SiLU gate) that share ONE pool of 4,096 values. ``peer``: both FFNs replaced
     by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get sparse LazyAdam updates.
-    Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs)."""
+    Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs). The lookup family (sizing in
+    :data:`SIZING`, written into each config's header): ``ultramem_v2``, ``engram``, ``stem``, ``mole``."""
 
     def model(dim: int = DIM, layers: dict | None = None, pools: dict | None = None,
               block_args: dict | None = None) -> dict[str, Any]:
@@ -101,11 +143,15 @@ def model_configs() -> dict[str, dict[str, Any]]:
         init_args.update({"warmup_steps": 100, "min_lr_ratio": 0.1, "optimizer": {
             "class_path": "torch.optim.AdamW",
             "init_args": {"lr": LR, "betas": [0.9, 0.99], "weight_decay": 0.0}}})
-        return {"seed_everything": 1337, "model": {"class_path": "memzoo.LanguageModel", "init_args": init_args}}
+        return {"seed_everything": SEED, "model": {"class_path": "memzoo.LanguageModel", "init_args": init_args}}
 
     sparse = {"update": "sparse", "lr": MEMORY_LR, "weight_decay": 0.0}
     memory_plus = {"block": "memory_plus", "pool": "memory", "heads": 2, "knn": 16, "k_dim": 48}
     peer = {"block": "peer", "pool": "experts", "heads": 2, "knn": 24, "k_dim": 48}
+    ultramem_v2 = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 16, "k_dim": 16, "ffn_fraction": 0.25}
+    engram = {"block": "beside", "init": "none", "base": {"block": "dense", "hidden": 64},
+              "add": {"block": "engram", "layer_id": 1, "max_ngram": 3, "ngram_dim": 32, "heads": 2,
+                      "table_rows": 2048, **sparse}}
     return {
         "dense": model(),
         "dense-2x": model(dim=48, block_args={"hidden": 224}),
@@ -118,6 +164,12 @@ def model_configs() -> dict[str, dict[str, Any]]:
                                     pools={"memory": {"n_keys": 64, "value_dim": DIM, **sparse}}),
         "peer": model(layers={i: dict(peer) for i in range(LAYERS)},
                       pools={"experts": {"kind": "experts", "n_keys": 64, "value_dim": DIM, **sparse}}),
+        "ultramem_v2": model(layers={i: dict(ultramem_v2) for i in range(LAYERS)},
+                             pools={"experts": {"kind": "experts", "n_keys": 64, "value_dim": DIM, **sparse}}),
+        "engram": model(layers={1: engram}),
+        "stem": model(layers={i: {"block": "stem", "hidden": 192} for i in range(LAYERS)}),
+        "mole": model(layers={i: {"block": "mole", "n_experts": 4, "hidden": 40, "expert_hidden": 40}
+                              for i in range(LAYERS)}),
     }
 
 
@@ -132,7 +184,14 @@ def config_texts() -> dict[str, str]:
 
     header = ("# Generated by tools/capacity.py (model_configs / data_config): edit there, then run\n"
               "#   python tools/capacity.py --write-configs\n")
-    texts = {f"model-{name}.yaml": header + yaml.safe_dump(config, sort_keys=False)
+    def sizing(name: str) -> str:
+        if name not in SIZING:
+            return ""
+        import textwrap
+
+        return "".join(f"# {line}\n" for line in textwrap.wrap("Sizing: " + SIZING[name], 114))
+
+    texts = {f"model-{name}.yaml": header + sizing(name) + yaml.safe_dump(config, sort_keys=False)
              for name, config in model_configs().items()}
     texts[DATA_CONFIG] = header + ("# tools/capacity.py sets n_people (the knowledge load) and the schedule per cell.\n"
                                    + yaml.safe_dump(data_config(), sort_keys=False))
@@ -176,9 +235,12 @@ def capacity_plan(loads: Sequence[int], exposures: int, batch_size: int, val_poi
 #: the full grid, and its first two loads as the quick one: same schedule, so the full grid reuses the quick cells.
 #: ``min_steps``: people-100 and -300 take 367 and 1,101 steps at 100 exposures, too few updates for any model to
 #: memorise what it could hold, so they train 1,500 steps (408 and 136 exposures)
-FULL = {"loads": (100, 300, 1000, 3000), "exposures": 100, "batch_size": 16, "val_points": 4, "min_steps": 1500}
-QUICK = {**FULL, "loads": FULL["loads"][:2]}
-GPU = {"loads": (300, 1000, 3000, 10000), "exposures": 100, "batch_size": 64, "val_points": 4, "min_steps": 1500}
+FULL = {"loads": (100, 300, 1000, 3000), "exposures": 100, "batch_size": 16, "val_points": 4, "min_steps": 1500,
+        "lrs": (3.0e-3, LR, 3.0e-2), "seeds": (SEED, SEED + 1)}
+#: the quick grid: one load (people-300, 1,500 steps) x the models at their config's rate and seed
+QUICK = {**FULL, "loads": (300,), "lrs": (LR,), "seeds": (SEED,)}
+GPU = {"loads": (300, 1000, 3000, 10000), "exposures": 100, "batch_size": 64, "val_points": 4, "min_steps": 1500,
+       "lrs": (3.0e-3, LR, 3.0e-2), "seeds": (SEED, SEED + 1)}
 
 
 # ------------------------------------------------------------------------------------------------------- bits
@@ -261,6 +323,114 @@ def saturation(cells: Sequence[dict[str, Any]], model: str = "dense") -> dict[st
     best = max(own, key=lambda c: c["bits"])
     return {"model": model, "max_bits": best["bits"], "at_load": best["knowledge_load"],
             "bits_per_param": best["bits_per_param"], "first_load_below_90pct": below[0] if below else None}
+
+
+# ------------------------------------------------------------------------------------------------------- variants
+def table_modules(config: dict[str, Any]) -> list[str]:
+    """Decoder names of a config's memory tables: its :class:`MemoryPool` modules (shared pools once), and MoLE's
+    expert MLPs (its table as trained, a lookup table only after re-parameterisation)."""
+    import memzoo
+    from memzoo.blocks.mole import ExpertMLPs
+    from memzoo.blocks.pool import MemoryPool
+
+    model = memzoo.build_model(config, vocab_size=vocab_size()).model
+    return [name for name, m in model.named_modules(remove_duplicate=True) if isinstance(m, (MemoryPool, ExpertMLPs))]
+
+
+def control_args(model: str, control: str, config: dict[str, Any]) -> list[str]:
+    """The ``memzoo fit`` arguments that turn ``model`` into its ``control`` cell (:data:`CONTROLS`):
+
+    - ``frozen``: the tables keep their init values (``freeze:`` patterns of every table, no optimizer state);
+    - ``single_row``: Engram's own ``table: single_row``; for a pool, its rows tied to their mean at the start and
+      after every step (``memzoo.training.table_controls.TableControl("tie_rows")``: one row's worth of values);
+    - ``shuffled``: trained as the model, the rows of every pool permuted before the last validation
+      (``TableControl("shuffle_rows")``), so the final bits are those of the trained values at the wrong rows.
+    Raises :class:`StudyError` for a model without tables, or a control not defined for it (MoLE's experts have no
+    rows to tie or shuffle as trained)."""
+    tables = table_modules(config)
+    if not tables:
+        raise StudyError(f"--controls {control}: model {model!r} has no memory table; choose among models with "
+                         f"tables ({', '.join(MEMORY_MODELS)})")
+    if control == "frozen":
+        return ["--model.init_args.freeze", json.dumps([f"{name}.*" for name in tables])]
+    if control not in CONTROLS[1:]:
+        raise StudyError(f"unknown control {control!r}; choose from {CONTROLS}")
+    layers = config["model"]["init_args"]["architecture"].get("layers", {})
+    engram = [i for i, spec in layers.items() if spec.get("add", {}).get("block") == "engram"]
+    if control == "single_row" and engram:
+        return [a for i in engram for a in (f"--model.init_args.architecture.layers.{i}.add.table", "single_row")]
+    if any(spec.get("block") == "mole" for spec in layers.values()):
+        raise StudyError(f"--controls {control}: not defined for {model!r} (MoLE's experts, as trained, are MLPs "
+                         f"of the embedding, not rows); use frozen")
+    mode = "tie_rows" if control == "single_row" else "shuffle_rows"
+    callback = {"class_path": "memzoo.training.table_controls.TableControl", "init_args": {"mode": mode}}
+    return ["--trainer.callbacks+", json.dumps(callback)]
+
+
+def variant_name(model: str, lr: float | None = None, seed: int | None = None, control: str | None = None) -> str:
+    """``model`` for the config's own rate and seed, else ``model@lr<rate>``, ``@seed<n>``, ``@<control>``."""
+    name = model
+    if lr is not None and lr != LR:
+        name += f"@lr{lr:g}"
+    if seed is not None and seed != SEED:
+        name += f"@seed{seed}"
+    return name + (f"@{control}" if control else "")
+
+
+def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], controls: Sequence[str],
+             configs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Every cell model of the grid -> its extra ``memzoo fit`` arguments: each model at every rate x seed (the
+    AdamW rate; table rates stay the config's), and at the config's rate and seed under each control."""
+    out: dict[str, list[str]] = {}
+    for m in models:
+        for lr in lrs:
+            for seed in seeds:
+                extra = [] if lr == LR else ["--model.init_args.optimizer.init_args.lr", str(lr)]
+                out[variant_name(m, lr, seed)] = extra + ([] if seed == SEED else ["--seed_everything", str(seed)])
+        if m in MEMORY_MODELS:
+            for control in controls:
+                if control != "frozen" and m == "mole":
+                    print(f"[capacity] control {control} is not defined for mole (its experts have no rows): "
+                          f"only frozen runs", flush=True)
+                    continue
+                out[variant_name(m, control=control)] = control_args(m, control, configs[m])
+    return out
+
+
+def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (load, model): the mean bits over seeds at each rate, and the best rate (every cell stays in the JSON)."""
+    groups: dict[tuple[int, str], dict[float, list[float]]] = {}
+    for c in cells:
+        model, _, variant = c["model"].partition("@")
+        if any(part in CONTROLS for part in variant.split("@")):
+            continue
+        lr = next((float(v[2:]) for v in variant.split("@") if v.startswith("lr")), LR)
+        groups.setdefault((c["knowledge_load"], model), {}).setdefault(lr, []).append(c["bits"])
+    out = []
+    for (load, model), by_lr in sorted(groups.items()):
+        means = {lr: sum(b) / len(b) for lr, b in by_lr.items()}
+        best = max(means, key=means.get)
+        out.append({"knowledge_load": load, "model": model, "best_lr": best, "best_bits": means[best],
+                    "bits_by_lr": [{"lr": lr, "mean_bits": means[lr], "bits": by_lr[lr]} for lr in sorted(by_lr)]})
+    return out
+
+
+def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per control cell: ``bits_trained`` (the model's cell at the same load, rate and seed),
+    ``bits_control`` and ``bits_attributed`` = trained - control (the bits the table holds by that control)."""
+    by = {(c["knowledge_load"], c["model"]): c for c in cells}
+    out = []
+    for c in cells:
+        model, _, control = c["model"].rpartition("@")
+        if control not in CONTROLS:
+            continue
+        trained = by.get((c["knowledge_load"], model))
+        out.append({"knowledge_load": c["knowledge_load"], "model": model, "control": control,
+                    "bits_trained": None if trained is None else trained["bits"], "bits_control": c["bits"],
+                    "bits_attributed": None if trained is None else trained["bits"] - c["bits"],
+                    "recall_trained": None if trained is None else trained["final"]["fact_recall"],
+                    "recall_control": c["final"]["fact_recall"]})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -348,6 +518,10 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _bits(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
 def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any], memory: dict[str, int],
                  out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """Writes ``<name>.json``, ``<name>.md`` and ``<name>-bits-vs-load.png``; returns their paths."""
@@ -355,15 +529,18 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
 
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
              "plot": out_dir / f"{name}-bits-vs-load.png", "curves": out_dir / f"{name}-bits-vs-step.png"}
-    cells = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
+    every = [add_bits(c, memory[study.base_model(c["model"])]) for c in cells]
+    cells = add_memory_bits([c for c in every if "@" not in c["model"]])
+    variant_cells = [c for c in every if "@" in c["model"]]
+    controls = control_rows(cells + variant_cells)
     checked = targets(cells)
     sat = saturation(cells)
     done = {f"people-{c['knowledge_load']}__{c['model']}" for c in cells}
     not_run = [n for n in meta.get("planned_cells", []) if n not in done]
     study.write_json_atomic(paths["json"], {"study": name, **meta, "flop_table": [asdict(c) for c in costs],
                                             "memory_params": memory, "dense_saturation": sat, "targets": checked,
-                                            "cells_not_run": not_run,
-                                            "cells": cells})
+                                            "cells_not_run": not_run, "lr_sweep": lr_sweep(cells + variant_cells),
+                                            "controls": controls, "cells": cells, "variant_cells": variant_cells})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
     sat_line = ("–" if sat is None else
                 f"dense stores at most {sat['max_bits']:,.0f} bits ({sat['bits_per_param']:.3f} per parameter, at "
@@ -383,6 +560,12 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
+          *(["### Controls (bits attributed to the table = trained − control)", "",
+             "| people | model | control | bits trained | bits control | bits attributed |",
+             "| ---: | --- | --- | ---: | ---: | ---: |",
+             *(f"| {r['knowledge_load']:,} | {r['model']} | {r['control']} | {_bits(r['bits_trained'])} | "
+               f"{_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} |" for r in controls), ""]
+            if controls else []),
           f"Cells run: {len(cells)} of {len(cells) + len(not_run)}"
           + (f"; not run: {', '.join(not_run)}" if not_run else ""), "", "### Targets", "", *target_lines, "",
           f"![bits stored and recall against knowledge load]({paths['plot'].name})", "",
@@ -412,6 +595,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--min-steps", type=int, default=None,
                         help="optimizer steps a cell trains at least (default: the grid's)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="AdamW rates of the per-model sweep (default: the grid's; every cell kept, best reported)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the grid's)")
+    parser.add_argument("--controls", nargs="+", default=[], choices=CONTROLS,
+                        help="table controls of every memory model at its config's rate and seed (see control_args)")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed relative miss of a FLOP target")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process")
@@ -434,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     grid_spec = dict(GPU if args.gpu else QUICK if args.quick else FULL)
     name = args.name or ("capacity-gpu" if args.gpu else "capacity-quick" if args.quick else "capacity")
     cells_name = args.name or ("capacity-gpu" if args.gpu else "capacity")  # quick = the full grid's first cells
-    for key in ("loads", "exposures", "batch_size", "min_steps"):
+    for key in ("loads", "exposures", "batch_size", "min_steps", "lrs", "seeds"):
         if getattr(args, key) is not None:
             grid_spec[key] = getattr(args, key)
     extra = study.variant_args(args.overrides, args.name)
@@ -454,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise StudyError("the grid is not FLOP-matched:\n  " + "\n  ".join(problems))
     configs = model_configs()
     memory = {m: memory_parameters(configs[m]) for m in args.models}
+    cell_extra = variants(args.models, grid_spec["lrs"], grid_spec["seeds"], args.controls, configs)
+    grid_spec["controls"] = list(args.controls)
     print(f"[capacity] {len(plan)} loads x {len(args.models)} models: "
           + ", ".join(f"{w.name} ({w.steps} steps x {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
@@ -461,29 +651,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "hardware": "2 shared CPU cores" if not args.gpu else "one GPU",
             "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
             "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
-            "planned_cells": [study.cell_name(w, m) for w in plan for m in ALL_MODELS if m in args.models]}
+            "planned_cells": [study.cell_name(w, m) for w in plan for m in cell_extra]}
     if args.dry_run:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
     cells_dir = args.out / f"{cells_name}-cells"
-    by_model = {c.model: c for c in costs}
-    grid = [(w, m) for w in plan for m in args.models]
+    by_model = {m: next(c for c in costs if c.model == study.base_model(m)) for m in cell_extra}
+    grid = [(w, m) for w in plan for m in cell_extra]
     if args.report_only:
         stored = (study.load_cell(cells_dir / f"{study.cell_name(w, m)}.json",
-                                  study.config_hash(study.cell_args(cells_name, w, m, extra, args.config_dir)))
+                                  study.config_hash(study.cell_args(cells_name, w, m, [*extra, *cell_extra[m]],
+                                                                    args.config_dir)))
                   for w, m in grid)
         cells = [c for c in stored if c is not None]
     else:
         cells = study.run_grid(cells_name, grid, by_model, cells_dir, args.jobs, args.threads,
                                on_cell=lambda done: write_report(name, done, costs, memory, args.out, meta),
-                               extra=extra, config_dir=args.config_dir)
+                               extra=extra, config_dir=args.config_dir, cell_extra=cell_extra)
     paths = write_report(name, cells, costs, memory, args.out, meta)
-    with_bits = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells])
+    with_bits = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells if "@" not in c["model"]])
     print(results_table(with_bits))
     for t in targets(with_bits):
         print(f"{'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})")
     print("[capacity] wrote " + ", ".join(str(p) for p in paths.values()))
-    return {"cells": with_bits, "paths": {k: str(v) for k, v in paths.items()}}
+    report = json.loads(paths["json"].read_text())
+    return {"cells": with_bits, "variant_cells": report["variant_cells"], "controls": report["controls"],
+            "lr_sweep": report["lr_sweep"], "paths": {k: str(v) for k, v in paths.items()}}
 
 
 if __name__ == "__main__":

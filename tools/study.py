@@ -60,11 +60,17 @@ MODELS: dict[str, float] = {
     "pkm": 1.0,
     "memoryplus": 1.0,
     "peer": 1.0,
+    "ultramem_v2": 1.0,
+    "engram": 1.0,
+    "stem": 1.0,
+    "mole": 1.0,
 }
 REFERENCE_MODEL = "dense"
 #: dense learning rate on the facts workloads (memorisation; the quickstart's): 3x the text rate of the model configs
 FACTS_LR = 3.0e-3
-MEMORY_MODELS = ("pkm", "memoryplus", "peer")
+MEMORY_MODELS = ("pkm", "memoryplus", "peer", "ultramem_v2", "engram")
+#: token-indexed tables (STEM: the byte vocabulary's rows; MoLE: experts as trained, a table only at inference)
+LOOKUP_MODELS = ("stem", "mole")
 
 
 class StudyError(ValueError):
@@ -217,12 +223,18 @@ def cell_name(workload: Workload, model: str) -> str:
     return f"{workload.name}__{model}"
 
 
+def base_model(model: str) -> str:
+    """The model of a cell name: a variant cell ``<model>@<variant>`` (a seed, a rate, a control) trains
+    ``<model>``'s config with its variant's arguments."""
+    return model.split("@", 1)[0]
+
+
 def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] = (),
               config_dir: Path = CONFIG_DIR) -> list[str]:
     """The ``memzoo fit`` arguments of one cell (verb excluded), configs from ``config_dir``; ``extra`` (a variant's
     ``--set`` overrides, as ``--key value`` pairs) comes last, so it wins over the configs and the workload."""
     return [
-        "--config", str(model_config(model, config_dir)),
+        "--config", str(model_config(base_model(model), config_dir)),
         "--config", str(config_dir / workload.data_config),
         *workload.overrides(),
         "--trainer.callbacks+", '{"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step", "verbose": false}}',
@@ -387,13 +399,16 @@ def _run_cell_in_worker(threads: int, study: str, workload: Workload, model: str
 
 def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, ModelCost], cells_dir: Path,
              jobs: int, threads: int, on_cell: Any = None, extra: Sequence[str] = (),
-             config_dir: Path = CONFIG_DIR) -> list[dict[str, Any]]:
+             config_dir: Path = CONFIG_DIR, cell_extra: dict[str, Sequence[str]] | None = None
+             ) -> list[dict[str, Any]]:
     """Every cell of ``grid`` (stored ones are reused), ``jobs`` trainings at a time, each with ``threads`` torch
     threads (``jobs x threads`` should not exceed the free cores). Returns the results in grid order; calls
     ``on_cell(results so far, in grid order)`` after every finished cell so a partial study is readable.
 
     With ``jobs > 1`` each cell trains in a fresh spawned process: cells share no state, and a cell's tokens/s is
-    measured while the other jobs train (the throughput ratios stay comparable when every cell runs that way)."""
+    measured while the other jobs train (the throughput ratios stay comparable when every cell runs that way).
+    ``cell_extra`` maps a model (e.g. a variant ``<model>@<variant>``) to more arguments after ``extra``."""
+    cell_extra = cell_extra or {}
     if jobs < 1 or threads < 1:
         raise StudyError(f"--jobs and --threads must be >= 1, got jobs={jobs}, threads={threads}")
     results: dict[int, dict[str, Any]] = {}
@@ -405,8 +420,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
 
     if jobs == 1:
         for i, (workload, model) in enumerate(grid):
-            finished(i, _run_cell_in_worker(threads, study, workload, model, costs[model], cells_dir, extra,
-                                            config_dir))
+            finished(i, _run_cell_in_worker(threads, study, workload, model, costs[model], cells_dir,
+                                            (*extra, *cell_extra.get(model, ())), config_dir))
         return [results[i] for i in range(len(grid))]
 
     import multiprocessing
@@ -414,7 +429,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir, tuple(extra),
+        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir,
+                               (*extra, *cell_extra.get(m, ())),
                                config_dir): i
                    for i, (w, m) in enumerate(grid)}
         while pending:
@@ -499,9 +515,16 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
 
 
 def model_color(model: str) -> str:
-    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`MODELS` order)."""
+    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`MODELS` order, then
+    :data:`MORE_COLOURS`)."""
     names = list(MODELS)
-    return f"C{names.index(model) % 10}" if model in names else "black"
+    if model not in names:
+        return "black"
+    i = names.index(model)
+    return f"C{i}" if i < 10 else MORE_COLOURS[(i - 10) % len(MORE_COLOURS)]
+
+
+MORE_COLOURS = ("darkgoldenrod", "teal", "indigo", "olive", "crimson")
 
 
 def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
