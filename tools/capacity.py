@@ -1,4 +1,5 @@
-"""Knowledge capacity in bits: dense, dense-2x, MoE, PKM, Memory+ and PEER on synthetic biographies of N people.
+"""Knowledge capacity in bits: every FFN-slot block (dense, dense-2x, MoE, PKM, Memory+, PEER, UltraMemV2, Engram, STEM,
+MoLE) on synthetic biographies of N people.
 
 The question of Allen-Zhu & Li, "Physics of Language Models, Part 3.3" (arXiv 2404.05405), asked of memory layers:
 how many bits of knowledge does a model store, and does a memory layer add capacity at equal FLOPs? The data
@@ -40,6 +41,9 @@ rate and seed; see :func:`control_args`): ``frozen`` trains everything but the t
     python tools/capacity.py --gpu --jobs 6 --threads 2   # the larger GPU grid (tools/gpu_check.sh)
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
     python tools/capacity.py --write-configs              # regenerate configs/capacity/model-*.yaml
+
+One file past 500 lines: the configs, the plan, the bits, the variants and the report all read and write one list
+of cell records; the runner (worker processes, resume) is study.py's.
 """
 
 from __future__ import annotations

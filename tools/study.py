@@ -1,4 +1,5 @@
-"""The iso-FLOP study: dense, 2x / 4x dense, MoE, PKM, Memory+ and PEER on the same data, tokens and schedule.
+"""The iso-FLOP study: dense, 2x / 4x dense, MoE, PKM, Memory+, PEER, UltraMemV2, Engram, STEM and MoLE on the same
+data, tokens and schedule.
 
 A *cell* is one (workload, model) training run. The models are ``configs/study/model-<name>.yaml``, matched on active
 forward FLOPs per token with :func:`memzoo.config_accounting.summarize_config` (``dense-2x`` / ``dense-4x`` are matched to
@@ -28,6 +29,9 @@ arguments; a dict-valued key (``layers``, ``pools``) takes the whole dict as JSO
 
 Throughput (tokens/s) is reported as a ratio to the dense model of the same workload: absolute times on a shared
 machine are noise.
+
+One file past 500 lines: the grid runner (worker processes, resume, failure reporting), the FLOP check and the report
+share the cell records; tools/capacity.py runs its grid through them.
 """
 
 from __future__ import annotations
