@@ -46,6 +46,9 @@ def _run(rank, worker, world_size, port, args, lightning):
         raise
     finally:
         if dist.is_initialized():
+            # every rank's collectives complete before any rank tears the group down (gloo aborts a process whose
+            # peer closes the connection under a collective still in flight)
+            dist.barrier()
             dist.destroy_process_group()
 
 
