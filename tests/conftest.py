@@ -51,3 +51,14 @@ def _no_run_folders_left_in_the_checkout():
     yield
     left = sorted(str(p) for p in (set(runs.iterdir()) if runs.is_dir() else set()) - before)
     assert not left, f"tests left run folders in the checkout: {left}; write them under tmp_path (monkeypatch.chdir)"
+
+
+@pytest.fixture
+def clean_registry():
+    """The block registry as it was before the test (tests register blocks of their own)."""
+    from memzoo.blocks import registry
+
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

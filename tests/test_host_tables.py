@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from memzoo.blocks import registry
 from memzoo.blocks.base import Block
 from memzoo.blocks.pool import MemoryPool
 from memzoo.model.config import ModelConfig, ModelConfigError
@@ -21,14 +20,6 @@ from memzoo.registry import register_block
 from memzoo.training.optim import build_optimizer, keep_host_state_on_host
 
 VOCAB, DIM = 40, 16
-
-
-@pytest.fixture
-def clean_registry():
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 def _register_token_table():

@@ -21,14 +21,6 @@ from memzoo.registry import (
 )
 
 
-@pytest.fixture
-def clean_registry():
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
-
-
 def test_dense_is_registered_and_builds():
     assert "dense" in list_blocks()
     block = create_block("dense", dim=32, hidden=64)
