@@ -30,12 +30,8 @@ class TokenPositionTable(Block):
 
 
 @pytest.fixture
-def token_block():
-    saved = dict(registry._REGISTRY)
+def token_block(clean_registry):
     registry.register_block("token_position_table")(TokenPositionTable)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 def test_token_indexed_block_sees_ids_and_absolute_positions_with_a_kv_cache(token_block):
