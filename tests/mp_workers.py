@@ -1,4 +1,5 @@
-"""Worker functions of the memory-parallel tests, run in 2 gloo processes (imported by the spawned processes)."""
+"""Worker functions of the memory-parallel tests, run in 2 gloo processes forked from the test process, and
+:func:`start_ranks`, which the other multi-process tests use too."""
 
 from __future__ import annotations
 
@@ -18,18 +19,32 @@ SPARSE_MODEL = {**MODEL, "pools": {"memory": {**MODEL["pools"]["memory"], "updat
 
 
 def launch(worker, world_size: int, *args, lightning: bool = False) -> None:
-    """Runs ``worker(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; re-raises a failure.
+    """Runs ``worker(rank, world_size, *args)`` in ``world_size`` gloo processes (:func:`start_ranks`); re-raises a
+    failure.
 
     ``lightning``: leave the process group to Lightning (the environment variables of an external launcher).
     """
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_run, args=(worker, world_size, port, args, lightning), nprocs=world_size, join=True)
+    start_ranks(_run, world_size, worker, world_size, port, args, lightning)
+
+
+def start_ranks(function, n_processes: int, *args) -> None:
+    """Runs ``function(rank, *args)`` for rank 0..n_processes-1 in processes forked from this one, and waits for
+    them; a rank's exception is raised here. Forked ranks inherit the imported torch, Lightning and memzoo, so they
+    start in milliseconds where a fresh interpreter spends ~5 s of CPU importing them. Each rank runs with one torch
+    thread (set before ``function`` runs)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_one_thread, args=(function, args), nprocs=n_processes, join=True, start_method="fork")
+
+
+def _one_thread(rank, function, args):
+    torch.set_num_threads(1)
+    function(rank, *args)
 
 
 def _run(rank, worker, world_size, port, args, lightning):

@@ -15,7 +15,6 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from memzoo import LanguageModel
 from memzoo.data import FactsDataModule
@@ -32,6 +31,7 @@ from memzoo.parallel.sparse_grad_sync import (
     dense_all_reduce_bytes_per_rank,
     exchange_bytes_per_rank,
 )
+from mp_workers import start_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -162,7 +162,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
+    start_ranks(_worker, WORLD, _free_port(), tmp)
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from memzoo.model.transformer import Transformer
 from memzoo.ops import gather_dot, sparse_gather, weighted_gather
+from mp_workers import start_ranks
 from test_ops_sparse_gather import (
     OPS,
     make_inputs,
@@ -200,7 +201,7 @@ def test_ddp_gradient_accumulation_averages_the_in_place_sums(tmp_path):
     world = 2
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(world, str(tmp_path / "rendezvous"), results), nprocs=world, join=True)
+        start_ranks(_ddp_worker, world, world, str(tmp_path / "rendezvous"), results)
         grads = dict(results)
     reference = torch.nn.Parameter(_initial_table())
     for rank in range(world):

@@ -2,8 +2,6 @@
 and on a GPU (``cuda`` marker) against the CPU reference."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,27 +13,12 @@ pytest.importorskip("triton")
 
 #: Triton picks interpreting or compiling when a ``@triton.jit`` function is defined, and its standard library
 #: (``tl.zeros``, ``tl.sum``) is defined when ``triton`` is first imported, which pytest or ``torch.compile`` may
-#: have done already in this process. So the interpreter tests run in a child pytest started with
-#: ``TRITON_INTERPRET=1`` (they also run directly when the whole session has it set).
+#: have done already in this process. So the interpreter tests run in the child pytest that
+#: ``test_ops_triton_interpreter.py`` starts with ``TRITON_INTERPRET=1`` (and directly when the session has it set).
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter_only = pytest.mark.skipif(
     not INTERPRETER, reason="runs in the child process with TRITON_INTERPRET=1"
 )
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(INTERPRETER, reason="this is the child process")
-def test_interpreter_suite_in_a_child_process():
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "interpreted"],
-        check=False,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and "skipped" not in child.stdout.splitlines()[-1], child.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """The Triton product-key top-k kernel equals the float64 brute force: on CPU tensors under TRITON_INTERPRET=1
-(small sizes, in a child process as in test_ops_triton.py), and on a GPU (``cuda`` marker) through the full op."""
+(small sizes, in the child process of test_ops_triton_interpreter.py), and on a GPU (``cuda`` marker) through the full op."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,21 +15,6 @@ interpreter_only = pytest.mark.skipif(not INTERPRETER, reason="runs in the child
 def brute_force(half_scores, k):
     s1, s2 = half_scores[0].transpose(0, 1), half_scores[1].transpose(0, 1)
     return (s1[..., :, None] + s2[..., None, :]).flatten(-2).topk(k, dim=-1)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(INTERPRETER, reason="this is the child process")
-def test_interpreter_suite_in_a_child_process():
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "interpreted"],
-        check=False,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and "skipped" not in child.stdout.splitlines()[-1], child.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")
