@@ -55,12 +55,13 @@ def tiny_llama(tie: bool = True, seed: int = 0, n_layers: int = 2, dim: int = 32
 
 
 def write_llama_gguf(path: Path, model, dtype: str = "f32", architecture: str = "llama") -> Path:
-    """Writes transformers ``LlamaForCausalLM`` ``model`` to ``path`` as a GGUF file (tensors as ``dtype``: f32 or
-    f16; ``architecture`` names the GGUF architecture, e.g. a wrong one for error tests)."""
+    """Writes transformers ``LlamaForCausalLM`` ``model`` to ``path`` as a GGUF file (2-D tensors as ``dtype``: f32,
+    f16 or q8_0, llama.cpp's 8-bit blocks of 32; ``architecture`` names the GGUF architecture, e.g. a wrong one for
+    error tests)."""
     import gguf
 
     config = model.config
-    np_dtype = {"f32": np.float32, "f16": np.float16}[dtype]
+    np_dtype = {"f32": np.float32, "f16": np.float16, "q8_0": np.float32}[dtype]
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name("tiny llama")
     writer.add_block_count(config.num_hidden_layers)
@@ -74,7 +75,8 @@ def write_llama_gguf(path: Path, model, dtype: str = "f32", architecture: str = 
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     vocab = vocabulary()
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -91,7 +93,12 @@ def write_llama_gguf(path: Path, model, dtype: str = "f32", architecture: str = 
 
     def put(name: str, array: np.ndarray) -> None:
         # norms stay float32, as llama.cpp's converter keeps 1-D tensors
-        writer.add_tensor(name, np.ascontiguousarray(array.astype(np.float32 if array.ndim == 1 else np_dtype)))
+        array = np.ascontiguousarray(array.astype(np.float32 if array.ndim == 1 else np_dtype))
+        if dtype == "q8_0" and array.ndim == 2 and array.shape[-1] % 32 == 0:  # others stay f32, as in llama.cpp
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array)
 
     put("token_embd.weight", state["model.embed_tokens.weight"])
     put("output_norm.weight", state["model.norm.weight"])

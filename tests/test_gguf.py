@@ -18,7 +18,13 @@ from memzoo.build import build_language_model  # noqa: E402
 from memzoo.data.tokenizers import build_tokenizer  # noqa: E402
 from memzoo.export.errors import PretrainedFormatError  # noqa: E402
 from memzoo.export.hf import export_model  # noqa: E402
-from memzoo.model.gguf import GGUFImportError, gguf_tokenizer_folder, load_gguf_model, read_gguf_config  # noqa: E402
+from memzoo.model.gguf import (  # noqa: E402
+    GGUFImportError,
+    gguf_tokenizer_folder,
+    load_gguf_model,
+    read_gguf_config,
+    read_gguf_header,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +37,7 @@ def files(tmp_path_factory):
     """``{(tie, dtype): (source transformers model, gguf path)}``."""
     folder = tmp_path_factory.mktemp("gguf")
     out = {}
-    for tie, dtype in ((True, "f32"), (False, "f16")):
+    for tie, dtype in ((True, "f32"), (False, "f16"), (True, "q8_0")):
         model = tiny_llama(tie=tie)
         out[tie, dtype] = model, write_llama_gguf(folder / f"tiny-{dtype}.gguf", model, dtype)
     return out
@@ -41,7 +47,8 @@ def ids(batch=2, length=19, seed=1):
     return torch.randint(0, len(vocabulary()), (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("key", [(True, "f32"), (False, "f16")], ids=["tied-f32", "untied-f16"])
+@pytest.mark.parametrize("key", [(True, "f32"), (False, "f16"), (True, "q8_0")],
+                         ids=["tied-f32", "untied-f16", "tied-q8_0"])
 def test_logits_equal_source_and_transformers(files, key):
     source, path = files[key]
     model = memzoo.load_pretrained(path)
@@ -51,9 +58,23 @@ def test_logits_equal_source_and_transformers(files, key):
     with torch.no_grad():
         ours, theirs, original = model(x), reference(x).logits, source(x).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    # f16 weights round the source's: close, not equal; f32 is exact up to summation order
-    torch.testing.assert_close(ours, original, atol=1e-5 if key[1] == "f32" else 2e-3, rtol=1e-4)
+    # f16 and 8-bit weights round the source's: close, not equal; f32 is exact up to summation order
+    torch.testing.assert_close(ours, original, atol={"f32": 1e-5, "f16": 2e-3, "q8_0": 2e-2}[key[1]], rtol=1e-4)
     assert (model.head.weight is model.embed.weight) == key[0]
+    if key[1] == "q8_0":  # 8-bit blocks where rows are multiples of 32, float32 elsewhere
+        assert {tensor.ggml_type for tensor in read_gguf_header(path).tensors} == {0, 8}
+
+
+@pytest.mark.parametrize("key", [(True, "f32"), (False, "f16")], ids=["tied", "untied"])
+def test_config_read_from_the_header_is_transformers_config(files, key):
+    """memzoo reads the architecture from the header alone; transformers' GGUF reader decodes every field."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    _, path = files[key]
+    theirs = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    theirs.pop("_model_name_or_path")
+    assert read_gguf_config(path) == {**theirs, "architectures": ["LlamaForCausalLM"]}
+    assert theirs["tie_word_embeddings"] is key[0]
 
 
 def test_dtype_and_config(files):

@@ -1,15 +1,17 @@
 """Llama-family GGUF files (llama.cpp's single-file format) as memzoo decoders.
 
 A ``.gguf`` file holds the architecture (``llama.*`` metadata), the tokenizer (vocabulary, merges, special tokens,
-chat template) and the weights, often quantised. memzoo reads it with transformers' GGUF support (the ``gguf``
-package: ``pip install 'memzoo[hf]'``), which dequantises every tensor and names it as a Hugging Face
-``LlamaForCausalLM`` would; from there the weights take the same path as a Hugging Face folder
+chat template) and the weights, often quantised. memzoo reads the header itself (:mod:`memzoo.model.gguf_header`),
+dequantises every tensor with the ``gguf`` package and names it as a Hugging Face ``LlamaForCausalLM`` would with
+transformers' GGUF tables (``pip install 'memzoo[hf]'``); from there the weights take the same path as a Hugging
+Face folder
 (:mod:`memzoo.model.hf_llama`: the same architecture checks, name conversion and retrofits). No transformers model
 is built with weights and nothing is ``save_pretrained``-ed (transformers refuses to save a GGUF-loaded model).
 
-- :func:`read_gguf_config`: the file's architecture as a Hugging Face ``config.json`` dict (metadata only, fast).
+- :func:`read_gguf_config`: the file's architecture as a Hugging Face ``config.json`` dict, from the header alone
+  (0.1 s for SmolLM2-135M, whose 49,152-token vocabulary is skipped, not decoded).
 - :func:`load_gguf_model`: a :class:`~memzoo.model.transformer.Transformer` with the file's weights, in float32
-  (dequantisation is the slow part: about 45 s for a 135M-parameter Q4_1 file on one CPU core).
+  (dequantisation is the slow part: about 3.5 s for SmolLM2-135M's Q4_1 file on one CPU core).
 - :func:`gguf_tokenizer_folder`: the file's tokenizer written once as ``tokenizer.json`` +
   ``tokenizer_config.json`` (special tokens, ``chat_template``) into a cache folder (``$MEMZOO_CACHE/gguf/``,
   default ``~/.cache/memzoo/gguf/``) keyed by the file's path, size and modification time, so memzoo's data
@@ -34,6 +36,8 @@ from typing import Any, Mapping
 import torch
 
 from memzoo.atomic import staging_directory
+from memzoo.model.gguf_header import GGUFDamagedError, GGUFFormatError, GGUFHeader
+from memzoo.model.gguf_header import read_gguf_header as _read_header
 from memzoo.model.hf_llama import (
     HFImportError,
     convert_hf_weights,
@@ -48,9 +52,7 @@ GGUF_SUFFIX = ".gguf"
 #: GGUF ``general.architecture`` (as transformers names it: its ``model_type``) -> the Hugging Face class it maps to
 SUPPORTED_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                 "qwen2": "Qwen2ForCausalLM"}
-_MAGIC = b"GGUF"
-#: (resolved path, size, mtime) -> config: reading the metadata takes seconds for a large vocabulary
-_CONFIGS: dict[tuple[str, int, int], dict[str, Any]] = {}
+_MODEL_NAME_KEY = "general.name"
 
 
 class GGUFImportError(HFImportError):
@@ -62,74 +64,126 @@ def is_gguf_file(path: str | Path) -> bool:
     return str(path).lower().endswith(GGUF_SUFFIX) and Path(path).is_file()
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise GGUFImportError(f"{path} does not exist; give the path of a .gguf file")
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != _MAGIC:
-        raise GGUFImportError(f"{path} is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}); give a "
-                              f"llama.cpp .gguf file, or a Hugging Face folder")
-
-
-def _transformers_gguf():
+def _transformers_gguf() -> Any:
+    """transformers' GGUF module (name tables, tensor processors), with an install hint where it is missing."""
     try:
         import gguf  # noqa: F401
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        from transformers import modeling_gguf_pytorch_utils
     except ImportError as err:
         raise GGUFImportError(
             f"reading GGUF files needs transformers and the gguf package ({err}); pip install 'memzoo[hf]' "
             f"(or: pip install transformers gguf)"
         ) from err
-    return load_gguf_checkpoint
+    return modeling_gguf_pytorch_utils
+
+
+def read_gguf_header(path: str | Path, decode_array: Any = lambda key: False) -> GGUFHeader:
+    """The header of GGUF file ``path`` (:func:`memzoo.model.gguf_header.read_gguf_header`), with every problem a
+    :class:`GGUFImportError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFImportError(f"{path} does not exist; give the path of a .gguf file")
+    try:
+        return _read_header(path, decode_array)
+    except GGUFDamagedError as err:
+        raise GGUFImportError(f"{path} cannot be read as GGUF ({err}); the file is damaged or incomplete: download "
+                              f"or convert it again") from err
+    except GGUFFormatError as err:
+        raise GGUFImportError(f"{path} is not a GGUF file memzoo reads: {err}; give a llama.cpp .gguf file, or a "
+                              f"Hugging Face folder") from err
+    except (OSError, ValueError) as err:  # an empty file cannot be mapped
+        raise GGUFImportError(f"{path} cannot be read as GGUF ({type(err).__name__}: {err}); the file is damaged "
+                              f"or incomplete: download or convert it again") from err
 
 
 def read_gguf_config(path: str | Path) -> dict[str, Any]:
-    """The architecture of GGUF file ``path`` as a Hugging Face ``config.json`` dict (with ``architectures``)."""
-    path = Path(path)
-    _check_file(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _CONFIGS:
-        return dict(_CONFIGS[key])
-    load_gguf_checkpoint = _transformers_gguf()
-    try:
-        config = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
-    except Exception as err:  # damaged files and architectures transformers lacks: many error types
-        if "not supported" in str(err):
-            raise GGUFImportError(f"{path}: {err}; memzoo reads the GGUF architectures "
-                                  f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}") from err
-        raise GGUFImportError(f"{path} cannot be read as GGUF ({type(err).__name__}: {err}); the file is damaged "
-                              f"or incomplete: download or convert it again") from err
-    model_type = config.get("model_type")
+    """The architecture of GGUF file ``path`` as a Hugging Face ``config.json`` dict (with ``architectures``): the
+    dict transformers' GGUF reader builds (its name table ``GGUF_TO_TRANSFORMERS_MAPPING`` and defaults, applied
+    as it applies them), from the header alone (milliseconds; tests/test_gguf.py compares the two)."""
+    utils = _transformers_gguf()
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING
+
+    renames = utils.GGUF_TO_TRANSFORMERS_MAPPING["config"]
+
+    def wanted(key: str) -> bool:  # arrays are decoded only where a config field may come from them
+        rest = key.partition(".")[2]
+        return any(rest in table for table in renames.values())
+
+    header = read_gguf_header(path, wanted)
+    architecture = header.metadata.get("general.architecture")
+    # transformers reads llama-architecture files named exactly "mistral" as Mistral
+    model_type = "mistral" if architecture == "llama" and header.metadata.get(_MODEL_NAME_KEY) == "mistral" \
+        else architecture
     if model_type not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise GGUFImportError(f"{path}: GGUF architecture {model_type!r} is not supported; memzoo reads "
+        raise GGUFImportError(f"{path}: GGUF architecture {architecture!r} is not supported; memzoo reads "
                               f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))} (Llama-family decoders)")
-    config["architectures"] = [SUPPORTED_GGUF_ARCHITECTURES[model_type]]
+    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in header.tensor_names}
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}).items():
+        config.setdefault(key, value)
+    for key, value in header.metadata.items():
+        prefix, _, rest = key.replace(architecture, model_type).partition(".")
+        target = renames.get(prefix, {}).get(rest, -1)
+        if target in (-1, None):
+            continue
+        if isinstance(value, str) and architecture in value:
+            value = value.replace(architecture, model_type)
+        config[target] = value
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in header.array_lengths:
+        config["vocab_size"] = header.array_lengths["tokenizer.ggml.tokens"]
     config.pop("_model_name_or_path", None)
-    _CONFIGS[key] = config
-    return dict(config)
+    config["architectures"] = [SUPPORTED_GGUF_ARCHITECTURES[model_type]]
+    return config
 
 
 def read_gguf_weights(path: str | Path, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The dequantised (float32) tensors of GGUF file ``path`` under Hugging Face names (``model.layers.0...``).
 
-    transformers maps GGUF tensor names to Hugging Face ones through a model's parameter names: those of the model
-    built on the ``meta`` device (no memory, no weights), handed over as :class:`_ParameterNames`."""
+    Each tensor is dequantised by the ``gguf`` package and renamed (and, for Llama's query/key weights, un-permuted)
+    by transformers' tensor processor for the architecture, as transformers' own GGUF load does. The name mapping
+    reads the parameter names of the model built on the ``meta`` device (no memory, no weights), handed over as
+    :class:`_ParameterNames`. Cost: the dequantisation (numpy), about 2 s for SmolLM2-135M's Q4_1 file."""
+    import numpy as np
     import transformers
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+    from gguf.quants import quant_shape_to_byte_shape
 
     path = Path(path)
-    load_gguf_checkpoint = _transformers_gguf()
+    utils = _transformers_gguf()
+    header = read_gguf_header(path)
     hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(hf_config)
-    try:
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True,
-                                       model_to_load=_ParameterNames(hf_config, skeleton.state_dict()),
-                                       torch_dtype=torch.float32)["tensors"]
-    except Exception as err:  # unknown quantisation types, truncated tensor data, ...
-        raise GGUFImportError(f"{path}: its tensors cannot be read ({type(err).__name__}: {err})") from err
-    return {name: tensor.float() for name, tensor in tensors.items()}
+    architecture = header.metadata.get("general.architecture")
+    parsed = {"config": {k: v for k, v in config.items() if k != "architectures"}, "tensors": {}, "tokenizer": {},
+              "tokenizer_config": {}}
+    processor = utils.TENSOR_PROCESSORS.get(architecture, utils.TensorProcessor)(config=parsed["config"])
+    names = utils.get_gguf_hf_weights_map(_ParameterNames(hf_config, skeleton.state_dict()), processor)
+    plain = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
+             GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+             GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+             GGMLQuantizationType.I64: np.int64}  # stored as numbers; every other type as blocks of bytes
+    data = np.memmap(path, mode="r")
+    tensors = {}
+    for info in header.tensors:
+        try:
+            kind = GGMLQuantizationType(info.ggml_type)
+            block, type_size = GGML_QUANT_SIZES[kind]
+            n_elements = int(np.prod(info.shape))
+            if kind in plain:
+                raw = data[info.offset: info.offset + n_elements * np.dtype(plain[kind]).itemsize]
+                raw = raw.view(plain[kind]).reshape(info.shape)
+            else:
+                raw = data[info.offset: info.offset + n_elements * type_size // block]
+                raw = raw.reshape(quant_shape_to_byte_shape(info.shape, kind))
+            result = processor.process(weights=dequantize(raw, kind), name=info.name, tensor_key_mapping=names,
+                                       parsed_parameters=parsed)
+        except Exception as err:  # unknown quantisation types, truncated tensor data, ...
+            raise GGUFImportError(f"{path}: tensor {info.name!r} cannot be read ({type(err).__name__}: {err}); the "
+                                  f"file is damaged, or its quantisation is one the gguf package cannot "
+                                  f"dequantise") from err
+        if result.name in names:
+            tensors[names[result.name]] = torch.from_numpy(np.array(result.weights, dtype=np.float32))
+    return tensors
 
 
 class _ParameterNames(torch.nn.Module):
@@ -225,7 +279,7 @@ def gguf_tokenizer_folder(path: str | Path) -> Path:
     pad tokens, ``add_bos_token``, ``chat_template``), written on first use and reused while the file is unchanged
     (same resolved path, size and modification time)."""
     path = Path(path).resolve()
-    _check_file(path)
+    read_gguf_header(path)  # a GGUF file (milliseconds)
     stat = path.stat()
     key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = gguf_cache_root() / f"{path.stem}-{key}"
