@@ -87,8 +87,18 @@ def test_help_is_fast_and_lists_verbs():
     assert out.stdout.strip().endswith("False")  # no torch import for --help
 
 
+def test_a_verbs_help_lists_its_options(capsys):
+    """A run builds only its verb's parser; that parser's help is complete."""
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ckpt_path" in out and "--trainer.max_steps" in out and "--predict_output" in out
+
+
 def test_tiny_fit_lowers_loss_and_writes_run_folder(tmp_path):
     cli = main(["fit", "--config", str(write_config(tmp_path, steps=30, val_every=30))])
+    assert list(cli.subcommands()) == ["fit"]  # only the verb run gets a parser
     losses = step_losses(cli)
     first, last = [losses[k] for k in sorted(losses)[:3]], [losses[k] for k in sorted(losses)[-3:]]
     assert sum(last) / 3 < sum(first) / 3 - 0.5
