@@ -107,20 +107,28 @@ def _env_without_launch_variables() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
 
 
-def _fit_until_checkpointed(tmp_path, config, *extra):
-    """Starts a real ``memzoo fit`` of ``config`` and returns it once its first step checkpoint exists."""
+def _fit_until_checkpointed(tmp_path, config, *extra, forked: bool = False):
+    """Starts a real ``memzoo fit`` of ``config`` and returns it once its first step checkpoint exists: a
+    ``python -m memzoo`` process, or with ``forked`` the console script's entry point in a child forked from this
+    process (tests/forked_command.py; not for DDP, whose launcher restarts ``sys.argv``)."""
     import contextlib
     import os
     import subprocess
     import time
 
+    from forked_command import ForkedMemzoo
+
     ckpts = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "memzoo", "fit", "--config", str(config), "--checkpoint.every_n_train_steps", "3",
-         "--model.init_args.lr_decay_steps", "200", *extra],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env_without_launch_variables(),
-        start_new_session=True,  # its own process group: a failed wait kills DDP's other rank too
-    )
+    args = ["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "3", "--model.init_args.lr_decay_steps",
+            "200", *extra]
+    if forked:
+        process = ForkedMemzoo(args, tmp_path, _env_without_launch_variables())
+    else:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memzoo", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=_env_without_launch_variables(),
+            start_new_session=True,  # its own process group: a failed wait kills DDP's other rank too
+        )
     deadline = time.monotonic() + 240
     try:
         while not list(ckpts.glob("step*.ckpt")):
@@ -140,7 +148,7 @@ def test_signal_saves_last_ckpt_at_the_current_step_and_exits_nonzero(tmp_path, 
     import signal
 
     config = write_config(tmp_path, steps=200, val_every=1000)
-    process, ckpts = _fit_until_checkpointed(tmp_path, config)
+    process, ckpts = _fit_until_checkpointed(tmp_path, config, forked=True)
     process.send_signal(getattr(signal, signum))
     out, err = process.communicate(timeout=240)
     assert process.returncode == status, err
