@@ -208,6 +208,23 @@ def test_bank_entries_record_their_origin_and_windows_keep_context():
     torch.testing.assert_close(windows.keys[0], whole.keys[0], rtol=0, atol=1e-6)  # layer 0 keys: token only
 
 
+def test_a_prefix_is_read_before_every_document_and_not_stored(tmp_path):
+    """``prefix``: the same forward passes as a document that starts with it, minus the prefix's entries."""
+    model, tok = tiny(), build_tokenizer("byte")
+    text, prefix = "the bank remembers every token", "note: "
+    for window, stride in ((64, 64), (20, 7)):
+        with_prefix = MemoryBank.build(model, tok, {"d": text}, window=window, stride=stride, prefix=prefix)
+        as_text = MemoryBank.build(model, tok, {"d": prefix + text}, window=window, stride=stride)
+        assert with_prefix.n_entries == len(text) and with_prefix.entry_offset.tolist() == list(range(len(text)))
+        assert with_prefix.doc_tokens == [tok.encode(text)]
+        for layer in with_prefix.layers:
+            assert torch.equal(with_prefix.keys[layer], as_text.keys[layer][:, len(prefix):])
+            assert torch.equal(with_prefix.values[layer], as_text.values[layer][:, len(prefix):])
+    assert MemoryBank.load(with_prefix.save(tmp_path / "p.bank")).build_settings["prefix"] == prefix
+    with pytest.raises(MemoryBankError, match="the prefix is 6 tokens, which leaves no room in a window of 6"):
+        MemoryBank.build(model, tok, {"d": text}, window=6, stride=3, prefix=prefix)
+
+
 def test_bank_round_trips_through_safetensors_and_refuses_other_models(bank, tmp_path):
     path = bank.save(tmp_path / "facts.bank")
     loaded = MemoryBank.load(path)
@@ -360,6 +377,11 @@ def test_memorize_and_generate_cite_the_document_the_prompt_retrieves(llama_fold
     bank = main(["memorize", "--model", str(llama_folder), "--docs", *docs, "--out", str(tmp_path / "m.bank"),
                  "--layers", "0", "--window", "16", "--stride", "8"])
     assert bank.n_entries == 24 + 9 and "memorized 33 tokens of 2 document(s) in layers [0]" in capsys.readouterr().out
+    prefixed = main(["memorize", "--model", str(llama_folder), "--docs", *docs, "--out", str(tmp_path / "p.bank"),
+                     "--layers", "0", "--window", "16", "--stride", "8", "--prefix", f"{WORDS[0]} {WORDS[1]} "])
+    assert prefixed.n_entries == 33 and prefixed.build_settings["prefix"] == f"{WORDS[0]} {WORDS[1]} "
+    assert not torch.equal(prefixed.keys[0], bank.keys[0])  # the same tokens, read after the prefix
+    capsys.readouterr()
     text = main(["generate", "--model", str(llama_folder), "--prompt", "w41 w42", "--memory", str(tmp_path / "m.bank"),
                  "--memory-topk", "2", "--cite", "--max-new-tokens", "1", "--device", "cpu"])
     out = capsys.readouterr().out

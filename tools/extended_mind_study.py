@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
                         help="memory distances to sweep (attention_memory.distance; 0: the authors' placement)")
     parser.add_argument("--countries", type=int, default=60, help="capitals probed for retention")
     parser.add_argument("--counterfactuals", type=int, default=20)
+    parser.add_argument("--prefix", nargs="+", default=[""],
+                        help="texts read before every document and not stored (MemoryBank.build's prefix) to sweep")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/results/extended-mind")
     options = parser.parse_args(argv)
@@ -149,16 +151,19 @@ def main(argv=None) -> dict:
              "heldout_loss": heldout_loss(model, tokenizer)}
     print(json.dumps({"plain": plain, "capitals_known": len(known), "of": len(probed)}), flush=True)
 
-    bank = MemoryBank.build(model, tokenizer, docs)
+    banks = {prefix: MemoryBank.build(model, tokenizer, docs, prefix=prefix) for prefix in options.prefix}
     rows = []
-    settings = [(k, t, d) for d in options.distances for k in options.topk for t in options.thresholds]
-    for topk, threshold, distance in settings:
+    settings = [(p, k, t, d) for p in options.prefix for d in options.distances for k in options.topk
+                for t in options.thresholds]
+    for prefix, topk, threshold, distance in settings:
+        bank = banks[prefix]
         model.attach_memory(bank, topk=topk, similarity_threshold=None if threshold < 0 else threshold,
                             distance=distance)
         ok = {(p, a, t): answer_correct(model, tokenizer, q, a_) for p, a, t, q, a_ in facts}
         right = [cited_doc(model, bank, tokenizer, q) == p for p, a, t, q, _ in facts if t == 0 and ok[(p, a, t)]]
         still = rate([answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known])
-        row = {"topk": topk, "similarity_threshold": None if threshold < 0 else threshold, "distance": distance,
+        row = {"prefix": prefix, "topk": topk, "similarity_threshold": None if threshold < 0 else threshold,
+               "distance": distance,
                "new_fact_recall": rate([v for (p, a, t), v in ok.items() if t == 0]),
                "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
                "retention": still, "retention_drop": 1.0 - still,
@@ -170,6 +175,9 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    # the setting reported against the targets: best recall, then least forgetting, then lowest held-out loss
+    best = max(rows, key=lambda r: (r["new_fact_recall"], -r["retention_drop"], -r["heldout_loss"]))
+    bank = banks[best["prefix"]]
     # retrieval taken out: each question with its person's document alone in the bank, every entry attended
     own_doc = []
     for distance in options.distances:
@@ -187,9 +195,8 @@ def main(argv=None) -> dict:
     # counterfactual: each known country paired with the next one's capital
     swapped = known[: options.counterfactuals]
     fake = {c: swapped[(i + 1) % len(swapped)][1] for i, (c, _) in enumerate(swapped)}
-    cf_bank = MemoryBank.build(model, tokenizer, {c: f"The capital of {c} is {fake[c]}." for c, _ in swapped})
-    # the setting reported against the targets: best recall, then least forgetting, then lowest held-out loss
-    best = max(rows, key=lambda r: (r["new_fact_recall"], -r["retention_drop"], -r["heldout_loss"]))
+    cf_bank = MemoryBank.build(model, tokenizer, {c: f"The capital of {c} is {fake[c]}." for c, _ in swapped},
+                               prefix=best["prefix"])
     model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"],
                         distance=best["distance"])
     follows = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {fake[c]}") for c, _ in swapped]

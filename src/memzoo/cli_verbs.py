@@ -311,6 +311,9 @@ def memorize_command(args: Sequence[str]) -> object:
     parser.add_argument("--window", type=int, default=None,
                         help="tokens the model reads at once (default: min(max_seq_len, 1024))")
     parser.add_argument("--stride", type=int, default=None, help="tokens each window advances (default: window/2)")
+    parser.add_argument("--prefix", default="",
+                        help="text read before every document and not stored, so that the attention-sink role of "
+                        "a sequence's first positions falls on it, not on the document's first tokens (default: none)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the stored keys/values (default float32)")
     parser.add_argument("--tokenizer", default=None,
@@ -339,7 +342,7 @@ def memorize_command(args: Sequence[str]) -> object:
     model, tokenizer = load_model_and_tokenizer(options.model, options.tokenizer, "memorize")
     try:
         bank = MemoryBank.build(model, tokenizer, docs, layers=layers, window=options.window, stride=options.stride,
-                                dtype=getattr(torch, options.dtype))
+                                dtype=getattr(torch, options.dtype), prefix=options.prefix)
     except MemoryBankError as err:
         raise CommandError(f"memorize: {err}") from None
     bank.build_settings["model"] = options.model

@@ -6,9 +6,11 @@ key/value head, with the origin (document, token offset) of every entry; built b
     bank.save("facts.bank")
     model.attach_memory(MemoryBank.load("facts.bank"))      # attention memory (Extended Mind) in the bank's layers
 
-Building: each document is read as ``[eos] + tokens`` in windows of ``window`` tokens advancing by ``stride`` (every
-token after the first window keeps at least ``window − stride`` tokens of context); each document token's
-pre-rotation key and its value in every bank layer become one entry (the ``eos`` is not stored).
+Building: each document is read as ``[eos] + prefix + tokens`` in windows of ``window`` tokens advancing by ``stride``
+(every token after the first window keeps at least ``window − stride`` tokens of context); each document token's
+pre-rotation key and its value in every bank layer become one entry (the ``eos`` and the ``prefix`` tokens are not
+stored). A ``prefix`` (default none) gives the attention-sink role of a sequence's first positions to tokens that
+are not memories, so a document's own first tokens are not stored as sinks.
 
 File (safetensors; format ``memzoo-memory-bank``, version 1): tensors ``layers.{l}.keys`` / ``layers.{l}.values``
 ``(n_kv_heads, N, head_dim)``, ``entry_doc`` / ``entry_offset`` ``(N,)`` int64, the documents' tokens
@@ -90,10 +92,11 @@ class MemoryBank:
     @torch.no_grad()
     def build(cls, model: Transformer, tokenizer: Any, docs: Mapping[str, str] | Sequence[str],
               layers: Sequence[int] | str = "all", window: int | None = None, stride: int | None = None,
-              dtype: torch.dtype = torch.float32) -> MemoryBank:
+              dtype: torch.dtype = torch.float32, prefix: str = "") -> MemoryBank:
         """Runs ``model`` over ``docs`` (``{name: text}`` or texts, named ``doc0, doc1, ...``) and keeps the keys and
         values of ``layers`` (``"all"`` or indices). ``tokenizer`` needs ``encode`` and ``eos_id``. ``window``
-        (default ``min(max_seq_len, 1024)``) and ``stride`` (default ``window // 2``) as in the module docstring."""
+        (default ``min(max_seq_len, 1024)``), ``stride`` (default ``window // 2``) and ``prefix`` (text read before
+        every document, not stored) as in the module docstring."""
         named = dict(docs) if isinstance(docs, Mapping) else {f"doc{i}": text for i, text in enumerate(docs)}
         try:
             layer_list = list(AttentionMemoryConfig.from_dict({"layers": layers}, model.n_layers).layers)
@@ -104,6 +107,10 @@ class MemoryBank:
         if not 1 <= stride <= window <= model.max_seq_len:
             raise MemoryBankError(f"need 1 <= stride ({stride}) <= window ({window}) <= the model's max_seq_len "
                                   f"({model.max_seq_len})")
+        lead = [tokenizer.eos_id, *(int(t) for t in tokenizer.encode(prefix))] if prefix else [tokenizer.eos_id]
+        if len(lead) >= window:
+            raise MemoryBankError(f"the prefix is {len(lead) - 1} tokens, which leaves no room in a window of {window}; "
+                                  f"use a shorter prefix or a larger window")
         keys = {layer: [] for layer in layer_list}
         values = {layer: [] for layer in layer_list}
         entry_doc, entry_offset, doc_tokens = [], [], []
@@ -114,19 +121,19 @@ class MemoryBank:
             for doc_index, text in enumerate(named.values()):
                 tokens = [int(t) for t in tokenizer.encode(text)]
                 doc_tokens.append(tokens)
-                ids = [tokenizer.eos_id, *tokens]
+                ids = [*lead, *tokens]
                 prev_end = 0
                 for begin in range(0, len(ids), stride):
                     end = min(begin + window, len(ids))
                     captured.clear()
                     model(torch.tensor([ids[begin:end]], device=device))
                     keep = slice(prev_end - begin, end - begin)
+                    first = max(0, min(end, len(lead)) - prev_end)  # the eos and prefix before a document: no memories
                     for layer in layer_list:
                         k, v = captured[layer]
-                        first = 1 if prev_end == 0 else 0  # the eos that starts a document is not a memory
                         keys[layer].append(k[:, keep][:, first:].to("cpu", dtype))
                         values[layer].append(v[:, keep][:, first:].to("cpu", dtype))
-                    offsets = range(max(prev_end, 1) - 1, end - 1)
+                    offsets = range(max(prev_end, len(lead)) - len(lead), end - len(lead))
                     entry_doc.extend([doc_index] * len(offsets))
                     entry_offset.extend(offsets)
                     prev_end = end
@@ -145,7 +152,8 @@ class MemoryBank:
             doc_tokens=doc_tokens,
             model=model_dimensions(model),
             probe=probe_keys(model, layer_list),
-            build_settings={"window": window, "stride": stride, "tokenizer": getattr(tokenizer, "spec", None)},
+            build_settings={"window": window, "stride": stride, "tokenizer": getattr(tokenizer, "spec", None),
+                            "prefix": prefix},
         )
 
     # ------------------------------------------------------------------------------------------------- checking
