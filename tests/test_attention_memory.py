@@ -193,6 +193,26 @@ def test_memory_distance_equals_queries_moved_that_far_and_needs_the_frequencies
         module.set_bank(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
 
 
+def test_sink_positions_read_no_memory_and_decode_alike(bank):
+    """With ``sink_positions S`` the first S positions are the plain model's (they attend only to each other and
+    read no memory); later ones read memory; KV-cache decoding across the boundary equals recomputation."""
+    ids = torch.randint(0, 258, (2, 24), generator=torch.Generator().manual_seed(7))
+    plain, every, sinks = tiny(), tiny(), tiny()
+    every.attach_memory(bank, topk=4)
+    sinks.attach_memory(bank, topk=4, sink_positions=3)
+    assert sinks.config.attention_memory["sink_positions"] == 3
+    assert [layer.attn.memory.sink_positions for layer in sinks.layers] == [3, 3, 3]
+    with torch.no_grad():
+        base, with_sinks, without = plain(ids), sinks(ids), every(ids)
+        torch.testing.assert_close(with_sinks[:, :3], base[:, :3], rtol=0, atol=1e-6)
+        assert not torch.allclose(without[:, :3], base[:, :3], atol=1e-3)  # otherwise the first positions read memory
+        assert not torch.allclose(with_sinks[:, 3:], base[:, 3:], atol=1e-3)
+        caches = sinks.new_caches(2, 24)
+        pieces = [sinks(ids[:, :2], caches), sinks(ids[:, 2:9], caches)]  # the boundary inside a chunk
+        pieces += [sinks(ids[:, t : t + 1], caches) for t in range(9, 24)]
+    torch.testing.assert_close(torch.cat(pieces, 1), with_sinks, rtol=0, atol=1e-5)
+
+
 def test_bank_entries_record_their_origin_and_windows_keep_context():
     model = tiny()
     tok = build_tokenizer("byte")
@@ -292,13 +312,14 @@ def test_config_errors_name_the_bad_value():
         ({"layers": "all", "similarity_threshold": 2}, "similarity_threshold must be a cosine similarity"),
         ({"layers": "all", "index": "hnsw"}, "index must be one of \\('exact', 'faiss_ivf'\\), got 'hnsw'"),
         ({"layers": "all", "distance": -4}, "distance must be a non-negative integer.*got -4"),
+        ({"layers": "all", "sink_positions": 1.5}, "sink_positions must be a non-negative integer.*got 1.5"),
         ("all", "must be a mapping"),
     ]:
         with pytest.raises(ModelConfigError, match=message):
             tiny(memory)
     model = tiny({"layers": [-1, 0], "mode": "gated"})
     assert model.config.attention_memory == {"layers": [0, 2], "topk": 8, "mode": "gated", "similarity_threshold": None,
-                                             "index": "exact", "distance": 0}
+                                             "index": "exact", "distance": 0, "sink_positions": 0}
     assert [layer.attn.memory is not None for layer in model.layers] == [True, False, True]
     assert set(k for k in model.state_dict() if "memory" in k) == {"layers.0.attn.memory.gate", "layers.2.attn.memory.gate"}
     rebuilt = memzoo.Transformer(model.config.to_dict())
@@ -445,6 +466,12 @@ def test_memorize_and_generate_errors(llama_folder, tmp_path, bank):
     far = main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
                 "--memory-distance", "5000", "--max-new-tokens", "2", "--device", "cpu"])
     assert isinstance(far, str)
+    with pytest.raises(CommandError, match="generate: attention_memory.sink_positions must be a non-negative.*-1"):
+        main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+              "--memory-sink-positions", "-1", "--device", "cpu"])
+    assert isinstance(main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory",
+                            str(tmp_path / "d.bank"), "--memory-sink-positions", "1", "--max-new-tokens", "2",
+                            "--device", "cpu"]), str)
     path = bank.save(tmp_path / "byte.bank")  # built by the byte-level tiny model: other dimensions
     with pytest.raises(CommandError, match=r"generate: .*byte\.bank was built for another model"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(path), "--device", "cpu"])

@@ -127,6 +127,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--counterfactuals", type=int, default=20)
     parser.add_argument("--prefix", nargs="+", default=[""],
                         help="texts read before every document and not stored (MemoryBank.build's prefix) to sweep")
+    parser.add_argument("--sink-positions", type=int, nargs="+", default=[0],
+                        help="attention_memory.sink_positions to sweep (the first positions, whose queries read no "
+                        "memory; 0: every query does)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/results/extended-mind")
     options = parser.parse_args(argv)
@@ -153,16 +156,16 @@ def main(argv=None) -> dict:
 
     banks = {prefix: MemoryBank.build(model, tokenizer, docs, prefix=prefix) for prefix in options.prefix}
     rows = []
-    settings = [(p, k, t, d) for p in options.prefix for d in options.distances for k in options.topk
-                for t in options.thresholds]
-    for prefix, topk, threshold, distance in settings:
+    settings = [(p, s, k, t, d) for p in options.prefix for s in options.sink_positions for d in options.distances
+                for k in options.topk for t in options.thresholds]
+    for prefix, sinks, topk, threshold, distance in settings:
         bank = banks[prefix]
         model.attach_memory(bank, topk=topk, similarity_threshold=None if threshold < 0 else threshold,
-                            distance=distance)
+                            distance=distance, sink_positions=sinks)
         ok = {(p, a, t): answer_correct(model, tokenizer, q, a_) for p, a, t, q, a_ in facts}
         right = [cited_doc(model, bank, tokenizer, q) == p for p, a, t, q, _ in facts if t == 0 and ok[(p, a, t)]]
         still = rate([answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known])
-        row = {"prefix": prefix, "topk": topk, "similarity_threshold": None if threshold < 0 else threshold,
+        row = {"prefix": prefix, "sink_positions": sinks, "topk": topk, "similarity_threshold": None if threshold < 0 else threshold,
                "distance": distance,
                "new_fact_recall": rate([v for (p, a, t), v in ok.items() if t == 0]),
                "new_fact_recall_paraphrase": rate([v for (p, a, t), v in ok.items() if t == 1]),
@@ -184,7 +187,7 @@ def main(argv=None) -> dict:
         hits, kept = [], []
         for p in range(options.people):
             single = own_document(bank, p)
-            model.attach_memory(single, topk=single.n_entries, distance=distance)
+            model.attach_memory(single, topk=single.n_entries, distance=distance, sink_positions=best["sink_positions"])
             hits += [answer_correct(model, tokenizer, q, a) for p_, _, t, q, a in facts if p_ == p and t == 0]
             if p < 3:
                 kept += [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in known]
@@ -198,13 +201,14 @@ def main(argv=None) -> dict:
     cf_bank = MemoryBank.build(model, tokenizer, {c: f"The capital of {c} is {fake[c]}." for c, _ in swapped},
                                prefix=best["prefix"])
     model.attach_memory(cf_bank, topk=best["topk"], similarity_threshold=best["similarity_threshold"],
-                        distance=best["distance"])
+                        distance=best["distance"], sink_positions=best["sink_positions"])
     follows = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {fake[c]}") for c, _ in swapped]
     keeps = [answer_correct(model, tokenizer, f"The capital of {c} is", f" {cap}") for c, cap in swapped]
     model.detach_memory()
     counterfactual = {"items": len(swapped), "follows_memory": rate(follows), "keeps_true_answer": rate(keeps),
                       "topk": best["topk"], "similarity_threshold": best["similarity_threshold"],
-                      "distance": best["distance"]}
+                      "distance": best["distance"], "prefix": best["prefix"],
+                      "sink_positions": best["sink_positions"]}
     print(json.dumps({"counterfactual": counterfactual}), flush=True)
 
     targets = [
@@ -239,13 +243,15 @@ def markdown(r: dict) -> str:
         f"{r['plain']['in_context_recall']:.2f} with the person's document in the prompt instead (no memory); "
         f"held-out loss {r['plain']['heldout_loss']:.3f} nats.",
         "",
-        "| distance | top-k | similarity threshold | new-fact recall | paraphrase recall | retention drop | "
-        "held-out loss | citations right | memory share | first two tokens |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prefix | sink positions | distance | top-k | similarity threshold | new-fact recall | paraphrase recall | "
+        "retention drop | held-out loss | citations right | memory share | first two tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         threshold = "none" if row["similarity_threshold"] is None else f"{row['similarity_threshold']:.2f}"
-        lines.append(f"| {row['distance']} | {row['topk']} | {threshold} | {row['new_fact_recall']:.3f} | "
+        prefix = json.dumps(row.get("prefix", "")) if row.get("prefix") else "none"
+        lines.append(f"| {prefix} | {row.get('sink_positions', 0)} | {row['distance']} | {row['topk']} | {threshold} | "
+                     f"{row['new_fact_recall']:.3f} | "
                      f"{row['new_fact_recall_paraphrase']:.3f} | {row['retention_drop']:.3f} | "
                      f"{row['heldout_loss']:.3f} | {row['citations_right']:.3f} ({row['citations_checked']}) | "
                      f"{row['memory_attention_share']:.2f} | {row['first_tokens_share']:.2f} |")
@@ -254,9 +260,13 @@ def markdown(r: dict) -> str:
               "authors' placement). Memory share: the share of the attention of the last query of 8 known-capital "
               "prompts that goes to retrieved memories, mean over layers and heads; first two tokens: the part of "
               "that memory attention paid to the first two tokens of the documents (each document is read from "
-              "position 0, and its first tokens take the attention-sink role)."]
+              "position 0, and its first tokens take the attention-sink role). Prefix: text read before every "
+              "document and not stored (`MemoryBank.build(prefix=...)`, `memzoo memorize --prefix`). Sink positions: "
+              "the first positions of the prompt, whose queries read no memory (`attention_memory.sink_positions`)."]
+    best = r["best"]
     lines += ["", "Retrieval taken out (each question with its person's document alone in the bank, every entry "
-              "attended; retention over 3 such one-document banks):", "",
+              f"attended; retention over 3 such one-document banks; prefix and sink positions of the best row: "
+              f"{json.dumps(best.get('prefix', ''))}, {best.get('sink_positions', 0)}):", "",
               "| distance | new-fact recall | retention drop |", "|---:|---:|---:|"]
     lines += [f"| {o['distance']} | {o['new_fact_recall']:.3f} | {o['retention_drop']:.3f} |"
               for o in r["own_document_only"]]

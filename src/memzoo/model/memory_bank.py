@@ -387,12 +387,12 @@ def _split(tokens: torch.Tensor, starts: torch.Tensor) -> list[list[int]]:
 
 def attach_memory(model: Transformer, bank: MemoryBank, topk: int | None = None,
                   similarity_threshold: float | None = None, check_weights: bool = True,
-                  index: str | None = None, distance: int | None = None) -> None:
+                  index: str | None = None, distance: int | None = None, sink_positions: int | None = None) -> None:
     """Gives ``model``'s attention the entries of ``bank`` (see :meth:`Transformer.attach_memory`)."""
     bank.check_fits(model, check_weights)
     config = model.config.memory_config()
     changes = {k: v for k, v in (("topk", topk), ("similarity_threshold", similarity_threshold), ("index", index),
-                                 ("distance", distance)) if v is not None}
+                                 ("distance", distance), ("sink_positions", sink_positions)) if v is not None}
     if config is None:
         settings = AttentionMemoryConfig.from_dict({"layers": bank.layers, **changes}, model.n_layers)
         _install(model, settings)
@@ -409,6 +409,7 @@ def attach_memory(model: Transformer, bank: MemoryBank, topk: int | None = None,
             memory = model.layers[layer].attn.memory
             memory.topk, memory.similarity_threshold = settings.topk, settings.similarity_threshold
             memory.index, memory.distance = settings.index, settings.distance
+            memory.sink_positions = settings.sink_positions
     model.config = model.config.replace(attention_memory=settings.to_dict())
     dtype = model.embed.weight.dtype
     for layer in bank.layers:
