@@ -401,7 +401,6 @@ def test_memorize_and_generate_cite_the_document_the_prompt_retrieves(llama_fold
     prefixed = main(["memorize", "--model", str(llama_folder), "--docs", *docs, "--out", str(tmp_path / "p.bank"),
                      "--layers", "0", "--window", "16", "--stride", "8", "--prefix", f"{WORDS[0]} {WORDS[1]} "])
     assert prefixed.n_entries == 33 and prefixed.build_settings["prefix"] == f"{WORDS[0]} {WORDS[1]} "
-    assert not torch.equal(prefixed.keys[0], bank.keys[0])  # the same tokens, read after the prefix
     capsys.readouterr()
     text = main(["generate", "--model", str(llama_folder), "--prompt", "w41 w42", "--memory", str(tmp_path / "m.bank"),
                  "--memory-topk", "2", "--cite", "--max-new-tokens", "1", "--device", "cpu"])
