@@ -102,7 +102,7 @@ QUICK = Settings("continual-smollm2-quick", n_people=4, heal_steps=20, finetune_
                        Run("smf", 1e-1, 512, "tfidf"), Run("smf", 1e3, 256, "kl", "sgd")),
                  heldout_windows=4)
 #: healing stays short: 100 steps on the background text lowered its perplexity (Shakespeare 106.7 -> 67.5) but
-#: dropped the old-fact recall to 0.29 before any new fact was taught (tools/continual.py's side run, see docs)
+#: dropped the old-fact recall to 0.29 before any new fact was taught (a side run, of the init: zero retrofit)
 FULL = Settings("continual-smollm2", n_people=8, heal_steps=20, finetune_steps=(10, 20, 40),
                 runs=(Run("full", 1e-5), Run("full", 3e-5), Run("lora", 3e-4), Run("lora", 1e-3),
                       Run("smf", 3e2, 1024, "tfidf", "sgd"), Run("smf", 1e3, 1024, "tfidf", "sgd"),

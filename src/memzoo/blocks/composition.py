@@ -21,7 +21,7 @@ A retrofitted model starts exactly at its base model when the added branch outpu
   exactly at its base, and the values get gradient at step 0 through an output projection of the FFN's scale.
   Why: ``zero`` draws the branch for unit-RMS inputs (``W_1`` ~ N(0, 0.02), ``W_2 = 0``); a pretrained model's
   FFN input can be far from that (SmolLM2-135M: RMS ~0.15, FFN weights std ~0.19), and after a short healing the
-  branch's output stays ~40-100x below the FFN's, too small for updates of value rows alone (sparse memory
+  branch's output stays ~100x below the FFN's, too small for updates of value rows alone (sparse memory
   finetuning) to move the logits. Needs a ``base`` with ``weight_scales`` (``dense``) and an ``add`` with
   ``zero_output`` (``product_key_memory`` and its presets); zeroing the values empties the whole pool, so the pool
   must be new as well.
