@@ -7,6 +7,7 @@ from memzoo.blocks.composition import Beside
 from memzoo.blocks.dense import DenseMLP
 from memzoo.blocks.pool import MemoryPool
 from memzoo.build import build_language_model
+from memzoo.model.retrofit import whiten_memory_queries
 from memzoo.model.transformer import ModelConfigError, Transformer
 from memzoo.training.freezing import FreezeConfigError, apply_freezing
 from memzoo.training.init_from import InitFromError, load_initial_weights
@@ -20,7 +21,7 @@ POOLS = {"mem": {"n_keys": 8, "value_dim": 16}}
 
 def retrofitted(init="zero", **extra):
     layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY, "init": init}}
-    return Transformer(**BASE, layers=layers, pools=POOLS, **extra)
+    return Transformer(**BASE, layers=layers, **{"pools": POOLS, **extra})
 
 
 def test_beside_sums_its_two_blocks_forward_and_grads():
@@ -38,7 +39,7 @@ def test_beside_sums_its_two_blocks_forward_and_grads():
     assert isinstance(block.base, DenseMLP) and block.base.hidden == 8
 
 
-@pytest.mark.parametrize("init", ["zero", "gate"])
+@pytest.mark.parametrize("init", ["zero", "base_scale", "gate"])
 def test_retrofit_starts_exactly_at_the_base_model(tmp_path, init):
     torch.manual_seed(0)
     base = Transformer(**BASE).eval()
@@ -54,6 +55,84 @@ def test_retrofit_starts_exactly_at_the_base_model(tmp_path, init):
         model(ids).logsumexp(-1).mean().backward()
         opt.step()
     assert model.layers[1].ffn.add.out_proj.weight.abs().sum() > 0 or model.layers[1].ffn.scale != 0
+
+
+def test_base_scale_init_draws_the_branch_at_the_pretrained_ffn_scale_and_starts_at_the_base():
+    torch.manual_seed(0)
+    base = Transformer(**BASE).eval()
+    with torch.no_grad():  # a pretrained FFN far from the model's init scale (0.02)
+        base.layers[1].ffn.gate.weight.mul_(10)
+        base.layers[1].ffn.up.weight.mul_(10)
+        base.layers[1].ffn.down.weight.mul_(5)
+    model = retrofitted("base_scale").eval()
+    load_initial_weights(model, base.state_dict())
+    ids = torch.randint(0, 40, (2, 12))
+    assert torch.equal(model(ids), base(ids))  # zero output at step 0
+    ffn = model.layers[1].ffn
+    std, residual_std = ffn.base.weight_scales()
+    pretrained = base.layers[1].ffn
+    assert std == pytest.approx(float(torch.cat([pretrained.gate.weight, pretrained.up.weight]).detach().std()))
+    assert residual_std == pytest.approx(float(pretrained.down.weight.detach().std())) and std > 0.15
+    assert float(ffn.add.gate_proj.weight.detach().std()) == pytest.approx(std, rel=0.15)
+    assert float(ffn.add.out_proj.weight.detach().std()) == pytest.approx(residual_std, rel=0.15)
+    values = model.pools["mem"].values
+    assert not values.any()
+    model(ids).logsumexp(-1).mean().backward()
+    assert values.grad is not None and values.grad.abs().sum() > 0  # value rows learn from the first step
+    # a source that already holds the branch (e.g. the healed model) is loaded as it is, not drawn again
+    with torch.no_grad():
+        values.normal_()
+    healed = {k: v.clone() for k, v in model.state_dict().items()}
+    again = retrofitted("base_scale")
+    load_initial_weights(again, healed)
+    assert all(torch.equal(v, healed[k]) for k, v in again.state_dict().items())
+
+
+def test_whitened_memory_queries_spread_anisotropic_inputs_over_the_rows():
+    torch.manual_seed(0)
+    base = Transformer(**BASE).eval()
+    with torch.no_grad():  # hidden states sharing one large direction, as a pretrained model's
+        base.embed.weight.add_(3.0 * torch.randn(BASE["dim"]))
+    model = retrofitted("base_scale", pools={"mem": {"n_keys": 16, "value_dim": 16}}).eval()
+    load_initial_weights(model, base.state_dict())
+    ids = torch.randint(0, 40, (8, 16))
+    router = model.layers[1].ffn.add.router
+    inputs = []
+    hook = model.layers[1].ffn.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, 32)))
+    model(ids)
+    hook.remove()
+
+    def spread():  # distinct rows read, and the queries' largest second-moment eigenvalue over their mean
+        with torch.no_grad():
+            indices, _ = router(inputs[0])
+            q = router.query(inputs[0]).double()
+        eigenvalues = torch.linalg.eigvalsh(q.T @ q / len(q))
+        return indices.unique().numel(), float(eigenvalues.max() / eigenvalues.mean())
+
+    rows_before, ratio_before = spread()
+    assert whiten_memory_queries(model, [ids]) == {1: 8 * 16}
+    rows_after, ratio_after = spread()
+    assert rows_after >= 4 * rows_before and ratio_after < ratio_before / 1.5  # measured: 8 -> 101 rows, 64 -> 31
+    assert torch.equal(model(ids), base(ids))  # zero values: still the base model
+    with pytest.raises(ValueError, match="no product-key memory"):
+        whiten_memory_queries(base, [ids])
+
+
+def test_base_scale_init_errors():
+    with pytest.raises(ValueError, match="zero_output"):
+        Beside(16, base="dense", add="dense", init="base_scale")
+    with pytest.raises(ValueError, match="weight_scales"):
+        Beside(16, base={"block": "product_key_memory", "n_keys": 4, "heads": 1, "knn": 2},
+               add={"block": "product_key_memory", "n_keys": 4, "heads": 1, "knn": 2}, init="base_scale")
+    # the source's trained values would be wiped: refused
+    source = Transformer(**BASE, layers={2: {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}},
+                         pools=POOLS)
+    target = Transformer(**BASE, layers={1: {"block": "beside", "base": {"block": "dense", "hidden": 48},
+                                             "add": MEMORY, "init": "base_scale"},
+                                         2: {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}},
+                         pools=POOLS)
+    with pytest.raises(InitFromError, match="base_scale"):
+        load_initial_weights(target, source.state_dict())
 
 
 def test_zero_init_refuses_a_block_whose_output_does_not_zero():
@@ -121,3 +200,33 @@ def test_freezing_patterns_and_errors():
         apply_freezing(model, ["nope.*"], [])
     with pytest.raises(FreezeConfigError, match="leaves no parameter"):
         apply_freezing(model, ["*"], [])
+
+
+def test_whiten_callback_whitens_a_fresh_retrofit_once(tmp_path):
+    import lightning as L
+
+    from memzoo.training.callbacks import WhitenMemoryQueries
+
+    torch.manual_seed(0)
+    source = LanguageModel(architecture=BASE, warmup_steps=0)
+    ckpt = tmp_path / "base.ckpt"
+    torch.save({"state_dict": source.state_dict()}, ckpt)
+    layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY, "init": "base_scale"}}
+    lm = build_language_model(architecture={**BASE, "layers": layers, "pools": POOLS}, init_from=str(ckpt),
+                              freeze=["*"], unfreeze=["layers.*.ffn.add.*", "pools.*"], warmup_steps=0)
+    ids = torch.randint(0, 40, (4, 9))
+    data = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}] * 4
+    query = lm.model.layers[1].ffn.add.router.query.weight
+    before = query.detach().clone()
+
+    def fit(callback):
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                  callbacks=[callback]).fit(lm, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+
+    fit(first := WhitenMemoryQueries(batches=2))
+    assert first.whitened == {1: 2 * 4 * 8} and not torch.equal(query.detach(), before)
+    fit(second := WhitenMemoryQueries(batches=2))
+    assert second.whitened == {} and lm.model.pools["mem"].values.detach().any()  # trained values: left alone
+    with pytest.raises(ValueError, match="positive int"):
+        WhitenMemoryQueries(batches=0)

@@ -99,6 +99,17 @@ class Block(nn.Module):
         """The model's init: input-side weights ~ N(0, std), the residual output projection ~ N(0, residual_std).
         Default: keep the block's own init."""
 
+    def weight_scales(self) -> tuple[float, float] | None:
+        """``(std, residual_std)`` of the block's current weights, as :meth:`init_weights` takes them (input-side
+        weights, residual output projection); read from a pretrained block by ``beside``'s ``init: base_scale``.
+        Default: ``None`` (not defined)."""
+        return None
+
+    def zero_output(self) -> bool:
+        """Makes the block's output exactly zero without zeroing its projections (``beside``'s
+        ``init: base_scale``); returns whether it could. Default: ``False`` (it cannot)."""
+        return False
+
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Tells the block the data tokenizer (a :class:`memzoo.data.tokenizers.Tokenizer`: memzoo's byte
         tokenizer or a Hugging Face ``tokenizer.json``), once it is known; default: nothing. A block that derives

@@ -1,6 +1,6 @@
 """``beside``: a block that runs two blocks on the same input and sums them, for retrofitting memory layers.
 
-``y = base(x) + add(x)`` (``init: zero`` / ``none``) or ``y = base(x) + scale · add(x)`` (``init: gate``),
+``y = base(x) + add(x)`` (``init: zero`` / ``base_scale`` / ``none``) or ``y = base(x) + scale · add(x)`` (``init: gate``),
 ``x, y: (B, T, dim)``. ``base`` is typically a pretrained layer's FFN and ``add`` a new memory block; both are
 any registered blocks, each given as ``{block: name, **hyperparameters}`` (or just a name)::
 
@@ -13,6 +13,18 @@ A retrofitted model starts exactly at its base model when the added branch outpu
   e.g. Memory+'s ``W_2``, PKM's ``W_o``, dense ``down``), and the block checks on a probe input that ``add``'s
   output really is zero; a block whose output that does not zero (a PKM with ``value_dim == dim``, which has no
   output projection; a PEER on a shared pool) is rejected with a pointer to ``init: gate``.
+- ``init: base_scale``: for a branch added beside a *pretrained* block (``init_from``). Built as ``zero``; once
+  the pretrained weights are loaded and the branch is new (the source lacks it), the branch is drawn again at the
+  scale of the block beside it: ``add.init_weights(std, residual_std)`` with ``base.weight_scales()`` (a dense FFN:
+  the std of its gate/up weights and of its down weights), then its output is zeroed again by ``add.zero_output()``
+  (Memory+ / PKM: the pool's values become zero, ``W_1`` / ``W_2`` keep their weights). The model still starts
+  exactly at its base, and the values get gradient at step 0 through an output projection of the FFN's scale.
+  Why: ``zero`` draws the branch for unit-RMS inputs (``W_1`` ~ N(0, 0.02), ``W_2 = 0``); a pretrained model's
+  FFN input can be far from that (SmolLM2-135M: RMS ~0.15, FFN weights std ~0.19), and after a short healing the
+  branch's output stays ~100x below the FFN's, too small for updates of value rows alone (sparse memory
+  finetuning) to move the logits. Needs a ``base`` with ``weight_scales`` (``dense``) and an ``add`` with
+  ``zero_output`` (``product_key_memory`` and its presets); zeroing the values empties the whole pool, so the pool
+  must be new as well.
 - ``init: gate``: a learnable scalar ``scale`` starting at 0 multiplies ``add``'s output (any block); ``add``'s
   own parameters receive gradients once ``scale`` has moved.
 - ``init: none``: both blocks keep the model's ordinary init (the model no longer starts at its base).
@@ -33,8 +45,8 @@ from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool
 from memzoo.blocks.registry import BlockConfigError, block_entry, create_block, register_block
 
-BesideInit = Literal["zero", "gate", "none"]
-BESIDE_INITS = ("zero", "gate", "none")
+BesideInit = Literal["zero", "base_scale", "gate", "none"]
+BESIDE_INITS = ("zero", "base_scale", "gate", "none")
 
 
 @register_block(
@@ -53,7 +65,7 @@ class Beside(Block):
         dim: model width.
         base: the first block, ``{block: name, **hyperparameters}`` or a block name (e.g. the pretrained FFN).
         add: the block added beside it, same form.
-        init: ``zero`` | ``gate`` | ``none``: how the added branch starts (module docstring).
+        init: ``zero`` | ``base_scale`` | ``gate`` | ``none``: how the added branch starts (module docstring).
         pool: the shared :class:`MemoryPool` the model hands in for the child that names a pool.
         vocab_size: the model's vocabulary size, handed on to a token-indexed child (e.g. ``engram``).
     """
@@ -78,6 +90,14 @@ class Beside(Block):
         self.base = _build_child("base", dim, base, pool, vocab_size)
         self.add = _build_child("add", dim, add, pool, vocab_size)
         self.scale = nn.Parameter(torch.zeros(())) if init == "gate" else None
+        if init == "base_scale":
+            if type(self.base).weight_scales is Block.weight_scales:  # not called: the weights may be on meta
+                raise ValueError(f"beside: init='base_scale' reads the weight scales of base, but "
+                                 f"{type(self.base).__name__} does not define weight_scales() (dense does)")
+            if type(self.add).zero_output is Block.zero_output:
+                raise ValueError(f"beside: init='base_scale' needs an added block that can zero its output without "
+                                 f"zeroing its projections (zero_output(); product_key_memory can), not "
+                                 f"{type(self.add).__name__}; use init: zero or gate")
 
     def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         added = self.add(x, ctx)
@@ -92,11 +112,25 @@ class Beside(Block):
     def init_weights(self, std: float, residual_std: float) -> None:
         """Model-driven init of both children; with ``init: zero`` the added branch's residual output std is 0."""
         self.base.init_weights(std, residual_std)
-        self.add.init_weights(std, 0.0 if self.init == "zero" else residual_std)
+        starts_at_zero = self.init in ("zero", "base_scale")
+        self.add.init_weights(std, 0.0 if starts_at_zero else residual_std)
         if self.scale is not None:
             nn.init.zeros_(self.scale)
-        if self.init == "zero":
+        if starts_at_zero:
             self._check_add_outputs_zero()
+
+    @torch.no_grad()
+    def match_base_scale(self) -> None:
+        """``init: base_scale`` once the base holds pretrained weights: the added branch drawn again at the base's
+        weight scales, its output zeroed (module docstring). Called by ``init_from``'s loading for a new branch."""
+        if self.init != "base_scale":
+            raise ValueError(f"beside: match_base_scale is init='base_scale''s step, this block has init={self.init!r}")
+        scales = self.base.weight_scales()
+        if scales is None:
+            raise ValueError(f"beside: init='base_scale': {type(self.base).__name__}.weight_scales() gave None")
+        self.add.init_weights(*scales)
+        self.add.zero_output()
+        self._check_add_outputs_zero()
 
     @torch.no_grad()
     def _check_add_outputs_zero(self) -> None:

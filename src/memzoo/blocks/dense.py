@@ -59,6 +59,12 @@ class DenseMLP(Block):
         """Model-driven init: :meth:`reset_parameters` with the model's stds."""
         self.reset_parameters(std, residual_std)
 
+    @torch.no_grad()
+    def weight_scales(self) -> tuple[float, float]:
+        """``(std of gate and up weights, std of down weights)``: the scales :meth:`init_weights` would give."""
+        inputs = torch.cat([self.gate.weight.flatten(), self.up.weight.flatten()]).float()
+        return float(inputs.std()), float(self.down.weight.float().std())
+
     def flops_per_token(self) -> int:
         """Forward multiply-adds ×2 per token: three ``dim × hidden`` matmuls."""
         return 2 * 3 * self.dim * self.hidden

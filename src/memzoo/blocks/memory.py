@@ -143,6 +143,14 @@ class ProductKeyMemory(ReadsPool, Block):
         """Model-driven init (see :meth:`reset_parameters`); the residual-branch weight is ``W_o`` / ``W_2``."""
         self.reset_parameters(std, residual_std)
 
+    @torch.no_grad()
+    def zero_output(self) -> bool:
+        """Zeroes the pool's value table (every row, also other layers' reads of a shared pool): the output is
+        zero while ``W_1`` / ``W_2`` keep their weights, so the values get gradient from the first step."""
+        for table in self.pool.tables().values():
+            table.zero_()
+        return True
+
     # ----------------------------------------------------------------------------------------- forward
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows each token reads and their weights: ``indices, weights (..., H·knn)`` for ``x (..., dim)``.

@@ -7,9 +7,14 @@ source's architecture plus retrofits:
   source's ``layers.i.ffn.*`` as ``layers.i.ffn.base.*``;
 - parameters the source does not have are allowed only in new parts: the ``add`` branch (and ``scale``) of a
   ``beside`` layer, a layer whose FFN was replaced by another block, and pools the source lacks. They keep their
-  init (zero output for ``beside``, so the retrofitted model starts at its base).
+  init (zero output for ``beside``, so the retrofitted model starts at its base). A new ``add`` branch of a
+  ``beside`` with ``init: base_scale`` is then drawn at the scale of the pretrained block beside it, still at zero
+  output (:meth:`Beside.match_base_scale`); its pool must be new too (its values become zero).
 
 Everything else must match in name and shape; any mismatch raises :class:`InitFromError` naming the tensors.
+
+:func:`whiten_memory_queries` then fits the query projections of the added product-key memories to the inputs
+the pretrained model gives them (a few batches of text), so tokens spread over the memory's rows.
 """
 
 from __future__ import annotations
@@ -69,3 +74,41 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
     if missing:
         raise InitFromError(f"{where}: the source lacks {missing[:6]}; they are not new (retrofitted) parts")
     model.load_state_dict(mapped, strict=False)
+    loaded_pools = {id(model.pools[name]) for name in source_pools if name in getattr(model, "pools", {})}
+    for i in sorted(beside_layers):
+        ffn = model.layers[i].ffn
+        if ffn.init != "base_scale" or any(k.startswith(f"layers.{i}.ffn.add.") for k in mapped):
+            continue
+        pool = getattr(ffn.add, "pool", None)
+        if pool is not None and id(pool) in loaded_pools:
+            raise InitFromError(f"{where}: layer {i}'s beside has init: base_scale, which zeroes its pool's values, "
+                                f"but the source holds that pool's values; use init: zero or a new pool")
+        ffn.match_base_scale()
+
+
+@torch.no_grad()
+def whiten_memory_queries(model: nn.Module, batches, floor: float = 1e-3) -> dict[int, int]:
+    """Whitens the query projection of every product-key memory added ``beside`` a layer's FFN
+    (:meth:`~memzoo.nn.product_key_router.ProductKeyRouter.whiten_query`) on the inputs that FFN sees when
+    ``model`` (a Transformer) reads ``batches`` (token ids ``(B, T)``, or dicts with ``input_ids``). Call it on a
+    freshly retrofitted model, before training its memory: the branch's output is unchanged while its values are
+    zero (``init: base_scale``), otherwise the model's function changes. Returns ``{layer: inputs seen}``."""
+    routers = {i: layer.ffn.add.router for i, layer in enumerate(model.layers)
+               if isinstance(layer.ffn, Beside) and hasattr(getattr(layer.ffn.add, "router", None), "whiten_query")}
+    if not routers:
+        raise ValueError("whiten_memory_queries: the model has no product-key memory beside an FFN")
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in routers}
+    hooks = [model.layers[i].ffn.register_forward_pre_hook(
+        lambda module, args, i=i: seen[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))) for i in routers]
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch["input_ids"] if isinstance(batch, Mapping) else batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was)
+    for i, router in routers.items():
+        router.whiten_query(torch.cat(seen[i]), floor)
+    return {i: sum(len(x) for x in seen[i]) for i in routers}

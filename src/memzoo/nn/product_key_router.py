@@ -122,6 +122,29 @@ class ProductKeyRouter(nn.Module):
         if self.query_norm is not None:
             self.query_norm.reset_parameters()
 
+    @torch.no_grad()
+    def whiten_query(self, inputs: torch.Tensor, floor: float = 1e-3) -> None:
+        """Draws the query projection again as ``W_q = R · M^{-1/2}`` for sample inputs ``inputs (N, dim)``: ``M``
+        their (uncentred) second moment, eigenvalues floored at ``floor`` x their mean, ``R`` ~ N(0, s²) with
+        ``s`` the projection's current std. Those inputs' queries then have the second moment ``R Rᵀ`` (about
+        ``dim·s²·I``, as unit-RMS isotropic inputs under the ordinary init): no direction the inputs share
+        dominates the scores, so tokens spread over the table's rows. Why: a pretrained model's hidden states share
+        a large common component; projected at random, every token's query points the same way and reads the same
+        few rows (SmolLM2-135M, layers 10 and 20: 1024 tokens read 3.6k / 2.7k of 16k rows, the 100 most read
+        taking 40-49% of all reads; whitened: 16.3k rows, 2%). A bias, if any, becomes zero."""
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        if x.shape[-1] != self.dim or len(x) < 2:
+            raise ValueError(f"whiten_query needs inputs (N >= 2, dim={self.dim}), got {tuple(inputs.shape)}")
+        weight = self.query.weight
+        moment = x.T @ x / len(x)
+        eigenvalues, vectors = torch.linalg.eigh(moment)
+        eigenvalues = eigenvalues.clamp_min(float(eigenvalues.mean()) * floor)
+        inverse_root = (vectors * eigenvalues.rsqrt()) @ vectors.T
+        r = torch.randn(weight.shape, dtype=torch.float64, device=x.device) * float(weight.double().std())
+        weight.copy_((r @ inverse_root).to(weight.dtype))
+        if self.query.bias is not None:
+            self.query.bias.zero_()
+
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., dim)`` → normalised queries ``(..., H, k_dim)``, in the sub-keys' dtype."""
         q = self.query(x)

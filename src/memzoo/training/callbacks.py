@@ -1,4 +1,5 @@
-"""Callbacks the ``memzoo`` command adds: predictions to a file and a progress bar in steps with tokens/s."""
+"""Callbacks the ``memzoo`` command adds: predictions to a file and a progress bar in steps with tokens/s; and
+:class:`WhitenMemoryQueries` for a retrofit's YAML."""
 
 from __future__ import annotations
 
@@ -112,3 +113,42 @@ class StepProgressBar(TQDMProgressBar):
         self._times.append(time.perf_counter())
         self._tokens.clear()
 
+
+
+class WhitenMemoryQueries(L.Callback):
+    """Fits the query projections of product-key memories retrofitted ``beside`` pretrained FFNs to the inputs the
+    pretrained model gives them (:func:`memzoo.model.retrofit.whiten_memory_queries`), on the first ``batches``
+    training batches, when training starts on a freshly retrofitted model: every memory pool's values still zero,
+    as ``beside``'s ``init: base_scale`` leaves them (so the model's function does not change). A run whose values
+    are no longer zero (resumed, or from a trained checkpoint) is left as it is. With several processes, rank 0's
+    projections are broadcast to all. In YAML::
+
+        trainer:
+          callbacks:
+            - class_path: memzoo.training.callbacks.WhitenMemoryQueries
+              init_args: {batches: 16}
+    """
+
+    def __init__(self, batches: int = 16):
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"WhitenMemoryQueries: batches must be a positive int, got {batches!r}")
+        self.batches = batches
+        self.whitened: dict[int, int] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import itertools
+
+        from memzoo.blocks.pool import find_pools
+        from memzoo.model.retrofit import whiten_memory_queries
+
+        model = pl_module.model
+        tables = [t for pool in find_pools(model).values() for t in pool.tables().values()]
+        if not tables or any(bool(t.detach().any()) for t in tables):
+            return
+        loader = trainer.train_dataloader
+        batches = [batch["input_ids"].to(pl_module.device) for batch in itertools.islice(iter(loader), self.batches)]
+        self.whitened = whiten_memory_queries(model, batches)
+        if trainer.world_size > 1:
+            for i in self.whitened:
+                weight = model.layers[i].ffn.add.router.query.weight
+                weight.data.copy_(trainer.strategy.broadcast(weight.data, src=0))
