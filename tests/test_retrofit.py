@@ -230,3 +230,42 @@ def test_whiten_callback_whitens_a_fresh_retrofit_once(tmp_path):
     assert second.whitened == {} and lm.model.pools["mem"].values.detach().any()  # trained values: left alone
     with pytest.raises(ValueError, match="positive int"):
         WhitenMemoryQueries(batches=0)
+
+
+def _whiten_on_two_ranks(rank: int, world_size: int, ckpt: str) -> None:
+    """A rank of the 2-process test below: each rank whitens on its own batches; rank 0's projection must win."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from memzoo.parallel import SparseDDPStrategy
+    from memzoo.training.callbacks import WhitenMemoryQueries
+
+    layers = {1: {"block": "beside", "base": {"block": "dense", "hidden": 48}, "add": MEMORY, "init": "base_scale"}}
+    torch.manual_seed(0)
+    lm = build_language_model(architecture={**BASE, "layers": layers, "pools": POOLS}, init_from=ckpt,
+                              freeze=["*"], unfreeze=["layers.*.ffn.add.*", "pools.*"], warmup_steps=0)
+    ids = torch.randint(0, 40, (8, 9), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]  # a distributed sampler splits them
+    callback = WhitenMemoryQueries(batches=2)
+    L.Trainer(accelerator="cpu", devices=world_size, strategy=SparseDDPStrategy(), max_steps=1, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+              num_sanity_val_steps=0, callbacks=[callback]).fit(
+        lm, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2))
+    assert callback.whitened == {1: 2 * 2 * 8}, callback.whitened
+    query = lm.model.layers[1].ffn.add.router.query.weight.detach().contiguous()
+    gathered = [torch.empty_like(query) for _ in range(world_size)]
+    dist.all_gather(gathered, query)
+    assert torch.equal(gathered[0], gathered[1]), "the ranks' query projections differ after whitening"
+
+
+@pytest.mark.distributed
+def test_whiten_callback_gives_every_rank_rank_zeros_projection(tmp_path):
+    """2 gloo processes (forked), each whitening on its own share of the batches: without the broadcast their
+    projections would differ (and stay different: DDP averages gradients, not weights)."""
+    from mp_workers import launch
+
+    torch.manual_seed(0)
+    source = LanguageModel(architecture=BASE, warmup_steps=0)
+    ckpt = tmp_path / "base.ckpt"
+    torch.save({"state_dict": source.state_dict()}, ckpt)
+    launch(_whiten_on_two_ranks, 2, str(ckpt), lightning=True)
