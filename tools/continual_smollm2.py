@@ -211,7 +211,20 @@ def consistent(tokenizer, prompt: str, answer: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- measures
+def model_device(model) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without any)."""
+    weight = next(model.parameters(), None)
+    return torch.device("cpu") if weight is None else weight.device
+
+
+def on_model(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` on the device of ``model``'s weights."""
+    device = model_device(model)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def lm_loss(model, batch) -> torch.Tensor:
+    batch = on_model(model, batch)
     logits = model(batch["input_ids"])
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
@@ -224,7 +237,7 @@ def correct(model, tokenizer, pairs, chunk: int = 32) -> list[bool]:
     model.eval()
     out = []
     for start in range(0, len(pairs), chunk):
-        batch = qa_batch(tokenizer, pairs[start: start + chunk])
+        batch = on_model(model, qa_batch(tokenizer, pairs[start: start + chunk]))
         pred = model(batch["input_ids"]).argmax(-1)
         mask = batch["labels"] != -100
         out += [bool((pred[i][mask[i]] == batch["labels"][i][mask[i]]).all()) for i in range(len(pred))]
@@ -246,7 +259,7 @@ def greedy(model, tokenizer, prompt: str, n: int = 8) -> str:
     """The greedy continuation of ``prompt`` (``n`` tokens), by memzoo's decode loop (``Transformer.generate``)."""
     was = model.training
     model.eval()
-    ids = torch.tensor([tokenizer.encode(prompt)])
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model_device(model))
     out = model.generate(ids, max_new_tokens=n)
     model.train(was)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist())
@@ -273,19 +286,20 @@ def retrofitted(n_keys: int, source: str = MODEL, **init_args) -> LanguageModel:
     return build_language_model(init_from=source, architecture=architecture, **init_args)
 
 
-def heal(module: LanguageModel, settings, background, log, seed: int = 0):
+def heal(module: LanguageModel, settings, background, log, seed: int = 0, accelerator: str = "cpu"):
     """Trains the memory branches and the pool (``module`` built with :data:`HEAL`) on background windows, the
-    texts in turn, through Lightning's ``Trainer``; returns the trainer."""
+    texts in turn, through Lightning's ``Trainer`` on ``accelerator``; returns the trainer."""
     names, step = list(background), itertools.count()
 
     def batch(rng):
         tokens = background[names[next(step) % len(names)]]
         return windows(tokens, rng.integers(0, len(tokens) - settings.window - 1, settings.heal_batch), settings.window)
 
-    return fit(module, batch, settings.heal_steps, seed=seed, callbacks=[PrintLoss(10, log, "heal")])
+    return fit(module, batch, settings.heal_steps, seed=seed, callbacks=[PrintLoss(10, log, "heal")],
+               accelerator=accelerator)
 
 
-def prepare_base(module: LanguageModel, tokenizer, settings, background, heldout, log):
+def prepare_base(module: LanguageModel, tokenizer, settings, background, heldout, log, accelerator: str = "cpu"):
     """Before any training (the retrofitted model is exactly the base): the cloze items the base model answers
     right, its held-out perplexity and generations; then heals the memory. Returns those measures (plain data) and
     the healing trainer."""
@@ -296,10 +310,10 @@ def prepare_base(module: LanguageModel, tokenizer, settings, background, heldout
                 "base_ppl": {n: float(np.exp(heldout_loss(model, b))) for n, b in heldout.items()},
                 "generations": {p: greedy(model, tokenizer, p) for p in PROMPTS}}
     log(f"  base model: {len(prepared['old'])} of {len(items)} cloze items right")
-    return prepared, heal(module, settings, background, log)
+    return prepared, heal(module, settings, background, log, accelerator=accelerator)
 
 
-def finetune(run: Run, base: Path, settings, tokenizer, new_facts, stats_path, evaluate):
+def finetune(run: Run, base: Path, settings, tokenizer, new_facts, stats_path, evaluate, accelerator: str = "cpu"):
     """Teaches ``new_facts`` (one batch of all of them per step) starting from the checkpoint ``base`` (the healed
     model), through ``LanguageModel`` and Lightning's ``Trainer`` (constant learning rate, no clipping); one
     measurement per step count; returns ``(points, model)``. ``full``: AdamW on every weight; ``lora``: AdamW on
@@ -318,14 +332,15 @@ def finetune(run: Run, base: Path, settings, tokenizer, new_facts, stats_path, e
                                   optimizer=partial(torch.optim.AdamW, lr=run.lr, weight_decay=0.0), **options)
     batch = qa_batch(tokenizer, new_facts)
     measure = MeasureAt(settings.finetune_steps, evaluate, timed=True)
-    fit(module, lambda rng: batch, max(settings.finetune_steps), callbacks=[*callbacks, measure])
+    fit(module, lambda rng: batch, max(settings.finetune_steps), callbacks=[*callbacks, measure],
+        accelerator=accelerator)
     points = [{"method": run.method, "rank": run.rank, "lr": run.lr, "top_t": run.top_t,
                "optimizer": run.optimizer if run.method == "smf" else "adamw",
                "idf_power": run.idf_power if run.rank == "tfidf" else None, **point} for point in measure.points]
     return points, module.model.eval()
 
 
-def load_healed(cache: Path, study: str) -> tuple[dict, torch.nn.Module]:
+def load_healed(cache: Path, study: str, device: str = "cpu") -> tuple[dict, torch.nn.Module]:
     """``(base measures, healed model)`` of a ``--pretrained`` cache: the memzoo checkpoint the study wrote, the
     measures beside its weights; the model read by memzoo's loader."""
     try:
@@ -334,7 +349,7 @@ def load_healed(cache: Path, study: str) -> tuple[dict, torch.nn.Module]:
             raise SystemExit(f"--pretrained {cache} holds the healed model of {stored.get('study')!r}, not {study!r}; "
                              f"give another file")
         prepared = {key: stored[key] for key in PREPARED}
-        model = build_language_model(init_from=str(cache), architecture=ARCHITECTURE).model.eval()
+        model = build_language_model(init_from=str(cache), architecture=ARCHITECTURE).model.to(device).eval()
     except (InitFromError, KeyError, AttributeError, RuntimeError) as err:
         raise SystemExit(f"--pretrained {cache} is not a memzoo checkpoint of the healed model ({err}); delete it "
                          f"(it is written again) or give another file") from None
@@ -347,6 +362,9 @@ def run_study(args, compare) -> dict:
 
     settings = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here; run with --device cpu")
     t0 = time.time()
 
     def log(text):
@@ -367,17 +385,17 @@ def run_study(args, compare) -> dict:
     tmp = tempfile.TemporaryDirectory()
     healed = cache if cache is not None else Path(tmp.name) / "healed.ckpt"
     if cache is not None and cache.is_file():
-        prepared, model = load_healed(cache, settings.name)
+        prepared, model = load_healed(cache, settings.name, device)
         log(f"  loaded the healed model, cloze set and base measures from {cache}")
     else:
         torch.manual_seed(0)
-        module = retrofitted(settings.n_keys, **HEAL)
+        module = retrofitted(settings.n_keys, **HEAL).to(device)
         calibration = np.random.default_rng(2)
-        whiten_memory_queries(module.model, [windows(t, calibration.integers(0, len(t) - settings.window - 1, 16),
-                                                     settings.window) for t in background.values()])
+        whiten_memory_queries(module.model, [on_model(module.model, windows(
+            t, calibration.integers(0, len(t) - settings.window - 1, 16), settings.window)) for t in background.values()])
         log(f"[{settings.name}] loaded SmolLM2-135M + Memory+ at layers {MEMORY_LAYERS} ({settings.n_keys ** 2} "
             f"slots)")
-        prepared, trainer = prepare_base(module, tokenizer, settings, background, heldout, log)
+        prepared, trainer = prepare_base(module, tokenizer, settings, background, heldout, log, accelerator=device)
         save_weights(trainer, healed, extra=prepared)  # a memzoo checkpoint, with the base measures beside it
         model = module.model.eval()
     old, n_candidates, base_ppl = prepared["old"], prepared["candidates"], prepared["base_ppl"]
@@ -415,7 +433,8 @@ def run_study(args, compare) -> dict:
         torch.save(collect_slot_stats(model, stats_batches).to_dict(), stats_path)
         log(f"  slot statistics over {len(stats_batches)} background batches")
         for run in settings.runs:
-            measured, taught = finetune(run, healed, settings, tokenizer, new_facts, stats_path, evaluate)
+            measured, taught = finetune(run, healed, settings, tokenizer, new_facts, stats_path, evaluate,
+                                        accelerator=device)
             points += measured
             last = measured[-1]
             generations[f"{run.label} lr {run.lr:g}"] = {p: greedy(taught, tokenizer, p) for p in
@@ -439,8 +458,10 @@ def run_study(args, compare) -> dict:
     seconds = time.time() - t0
     result = {
         "study": settings.name,
-        "command": "python tools/continual.py --base smollm2" + (" --quick" if args.quick else ""),
-        "hardware": f"CPU, {args.threads} torch thread(s) (shared machine)",
+        "command": "python tools/continual.py --base smollm2" + (" --quick" if args.quick else "")
+                   + (" --device cuda" if device == "cuda" else ""),
+        "hardware": (f"CUDA ({torch.cuda.get_device_name()})" if device == "cuda" else
+                     f"CPU, {args.threads} torch thread(s) (shared machine)"),
         "seconds": round(seconds, 1),
         "model": f"SmolLM2-135M-Instruct ({MODEL}, Q4_1 dequantised to float32) + Memory+ beside the FFN of layers "
                  f"{list(MEMORY_LAYERS)}, one pool of {settings.n_keys ** 2} slots x 576",
@@ -461,7 +482,7 @@ def run_study(args, compare) -> dict:
     }
     if args.export and best is not None:  # the SMF model that learned most (then: forgot least)
         _, run, taught = best
-        export_model(taught, args.export, tokenizer=tokenizer, overwrite=True)
+        export_model(taught.to("cpu"), args.export, tokenizer=tokenizer, overwrite=True)
         result["export"] = {"folder": str(args.export), "run": asdict(run), "recall_b": best[0][0],
                             "recall_a_drop": -best[0][1]}
         log(f"  exported the taught model ({run.label}, lr {run.lr:g}) to {args.export}")

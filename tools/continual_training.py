@@ -69,13 +69,15 @@ class PrintLoss(L.Callback):
 
 
 def fit(module: L.LightningModule, make_batch: MakeBatch, steps: int, *, seed: int = 0,
-        callbacks: Sequence[L.Callback] = (), gradient_clip_val: float | None = None) -> L.Trainer:
-    """Trains ``module`` (a LanguageModel) for ``steps`` optimizer steps on ``make_batch``'s batches, on the CPU,
-    with Lightning's ``Trainer`` (no logger, checkpoints, progress bar or validation); returns the trainer (its
-    ``global_step`` is ``steps``). ``gradient_clip_val``: clip dense gradients by norm (LanguageModel's clipping)."""
+        callbacks: Sequence[L.Callback] = (), gradient_clip_val: float | None = None,
+        accelerator: str = "cpu") -> L.Trainer:
+    """Trains ``module`` (a LanguageModel) for ``steps`` optimizer steps on ``make_batch``'s batches, on one device
+    of ``accelerator`` (``cpu`` or ``cuda``; the module stays there), with Lightning's ``Trainer`` (no logger,
+    checkpoints, progress bar or validation); returns the trainer (its ``global_step`` is ``steps``).
+    ``gradient_clip_val``: clip dense gradients by norm (LanguageModel's clipping)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val, callbacks=list(callbacks))
     trainer.fit(module, train_dataloaders=DataLoader(Batches(make_batch, seed), batch_size=None))
