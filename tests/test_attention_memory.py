@@ -313,13 +313,18 @@ def test_config_errors_name_the_bad_value():
         ({"layers": "all", "index": "hnsw"}, "index must be one of \\('exact', 'faiss_ivf'\\), got 'hnsw'"),
         ({"layers": "all", "distance": -4}, "distance must be a non-negative integer.*got -4"),
         ({"layers": "all", "sink_positions": 1.5}, "sink_positions must be a non-negative integer.*got 1.5"),
+        ({"layers": "all", "documents": -1}, "documents must be a non-negative integer.*got -1"),
+        ({"layers": "all", "documents": 1, "min_document_score": 2}, "min_document_score must be a mean cosine.*got 2"),
+        ({"layers": "all", "min_document_score": 0.5}, "min_document_score 0.5 needs documents >= 1"),
+        ({"layers": "all", "documents": 2, "index": "faiss_ivf"}, "documents 2 needs index: exact"),
         ("all", "must be a mapping"),
     ]:
         with pytest.raises(ModelConfigError, match=message):
             tiny(memory)
     model = tiny({"layers": [-1, 0], "mode": "gated"})
     assert model.config.attention_memory == {"layers": [0, 2], "topk": 8, "mode": "gated", "similarity_threshold": None,
-                                             "index": "exact", "distance": 0, "sink_positions": 0}
+                                             "index": "exact", "distance": 0, "sink_positions": 0, "documents": 0,
+                                             "min_document_score": None}
     assert [layer.attn.memory is not None for layer in model.layers] == [True, False, True]
     assert set(k for k in model.state_dict() if "memory" in k) == {"layers.0.attn.memory.gate", "layers.2.attn.memory.gate"}
     rebuilt = memzoo.Transformer(model.config.to_dict())
@@ -410,6 +415,11 @@ def test_memorize_and_generate_cite_the_document_the_prompt_retrieves(llama_fold
     assert lines[cite + 1].startswith(f"  documents: {docs[1]} ")
     assert lines[cite + 2].split()[2] == docs[1] and "w42" in lines[cite + 2]
     assert text in out
+    main(["generate", "--model", str(llama_folder), "--prompt", "w41 w42", "--memory", str(tmp_path / "m.bank"),
+          "--memory-topk", "2", "--memory-documents", "1", "--memory-min-document-score", "0.5", "--cite",
+          "--max-new-tokens", "1", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  documents: {docs[1]} 100.0%" in lines  # one document chosen: every memory read is from it
 
     model, tok = memzoo.load_pretrained(llama_folder, with_tokenizer=True)
     loaded = MemoryBank.load(tmp_path / "m.bank")
@@ -471,6 +481,12 @@ def test_memorize_and_generate_errors(llama_folder, tmp_path, bank):
     assert isinstance(main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory",
                             str(tmp_path / "d.bank"), "--memory-sink-positions", "1", "--max-new-tokens", "2",
                             "--device", "cpu"]), str)
+    with pytest.raises(CommandError, match="generate: attention_memory.documents must be a non-negative.*-1"):
+        main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+              "--memory-documents", "-1", "--device", "cpu"])
+    with pytest.raises(CommandError, match="generate: attention_memory.min_document_score 0.5 needs documents >= 1"):
+        main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(tmp_path / "d.bank"),
+              "--memory-min-document-score", "0.5", "--device", "cpu"])
     path = bank.save(tmp_path / "byte.bank")  # built by the byte-level tiny model: other dimensions
     with pytest.raises(CommandError, match=r"generate: .*byte\.bank was built for another model"):
         main(["generate", "--model", str(llama_folder), "--prompt", "w1", "--memory", str(path), "--device", "cpu"])

@@ -185,6 +185,12 @@ def generate_command(args: Sequence[str]) -> str:
                         "distance p + D (default: the model's, or 0, the Extended Mind authors' placement)")
     parser.add_argument("--memory-sink-positions", type=int, default=None,
                         help="the first S positions (the attention sinks) read no memory (default: the model's, or 0)")
+    parser.add_argument("--memory-documents", type=int, default=None,
+                        help="each query retrieves only from the D bank documents that best match the text so far "
+                        "(by the layer's own keys; default: the model's, or 0: the whole bank)")
+    parser.add_argument("--memory-min-document-score", type=float, default=None,
+                        help="with --memory-documents: a document is chosen only when its match (a mean centred "
+                        "cosine in [-1, 1]) reaches this; otherwise the text reads no memory (default: none)")
     parser.add_argument("--cite", action="store_true",
                         help="after the text, print the memorised document spans the generated tokens attended to most")
     parser.add_argument("--cite-top", type=int, default=3, help="how many spans --cite prints (default 3)")
@@ -225,8 +231,9 @@ def generate_command(args: Sequence[str]) -> str:
         raise CommandError(f"generate: {options.model} has no tokenizer (a folder without tokenizer.json, or a checkpoint "
                            f"whose run recorded none); add the model's tokenizer.json to the folder, or export the checkpoint with "
                            f"`memzoo export --tokenizer`")
-    bank = _attach_bank(model, options.memory, options.memory_topk, "generate", options.memory_distance,
-                        options.memory_sink_positions) if options.memory else None
+    bank = _attach_bank(model, options.memory, "generate", topk=options.memory_topk, distance=options.memory_distance,
+                        sink_positions=options.memory_sink_positions, documents=options.memory_documents,
+                        min_document_score=options.memory_min_document_score) if options.memory else None
     defaults_file = Path(options.model) / "generation_config.json"
     defaults = json.loads(defaults_file.read_text(encoding="utf-8")) if defaults_file.is_file() else {}
     max_new_tokens, temperature, top_k = _generation_settings(options, defaults)
@@ -268,15 +275,15 @@ def generate_command(args: Sequence[str]) -> str:
     return "".join(pieces)
 
 
-def _attach_bank(model, path: str, topk: int | None, verb: str, distance: int | None = None,
-                 sink_positions: int | None = None):
-    """Loads the bank at ``path`` and attaches it to ``model``; bank errors become command errors."""
+def _attach_bank(model, path: str, verb: str, **settings):
+    """Loads the bank at ``path`` and attaches it to ``model`` with ``settings`` (``Transformer.attach_memory``'s
+    keywords); bank errors become command errors."""
     from memzoo.model.attention_memory import AttentionMemoryError
     from memzoo.model.memory_bank import MemoryBank
 
     try:
         bank = MemoryBank.load(path)
-        model.attach_memory(bank, topk=topk, distance=distance, sink_positions=sink_positions)
+        model.attach_memory(bank, **settings)
     except AttentionMemoryError as err:  # a bank that does not fit, or a bad setting
         raise CommandError(f"{verb}: {err}") from None
     return bank

@@ -86,13 +86,15 @@ class LayerKVCache:
 
     The cache contract :class:`CausalSelfAttention` uses: ``length`` (positions held) and :meth:`append`. Another
     store (e.g. a Hugging Face ``Cache`` layer) takes part by offering the same two. ``block_state`` is the decode
-    state of the layer's FFN-slot block (:class:`~memzoo.blocks.base.BlockContext` ``state``).
+    state of the layer's FFN-slot block (:class:`~memzoo.blocks.base.BlockContext` ``state``); ``memory_state`` that
+    of the layer's attention memory (its document choice, :mod:`memzoo.model.memory_documents`).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
     block_state: dict = field(default_factory=dict)
+    memory_state: dict = field(default_factory=dict)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores ``k, v (B, H_kv, T, hd)`` after the held positions; returns all keys and values held,
@@ -173,20 +175,21 @@ class CausalSelfAttention(nn.Module):
 
     def _rotated_qkv(
         self, x: torch.Tensor, start: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q (B, T, H, hd)`` and ``k (B, T, H_kv, hd)`` rotated for positions ``start ..`` (or the ``(B, T)``
-        positions in ``start``), and ``v``."""
+        positions in ``start``), ``v``, and the keys before rotation (a view)."""
         B, T, _ = x.shape
         if self.n_kv_heads == self.n_heads:
             # split (not slicing) so that the backward joins the gradients of (q, k) and v with one copy
             qk, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
             q, k = self.rope(qk, start).unbind(dim=2)  # queries and keys rotated in one pass
-            return q, k, v.squeeze(2)
+            return q, k, v.squeeze(2), qk[:, :, 1]
         kv = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([self.dim, kv, kv], dim=-1)
+        q, k_raw, v = self.qkv(x).split([self.dim, kv, kv], dim=-1)
+        k_raw = k_raw.view(B, T, self.n_kv_heads, self.head_dim)
         q = self.rope(q.view(B, T, self.n_heads, self.head_dim), start)
-        k = self.rope(k.view(B, T, self.n_kv_heads, self.head_dim), start)
-        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim)
+        k = self.rope(k_raw, start)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim), k_raw
 
     def _expand_kv(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """Repeats each key/value head for the ``n_heads / n_kv_heads`` query heads that read it."""
@@ -218,7 +221,7 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
-        q, k, v = self._rotated_qkv(x, start if positions is None else positions)  # q (B,T,H,hd); k, v (B,T,H_kv,hd)
+        q, k, v, k_raw = self._rotated_qkv(x, start if positions is None else positions)  # q (B,T,H,hd); k, v (B,T,H_kv,hd)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             k_all, v_all = cache.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, start + T, hd)
@@ -227,7 +230,8 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("attention memory does not take a padding mask; decode unpadded prompts")
             k_local = k_all if cache is not None else k.transpose(1, 2)
             v_local = v_all if cache is not None else v.transpose(1, 2)
-            y = self.memory(q, k_local, v_local, start, dropout_p)
+            y = self.memory(q, k_local, v_local, start, dropout_p, k_raw,
+                            getattr(cache, "memory_state", None))
         elif cache is not None or mask is not None:
             if cache is None:
                 k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)

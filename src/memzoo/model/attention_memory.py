@@ -25,6 +25,12 @@ query puts much of its attention there); when the sink's own query also attends 
 changes in every layer and with it what every later token reads (on SmolLM2-135M: held-out loss 3.19 plain,
 4.1–6.3 with a bank attached, 3.16–3.74 with ``sink_positions: 1``; ``docs/results/extended-mind.md``).
 
+``documents: D`` restricts retrieval to the ``D`` memorised documents that best match the sequence so far, chosen per
+position by the layer's own keys (``min_document_score``: the least match; a query with no document chosen reads no
+memory): see :mod:`memzoo.model.memory_documents`. Documents are what a bank is made of, so this is retrieval in two
+stages, document then token, as the Extended Mind authors pair their memories with a document retriever; on
+SmolLM2-135M it is what makes memorised facts recallable (``docs/results/extended-mind.md``).
+
 Retrieval is exact by default. ``index: faiss_ivf`` (needs the optional ``faiss-cpu`` package) searches an inverted
 file index per key/value head instead (``IndexIVFFlat`` over the unit keys, ``nlist = min(√N, N/39)`` lists,
 ``nprobe = min(16, nlist)`` of them searched per query): approximate, cost ``≈ N · nprobe / nlist`` per query.
@@ -44,6 +50,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from memzoo.model.memory_documents import centred_unit_keys, chosen_documents, position_scores
 from memzoo.model.rope import rotate_for_position
 
 MEMORY_MODES = ("joint", "gated")
@@ -72,6 +79,10 @@ class AttentionMemoryConfig:
             distance ``p + distance`` (0: the Extended Mind authors' treatment; module docstring).
         sink_positions: queries at the sequence's first ``sink_positions`` positions read no memory (0: every
             query does, as the authors' code; module docstring).
+        documents: each query retrieves only from the ``documents`` bank documents that best match the sequence so
+            far (0: from the whole bank, as the authors' code; :mod:`memzoo.model.memory_documents`).
+        min_document_score: with ``documents``, a document is chosen only when its match reaches this (a mean
+            centred cosine in [-1, 1]; ``None``: the best ``documents`` always are).
     """
 
     layers: tuple[int, ...]
@@ -81,6 +92,8 @@ class AttentionMemoryConfig:
     index: str = "exact"
     distance: int = 0
     sink_positions: int = 0
+    documents: int = 0
+    min_document_score: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], n_layers: int) -> AttentionMemoryConfig:
@@ -129,13 +142,37 @@ class AttentionMemoryConfig:
                 f"attention_memory.sink_positions must be a non-negative integer (the first positions, whose queries "
                 f"read no memory), got {sinks!r}"
             )
-        return cls(layers, topk, mode, None if threshold is None else float(threshold), index, distance, sinks)
+        documents = data.get("documents", cls.documents)
+        if isinstance(documents, bool) or not isinstance(documents, int) or documents < 0:
+            raise AttentionMemoryError(
+                f"attention_memory.documents must be a non-negative integer (the documents each query may retrieve "
+                f"from; 0: the whole bank), got {documents!r}"
+            )
+        min_doc = data.get("min_document_score")
+        if min_doc is not None and (isinstance(min_doc, bool) or not isinstance(min_doc, (int, float))
+                                    or not -1.0 <= min_doc <= 1.0):
+            raise AttentionMemoryError(
+                f"attention_memory.min_document_score must be a mean cosine in [-1, 1] or null, got {min_doc!r}"
+            )
+        if min_doc is not None and not documents:
+            raise AttentionMemoryError(
+                f"attention_memory.min_document_score {min_doc} needs documents >= 1 (it is the least match of a "
+                f"chosen document); set documents, or remove min_document_score"
+            )
+        if documents and index != "exact":
+            raise AttentionMemoryError(
+                f"attention_memory.documents {documents} needs index: exact (the {index} index searches the whole "
+                f"bank); use index: exact, or documents: 0"
+            )
+        return cls(layers, topk, mode, None if threshold is None else float(threshold), index, distance, sinks,
+                   documents, None if min_doc is None else float(min_doc))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as model configs store it."""
         return {"layers": list(self.layers), "topk": self.topk, "mode": self.mode,
                 "similarity_threshold": self.similarity_threshold, "index": self.index, "distance": self.distance,
-                "sink_positions": self.sink_positions}
+                "sink_positions": self.sink_positions, "documents": self.documents,
+                "min_document_score": self.min_document_score}
 
 
 def _layer_list(value: Any, n_layers: int) -> tuple[int, ...]:
@@ -159,25 +196,31 @@ def _layer_list(value: Any, n_layers: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def retrieve(queries: torch.Tensor, unit_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(queries: torch.Tensor, unit_keys: torch.Tensor, topk: int,
+             allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k retrieval by cosine similarity.
 
     ``queries (B, H_kv, G, T, hd)`` (any scale), ``unit_keys (H_kv, N, hd)`` (rows of norm 1) → ``similarity,
-    indices (B, H_kv, G, T, k)`` with ``k = min(topk, N)``, best first. Queries are processed in chunks so that no
-    similarity matrix exceeds ``2^24`` elements. No gradient flows through the selection."""
+    indices (B, H_kv, G, T, k)`` with ``k = min(topk, N)``, best first. ``allowed (B, T, N)`` bool: the entries
+    each position may retrieve; the others score ``-inf`` (so a position with fewer than ``k`` allowed entries gets
+    ``-inf`` similarities in its last places). Positions are processed in chunks so that no similarity matrix
+    exceeds ``2^24`` elements. No gradient flows through the selection."""
     B, C, G, T, hd = queries.shape
-    k = min(topk, unit_keys.shape[1])
-    q = queries.detach().float().reshape(B, C, G * T, hd)
+    N = unit_keys.shape[1]
+    k = min(topk, N)
+    q = queries.detach().float()
     q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    keys = unit_keys.float().transpose(-1, -2)  # (C, hd, N)
-    rows = max(1, _SIMILARITY_CHUNK // max(1, B * C * unit_keys.shape[1]))
+    keys = unit_keys.float().transpose(-1, -2).unsqueeze(1)  # (C, 1, hd, N)
+    rows = max(1, _SIMILARITY_CHUNK // max(1, B * C * G * N))
     sims, idx = [], []
-    for start in range(0, G * T, rows):
-        scores = torch.matmul(q[:, :, start : start + rows], keys)  # (B, C, rows, N)
+    for start in range(0, T, rows):
+        scores = torch.matmul(q[:, :, :, start : start + rows], keys)  # (B, C, G, rows, N)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[:, None, None, start : start + rows], float("-inf"))
         top = scores.topk(k, dim=-1)
         sims.append(top.values)
         idx.append(top.indices)
-    return (torch.cat(sims, 2).view(B, C, G, T, k), torch.cat(idx, 2).view(B, C, G, T, k))
+    return torch.cat(sims, 3), torch.cat(idx, 3)
 
 
 def build_faiss_index(unit_keys: torch.Tensor) -> list:
@@ -251,12 +294,19 @@ class AttentionMemory(nn.Module):
         self.index = config.index
         self.distance = config.distance
         self.sink_positions = config.sink_positions
+        self.documents = config.documents
+        self.min_document_score = config.min_document_score
         self.faiss_indexes: list | None = None
         self.gate = nn.Parameter(torch.zeros(n_heads)) if config.mode == "gated" else None
         empty = torch.zeros(n_kv_heads, 0, head_dim)
         self.register_buffer("keys", empty, persistent=False)
         self.register_buffer("values", empty.clone(), persistent=False)
         self.register_buffer("unit_keys", empty.clone(), persistent=False)
+        # document selection (memzoo.model.memory_documents): the entries' documents, their centred unit keys
+        self.register_buffer("entry_doc", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("doc_keys", empty.clone(), persistent=False)
+        self.register_buffer("key_mean", torch.zeros(n_kv_heads, 1, head_dim), persistent=False)
+        self.n_docs = 0
         self.recorder: CitationRecorder | None = None
         self.enabled = True
 
@@ -269,16 +319,28 @@ class AttentionMemory(nn.Module):
         """Whether this layer attends to memory now (a non-empty bank is attached and memory is not suspended)."""
         return self.enabled and self.n_entries > 0
 
-    def set_bank(self, keys: torch.Tensor, values: torch.Tensor, inv_freq: torch.Tensor | None = None) -> None:
+    def set_bank(self, keys: torch.Tensor, values: torch.Tensor, inv_freq: torch.Tensor | None = None,
+                 entry_doc: torch.Tensor | None = None, n_docs: int | None = None) -> None:
         """Attaches ``keys, values (H_kv, N, hd)`` (pre-rotation keys), on this module's device, in the given dtype.
         With ``distance > 0`` the keys are rotated for position ``-distance`` with the layer's rotary inverse
-        frequencies ``inv_freq (hd/2,)`` (required then)."""
+        frequencies ``inv_freq (hd/2,)`` (required then). ``entry_doc (N,)`` (documents ``0 .. n_docs - 1``): the
+        document of each entry, required with ``documents``."""
         expected = (self.n_kv_heads, keys.shape[1] if keys.dim() == 3 else -1, self.head_dim)
         if keys.dim() != 3 or tuple(keys.shape) != expected or keys.shape != values.shape:
             raise AttentionMemoryError(
                 f"layer {self.layer}: bank keys {tuple(keys.shape)} / values {tuple(values.shape)} must both be "
                 f"(n_kv_heads={self.n_kv_heads}, N, head_dim={self.head_dim})"
             )
+        if self.documents:
+            if entry_doc is None or entry_doc.shape != (keys.shape[1],):
+                raise AttentionMemoryError(
+                    f"layer {self.layer}: attention_memory.documents {self.documents} needs the document of every "
+                    f"bank entry; attach banks with Transformer.attach_memory"
+                )
+            doc_keys, key_mean = centred_unit_keys(keys.to(self.keys.device))
+            self.entry_doc = entry_doc.to(device=self.keys.device, dtype=torch.long)
+            self.n_docs = int(n_docs if n_docs is not None else (int(entry_doc.max()) + 1 if entry_doc.numel() else 0))
+            self.doc_keys, self.key_mean = doc_keys, key_mean
         if self.distance:
             if inv_freq is None:
                 raise AttentionMemoryError(
@@ -296,13 +358,16 @@ class AttentionMemory(nn.Module):
     def clear_bank(self) -> None:
         empty = self.keys.new_zeros(self.n_kv_heads, 0, self.head_dim)
         self.keys, self.values, self.unit_keys = empty, empty.clone(), empty.float()
+        self.entry_doc, self.doc_keys, self.n_docs = self.entry_doc[:0], empty.float(), 0
         self.faiss_indexes = None
 
     def forward(self, q: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, q_offset: int,
-                dropout_p: float = 0.0) -> torch.Tensor:
+                dropout_p: float = 0.0, new_keys: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
         """``q (B, T, H, hd)`` rotated for positions ``q_offset ..``; ``k_local, v_local (B, H_kv, Tk, hd)`` the
         visible local keys (rotated) and values, key ``j`` at position ``j``; query ``i`` sees local keys
-        ``0 .. q_offset + i``. Returns ``y (B, T, H, hd)`` in ``q.dtype``."""
+        ``0 .. q_offset + i``. With ``documents``: ``new_keys (B, T, H_kv, hd)`` the new positions' pre-rotation
+        keys and ``state`` the decode state of the document choice (a KV cache's ``memory_state``; ``None`` when
+        ``q_offset == 0``). Returns ``y (B, T, H, hd)`` in ``q.dtype``."""
         B, T, H, hd = q.shape
         C, G = self.n_kv_heads, H // self.n_kv_heads
         Tk = k_local.shape[2]
@@ -310,11 +375,22 @@ class AttentionMemory(nn.Module):
         compute = torch.promote_types(q.dtype, torch.float32)
         qh = q.reshape(B, T, C, G, hd).permute(0, 2, 3, 1, 4).to(compute)  # (B, C, G, T, hd)
 
+        allowed = None
+        if self.documents:
+            if new_keys is None or (q_offset and state is None):
+                raise AttentionMemoryError(
+                    f"layer {self.layer}: attention_memory.documents needs the new positions' keys, and a KV "
+                    f"cache's memory_state after the first positions"
+                )
+            scores = position_scores(new_keys, self.doc_keys, self.key_mean, self.entry_doc, self.n_docs)
+            chosen = chosen_documents(scores, q_offset, self.sink_positions, self.documents,
+                                      self.min_document_score, state)  # (B, T, n_docs)
+            allowed = chosen[:, :, self.entry_doc]  # (B, T, N)
         if self.faiss_indexes is not None:
             sims, idx = retrieve_faiss(qh, self.faiss_indexes, self.topk)
         else:
-            sims, idx = retrieve(qh, self.unit_keys, self.topk)  # (B, C, G, T, k)
-        missing = idx < 0  # an approximate index may find fewer than k entries
+            sims, idx = retrieve(qh, self.unit_keys, self.topk, allowed)  # (B, C, G, T, k)
+        missing = (idx < 0) | sims.isneginf()  # an approximate index may find fewer than k; entries not allowed
         idx = idx.clamp_min(0)
         heads = torch.arange(C, device=q.device).view(1, C, 1, 1, 1)
         k_mem = self.keys[heads, idx].to(compute)  # (B, C, G, T, k, hd)

@@ -387,12 +387,14 @@ def _split(tokens: torch.Tensor, starts: torch.Tensor) -> list[list[int]]:
 
 def attach_memory(model: Transformer, bank: MemoryBank, topk: int | None = None,
                   similarity_threshold: float | None = None, check_weights: bool = True,
-                  index: str | None = None, distance: int | None = None, sink_positions: int | None = None) -> None:
+                  index: str | None = None, distance: int | None = None, sink_positions: int | None = None,
+                  documents: int | None = None, min_document_score: float | None = None) -> None:
     """Gives ``model``'s attention the entries of ``bank`` (see :meth:`Transformer.attach_memory`)."""
     bank.check_fits(model, check_weights)
     config = model.config.memory_config()
     changes = {k: v for k, v in (("topk", topk), ("similarity_threshold", similarity_threshold), ("index", index),
-                                 ("distance", distance), ("sink_positions", sink_positions)) if v is not None}
+                                 ("distance", distance), ("sink_positions", sink_positions), ("documents", documents),
+                                 ("min_document_score", min_document_score)) if v is not None}
     if config is None:
         settings = AttentionMemoryConfig.from_dict({"layers": bank.layers, **changes}, model.n_layers)
         _install(model, settings)
@@ -410,12 +412,14 @@ def attach_memory(model: Transformer, bank: MemoryBank, topk: int | None = None,
             memory.topk, memory.similarity_threshold = settings.topk, settings.similarity_threshold
             memory.index, memory.distance = settings.index, settings.distance
             memory.sink_positions = settings.sink_positions
+            memory.documents, memory.min_document_score = settings.documents, settings.min_document_score
     model.config = model.config.replace(attention_memory=settings.to_dict())
     dtype = model.embed.weight.dtype
     for layer in bank.layers:
         attn = model.layers[layer].attn
         inv_freq = rope_inv_freq(attn.head_dim, attn.rope.base, attn.rope.scaling)
-        attn.memory.set_bank(bank.keys[layer].to(dtype), bank.values[layer].to(dtype), inv_freq)
+        attn.memory.set_bank(bank.keys[layer].to(dtype), bank.values[layer].to(dtype), inv_freq, bank.entry_doc,
+                             len(bank.doc_names))
     model.memory_bank = bank
 
 

@@ -231,17 +231,20 @@ class Transformer(nn.Module):
 
     def attach_memory(self, bank, topk: int | None = None, similarity_threshold: float | None = None,
                       check_weights: bool = True, index: str | None = None, distance: int | None = None,
-                      sink_positions: int | None = None) -> None:
+                      sink_positions: int | None = None, documents: int | None = None,
+                      min_document_score: float | None = None) -> None:
         """Attention over ``bank`` (a :class:`~memzoo.model.memory_bank.MemoryBank` built by this model) in the
         bank's layers. A model without ``attention_memory`` gets the Extended Mind (``joint``) option in those layers
         (no new parameters); one with it must list the bank's layers. ``topk`` / ``similarity_threshold`` override
         the settings, as do ``index`` (``exact`` | ``faiss_ivf``) and ``distance`` (memories sit ``distance`` positions
-        before the context) and ``sink_positions`` (the first positions, whose queries read no memory; see
-        :mod:`memzoo.model.attention_memory`). ``check_weights``: compare the bank's probe keys
+        before the context), ``sink_positions`` (the first positions, whose queries read no memory) and
+        ``documents`` / ``min_document_score`` (each query retrieves only from the bank documents that best match the
+        sequence so far; see :mod:`memzoo.model.attention_memory`). ``check_weights``: compare the bank's probe keys
         with this model's. Raises :class:`~memzoo.model.memory_bank.MemoryBankError` if the bank does not fit."""
         from memzoo.model.memory_bank import attach_memory
 
-        attach_memory(self, bank, topk, similarity_threshold, check_weights, index, distance, sink_positions)
+        attach_memory(self, bank, topk, similarity_threshold, check_weights, index, distance, sink_positions,
+                      documents, min_document_score)
 
     def detach_memory(self) -> None:
         """Back to plain attention (see :func:`memzoo.model.memory_bank.detach_memory`)."""
