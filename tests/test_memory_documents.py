@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from test_attention_memory import DOCS, INV_FREQ, reference, tiny
 
 from memzoo.data.tokenizers import build_tokenizer
 from memzoo.model.attention_memory import AttentionMemory, AttentionMemoryConfig, AttentionMemoryError
 from memzoo.model.memory_bank import MemoryBank, recording_memory_attention
 from memzoo.model.memory_documents import chosen_documents, position_scores
+from test_attention_memory import DOCS, INV_FREQ, reference, tiny
 
 
 def reference_scores(new_keys, bank_keys, entry_doc, n_docs, sink_positions, q_offset=0, earlier=None):
