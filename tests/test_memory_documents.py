@@ -183,3 +183,46 @@ def test_no_document_chosen_is_the_plain_model(bank):
         assert not torch.allclose(every(ids), plain(ids), atol=1e-3)
     strict.detach_memory()
     assert strict.config.attention_memory is None
+
+
+def test_generation_chooses_documents_once_from_the_prompt_by_every_layer(bank):
+    """Per prompt: the mean over memory layers of the running score at the prompt's last position (positions from
+    1 on), the best ``documents`` above the threshold; every position, the first included, reads only them."""
+    from memzoo.model.memory_bank import _captured_kv, suspended_memory
+
+    model = tiny()
+    model.attach_memory(bank, topk=4, documents=1, min_document_score=0.9)
+    prompts = torch.tensor([[256, *b"the birth year "], [256, *b"quick brown fox"], [256, *b"%%%%%%%%%%%%%%%"]])
+    expected = []
+    for row in prompts:
+        with suspended_memory(model), _captured_kv(model, range(3)) as captured, torch.no_grad():
+            model(row[None])
+        per_layer = [reference_scores(captured[layer][0].transpose(0, 1)[None], bank.keys[layer], bank.entry_doc,
+                                      len(bank.doc_names), 1)[0, -1] for layer in range(3)]
+        expected.append(torch.stack(per_layer).mean(0))
+    expected = torch.stack(expected)
+    chosen = model.choose_memory_documents(prompts)
+    assert torch.equal(chosen, reference_choice(expected[:, None], 1, 0.9, 0)[:, 0])
+    assert chosen.tolist() == [[True, False], [False, True], [False, False]]  # the quoted one; none for noise
+    with recording_memory_attention(model) as recorder, torch.no_grad():
+        model(prompts[:, :1])  # the first position alone (the sink) reads the chosen document
+    for row, doc in ((0, 0), (1, 1)):
+        assert bank.doc_shares(recorder.entry_weights(bank.n_entries, row))[doc] == pytest.approx(1.0)
+    assert recorder.entry_weights(bank.n_entries, 2).sum() == 0  # no document: no memory read
+    with pytest.raises(AttentionMemoryError, match="chosen for 3 prompt row"):
+        model(prompts[:2])
+    model.release_memory_documents()
+
+    plain = tiny()
+    out = model.generate(prompts, 6)
+    assert torch.equal(out, model.generate(prompts, 6, use_cache=False))
+    assert torch.equal(out[2], plain.generate(prompts[2:], 6)[0])  # nothing chosen: the plain model's tokens
+    model.choose_memory_documents(prompts)
+    with torch.no_grad():
+        logits, plain_logits = model(prompts), plain(prompts)
+    model.release_memory_documents()
+    torch.testing.assert_close(logits[2], plain_logits[2], rtol=0, atol=1e-5)  # nothing chosen: plain logits
+    assert not torch.allclose(logits[:2], plain_logits[:2], atol=1e-3)
+    assert all(layer.attn.memory.prompt_documents is None for layer in model.layers)  # released after decoding
+    model.detach_memory()
+    assert model.choose_memory_documents(prompts) is None

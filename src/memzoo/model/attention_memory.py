@@ -307,6 +307,9 @@ class AttentionMemory(nn.Module):
         self.register_buffer("doc_keys", empty.clone(), persistent=False)
         self.register_buffer("key_mean", torch.zeros(n_kv_heads, 1, head_dim), persistent=False)
         self.n_docs = 0
+        #: ``(B, n_docs)`` bool: the documents each batch row reads at every position, chosen from a prompt
+        #: (:meth:`Transformer.choose_memory_documents`); ``None``: chosen per position.
+        self.prompt_documents: torch.Tensor | None = None
         self.recorder: CitationRecorder | None = None
         self.enabled = True
 
@@ -359,6 +362,7 @@ class AttentionMemory(nn.Module):
         empty = self.keys.new_zeros(self.n_kv_heads, 0, self.head_dim)
         self.keys, self.values, self.unit_keys = empty, empty.clone(), empty.float()
         self.entry_doc, self.doc_keys, self.n_docs = self.entry_doc[:0], empty.float(), 0
+        self.prompt_documents = None
         self.faiss_indexes = None
 
     def forward(self, q: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, q_offset: int,
@@ -376,7 +380,14 @@ class AttentionMemory(nn.Module):
         qh = q.reshape(B, T, C, G, hd).permute(0, 2, 3, 1, 4).to(compute)  # (B, C, G, T, hd)
 
         allowed = None
-        if self.documents:
+        if self.documents and self.prompt_documents is not None:
+            if self.prompt_documents.shape != (B, self.n_docs):
+                raise AttentionMemoryError(
+                    f"layer {self.layer}: documents were chosen for {self.prompt_documents.shape[0]} prompt row(s), "
+                    f"this forward has {B}; choose them again for this batch"
+                )
+            allowed = self.prompt_documents[:, None, self.entry_doc].expand(B, T, -1)
+        elif self.documents:
             if new_keys is None or (q_offset and state is None):
                 raise AttentionMemoryError(
                     f"layer {self.layer}: attention_memory.documents needs the new positions' keys, and a KV "

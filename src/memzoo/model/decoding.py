@@ -4,7 +4,9 @@ and :func:`memzoo.export.streaming.generate_tokens` (one prompt, ids as they arr
 
 With the KV cache (default) the prompt is read in one forward and each later step reads one token; the caches give
 each forward its start position, so blocks see the true positions (``BlockContext``) during decoding. Without it each
-step recomputes the whole sequence (the reference the cache is tested against).
+step recomputes the whole sequence (the reference the cache is tested against). Attention memory with
+``documents`` chooses each row's documents from the prompt before the first step and keeps them to the end
+(``Transformer.choose_memory_documents``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ def decode_steps(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B, P = input_ids.shape
     total = min(P + max_new_tokens, model.max_seq_len)
+    model.choose_memory_documents(input_ids)
+    try:
+        yield from _steps(model, input_ids, total, temperature, top_k, eos_id, generator, use_cache)
+    finally:
+        model.release_memory_documents()
+
+
+def _steps(model, input_ids, total, temperature, top_k, eos_id, generator, use_cache) -> Iterator[torch.Tensor]:
+    B, P = input_ids.shape
     caches = model.new_caches(B, total) if use_cache else None
     sequence = input_ids
     step_input = input_ids

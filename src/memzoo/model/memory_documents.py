@@ -15,9 +15,20 @@ plain attention's).
 Keys, unlike queries, describe the tokens themselves: the same text in the same context gives the same key, so a
 prompt that names what a document is about matches it (and a paraphrase still matches its shared words).
 
-Causal: ``s_t`` uses positions ``≤ t``; while decoding with a KV cache the running sums live in the cache's
-``memory_state``. Cost per position: ``N · hd`` multiply-adds per key/value head (as much as retrieval) and a max
-per document. No gradient flows through the choice.
+Two ways to choose:
+
+- **per position** (any forward: training, evaluation, scoring): as above, causal: ``s_t`` uses positions ``≤ t``;
+  while decoding with a KV cache the running sums live in the cache's ``memory_state``.
+- **per prompt** (generation: :meth:`Transformer.generate <memzoo.model.transformer.Transformer.generate>`,
+  ``memzoo generate`` / ``predict``): before the prompt is read, one plain forward over it gives every memory layer's
+  keys, and each row chooses its documents once, by ``s(d)`` averaged over the prompt's positions from
+  ``max(1, sink_positions)`` on (position 0 holds the document-start token, the same in every prompt) *and* over the
+  memory layers; every position then reads those documents, the prompt's first (its attention sink) included. This
+  is how a retriever hands documents to the model, and it lets the sink read them, which is what SmolLM2-135M needs
+  to recall a memorised fact (``docs/results/extended-mind.md``). Costs one extra forward over the prompt.
+
+Cost per scored position: ``N · hd`` multiply-adds per key/value head (as much as retrieval) and a max per document.
+No gradient flows through the choice.
 """
 
 from __future__ import annotations
@@ -82,4 +93,49 @@ def chosen_documents(scores: torch.Tensor, q_offset: int, sink_positions: int, d
     return allowed & scored[None, :, None]
 
 
-__all__ = ["centred_unit_keys", "chosen_documents", "position_scores"]
+def best_documents(scores: torch.Tensor, documents: int, min_score: float | None) -> torch.Tensor:
+    """``(B, n_docs)`` bool: the ``documents`` best of ``scores (B, n_docs)`` that reach ``min_score``."""
+    top = scores.topk(min(documents, scores.shape[-1]), dim=-1)
+    keep = torch.ones_like(top.values, dtype=torch.bool) if min_score is None else top.values >= min_score
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, keep)
+
+
+@torch.no_grad()
+def prompt_document_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The per-prompt ``s(d)`` (module docstring) of every row of ``input_ids (B, P)``, ``(B, n_docs)`` float64,
+    from one plain forward of ``model`` (a memzoo ``Transformer``; memory suspended); ``None`` when no layer has a
+    bank attached with ``documents``."""
+    memories = [layer.attn for layer in model.layers
+                if layer.attn.memory is not None and layer.attn.memory.active and layer.attn.memory.documents]
+    if not memories:
+        return None
+    keys: dict[int, torch.Tensor] = {}
+
+    def hook_for(index: int, attn):
+        q_width, kv_width = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
+
+        def hook(module, inputs, output):
+            B, T = output.shape[:2]
+            keys[index] = output[..., q_width : q_width + kv_width].reshape(B, T, attn.n_kv_heads, attn.head_dim)
+
+        return hook
+
+    handles = [attn.qkv.register_forward_hook(hook_for(i, attn)) for i, attn in enumerate(memories)]
+    enabled = [attn.memory.enabled for attn in memories]
+    try:
+        for attn in memories:
+            attn.memory.enabled = False
+        model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attn, state in zip(memories, enabled):
+            attn.memory.enabled = state
+    first = min(max(1, memories[0].memory.sink_positions), input_ids.shape[1] - 1)
+    per_layer = [position_scores(keys[i][:, first:], attn.memory.doc_keys, attn.memory.key_mean,
+                                 attn.memory.entry_doc, attn.memory.n_docs).double().mean(dim=1)
+                 for i, attn in enumerate(memories)]
+    return torch.stack(per_layer).mean(dim=0)
+
+
+__all__ = ["best_documents", "centred_unit_keys", "chosen_documents", "position_scores", "prompt_document_scores"]

@@ -246,6 +246,30 @@ class Transformer(nn.Module):
         attach_memory(self, bank, topk, similarity_threshold, check_weights, index, distance, sink_positions,
                       documents, min_document_score)
 
+    def choose_memory_documents(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """With ``attention_memory.documents``: chooses each row's documents once from the prompt ``input_ids (B, P)``
+        (one plain forward; :mod:`memzoo.model.memory_documents`, "per prompt") and makes every memory layer read only
+        those, at every position, until :meth:`release_memory_documents`. Returns the choice ``(B, n_docs)`` bool, or
+        ``None`` (no bank attached, or ``documents: 0``). Generation calls this itself."""
+        from memzoo.model.memory_documents import best_documents, prompt_document_scores
+
+        self.release_memory_documents()
+        scores = prompt_document_scores(self, input_ids)
+        if scores is None:
+            return None
+        memories = [layer.attn.memory for layer in self.layers
+                    if layer.attn.memory is not None and layer.attn.memory.active]
+        chosen = best_documents(scores, memories[0].documents, memories[0].min_document_score)
+        for memory in memories:
+            memory.prompt_documents = chosen
+        return chosen
+
+    def release_memory_documents(self) -> None:
+        """Back to choosing memory documents per position (see :meth:`choose_memory_documents`)."""
+        for layer in self.layers:
+            if layer.attn.memory is not None:
+                layer.attn.memory.prompt_documents = None
+
     def detach_memory(self) -> None:
         """Back to plain attention (see :func:`memzoo.model.memory_bank.detach_memory`)."""
         from memzoo.model.memory_bank import detach_memory
