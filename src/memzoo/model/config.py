@@ -15,7 +15,7 @@ output is added to the residual stream after layer ``j`` (after ``j``'s own FFN-
 
 Attention memory (Extended Mind / Memorizing Transformers, :mod:`memzoo.model.attention_memory`) is chosen per layer
 too: ``attention_memory: {layers: all | [i, ...], topk: 8, mode: joint | gated, similarity_threshold: null,
-distance: 0, sink_positions: 0}``.
+distance: 0, sink_positions: 0, documents: 0, min_document_score: null}``.
 """
 
 from __future__ import annotations
