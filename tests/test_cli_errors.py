@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401  (imported while pytest collects, as a whole-suite run does: see below)
 import pytest
 import torch
 
@@ -15,6 +16,10 @@ from memzoo.cli import entry_point, main
 from test_cli import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# Lightning's loggers get a handler on the sys.stderr of the moment they are imported. Imported during collection it
+# is pytest's session stream, as in a whole-suite run (other files import Lightning at the top); imported first by
+# a test here it would be that test's capsys stream, and a later test's log lines would land in its own captured
+# stderr or fail on the closed stream. What a fresh process prints is checked by the `memzoo` fixture's processes.
 
 
 @pytest.fixture(autouse=True)
