@@ -112,7 +112,11 @@ class MemzooZygote:
 
         self._server = subprocess.Popen([sys.executable, __file__, "zygote"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
-        ready = self._reply(timeout)
+        try:
+            ready = self._reply(timeout)
+        except TimeoutError:
+            self.close()
+            raise
         if ready != "ready":
             self.close()
             raise RuntimeError(f"the memzoo zygote's imports printed (a fresh process would too): {ready}")
@@ -122,7 +126,6 @@ class MemzooZygote:
         import select
 
         if not select.select([self._server.stdout], [], [], timeout)[0]:
-            self.close()
             raise TimeoutError(f"the memzoo zygote did not answer within {timeout} s")
         line = self._server.stdout.readline()
         if not line:
@@ -149,7 +152,13 @@ class MemzooZygote:
                        "stderr": str(err)}
             self._server.stdin.write(json.dumps(request) + "\n")
             self._server.stdin.flush()
-            status = self._reply(timeout)
+            pid = self._reply(30)
+            try:
+                status = self._reply(timeout)
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)  # no child left running; the zygote reaps it
+                self._reply(30)
+                raise TimeoutError(f"{' '.join([script or 'memzoo', *args])}: still running after {timeout} s") from None
             return subprocess.CompletedProcess([script or "memzoo", *args], status, out.read_text(errors="replace"),
                                                err.read_text(errors="replace"))
 
@@ -165,7 +174,8 @@ class MemzooZygote:
 
 
 def _zygote() -> None:
-    """The :class:`MemzooZygote` server: requests (JSON lines) on stdin, each child's exit status on stdout."""
+    """The :class:`MemzooZygote` server: requests (JSON lines) on stdin; for each, the child's pid, then its exit
+    status, on stdout."""
     import json
 
     requests = os.fdopen(os.dup(0), "r")
@@ -190,7 +200,9 @@ def _zygote() -> None:
     for line in requests:
         request = json.loads(line)
         pid = os.fork()
-        if pid == 0:
+        if pid:
+            replies.write(json.dumps(pid) + "\n")
+        else:
             requests.close()
             replies.close()
             os.close(own_stderr)
