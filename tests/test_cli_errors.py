@@ -5,10 +5,10 @@ closest accepted key; a wrong value its key, value and expected type; YAML error
 options are refused; block_size is checked against the model's context before training."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401  (imported while pytest collects, as a whole-suite run does: see below)
 import pytest
 import torch
 
@@ -16,6 +16,10 @@ from memzoo.cli import entry_point, main
 from test_cli import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# Lightning's loggers get a handler on the sys.stderr of the moment they are imported. Imported during collection it
+# is pytest's session stream, as in a whole-suite run (other files import Lightning at the top); imported first by
+# a test here it would be that test's capsys stream, and a later test's log lines would land in its own captured
+# stderr or fail on the closed stream. What a fresh process prints is checked by the `memzoo` fixture's processes.
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +29,23 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memzoo"])
 
 
-def memzoo(*args, env=None, cwd=None):
-    """The real console script (``python -m memzoo``) in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "memzoo", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=120)
+@pytest.fixture(scope="module")
+def zygote():
+    """Fresh memzoo processes without ~7 s of imports each (tests/forked_command.py)."""
+    from forked_command import MemzooZygote
+
+    server = MemzooZygote()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def memzoo(zygote):
+    """``memzoo(*args, cwd=..., env=...)``: the console script as a fresh process runs it, a ``CompletedProcess``."""
+    def run(*args, env=None, cwd=None):
+        return zygote.run(*args, cwd=cwd, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+    return run
 
 
 def run_entry_point(monkeypatch, capsys, *args):
@@ -55,7 +72,7 @@ def with_line(path, old, new):
     return bad, text[: text.index(new)].count("\n") + 1
 
 
-def test_a_fit_prints_steps_tokens_per_second_and_flops_without_lightning_noise(tmp_path):
+def test_a_fit_prints_steps_tokens_per_second_and_flops_without_lightning_noise(tmp_path, memzoo):
     done = memzoo("fit", "--config", str(write_config(tmp_path, steps=4, val_every=4)),
                   "--trainer.enable_progress_bar", "true", "--trainer.enable_model_summary", "true", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -66,7 +83,7 @@ def test_a_fit_prints_steps_tokens_per_second_and_flops_without_lightning_noise(
     assert "FLOPs/token" in out and "active/token" in out
 
 
-def test_a_mistake_while_building_the_model_is_one_error_line_with_status_2(tmp_path):
+def test_a_mistake_while_building_the_model_is_one_error_line_with_status_2(tmp_path, memzoo):
     bad = ["fit", "--config", str(write_config(tmp_path)), "--model.init_args.architecture.layers", "{7: {hidden: 4}}"]
     done = memzoo(*bad, cwd=tmp_path)
     assert done.returncode == 2
@@ -261,7 +278,7 @@ def test_yaml_syntax_errors_name_the_file_and_duplicate_keys_are_refused(tmp_pat
 
 
 # Each kind of mistake gives one line on stderr, nothing else (no usage, no warnings, no logs): in-process through the
-# console script's entry point, and in real processes for the kinds whose error comes before / after Lightning starts.
+# console script's entry point, and in fresh processes.
 CONSOLE_CASES = {  # kind: (line replaced in the config, its replacement, extra arguments, part of the message)
     "unknown key": ("n_heads: 2", "n_head: 2", [], "line 19: unknown key 'n_head' in model.init_args.architecture"),
     "wrong type": (None, None, ["--model.init_args.architecture.n_layers", "two"], "got 'two', expected int"),
@@ -271,8 +288,6 @@ CONSOLE_CASES = {  # kind: (line replaced in the config, its replacement, extra 
     "missing file": (None, None, ["--config", "missing.yaml"], "--config: file"),
     "abbreviation": (None, None, ["--trainer.max_step", "5"], "did you mean --trainer.max_steps?"),
 }
-#: the kinds also run as real processes (the rest only in-process: each process spends seconds importing)
-IN_A_PROCESS = ("unknown key", "yaml syntax")
 
 
 def _console_command(tmp_path, kind):
@@ -297,17 +312,13 @@ def test_the_entry_point_prints_one_error_line_for_each_kind_of_mistake(tmp_path
         assert captured.out == "", kind
 
 
-@pytest.mark.slow  # 3 processes that each import torch and Lightning
-def test_the_console_script_prints_one_error_line_and_the_traceback_with_debug(tmp_path):
-    """Real processes (2 at a time): nothing but the one line reaches stderr; with --debug the traceback instead."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    commands = {kind: _console_command(tmp_path, kind) for kind in IN_A_PROCESS}
+def test_the_console_script_prints_one_error_line_and_the_traceback_with_debug(tmp_path, memzoo):
+    """Fresh processes: nothing but the one line reaches stderr; with --debug the traceback instead."""
+    commands = {kind: _console_command(tmp_path, kind) for kind in CONSOLE_CASES}
     typo, _ = with_line(write_config(tmp_path), "n_heads: 2", "n_head: 2")
     commands["debug"] = (["fit", "--config", str(typo), "--debug"], tmp_path)
-    with ThreadPoolExecutor(2) as pool:
-        done = dict(zip(commands, pool.map(lambda c: memzoo(*c[0], cwd=c[1]), commands.values())))
-    for kind in IN_A_PROCESS:
+    done = {name: memzoo(*args, cwd=cwd) for name, (args, cwd) in commands.items()}
+    for kind in CONSOLE_CASES:
         assert done[kind].returncode == 2, (kind, done[kind].stderr)
         assert CONSOLE_CASES[kind][3] in one_error_line(done[kind].stderr), kind
         assert done[kind].stdout == "", kind
@@ -316,7 +327,7 @@ def test_the_console_script_prints_one_error_line_and_the_traceback_with_debug(t
     assert "Option 'n_head' is not accepted" in done["debug"].stderr  # jsonargparse's own error, as the cause
 
 
-def test_the_console_script_prints_one_error_line_for_the_plain_verbs(tmp_path):
+def test_the_console_script_prints_one_error_line_for_the_plain_verbs(tmp_path, memzoo):
     done = memzoo("slot-stats", "--config", str(write_config(tmp_path)), "--out", "missing/x.pt", cwd=tmp_path)
     assert done.returncode == 2
     assert one_error_line(done.stderr).startswith("slot-stats: --out missing/x.pt: the folder 'missing' does not")

@@ -26,7 +26,8 @@ def interpreted():
 
 
 @interpreter_only
-@pytest.mark.parametrize("tokens, heads, n_keys, k", [(3, 2, 16, 4), (2, 1, 37, 32), (4, 3, 8, 1), (2, 2, 20, 5)])
+# k=32 (a 1024-sum merge) on one row: each row costs ~2.5 s of CPU interpreted; the other cases have several rows
+@pytest.mark.parametrize("tokens, heads, n_keys, k", [(3, 2, 16, 4), (1, 1, 37, 32), (4, 3, 8, 1), (2, 2, 20, 5)])
 def test_interpreted_kernel_equals_brute_force(interpreted, tokens, heads, n_keys, k):
     half_scores = torch.randn(2, heads, tokens, n_keys, generator=torch.Generator().manual_seed(n_keys))
     scores, indices = interpreted.half_topk_merge(half_scores, k)

@@ -3,7 +3,7 @@ targets) on fake cell results, and that every configs/study/*.yaml parses. No tr
 
 import importlib.util
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -185,18 +185,30 @@ def _store_quick_cells(out: Path, text: Path, models: list[str], workload_name: 
         study.write_json_atomic(out / "quick-cells" / f"{study.cell_name(workload, model)}.json", cell)
 
 
-def test_parallel_jobs_run_every_cell_in_worker_processes_and_report_in_grid_order(tmp_path):
-    """``--jobs 2`` end to end in a subprocess (the tool as users run it): the spawned workers find the stored cells
-    (so nothing trains) and the report lists them in grid order."""
+@pytest.fixture(scope="module")
+def zygote():
+    """Runs tools/study.py as ``python tools/study.py`` does, without the ~7 s of CPU each such process spends
+    importing Lightning (tests/forked_command.py)."""
+    from forked_command import MemzooZygote
+
+    server = MemzooZygote()
+    yield server
+    server.close()
+
+
+def run_study_tool(zygote, cwd, *args):
+    return zygote.run_script(ROOT / "tools" / "study.py", *args, cwd=cwd, env=dict(os.environ))
+
+
+def test_parallel_jobs_run_every_cell_in_worker_processes_and_report_in_grid_order(tmp_path, zygote):
+    """``--jobs 2`` end to end in a fresh process (the tool as users run it): the spawned workers find the stored
+    cells (so nothing trains) and the report lists them in grid order."""
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be\n" * 50)
     models = ["dense", "moe", "memoryplus"]
     _store_quick_cells(tmp_path, text, models, "facts-100")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "study.py"), "--quick", "--jobs", "2", "--threads", "1",
-         "--out", str(tmp_path), "--text", str(text), "--workloads", "facts-100", "--models", *models],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = run_study_tool(zygote, tmp_path, "--quick", "--jobs", "2", "--threads", "1", "--out", str(tmp_path),
+                         "--text", str(text), "--workloads", "facts-100", "--models", *models)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done before") == 3, run.stdout
     report = json.loads((tmp_path / "quick.json").read_text())
@@ -226,15 +238,14 @@ def test_bad_variant_overrides_name_the_fix(overrides, name, match):
         study.variant_args(overrides, name)
 
 
-def test_a_failing_cell_in_a_worker_stops_the_study_with_its_name(tmp_path):
+def test_a_failing_cell_in_a_worker_stops_the_study_with_its_name(tmp_path, zygote):
+    """The cell fails in its worker before training (its variant names a config file that does not exist), so the
+    worker does not spend ~7 s of CPU importing Lightning first."""
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be\n" * 50)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "study.py"), "--quick", "--jobs", "2", "--threads", "1",
-         "--out", str(tmp_path), "--text", str(text), "--workloads", "facts-100", "--models", "dense",
-         "--name", "broken", "--set", "trainer.max_steps=not-a-number"],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = run_study_tool(zygote, tmp_path, "--quick", "--jobs", "2", "--threads", "1", "--out", str(tmp_path),
+                         "--text", str(text), "--workloads", "facts-100", "--models", "dense", "--name", "broken",
+                         "--set", f"config={tmp_path / 'missing.yaml'}")
     assert run.returncode != 0
     assert "study: cell facts-100__dense failed" in run.stderr and "a rerun resumes" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "broken-cells" / "facts-100__dense.json").exists()
