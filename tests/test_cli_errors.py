@@ -116,7 +116,7 @@ def test_every_verb_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     config = str(write_config(tmp_path))
     cases = [
         (["summary", "--config", "missing.yaml"], "summary: --config: file 'missing.yaml' does not exist"),
-        (["summary", "--config", config, "--world-size", "0"], "summary: world_size must be a positive int, got 0"),
+        (["summary", "--config", config, "--world-size", "0"], "summary: --world-size must be >= 1, got 0"),
         (["summary", "--config", config, "--memory-parallel", "2"], "summary: --memory-parallel and --strategy need --world-size"),
         (["summary"], "summary: the following arguments are required: --config"),
         (["blocks", "--all"], "blocks: unknown option --all"),
@@ -382,3 +382,17 @@ def test_the_memoryplus_smoke_command_in_the_config_header_parses_to_the_small_m
     architecture = config["model"]["init_args"]["architecture"]
     assert (architecture["dim"], architecture["n_layers"], sorted(map(int, architecture["layers"]))) == (128, 12, [3, 6, 9])
     assert architecture["pools"]["memory"]["n_keys"] == 32 and config["data"]["init_args"]["block_size"] == 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--world-size", "0"], "summary: --world-size must be >= 1, got 0"),
+    (["--world-size", "2", "--memory-parallel", "0"], "summary: --memory-parallel must be >= 1, got 0"),
+    (["--world-size", "4", "--memory-parallel", "3"], "summary: --memory-parallel 3 does not divide --world-size 4"),
+    (["--world-size", "4", "--memory-parallel", "2", "--strategy", "ddp"],
+     "summary: --strategy ddp replicates every pool; --memory-parallel 2 needs --strategy memory_parallel"),
+])
+def test_summary_checks_its_arguments_before_building_anything(tmp_path, args, message):
+    """A fresh process (the in-process capture misses Lightning's "Seed set to" lines): the error is all it prints."""
+    done = memzoo("summary", "--config", str(write_config(tmp_path)), *args, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert message in one_error_line(done.stderr)

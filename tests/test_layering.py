@@ -43,7 +43,11 @@ SHIPPED = ("export", "hf_files")
 #: A string that is a whole dotted memzoo path (a class path or module name given as data).
 DOTTED_PATH = re.compile(r"memzoo(\.[A-Za-z_]\w*)+")
 #: Strings that look like a dotted path but name no import: (file, string) -> why.
-NOT_AN_IMPORT = {("blocks/registry.py", "memzoo.blocks"): "the entry-point group name"}
+NOT_AN_IMPORT = {
+    ("blocks/registry.py", "memzoo.blocks"): "the entry-point group name",
+    ("parallel/strategy.py", "memzoo.save_checkpoint"): "a barrier's name",
+    ("parallel/strategy.py", "memzoo.save_checkpoint.renamed"): "a barrier's name",
+}
 
 
 def module_names(package: Path) -> dict[str, Path]:
@@ -219,3 +223,131 @@ def test_a_planted_upward_import_fails(tmp_path, text):
     package = _plant(tmp_path, {"model/__init__.py": "", "model/bad.py": text, "training/__init__.py": "",
                                 "training/module.py": ""})
     assert layer_violations(package) == ["model/bad.py imports memzoo.training"]
+
+
+# ----------------------------------------------------------------------------------------------- Lightning stays out
+
+#: Run in a fresh interpreter (the test process has Lightning loaded): records the stack of the first import of
+#: Lightning, then loads every model given and runs ``memzoo generate --help`` and ``memzoo generate`` on the first.
+_NO_LIGHTNING_PROBE = """
+import json, sys, traceback
+
+first_import = []
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning") and not first_import:
+            first_import.append(name + " imported by:\\n" + "".join(traceback.format_stack(limit=25)))
+        return None
+
+sys.meta_path.insert(0, Watch())
+import memzoo
+from memzoo.cli import main
+
+folders = json.loads(sys.argv[1])
+for folder in folders:
+    memzoo.load_pretrained(folder)
+try:
+    main(["generate", "--help"])
+except SystemExit:
+    pass
+main(["generate", "--model", folders[0], "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu"])
+print(json.dumps(first_import))
+"""
+
+
+def _plain_hf_llama_folder(folder: Path, tokenizer_json: Path) -> Path:
+    """A tiny random Llama folder as ``save_pretrained`` writes it (config.json, model.safetensors, tokenizer.json),
+    written without transformers."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    dim, hidden, layers, heads, kv_heads, vocab = 32, 48, 2, 4, 2, 258
+    kv = dim // heads * kv_heads
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,)}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in {
+            "input_layernorm.weight": (dim,), "post_attention_layernorm.weight": (dim,),
+            "self_attn.q_proj.weight": (dim, dim), "self_attn.k_proj.weight": (kv, dim),
+            "self_attn.v_proj.weight": (kv, dim), "self_attn.o_proj.weight": (dim, dim),
+            "mlp.gate_proj.weight": (hidden, dim), "mlp.up_proj.weight": (hidden, dim),
+            "mlp.down_proj.weight": (dim, hidden)}.items()})
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir()
+    save_file({name: torch.randn(shape, generator=generator) * 0.05 for name, shape in shapes.items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": dim,
+        "intermediate_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu"}))
+    (folder / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    return folder
+
+
+def test_loading_a_model_and_generating_never_import_lightning(tmp_path):
+    """``memzoo.load_pretrained`` (a plain Hugging Face folder, a memzoo export, a memzoo .ckpt) and ``memzoo
+    generate`` need no trainer: Lightning (~5 s of imports) stays unimported."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from memzoo.export.hf import export_model
+    from memzoo.model.config import ModelConfig
+    from memzoo.model.transformer import Transformer
+
+    config = ModelConfig(vocab_size=258, dim=32, n_layers=2, n_heads=4, max_seq_len=40)
+    model = Transformer(config).eval()
+    export = export_model(model, tmp_path / "export", tokenizer="byte")
+    hf = _plain_hf_llama_folder(tmp_path / "hf", export / "tokenizer.json")
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"architecture": config.to_dict()}}, checkpoint)
+    done = subprocess.run([sys.executable, "-c", _NO_LIGHTNING_PROBE, json.dumps([str(hf), str(export),
+                           str(checkpoint)])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: memzoo generate" in done.stdout
+    first_import = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first_import == [], first_import[0]
+
+
+def test_lazy_public_names_resolve():
+    """``memzoo.data`` and ``memzoo.parallel`` import their Lightning subclasses on first use; every public name
+    still imports, ``parallelize`` is the function (not its submodule), and unknown names raise AttributeError."""
+    import sys
+
+    import memzoo.data
+    import memzoo.parallel
+    import memzoo.parallel.parallelize  # noqa: F401  (the submodule, imported again)
+
+    for package in (memzoo.data, memzoo.parallel):
+        for name in package.__all__:
+            value = getattr(package, name)
+            assert value.__name__ == name and name in dir(package)
+        with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+            package.Nothing  # noqa: B018
+    from memzoo.parallel import parallelize
+
+    assert callable(parallelize) and parallelize is sys.modules["memzoo.parallel.parallelize"].parallelize
+    from memzoo.data import LMDataModule, TextDataModule
+
+    assert issubclass(TextDataModule, LMDataModule) and memzoo.TextDataModule is TextDataModule
+
+
+def test_short_class_names_resolve_in_a_fresh_cli(tmp_path):
+    """``memzoo fit`` resolves short class names among the imported subclasses: the lazily imported data modules
+    and strategies are imported by the CLI itself (a fresh process: the test process may have imported them)."""
+    import subprocess
+    import sys
+
+    strategy = '{"class_path": "MemoryParallelStrategy", "init_args": {"memory_parallel": 2}}'
+    done = subprocess.run([sys.executable, "-m", "memzoo", "fit", "--print_config", "--data", "TextDataModule",
+                           "--data.path", "x.txt", "--trainer.strategy", strategy],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "class_path: memzoo.parallel.MemoryParallelStrategy" in done.stdout
+    assert "class_path: memzoo.TextDataModule" in done.stdout

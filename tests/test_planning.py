@@ -168,7 +168,7 @@ def test_summary_verb_prints_the_plan(capsys):
     assert "dense, value_dim/4 = 1024" in out and "FSDP2 over 8 ranks" in out
     main(["summary", "--config", config, "--world-size", "8", "--strategy", "ddp"])
     assert "8 ranks, ddp strategy" in capsys.readouterr().out
-    with pytest.raises(CommandError, match="summary: .*does not divide world_size=8"):
+    with pytest.raises(CommandError, match="summary: --memory-parallel 3 does not divide --world-size 8"):
         main(["summary", "--config", config, "--world-size", "8", "--memory-parallel", "3"])
     sparse = str(ROOT / "configs" / "scale" / "memoryplus-1.3b.yaml")
     main(["summary", "--config", sparse, "--world-size", "8", "--memory-parallel", "4"])
@@ -179,3 +179,5 @@ def test_a_configured_memory_parallel_strategy_is_planned(tmp_path):
     config = ROOT / "configs" / "facts-memoryplus-mp2.yaml"
     plan = plan_config(str(config), world_size=2)
     assert plan.strategy == "memory_parallel" and plan.memory_parallel == 2
+    with pytest.raises(ValueError, match="memory_parallel must be a positive int, got 0"):  # not read as 1
+        plan_config(str(config), world_size=2, memory_parallel=0)

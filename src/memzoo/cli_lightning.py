@@ -30,7 +30,15 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 
-import memzoo.blocks  # noqa: F401  (registers memzoo's blocks)
+# Imported for their effects: memzoo.blocks registers memzoo's blocks; short class names (`class_path:
+# TextDataModule`, `strategy: MemoryParallelStrategy`) resolve among the imported subclasses, which memzoo.data and
+# memzoo.parallel import only on first use.
+import memzoo.blocks  # noqa: F401
+import memzoo.data.biographies  # noqa: F401
+import memzoo.data.facts  # noqa: F401
+import memzoo.data.text  # noqa: F401
+import memzoo.parallel.sparse_ddp  # noqa: F401
+import memzoo.parallel.strategy  # noqa: F401
 from memzoo import config_yaml
 from memzoo.accounting import summarize
 from memzoo.atomic import STALE_AFTER_S, remove_stale_partials

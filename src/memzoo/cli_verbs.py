@@ -67,9 +67,8 @@ def blocks_command(args: Sequence[str]) -> list[str]:
 
 
 def summary_command(args: Sequence[str]) -> object:
-    """``memzoo summary --config X.yaml``: parameters, active parameters and FLOPs per token of the config's model."""
-    from memzoo.config_accounting import summarize_config
-
+    """``memzoo summary --config X.yaml``: parameters, active parameters and FLOPs per token of the config's model.
+    The arguments are checked before anything is imported or built: a mistake is the only output."""
     parser = VerbParser(
         prog="memzoo summary",
         description="Per-layer parameters, active parameters per token and forward FLOPs per token of a model config.",
@@ -88,8 +87,9 @@ def summary_command(args: Sequence[str]) -> object:
                         "ranks); default: the config's strategy, memory_parallel when --memory-parallel > 1, else ddp")
     options = parser.parse_args(list(args))
     _check_file("summary", "--config", options.config)
-    if options.world_size is None and (options.memory_parallel is not None or options.strategy is not None):
-        raise CommandError("summary: --memory-parallel and --strategy need --world-size (the ranks to plan)")
+    _check_parallel_layout(options.world_size, options.memory_parallel, options.strategy)
+    from memzoo.config_accounting import summarize_config
+
     summary = summarize_config(options.config)
     plan = None
     if options.world_size is not None:
@@ -112,6 +112,29 @@ def summary_command(args: Sequence[str]) -> object:
             print()
             print(plan.table())
     return summary if plan is None else (summary, plan)
+
+
+def _check_parallel_layout(world_size: int | None, memory_parallel: int | None, strategy: str | None) -> None:
+    """``memzoo summary``'s --world-size / --memory-parallel / --strategy, as far as they are known without the
+    config (whose MemoryParallelStrategy may set memory_parallel; :func:`memzoo.parallel.planning.plan_parallel`
+    checks the whole layout once the model is built)."""
+    if world_size is None:
+        if memory_parallel is not None or strategy is not None:
+            raise CommandError("summary: --memory-parallel and --strategy need --world-size (the ranks to plan)")
+        return
+    if world_size < 1:
+        raise CommandError(f"summary: --world-size must be >= 1, got {world_size}")
+    if memory_parallel is None:
+        return
+    if memory_parallel < 1:
+        raise CommandError(f"summary: --memory-parallel must be >= 1, got {memory_parallel}")
+    if world_size % memory_parallel:
+        raise CommandError(f"summary: --memory-parallel {memory_parallel} does not divide --world-size {world_size}: "
+                           f"ranks form a (world size / memory parallel) x memory parallel mesh; pick a divisor of "
+                           f"{world_size}")
+    if strategy == "ddp" and memory_parallel > 1:
+        raise CommandError(f"summary: --strategy ddp replicates every pool; --memory-parallel {memory_parallel} needs "
+                           f"--strategy memory_parallel")
 
 
 def export_command(args: Sequence[str]) -> object:

@@ -114,7 +114,7 @@ def plan_config(
         if memory_parallel is None:
             memory_parallel = int((configured.get("init_args") or {}).get("memory_parallel", 1))
     plan = plan_parallel(
-        built.model, world_size, memory_parallel or 1, tokens_per_rank_step=batch * block * accumulate,
+        built.model, world_size, 1 if memory_parallel is None else memory_parallel, tokens_per_rank_step=batch * block * accumulate,
         dense_optimizer_states=states, sparse_optimizer=built.model.hparams.sparse_optimizer,
         element_bytes=element_bytes, strategy=strategy, micro_batches=accumulate,
     )

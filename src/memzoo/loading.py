@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,9 @@ from memzoo.model.hf_llama import imported_architecture, is_hf_llama_folder, loa
 from memzoo.model.hub import resolve_model_source
 from memzoo.model.retrofit import InitFromError, load_initial_weights
 from memzoo.model.transformer import Transformer
-from memzoo.training.module import LanguageModel
+
+if TYPE_CHECKING:  # imported where a model is built: reading a source (load_pretrained) needs no Lightning
+    from memzoo.training.module import LanguageModel
 
 #: LanguageModel attribute holding the Transformer: its state-dict keys start with this prefix.
 MODEL_PREFIX = "model."
@@ -244,14 +246,17 @@ __all__ = ["KINDS", "MODEL_PREFIX", "RUN_CONFIG", "ModelSource", "checkpoint_dec
            "recorded_tokenizer"]
 
 
-def build_language_model(model_class: type[LanguageModel] = LanguageModel, /, *, source: ModelSource | None = None,
+def build_language_model(model_class: type[LanguageModel] | None = None, /, *, source: ModelSource | None = None,
                          load_weights: bool = True, **init_args: Any) -> LanguageModel:
-    """``model_class(**init_args)`` with ``init_args["init_from"]`` resolved: the model is built with the source's
+    """``model_class(**init_args)`` (default :class:`~memzoo.training.module.LanguageModel`, imported here: reading a
+    source needs no Lightning) with ``init_args["init_from"]`` resolved: the model is built with the source's
     architecture (plus the requested retrofits and context: :meth:`memzoo.loading.ModelSource.architecture`) and
     the source's weights are loaded into it once (after LoRA adapters are added; retrofits keep their init).
 
     ``source``: the already opened source of ``init_from`` (a hub id is then not resolved again).
     ``load_weights=False`` builds the architecture only (e.g. on the ``meta`` device, for accounting)."""
+    if model_class is None:
+        from memzoo.training.module import LanguageModel as model_class
     init_from = init_args.get("init_from")
     if init_from is None:
         return model_class(**init_args)

@@ -7,13 +7,25 @@
 - :class:`TextDataModule`: local text / jsonl / parquet files or a Hugging Face dataset;
 - :class:`LMDataModule`: their common base (batch format, loaders, checks);
 - :func:`build_tokenizer`: ``"byte"`` (:class:`ByteTokenizer`) or a ``tokenizer.json`` (:class:`HFTokenizer`).
+
+The data modules subclass Lightning's ``LightningDataModule``, so they are imported on first use (PEP 562): the
+tokenizers (all that :func:`memzoo.load_pretrained` and ``memzoo generate`` need) load without Lightning.
 """
 
-from memzoo.data.base import LMDataModule
-from memzoo.data.biographies import BiographiesDataModule
-from memzoo.data.facts import FactsDataModule
-from memzoo.data.text import TextDataModule
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from memzoo.data.tokenizers import ByteTokenizer, HFTokenizer, build_tokenizer
+
+#: Public name -> the module defining it, imported when the name is first read.
+_LAZY = {
+    "LMDataModule": "memzoo.data.base",
+    "BiographiesDataModule": "memzoo.data.biographies",
+    "FactsDataModule": "memzoo.data.facts",
+    "TextDataModule": "memzoo.data.text",
+}
 
 __all__ = [
     "BiographiesDataModule",
@@ -24,3 +36,15 @@ __all__ = [
     "TextDataModule",
     "build_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

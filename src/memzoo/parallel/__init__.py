@@ -12,10 +12,36 @@ them; nothing here imports ``training``).
 - Planning: :mod:`memzoo.parallel.planning` (per-rank bytes and communication per step of a model on W ranks, laid
   out as ``SparseDDPStrategy`` or ``MemoryParallelStrategy`` does, from weights on the ``meta`` device).
 - Private PyTorch / Lightning APIs: each behind one function in :mod:`memzoo.parallel.torch_private`.
+
+The two strategies subclass Lightning's, so they are imported on first use (PEP 562): reading a sharded checkpoint
+(:mod:`memzoo.parallel.checkpoint`) or planning needs no Lightning.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Eager: the function's name is also its submodule's, which would otherwise be what `from memzoo.parallel import
+# parallelize` finds once the submodule is imported.
 from memzoo.parallel.parallelize import parallelize
-from memzoo.parallel.sparse_ddp import SparseDDPStrategy
-from memzoo.parallel.strategy import MemoryParallelStrategy
+
+#: Public name -> the module defining it, imported when the name is first read.
+_LAZY = {
+    "MemoryParallelStrategy": "memzoo.parallel.strategy",
+    "SparseDDPStrategy": "memzoo.parallel.sparse_ddp",
+}
 
 __all__ = ["MemoryParallelStrategy", "SparseDDPStrategy", "parallelize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
