@@ -505,7 +505,7 @@ def test_readme_commands_and_python_run_as_written(tmp_path, monkeypatch, capsys
     export_model(tiny(), tmp_path / "my-model", tokenizer="byte")
     (tmp_path / "ada.txt").write_text("The birth year of Ada is 1815.", encoding="utf-8")
     (tmp_path / "fox.txt").write_text("The quick brown fox jumps over the lazy dog.", encoding="utf-8")
-    assert [c.split()[:2] for c in commands] == [["memzoo", "memorize"], ["memzoo", "generate"]]
+    assert [c.split()[:2] for c in commands] == [["memzoo", "memorize"], ["memzoo", "generate"], ["memzoo", "generate"]]
     for command in commands:
         main(shlex.split(command)[1:] + (["--device", "cpu", "--max-new-tokens", "4"] if "generate" in command else []))
     out = capsys.readouterr().out

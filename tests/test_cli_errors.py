@@ -391,7 +391,7 @@ def test_the_memoryplus_smoke_command_in_the_config_header_parses_to_the_small_m
     (["--world-size", "4", "--memory-parallel", "2", "--strategy", "ddp"],
      "summary: --strategy ddp replicates every pool; --memory-parallel 2 needs --strategy memory_parallel"),
 ])
-def test_summary_checks_its_arguments_before_building_anything(tmp_path, args, message):
+def test_summary_checks_its_arguments_before_building_anything(memzoo, tmp_path, args, message):
     """A fresh process (the in-process capture misses Lightning's "Seed set to" lines): the error is all it prints."""
     done = memzoo("summary", "--config", str(write_config(tmp_path)), *args, cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == "", done
