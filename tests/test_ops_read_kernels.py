@@ -68,6 +68,27 @@ def test_kernels_on_an_empty_batch():
         assert torch.equal(dense, torch.zeros(6, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n_rows", [9, 400])  # N <= 4·P (counting sort) and N > 4·P (key sort)
+@pytest.mark.parametrize("touched", [[0, 3, 4, 8], [5], [8, 2, 2], [0]])
+def test_dense_scatter_writes_every_row(n_rows, touched):
+    """The dense table gradient is not zero-filled first: rows no index points to (before the first touched row,
+    between two, after the last) are written as zeros by the kernel, touched rows get their sums; non-power-of-two
+    bags (K = 3) and repeated rows."""
+    gen = torch.Generator().manual_seed(len(touched))
+    indices = torch.tensor(touched * 3, dtype=torch.int64).view(-1, 3)
+    weights = torch.randn(indices.shape, generator=gen, dtype=torch.float64)
+    src = torch.randn(indices.shape[0], 11, generator=gen, dtype=torch.float64)
+    values = torch.randn(n_rows, 11, generator=gen, dtype=torch.float64)
+    for _ in range(3):  # fresh buffers from the allocator each time, possibly holding old data
+        torch.full((n_rows, 11), float("nan"), dtype=torch.float64)
+        _, dense, dots = cpu_read.scatter_dot(src, indices, weights, values, n_rows, dense=True)
+        torch.testing.assert_close(dense, reference_scatter(src, indices, weights, n_rows), rtol=0, atol=1e-12)
+        untouched = torch.ones(n_rows, dtype=torch.bool)
+        untouched[indices.unique()] = False
+        assert torch.equal(dense[untouched], torch.zeros(int(untouched.sum()), 11, dtype=torch.float64))
+        torch.testing.assert_close(dots, (values[indices] * src.unsqueeze(1)).sum(-1))
+
+
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_weighted_gather_and_gather_dot_grads_match_float64(sparse_grad, dtype):
