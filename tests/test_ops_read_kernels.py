@@ -68,6 +68,16 @@ def test_kernels_on_an_empty_batch():
         assert torch.equal(dense, torch.zeros(6, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("first", [0, 2, 5])
+def test_scatter_dot_takes_dots_from_a_bag_on(first):
+    """dots only for the bags from dots_from_bag on (the last read of a shared table); the table gradient over all."""
+    values, indices, weights, src = inputs(30, 13, 5, 4, dtype=torch.float32, seed=first)
+    rows, sums, dots = cpu_read.scatter_dot(src, indices, weights, values, 30, dense=False, dots_from_bag=first)
+    full_rows, full_sums, full_dots = cpu_read.scatter_dot(src, indices, weights, values, 30, dense=False)
+    assert torch.equal(rows, full_rows) and torch.equal(sums, full_sums)
+    assert dots.shape == (5 - first, 4) and torch.equal(dots, full_dots[first:])
+
+
 @pytest.mark.parametrize("n_rows", [9, 400])  # N <= 4·P (counting sort) and N > 4·P (key sort)
 @pytest.mark.parametrize("touched", [[0, 3, 4, 8], [5], [8, 2, 2], [0]])
 def test_dense_scatter_writes_every_row(n_rows, touched):

@@ -146,13 +146,13 @@ struct Divider {
 };
 
 // For each run u (row r), rows in parallel: G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in
-// order, the first one writing (no zero pass); with values, dots[p] = values[r] . src[p/K] in the same pass (the
-// row values[r] stays in L1 over its run, src[p/K] is read once for both). A dense G gets zeros only in the rows
-// no run touches.
+// order, the first one writing (no zero pass); with values, dots[p - dots_from] = values[r] . src[p/K] for
+// p >= dots_from in the same pass (the row values[r] stays in L1 over its run, src[p/K] is read once for both).
+// A dense G gets zeros only in the rows no run touches.
 template <typename T>
 void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, const int64_t* order,
                  const int64_t* run_start, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, T* sums,
-                 T* dense, T* dots, int threads) {
+                 T* dense, T* dots, int64_t dots_from, int threads) {
   const Divider bag(K);
   if (dense != nullptr) huge_pages(dense, N * D * (int64_t)sizeof(T));
   else huge_pages(sums, U * D * (int64_t)sizeof(T));
@@ -178,7 +178,7 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
         } else {
           for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
         }
-        if (row != nullptr) dots[p] = dot(row, s, D);
+        if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
       }
     }
     if (dense != nullptr) {  // the gaps between consecutive touched rows (ascending), and after the last
@@ -223,8 +223,8 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
     gather_dot<T>(v, i, x, B, K, D, o, th); return 0; }                                                            \
   extern "C" int memzoo_scatter_dot_##S(const T* s, const int64_t* i, const T* w, const T* v, const int64_t* o,    \
                                         const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, \
-                                        T* sums, T* dense, T* dots, int th) {                                      \
-    scatter_dot<T>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, th); return 0; }                        \
+                                        T* sums, T* dense, T* dots, int64_t df, int th) {                          \
+    scatter_dot<T>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, th); return 0; }                    \
   extern "C" int memzoo_adam_rows_##S(T* p, T* m, T* v, int64_t* st, const int64_t* rows, const T* g, int64_t U,   \
                                       int64_t D, double lr, double b1, double b2, double eps, double wd, int th) { \
     adam_rows<T>(p, m, v, st, rows, g, U, D, lr, b1, b2, eps, wd, th); return 0; }
@@ -269,7 +269,7 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"memzoo_gather_dot_{suffix}")
         fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, i64, i64, ptr, cint], cint
         fn = getattr(lib, f"memzoo_scatter_dot_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, cint], cint
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, cint], cint
         fn = getattr(lib, f"memzoo_adam_rows_{suffix}")
         fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint], cint
     lib.memzoo_sort_by_row.argtypes, lib.memzoo_sort_by_row.restype = [ptr, i64, i64, ptr, ptr], i64
@@ -300,14 +300,15 @@ def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> 
 
 def scatter_dot(
     src: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor | None, num_rows: int,
-    dense: bool,
+    dense: bool, dots_from_bag: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``src (B, D)``, ``indices (B, K)`` int64 in ``[0, num_rows)``, ``weights (B, K)``, ``values (N, D)`` or
     ``None``; contiguous, one dtype → ``(rows, G, dots)``:
 
     - ``G[r] = Σ_{idx[b,j]=r} weights[b,j] · src[b]``: with ``dense`` a ``(num_rows, D)`` tensor (zero in rows not
       indexed) and ``rows = None``; else the ``U`` distinct rows ascending ``rows (U,)`` and ``G (U, D)``;
-    - ``dots[b,j] = values[idx[b,j]] · src[b]`` ``(B, K)`` (``None`` when ``values`` is ``None``).
+    - ``dots[b,j] = values[idx[b,j]] · src[b]`` ``(B, K)`` (``None`` when ``values`` is ``None``); only for the
+      bags from ``dots_from_bag`` on: ``(B - dots_from_bag, K)``.
 
     One pass over the ``B·K`` positions sorted by row; time ``O(B·K·D)`` plus the sort.
     """
@@ -324,11 +325,11 @@ def scatter_dot(
         rows, grad = None, src.new_empty(num_rows, dim)
     else:
         rows, grad = torch.empty(n_runs, dtype=torch.int64), src.new_empty(n_runs, dim)
-    dots = src.new_empty(n_bags, n_per_bag) if values is not None else None
+    dots = src.new_empty(n_bags - dots_from_bag, n_per_bag) if values is not None else None
     _kernel("scatter_dot", src.dtype)(
         src.data_ptr(), indices.data_ptr(), weights.data_ptr(), _ptr(values), order.data_ptr(),
         run_start.data_ptr(), n_runs, n_per_bag, dim, num_rows, _ptr(rows), None if dense else grad.data_ptr(),
-        grad.data_ptr() if dense else None, _ptr(dots), torch.get_num_threads(),
+        grad.data_ptr() if dense else None, _ptr(dots), dots_from_bag * n_per_bag, torch.get_num_threads(),
     )
     return rows, grad, dots
 

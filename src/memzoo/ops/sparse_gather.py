@@ -462,9 +462,13 @@ def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weight
         cat_src = torch.cat([term[0] for term in terms])
         cat_indices = torch.cat([_pad_bags(term[1], width, term[1][:, :1]) for term in terms])
         cat_weights = torch.cat([_pad_bags(term[2], width, term[2].new_zeros(())) for term in terms])
-    if want_dots:
-        rows, sums, dots = _weighted_gather_backward_op(cat_src, cat_indices, cat_weights, values, False)
-        dots = dots[cat_src.shape[0] - src.shape[0]:, : indices.shape[1]]
+    if want_dots:  # this read's weights' gradient: the dots of its own (last) bags only
+        first = cat_src.shape[0] - src.shape[0]
+        rows, sums, dots = cpu_read_scatter_dot(
+            cat_src.contiguous(), cat_indices.contiguous(), cat_weights.contiguous(), values.contiguous(),
+            values.shape[0], dense=False, dots_from_bag=first,
+        )
+        dots = dots[:, : indices.shape[1]]
     else:
         rows, sums = _weighted_scatter_rows(cat_src, cat_indices, cat_weights)
         dots = None
