@@ -128,8 +128,12 @@ def test_weighted_gather_and_gather_dot_grads_match_float64(sparse_grad, dtype):
 def test_fused_backward_op_passes_opcheck():
     values, indices, weights, src = inputs(9, 8, 4, 5, dtype=torch.float32)
     for dense in (True, False):
-        torch.library.opcheck(sg._weighted_gather_backward_op, (src, indices, weights, values, dense),
-                              test_utils=("test_schema", "test_faketensor"))
+        for first in (0, 3):  # dots of the bags from `first` on (the last read of a shared table)
+            torch.library.opcheck(sg._weighted_gather_backward_op, (src, indices, weights, values, dense, first),
+                                  test_utils=("test_schema", "test_faketensor"))
+            _, _, dots = sg._weighted_gather_backward_op(src, indices, weights, values, dense, first)
+            _, _, all_dots = sg._weighted_gather_backward_op(src, indices, weights, values, dense)
+            assert torch.equal(dots, all_dots[first:])
 
 
 def test_compiled_read_matches_eager_through_the_fused_backward():

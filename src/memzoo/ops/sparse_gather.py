@@ -283,20 +283,24 @@ def _(src, indices, weights):
 
 @torch.library.custom_op("memzoo::weighted_gather_backward", mutates_args=())
 def _weighted_gather_backward_op(
-    grad_out: Tensor, indices: Tensor, weights: Tensor, values: Tensor, dense: bool
+    grad_out: Tensor, indices: Tensor, weights: Tensor, values: Tensor, dense: bool, dots_from_bag: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """First-order backward of ``weighted_gather`` in one op: ``(rows, grad_table, grad_weights)``.
 
     ``grad_table[r] = Σ_{idx[b,j]=r} w[b,j] · grad_out[b]``: with ``dense`` ``(N, D)`` (``rows`` empty), else the
-    ``U`` distinct rows ``rows (U,)`` ascending and ``(U, D)``; ``grad_weights[b,j] = values[idx[b,j]] · grad_out[b]``.
+    ``U`` distinct rows ``rows (U,)`` ascending and ``(U, D)``; ``grad_weights[b,j] = values[idx[b,j]] · grad_out[b]``
+    for the bags ``b >= dots_from_bag`` (``(B - dots_from_bag, K)``: the last read of a shared table sums the other
+    reads' terms with its own but needs only its own weights' gradient).
     """
     grad_out, indices, weights = grad_out.contiguous(), indices.contiguous(), weights.contiguous()
     values = values.contiguous()
     if cpu_read_supports(grad_out, weights, values):
-        rows, grad_table, dots = cpu_read_scatter_dot(grad_out, indices, weights, values, values.shape[0], dense)
+        rows, grad_table, dots = cpu_read_scatter_dot(
+            grad_out, indices, weights, values, values.shape[0], dense, dots_from_bag=dots_from_bag
+        )
         return (indices.new_empty(0) if rows is None else rows), grad_table, dots
     kernels = _kernels(values.device)
-    dots = kernels.gather_dot(values, indices, grad_out)
+    dots = kernels.gather_dot(values, indices[dots_from_bag:], grad_out[dots_from_bag:])
     if dense:
         return indices.new_empty(0), kernels.weighted_scatter(grad_out, indices, weights, values.shape[0]), dots
     rows, sums = kernels.weighted_scatter_rows(grad_out, indices, weights)
@@ -304,14 +308,12 @@ def _weighted_gather_backward_op(
 
 
 @_weighted_gather_backward_op.register_fake
-def _(grad_out, indices, weights, values, dense):
+def _(grad_out, indices, weights, values, dense, dots_from_bag=0):
+    dots = values.new_empty(indices.shape[0] - dots_from_bag, indices.shape[1])
     if dense:
-        return indices.new_empty(0), values.new_empty(values.shape), values.new_empty(indices.shape)
+        return indices.new_empty(0), values.new_empty(values.shape), dots
     n_rows_used = torch.library.get_ctx().new_dynamic_size()
-    return (
-        indices.new_empty(n_rows_used), values.new_empty(n_rows_used, values.shape[1]),
-        values.new_empty(indices.shape),
-    )
+    return indices.new_empty(n_rows_used), values.new_empty(n_rows_used, values.shape[1]), dots
 
 
 def _rows_bound(indices: Tensor) -> int:
@@ -386,8 +388,9 @@ _shared_lock = threading.Lock()
 _READERS: dict[int, weakref.WeakSet] = {}
 #: graph task id -> ids of the read nodes whose backward has run in it
 _RAN: dict[int, set[int]] = {}
-#: (graph task id, id(table)) -> deposited (src, indices, weights) terms of the table's gradient
-_DEPOSITS: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor]]] = {}
+#: (graph task id, id(table)) -> the table (held: its id cannot be reused while a term waits) and the deposited
+#: (src, indices, weights) terms of its gradient
+_DEPOSITS: dict[tuple[int, int], tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]] = {}
 
 
 def _register_reader(ctx, values: Tensor) -> None:
@@ -445,10 +448,12 @@ def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weight
     if _pending_reader(ctx, task, dense_grad):
         with _shared_lock:
             _RAN.setdefault(task, set()).add(id(ctx))
-            _DEPOSITS.setdefault(key, []).append((src, indices, weights))
+            _DEPOSITS.setdefault(key, (values, []))[1].append((src, indices, weights))
         return None, (_gather_dot(values, indices, src, False) if want_dots else None)
     with _shared_lock:
-        terms = _DEPOSITS.pop(key, [])
+        table, terms = _DEPOSITS.pop(key, (values, []))
+        if table is not values:  # (cannot happen: a deposit holds its table) - never mix two tables' terms
+            raise RuntimeError("memzoo: a deposited table-gradient term belongs to another table")
         _RAN.setdefault(task, set()).add(id(ctx))
         for old in [t for t in _RAN if t < task]:  # earlier backwards are over (or failed): forget them
             del _RAN[old]
@@ -464,10 +469,7 @@ def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weight
         cat_weights = torch.cat([_pad_bags(term[2], width, term[2].new_zeros(())) for term in terms])
     if want_dots:  # this read's weights' gradient: the dots of its own (last) bags only
         first = cat_src.shape[0] - src.shape[0]
-        rows, sums, dots = cpu_read_scatter_dot(
-            cat_src.contiguous(), cat_indices.contiguous(), cat_weights.contiguous(), values.contiguous(),
-            values.shape[0], dense=False, dots_from_bag=first,
-        )
+        rows, sums, dots = _weighted_gather_backward_op(cat_src, cat_indices, cat_weights, values, False, first)
         dots = dots[:, : indices.shape[1]]
     else:
         rows, sums = _weighted_scatter_rows(cat_src, cat_indices, cat_weights)
