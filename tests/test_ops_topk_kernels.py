@@ -122,6 +122,28 @@ def test_cpu_kernel_same_result_on_two_threads():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+@pytest.mark.parametrize("n_keys", [64, 37])
+def test_cpu_backward_kernel_same_result_on_one_and_two_threads(n_keys):
+    """One thread takes a fused pass over the picks, several threads two passes (rows; head and side): the same
+    additions in the same order, so the same bits."""
+    query, sub_keys = random_inputs((70,), 3, n_keys, 16, dtype=torch.float32, seed=n_keys)
+    scores, indices = product_key_topk(query, sub_keys, 32)
+    upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach())
+        torch.set_num_threads(2)
+        two = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    only_query = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach(), need_keys=False)
+    only_keys = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach(), need_query=False)
+    assert only_query[1] is None and torch.equal(only_query[0], one[0])
+    assert only_keys[0] is None and torch.equal(only_keys[1], one[1])
+
+
 @pytest.mark.parametrize("lead, heads, n_keys, dk, k", [((6,), 2, 20, 8, 5), ((2, 3), 3, 40, 12, 32), ((4,), 1, 9, 6, 9)])
 def test_op_forward_and_backward_equal_float64_reference(lead, heads, n_keys, dk, k):
     query, sub_keys = random_inputs(lead, heads, n_keys, dk)

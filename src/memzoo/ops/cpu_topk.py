@@ -370,6 +370,29 @@ void backward_rows(const T* grad, const int64_t* idx, const T* q, const T* c, in
                    int64_t n_keys, int64_t half, int64_t k, T* gq, T* gc, int n_threads) {
   const int64_t rows = n_tokens * heads;
   const Divider div(n_keys);
+  if (n_threads <= 1 && gq != nullptr && gc != nullptr) {  // one pass: each pick's index, sub-key rows read once
+    // (the same additions in the same order as the two parallel passes below: bitwise the same results)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = r % heads;
+      T* __restrict out1 = gq + r * 2 * half;
+      T* __restrict out2 = out1 + half;
+      const T* __restrict q1 = q + r * 2 * half;
+      const T* __restrict q2 = q1 + half;
+      for (int64_t d = 0; d < 2 * half; ++d) out1[d] = T(0);
+      for (int64_t j = 0; j < k; ++j) {
+        const T g = grad[r * k + j];
+        const int64_t index = idx[r * k + j], i1 = div.div(index);
+        const int64_t row1 = (2 * h) * n_keys + i1, row2 = (2 * h + 1) * n_keys + index - i1 * n_keys;
+        const T* __restrict c1 = c + row1 * half;
+        const T* __restrict c2 = c + row2 * half;
+        T* __restrict g1 = gc + row1 * half;
+        T* __restrict g2 = gc + row2 * half;
+        for (int64_t d = 0; d < half; ++d) { out1[d] += g * c1[d]; g1[d] += g * q1[d]; }
+        for (int64_t d = 0; d < half; ++d) { out2[d] += g * c2[d]; g2[d] += g * q2[d]; }
+      }
+    }
+    return;
+  }
   if (gq != nullptr) {
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
