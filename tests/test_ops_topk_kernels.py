@@ -83,6 +83,21 @@ def test_cpu_kernel_with_coarse_ties_and_near_ties(n_keys, k, dtype):
         assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist())
 
 
+@pytest.mark.parametrize("k", [1, 32, 64])
+def test_cpu_kernel_with_hundreds_of_equal_candidates(k):
+    """Equal scores everywhere (e.g. zero queries) and rows with 200 tied maxima: more than 128 candidates per half
+    take the partial sort; the scores are exact, each index scores what it claims, none repeats."""
+    half_scores = torch.zeros(2, 2, 6, 1024)
+    half_scores[:, 1, :3, :200] = 1.0
+    half_scores[0, 1, 3:] = torch.randn(3, 1024, generator=torch.Generator().manual_seed(k)).round()
+    scores, indices = cpu_topk.half_topk_merge(half_scores, k)
+    ref_scores, _ = brute_force(half_scores, k)
+    assert torch.equal(scores, ref_scores)
+    sums = (half_scores[0].transpose(0, 1)[..., :, None] + half_scores[1].transpose(0, 1)[..., None, :]).flatten(-2)
+    assert torch.equal(sums.gather(-1, indices), scores)
+    assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist())
+
+
 def test_cpu_kernel_rows_with_infinities_take_the_plain_route():
     """A row holding +inf (or -inf) in one half: its sums are infinite, the bounds of the fast route are not
     finite, and the plain route gives the brute force's scores; the other rows stay exact."""

@@ -10,7 +10,8 @@ Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys
    halves are filtered with that test (blocks of 16 without a candidate are skipped), leaving a few dozen of
    ``n_keys`` on random data, each list a prefix of its sorted half.
 3. **Sort the candidates** by counting ranks (``#better + #equal before``: a whole vector of candidates against
-   one broadcast candidate at a time, branch-free), keeping the best ``k`` of each half (a pair of ranks ``(a, b)``
+   one broadcast candidate at a time, branch-free; a partial sort when there are more than 128, as under wide
+   ties), keeping the best ``k`` of each half (a pair of ranks ``(a, b)``
    in a top-k set closed under "beaten or tied by" has ``(a+1)(b+1) <= k``).
 4. **A tighter bound** from the sorted candidates (the best ``A × B >= k`` rectangle, as in 1.), then the
    **candidate pairs**: ranks with ``(a+1)(b+1) <= k`` and a sum at least the bound (about 60 of the 119 for
@@ -197,10 +198,10 @@ inline int64_t candidate_pairs(int64_t k) {
 template <typename T>
 struct Work {
   std::vector<T> cv1, cv2, sv1, sv2, hs, ps;
-  std::vector<int32_t> ci1, ci2, si1, si2, ha, hb, pa, pb;
+  std::vector<int32_t> ci1, ci2, si1, si2, ha, hb, pa, pb, order;
   Work(int64_t n, int64_t k) : cv1(n + 8), cv2(n + 8), sv1(n + 8), sv2(n + 8), hs(k + 2), ps(candidate_pairs(k) + 8),
                                ci1(n + 8), ci2(n + 8), si1(n + 8), si2(n + 8), ha(k + 2), hb(k + 2),
-                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8) {}
+                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8), order(n) {}
 };
 
 // The maxima of CH strided chunks (j mod CH); ``bad`` is set when the row holds a NaN or an infinity (such rows
@@ -244,10 +245,20 @@ inline int64_t compact(const T* s, int64_t n, T other_max, T bound, T* cv, int32
 // The best min(m, k) candidates, best first (ties in row order): a pair of a top-k set closed under "beaten or
 // tied by" has ranks (a+1)(b+1) <= k, so a, b < k. Returns how many.
 template <typename T>
-inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T* sv, int32_t* si) {
-  pad_inf(cv, m);
-  rank_select(cv, m, k, [&](int64_t r, int64_t p) { sv[r] = cv[p]; si[r] = ci[p]; });
-  return std::min(m, k);
+inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T* sv, int32_t* si,
+                               int32_t* order) {
+  if (m <= 128) {  // counting ranks: O(m²), branch-free
+    pad_inf(cv, m);
+    rank_select(cv, m, k, [&](int64_t r, int64_t p) { sv[r] = cv[p]; si[r] = ci[p]; });
+    return std::min(m, k);
+  }
+  // many candidates (wide ties, e.g. equal scores everywhere): a partial sort, O(m log k)
+  const int64_t keep = std::min(m, k);
+  for (int64_t j = 0; j < m; ++j) order[j] = (int32_t)j;
+  std::partial_sort(order, order + keep, order + m,
+                    [&](int32_t a, int32_t b) { return cv[a] > cv[b] || (cv[a] == cv[b] && a < b); });
+  for (int64_t j = 0; j < keep; ++j) { sv[j] = cv[order[j]]; si[j] = ci[order[j]]; }
+  return keep;
 }
 
 template <typename T>
@@ -277,8 +288,8 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   }
   const int64_t c1 = compact(s1, n, r2[0], bound, w.cv1.data(), w.ci1.data());
   const int64_t c2 = compact(s2, n, r1[0], bound, w.cv2.data(), w.ci2.data());
-  const int64_t n1 = best_candidates(w.cv1.data(), w.ci1.data(), c1, k, w.sv1.data(), w.si1.data());
-  const int64_t n2 = best_candidates(w.cv2.data(), w.ci2.data(), c2, k, w.sv2.data(), w.si2.data());
+  const int64_t n1 = best_candidates(w.cv1.data(), w.ci1.data(), c1, k, w.sv1.data(), w.si1.data(), w.order.data());
+  const int64_t n2 = best_candidates(w.cv2.data(), w.ci2.data(), c2, k, w.sv2.data(), w.si2.data(), w.order.data());
   const T* v1 = w.sv1.data();
   const T* v2 = w.sv2.data();
   // The same bound from the sorted candidates (tighter than the chunk maxima's): an A×B >= k rectangle.
