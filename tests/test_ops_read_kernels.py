@@ -68,6 +68,37 @@ def test_kernels_on_an_empty_batch():
         assert torch.equal(dense, torch.zeros(6, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("first", [0, 2, 5])
+def test_scatter_dot_takes_dots_from_a_bag_on(first):
+    """dots only for the bags from dots_from_bag on (the last read of a shared table); the table gradient over all."""
+    values, indices, weights, src = inputs(30, 13, 5, 4, dtype=torch.float32, seed=first)
+    rows, sums, dots = cpu_read.scatter_dot(src, indices, weights, values, 30, dense=False, dots_from_bag=first)
+    full_rows, full_sums, full_dots = cpu_read.scatter_dot(src, indices, weights, values, 30, dense=False)
+    assert torch.equal(rows, full_rows) and torch.equal(sums, full_sums)
+    assert dots.shape == (5 - first, 4) and torch.equal(dots, full_dots[first:])
+
+
+@pytest.mark.parametrize("n_rows", [9, 400])  # N <= 4·P (counting sort) and N > 4·P (key sort)
+@pytest.mark.parametrize("touched", [[0, 3, 4, 8], [5], [8, 2, 2], [0]])
+def test_dense_scatter_writes_every_row(n_rows, touched):
+    """The dense table gradient is not zero-filled first: rows no index points to (before the first touched row,
+    between two, after the last) are written as zeros by the kernel, touched rows get their sums; non-power-of-two
+    bags (K = 3) and repeated rows."""
+    gen = torch.Generator().manual_seed(len(touched))
+    indices = torch.tensor(touched * 3, dtype=torch.int64).view(-1, 3)
+    weights = torch.randn(indices.shape, generator=gen, dtype=torch.float64)
+    src = torch.randn(indices.shape[0], 11, generator=gen, dtype=torch.float64)
+    values = torch.randn(n_rows, 11, generator=gen, dtype=torch.float64)
+    for _ in range(3):  # fresh buffers from the allocator each time, possibly holding old data
+        torch.full((n_rows, 11), float("nan"), dtype=torch.float64)
+        _, dense, dots = cpu_read.scatter_dot(src, indices, weights, values, n_rows, dense=True)
+        torch.testing.assert_close(dense, reference_scatter(src, indices, weights, n_rows), rtol=0, atol=1e-12)
+        untouched = torch.ones(n_rows, dtype=torch.bool)
+        untouched[indices.unique()] = False
+        assert torch.equal(dense[untouched], torch.zeros(int(untouched.sum()), 11, dtype=torch.float64))
+        torch.testing.assert_close(dots, (values[indices] * src.unsqueeze(1)).sum(-1))
+
+
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_weighted_gather_and_gather_dot_grads_match_float64(sparse_grad, dtype):
@@ -97,8 +128,12 @@ def test_weighted_gather_and_gather_dot_grads_match_float64(sparse_grad, dtype):
 def test_fused_backward_op_passes_opcheck():
     values, indices, weights, src = inputs(9, 8, 4, 5, dtype=torch.float32)
     for dense in (True, False):
-        torch.library.opcheck(sg._weighted_gather_backward_op, (src, indices, weights, values, dense),
-                              test_utils=("test_schema", "test_faketensor"))
+        for first in (0, 3):  # dots of the bags from `first` on (the last read of a shared table)
+            torch.library.opcheck(sg._weighted_gather_backward_op, (src, indices, weights, values, dense, first),
+                                  test_utils=("test_schema", "test_faketensor"))
+            _, _, dots = sg._weighted_gather_backward_op(src, indices, weights, values, dense, first)
+            _, _, all_dots = sg._weighted_gather_backward_op(src, indices, weights, values, dense)
+            assert torch.equal(dots, all_dots[first:])
 
 
 def test_compiled_read_matches_eager_through_the_fused_backward():

@@ -66,6 +66,55 @@ def test_cpu_kernel_with_many_ties(n_keys, k):
     assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_keys, k", [(16, 16), (37, 32), (128, 32), (300, 64), (100, 1)])
+def test_cpu_kernel_with_coarse_ties_and_near_ties(n_keys, k, dtype):
+    """Scores on a coarse grid (long runs of equal sums, which the bisection of the candidate pairs must not split
+    wrongly) and scores a few ulps apart: the exact top-k scores, each index scoring what it claims, no repeats."""
+    gen = torch.Generator().manual_seed(n_keys + k)
+    coarse = torch.randint(0, 6, (2, 3, 40, n_keys), generator=gen).to(dtype) / 4
+    near = 1 + torch.randint(0, 4, (2, 3, 40, n_keys), generator=gen).to(dtype) * torch.finfo(dtype).eps
+    for half_scores in (coarse, near, torch.cat([coarse[:, :, :20], near[:, :, 20:]], dim=2)):
+        scores, indices = cpu_topk.half_topk_merge(half_scores, k)
+        ref_scores, _ = brute_force(half_scores, k)
+        assert torch.equal(scores, ref_scores)
+        sums = (half_scores[0].transpose(0, 1)[..., :, None] + half_scores[1].transpose(0, 1)[..., None, :]).flatten(-2)
+        assert torch.equal(sums.gather(-1, indices), scores)
+        assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist())
+
+
+@pytest.mark.parametrize("k", [1, 32, 64])
+def test_cpu_kernel_with_hundreds_of_equal_candidates(k):
+    """Equal scores everywhere (e.g. zero queries) and rows with 200 tied maxima: more than 128 candidates per half
+    take the partial sort; the scores are exact, each index scores what it claims, none repeats."""
+    half_scores = torch.zeros(2, 2, 6, 1024)
+    half_scores[:, 1, :3, :200] = 1.0
+    half_scores[0, 1, 3:] = torch.randn(3, 1024, generator=torch.Generator().manual_seed(k)).round()
+    scores, indices = cpu_topk.half_topk_merge(half_scores, k)
+    ref_scores, _ = brute_force(half_scores, k)
+    assert torch.equal(scores, ref_scores)
+    sums = (half_scores[0].transpose(0, 1)[..., :, None] + half_scores[1].transpose(0, 1)[..., None, :]).flatten(-2)
+    assert torch.equal(sums.gather(-1, indices), scores)
+    assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist())
+
+
+def test_cpu_kernel_rows_with_infinities_take_the_plain_route():
+    """A row holding +inf (or -inf) in one half: its sums are infinite, the bounds of the fast route are not
+    finite, and the plain route gives the brute force's scores; the other rows stay exact."""
+    half_scores = torch.randn(2, 2, 6, 64, generator=torch.Generator().manual_seed(7))
+    half_scores[0, 0, 1, 5] = float("inf")
+    half_scores[1, 1, 2, :40] = float("-inf")
+    half_scores[0, 1, 3, 9] = float("inf")
+    half_scores[0, 1, 3, 11] = float("inf")
+    scores, indices = cpu_topk.half_topk_merge(half_scores, 8)
+    ref_scores, ref_indices = brute_force(half_scores, 8)
+    assert torch.equal(scores, ref_scores)
+    sums = (half_scores[0].transpose(0, 1)[..., :, None] + half_scores[1].transpose(0, 1)[..., None, :]).flatten(-2)
+    assert torch.equal(sums.gather(-1, indices), scores)
+    finite = ref_scores.isfinite().all(-1)
+    assert torch.equal(indices[finite], ref_indices[finite])
+
+
 def test_cpu_kernel_ranks_nan_first_like_torch_topk():
     half_scores = torch.randn(2, 1, 4, 40, generator=torch.Generator().manual_seed(1))
     half_scores[0, 0, 1, 7] = float("nan")
@@ -86,6 +135,28 @@ def test_cpu_kernel_same_result_on_two_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("n_keys", [64, 37])
+def test_cpu_backward_kernel_same_result_on_one_and_two_threads(n_keys):
+    """One thread takes a fused pass over the picks, several threads two passes (rows; head and side): the same
+    additions in the same order, so the same bits."""
+    query, sub_keys = random_inputs((70,), 3, n_keys, 16, dtype=torch.float32, seed=n_keys)
+    scores, indices = product_key_topk(query, sub_keys, 32)
+    upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach())
+        torch.set_num_threads(2)
+        two = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    only_query = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach(), need_keys=False)
+    only_keys = cpu_topk.backward(upstream, indices, query.detach(), sub_keys.detach(), need_query=False)
+    assert only_query[1] is None and torch.equal(only_query[0], one[0])
+    assert only_keys[0] is None and torch.equal(only_keys[1], one[1])
 
 
 @pytest.mark.parametrize("lead, heads, n_keys, dk, k", [((6,), 2, 20, 8, 5), ((2, 3), 3, 40, 12, 32), ((4,), 1, 9, 6, 9)])
@@ -115,6 +186,20 @@ def test_cpu_backward_kernel_sums_duplicate_sub_keys():
     ref_grads = torch.autograd.grad(reference_topk(query, sub_keys, 4)[0].sum(), (query, sub_keys))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("n_keys", [64, 37])
+def test_cpu_backward_kernel_equals_float64_gather_formula(n_keys):
+    """The backward kernel (float32) at a power-of-two n_keys (shift) and another (reciprocal division) against the
+    float64 gather/scatter formula at the same indices, with repeated sub-keys across tokens and within a row."""
+    query, sub_keys = random_inputs((50,), 3, n_keys, 16, dtype=torch.float32, seed=n_keys)
+    scores, indices = product_key_topk(query, sub_keys, 32)
+    upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((scores * upstream).sum(), (query, sub_keys))
+    q64, c64 = query.detach().double(), sub_keys.detach().double()
+    ref_grads = pk._gather_backward(upstream.double(), indices, q64, c64, differentiable=False)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradcheck_and_double_backward():

@@ -3,16 +3,17 @@
 For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` positions ``p = b·K + j``):
 
 - :func:`gather_dot` ``out[p] = values[idx[p]] · x[b]``: bags in parallel, ``x[b]`` in L1 over its ``K`` rows,
-  16-lane dot products (vectorised, fixed order). (``weighted_gather``'s forward stays on PyTorch's
-  ``embedding_bag``, which is faster there.)
+  the table row a few positions ahead prefetched, dot products in four vector partial sums (a fixed order).
+  (``weighted_gather``'s forward stays on PyTorch's ``embedding_bag``, which is faster there.)
 - :func:`scatter_dot`, the backward of both reads in one call: the positions are sorted by row (a stable counting
   sort when ``N <= 4·P``, else a sort of ``row·P + p`` keys), then each distinct row ``r`` (rows in parallel) sums
-  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic), and optionally
-  ``dots[p] = values[idx[p]] · src[b]`` (bag by bag: measured faster than inside the row pass, where ``src[b]``
-  is re-fetched per position). For ``weighted_gather`` (``src = grad_out``) ``G`` is the table's gradient and
-  ``dots`` the weights' gradient; for ``gather_dot`` (``src = x``, ``w = grad_out``) ``G`` is the table's
-  gradient. ``G`` comes out row-sparse (the ``U`` distinct rows ascending and their sums) or written into a dense
-  ``(N, D)`` buffer; no ``(B, K, D)`` tensor and no sort or bag bookkeeping tensors beyond ``2·P`` int64.
+  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic) and, in the same pass, optionally
+  ``dots[p] = values[r] · src[b]`` (the row ``values[r]`` is read once per distinct row, ``src[b]`` once for both).
+  For ``weighted_gather`` (``src = grad_out``) ``G`` is the table's gradient and ``dots`` the weights' gradient;
+  for ``gather_dot`` (``src = x``, ``w = grad_out``) ``G`` is the table's gradient. ``G`` comes out row-sparse
+  (the ``U`` distinct rows ascending and their sums) or as a dense ``(N, D)`` tensor whose untouched rows the
+  kernel zeroes (no zero-fill of the whole table first); no ``(B, K, D)`` tensor and no sort or bag bookkeeping
+  tensors beyond ``2·P`` int64.
 - :func:`adam_rows_`: :class:`memzoo.training.rowwise_optim.LazyAdam`'s update of the touched rows in place, one pass per
   row (weight decay, both moments, bias corrections from the row's own step count in float64), rows in parallel;
   no gathered copies of the table or its moments.
@@ -38,26 +39,74 @@ SOURCE = r"""
 #include <cmath>
 #include <vector>
 #include <algorithm>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
-// 16 independent partial sums (vectorised without reassociating: a fixed order, so results are deterministic)
+// Asks for transparent huge pages on the 2 MiB-aligned part of a large buffer the kernel is about to write for the
+// first time (a fresh gradient of millions of elements): a few faults instead of one per 4 KiB page. Where huge
+// pages are off (or already mapped pages) the call changes nothing.
+inline void huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t begin = ((uintptr_t)data + huge - 1) & ~(huge - 1), end = ((uintptr_t)data + bytes) & ~(huge - 1);
+  if (end > begin) madvise((void*)begin, end - begin, MADV_HUGEPAGE);
+#else
+  (void)data; (void)bytes;
+#endif
+}
+
+// Vectors of the GCC/Clang vector extension: 32 bytes where the build has AVX, else 16 (SSE2, NEON, VSX); unaligned,
+// and they may alias their element type.
+#if defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
+typedef float vf32 __attribute__((vector_size(VBYTES), aligned(4), may_alias));
+typedef double vf64 __attribute__((vector_size(VBYTES), aligned(8), may_alias));
+template <typename T> struct Simd;
+template <> struct Simd<float> { typedef vf32 V; static constexpr int L = VBYTES / 4; };
+template <> struct Simd<double> { typedef vf64 V; static constexpr int L = VBYTES / 8; };
+
+// Four independent vector partial sums (no long dependency chain), added in a fixed tree, then the tail: a fixed
+// order, so results are deterministic.
 template <typename T> inline T dot(const T* __restrict a, const T* __restrict b, int64_t d) {
-  T lane[16] = {};
-  const int64_t full = d / 16 * 16;
-  for (int64_t i = 0; i < full; i += 16)
-    for (int l = 0; l < 16; ++l) lane[l] += a[i + l] * b[i + l];
-  for (int64_t i = full; i < d; ++i) lane[i - full] += a[i] * b[i];
-  T acc = T(0);
-  for (int l = 0; l < 16; ++l) acc += lane[l];
-  return acc;
+  typedef typename Simd<T>::V V;
+  constexpr int L = Simd<T>::L;
+  V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  int64_t i = 0;
+  for (; i + 4 * L <= d; i += 4 * L) {
+    acc0 += *(const V*)(a + i) * *(const V*)(b + i);
+    acc1 += *(const V*)(a + i + L) * *(const V*)(b + i + L);
+    acc2 += *(const V*)(a + i + 2 * L) * *(const V*)(b + i + 2 * L);
+    acc3 += *(const V*)(a + i + 3 * L) * *(const V*)(b + i + 3 * L);
+  }
+  for (; i + L <= d; i += L) acc0 += *(const V*)(a + i) * *(const V*)(b + i);
+  V v = (acc0 + acc1) + (acc2 + acc3);
+  for (int width = L / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) v[l] += v[l + width];
+  T sum = v[0];
+  for (; i < d; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
 template <typename T>
 void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int64_t K, int64_t D, T* out,
                 int threads) {
+  const int64_t P = B * K, ahead = 8;  // prefetch the table row `ahead` positions on: random rows, rarely cached
+  const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);  // the hardware streams the rest
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < K; ++j) out[b * K + j] = dot(values + idx[b * K + j] * D, x + b * D, D);
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t p = b * K + j;
+      if (p + ahead < P) {
+        const char* next = (const char*)(values + idx[p + ahead] * D);
+        for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
+      }
+      out[p] = dot(values + idx[p] * D, x + b * D, D);
+    }
 }
 
 // order (P,): positions sorted by row, stable; run_start (P+1,): where each distinct row's run starts. Returns U.
@@ -81,25 +130,64 @@ int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, in
   return U;
 }
 
-// For each run u (row r): G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in order. Then
-// dots[p] = values[idx[p]] . src[p/K] bag by bag: src[b] stays in L1 over its K rows (measured faster than taking
-// the dots inside the row pass, where src[b] is re-fetched per position).
+// p / K without a division per position: a shift for powers of two, else a double reciprocal and one fix-up
+// (exact for p < 2^52).
+struct Divider {
+  int64_t n; int shift; double inverse;
+  explicit Divider(int64_t n_) : n(n_), shift(-1), inverse(1.0 / (double)n_) {
+    if (n > 0 && (n & (n - 1)) == 0) { shift = 0; while ((int64_t(1) << shift) < n) ++shift; }
+  }
+  inline int64_t div(int64_t i) const {
+    if (shift >= 0) return i >> shift;
+    int64_t q = (int64_t)((double)i * inverse);
+    if (q * n > i) --q; else if ((q + 1) * n <= i) ++q;
+    return q;
+  }
+};
+
+// For each run u (row r), rows in parallel: G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in
+// order, the first one writing (no zero pass); with values, dots[p - dots_from] = values[r] . src[p/K] for
+// p >= dots_from in the same pass (the row values[r] stays in L1 over its run, src[p/K] is read once for both).
+// A dense G gets zeros only in the rows no run touches.
 template <typename T>
 void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, const int64_t* order,
-                 const int64_t* run_start, int64_t U, int64_t K, int64_t D, int64_t* rows, T* sums, T* dense,
-                 T* dots, int threads) {
-  if (dots != nullptr && U > 0) gather_dot<T>(values, idx, src, run_start[U] / K, K, D, dots, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 64) if (threads > 1 && U > 1)
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t r = idx[order[run_start[u]]];
-    if (rows != nullptr) rows[u] = r;
-    T* __restrict acc = dense != nullptr ? dense + r * D : sums + u * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
-    for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
-      const int64_t p = order[q];
-      const T* __restrict s = src + (p / K) * D;
-      const T wp = w[p];
-      for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
+                 const int64_t* run_start, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, T* sums,
+                 T* dense, T* dots, int64_t dots_from, int threads) {
+  const Divider bag(K);
+  if (dense != nullptr) huge_pages(dense, N * D * (int64_t)sizeof(T));
+  else huge_pages(sums, U * D * (int64_t)sizeof(T));
+  const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);  // the hardware streams the rest
+#pragma omp parallel num_threads(threads) if (threads > 1 && U > 1)
+  {
+#pragma omp for schedule(dynamic, 64) nowait
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t r = idx[order[run_start[u]]];
+      if (rows != nullptr) rows[u] = r;
+      T* __restrict acc = dense != nullptr ? dense + r * D : sums + u * D;
+      const T* __restrict row = values != nullptr ? values + r * D : nullptr;
+      if (values != nullptr && u + 2 < U) {  // the table row two runs ahead: a random row, likely not cached
+        const char* next = (const char*)(values + idx[order[run_start[u + 2]]] * D);
+        for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
+      }
+      for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
+        const int64_t p = order[q];
+        const T* __restrict s = src + bag.div(p) * D;
+        const T wp = w[p];
+        if (q == run_start[u]) {
+          for (int64_t d = 0; d < D; ++d) acc[d] = wp * s[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
+        }
+        if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
+      }
+    }
+    if (dense != nullptr) {  // the gaps between consecutive touched rows (ascending), and after the last
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u <= U; ++u) {
+        const int64_t first = u == 0 ? 0 : idx[order[run_start[u - 1]]] + 1;
+        const int64_t last = u == U ? N : idx[order[run_start[u]]];
+        for (int64_t j = first * D; j < last * D; ++j) dense[j] = T(0);
+      }
     }
   }
 }
@@ -134,9 +222,9 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
                                        T* o, int th) {                                                             \
     gather_dot<T>(v, i, x, B, K, D, o, th); return 0; }                                                            \
   extern "C" int memzoo_scatter_dot_##S(const T* s, const int64_t* i, const T* w, const T* v, const int64_t* o,    \
-                                        const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t* rows, T* sums, \
-                                        T* dense, T* dots, int th) {                                               \
-    scatter_dot<T>(s, i, w, v, o, rs, U, K, D, rows, sums, dense, dots, th); return 0; }                           \
+                                        const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, \
+                                        T* sums, T* dense, T* dots, int64_t df, int th) {                          \
+    scatter_dot<T>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, th); return 0; }                    \
   extern "C" int memzoo_adam_rows_##S(T* p, T* m, T* v, int64_t* st, const int64_t* rows, const T* g, int64_t U,   \
                                       int64_t D, double lr, double b1, double b2, double eps, double wd, int th) { \
     adam_rows<T>(p, m, v, st, rows, g, U, D, lr, b1, b2, eps, wd, th); return 0; }
@@ -181,7 +269,7 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"memzoo_gather_dot_{suffix}")
         fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, i64, i64, ptr, cint], cint
         fn = getattr(lib, f"memzoo_scatter_dot_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, cint], cint
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, cint], cint
         fn = getattr(lib, f"memzoo_adam_rows_{suffix}")
         fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint], cint
     lib.memzoo_sort_by_row.argtypes, lib.memzoo_sort_by_row.restype = [ptr, i64, i64, ptr, ptr], i64
@@ -212,14 +300,15 @@ def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> 
 
 def scatter_dot(
     src: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor | None, num_rows: int,
-    dense: bool,
+    dense: bool, dots_from_bag: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``src (B, D)``, ``indices (B, K)`` int64 in ``[0, num_rows)``, ``weights (B, K)``, ``values (N, D)`` or
     ``None``; contiguous, one dtype → ``(rows, G, dots)``:
 
     - ``G[r] = Σ_{idx[b,j]=r} weights[b,j] · src[b]``: with ``dense`` a ``(num_rows, D)`` tensor (zero in rows not
       indexed) and ``rows = None``; else the ``U`` distinct rows ascending ``rows (U,)`` and ``G (U, D)``;
-    - ``dots[b,j] = values[idx[b,j]] · src[b]`` ``(B, K)`` (``None`` when ``values`` is ``None``).
+    - ``dots[b,j] = values[idx[b,j]] · src[b]`` ``(B, K)`` (``None`` when ``values`` is ``None``); only for the
+      bags from ``dots_from_bag`` on: ``(B - dots_from_bag, K)``.
 
     One pass over the ``B·K`` positions sorted by row; time ``O(B·K·D)`` plus the sort.
     """
@@ -232,15 +321,15 @@ def scatter_dot(
         raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_state.get('error')})")
     n_runs = library_.memzoo_sort_by_row(indices.data_ptr(), n_positions, num_rows, order.data_ptr(),
                                          run_start.data_ptr())
-    if dense:
-        rows, grad = None, src.new_zeros(num_rows, dim)
+    if dense:  # the kernel writes every row: its sums, or zeros where no index points
+        rows, grad = None, src.new_empty(num_rows, dim)
     else:
         rows, grad = torch.empty(n_runs, dtype=torch.int64), src.new_empty(n_runs, dim)
-    dots = src.new_empty(n_bags, n_per_bag) if values is not None else None
+    dots = src.new_empty(n_bags - dots_from_bag, n_per_bag) if values is not None else None
     _kernel("scatter_dot", src.dtype)(
         src.data_ptr(), indices.data_ptr(), weights.data_ptr(), _ptr(values), order.data_ptr(),
-        run_start.data_ptr(), n_runs, n_per_bag, dim, _ptr(rows), None if dense else grad.data_ptr(),
-        grad.data_ptr() if dense else None, _ptr(dots), torch.get_num_threads(),
+        run_start.data_ptr(), n_runs, n_per_bag, dim, num_rows, _ptr(rows), None if dense else grad.data_ptr(),
+        grad.data_ptr() if dense else None, _ptr(dots), dots_from_bag * n_per_bag, torch.get_num_threads(),
     )
     return rows, grad, dots
 

@@ -9,17 +9,23 @@ Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys
 2. **Candidates.** Only elements with ``s1[j] + max(s2) >= L`` can be in a top-k pair (the same for ``s2``): both
    halves are filtered with that test (blocks of 16 without a candidate are skipped), leaving a few dozen of
    ``n_keys`` on random data, each list a prefix of its sorted half.
-3. **Sort the candidates** by counting ranks (``#better + #equal before``: branch-free and vectorised; a stable
-   sort when there are more than 96).
-4. **Merge** by the staircase frontier with a max-heap of at most ``k + 1`` pairs: popping ``(a, b)`` pushes
-   ``(a, b+1)``, and ``(a+1, 0)`` when ``b = 0``, so each pair is pushed once, after a pair that beats or ties it;
-   ``k`` pops, only pairs with ``(a+1)(b+1) <= k`` are ever popped.
+3. **Sort the candidates** by counting ranks (``#better + #equal before``: a whole vector of candidates against
+   one broadcast candidate at a time, branch-free; a partial sort when there are more than 128, as under wide
+   ties), keeping the best ``k`` of each half (a pair of ranks ``(a, b)``
+   in a top-k set closed under "beaten or tied by" has ``(a+1)(b+1) <= k``).
+4. **A tighter bound** from the sorted candidates (the best ``A × B >= k`` rectangle, as in 1.), then the
+   **candidate pairs**: ranks with ``(a+1)(b+1) <= k`` and a sum at least the bound (about 60 of the 119 for
+   ``k = 32`` on random data). They hold a whole top-k.
+5. **Select**: the bound is raised by a few bisection steps while at least ``k`` pairs stay above it (each count is
+   one vectorised pass), and the pairs above it are ranked by counting as in 3.; ranks below ``k`` are written.
 
 Exact (every filter keeps all elements tied at its bound, and the sums are the same IEEE additions the reference
-makes; ties come out in any order, as in ``torch.topk``). A row holding NaN, ``k > 64`` or ``n_keys < 16`` takes
-the plain route: a size-``k`` min-heap top-k of each half, then the same merge (NaN ranks above every number, as
-in ``torch.topk``). Cost per row ``O(n_keys + m² + k·log k)`` for ``m`` candidates, ``O(n_keys)`` memory per
-thread; rows run in parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime torch has loaded).
+makes; ties come out in any order, as in ``torch.topk``). A row holding NaN or an infinity, ``k > 64`` or
+``n_keys < 16`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
+frontier with a max-heap of at most ``k + 1`` pairs (NaN ranks above every number, as in ``torch.topk``). Cost per
+row ``O(n_keys + m² + P²)`` for ``m`` candidates and ``P`` pairs, ``O(n_keys)`` memory per thread; rows run in
+parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime torch has loaded). The vector code uses the
+GCC/Clang vector extension (32-byte vectors with AVX, 16-byte ones elsewhere).
 
 The source has no torch headers: it compiles in about a second with ``torch.utils.cpp_extension.load`` into
 torch's extension cache (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, one build per source and CPU
@@ -119,40 +125,98 @@ void merge_heap(const T* v1, const int32_t* i1, int64_t m1, const T* v2, const i
 }
 
 
-// ---------------------------------------------------------------- fast path (no NaN, k <= 64, n >= 16)
+// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 16)
 constexpr int CH = 16;  // strided chunks whose maxima bound the k-th best sum from below
 
-// Best-first order of v[0..m) by counting (branch-free, vectorised): rank = #better + #equal before.
-template <typename T>
-void rank_sort(const T* v, const int32_t* id, int64_t m, T* out_v, int32_t* out_id) {
-  for (int64_t p = 0; p < m; ++p) {
-    const T x = v[p];
-    int32_t r = 0;
-    for (int64_t q = 0; q < p; ++q) r += (v[q] >= x);
-    for (int64_t q = p + 1; q < m; ++q) r += (v[q] > x);
-    out_v[r] = x; out_id[r] = id[p];
+// Vectors of the GCC/Clang vector extension: 32 bytes where the build has AVX, else 16 (SSE2, NEON, VSX); unaligned,
+// and they may alias their element type.
+#if defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
+typedef float vf32 __attribute__((vector_size(VBYTES), aligned(4), may_alias));
+typedef int32_t vi32 __attribute__((vector_size(VBYTES), aligned(4), may_alias));
+typedef double vf64 __attribute__((vector_size(VBYTES), aligned(8), may_alias));
+typedef int64_t vi64 __attribute__((vector_size(VBYTES), aligned(8), may_alias));
+template <typename T> struct Simd;  // (specialisations: template arguments would drop the typedefs' attributes)
+template <> struct Simd<float> {
+  typedef vf32 V; typedef vi32 M; typedef int32_t I; static constexpr int L = VBYTES / 4;
+  static M iota() { M m = {}; for (int l = 0; l < L; ++l) m[l] = l; return m; }
+};
+template <> struct Simd<double> {
+  typedef vf64 V; typedef vi64 M; typedef int64_t I; static constexpr int L = VBYTES / 8;
+  static M iota() { M m = {}; for (int l = 0; l < L; ++l) m[l] = l; return m; }
+};
+template <typename T> constexpr int64_t padded(int64_t m) { return (m + Simd<T>::L - 1) / Simd<T>::L * Simd<T>::L; }
+
+// Rank of every v[p], p < m, best first (#better + #equal before: distinct ranks, ties in index order), and
+// emit(rank, p) for those ranked below `limit`. v must hold -inf from m up to padded(m) (the values are finite).
+// Branch-free: a whole vector of elements against one broadcast element at a time.
+template <typename T, typename Emit>
+inline void rank_select(const T* v, int64_t m, int64_t limit, Emit emit) {
+  typedef Simd<T> S;
+  typedef typename S::V V;
+  typedef typename S::M M;
+  typedef typename S::I I;
+  for (int64_t b = 0; b < m; b += S::L) {
+    const V x = *(const V*)(v + b);
+    const M index = S::iota() + (I)b;
+    M acc = {};
+    for (int64_t q = 0; q < m; ++q) {
+      const V y = V{} + v[q];
+      acc -= (y > x) | ((y == x) & (index > (I)q));  // comparisons give -1 where true
+    }
+    for (int l = 0; l < S::L && b + l < m; ++l)
+      if (acc[l] < limit) emit((int64_t)acc[l], b + l);
   }
+}
+
+// How many of v[0..m) (padded with -inf to padded(m)) are >= t.
+template <typename T>
+inline int64_t count_at_least(const T* v, int64_t m, T t) {
+  typedef Simd<T> S;
+  typename S::M acc = {};
+  const typename S::V tv = typename S::V{} + t;
+  for (int64_t q = 0; q < padded<T>(m); q += S::L) acc -= (*(const typename S::V*)(v + q) >= tv);
+  int64_t c = 0;
+  for (int l = 0; l < S::L; ++l) c += acc[l];
+  return c;
+}
+
+template <typename T> inline void pad_inf(T* v, int64_t m) {
+  for (int64_t j = m; j < padded<T>(m); ++j) v[j] = -std::numeric_limits<T>::infinity();
+}
+
+// Candidate pair sums of the merge: the rank pairs (a, b) with (a+1)(b+1) <= k, sum_{a=1..k} floor(k / a).
+inline int64_t candidate_pairs(int64_t k) {
+  int64_t s = 0;
+  for (int64_t a = 1; a <= k; ++a) s += k / a;
+  return s;
 }
 
 template <typename T>
 struct Work {
-  std::vector<T> cv1, cv2, sv1, sv2, hs;
-  std::vector<int32_t> ci1, ci2, si1, si2, ha, hb;
-  Work(int64_t n, int64_t k) : cv1(n), cv2(n), sv1(n), sv2(n), hs(k + 2), ci1(n), ci2(n), si1(n), si2(n),
-                               ha(k + 2), hb(k + 2) {}
+  std::vector<T> cv1, cv2, sv1, sv2, hs, ps;
+  std::vector<int32_t> ci1, ci2, si1, si2, ha, hb, pa, pb, order;
+  Work(int64_t n, int64_t k) : cv1(n + 8), cv2(n + 8), sv1(n + 8), sv2(n + 8), hs(k + 2), ps(candidate_pairs(k) + 8),
+                               ci1(n + 8), ci2(n + 8), si1(n + 8), si2(n + 8), ha(k + 2), hb(k + 2),
+                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8), order(n) {}
 };
 
+// The maxima of CH strided chunks (j mod CH); ``bad`` is set when the row holds a NaN or an infinity (such rows
+// take the plain route: a sum of infinities may be NaN).
 template <typename T>
-inline void chunk_max(const T* s, int64_t n, T* m, int& nan) {
+inline void chunk_max(const T* s, int64_t n, T* m, int& bad) {
   T acc[CH];
   for (int c = 0; c < CH; ++c) acc[c] = s[c];
-  int bad = 0;
+  int nonfinite = 0;
   const int64_t full = n / CH * CH;
   for (int64_t j = CH; j < full; j += CH)
     for (int c = 0; c < CH; ++c) { T x = s[j + c]; acc[c] = x > acc[c] ? x : acc[c]; }
   for (int64_t j = full; j < n; ++j) { T x = s[j]; acc[j - full] = x > acc[j - full] ? x : acc[j - full]; }
-  for (int64_t j = 0; j < n; ++j) bad |= (s[j] != s[j]);
-  nan |= bad;
+  for (int64_t j = 0; j < n; ++j) { T x = s[j]; nonfinite |= !(x - x == T(0)); }
+  bad |= nonfinite;
   for (int c = 0; c < CH; ++c) m[c] = acc[c];
 }
 
@@ -178,25 +242,34 @@ inline int64_t compact(const T* s, int64_t n, T other_max, T bound, T* cv, int32
   return m;
 }
 
+// The best min(m, k) candidates, best first (ties in row order): a pair of a top-k set closed under "beaten or
+// tied by" has ranks (a+1)(b+1) <= k, so a, b < k. Returns how many.
 template <typename T>
-void sort_candidates(const T* cv, const int32_t* ci, int64_t m, T* sv, int32_t* si) {
-  if (m <= 96) { rank_sort(cv, ci, m, sv, si); return; }
-  std::vector<int32_t> order(m);
+inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T* sv, int32_t* si,
+                               int32_t* order) {
+  if (m <= 128) {  // counting ranks: O(m²), branch-free
+    pad_inf(cv, m);
+    rank_select(cv, m, k, [&](int64_t r, int64_t p) { sv[r] = cv[p]; si[r] = ci[p]; });
+    return std::min(m, k);
+  }
+  // many candidates (wide ties, e.g. equal scores everywhere): a partial sort, O(m log k)
+  const int64_t keep = std::min(m, k);
   for (int64_t j = 0; j < m; ++j) order[j] = (int32_t)j;
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cv[a] > cv[b]; });
-  for (int64_t j = 0; j < m; ++j) { sv[j] = cv[order[j]]; si[j] = ci[order[j]]; }
+  std::partial_sort(order, order + keep, order + m,
+                    [&](int32_t a, int32_t b) { return cv[a] > cv[b] || (cv[a] == cv[b] && a < b); });
+  for (int64_t j = 0; j < keep; ++j) { sv[j] = cv[order[j]]; si[j] = ci[order[j]]; }
+  return keep;
 }
 
 template <typename T>
 void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* out_i, Work<T>& w) {
-  int nan = 0;
-  T m1[CH], m2[CH], r1[CH], r2[CH];
-  int32_t id[CH], dummy[CH];
+  int bad = 0;
+  T m1[CH + 8], m2[CH + 8], r1[CH], r2[CH];
   bool fast = n >= CH && k <= 64;
   if (fast) {
-    chunk_max(s1, n, m1, nan);
-    chunk_max(s2, n, m2, nan);
-    fast = !nan;
+    chunk_max(s1, n, m1, bad);
+    chunk_max(s2, n, m2, bad);
+    fast = !bad;
   }
   if (!fast) {
     row_topk(s1, n, k, w.sv1.data(), w.si1.data());
@@ -205,9 +278,8 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
                w.ha.data(), w.hb.data());
     return;
   }
-  for (int c = 0; c < CH; ++c) id[c] = c;
-  rank_sort(m1, id, CH, r1, dummy);
-  rank_sort(m2, id, CH, r2, dummy);
+  rank_select(m1, CH, CH, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
+  rank_select(m2, CH, CH, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
   // A·B >= k distinct pairs (chunk maxima are distinct elements) all sum to at least r1[A-1] + r2[B-1].
   T bound = -std::numeric_limits<T>::infinity();
   for (int64_t a = 1; a <= CH; ++a) {
@@ -216,10 +288,56 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   }
   const int64_t c1 = compact(s1, n, r2[0], bound, w.cv1.data(), w.ci1.data());
   const int64_t c2 = compact(s2, n, r1[0], bound, w.cv2.data(), w.ci2.data());
-  sort_candidates(w.cv1.data(), w.ci1.data(), c1, w.sv1.data(), w.si1.data());
-  sort_candidates(w.cv2.data(), w.ci2.data(), c2, w.sv2.data(), w.si2.data());
-  merge_heap(w.sv1.data(), w.si1.data(), std::min(c1, k), w.sv2.data(), w.si2.data(), std::min(c2, k), k, n,
-             out_s, out_i, w.hs.data(), w.ha.data(), w.hb.data());
+  const int64_t n1 = best_candidates(w.cv1.data(), w.ci1.data(), c1, k, w.sv1.data(), w.si1.data(), w.order.data());
+  const int64_t n2 = best_candidates(w.cv2.data(), w.ci2.data(), c2, k, w.sv2.data(), w.si2.data(), w.order.data());
+  const T* v1 = w.sv1.data();
+  const T* v2 = w.sv2.data();
+  // The same bound from the sorted candidates (tighter than the chunk maxima's): an A×B >= k rectangle.
+  for (int64_t a = 1; a <= n1; ++a) {
+    const int64_t b = (k + a - 1) / a;
+    if (b <= n2) { T s = v1[a - 1] + v2[b - 1]; bound = s > bound ? s : bound; }
+  }
+  // Candidate pairs: (a+1)(b+1) <= k and sum >= bound (both lists descending: stop at the first one below). They
+  // hold a whole top-k: its down-closed choice has such ranks and sums >= the k-th best >= bound.
+  T* ps = w.ps.data();
+  int32_t* pa = w.pa.data();
+  int32_t* pb = w.pb.data();
+  int64_t P = 0;
+  for (int64_t a = 0; a < n1; ++a) {
+    const T x = v1[a];
+    const int64_t nb = std::min(n2, k / (a + 1));
+    int64_t b = 0;
+    for (; b < nb; ++b) {
+      const T s = x + v2[b];
+      if (s < bound) break;
+      ps[P] = s; pa[P] = (int32_t)a; pb[P] = (int32_t)b; ++P;
+    }
+    if (b == 0) break;  // x + v2[0] < bound: no later a (smaller x) has a pair either
+  }
+  // A threshold t with at least k pairs >= t, raised by bisection (the count is one vectorised pass), then the
+  // pairs >= t ranked: every pair above the k-th best sum is >= t, so they hold a whole top-k.
+  pad_inf(ps, P);
+  T lo = bound, hi = ps[0];  // the best pair is (0, 0)
+  if (count_at_least(ps, P, hi) >= k) lo = hi;
+  for (int it = 0; it < 8 && lo < hi; ++it) {
+    const T mid = lo + (hi - lo) / 2;
+    if (!(mid > lo && mid < hi)) break;
+    const int64_t c = count_at_least(ps, P, mid);
+    if (c >= k) lo = mid; else hi = mid;
+    if (c == k) break;
+  }
+  int64_t kept = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const T x = ps[p];
+    ps[kept] = x; pa[kept] = pa[p]; pb[kept] = pb[p];
+    kept += (x >= lo);
+  }
+  pad_inf(ps, kept);
+  const int32_t* i1 = w.si1.data();
+  const int32_t* i2 = w.si2.data();
+  rank_select(ps, kept, k, [&](int64_t r, int64_t p) {
+    out_s[r] = ps[p]; out_i[r] = (int64_t)i1[pa[p]] * n + i2[pb[p]];
+  });
 }
 
 }  // namespace pk
@@ -240,6 +358,21 @@ void topk_rows(const T* scores, int64_t n_tokens, int64_t heads, int64_t n_keys,
   }
 }
 
+// i / n and i % n without a division per call: a shift for powers of two, else a double reciprocal and one fix-up
+// (exact for i < 2^52).
+struct Divider {
+  int64_t n; int shift; double inverse;
+  explicit Divider(int64_t n_) : n(n_), shift(-1), inverse(1.0 / (double)n_) {
+    if (n > 0 && (n & (n - 1)) == 0) { shift = 0; while ((int64_t(1) << shift) < n) ++shift; }
+  }
+  inline int64_t div(int64_t i) const {
+    if (shift >= 0) return i >> shift;
+    int64_t q = (int64_t)((double)i * inverse);
+    if (q * n > i) --q; else if ((q + 1) * n <= i) ++q;
+    return q;
+  }
+};
+
 // scores[r, j] = q[r, 0] · c[h, 0, i1] + q[r, 1] · c[h, 1, i2] for r = t·H + h and index = i1 · n_keys + i2:
 // grad_q[r, s] = Σ_j g[r, j] · c[h, s, i_s] (rows in parallel) and grad_c[h, s, i] += g[r, j] · q[r, s]
 // ((head, side) pairs in parallel, tokens in order: deterministic). grad_c must come zeroed.
@@ -247,18 +380,42 @@ template <typename T>
 void backward_rows(const T* grad, const int64_t* idx, const T* q, const T* c, int64_t n_tokens, int64_t heads,
                    int64_t n_keys, int64_t half, int64_t k, T* gq, T* gc, int n_threads) {
   const int64_t rows = n_tokens * heads;
+  const Divider div(n_keys);
+  if (n_threads <= 1 && gq != nullptr && gc != nullptr) {  // one pass: each pick's index, sub-key rows read once
+    // (the same additions in the same order as the two parallel passes below: bitwise the same results)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = r % heads;
+      T* __restrict out1 = gq + r * 2 * half;
+      T* __restrict out2 = out1 + half;
+      const T* __restrict q1 = q + r * 2 * half;
+      const T* __restrict q2 = q1 + half;
+      for (int64_t d = 0; d < 2 * half; ++d) out1[d] = T(0);
+      for (int64_t j = 0; j < k; ++j) {
+        const T g = grad[r * k + j];
+        const int64_t index = idx[r * k + j], i1 = div.div(index);
+        const int64_t row1 = (2 * h) * n_keys + i1, row2 = (2 * h + 1) * n_keys + index - i1 * n_keys;
+        const T* __restrict c1 = c + row1 * half;
+        const T* __restrict c2 = c + row2 * half;
+        T* __restrict g1 = gc + row1 * half;
+        T* __restrict g2 = gc + row2 * half;
+        for (int64_t d = 0; d < half; ++d) { out1[d] += g * c1[d]; g1[d] += g * q1[d]; }
+        for (int64_t d = 0; d < half; ++d) { out2[d] += g * c2[d]; g2[d] += g * q2[d]; }
+      }
+    }
+    return;
+  }
   if (gq != nullptr) {
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = r % heads;
-      T* out1 = gq + r * 2 * half;
-      T* out2 = out1 + half;
+      T* __restrict out1 = gq + r * 2 * half;
+      T* __restrict out2 = out1 + half;
       for (int64_t d = 0; d < 2 * half; ++d) out1[d] = T(0);
       for (int64_t j = 0; j < k; ++j) {
         const T g = grad[r * k + j];
-        const int64_t index = idx[r * k + j];
-        const T* c1 = c + ((2 * h) * n_keys + index / n_keys) * half;
-        const T* c2 = c + ((2 * h + 1) * n_keys + index % n_keys) * half;
+        const int64_t index = idx[r * k + j], i1 = div.div(index);
+        const T* __restrict c1 = c + ((2 * h) * n_keys + i1) * half;
+        const T* __restrict c2 = c + ((2 * h + 1) * n_keys + index - i1 * n_keys) * half;
         for (int64_t d = 0; d < half; ++d) out1[d] += g * c1[d];
         for (int64_t d = 0; d < half; ++d) out2[d] += g * c2[d];
       }
@@ -270,11 +427,11 @@ void backward_rows(const T* grad, const int64_t* idx, const T* q, const T* c, in
       const int64_t h = hs / 2, s = hs % 2;
       for (int64_t t = 0; t < n_tokens; ++t) {
         const int64_t r = t * heads + h;
-        const T* qv = q + (r * 2 + s) * half;
+        const T* __restrict qv = q + (r * 2 + s) * half;
         for (int64_t j = 0; j < k; ++j) {
-          const int64_t index = idx[r * k + j];
+          const int64_t index = idx[r * k + j], i1 = div.div(index);
           const T g = grad[r * k + j];
-          T* dst = gc + (hs * n_keys + (s == 0 ? index / n_keys : index % n_keys)) * half;
+          T* __restrict dst = gc + (hs * n_keys + (s == 0 ? i1 : index - i1 * n_keys)) * half;
           for (int64_t d = 0; d < half; ++d) dst[d] += g * qv[d];
         }
       }

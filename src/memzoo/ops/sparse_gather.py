@@ -36,6 +36,15 @@ after accumulation although its rows are distinct (``AccumulateGrad`` re-wraps i
 once, since AOTAutograd cannot yet add two sparse gradients of one input inside a traced graph (compile per
 block, so each layer's sparse gradient leaves its own graph and eager autograd sums them).
 
+One gradient per shared table: when several eager reads of one table (a pool shared by layers) run their
+first-order backward on the C++ path with row-sparse table gradients, autograd would add their sparse gradients
+(a zero-filled buffer of all their rows and a merge, before the table's ``AccumulateGrad``). Instead a read that
+finds another read of the same table still to run in this backward (one the engine will execute) returns no table
+gradient and leaves its ``(src, indices, weights)`` with the table; the last read sorts the positions of every
+deposited term and its own by row and sums them in one pass (a fixed order), and returns the table's one gradient.
+The other gradients are unchanged; compiled graphs, double backward and dense table gradients take the per-read
+route.
+
 A dense table gradient is added where it lands. When the table's ``.grad`` already holds a dense buffer (the
 second and later micro-batches of gradient accumulation, or ``zero_grad(set_to_none=False)``), the backward hands
 autograd the gradient as coalesced rows instead of a fresh ``(N, D)`` tensor; ``AccumulateGrad`` adds a sparse
@@ -49,6 +58,8 @@ used only where it is invisible: eager mode, a first-order backward (no ``create
 (``table.register_hook``) then see the sparse rows; ``register_post_accumulate_grad_hook`` sees the dense sum.
 """
 
+import threading
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -272,20 +283,24 @@ def _(src, indices, weights):
 
 @torch.library.custom_op("memzoo::weighted_gather_backward", mutates_args=())
 def _weighted_gather_backward_op(
-    grad_out: Tensor, indices: Tensor, weights: Tensor, values: Tensor, dense: bool
+    grad_out: Tensor, indices: Tensor, weights: Tensor, values: Tensor, dense: bool, dots_from_bag: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """First-order backward of ``weighted_gather`` in one op: ``(rows, grad_table, grad_weights)``.
 
     ``grad_table[r] = Σ_{idx[b,j]=r} w[b,j] · grad_out[b]``: with ``dense`` ``(N, D)`` (``rows`` empty), else the
-    ``U`` distinct rows ``rows (U,)`` ascending and ``(U, D)``; ``grad_weights[b,j] = values[idx[b,j]] · grad_out[b]``.
+    ``U`` distinct rows ``rows (U,)`` ascending and ``(U, D)``; ``grad_weights[b,j] = values[idx[b,j]] · grad_out[b]``
+    for the bags ``b >= dots_from_bag`` (``(B - dots_from_bag, K)``: the last read of a shared table sums the other
+    reads' terms with its own but needs only its own weights' gradient).
     """
     grad_out, indices, weights = grad_out.contiguous(), indices.contiguous(), weights.contiguous()
     values = values.contiguous()
     if cpu_read_supports(grad_out, weights, values):
-        rows, grad_table, dots = cpu_read_scatter_dot(grad_out, indices, weights, values, values.shape[0], dense)
+        rows, grad_table, dots = cpu_read_scatter_dot(
+            grad_out, indices, weights, values, values.shape[0], dense, dots_from_bag=dots_from_bag
+        )
         return (indices.new_empty(0) if rows is None else rows), grad_table, dots
     kernels = _kernels(values.device)
-    dots = kernels.gather_dot(values, indices, grad_out)
+    dots = kernels.gather_dot(values, indices[dots_from_bag:], grad_out[dots_from_bag:])
     if dense:
         return indices.new_empty(0), kernels.weighted_scatter(grad_out, indices, weights, values.shape[0]), dots
     rows, sums = kernels.weighted_scatter_rows(grad_out, indices, weights)
@@ -293,14 +308,12 @@ def _weighted_gather_backward_op(
 
 
 @_weighted_gather_backward_op.register_fake
-def _(grad_out, indices, weights, values, dense):
+def _(grad_out, indices, weights, values, dense, dots_from_bag=0):
+    dots = values.new_empty(indices.shape[0] - dots_from_bag, indices.shape[1])
     if dense:
-        return indices.new_empty(0), values.new_empty(values.shape), values.new_empty(indices.shape)
+        return indices.new_empty(0), values.new_empty(values.shape), dots
     n_rows_used = torch.library.get_ctx().new_dynamic_size()
-    return (
-        indices.new_empty(n_rows_used), values.new_empty(n_rows_used, values.shape[1]),
-        values.new_empty(indices.shape),
-    )
+    return indices.new_empty(n_rows_used), values.new_empty(n_rows_used, values.shape[1]), dots
 
 
 def _rows_bound(indices: Tensor) -> int:
@@ -352,6 +365,7 @@ def _save_table_read(ctx, inputs, output):
     *tensors, sparse_grad = inputs
     ctx.save_for_backward(*tensors)
     ctx.sparse_grad = sparse_grad
+    _register_reader(ctx, tensors[0])
 
 
 def _save_scatter(ctx, inputs, output):
@@ -359,8 +373,123 @@ def _save_scatter(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
 
 
+# ------------------------------------------------------------------------------- one gradient per shared table
+#
+# When several reads of one table (a pool shared by layers) each return a row-sparse gradient, autograd adds them
+# (sparse + sparse: a zero-filled buffer of all their rows, then a merge) before the table's AccumulateGrad. Instead,
+# a read whose backward finds another read of the same table still to run in this backward (one the engine will
+# execute, :func:`_pending_reader`) returns no table gradient and leaves its ``(src, indices, weights)`` with the
+# table; the last read to run sums every deposited term and its own in one row pass (the positions of all of them
+# sorted by row, summed in a fixed order) and returns the one gradient. Only in eager first-order backwards through
+# the C++ kernels; everything else takes the per-read route.
+
+_shared_lock = threading.Lock()
+#: id(table) -> the autograd nodes of its eager CPU reads (weak: a graph freed without backward drops out)
+_READERS: dict[int, weakref.WeakSet] = {}
+#: graph task id -> ids of the read nodes whose backward has run in it
+_RAN: dict[int, set[int]] = {}
+#: (graph task id, id(table)) -> the table (held: its id cannot be reused while a term waits) and the deposited
+#: (src, indices, weights) terms of its gradient
+_DEPOSITS: dict[tuple[int, int], tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]] = {}
+
+
+def _register_reader(ctx, values: Tensor) -> None:
+    """Records an eager read of ``values`` that may take part in the shared-table route (its node, weakly)."""
+    ctx.table_key = None
+    if torch.compiler.is_compiling() or not values.requires_grad or _will_engine_execute_node is None:
+        return
+    if not cpu_read_supports(values):
+        return
+    ctx.table_key = id(values)  # the saved table keeps the id from being reused while the node lives
+    with _shared_lock:
+        readers = _READERS.get(ctx.table_key)
+        if readers is None:
+            for key in [key for key, nodes in _READERS.items() if not nodes]:
+                del _READERS[key]
+            readers = _READERS[ctx.table_key] = weakref.WeakSet()
+        readers.add(ctx)
+
+
+def _shared_route(ctx, values: Tensor) -> bool:
+    """Whether this read's table gradient takes the shared-table route: an eager first-order backward, a
+    registered read, a row-sparse table gradient (asked for, or added into a dense ``.grad``)."""
+    if getattr(ctx, "table_key", None) is None or not ctx.needs_input_grad[0]:
+        return False
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return ctx.sparse_grad or _adds_into_dense_grad(values)
+
+
+def _pending_reader(ctx, task: int, dense_grad: bool) -> bool:
+    """Whether another read of this node's table will still run its backward in graph task ``task`` and take the
+    shared-table route (so it will collect this one's deposit)."""
+    with _shared_lock:
+        readers = list(_READERS.get(ctx.table_key, ()))
+        ran = _RAN.get(task, set())
+    for node in readers:
+        if node is ctx or id(node) in ran or not node.needs_input_grad[0]:
+            continue
+        if not (node.sparse_grad or dense_grad):
+            continue
+        try:
+            if _will_engine_execute_node(node):
+                return True
+        except RuntimeError:  # no answer here (e.g. inside torch.autograd.grad): this read sums what it has
+            return False
+    return False
+
+
+def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weights: Tensor, want_dots: bool):
+    """The table gradient of a read on the shared-table route: ``(grad_values or None, dots or None)``; ``dots`` =
+    ``gather_dot(values, indices, src)`` when ``want_dots`` (the weights' gradient of ``weighted_gather``)."""
+    task = torch._C._current_graph_task_id()
+    dense_grad = _adds_into_dense_grad(values)
+    key = (task, ctx.table_key)
+    if _pending_reader(ctx, task, dense_grad):
+        with _shared_lock:
+            _RAN.setdefault(task, set()).add(id(ctx))
+            _DEPOSITS.setdefault(key, (values, []))[1].append((src, indices, weights))
+        return None, (_gather_dot(values, indices, src, False) if want_dots else None)
+    with _shared_lock:
+        table, terms = _DEPOSITS.pop(key, (values, []))
+        if table is not values:  # (cannot happen: a deposit holds its table) - never mix two tables' terms
+            raise RuntimeError("memzoo: a deposited table-gradient term belongs to another table")
+        _RAN.setdefault(task, set()).add(id(ctx))
+        for old in [t for t in _RAN if t < task]:  # earlier backwards are over (or failed): forget them
+            del _RAN[old]
+        for old in [k for k in _DEPOSITS if k[0] < task]:
+            del _DEPOSITS[old]
+    terms = [term for term in terms if term[1].numel()] + [(src, indices, weights)]
+    if len(terms) == 1:
+        cat_src, cat_indices, cat_weights = src, indices, weights
+    else:
+        width = max(term[1].shape[1] for term in terms)
+        cat_src = torch.cat([term[0] for term in terms])
+        cat_indices = torch.cat([_pad_bags(term[1], width, term[1][:, :1]) for term in terms])
+        cat_weights = torch.cat([_pad_bags(term[2], width, term[2].new_zeros(())) for term in terms])
+    if want_dots:  # this read's weights' gradient: the dots of its own (last) bags only
+        first = cat_src.shape[0] - src.shape[0]
+        rows, sums, dots = _weighted_gather_backward_op(cat_src, cat_indices, cat_weights, values, False, first)
+        dots = dots[:, : indices.shape[1]]
+    else:
+        rows, sums = _weighted_scatter_rows(cat_src, cat_indices, cat_weights)
+        dots = None
+    grad = torch.sparse_coo_tensor(rows.unsqueeze(0), sums, values.shape, is_coalesced=True, check_invariants=False)
+    return grad, dots
+
+
+def _pad_bags(tensor: Tensor, width: int, fill: Tensor) -> Tensor:
+    """``(B, K) -> (B, width)``, the new columns ``fill`` (a zero weight, or the bag's first index: a term of 0)."""
+    if tensor.shape[1] == width:
+        return tensor
+    return torch.cat([tensor, fill.expand(tensor.shape[0], width - tensor.shape[1])], dim=1)
+
+
 def _weighted_gather_backward(ctx, grad_out):
     values, indices, weights = ctx.saved_tensors
+    if _shared_route(ctx, values):
+        grad_values, grad_weights = _shared_table_grad(ctx, values, grad_out, indices, weights, ctx.needs_input_grad[2])
+        return grad_values, None, grad_weights, None
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and not torch.is_grad_enabled():
         sparse = ctx.sparse_grad or _adds_into_dense_grad(values)
         rows, grad_values, grad_weights = _weighted_gather_backward_op(grad_out, indices, weights, values, not sparse)
@@ -380,7 +509,9 @@ def _weighted_gather_backward(ctx, grad_out):
 def _gather_dot_backward(ctx, grad_out):
     values, indices, x = ctx.saved_tensors
     grad_values = grad_x = None
-    if ctx.needs_input_grad[0]:
+    if _shared_route(ctx, values):
+        grad_values, _ = _shared_table_grad(ctx, values, x, indices, grad_out, False)
+    elif ctx.needs_input_grad[0]:
         grad_values = _table_grad(x, indices, grad_out, values, sparse=ctx.sparse_grad)
     if ctx.needs_input_grad[2]:
         grad_x = _weighted_gather(values, indices, grad_out, False)

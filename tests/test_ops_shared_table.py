@@ -1,0 +1,163 @@
+"""One table gradient per shared table: several eager reads of one table (a pool shared by layers) on the C++ path
+hand autograd one row-sparse gradient, summed by the last read to run, instead of one each for autograd to add.
+Checked against float64 references and against the per-read route: mixed ops (weighted_gather, gather_dot),
+different bag widths, duplicates, torch.autograd.grad, retain_graph, a graph never backwarded, an existing dense
+.grad, partial backward, a whole shared-pool model."""
+
+import pytest
+import torch
+
+import references
+from memzoo.ops import gather_dot, weighted_gather
+from memzoo.ops import sparse_gather as sg
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the reads that deposited their term and the ones that summed (the route was taken)."""
+    calls = {"deposit": 0, "sum": 0}
+    pending = sg._pending_reader
+
+    def counting(ctx, task, dense_grad):
+        result = pending(ctx, task, dense_grad)
+        calls["deposit" if result else "sum"] += 1
+        return result
+
+    monkeypatch.setattr(sg, "_pending_reader", counting)
+    return calls
+
+
+@pytest.fixture
+def per_read_route(monkeypatch):
+    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+
+
+def reads(dtype=torch.float64, seed=0):
+    """A table and three reads of it: two weighted_gather (bag widths 5 and 3) and a gather_dot (width 4), with
+    duplicate rows inside and across bags and reads."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(40, 7, generator=gen, dtype=dtype).requires_grad_()
+    idx = [torch.randint(0, 40, shape, generator=gen) for shape in ((6, 5), (4, 3), (5, 4))]
+    idx[1][0, 0] = idx[0][0, 0]
+    idx[2][1, :2] = idx[0][0, 0]
+    w = [torch.randn(i.shape, generator=gen, dtype=dtype).requires_grad_() for i in idx[:2]]
+    x = torch.randn(5, 7, generator=gen, dtype=dtype).requires_grad_()
+    upstream = [torch.randn(s, generator=gen, dtype=dtype) for s in ((6, 7), (4, 7), (5, 4))]
+    return values, idx, w, x, upstream
+
+
+def loss_of(read, values, idx, w, x, upstream, sparse_grad=True):
+    flag = {"sparse_grad": sparse_grad} if read is OPS else {}  # (the references read densely)
+    y0 = read[0](values, idx[0], w[0], **flag)
+    h = read[2](values, idx[2], x, **flag)
+    y1 = read[1](values, idx[1], w[1], **flag)
+    return (y0 * upstream[0]).sum() + (y1 * upstream[1]).sum() + (h * upstream[2]).sum()
+
+
+OPS = (weighted_gather, weighted_gather, gather_dot)
+REFS = (references.weighted_gather, references.weighted_gather, references.gather_dot)
+
+
+def reference_grads(values, idx, w, x, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in (values, *w, x)]
+    loss = loss_of(REFS, leaves[0], idx, leaves[1:3], leaves[3], upstream, sparse_grad=False)
+    return torch.autograd.grad(loss, leaves)
+
+
+def test_three_reads_give_one_coalesced_gradient_equal_to_the_reference(spy):
+    values, idx, w, x, upstream = reads()
+    loss_of(OPS, values, idx, w, x, upstream).backward()
+    assert spy == {"deposit": 2, "sum": 1}
+    grad = values.grad
+    assert grad.is_sparse  # (AccumulateGrad may drop the coalesced flag; the rows are distinct and ascending:)
+    assert torch.equal(grad._indices()[0], torch.cat([i.flatten() for i in idx]).unique())
+    want = reference_grads(values, idx, w, x, upstream)
+    torch.testing.assert_close(grad.to_dense(), want[0])
+    for got, ref in zip((w[0].grad, w[1].grad, x.grad), want[1:]):
+        torch.testing.assert_close(got, ref)
+
+
+def test_same_gradients_as_the_per_read_route(monkeypatch):
+    values, idx, w, x, upstream = reads(dtype=torch.float32, seed=1)
+    loss_of(OPS, values, idx, w, x, upstream).backward()
+    shared = [t.grad.clone() for t in (values, *w, x)]
+    for t in (values, *w, x):
+        t.grad = None
+    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+    loss_of(OPS, values, idx, w, x, upstream).backward()
+    for got, want in zip(shared, (values.grad, *(t.grad for t in w), x.grad)):
+        torch.testing.assert_close(got.to_dense() if got.is_sparse else got, want.to_dense() if want.is_sparse else want,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_autograd_grad_retain_graph_and_a_graph_never_backwarded(spy):
+    values, idx, w, x, upstream = reads(seed=2)
+    stale = weighted_gather(values, idx[0], w[0], sparse_grad=True)  # noqa: F841 - a read whose graph is never used
+    loss = loss_of(OPS, values, idx, w, x, upstream)
+    want = reference_grads(values, idx, w, x, upstream)
+    got = torch.autograd.grad(loss, (values, w[0]), retain_graph=True)
+    torch.testing.assert_close(got[0].to_dense(), want[0])
+    torch.testing.assert_close(got[1], want[1])
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(values.grad.to_dense(), 2 * want[0])
+    assert not sg._DEPOSITS  # every deposit was collected
+
+
+def test_rows_added_into_an_existing_dense_grad(spy):
+    """gradient accumulation: .grad is dense (set_to_none=False); the one summed gradient is added into it."""
+    values, idx, w, x, upstream = reads(seed=3)
+    values.grad = torch.ones_like(values)
+    loss_of(OPS, values, idx, w, x, upstream, sparse_grad=False).backward()
+    assert spy["deposit"] == 2 and not values.grad.is_sparse
+    torch.testing.assert_close(values.grad, 1 + reference_grads(values, idx, w, x, upstream)[0])
+
+
+def test_dense_table_gradients_take_the_per_read_route(spy):
+    values, idx, w, x, upstream = reads(seed=4)
+    loss_of(OPS, values, idx, w, x, upstream, sparse_grad=False).backward()
+    assert spy == {"deposit": 0, "sum": 0} and not values.grad.is_sparse
+    torch.testing.assert_close(values.grad, reference_grads(values, idx, w, x, upstream)[0])
+
+
+def test_backward_to_some_inputs_only(spy):
+    """backward(inputs=[x]): no table gradient is wanted; nothing is left deposited."""
+    values, idx, w, x, upstream = reads(seed=5)
+    loss_of(OPS, values, idx, w, x, upstream).backward(inputs=[x, w[1]])
+    want = reference_grads(values, idx, w, x, upstream)
+    assert values.grad is None
+    torch.testing.assert_close(x.grad, want[3])
+    torch.testing.assert_close(w[1].grad, want[2])
+    assert not sg._DEPOSITS
+
+
+def test_a_shared_pool_model_trains_like_the_per_read_route(monkeypatch, spy):
+    """Memory+ layers 1 and 3 reading one pool: the pool's gradient and every other gradient match the per-read
+    route (float32, summation order differs)."""
+    import memzoo
+
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "memzoo.LanguageModel", "init_args": {"architecture": {
+            "dim": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "block": "dense",
+            "layers": {1: {"block": "memory_plus", "pool": "memory", "k_dim": 16, "heads": 2, "knn": 4},
+                       3: {"block": "memory_plus", "pool": "memory", "k_dim": 16, "heads": 2, "knn": 4}},
+            "pools": {"memory": {"n_keys": 8, "value_dim": 32, "update": "sparse"}}}}},
+    }
+    module = memzoo.build_model(config, vocab_size=40)
+    batch = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        module.model.zero_grad(set_to_none=True)
+        logits = module.model(batch[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+                for n, p in module.model.named_parameters() if p.grad is not None}
+
+    shared = grads()
+    assert spy == {"deposit": 1, "sum": 1}  # layer 3's read deposits, layer 1's sums both
+    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+    per_read = grads()
+    assert shared.keys() == per_read.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], per_read[name], rtol=1e-5, atol=1e-6, msg=name)
