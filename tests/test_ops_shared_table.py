@@ -161,3 +161,56 @@ def test_a_shared_pool_model_trains_like_the_per_read_route(monkeypatch, spy):
     assert shared.keys() == per_read.keys()
     for name in shared:
         torch.testing.assert_close(shared[name], per_read[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_private_autograd_queries_behave_as_the_route_needs():
+    """``torch._C._current_graph_task_id`` (-1 outside a backward, one id per backward, increasing: deposits of
+    earlier backwards are dropped by that order) and ``_will_engine_execute_node``: pinned, so an upgrade that
+    changes them fails here, by name."""
+    assert sg._current_graph_task_id is not None and sg._will_engine_execute_node is not None
+    assert sg._current_graph_task_id() == -1
+    seen, executes = [], []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(sg._current_graph_task_id())
+            executes.append(sg._will_engine_execute_node(other.grad_fn))
+            return grad
+
+    x, z = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    other = z * 2
+    (Probe.apply(x) + Probe.apply(x) + other).sum().backward()
+    (Probe.apply(x) * other.detach()).sum().backward()
+    assert seen[0] == seen[1] >= 0 and seen[2] > seen[0]
+    assert executes == [True, True, False]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_reads_under_activation_checkpointing_equal_the_per_read_route(monkeypatch, use_reentrant):
+    """Reads recomputed in the backward (activation checkpointing) register new nodes mid-backward: the gradients
+    still equal the per-read route's."""
+    from torch.utils.checkpoint import checkpoint
+
+    values, idx, w, x, upstream = reads(dtype=torch.float32, seed=3)
+
+    def run():
+        y0 = checkpoint(lambda v, ww: weighted_gather(v, idx[0], ww, sparse_grad=True), values, w[0],
+                        use_reentrant=use_reentrant)
+        y1 = checkpoint(lambda v, ww: weighted_gather(v, idx[1], ww, sparse_grad=True), values, w[1],
+                        use_reentrant=use_reentrant)
+        h = gather_dot(values, idx[2], x, sparse_grad=True)
+        ((y0 * upstream[0]).sum() + (y1 * upstream[1]).sum() + (h * upstream[2]).sum()).backward()
+        grads = [t.grad.to_dense() if t.grad.is_sparse else t.grad.clone() for t in (values, *w, x)]
+        for t in (values, *w, x):
+            t.grad = None
+        return grads
+
+    shared = run()
+    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+    for got, want in zip(shared, run()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -358,6 +358,9 @@ def _adds_into_dense_grad(table: Tensor) -> bool:
 
 #: Whether the running backward will execute an autograd node (PyTorch's own ``register_multi_grad_hook`` uses it).
 _will_engine_execute_node = getattr(torch._C, "_will_engine_execute_node", None)
+#: The id of the running backward (``-1`` outside one): private to autograd, pinned by tests/test_ops_shared_table.py;
+#: without it every read takes the per-read route.
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _save_table_read(ctx, inputs, output):
@@ -396,7 +399,8 @@ _DEPOSITS: dict[tuple[int, int], tuple[Tensor, list[tuple[Tensor, Tensor, Tensor
 def _register_reader(ctx, values: Tensor) -> None:
     """Records an eager read of ``values`` that may take part in the shared-table route (its node, weakly)."""
     ctx.table_key = None
-    if torch.compiler.is_compiling() or not values.requires_grad or _will_engine_execute_node is None:
+    if (torch.compiler.is_compiling() or not values.requires_grad or _will_engine_execute_node is None
+            or _current_graph_task_id is None):
         return
     if not cpu_read_supports(values):
         return
@@ -442,7 +446,7 @@ def _pending_reader(ctx, task: int, dense_grad: bool) -> bool:
 def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weights: Tensor, want_dots: bool):
     """The table gradient of a read on the shared-table route: ``(grad_values or None, dots or None)``; ``dots`` =
     ``gather_dot(values, indices, src)`` when ``want_dots`` (the weights' gradient of ``weighted_gather``)."""
-    task = torch._C._current_graph_task_id()
+    task = _current_graph_task_id()
     dense_grad = _adds_into_dense_grad(values)
     key = (task, ctx.table_key)
     if _pending_reader(ctx, task, dense_grad):
@@ -452,7 +456,8 @@ def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weight
         return None, (_gather_dot(values, indices, src, False) if want_dots else None)
     with _shared_lock:
         table, terms = _DEPOSITS.pop(key, (values, []))
-        if table is not values:  # (cannot happen: a deposit holds its table) - never mix two tables' terms
+        # the same table: activation checkpointing hands each read its own unpacked alias of it, so compare storage
+        if table.data_ptr() != values.data_ptr() or table.shape != values.shape:
             raise RuntimeError("memzoo: a deposited table-gradient term belongs to another table")
         _RAN.setdefault(task, set()).add(id(ctx))
         for old in [t for t in _RAN if t < task]:  # earlier backwards are over (or failed): forget them
