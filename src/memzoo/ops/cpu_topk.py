@@ -1,5 +1,7 @@
 """The CPU kernel behind :func:`memzoo.ops.product_key_topk`: per-half top-k and the pruned merge, in C++/OpenMP.
 
+(Over 500 lines because the kernel's C++ source is one string here, beside the binding that builds and calls it.)
+
 Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys`` each, one pass per row:
 
 1. **A lower bound on the k-th best sum, branch-free.** The maxima of 16 strided chunks of each half

@@ -1,5 +1,8 @@
 """Sparse reads of a large table: ``weighted_gather`` (memory layers) and its adjoint ``gather_dot`` (PEER).
 
+(Over 500 lines because the two ops, their autograd and the one-gradient-per-shared-table route below share the
+backward's private helpers and must change together.)
+
 For a table ``values (N, D)`` and bags of ``K`` row indices ``idx (..., K)``:
 
     weighted_gather:  out[b]    = Σ_j w[b,j] · values[idx[b,j]]          (..., D)
