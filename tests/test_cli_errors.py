@@ -396,3 +396,11 @@ def test_summary_checks_its_arguments_before_building_anything(memzoo, tmp_path,
     done = memzoo("summary", "--config", str(write_config(tmp_path)), *args, cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == "", done
     assert message in one_error_line(done.stderr)
+
+
+def test_summary_with_a_plan_builds_the_model_once(memzoo, tmp_path):
+    """A fresh process: the summary and the plan share one build, so Lightning's seed line is printed once."""
+    done = memzoo("summary", "--config", str(write_config(tmp_path)), "--world-size", "2", cwd=tmp_path)
+    assert done.returncode == 0, done
+    assert (done.stdout + done.stderr).count("Seed set to") == 1, done
+    assert "2 ranks, ddp strategy" in done.stdout and "total per rank" in done.stdout

@@ -88,15 +88,15 @@ def summary_command(args: Sequence[str]) -> object:
     options = parser.parse_args(list(args))
     _check_file("summary", "--config", options.config)
     _check_parallel_layout(options.world_size, options.memory_parallel, options.strategy)
-    from memzoo.config_accounting import summarize_config
+    from memzoo.config_accounting import model_from_config, plan_config, summarize_config
 
-    summary = summarize_config(options.config)
+    built = model_from_config(options.config)  # built once for the summary and the plan
+    summary = summarize_config(options.config, built=built)
     plan = None
     if options.world_size is not None:
-        from memzoo.config_accounting import plan_config
-
         try:
-            plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy)
+            plan = plan_config(options.config, options.world_size, options.memory_parallel, strategy=options.strategy,
+                               built=built)
         except ValueError as err:
             raise CommandError(f"summary: {err}") from None
     if options.json:

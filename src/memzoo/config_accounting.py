@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from memzoo.parallel.planning import ParallelPlan
 
 
-def summarize_config(path: str, context_length: int | None = None, vocab_size: int | None = None) -> Summary:
+def summarize_config(path: str, context_length: int | None = None, vocab_size: int | None = None,
+                     built: ConfigModel | None = None) -> Summary:
     """Builds the model of a memzoo YAML config (as ``memzoo fit`` would, without data or training) and summarises it.
 
     The ``model`` section is parsed and validated by the same jsonargparse machinery as the CLI, so bad keys fail
@@ -24,9 +25,10 @@ def summarize_config(path: str, context_length: int | None = None, vocab_size: i
     context length (unless given) is the data's ``block_size`` (else the model's ``max_seq_len``). ``vocab_size``, when
     given, replaces both (for data modules that bring their own vocabulary, e.g. the biographies' words). ``plugins:``
     in the config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory
-    is allocated, so configs of any size are summarised.
+    is allocated, so configs of any size are summarised. ``built``: the config's model already built by
+    :func:`model_from_config` (then ``vocab_size`` is its own).
     """
-    built = model_from_config(path, vocab_size)
+    built = built or model_from_config(path, vocab_size)
     if context_length is None:
         context_length = built.data_args.get("block_size") or find_transformer(built.model).max_seq_len
     summary = summarize(built.model, context_length)
@@ -88,7 +90,8 @@ def _optimizer_states(optimizer_section: Any) -> tuple[int, str | None]:
 
 
 def plan_config(
-    path: str, world_size: int, memory_parallel: int | None = None, element_bytes: int = 4, strategy: str | None = None
+    path: str, world_size: int, memory_parallel: int | None = None, element_bytes: int = 4, strategy: str | None = None,
+    built: ConfigModel | None = None,
 ) -> ParallelPlan:
     """:func:`memzoo.parallel.planning.plan_parallel` of a memzoo YAML config's model (built on ``meta``: any size),
     with the tokens per rank and step from its data (``batch_size · block_size``) and trainer
@@ -96,11 +99,12 @@ def plan_config(
 
     ``strategy`` / ``memory_parallel`` ``None``: the config's own (``trainer.strategy`` naming
     ``MemoryParallelStrategy`` and its ``memory_parallel``), else ``memory_parallel`` 1 and, by
-    :func:`~memzoo.parallel.planning.plan_parallel`'s rule, ``memory_parallel`` when ``M > 1``, ``ddp`` otherwise."""
+    :func:`~memzoo.parallel.planning.plan_parallel`'s rule, ``memory_parallel`` when ``M > 1``, ``ddp`` otherwise.
+    ``built``: the config's model already built by :func:`model_from_config`."""
     from memzoo.config_yaml import load_yaml_file
     from memzoo.parallel.planning import plan_parallel
 
-    built = model_from_config(path)
+    built = built or model_from_config(path)
     batch = int(built.data_args.get("batch_size", 32))
     block = int(built.data_args.get("block_size") or built.model.architecture.max_seq_len)
     accumulate = int(built.trainer_args.get("accumulate_grad_batches", 1) or 1)
