@@ -52,6 +52,9 @@ SOURCE = r"""
 #include <vector>
 #include <algorithm>
 #include <limits>
+#if defined(__SSE2__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace pk {
 
@@ -207,33 +210,73 @@ struct Work {
 };
 
 // The maxima of CH strided chunks (j mod CH); ``bad`` is set when the row holds a NaN or an infinity (such rows
-// take the plain route: a sum of infinities may be NaN).
+// take the plain route: a sum of infinities may be NaN). One vectorised pass: x - x is 0 for a finite x and NaN
+// otherwise, so a running sum of it is 0 exactly when the row is finite.
 template <typename T>
 inline void chunk_max(const T* s, int64_t n, T* m, int& bad) {
-  T acc[CH];
-  for (int c = 0; c < CH; ++c) acc[c] = s[c];
-  int nonfinite = 0;
+  typedef Simd<T> S;
+  typedef typename S::V V;
+  typedef typename S::M M;
+  constexpr int NV = CH / S::L;
+  V acc[NV], z[NV];
+  for (int v = 0; v < NV; ++v) { acc[v] = *(const V*)(s + v * S::L); z[v] = acc[v] - acc[v]; }
   const int64_t full = n / CH * CH;
   for (int64_t j = CH; j < full; j += CH)
-    for (int c = 0; c < CH; ++c) { T x = s[j + c]; acc[c] = x > acc[c] ? x : acc[c]; }
-  for (int64_t j = full; j < n; ++j) { T x = s[j]; acc[j - full] = x > acc[j - full] ? x : acc[j - full]; }
-  for (int64_t j = 0; j < n; ++j) { T x = s[j]; nonfinite |= !(x - x == T(0)); }
+    for (int v = 0; v < NV; ++v) {
+      const V x = *(const V*)(s + j + v * S::L);
+      const M gt = x > acc[v];
+      acc[v] = (V)(((M)x & gt) | ((M)acc[v] & ~gt));
+      z[v] += x - x;
+    }
+  T tail = T(0);
+  for (int v = 0; v < NV; ++v) *(V*)(m + v * S::L) = acc[v];
+  for (int64_t j = full; j < n; ++j) { T x = s[j]; m[j - full] = x > m[j - full] ? x : m[j - full]; tail += x - x; }
+  int nonfinite = !(tail == T(0));
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < S::L; ++l) nonfinite |= !(z[v][l] == T(0));
   bad |= nonfinite;
-  for (int c = 0; c < CH; ++c) m[c] = acc[c];
 }
 
-// Elements with x + other_max >= bound (the only ones that can be in a top-k pair), in row order.
+// Lane mask of a vector comparison as bits (lane l -> bit l).
+inline unsigned lane_bits(vi32 m) {
+#if defined(__AVX__)
+  return (unsigned)_mm256_movemask_ps((__m256)m);
+#elif defined(__SSE2__)
+  return (unsigned)_mm_movemask_ps((__m128)m);
+#else
+  unsigned r = 0;
+  for (int l = 0; l < Simd<float>::L; ++l) r |= (unsigned)(m[l] != 0) << l;
+  return r;
+#endif
+}
+inline unsigned lane_bits(vi64 m) {
+#if defined(__AVX__)
+  return (unsigned)_mm256_movemask_pd((__m256d)m);
+#elif defined(__SSE2__)
+  return (unsigned)_mm_movemask_pd((__m128d)m);
+#else
+  unsigned r = 0;
+  for (int l = 0; l < Simd<double>::L; ++l) r |= (unsigned)(m[l] != 0) << l;
+  return r;
+#endif
+}
+
+// Elements with x + other_max >= bound (the only ones that can be in a top-k pair), in row order: one vector test
+// per CH elements, and the passing lanes written one by one from the test's bit mask (a few dozen per row).
 template <typename T>
 inline int64_t compact(const T* s, int64_t n, T other_max, T bound, T* cv, int32_t* ci) {
+  typedef Simd<T> S;
+  typedef typename S::V V;
+  constexpr int NV = CH / S::L;
+  const V o = V{} + other_max, b = V{} + bound;
   int64_t m = 0, j = 0;
-  for (; j + CH <= n; j += CH) {  // most blocks of a long row hold no candidate: test the block first
-    int any = 0;
-    for (int c = 0; c < CH; ++c) any |= (s[j + c] + other_max >= bound);
-    if (!any) continue;
-    for (int c = 0; c < CH; ++c) {
-      T x = s[j + c];
-      cv[m] = x; ci[m] = (int32_t)(j + c);
-      m += (x + other_max >= bound);
+  for (; j + CH <= n; j += CH) {
+    unsigned bits = 0;
+    for (int v = 0; v < NV; ++v) bits |= lane_bits((*(const V*)(s + j + v * S::L) + o) >= b) << (v * S::L);
+    while (bits) {
+      const int c = __builtin_ctz(bits);
+      bits &= bits - 1;
+      cv[m] = s[j + c]; ci[m] = (int32_t)(j + c); ++m;
     }
   }
   for (; j < n; ++j) {
@@ -266,7 +309,7 @@ inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T
 template <typename T>
 void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* out_i, Work<T>& w) {
   int bad = 0;
-  T m1[CH + 8], m2[CH + 8], r1[CH], r2[CH];
+  T m1[CH + 8] = {}, m2[CH + 8] = {}, r1[CH], r2[CH];
   bool fast = n >= CH && k <= 64;
   if (fast) {
     chunk_max(s1, n, m1, bad);
