@@ -167,11 +167,14 @@ inline void rank_select(const T* v, int64_t m, int64_t limit, Emit emit) {
   for (int64_t b = 0; b < m; b += S::L) {
     const V x = *(const V*)(v + b);
     const M index = S::iota() + (I)b;
-    M acc = {};
-    for (int64_t q = 0; q < m; ++q) {
+    M acc = {};  // comparisons give -1 where true; an equal element counts when it comes first (q < index)
+    const int64_t e = std::min(b + S::L, m);
+    for (int64_t q = 0; q < b; ++q) acc -= (V{} + v[q]) >= x;
+    for (int64_t q = b; q < e; ++q) {
       const V y = V{} + v[q];
-      acc -= (y > x) | ((y == x) & (index > (I)q));  // comparisons give -1 where true
+      acc -= (y > x) | ((y == x) & (index > (I)q));
     }
+    for (int64_t q = e; q < m; ++q) acc -= (V{} + v[q]) > x;
     for (int l = 0; l < S::L && b + l < m; ++l)
       if (acc[l] < limit) emit((int64_t)acc[l], b + l);
   }
@@ -261,6 +264,19 @@ inline unsigned lane_bits(vi64 m) {
 #endif
 }
 
+// For every 8-lane mask, the lanes that are set, in order (then zeros): the permutation that moves them to the front.
+struct CompressLut {
+  int32_t p[256][8];
+  CompressLut() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l) if (mask >> l & 1) p[mask][n++] = l;
+      for (; n < 8; ++n) p[mask][n] = 0;
+    }
+  }
+};
+inline const CompressLut& compress_lut() { static const CompressLut lut; return lut; }
+
 // Elements with x + other_max >= bound (the only ones that can be in a top-k pair), in row order: one vector test
 // per CH elements, and the passing lanes written one by one from the test's bit mask (a few dozen per row).
 template <typename T>
@@ -273,6 +289,21 @@ inline int64_t compact(const T* s, int64_t n, T other_max, T bound, T* cv, int32
   for (; j + CH <= n; j += CH) {
     unsigned bits = 0;
     for (int v = 0; v < NV; ++v) bits |= lane_bits((*(const V*)(s + j + v * S::L) + o) >= b) << (v * S::L);
+    if (!bits) continue;
+#if defined(__AVX2__)
+    if (sizeof(T) == 4) {  // branch-free: each vector's passing lanes moved to its front by a permutation, stored whole
+      for (int v = 0; v < NV; ++v) {
+        const unsigned lanes = (bits >> (v * 8)) & 0xFF;
+        const __m256i perm = _mm256_loadu_si256((const __m256i*)compress_lut().p[lanes]);
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(s + j + v * 8));
+        const __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j + v * 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_storeu_si256((__m256i*)(cv + m), _mm256_permutevar8x32_epi32(x, perm));
+        _mm256_storeu_si256((__m256i*)(ci + m), _mm256_permutevar8x32_epi32(at, perm));
+        m += __builtin_popcount(lanes);
+      }
+      continue;
+    }
+#endif
     while (bits) {
       const int c = __builtin_ctz(bits);
       bits &= bits - 1;
@@ -395,9 +426,19 @@ void topk_rows(const T* scores, int64_t n_tokens, int64_t heads, int64_t n_keys,
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && rows > 1)
   {
     pk::Work<T> work(n_keys, k);
+    // rows in memory order (head-major for the (2, H, T, n_keys) layout), the next row's halves prefetched: a row
+    // is read once, mostly from memory, and each row of n_keys = 1024 floats is its own 4 KiB page
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* s1 = scores + (r / heads) * stride_token + (r % heads) * stride_head;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = (i % n_tokens) * heads + i / n_tokens;
+      const T* s1 = scores + (i % n_tokens) * stride_token + (i / n_tokens) * stride_head;
+      if (i + 1 < rows) {
+        const char* next = (const char*)(scores + ((i + 1) % n_tokens) * stride_token + ((i + 1) / n_tokens) * stride_head);
+        for (int64_t b = 0; b < n_keys * (int64_t)sizeof(T); b += 64) {
+          __builtin_prefetch(next + b);
+          __builtin_prefetch(next + stride_side * (int64_t)sizeof(T) + b);
+        }
+      }
       pk::row_pk(s1, s1 + stride_side, n_keys, k, out_s + r * k, out_i + r * k, work);
     }
   }
