@@ -4,12 +4,13 @@
 
 Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys`` each, one pass per row:
 
-1. **A lower bound on the k-th best sum, branch-free.** The maxima of 16 strided chunks of each half
-   (``j mod 16``) are 16 distinct elements per half; sorted, any ``A × B >= k`` rectangle of them gives ``A·B``
-   distinct pairs all summing to at least ``r1[A-1] + r2[B-1]``, so the best such corner ``L`` is at most the
-   k-th best sum.
+1. **A lower bound on the k-th best sum, branch-free.** The maxima of 32 strided chunks of each half
+   (``j mod 32``, one vectorised pass that also tests finiteness) are 32 distinct elements per half; sorted, any
+   ``A × B >= k`` rectangle of them gives ``A·B`` distinct pairs all summing to at least ``r1[A-1] + r2[B-1]``, so
+   the best such corner ``L`` is at most the k-th best sum.
 2. **Candidates.** Only elements with ``s1[j] + max(s2) >= L`` can be in a top-k pair (the same for ``s2``): both
-   halves are filtered with that test (blocks of 16 without a candidate are skipped), leaving a few dozen of
+   halves are filtered with that test (one vector test per 16 elements; with AVX2 the passing lanes are moved to the
+   front by a permutation from a table and stored whole, no branch per element), leaving a few dozen of
    ``n_keys`` on random data, each list a prefix of its sorted half.
 3. **Sort the candidates** by counting ranks (``#better + #equal before``: a whole vector of candidates against
    one broadcast candidate at a time, branch-free; a partial sort when there are more than 128, as under wide
@@ -23,7 +24,7 @@ Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys
 
 Exact (every filter keeps all elements tied at its bound, and the sums are the same IEEE additions the reference
 makes; ties come out in any order, as in ``torch.topk``). A row holding NaN or an infinity, ``k > 64`` or
-``n_keys < 16`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
+``n_keys < 32`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
 frontier with a max-heap of at most ``k + 1`` pairs (NaN ranks above every number, as in ``torch.topk``). Cost per
 row ``O(n_keys + m² + P²)`` for ``m`` candidates and ``P`` pairs, ``O(n_keys)`` memory per thread; rows run in
 parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime torch has loaded). The vector code uses the
@@ -130,8 +131,9 @@ void merge_heap(const T* v1, const int32_t* i1, int64_t m1, const T* v2, const i
 }
 
 
-// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 16)
-constexpr int CH = 16;  // strided chunks whose maxima bound the k-th best sum from below
+// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 32)
+constexpr int CH = 16;  // elements per block of the candidate filter
+constexpr int CM = 32;  // strided chunks whose maxima bound the k-th best sum from below
 
 // Vectors of the GCC/Clang vector extension: 32 bytes where the build has AVX, else 16 (SSE2, NEON, VSX); unaligned,
 // and they may alias their element type.
@@ -207,12 +209,17 @@ template <typename T>
 struct Work {
   std::vector<T> cv1, cv2, sv1, sv2, hs, ps;
   std::vector<int32_t> ci1, ci2, si1, si2, ha, hb, pa, pb, order;
+  std::vector<int64_t> cdiv, fdiv;  // ceil(k / a) for a >= 1, floor(k / (a + 1)): no integer division per row
   Work(int64_t n, int64_t k) : cv1(n + 8), cv2(n + 8), sv1(n + 8), sv2(n + 8), hs(k + 2), ps(candidate_pairs(k) + 8),
                                ci1(n + 8), ci2(n + 8), si1(n + 8), si2(n + 8), ha(k + 2), hb(k + 2),
-                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8), order(n) {}
+                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8), order(n),
+                               cdiv(std::max<int64_t>(k, 64) + 2), fdiv(k + 1) {
+    for (int64_t a = 1; a < (int64_t)cdiv.size(); ++a) cdiv[a] = (k + a - 1) / a;
+    for (int64_t a = 0; a <= k; ++a) fdiv[a] = k / (a + 1);
+  }
 };
 
-// The maxima of CH strided chunks (j mod CH); ``bad`` is set when the row holds a NaN or an infinity (such rows
+// The maxima of CM strided chunks (j mod CM); ``bad`` is set when the row holds a NaN or an infinity (such rows
 // take the plain route: a sum of infinities may be NaN). One vectorised pass: x - x is 0 for a finite x and NaN
 // otherwise, so a running sum of it is 0 exactly when the row is finite.
 template <typename T>
@@ -220,11 +227,11 @@ inline void chunk_max(const T* s, int64_t n, T* m, int& bad) {
   typedef Simd<T> S;
   typedef typename S::V V;
   typedef typename S::M M;
-  constexpr int NV = CH / S::L;
+  constexpr int NV = CM / S::L;
   V acc[NV], z[NV];
   for (int v = 0; v < NV; ++v) { acc[v] = *(const V*)(s + v * S::L); z[v] = acc[v] - acc[v]; }
-  const int64_t full = n / CH * CH;
-  for (int64_t j = CH; j < full; j += CH)
+  const int64_t full = n / CM * CM;
+  for (int64_t j = CM; j < full; j += CM)
     for (int v = 0; v < NV; ++v) {
       const V x = *(const V*)(s + j + v * S::L);
       const M gt = x > acc[v];
@@ -340,8 +347,8 @@ inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T
 template <typename T>
 void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* out_i, Work<T>& w) {
   int bad = 0;
-  T m1[CH + 8] = {}, m2[CH + 8] = {}, r1[CH], r2[CH];
-  bool fast = n >= CH && k <= 64;
+  T m1[CM + 8] = {}, m2[CM + 8] = {}, r1[CM], r2[CM];
+  bool fast = n >= CM && k <= 64;
   if (fast) {
     chunk_max(s1, n, m1, bad);
     chunk_max(s2, n, m2, bad);
@@ -354,13 +361,14 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
                w.ha.data(), w.hb.data());
     return;
   }
-  rank_select(m1, CH, CH, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
-  rank_select(m2, CH, CH, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
+  rank_select(m1, CM, CM, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
+  rank_select(m2, CM, CM, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
   // A·B >= k distinct pairs (chunk maxima are distinct elements) all sum to at least r1[A-1] + r2[B-1].
   T bound = -std::numeric_limits<T>::infinity();
-  for (int64_t a = 1; a <= CH; ++a) {
-    int64_t b = (k + a - 1) / a;
-    if (b <= CH) { T s = r1[a - 1] + r2[b - 1]; bound = s > bound ? s : bound; }
+  const int64_t* cdiv = w.cdiv.data();
+  for (int64_t a = 1; a <= CM; ++a) {
+    int64_t b = cdiv[a];
+    if (b <= CM) { T s = r1[a - 1] + r2[b - 1]; bound = s > bound ? s : bound; }
   }
   const int64_t c1 = compact(s1, n, r2[0], bound, w.cv1.data(), w.ci1.data());
   const int64_t c2 = compact(s2, n, r1[0], bound, w.cv2.data(), w.ci2.data());
@@ -370,7 +378,7 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   const T* v2 = w.sv2.data();
   // The same bound from the sorted candidates (tighter than the chunk maxima's): an A×B >= k rectangle.
   for (int64_t a = 1; a <= n1; ++a) {
-    const int64_t b = (k + a - 1) / a;
+    const int64_t b = cdiv[a];
     if (b <= n2) { T s = v1[a - 1] + v2[b - 1]; bound = s > bound ? s : bound; }
   }
   // Candidate pairs: (a+1)(b+1) <= k and sum >= bound (both lists descending: stop at the first one below). They
@@ -381,7 +389,7 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   int64_t P = 0;
   for (int64_t a = 0; a < n1; ++a) {
     const T x = v1[a];
-    const int64_t nb = std::min(n2, k / (a + 1));
+    const int64_t nb = std::min(n2, w.fdiv[a]);
     int64_t b = 0;
     for (; b < nb; ++b) {
       const T s = x + v2[b];
