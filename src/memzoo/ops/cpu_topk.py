@@ -344,6 +344,36 @@ inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T
   return keep;
 }
 
+// The pairs (a, b), b < nb, with x + v2[b] >= bound (a prefix: v2 is descending), written from ps, pa, pb on;
+// returns how many. Whole vectors are stored (room for a vector past the last pair; v2 readable that far).
+inline int64_t pair_prefix(float x, const float* v2, int64_t nb, float bound, int32_t a, float* ps, int32_t* pa,
+                           int32_t* pb) {
+  typedef Simd<float> S;
+  const vf32 xv = x - vf32{}, bv = bound - vf32{};  // x - (+0) is x, -0 included
+  int64_t c = 0;
+  for (int64_t b = 0; b < nb; b += S::L) {
+    const vf32 s = xv + *(const vf32*)(v2 + b);
+    const vi32 lane = S::iota() + (int32_t)b;
+    *(vf32*)(ps + c) = s;
+    *(vi32*)(pa + c) = vi32{} + a;
+    *(vi32*)(pb + c) = lane;
+    const int got = __builtin_popcount(lane_bits((s >= bv) & (lane < (int32_t)nb)));
+    c += got;
+    if (got < S::L) break;
+  }
+  return c;
+}
+inline int64_t pair_prefix(double x, const double* v2, int64_t nb, double bound, int32_t a, double* ps, int32_t* pa,
+                           int32_t* pb) {
+  int64_t b = 0;
+  for (; b < nb; ++b) {
+    const double s = x + v2[b];
+    if (s < bound) break;
+    ps[b] = s; pa[b] = a; pb[b] = (int32_t)b;
+  }
+  return b;
+}
+
 template <typename T>
 void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* out_i, Work<T>& w) {
   int bad = 0;
@@ -388,15 +418,9 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   int32_t* pb = w.pb.data();
   int64_t P = 0;
   for (int64_t a = 0; a < n1; ++a) {
-    const T x = v1[a];
-    const int64_t nb = std::min(n2, w.fdiv[a]);
-    int64_t b = 0;
-    for (; b < nb; ++b) {
-      const T s = x + v2[b];
-      if (s < bound) break;
-      ps[P] = s; pa[P] = (int32_t)a; pb[P] = (int32_t)b; ++P;
-    }
-    if (b == 0) break;  // x + v2[0] < bound: no later a (smaller x) has a pair either
+    const int64_t got = pair_prefix(v1[a], v2, std::min(n2, w.fdiv[a]), bound, (int32_t)a, ps + P, pa + P, pb + P);
+    P += got;
+    if (got == 0) break;  // x + v2[0] < bound: no later a (smaller x) has a pair either
   }
   // A threshold t with at least k pairs >= t, raised by bisection (the count is one vectorised pass), then the
   // pairs >= t ranked: every pair above the k-th best sum is >= t, so they hold a whole top-k.
