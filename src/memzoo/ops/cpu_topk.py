@@ -491,6 +491,48 @@ struct Divider {
   }
 };
 
+// The one-thread backward below with half = NV vectors: grad_q's row accumulated in 2·NV vector registers (the same
+// additions in the same order: bitwise the same results).
+template <typename T, int NV>
+void backward_one_pass(const T* grad, const int64_t* idx, const T* q, const T* c, int64_t rows, int64_t heads,
+                       int64_t n_keys, int64_t k, const Divider& div, T* gq, T* gc) {
+  typedef pk::Simd<T> S;
+  typedef typename S::V V;
+  constexpr int64_t half = NV * S::L;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = r % heads;
+    const T* q1 = q + r * 2 * half;
+    const T* q2 = q1 + half;
+    V a1[NV], a2[NV], x1[NV], x2[NV];
+    for (int v = 0; v < NV; ++v) {
+      a1[v] = V{}; a2[v] = V{};
+      x1[v] = *(const V*)(q1 + v * S::L); x2[v] = *(const V*)(q2 + v * S::L);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const T g = grad[r * k + j];
+      const V gv = g - V{};
+      const int64_t index = idx[r * k + j], i1 = div.div(index);
+      const int64_t row1 = (2 * h) * n_keys + i1, row2 = (2 * h + 1) * n_keys + index - i1 * n_keys;
+      const T* c1 = c + row1 * half;
+      const T* c2 = c + row2 * half;
+      T* g1 = gc + row1 * half;
+      T* g2 = gc + row2 * half;
+      for (int v = 0; v < NV; ++v) {
+        a1[v] += gv * *(const V*)(c1 + v * S::L);
+        *(V*)(g1 + v * S::L) += gv * x1[v];
+      }
+      for (int v = 0; v < NV; ++v) {
+        a2[v] += gv * *(const V*)(c2 + v * S::L);
+        *(V*)(g2 + v * S::L) += gv * x2[v];
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      *(V*)(gq + r * 2 * half + v * S::L) = a1[v];
+      *(V*)(gq + r * 2 * half + half + v * S::L) = a2[v];
+    }
+  }
+}
+
 // scores[r, j] = q[r, 0] · c[h, 0, i1] + q[r, 1] · c[h, 1, i2] for r = t·H + h and index = i1 · n_keys + i2:
 // grad_q[r, s] = Σ_j g[r, j] · c[h, s, i_s] (rows in parallel) and grad_c[h, s, i] += g[r, j] · q[r, s]
 // ((head, side) pairs in parallel, tokens in order: deterministic). grad_c must come zeroed.
@@ -499,6 +541,17 @@ void backward_rows(const T* grad, const int64_t* idx, const T* q, const T* c, in
                    int64_t n_keys, int64_t half, int64_t k, T* gq, T* gc, int n_threads) {
   const int64_t rows = n_tokens * heads;
   const Divider div(n_keys);
+  if (n_threads <= 1 && gq != nullptr && gc != nullptr && half % pk::Simd<T>::L == 0) {
+    switch (half / pk::Simd<T>::L) {  // the query's gradient row held in registers
+      case 1: return backward_one_pass<T, 1>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 2: return backward_one_pass<T, 2>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 3: return backward_one_pass<T, 3>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 4: return backward_one_pass<T, 4>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 5: return backward_one_pass<T, 5>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 6: return backward_one_pass<T, 6>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      default: break;
+    }
+  }
   if (n_threads <= 1 && gq != nullptr && gc != nullptr) {  // one pass: each pick's index, sub-key rows read once
     // (the same additions in the same order as the two parallel passes below: bitwise the same results)
     for (int64_t r = 0; r < rows; ++r) {
