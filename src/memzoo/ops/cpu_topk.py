@@ -4,12 +4,13 @@
 
 Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys`` each, one pass per row:
 
-1. **A lower bound on the k-th best sum, branch-free.** The maxima of 16 strided chunks of each half
-   (``j mod 16``) are 16 distinct elements per half; sorted, any ``A × B >= k`` rectangle of them gives ``A·B``
-   distinct pairs all summing to at least ``r1[A-1] + r2[B-1]``, so the best such corner ``L`` is at most the
-   k-th best sum.
+1. **A lower bound on the k-th best sum, branch-free.** The maxima of 32 strided chunks of each half
+   (``j mod 32``, one vectorised pass that also tests finiteness) are 32 distinct elements per half; sorted, any
+   ``A × B >= k`` rectangle of them gives ``A·B`` distinct pairs all summing to at least ``r1[A-1] + r2[B-1]``, so
+   the best such corner ``L`` is at most the k-th best sum.
 2. **Candidates.** Only elements with ``s1[j] + max(s2) >= L`` can be in a top-k pair (the same for ``s2``): both
-   halves are filtered with that test (blocks of 16 without a candidate are skipped), leaving a few dozen of
+   halves are filtered with that test (one vector test per 16 elements; with AVX2 the passing lanes are moved to the
+   front by a permutation from a table and stored whole, no branch per element), leaving a few dozen of
    ``n_keys`` on random data, each list a prefix of its sorted half.
 3. **Sort the candidates** by counting ranks (``#better + #equal before``: a whole vector of candidates against
    one broadcast candidate at a time, branch-free; a partial sort when there are more than 128, as under wide
@@ -23,7 +24,7 @@ Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys
 
 Exact (every filter keeps all elements tied at its bound, and the sums are the same IEEE additions the reference
 makes; ties come out in any order, as in ``torch.topk``). A row holding NaN or an infinity, ``k > 64`` or
-``n_keys < 16`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
+``n_keys < 32`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
 frontier with a max-heap of at most ``k + 1`` pairs (NaN ranks above every number, as in ``torch.topk``). Cost per
 row ``O(n_keys + m² + P²)`` for ``m`` candidates and ``P`` pairs, ``O(n_keys)`` memory per thread; rows run in
 parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime torch has loaded). The vector code uses the
@@ -52,6 +53,9 @@ SOURCE = r"""
 #include <vector>
 #include <algorithm>
 #include <limits>
+#if defined(__SSE2__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace pk {
 
@@ -127,8 +131,9 @@ void merge_heap(const T* v1, const int32_t* i1, int64_t m1, const T* v2, const i
 }
 
 
-// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 16)
-constexpr int CH = 16;  // strided chunks whose maxima bound the k-th best sum from below
+// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 32)
+constexpr int CH = 16;  // elements per block of the candidate filter
+constexpr int CM = 32;  // strided chunks whose maxima bound the k-th best sum from below
 
 // Vectors of the GCC/Clang vector extension: 32 bytes where the build has AVX, else 16 (SSE2, NEON, VSX); unaligned,
 // and they may alias their element type.
@@ -164,11 +169,14 @@ inline void rank_select(const T* v, int64_t m, int64_t limit, Emit emit) {
   for (int64_t b = 0; b < m; b += S::L) {
     const V x = *(const V*)(v + b);
     const M index = S::iota() + (I)b;
-    M acc = {};
-    for (int64_t q = 0; q < m; ++q) {
+    M acc = {};  // comparisons give -1 where true; an equal element counts when it comes first (q < index)
+    const int64_t e = std::min(b + S::L, m);
+    for (int64_t q = 0; q < b; ++q) acc -= (V{} + v[q]) >= x;
+    for (int64_t q = b; q < e; ++q) {
       const V y = V{} + v[q];
-      acc -= (y > x) | ((y == x) & (index > (I)q));  // comparisons give -1 where true
+      acc -= (y > x) | ((y == x) & (index > (I)q));
     }
+    for (int64_t q = e; q < m; ++q) acc -= (V{} + v[q]) > x;
     for (int l = 0; l < S::L && b + l < m; ++l)
       if (acc[l] < limit) emit((int64_t)acc[l], b + l);
   }
@@ -201,39 +209,112 @@ template <typename T>
 struct Work {
   std::vector<T> cv1, cv2, sv1, sv2, hs, ps;
   std::vector<int32_t> ci1, ci2, si1, si2, ha, hb, pa, pb, order;
+  std::vector<int64_t> cdiv, fdiv;  // ceil(k / a) for a >= 1, floor(k / (a + 1)): no integer division per row
   Work(int64_t n, int64_t k) : cv1(n + 8), cv2(n + 8), sv1(n + 8), sv2(n + 8), hs(k + 2), ps(candidate_pairs(k) + 8),
                                ci1(n + 8), ci2(n + 8), si1(n + 8), si2(n + 8), ha(k + 2), hb(k + 2),
-                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8), order(n) {}
+                               pa(candidate_pairs(k) + 8), pb(candidate_pairs(k) + 8), order(n),
+                               cdiv(std::max<int64_t>(k, 64) + 2), fdiv(k + 1) {
+    for (int64_t a = 1; a < (int64_t)cdiv.size(); ++a) cdiv[a] = (k + a - 1) / a;
+    for (int64_t a = 0; a <= k; ++a) fdiv[a] = k / (a + 1);
+  }
 };
 
-// The maxima of CH strided chunks (j mod CH); ``bad`` is set when the row holds a NaN or an infinity (such rows
-// take the plain route: a sum of infinities may be NaN).
+// The maxima of CM strided chunks (j mod CM); ``bad`` is set when the row holds a NaN or an infinity (such rows
+// take the plain route: a sum of infinities may be NaN). One vectorised pass: x - x is 0 for a finite x and NaN
+// otherwise, so a running sum of it is 0 exactly when the row is finite.
 template <typename T>
 inline void chunk_max(const T* s, int64_t n, T* m, int& bad) {
-  T acc[CH];
-  for (int c = 0; c < CH; ++c) acc[c] = s[c];
-  int nonfinite = 0;
-  const int64_t full = n / CH * CH;
-  for (int64_t j = CH; j < full; j += CH)
-    for (int c = 0; c < CH; ++c) { T x = s[j + c]; acc[c] = x > acc[c] ? x : acc[c]; }
-  for (int64_t j = full; j < n; ++j) { T x = s[j]; acc[j - full] = x > acc[j - full] ? x : acc[j - full]; }
-  for (int64_t j = 0; j < n; ++j) { T x = s[j]; nonfinite |= !(x - x == T(0)); }
+  typedef Simd<T> S;
+  typedef typename S::V V;
+  typedef typename S::M M;
+  constexpr int NV = CM / S::L;
+  V acc[NV], z[NV];
+  for (int v = 0; v < NV; ++v) { acc[v] = *(const V*)(s + v * S::L); z[v] = acc[v] - acc[v]; }
+  const int64_t full = n / CM * CM;
+  for (int64_t j = CM; j < full; j += CM)
+    for (int v = 0; v < NV; ++v) {
+      const V x = *(const V*)(s + j + v * S::L);
+      const M gt = x > acc[v];
+      acc[v] = (V)(((M)x & gt) | ((M)acc[v] & ~gt));
+      z[v] += x - x;
+    }
+  T tail = T(0);
+  for (int v = 0; v < NV; ++v) *(V*)(m + v * S::L) = acc[v];
+  for (int64_t j = full; j < n; ++j) { T x = s[j]; m[j - full] = x > m[j - full] ? x : m[j - full]; tail += x - x; }
+  int nonfinite = !(tail == T(0));
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < S::L; ++l) nonfinite |= !(z[v][l] == T(0));
   bad |= nonfinite;
-  for (int c = 0; c < CH; ++c) m[c] = acc[c];
 }
 
-// Elements with x + other_max >= bound (the only ones that can be in a top-k pair), in row order.
+// Lane mask of a vector comparison as bits (lane l -> bit l).
+inline unsigned lane_bits(vi32 m) {
+#if defined(__AVX__)
+  return (unsigned)_mm256_movemask_ps((__m256)m);
+#elif defined(__SSE2__)
+  return (unsigned)_mm_movemask_ps((__m128)m);
+#else
+  unsigned r = 0;
+  for (int l = 0; l < Simd<float>::L; ++l) r |= (unsigned)(m[l] != 0) << l;
+  return r;
+#endif
+}
+inline unsigned lane_bits(vi64 m) {
+#if defined(__AVX__)
+  return (unsigned)_mm256_movemask_pd((__m256d)m);
+#elif defined(__SSE2__)
+  return (unsigned)_mm_movemask_pd((__m128d)m);
+#else
+  unsigned r = 0;
+  for (int l = 0; l < Simd<double>::L; ++l) r |= (unsigned)(m[l] != 0) << l;
+  return r;
+#endif
+}
+
+// For every 8-lane mask, the lanes that are set, in order (then zeros): the permutation that moves them to the front.
+struct CompressLut {
+  int32_t p[256][8];
+  CompressLut() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l) if (mask >> l & 1) p[mask][n++] = l;
+      for (; n < 8; ++n) p[mask][n] = 0;
+    }
+  }
+};
+inline const CompressLut& compress_lut() { static const CompressLut lut; return lut; }
+
+// Elements with x + other_max >= bound (the only ones that can be in a top-k pair), in row order: one vector test
+// per CH elements, and the passing lanes written one by one from the test's bit mask (a few dozen per row).
 template <typename T>
 inline int64_t compact(const T* s, int64_t n, T other_max, T bound, T* cv, int32_t* ci) {
+  typedef Simd<T> S;
+  typedef typename S::V V;
+  constexpr int NV = CH / S::L;
+  const V o = V{} + other_max, b = V{} + bound;
   int64_t m = 0, j = 0;
-  for (; j + CH <= n; j += CH) {  // most blocks of a long row hold no candidate: test the block first
-    int any = 0;
-    for (int c = 0; c < CH; ++c) any |= (s[j + c] + other_max >= bound);
-    if (!any) continue;
-    for (int c = 0; c < CH; ++c) {
-      T x = s[j + c];
-      cv[m] = x; ci[m] = (int32_t)(j + c);
-      m += (x + other_max >= bound);
+  for (; j + CH <= n; j += CH) {
+    unsigned bits = 0;
+    for (int v = 0; v < NV; ++v) bits |= lane_bits((*(const V*)(s + j + v * S::L) + o) >= b) << (v * S::L);
+    if (!bits) continue;
+#if defined(__AVX2__)
+    if (sizeof(T) == 4) {  // branch-free: each vector's passing lanes moved to its front by a permutation, stored whole
+      for (int v = 0; v < NV; ++v) {
+        const unsigned lanes = (bits >> (v * 8)) & 0xFF;
+        const __m256i perm = _mm256_loadu_si256((const __m256i*)compress_lut().p[lanes]);
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(s + j + v * 8));
+        const __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(j + v * 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_storeu_si256((__m256i*)(cv + m), _mm256_permutevar8x32_epi32(x, perm));
+        _mm256_storeu_si256((__m256i*)(ci + m), _mm256_permutevar8x32_epi32(at, perm));
+        m += __builtin_popcount(lanes);
+      }
+      continue;
+    }
+#endif
+    while (bits) {
+      const int c = __builtin_ctz(bits);
+      bits &= bits - 1;
+      cv[m] = s[j + c]; ci[m] = (int32_t)(j + c); ++m;
     }
   }
   for (; j < n; ++j) {
@@ -263,11 +344,41 @@ inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T
   return keep;
 }
 
+// The pairs (a, b), b < nb, with x + v2[b] >= bound (a prefix: v2 is descending), written from ps, pa, pb on;
+// returns how many. Whole vectors are stored (room for a vector past the last pair; v2 readable that far).
+inline int64_t pair_prefix(float x, const float* v2, int64_t nb, float bound, int32_t a, float* ps, int32_t* pa,
+                           int32_t* pb) {
+  typedef Simd<float> S;
+  const vf32 xv = x - vf32{}, bv = bound - vf32{};  // x - (+0) is x, -0 included
+  int64_t c = 0;
+  for (int64_t b = 0; b < nb; b += S::L) {
+    const vf32 s = xv + *(const vf32*)(v2 + b);
+    const vi32 lane = S::iota() + (int32_t)b;
+    *(vf32*)(ps + c) = s;
+    *(vi32*)(pa + c) = vi32{} + a;
+    *(vi32*)(pb + c) = lane;
+    const int got = __builtin_popcount(lane_bits((s >= bv) & (lane < (int32_t)nb)));
+    c += got;
+    if (got < S::L) break;
+  }
+  return c;
+}
+inline int64_t pair_prefix(double x, const double* v2, int64_t nb, double bound, int32_t a, double* ps, int32_t* pa,
+                           int32_t* pb) {
+  int64_t b = 0;
+  for (; b < nb; ++b) {
+    const double s = x + v2[b];
+    if (s < bound) break;
+    ps[b] = s; pa[b] = a; pb[b] = (int32_t)b;
+  }
+  return b;
+}
+
 template <typename T>
 void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* out_i, Work<T>& w) {
   int bad = 0;
-  T m1[CH + 8], m2[CH + 8], r1[CH], r2[CH];
-  bool fast = n >= CH && k <= 64;
+  T m1[CM + 8] = {}, m2[CM + 8] = {}, r1[CM], r2[CM];
+  bool fast = n >= CM && k <= 64;
   if (fast) {
     chunk_max(s1, n, m1, bad);
     chunk_max(s2, n, m2, bad);
@@ -280,13 +391,14 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
                w.ha.data(), w.hb.data());
     return;
   }
-  rank_select(m1, CH, CH, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
-  rank_select(m2, CH, CH, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
+  rank_select(m1, CM, CM, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
+  rank_select(m2, CM, CM, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
   // A·B >= k distinct pairs (chunk maxima are distinct elements) all sum to at least r1[A-1] + r2[B-1].
   T bound = -std::numeric_limits<T>::infinity();
-  for (int64_t a = 1; a <= CH; ++a) {
-    int64_t b = (k + a - 1) / a;
-    if (b <= CH) { T s = r1[a - 1] + r2[b - 1]; bound = s > bound ? s : bound; }
+  const int64_t* cdiv = w.cdiv.data();
+  for (int64_t a = 1; a <= CM; ++a) {
+    int64_t b = cdiv[a];
+    if (b <= CM) { T s = r1[a - 1] + r2[b - 1]; bound = s > bound ? s : bound; }
   }
   const int64_t c1 = compact(s1, n, r2[0], bound, w.cv1.data(), w.ci1.data());
   const int64_t c2 = compact(s2, n, r1[0], bound, w.cv2.data(), w.ci2.data());
@@ -296,7 +408,7 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   const T* v2 = w.sv2.data();
   // The same bound from the sorted candidates (tighter than the chunk maxima's): an A×B >= k rectangle.
   for (int64_t a = 1; a <= n1; ++a) {
-    const int64_t b = (k + a - 1) / a;
+    const int64_t b = cdiv[a];
     if (b <= n2) { T s = v1[a - 1] + v2[b - 1]; bound = s > bound ? s : bound; }
   }
   // Candidate pairs: (a+1)(b+1) <= k and sum >= bound (both lists descending: stop at the first one below). They
@@ -306,15 +418,9 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
   int32_t* pb = w.pb.data();
   int64_t P = 0;
   for (int64_t a = 0; a < n1; ++a) {
-    const T x = v1[a];
-    const int64_t nb = std::min(n2, k / (a + 1));
-    int64_t b = 0;
-    for (; b < nb; ++b) {
-      const T s = x + v2[b];
-      if (s < bound) break;
-      ps[P] = s; pa[P] = (int32_t)a; pb[P] = (int32_t)b; ++P;
-    }
-    if (b == 0) break;  // x + v2[0] < bound: no later a (smaller x) has a pair either
+    const int64_t got = pair_prefix(v1[a], v2, std::min(n2, w.fdiv[a]), bound, (int32_t)a, ps + P, pa + P, pb + P);
+    P += got;
+    if (got == 0) break;  // x + v2[0] < bound: no later a (smaller x) has a pair either
   }
   // A threshold t with at least k pairs >= t, raised by bisection (the count is one vectorised pass), then the
   // pairs >= t ranked: every pair above the k-th best sum is >= t, so they hold a whole top-k.
@@ -352,9 +458,19 @@ void topk_rows(const T* scores, int64_t n_tokens, int64_t heads, int64_t n_keys,
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && rows > 1)
   {
     pk::Work<T> work(n_keys, k);
+    // rows in memory order (head-major for the (2, H, T, n_keys) layout), the next row's halves prefetched: a row
+    // is read once, mostly from memory, and each row of n_keys = 1024 floats is its own 4 KiB page
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* s1 = scores + (r / heads) * stride_token + (r % heads) * stride_head;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = (i % n_tokens) * heads + i / n_tokens;
+      const T* s1 = scores + (i % n_tokens) * stride_token + (i / n_tokens) * stride_head;
+      if (i + 1 < rows) {
+        const char* next = (const char*)(scores + ((i + 1) % n_tokens) * stride_token + ((i + 1) / n_tokens) * stride_head);
+        for (int64_t b = 0; b < n_keys * (int64_t)sizeof(T); b += 64) {
+          __builtin_prefetch(next + b);
+          __builtin_prefetch(next + stride_side * (int64_t)sizeof(T) + b);
+        }
+      }
       pk::row_pk(s1, s1 + stride_side, n_keys, k, out_s + r * k, out_i + r * k, work);
     }
   }
@@ -375,6 +491,48 @@ struct Divider {
   }
 };
 
+// The one-thread backward below with half = NV vectors: grad_q's row accumulated in 2·NV vector registers (the same
+// additions in the same order: bitwise the same results).
+template <typename T, int NV>
+void backward_one_pass(const T* grad, const int64_t* idx, const T* q, const T* c, int64_t rows, int64_t heads,
+                       int64_t n_keys, int64_t k, const Divider& div, T* gq, T* gc) {
+  typedef pk::Simd<T> S;
+  typedef typename S::V V;
+  constexpr int64_t half = NV * S::L;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = r % heads;
+    const T* q1 = q + r * 2 * half;
+    const T* q2 = q1 + half;
+    V a1[NV], a2[NV], x1[NV], x2[NV];
+    for (int v = 0; v < NV; ++v) {
+      a1[v] = V{}; a2[v] = V{};
+      x1[v] = *(const V*)(q1 + v * S::L); x2[v] = *(const V*)(q2 + v * S::L);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const T g = grad[r * k + j];
+      const V gv = g - V{};
+      const int64_t index = idx[r * k + j], i1 = div.div(index);
+      const int64_t row1 = (2 * h) * n_keys + i1, row2 = (2 * h + 1) * n_keys + index - i1 * n_keys;
+      const T* c1 = c + row1 * half;
+      const T* c2 = c + row2 * half;
+      T* g1 = gc + row1 * half;
+      T* g2 = gc + row2 * half;
+      for (int v = 0; v < NV; ++v) {
+        a1[v] += gv * *(const V*)(c1 + v * S::L);
+        *(V*)(g1 + v * S::L) += gv * x1[v];
+      }
+      for (int v = 0; v < NV; ++v) {
+        a2[v] += gv * *(const V*)(c2 + v * S::L);
+        *(V*)(g2 + v * S::L) += gv * x2[v];
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      *(V*)(gq + r * 2 * half + v * S::L) = a1[v];
+      *(V*)(gq + r * 2 * half + half + v * S::L) = a2[v];
+    }
+  }
+}
+
 // scores[r, j] = q[r, 0] · c[h, 0, i1] + q[r, 1] · c[h, 1, i2] for r = t·H + h and index = i1 · n_keys + i2:
 // grad_q[r, s] = Σ_j g[r, j] · c[h, s, i_s] (rows in parallel) and grad_c[h, s, i] += g[r, j] · q[r, s]
 // ((head, side) pairs in parallel, tokens in order: deterministic). grad_c must come zeroed.
@@ -383,6 +541,17 @@ void backward_rows(const T* grad, const int64_t* idx, const T* q, const T* c, in
                    int64_t n_keys, int64_t half, int64_t k, T* gq, T* gc, int n_threads) {
   const int64_t rows = n_tokens * heads;
   const Divider div(n_keys);
+  if (n_threads <= 1 && gq != nullptr && gc != nullptr && half % pk::Simd<T>::L == 0) {
+    switch (half / pk::Simd<T>::L) {  // the query's gradient row held in registers
+      case 1: return backward_one_pass<T, 1>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 2: return backward_one_pass<T, 2>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 3: return backward_one_pass<T, 3>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 4: return backward_one_pass<T, 4>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 5: return backward_one_pass<T, 5>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      case 6: return backward_one_pass<T, 6>(grad, idx, q, c, rows, heads, n_keys, k, div, gq, gc);
+      default: break;
+    }
+  }
   if (n_threads <= 1 && gq != nullptr && gc != nullptr) {  // one pass: each pick's index, sub-key rows read once
     // (the same additions in the same order as the two parallel passes below: bitwise the same results)
     for (int64_t r = 0; r < rows; ++r) {
