@@ -20,12 +20,13 @@ import memzoo
 PACKAGE = Path(memzoo.__file__).parent
 
 #: The first component under memzoo of each module -> the components it may import.
-LOW = {"ops", "nn", "atomic", "safe_load"}
+LOW = {"ops", "nn", "atomic", "safe_load", "lazy_exports"}
 ALLOWED = {
     "ops": {"ops"},
     "nn": {"ops", "nn"},
     "atomic": set(),
     "safe_load": set(),
+    "lazy_exports": set(),
     "config_yaml": set(),
     "config_errors": set(),
     "cli_base": set(),

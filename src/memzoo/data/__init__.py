@@ -14,10 +14,8 @@ tokenizers (all that :func:`memzoo.load_pretrained` and ``memzoo generate`` need
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from memzoo.data.tokenizers import ByteTokenizer, HFTokenizer, build_tokenizer
+from memzoo.lazy_exports import lazy_exports
 
 #: Public name -> the module defining it, imported when the name is first read.
 _LAZY = {
@@ -37,14 +35,4 @@ __all__ = [
     "build_tokenizer",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY, __all__)

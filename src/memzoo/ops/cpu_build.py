@@ -17,6 +17,23 @@ from collections.abc import Callable
 
 import torch
 
+#: C++ shared by the kernel sources: ``Divider(n).div(i)`` is ``i / n`` without a division per call (a shift for
+#: powers of two, else a double reciprocal and one fix-up; exact for ``0 <= i < 2^52``).
+DIVIDER_CPP = r"""
+struct Divider {
+  int64_t n; int shift; double inverse;
+  explicit Divider(int64_t n_) : n(n_), shift(-1), inverse(1.0 / (double)n_) {
+    if (n > 0 && (n & (n - 1)) == 0) { shift = 0; while ((int64_t(1) << shift) < n) ++shift; }
+  }
+  inline int64_t div(int64_t i) const {
+    if (shift >= 0) return i >> shift;
+    int64_t q = (int64_t)((double)i * inverse);
+    if (q * n > i) --q; else if ((q + 1) * n <= i) ++q;
+    return q;
+  }
+};
+"""
+
 #: ``MEMZOO_CPU_KERNELS=0``: never build or use the compiled CPU kernels (the PyTorch paths run)
 ENV_SWITCH = "MEMZOO_CPU_KERNELS"
 #: compiler flags per ``torch.backends.cpu.get_cpu_capability()`` (what torch itself dispatches to on this CPU)

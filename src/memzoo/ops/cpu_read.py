@@ -30,7 +30,7 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import compile_library, load_once
+from memzoo.ops.cpu_build import DIVIDER_CPP, compile_library, load_once
 
 __all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
 
@@ -130,21 +130,7 @@ int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, in
   return U;
 }
 
-// p / K without a division per position: a shift for powers of two, else a double reciprocal and one fix-up
-// (exact for p < 2^52).
-struct Divider {
-  int64_t n; int shift; double inverse;
-  explicit Divider(int64_t n_) : n(n_), shift(-1), inverse(1.0 / (double)n_) {
-    if (n > 0 && (n & (n - 1)) == 0) { shift = 0; while ((int64_t(1) << shift) < n) ++shift; }
-  }
-  inline int64_t div(int64_t i) const {
-    if (shift >= 0) return i >> shift;
-    int64_t q = (int64_t)((double)i * inverse);
-    if (q * n > i) --q; else if ((q + 1) * n <= i) ++q;
-    return q;
-  }
-};
-
+""" + DIVIDER_CPP + r"""
 // For each run u (row r), rows in parallel: G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in
 // order, the first one writing (no zero pass); with values, dots[p - dots_from] = values[r] . src[p/K] for
 // p >= dots_from in the same pass (the row values[r] stays in L1 over its run, src[p/K] is read once for both).

@@ -44,7 +44,7 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import compile_library, load_once
+from memzoo.ops.cpu_build import DIVIDER_CPP, compile_library, load_once
 
 __all__ = ["available", "backward", "half_topk_merge", "library"]
 
@@ -476,21 +476,7 @@ void topk_rows(const T* scores, int64_t n_tokens, int64_t heads, int64_t n_keys,
   }
 }
 
-// i / n and i % n without a division per call: a shift for powers of two, else a double reciprocal and one fix-up
-// (exact for i < 2^52).
-struct Divider {
-  int64_t n; int shift; double inverse;
-  explicit Divider(int64_t n_) : n(n_), shift(-1), inverse(1.0 / (double)n_) {
-    if (n > 0 && (n & (n - 1)) == 0) { shift = 0; while ((int64_t(1) << shift) < n) ++shift; }
-  }
-  inline int64_t div(int64_t i) const {
-    if (shift >= 0) return i >> shift;
-    int64_t q = (int64_t)((double)i * inverse);
-    if (q * n > i) --q; else if ((q + 1) * n <= i) ++q;
-    return q;
-  }
-};
-
+""" + DIVIDER_CPP + r"""
 // The one-thread backward below with half = NV vectors: grad_q's row accumulated in 2·NV vector registers (the same
 // additions in the same order: bitwise the same results).
 template <typename T, int NV>

@@ -19,8 +19,7 @@ The two strategies subclass Lightning's, so they are imported on first use (PEP 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from memzoo.lazy_exports import lazy_exports
 
 # Eager: the function's name is also its submodule's, which would otherwise be what `from memzoo.parallel import
 # parallelize` finds once the submodule is imported.
@@ -34,14 +33,4 @@ _LAZY = {
 
 __all__ = ["MemoryParallelStrategy", "SparseDDPStrategy", "parallelize"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY, __all__)
