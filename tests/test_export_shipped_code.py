@@ -124,6 +124,23 @@ def test_the_generator_refuses_imports_the_loader_cannot_follow(tmp_path):
             rewrite(ShippedModule("memzoo.model.fake", path), "0" * 12)
 
 
+def test_a_module_is_parsed_again_when_its_file_changes(tmp_path):
+    import os
+
+    path = tmp_path / "fake.py"
+    module = ShippedModule("memzoo.model.fake", path)
+    path.write_text("from memzoo.model.rope import x\n")
+    assert rewrite(module, "0" * 12) == "from .memzoo_model_rope import x\n"
+    assert rewrite(module, "0" * 12) == "from .memzoo_model_rope import x\n"  # the stored scan
+    stat = path.stat()
+    path.write_text("from memzoo.model.config import y\n")  # one byte longer
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same time: the size tells
+    assert rewrite(module, "0" * 12) == "from .memzoo_model_config import y\n"
+    path.write_text("from memzoo.model.gguf import xyz\n")  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # the time tells
+    assert rewrite(module, "0" * 12) == "from .memzoo_model_gguf import xyz\n"
+
+
 def test_rewrite_changes_only_the_import_path_and_the_op_namespace(tmp_path):
     path = tmp_path / "fake.py"
     path.write_text('from memzoo.ops.product_keys import (\n    candidate_pairs,\n)\nfrom .rope import x  # k\n'

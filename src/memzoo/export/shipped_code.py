@@ -27,6 +27,7 @@ are absent. The hand-written Hugging Face adapter (``hf_files/modeling_memzoo.py
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -85,8 +86,26 @@ def _import_target(node: ast.ImportFrom, module: ShippedModule) -> str | None:
     return ".".join(package + ([node.module] if node.module else []))
 
 
-def _memzoo_imports(module: ShippedModule) -> list[tuple[ast.ImportFrom, str]]:
-    """Every memzoo ``from ... import`` of ``module`` with its absolute target; refuses forms rule 2 cannot rewrite."""
+@dataclass(frozen=True)
+class ImportSite:
+    """One memzoo ``from ... import`` of a module: its 1-based ``line``, the ``column`` where ``from`` starts, and the
+    absolute memzoo module it names (``target``)."""
+
+    line: int
+    column: int
+    target: str
+
+
+def _memzoo_imports(module: ShippedModule) -> tuple[ImportSite, ...]:
+    """Every memzoo ``from ... import`` of ``module`` with its absolute target; refuses forms rule 2 cannot rewrite.
+    Parsed once per version of the file (keyed by its modification time and size): an export reads each of the ~40
+    modules twice, and a process may export many times."""
+    stat = module.path.stat()
+    return _scan_imports(module, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scan_imports(module: ShippedModule, mtime_ns: int, size: int) -> tuple[ImportSite, ...]:
     found = []
     tree = ast.parse(module.path.read_text(encoding="utf-8"), filename=str(module.path))
     for node in ast.walk(tree):
@@ -106,8 +125,8 @@ def _memzoo_imports(module: ShippedModule) -> list[tuple[ast.ImportFrom, str]]:
                 f"{where}: imports module(s) {as_modules} of {target} as names, which Hugging Face's loader cannot "
                 f"follow; import the names you use: `from {target}.{as_modules[0]} import ...`"
             )
-        found.append((node, target))
-    return found
+        found.append(ImportSite(node.lineno, node.col_offset, target))
+    return tuple(found)
 
 
 def shipped_modules() -> list[ShippedModule]:
@@ -122,7 +141,7 @@ def shipped_modules() -> list[ShippedModule]:
         if path is None:
             raise ShippedCodeError(f"{name} is not a memzoo module")
         seen[name] = ShippedModule(name, path)
-        todo.extend(target for _, target in _memzoo_imports(seen[name]))
+        todo.extend(site.target for site in _memzoo_imports(seen[name]))
     files = [m.file_name for m in seen.values()]
     if len(set(files)) != len(files):
         raise ShippedCodeError(f"two memzoo modules ship under one file name: {sorted(files)}")
@@ -140,13 +159,13 @@ def source_digest(modules: list[ShippedModule]) -> str:
 def rewrite(module: ShippedModule, digest: str) -> str:
     """``module``'s source after rules 2 and 3."""
     lines = module.path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for node, target in _memzoo_imports(module):
-        index = node.lineno - 1
+    for site in _memzoo_imports(module):
+        index = site.line - 1
         line = lines[index]
-        match = re.compile(r"from\s+(\S+)\s+import\b").match(line, node.col_offset)
+        match = re.compile(r"from\s+(\S+)\s+import\b").match(line, site.column)
         if match is None:
-            raise ShippedCodeError(f"{module.path}:{node.lineno}: `from <module> import` must start on one line")
-        relative = "." + shipped_file_name(target).removesuffix(".py")
+            raise ShippedCodeError(f"{module.path}:{site.line}: `from <module> import` must start on one line")
+        relative = "." + shipped_file_name(site.target).removesuffix(".py")
         lines[index] = line[: match.start(1)] + relative + line[match.end(1):]
     return "".join(lines).replace(f'"{OP_NAMESPACE}', 'f"memzoo_' + digest + '_{hash(__name__) & 0xFFFFFFFF:08x}::')
 
