@@ -78,7 +78,8 @@ def test_windows_give_both_models_the_same_characters():
     assert torch.equal(torch.argsort(bytes_.flatten(), stable=True), torch.argsort(chars.flatten(), stable=True))
 
 
-def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys):
+@pytest.mark.parametrize("vocab, memzoo_vocab", [("recipe", 65), ("bytes", 258)])
+def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys, vocab, memzoo_vocab):
     (tmp_path / "model.py").write_text(STAND_IN)
     config = tmp_path / "tiny.yaml"
     arch = "{dim: 16, n_layers: 1, n_heads: 2, block: dense, max_seq_len: 64}"
@@ -86,13 +87,20 @@ def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = load_bench().main(
         ["--nanogpt", str(tmp_path), "--config", str(config), "--text", str(tmp_path / "none.txt"), "--steps", "2",
-         "--warmup", "1", "--repeats", "2", "--json", str(out)]
+         "--warmup", "1", "--repeats", "2", "--vocab", vocab, "--json", str(out)]
     )
+    assert result["vocab"] == {"nanogpt": 65, "memzoo": memzoo_vocab} and result["compiled"] is False
+    assert result["params"]["memzoo"]["total"] - result["params"]["memzoo"]["non_embedding"] == memzoo_vocab * 16
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert len(result["ratios_memzoo_vs_nanogpt"]) == 2 and result["median_ratio_memzoo_vs_nanogpt"] > 0
     assert result["median_cpu_time_ratio_memzoo_vs_nanogpt"] > 0
     assert result["params"]["memzoo"]["non_embedding"] < result["params"]["memzoo"]["total"]
     assert "ratio memzoo/nanoGPT" in capsys.readouterr().out
+
+
+def test_compile_needs_a_warmup_to_compile_in(tmp_path):
+    with pytest.raises(SystemExit, match="--warmup 2 or more"):
+        load_bench().main(["--nanogpt", str(tmp_path), "--compile", "--warmup", "1"])
 
 
 def test_a_missing_checkout_names_the_clone_command(tmp_path):

@@ -66,8 +66,9 @@ def test_checkpoints_move_between_compiled_and_eager_runs(tmp_path):
     for first, second in (("aot_eager", False), (False, "aot_eager")):
         resumed = two_plus_two_steps(tmp_path / f"{first}-{second}", first, second)
         for (name, want), got in zip(reference.state_dict().items(), resumed.state_dict().values()):
-            where = f"{first}->{second}: {name}"
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, where=where: f"{where}: {m}")
+            where = f"{first}->{second}: {name}"  # eager runs memzoo's C++ norm/SwiGLU/rotary kernels, compiled
+            # graphs PyTorch's ops: rounding differs in the last bits, which four Adam steps may carry to ~1e-6
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
 
 
 def test_export_from_a_compiled_run(tmp_path):

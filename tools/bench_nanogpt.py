@@ -3,8 +3,11 @@
 Both bare models train on nanoGPT's CPU recipe for character-level tiny Shakespeare (4 layers, 4 heads, width 128,
 context 64, batch 12, AdamW lr 1e-3 betas (0.9, 0.99) weight decay 0.1 on matrices, gradient clipping 1.0, no
 dropout): each step is forward, cross-entropy, backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``,
-``zero_grad(set_to_none=True)``. No Lightning, no data loader: the same pre-drawn random windows of the text feed both
-(nanoGPT as its 65 character ids, memzoo as bytes, vocab 258). The runs alternate A B A B (``--repeats`` pairs of
+``zero_grad(set_to_none=True)``. No Lightning, no data loader: the same pre-drawn random windows of the text feed both,
+as the recipe's 65 character ids to both models (``--vocab recipe``, the default: equal shapes everywhere) or to
+memzoo as bytes with its byte tokenizer's 258 ids (``--vocab bytes``). ``--compile`` runs both steps' forward and loss
+under ``torch.compile`` (inductor; compiled during the warmup), as nanoGPT's ``train.py`` does by default. The runs
+alternate A B A B (``--repeats`` pairs of
 ``--steps`` timed steps each, after ``--warmup`` untimed steps per model) so drifts in machine load hit both; the
 headline is the median over pairs of ``memzoo tokens/s ÷ nanoGPT tokens/s`` measured in the same pair, from wall time
 and, less disturbed by other processes on a shared machine, from the CPU time of the (single) compute thread.
@@ -15,7 +18,7 @@ time)::
     git clone https://github.com/karpathy/nanoGPT ../nanoGPT
     python tools/bench_nanogpt.py --nanogpt ../nanoGPT [--config configs/study/shakespeare-nanogpt.yaml]
         [--text ../shared/data/tinyshakespeare.txt] [--steps 100] [--warmup 10] [--repeats 6] [--threads 1]
-        [--json docs/results/bench_nanogpt.json] [--profile 20]
+        [--vocab recipe|bytes] [--compile] [--json docs/results/bench_nanogpt.json] [--profile 20]
 
 memzoo's architecture comes from ``--config`` (the model section of a ``memzoo fit`` YAML). ``--profile N`` adds a
 torch.profiler table of the ops with the most self CPU time over N steps of each model.
@@ -63,6 +66,7 @@ def load_nanogpt(checkout: Path):
         )
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile re-imports the modules of the code it traces
     spec.loader.exec_module(module)
     return module
 
@@ -119,10 +123,16 @@ def parameter_counts(model: nn.Module, embedding_weights: list[torch.Tensor]) ->
     return {"total": total, "non_embedding": total - embedding}
 
 
-def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable) -> Step:
-    """One optimizer step as both recipes take it: ``loss_of(model, x, y)``, backward, clip 1.0, AdamW step."""
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable, compile: bool = False) -> Step:
+    """One optimizer step as both recipes take it: ``loss_of(model, x, y)`` (under ``torch.compile`` with
+    ``compile``), backward, clip 1.0, AdamW step."""
+    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_of(model, x, y)
+
+    forward = torch.compile(forward) if compile else forward
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = loss_of(model, x, y)
+        loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -193,12 +203,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per model before the first run")
     parser.add_argument("--repeats", type=int, default=6, help="A B pairs; the ratio is the median over pairs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab", choices=("recipe", "bytes"), default="recipe",
+                        help="memzoo's inputs: the recipe's 65 character ids (as nanoGPT's) or bytes (258 ids)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models' forward and loss")
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps of each model")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     for name in ("steps", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.compile and args.warmup < 2:
+        raise SystemExit(f"--compile compiles during the warmup: give --warmup 2 or more, got {args.warmup}")
     torch.set_num_threads(args.threads)
 
     B, T = RECIPE["batch_size"], RECIPE["block_size"]
@@ -211,16 +226,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(1337)
     nano, nano_opt = build_nanogpt(load_nanogpt(args.nanogpt), char_vocab)
     torch.manual_seed(1337)
-    mz, mz_opt = build_memzoo(args.config, ByteTokenizer.vocab_size)
+    memzoo_vocab = char_vocab if args.vocab == "recipe" else ByteTokenizer.vocab_size
+    mz, mz_opt = build_memzoo(args.config, memzoo_vocab)
     nano.train(), mz.train()
-    counts = {
+    counts = {  # before compiling: the parameters of the modules themselves
         "nanogpt": parameter_counts(
             nano, [nano.transformer.wte.weight, nano.transformer.wpe.weight, nano.lm_head.weight]
         ),
         "memzoo": parameter_counts(mz, [mz.embed.weight, mz.head.weight]),
     }
-    steps = {"nanogpt": training_step(nano, nano_opt, nanogpt_loss), "memzoo": training_step(mz, mz_opt, memzoo_loss)}
-    batches = {"nanogpt": split(char_ids), "memzoo": split(byte_ids)}
+    steps = {"nanogpt": training_step(nano, nano_opt, nanogpt_loss, args.compile),
+             "memzoo": training_step(mz, mz_opt, memzoo_loss, args.compile)}
+    batches = {"nanogpt": split(char_ids), "memzoo": split(char_ids if args.vocab == "recipe" else byte_ids)}
 
     w = args.warmup
     for name in steps:
@@ -243,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "nanogpt_commit": nanogpt_commit(args.nanogpt),
         "memzoo_config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
         "memzoo_architecture": memzoo_architecture(args.config),
-        "vocab": {"nanogpt": char_vocab, "memzoo": ByteTokenizer.vocab_size},
+        "vocab": {"nanogpt": char_vocab, "memzoo": memzoo_vocab},
+        "compiled": args.compile,
         "params": counts,
         "non_embedding_params_ratio_memzoo_vs_nanogpt": counts["memzoo"]["non_embedding"]
         / counts["nanogpt"]["non_embedding"],

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.registry import register_block
+from memzoo.nn.activations import swiglu
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
@@ -44,7 +44,7 @@ class DenseMLP(Block):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+        return self.dropout(self.down(swiglu(self.gate(x), self.up(x))))
 
     def reset_parameters(self, std: float = 0.02, residual_std: float = 0.02) -> None:
         """``gate``/``up`` ~ N(0, std), the residual output ``down`` ~ N(0, residual_std), biases 0."""

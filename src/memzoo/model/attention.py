@@ -179,13 +179,19 @@ class CausalSelfAttention(nn.Module):
         """``q (B, T, H, hd)`` and ``k (B, T, H_kv, hd)`` rotated for positions ``start ..`` (or the ``(B, T)``
         positions in ``start``), ``v``, and the keys before rotation (a view)."""
         B, T, _ = x.shape
+        qkv = self.qkv(x)
+        if not isinstance(start, torch.Tensor):  # one C++ pass each way where it applies
+            fused = self.rope.rotate_qkv(qkv, (self.n_heads, self.n_kv_heads, self.n_kv_heads), start)
+            if fused is not None:
+                k_raw = qkv.view(B, T, -1, self.head_dim)[:, :, self.n_heads : self.n_heads + self.n_kv_heads]
+                return (*fused, k_raw)
         if self.n_kv_heads == self.n_heads:
             # split (not slicing) so that the backward joins the gradients of (q, k) and v with one copy
-            qk, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
+            qk, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
             q, k = self.rope(qk, start).unbind(dim=2)  # queries and keys rotated in one pass
             return q, k, v.squeeze(2), qk[:, :, 1]
         kv = self.n_kv_heads * self.head_dim
-        q, k_raw, v = self.qkv(x).split([self.dim, kv, kv], dim=-1)
+        q, k_raw, v = qkv.split([self.dim, kv, kv], dim=-1)
         k_raw = k_raw.view(B, T, self.n_kv_heads, self.head_dim)
         q = self.rope(q.view(B, T, self.n_heads, self.head_dim), start)
         k = self.rope(k_raw, start)

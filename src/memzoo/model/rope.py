@@ -8,6 +8,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from memzoo.ops.cpu_dense import rope_qkv_backward, rope_qkv_forward
+from memzoo.ops.cpu_dense import supports as dense_kernels_support
+
 #: Frequency scalings :func:`rope_inv_freq` implements (Hugging Face ``rope_type`` names).
 ROPE_SCALINGS = ("linear", "llama3")
 
@@ -104,6 +107,31 @@ class _RotateHalfFunction(torch.autograd.Function):
         return _RotateHalfFunction._rotate(grad, cos_full, sin, -1.0), None, None
 
 
+class _RotaryQKVFunction(torch.autograd.Function):
+    """``qkv (B, T, (Hq + Hk + Hv)·hd)`` → rotated ``q``, ``k`` and ``v`` (fresh contiguous tensors) by one C++ pass
+    (:func:`memzoo.ops.cpu_dense.rope_qkv_forward`); the backward writes ``qkv``'s gradient in one pass. Saves only
+    the tables. A ``create_graph`` backward takes PyTorch ops (the inverse rotation), so double backward works."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: tuple[int, int, int], cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return rope_qkv_forward(qkv, heads, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            return rope_qkv_backward(grad_q, grad_k, grad_v, cos, sin), None, None, None
+        B, T = grad_q.shape[:2]
+        c, s = cos[None, :, None], sin[None, :, None]  # (1, T, 1, hd/2)
+
+        def rotate_back(g: torch.Tensor) -> torch.Tensor:
+            g1, g2 = g.chunk(2, dim=-1)
+            return torch.cat((g1 * c + g2 * s, g2 * c - g1 * s), dim=-1)
+
+        return torch.cat([rotate_back(grad_q), rotate_back(grad_k), grad_v], dim=2).reshape(B, T, -1), None, None, None
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables for rotating query/key pairs by position.
 
@@ -133,6 +161,30 @@ class RotaryEmbedding(nn.Module):
         # cos at full width, (cos, cos), as the rotation multiplies it
         return [("cos", cos.float()), ("sin", sin.float()), ("cos_full", torch.cat((cos, cos), dim=-1).float())]
 
+    def _check_end(self, end: int) -> None:
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {end} but the model's max_seq_len is {self.max_seq_len}; "
+                f"raise model.max_seq_len or use shorter sequences"
+            )
+
+    def rotate_qkv(self, qkv: torch.Tensor, heads: tuple[int, int, int], start_pos: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A fused projection ``qkv (B, T, (Hq + Hk + Hv)·hd)`` split into ``q (B, T, Hq, hd)`` and
+        ``k (B, T, Hk, hd)`` rotated for positions ``start_pos ..`` and ``v (B, T, Hv, hd)``, by memzoo's C++ kernel
+        (one pass forward, one backward); ``None`` where that kernel does not apply (not a contiguous float32/float64
+        CPU tensor, or under ``torch.compile``): then rotate the views with :meth:`forward`."""
+        if torch.compiler.is_compiling() or qkv.dim() != 3 or not dense_kernels_support(qkv):
+            return None
+        T = qkv.shape[1]
+        self._check_end(start_pos + T)
+        cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
+        if cos.dtype != qkv.dtype:
+            cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        if not dense_kernels_support(qkv, cos, sin):
+            return None
+        return _RotaryQKVFunction.apply(qkv, tuple(heads), cos, sin)
+
     @torch.no_grad()
     def reset_tables(self) -> None:
         """Recomputes the tables in place (for a module whose buffers were allocated but not filled, as when a
@@ -147,12 +199,7 @@ class RotaryEmbedding(nn.Module):
         tensor in ``x.dtype``."""
         T = x.shape[1]
         per_row = isinstance(start_pos, torch.Tensor)
-        end = int(start_pos.max()) + 1 if per_row and start_pos.numel() else (0 if per_row else start_pos + T)
-        if end > self.max_seq_len:
-            raise ValueError(
-                f"sequence reaches position {end} but the model's max_seq_len is {self.max_seq_len}; "
-                f"raise model.max_seq_len or use shorter sequences"
-            )
+        self._check_end(int(start_pos.max()) + 1 if per_row and start_pos.numel() else (0 if per_row else start_pos + T))
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"rotary embedding of head_dim {self.head_dim} got x of shape {tuple(x.shape)}")
         dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.cos.dtype)

@@ -1,6 +1,7 @@
-"""Normalisation layers (plain torch; shipped verbatim in exported Hugging Face folders).
+"""Normalisation layers (shipped verbatim in exported Hugging Face folders).
 
-All compute in at least float32 and return the input's dtype.
+All compute in at least float32 and return the input's dtype. :func:`rms_norm` runs memzoo's fused C++ kernel
+(:mod:`memzoo.ops.cpu_dense`) for contiguous float32/float64 CPU tensors outside ``torch.compile``, else PyTorch ops.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+
+from memzoo.ops.cpu_dense import rms_norm_backward, rms_norm_forward
+from memzoo.ops.cpu_dense import supports as dense_kernels_support
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -27,27 +31,45 @@ class _RMSNormFunction(torch.autograd.Function):
     gradient ``dx = r · (g·w − x̂ · mean(g·w·x̂))``, ``dw = Σ g·x̂`` (sum over all leading dims).
 
     Computed in float32 for half-precision inputs (float64 stays float64); ``y`` and ``dx`` come back in ``x``'s
-    dtype, ``dw`` in ``w``'s. Saves ``x̂`` (compute dtype) and ``r`` for the backward. Cost: 3 passes over ``x``
-    forward (the norm, two products) and 5 backward (``mean(g·w·x̂)`` as one matrix-vector product), about half
-    the kernels of the same formula through autograd. (``F.rms_norm`` runs the same kernels forward on CPU and has no
+    dtype, ``dw`` in ``w``'s. ``fused``: one C++ pass each way (:func:`memzoo.ops.cpu_dense.rms_norm_forward`;
+    saves ``x`` and ``r``); else PyTorch ops, saving ``x``, ``x̂`` (compute dtype) and ``r``: 3 passes over ``x``
+    forward (the norm, two products) and 5 backward (``mean(g·w·x̂)`` as one matrix-vector product). A
+    ``create_graph`` backward recomputes ``r`` and ``x̂`` from ``x`` with PyTorch ops, so double backward is exact. (``F.rms_norm`` runs separate kernels on CPU and has no
     CPU backward kernel, so it would not be faster here.)
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
+        ctx.x_dtype = x.dtype
+        ctx.fused = fused
+        ctx.eps = eps
+        if fused:  # one pass; x and r are saved, x̂ is recomputed in the backward
+            y, r = rms_norm_forward(x, weight, eps)
+            ctx.save_for_backward(x, r, weight)
+            return y
         dtype = torch.promote_types(x.dtype, torch.float32)
         x_c = x if x.dtype == dtype else x.to(dtype)
         d = x.shape[-1]
         r = torch.linalg.vector_norm(x_c, dim=-1, keepdim=True).square_().div_(d).add_(eps).rsqrt_()  # one pass
         x_hat = x_c * r
-        ctx.save_for_backward(x_hat, r, weight)
-        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x, x_hat, r, weight)
         y = x_hat * weight  # promotes a half-precision weight to the compute dtype
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x_hat, r, weight = ctx.saved_tensors
+        if ctx.fused:
+            x, r, weight = ctx.saved_tensors
+            if not torch.is_grad_enabled():  # a first-order backward: the kernel
+                grad_x, grad_w = rms_norm_backward(grad.contiguous(), x, r, weight, ctx.needs_input_grad[0],
+                                                   ctx.needs_input_grad[1])
+                return grad_x, grad_w, None, None
+        else:
+            x, x_hat, r, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: x̂ and r recomputed from x, so the gradient is differentiable in x
+            x_c = x.to(torch.promote_types(x.dtype, torch.float32))
+            r = torch.rsqrt(x_c.pow(2).mean(dim=-1, keepdim=True) + ctx.eps)
+            x_hat = x_c * r
         if grad.dtype != x_hat.dtype:
             grad = grad.to(x_hat.dtype)
         d = x_hat.shape[-1]
@@ -60,10 +82,10 @@ class _RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = weight if weight.dtype == x_hat.dtype else weight.to(x_hat.dtype)
             dot = torch.mv(g_x_hat, w).view(x_hat.shape[:-1] + (1,))  # Σ_d g·w·x̂, one matrix-vector product
-            grad_x = torch.addcmul(grad * w, x_hat, dot, value=-1.0 / d).mul_(r)
+            grad_x = torch.addcmul(grad * w, x_hat, dot, value=-1.0 / d).mul(r)
             if grad_x.dtype != ctx.x_dtype:
                 grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,7 +97,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(
             f"rms_norm: weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
         )
-    return _RMSNormFunction.apply(x, weight, eps)
+    fused = not torch.compiler.is_compiling() and dense_kernels_support(x, weight)
+    return _RMSNormFunction.apply(x, weight, eps, fused)
 
 
 class RMSNorm(nn.Module):
