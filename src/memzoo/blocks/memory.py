@@ -34,11 +34,11 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.pool import MemoryPool, ReadsPool, UpdateMode, resolve_pool
 from memzoo.blocks.registry import register_block
+from memzoo.nn.activations import swiglu
 from memzoo.nn.checks import check_choice
 from memzoo.nn.product_key_router import ProductKeyRouter
 
@@ -167,7 +167,7 @@ class ProductKeyMemory(ReadsPool, Block):
         pool.observe(indices, weights)
         y = pool.read(indices, weights).to(x.dtype)  # Σ w·V[I]: weighted_gather of the (maybe sharded) values
         if self.gate_proj is not None:
-            y = y * F.silu(self.gate_proj(x))  # Memory+: y ⊙ silu(W_1 x)
+            y = swiglu(self.gate_proj(x), y)  # Memory+: silu(W_1 x) ⊙ y
         if self.out_proj is not None:
             y = self.out_proj(y)
         return y

@@ -23,12 +23,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from memzoo.blocks.base import Block, BlockContext
 from memzoo.blocks.dense import swiglu_hidden
 from memzoo.blocks.pool import MemoryPool, ReadsTokenTable, TableDevice, UpdateMode
 from memzoo.blocks.registry import register_block
+from memzoo.nn.activations import swiglu
 from memzoo.nn.checks import check_choice, check_positive_int
 
 
@@ -108,7 +108,7 @@ class TokenEmbeddingFFN(ReadsTokenTable, Block):
         ones = torch.ones(indices.shape, dtype=table.values.dtype, device=x.device)
         table.observe(indices, ones)
         up = table.read(indices, ones)  # U[v_t], (B, T, hidden)
-        return self.down(F.silu(self.gate(x)) * up.to(x.dtype))
+        return self.down(swiglu(self.gate(x), up.to(x.dtype)))
 
     # ------------------------------------------------------------------------------------------ accounting
     def active_parameters(self) -> int:
