@@ -234,3 +234,17 @@ def test_without_the_kernels_the_pytorch_paths_give_the_same_results(monkeypatch
             cpu_dense._state.clear()
             cpu_dense._state.update(saved)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_meta_and_fake_tensors_take_the_pytorch_path():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rope = RotaryEmbedding(4, max_seq_len=8)
+    with FakeTensorMode():
+        x, w, qkv = torch.randn(3, 8), torch.randn(8), torch.randn(2, 3, 12)
+        assert not cpu_dense.supports(x, w)
+        assert rms_norm(x, w, 1e-6).shape == (3, 8) and swiglu(x, x).shape == (3, 8)
+        assert rope.rotate_qkv(qkv, (1, 1, 1), 0) is None
+    meta = torch.randn(3, 8, device="meta")
+    assert rms_norm(meta, torch.ones(8, device="meta"), 1e-6).device.type == "meta"
+    assert swiglu(meta, meta).shape == (3, 8)

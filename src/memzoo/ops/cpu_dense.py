@@ -273,12 +273,12 @@ def available() -> bool:
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors can take the compiled path: all contiguous on the CPU, one dtype (float32 or float64),
-    none needing autograd's forward-mode or a tensor subclass, and the kernels built."""
+    """Whether these tensors can take the compiled path: plain tensors or parameters (subclasses such as
+    DTensor and fake tensors keep the PyTorch path), contiguous on the CPU, one dtype (float32 or float64), and the
+    kernels built."""
     dtype = tensors[0].dtype
-    if dtype not in _SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
-                                   or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
-                                   for t in tensors):
+    if dtype not in _SUFFIX or any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu"
+                                   or t.dtype != dtype or not t.is_contiguous() for t in tensors):
         return False
     return available()
 
