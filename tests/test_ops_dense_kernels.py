@@ -77,19 +77,23 @@ def test_rms_norm_kernel_gives_only_the_gradients_asked_for():
     assert x_only.grad is not None and w.grad is None
 
 
-def test_rms_norm_kernel_with_two_threads_equals_one_thread():
-    x, w, grad_out = torch.randn(301, 40), torch.randn(40), torch.randn(301, 40)
+@pytest.mark.parametrize("rows", [301, 1])  # one row: the kernel runs one thread of the two asked for
+def test_rms_norm_kernel_with_two_threads_equals_one_thread(rows):
+    x, w, grad_out = torch.randn(rows, 40), torch.randn(40), torch.randn(rows, 40)
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(our_grads(lambda a, b: rms_norm(a, b, 1e-5), x, w, grad_out=grad_out))
+            for _ in range(3):  # fresh partial-sum buffers, reused memory included
+                results.append(our_grads(lambda a, b: rms_norm(a, b, 1e-5), x, w, grad_out=grad_out))
     finally:
         torch.set_num_threads(threads)
-    (y1, (gx1, gw1)), (y2, (gx2, gw2)) = results
-    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)  # rows are independent
-    torch.testing.assert_close(gw1, gw2, rtol=1e-6, atol=1e-6)  # partial sums per thread, float64
+    _, (_, gw_ref) = float64_grads(lambda a, b: reference_rms_norm(a, b, 1e-5), x, w, grad_out=grad_out)
+    (y1, (gx1, _)) = results[0]
+    for y, (gx, gw) in results:
+        assert torch.equal(y, y1) and torch.equal(gx, gx1)  # rows are independent
+        torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-5)  # partial sums per thread
 
 
 def test_rms_norm_kernel_double_backward_takes_the_pytorch_formula():
@@ -248,3 +252,9 @@ def test_meta_and_fake_tensors_take_the_pytorch_path():
     meta = torch.randn(3, 8, device="meta")
     assert rms_norm(meta, torch.ones(8, device="meta"), 1e-6).device.type == "meta"
     assert swiglu(meta, meta).shape == (3, 8)
+
+
+def test_empty_inputs_keep_their_shapes():
+    assert rms_norm(torch.randn(3, 0), torch.ones(0), 1e-6).shape == (3, 0)
+    assert rms_norm(torch.randn(0, 5), torch.ones(5), 1e-6).shape == (0, 5)
+    assert swiglu(torch.randn(0, 4), torch.randn(0, 4)).shape == (0, 4)

@@ -97,7 +97,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(
             f"rms_norm: weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
         )
-    fused = not torch.compiler.is_compiling() and dense_kernels_support(x, weight)
+    fused = x.shape[-1] > 0 and not torch.compiler.is_compiling() and dense_kernels_support(x, weight)
     return _RMSNormFunction.apply(x, weight, eps, fused)
 
 

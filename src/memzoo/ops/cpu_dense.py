@@ -78,8 +78,6 @@ void rms_norm_bwd(const T* __restrict g, const T* __restrict x, const T* __restr
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t begin = N * t / nt, end = N * (t + 1) / nt;
     double* part = dw_parts ? dw_parts + (int64_t)t * D : nullptr;
-    if (part)
-      for (int64_t d = 0; d < D; ++d) part[d] = 0.0;
     for (int64_t n = begin; n < end; ++n) {
       const T* gr = g + n * D;
       const T* xr = x + n * D;
@@ -332,7 +330,8 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weig
     d = x.shape[-1]
     threads = torch.get_num_threads()
     dx = torch.empty_like(x) if need_x else None
-    parts = torch.empty(threads, d, dtype=torch.float64) if need_weight else None
+    # zeros: OpenMP may run fewer threads than asked (one row, nested regions), leaving some rows unwritten
+    parts = torch.zeros(threads, d, dtype=torch.float64) if need_weight else None
     _kernel("rms_norm_bwd", x.dtype)(grad.data_ptr(), x.data_ptr(), r.data_ptr(), weight.data_ptr(),
                                      None if dx is None else dx.data_ptr(),
                                      None if parts is None else parts.data_ptr(), x.numel() // d, d, threads)
