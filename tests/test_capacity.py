@@ -208,3 +208,7 @@ def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeyp
         assert r["bits_attributed"] == pytest.approx(r["bits_trained"] - r["bits_control"])
     assert {c["model"] for c in report["variant_cells"]} == {"pkm@frozen", "pkm@single_row", "pkm@shuffled"}
     assert result["controls"] == report["controls"]
+    md = (tmp_path / "ctl.md").read_text()
+    assert "Cells run: 4 of 4" in md and not report["cells_not_run"]  # the control cells count as run
+    assert all(f"| pkm@{c} |" in md for c in ("frozen", "single_row", "shuffled"))  # every cell's bits are listed
+    assert report["command"].startswith("python tools/capacity.py --models pkm")

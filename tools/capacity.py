@@ -52,6 +52,7 @@ import argparse
 import importlib.util
 import json
 import math
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -539,7 +540,7 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     controls = control_rows(cells + variant_cells)
     checked = targets(cells)
     sat = saturation(cells)
-    done = {f"people-{c['knowledge_load']}__{c['model']}" for c in cells}
+    done = {f"people-{c['knowledge_load']}__{c['model']}" for c in every}
     not_run = [n for n in meta.get("planned_cells", []) if n not in done]
     study.write_json_atomic(paths["json"], {"study": name, **meta, "flop_table": [asdict(c) for c in costs],
                                             "memory_params": memory, "dense_saturation": sat, "targets": checked,
@@ -570,7 +571,13 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
              *(f"| {r['knowledge_load']:,} | {r['model']} | {r['control']} | {_bits(r['bits_trained'])} | "
                f"{_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} |" for r in controls), ""]
             if controls else []),
-          f"Cells run: {len(cells)} of {len(cells) + len(not_run)}"
+          *(["### Every seed and rate (the tables above read the config's rate and seed)", "",
+             "| people | cell | bits stored | % of corpus | recall |", "| ---: | --- | ---: | ---: | ---: |",
+             *(f"| {c['knowledge_load']:,} | {c['model']} | {_bits(c.get('bits'))} | "
+               f"{100 * c['bits'] / c['max_bits']:.1f}% | {c['final'].get('fact_recall', float('nan')):.3f} |"
+               for c in sorted(every, key=lambda c: (c["knowledge_load"], c["model"])) if c.get("bits") is not None),
+             ""] if variant_cells else []),
+          f"Cells run: {len(every)} of {len(every) + len(not_run)}"
           + (f"; not run: {', '.join(not_run)}" if not_run else ""), "", "### Targets", "", *target_lines, "",
           f"![bits stored and recall against knowledge load]({paths['plot'].name})", "",
           f"![bits stored during training, per load]({paths['curves'].name})", ""]
@@ -651,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"[capacity] {len(plan)} loads x {len(args.models)} models: "
           + ", ".join(f"{w.name} ({w.steps} steps x {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
-    meta = {"command": " ".join(["python tools/capacity.py", *command]), "grid": grid_spec,
+    meta = {"command": shlex.join(["python", "tools/capacity.py", *command]), "grid": grid_spec,
             "hardware": "2 shared CPU cores" if not args.gpu else "one GPU",
             "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
             "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
