@@ -38,7 +38,8 @@ ALLOWED = {
     "training": LOW | {"registry", "blocks", "model", "parallel", "training"},
 }
 #: Top layer: may import anything (but still no cycle).
-TOP = {"export", "pretrained", "loading", "build", "accounting", "config_accounting", "cli", "cli_lightning", "cli_verbs", "__main__", "__init__"}
+TOP = {"export", "pretrained", "loading", "build", "accounting", "config_accounting", "config_overrides", "cli",
+       "cli_lightning", "cli_verbs", "__main__", "__init__"}
 #: Files shipped into export folders: they import only torch and transformers (tested in test_export).
 SHIPPED = ("export", "hf_files")
 #: A string that is a whole dotted memzoo path (a class path or module name given as data).

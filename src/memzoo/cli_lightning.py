@@ -44,6 +44,7 @@ from memzoo.accounting import summarize
 from memzoo.atomic import STALE_AFTER_S, remove_stale_partials
 from memzoo.cli_base import ConfigError
 from memzoo.config_errors import describe_parse_error
+from memzoo.config_overrides import merge_dict_overrides
 from memzoo.data import LMDataModule
 from memzoo.export.checkpoint_check import (
     check_checkpoint_file,
@@ -139,8 +140,8 @@ class MemzooCLI(LightningCLI):
         try:  # LightningCLI's own version warns whenever sys.argv has arguments
             if isinstance(args, (dict, Namespace)):
                 self.config = parser.parse_object(args)
-            else:
-                self.config = parser.parse_args(args)
+            else:  # `--model.init_args.architecture.pools.P.lr X` sets one key of pool P, not the whole entry
+                self.config = parser.parse_args(merge_dict_overrides(list(args), parser.parse_args))
         except ArgumentError as error:  # the parser raises (exit_on_error=False): one line, no usage dump
             command_line = () if isinstance(args, (dict, Namespace)) else args  # a parsed object has no tokens
             raise ConfigError(describe_parse_error(error, parser, command_line)) from error
