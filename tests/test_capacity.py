@@ -212,3 +212,8 @@ def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeyp
     assert "Cells run: 4 of 4" in md and not report["cells_not_run"]  # the control cells count as run
     assert all(f"| pkm@{c} |" in md for c in ("frozen", "single_row", "shuffled"))  # every cell's bits are listed
     assert report["command"].startswith("python tools/capacity.py --models pkm")
+
+
+def test_every_model_has_its_own_plot_colour():
+    colours = [capacity.model_color(m) for m in capacity.ALL_MODELS]
+    assert len(set(colours)) == len(colours)

@@ -455,6 +455,14 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def model_color(model: str) -> tuple[float, ...]:
+    """One colour per model of :data:`ALL_MODELS` (tab20: distinct for up to 20, where the default cycle repeats
+    after 10)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](list(ALL_MODELS).index(model) % 20)
+
+
 def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
     """Bits stored against the bits in the corpus (both log), one line per model, the y = x ceiling dashed."""
     import matplotlib
@@ -468,7 +476,7 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
         own = sorted((c for c in cells if c["model"] == model), key=lambda c: c["knowledge_load"])
         if not own:
             continue
-        color = f"C{list(ALL_MODELS).index(model)}"
+        color = model_color(model)
         axes[0].plot([c["max_bits"] for c in own], [max(c["bits"], 1.0) for c in own], marker="o", label=model,
                      color=color)
         axes[1].plot([c["knowledge_load"] for c in own], [c["final"]["fact_recall"] or 0.0 for c in own], marker="o",
@@ -510,7 +518,7 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
     for ax, load in zip(axes[0], loads):
         for c in sorted((c for c in cells if c["knowledge_load"] == load), key=lambda c: list(ALL_MODELS).index(c["model"])):
             curve = [(0, 0.0)] + [(p["step"], max(p["bits"], 0.0)) for p in c["curve_bits"]]
-            ax.plot(*zip(*curve), marker="o", ms=3, label=c["model"], color=f"C{list(ALL_MODELS).index(c['model'])}")
+            ax.plot(*zip(*curve), marker="o", ms=3, label=c["model"], color=model_color(c["model"]))
         ax.axhline(cells[[c["knowledge_load"] for c in cells].index(load)]["max_bits"], color="grey", ls="--", lw=1)
         ax.set_title(f"people-{load:,}", fontsize=9)
         ax.set_xlabel("step")
