@@ -146,6 +146,8 @@ def test_variant_cells_name_their_rate_seed_and_control():
     assert extra["dense@lr0.03@seed7"] == ["--model.init_args.optimizer.init_args.lr", "0.03", "--seed_everything", "7"]
     assert "dense@frozen" not in extra  # dense has no table
     assert extra["memoryplus@frozen"] == ["--model.init_args.freeze", '["pools.memory.*"]']
+    assert extra["memoryplus@seed7@frozen"] == [*extra["memoryplus@frozen"], "--seed_everything", "7"]  # every seed
+    assert "memoryplus@lr0.03@frozen" not in extra  # controls at the config's rate
     assert capacity.study.base_model("memoryplus@lr0.03@seed7") == "memoryplus"
     engram = capacity.control_args("engram", "single_row", configs["engram"])
     assert engram == ["--model.init_args.architecture.layers.1.add.table", "single_row"]
@@ -160,12 +162,14 @@ def test_variant_cells_name_their_rate_seed_and_control():
 def test_lr_sweep_and_control_rows_on_fake_cells():
     cells = [{"knowledge_load": 10, "model": m, "bits": b, "final": {"fact_recall": 0.5}} for m, b in
              [("pkm", 100.0), ("pkm@seed2", 80.0), ("pkm@lr0.03", 120.0), ("pkm@lr0.03@seed2", 110.0),
-              ("pkm@frozen", 30.0), ("pkm@shuffled", 10.0)]]
+              ("pkm@frozen", 30.0), ("pkm@shuffled", 10.0), ("pkm@seed2@frozen", 20.0)]]
     (sweep,) = capacity.lr_sweep(cells)
     assert sweep["best_lr"] == 0.03 and sweep["best_bits"] == pytest.approx(115.0)
     assert [r["mean_bits"] for r in sweep["bits_by_lr"]] == [90.0, 115.0]
-    rows = {r["control"]: r for r in capacity.control_rows(cells)}
-    assert rows["frozen"]["bits_attributed"] == 70.0 and rows["shuffled"]["bits_attributed"] == 90.0
+    rows = {(r["control"], r["seed"]): r for r in capacity.control_rows(cells)}
+    assert rows["frozen", capacity.SEED]["bits_attributed"] == 70.0
+    assert rows["shuffled", capacity.SEED]["bits_attributed"] == 90.0
+    assert rows["frozen", 2]["bits_attributed"] == 60.0 and rows["frozen", 2]["model"] == "pkm"  # trained at seed 2
 
 
 def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate,
 ``--seeds``) and ``<model>@<control>``; the report's tables and targets read the plain cells (config rate and seed),
 the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
 the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
-rate and seed; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
+rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
 ``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
 ``shuffled`` permutes the trained rows before the last validation. ``controls`` rows in the JSON carry
 ``bits_trained``, ``bits_control`` and ``bits_attributed`` = trained - control: the bits the table holds.
@@ -385,7 +385,7 @@ def variant_name(model: str, lr: float | None = None, seed: int | None = None, c
 def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], controls: Sequence[str],
              configs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     """Every cell model of the grid -> its extra ``memzoo fit`` arguments: each model at every rate x seed (the
-    AdamW rate; table rates stay the config's), and at the config's rate and seed under each control."""
+    AdamW rate; table rates stay the config's), and at the config's rate and every seed under each control."""
     out: dict[str, list[str]] = {}
     for m in models:
         for lr in lrs:
@@ -398,7 +398,9 @@ def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], 
                     print(f"[capacity] control {control} is not defined for mole (its experts have no rows): "
                           f"only frozen runs", flush=True)
                     continue
-                out[variant_name(m, control=control)] = control_args(m, control, configs[m])
+                for seed in seeds:
+                    out[variant_name(m, seed=seed, control=control)] = control_args(m, control, configs[m]) + (
+                        [] if seed == SEED else ["--seed_everything", str(seed)])
     return out
 
 
@@ -422,15 +424,18 @@ def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per control cell: ``bits_trained`` (the model's cell at the same load, rate and seed),
-    ``bits_control`` and ``bits_attributed`` = trained - control (the bits the table holds by that control)."""
+    ``bits_control`` and ``bits_attributed`` = trained - control (the bits the table holds by that control); ``model``
+    is the base model, ``seed`` the cells' seed."""
     by = {(c["knowledge_load"], c["model"]): c for c in cells}
     out = []
     for c in cells:
-        model, _, control = c["model"].rpartition("@")
+        trained_name, _, control = c["model"].rpartition("@")
         if control not in CONTROLS:
             continue
-        trained = by.get((c["knowledge_load"], model))
-        out.append({"knowledge_load": c["knowledge_load"], "model": model, "control": control,
+        trained = by.get((c["knowledge_load"], trained_name))
+        seed = next((int(part[4:]) for part in trained_name.split("@") if part.startswith("seed")), SEED)
+        out.append({"knowledge_load": c["knowledge_load"], "model": trained_name.split("@")[0], "seed": seed,
+                    "control": control,
                     "bits_trained": None if trained is None else trained["bits"], "bits_control": c["bits"],
                     "bits_attributed": None if trained is None else trained["bits"] - c["bits"],
                     "recall_trained": None if trained is None else trained["final"]["fact_recall"],
@@ -574,10 +579,12 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
           *(["### Controls (bits attributed to the table = trained − control)", "",
-             "| people | model | control | bits trained | bits control | bits attributed |",
-             "| ---: | --- | --- | ---: | ---: | ---: |",
-             *(f"| {r['knowledge_load']:,} | {r['model']} | {r['control']} | {_bits(r['bits_trained'])} | "
-               f"{_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} |" for r in controls), ""]
+             "| people | model | seed | control | bits trained | bits control | bits attributed |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
+             *(f"| {r['knowledge_load']:,} | {r['model']} | {r['seed']} | {r['control']} | "
+               f"{_bits(r['bits_trained'])} | {_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} |"
+               for r in sorted(controls, key=lambda r: (r["knowledge_load"], r["model"], r["control"], r["seed"]))),
+             ""]
             if controls else []),
           *(["### Every seed and rate (the tables above read the config's rate and seed)", "",
              "| people | cell | bits stored | % of corpus | recall |", "| ---: | --- | ---: | ---: | ---: |",
@@ -618,7 +625,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="AdamW rates of the per-model sweep (default: the grid's; every cell kept, best reported)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the grid's)")
     parser.add_argument("--controls", nargs="+", default=[], choices=CONTROLS,
-                        help="table controls of every memory model at its config's rate and seed (see control_args)")
+                        help="table controls of every memory model at its config's rate and every seed (see control_args)")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed relative miss of a FLOP target")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process")
