@@ -36,10 +36,21 @@ def start_ranks(function, n_processes: int, *args) -> None:
     """Runs ``function(rank, *args)`` for rank 0..n_processes-1 in processes forked from this one, and waits for
     them; a rank's exception is raised here. Forked ranks inherit the imported torch, Lightning and memzoo, so they
     start in milliseconds where a fresh interpreter spends ~5 s of CPU importing them. Each rank runs with one torch
-    thread (set before ``function`` runs)."""
+    thread (set before ``function`` runs).
+
+    The parent's garbage is collected before the fork and everything the ranks inherit is frozen out of their
+    collections (``gc.freeze``): a rank collecting a copied object, e.g. an earlier test's gloo process group, would
+    run its destructor, which waits on threads that fork does not copy, and hang."""
+    import gc
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(_one_thread, args=(function, args), nprocs=n_processes, join=True, start_method="fork")
+    gc.collect()
+    gc.freeze()
+    try:
+        mp.start_processes(_one_thread, args=(function, args), nprocs=n_processes, join=True, start_method="fork")
+    finally:
+        gc.unfreeze()
 
 
 def _one_thread(rank, function, args):
