@@ -34,6 +34,9 @@ struct Divider {
 };
 """
 
+#: the name suffix of a kernel's float32 and float64 instances (``memzoo_<name>_f32``, ``memzoo_<name>_f64``)
+FLOAT_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
 #: ``MEMZOO_CPU_KERNELS=0``: never build or use the compiled CPU kernels (the PyTorch paths run)
 ENV_SWITCH = "MEMZOO_CPU_KERNELS"
 #: compiler flags per ``torch.backends.cpu.get_cpu_capability()`` (what torch itself dispatches to on this CPU)
@@ -89,3 +92,20 @@ def compile_library(stem: str, file_name: str, source: str, flags: list[str]) ->
         is_python_module=False, verbose=False,
     )
     return ctypes.CDLL(library)
+
+
+def declare_float_kernels(lib: ctypes.CDLL, signatures: dict[str, list]) -> ctypes.CDLL:
+    """Sets the argument types of ``memzoo_<name>_f32`` and ``_f64`` for each ``name: argtypes`` (they return int)."""
+    for name, argtypes in signatures.items():
+        for suffix in FLOAT_SUFFIX.values():
+            fn = getattr(lib, f"memzoo_{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def float_kernel(lib: ctypes.CDLL | None, state: dict[str, object], what: str, name: str, dtype: torch.dtype):
+    """``memzoo_<name>_<suffix of dtype>`` of ``lib``; a ``RuntimeError`` naming ``what`` and why (``state["error"]``)
+    when the library could not be built."""
+    if lib is None:
+        raise RuntimeError(f"memzoo: {what} are unavailable ({state.get('error')})")
+    return getattr(lib, f"memzoo_{name}_{FLOAT_SUFFIX[dtype]}")

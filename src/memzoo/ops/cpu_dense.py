@@ -37,7 +37,7 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import compile_library, load_once
+from memzoo.ops.cpu_build import FLOAT_SUFFIX, compile_library, declare_float_kernels, float_kernel, load_once
 
 __all__ = ["available", "library", "rms_norm_backward", "rms_norm_forward", "rope_qkv_backward", "rope_qkv_forward",
            "supports", "swiglu_backward", "swiglu_forward"]
@@ -262,7 +262,7 @@ MEMZOO_DENSE_KERNELS(double, f64)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_WHAT = "the C++ dense-layer kernels"
 
 
 def available() -> bool:
@@ -275,7 +275,7 @@ def supports(*tensors: torch.Tensor) -> bool:
     DTensor and fake tensors keep the PyTorch path), contiguous on the CPU, one dtype (float32 or float64), and the
     kernels built."""
     dtype = tensors[0].dtype
-    if dtype not in _SUFFIX or any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu"
+    if dtype not in FLOAT_SUFFIX or any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu"
                                    or t.dtype != dtype or not t.is_contiguous() for t in tensors):
         return False
     return available()
@@ -284,33 +284,24 @@ def supports(*tensors: torch.Tensor) -> bool:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
     built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), "the C++ dense-layer kernels")
+    return load_once(_state, _lock, lambda: _build(), _WHAT)
 
 
 def _build() -> ctypes.CDLL:
     lib = compile_library("memzoo_dense", "dense.cpp", SOURCE, ["-fno-math-errno", "-fno-trapping-math"])
     i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-    for suffix in _SUFFIX.values():
-        fn = getattr(lib, f"memzoo_rms_norm_fwd_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, i64, i64, f64, cint], cint
-        fn = getattr(lib, f"memzoo_rms_norm_bwd_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, cint], cint
-        fn = getattr(lib, f"memzoo_swiglu_fwd_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, cint], cint
-        fn = getattr(lib, f"memzoo_swiglu_bwd_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, i64, cint], cint
-        fn = getattr(lib, f"memzoo_rope_qkv_fwd_{suffix}")
-        fn.argtypes, fn.restype = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, cint], cint
-        fn = getattr(lib, f"memzoo_rope_qkv_bwd_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, cint], cint
-    return lib
+    return declare_float_kernels(lib, {
+        "rms_norm_fwd": [ptr, ptr, ptr, ptr, i64, i64, f64, cint],
+        "rms_norm_bwd": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, cint],
+        "swiglu_fwd": [ptr, ptr, ptr, i64, cint],
+        "swiglu_bwd": [ptr, ptr, ptr, ptr, ptr, i64, cint],
+        "rope_qkv_fwd": [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, cint],
+        "rope_qkv_bwd": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, cint],
+    })
 
 
 def _kernel(name: str, dtype: torch.dtype):
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"memzoo: the C++ dense-layer kernels are unavailable ({_state.get('error')})")
-    return getattr(lib, f"memzoo_{name}_{_SUFFIX[dtype]}")
+    return float_kernel(library(), _state, _WHAT, name, dtype)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

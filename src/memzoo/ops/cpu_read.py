@@ -30,7 +30,14 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import DIVIDER_CPP, compile_library, load_once
+from memzoo.ops.cpu_build import (
+    DIVIDER_CPP,
+    FLOAT_SUFFIX,
+    compile_library,
+    declare_float_kernels,
+    float_kernel,
+    load_once,
+)
 
 __all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
 
@@ -225,7 +232,7 @@ extern "C" int64_t memzoo_sort_by_row(const int64_t* idx, int64_t P, int64_t N, 
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_WHAT = "the C++ sparse-read kernels"
 
 
 def available() -> bool:
@@ -237,7 +244,7 @@ def supports(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can take the compiled path: all on CPU, one dtype (float32 or float64), and the
     kernels built."""
     dtype = tensors[0].dtype
-    if dtype not in _SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+    if dtype not in FLOAT_SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return False
     return available()
 
@@ -245,28 +252,23 @@ def supports(*tensors: torch.Tensor) -> bool:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
     built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), "the C++ sparse-read kernels")
+    return load_once(_state, _lock, lambda: _build(), _WHAT)
 
 
 def _build() -> ctypes.CDLL:
     lib = compile_library("memzoo_sparse_read", "sparse_read.cpp", SOURCE, ["-fno-math-errno"])
     i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-    for suffix in _SUFFIX.values():
-        fn = getattr(lib, f"memzoo_gather_dot_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, i64, i64, ptr, cint], cint
-        fn = getattr(lib, f"memzoo_scatter_dot_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, cint], cint
-        fn = getattr(lib, f"memzoo_adam_rows_{suffix}")
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint], cint
+    declare_float_kernels(lib, {
+        "gather_dot": [ptr, ptr, ptr, i64, i64, i64, ptr, cint],
+        "scatter_dot": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, cint],
+        "adam_rows": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint],
+    })
     lib.memzoo_sort_by_row.argtypes, lib.memzoo_sort_by_row.restype = [ptr, i64, i64, ptr, ptr], i64
     return lib
 
 
 def _kernel(name: str, dtype: torch.dtype):
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_state.get('error')})")
-    return getattr(lib, f"memzoo_{name}_{_SUFFIX[dtype]}")
+    return float_kernel(library(), _state, _WHAT, name, dtype)
 
 
 def _ptr(tensor: torch.Tensor | None):
