@@ -8,13 +8,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
+# torch is imported where a test process needs it, not at the top: `pytest -n N`'s controller process runs no test and
+# would spend ~2 s importing it before starting the workers.
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one torch thread per worker, no oversubscription
+    import torch
+
     torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
     if torch.cuda.is_available():
         return
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -36,6 +41,8 @@ def _restore_environment():
 
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
+    import torch
+
     torch.manual_seed(0)
     yield
 

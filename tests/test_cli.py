@@ -121,6 +121,28 @@ def test_checkpoint_hparams_are_plain_data(tmp_path):
     assert architecture["dim"] == 32 and architecture["vocab_size"] == 258
 
 
+@pytest.mark.parametrize("config", ["configs/facts-memoryplus.yaml", "configs/text-engram.yaml"])
+def test_recorded_hyperparameters_equal_lightnings_dump_of_the_config(config, tmp_path):
+    """MemzooCLI._dump_config dumps without re-validating (the parse validated): the config it records equals
+    Lightning's own validated dump, integer layer keys included."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from memzoo.cli_lightning import build_from_config
+
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("hello world\n" * 200)
+    cli = build_from_config(["--config", str(ROOT / config), f"--data.init_args.path={text_file}"]
+                            if "text" in config else ["--config", str(ROOT / config)])
+    recorded = cli.config_dump
+    assert cli.model.hparams["_class_path"] == recorded["model"]["class_path"]  # the instantiator recorded it
+    dumps = []
+    for dump in (type(cli)._dump_config, LightningCLI._dump_config):  # both of the same (final) config
+        del cli.config_dump
+        dump(cli)
+        dumps.append(cli.config_dump)
+    assert dumps[0] == dumps[1] and dumps[0]["model"]["init_args"]["architecture"]["layers"]
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     """Stop at step 8 of a 16-step schedule (mid-epoch), resume from last.ckpt: steps 8..15 match exactly."""
     schedule = ["--model.init_args.lr_decay_steps", "16"]
