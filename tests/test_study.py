@@ -176,12 +176,15 @@ def test_training_seconds_subtracts_the_validation_runs():
         study.training_seconds(FakeTrainer(), 1)
 
 
-def _store_quick_cells(out: Path, text: Path, models: list[str], workload_name: str) -> None:
-    """Stored results, with the right config hashes, for ``models`` on a quick-study workload: a rerun trains nothing."""
+def _store_quick_cells(out: Path, text: Path, models: list[str], workload_name: str,
+                       seed_args: dict[str, list[str]] | None = None) -> None:
+    """Stored results, with the right config hashes, for ``models`` on a quick-study workload: a rerun trains nothing.
+    ``seed_args``: a seed variant's extra arguments (``<model>@seed<n>`` -> ``["--seed_everything", "<n>"]``)."""
     workload = next(w for w in study.study_plan(quick=True, text=text.resolve()) if w.name == workload_name)
     for model in models:
         cell = fake_cell(workload.name, model, 1.0 + len(model) / 100, recall=0.1, load=workload.knowledge_load)
-        cell["config_hash"] = study.config_hash(study.cell_args("quick", workload, model))
+        cell["config_hash"] = study.config_hash(study.cell_args("quick", workload, model,
+                                                                (seed_args or {}).get(model, [])))
         study.write_json_atomic(out / "quick-cells" / f"{study.cell_name(workload, model)}.json", cell)
 
 
@@ -206,13 +209,16 @@ def test_parallel_jobs_run_every_cell_in_worker_processes_and_report_in_grid_ord
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be\n" * 50)
     models = ["dense", "moe", "memoryplus"]
-    _store_quick_cells(tmp_path, text, models, "facts-100")
+    cells = ["dense", "dense@seed2", "moe", "moe@seed2", "memoryplus", "memoryplus@seed2"]
+    _store_quick_cells(tmp_path, text, cells, "facts-100",
+                       {f"{m}@seed2": ["--seed_everything", "2"] for m in models})
     run = run_study_tool(zygote, tmp_path, "--quick", "--jobs", "2", "--threads", "1", "--out", str(tmp_path),
-                         "--text", str(text), "--workloads", "facts-100", "--models", *models)
+                         "--text", str(text), "--workloads", "facts-100", "--models", *models,
+                         "--seeds", str(study.SEED), "2")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("done before") == 3, run.stdout
+    assert run.stdout.count("done before") == 6, run.stdout  # every seed's cell found under its own hash
     report = json.loads((tmp_path / "quick.json").read_text())
-    assert [c["model"] for c in report["cells"]] == models
+    assert [c["model"] for c in report["cells"]] == cells
     assert report["jobs"] == 2
 
 
@@ -271,13 +277,15 @@ def test_run_grid_rejects_zero_jobs(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ report
 def fake_cell(workload, model, loss, recall=None, load=None, used=None, speed=1000.0):
+    """A cell of 10,000 tokens at ``speed`` tokens/s, validated halfway (loss + 0.5) and at the end (``loss``)."""
     return {
         "workload": workload, "model": model, "knowledge_load": load, "parameters": 100, "active_parameters": 50,
-        "train_flops": 1e12, "tokens_per_s": speed,
+        "train_flops": 1e12, "tokens_per_s": speed, "tokens": 10_000, "train_seconds": 10_000 / speed,
         "final": {"val_loss": loss, "val_ppl": 2.718**loss, "fact_recall": recall,
                   "fact_recall_chance": 0.03 if load else None},
         "memory": {} if used is None else {"pools/memory": {"used_fraction": used, "kl_uniform": 0.2}},
-        "curve": [{"train_flops": 5e11, "val_loss": loss + 0.5}, {"train_flops": 1e12, "val_loss": loss}],
+        "curve": [{"train_flops": 5e11, "tokens": 5_000, "val_loss": loss + 0.5},
+                  {"train_flops": 1e12, "tokens": 10_000, "val_loss": loss}],
     }
 
 
@@ -298,12 +306,50 @@ def test_targets_are_checked_at_every_load_and_per_pool():
     checked = {t["target"]: t["met"] for t in study.targets(FAKE_CELLS)}
     assert checked["facts-1000: Memory+ recall >= 2x dense"] is True  # 0.30 >= 2 × 0.10
     assert checked["facts-1000: Memory+ recall >= 1x dense-2x"] is True
-    assert checked["shakespeare: memoryplus val loss < dense"] is True
-    assert checked["shakespeare: peer val loss < dense"] is False
+    assert checked["shakespeare: memoryplus val loss <= dense at equal FLOPs, every seed"] is True
+    assert checked["shakespeare: peer val loss <= dense at equal FLOPs, every seed"] is False
     assert checked["facts-1000/memoryplus pool pools/memory: used >= 80%"] is False  # 50%: collapsed
     assert checked["shakespeare/peer pool pools/memory: used >= 80%"] is True
     assert checked["facts-100: Memory+ recall >= 2x dense"] is False  # 0.80 < 2 × 0.60
     assert checked["facts-100: Memory+ recall >= 1x dense-2x"] is True
+
+
+def test_text_targets_pair_each_seed_with_dense_of_that_seed_and_need_every_seed():
+    cells = [fake_cell("text", "dense", 2.0), fake_cell("text", "pkm", 1.9), fake_cell("text", "stem", 1.9),
+             fake_cell("text", "dense@seed2", 1.8), fake_cell("text", "pkm@seed2", 1.85),
+             fake_cell("text", "stem@seed2", 1.7), fake_cell("text", "moe", 1.0)]
+    checked = {t["target"]: t for t in study.targets(cells)}
+    assert set(checked) == {f"text: {m} val loss <= dense at equal FLOPs, every seed" for m in ("pkm", "stem")}
+    pkm, stem = (checked[f"text: {m} val loss <= dense at equal FLOPs, every seed"] for m in ("pkm", "stem"))
+    assert not pkm["met"] and stem["met"]  # pkm beats seed 1337's dense (2.0) but not seed 2's (1.8)
+    assert pkm["detail"] == "seed 2: 1.8500 vs 1.8000; seed 1337: 1.9000 vs 2.0000"
+    assert study.seed_variant("pkm", study.SEED) == "pkm" and study.seed_variant("pkm", 2) == "pkm@seed2"
+    assert study.cell_seed("pkm@seed2") == 2 and study.cell_seed("pkm") == study.SEED
+    assert study.base_model("pkm@seed2") == "pkm"
+
+
+def test_equal_wall_clock_reads_each_curve_at_dense_time_of_the_same_seed():
+    cells = [fake_cell("text", "dense", 2.0, speed=1000.0),  # 10 s
+             fake_cell("text", "pkm", 1.9, speed=800.0),  # 12.5 s: 10 s is 80% of its tokens
+             fake_cell("text", "moe", 1.95, speed=2000.0),  # 5 s: done before dense, its final loss
+             fake_cell("text", "peer", 1.9, speed=400.0),  # 25 s: 10 s is before its first point (12.5 s)
+             fake_cell("text", "dense@seed2", 2.1, speed=500.0),  # 20 s
+             fake_cell("text", "pkm@seed2", 1.9, speed=1000.0),  # 10 s: done, its final loss
+             fake_cell("facts-9", "dense", 1.0, load=9)]  # not text: no row
+    rows = {(r["model"], r["seed"]): r for r in study.equal_wall_clock(cells)}
+    assert set(rows) == {("dense", 1337), ("pkm", 1337), ("moe", 1337), ("peer", 1337), ("dense", 2), ("pkm", 2)}
+    # pkm's points: (6.25 s, 2.4) and (12.5 s, 1.9); at 10 s: 2.4 - 0.5 * 3.75 / 6.25
+    assert rows[("pkm", 1337)]["val_loss_equal_time"] == pytest.approx(2.1)
+    assert rows[("pkm", 1337)]["share_of_steps"] == pytest.approx(0.8)
+    assert rows[("moe", 1337)]["val_loss_equal_time"] == 1.95 and rows[("moe", 1337)]["share_of_steps"] == 1.0
+    assert rows[("peer", 1337)]["val_loss_equal_time"] is None
+    assert rows[("dense", 1337)]["val_loss_equal_time"] == 2.0
+    assert rows[("pkm", 2)]["seconds"] == 20.0 and rows[("pkm", 2)]["val_loss_equal_time"] == 1.9
+    assert rows[("pkm", 2)]["dense_val_loss"] == 2.1
+    table = study.equal_wall_clock_table(list(rows.values()))
+    assert "| text | peer | 1337 | 40% | – | 1.9000 | 2.0000 |" in table
+    speeds = {line.split("|")[2].strip(): line.split("|")[8].strip() for line in study.results_table(cells).splitlines()[2:]}
+    assert speeds["pkm@seed2"] == "2.00" and speeds["pkm"] == "0.80"  # against dense of the same seed
 
 
 def test_recall_at_chance_is_not_a_win():
@@ -328,7 +374,8 @@ def test_write_report_writes_json_markdown_and_png_plots(tmp_path):
     assert len(data["cells"]) == len(FAKE_CELLS) and data["flop_table"][1]["flop_ratio"] == 2.04
     assert any(t["target"].startswith("shakespeare: peer") and not t["met"] for t in data["targets"])
     md = paths["md"].read_text()
-    assert "| dense-2x | 2,040 | 2.04 | 2 |" in md and "MISSED: shakespeare: peer val loss < dense" in md
+    assert "| dense-2x | 2,040 | 2.04 | 2 |" in md and "MISSED: shakespeare: peer val loss <= dense" in md
+    assert "## Text at equal wall-clock" in md and len(data["equal_wall_clock"]) == 3  # shakespeare's 3 cells
     assert "![loss vs FLOPs](unit-loss-vs-flops.png)" in md
     for plot in ("loss_plot", "recall_plot"):
         assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

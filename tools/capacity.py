@@ -377,8 +377,8 @@ def variant_name(model: str, lr: float | None = None, seed: int | None = None, c
     name = model
     if lr is not None and lr != LR:
         name += f"@lr{lr:g}"
-    if seed is not None and seed != SEED:
-        name += f"@seed{seed}"
+    if seed is not None:
+        name = study.seed_variant(name, seed, SEED)
     return name + (f"@{control}" if control else "")
 
 
@@ -433,7 +433,7 @@ def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if control not in CONTROLS:
             continue
         trained = by.get((c["knowledge_load"], trained_name))
-        seed = next((int(part[4:]) for part in trained_name.split("@") if part.startswith("seed")), SEED)
+        seed = study.cell_seed(trained_name, SEED)
         out.append({"knowledge_load": c["knowledge_load"], "model": trained_name.split("@")[0], "seed": seed,
                     "control": control,
                     "bits_trained": None if trained is None else trained["bits"], "bits_control": c["bits"],

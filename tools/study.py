@@ -22,13 +22,18 @@ plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, on
     python tools/study.py --dry-run               # the FLOP/parameter table and the plan only
     python tools/study.py --report-only           # rewrite the json/md/png from the stored cells
     python tools/study.py --name full-lr-3e-3 --set model.init_args.optimizer.init_args.lr=3e-3   # a variant study
+    python tools/study.py --name study --workloads shakespeare --seeds 1337 2 --jobs 2 --threads 1   # text, 2 seeds
 
 A variant study (``--name`` + ``--set KEY=VALUE``, repeatable) appends ``--KEY VALUE`` to every cell's ``memzoo fit``
 arguments; a dict-valued key (``layers``, ``pools``) takes the whole dict as JSON, e.g.
 ``--set 'model.init_args.architecture.pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse", "lr": 0.03}}'``.
 
-Throughput (tokens/s) is reported as a ratio to the dense model of the same workload: absolute times on a shared
-machine are noise.
+``--seeds`` trains every model at each seed (cells ``<model>@seed<n>`` for seeds other than the configs' 1337); the
+text targets compare each model with dense at the same seed and count as met only when every seed agrees.
+
+Throughput (tokens/s) is reported as a ratio to the dense model of the same workload and seed: absolute times on a
+shared machine are noise. Text workloads also get a table at equal wall-clock: each model's validation loss after
+the dense cell's training time, read off its validation curve.
 
 One file past 500 lines: the grid runner (worker processes, resume, failure reporting), the FLOP check and the report
 share the cell records; tools/capacity.py runs its grid through them.
@@ -70,6 +75,9 @@ MODELS: dict[str, float] = {
     "mole": 1.0,
 }
 REFERENCE_MODEL = "dense"
+#: the study configs' ``seed_everything``: a cell trained with it is named by its model alone, another seed's cell
+#: ``<model>@seed<n>`` (``--seeds``)
+SEED = 1337
 #: dense learning rate on the facts workloads (memorisation; the quickstart's): 3x the text rate of the model configs
 FACTS_LR = 3.0e-3
 MEMORY_MODELS = ("pkm", "memoryplus", "peer", "ultramem_v2", "engram")
@@ -231,6 +239,17 @@ def base_model(model: str) -> str:
     """The model of a cell name: a variant cell ``<model>@<variant>`` (a seed, a rate, a control) trains
     ``<model>``'s config with its variant's arguments."""
     return model.split("@", 1)[0]
+
+
+def seed_variant(model: str, seed: int, default: int = SEED) -> str:
+    """The cell model of ``model`` trained with ``seed``: ``model`` for the configs' own seed, else
+    ``model@seed<n>``."""
+    return model if seed == default else f"{model}@seed{seed}"
+
+
+def cell_seed(model: str, default: int = SEED) -> int:
+    """The seed a cell model trains with: its ``@seed<n>`` part, else the configs' seed ``default``."""
+    return next((int(part[4:]) for part in model.split("@")[1:] if part.startswith("seed")), default)
 
 
 def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] = (),
@@ -460,7 +479,9 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       than of passes, so the study shows all of them; the largest is the one the headline reads): Memory+ recalls
       >= 2x the dense model's facts, and at least as many as dense-2x (both only count as met when Memory+ recalls
       more than chance: 0 >= 2 x 0 is no win);
-    - shakespeare: Memory+ and PEER reach a lower validation loss than dense;
+    - text (a workload without a knowledge load): every memory and lookup design (:data:`MEMORY_MODELS`,
+      :data:`LOOKUP_MODELS`) reaches a validation loss <= the dense model's at equal FLOPs, at every seed both ran
+      (``--seeds``; met only when all seeds agree);
     - every memory pool uses >= 80% of its rows in the final validation (no collapse).
     """
     by = {(c["workload"], c["model"]): c for c in cells}
@@ -477,13 +498,16 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     out.append({"target": f"{w}: Memory+ recall >= {factor:g}x {other}",
                                 "met": mp >= factor * recall[other] and mp > chance,
                                 "detail": f"Memory+ {mp:.3f} vs {other} {recall[other]:.3f}, chance {chance:.3f}"})
-    if ("shakespeare", "dense") in by:
-        dense_loss = by[("shakespeare", "dense")]["final"]["val_loss"]
-        for m in ("memoryplus", "peer"):
-            if ("shakespeare", m) in by:
-                loss = by[("shakespeare", m)]["final"]["val_loss"]
-                out.append({"target": f"shakespeare: {m} val loss < dense", "met": loss < dense_loss,
-                            "detail": f"{m} {loss:.4f} vs dense {dense_loss:.4f}"})
+    for w in dict.fromkeys(c["workload"] for c in cells if c["knowledge_load"] is None):
+        loss = {(base_model(c["model"]), cell_seed(c["model"])): c["final"]["val_loss"] for c in cells
+                if c["workload"] == w}
+        for m in (*MEMORY_MODELS, *LOOKUP_MODELS):
+            seeds = sorted(s for (model, s) in loss if model == m and (REFERENCE_MODEL, s) in loss)
+            if seeds:
+                out.append({"target": f"{w}: {m} val loss <= {REFERENCE_MODEL} at equal FLOPs, every seed",
+                            "met": all(loss[(m, s)] <= loss[(REFERENCE_MODEL, s)] for s in seeds),
+                            "detail": "; ".join(f"seed {s}: {loss[(m, s)]:.4f} vs {loss[(REFERENCE_MODEL, s)]:.4f}"
+                                                for s in seeds)})
     for c in cells:
         for pool, stats in c["memory"].items():
             used = stats.get("used_fraction")
@@ -493,13 +517,59 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def loss_at_seconds(cell: dict[str, Any], seconds: float) -> float | None:
+    """The cell's validation loss after ``seconds`` of its training time: its final loss if it trained for less,
+    else interpolated linearly in time between its validation points (a point's time is ``train_seconds`` x its
+    share of the cell's tokens: throughput taken as constant over a run); ``None`` before its first point. The
+    learning-rate schedule is the full run's, so a point before the end is read at a higher rate than a run ending
+    there would have (pessimistic for the slower model)."""
+    if seconds >= cell["train_seconds"]:
+        return cell["final"]["val_loss"]
+    points = [(cell["train_seconds"] * p["tokens"] / cell["tokens"], p["val_loss"]) for p in cell["curve"]]
+    for (t0, l0), (t1, l1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0) if t1 > t0 else l1
+    return None
+
+
+def equal_wall_clock(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per text workload and seed, every model's validation loss after the dense cell's training time (its
+    ``train_seconds``, validation excluded), beside its loss at equal FLOPs (its final one): one row per cell."""
+    rows = []
+    dense = {(c["workload"], cell_seed(c["model"])): c for c in cells
+             if base_model(c["model"]) == REFERENCE_MODEL and c["knowledge_load"] is None}
+    for c in cells:
+        ref = dense.get((c["workload"], cell_seed(c["model"])))
+        if ref is None:
+            continue
+        budget = ref["train_seconds"]
+        rows.append({"workload": c["workload"], "model": base_model(c["model"]), "seed": cell_seed(c["model"]),
+                     "seconds": budget, "share_of_steps": min(1.0, budget / c["train_seconds"]),
+                     "val_loss_equal_time": loss_at_seconds(c, budget), "val_loss_equal_flops": c["final"]["val_loss"],
+                     "dense_val_loss": ref["final"]["val_loss"]})
+    return rows
+
+
+def equal_wall_clock_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`equal_wall_clock`'s rows."""
+    lines = ["| workload | model | seed | steps done in dense's time | val loss, equal time | val loss, equal FLOPs | "
+             "dense |", "|" + " --- |" * 3 + " ---: |" * 4]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['model']} | {r['seed']} | {r['share_of_steps']:.0%} | "
+                     f"{_fmt(r['val_loss_equal_time'], '.4f')} | {r['val_loss_equal_flops']:.4f} | "
+                     f"{r['dense_val_loss']:.4f} |")
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
 def results_table(cells: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of every cell, grouped by workload; tokens/s as a ratio to the workload's dense cell."""
-    dense_speed = {c["workload"]: c["tokens_per_s"] for c in cells if c["model"] == REFERENCE_MODEL}
+    """Markdown table of every cell, grouped by workload; tokens/s as a ratio to the dense cell of the workload and
+    seed."""
+    dense_speed = {(c["workload"], cell_seed(c["model"])): c["tokens_per_s"] for c in cells
+                   if base_model(c["model"]) == REFERENCE_MODEL}
     header = ("| workload | model | val loss | val ppl | fact recall | memory used | memory KL | tokens/s ÷ dense | "
               "params | active params | train FLOPs |")
     lines = [header, "|" + " --- |" * 2 + " ---: |" * 9]
@@ -507,7 +577,7 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
         f = c["final"]
         used = [s["used_fraction"] for s in c["memory"].values() if "used_fraction" in s]
         kl = [s["kl_uniform"] for s in c["memory"].values() if "kl_uniform" in s]
-        base = dense_speed.get(c["workload"])
+        base = dense_speed.get((c["workload"], cell_seed(c["model"])))
         speed = c["tokens_per_s"] / base if base and c["tokens_per_s"] else None
         lines.append(
             f"| {c['workload']} | {c['model']} | {f['val_loss']:.4f} | {f['val_ppl']:.2f} | "
@@ -532,7 +602,8 @@ MORE_COLOURS = ("darkgoldenrod", "teal", "indigo", "olive", "crimson")
 
 
 def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
-    """Validation loss against training FLOPs (3x forward), one panel per workload, one line per model."""
+    """Validation loss against training FLOPs (3x forward), one panel per workload, one line per cell (a model's
+    colour; dashed for a seed other than the configs')."""
     import matplotlib
     import matplotlib.ticker
 
@@ -542,9 +613,10 @@ def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
     workloads = list(dict.fromkeys(c["workload"] for c in cells))
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.6), squeeze=False)
     for ax, w in zip(axes[0], workloads, strict=True):
-        for c in (c for c in cells if c["workload"] == w):
+        for c in (c for c in cells if c["workload"] == w):  # another seed than the configs': dashed
             ax.plot([p["train_flops"] for p in c["curve"]], [p["val_loss"] for p in c["curve"]], marker="o",
-                    markersize=3, label=c["model"], color=model_color(c["model"]))
+                    markersize=3, label=c["model"], color=model_color(base_model(c["model"])),
+                    linestyle="-" if cell_seed(c["model"]) == SEED else "--")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_title(w)
@@ -600,17 +672,26 @@ def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[Mo
         "recall_plot": out_dir / f"{study}-recall-vs-load.png",
     }
     checked = targets(cells)
+    same_time = equal_wall_clock(cells)
     write_json_atomic(paths["json"], {"study": study, **meta, "flop_table": [asdict(c) for c in costs],
-                                      "targets": checked, "cells": list(cells)})
+                                      "targets": checked, "equal_wall_clock": same_time, "cells": list(cells)})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
+    has_facts = any(c["knowledge_load"] is not None for c in cells)
     md = [f"# Study `{study}`", "", f"Command: `{meta.get('command', '')}`", "", "## Models (FLOPs matched)", "",
-          format_flop_table(costs), "", "## Results (final validation)", "", results_table(cells), "",
-          "## Targets", "", *target_lines, "", f"![loss vs FLOPs]({paths['loss_plot'].name})",
-          "", f"![recall vs load]({paths['recall_plot'].name})", ""]
+          format_flop_table(costs), "", "## Results (final validation)", "", results_table(cells), ""]
+    if same_time:
+        md += ["## Text at equal wall-clock", "",
+               "Each model's validation loss after the dense model's training time (same workload and seed; "
+               "validation excluded), read off its validation curve (see `loss_at_seconds` in tools/study.py: "
+               "throughput constant over a run, the full run's learning-rate schedule). Equal FLOPs is the final "
+               "loss.", "", equal_wall_clock_table(same_time), ""]
+    md += ["## Targets", "", *target_lines, "", f"![loss vs FLOPs]({paths['loss_plot'].name})", ""]
+    if has_facts:
+        md += [f"![recall vs load]({paths['recall_plot'].name})", ""]
     write_bytes_atomic(paths["md"], "\n".join(md).encode())
     if cells:
         plot_loss_vs_flops(cells, paths["loss_plot"])
-        if any(c["knowledge_load"] is not None for c in cells):
+        if has_facts:
             plot_recall_vs_load(cells, paths["recall_plot"])
     return paths
 
@@ -646,6 +727,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a variant: pass --KEY VALUE to every cell (e.g. model.init_args.optimizer.init_args.lr=3e-3); "
                              "needs --name, so the variant's cells never replace the study's own")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED],
+                        help=f"seeds of every model (default: the configs' {SEED}); another seed's cells are "
+                             "<model>@seed<n>, and the text targets need every seed to agree")
     parser.add_argument("--dry-run", action="store_true", help="print the FLOP table and the plan, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
     return parser.parse_args(argv)
@@ -673,7 +757,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     problems = check_flop_matching(costs, args.tolerance)
     if problems:
         raise StudyError("the grid is not FLOP-matched:\n  " + "\n  ".join(problems))
-    print(f"[study] FLOPs matched within ±{args.tolerance:.0%}; {len(plan)} workloads × {len(args.models)} models: "
+    print(f"[study] FLOPs matched within ±{args.tolerance:.0%}; {len(plan)} workloads × {len(args.models)} models × "
+          f"{len(set(args.seeds))} seeds: "
           + ", ".join(f"{w.name} ({w.steps} steps × {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     meta = {"command": " ".join(["python tools/study.py", *command]),
@@ -684,15 +769,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"]}
 
     cells_dir = args.out / f"{study}-cells"
-    by_model = {c.model: c for c in costs}
-    grid = [(workload, model) for workload in plan for model in args.models]
+    cell_extra = {seed_variant(m, seed): [] if seed == SEED else ["--seed_everything", str(seed)]
+                  for m in args.models for seed in dict.fromkeys(args.seeds)}
+    by_model = {m: next(c for c in costs if c.model == base_model(m)) for m in cell_extra}
+    grid = [(workload, model) for workload in plan for model in cell_extra]
     if args.report_only:
-        stored = (load_cell(cells_dir / f"{cell_name(w, m)}.json", config_hash(cell_args(study, w, m, extra)))
-                  for w, m in grid)
+        stored = (load_cell(cells_dir / f"{cell_name(w, m)}.json",
+                            config_hash(cell_args(study, w, m, [*extra, *cell_extra[m]]))) for w, m in grid)
         cells = [c for c in stored if c is not None]
     else:
         cells = run_grid(study, grid, by_model, cells_dir, args.jobs, args.threads,
-                         on_cell=lambda done: write_report(study, done, costs, args.out, meta), extra=extra)
+                         on_cell=lambda done: write_report(study, done, costs, args.out, meta), extra=extra,
+                         cell_extra=cell_extra)
     paths = write_report(study, cells, costs, args.out, meta)
     print(results_table(cells))
     for t in targets(cells):
