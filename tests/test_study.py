@@ -326,6 +326,9 @@ def test_text_targets_pair_each_seed_with_dense_of_that_seed_and_need_every_seed
     assert study.seed_variant("pkm", study.SEED) == "pkm" and study.seed_variant("pkm", 2) == "pkm@seed2"
     assert study.cell_seed("pkm@seed2") == 2 and study.cell_seed("pkm") == study.SEED
     assert study.base_model("pkm@seed2") == "pkm"
+    engram = fake_cell("text", "engram", 1.5, used=0.3)  # a table indexed by the text: usage reported, not targeted
+    assert [t["target"] for t in study.targets([engram, fake_cell("text", "pkm@seed2", 1.5, used=0.3)])] == \
+        ["text/pkm@seed2 pool pools/memory: used >= 80%"]
 
 
 def test_equal_wall_clock_reads_each_curve_at_dense_time_of_the_same_seed():
