@@ -616,7 +616,7 @@ def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(dict.fromkeys(c["workload"] for c in cells))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.0 * len(workloads), 3.8), squeeze=False)
     for ax, w in zip(axes[0], workloads, strict=True):
         for c in (c for c in cells if c["workload"] == w):  # another seed than the configs': dashed
             ax.plot([p["train_flops"] for p in c["curve"]], [p["val_loss"] for p in c["curve"]], marker="o",
@@ -628,7 +628,8 @@ def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("training FLOPs (3 × forward)")
         ax.set_ylabel("validation loss (nats/byte)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)  # every panel: a panel may hold a subset of the models
+        # every panel (a panel may hold a subset of the models), beside it: 20 cells would cover the curves
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -791,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for t in targets(cells):
         print(f"{'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})")
     print("[study] wrote " + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
-                                     for p in paths.values()))
+                                     for p in paths.values() if p.exists()))  # no recall plot without facts
     return {"cells": cells, "paths": {k: str(v) for k, v in paths.items()}}
 
 
