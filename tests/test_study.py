@@ -270,6 +270,69 @@ def test_run_grid_in_process_reports_after_every_cell_in_grid_order(tmp_path):
     assert [[c["model"] for c in r] for r in reports] == [["dense"], ["dense", "moe"]]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_grid_worker_ends_when_its_study_process_is_killed(tmp_path):
+    """A stand-in study process (forked) starts a worker that runs the pool's initializer, then sleeps; SIGKILL to
+    the study ends the worker too (without the initializer it would sleep on, and a real one would train on and
+    store its cell)."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    study_pid = os.fork()
+    if study_pid == 0:  # the study
+        try:
+            worker = os.fork()
+            if worker == 0:
+                try:
+                    study._die_with_parent(os.getppid())
+                    pid_file.write_text(str(os.getpid()))
+                    time.sleep(60)
+                finally:
+                    os._exit(0)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    worker_pid = None
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.02)
+        worker_pid = int(pid_file.read_text())
+        assert _alive(worker_pid)
+        os.kill(study_pid, signal.SIGKILL)
+        os.waitpid(study_pid, 0)
+        deadline = time.monotonic() + 10
+        while _alive(worker_pid):
+            assert time.monotonic() < deadline, "the worker outlived its study"
+            time.sleep(0.02)
+    finally:
+        for pid in (study_pid, worker_pid):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_whose_study_is_gone_exits_at_once():
+    pid = os.fork()
+    if pid == 0:
+        try:
+            study._die_with_parent(os.getppid() + 1)  # not its parent: the study that started it has ended
+        finally:
+            os._exit(7)  # reached only if it did not exit
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1  # os._exit(1) from _die_with_parent
+
+
 def test_run_grid_rejects_zero_jobs(tmp_path):
     with pytest.raises(study.StudyError, match="--jobs and --threads must be >= 1"):
         study.run_grid("unit", [], {}, tmp_path, jobs=0, threads=1)

@@ -46,6 +46,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -424,6 +425,22 @@ def _run_cell_in_worker(threads: int, study: str, workload: Workload, model: str
     return run_cell(study, workload, model, cost, cells_dir, extra, config_dir)
 
 
+def _die_with_parent(parent: int) -> None:
+    """A ``--jobs`` worker's first step (Linux): the kernel sends it SIGKILL when the study process that started it
+    exits, so a study stopped by a signal (``kill``, a job scheduler) leaves no worker training on and storing its
+    cell afterwards; a worker whose study is already gone exits at once. Elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, ModelCost], cells_dir: Path,
              jobs: int, threads: int, on_cell: Any = None, extra: Sequence[str] = (),
              config_dir: Path = CONFIG_DIR, cell_extra: dict[str, Sequence[str]] | None = None
@@ -433,7 +450,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
     ``on_cell(results so far, in grid order)`` after every finished cell so a partial study is readable.
 
     With ``jobs > 1`` each cell trains in a fresh spawned process: cells share no state, and a cell's tokens/s is
-    measured while the other jobs train (the throughput ratios stay comparable when every cell runs that way).
+    measured while the other jobs train (the throughput ratios stay comparable when every cell runs that way). The
+    workers end with this process, however it ends (:func:`_die_with_parent`).
     ``cell_extra`` maps a model (e.g. a variant ``<model>@<variant>``) to more arguments after ``extra``."""
     cell_extra = cell_extra or {}
     if jobs < 1 or threads < 1:
@@ -455,7 +473,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir,
                                (*extra, *cell_extra.get(m, ())),
                                config_dir): i
