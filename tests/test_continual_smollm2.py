@@ -51,15 +51,17 @@ def test_correct_is_the_greedy_answer_test(study):
 
 
 def test_cloze_relations(study):
+    import country_facts  # tools/ is on sys.path (the study fixture)
+
     record = {"name": "Chile", "capital": "Santiago", "region": "Americas", "subregion": "South America",
               "languages": ["es"]}
-    made = {name: make(record) for name, make in study.RELATIONS.items()}
+    made = {name: make(record) for name, make in country_facts.RELATIONS.items()}
     assert made == {"capital": ("The capital of Chile is", "Santiago"),
                     "capital_of": ("Santiago is the capital of", "Chile"),
                     "continent": ("Chile is a country in", "South America"),
                     "language": ("The official language of Chile is", "Spanish")}
-    assert study.continent({"region": "Americas", "subregion": "Caribbean"}) == "North America"
-    assert study.language({"languages": ["xx"]}) is None
+    assert country_facts.continent({"region": "Americas", "subregion": "Caribbean"}) == "North America"
+    assert country_facts.language({"languages": ["xx"]}) is None
 
 
 def tiny_base(path):

