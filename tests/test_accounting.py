@@ -174,6 +174,22 @@ def test_summarize_config_builds_the_model_without_the_data(tmp_path):
     assert summarize_config(str(path), context_length=30).context_length == 30
 
 
+def test_summarize_config_applies_command_line_overrides_as_fit_would(tmp_path):
+    """``overrides`` are parsed after the config as by ``memzoo fit``: one key inside ``layers`` merges into the
+    configured entry, for a config with a data section and for a model-only one (its stand-in data section)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG)
+    plain = summarize_config(str(path))
+    wider = summarize_config(str(path), overrides=["--model.init_args.architecture.layers.1.hidden", "32"])
+    reference = Transformer(vocab_size=258, dim=8, n_layers=2, n_heads=2, max_seq_len=32, block_args={"hidden": 16},
+                            layers={1: {"block": "moe", "n_experts": 4, "top_k": 2, "hidden": 32}})
+    assert wider.rows == summarize(reference, context_length=6).rows and wider.flops > plain.flops
+    model_only = tmp_path / "model-only.yaml"
+    model_only.write_text(TINY_CONFIG.split("data:")[0])
+    assert summarize_config(str(model_only), context_length=6, vocab_size=258, overrides=[
+        "--model.init_args.architecture.layers.1.hidden", "32"]).rows == wider.rows
+
+
 def test_summarize_config_rejects_bad_model_keys(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(TINY_CONFIG.replace("n_heads: 2", "n_hedas: 2"))

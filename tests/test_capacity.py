@@ -35,10 +35,12 @@ def test_every_capacity_config_parses_and_the_grid_is_flop_matched():
     assert capacity.study.check_flop_matching(costs, 0.10, capacity.CONFIG_DIR) == []
     by = {c.model: c for c in costs}
     assert by["dense-2x"].flop_ratio == pytest.approx(2.0, rel=0.1)
-    memory = {m: capacity.memory_parameters(capacity.model_configs()[m]) for m in capacity.MODELS}
+    memory = {m: capacity.memory_parameters(m) for m in capacity.MODELS}
     assert memory["dense"] == memory["dense-2x"] == memory["moe"] == 0
     assert memory["memoryplus"] == memory["pkm"] == 64 * 64 * 32  # one shared pool / one private table
     assert memory["peer"] == 2 * 64 * 64 * 32  # PEER's down and up tables
+    wider = capacity.study.variant_args(["model.init_args.architecture.pools.memory.n_keys=128"], "v")
+    assert capacity.memory_parameters("memoryplus", overrides=wider) == 128 * 128 * 32  # as the variant's cells
     # the data config parses as the CLI would read it
     from memzoo.cli import main
 

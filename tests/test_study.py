@@ -53,6 +53,19 @@ def test_load_cell_resumes_only_matching_complete_results(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left behind
 
 
+def test_a_stored_cell_is_counted_with_todays_cost(tmp_path):
+    """What a cell measured stays; what it costs (FLOPs, parameters) comes from the FLOP table it is loaded with."""
+    path = tmp_path / "cells" / "text__pkm.json"
+    cell = fake_cell("text", "pkm", 1.5)
+    study.write_json_atomic(path, {**cell, "config_hash": "abc"})
+    counted = study.load_cell(path, "abc", study.ModelCost("pkm", 2_000, 900, 300, 1.0, 1.1))
+    assert counted["flops_per_token"] == 2_000 and counted["parameters"] == 900 and counted["active_parameters"] == 300
+    assert counted["train_flops"] == 3 * 2_000 * 10_000
+    assert [p["train_flops"] for p in counted["curve"]] == [3 * 2_000 * 5_000, 3 * 2_000 * 10_000]
+    assert counted["final"] == cell["final"] and counted["tokens_per_s"] == cell["tokens_per_s"]
+    assert study.load_cell(path, "abc")["parameters"] == 100  # without a cost: as stored
+
+
 def test_run_cell_skips_a_stored_cell_without_training(tmp_path, monkeypatch):
     workload = study.study_plan(quick=True, text=Path("/data/t.txt"))[0]
     args = study.cell_args("unit", workload, "dense")
@@ -106,11 +119,23 @@ def test_the_study_grid_is_flop_matched_within_ten_percent():
         assert costs[memory_model].parameters > 2 * costs["dense"].parameters
 
 
+def test_a_variants_model_overrides_reach_its_flop_row_and_not_the_reference():
+    """The FLOP table of a variant study costs the models as its cells train them (``--set model...``); the ratio is
+    to the reference's own config; ``--set`` keys outside ``model.`` (seed, data, trainer) do not reach the build."""
+    plain = study.flop_table(["pkm"])[0]
+    extra = study.variant_args(["model.init_args.architecture.layers.2.knn=64", "seed_everything=3",
+                                "data.init_args.not_a_key=1"], "v")
+    varied = study.flop_table(["pkm"], overrides=extra)[0]
+    assert varied.flops_per_token > plain.flops_per_token  # twice the rows read per head
+    assert varied.flop_ratio / plain.flop_ratio == pytest.approx(varied.flops_per_token / plain.flops_per_token)
+    assert varied.parameters == plain.parameters
+
+
 def test_a_grid_that_is_not_matched_is_refused(tmp_path, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("hello")
     # dense-2x at 2.04x while the grid claims it matches dense (target 1x)
-    monkeypatch.setattr(study, "flop_table", lambda models: [cost("dense", 1.0), cost("dense-2x", 2.04)])
+    monkeypatch.setattr(study, "flop_table", lambda models, **kwargs: [cost("dense", 1.0), cost("dense-2x", 2.04)])
     with pytest.raises(study.StudyError, match=r"not FLOP-matched:\n  dense-2x: 2.040x the dense FLOPs"):
         study.main(["--dry-run", "--text", str(text), "--models", "dense", "dense-2x"])
 

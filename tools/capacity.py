@@ -253,13 +253,15 @@ def vocab_size() -> int:
     return biographies(1).vocab_size
 
 
-def memory_parameters(config: dict[str, Any]) -> int:
-    """Parameters of a config's memory tables (pool rows and private PKM values): what ``0.5 bit each`` counts."""
-    import memzoo
+def memory_parameters(model: str, config_dir: Path = CONFIG_DIR, overrides: Sequence[str] = ()) -> int:
+    """Parameters of a model's memory tables (pool rows and private PKM values) as its cells build it: its config in
+    ``config_dir`` with a variant's ``--set`` arguments (``overrides``; a pool's size may change). What ``0.5 bit
+    each`` counts. Built on the ``meta`` device, as ``memzoo fit`` parses it."""
     from memzoo.blocks.pool import MemoryPool
+    from memzoo.config_accounting import model_from_config
 
-    model = memzoo.build_model(config, vocab_size=vocab_size())  # as `memzoo fit` builds the cell's model
-    return sum(p.numel() for m in model.modules() if isinstance(m, MemoryPool) for p in m.parameters())
+    built = model_from_config(str(study.model_config(model, config_dir)), vocab_size(), study.model_overrides(overrides))
+    return sum(p.numel() for m in built.model.modules() if isinstance(m, MemoryPool) for p in m.parameters())
 
 
 def add_bits(cell: dict[str, Any], memory_params: int) -> dict[str, Any]:
@@ -661,13 +663,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plan = capacity_plan(grid_spec["loads"], grid_spec["exposures"], grid_spec["batch_size"],
                          grid_spec["val_points"], grid_spec["min_steps"])
     targets_ = dict(ALL_MODELS)
-    costs = study.flop_table(args.models, targets_, args.config_dir, vocab_size=vocab_size())
+    costs = study.flop_table(args.models, targets_, args.config_dir, vocab_size=vocab_size(), overrides=extra)
     print(study.format_flop_table(costs), flush=True)
     problems = study.check_flop_matching(costs, args.tolerance, args.config_dir)
     if problems:
         raise StudyError("the grid is not FLOP-matched:\n  " + "\n  ".join(problems))
     configs = model_configs()
-    memory = {m: memory_parameters(configs[m]) for m in args.models}
+    memory = {m: memory_parameters(m, args.config_dir, extra) for m in args.models}
     cell_extra = variants(args.models, grid_spec["lrs"], grid_spec["seeds"], args.controls, configs)
     grid_spec["controls"] = list(args.controls)
     print(f"[capacity] {len(plan)} loads x {len(args.models)} models: "
@@ -687,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.report_only:
         stored = (study.load_cell(cells_dir / f"{study.cell_name(w, m)}.json",
                                   study.config_hash(study.cell_args(cells_name, w, m, [*extra, *cell_extra[m]],
-                                                                    args.config_dir)))
+                                                                    args.config_dir)), by_model[m])
                   for w, m in grid)
         cells = [c for c in stored if c is not None]
     else:

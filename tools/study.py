@@ -197,21 +197,34 @@ def model_config(model: str, config_dir: Path = CONFIG_DIR) -> Path:
     return config_dir / f"model-{model}.yaml"
 
 
+def model_overrides(extra: Sequence[str]) -> list[str]:
+    """The ``--model.…`` pairs of a variant's ``--set`` arguments (``["--key", "value", ...]``): what changes the
+    model a cell builds (seed, data and trainer keys do not)."""
+    pairs = zip(extra[::2], extra[1::2])
+    return [arg for key, value in pairs if key.startswith("--model.") for arg in (key, value)]
+
+
 def flop_table(models: Iterable[str], targets: dict[str, float] | None = None, config_dir: Path = CONFIG_DIR,
-               vocab_size: int | None = None) -> list[ModelCost]:
-    """One :class:`ModelCost` per model of ``config_dir``, ratios against ``REFERENCE_MODEL`` (always computed);
-    ``targets`` maps a model to its FLOP multiple (default :data:`MODELS`); ``vocab_size`` overrides the one the
-    configs' data section implies (a study whose data module brings its own vocabulary)."""
+               vocab_size: int | None = None, overrides: Sequence[str] = ()) -> list[ModelCost]:
+    """One :class:`ModelCost` per model of ``config_dir``, ratios against ``REFERENCE_MODEL``'s own config (always
+    computed); ``targets`` maps a model to its FLOP multiple (default :data:`MODELS`); ``vocab_size`` overrides the
+    one the configs' data section implies (a study whose data module brings its own vocabulary); ``overrides``
+    (a variant's ``--set`` arguments) apply to ``models`` as their cells train them, not to the reference."""
     from memzoo.config_accounting import summarize_config
 
     targets = MODELS if targets is None else targets
-    summaries = {m: summarize_config(str(model_config(m, config_dir)), vocab_size=vocab_size)
-                 for m in dict.fromkeys([REFERENCE_MODEL, *models])}
-    reference = summaries[REFERENCE_MODEL].flops
-    return [
-        ModelCost(m, s.flops, s.parameters, s.active_parameters, targets[m], s.flops / reference)
-        for m, s in summaries.items() if m in models
-    ]
+    models = list(models)
+    overrides = model_overrides(overrides)
+
+    def summary(model: str, extra: Sequence[str]):
+        return summarize_config(str(model_config(model, config_dir)), vocab_size=vocab_size, overrides=list(extra))
+
+    reference = summary(REFERENCE_MODEL, ()).flops
+    costs = []
+    for m in dict.fromkeys(models):
+        s = summary(m, overrides)
+        costs.append(ModelCost(m, s.flops, s.parameters, s.active_parameters, targets[m], s.flops / reference))
+    return costs
 
 
 def check_flop_matching(costs: Sequence[ModelCost], tolerance: float, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -286,13 +299,25 @@ def config_hash(args: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def load_cell(path: Path, expected_hash: str) -> dict[str, Any] | None:
-    """The stored result at ``path`` if it exists, parses and has ``expected_hash``; else ``None`` (rerun)."""
+def load_cell(path: Path, expected_hash: str, cost: ModelCost | None = None) -> dict[str, Any] | None:
+    """The stored result at ``path`` if it exists, parses and has ``expected_hash``; else ``None`` (rerun). With
+    ``cost``, its accounting (:func:`with_cost`) is today's: what it trained is measured, what that costs is counted."""
     try:
         result = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return result if result.get("config_hash") == expected_hash else None
+    if result.get("config_hash") != expected_hash:
+        return None
+    return result if cost is None else with_cost(result, cost)
+
+
+def with_cost(cell: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
+    """``cell`` with the fields that count its model (``flops_per_token``, ``parameters``, ``active_parameters``,
+    ``train_flops`` and each curve point's) from ``cost``, as :func:`cell_result` writes them."""
+    per_token = 3 * cost.flops_per_token  # forward + backward ≈ 3x forward
+    return {**cell, "flops_per_token": cost.flops_per_token, "parameters": cost.parameters,
+            "active_parameters": cost.active_parameters, "train_flops": cell["tokens"] * per_token,
+            "curve": [{**p, "train_flops": p["tokens"] * per_token} for p in cell["curve"]]}
 
 
 def _relative(path: Path) -> str:
@@ -396,7 +421,7 @@ def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_
     args = cell_args(study, workload, model, extra, config_dir)
     digest = config_hash(args)
     path = cells_dir / f"{cell_name(workload, model)}.json"
-    stored = load_cell(path, digest)
+    stored = load_cell(path, digest, cost)
     if stored is not None:
         print(f"[study] {cell_name(workload, model)}: done before (hash {digest[:10]}), skipped", flush=True)
         return stored
@@ -777,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise StudyError(f"unknown workload(s) {missing}; this study has {names}")
         plan = [w for w in plan if w.name in args.workloads]
 
-    costs = flop_table(args.models)
+    costs = flop_table(args.models, overrides=extra)
     print(format_flop_table(costs), flush=True)
     problems = check_flop_matching(costs, args.tolerance)
     if problems:
@@ -800,7 +825,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     grid = [(workload, model) for workload in plan for model in cell_extra]
     if args.report_only:
         stored = (load_cell(cells_dir / f"{cell_name(w, m)}.json",
-                            config_hash(cell_args(study, w, m, [*extra, *cell_extra[m]]))) for w, m in grid)
+                            config_hash(cell_args(study, w, m, [*extra, *cell_extra[m]])), by_model[m])
+                  for w, m in grid)
         cells = [c for c in stored if c is not None]
     else:
         cells = run_grid(study, grid, by_model, cells_dir, args.jobs, args.threads,

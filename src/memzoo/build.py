@@ -25,7 +25,8 @@ def build_model(config: str | Path | Mapping[str, Any] | Any, *, vocab_size: int
 
     Args:
         config: a YAML file path, a dict as the CLI parses it (``{"model": ..., "data": ..., "trainer": ...}``),
-            or a parsed ``jsonargparse.Namespace``.
+            a parsed ``jsonargparse.Namespace``, or the command line of ``memzoo fit`` without its verb
+            (``["--config", "X.yaml", "--model.init_args.architecture.dim", "96"]``).
         vocab_size: link this vocabulary size into the architecture instead of the data module's (the data module
             is then not built, so its files need not exist).
         load_weights: ``False``: do not read ``init_from``'s weights (its architecture is still read).

@@ -414,11 +414,14 @@ class _ModelBuilder(MemzooCLI):
 
 
 def build_model_from_config(config: Any, vocab_size: int | None = None, load_weights: bool = True) -> LanguageModel:
-    """:func:`memzoo.build.build_model`: ``config`` (a YAML path, a dict as the CLI parses it, or a parsed
-    ``Namespace``) parsed by :class:`MemzooCLI`'s parser and its model built as ``memzoo fit`` builds it."""
+    """:func:`memzoo.build.build_model`: ``config`` (a YAML path, a dict as the CLI parses it, a parsed
+    ``Namespace``, or a list of command-line arguments) parsed by :class:`MemzooCLI`'s parser and its model built as
+    ``memzoo fit`` builds it."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     config_yaml.install()
     args = ["--config", str(config)] if isinstance(config, (str, Path)) else config
+    if isinstance(args, (list, tuple)):
+        args = [str(arg) for arg in args]
     if isinstance(args, dict):
         args = {key: value for key, value in args.items() if key != "subcommand"}
     builder = _ModelBuilder(**_cli_kwargs(), args=args, run=False, vocab_size=vocab_size, load_weights=load_weights)

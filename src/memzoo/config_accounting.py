@@ -4,6 +4,8 @@ strategy (:func:`plan_config`), with the model built as ``memzoo fit`` builds it
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def summarize_config(path: str, context_length: int | None = None, vocab_size: int | None = None,
-                     built: ConfigModel | None = None) -> Summary:
+                     built: ConfigModel | None = None, overrides: Sequence[str] = ()) -> Summary:
     """Builds the model of a memzoo YAML config (as ``memzoo fit`` would, without data or training) and summarises it.
 
     The ``model`` section is parsed and validated by the same jsonargparse machinery as the CLI, so bad keys fail
@@ -26,9 +28,11 @@ def summarize_config(path: str, context_length: int | None = None, vocab_size: i
     given, replaces both (for data modules that bring their own vocabulary, e.g. the biographies' words). ``plugins:``
     in the config are imported first, so user blocks resolve. The weights are built on the ``meta`` device: no memory
     is allocated, so configs of any size are summarised. ``built``: the config's model already built by
-    :func:`model_from_config` (then ``vocab_size`` is its own).
+    :func:`model_from_config` (then ``vocab_size`` is its own). ``overrides``: command-line arguments applied after
+    the config, as ``memzoo fit --config path OVERRIDES`` would (e.g. ``["--model.init_args.architecture.layers.1.knn",
+    "32"]``).
     """
-    built = built or model_from_config(path, vocab_size)
+    built = built or model_from_config(path, vocab_size, overrides)
     if context_length is None:
         context_length = built.data_args.get("block_size") or find_transformer(built.model).max_seq_len
     summary = summarize(built.model, context_length)
@@ -46,10 +50,10 @@ class ConfigModel:
     trainer_args: dict[str, Any]
 
 
-def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
+def model_from_config(path: str, vocab_size: int | None = None, overrides: Sequence[str] = ()) -> ConfigModel:
     """The ``LanguageModel`` of a memzoo YAML config as :func:`memzoo.build_model` builds it (the CLI's parser and
-    defaults), on the ``meta`` device, without its data module or ``init_from``'s weights (``vocab_size``: see
-    :func:`summarize_config`)."""
+    defaults), on the ``meta`` device, without its data module or ``init_from``'s weights (``vocab_size``,
+    ``overrides``: see :func:`summarize_config`; the plain sections returned are the file's, before overrides)."""
     import torch
 
     from memzoo.build import build_model
@@ -66,10 +70,14 @@ def model_from_config(path: str, vocab_size: int | None = None) -> ConfigModel:
         raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
     if vocab_size is None:  # the CLI links it from the data module, whose vocabulary is its tokenizer's
         vocab_size = architecture.get("vocab_size") or build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
-    source: str | dict = path
+    source: str | dict | list[str] = path
+    stand_in_data = {"class_path": "memzoo.data.FactsDataModule"}
     if not config.get("data"):  # a model-only config (e.g. configs/capacity/model-*.yaml): the parser still wants a
         # data section; with vocab_size given it is parsed, never built, so the quickstart's module stands in
-        source = {**config, "data": {"class_path": "memzoo.data.FactsDataModule"}}
+        source = {**config, "data": stand_in_data}
+    if overrides:
+        source = ["--config", str(path), *([] if config.get("data") else ["--data", json.dumps(stand_in_data)]),
+                  *overrides]
     with torch.device("meta"):
         model = build_model(source, vocab_size=int(vocab_size), load_weights=False)
     return ConfigModel(model, int(vocab_size), data_args, dict(config.get("trainer") or {}))
