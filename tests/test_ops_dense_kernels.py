@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_kernel_switch import kernels_switched
 from memzoo.model.attention import CausalSelfAttention
 from memzoo.model.rope import RotaryEmbedding
 from memzoo.nn.activations import swiglu
@@ -221,22 +222,14 @@ def test_without_the_kernels_the_pytorch_paths_give_the_same_results(monkeypatch
     rope = RotaryEmbedding(4, max_seq_len=8)
     outputs = []
     for disabled in (False, True):
-        saved = dict(cpu_dense._state)
-        if disabled:
-            cpu_dense._state.clear()
-            monkeypatch.setenv("MEMZOO_CPU_KERNELS", "0")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # the switch turns them off without a warning
-                assert cpu_dense.available() != disabled
-                norm = our_grads(lambda p, q: rms_norm(p, q, 1e-6), x, w, grad_out=torch.ones(5, 12))
-                glu = our_grads(swiglu, a, b, grad_out=torch.ones(4, 9))
-                split = rope.rotate_qkv(qkv, (1, 1, 1), 2)
-                assert (split is None) == disabled
-                outputs.append((norm, glu))
-        finally:
-            cpu_dense._state.clear()
-            cpu_dense._state.update(saved)
+        with kernels_switched(cpu_dense, monkeypatch, off=disabled), warnings.catch_warnings():
+            warnings.simplefilter("error")  # the switch turns them off without a warning
+            assert cpu_dense.available() != disabled
+            norm = our_grads(lambda p, q: rms_norm(p, q, 1e-6), x, w, grad_out=torch.ones(5, 12))
+            glu = our_grads(swiglu, a, b, grad_out=torch.ones(4, 9))
+            split = rope.rotate_qkv(qkv, (1, 1, 1), 2)
+            assert (split is None) == disabled
+            outputs.append((norm, glu))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
 
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from cpu_kernel_switch import kernels_switched
 from memzoo.ops import cpu_read, gather_dot, weighted_gather
 from memzoo.ops import sparse_gather as sg
 from memzoo.training.optim import LazyAdam
@@ -188,19 +189,11 @@ def test_without_the_kernels_the_pytorch_path_gives_the_same_grads(monkeypatch):
     values, indices, weights, _ = inputs(15, 9, 4, 5)
     grads = []
     for disabled in (False, True):
-        saved = dict(cpu_read._state)
-        if disabled:
-            cpu_read._state.clear()
-            monkeypatch.setenv("MEMZOO_CPU_KERNELS", "0")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # the switch turns them off without a warning
-                assert cpu_read.available() != disabled
-                table, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
-                weighted_gather(table, indices, w, sparse_grad=True).square().sum().backward()
-                grads.append((table.grad.to_dense(), w.grad))
-        finally:
-            cpu_read._state.clear()
-            cpu_read._state.update(saved)
+        with kernels_switched(cpu_read, monkeypatch, off=disabled), warnings.catch_warnings():
+            warnings.simplefilter("error")  # the switch turns them off without a warning
+            assert cpu_read.available() != disabled
+            table, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+            weighted_gather(table, indices, w, sparse_grad=True).square().sum().backward()
+            grads.append((table.grad.to_dense(), w.grad))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)

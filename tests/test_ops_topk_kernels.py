@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from cpu_kernel_switch import kernels_switched
 from memzoo.ops import cpu_topk, product_key_topk
 from memzoo.ops import product_keys as pk
 
@@ -281,10 +282,7 @@ def test_fallback_when_the_kernel_cannot_be_built_warns_once_and_stays_exact(no_
 
 
 def test_environment_switch_turns_the_kernel_off_silently(monkeypatch):
-    saved = dict(cpu_topk._state)
-    cpu_topk._state.clear()
-    monkeypatch.setenv("MEMZOO_CPU_KERNELS", "0")
-    try:
+    with kernels_switched(cpu_topk, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert cpu_topk.library() is None
@@ -294,9 +292,6 @@ def test_environment_switch_turns_the_kernel_off_silently(monkeypatch):
             assert torch.equal(indices, ref[1])
         with pytest.raises(RuntimeError, match="MEMZOO_CPU_KERNELS=0"):
             cpu_topk.half_topk_merge(half_scores, 4)
-    finally:
-        cpu_topk._state.clear()
-        cpu_topk._state.update(saved)
 
 
 def test_empty_batch():

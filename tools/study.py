@@ -313,7 +313,7 @@ def load_cell(path: Path, expected_hash: str, cost: ModelCost | None = None) -> 
 
 def with_cost(cell: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
     """``cell`` with the fields that count its model (``flops_per_token``, ``parameters``, ``active_parameters``,
-    ``train_flops`` and each curve point's) from ``cost``, as :func:`cell_result` writes them."""
+    ``train_flops`` and each curve point's) from ``cost``: training FLOPs are 3x forward per token."""
     per_token = 3 * cost.flops_per_token  # forward + backward ≈ 3x forward
     return {**cell, "flops_per_token": cost.flops_per_token, "parameters": cost.parameters,
             "active_parameters": cost.active_parameters, "train_flops": cell["tokens"] * per_token,
@@ -360,26 +360,21 @@ def memory_usage(row: dict[str, float]) -> dict[str, dict[str, float]]:
 
 def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Path, train_seconds: float,
                 config_hash_: str, args: Sequence[str]) -> dict[str, Any]:
-    """The result record of a finished cell (plain data, JSON-ready)."""
+    """The result record of a finished cell (plain data, JSON-ready; its cost fields by :func:`with_cost`)."""
     rows = read_validation(metrics_csv)
     if not rows:
         raise StudyError(f"{metrics_csv}: no validation rows (val/loss); did the run validate at its last step?")
     final = rows[-1]
     tokens = workload.steps * workload.tokens_per_step
-    train_flops_per_token = 3 * cost.flops_per_token  # forward + backward ≈ 3x forward
-    return {
+    return with_cost({
         "workload": workload.name,
         "model": model,
         "knowledge_load": workload.knowledge_load,
         "config_hash": config_hash_,
         "args": list(args),
         "run_dir": str(metrics_csv.parent),
-        "flops_per_token": cost.flops_per_token,
-        "parameters": cost.parameters,
-        "active_parameters": cost.active_parameters,
         "steps": workload.steps,
         "tokens": tokens,
-        "train_flops": tokens * train_flops_per_token,
         "train_seconds": train_seconds,
         "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
         "final": {
@@ -393,11 +388,10 @@ def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Pa
         "memory": memory_usage(final),
         "curve": [
             {"step": r["step"], "tokens": (r["step"] + 1) * workload.tokens_per_step,
-             "train_flops": (r["step"] + 1) * workload.tokens_per_step * train_flops_per_token,
              "val_loss": r["val/loss"], "fact_recall": r.get("val/fact_recall")}
             for r in rows
         ],
-    }
+    }, cost)
 
 
 def training_seconds(trainer: Any, n_validations: int) -> float:

@@ -70,13 +70,12 @@ def model_from_config(path: str, vocab_size: int | None = None, overrides: Seque
         raise ValueError(f"{path}: model.init_args.architecture must be a mapping of architecture fields")
     if vocab_size is None:  # the CLI links it from the data module, whose vocabulary is its tokenizer's
         vocab_size = architecture.get("vocab_size") or build_tokenizer(data_args.get("tokenizer", "byte")).vocab_size
-    source: str | dict | list[str] = path
-    stand_in_data = {"class_path": "memzoo.data.FactsDataModule"}
-    if not config.get("data"):  # a model-only config (e.g. configs/capacity/model-*.yaml): the parser still wants a
-        # data section; with vocab_size given it is parsed, never built, so the quickstart's module stands in
-        source = {**config, "data": stand_in_data}
-    if overrides:
-        source = ["--config", str(path), *([] if config.get("data") else ["--data", json.dumps(stand_in_data)]),
+    # a model-only config (e.g. configs/capacity/model-*.yaml): the parser still wants a data section; with
+    # vocab_size given it is parsed, never built, so the quickstart's module stands in
+    stand_in_data = None if config.get("data") else {"class_path": "memzoo.data.FactsDataModule"}
+    source: str | dict | list[str] = path if stand_in_data is None else {**config, "data": stand_in_data}
+    if overrides:  # parsed after the file, as on `memzoo fit`'s command line
+        source = ["--config", str(path), *(["--data", json.dumps(stand_in_data)] if stand_in_data else []),
                   *overrides]
     with torch.device("meta"):
         model = build_model(source, vocab_size=int(vocab_size), load_weights=False)
