@@ -50,6 +50,26 @@ def test_every_capacity_config_parses_and_the_grid_is_flop_matched():
     assert exit_.value.code == 0
 
 
+def test_token_indexed_models_bind_the_biographies_word_tokenizer():
+    """Engram's compressed vocabulary is built from the data's tokenizer (the biographies' WordTokenizer), as a
+    capacity cell builds it; STEM and MoLE index the same word ids."""
+    import torch
+
+    import memzoo
+
+    data_config = str(capacity.CONFIG_DIR / capacity.DATA_CONFIG)
+    words = capacity.biographies(1).tokenizer.words
+    ids = torch.tensor([[0, *range(2, 17)]])
+    for model in ("engram", "stem", "mole"):
+        module = memzoo.build_model(["--config", str(capacity.CONFIG_DIR / f"model-{model}.yaml"),
+                                     "--config", data_config, "--data.init_args.n_people", "3"])
+        assert torch.isfinite(module.model(ids)).all()
+        if model == "engram":
+            engram = next(m for m in module.model.modules() if type(m).__name__ == "Engram")
+            # one compressed id per lower-cased word (Engram's normalisation)
+            assert engram.lookup.unique().numel() == len({w.lower() for w in words})
+
+
 def test_plan_gives_every_fact_the_exposures_and_validates_on_the_last_step():
     (workload,) = capacity.capacity_plan([50], exposures=100, batch_size=16, val_points=4)
     tokens = capacity.biographies(50).tokens_per_pass()
@@ -65,36 +85,64 @@ def test_plan_gives_every_fact_the_exposures_and_validates_on_the_last_step():
     assert large.steps == 4 * math.ceil(100 * capacity.biographies(3000).tokens_per_pass() / (16 * 64) / 4)
 
 
-def fake_cell(model, load, val_loss, params, recall=0.5):
+def fake_cell(model, load, val_loss, params, recall=0.5, earlier=()):
+    """A stored cell whose validation curve is ``earlier`` losses, then ``val_loss`` (the final one)."""
+    curve = [{"step": 10 * (i + 1), "val_loss": loss} for i, loss in enumerate([*earlier, val_loss])]
     return {"workload": f"people-{load}", "model": model, "knowledge_load": load, "parameters": params,
-            "train_flops": 1e12, "final": {"val_loss": val_loss, "fact_recall": recall},
-            "curve": [{"step": 9, "val_loss": val_loss}], "memory": {}}
+            "train_flops": 1e12, "final": {"val_loss": val_loss, "fact_recall": recall}, "curve": curve, "memory": {}}
+
+
+def uniform_loss():
+    """The validation loss of a model that knows nothing of people-N (uniform over every value set)."""
+    data = capacity.biographies(1000)
+    return sum(math.log(s) for s in data.corpus.value_set_sizes.values()) / 7
+
+
+def fraction_cell(model, load, fraction, params, memory=0, earlier=()):
+    """A cell storing ``fraction`` of the corpus at the end, ``earlier`` fractions before."""
+    loss = uniform_loss()
+    return capacity.add_bits(fake_cell(model, load, loss * (1 - fraction), params,
+                                       earlier=[loss * (1 - f) for f in earlier]), memory)
 
 
 def test_bits_and_targets_on_fake_cells():
     data = capacity.biographies(1000)
-    uniform = sum(math.log(s) for s in data.corpus.value_set_sizes.values()) / 7
     memory = 131072
-    cells = [capacity.add_bits(fake_cell("dense", 1000, uniform * 0.75, 56000), 0),
-             capacity.add_bits(fake_cell("dense-2x", 1000, uniform * 0.6, 118000), 0),
-             capacity.add_bits(fake_cell("memoryplus", 1000, uniform * 0.25, 185000), memory)]
-    dense, dense2x, mp = cells
+    cells = [fraction_cell("dense", 300, 0.95, 56000, earlier=[0.9]),
+             fraction_cell("dense", 1000, 0.25, 56000, earlier=[0.24]),  # flattened: its last quarter added 4%
+             fraction_cell("dense-2x", 1000, 0.4, 118000),
+             fraction_cell("pkm", 1000, 0.6, 185000, memory),
+             fraction_cell("memoryplus", 1000, 0.75, 185000, memory),
+             fraction_cell("memoryplus-no-gate", 1000, 0.95, 185000, memory)]  # an ablation: not a candidate
+    dense, mp = cells[1], cells[4]
     assert dense["bits"] == pytest.approx(0.25 * data.max_bits)
     assert mp["bits"] == pytest.approx(0.75 * data.max_bits)
     assert mp["bits_per_dense_param"] == pytest.approx(mp["bits"] / (185000 - memory))
+    assert capacity.last_interval_growth(dense) == pytest.approx(0.01 / 0.25)
     checked = {t["target"]: t for t in capacity.targets(cells)}
-    assert set(next(iter(checked.values()))) == {"target", "met", "detail"}
-    assert checked["people-1000: Memory+ bits >= 2x dense"]["met"]  # 0.75 >= 2 x 0.25
-    assert checked["people-1000: Memory+ bits >= 1x dense-2x"]["met"]
+    assert all(set(t) == {"target", "met", "detail"} for t in checked.values())
+    best = checked["people-1000: the best memory design stores >= 2x dense's bits (equal FLOPs)"]
+    assert best["met"] and best["detail"].startswith("best memoryplus; memoryplus")  # 0.75 >= 2 x 0.25
     per = (mp["bits"] - dense["bits"]) / memory  # 0.5 x 39,612 bits / 131,072 = 0.151
-    target = checked["people-1000: memoryplus memory parameters hold >= 0.5 bit each (bits over dense)"]
-    assert not target["met"] and f"{per:.3f}" in target["detail"]
-    annotated = {c["model"]: c for c in capacity.add_memory_bits(cells)}
+    held = checked["people-1000: the best memory design's memory parameters hold >= 0.5 bit each beyond dense"]
+    assert not held["met"] and f"{per:.3f}" in held["detail"]
+    assert checked["people-1000: gated Memory+ stores >= 1.5x dense's bits"]["met"]  # 3.00x
+    annotated = {c["model"]: c for c in capacity.add_memory_bits(cells) if c["knowledge_load"] == 1000}
     assert annotated["memoryplus"]["bits_per_memory_param"] == pytest.approx(per)
     assert annotated["dense"]["bits_per_memory_param"] is None
     assert "| 0.151 |" in capacity.results_table(list(annotated.values()))
     sat = capacity.saturation(cells)
-    assert sat["first_load_below_90pct"] == 1000 and sat["at_load"] == 1000
+    assert sat["first_load_below_90pct"] == 1000 and sat["at_load"] == 300
+
+    # dense still climbing at that load: the load does not measure capacity, every target is missed and says so
+    climbing = [fraction_cell("dense", 1000, 0.25, 56000, earlier=[0.15]), mp]
+    missed = capacity.targets(climbing)
+    assert missed and not any(t["met"] for t in missed)
+    assert all("still climbing" in t["detail"] and "added 40.0%" in t["detail"] for t in missed)
+    # dense holds >= 90% everywhere: the grid never reached its capacity
+    (never,) = capacity.targets([fraction_cell("dense", 100, 0.99, 56000, earlier=[0.5]), mp])
+    assert not never["met"] and "people-100: 99.0%" in never["detail"]
+    assert capacity.targets([mp]) == []  # no dense cell: nothing to compare
 
 
 def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path, monkeypatch):

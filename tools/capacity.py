@@ -288,35 +288,73 @@ def add_memory_bits(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: a curve has flattened when its last validation interval (the last quarter of training) added less than this
+#: share of its final bits
+FLAT_GROWTH = 0.05
+#: the memory designs the targets compare (the presets' models; ablations are reported, not candidates)
+MEMORY_DESIGNS = tuple(m for m in MEMORY_MODELS if m in MODELS)
+
+
+def last_interval_growth(cell: dict[str, Any]) -> float | None:
+    """The share of a cell's final bits that its last validation interval added, ``(b_last - b_prev) / b_last``
+    (``None`` with fewer than two points or no bits stored)."""
+    points = [p["bits"] for p in cell.get("curve_bits", [])]
+    if len(points) < 2 or points[-1] <= 0:
+        return None
+    return (points[-1] - points[-2]) / points[-1]
+
+
 def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets at the largest load with results: Memory+ stores >= 2x the bits of dense (equal FLOPs)
-    and >= dense-2x's; every memory model's extra bits over dense >= 0.5 per memory parameter."""
+    """The issue's targets at the *capacity load*, the first load where dense stores < 90% of the corpus:
+
+    - the best memory design (:data:`MEMORY_DESIGNS`) stores >= 2x dense's bits at equal FLOPs, and its memory
+      parameters hold >= 0.5 bit each beyond dense's bits;
+    - gated Memory+ (the preset) stores >= 1.5x dense's bits.
+
+    A load measures capacity only once dense's curve has flattened (its last quarter added < :data:`FLAT_GROWTH` of
+    its bits): before that every target is missed, the detail says by how much dense was still climbing. Without a
+    load where dense stores < 90%, one missed target says the grid never reached dense's capacity."""
     out: list[dict[str, Any]] = []
-    loads = sorted({c["knowledge_load"] for c in cells})
-    if not loads:
+    dense = sorted((c for c in cells if c["model"] == "dense"), key=lambda c: c["knowledge_load"])
+    if not dense:
         return out
-    load = loads[-1]
+    below = [c for c in dense if c["bits_fraction"] < 0.9]
+    if not below:
+        return [{"target": "a load where dense stores < 90% of the corpus (the capacity load)", "met": False,
+                 "detail": "dense stores >= 90% at every load run (" + ", ".join(
+                     f"people-{c['knowledge_load']}: {c['bits_fraction']:.1%}" for c in dense) + ")"}]
+    reference = below[0]
+    load, dense_bits = reference["knowledge_load"], reference["bits"]
+    growth = last_interval_growth(reference)
+    flat = growth is not None and growth < FLAT_GROWTH
+    regime = (f"dense {dense_bits:,.0f} bits ({reference['bits_fraction']:.1%} of the corpus), its last quarter "
+              + (f"added {growth:.1%} of its bits" if growth is not None else "unmeasured")
+              + ("" if flat else f": still climbing (flat below {FLAT_GROWTH:.0%}), so this load does not yet "
+                                 "measure capacity"))
     by = {c["model"]: c for c in cells if c["knowledge_load"] == load}
+
+    def ratio(bits: float) -> str:
+        return f"{bits / dense_bits:.2f}x" if dense_bits > 0 else "dense stores no bits"
+
+    designs = [by[m] for m in MEMORY_DESIGNS if m in by]
+    if designs:
+        best = max(designs, key=lambda c: c["bits"])
+        ranking = ", ".join(f"{c['model']} {c['bits']:,.0f} ({ratio(c['bits'])})"
+                            for c in sorted(designs, key=lambda c: -c["bits"]))
+        out.append({"target": f"people-{load}: the best memory design stores >= 2x dense's bits (equal FLOPs)",
+                    "met": flat and dense_bits > 0 and best["bits"] >= 2 * dense_bits,
+                    "detail": f"best {best['model']}; {ranking}; {regime}"})
+        per = (best["bits"] - dense_bits) / best["memory_params"]
+        out.append({"target": f"people-{load}: the best memory design's memory parameters hold >= 0.5 bit each "
+                              "beyond dense",
+                    "met": flat and per >= 0.5,
+                    "detail": f"{best['model']}: ({best['bits']:,.0f} - {dense_bits:,.0f}) bits / "
+                              f"{best['memory_params']:,} memory parameters = {per:.3f} bit each; {regime}"})
     if "memoryplus" in by:
         mp = by["memoryplus"]["bits"]
-        for other, factor in (("dense", 2.0), ("dense-2x", 1.0)):
-            if other in by:
-                theirs = by[other]["bits"]
-                out.append({"target": f"people-{load}: Memory+ bits >= {factor:g}x {other}",
-                            "met": mp >= factor * theirs and mp > 0,
-                            "detail": f"Memory+ {mp:,.0f} bits vs {other} {theirs:,.0f} ({mp / theirs:.2f}x), "
-                                      f"corpus {by['memoryplus']['max_bits']:,.0f}" if theirs > 0 else
-                                      f"Memory+ {mp:,.0f} bits vs {other} {theirs:,.0f}"})
-    if "dense" in by:
-        for m in MEMORY_MODELS:
-            if m in by:
-                extra = by[m]["bits"] - by["dense"]["bits"]
-                per = extra / by[m]["memory_params"]
-                out.append({"target": f"people-{load}: {m} memory parameters hold >= 0.5 bit each (bits over dense)",
-                            "met": per >= 0.5,
-                            "detail": f"({by[m]['bits']:,.0f} - {by['dense']['bits']:,.0f}) bits / "
-                                      f"{by[m]['memory_params']:,} memory parameters = {per:.3f} bit each; "
-                                      f"all bits / memory parameters = {by[m]['bits'] / by[m]['memory_params']:.3f}"})
+        out.append({"target": f"people-{load}: gated Memory+ stores >= 1.5x dense's bits",
+                    "met": flat and dense_bits > 0 and mp >= 1.5 * dense_bits,
+                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}); {regime}"})
     return out
 
 

@@ -39,3 +39,8 @@ class WordTokenizer(_SpecEquality):
     def decode(self, ids: Sequence[int]) -> str:
         ids = _check_ids(ids, self.vocab_size, "WordTokenizer")
         return " ".join(self.words[i] for i in ids if i > 1)
+
+    def id_texts(self) -> list[tuple[str, str]]:
+        """Per id: its text decoded alone and its own token string, both the word (eos and pad included), as
+        Engram's compressed vocabulary reads them (:func:`memzoo.blocks.engram_vocab.tokenizer_id_texts`)."""
+        return [(word, word) for word in self.words]
