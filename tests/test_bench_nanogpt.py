@@ -42,7 +42,8 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+        extra = dict(fused=True) if device_type == "cuda" else dict()  # nanoGPT's choice of its fused path
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay, **extra)
 '''
 
 
@@ -69,6 +70,29 @@ def test_study_config_matches_nanogpts_non_embedding_parameter_count_within_two_
     assert counts["total"] == counts["non_embedding"] + 258 * 128  # tied embeddings counted once
 
 
+def test_memzoo_takes_the_configs_adamw_implementation_and_refuses_other_recipes(tmp_path):
+    bench = load_bench()
+    _, opt = bench.build_memzoo(CONFIG, 65)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True  # the shipped config's fused: true
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["weight_decay"]) == (1e-3, (0.9, 0.99), 0.1)
+    arch = "architecture: {dim: 16, n_layers: 1, n_heads: 2, block: dense, max_seq_len: 64}"
+
+    def config(optimizer: str) -> Path:
+        path = tmp_path / "c.yaml"
+        path.write_text(f"model:\n  init_args:\n    {arch}\n    optimizer: {optimizer}\n")
+        return path
+
+    plain = "{class_path: torch.optim.AdamW, init_args: {lr: 1.0e-3, betas: [0.9, 0.99], weight_decay: 0.1}}"
+    assert bench.memzoo_adamw_options(config(plain)) == {}
+    assert bench.build_memzoo(config(plain), 65)[1].defaults["fused"] is None  # PyTorch's default: the loop
+    with pytest.raises(SystemExit, match="optimizer lr 0.01 is not the recipe's 0.001"):
+        bench.memzoo_adamw_options(config(plain.replace("1.0e-3", "1.0e-2")))
+    with pytest.raises(SystemExit, match=r"settings \['eps'\] are not the recipe's"):
+        bench.memzoo_adamw_options(config(plain.replace("weight_decay: 0.1", "weight_decay: 0.1, eps: 1.0e-6")))
+    with pytest.raises(SystemExit, match="torch.optim.SGD"):
+        bench.memzoo_adamw_options(config("{class_path: torch.optim.SGD, init_args: {lr: 1.0e-3}}"))
+
+
 def test_windows_give_both_models_the_same_characters():
     bench = load_bench()
     chars, bytes_, vocab = bench.windows(None, n=6, block=9, seed=0)
@@ -78,8 +102,8 @@ def test_windows_give_both_models_the_same_characters():
     assert torch.equal(torch.argsort(bytes_.flatten(), stable=True), torch.argsort(chars.flatten(), stable=True))
 
 
-@pytest.mark.parametrize("vocab, memzoo_vocab", [("recipe", 65), ("bytes", 258)])
-def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys, vocab, memzoo_vocab):
+@pytest.mark.parametrize("vocab, memzoo_vocab, fused", [("recipe", 65, False), ("bytes", 258, True)])
+def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys, vocab, memzoo_vocab, fused):
     (tmp_path / "model.py").write_text(STAND_IN)
     config = tmp_path / "tiny.yaml"
     arch = "{dim: 16, n_layers: 1, n_heads: 2, block: dense, max_seq_len: 64}"
@@ -88,8 +112,10 @@ def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys, voca
     result = load_bench().main(
         ["--nanogpt", str(tmp_path), "--config", str(config), "--text", str(tmp_path / "none.txt"), "--steps", "2",
          "--warmup", "1", "--repeats", "2", "--vocab", vocab, "--json", str(out)]
+        + (["--nanogpt-fused-adamw"] if fused else [])
     )
     assert result["vocab"] == {"nanogpt": 65, "memzoo": memzoo_vocab} and result["compiled"] is False
+    assert result["adamw_fused"] == {"nanogpt": fused, "memzoo": False}  # memzoo: a config without an optimizer
     assert result["params"]["memzoo"]["total"] - result["params"]["memzoo"]["non_embedding"] == memzoo_vocab * 16
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert len(result["ratios_memzoo_vs_nanogpt"]) == 2 and result["median_ratio_memzoo_vs_nanogpt"] > 0

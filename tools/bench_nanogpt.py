@@ -18,9 +18,13 @@ time)::
     git clone https://github.com/karpathy/nanoGPT ../nanoGPT
     python tools/bench_nanogpt.py --nanogpt ../nanoGPT [--config configs/study/shakespeare-nanogpt.yaml]
         [--text ../shared/data/tinyshakespeare.txt] [--steps 100] [--warmup 10] [--repeats 6] [--threads 1]
-        [--vocab recipe|bytes] [--compile] [--json docs/results/bench_nanogpt.json] [--profile 20]
+        [--vocab recipe|bytes] [--compile] [--nanogpt-fused-adamw] [--json docs/results/bench_nanogpt.json]
+        [--profile 20]
 
-memzoo's architecture comes from ``--config`` (the model section of a ``memzoo fit`` YAML). ``--profile N`` adds a
+memzoo's architecture comes from ``--config`` (the model section of a ``memzoo fit`` YAML), and its AdamW's
+implementation settings (``fused: true`` in the shipped config) from the config's optimizer, checked against the
+recipe. nanoGPT's AdamW is what its ``configure_optimizers`` picks for the CPU (PyTorch's per-parameter loop);
+``--nanogpt-fused-adamw`` gives it its fused path too (the JSON's ``adamw_fused`` says which ran). ``--profile N`` adds a
 torch.profiler table of the ops with the most self CPU time over N steps of each model.
 """
 
@@ -84,12 +88,15 @@ def nanogpt_commit(checkout: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def build_nanogpt(module, vocab_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """nanoGPT's GPT with the recipe's sizes and its own ``configure_optimizers`` (decay on ≥2-D tensors)."""
+def build_nanogpt(module, vocab_size: int, fused_adamw: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """nanoGPT's GPT with the recipe's sizes and its own ``configure_optimizers`` (decay on ≥2-D tensors). It
+    chooses fused AdamW only for ``device_type="cuda"``; ``fused_adamw`` passes that so it takes its fused path
+    (PyTorch's fused AdamW runs on CPU tensors too)."""
     config = module.GPTConfig(vocab_size=vocab_size, **{k: v for k, v in RECIPE.items() if k != "batch_size"})
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
         model = module.GPT(config)
-        opt = model.configure_optimizers(ADAMW["weight_decay"], ADAMW["lr"], ADAMW["betas"], "cpu")
+        opt = model.configure_optimizers(ADAMW["weight_decay"], ADAMW["lr"], ADAMW["betas"],
+                                         "cuda" if fused_adamw else "cpu")
     return model, opt
 
 
@@ -101,17 +108,46 @@ def memzoo_architecture(config: Path) -> dict[str, Any]:
     return dict(init["architecture"])
 
 
+#: AdamW settings a config may add to the recipe's: how the update runs, not what it computes
+ADAMW_IMPLEMENTATION = ("fused", "foreach")
+
+
+def memzoo_adamw_options(config: Path) -> dict[str, Any]:
+    """The implementation settings (:data:`ADAMW_IMPLEMENTATION`) of ``config``'s AdamW, checked against the recipe:
+    a config without an optimizer section gets PyTorch's defaults; another optimizer class, other recipe values or
+    other settings are errors (the comparison would not be the recipe's)."""
+    optimizer = yaml.safe_load(config.read_text())["model"]["init_args"].get("optimizer")
+    if optimizer is None:
+        return {}
+    if optimizer.get("class_path") != "torch.optim.AdamW":
+        raise SystemExit(f"--config {config}: the recipe's optimizer is torch.optim.AdamW, the config has "
+                         f"{optimizer.get('class_path')!r}")
+    options = dict(optimizer.get("init_args") or {})
+    for key, value in ADAMW.items():
+        given = options.pop(key, value)
+        if (list(given) if isinstance(given, (list, tuple)) else given) != (
+                list(value) if isinstance(value, tuple) else value):
+            raise SystemExit(f"--config {config}: optimizer {key} {given!r} is not the recipe's {value!r}")
+    unknown = sorted(set(options) - set(ADAMW_IMPLEMENTATION))
+    if unknown:
+        raise SystemExit(f"--config {config}: optimizer settings {unknown} are not the recipe's; only "
+                         f"{list(ADAMW_IMPLEMENTATION)} may be added")
+    return options
+
+
 def build_memzoo(config: Path, vocab_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """memzoo's Transformer from ``config``'s architecture, AdamW with memzoo's parameter groups (as ``memzoo fit``)."""
+    """memzoo's Transformer from ``config``'s architecture, AdamW with memzoo's parameter groups and the config's
+    implementation settings (``fused``: :func:`memzoo_adamw_options`), as ``memzoo fit`` builds them."""
     from memzoo.training.optim import build_optimizer
 
+    options = memzoo_adamw_options(config)
     arch = {**memzoo_architecture(config), "vocab_size": vocab_size}
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(arch) - fields)
     if unknown:
         raise SystemExit(f"--config {config}: model.init_args.architecture has unknown keys {unknown}")
     model = Transformer(ModelConfig(**arch))
-    opt = build_optimizer(model, lambda groups: torch.optim.AdamW(groups, **ADAMW))
+    opt = build_optimizer(model, lambda groups: torch.optim.AdamW(groups, **ADAMW, **options))
     return model, opt
 
 
@@ -206,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocab", choices=("recipe", "bytes"), default="recipe",
                         help="memzoo's inputs: the recipe's 65 character ids (as nanoGPT's) or bytes (258 ids)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models' forward and loss")
+    parser.add_argument("--nanogpt-fused-adamw", action="store_true",
+                        help="nanoGPT's fused AdamW path (its code takes it on CUDA only) instead of its CPU default")
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps of each model")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -224,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in ids]
 
     torch.manual_seed(1337)
-    nano, nano_opt = build_nanogpt(load_nanogpt(args.nanogpt), char_vocab)
+    nano, nano_opt = build_nanogpt(load_nanogpt(args.nanogpt), char_vocab, args.nanogpt_fused_adamw)
     torch.manual_seed(1337)
     memzoo_vocab = char_vocab if args.vocab == "recipe" else ByteTokenizer.vocab_size
     mz, mz_opt = build_memzoo(args.config, memzoo_vocab)
@@ -262,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memzoo_architecture": memzoo_architecture(args.config),
         "vocab": {"nanogpt": char_vocab, "memzoo": memzoo_vocab},
         "compiled": args.compile,
+        "adamw_fused": {"nanogpt": bool(nano_opt.defaults.get("fused")), "memzoo": bool(mz_opt.defaults.get("fused"))},
         "params": counts,
         "non_embedding_params_ratio_memzoo_vs_nanogpt": counts["memzoo"]["non_embedding"]
         / counts["nanogpt"]["non_embedding"],
