@@ -23,9 +23,10 @@ Outputs in ``docs/results/``: ``<name>.json`` (cells, FLOP table, per-cell bits,
     python tools/capacity.py --quick --jobs 2             # people-300 x the 10 models, config rate and seed
     python tools/capacity.py --jobs 2 --threads 1         # the full grid: 4 loads x 10 models x 3 rates x 2 seeds
 
-(Measured on the shared 2-core CPU with the earlier 6-model grid at one rate and seed: 24 cells, 65 min wall with
-``--jobs 2``; a people-300 cell takes ~86 s. The full grid with the sweep is 6x that per model: a GPU's job, or
-narrow it with ``--loads``, ``--lrs``, ``--seeds``, ``--models``.)
+(Measured on the shared 2-core CPU, the ten models at one rate and seed: 40 cells, 206 min of cell time, people-100
+803 s, people-300 768 s, people-1000 2,312 s, people-3000 8,484 s; a people-300 cell takes 55-105 s, so ``--quick``
+is ~7 min with ``--jobs 2``. The full grid with the sweep is 6x that: a GPU's job, or narrow it with ``--loads``,
+``--lrs``, ``--seeds``, ``--models``.)
 
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
 ``--seeds``) and ``<model>@<control>``; the report's tables and targets read the plain cells (config rate and seed),
