@@ -143,6 +143,10 @@ def test_bits_and_targets_on_fake_cells():
     (never,) = capacity.targets([fraction_cell("dense", 100, 0.99, 56000, earlier=[0.5]), mp])
     assert not never["met"] and "people-100: 99.0%" in never["detail"]
     assert capacity.targets([mp]) == []  # no dense cell: nothing to compare
+    # the best design without a table as trained (MoLE): the per-parameter target is missed, not a division by zero
+    mole = fraction_cell("mole", 1000, 0.9, 57000)
+    (_, per_table, _) = capacity.targets([cells[1], mp, mole])
+    assert not per_table["met"] and per_table["detail"].startswith("mole has no memory table as trained")
 
 
 def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path, monkeypatch):
