@@ -125,8 +125,7 @@ def memzoo_adamw_options(config: Path) -> dict[str, Any]:
     options = dict(optimizer.get("init_args") or {})
     for key, value in ADAMW.items():
         given = options.pop(key, value)
-        if (list(given) if isinstance(given, (list, tuple)) else given) != (
-                list(value) if isinstance(value, tuple) else value):
+        if (list(given) if isinstance(given, (list, tuple)) else given) != (list(value) if key == "betas" else value):
             raise SystemExit(f"--config {config}: optimizer {key} {given!r} is not the recipe's {value!r}")
     unknown = sorted(set(options) - set(ADAMW_IMPLEMENTATION))
     if unknown:
