@@ -123,6 +123,7 @@ def test_bits_and_targets_on_fake_cells():
     assert all(set(t) == {"target", "met", "detail"} for t in checked.values())
     best = checked["people-1000: the best memory design stores >= 2x dense's bits (equal FLOPs)"]
     assert best["met"] and best["detail"].startswith("best memoryplus; memoryplus")  # 0.75 >= 2 x 0.25
+    assert "allows at most 4.00x here;" in best["detail"]  # dense holds a quarter of the corpus
     per = (mp["bits"] - dense["bits"]) / memory  # 0.5 x 39,612 bits / 131,072 = 0.151
     held = checked["people-1000: the best memory design's memory parameters hold >= 0.5 bit each beyond dense"]
     assert not held["met"] and f"{per:.3f}" in held["detail"]
@@ -143,6 +144,12 @@ def test_bits_and_targets_on_fake_cells():
     (never,) = capacity.targets([fraction_cell("dense", 100, 0.99, 56000, earlier=[0.5]), mp])
     assert not never["met"] and "people-100: 99.0%" in never["detail"]
     assert capacity.targets([mp]) == []  # no dense cell: nothing to compare
+    # dense holds 80% of the corpus: no design can store 2x (or 1.5x) its bits there, and the detail says so
+    bounded = capacity.targets([fraction_cell("dense", 1000, 0.8, 56000, earlier=[0.79]),
+                                fraction_cell("memoryplus", 1000, 1.0, 185000, memory)])
+    assert all(not t["met"] for t in bounded if "x dense" in t["target"])
+    assert "allows at most 1.25x here, so >= 2x needs a larger load" in bounded[0]["detail"]
+    assert "allows at most 1.25x here, so >= 1.5x needs a larger load" in bounded[2]["detail"]
     # the best design without a table as trained (MoLE): the per-parameter target is missed, not a division by zero
     mole = fraction_cell("mole", 1000, 0.9, 57000)
     (_, per_table, _) = capacity.targets([cells[1], mp, mole])

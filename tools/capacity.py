@@ -314,7 +314,9 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     A load measures capacity only once dense's curve has flattened (its last quarter added < :data:`FLAT_GROWTH` of
     its bits): before that every target is missed, the detail says by how much dense was still climbing. Without a
-    load where dense stores < 90%, one missed target says the grid never reached dense's capacity."""
+    load where dense stores < 90%, one missed target says the grid never reached dense's capacity. A ratio detail
+    names the most the corpus allows (its bits over dense's): where dense stores over half the corpus, 2x cannot
+    be reached at that load, whatever the design."""
     out: list[dict[str, Any]] = []
     dense = sorted((c for c in cells if c["model"] == "dense"), key=lambda c: c["knowledge_load"])
     if not dense:
@@ -333,9 +335,19 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
               + ("" if flat else f": still climbing (flat below {FLAT_GROWTH:.0%}), so this load does not yet "
                                  "measure capacity"))
     by = {c["model"]: c for c in cells if c["knowledge_load"] == load}
+    corpus = reference["max_bits"]
 
     def ratio(bits: float) -> str:
         return f"{bits / dense_bits:.2f}x" if dense_bits > 0 else "dense stores no bits"
+
+    def ceiling(times: float) -> str:
+        """What the corpus allows: no model stores more than its ``corpus`` bits, so a ratio to dense above
+        ``corpus / dense_bits`` cannot be reached at this load."""
+        if dense_bits <= 0:
+            return ""
+        most = corpus / dense_bits
+        return (f"; the corpus ({corpus:,.0f} bits) allows at most {most:.2f}x here"
+                + (f", so >= {times:g}x needs a larger load" if most < times else ""))
 
     designs = [by[m] for m in MEMORY_DESIGNS if m in by]
     if designs:
@@ -344,7 +356,7 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                             for c in sorted(designs, key=lambda c: -c["bits"]))
         out.append({"target": f"people-{load}: the best memory design stores >= 2x dense's bits (equal FLOPs)",
                     "met": flat and dense_bits > 0 and best["bits"] >= 2 * dense_bits,
-                    "detail": f"best {best['model']}; {ranking}; {regime}"})
+                    "detail": f"best {best['model']}; {ranking}{ceiling(2)}; {regime}"})
         tables = best["memory_params"]  # 0 for MoLE as trained: its experts become a table only at inference
         per = (best["bits"] - dense_bits) / tables if tables else None
         out.append({"target": f"people-{load}: the best memory design's memory parameters hold >= 0.5 bit each "
@@ -358,7 +370,7 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         mp = by["memoryplus"]["bits"]
         out.append({"target": f"people-{load}: gated Memory+ stores >= 1.5x dense's bits",
                     "met": flat and dense_bits > 0 and mp >= 1.5 * dense_bits,
-                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}); {regime}"})
+                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}){ceiling(1.5)}; {regime}"})
     return out
 
 
