@@ -26,7 +26,12 @@ Outputs in ``docs/results/``: ``<name>.json`` (cells, FLOP table, per-cell bits,
 (Measured on the shared 2-core CPU, the ten models at one rate and seed: 40 cells, 206 min of cell time, people-100
 803 s, people-300 768 s, people-1000 2,312 s, people-3000 8,484 s; a people-300 cell takes 55-105 s, so ``--quick``
 is ~7 min with ``--jobs 2``. The full grid with the sweep is 6x that: a GPU's job, or narrow it with ``--loads``,
-``--lrs``, ``--seeds``, ``--models``.)
+``--lrs``, ``--seeds``, ``--models``.) At 100 exposures in batches of 16 these cells measure how soon a design
+memorises, not capacity; dense's curve flattens below 90% of the corpus with 1,000 exposures in batches of 64, first
+at people-3000 (docs/results/capacity-x1000-b64.md; a people-3000 cell took 46-65 min, three at once on 2 cores)::
+
+    python tools/capacity.py --name capacity-x1000-b64 --loads 1000 2000 3000 --exposures 1000 --batch-size 64 \
+        --models dense engram memoryplus --lrs 0.01 --seeds 1337 --jobs 3 --threads 1
 
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
 ``--seeds``) and ``<model>@<control>``; the report's tables and targets read the plain cells (config rate and seed),
