@@ -590,9 +590,9 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("bits stored (negative shown as 0)")
-    # the legend where every model run has a line (the panel of the most models), so no line goes unnamed
-    fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))
-    fullest.legend(fontsize=7)
+    # one legend naming every model of every panel (a model may be run at some loads only), in the fullest panel
+    named = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    max(axes[0], key=lambda ax: len(ax.get_lines())).legend(named.values(), named.keys(), fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
