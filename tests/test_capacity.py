@@ -233,6 +233,38 @@ def test_lr_sweep_and_control_rows_on_fake_cells():
     assert rows["frozen", 2]["bits_attributed"] == 60.0 and rows["frozen", 2]["model"] == "pkm"  # trained at seed 2
 
 
+def test_best_rate_cells_average_the_seeds_of_each_models_best_rate_and_the_targets_say_so():
+    memory = 131072
+    cells = [fraction_cell("dense", 1000, 0.30, 56000, earlier=[0.29]),
+             fraction_cell("dense@seed1338", 1000, 0.20, 56000, earlier=[0.19]),
+             fraction_cell("dense@lr0.03", 1000, 0.10, 56000, earlier=[0.09]),  # a worse rate: not averaged in
+             fraction_cell("engram", 1000, 0.40, 190000, memory, earlier=[0.38]),
+             fraction_cell("engram@seed1338", 1000, 0.50, 190000, memory, earlier=[0.49]),
+             fraction_cell("engram@lr0.03", 1000, 0.60, 190000, memory, earlier=[0.59]),  # its best rate, one seed
+             fraction_cell("engram@frozen", 1000, 0.05, 190000, memory)]  # a control: never a candidate
+    best = {c["model"]: c for c in capacity.best_rate_cells(cells)}
+    assert set(best) == {"dense", "engram"}
+    dense, engram = best["dense"], best["engram"]
+    assert dense["lr"] == capacity.LR and dense["seeds"] == [capacity.SEED, 1338]
+    assert dense["bits"] == pytest.approx((cells[0]["bits"] + cells[1]["bits"]) / 2)
+    assert dense["bits_fraction"] == pytest.approx(0.25)
+    assert dense["bits_by_seed"] == [cells[0]["bits"], cells[1]["bits"]]
+    assert [p["bits"] for p in dense["curve_bits"]] == pytest.approx(
+        [(a["bits"] + b["bits"]) / 2 for a, b in zip(cells[0]["curve_bits"], cells[1]["curve_bits"])])
+    assert dense["final"]["val_loss"] == pytest.approx((cells[0]["final"]["val_loss"]
+                                                        + cells[1]["final"]["val_loss"]) / 2)
+    assert engram["lr"] == 0.03 and engram["seeds"] == [capacity.SEED] and engram["bits"] == cells[5]["bits"]
+    checked = capacity.targets(capacity.add_memory_bits(list(best.values())))
+    assert "engram " in checked[0]["detail"] and "(2.40x at rate 0.03, mean of 1 seed)" in checked[0]["detail"]
+    assert "at rate 0.01, mean of 2 seeds (25.0% of the corpus)" in checked[0]["detail"]
+    # with the config's rate and seed only, nothing was averaged and the details stay as they were
+    plain = capacity.best_rate_cells([cells[0], cells[3]])
+    assert [c["seeds"] for c in plain] == [[capacity.SEED]] * 2 and "mean of" not in capacity.targets(plain)[0]["detail"]
+    late = fraction_cell("dense@seed7", 1000, 0.2, 56000, earlier=[0.1, 0.15])  # one more validation than seed 1337
+    with pytest.raises(capacity.StudyError, match="validated at different steps"):
+        capacity.best_rate_cells([cells[0], late])
+
+
 def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["--models", "pkm", "--loads", "4", "--exposures", "1", "--batch-size", "2", "--min-steps", "0",

@@ -34,7 +34,8 @@ at people-3000 (docs/results/capacity-x1000-b64.md; a people-3000 cell took 46-6
         --models dense engram memoryplus --lrs 0.01 --seeds 1337 --jobs 3 --threads 1
 
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
-``--seeds``) and ``<model>@<control>``; the report's tables and targets read the plain cells (config rate and seed),
+``--seeds``) and ``<model>@<control>``; the report's first table reads the plain cells (config rate and seed); the
+targets, the saturation line and the plots read each model at its best rate, mean over its seeds (``best_rate_cells``);
 the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
 the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
 rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
@@ -310,12 +311,23 @@ def last_interval_growth(cell: dict[str, Any]) -> float | None:
     return (points[-1] - points[-2]) / points[-1]
 
 
+def _averaged(cell: dict[str, Any]) -> str:
+    """What a :func:`best_rate_cells` cell averaged, for a target's detail: "" at the config's rate and seed."""
+    seeds = cell.get("seeds", [SEED])
+    if len(seeds) == 1 and cell.get("lr", LR) == LR:
+        return ""
+    return f" at rate {cell['lr']:g}, mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+
+
 def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets at the *capacity load*, the first load where dense stores < 90% of the corpus:
 
     - the best memory design (:data:`MEMORY_DESIGNS`) stores >= 2x dense's bits at equal FLOPs, and its memory
       parameters hold >= 0.5 bit each beyond dense's bits;
     - gated Memory+ (the preset) stores >= 1.5x dense's bits.
+
+    ``cells``: one per (load, model); from a grid that sweeps rates or seeds, :func:`best_rate_cells` (each model at
+    its best rate, mean over seeds), and the details say so.
 
     A load measures capacity only once dense's curve has flattened (its last quarter added < :data:`FLAT_GROWTH` of
     its bits): before that every target is missed, the detail says by how much dense was still climbing. Without a
@@ -335,7 +347,8 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     load, dense_bits = reference["knowledge_load"], reference["bits"]
     growth = last_interval_growth(reference)
     flat = growth is not None and growth < FLAT_GROWTH
-    regime = (f"dense {dense_bits:,.0f} bits ({reference['bits_fraction']:.1%} of the corpus), its last quarter "
+    regime = (f"dense {dense_bits:,.0f} bits{_averaged(reference)} ({reference['bits_fraction']:.1%} of the corpus), "
+              "its last quarter "
               + (f"added {growth:.1%} of its bits" if growth is not None else "unmeasured")
               + ("" if flat else f": still climbing (flat below {FLAT_GROWTH:.0%}), so this load does not yet "
                                  "measure capacity"))
@@ -357,7 +370,7 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     designs = [by[m] for m in MEMORY_DESIGNS if m in by]
     if designs:
         best = max(designs, key=lambda c: c["bits"])
-        ranking = ", ".join(f"{c['model']} {c['bits']:,.0f} ({ratio(c['bits'])})"
+        ranking = ", ".join(f"{c['model']} {c['bits']:,.0f} ({ratio(c['bits'])}{_averaged(c)})"
                             for c in sorted(designs, key=lambda c: -c["bits"]))
         out.append({"target": f"people-{load}: the best memory design stores >= 2x dense's bits (equal FLOPs)",
                     "met": flat and dense_bits > 0 and best["bits"] >= 2 * dense_bits,
@@ -375,7 +388,8 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         mp = by["memoryplus"]["bits"]
         out.append({"target": f"people-{load}: gated Memory+ stores >= 1.5x dense's bits",
                     "met": flat and dense_bits > 0 and mp >= 1.5 * dense_bits,
-                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}){ceiling(1.5)}; {regime}"})
+                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}{_averaged(by['memoryplus'])}){ceiling(1.5)}; "
+                              f"{regime}"})
     return out
 
 
@@ -465,21 +479,70 @@ def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], 
     return out
 
 
-def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (load, model): the mean bits over seeds at each rate, and the best rate (every cell stays in the JSON)."""
-    groups: dict[tuple[int, str], dict[float, list[float]]] = {}
+def _rate_groups(cells: Sequence[dict[str, Any]]) -> dict[tuple[int, str], dict[float, list[dict[str, Any]]]]:
+    """(load, model) -> AdamW rate -> the cells of every seed at that rate (controls left out)."""
+    groups: dict[tuple[int, str], dict[float, list[dict[str, Any]]]] = {}
     for c in cells:
         model, _, variant = c["model"].partition("@")
         if any(part in CONTROLS for part in variant.split("@")):
             continue
         lr = next((float(v[2:]) for v in variant.split("@") if v.startswith("lr")), LR)
-        groups.setdefault((c["knowledge_load"], model), {}).setdefault(lr, []).append(c["bits"])
+        groups.setdefault((c["knowledge_load"], model), {}).setdefault(lr, []).append(c)
+    return groups
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _mean_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The seeds' validation records at one step averaged key by key (``None`` where a seed has none); the schedule
+    keys (step, tokens, FLOPs) are equal across seeds and kept."""
+    def mean(key: str) -> Any:
+        values = [p.get(key) for p in points]
+        return None if any(not isinstance(v, (int, float)) for v in values) else _mean(values)
+
+    return {k: points[0][k] if k in ("step", "tokens", "train_flops") else mean(k) for k in points[0]}
+
+
+def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (load, model): the mean bits over seeds at each rate, and the best rate (every cell stays in the JSON)."""
     out = []
-    for (load, model), by_lr in sorted(groups.items()):
-        means = {lr: sum(b) / len(b) for lr, b in by_lr.items()}
+    for (load, model), by_lr in sorted(_rate_groups(cells).items()):
+        bits = {lr: [c["bits"] for c in group] for lr, group in by_lr.items()}
+        means = {lr: _mean(b) for lr, b in bits.items()}
         best = max(means, key=means.get)
         out.append({"knowledge_load": load, "model": model, "best_lr": best, "best_bits": means[best],
-                    "bits_by_lr": [{"lr": lr, "mean_bits": means[lr], "bits": by_lr[lr]} for lr in sorted(by_lr)]})
+                    "bits_by_lr": [{"lr": lr, "mean_bits": means[lr], "bits": bits[lr]} for lr in sorted(bits)]})
+    return out
+
+
+def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One cell per (load, model), controls left out: the model at its best rate (highest mean bits over seeds, as
+    :func:`lr_sweep`), its bits, recall, loss and bits-vs-step curve the means over that rate's seeds. Each carries
+    ``lr``, ``seeds`` and ``bits_by_seed`` (what was averaged); cells need :func:`add_bits`'s fields. What the
+    targets read when a grid sweeps rates or seeds; with one rate and seed, the plain cell plus those keys."""
+    out = []
+    for (load, model), by_lr in sorted(_rate_groups(cells).items()):
+        lr = max(by_lr, key=lambda r: _mean([c["bits"] for c in by_lr[r]]))
+        group = sorted(by_lr[lr], key=lambda c: study.cell_seed(c["model"], SEED))
+        first, bits = group[0], _mean([c["bits"] for c in group])
+        steps = [[p["step"] for p in c["curve_bits"]] for c in group]
+        if any(s != steps[0] for s in steps):
+            raise StudyError(f"people-{load} {model} at rate {lr:g}: its seeds validated at different steps "
+                             f"{steps}; rerun them with one schedule")
+        run_only = ("args", "config_hash", "run_dir")  # one training's, not the mean's
+        out.append({**{k: v for k, v in first.items() if k not in run_only}, "model": model, "bits": bits,
+                    "bits_fraction": bits / first["max_bits"], "bits_per_param": bits / first["parameters"],
+                    "bits_per_dense_param": bits / first["dense_params"],
+                    **{k: _mean([c[k] for c in group]) for k in ("train_seconds", "wall_seconds", "tokens_per_s")
+                       if all(c.get(k) is not None for c in group)},
+                    "final": _mean_point([c["final"] for c in group]),
+                    "curve": [_mean_point([c["curve"][i] for c in group]) for i in range(len(first["curve"]))],
+                    "curve_bits": [{"step": step, "bits": _mean([c["curve_bits"][i]["bits"] for c in group])}
+                                   for i, step in enumerate(steps[0])],
+                    "lr": lr, "seeds": [study.cell_seed(c["model"], SEED) for c in group],
+                    "bits_by_seed": [c["bits"] for c in group]})
     return out
 
 
@@ -614,14 +677,16 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     cells = add_memory_bits([c for c in every if "@" not in c["model"]])
     variant_cells = [c for c in every if "@" in c["model"]]
     controls = control_rows(cells + variant_cells)
-    checked = targets(cells)
-    sat = saturation(cells)
+    best = add_memory_bits(best_rate_cells(cells + variant_cells))  # what the targets, saturation and plots read
+    checked = targets(best)
+    sat = saturation(best)
     done = {f"people-{c['knowledge_load']}__{c['model']}" for c in every}
     not_run = [n for n in meta.get("planned_cells", []) if n not in done]
     study.write_json_atomic(paths["json"], {"study": name, **meta, "flop_table": [asdict(c) for c in costs],
                                             "memory_params": memory, "dense_saturation": sat, "targets": checked,
                                             "cells_not_run": not_run, "lr_sweep": lr_sweep(cells + variant_cells),
-                                            "controls": controls, "cells": cells, "variant_cells": variant_cells})
+                                            "controls": controls, "best_rate_cells": best, "cells": cells,
+                                            "variant_cells": variant_cells})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
     sat_line = ("–" if sat is None else
                 f"dense stores at most {sat['max_bits']:,.0f} bits ({sat['bits_per_param']:.3f} per parameter, at "
@@ -649,7 +714,14 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
                for r in sorted(controls, key=lambda r: (r["knowledge_load"], r["model"], r["control"], r["seed"]))),
              ""]
             if controls else []),
-          *(["### Every seed and rate (the tables above read the config's rate and seed)", "",
+          *(["### Best rate per model, mean over its seeds (what the targets, saturation and plots read)", "",
+             "| people | model | best rate | seeds | bits per seed | mean bits | % of corpus | "
+             "(bits − dense) / memory param |", "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: |",
+             *(f"| {c['knowledge_load']:,} | {c['model']} | {c['lr']:g} | {', '.join(map(str, c['seeds']))} | "
+               f"{' / '.join(_bits(b) for b in c['bits_by_seed'])} | {_bits(c['bits'])} | {c['bits_fraction']:.1%} | "
+               f"{'–' if c['bits_per_memory_param'] is None else format(c['bits_per_memory_param'], '.3f')} |"
+               for c in sorted(best, key=lambda c: (c["knowledge_load"], list(ALL_MODELS).index(c["model"])))),
+             "", "### Every seed and rate (the first table reads the config's rate and seed)", "",
              "| people | cell | bits stored | % of corpus | recall |", "| ---: | --- | ---: | ---: | ---: |",
              *(f"| {c['knowledge_load']:,} | {c['model']} | {_bits(c.get('bits'))} | "
                f"{100 * c['bits'] / c['max_bits']:.1f}% | {c['final'].get('fact_recall', float('nan')):.3f} |"
@@ -663,9 +735,9 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     if notes:  # hand-written reading of the results survives a rewrite of the generated part
         md += [NOTES_MARKER + notes.rstrip("\n"), ""]
     write_bytes_atomic(paths["md"], "\n".join(md).encode())
-    if cells:
-        plot_bits_vs_load(cells, paths["plot"])
-        plot_bits_vs_step(cells, paths["curves"])
+    if best:
+        plot_bits_vs_load(best, paths["plot"])
+        plot_bits_vs_step(best, paths["curves"])
     return paths
 
 
@@ -760,10 +832,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = write_report(name, cells, costs, memory, args.out, meta)
     with_bits = add_memory_bits([add_bits(c, memory[c["model"]]) for c in cells if "@" not in c["model"]])
     print(results_table(with_bits))
-    for t in targets(with_bits):
+    report = json.loads(paths["json"].read_text())
+    for t in report["targets"]:  # read at each model's best rate, mean over seeds (best_rate_cells)
         print(f"{'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})")
     print("[capacity] wrote " + ", ".join(str(p) for p in paths.values()))
-    report = json.loads(paths["json"].read_text())
     return {"cells": with_bits, "variant_cells": report["variant_cells"], "controls": report["controls"],
             "lr_sweep": report["lr_sweep"], "paths": {k: str(v) for k, v in paths.items()}}
 
