@@ -118,4 +118,4 @@ class TuckerRouter(nn.Module):
     def flops_per_token(self) -> int:
         """The module docstring's count."""
         return (2 * self.dim * 2 * self.k_dim + self.heads * 2 * 2 * self.n_keys * self.rank * self.k_dim
-                + self.heads * tucker_topk_flops(self.n_keys, self.rank, self.n_cores, self.candidates))
+                + self.heads * tucker_topk_flops(self.n_keys, self.rank, self.n_cores, self.candidates, self.knn))

@@ -8,12 +8,15 @@ Grid cell ``(i, j)`` of the ``n²`` cells scores, with ``M`` cores ``C_c (r, r)`
 
 The exact top-k would score all ``n²`` cells. :func:`tucker_topk` instead takes the rank-1 approximation
 ``Σ_c C_c ≈ σ·u vᵀ`` (top singular vectors, :func:`tucker_rank1`), keeps the ``m`` best rows by ``rows @ u`` and the
-``m`` best columns by ``cols @ v``, and scores the ``m × m`` candidate cells exactly with every core. When
+``m`` best columns by ``cols @ v``, and ranks the ``m × m`` candidate cells exactly by ``row_i · (Σ_c C_c) · col_j``
+(one product, not one per core, and without gradient); only the ``knn`` kept cells are then scored per core,
+with gradients, so the backward touches ``knn`` cells, not ``m²``. When
 ``Σ_c C_c`` has rank 1, or ``m = n``, the result is the exact top-k.
 
-Cost per query (multiply-adds): ``2·n·r`` (the two rank-1 projections) + ``M·(m·r² + m²·r)`` (candidate cells, per
-core). Gradients flow to ``rows``, ``cols`` and the cores through the returned scores (the selection itself is not
-differentiable, as in any top-k); ``u, v`` carry no gradient.
+Cost per query (multiply-adds): ``2·n·r`` (the two rank-1 projections) + ``m·r² + m²·r`` (ranking the candidate
+cells) + ``M·knn·(r² + r)`` (the kept cells' per-core scores). Gradients flow to ``rows``, ``cols`` and the cores
+through the returned scores (the selection itself is not differentiable, as in any top-k); ``u, v`` carry no
+gradient.
 """
 
 from __future__ import annotations
@@ -59,21 +62,29 @@ def tucker_topk(rows: Tensor, cols: Tensor, cores: Tensor, knn: int, candidates:
             f"tucker_topk: knn={knn} must be in [1, candidates²={candidates * candidates}]; raise candidates or "
             f"lower knn"
         )
-    u, v = tucker_rank1(cores.detach().sum(-3))  # (..., r)
-    best_rows = (rows.detach() @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
-    best_cols = (cols.detach() @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
-    row_c = rows.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
-    col_c = cols.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))  # (..., m, r)
-    # per core: (m, r) @ (r, r) @ (r, m) -> (..., M, m, m)
-    per_core = (row_c.unsqueeze(-3) @ cores) @ col_c.unsqueeze(-3).transpose(-1, -2)
-    flat = per_core.flatten(-2)  # (..., M, m²)
-    best = flat.detach().sum(-2).topk(knn, dim=-1).indices  # (..., knn)
-    scores = flat.gather(-1, best.unsqueeze(-2).expand(*flat.shape[:-1], knn)).transpose(-1, -2)
-    indices = best_rows.gather(-1, best // candidates) * n + best_cols.gather(-1, best % candidates)
+    core_sum = cores.detach().sum(-3)  # (..., r, r)
+    u, v = tucker_rank1(core_sum)  # (..., r)
+    with torch.no_grad():  # the selection: no gradient, so no (..., M, m, m) buffer is kept for the backward
+        rows_d, cols_d = rows.detach(), cols.detach()
+        best_rows = (rows_d @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+        best_cols = (cols_d @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+        row_c = rows_d.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
+        col_c = cols_d.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))
+        ranking = (row_c @ core_sum.to(rows.dtype)) @ col_c.transpose(-1, -2)  # Σ_c score_c: (..., m, m)
+        best = ranking.flatten(-2).topk(knn, dim=-1).indices  # (..., knn), best first
+        i, j = best_rows.gather(-1, best // candidates), best_cols.gather(-1, best % candidates)
+    # each kept cell's score under every core, differentiable in rows, cols and cores: the cell's outer product
+    # (r·r) against the flattened cores, one matmul with r² inner terms, (..., knn, r²) @ (..., r², M)
+    row_k = rows.gather(-2, i.unsqueeze(-1).expand(*i.shape, r))  # (..., knn, r)
+    col_k = cols.gather(-2, j.unsqueeze(-1).expand(*j.shape, r))
+    outer = (row_k.unsqueeze(-1) * col_k.unsqueeze(-2)).flatten(-2)  # (..., knn, r²)
+    scores = outer @ cores.flatten(-2).transpose(-1, -2)  # (..., knn, M)
+    indices = i * n + j
     return scores, indices
 
 
-def tucker_topk_flops(n: int, rank: int, cores: int, candidates: int) -> int:
+def tucker_topk_flops(n: int, rank: int, cores: int, candidates: int, knn: int) -> int:
     """Forward FLOPs of one :func:`tucker_topk` call per query (a multiply-add counts 2): the two rank-1
-    projections and every core's candidate cells (module docstring)."""
-    return 2 * (2 * n * rank) + 2 * cores * (candidates * rank * rank + candidates * candidates * rank)
+    projections, the ranking of the candidate cells and the kept cells' per-core scores (module docstring)."""
+    return (2 * (2 * n * rank) + 2 * (candidates * rank * rank + candidates * candidates * rank)
+            + 2 * cores * knn * (rank * rank + rank))
