@@ -60,18 +60,24 @@ def _engram_layer(layer_id: int) -> dict:
                     "table_rows": 4096, "update": "sparse", "lr": 1.0e-2, "weight_decay": 0.0}}
 
 
-#: Models that are "dense" (``configs/study/model-dense.yaml``) with these ``layers:``, at equal forward FLOPs
-#: (``flops_per_token``): UltraMem 298k per layer (a 128² grid, rank 2, 2 cores, over 4,096 rows of width 128 through
-#: 4 projections, 2 heads × top-32, k_dim 32, private tables with dense updates, read and added in place), UltraMemV2
-#: 288k (16,384 FFN-valued slots of width 128, 1 head × top-32, k_dim 32, beside a SwiGLU FFN of half the width) and
-#: Engram beside a narrowed FFN 294k, against the dense FFN's 295k.
+#: Models that are "dense" (``configs/study/model-dense.yaml``) with these ``layers:`` (and the ``pools:`` of
+#: :data:`DENSE_VARIANT_POOLS`), at equal forward FLOPs (``flops_per_token``): UltraMem 291k per layer (a 128² grid,
+#: rank 2, 2 cores, over 4,096 rows of width 128 through 4 projections, 2 heads × top-32, k_dim 32, private tables
+#: with dense updates as the authors train them, read and added in place), UltraMemV2 293k (both layers over ONE
+#: pool of 16,384 FFN-valued slots of width 128 with sparse LazyAdam updates, as configs/text-ultramem-v2.yaml; 1 head
+#: × top-32, k_dim 32, beside a SwiGLU FFN of half the width) and Engram beside a narrowed FFN 294k, against the
+#: dense FFN's 295k.
 _ULTRAMEM = {"block": "ultramem", "n_keys": 128, "value_dim": 128, "value_expand": 4, "heads": 2, "knn": 32, "k_dim": 32}
-_ULTRAMEM_V2 = {"block": "ultramem_v2", "n_keys": 128, "value_dim": 128, "heads": 1, "knn": 32, "k_dim": 32,
-                "ffn_fraction": 0.5}
+_ULTRAMEM_V2 = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 32, "k_dim": 32, "ffn_fraction": 0.5}
 DENSE_VARIANTS = {
     "ultramem": {1: _ULTRAMEM, 3: _ULTRAMEM},
     "ultramem_v2": {1: _ULTRAMEM_V2, 3: _ULTRAMEM_V2},
     "engram": {1: _engram_layer(1), 3: _engram_layer(3)},
+}
+#: the shared pools of :data:`DENSE_VARIANTS` (the study's Memory+ pool rate and optimizer)
+DENSE_VARIANT_POOLS = {
+    "ultramem_v2": {"experts": {"kind": "experts", "n_keys": 128, "value_dim": 128, "update": "sparse", "lr": 1.0e-2,
+                                "weight_decay": 0.0}},
 }
 STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
 
@@ -108,11 +114,15 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3, device: str = "cpu", c
 # ---------------------------------------------------------------------------------------------- blocks
 def study_model(name: str) -> tuple[LanguageModel, str]:
     """The iso-FLOP study's model ``name`` as ``memzoo fit`` builds it (:func:`memzoo.build_model`, byte
-    vocabulary, seed 0), or "dense" with the ``layers:`` of :data:`DENSE_VARIANTS`; and its sparse optimizer's name."""
+    vocabulary, seed 0), or "dense" with the ``layers:`` of :data:`DENSE_VARIANTS` (and pools of
+    :data:`DENSE_VARIANT_POOLS`); and its sparse optimizer's name."""
     config = yaml.safe_load((STUDY / f"model-{'dense' if name in DENSE_VARIANTS else name}.yaml").read_text())
     if name in DENSE_VARIANTS:
         layers = {i: dict(spec) for i, spec in DENSE_VARIANTS[name].items()}
         config["model"]["init_args"]["architecture"]["layers"] = layers
+        if name in DENSE_VARIANT_POOLS:
+            config["model"]["init_args"]["architecture"]["pools"] = DENSE_VARIANT_POOLS[name]
+            config["model"]["init_args"]["sparse_optimizer"] = "lazy_adam"
     module = memzoo.build_model({**config, "seed_everything": 0}, vocab_size=258)
     return module, module.hparams.sparse_optimizer
 
