@@ -249,6 +249,7 @@ def test_best_rate_cells_average_the_seeds_of_each_models_best_rate_and_the_targ
     assert dense["bits"] == pytest.approx((cells[0]["bits"] + cells[1]["bits"]) / 2)
     assert dense["bits_fraction"] == pytest.approx(0.25)
     assert dense["bits_by_seed"] == [cells[0]["bits"], cells[1]["bits"]]
+    assert dense["curve_bits_by_seed"] == [cells[0]["curve_bits"], cells[1]["curve_bits"]]  # each seed's curve, plotted
     assert [p["bits"] for p in dense["curve_bits"]] == pytest.approx(
         [(a["bits"] + b["bits"]) / 2 for a, b in zip(cells[0]["curve_bits"], cells[1]["curve_bits"])])
     assert dense["final"]["val_loss"] == pytest.approx((cells[0]["final"]["val_loss"]

@@ -520,7 +520,8 @@ def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One cell per (load, model), controls left out: the model at its best rate (highest mean bits over seeds, as
     :func:`lr_sweep`), its bits, recall, loss and bits-vs-step curve the means over that rate's seeds. Each carries
-    ``lr``, ``seeds`` and ``bits_by_seed`` (what was averaged); cells need :func:`add_bits`'s fields. What the
+    ``lr``, ``seeds``, ``bits_by_seed`` and ``curve_bits_by_seed`` (what was averaged); cells need :func:`add_bits`'s
+    fields. What the
     targets read when a grid sweeps rates or seeds; with one rate and seed, the plain cell plus those keys."""
     out = []
     for (load, model), by_lr in sorted(_rate_groups(cells).items()):
@@ -541,6 +542,7 @@ def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "curve": [_mean_point([c["curve"][i] for c in group]) for i in range(len(first["curve"]))],
                     "curve_bits": [{"step": step, "bits": _mean([c["curve_bits"][i]["bits"] for c in group])}
                                    for i, step in enumerate(steps[0])],
+                    "curve_bits_by_seed": [c["curve_bits"] for c in group],
                     "lr": lr, "seeds": [study.cell_seed(c["model"], SEED) for c in group],
                     "bits_by_seed": [c["bits"] for c in group]})
     return out
@@ -593,7 +595,8 @@ def model_color(model: str) -> tuple[float, ...]:
 
 
 def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
-    """Bits stored against the bits in the corpus (both log), one line per model, the y = x ceiling dashed."""
+    """Bits stored against the bits in the corpus (both log), one line per model (a mean over seeds shows the seeds'
+    range as a bar), the y = x ceiling dashed."""
     import matplotlib
     import matplotlib.ticker
 
@@ -608,6 +611,10 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
         color = model_color(model)
         axes[0].plot([c["max_bits"] for c in own], [max(c["bits"], 1.0) for c in own], marker="o", label=model,
                      color=color)
+        for c in own:  # the seeds' range where a point is a mean over seeds
+            if len(c.get("bits_by_seed", ())) > 1:
+                axes[0].vlines(c["max_bits"], max(min(c["bits_by_seed"]), 1.0), max(max(c["bits_by_seed"]), 1.0),
+                               color=color, linewidth=2, alpha=0.6)
         axes[1].plot([c["knowledge_load"] for c in own], [c["final"]["fact_recall"] or 0.0 for c in own], marker="o",
                      label=model, color=color)
     ceiling = sorted({c["max_bits"] for c in cells})
@@ -635,8 +642,8 @@ def plot_bits_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
-    """Bits stored at each validation of training, one panel per load, one line per model: where memorisation
-    sets in, and whether a model is still climbing when its cell ends."""
+    """Bits stored at each validation of training, one panel per load, one line per model (a mean over seeds bold,
+    each seed thin): where memorisation sets in, and whether a model is still climbing when its cell ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -648,6 +655,9 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
         for c in sorted((c for c in cells if c["knowledge_load"] == load), key=lambda c: list(ALL_MODELS).index(c["model"])):
             curve = [(0, 0.0)] + [(p["step"], max(p["bits"], 0.0)) for p in c["curve_bits"]]
             ax.plot(*zip(*curve), marker="o", ms=3, label=c["model"], color=model_color(c["model"]))
+            for seed_curve in c.get("curve_bits_by_seed", []) if len(c.get("seeds", ())) > 1 else []:
+                ax.plot(*zip((0, 0.0), *((p["step"], max(p["bits"], 0.0)) for p in seed_curve)), lw=0.8, alpha=0.4,
+                        color=model_color(c["model"]))
         ax.axhline(cells[[c["knowledge_load"] for c in cells].index(load)]["max_bits"], color="grey", ls="--", lw=1)
         ax.set_title(f"people-{load:,}", fontsize=9)
         ax.set_xlabel("step")
