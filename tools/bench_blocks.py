@@ -49,7 +49,8 @@ from memzoo.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "configs" / "study"
-BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramem_v2", "engram")
+BLOCK_MODELS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramem_v2", "ultramem_v2_shared",
+                "engram")
 
 
 def _engram_layer(layer_id: int) -> dict:
@@ -63,21 +64,26 @@ def _engram_layer(layer_id: int) -> dict:
 #: Models that are "dense" (``configs/study/model-dense.yaml``) with these ``layers:`` (and the ``pools:`` of
 #: :data:`DENSE_VARIANT_POOLS`), at equal forward FLOPs (``flops_per_token``): UltraMem 291k per layer (a 128² grid,
 #: rank 2, 2 cores, over 4,096 rows of width 128 through 4 projections, 2 heads × top-32, k_dim 32, private tables
-#: with dense updates as the authors train them, read and added in place), UltraMemV2 293k (both layers over ONE
-#: pool of 16,384 FFN-valued slots of width 128 with sparse LazyAdam updates, as configs/text-ultramem-v2.yaml; 1 head
-#: × top-32, k_dim 32, beside a SwiGLU FFN of half the width) and Engram beside a narrowed FFN 294k, against the
-#: dense FFN's 295k.
+#: with dense updates as the authors train them, read and added in place), UltraMemV2 285k (16,384 FFN-valued slots
+#: of width 128, 1 head × top-32, k_dim 32, beside a SwiGLU FFN of half the width) over private tables with dense
+#: updates (``ultramem_v2``, the iso-FLOP study's model) or over ONE pool both layers share with sparse LazyAdam
+#: updates (``ultramem_v2_shared``, as configs/text-ultramem-v2.yaml ships it; reads of whole rows per core, 296k), and
+#: Engram beside a narrowed FFN 294k, against the dense FFN's 295k.
 _ULTRAMEM = {"block": "ultramem", "n_keys": 128, "value_dim": 128, "value_expand": 4, "heads": 2, "knn": 32, "k_dim": 32}
-_ULTRAMEM_V2 = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 32, "k_dim": 32, "ffn_fraction": 0.5}
+_ULTRAMEM_V2 = {"block": "ultramem_v2", "n_keys": 128, "value_dim": 128, "heads": 1, "knn": 32, "k_dim": 32,
+                "ffn_fraction": 0.5}
+_ULTRAMEM_V2_SHARED = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 32, "k_dim": 32,
+                       "ffn_fraction": 0.5}
 DENSE_VARIANTS = {
     "ultramem": {1: _ULTRAMEM, 3: _ULTRAMEM},
     "ultramem_v2": {1: _ULTRAMEM_V2, 3: _ULTRAMEM_V2},
+    "ultramem_v2_shared": {1: _ULTRAMEM_V2_SHARED, 3: _ULTRAMEM_V2_SHARED},
     "engram": {1: _engram_layer(1), 3: _engram_layer(3)},
 }
 #: the shared pools of :data:`DENSE_VARIANTS` (the study's Memory+ pool rate and optimizer)
 DENSE_VARIANT_POOLS = {
-    "ultramem_v2": {"experts": {"kind": "experts", "n_keys": 128, "value_dim": 128, "update": "sparse", "lr": 1.0e-2,
-                                "weight_decay": 0.0}},
+    "ultramem_v2_shared": {"experts": {"kind": "experts", "n_keys": 128, "value_dim": 128, "update": "sparse",
+                                       "lr": 1.0e-2, "weight_decay": 0.0}},
 }
 STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
 
@@ -312,7 +318,7 @@ def targets(result: dict) -> list[dict]:
         blocks = result.get("blocks", {}).get(threads)
         if not blocks:
             continue
-        for name in ("pkm", "memoryplus", "peer", "ultramem", "ultramem_v2", "engram"):
+        for name in ("pkm", "memoryplus", "peer", "ultramem", "ultramem_v2", "ultramem_v2_shared", "engram"):
             if name not in blocks:
                 continue
             row = blocks[name]
