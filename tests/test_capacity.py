@@ -23,10 +23,30 @@ def load_capacity():
 capacity = load_capacity()
 
 
-def test_committed_configs_are_the_generated_ones():
-    texts = capacity.config_texts()
-    committed = {p.name: p.read_text() for p in capacity.CONFIG_DIR.glob("*.yaml")}
-    assert committed == texts, "configs/capacity/ differs from tools/capacity.py: run --write-configs"
+@pytest.mark.parametrize("family", sorted(capacity.FAMILIES))
+def test_committed_configs_are_the_generated_ones(family):
+    texts = capacity.config_texts(family)
+    folder = capacity.FAMILIES[family].config_dir
+    committed = {p.name: p.read_text() for p in folder.glob("*.yaml")}
+    assert committed == texts, f"{folder} differs from tools/capacity.py: run --write-configs --family {family}"
+
+
+def test_the_w16_family_halves_every_width_and_stays_flop_matched():
+    """``--family w16``: every model within 10% of its FLOP target, a third of w32's dense FLOPs, and tables of the
+    same 4,096 rows at half the width."""
+    folder = capacity.FAMILIES["w16"].config_dir
+    costs = {c.model: c for c in capacity.study.flop_table(list(capacity.MODELS), capacity.MODELS, folder,
+                                                              vocab_size=capacity.vocab_size())}
+    assert capacity.study.check_flop_matching(list(costs.values()), 0.10, folder) == []
+    w32 = {c.model: c for c in capacity.study.flop_table(["dense"], capacity.MODELS, capacity.CONFIG_DIR,
+                                                            vocab_size=capacity.vocab_size())}
+    assert costs["dense"].flops_per_token < 0.4 * w32["dense"].flops_per_token
+    assert capacity.memory_parameters("memoryplus", folder) == 64 * 64 * 16
+    assert capacity.model_configs("w16")["dense"]["model"]["init_args"]["architecture"]["dim"] == 16
+    plan = capacity.main(["--cpu", "--dry-run", "--models", "dense", "memoryplus"])  # resolves the w16 folder
+    assert [c["flops_per_token"] for c in plan["flop_table"]] == [costs["dense"].flops_per_token,
+                                                                  costs["memoryplus"].flops_per_token]
+    assert [(w["name"], w["steps"], w["batch_size"]) for w in plan["plan"]] == [("people-1000", 9184, 64)]
 
 
 def test_every_capacity_config_parses_and_the_grid_is_flop_matched():
