@@ -276,8 +276,13 @@ def test_best_rate_cells_average_the_seeds_of_each_models_best_rate_and_the_targ
                                                         + cells[1]["final"]["val_loss"]) / 2)
     assert engram["lr"] == 0.03 and engram["seeds"] == [capacity.SEED] and engram["bits"] == cells[5]["bits"]
     checked = capacity.targets(capacity.add_memory_bits(list(best.values())))
-    assert "engram " in checked[0]["detail"] and "(2.40x at rate 0.03, mean of 1 seed)" in checked[0]["detail"]
-    assert "at rate 0.01, mean of 2 seeds (25.0% of the corpus)" in checked[0]["detail"]
+    assert "(2.40x at rate 0.03 (best of 2 rates), mean of 1 seed)" in checked[0]["detail"]
+    assert "at rate 0.01 (best of 2 rates), mean of 2 seeds (25.0% of the corpus)" in checked[0]["detail"]
+    assert engram["rates"] == [capacity.LR, 0.03]
+    one_rate = capacity.best_rate_cells([cells[0], cells[1], cells[3]])  # seeds swept, rates not: said so
+    detail = capacity.targets(one_rate)[0]["detail"]
+    assert "at rate 0.01 (its only rate run), mean of 2 seeds" in detail  # dense
+    assert "(its only rate run), mean of 1 seed)" in detail  # engram: one seed, named since the grid swept seeds
     # with the config's rate and seed only, nothing was averaged and the details stay as they were
     plain = capacity.best_rate_cells([cells[0], cells[3]])
     assert [c["seeds"] for c in plain] == [[capacity.SEED]] * 2 and "mean of" not in capacity.targets(plain)[0]["detail"]

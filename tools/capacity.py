@@ -372,12 +372,20 @@ def last_interval_growth(cell: dict[str, Any]) -> float | None:
     return (points[-1] - points[-2]) / points[-1]
 
 
-def _averaged(cell: dict[str, Any]) -> str:
-    """What a :func:`best_rate_cells` cell averaged, for a target's detail: "" at the config's rate and seed."""
-    seeds = cell.get("seeds", [SEED])
-    if len(seeds) == 1 and cell.get("lr", LR) == LR:
+def _swept(cell: dict[str, Any]) -> bool:
+    """Whether a :func:`best_rate_cells` cell averaged seeds or chose among rates."""
+    return len(cell.get("seeds", [SEED])) > 1 or cell.get("rates", [cell.get("lr", LR)]) != [LR]
+
+
+def _averaged(cell: dict[str, Any], grid_swept: bool = False) -> str:
+    """What a :func:`best_rate_cells` cell averaged, for a target's detail: "" at the config's rate and seed in a
+    grid that swept nothing (``grid_swept``: some cell did); else its rate (the best of how many: models swept over
+    different rates compare unevenly) and its seeds."""
+    seeds, rates = cell.get("seeds", [SEED]), cell.get("rates", [cell.get("lr", LR)])
+    if not (grid_swept or _swept(cell)):
         return ""
-    return f" at rate {cell['lr']:g}, mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    swept = f"best of {len(rates)} rates" if len(rates) > 1 else "its only rate run"
+    return f" at rate {cell['lr']:g} ({swept}), mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
 
 
 def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -408,13 +416,18 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     load, dense_bits = reference["knowledge_load"], reference["bits"]
     growth = last_interval_growth(reference)
     flat = growth is not None and growth < FLAT_GROWTH
-    regime = (f"dense {dense_bits:,.0f} bits{_averaged(reference)} ({reference['bits_fraction']:.1%} of the corpus), "
+    by = {c["model"]: c for c in cells if c["knowledge_load"] == load}
+    corpus = reference["max_bits"]
+    swept = any(_swept(c) for c in by.values())
+
+    def averaged(c: dict[str, Any]) -> str:
+        return _averaged(c, swept)
+
+    regime = (f"dense {dense_bits:,.0f} bits{averaged(reference)} ({reference['bits_fraction']:.1%} of the corpus), "
               "its last quarter "
               + (f"added {growth:.1%} of its bits" if growth is not None else "unmeasured")
               + ("" if flat else f": still climbing (flat below {FLAT_GROWTH:.0%}), so this load does not yet "
                                  "measure capacity"))
-    by = {c["model"]: c for c in cells if c["knowledge_load"] == load}
-    corpus = reference["max_bits"]
 
     def ratio(bits: float) -> str:
         return f"{bits / dense_bits:.2f}x" if dense_bits > 0 else "dense stores no bits"
@@ -431,7 +444,7 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     designs = [by[m] for m in MEMORY_DESIGNS if m in by]
     if designs:
         best = max(designs, key=lambda c: c["bits"])
-        ranking = ", ".join(f"{c['model']} {c['bits']:,.0f} ({ratio(c['bits'])}{_averaged(c)})"
+        ranking = ", ".join(f"{c['model']} {c['bits']:,.0f} ({ratio(c['bits'])}{averaged(c)})"
                             for c in sorted(designs, key=lambda c: -c["bits"]))
         out.append({"target": f"people-{load}: the best memory design stores >= 2x dense's bits (equal FLOPs)",
                     "met": flat and dense_bits > 0 and best["bits"] >= 2 * dense_bits,
@@ -449,7 +462,7 @@ def targets(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         mp = by["memoryplus"]["bits"]
         out.append({"target": f"people-{load}: gated Memory+ stores >= 1.5x dense's bits",
                     "met": flat and dense_bits > 0 and mp >= 1.5 * dense_bits,
-                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}{_averaged(by['memoryplus'])}){ceiling(1.5)}; "
+                    "detail": f"Memory+ {mp:,.0f} bits ({ratio(mp)}{averaged(by['memoryplus'])}){ceiling(1.5)}; "
                               f"{regime}"})
     return out
 
@@ -581,8 +594,8 @@ def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One cell per (load, model), controls left out: the model at its best rate (highest mean bits over seeds, as
     :func:`lr_sweep`), its bits, recall, loss and bits-vs-step curve the means over that rate's seeds. Each carries
-    ``lr``, ``seeds``, ``bits_by_seed`` and ``curve_bits_by_seed`` (what was averaged); cells need :func:`add_bits`'s
-    fields. What the
+    ``lr``, ``rates`` (every rate run), ``seeds``, ``bits_by_seed`` and ``curve_bits_by_seed`` (what was averaged);
+    cells need :func:`add_bits`'s fields. What the
     targets read when a grid sweeps rates or seeds; with one rate and seed, the plain cell plus those keys."""
     out = []
     for (load, model), by_lr in sorted(_rate_groups(cells).items()):
@@ -604,7 +617,7 @@ def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "curve_bits": [{"step": step, "bits": _mean([c["curve_bits"][i]["bits"] for c in group])}
                                    for i, step in enumerate(steps[0])],
                     "curve_bits_by_seed": [c["curve_bits"] for c in group],
-                    "lr": lr, "seeds": [study.cell_seed(c["model"], SEED) for c in group],
+                    "lr": lr, "rates": sorted(by_lr), "seeds": [study.cell_seed(c["model"], SEED) for c in group],
                     "bits_by_seed": [c["bits"] for c in group]})
     return out
 
