@@ -32,7 +32,7 @@ memorises, not capacity; dense's curve flattens below 90% of the corpus with 1,0
 at people-3000 (docs/results/capacity-x1000-b64.md; a people-3000 cell took 46-65 min, three at once on 2 cores)::
 
     python tools/capacity.py --name capacity-x1000-b64 --loads 1000 2000 3000 --exposures 1000 --batch-size 64 \
-        --models dense engram memoryplus --lrs 0.01 --seeds 1337 --jobs 3 --threads 1
+        --models dense engram memoryplus --lrs 0.003 0.01 0.03 --seeds 1337 1338 --jobs 3 --threads 1
 
 The CPU grid at capacity (``--cpu``): the ``w16`` family (every width halved: a third of w32's dense parameters and
 FLOPs; a step costs ~0.7x w32's on this CPU, since the 728-word softmax and the attention do not shrink) at
@@ -142,7 +142,6 @@ class Family:
     capacity-w16/, ``--family w16``): about a third of the FLOPs and parameters (a step costs ~0.7x w32's on this
     CPU: the 728-word softmax and the attention do not shrink)."""
 
-    name: str
     dim: int
     config_dir: Path
     dense_2x: tuple[int, int]  # width, SwiGLU hidden
@@ -158,9 +157,9 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "w32": Family("w32", 32, CONFIG_DIR, (48, 224), 64, (24, 48), (16, 48), (24, 48), (16, 16, 0.25), (64, 32), 192, 40,
+    "w32": Family(DIM, CONFIG_DIR, (48, 224), 64, (24, 48), (16, 48), (24, 48), (16, 16, 0.25), (64, 32), 192, 40,
                   SIZING),
-    "w16": Family("w16", 16, ROOT / "configs" / "capacity-w16", (24, 128), 32, (12, 24), (8, 16), (12, 16),
+    "w16": Family(16, ROOT / "configs" / "capacity-w16", (24, 128), 32, (12, 24), (8, 16), (12, 16),
                   (8, 6, 0.125), (32, 16), 96, 20, {
         "dense": "the reference: 43,840 forward FLOPs per token, 19,920 parameters (the w32 family's halved in width).",
         "dense-2x": "width 24, SwiGLU hidden 128: 1.99x dense's FLOPs.",
@@ -595,8 +594,8 @@ def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One cell per (load, model), controls left out: the model at its best rate (highest mean bits over seeds, as
     :func:`lr_sweep`), its bits, recall, loss and bits-vs-step curve the means over that rate's seeds. Each carries
     ``lr``, ``rates`` (every rate run), ``seeds``, ``bits_by_seed`` and ``curve_bits_by_seed`` (what was averaged);
-    cells need :func:`add_bits`'s fields. What the
-    targets read when a grid sweeps rates or seeds; with one rate and seed, the plain cell plus those keys."""
+    cells need :func:`add_bits`'s fields. What the targets read when a grid sweeps rates or seeds; with one rate and
+    seed, the plain cell plus those keys."""
     out = []
     for (load, model), by_lr in sorted(_rate_groups(cells).items()):
         lr = max(by_lr, key=lambda r: _mean([c["bits"] for c in by_lr[r]]))

@@ -62,14 +62,13 @@ def tucker_topk(rows: Tensor, cols: Tensor, cores: Tensor, knn: int, candidates:
             f"tucker_topk: knn={knn} must be in [1, candidates²={candidates * candidates}]; raise candidates or "
             f"lower knn"
         )
-    core_sum = cores.detach().sum(-3)  # (..., r, r)
-    u, v = tucker_rank1(core_sum)  # (..., r)
     with torch.no_grad():  # the selection: no gradient, so no (..., M, m, m) buffer is kept for the backward
-        rows_d, cols_d = rows.detach(), cols.detach()
-        best_rows = (rows_d @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
-        best_cols = (cols_d @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
-        row_c = rows_d.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
-        col_c = cols_d.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))
+        core_sum = cores.sum(-3)  # (..., r, r)
+        u, v = tucker_rank1(core_sum)  # (..., r)
+        best_rows = (rows @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+        best_cols = (cols @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+        row_c = rows.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
+        col_c = cols.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))
         ranking = (row_c @ core_sum.to(rows.dtype)) @ col_c.transpose(-1, -2)  # Σ_c score_c: (..., m, m)
         best = ranking.flatten(-2).topk(knn, dim=-1).indices  # (..., knn), best first
         i, j = best_rows.gather(-1, best // candidates), best_cols.gather(-1, best % candidates)
