@@ -52,6 +52,15 @@ def test_collate_pads_inputs_with_pad_and_labels_with_ignore():
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
 
 
+def test_collate_of_equal_lengths_stacks_them_as_long():
+    samples = [{"input_ids": torch.tensor([1, 2], dtype=torch.int32), "labels": torch.tensor([2, IGNORE_INDEX])},
+               {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([6, 7])}]
+    batch = collate_lm(samples, pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2], [5, 6]]
+    assert batch["labels"].tolist() == [[2, IGNORE_INDEX], [6, 7]]
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+
+
 def test_lm_sample_shifts_by_one_and_pads():
     sample = lm_sample(torch.tensor([10, 11, 12]).numpy(), block_size=4, pad_id=0)
     assert sample["input_ids"].tolist() == [10, 11, 0, 0]

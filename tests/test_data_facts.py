@@ -143,6 +143,17 @@ def test_training_windows_tile_the_pass_stream():
     assert (stream[stream.blocks_per_pass]["input_ids"] != stream[0]["input_ids"]).any()  # pass 1 differs
 
 
+def test_a_batched_fetch_is_the_samples_one_by_one_and_owns_its_tensors():
+    stream = FactsDataModule(n_entities=40, block_size=16, seed=0).build_train_dataset()
+    indices = [3, 0, stream.blocks_per_pass + 2, 3]  # out of order, across passes, a repeat
+    batched = stream.__getitems__(indices)
+    for sample, index in zip(batched, indices):
+        single = stream[index]
+        assert torch.equal(sample["input_ids"], single["input_ids"]) and torch.equal(sample["labels"], single["labels"])
+    batched[0]["labels"].fill_(-1)  # labels and inputs do not share memory
+    assert torch.equal(batched[0]["input_ids"], stream[3]["input_ids"])
+
+
 def test_training_batches_are_deterministic_and_epochs_move_on():
     def epochs(seed, n=2):
         dm = FactsDataModule(n_entities=200, block_size=32, batch_size=4, samples_per_epoch=6, seed=seed)

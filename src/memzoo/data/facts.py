@@ -95,10 +95,22 @@ class FactsTrainStream(Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _window(self, index: int) -> np.ndarray:
         pass_index, block = divmod(int(index), self.blocks_per_pass)
-        window = self.pass_stream(pass_index).window(block * self.block_size, self.block_size + 1)
-        return lm_sample(window, self.block_size, self.tokenizer.pad_id)
+        return self.pass_stream(pass_index).window(block * self.block_size, self.block_size + 1)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return lm_sample(self._window(index), self.block_size, self.tokenizer.pad_id)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """``[self[i] for i in indices]`` (the DataLoader's batched fetch): the windows (always full: the stream is
+        cyclic) land in one array, and the samples are rows of two tensors, not two tensors each."""
+        windows = np.empty((len(indices), self.block_size + 1), dtype=np.int64)
+        for row, index in enumerate(indices):
+            windows[row] = self._window(index)
+        tokens = torch.from_numpy(windows)
+        input_ids, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+        return [{"input_ids": input_ids[row], "labels": labels[row]} for row in range(len(indices))]
 
     def __getstate__(self) -> dict:  # worker processes start with empty caches
         state = dict(self.__dict__)

@@ -85,7 +85,11 @@ def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str,
     """Stacks ``{"input_ids": (T_i,), "labels": (T_i,)}`` samples into ``(B, max T_i)``, padding at the end:
     ``input_ids`` with ``pad_id``, ``labels`` with :data:`IGNORE_INDEX`. Causal models never look ahead, so padding
     at the end changes no prediction at a real position."""
-    length = max(len(s["input_ids"]) for s in samples)
+    lengths = {len(s["input_ids"]) for s in samples}
+    if len(lengths) == 1:  # one length (fixed-size windows): nothing to pad
+        return {"input_ids": torch.stack([s["input_ids"] for s in samples]).long(),
+                "labels": torch.stack([s["labels"] for s in samples]).long()}
+    length = max(lengths)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     for row, sample in enumerate(samples):

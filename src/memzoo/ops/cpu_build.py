@@ -34,6 +34,30 @@ struct Divider {
 };
 """
 
+#: C++ shared by the kernel sources: ``exp_small(x)``, a branch-free (vectorisable) ``exp`` for float ``|x| <= 87.5``
+#: (about 1 ulp; ``in_range(x)`` says whether ``x`` is in that range, false for NaN; float64 calls ``std::exp``).
+#: Needs ``<cmath>`` and ``<cstdint>``.
+EXP_CPP = r"""
+// exp(x) for |x| <= 87.5 in float: x = n·ln2 + f, |f| <= ln2/2, exp(f) by a degree-6 polynomial (Cephes' expf
+// coefficients, about 1 ulp), times 2^n built in the exponent bits; branch-free, so the loops vectorise. Callers
+// handle elements outside that range (and NaN) themselves.
+inline float exp_small(float x) {
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
+}
+inline double exp_small(double x) { return std::exp(x); }
+inline bool in_range(float a) { return a >= -87.5f && a <= 87.5f; }  // false for NaN
+inline bool in_range(double) { return true; }
+"""
+
 #: the name suffix of a kernel's float32 and float64 instances (``memzoo_<name>_f32``, ``memzoo_<name>_f64``)
 FLOAT_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 

@@ -37,7 +37,14 @@ import threading
 
 import torch
 
-from memzoo.ops.cpu_build import FLOAT_SUFFIX, compile_library, declare_float_kernels, float_kernel, load_once
+from memzoo.ops.cpu_build import (
+    EXP_CPP,
+    FLOAT_SUFFIX,
+    compile_library,
+    declare_float_kernels,
+    float_kernel,
+    load_once,
+)
 
 __all__ = ["available", "library", "rms_norm_backward", "rms_norm_forward", "rope_qkv_backward", "rope_qkv_forward",
            "supports", "swiglu_backward", "swiglu_forward"]
@@ -99,25 +106,7 @@ void rms_norm_bwd(const T* __restrict g, const T* __restrict x, const T* __restr
   }
 }
 
-// exp(x) for |x| <= 87.5 in float: x = n·ln2 + f, |f| <= ln2/2, exp(f) by a degree-6 polynomial (Cephes' expf
-// coefficients, about 1 ulp), times 2^n built in the exponent bits; branch-free, so the loops vectorise. Elements
-// outside that range (and NaN) are recomputed with std::exp (see the block loops below).
-inline float exp_small(float x) {
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.0f;
-  return p * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
-}
-inline double exp_small(double x) { return std::exp(x); }
-inline bool in_range(float a) { return a >= -87.5f && a <= 87.5f; }  // false for NaN
-inline bool in_range(double) { return true; }
-
+""" + EXP_CPP + r"""
 constexpr int64_t BLOCK = 1024;  // elements per block: a block with any element out of range is redone exactly
 
 template <typename T>

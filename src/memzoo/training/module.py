@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch.optim import Optimizer
 
@@ -29,6 +28,7 @@ from memzoo.model.config import ModelConfig
 from memzoo.model.sampling import context_warning, default_max_new_tokens, prompt_tokens_to_keep
 from memzoo.model.transformer import Transformer
 from memzoo.nn.constants import IGNORE_INDEX
+from memzoo.nn.cross_entropy import cross_entropy
 from memzoo.parallel import parallelize
 from memzoo.parallel.sparse_ddp import check_strategy
 from memzoo.training import metrics as memzoo_metrics
@@ -173,7 +173,7 @@ class LanguageModel(L.LightningModule):
         """``(mean cross-entropy over the labelled tokens, their count)``; updates the stage's metrics."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         logits = self(input_ids)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         n_tokens = int((labels != IGNORE_INDEX).sum())
         m = self.stage_metrics[f"{stage}_metrics"]
         m.loss.update(loss.detach(), weight=n_tokens)
