@@ -154,6 +154,21 @@ def test_a_batched_fetch_is_the_samples_one_by_one_and_owns_its_tensors():
     assert torch.equal(batched[0]["input_ids"], stream[3]["input_ids"])
 
 
+def test_the_sentence_cache_and_whole_pass_order_change_no_token(monkeypatch):
+    import memzoo.data.facts as facts_module
+
+    def passes(cache):
+        monkeypatch.setattr(facts_module, "SENTENCE_CACHE", cache)
+        stream = FactsDataModule(n_entities=300, block_size=16, seed=3).build_train_dataset()
+        tokens = [stream.pass_stream(p).window(0, stream.pass_stream(p).total) for p in range(5)]
+        return stream, tokens
+
+    cached, with_cache = passes(10_000)
+    uncached, without = passes(0)  # every sentence rendered when read, the order computed chunk by chunk
+    assert len(cached._sentences) == 300 * 5 * 3 and not uncached._sentences  # 5 attributes, 3 training phrasings
+    assert all(np.array_equal(a, b) for a, b in zip(with_cache, without))
+
+
 def test_training_batches_are_deterministic_and_epochs_move_on():
     def epochs(seed, n=2):
         dm = FactsDataModule(n_entities=200, block_size=32, batch_size=4, samples_per_epoch=6, seed=seed)

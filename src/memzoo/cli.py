@@ -155,6 +155,9 @@ def main(args: Sequence[str] | None = None) -> object:
         print(_usage())
         return None
     verb = args[0]
+    from memzoo import host_allocator
+
+    host_allocator.keep_freed_memory()  # freed tensors' pages stay mapped: no page faults on every step's temporaries
     plugins, rest = _pop_plugins(args[1:])
     if plugins:
         from memzoo.registry import load_plugins

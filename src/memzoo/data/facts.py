@@ -14,7 +14,8 @@ The corpus itself (people, attributes, value sets, templates, the train/validati
   Nothing is rendered before it is read (:class:`~memzoo.data.doc_stream.LazyTokenStream`).
 - **Cost.** Windows are read in order (the pass order is already random; under DDP each rank reads a contiguous
   share, see :class:`~memzoo.data.sampling.EpochSampler`), so each fact is rendered about once per pass per
-  process, at about 10 µs per fact (byte tokenizer, one core). The first read at token ``t`` of a pass renders the
+  process, at about 10 µs per fact (byte tokenizer, one core); a stream keeps up to :data:`SENTENCE_CACHE` tokenised
+  sentences, so a small corpus renders each (fact, template) once and a pass costs only its order. The first read at token ``t`` of a pass renders the
   pass up to ``t`` to locate it: resuming in the middle of a pass of a million-entity corpus takes about a minute.
 - **Validation** uses ``recall_samples`` facts drawn once from the seed (the *probed facts*):
   index 0, language-model loss on each probed fact rendered with its held-out template (a sentence never seen in
@@ -27,6 +28,7 @@ The corpus itself (people, attributes, value sets, templates, the train/validati
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -44,6 +46,10 @@ from memzoo.data.windows import ChunkWindows, lm_sample
 
 DOCS_PER_CHUNK = 256  # facts rendered and tokenised together by the training stream (amortises numpy calls)
 ESTIMATE_DOCS = 4096  # documents whose mean length sets blocks_per_pass
+#: tokenised ``(fact, template)`` sentences a training stream keeps (about 250 bytes each): a pass of a corpus this
+#: small renders nothing it rendered before, only the pass's order and templates; beyond it, sentences are rendered
+#: every time they are read
+SENTENCE_CACHE = 200_000
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
@@ -63,6 +69,7 @@ class FactsTrainStream(Dataset):
         self.corpus, self.tokenizer, self.block_size = corpus, tokenizer, block_size
         self.n_chunks = -(-corpus.n_facts // DOCS_PER_CHUNK)
         self._passes: OrderedDict[int, LazyTokenStream] = OrderedDict()
+        self._sentences: dict[tuple[int, int], np.ndarray] = {}  # (fact, template) -> its tokens and eos
         first_pass = self.pass_stream(0)
         estimate_chunks = min(self.n_chunks, -(-ESTIMATE_DOCS // DOCS_PER_CHUNK))
         estimate_docs = min(corpus.n_facts, estimate_chunks * DOCS_PER_CHUNK)
@@ -71,14 +78,22 @@ class FactsTrainStream(Dataset):
         self.blocks_per_pass = max(1, round(self.tokens_per_pass_estimate / block_size))
         self.samples_per_epoch = samples_per_epoch or self.blocks_per_pass
 
-    def _render_chunk(self, pass_index: int, order: KeyedPermutation, c: int) -> np.ndarray:
+    def _render_chunk(self, pass_index: int, order: Callable[[np.ndarray], np.ndarray], c: int) -> np.ndarray:
         positions = np.arange(c * DOCS_PER_CHUNK, min((c + 1) * DOCS_PER_CHUNK, self.corpus.n_facts))
         facts = order(positions)
-        n_attributes = len(self.corpus.attributes)
-        texts = self.corpus.sentences(
-            facts // n_attributes, facts % n_attributes, self.corpus.training_template(facts, pass_index)
-        )
-        return encode_documents(self.tokenizer, texts)
+        templates = self.corpus.training_template(facts, pass_index)
+        keys = list(zip(facts.tolist(), np.asarray(templates).tolist()))
+        missing = [i for i, key in enumerate(keys) if key not in self._sentences]
+        if missing:
+            n_attributes = len(self.corpus.attributes)
+            texts = self.corpus.sentences(facts[missing] // n_attributes, facts[missing] % n_attributes,
+                                          np.asarray(templates)[missing])
+            rendered = {keys[i]: encode_documents(self.tokenizer, [text]) for i, text in zip(missing, texts)}
+            if len(self._sentences) + len(rendered) <= SENTENCE_CACHE:
+                self._sentences.update(rendered)
+        else:
+            rendered = {}
+        return np.concatenate([rendered[key] if key in rendered else self._sentences[key] for key in keys])
 
     def pass_stream(self, pass_index: int) -> LazyTokenStream:
         """The token stream of one pass (the two most recently used passes are kept)."""
@@ -86,6 +101,8 @@ class FactsTrainStream(Dataset):
             self._passes.move_to_end(pass_index)
         else:
             order = KeyedPermutation(self.corpus.n_facts, derive_key(self.corpus.seed, "pass order", pass_index))
+            if self.corpus.n_facts <= SENTENCE_CACHE:  # the whole pass's order in one vectorised call
+                order = order(np.arange(self.corpus.n_facts)).__getitem__
             render = partial(self._render_chunk, pass_index, order)
             self._passes[pass_index] = LazyTokenStream(render, self.n_chunks)
             if len(self._passes) > 2:
@@ -114,7 +131,7 @@ class FactsTrainStream(Dataset):
 
     def __getstate__(self) -> dict:  # worker processes start with empty caches
         state = dict(self.__dict__)
-        state["_passes"] = OrderedDict()
+        state["_passes"], state["_sentences"] = OrderedDict(), {}
         return state
 
 
