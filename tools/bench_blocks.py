@@ -2,8 +2,8 @@
 
 One run measures, as ratios within the run (absolute times only in the JSON's raw section):
 
-- **blocks** (CPU): one full training step (forward, loss, backward, optimizers: AdamW + the pools' row-wise
-  optimizer) of the iso-FLOP study's models (``configs/study/model-*.yaml``: dense, MoE, PKM, Memory+, PEER at
+- **blocks** (CPU): one full training step (forward, loss (memzoo's fused cross-entropy), backward, optimizers:
+  AdamW + the pools' row-wise optimizer) of the iso-FLOP study's models (``configs/study/model-*.yaml``: dense, MoE, PKM, Memory+, PEER at
   equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) and UltraMem, UltraMemV2 and Engram beside a narrowed FFN ("dense" with layers 1 and 3
   replaced at equal forward FLOPs, :data:`DENSE_VARIANTS`) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
   thread both by wall time and by the compute thread's CPU time (the headline and the targets' measure: on a
@@ -22,7 +22,9 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
     python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json]
         [--sections blocks,topk,lookup] [--models dense,engram,ultramem,ultramem_v2]
 
-Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table beside it.
+The process runs with memzoo's allocator settings (:func:`memzoo.host_allocator.keep_freed_memory`, as every
+``memzoo`` command). Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table
+beside it.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 import memzoo
 from memzoo.atomic import write_bytes_atomic
 from memzoo.blocks.base import BlockContext
 from memzoo.blocks.registry import create_block
+from memzoo.host_allocator import keep_freed_memory
+from memzoo.nn.cross_entropy import cross_entropy
 from memzoo.ops import product_key_topk
 from memzoo.ops.product_keys import _candidate_ranks
 from memzoo.training.module import LanguageModel
@@ -143,7 +146,7 @@ def train_step_fn(name: str, batch: torch.Tensor):
 
     def step():
         logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss = cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         for aux in model.aux_losses().values():
             loss = loss + aux
         loss.backward()
@@ -401,6 +404,7 @@ def main(argv=None) -> dict:
                         help=f"comma list of the blocks section's models (dense is always run: the ratios' base): "
                              f"{', '.join(BLOCK_MODELS)}")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as every memzoo command
     sections = set(args.sections.split(","))
     models = ["dense", *(m for m in args.models.split(",") if m and m != "dense")]
     unknown = [m for m in models if m not in BLOCK_MODELS]

@@ -2,8 +2,10 @@
 
 Both bare models train on nanoGPT's CPU recipe for character-level tiny Shakespeare (4 layers, 4 heads, width 128,
 context 64, batch 12, AdamW lr 1e-3 betas (0.9, 0.99) weight decay 0.1 on matrices, gradient clipping 1.0, no
-dropout): each step is forward, cross-entropy, backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``,
-``zero_grad(set_to_none=True)``. No Lightning, no data loader: the same pre-drawn random windows of the text feed both,
+dropout): each step is forward, cross-entropy (each library's own: nanoGPT's ``F.cross_entropy`` inside its
+forward, memzoo's fused CPU kernel), backward, ``clip_grad_norm_(1.0)``, ``AdamW.step``,
+``zero_grad(set_to_none=True)``. The process runs with memzoo's allocator settings
+(:func:`memzoo.host_allocator.keep_freed_memory`, as every ``memzoo`` command), for both models. No Lightning, no data loader: the same pre-drawn random windows of the text feed both,
 as the recipe's 65 character ids to both models (``--vocab recipe``, the default: equal shapes everywhere) or to
 memzoo as bytes with its byte tokenizer's 258 ids (``--vocab bytes``). ``--compile`` runs both steps' forward and loss
 under ``torch.compile`` (inductor; compiled during the warmup), as nanoGPT's ``train.py`` does by default. The runs
@@ -45,12 +47,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 from memzoo.data.tokenizers import ByteTokenizer
+from memzoo.host_allocator import keep_freed_memory
 from memzoo.model.config import ModelConfig
 from memzoo.model.transformer import Transformer
+from memzoo.nn.cross_entropy import cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False)
@@ -182,7 +185,8 @@ def nanogpt_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 def memzoo_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    """The loss of memzoo's training step (:func:`memzoo.nn.cross_entropy.cross_entropy`: fused on the CPU)."""
+    return cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -246,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps of each model")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as every memzoo command (one process: both models run with it)
     for name in ("steps", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
