@@ -40,7 +40,8 @@ def test_the_cpu_kernel_builds_here():
 
 
 # (n_keys, k): n < 16 and k > 64 take the plain route inside the kernel, the others the filtered fast route
-SIZES = [(5, 1), (5, 5), (16, 16), (37, 32), (128, 32), (200, 7), (300, 64), (100, 70), (1024, 32)]
+SIZES = [(5, 1), (5, 5), (8, 16), (9, 8), (16, 16), (37, 32), (64, 8), (64, 17), (128, 32), (200, 7), (300, 64),
+         (100, 70), (1024, 32)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -4,8 +4,9 @@
 
 Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys`` each, one pass per row:
 
-1. **A lower bound on the k-th best sum, branch-free.** The maxima of 32 strided chunks of each half
-   (``j mod 32``, one vectorised pass that also tests finiteness) are 32 distinct elements per half; sorted, any
+1. **A lower bound on the k-th best sum, branch-free.** The maxima of ``C`` strided chunks of each half
+   (``j mod C``, one vectorised pass that also tests finiteness; ``C = 8`` for ``k <= 16``, else 32) are ``C``
+   distinct elements per half; sorted, any
    ``A × B >= k`` rectangle of them gives ``A·B`` distinct pairs all summing to at least ``r1[A-1] + r2[B-1]``, so
    the best such corner ``L`` is at most the k-th best sum.
 2. **Candidates.** Only elements with ``s1[j] + max(s2) >= L`` can be in a top-k pair (the same for ``s2``): both
@@ -24,7 +25,7 @@ Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys
 
 Exact (every filter keeps all elements tied at its bound, and the sums are the same IEEE additions the reference
 makes; ties come out in any order, as in ``torch.topk``). A row holding NaN or an infinity, ``k > 64`` or
-``n_keys < 32`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
+``n_keys < C`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
 frontier with a max-heap of at most ``k + 1`` pairs (NaN ranks above every number, as in ``torch.topk``). Cost per
 row ``O(n_keys + m² + P²)`` for ``m`` candidates and ``P`` pairs, ``O(n_keys)`` memory per thread; rows run in
 parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime torch has loaded). The vector code uses the
@@ -133,7 +134,8 @@ void merge_heap(const T* v1, const int32_t* i1, int64_t m1, const T* v2, const i
 
 // ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 32)
 constexpr int CH = 16;  // elements per block of the candidate filter
-constexpr int CM = 32;  // strided chunks whose maxima bound the k-th best sum from below
+// CM: strided chunks whose maxima bound the k-th best sum from below (a template argument: 8 for k <= 16, where a
+// bound from 8 maxima per half is as good and sorting 32 costs more than the rest of a short row, else 32)
 
 // Vectors of the GCC/Clang vector extension: 32 bytes where the build has AVX, else 16 (SSE2, NEON, VSX); unaligned,
 // and they may alias their element type.
@@ -219,10 +221,10 @@ struct Work {
   }
 };
 
-// The maxima of CM strided chunks (j mod CM); ``bad`` is set when the row holds a NaN or an infinity (such rows
+// The maxima of CM strided chunks (j mod CM, CM a multiple of the vector length); ``bad`` is set when the row holds a NaN or an infinity (such rows
 // take the plain route: a sum of infinities may be NaN). One vectorised pass: x - x is 0 for a finite x and NaN
 // otherwise, so a running sum of it is 0 exactly when the row is finite.
-template <typename T>
+template <int CM, typename T>
 inline void chunk_max(const T* s, int64_t n, T* m, int& bad) {
   typedef Simd<T> S;
   typedef typename S::V V;
@@ -374,14 +376,14 @@ inline int64_t pair_prefix(double x, const double* v2, int64_t nb, double bound,
   return b;
 }
 
-template <typename T>
+template <int CM, typename T>
 void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* out_i, Work<T>& w) {
   int bad = 0;
   T m1[CM + 8] = {}, m2[CM + 8] = {}, r1[CM], r2[CM];
-  bool fast = n >= CM && k <= 64;
+  bool fast = n >= CM && k <= 64 && k <= CM * CM;
   if (fast) {
-    chunk_max(s1, n, m1, bad);
-    chunk_max(s2, n, m2, bad);
+    chunk_max<CM>(s1, n, m1, bad);
+    chunk_max<CM>(s2, n, m2, bad);
     fast = !bad;
   }
   if (!fast) {
@@ -471,7 +473,8 @@ void topk_rows(const T* scores, int64_t n_tokens, int64_t heads, int64_t n_keys,
           __builtin_prefetch(next + stride_side * (int64_t)sizeof(T) + b);
         }
       }
-      pk::row_pk(s1, s1 + stride_side, n_keys, k, out_s + r * k, out_i + r * k, work);
+      if (k <= 16) pk::row_pk<8>(s1, s1 + stride_side, n_keys, k, out_s + r * k, out_i + r * k, work);
+      else pk::row_pk<32>(s1, s1 + stride_side, n_keys, k, out_s + r * k, out_i + r * k, work);
     }
   }
 }
