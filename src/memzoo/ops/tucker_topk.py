@@ -9,7 +9,8 @@ Grid cell ``(i, j)`` of the ``n²`` cells scores, with ``M`` cores ``C_c (r, r)`
 The exact top-k would score all ``n²`` cells. :func:`tucker_topk` instead takes the rank-1 approximation
 ``Σ_c C_c ≈ σ·u vᵀ`` (top singular vectors, :func:`tucker_rank1`), keeps the ``m`` best rows by ``rows @ u`` and the
 ``m`` best columns by ``cols @ v``, and ranks the ``m × m`` candidate cells exactly by ``row_i · (Σ_c C_c) · col_j``
-(one product, not one per core, and without gradient); only the ``knn`` kept cells are then scored per core,
+(one product, not one per core, and without gradient: on the CPU one C++ pass per query,
+:mod:`memzoo.ops.cpu_tucker`); only the ``knn`` kept cells are then scored per core,
 with gradients, so the backward touches ``knn`` cells, not ``m²``. When
 ``Σ_c C_c`` has rank 1, or ``m = n``, the result is the exact top-k.
 
@@ -22,6 +23,9 @@ gradient.
 from __future__ import annotations
 
 import torch
+
+from memzoo.ops.cpu_tucker import supports as cpu_tucker_supports
+from memzoo.ops.cpu_tucker import tucker_select
 
 Tensor = torch.Tensor
 
@@ -65,21 +69,45 @@ def tucker_topk(rows: Tensor, cols: Tensor, cores: Tensor, knn: int, candidates:
     with torch.no_grad():  # the selection: no gradient, so no (..., M, m, m) buffer is kept for the backward
         core_sum = cores.sum(-3)  # (..., r, r)
         u, v = tucker_rank1(core_sum)  # (..., r)
-        best_rows = (rows @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
-        best_cols = (cols @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
-        row_c = rows.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
-        col_c = cols.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))
-        ranking = (row_c @ core_sum.to(rows.dtype)) @ col_c.transpose(-1, -2)  # Σ_c score_c: (..., m, m)
-        best = ranking.flatten(-2).topk(knn, dim=-1).indices  # (..., knn), best first
-        i, j = best_rows.gather(-1, best // candidates), best_cols.gather(-1, best % candidates)
+        if _kernel_takes(rows, cols, core_sum):
+            i, j = tucker_select(rows, cols, core_sum.to(rows.dtype), u.to(rows.dtype), v.to(rows.dtype), knn,
+                                 candidates)
+        else:
+            i, j = _torch_select(rows, cols, core_sum, u, v, knn, candidates)
     # each kept cell's score under every core, differentiable in rows, cols and cores: the cell's outer product
     # (r·r) against the flattened cores, one matmul with r² inner terms, (..., knn, r²) @ (..., r², M)
     row_k = rows.gather(-2, i.unsqueeze(-1).expand(*i.shape, r))  # (..., knn, r)
     col_k = cols.gather(-2, j.unsqueeze(-1).expand(*j.shape, r))
     outer = (row_k.unsqueeze(-1) * col_k.unsqueeze(-2)).flatten(-2)  # (..., knn, r²)
-    scores = outer @ cores.flatten(-2).transpose(-1, -2)  # (..., knn, M)
+    flat_cores = cores.flatten(-2)  # (..., M, r²)
+    if cores.dim() == 4 and rows.dim() >= 3 and cores.shape[0] == rows.shape[-3]:  # per-head cores (H, M, r, r):
+        scores = torch.einsum("...hkx,hmx->...hkm", outer, flat_cores)  # one product per head, not per query
+    else:  # shared cores (M, r, r) fold into one matrix product; other layouts broadcast
+        scores = outer @ flat_cores.transpose(-1, -2)  # (..., knn, M)
     indices = i * n + j
     return scores, indices
+
+
+def _kernel_takes(rows: Tensor, cols: Tensor, core_sum: Tensor) -> bool:
+    """Whether the selection runs in the C++ kernel: CPU float32/float64 outside ``torch.compile``, rows and cols
+    of one shape, and cores that broadcast to the queries' leading dims without widening them."""
+    lead = rows.shape[:-2]
+    return (not torch.compiler.is_compiling() and rows.shape == cols.shape and rows.shape[-1] > 0
+            and torch.broadcast_shapes(core_sum.shape[:-2], lead) == lead
+            and cpu_tucker_supports(rows, cols) and core_sum.device.type == "cpu")
+
+
+def _torch_select(rows: Tensor, cols: Tensor, core_sum: Tensor, u: Tensor, v: Tensor, knn: int,
+                  candidates: int) -> tuple[Tensor, Tensor]:
+    """The selection in PyTorch ops (any device): ``(i, j)``, each ``(..., knn)``, best first."""
+    r = rows.shape[-1]
+    best_rows = (rows @ u.unsqueeze(-1).to(rows.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+    best_cols = (cols @ v.unsqueeze(-1).to(cols.dtype)).squeeze(-1).topk(candidates, dim=-1).indices
+    row_c = rows.gather(-2, best_rows.unsqueeze(-1).expand(*best_rows.shape, r))  # (..., m, r)
+    col_c = cols.gather(-2, best_cols.unsqueeze(-1).expand(*best_cols.shape, r))
+    ranking = (row_c @ core_sum.to(rows.dtype)) @ col_c.transpose(-1, -2)  # Σ_c score_c: (..., m, m)
+    best = ranking.flatten(-2).topk(knn, dim=-1).indices  # (..., knn), best first
+    return best_rows.gather(-1, best // candidates), best_cols.gather(-1, best % candidates)
 
 
 def tucker_topk_flops(n: int, rank: int, cores: int, candidates: int, knn: int) -> int:

@@ -1,0 +1,167 @@
+"""The C++/OpenMP CPU kernel of :func:`memzoo.ops.tucker_topk`'s selection: which ``knn`` cells of a Tucker grid a
+query keeps, one pass per query.
+
+For query ``q``: ``rows, cols (n, r)``, the core sum ``S (r, r)`` and its top singular vectors ``u, v (r,)``:
+
+1. ``row_proj[i] = rows[i] · u`` and ``col_proj[j] = cols[j] · v``; the ``m`` best of each (``m = candidates``);
+2. ``ranking[a, b] = rows[i_a] · S · cols[j_b]`` over those ``m × m`` cells (``rows[i_a] · S`` once per row);
+3. the ``knn`` best cells, best first: ``i = i_a``, ``j = j_b``.
+
+The same steps as the PyTorch path of :func:`~memzoo.ops.tucker_topk.tucker_topk` (three ``topk`` calls and four
+batched matmuls with inner sizes of ``r`` and ``m``, each a separate pass over ``(Q, ...)`` buffers), here in
+registers and a few ``m``-sized arrays per query: ``O(n·r + m·r² + m²·r + m²)`` work per query, no ``(Q, m, m)``
+buffer. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every number); equal values keep the
+lower index first. Sums are taken in index order, so a ranking that differs from PyTorch's only in the last bit can
+choose the other of two near-tied cells (either is a top-``knn`` cell under float rounding).
+
+float32 and float64, contiguous CPU tensors. Built with ``torch.utils.cpp_extension.load`` on first use and called
+through ``ctypes``, as the other kernels of :mod:`memzoo.ops` (same cache, same ``MEMZOO_CPU_KERNELS=0`` switch, one
+warning when it cannot be built).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from memzoo.ops.cpu_build import FLOAT_SUFFIX, compile_library, declare_float_kernels, float_kernel, load_once
+
+__all__ = ["available", "library", "supports", "tucker_select"]
+
+SOURCE = r"""
+#include <cstdint>
+#include <vector>
+#include <algorithm>
+#include <omp.h>
+
+namespace {
+// a ranks before b: larger, NaN above every number (as torch.topk); ties: the lower index first
+template <typename T> inline bool before(T a, int64_t ia, T b, int64_t ib) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na && (!nb || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
+// the m best of v[0..n), best first, into idx (m <= n): a sorted insertion buffer for small m, else a partial sort
+template <typename T>
+void best_of(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>& order) {
+  if (m <= 16) {
+    int64_t size = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (size == m && !before(v[i], i, v[idx[m - 1]], (int64_t)idx[m - 1])) continue;
+      int64_t pos = size < m ? size++ : m - 1;
+      while (pos > 0 && before(v[i], i, v[idx[pos - 1]], (int64_t)idx[pos - 1])) { idx[pos] = idx[pos - 1]; --pos; }
+      idx[pos] = (int32_t)i;
+    }
+    return;
+  }
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = (int32_t)i;
+  std::partial_sort(order.begin(), order.begin() + m, order.end(),
+                    [&](int32_t a, int32_t b) { return before(v[a], (int64_t)a, v[b], (int64_t)b); });
+  std::copy(order.begin(), order.begin() + m, idx);
+}
+
+template <typename T>
+void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, int64_t Q, int64_t n, int64_t r,
+            int64_t m, int64_t knn, int64_t* out_i, int64_t* out_j, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1 && Q > 1)
+  {
+    std::vector<T> proj(n), rs(m * r), rank(m * m);
+    std::vector<int32_t> bi(m), bj(m), best(knn), order;
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      const T* R = rows + q * n * r;
+      const T* C = cols + q * n * r;
+      const T* Sq = S + q * r * r;
+      const T* uq = u + q * r;
+      const T* vq = v + q * r;
+      for (int64_t i = 0; i < n; ++i) { T s = T(0); for (int64_t a = 0; a < r; ++a) s += R[i * r + a] * uq[a]; proj[i] = s; }
+      best_of(proj.data(), n, m, bi.data(), order);
+      for (int64_t j = 0; j < n; ++j) { T s = T(0); for (int64_t b = 0; b < r; ++b) s += C[j * r + b] * vq[b]; proj[j] = s; }
+      best_of(proj.data(), n, m, bj.data(), order);
+      for (int64_t a = 0; a < m; ++a)  // rows[i_a] · S
+        for (int64_t b = 0; b < r; ++b) {
+          T s = T(0);
+          for (int64_t c = 0; c < r; ++c) s += R[bi[a] * r + c] * Sq[c * r + b];
+          rs[a * r + b] = s;
+        }
+      for (int64_t a = 0; a < m; ++a)
+        for (int64_t b = 0; b < m; ++b) {
+          T s = T(0);
+          for (int64_t c = 0; c < r; ++c) s += rs[a * r + c] * C[bj[b] * r + c];
+          rank[a * m + b] = s;
+        }
+      best_of(rank.data(), m * m, knn, best.data(), order);
+      for (int64_t t = 0; t < knn; ++t) {
+        out_i[q * knn + t] = bi[best[t] / m];
+        out_j[q * knn + t] = bj[best[t] % m];
+      }
+    }
+  }
+}
+}  // namespace
+
+#define MEMZOO_TUCKER_KERNELS(T, S_)                                                                                \
+  extern "C" int memzoo_tucker_select_##S_(const T* rows, const T* cols, const T* S, const T* u, const T* v,       \
+                                           int64_t Q, int64_t n, int64_t r, int64_t m, int64_t knn, int64_t* oi,  \
+                                           int64_t* oj, int th) {                                                  \
+    select<T>(rows, cols, S, u, v, Q, n, r, m, knn, oi, oj, th); return 0; }
+
+MEMZOO_TUCKER_KERNELS(float, f32)
+MEMZOO_TUCKER_KERNELS(double, f64)
+"""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
+_WHAT = "the C++ Tucker top-k selection kernel"
+
+
+def available() -> bool:
+    """Whether the compiled kernel is in use (builds it on first call)."""
+    return library() is not None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can take the compiled path: plain CPU tensors (subclasses such as DTensor and fake
+    tensors keep the PyTorch path) of one dtype, float32 or float64, and the kernel built."""
+    dtype = tensors[0].dtype
+    return (dtype in FLOAT_SUFFIX and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                                          and t.dtype == dtype for t in tensors) and available())
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
+    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
+    return load_once(_state, _lock, lambda: _build(), _WHAT)
+
+
+def _build() -> ctypes.CDLL:
+    lib = compile_library("memzoo_tucker", "tucker.cpp", SOURCE, [])
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    return declare_float_kernels(lib, {"tucker_select": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr,
+                                                         cint]})
+
+
+def tucker_select(rows: torch.Tensor, cols: torch.Tensor, core_sum: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                  knn: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i, j)``, each ``(..., knn)`` int64 and best first: the kept cells of every query (module docstring).
+
+    ``rows, cols (..., n, r)``; ``core_sum (..., r, r)``, ``u, v (..., r)`` broadcast against the queries' leading
+    dims ``...``; one dtype. ``1 <= candidates <= n`` and ``1 <= knn <= candidates²`` (the caller checks)."""
+    n, r = rows.shape[-2:]
+    lead = rows.shape[:-2]
+    rows, cols = rows.contiguous(), cols.contiguous()
+    core_sum = core_sum.expand(*lead, r, r).contiguous()
+    u, v = u.expand(*lead, r).contiguous(), v.expand(*lead, r).contiguous()
+    queries = rows.numel() // (n * r) if n * r else 0
+    i = torch.empty(*lead, knn, dtype=torch.int64)
+    j = torch.empty(*lead, knn, dtype=torch.int64)
+    if queries:
+        float_kernel(library(), _state, _WHAT, "tucker_select", rows.dtype)(
+            rows.data_ptr(), cols.data_ptr(), core_sum.data_ptr(), u.data_ptr(), v.data_ptr(), queries, n, r,
+            candidates, knn, i.data_ptr(), j.data_ptr(), torch.get_num_threads(),
+        )
+    return i, j

@@ -1,0 +1,135 @@
+"""The C++ selection of tucker_topk (memzoo.ops.cpu_tucker) against the PyTorch selection it replaces and a plain
+brute force: the same cells, best first, for small and large candidate counts (both of the kernel's top-m routes),
+per-head and shared cores, float32 and float64, two threads, ties, NaN; gradients are unchanged (the scores are
+computed by the same PyTorch ops after either selection)."""
+
+import itertools
+
+import pytest
+import torch
+
+from cpu_kernel_switch import kernels_switched
+from memzoo.ops import cpu_tucker
+from memzoo.ops.tucker_topk import _kernel_takes, _torch_select, tucker_rank1, tucker_topk
+
+
+def selection_inputs(lead, n, r, cores_lead, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(*lead, n, r, generator=g, dtype=torch.float64).to(dtype)
+    cols = torch.randn(*lead, n, r, generator=g, dtype=torch.float64).to(dtype)
+    cores = torch.rand(*cores_lead, 3, r, r, generator=g, dtype=torch.float64).to(dtype)
+    return rows, cols, cores
+
+
+def brute_force(rows, cols, cores, knn, m):
+    """Per query, in float64 Python loops: the m best rows and columns by the rank-1 projections, then the knn best
+    of their m x m cells by row · S · col (ties: lower index first)."""
+    lead, r = rows.shape[:-2], rows.shape[-1]
+    core_sum = cores.sum(-3).double()
+    u, v = tucker_rank1(core_sum)
+    core_sum, u, v = core_sum.expand(*lead, r, r), u.expand(*lead, r), v.expand(*lead, r)
+    out_i, out_j = torch.empty(*lead, knn, dtype=torch.long), torch.empty(*lead, knn, dtype=torch.long)
+    for q in itertools.product(*(range(s) for s in lead)):
+        S_q, u_q, v_q = core_sum[q], u[q], v[q]
+        R, C = rows[q].double(), cols[q].double()
+        best_r = sorted(range(R.shape[0]), key=lambda i: (-float(R[i] @ u_q), i))[:m]
+        best_c = sorted(range(C.shape[0]), key=lambda j: (-float(C[j] @ v_q), j))[:m]
+        cells = sorted(((a, b) for a in range(m) for b in range(m)),
+                       key=lambda ab: (-float(R[best_r[ab[0]]] @ S_q @ C[best_c[ab[1]]]), ab[0] * m + ab[1]))[:knn]
+        out_i[q] = torch.tensor([best_r[a] for a, _ in cells])
+        out_j[q] = torch.tensor([best_c[b] for _, b in cells])
+    return out_i, out_j
+
+
+def test_the_tucker_kernel_builds_here():
+    assert cpu_tucker.available(), cpu_tucker._state.get("error")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead, cores_lead, n, r, m, knn", [
+    ((5,), (), 12, 2, 4, 6),          # shared cores, small m (insertion buffer)
+    ((2, 3), (3,), 40, 3, 20, 32),    # per-head cores, m > 16 (partial sort), knn > 16
+    ((7, 1), (1,), 9, 1, 9, 81),      # rank 1, every candidate, every cell
+])
+def test_the_kernel_selects_what_the_brute_force_selects(lead, cores_lead, n, r, m, knn, dtype):
+    rows, cols, cores = selection_inputs(lead, n, r, cores_lead, dtype)
+    core_sum = cores.sum(-3)
+    assert _kernel_takes(rows, cols, core_sum)
+    u, v = tucker_rank1(core_sum)
+    i, j = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, knn, m)
+    ref_i, ref_j = brute_force(rows, cols, cores, knn, m)
+    assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
+    torch_i, torch_j = _torch_select(rows, cols, core_sum, u, v, knn, m)
+    assert torch.equal(i * n + j, torch_i * n + torch_j)  # random data: no near-ties, the same cells in order
+
+
+def test_ties_keep_the_lower_index_first():
+    rows = torch.ones(1, 6, 2)  # every row and column ties: the first m of each, cells in index order
+    cols = torch.ones(1, 6, 2)
+    cores = torch.ones(1, 2, 2)
+    core_sum = cores.sum(-3)
+    u, v = tucker_rank1(core_sum)
+    i, j = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, knn=4, candidates=3)
+    assert i.tolist() == [[0, 0, 0, 1]] and j.tolist() == [[0, 1, 2, 0]]
+
+
+def test_a_nan_row_score_ranks_first_like_torch_topk():
+    rows, cols, cores = selection_inputs((1,), 8, 2, (), torch.float64)
+    rows[0, 5] = float("nan")
+    core_sum = cores.sum(-3)
+    u, v = tucker_rank1(core_sum)
+    i, _ = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, knn=1, candidates=2)
+    assert i.tolist() == [[5]]
+
+
+def test_two_threads_select_the_same_cells():
+    rows, cols, cores = selection_inputs((64, 2), 16, 2, (2,), torch.float32)
+    core_sum = cores.sum(-3)
+    u, v = tucker_rank1(core_sum)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, 8, 8)
+        torch.set_num_threads(2)
+        two = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, 8, 8)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_tucker_topk_gives_the_same_scores_and_gradients_with_the_kernel_off(monkeypatch):
+    rows, cols, cores = selection_inputs((4, 2), 10, 2, (2,), torch.float64)
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (rows, cols, cores)]
+        scores, indices = tucker_topk(*leaves, knn=5, candidates=4)
+        grads = torch.autograd.grad((scores * torch.arange(scores.numel()).view_as(scores)).sum(), leaves)
+        return scores.detach(), indices, grads
+
+    with_kernel = run()
+    with kernels_switched(cpu_tucker, monkeypatch):
+        assert not _kernel_takes(rows, cols, cores.sum(-3))
+        without = run()
+    assert torch.equal(with_kernel[1], without[1])
+    torch.testing.assert_close(with_kernel[0], without[0])
+    for a, b in zip(with_kernel[2], without[2]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cores_lead", [(), (2,), (1,)])
+def test_the_kept_cells_per_core_scores_and_gradients_match_the_broadcast_product(cores_lead):
+    """Per-head cores take one einsum per head, shared cores one matrix product: the same numbers and gradients
+    as the plain broadcast ``outer @ cores`` of every query."""
+    rows, cols, cores = selection_inputs((3, 2), 7, 3, cores_lead, torch.float64, seed=4)
+    leaves = [t.clone().requires_grad_(True) for t in (rows, cols, cores)]
+    scores, indices = tucker_topk(*leaves, knn=4, candidates=3)
+    i, j = indices // 7, indices % 7
+    row_k = leaves[0].gather(-2, i.unsqueeze(-1).expand(*i.shape, 3))
+    col_k = leaves[1].gather(-2, j.unsqueeze(-1).expand(*j.shape, 3))
+    want = torch.stack([(row_k @ leaves[2][..., m, :, :] * col_k).sum(-1) for m in range(3)], dim=-1)
+    torch.testing.assert_close(scores, want)
+    weights = torch.randn_like(scores)
+    got = torch.autograd.grad((scores * weights).sum(), leaves)
+    ref = torch.autograd.grad((want * weights).sum(), leaves)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
