@@ -48,7 +48,8 @@ def test_the_tucker_kernel_builds_here():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lead, cores_lead, n, r, m, knn", [
     ((5,), (), 12, 2, 4, 6),          # shared cores, small m (insertion buffer)
-    ((2, 3), (3,), 40, 3, 20, 32),    # per-head cores, m > 16 (partial sort), knn > 16
+    ((2, 3), (3,), 40, 3, 20, 32),    # per-head cores, knn > 16
+    ((2,), (), 80, 2, 70, 100),       # m > 64: the partial sort
     ((7, 1), (1,), 9, 1, 9, 81),      # rank 1, every candidate, every cell
 ])
 def test_the_kernel_selects_what_the_brute_force_selects(lead, cores_lead, n, r, m, knn, dtype):
