@@ -30,6 +30,7 @@ ALLOWED = {
     "config_yaml": set(),
     "config_errors": set(),
     "cli_base": set(),
+    "host_allocator": set(),  # the process's allocator settings: stdlib only
     "registry": {"blocks"},  # the public path of memzoo.blocks.registry
     "blocks": LOW | {"blocks"},
     "model": LOW | {"registry", "blocks", "model"},
