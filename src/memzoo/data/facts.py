@@ -81,18 +81,17 @@ class FactsTrainStream(Dataset):
     def _render_chunk(self, pass_index: int, order: Callable[[np.ndarray], np.ndarray], c: int) -> np.ndarray:
         positions = np.arange(c * DOCS_PER_CHUNK, min((c + 1) * DOCS_PER_CHUNK, self.corpus.n_facts))
         facts = order(positions)
-        templates = self.corpus.training_template(facts, pass_index)
-        keys = list(zip(facts.tolist(), np.asarray(templates).tolist()))
+        templates = np.asarray(self.corpus.training_template(facts, pass_index))
+        keys = list(zip(facts.tolist(), templates.tolist()))
         missing = [i for i, key in enumerate(keys) if key not in self._sentences]
+        rendered: dict[tuple[int, int], np.ndarray] = {}
         if missing:
             n_attributes = len(self.corpus.attributes)
             texts = self.corpus.sentences(facts[missing] // n_attributes, facts[missing] % n_attributes,
-                                          np.asarray(templates)[missing])
+                                          templates[missing])
             rendered = {keys[i]: encode_documents(self.tokenizer, [text]) for i, text in zip(missing, texts)}
             if len(self._sentences) + len(rendered) <= SENTENCE_CACHE:
                 self._sentences.update(rendered)
-        else:
-            rendered = {}
         return np.concatenate([rendered[key] if key in rendered else self._sentences[key] for key in keys])
 
     def pass_stream(self, pass_index: int) -> LazyTokenStream:

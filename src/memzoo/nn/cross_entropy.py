@@ -27,8 +27,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
     ``retain_graph`` backward may run it again). Once differentiable: a double backward raises."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, need_grad: bool) -> torch.Tensor:
-        n_labelled = int((labels != ignore_index).sum())
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, n_labelled: int,
+                need_grad: bool) -> torch.Tensor:
         scale = 1.0 / n_labelled if n_labelled else math.nan  # PyTorch's mean over no labels: NaN
         rows, grad = cross_entropy_forward(logits, labels, ignore_index, scale, need_grad)
         ctx.grad = grad
@@ -40,7 +40,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         grad = ctx.grad
         if not bool(grad_loss == 1):
             grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -52,10 +52,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                          f"and labels {tuple(labels.shape)}")
     if torch.compiler.is_compiling() or not cross_entropy_kernel_supports(logits, labels):
         return F.cross_entropy(logits, labels, ignore_index=ignore_index)
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= logits.shape[1]))
+    labelled = labels != ignore_index
+    bad = labelled & ((labels < 0) | (labels >= logits.shape[1]))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise IndexError(f"cross_entropy: label {int(labels[row])} at position {row} is outside the vocabulary "
                          f"[0, {logits.shape[1]}) and is not ignore_index ({ignore_index})")
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _CrossEntropyFunction.apply(logits, labels, ignore_index, need_grad)
+    return _CrossEntropyFunction.apply(logits, labels, ignore_index, int(labelled.sum()), need_grad)
