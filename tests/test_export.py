@@ -62,7 +62,7 @@ FAMILIES = {
         "block": "dense",
         "tie_embeddings": False,
         "layers": {i: {"block": "memory_plus", "pool": "shared", "heads": 2, "knn": 4, "k_dim": 16,
-                    "query_norm": "layernorm"} for i in (0, 2)},
+                    "query_norm": "layernorm", "gate": "silu"} for i in (0, 2)},  # the paper's gate: W_1, W_2
         "pools": {"shared": {"n_keys": 8, "value_dim": 40}},
     },
 }

@@ -81,7 +81,7 @@ def test_architecture_fields_are_read(folders):
 def test_retrofit_on_import_starts_at_the_base_and_exports_with_equal_logits(folders, tmp_path):
     folder, reference = folders["llama3-gqa-untied"]
     layers = {1: {"block": "beside", "base": "dense",
-                  "add": {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}}}
+                  "add": {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4, "gate": "silu"}}}
     model = memzoo.load_pretrained(folder, layers=layers, pools={"mem": {"n_keys": 8, "value_dim": 32}})
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -12,7 +12,7 @@ from memzoo.training.module import LanguageModel  # noqa: E402
 from memzoo.training.optim import build_optimizer  # noqa: E402
 
 ARGS = dict(vocab_size=30, dim=16, n_layers=2, n_heads=2, max_seq_len=16, block_args={"hidden": 32},
-            layers={1: {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 2}},
+            layers={1: {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 2, "gate": "silu"}},  # has out_proj
             pools={"mem": {"n_keys": 4, "value_dim": 16}})
 
 

@@ -15,7 +15,7 @@ from memzoo.training.module import LanguageModel
 from memzoo.training.optim import build_optimizer
 
 BASE = dict(vocab_size=40, dim=32, n_layers=3, n_heads=4, max_seq_len=32, block_args={"hidden": 48})
-MEMORY = {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}
+MEMORY = {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4, "gate": "silu"}  # W_2 starts at zero
 POOLS = {"mem": {"n_keys": 8, "value_dim": 16}}
 
 
@@ -125,11 +125,11 @@ def test_base_scale_init_errors():
         Beside(16, base={"block": "product_key_memory", "n_keys": 4, "heads": 1, "knn": 2},
                add={"block": "product_key_memory", "n_keys": 4, "heads": 1, "knn": 2}, init="base_scale")
     # the source's trained values would be wiped: refused
-    source = Transformer(**BASE, layers={2: {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}},
+    source = Transformer(**BASE, layers={2: dict(MEMORY)},
                          pools=POOLS)
     target = Transformer(**BASE, layers={1: {"block": "beside", "base": {"block": "dense", "hidden": 48},
                                              "add": MEMORY, "init": "base_scale"},
-                                         2: {"block": "memory_plus", "pool": "mem", "heads": 2, "knn": 4}},
+                                         2: dict(MEMORY)},
                          pools=POOLS)
     with pytest.raises(InitFromError, match="base_scale"):
         load_initial_weights(target, source.state_dict())

@@ -12,9 +12,15 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   BatchNorm, which is not causal in training; the preset uses LayerNorm over each head's query (``query_norm:
   batchnorm`` reproduces the paper).
 - ``memory_plus``: Berges et al. 2024, "Memory Layers at Scale" (Memory+): 4 heads, top 32 each, qk-norm scores
-  (no query norm besides), and the SiLU-gated output ``W_2 (y ⊙ silu(W_1 x))``; the paper's layers share one value
-  table, so a config names a pool: ``{block: memory_plus, pool: shared}`` with ``pools: {shared: {n_keys: ...,
-  value_dim: ...}}``. Without ``pool:`` it needs ``n_keys`` and builds a private table.
+  (no query norm besides); the paper's layers share one value table, so a config names a pool: ``{block:
+  memory_plus, pool: shared}`` with ``pools: {shared: {n_keys: ..., value_dim: ...}}``. Without ``pool:`` it needs
+  ``n_keys`` and builds a private table. **No gate by default**: ``out = y`` (``W_o y`` when ``value_dim != dim``);
+  the paper's SiLU-gated output ``W_2 (y ⊙ silu(W_1 x))`` is ``gate: silu``. Ungated beat the gate in both of memzoo's
+  measures, each on two seeds: knowledge capacity (docs/results/capacity-cpu.md, people-1000 at 1,000 exposures:
+  27,255 bits against 18,935, 1.59x against 1.10x dense's; at people-300 and 100 exposures, where both hold
+  86-88% of the corpus, capacity-ablation-gate.md finds no difference: 10,201 against 10,505) and text (the iso-FLOP study's shakespeare workload: validation loss
+  1.682 / 1.669 against 1.770 / 1.782, study-memoryplus-no-gate.md and study-memoryplus-gated.md), at 0.93-0.98x the
+  gated model's FLOPs (no ``W_1``, ``W_2``). The study configs that reproduce the paper's layer pin ``gate: silu``.
 
 Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
 
@@ -53,9 +59,10 @@ register_preset(
 register_preset(
     "memory_plus",
     _MEMORY,
-    {"heads": 4, "knn": 32, "query_norm": "none", "qk_norm": True, "gate": "silu"},
-    paper="Berges et al. 2024, 'Memory Layers at Scale' (arXiv 2412.09764): qk-norm, SiLU gate, one value table "
-    "shared by the memory layers (pool: <name>)",
+    {"heads": 4, "knn": 32, "query_norm": "none", "qk_norm": True, "gate": "none"},
+    paper="Berges et al. 2024, 'Memory Layers at Scale' (arXiv 2412.09764): qk-norm, one value table shared by the "
+    "memory layers (pool: <name>); the paper's SiLU gate is gate: silu (off by default: it lost in capacity and "
+    "text loss, see memzoo.blocks.presets)",
     smallest={**_SMALLEST_MEMORY, "pool": "shared"},
     smallest_pools={"shared": {"n_keys": 4, "value_dim": 8}},
 )

@@ -9,8 +9,9 @@ A *block* is a :class:`~memzoo.blocks.base.Block` built as ``cls(dim, **hyperpar
 3. a full dotted path ``"pkg.module.BlockClass"`` used in place of a name.
 
 A *preset* (:func:`register_preset`) is a name for a registered block with a paper's settings, e.g. ``memory_plus``
-= ``product_key_memory`` with the SiLU gate and qk-norm; a config names it like any block and may override any of
-its settings. Every name also declares its ``smallest`` settings (and the pools they read), with which the
+= ``product_key_memory`` with qk-norm and 4 heads × top-32 (where memzoo's studies chose a default against the
+paper, the preset's ``paper`` note says so: ``memory_plus`` leaves out the paper's SiLU gate); a config names it like
+any block and may override any of its settings. Every name also declares its ``smallest`` settings (and the pools they read), with which the
 every-block test (``tests/test_every_block.py``) builds, trains, exports and decodes it.
 """
 
@@ -133,7 +134,8 @@ def register_preset(
     smallest_pools: Mapping[str, Mapping[str, Any]] | None = None,
     override: bool = False,
 ) -> None:
-    """Registers ``name`` as block ``block`` with ``settings`` over its defaults (a paper's configuration).
+    """Registers ``name`` as block ``block`` with ``settings`` over its defaults (a paper's configuration; ``paper``
+    cites it and names any setting that departs from it).
 
     The settings are checked against the block's constructor now; ``smallest`` (merged over ``settings``) and
     ``smallest_pools`` are the every-block test's, as in :func:`register_block`.
