@@ -238,8 +238,10 @@ class MemzooCLI(LightningCLI):
         super().instantiate_classes()
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
-            check_same_architecture(sharded_meta_file(ckpt_path) if is_sharded_checkpoint(ckpt_path) else ckpt_path,
-                                    self.model.hparams)
+            if is_sharded_checkpoint(ckpt_path):  # the shards' tensors are checked by their loader
+                check_same_architecture(sharded_meta_file(ckpt_path), self.model.hparams)
+            else:
+                check_same_architecture(ckpt_path, self.model.hparams, self.model.state_dict())
         if self.subcommand:
             _record_built_architecture(self.config[self.subcommand], self.model)
         if self.subcommand in ("fit", "validate", "test"):

@@ -112,10 +112,15 @@ class ModelSource:
         """A memzoo checkpoint's decoder state dict (keys without ``model.``; LoRA adapters merged)."""
         return checkpoint_decoder_weights(self.checkpoint, where=f"{self.where} {self.name!r}")
 
-    def load_into(self, model: nn.Module) -> None:
+    def load_into(self, model: nn.Module, requested_layers: Mapping[Any, Any] | None = None) -> None:
         """Copies this source's weights into ``model`` (a Transformer built from :meth:`architecture`, possibly
         with LoRA adapters applied: the source's plain linear weights go to their ``base_layer``). Retrofitted
-        parts keep their init; anything else missing or left over raises :class:`InitFromError`."""
+        parts keep their init; anything else missing or left over raises :class:`InitFromError`.
+
+        ``requested_layers``: the ``layers:`` the run's architecture gave (as to :meth:`architecture`). A memzoo
+        checkpoint's layer counts as retrofitted only where that spec differs from the one the checkpoint records,
+        so a layer whose recorded settings now build another block (a preset's default changed) is refused, not
+        re-initialised."""
         if self.kind == "hf":
             with _lora_unwrapped(model):
                 load_hf_weights(model, self.path)
@@ -123,8 +128,19 @@ class ModelSource:
             with _lora_unwrapped(model):
                 load_gguf_weights(model, self.path, read_gguf_config(self.path))
         else:
+            retrofitted = self._retrofitted_layers(requested_layers or {}, len(model.layers))
             with _lora_unwrapped(model):
-                load_initial_weights(model, self.weights(), where=f"{self.where} {self.name!r}")
+                load_initial_weights(model, self.weights(), where=f"{self.where} {self.name!r}",
+                                     retrofitted=retrofitted)
+
+    def _retrofitted_layers(self, requested_layers: Mapping[Any, Any], n_layers: int) -> set[int]:
+        """The layers (indices in ``[0, n_layers)``) whose spec in ``requested_layers`` differs from this
+        checkpoint's recorded one."""
+        def by_index(layers: Mapping[Any, Any] | None) -> dict[int, Any]:
+            return {int(key) % n_layers: spec for key, spec in (layers or {}).items()}
+
+        saved = by_index((self.saved_architecture() or {}).get("layers"))
+        return {i for i, spec in by_index(requested_layers).items() if spec != saved.get(i)}
 
 
 def open_source(name: str | Path, where: str = "init_from") -> ModelSource:
@@ -269,5 +285,5 @@ def build_language_model(model_class: type[LanguageModel] | None = None, /, *, s
         init_args["architecture"] = requested.replace(**architecture)
     module = model_class(**init_args)
     if load_weights:
-        source.load_into(module.model)
+        source.load_into(module.model, requested.to_dict(resolve_layers=False).get("layers"))
     return module

@@ -105,9 +105,12 @@ def architecture_differences(saved: Mapping[str, Any], configured: Mapping[str, 
     ]
 
 
-def check_same_architecture(path: str | Path, configured: Mapping[str, Any]) -> None:
+def check_same_architecture(path: str | Path, configured: Mapping[str, Any],
+                            state_dict: Mapping[str, Any] | None = None) -> None:
     """Raises :class:`CheckpointError` naming the differing fields if checkpoint ``path`` holds a model whose
-    architecture differs from the configured model's hyperparameters ``configured``."""
+    architecture differs from the configured model's hyperparameters ``configured``; with ``state_dict`` (the built
+    module's), also when the checkpoint's tensors differ from it in names or shapes: the same hyperparameters build
+    another block once a block's default changed (e.g. the ``memory_plus`` preset's gate)."""
     from memzoo.safe_load import RefusedPickleError, load_data
 
     try:
@@ -125,6 +128,27 @@ def check_same_architecture(path: str | Path, configured: Mapping[str, Any]) -> 
             f"checkpoint {str(path)!r} holds a different model than the config: " + "; ".join(differences)
             + f". Give a checkpoint of this architecture, or {hint}"
         )
+    stored = checkpoint.get("state_dict") if state_dict is not None else None
+    if isinstance(stored, Mapping):
+        _check_same_tensors(path, stored, state_dict)
+
+
+def _check_same_tensors(path: str | Path, stored: Mapping[str, Any], built: Mapping[str, Any]) -> None:
+    extra = [key for key in stored if key not in built]
+    missing = [key for key in built if key not in stored]
+    shapes = [f"{key}: {tuple(stored[key].shape)} vs {tuple(built[key].shape)}" for key in stored
+              if key in built and hasattr(stored[key], "shape") and tuple(stored[key].shape) != tuple(built[key].shape)]
+    if not (extra or missing or shapes):
+        return
+    found = "; ".join(part for part in (
+        f"tensors only in the checkpoint {extra[:6]}" if extra else "",
+        f"tensors only in the configured model {missing[:6]}" if missing else "",
+        f"shapes differ {shapes[:6]}" if shapes else "") if part)
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} was trained with the configured settings, but they build a different model now: "
+        f"{found}. A block's default has changed since (memory_plus has no SiLU gate by default: a layer trained "
+        f"with it needs gate: silu); pin the setting in the config's layer spec"
+    )
 
 
 def find_last_checkpoint(runs_dir: str | Path, experiment: str) -> Path:

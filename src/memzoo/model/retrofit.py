@@ -20,7 +20,7 @@ the pretrained model gives them (a few batches of text), so tokens spread over t
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 import torch.nn as nn
@@ -35,8 +35,12 @@ class InitFromError(ValueError):
 _FFN = re.compile(r"^layers\.(\d+)\.ffn\.")
 
 
-def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], where: str = "init_from") -> None:
-    """Copies ``source`` into ``model`` (a Transformer) with the retrofit mapping of the module docstring."""
+def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], where: str = "init_from",
+                         retrofitted: Collection[int] | None = None) -> None:
+    """Copies ``source`` into ``model`` (a Transformer) with the retrofit mapping of the module docstring.
+
+    ``retrofitted``: the layers whose FFN the caller's architecture changed (the only ones whose source FFN may be
+    dropped as replaced); ``None``: any layer whose source FFN tensors have no place counts as replaced."""
     target = model.state_dict()
     beside_layers = {i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, Beside)}
     mapped: dict[str, torch.Tensor] = {}
@@ -47,6 +51,16 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
             key = f"{match.group(0)}base.{key[match.end():]}"
         (mapped.__setitem__(key, value) if key in target else unused.append(key))
     replaced_layers = {int(m.group(1)) for k in unused if (m := _FFN.match(k))}
+    if retrofitted is not None and replaced_layers - set(retrofitted):
+        layer = min(replaced_layers - set(retrofitted))
+        extra = [k for k in unused if k.startswith(f"layers.{layer}.ffn.")]
+        raise InitFromError(
+            f"{where}: layer {layer}'s FFN holds tensors {extra[:6]} that the block its recorded settings build "
+            f"today lacks, and this run does not change that layer: those settings build a different block now, "
+            f"e.g. after a preset's default changed (memory_plus has no SiLU gate by default: a layer trained with "
+            f"it needs gate: silu). Give the layer's spec with the setting pinned (init_from: architecture: "
+            f"layers: {{{layer}: {{...}}}})"
+        )
     unused = [k for k in unused if not _FFN.match(k)]
     if unused:
         raise InitFromError(
