@@ -14,13 +14,13 @@ def kernels_switched(module: ModuleType, monkeypatch: pytest.MonkeyPatch, off: b
     """Inside: ``module``'s kernels (``memzoo.ops.cpu_dense``, ``cpu_read``, ``cpu_topk``) reloaded with
     ``MEMZOO_CPU_KERNELS=0`` when ``off``, as loaded before otherwise. Afterwards the module's load state and the
     environment are as they were."""
-    saved = dict(module._state)
+    saved = dict(module._KERNELS.state)
     try:
         with monkeypatch.context() as patch:
             if off:
-                module._state.clear()
+                module._KERNELS.state.clear()
                 patch.setenv("MEMZOO_CPU_KERNELS", "0")
             yield
     finally:
-        module._state.clear()
-        module._state.update(saved)
+        module._KERNELS.state.clear()
+        module._KERNELS.state.update(saved)

@@ -48,7 +48,7 @@ def tolerance(dtype):
 
 def test_the_dense_kernels_build_here():
     assert shutil.which("g++") or shutil.which("c++")
-    assert cpu_dense.available(), cpu_dense._state.get("error")
+    assert cpu_dense.available(), cpu_dense._KERNELS.state.get("error")
 
 
 # ------------------------------------------------------------------------------------------------ rms_norm

@@ -34,7 +34,7 @@ def reference_scatter(src, indices, weights, n_rows):
 
 def test_the_read_kernels_build_here():
     assert shutil.which("g++") or shutil.which("c++")
-    assert cpu_read.available(), cpu_read._state.get("error")
+    assert cpu_read.available(), cpu_read._KERNELS.state.get("error")
 
 
 # dims 16 and 37: whole 16-lane blocks and a remainder; N <= 4·P (counting sort) and N > 4·P (key sort)

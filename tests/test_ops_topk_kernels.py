@@ -36,7 +36,7 @@ def random_inputs(lead, heads, n_keys, dk, dtype=torch.float64, seed=0):
 def test_the_cpu_kernel_builds_here():
     """g++ is present on the machines memzoo is tested on, so the fast path must be the one tested."""
     assert shutil.which("g++") or shutil.which("c++")
-    assert cpu_topk.available(), cpu_topk._state.get("error")
+    assert cpu_topk.available(), cpu_topk._KERNELS.state.get("error")
 
 
 # (n_keys, k): n < 16 and k > 64 take the plain route inside the kernel, the others the filtered fast route
@@ -253,16 +253,16 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.fixture
 def no_cpu_kernel(monkeypatch):
     """The kernel state as after a failed build (restored afterwards)."""
-    saved = dict(cpu_topk._state)
-    cpu_topk._state.clear()
+    saved = dict(cpu_topk._KERNELS.state)
+    cpu_topk._KERNELS.state.clear()
 
     def failing_build():
         raise RuntimeError("no compiler in this test")
 
     monkeypatch.setattr(cpu_topk, "_build", failing_build)
     yield
-    cpu_topk._state.clear()
-    cpu_topk._state.update(saved)
+    cpu_topk._KERNELS.state.clear()
+    cpu_topk._KERNELS.state.update(saved)
 
 
 def test_fallback_when_the_kernel_cannot_be_built_warns_once_and_stays_exact(no_cpu_kernel):

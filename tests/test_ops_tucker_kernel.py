@@ -42,7 +42,7 @@ def brute_force(rows, cols, cores, knn, m):
 
 
 def test_the_tucker_kernel_builds_here():
-    assert cpu_tucker.available(), cpu_tucker._state.get("error")
+    assert cpu_tucker.available(), cpu_tucker._KERNELS.state.get("error")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -92,6 +92,31 @@ def load_once(state: dict[str, object], lock: threading.Lock, build: Callable[[]
     return state["lib"]  # type: ignore[return-value]
 
 
+class CompiledLibrary:
+    """One of memzoo's C++ kernel libraries: built by ``build()`` at first use, once per process (thread-safe), and
+    kept. ``None`` after one ``RuntimeWarning`` naming ``what`` when it cannot be built, or silently with
+    :data:`ENV_SWITCH` ``=0``; callers then take their PyTorch path. ``state`` holds ``"lib"`` (the CDLL or
+    ``None``) and ``"error"`` (why it is ``None``); cleared, the next use builds again."""
+
+    def __init__(self, what: str, build: Callable[[], ctypes.CDLL]):
+        self.what, self._build, self._lock = what, build, threading.Lock()
+        self.state: dict[str, object] = {}
+
+    def library(self) -> ctypes.CDLL | None:
+        """The compiled library, built and loaded on first call; ``None`` (after one warning) if it cannot be built,
+        or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
+        return load_once(self.state, self._lock, self._build, self.what)
+
+    def available(self) -> bool:
+        """Whether the compiled kernels are in use (builds them on first call)."""
+        return self.library() is not None
+
+    def float_kernel(self, name: str, dtype: torch.dtype):
+        """``memzoo_<name>_<suffix of dtype>`` (:func:`float_kernel`); a ``RuntimeError`` naming the library and why
+        when it could not be built."""
+        return float_kernel(self.library(), self.state, self.what, name, dtype)
+
+
 def compile_library(stem: str, file_name: str, source: str, flags: list[str]) -> ctypes.CDLL:
     """``source`` (plain C++, no torch headers) compiled with ``-O3 -fopenmp``, ``flags`` and this CPU's vector flags
     into torch's extension cache (one folder per stem, capability and hash of source and flags, so a changed source

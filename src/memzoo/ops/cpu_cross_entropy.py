@@ -23,17 +23,15 @@ kernels of :mod:`memzoo.ops` (same cache, same ``MEMZOO_CPU_KERNELS=0`` switch, 
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
 from memzoo.ops.cpu_build import (
     EXP_CPP,
     FLOAT_SUFFIX,
+    CompiledLibrary,
     compile_library,
     declare_float_kernels,
-    float_kernel,
-    load_once,
 )
 
 __all__ = ["available", "cross_entropy_forward", "library", "supports"]
@@ -96,14 +94,9 @@ MEMZOO_XENT_KERNELS(float, f32)
 MEMZOO_XENT_KERNELS(double, f64)
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-_WHAT = "the C++ cross-entropy kernel"
-
-
-def available() -> bool:
-    """Whether the compiled kernel is in use (builds it on first call)."""
-    return library() is not None
+_KERNELS = CompiledLibrary("the C++ cross-entropy kernel", lambda: _build())
+available = _KERNELS.available
+library = _KERNELS.library
 
 
 def supports(logits: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -114,12 +107,6 @@ def supports(logits: torch.Tensor, labels: torch.Tensor) -> bool:
             and logits.device.type == "cpu" and labels.device.type == "cpu" and logits.dtype in FLOAT_SUFFIX
             and labels.dtype == torch.int64 and logits.dim() == 2 and labels.shape == logits.shape[:1]
             and logits.shape[1] > 0 and logits.is_contiguous() and labels.is_contiguous() and available())
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
-    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), _WHAT)
 
 
 def _build() -> ctypes.CDLL:
@@ -136,7 +123,7 @@ def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     n, v = logits.shape
     loss = logits.new_empty(n)
     grad = torch.empty_like(logits) if need_grad else None
-    float_kernel(library(), _state, _WHAT, "xent_fwd", logits.dtype)(
+    _KERNELS.float_kernel("xent_fwd", logits.dtype)(
         logits.data_ptr(), labels.data_ptr(), n, v, int(ignore_index), float(scale), loss.data_ptr(),
         None if grad is None else grad.data_ptr(), torch.get_num_threads(),
     )

@@ -33,17 +33,15 @@ warning when it cannot be built).
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
 from memzoo.ops.cpu_build import (
     EXP_CPP,
     FLOAT_SUFFIX,
+    CompiledLibrary,
     compile_library,
     declare_float_kernels,
-    float_kernel,
-    load_once,
 )
 
 __all__ = ["available", "library", "rms_norm_backward", "rms_norm_forward", "rope_qkv_backward", "rope_qkv_forward",
@@ -249,14 +247,9 @@ MEMZOO_DENSE_KERNELS(float, f32)
 MEMZOO_DENSE_KERNELS(double, f64)
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-_WHAT = "the C++ dense-layer kernels"
-
-
-def available() -> bool:
-    """Whether the compiled kernels are in use (builds them on first call)."""
-    return library() is not None
+_KERNELS = CompiledLibrary("the C++ dense-layer kernels", lambda: _build())
+available = _KERNELS.available
+library = _KERNELS.library
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -268,12 +261,6 @@ def supports(*tensors: torch.Tensor) -> bool:
                                    or t.dtype != dtype or not t.is_contiguous() for t in tensors):
         return False
     return available()
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
-    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), _WHAT)
 
 
 def _build() -> ctypes.CDLL:
@@ -290,7 +277,7 @@ def _build() -> ctypes.CDLL:
 
 
 def _kernel(name: str, dtype: torch.dtype):
-    return float_kernel(library(), _state, _WHAT, name, dtype)
+    return _KERNELS.float_kernel(name, dtype)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

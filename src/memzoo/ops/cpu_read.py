@@ -26,17 +26,15 @@ compiled with ``torch.utils.cpp_extension.load`` on first use and called through
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
 from memzoo.ops.cpu_build import (
     DIVIDER_CPP,
     FLOAT_SUFFIX,
+    CompiledLibrary,
     compile_library,
     declare_float_kernels,
-    float_kernel,
-    load_once,
 )
 
 __all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
@@ -230,14 +228,9 @@ extern "C" int64_t memzoo_sort_by_row(const int64_t* idx, int64_t P, int64_t N, 
 }
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-_WHAT = "the C++ sparse-read kernels"
-
-
-def available() -> bool:
-    """Whether the compiled kernels are in use (builds them on first call)."""
-    return library() is not None
+_KERNELS = CompiledLibrary("the C++ sparse-read kernels", lambda: _build())
+available = _KERNELS.available
+library = _KERNELS.library
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -247,12 +240,6 @@ def supports(*tensors: torch.Tensor) -> bool:
     if dtype not in FLOAT_SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return False
     return available()
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
-    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), _WHAT)
 
 
 def _build() -> ctypes.CDLL:
@@ -268,7 +255,7 @@ def _build() -> ctypes.CDLL:
 
 
 def _kernel(name: str, dtype: torch.dtype):
-    return float_kernel(library(), _state, _WHAT, name, dtype)
+    return _KERNELS.float_kernel(name, dtype)
 
 
 def _ptr(tensor: torch.Tensor | None):
@@ -306,7 +293,7 @@ def scatter_dot(
     run_start = torch.empty(n_positions + 1, dtype=torch.int64)
     library_ = library()
     if library_ is None:
-        raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_state.get('error')})")
+        raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_KERNELS.state.get('error')})")
     n_runs = library_.memzoo_sort_by_row(indices.data_ptr(), n_positions, num_rows, order.data_ptr(),
                                          run_start.data_ptr())
     if dense:  # the kernel writes every row: its sums, or zeros where no index points

@@ -41,11 +41,10 @@ then take the vectorised PyTorch path.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from memzoo.ops.cpu_build import DIVIDER_CPP, compile_library, load_once
+from memzoo.ops.cpu_build import DIVIDER_CPP, CompiledLibrary, compile_library
 
 __all__ = ["available", "backward", "half_topk_merge", "library"]
 
@@ -625,19 +624,9 @@ int memzoo_pk_backward_f64(const double* g, const int64_t* idx, const double* q,
 """
 
 #: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the vector units torch itself uses here.
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-
-
-def available() -> bool:
-    """Whether the compiled kernel is in use (builds it on first call)."""
-    return library() is not None
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
-    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), "the C++ product-key top-k kernel")
+_KERNELS = CompiledLibrary("the C++ product-key top-k kernel", lambda: _build())
+available = _KERNELS.available
+library = _KERNELS.library
 
 
 def _build() -> ctypes.CDLL:
@@ -659,7 +648,7 @@ def half_topk_merge(half_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     Needs :func:`library` to be available."""
     lib = library()
     if lib is None:
-        raise RuntimeError(f"memzoo: the C++ product-key top-k kernel is unavailable ({_state.get('error')})")
+        raise RuntimeError(f"memzoo: the C++ product-key top-k kernel is unavailable ({_KERNELS.state.get('error')})")
     _, heads, n_tokens, n_keys = half_scores.shape
     if half_scores.stride(-1) != 1:
         half_scores = half_scores.contiguous()
@@ -686,7 +675,7 @@ def backward(
     ``None`` when not needed. ``O(T·H·k·Dk)`` work. Needs :func:`library` to be available."""
     lib = library()
     if lib is None:
-        raise RuntimeError(f"memzoo: the C++ product-key top-k kernel is unavailable ({_state.get('error')})")
+        raise RuntimeError(f"memzoo: the C++ product-key top-k kernel is unavailable ({_KERNELS.state.get('error')})")
     grad_scores, indices = grad_scores.contiguous(), indices.contiguous()
     query, sub_keys = query.contiguous(), sub_keys.contiguous()
     n_tokens, heads, k = indices.shape

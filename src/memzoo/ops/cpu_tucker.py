@@ -22,11 +22,15 @@ warning when it cannot be built).
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from memzoo.ops.cpu_build import FLOAT_SUFFIX, compile_library, declare_float_kernels, float_kernel, load_once
+from memzoo.ops.cpu_build import (
+    FLOAT_SUFFIX,
+    CompiledLibrary,
+    compile_library,
+    declare_float_kernels,
+)
 
 __all__ = ["available", "library", "supports", "tucker_select"]
 
@@ -115,14 +119,9 @@ MEMZOO_TUCKER_KERNELS(float, f32)
 MEMZOO_TUCKER_KERNELS(double, f64)
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded CDLL or None after a failure; "error": why
-_WHAT = "the C++ Tucker top-k selection kernel"
-
-
-def available() -> bool:
-    """Whether the compiled kernel is in use (builds it on first call)."""
-    return library() is not None
+_KERNELS = CompiledLibrary("the C++ Tucker top-k selection kernel", lambda: _build())
+available = _KERNELS.available
+library = _KERNELS.library
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -131,12 +130,6 @@ def supports(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
     return (dtype in FLOAT_SUFFIX and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
                                           and t.dtype == dtype for t in tensors) and available())
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, built and loaded on first call; ``None`` (after one warning) if it cannot be
-    built, or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-    return load_once(_state, _lock, lambda: _build(), _WHAT)
 
 
 def _build() -> ctypes.CDLL:
@@ -161,7 +154,7 @@ def tucker_select(rows: torch.Tensor, cols: torch.Tensor, core_sum: torch.Tensor
     i = torch.empty(*lead, knn, dtype=torch.int64)
     j = torch.empty(*lead, knn, dtype=torch.int64)
     if queries:
-        float_kernel(library(), _state, _WHAT, "tucker_select", rows.dtype)(
+        _KERNELS.float_kernel("tucker_select", rows.dtype)(
             rows.data_ptr(), cols.data_ptr(), core_sum.data_ptr(), u.data_ptr(), v.data_ptr(), queries, n, r,
             candidates, knn, i.data_ptr(), j.data_ptr(), torch.get_num_threads(),
         )
