@@ -51,7 +51,7 @@ def _throughput(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     if world > 1:
         _env(rank, world, port)
-    memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64}
+    memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64, "gate": "silu"}  # the paper's layer
     torch.manual_seed(0)
     architecture = ModelConfig(dim=128, n_layers=4, n_heads=4, max_seq_len=128, layers={1: memory, 3: memory},
                                pools={"memory": {"n_keys": 128, "value_dim": 128, "update": "sparse"}})

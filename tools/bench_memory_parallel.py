@@ -43,7 +43,7 @@ def reset_peak() -> None:
 
 
 def model_config(args) -> dict:
-    memory = {"block": "memory_plus", "pool": "memory", "knn": args.knn, "k_dim": 64}
+    memory = {"block": "memory_plus", "pool": "memory", "knn": args.knn, "k_dim": 64, "gate": "silu"}  # the paper's
     return dict(
         vocab_size=258, dim=args.dim, n_layers=4, n_heads=4, max_seq_len=args.seq, block="dense",
         layers={1: memory, 3: memory},

@@ -124,9 +124,10 @@ PRETRAIN = {"optimizer": {"class_path": "torch.optim.AdamW",
 
 
 def architecture(n_keys: int = 128) -> dict:
-    """4 layers, width 128; layers 1 and 3 are Memory+ reading one pool of ``n_keys²`` (default 16,384) slots. The
-    pool has no learning rate of its own (``lr: null``): each method's swept rate applies to it too."""
-    memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64}
+    """4 layers, width 128; layers 1 and 3 are the paper's Memory+ (``gate: silu`` pinned: the study's results were
+    trained with it) reading one pool of ``n_keys²`` (default 16,384) slots. The pool has no learning rate of its own
+    (``lr: null``): each method's swept rate applies to it too."""
+    memory = {"block": "memory_plus", "pool": "memory", "knn": 16, "k_dim": 64, "gate": "silu"}
     return {"dim": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 256, "block_args": {"hidden": 256},
             "layers": {1: memory, 3: memory}, "pools": {"memory": {"n_keys": n_keys, "value_dim": 128, "lr": None}}}
 
