@@ -185,11 +185,11 @@ def model_configs(family: str = "w32") -> dict[str, dict[str, Any]]:
     All: width 32, 2 layers, 2 heads, context 64, tied word embeddings. ``dense``: SwiGLU FFN (hidden 128) in both
     layers. ``dense-2x``: width 48, SwiGLU hidden 224 (2.06x the FLOPs). ``moe``: 8 SwiGLU experts of hidden 64, top-2, in both layers.
     ``pkm``: layer 1's FFN replaced by a product-key memory of 64² = 4,096 private values. ``memoryplus``: both FFNs
-    replaced by the paper's Memory+ layers (qk-norm, ``gate: silu`` pinned) that share ONE pool of 4,096 values. ``peer``: both FFNs replaced
-    by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get sparse LazyAdam updates.
-    Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none``, the ``memory_plus`` preset's default (0.93x dense's
-    FLOPs). The lookup family (sizing in
-    :data:`SIZING`, written into each config's header): ``ultramem_v2``, ``engram``, ``stem``, ``mole``."""
+    replaced by the paper's Memory+ layers (qk-norm, ``gate: silu`` pinned) that share ONE pool of 4,096 values.
+    ``peer``: both FFNs replaced by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get
+    sparse LazyAdam updates. Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none``, the ``memory_plus``
+    preset's default (0.93x dense's FLOPs). The lookup family (sizing in :data:`SIZING`, written into each config's
+    header): ``ultramem_v2``, ``engram``, ``stem``, ``mole``."""
 
     f = FAMILIES[family]
 

@@ -45,6 +45,9 @@ from memzoo.blocks.stem import TokenEmbeddingFFN
 
 #: The names this module registers.
 PRESET_NAMES = ("pkm", "memory_plus", "stem", "mole")
+#: Preset defaults that changed after layers were trained with the old ones, and the setting that rebuilds those
+#: layers (quoted by the loaders when a checkpoint's recorded settings build a different block today).
+CHANGED_DEFAULTS = "memory_plus has no SiLU gate by default: a layer trained with it needs gate: silu"
 
 _MEMORY = ProductKeyMemory.block_name  # "product_key_memory" (importing the class registers it)
 

@@ -134,6 +134,8 @@ def check_same_architecture(path: str | Path, configured: Mapping[str, Any],
 
 
 def _check_same_tensors(path: str | Path, stored: Mapping[str, Any], built: Mapping[str, Any]) -> None:
+    from memzoo.blocks.presets import CHANGED_DEFAULTS
+
     extra = [key for key in stored if key not in built]
     missing = [key for key in built if key not in stored]
     shapes = [f"{key}: {tuple(stored[key].shape)} vs {tuple(built[key].shape)}" for key in stored
@@ -146,8 +148,8 @@ def _check_same_tensors(path: str | Path, stored: Mapping[str, Any], built: Mapp
         f"shapes differ {shapes[:6]}" if shapes else "") if part)
     raise CheckpointError(
         f"checkpoint {str(path)!r} was trained with the configured settings, but they build a different model now: "
-        f"{found}. A block's default has changed since (memory_plus has no SiLU gate by default: a layer trained "
-        f"with it needs gate: silu); pin the setting in the config's layer spec"
+        f"{found}. A block's default has changed since ({CHANGED_DEFAULTS}); pin the setting in the config's layer "
+        f"spec"
     )
 
 

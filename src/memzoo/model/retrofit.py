@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from memzoo.blocks.composition import Beside
+from memzoo.blocks.presets import CHANGED_DEFAULTS
 
 
 class InitFromError(ValueError):
@@ -57,9 +58,8 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
         raise InitFromError(
             f"{where}: layer {layer}'s FFN holds tensors {extra[:6]} that the block its recorded settings build "
             f"today lacks, and this run does not change that layer: those settings build a different block now, "
-            f"e.g. after a preset's default changed (memory_plus has no SiLU gate by default: a layer trained with "
-            f"it needs gate: silu). Give the layer's spec with the setting pinned (init_from: architecture: "
-            f"layers: {{{layer}: {{...}}}})"
+            f"e.g. after a preset's default changed ({CHANGED_DEFAULTS}). Give the layer's spec with the setting "
+            f"pinned (init_from: architecture: layers: {{{layer}: {{...}}}})"
         )
     unused = [k for k in unused if not _FFN.match(k)]
     if unused:

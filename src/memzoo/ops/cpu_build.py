@@ -67,31 +67,6 @@ ENV_SWITCH = "MEMZOO_CPU_KERNELS"
 VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"]}
 
 
-def load_once(state: dict[str, object], lock: threading.Lock, build: Callable[[], ctypes.CDLL],
-              what: str) -> ctypes.CDLL | None:
-    """The library ``build()`` returns, built at the first call and kept in ``state["lib"]``; ``None`` after one
-    ``RuntimeWarning`` naming ``what`` when the build fails (``state["error"]`` says why), or silently when
-    :data:`ENV_SWITCH` is ``0``. Thread-safe: ``lock`` guards the one build."""
-    if "lib" in state:
-        return state["lib"]  # type: ignore[return-value]
-    with lock:
-        if "lib" not in state:
-            if os.environ.get(ENV_SWITCH, "1") == "0":
-                state["lib"], state["error"] = None, f"{ENV_SWITCH}=0"
-            else:
-                try:
-                    state["lib"] = build()
-                except Exception as error:  # noqa: BLE001 - any build failure means: use the PyTorch path
-                    state["lib"], state["error"] = None, f"{type(error).__name__}: {error}"
-                    warnings.warn(
-                        f"memzoo: {what} could not be built ({str(state['error'])[:300]}); using the slower PyTorch "
-                        f"path. Install a C++ compiler (g++) or set {ENV_SWITCH}=0 to silence this.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-    return state["lib"]  # type: ignore[return-value]
-
-
 class CompiledLibrary:
     """One of memzoo's C++ kernel libraries: built by ``build()`` at first use, once per process (thread-safe), and
     kept. ``None`` after one ``RuntimeWarning`` naming ``what`` when it cannot be built, or silently with
@@ -105,16 +80,41 @@ class CompiledLibrary:
     def library(self) -> ctypes.CDLL | None:
         """The compiled library, built and loaded on first call; ``None`` (after one warning) if it cannot be built,
         or without a warning when ``MEMZOO_CPU_KERNELS=0``."""
-        return load_once(self.state, self._lock, self._build, self.what)
+        state = self.state
+        if "lib" in state:
+            return state["lib"]  # type: ignore[return-value]
+        with self._lock:
+            if "lib" not in state:
+                if os.environ.get(ENV_SWITCH, "1") == "0":
+                    state["lib"], state["error"] = None, f"{ENV_SWITCH}=0"
+                else:
+                    try:
+                        state["lib"] = self._build()
+                    except Exception as error:  # noqa: BLE001 - any build failure means: use the PyTorch path
+                        state["lib"], state["error"] = None, f"{type(error).__name__}: {error}"
+                        warnings.warn(
+                            f"memzoo: {self.what} could not be built ({str(state['error'])[:300]}); using the slower "
+                            f"PyTorch path. Install a C++ compiler (g++) or set {ENV_SWITCH}=0 to silence this.",
+                            RuntimeWarning,
+                            stacklevel=3,  # the caller of available() / library()
+                        )
+        return state["lib"]  # type: ignore[return-value]
 
     def available(self) -> bool:
         """Whether the compiled kernels are in use (builds them on first call)."""
         return self.library() is not None
 
+    def require(self) -> ctypes.CDLL:
+        """The compiled library; a ``RuntimeError`` naming it and why when it could not be built."""
+        lib = self.library()
+        if lib is None:
+            raise RuntimeError(f"memzoo: {self.what} could not be built ({self.state.get('error')})")
+        return lib
+
     def float_kernel(self, name: str, dtype: torch.dtype):
-        """``memzoo_<name>_<suffix of dtype>`` (:func:`float_kernel`); a ``RuntimeError`` naming the library and why
-        when it could not be built."""
-        return float_kernel(self.library(), self.state, self.what, name, dtype)
+        """``memzoo_<name>_<f32|f64>`` for ``dtype`` (float32 or float64); :meth:`require`'s error when the library
+        could not be built."""
+        return getattr(self.require(), f"memzoo_{name}_{FLOAT_SUFFIX[dtype]}")
 
 
 def compile_library(stem: str, file_name: str, source: str, flags: list[str]) -> ctypes.CDLL:
@@ -150,11 +150,3 @@ def declare_float_kernels(lib: ctypes.CDLL, signatures: dict[str, list]) -> ctyp
             fn = getattr(lib, f"memzoo_{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
-
-
-def float_kernel(lib: ctypes.CDLL | None, state: dict[str, object], what: str, name: str, dtype: torch.dtype):
-    """``memzoo_<name>_<suffix of dtype>`` of ``lib``; a ``RuntimeError`` naming ``what`` and why (``state["error"]``)
-    when the library could not be built."""
-    if lib is None:
-        raise RuntimeError(f"memzoo: {what} are unavailable ({state.get('error')})")
-    return getattr(lib, f"memzoo_{name}_{FLOAT_SUFFIX[dtype]}")

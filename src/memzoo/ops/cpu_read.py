@@ -291,9 +291,7 @@ def scatter_dot(
     n_positions, dim = n_bags * n_per_bag, src.shape[1]
     order = torch.empty(n_positions, dtype=torch.int64)
     run_start = torch.empty(n_positions + 1, dtype=torch.int64)
-    library_ = library()
-    if library_ is None:
-        raise RuntimeError(f"memzoo: the C++ sparse-read kernels are unavailable ({_KERNELS.state.get('error')})")
+    library_ = _KERNELS.require()
     n_runs = library_.memzoo_sort_by_row(indices.data_ptr(), n_positions, num_rows, order.data_ptr(),
                                          run_start.data_ptr())
     if dense:  # the kernel writes every row: its sums, or zeros where no index points

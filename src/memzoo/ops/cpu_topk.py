@@ -623,7 +623,6 @@ int memzoo_pk_backward_f64(const double* g, const int64_t* idx, const double* q,
 }
 """
 
-#: Compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the vector units torch itself uses here.
 _KERNELS = CompiledLibrary("the C++ product-key top-k kernel", lambda: _build())
 available = _KERNELS.available
 library = _KERNELS.library
@@ -646,9 +645,7 @@ def half_topk_merge(half_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     or float64 on CPU → ``scores (T, H, k)`` (same dtype, best first) and ``indices (T, H, k)`` int64 with
     ``index = i1 · n_keys + i2``: the exact top-k of ``half_scores[0, h, t, i1] + half_scores[1, h, t, i2]``.
     Needs :func:`library` to be available."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"memzoo: the C++ product-key top-k kernel is unavailable ({_KERNELS.state.get('error')})")
+    lib = _KERNELS.require()
     _, heads, n_tokens, n_keys = half_scores.shape
     if half_scores.stride(-1) != 1:
         half_scores = half_scores.contiguous()
@@ -673,9 +670,7 @@ def backward(
     ``grad_scores (T, H, k)``, ``indices (T, H, k)``, ``query (T, H, Dk)``, ``sub_keys (H, 2, n_keys, Dk/2)``, one
     dtype (float32 or float64) → ``grad_query (T, H, Dk)``, ``grad_sub_keys`` (dense, duplicates summed), each
     ``None`` when not needed. ``O(T·H·k·Dk)`` work. Needs :func:`library` to be available."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"memzoo: the C++ product-key top-k kernel is unavailable ({_KERNELS.state.get('error')})")
+    lib = _KERNELS.require()
     grad_scores, indices = grad_scores.contiguous(), indices.contiguous()
     query, sub_keys = query.contiguous(), sub_keys.contiguous()
     n_tokens, heads, k = indices.shape

@@ -25,12 +25,7 @@ import ctypes
 
 import torch
 
-from memzoo.ops.cpu_build import (
-    FLOAT_SUFFIX,
-    CompiledLibrary,
-    compile_library,
-    declare_float_kernels,
-)
+from memzoo.ops.cpu_build import FLOAT_SUFFIX, CompiledLibrary, compile_library, declare_float_kernels
 
 __all__ = ["available", "library", "supports", "tucker_select"]
 
