@@ -84,7 +84,10 @@ def test_memzoo_takes_the_configs_adamw_implementation_and_refuses_other_recipes
 
     plain = "{class_path: torch.optim.AdamW, init_args: {lr: 1.0e-3, betas: [0.9, 0.99], weight_decay: 0.1}}"
     assert bench.memzoo_adamw_options(config(plain)) == {}
-    assert bench.build_memzoo(config(plain), 65)[1].defaults["fused"] is None  # PyTorch's default: the loop
+    assert bench.build_memzoo(config(plain), 65)[1].defaults["fused"] is True  # unset: memzoo's fused default
+    loop = plain.replace("weight_decay: 0.1", "weight_decay: 0.1, fused: false")
+    assert bench.memzoo_adamw_options(config(loop)) == {"fused": False}
+    assert bench.build_memzoo(config(loop), 65)[1].defaults["fused"] is False  # asked for: PyTorch's loop
     with pytest.raises(SystemExit, match="optimizer lr 0.01 is not the recipe's 0.001"):
         bench.memzoo_adamw_options(config(plain.replace("1.0e-3", "1.0e-2")))
     with pytest.raises(SystemExit, match=r"settings \['eps'\] are not the recipe's"):
@@ -115,7 +118,7 @@ def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys, voca
         + (["--nanogpt-fused-adamw"] if fused else [])
     )
     assert result["vocab"] == {"nanogpt": 65, "memzoo": memzoo_vocab} and result["compiled"] is False
-    assert result["adamw_fused"] == {"nanogpt": fused, "memzoo": False}  # memzoo: a config without an optimizer
+    assert result["adamw_fused"] == {"nanogpt": fused, "memzoo": True}  # memzoo without an optimizer: fused
     assert result["params"]["memzoo"]["total"] - result["params"]["memzoo"]["non_embedding"] == memzoo_vocab * 16
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert len(result["ratios_memzoo_vs_nanogpt"]) == 2 and result["median_ratio_memzoo_vs_nanogpt"] > 0

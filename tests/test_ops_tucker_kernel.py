@@ -1,7 +1,8 @@
 """The C++ selection of tucker_topk (memzoo.ops.cpu_tucker) against the PyTorch selection it replaces and a plain
 brute force: the same cells, best first, for small and large candidate counts (both of the kernel's top-m routes),
-per-head and shared cores, float32 and float64, two threads, ties, NaN; gradients are unchanged (the scores are
-computed by the same PyTorch ops after either selection)."""
+per-head and shared cores, float32 and float64, two threads, ties, NaN; and the kept cells' per-core scores
+(``memzoo::tucker_cell_scores``) against plain loops, forward and gradients, repeated rows and columns, two threads,
+double backward, opcheck."""
 
 import itertools
 
@@ -10,7 +11,9 @@ import torch
 
 from cpu_kernel_switch import kernels_switched
 from memzoo.ops import cpu_tucker
-from memzoo.ops.tucker_topk import _kernel_takes, _torch_select, tucker_rank1, tucker_topk
+from memzoo.ops.tucker_topk import _cell_kernel_heads, _kernel_takes, _torch_select, tucker_rank1, tucker_topk
+from memzoo.ops.tucker_topk import _tucker_cell_scores as tucker_cell_op
+from memzoo.ops.tucker_topk import _tucker_cell_scores_grad as tucker_cell_grad_op
 
 
 def selection_inputs(lead, n, r, cores_lead, dtype, seed=0):
@@ -133,4 +136,95 @@ def test_the_kept_cells_per_core_scores_and_gradients_match_the_broadcast_produc
     got = torch.autograd.grad((scores * weights).sum(), leaves)
     ref = torch.autograd.grad((want * weights).sum(), leaves)
     for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------- the kept cells' scores
+def cell_inputs(queries, n, r, heads, cores_n, knn, dtype, seed=0):
+    """Rows, cols ``(Q, n, r)``, cores ``(H, M, r, r)`` and kept cells whose rows and columns repeat (a top-knn
+    shares rows and columns across cells; the first two cells of every query are the same cell)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(queries, n, r, generator=g, dtype=torch.float64)
+    cols = torch.randn(queries, n, r, generator=g, dtype=torch.float64)
+    cores = torch.rand(heads, cores_n, r, r, generator=g, dtype=torch.float64)
+    i = torch.randint(0, min(n, 3), (queries, knn), generator=g)
+    j = torch.randint(0, n, (queries, knn), generator=g)
+    i[:, 1], j[:, 1] = i[:, 0], j[:, 0]
+    return [t.to(dtype) for t in (rows, cols, cores)], i, j
+
+
+def plain_cell_scores(rows, cols, cores, i, j):
+    """Float64 loops: scores[q, t, c] = rows[q, i] · cores[q mod H, c] · cols[q, j]."""
+    queries, knn, heads = i.shape[0], i.shape[1], cores.shape[0]
+    out = torch.zeros(queries, knn, cores.shape[1], dtype=torch.float64)
+    for q in range(queries):
+        for t in range(knn):
+            for c in range(cores.shape[1]):
+                out[q, t, c] = rows[q, i[q, t]].double() @ cores[q % heads, c].double() @ cols[q, j[q, t]].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("queries, n, r, heads, cores_n, knn", [(6, 5, 2, 2, 2, 4), (4, 7, 3, 1, 3, 9),
+                                                               (3, 4, 1, 3, 1, 2)])
+def test_the_cell_score_kernel_and_its_gradients_match_plain_loops(queries, n, r, heads, cores_n, knn, dtype):
+    (rows, cols, cores), i, j = cell_inputs(queries, n, r, heads, cores_n, knn, dtype)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    leaves = [t.clone().requires_grad_(True) for t in (rows, cols, cores)]
+    got = tucker_cell_op(*leaves, i, j)
+    refs = [t.double().requires_grad_(True) for t in (rows, cols, cores)]
+    want = plain_cell_scores(*refs, i, j)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **tol)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((got * upstream.to(dtype)).sum(), leaves)
+    wants = torch.autograd.grad((want * upstream).sum(), refs)
+    for name, a, b in zip(("rows", "cols", "cores"), grads, wants):
+        torch.testing.assert_close(a.double(), b, msg=name, **tol)
+    assert torch.count_nonzero(grads[0][:, 3:]) == 0  # rows no kept cell reads get exactly zero
+
+
+def test_the_cell_score_gradients_are_the_same_bits_on_two_threads_and_double_backward_works():
+    (rows, cols, cores), i, j = cell_inputs(64, 6, 2, 2, 2, 5, torch.float64, seed=1)
+    grad = torch.randn(64, 5, 2, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_tucker.cell_scores_backward(grad, rows, cols, cores, i, j)
+        torch.set_num_threads(2)
+        two = cpu_tucker.cell_scores_backward(grad, rows, cols, cores, i, j)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
+    small = [t[:4].clone() for t in (rows, cols)] + [cores.clone()]
+    leaves = [t.requires_grad_(True) for t in small]
+    assert torch.autograd.gradgradcheck(lambda a, b, c: tucker_cell_op(a, b, c, i[:4], j[:4]), leaves)
+
+
+def test_the_cell_score_ops_pass_opcheck():
+    (rows, cols, cores), i, j = cell_inputs(4, 5, 2, 2, 2, 3, torch.float32)
+    torch.library.opcheck(tucker_cell_op, (rows, cols, cores, i, j), test_utils=("test_schema", "test_faketensor"))
+    grad = torch.randn(4, 3, 2)
+    torch.library.opcheck(tucker_cell_grad_op, (grad, rows, cols, cores, i, j),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_tucker_topk_scores_its_cells_in_the_kernel_where_it_takes_them():
+    rows, cols, cores = selection_inputs((3, 2), 6, 2, (2,), torch.float32)
+    assert _cell_kernel_heads(rows, cols, cores) == 2
+    assert _cell_kernel_heads(rows, cols, cores[0]) == 1
+    assert _cell_kernel_heads(rows, cols, cores[:1].expand(3, 2, 3, 2, 2)) is None  # per-query cores: PyTorch
+    assert _cell_kernel_heads(rows.double(), cols.double(), cores) is None  # mixed dtypes: PyTorch
+
+
+def test_the_cell_score_ops_compute_in_pytorch_where_the_kernel_does_not_take_the_inputs(monkeypatch):
+    (rows, cols, cores), i, j = cell_inputs(4, 5, 2, 2, 2, 3, torch.float64, seed=2)
+    grad = torch.randn(4, 3, 2, dtype=torch.float64)
+    with_kernel = tucker_cell_op(rows, cols, cores, i, j), tucker_cell_grad_op(grad, rows, cols, cores, i, j)
+    with kernels_switched(cpu_tucker, monkeypatch):
+        assert not cpu_tucker.supports(rows)
+        without = tucker_cell_op(rows, cols, cores, i, j), tucker_cell_grad_op(grad, rows, cols, cores, i, j)
+    torch.testing.assert_close(with_kernel[0], without[0])
+    for a, b in zip(with_kernel[1], without[1]):
         torch.testing.assert_close(a, b)

@@ -117,7 +117,8 @@ ADAMW_IMPLEMENTATION = ("fused", "foreach")
 
 def memzoo_adamw_options(config: Path) -> dict[str, Any]:
     """The implementation settings (:data:`ADAMW_IMPLEMENTATION`) of ``config``'s AdamW, checked against the recipe:
-    a config without an optimizer section gets PyTorch's defaults; another optimizer class, other recipe values or
+    a config without an optimizer section gets memzoo's defaults (the fused step,
+    :func:`memzoo.training.optim.prefer_fused`); another optimizer class, other recipe values or
     other settings are errors (the comparison would not be the recipe's)."""
     optimizer = yaml.safe_load(config.read_text())["model"]["init_args"].get("optimizer")
     if optimizer is None:

@@ -1,5 +1,5 @@
-"""The C++/OpenMP CPU kernel of :func:`memzoo.ops.tucker_topk`'s selection: which ``knn`` cells of a Tucker grid a
-query keeps, one pass per query.
+"""The C++/OpenMP CPU kernels of :func:`memzoo.ops.tucker_topk`: the selection (which ``knn`` cells of a Tucker grid
+a query keeps, one pass per query) and the kept cells' per-core scores with their backward.
 
 For query ``q``: ``rows, cols (n, r)``, the core sum ``S (r, r)`` and its top singular vectors ``u, v (r,)``:
 
@@ -14,6 +14,11 @@ buffer. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above ever
 lower index first. Sums are taken in index order, so a ranking that differs from PyTorch's only in the last bit can
 choose the other of two near-tied cells (either is a top-``knn`` cell under float rounding).
 
+The kept cells' scores (:func:`cell_scores`, :func:`cell_scores_backward`): ``rows[i] · C_c · cols[j]`` for each cell
+and core, and the gradients in rows, cols and cores, in one pass over the ``Q·knn`` cells each; in PyTorch ops they
+are a gather, a broadcast outer product with inner size ``r`` (2 in UltraMem) and a matmul, whose backward is as
+many passes again, each dominated by per-call overhead at these sizes.
+
 float32 and float64, contiguous CPU tensors. Built with ``torch.utils.cpp_extension.load`` on first use and called
 through ``ctypes``, as the other kernels of :mod:`memzoo.ops` (same cache, same ``MEMZOO_CPU_KERNELS=0`` switch, one
 warning when it cannot be built).
@@ -27,7 +32,7 @@ import torch
 
 from memzoo.ops.cpu_build import FLOAT_SUFFIX, CompiledLibrary, compile_library, declare_float_kernels
 
-__all__ = ["available", "library", "supports", "tucker_select"]
+__all__ = ["available", "cell_scores", "cell_scores_backward", "library", "supports", "tucker_select"]
 
 SOURCE = r"""
 #include <cstdint>
@@ -102,13 +107,89 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
     }
   }
 }
+
+// scores[q, t, c] = rows[q, I[q,t]] . cores[q % H, c] . cols[q, J[q,t]]: each kept cell's score under each core
+template <typename T>
+void cell_scores(const T* rows, const T* cols, const T* cores, const int64_t* I, const int64_t* J, int64_t Q,
+                 int64_t n, int64_t r, int64_t H, int64_t M, int64_t K, T* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && Q > 1)
+  for (int64_t q = 0; q < Q; ++q) {
+    const T* C = cores + (q % H) * M * r * r;
+    for (int64_t t = 0; t < K; ++t) {
+      const T* row = rows + (q * n + I[q * K + t]) * r;
+      const T* col = cols + (q * n + J[q * K + t]) * r;
+      for (int64_t c = 0; c < M; ++c) {
+        T s = T(0);
+        for (int64_t a = 0; a < r; ++a) {
+          T inner = T(0);
+          for (int64_t b = 0; b < r; ++b) inner += C[(c * r + a) * r + b] * col[b];
+          s += row[a] * inner;
+        }
+        out[(q * K + t) * M + c] = s;
+      }
+    }
+  }
+}
+
+// The adjoint of cell_scores for grad (Q, K, M): grad_rows, grad_cols (Q, n, r), zero where no kept cell reads,
+// and grad_cores (H, M, r, r), summed per thread in the static schedule's order and then over threads in order
+// (deterministic at a fixed thread count).
+template <typename T>
+void cell_scores_backward(const T* grad, const T* rows, const T* cols, const T* cores, const int64_t* I,
+                          const int64_t* J, int64_t Q, int64_t n, int64_t r, int64_t H, int64_t M, int64_t K,
+                          T* grad_rows, T* grad_cols, T* grad_cores, int threads) {
+  const int64_t core_size = H * M * r * r;
+  const int used = (threads > 1 && Q > 1) ? threads : 1;
+  std::vector<T> partial((size_t)used * core_size, T(0));
+#pragma omp parallel num_threads(used) if (used > 1)
+  {
+    T* mine = partial.data() + (size_t)omp_get_thread_num() * core_size;
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < Q; ++q) {
+      const T* C = cores + (q % H) * M * r * r;
+      T* GC = mine + (q % H) * M * r * r;
+      T* gr = grad_rows + q * n * r;
+      T* gc = grad_cols + q * n * r;
+      for (int64_t e = 0; e < n * r; ++e) { gr[e] = T(0); gc[e] = T(0); }
+      for (int64_t t = 0; t < K; ++t) {
+        const int64_t i = I[q * K + t], j = J[q * K + t];
+        const T* row = rows + (q * n + i) * r;
+        const T* col = cols + (q * n + j) * r;
+        for (int64_t c = 0; c < M; ++c) {
+          const T g = grad[(q * K + t) * M + c];
+          for (int64_t a = 0; a < r; ++a)
+            for (int64_t b = 0; b < r; ++b) {
+              const T w = C[(c * r + a) * r + b];
+              gr[i * r + a] += g * w * col[b];
+              gc[j * r + b] += g * w * row[a];
+              GC[(c * r + a) * r + b] += g * row[a] * col[b];
+            }
+        }
+      }
+    }
+  }
+  for (int64_t e = 0; e < core_size; ++e) {
+    T s = T(0);
+    for (int th = 0; th < used; ++th) s += partial[(size_t)th * core_size + e];
+    grad_cores[e] = s;
+  }
+}
 }  // namespace
 
 #define MEMZOO_TUCKER_KERNELS(T, S_)                                                                                \
   extern "C" int memzoo_tucker_select_##S_(const T* rows, const T* cols, const T* S, const T* u, const T* v,       \
                                            int64_t Q, int64_t n, int64_t r, int64_t m, int64_t knn, int64_t* oi,  \
                                            int64_t* oj, int th) {                                                  \
-    select<T>(rows, cols, S, u, v, Q, n, r, m, knn, oi, oj, th); return 0; }
+    select<T>(rows, cols, S, u, v, Q, n, r, m, knn, oi, oj, th); return 0; }                                \
+  extern "C" int memzoo_tucker_cell_scores_##S_(const T* rows, const T* cols, const T* C, const int64_t* I,       \
+                                                const int64_t* J, int64_t Q, int64_t n, int64_t r, int64_t H,    \
+                                                int64_t M, int64_t K, T* out, int th) {                          \
+    cell_scores<T>(rows, cols, C, I, J, Q, n, r, H, M, K, out, th); return 0; }                                 \
+  extern "C" int memzoo_tucker_cell_scores_backward_##S_(const T* g, const T* rows, const T* cols, const T* C,    \
+                                                         const int64_t* I, const int64_t* J, int64_t Q, int64_t n,\
+                                                         int64_t r, int64_t H, int64_t M, int64_t K, T* gr,       \
+                                                         T* gc, T* gC, int th) {                                  \
+    cell_scores_backward<T>(g, rows, cols, C, I, J, Q, n, r, H, M, K, gr, gc, gC, th); return 0; }
 
 MEMZOO_TUCKER_KERNELS(float, f32)
 MEMZOO_TUCKER_KERNELS(double, f64)
@@ -130,8 +211,12 @@ def supports(*tensors: torch.Tensor) -> bool:
 def _build() -> ctypes.CDLL:
     lib = compile_library("memzoo_tucker", "tucker.cpp", SOURCE, [])
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    return declare_float_kernels(lib, {"tucker_select": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr,
-                                                         cint]})
+    return declare_float_kernels(lib, {
+        "tucker_select": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, cint],
+        "tucker_cell_scores": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, cint],
+        "tucker_cell_scores_backward": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr,
+                                        cint],
+    })
 
 
 def tucker_select(rows: torch.Tensor, cols: torch.Tensor, core_sum: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -154,3 +239,39 @@ def tucker_select(rows: torch.Tensor, cols: torch.Tensor, core_sum: torch.Tensor
             candidates, knn, i.data_ptr(), j.data_ptr(), torch.get_num_threads(),
         )
     return i, j
+
+
+def cell_scores(rows: torch.Tensor, cols: torch.Tensor, cores: torch.Tensor, i: torch.Tensor,
+                j: torch.Tensor) -> torch.Tensor:
+    """``scores (Q, K, M)``: ``scores[q, t, c] = rows[q, i[q, t]] · cores[q mod H, c] · cols[q, j[q, t]]``.
+
+    ``rows, cols (Q, n, r)``, ``cores (H, M, r, r)`` (query ``q`` uses head ``q mod H``: queries laid out
+    ``(..., H)``), ``i, j (Q, K)`` int64 in ``[0, n)``; contiguous, one float dtype. ``O(Q·K·M·r²)``."""
+    n_queries, n, r = rows.shape
+    heads, n_cores = cores.shape[:2]
+    knn = i.shape[1]
+    out = rows.new_empty(n_queries, knn, n_cores)
+    if out.numel():
+        _KERNELS.float_kernel("tucker_cell_scores", rows.dtype)(
+            rows.data_ptr(), cols.data_ptr(), cores.data_ptr(), i.data_ptr(), j.data_ptr(), n_queries, n, r, heads,
+            n_cores, knn, out.data_ptr(), torch.get_num_threads(),
+        )
+    return out
+
+
+def cell_scores_backward(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cores: torch.Tensor,
+                         i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`cell_scores` for ``grad (Q, K, M)``: ``grad_rows, grad_cols (Q, n, r)`` (zero in rows
+    no kept cell reads) and ``grad_cores (H, M, r, r)``; one pass over the ``Q·K`` cells, no ``(Q, K, r)`` buffer.
+    ``grad_cores`` sums each thread's queries, then the threads in order: the same bits at a fixed thread count."""
+    n_queries, n, r = rows.shape
+    heads, n_cores = cores.shape[:2]
+    grad_rows, grad_cols = torch.empty_like(rows), torch.empty_like(cols)
+    grad_cores = torch.zeros_like(cores)
+    if n_queries:
+        _KERNELS.float_kernel("tucker_cell_scores_backward", rows.dtype)(
+            grad.data_ptr(), rows.data_ptr(), cols.data_ptr(), cores.data_ptr(), i.data_ptr(), j.data_ptr(),
+            n_queries, n, r, heads, n_cores, i.shape[1], grad_rows.data_ptr(), grad_cols.data_ptr(),
+            grad_cores.data_ptr(), torch.get_num_threads(),
+        )
+    return grad_rows, grad_cols, grad_cores

@@ -11,7 +11,8 @@ The exact top-k would score all ``n²`` cells. :func:`tucker_topk` instead takes
 ``m`` best columns by ``cols @ v``, and ranks the ``m × m`` candidate cells exactly by ``row_i · (Σ_c C_c) · col_j``
 (one product, not one per core, and without gradient: on the CPU one C++ pass per query,
 :mod:`memzoo.ops.cpu_tucker`); only the ``knn`` kept cells are then scored per core,
-with gradients, so the backward touches ``knn`` cells, not ``m²``. When
+with gradients, so the backward touches ``knn`` cells, not ``m²`` (on the CPU the registered op
+``memzoo::tucker_cell_scores``, one C++ pass each way; PyTorch ops elsewhere and under ``torch.compile``). When
 ``Σ_c C_c`` has rank 1, or ``m = n``, the result is the exact top-k.
 
 Cost per query (multiply-adds): ``2·n·r`` (the two rank-1 projections) + ``m·r² + m²·r`` (ranking the candidate
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from memzoo.ops.cpu_tucker import cell_scores as cpu_tucker_cell_scores
+from memzoo.ops.cpu_tucker import cell_scores_backward as cpu_tucker_cell_scores_backward
 from memzoo.ops.cpu_tucker import supports as cpu_tucker_supports
 from memzoo.ops.cpu_tucker import tucker_select
 
@@ -74,18 +77,117 @@ def tucker_topk(rows: Tensor, cols: Tensor, cores: Tensor, knn: int, candidates:
                                  candidates)
         else:
             i, j = _torch_select(rows, cols, core_sum, u, v, knn, candidates)
-    # each kept cell's score under every core, differentiable in rows, cols and cores: the cell's outer product
-    # (r·r) against the flattened cores, one matmul with r² inner terms, (..., knn, r²) @ (..., r², M)
+    # each kept cell's score under every core, differentiable in rows, cols and cores
+    heads = _cell_kernel_heads(rows, cols, cores)
+    if heads is None:
+        scores = _torch_cell_scores(rows, cols, cores, i, j)
+    else:  # queries laid out (Q, n, r), query q on head q mod H
+        flat = _tucker_cell_scores(rows.reshape(-1, n, r), cols.reshape(-1, n, r),
+                                   cores.reshape(heads, *cores.shape[-3:]), i.reshape(-1, knn), j.reshape(-1, knn))
+        scores = flat.view(*i.shape, cores.shape[-3])
+    return scores, i * n + j
+
+
+def _torch_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """The kept cells' per-core scores ``(..., knn, M)`` in PyTorch ops (any device and broadcast layout): each cell's
+    outer product (r·r) against the flattened cores, one matmul with r² inner terms, ``(..., knn, r²) @ (r², M)``."""
+    r = rows.shape[-1]
     row_k = rows.gather(-2, i.unsqueeze(-1).expand(*i.shape, r))  # (..., knn, r)
     col_k = cols.gather(-2, j.unsqueeze(-1).expand(*j.shape, r))
     outer = (row_k.unsqueeze(-1) * col_k.unsqueeze(-2)).flatten(-2)  # (..., knn, r²)
     flat_cores = cores.flatten(-2)  # (..., M, r²)
     if cores.dim() == 4 and rows.dim() >= 3 and cores.shape[0] == rows.shape[-3]:  # per-head cores (H, M, r, r):
-        scores = torch.einsum("...hkx,hmx->...hkm", outer, flat_cores)  # one product per head, not per query
-    else:  # shared cores (M, r, r) fold into one matrix product; other layouts broadcast
-        scores = outer @ flat_cores.transpose(-1, -2)  # (..., knn, M)
-    indices = i * n + j
-    return scores, indices
+        return torch.einsum("...hkx,hmx->...hkm", outer, flat_cores)  # one product per head, not per query
+    return outer @ flat_cores.transpose(-1, -2)  # shared cores (M, r, r): one matrix product; others broadcast
+
+
+def _cell_kernel_heads(rows: Tensor, cols: Tensor, cores: Tensor) -> int | None:
+    """The number of core sets ``H`` when the C++ cell-score kernel takes these inputs (CPU float32/float64 outside
+    ``torch.compile``, one dtype, and cores shared ``(M, r, r)``, ``H = 1``, or per head ``(H, M, r, r)`` against
+    rows ``(..., H, n, r)``); else ``None``."""
+    if torch.compiler.is_compiling() or rows.shape != cols.shape or not cpu_tucker_supports(rows, cols, cores):
+        return None
+    if cores.dim() == 3:
+        return 1
+    if cores.dim() == 4 and rows.dim() >= 3 and cores.shape[0] == rows.shape[-3]:
+        return cores.shape[0]
+    return None
+
+
+def _flat_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """``memzoo::tucker_cell_scores`` in PyTorch ops (its layout: ``(Q, n, r)``, cores ``(H, M, r, r)``)."""
+    n_queries, _, r = rows.shape
+    heads, knn = cores.shape[0], i.shape[1]
+    row_k = rows.gather(1, i.unsqueeze(-1).expand(*i.shape, r)).view(n_queries // heads, heads, knn, r)
+    col_k = cols.gather(1, j.unsqueeze(-1).expand(*j.shape, r)).view(n_queries // heads, heads, knn, r)
+    return torch.einsum("phka,hmab,phkb->phkm", row_k, cores, col_k).reshape(n_queries, knn, cores.shape[1])
+
+
+def _flat_cell_scores_grad(grad: Tensor, rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor,
+                           j: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``memzoo::tucker_cell_scores_grad`` in differentiable PyTorch ops (the backward under ``create_graph``)."""
+    n_queries, _, r = rows.shape
+    heads, knn, n_cores = cores.shape[0], i.shape[1], cores.shape[1]
+    i_r, j_r = i.unsqueeze(-1).expand(*i.shape, r), j.unsqueeze(-1).expand(*j.shape, r)
+    row_k = rows.gather(1, i_r).view(n_queries // heads, heads, knn, r)
+    col_k = cols.gather(1, j_r).view(n_queries // heads, heads, knn, r)
+    g = grad.reshape(n_queries // heads, heads, knn, n_cores)
+    grad_row_k = torch.einsum("phkm,hmab,phkb->phka", g, cores, col_k).reshape(n_queries, knn, r)
+    grad_col_k = torch.einsum("phkm,hmab,phka->phkb", g, cores, row_k).reshape(n_queries, knn, r)
+    grad_cores = torch.einsum("phkm,phka,phkb->hmab", g, row_k, col_k)
+    return (torch.zeros_like(rows).scatter_add(1, i_r, grad_row_k),
+            torch.zeros_like(cols).scatter_add(1, j_r, grad_col_k), grad_cores)
+
+
+@torch.library.custom_op("memzoo::tucker_cell_scores", mutates_args=())
+def _tucker_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """``rows, cols (Q, n, r)``, ``cores (H, M, r, r)``, ``i, j (Q, K)`` → ``(Q, K, M)`` (query ``q`` on head
+    ``q mod H``): one C++ pass over the kept cells (:func:`memzoo.ops.cpu_tucker.cell_scores`) where the kernel takes
+    the inputs, else PyTorch ops."""
+    if not cpu_tucker_supports(rows, cols, cores):
+        return _flat_cell_scores(rows, cols, cores, i, j)
+    return cpu_tucker_cell_scores(rows.contiguous(), cols.contiguous(), cores.contiguous(), i.contiguous(),
+                                  j.contiguous())
+
+
+@_tucker_cell_scores.register_fake
+def _(rows, cols, cores, i, j):
+    return rows.new_empty(*i.shape, cores.shape[1])
+
+
+@torch.library.custom_op("memzoo::tucker_cell_scores_grad", mutates_args=())
+def _tucker_cell_scores_grad(grad: Tensor, rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor,
+                             j: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The first-order backward of ``memzoo::tucker_cell_scores``: ``grad_rows, grad_cols, grad_cores`` (C++ where
+    the kernel takes the inputs, else PyTorch ops)."""
+    if not cpu_tucker_supports(grad, rows, cols, cores):
+        return _flat_cell_scores_grad(grad, rows, cols, cores, i, j)
+    return cpu_tucker_cell_scores_backward(grad.contiguous(), rows.contiguous(), cols.contiguous(),
+                                           cores.contiguous(), i.contiguous(), j.contiguous())
+
+
+@_tucker_cell_scores_grad.register_fake
+def _(grad, rows, cols, cores, i, j):
+    return torch.empty_like(rows), torch.empty_like(cols), torch.empty_like(cores)
+
+
+def _save_cell_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _tucker_cell_scores_backward(ctx, grad):
+    """One C++ pass; under ``create_graph`` the same gradients from differentiable PyTorch ops (double backward)."""
+    rows, cols, cores, i, j = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grad_rows, grad_cols, grad_cores = _flat_cell_scores_grad(grad, rows, cols, cores, i, j)
+    else:
+        grad_rows, grad_cols, grad_cores = _tucker_cell_scores_grad(grad, rows, cols, cores, i, j)
+    needs = ctx.needs_input_grad
+    return (grad_rows if needs[0] else None, grad_cols if needs[1] else None, grad_cores if needs[2] else None,
+            None, None)
+
+
+_tucker_cell_scores.register_autograd(_tucker_cell_scores_backward, setup_context=_save_cell_inputs)
 
 
 def _kernel_takes(rows: Tensor, cols: Tensor, core_sum: Tensor) -> bool:
