@@ -39,6 +39,10 @@ FLOP_FORMULAS = {
     # the half scores: every (T, H) query half against its n_keys sub-keys of width Dk/2, both halves
     torch.ops.memzoo.product_key_topk: lambda query, sub_keys, k, *args, **kw: 2 * query[0] * query[1] * query[2]
     * sub_keys[2],
+    # UltraMem's kept cells: each of the Q·K cells' r² outer-product terms against every core (what the PyTorch
+    # path's matmul (Q, K, r²) @ (r², M) counts)
+    torch.ops.memzoo.tucker_cell_scores: lambda rows, cols, cores, i, j, *args, **kw: 2 * i[0] * i[1] * cores[1]
+    * cores[2] * cores[3],
 }
 #: Declared FLOPs may exceed the measured count by what FlopCounterMode does not see: the sums of product-key
 #: candidate pairs (``heads · candidate_pairs(knn)``, counted by the blocks) and Beside's residual sum; nothing else.
