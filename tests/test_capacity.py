@@ -342,3 +342,21 @@ def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeyp
 def test_every_model_has_its_own_plot_colour():
     colours = [capacity.model_color(m) for m in capacity.ALL_MODELS]
     assert len(set(colours)) == len(colours)
+
+
+def test_targets_read_every_load_below_90_percent_up_to_the_first_where_dense_has_flattened():
+    memory = 131072
+    climbing = fraction_cell("dense", 500, 0.8, 56000, earlier=[0.7])  # below 90% but its last quarter added 12.5%
+    flat = fraction_cell("dense", 1000, 0.25, 56000, earlier=[0.245])
+    later = fraction_cell("dense", 3000, 0.1, 56000, earlier=[0.099])
+    designs = [fraction_cell("memoryplus", load, fraction, 185000, memory)
+               for load, fraction in ((500, 0.95), (1000, 0.75), (3000, 0.3))]
+    checked = capacity.targets([climbing, flat, later, *designs])
+    loads = [t["target"].split(":")[0] for t in checked]
+    assert loads == ["people-500"] * 3 + ["people-1000"] * 3  # people-3000 lies past the capacity load
+    assert not any(t["met"] for t in checked[:3]) and all("still climbing" in t["detail"] for t in checked[:3])
+    best, _, gated = checked[3:]
+    assert best["met"] and gated["met"] and "still climbing" not in best["detail"]  # 0.75 >= 2 x 0.25
+    assert capacity.flattened(flat) and not capacity.flattened(climbing)
+    # a flat first load ends the list there
+    assert [t["target"].split(":")[0] for t in capacity.targets([flat, later, *designs])] == ["people-1000"] * 3
