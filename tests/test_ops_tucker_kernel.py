@@ -228,3 +228,13 @@ def test_the_cell_score_ops_compute_in_pytorch_where_the_kernel_does_not_take_th
     torch.testing.assert_close(with_kernel[0], without[0])
     for a, b in zip(with_kernel[1], without[1]):
         torch.testing.assert_close(a, b)
+
+
+def test_the_cell_score_ops_refuse_cells_the_kernel_would_read_out_of_bounds():
+    (rows, cols, cores), i, j = cell_inputs(4, 5, 2, 2, 2, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"cell index in j is out of range; valid: \[0, 4\]"):
+        tucker_cell_op(rows, cols, cores, i, torch.full_like(j, 5))
+    with pytest.raises(ValueError, match=r"cell index in i is out of range"):
+        tucker_cell_grad_op(torch.zeros(4, 3, 2), rows, cols, cores, i - 1 - i.max(), j)
+    with pytest.raises(ValueError, match="multiple of the 3 core sets"):
+        tucker_cell_op(rows, cols, torch.rand(3, 2, 2, 2), i, j)

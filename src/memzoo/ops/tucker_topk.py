@@ -139,6 +139,18 @@ def _flat_cell_scores_grad(grad: Tensor, rows: Tensor, cols: Tensor, cores: Tens
             torch.zeros_like(cols).scatter_add(1, j_r, grad_col_k), grad_cores)
 
 
+def _check_cells(op: str, rows: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> None:
+    """What the C++ kernels read without checking: cells ``i, j (Q, K)`` in ``[0, n)`` and ``Q`` a multiple of the
+    ``H`` core sets (queries laid out ``(..., H)``)."""
+    n_queries, n, _ = rows.shape
+    if i.shape != j.shape or i.dim() != 2 or i.shape[0] != n_queries or n_queries % cores.shape[0]:
+        raise ValueError(f"{op}: cells i {tuple(i.shape)}, j {tuple(j.shape)} must both be (Q={n_queries}, K), and Q a "
+                         f"multiple of the {cores.shape[0]} core sets")
+    for name, cells in (("i", i), ("j", j)):
+        if cells.numel() and not (0 <= int(cells.min()) and int(cells.max()) < n):
+            raise ValueError(f"{op}: a cell index in {name} is out of range; valid: [0, {n - 1}]")
+
+
 @torch.library.custom_op("memzoo::tucker_cell_scores", mutates_args=())
 def _tucker_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> Tensor:
     """``rows, cols (Q, n, r)``, ``cores (H, M, r, r)``, ``i, j (Q, K)`` → ``(Q, K, M)`` (query ``q`` on head
@@ -146,6 +158,7 @@ def _tucker_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j:
     the inputs, else PyTorch ops."""
     if not cpu_tucker_supports(rows, cols, cores):
         return _flat_cell_scores(rows, cols, cores, i, j)
+    _check_cells("memzoo::tucker_cell_scores", rows, cores, i, j)
     return cpu_tucker_cell_scores(rows.contiguous(), cols.contiguous(), cores.contiguous(), i.contiguous(),
                                   j.contiguous())
 
@@ -162,6 +175,7 @@ def _tucker_cell_scores_grad(grad: Tensor, rows: Tensor, cols: Tensor, cores: Te
     the kernel takes the inputs, else PyTorch ops)."""
     if not cpu_tucker_supports(grad, rows, cols, cores):
         return _flat_cell_scores_grad(grad, rows, cols, cores, i, j)
+    _check_cells("memzoo::tucker_cell_scores_grad", rows, cores, i, j)
     return cpu_tucker_cell_scores_backward(grad.contiguous(), rows.contiguous(), cols.contiguous(),
                                            cores.contiguous(), i.contiguous(), j.contiguous())
 
