@@ -267,11 +267,10 @@ def cell_scores_backward(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     n_queries, n, r = rows.shape
     heads, n_cores = cores.shape[:2]
     grad_rows, grad_cols = torch.empty_like(rows), torch.empty_like(cols)
-    grad_cores = torch.zeros_like(cores)
-    if n_queries:
-        _KERNELS.float_kernel("tucker_cell_scores_backward", rows.dtype)(
-            grad.data_ptr(), rows.data_ptr(), cols.data_ptr(), cores.data_ptr(), i.data_ptr(), j.data_ptr(),
-            n_queries, n, r, heads, n_cores, i.shape[1], grad_rows.data_ptr(), grad_cols.data_ptr(),
-            grad_cores.data_ptr(), torch.get_num_threads(),
-        )
+    grad_cores = torch.empty_like(cores)  # the kernel writes every element (zeros without queries)
+    _KERNELS.float_kernel("tucker_cell_scores_backward", rows.dtype)(
+        grad.data_ptr(), rows.data_ptr(), cols.data_ptr(), cores.data_ptr(), i.data_ptr(), j.data_ptr(),
+        n_queries, n, r, heads, n_cores, i.shape[1], grad_rows.data_ptr(), grad_cols.data_ptr(),
+        grad_cores.data_ptr(), torch.get_num_threads(),
+    )
     return grad_rows, grad_cols, grad_cores

@@ -96,9 +96,14 @@ def _torch_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j: 
     col_k = cols.gather(-2, j.unsqueeze(-1).expand(*j.shape, r))
     outer = (row_k.unsqueeze(-1) * col_k.unsqueeze(-2)).flatten(-2)  # (..., knn, r²)
     flat_cores = cores.flatten(-2)  # (..., M, r²)
-    if cores.dim() == 4 and rows.dim() >= 3 and cores.shape[0] == rows.shape[-3]:  # per-head cores (H, M, r, r):
-        return torch.einsum("...hkx,hmx->...hkm", outer, flat_cores)  # one product per head, not per query
+    if _per_head(rows, cores):  # per-head cores (H, M, r, r): one product per head, not per query
+        return torch.einsum("...hkx,hmx->...hkm", outer, flat_cores)
     return outer @ flat_cores.transpose(-1, -2)  # shared cores (M, r, r): one matrix product; others broadcast
+
+
+def _per_head(rows: Tensor, cores: Tensor) -> bool:
+    """Whether ``cores (H, M, r, r)`` hold one set per head of ``rows (..., H, n, r)``."""
+    return cores.dim() == 4 and rows.dim() >= 3 and cores.shape[0] == rows.shape[-3]
 
 
 def _cell_kernel_heads(rows: Tensor, cols: Tensor, cores: Tensor) -> int | None:
@@ -109,18 +114,20 @@ def _cell_kernel_heads(rows: Tensor, cols: Tensor, cores: Tensor) -> int | None:
         return None
     if cores.dim() == 3:
         return 1
-    if cores.dim() == 4 and rows.dim() >= 3 and cores.shape[0] == rows.shape[-3]:
-        return cores.shape[0]
-    return None
+    return cores.shape[0] if _per_head(rows, cores) else None
 
 
 def _flat_cell_scores(rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """``memzoo::tucker_cell_scores`` in PyTorch ops (its layout: ``(Q, n, r)``, cores ``(H, M, r, r)``)."""
-    n_queries, _, r = rows.shape
+    """``memzoo::tucker_cell_scores`` in PyTorch ops: its layout (``(Q, n, r)``, cores ``(H, M, r, r)``) as the
+    per-head layout of :func:`_torch_cell_scores` (``(Q/H, H, n, r)``)."""
+    n_queries, n, r = rows.shape
     heads, knn = cores.shape[0], i.shape[1]
-    row_k = rows.gather(1, i.unsqueeze(-1).expand(*i.shape, r)).view(n_queries // heads, heads, knn, r)
-    col_k = cols.gather(1, j.unsqueeze(-1).expand(*j.shape, r)).view(n_queries // heads, heads, knn, r)
-    return torch.einsum("phka,hmab,phkb->phkm", row_k, cores, col_k).reshape(n_queries, knn, cores.shape[1])
+
+    def per_head(t: Tensor) -> Tensor:
+        return t.view(n_queries // heads, heads, *t.shape[1:])
+
+    scores = _torch_cell_scores(per_head(rows), per_head(cols), cores, per_head(i), per_head(j))
+    return scores.reshape(n_queries, knn, cores.shape[1])
 
 
 def _flat_cell_scores_grad(grad: Tensor, rows: Tensor, cols: Tensor, cores: Tensor, i: Tensor,
@@ -147,7 +154,7 @@ def _check_cells(op: str, rows: Tensor, cores: Tensor, i: Tensor, j: Tensor) -> 
         raise ValueError(f"{op}: cells i {tuple(i.shape)}, j {tuple(j.shape)} must both be (Q={n_queries}, K), and Q a "
                          f"multiple of the {cores.shape[0]} core sets")
     for name, cells in (("i", i), ("j", j)):
-        if cells.numel() and not (0 <= int(cells.min()) and int(cells.max()) < n):
+        if cells.numel() and not (0 <= int((bounds := torch.aminmax(cells)).min) and int(bounds.max) < n):
             raise ValueError(f"{op}: a cell index in {name} is out of range; valid: [0, {n - 1}]")
 
 
