@@ -96,6 +96,20 @@ def test_last_ckpt_holds_the_final_step_and_resumes_exactly(tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+def test_resume_in_float64_continues_the_saved_weights_bitwise(tmp_path):
+    """``precision: 64-true``: the checkpoint's float64 weights are restored into float64 parameters (not rounded
+    through float32), so 2 + 2 steps end on the weights of 4 uninterrupted steps."""
+    args = ["--trainer.precision", "64-true", "--model.init_args.lr_decay_steps", "4"]
+    first = main(["fit", "--config", str(write_config(tmp_path, steps=2, val_every=2)), *args])
+    full = main(["fit", "--config", str(write_config(tmp_path, steps=4, val_every=2)), *args])
+    resumed = main(["fit", "--config", str(write_config(tmp_path, steps=4, val_every=2)), *args,
+                    "--ckpt_path", str(last_ckpt(first))])
+    expected, got = full.model.model.state_dict(), resumed.model.model.state_dict()
+    assert all(value.dtype == torch.float64 for value in got.values())
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
 #: Variables a distributed launcher sets in its own process; a ``memzoo fit`` started with them would wait for ranks.
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
                     "LOCAL_WORLD_SIZE", "PL_TRAINER_NUM_NODES")

@@ -19,6 +19,7 @@ import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning as L
+from lightning.pytorch.plugins.precision import DoublePrecision
 import torch
 import torchmetrics
 from torch.optim import Optimizer
@@ -159,7 +160,13 @@ class LanguageModel(L.LightningModule):
         """Applies :func:`memzoo.parallel.parallelize` to the Transformer: activation checkpointing, then compile
         (each decoder layer in place: parameter names, checkpoints and exports are the same as without it), then
         sharding over the strategy's device mesh (``self.device_mesh``: set by
-        :class:`~memzoo.parallel.MemoryParallelStrategy`, ``None`` otherwise). Once per model."""
+        :class:`~memzoo.parallel.MemoryParallelStrategy`, ``None`` otherwise). Once per model.
+
+        Under ``precision: 64-true`` the model becomes float64 here: Lightning restores a checkpoint's weights
+        after this hook and converts the module to float64 only after that, so a float32 module would round the
+        restored float64 weights to float32 and a resumed run would not continue the saved one exactly."""
+        if self._trainer is not None and isinstance(self.trainer.precision_plugin, DoublePrecision):
+            self.double()
         mesh = self.device_mesh if self._trainer is not None else None
         parallelize(self.model, mesh, compile=self.hparams.compile,
                     activation_checkpointing=self.hparams.activation_checkpointing)
