@@ -14,7 +14,7 @@ from cpu_kernel_switch import kernels_switched
 from memzoo.model.attention import CausalSelfAttention
 from memzoo.model.rope import RotaryEmbedding
 from memzoo.nn.activations import swiglu
-from memzoo.nn.norms import rms_norm
+from memzoo.nn.norms import HeadNorm, rms_norm, rms_normalize
 from memzoo.ops import cpu_dense
 
 
@@ -251,3 +251,47 @@ def test_empty_inputs_keep_their_shapes():
     assert rms_norm(torch.randn(3, 0), torch.ones(0), 1e-6).shape == (3, 0)
     assert rms_norm(torch.randn(0, 5), torch.ones(5), 1e-6).shape == (0, 5)
     assert swiglu(torch.randn(0, 4), torch.randn(0, 4)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rms_normalize_with_a_scale_matches_float64_forward_and_gradient(dtype):
+    """``rms_normalize(x, scale=s)`` (the router's qk-norm: rms_norm with a constant gain) against float64."""
+    x = torch.randn(3, 5, 2, 24, dtype=torch.float64)
+    x[0, 0, 0] = 0.0  # a zero vector: eps keeps it finite
+    grad = torch.randn_like(x)
+    xd = x.to(dtype).requires_grad_()
+    y = rms_normalize(xd, scale=24**-0.5)
+    assert y.dtype == dtype
+    y.backward(grad.to(dtype))
+    x64 = xd.detach().double().requires_grad_()
+    want = reference_rms_norm(x64, torch.full((24,), 24**-0.5, dtype=torch.float64), 1e-6)
+    want.backward(grad.to(dtype).double())
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(xd.grad.double(), x64.grad, rtol=tol, atol=tol)
+    small = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: rms_normalize(t, scale=0.5), (small,))
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_norm_matches_float64_forward_and_all_gradients(kind, dtype):
+    """HeadNorm (fused norm, then the per-head gain and bias) against a float64 formula."""
+    norm = HeadNorm(3, 16, kind).to(dtype)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = (torch.randn(4, 7, 3, 16, dtype=dtype) + 0.5).requires_grad_()
+    grad = torch.randn(4, 7, 3, 16, dtype=dtype)
+    got = torch.autograd.grad(norm(x), [x, *norm.parameters()], grad)
+    x64 = x.detach().double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in norm.parameters()]
+    centred = x64 - x64.mean(-1, keepdim=True) if kind == "layernorm" else x64
+    want_y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps) * params[0]
+    if kind == "layernorm":
+        want_y = want_y + params[1]
+    want = torch.autograd.grad(want_y, [x64, *params], grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(norm(x).double(), want_y, rtol=tol, atol=tol)
+    for name, g, w in zip(["x", "weight", "bias"], got, want):
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -20,10 +20,14 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / rms(x)`` over the last dim (no gain): every vector gets norm ``sqrt(D)``."""
-    x32 = at_least_float32(x)
-    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """``scale · x / rms(x)`` over the last dim (no learned gain): every vector gets norm ``scale · sqrt(D)``.
+
+    :func:`rms_norm` with a constant gain ``scale`` in the compute dtype: one fused C++ pass each way where
+    :func:`rms_norm` has one (contiguous float32/float64 CPU tensors), differentiable in ``x`` (twice, too).
+    """
+    gain = torch.full(x.shape[-1:], scale, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    return rms_norm(x.contiguous(), gain, eps)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -128,13 +132,17 @@ class HeadNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, head_dim)) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm without gain in one fused pass each way (``F.layer_norm``, or :func:`rms_normalize`), then the
+        per-head gain and bias in one op; in at least float32, returned in ``x.dtype``."""
         x32 = at_least_float32(x)
         if self.kind == "layernorm":
-            x32 = x32 - x32.mean(dim=-1, keepdim=True)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
+            normed = nn.functional.layer_norm(x32, x32.shape[-1:], eps=self.eps)
+        else:
+            normed = rms_normalize(x32, self.eps)
+        weight = self.weight.to(x32.dtype)
         if self.bias is not None:
-            normed = normed + self.bias.to(x32.dtype)
-        return normed.to(x.dtype)
+            return torch.addcmul(self.bias.to(x32.dtype), normed, weight).to(x.dtype)
+        return (normed * weight).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

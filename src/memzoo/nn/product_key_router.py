@@ -33,7 +33,6 @@ The top-k is :func:`memzoo.ops.product_key_topk` (exact, ``candidate_pairs(knn)`
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -160,8 +159,8 @@ class ProductKeyRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, keys = self.queries(x), self.sub_keys
         if self.qk_norm:
-            half = self.k_dim // 2
-            q = torch.cat([rms_normalize(part) for part in q.split(half, dim=-1)], dim=-1) / math.sqrt(half)
+            half = self.k_dim // 2  # each query half RMS-normalised and divided by sqrt(half), in one pass
+            q = rms_normalize(q.unflatten(-1, (2, half)), scale=half**-0.5).flatten(-2)
             keys = rms_normalize(keys)
         if self.per_head_keys:
             scores, indices = product_key_topk(q, keys, self.knn)
