@@ -53,6 +53,32 @@ def test_load_cell_resumes_only_matching_complete_results(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left behind
 
 
+def test_a_results_page_restores_its_cells_into_a_fresh_cells_folder(tmp_path):
+    """A clone has the committed page JSON but no cells folder: restore_cells writes each listed cell's record (not
+    the page's derived fields) where no file is, and load_cell still reuses it only under today's config hash."""
+    record = {"workload": "people-500", "model": "dense", "config_hash": "abc", "final": {"val_loss": 1.5},
+              "curve": [{"step": 9, "val_loss": 1.5}], "tokens": 640, "parameters": 100}
+    variant = {**record, "model": "dense@seed1338", "config_hash": "def"}
+    page = tmp_path / "capacity-cpu.json"
+    page.write_text(json.dumps({"cells": [{**record, "bits": 7.0, "curve_bits": []}], "variant_cells": [variant]}))
+    cells = tmp_path / "capacity-cpu-cells"
+    kept = cells / "people-500__dense@seed1338.json"
+    study.write_json_atomic(kept, {**variant, "final": {"val_loss": 1.25}})  # a cell trained here wins
+    assert study.restore_cells(page, cells) == 1
+    assert json.loads((cells / "people-500__dense.json").read_text()) == record
+    assert study.load_cell(cells / "people-500__dense.json", "abc")["final"]["val_loss"] == 1.5
+    assert study.load_cell(cells / "people-500__dense.json", "changed") is None  # a config edited since: retrain
+    assert json.loads(kept.read_text())["final"]["val_loss"] == 1.25
+    assert study.restore_cells(page, cells) == 0  # nothing left to restore
+    assert study.restore_cells(tmp_path / "no-such-page.json", cells) == 0
+    page.write_text(json.dumps({"cells": [{**record, "model": "../../escape"}]}))
+    with pytest.raises(study.StudyError, match="not a plain file name"):
+        study.restore_cells(page, cells)
+    page.write_text('{"cells": [')
+    with pytest.raises(study.StudyError, match="not valid JSON"):
+        study.restore_cells(page, cells)
+
+
 def test_a_stored_cell_is_counted_with_todays_cost(tmp_path):
     """What a cell measured stays; what it costs (FLOPs, parameters) comes from the FLOP table it is loaded with."""
     path = tmp_path / "cells" / "text__pkm.json"

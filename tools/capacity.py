@@ -930,6 +930,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
     cells_dir = args.out / f"{cells_name}-cells"
+    restored = study.restore_cells(args.out / f"{name}.json", cells_dir)
+    if restored:
+        print(f"[capacity] {restored} cell records restored from {name}.json into {cells_dir}", flush=True)
     by_model = {m: next(c for c in costs if c.model == study.base_model(m)) for m in cell_extra}
     grid = [(w, m) for w in plan for m in cell_extra]
     if args.report_only:

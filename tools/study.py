@@ -311,6 +311,43 @@ def load_cell(path: Path, expected_hash: str, cost: ModelCost | None = None) -> 
     return result if cost is None else with_cost(result, cost)
 
 
+#: The fields of a cell record (:func:`cell_result`, ``wall_seconds``, the cost fields of :func:`with_cost`); a results
+#: page's JSON adds derived ones (bits, ratios) to each cell it lists.
+CELL_FIELDS = ("workload", "model", "knowledge_load", "config_hash", "args", "run_dir", "steps", "tokens",
+               "train_seconds", "tokens_per_s", "final", "memory", "curve", "wall_seconds", "flops_per_token",
+               "parameters", "active_parameters", "train_flops")
+
+
+def restore_cells(page_json: Path, cells_dir: Path) -> int:
+    """Writes the cell records a results page's JSON lists (``cells`` and ``variant_cells``) into ``cells_dir``
+    where that cell has no file yet; returns how many it wrote.
+
+    The cells folders are not committed, so without this a fresh clone would train every cell again to re-report
+    or extend a committed study (a new seed, a new rate). A restored record is reused only where :func:`load_cell`
+    finds its config hash equal to today's (the same arguments and config files); any other cell trains again.
+    """
+    try:
+        page = json.loads(page_json.read_text())
+    except FileNotFoundError:
+        return 0
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StudyError(f"{page_json}: not valid JSON ({err}); restore it with git checkout or delete it") from None
+    written = 0
+    for record in [*page.get("cells", []), *page.get("variant_cells", [])]:
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("workload", "model", "config_hash")):
+            continue
+        name = f"{record['workload']}__{record['model']}.json"
+        if Path(name).name != name or name.startswith("."):  # a file name, never a path out of cells_dir
+            raise StudyError(f"{page_json}: cell {name!r} is not a plain file name; the page is damaged")
+        path = cells_dir / name
+        if path.exists():
+            continue
+        write_json_atomic(path, {key: record[key] for key in CELL_FIELDS if key in record})
+        written += 1
+    return written
+
+
 def with_cost(cell: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
     """``cell`` with the fields that count its model (``flops_per_token``, ``parameters``, ``active_parameters``,
     ``train_flops`` and each curve point's) from ``cost``: training FLOPs are 3x forward per token."""
@@ -813,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"]}
 
     cells_dir = args.out / f"{study}-cells"
+    restored = restore_cells(args.out / f"{study}.json", cells_dir)
+    if restored:
+        print(f"[study] {restored} cell records restored from {study}.json into {_relative(cells_dir)}", flush=True)
     cell_extra = {seed_variant(m, seed): [] if seed == SEED else ["--seed_everything", str(seed)]
                   for m in args.models for seed in dict.fromkeys(args.seeds)}
     by_model = {m: next(c for c in costs if c.model == base_model(m)) for m in cell_extra}
