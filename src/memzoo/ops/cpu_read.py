@@ -188,21 +188,32 @@ template <typename T>
 void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T* grad, int64_t U, int64_t D,
                double lr, double beta1, double beta2, double eps, double wd, int threads) {
   const T decay = T(1.0 - lr * wd), one_minus_b1 = T(1.0 - beta1), b2 = T(beta2), one_minus_b2 = T(1.0 - beta2);
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && U > 1)
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t r = rows != nullptr ? rows[u] : u;
-    const int64_t t = ++step[r];
-    const double c1 = 1.0 - std::pow(beta1, (double)t), c2 = std::sqrt(1.0 - std::pow(beta2, (double)t));
-    const T eps_c = T(eps * c2), scale = T(c1 / (lr * c2));
-    T* p = param + r * D; T* mr = m + r * D; T* vr = v + r * D;
-    const T* g = grad + u * D;
-    for (int64_t d = 0; d < D; ++d) {
-      T pd = wd != 0.0 ? p[d] * decay : p[d];
-      const T gd = g[d];
-      const T md = mr[d] + one_minus_b1 * (gd - mr[d]);
-      const T vd = vr[d] * b2 + one_minus_b2 * gd * gd;
-      mr[d] = md; vr[d] = vd;
-      p[d] = pd - md / ((std::sqrt(vd) + eps_c) * scale);
+#pragma omp parallel num_threads(threads) if (threads > 1 && U > 1)
+  {
+    // the bias corrections of the last step count seen: rows touched together share it, so pow runs once per
+    // distinct count rather than twice per row
+    int64_t seen = -1;
+    T eps_c = T(0), scale = T(0);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t r = rows != nullptr ? rows[u] : u;
+      const int64_t t = ++step[r];
+      if (t != seen) {
+        const double c1 = 1.0 - std::pow(beta1, (double)t), c2 = std::sqrt(1.0 - std::pow(beta2, (double)t));
+        eps_c = T(eps * c2);
+        scale = T(c1 / (lr * c2));
+        seen = t;
+      }
+      T* p = param + r * D; T* mr = m + r * D; T* vr = v + r * D;
+      const T* g = grad + u * D;
+      for (int64_t d = 0; d < D; ++d) {
+        T pd = wd != 0.0 ? p[d] * decay : p[d];
+        const T gd = g[d];
+        const T md = mr[d] + one_minus_b1 * (gd - mr[d]);
+        const T vd = vr[d] * b2 + one_minus_b2 * gd * gd;
+        mr[d] = md; vr[d] = vd;
+        p[d] = pd - md / ((std::sqrt(vd) + eps_c) * scale);
+      }
     }
   }
 }
