@@ -7,7 +7,9 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) and UltraMem, UltraMemV2 and Engram beside a narrowed FFN ("dense" with layers 1 and 3
   replaced at equal forward FLOPs, :data:`DENSE_VARIANTS`) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
   thread both by wall time and by the compute thread's CPU time (the headline and the targets' measure: on a
-  shared machine it does not count the time other processes hold the core); at 2 threads by wall time.
+  shared machine it does not count the time other processes hold the core); at 2 threads by wall time. Beside it,
+  where PKM's, Memory+'s and PEER's memory layer spends its time (:func:`layer_breakdown`: the layer, its query,
+  selection and reads alone, and the dense FFN it replaces; fwd+bwd CPU time at 1 thread).
 - **topk** (CPU, 1 thread, CPU time of the thread): ``memzoo.ops.product_key_topk`` forward+backward at knn 32, heads 4, k_dim 96, 768
   tokens, n_keys 128–1024, against the previous PyTorch path (per-half ``torch.topk`` + top-k of the candidate
   sums, autograd through the indexing) and against ``torch.topk`` of the full ``n_keys²`` product set (measured
@@ -174,19 +176,39 @@ def headline_ratio(row: dict) -> float:
     return row.get("cpu_ratio_to_dense", row["ratio_to_dense"])
 
 
-def profile_step(name: str, steps: int = 3, top: int = 10) -> list[dict]:
-    """The ops that take a model's training step's time (1 thread): ``name``, share of self CPU time, calls/step."""
+#: the product-key models whose layer :func:`layer_breakdown` takes apart
+BREAKDOWN_MODELS = ("pkm", "memoryplus", "peer")
+
+
+def layer_breakdown(name: str, repeats: int) -> dict:
+    """Where a product-key model's memory layer (layer 1 of the study model) spends its time: forward+backward CPU
+    time of the calling thread (1 thread) at the study shape (12 × 64 tokens), of the whole layer, of its parts
+    alone and of the dense FFN it replaces (``ms``). Parts: ``query`` (the router's projection and query norm),
+    ``router`` (query, qk-norm, exact top-k, weights: ``router - query`` is the selection, which no FLOP counts),
+    ``read`` (the table reads and their backward on the router's rows: ``pool.read`` / PEER's ``experts``); the
+    rest of the layer (``layer - router - read``) is its projections and gate. A read's backward here sums one
+    layer's table gradient; in a training step the last read of a shared pool sums both layers' in one pass."""
     torch.set_num_threads(1)
-    batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
-    step = train_step_fn(name, batch)
-    step()
-    with torch.profiler.profile() as prof:
-        for _ in range(steps):
-            step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // steps}
-            for e in events[:top]]
+    layer = study_model(name)[0].model.layers[1].ffn
+    dense = study_model("dense")[0].model.layers[1].ffn
+    x = torch.randn(12, 64, 128, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    params = [*layer.parameters(), *layer.pool.parameters(), *dense.parameters(), x]
+    with torch.no_grad():
+        indices, weights = layer.router(x)
+    indices, weights = indices.flatten(-2), weights.flatten(-2).requires_grad_()
+    read = (lambda: layer.experts(x, indices, weights)) if name == "peer" else (lambda: layer.pool.read(indices, weights))
+    parts = {"layer": lambda: layer(x), "dense_ffn": lambda: dense(x), "query": lambda: layer.router.queries(x),
+             "router": lambda: layer.router(x)[1], "read": read}
+
+    def fwd_bwd(part):
+        def run():
+            part().float().square().mean().backward()
+            for tensor in [*params, weights]:
+                tensor.grad = None
+        return run
+
+    times = interleaved({part: fwd_bwd(fn) for part, fn in parts.items()}, repeats, clock="thread")
+    return {f"{part}_ms": 1e3 * t for part, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------- lookup blocks
@@ -384,9 +406,16 @@ def markdown(result: dict) -> str:
     if "layer_13b" in result:
         lines += ["## 1.3B layer shape (CUDA)", "", f"Memory+ layer fwd+bwd ÷ SwiGLU FFN of equal FLOPs: "
                   f"{result['layer_13b']['ratio']:.2f}", ""]
-    for name, ops in result.get("profile_1_thread", {}).items():
-        lines.append(f"Profile of one {name} step (share of self CPU time): "
-                     + ", ".join(f"`{o['op']}` {100 * o['self_share']:.0f}%" for o in ops[:6]))
+    if result.get("layer_breakdown"):
+        lines += ["## Where a memory layer's time goes (fwd+bwd, CPU time, 1 thread, 12 × 64 tokens, ms)", "",
+                  "Each part alone (`layer_breakdown`): selection = router − query (qk-norm, exact top-k, weights: no "
+                  "FLOPs counted), rest = layer − router − read (projections, gate).", "",
+                  "| model | layer | dense FFN it replaces | query | selection | read | rest |", "|---|---|---|---|---|---|---|"]
+        for name, row in result["layer_breakdown"].items():
+            selection = row["router_ms"] - row["query_ms"]
+            rest = row["layer_ms"] - row["router_ms"] - row["read_ms"]
+            lines.append(f"| {name} | {row['layer_ms']:.1f} | {row['dense_ffn_ms']:.1f} | {row['query_ms']:.1f} | "
+                         f"{selection:.1f} | {row['read_ms']:.1f} | {rest:.1f} |")
         lines.append("")
     lines += ["## Targets", "", "| target | met | detail |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in result["targets"]]
@@ -415,8 +444,8 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         if "blocks" in sections:
             result["blocks"] = {str(t): bench_blocks(t, args.repeats, models) for t in (1, 2)}
-            result["profile_1_thread"] = {name: profile_step(name) for name in ("dense", "memoryplus", "peer", "engram")
-                                          if name in models}
+            result["layer_breakdown"] = {name: layer_breakdown(name, args.repeats) for name in BREAKDOWN_MODELS
+                                         if name in models}
         if "topk" in sections:
             torch.set_num_threads(1)
             result["topk_cpu"] = bench_topk("cpu", args.n_keys, 768, args.repeats)

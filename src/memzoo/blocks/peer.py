@@ -121,8 +121,13 @@ class PEER(ReadsPool, Block):
     def forward(self, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         indices, weights = self.router(x)  # (..., heads, knn)
         indices, weights = indices.flatten(-2), weights.flatten(-2)  # (..., heads·knn): heads summed below
+        self.pool.observe(indices, weights)  # usage statistics, when the trainer tracks them
+        return self.experts(x, indices, weights)
+
+    def experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_i weights_i · act(u_i · x) · v_i`` over the experts ``indices (..., K)`` (weights ``(..., K)``) of
+        ``x (..., dim)``: the two sparse reads, ``(..., dim)`` in ``x.dtype``."""
         pool = self.pool
-        pool.observe(indices, weights)  # usage statistics, when the trainer tracks them
         table_dtype = pool.down.dtype  # the ops take one dtype (autocast may hand us another)
         hidden = gather_dot(pool.down, indices, x.to(table_dtype), sparse_grad=pool.sparse)  # u_i · x
         gated = weights.to(table_dtype) * ACTIVATIONS[self.activation](hidden)  # g_i · act(u_i · x)

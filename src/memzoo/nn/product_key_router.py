@@ -33,7 +33,6 @@ The top-k is :func:`memzoo.ops.product_key_topk` (exact, ``candidate_pairs(knn)`
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 

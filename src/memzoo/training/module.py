@@ -19,9 +19,9 @@ import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning as L
-from lightning.pytorch.plugins.precision import DoublePrecision
 import torch
 import torchmetrics
+from lightning.pytorch.plugins.precision import DoublePrecision
 from torch.optim import Optimizer
 
 from memzoo.blocks.pool import find_pools
