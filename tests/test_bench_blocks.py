@@ -69,11 +69,10 @@ def test_models_filter_refuses_an_unknown_name(capsys):
 
 
 def test_layer_breakdown_times_every_part_and_the_table_derives_selection_and_rest():
-    row = bench.layer_breakdown("memoryplus", repeats=1)
-    assert set(row) == {"layer_ms", "dense_ffn_ms", "query_ms", "router_ms", "read_ms"}
-    assert all(value > 0 for value in row.values())
-    peer = bench.layer_breakdown("peer", repeats=1)  # PEER's read: both expert tables
-    assert peer["read_ms"] > 0
+    for name in bench.BREAKDOWN_MODELS:  # PKM's memory layer is layer 2, Memory+'s and PEER's layers 1 and 3
+        row = bench.layer_breakdown(name, repeats=1)
+        assert set(row) == {"layer_ms", "dense_ffn_ms", "query_ms", "router_ms", "read_ms"}
+        assert all(value > 0 for value in row.values()), name
     result = {"machine": "test", "targets": [],
               "layer_breakdown": {"pkm": {"layer_ms": 10.0, "dense_ffn_ms": 5.0, "query_ms": 1.0, "router_ms": 4.0,
                                           "read_ms": 5.0}}}

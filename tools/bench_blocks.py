@@ -181,7 +181,7 @@ BREAKDOWN_MODELS = ("pkm", "memoryplus", "peer")
 
 
 def layer_breakdown(name: str, repeats: int) -> dict:
-    """Where a product-key model's memory layer (layer 1 of the study model) spends its time: forward+backward CPU
+    """Where a product-key model's memory layer (the study model's first) spends its time: forward+backward CPU
     time of the calling thread (1 thread) at the study shape (12 × 64 tokens), of the whole layer, of its parts
     alone and of the dense FFN it replaces (``ms``). Parts: ``query`` (the router's projection and query norm),
     ``router`` (query, qk-norm, exact top-k, weights: ``router - query`` is the selection, which no FLOP counts),
@@ -189,8 +189,9 @@ def layer_breakdown(name: str, repeats: int) -> dict:
     rest of the layer (``layer - router - read``) is its projections and gate. A read's backward here sums one
     layer's table gradient; in a training step the last read of a shared pool sums both layers' in one pass."""
     torch.set_num_threads(1)
-    layer = study_model(name)[0].model.layers[1].ffn
-    dense = study_model("dense")[0].model.layers[1].ffn
+    layers = study_model(name)[0].model.layers
+    index = next(i for i, layer in enumerate(layers) if getattr(layer.ffn, "reads_pool", False))
+    layer, dense = layers[index].ffn, study_model("dense")[0].model.layers[index].ffn
     x = torch.randn(12, 64, 128, generator=torch.Generator().manual_seed(0)).requires_grad_()
     params = [*layer.parameters(), *layer.pool.parameters(), *dense.parameters(), x]
     with torch.no_grad():
@@ -409,7 +410,8 @@ def markdown(result: dict) -> str:
     if result.get("layer_breakdown"):
         lines += ["## Where a memory layer's time goes (fwd+bwd, CPU time, 1 thread, 12 × 64 tokens, ms)", "",
                   "Each part alone (`layer_breakdown`): selection = router − query (qk-norm, exact top-k, weights: no "
-                  "FLOPs counted), rest = layer − router − read (projections, gate).", "",
+                  "FLOPs counted), rest = layer − router − read (projections, gate; parts timed alone do not add up exactly, so "
+                  "a small rest can come out negative).", "",
                   "| model | layer | dense FFN it replaces | query | selection | read | rest |", "|---|---|---|---|---|---|---|"]
         for name, row in result["layer_breakdown"].items():
             selection = row["router_ms"] - row["query_ms"]
