@@ -4,6 +4,7 @@ fake cells, and the quick path end to end on a 2-cell micro grid (real training,
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -204,6 +205,11 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     again = capacity.main(argv)  # resumes: every cell stored with the same hash
     assert [c["bits"] for c in again["cells"]] == [c["bits"] for c in result["cells"]]
     assert md.read_text().count("Reading: hand-written.") == 1  # the notes survive the rewrite, once
+    shutil.rmtree(tmp_path / "micro-cells")  # a fresh clone: the page is committed, its cells folder is not
+    restored = capacity.main([*argv, "--report-only"])  # the cells come back from micro.json, nothing trains
+    assert [c["bits"] for c in restored["cells"]] == [c["bits"] for c in result["cells"]]
+    assert sorted(p.name for p in (tmp_path / "micro-cells").iterdir()) == ["people-6__dense.json",
+                                                                             "people-6__memoryplus.json"]
 
 
 def test_summarize_config_vocab_size_override_sizes_the_embedding():
