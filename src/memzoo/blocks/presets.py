@@ -17,9 +17,9 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   ``n_keys`` and builds a private table. **No gate by default**: ``out = y`` (``W_o y`` when ``value_dim != dim``);
   the paper's SiLU-gated output ``W_2 (y ⊙ silu(W_1 x))`` is ``gate: silu``. Ungated beat the gate in both of memzoo's
   measures, each on two seeds: knowledge capacity (docs/results/capacity-cpu.md, people-1000 at 1,000 exposures:
-  27,255 bits against 18,935, 1.59x against 1.10x dense's; at people-300, where every design holds 86-100% of the
-  corpus, the gate costs nothing: 10,614 against 11,690 bits at width 16, one seed, and 10,201 against 10,505 in
-  capacity-ablation-gate.md) and text (the iso-FLOP study's shakespeare workload: validation loss
+  each at its best of three rates, mean of two seeds: 29,376 bits against 19,125, 1.71x against 1.11x dense's; at
+  people-300, where every design holds 86-100% of the corpus, the gate costs nothing: 10,614 against 11,690 bits at
+  width 16, one seed, and 10,201 against 10,505 in capacity-ablation-gate.md) and text (the iso-FLOP study's shakespeare workload: validation loss
   1.682 / 1.669 against 1.770 / 1.782, study-memoryplus-no-gate.md and study-memoryplus-gated.md), at 0.93-0.98x the
   gated model's FLOPs (no ``W_1``, ``W_2``). Why: a value row's gradient reaches it through ``W_2`` and the gate
   ``silu(W_1 x) ≈ W_1 x / 2``, both initialised small (std 0.02), so the gated table starts memorising late: a
