@@ -36,6 +36,9 @@ FLOP_FORMULAS = {
     torch.ops.memzoo.weighted_gather: lambda values, indices, weights, *args, **kw: 2 * indices[0] * indices[1]
     * values[1],
     torch.ops.memzoo.gather_dot: lambda values, indices, x, *args, **kw: 2 * indices[0] * indices[1] * values[1],
+    # each position's row read once, whole (a weight per chunk), into its group
+    torch.ops.memzoo.grouped_weighted_gather: lambda values, indices, *args, **kw: 2 * indices[0] * indices[1]
+    * values[1],
     # the half scores: every (T, H) query half against its n_keys sub-keys of width Dk/2, both halves
     torch.ops.memzoo.product_key_topk: lambda query, sub_keys, k, *args, **kw: 2 * query[0] * query[1] * query[2]
     * sub_keys[2],

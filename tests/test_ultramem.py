@@ -145,7 +145,7 @@ def _grads(out, params, w):
 
 @pytest.mark.parametrize("value_expand,candidates,update", [(4, 3, "dense"), (1, 2, "dense"), (4, 3, "sparse")])
 def test_ultramem_matches_float64_reference_forward_and_grad(value_expand, candidates, update):
-    """Both read paths: a dense table read as its chunk view, a row-sparse one read whole per core."""
+    """Dense and row-sparse tables, one projection and four (rows in several groups of one token)."""
     block = perturbed(UltraMem(DIM, n_keys=4, value_dim=6, value_expand=value_expand, value_rows=4, heads=2, knn=3,
                                k_dim=4, rank=2, cores=2, candidates=candidates, update=update))
     x = torch.randn(5, DIM, dtype=torch.float64, requires_grad=True)
@@ -159,20 +159,21 @@ def test_ultramem_matches_float64_reference_forward_and_grad(value_expand, candi
         torch.testing.assert_close(got.to_dense() if got.is_sparse else got, want)
 
 
-@pytest.mark.parametrize("update,cores,chunk_reads", [("dense", 3, True), ("sparse", 3, False), ("sparse", 1, True)])
-def test_the_read_costs_what_flops_per_token_says(update, cores, chunk_reads):
-    """A dense table's (group, core) slots read only their chunk (2·E·K·D); a row-sparse one's read whole rows."""
+@pytest.mark.parametrize("update,cores,value_expand", [("dense", 3, 4), ("sparse", 3, 4), ("sparse", 1, 1)])
+def test_the_read_costs_what_flops_per_token_says(update, cores, value_expand):
+    """Each of the K rows is read once (2·K·D), whatever the groups, cores and update mode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    block = UltraMem(DIM, n_keys=4, value_dim=6, value_expand=4, heads=2, knn=3, k_dim=4, cores=cores, update=update)
-    E, K, D = 4, 6, 6
-    expected = 2 * E * K * D * (1 if chunk_reads else cores)
-    assert block._read_flops() == expected
-    formulas = {torch.ops.memzoo.weighted_gather: lambda values, indices, *_, **__: 2 * indices.numel() * values[1]}
+    block = UltraMem(DIM, n_keys=4, value_dim=6, value_expand=value_expand, heads=2, knn=3, k_dim=4, cores=cores,
+                     update=update)
+    K, D = 6, 6
+    assert block._read_flops() == 2 * K * D
+    # the op's cost counted from what it is handed: 2 per multiply-add over every (position, column)
+    formulas = {torch.ops.memzoo.grouped_weighted_gather: lambda values, indices, *_, **__: 2 * indices.numel() * values[1]}
     rows, groups, scores = block.router(torch.randn(5, DIM))
     with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         block.grouped_read(block.pool.values, rows, groups, scores)
-    assert counter.get_total_flops() == 5 * expected
+    assert counter.get_total_flops() == 5 * block._read_flops()
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu"])
@@ -292,7 +293,7 @@ def test_add_at_survives_the_hf_export(tmp_path):
 
 
 def test_a_sharded_or_host_table_is_refused_by_name():
-    """UltraMem reads its table's chunks directly: a memory-parallel read or a host table would be bypassed, so
+    """UltraMem reads its table directly: a memory-parallel read or a host table would be bypassed, so
     both are refused with the fix instead of reading the wrong columns or the wrong device."""
     block = UltraMem(DIM, n_keys=2, value_dim=4, value_expand=1, value_rows=1, heads=1, knn=4, k_dim=4, candidates=2)
     x = torch.randn(3, DIM)

@@ -67,14 +67,14 @@ def _engram_layer(layer_id: int) -> dict:
 
 
 #: Models that are "dense" (``configs/study/model-dense.yaml``) with these ``layers:`` (and the ``pools:`` of
-#: :data:`DENSE_VARIANT_POOLS`), at equal forward FLOPs (``flops_per_token``): UltraMem 291k per layer (a 128² grid,
-#: rank 2, 2 cores, over 4,096 rows of width 128 through 4 projections, 2 heads × top-32, k_dim 32, private tables
+#: :data:`DENSE_VARIANT_POOLS`), at equal forward FLOPs (``flops_per_token``): UltraMem 297k per layer (a 128² grid,
+#: rank 2, 2 cores, over 4,096 rows of width 176 through 4 projections, 2 heads × top-32, k_dim 32, private tables
 #: with dense updates as the authors train them, read and added in place), UltraMemV2 285k (16,384 FFN-valued slots
 #: of width 128, 1 head × top-32, k_dim 32, beside a SwiGLU FFN of half the width) over private tables with dense
 #: updates (``ultramem_v2``, the iso-FLOP study's model) or over ONE pool both layers share with sparse LazyAdam
-#: updates (``ultramem_v2_shared``, as configs/text-ultramem-v2.yaml ships it; reads of whole rows per core, 296k), and
+#: updates (``ultramem_v2_shared``, as configs/text-ultramem-v2.yaml ships it), and
 #: Engram beside a narrowed FFN 294k, against the dense FFN's 295k.
-_ULTRAMEM = {"block": "ultramem", "n_keys": 128, "value_dim": 128, "value_expand": 4, "heads": 2, "knn": 32, "k_dim": 32}
+_ULTRAMEM = {"block": "ultramem", "n_keys": 128, "value_dim": 176, "value_expand": 4, "heads": 2, "knn": 32, "k_dim": 32}
 _ULTRAMEM_V2 = {"block": "ultramem_v2", "n_keys": 128, "value_dim": 128, "heads": 1, "knn": 32, "k_dim": 32,
                 "ffn_fraction": 0.5}
 _ULTRAMEM_V2_SHARED = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 32, "k_dim": 32,

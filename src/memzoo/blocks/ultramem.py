@@ -25,10 +25,10 @@ Initialisation follows the authors' code, not the model's ``std``: the router as
 ``~ N(0, 0.02)`` (private tables), ``W_o ~ N(0, (E·D)^-1/2)``, ``W_pre ~ N(0, dim^-1/2)``; the dense FFN beside
 V2's memory takes the model's ``std``/``residual_std``.
 
-Cost per token (forward, a multiply-add counts 2): the router's + the reads ``2·E·H·knn·D`` (each (group, core)
-pair is one weighted read of the ``H·knn`` rows' chunk of width ``D/M``, weight 0 outside the group; a row-sparse
-table with ``M > 1`` reads whole rows per pair: ``2·E·M·H·knn·D``, :meth:`_TuckerMemory.grouped_read`) + ``2·E·D·dim`` (``W_o``); V2 adds ``2·dim·D`` (``W_pre``) + ``2·H·knn·D`` (the down
-dot products) + the dense FFN's.
+Cost per token (forward, a multiply-add counts 2): the router's + the reads ``2·H·knn·D`` (each of the ``H·knn``
+rows read once into its group's accumulator, chunk c scaled by core c's score:
+:func:`memzoo.ops.grouped_weighted_gather`) + ``2·E·D·dim`` (``W_o``); V2 adds ``2·dim·D`` (``W_pre``) +
+``2·H·knn·D`` (the down dot products) + the dense FFN's.
 
 Placement: the UltraMem paper reads the memory at layer ``i`` and adds it to the residual after layer ``j > i``
 (skip-layer); a config sets it per layer with ``add_at: j`` (:mod:`memzoo.model.transformer`). The value tables
@@ -49,7 +49,7 @@ from memzoo.blocks.dense import DenseMLP, swiglu_hidden
 from memzoo.blocks.pool import MemoryPool, PoolKind, ReadsPool
 from memzoo.blocks.registry import register_block
 from memzoo.nn.tucker_router import TuckerRouter
-from memzoo.ops import gather_dot, weighted_gather
+from memzoo.ops import gather_dot, grouped_weighted_gather
 
 ACTIVATIONS = {"none": lambda h: h, "gelu": F.gelu}
 VALUE_INIT_STD = 0.02
@@ -131,36 +131,21 @@ class _TuckerMemory(ReadsPool, Block):
 
     def grouped_read(self, table: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
-        """``(..., E·D)``: for each group g and core c, chunk c of ``Σ_{k: g_k = g} weights[k, c] · table[rows_k]``
-        (``rows, groups (..., K)``, ``weights (..., K, M)``).
+        """``(..., E·D)``: for each group g, ``Σ_{k: g_k = g} weights[k, c] · table[rows_k]`` chunk by chunk (chunk c
+        of width ``D/M`` weighed by core c; ``rows, groups (..., K)``, ``weights (..., K, M)``).
 
-        One weighted read per (group, core) slot of the ``K`` rows (weight 0 where ``g_k != g``). A dense table is
-        read as its ``(P·M, D/M)`` chunk view (chunk c of row n is row ``n·M + c``), so each slot reads only its
-        ``K`` chunks: ``E·K·D`` elements. A row-sparse table (``update: sparse``) is read whole per slot and its
-        chunk c kept (``E·M·K·D``): a sparse gradient cannot flow back through the view."""
+        One :func:`~memzoo.ops.grouped_weighted_gather`: each of the ``K`` rows is read once, whole, into its
+        group's accumulator (``K·D`` multiply-adds; row-sparse tables get row-sparse gradients)."""
         pool = self.pool
         if pool.sharded_read is not None or pool.on_host:
             raise NotImplementedError(
-                f"{type(self).__name__} reads its table's chunks directly, which a memory-parallel (column-sharded) "
+                f"{type(self).__name__} reads its table directly (a grouped multi-core read), which a memory-parallel (column-sharded) "
                 f"or host-resident table does not support; train it unsharded with table_device: accelerator"
             )
-        E, M, D = self.value_expand, self.n_cores, self.value_dim
-        w = weights.transpose(-1, -2).unsqueeze(-3)  # (..., 1, M, K)
-        if E > 1:
-            w = w * (groups.unsqueeze(-2) == torch.arange(E, device=groups.device).unsqueeze(-1)).unsqueeze(-2)
-        w = w.expand(*weights.shape[:-2], E, M, weights.shape[-2]).to(table.dtype)
-        if not self._reads_whole_rows():
-            chunk_rows = rows.unsqueeze(-2) * M + torch.arange(M, device=rows.device).unsqueeze(-1)  # (..., M, K)
-            sums = weighted_gather(table.view(table.shape[0] * M, D // M), chunk_rows.unsqueeze(-3).expand(w.shape), w)
-            return sums.flatten(-3)  # (..., E, M, D/M) -> (..., E·D)
-        sums = weighted_gather(table, rows.unsqueeze(-2).unsqueeze(-2).expand(w.shape), w,
-                               sparse_grad=self.pool.sparse)  # (..., E, M, D): chunk c is read from slot (g, c)
-        chunks = sums.unflatten(-1, (M, D // M)).diagonal(dim1=-3, dim2=-2)  # (..., E, D/M, M)
-        return chunks.transpose(-1, -2).flatten(-3)
-
-    def _reads_whole_rows(self) -> bool:
-        """Whether :meth:`grouped_read` reads whole rows per core (a row-sparse table with several cores)."""
-        return self.n_cores > 1 and self.pool.sparse
+        E = self.value_expand
+        groups = groups if E > 1 else torch.zeros_like(rows)  # one projection: every slot in group 0
+        sums = grouped_weighted_gather(table, rows, groups, weights.to(table.dtype), E, sparse_grad=pool.sparse)
+        return sums.flatten(-2)  # (..., E, D) -> (..., E·D)
 
     def reset_parameters(self) -> None:
         """The authors' init (module docstring)."""
@@ -183,9 +168,8 @@ class _TuckerMemory(ReadsPool, Block):
         return sum(self._rows_read() * self.value_dim * t.element_size() for t in tables)
 
     def _read_flops(self) -> int:
-        """:meth:`grouped_read`'s: ``2·E·K·D``, or ``2·E·M·K·D`` where it reads whole rows per core."""
-        per_core = self.n_cores if self._reads_whole_rows() else 1
-        return 2 * self.value_expand * per_core * self._rows_read() * self.value_dim
+        """:meth:`grouped_read`'s: ``2·K·D`` (each of the ``K = H·knn`` rows read once)."""
+        return 2 * self._rows_read() * self.value_dim
 
     def extra_repr(self) -> str:
         source = "private" if self.owns_pool else "shared"
@@ -202,7 +186,7 @@ class _TuckerMemory(ReadsPool, Block):
 class UltraMem(_TuckerMemory):
     """UltraMem memory layer; ``x, y: (B, T, dim)`` (module docstring).
 
-    It reads its table's per-core chunks directly (not through ``pool.read``): memory parallelism and host tables
+    It reads its table directly (:meth:`grouped_read`, not through ``pool.read``): memory parallelism and host tables
     do not apply to it (``reads_through_pool = False``).
 
     Args:

@@ -14,6 +14,9 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
   (the ``U`` distinct rows ascending and their sums) or as a dense ``(N, D)`` tensor whose untouched rows the
   kernel zeroes (no zero-fill of the whole table first); no ``(B, K, D)`` tensor and no sort or bag bookkeeping
   tensors beyond ``2·P`` int64.
+- :func:`grouped_gather` ``out[b, g] = Σ_{j: group[b,j]=g} w[b,j,:] ⊙ values[idx[b,j]]`` (a weight per chunk of
+  ``M``; UltraMem's grouped multi-core read, :mod:`memzoo.ops.grouped_gather`): bags in parallel, each indexed row
+  read once into its group's accumulator; its backward is :func:`scatter_dot` with ``groups``.
 - :func:`adam_rows_`: :class:`memzoo.training.rowwise_optim.LazyAdam`'s update of the touched rows in place, one pass per
   row (weight decay, both moments, bias corrections from the row's own step count in float64), rows in parallel;
   no gathered copies of the table or its moments.
@@ -37,7 +40,7 @@ from memzoo.ops.cpu_build import (
     declare_float_kernels,
 )
 
-__all__ = ["adam_rows_", "available", "gather_dot", "library", "scatter_dot", "supports"]
+__all__ = ["adam_rows_", "available", "gather_dot", "grouped_gather", "library", "scatter_dot", "supports"]
 
 SOURCE = r"""
 #include <cstdint>
@@ -97,6 +100,18 @@ template <typename T> inline T dot(const T* __restrict a, const T* __restrict b,
   return sum;
 }
 
+// y = a·x (Overwrite) or y += a·x over d elements, in whole vectors then the tail.
+template <bool Overwrite, typename T> inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t d) {
+  typedef typename Simd<T>::V V;
+  constexpr int L = Simd<T>::L;
+  int64_t i = 0;
+  for (; i + L <= d; i += L) {
+    if (Overwrite) *(V*)(y + i) = a * *(const V*)(x + i);
+    else *(V*)(y + i) += a * *(const V*)(x + i);
+  }
+  for (; i < d; ++i) y[i] = Overwrite ? a * x[i] : y[i] + a * x[i];
+}
+
 template <typename T>
 void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int64_t K, int64_t D, T* out,
                 int threads) {
@@ -112,6 +127,65 @@ void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int6
       }
       out[p] = dot(values + idx[p] * D, x + b * D, D);
     }
+}
+
+// Grouped multi-chunk read, bags in parallel: the bag's K positions are bucketed by group (a counting sort of
+// K), then each group's output is summed in vector registers tile by tile (8 vectors of columns at a time) over
+// its positions, chunk c (width D/M) of a row weighted by w[p, c]; a group no position names is written as zeros.
+// Each table row is read once, the row a few positions ahead prefetched.
+template <typename T>
+void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, const T* w, int64_t B, int64_t K,
+                    int64_t G, int64_t M, int64_t D, T* out, int threads) {
+  typedef typename Simd<T>::V V;
+  constexpr int L = Simd<T>::L, TILE = 8;
+  const int64_t width = D / M;
+  const bool vector_chunks = width % L == 0;  // every vector of a row lies in one chunk
+  const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);
+#pragma omp parallel num_threads(threads) if (threads > 1 && B > 1)
+  {
+    std::vector<int64_t> start(G + 1), members(K);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t* g_b = group + b * K;
+      std::fill(start.begin(), start.end(), 0);
+      for (int64_t j = 0; j < K; ++j) ++start[g_b[j] + 1];
+      for (int64_t s = 0; s < G; ++s) start[s + 1] += start[s];
+      for (int64_t j = 0; j < K; ++j) members[start[g_b[j]]++] = j;  // start[s] is now group s's end
+      for (int64_t s = G; s > 0; --s) start[s] = start[s - 1];
+      start[0] = 0;
+      for (int64_t s = 0; s < G; ++s) {
+        T* o = out + (b * G + s) * D;
+        const int64_t first = start[s], last = start[s + 1];
+        int64_t d0 = 0;
+        if (vector_chunks) {
+          for (; d0 + TILE * L <= D; d0 += TILE * L) {
+            V acc[TILE] = {};
+            int64_t chunk[TILE];
+            for (int v = 0; v < TILE; ++v) chunk[v] = (d0 + v * L) / width;
+            for (int64_t m = first; m < last; ++m) {
+              const int64_t p = b * K + members[m];
+              if (d0 == 0 && m + 2 < last) {
+                const char* next = (const char*)(values + idx[b * K + members[m + 2]] * D);
+                for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
+              }
+              const T* row = values + idx[p] * D + d0;
+              const T* wp = w + p * M;
+              for (int v = 0; v < TILE; ++v) acc[v] += wp[chunk[v]] * *(const V*)(row + v * L);
+            }
+            for (int v = 0; v < TILE; ++v) *(V*)(o + d0 + v * L) = acc[v];
+          }
+        }
+        for (int64_t d = d0; d < D; ++d) {  // the columns left (all of them when chunks split vectors)
+          T acc = T(0);
+          for (int64_t m = first; m < last; ++m) {
+            const int64_t p = b * K + members[m];
+            acc += w[p * M + d / width] * values[idx[p] * D + d];
+          }
+          o[d] = acc;
+        }
+      }
+    }
+  }
 }
 
 // order (P,): positions sorted by row, stable; run_start (P+1,): where each distinct row's run starts. Returns U.
@@ -140,11 +214,14 @@ int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, in
 // order, the first one writing (no zero pass); with values, dots[p - dots_from] = values[r] . src[p/K] for
 // p >= dots_from in the same pass (the row values[r] stays in L1 over its run, src[p/K] is read once for both).
 // A dense G gets zeros only in the rows no run touches.
-template <typename T>
+// Grouped (grouped_gather's backward): the source row of p is src[(p/K)·Gs + group[p]] and its M chunks of width
+// D/M have their own weights w[p·M + c] and dots dots[(p - dots_from)·M + c].
+template <typename T, bool Grouped>
 void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, const int64_t* order,
                  const int64_t* run_start, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, T* sums,
-                 T* dense, T* dots, int64_t dots_from, int threads) {
+                 T* dense, T* dots, int64_t dots_from, const int64_t* group, int64_t Gs, int64_t M, int threads) {
   const Divider bag(K);
+  const int64_t width = D / M;
   if (dense != nullptr) huge_pages(dense, N * D * (int64_t)sizeof(T));
   else huge_pages(sums, U * D * (int64_t)sizeof(T));
   const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);  // the hardware streams the rest
@@ -162,14 +239,29 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
       }
       for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
         const int64_t p = order[q];
-        const T* __restrict s = src + bag.div(p) * D;
-        const T wp = w[p];
-        if (q == run_start[u]) {
-          for (int64_t d = 0; d < D; ++d) acc[d] = wp * s[d];
-        } else {
-          for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
+        if (!Grouped) {
+          const T* __restrict s = src + bag.div(p) * D;
+          const T wp = w[p];
+          if (q == run_start[u]) {
+            for (int64_t d = 0; d < D; ++d) acc[d] = wp * s[d];
+          } else {
+            for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
+          }
+          if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
+          continue;
         }
-        if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
+        if (q + 4 < run_start[U]) {  // a source row a few positions on: from a (B, S, D) gradient, rarely in L2
+          const int64_t next = order[q + 4];
+          const char* ahead = (const char*)(src + (bag.div(next) * Gs + group[next]) * D);
+          for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(ahead + byte);
+        }
+        const T* s = src + (bag.div(p) * Gs + group[p]) * D;
+        for (int64_t c = 0; c < M; ++c) {
+          const int64_t lo = c * width;
+          if (q == run_start[u]) axpy<true>(acc + lo, w[p * M + c], s + lo, width);
+          else axpy<false>(acc + lo, w[p * M + c], s + lo, width);
+          if (row != nullptr && p >= dots_from) dots[(p - dots_from) * M + c] = dot(row + lo, s + lo, width);
+        }
       }
     }
     if (dense != nullptr) {  // the gaps between consecutive touched rows (ascending), and after the last
@@ -225,8 +317,14 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
     gather_dot<T>(v, i, x, B, K, D, o, th); return 0; }                                                            \
   extern "C" int memzoo_scatter_dot_##S(const T* s, const int64_t* i, const T* w, const T* v, const int64_t* o,    \
                                         const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, \
-                                        T* sums, T* dense, T* dots, int64_t df, int th) {                          \
-    scatter_dot<T>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, th); return 0; }                    \
+                                        T* sums, T* dense, T* dots, int64_t df, const int64_t* g, int64_t G,       \
+                                        int64_t M, int th) {                                                       \
+    if (g == nullptr) scatter_dot<T, false>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, g, 1, 1, th); \
+    else scatter_dot<T, true>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, g, G, M, th);            \
+    return 0; }                                                                                                    \
+  extern "C" int memzoo_grouped_gather_##S(const T* v, const int64_t* i, const int64_t* g, const T* w, int64_t B,   \
+                                           int64_t K, int64_t G, int64_t M, int64_t D, T* o, int th) {              \
+    grouped_gather<T>(v, i, g, w, B, K, G, M, D, o, th); return 0; }                                               \
   extern "C" int memzoo_adam_rows_##S(T* p, T* m, T* v, int64_t* st, const int64_t* rows, const T* g, int64_t U,   \
                                       int64_t D, double lr, double b1, double b2, double eps, double wd, int th) { \
     adam_rows<T>(p, m, v, st, rows, g, U, D, lr, b1, b2, eps, wd, th); return 0; }
@@ -258,7 +356,8 @@ def _build() -> ctypes.CDLL:
     i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     declare_float_kernels(lib, {
         "gather_dot": [ptr, ptr, ptr, i64, i64, i64, ptr, cint],
-        "scatter_dot": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, cint],
+        "scatter_dot": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, cint],
+        "grouped_gather": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, cint],
         "adam_rows": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint],
     })
     lib.memzoo_sort_by_row.argtypes, lib.memzoo_sort_by_row.restype = [ptr, i64, i64, ptr, ptr], i64
@@ -286,7 +385,7 @@ def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> 
 
 def scatter_dot(
     src: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor | None, num_rows: int,
-    dense: bool, dots_from_bag: int = 0,
+    dense: bool, dots_from_bag: int = 0, groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``src (B, D)``, ``indices (B, K)`` int64 in ``[0, num_rows)``, ``weights (B, K)``, ``values (N, D)`` or
     ``None``; contiguous, one dtype → ``(rows, G, dots)``:
@@ -296,10 +395,16 @@ def scatter_dot(
     - ``dots[b,j] = values[idx[b,j]] · src[b]`` ``(B, K)`` (``None`` when ``values`` is ``None``); only for the
       bags from ``dots_from_bag`` on: ``(B - dots_from_bag, K)``.
 
+    With ``groups (B, K)`` int64 in ``[0, S)`` (:func:`grouped_gather`'s backward): ``src (B, S, D)`` and ``weights
+    (B, K, M)``, one weight per chunk of width ``D/M``; position ``(b, j)`` takes ``src[b, groups[b,j]]`` and chunk
+    ``c`` of ``G[r]`` sums ``weights[b,j,c]`` times its chunk ``c``; ``dots (B - dots_from_bag, K, M)`` are the
+    chunks' dot products.
+
     One pass over the ``B·K`` positions sorted by row; time ``O(B·K·D)`` plus the sort.
     """
     n_bags, n_per_bag = indices.shape
-    n_positions, dim = n_bags * n_per_bag, src.shape[1]
+    n_positions, dim = n_bags * n_per_bag, src.shape[-1]
+    chunks = 1 if groups is None else weights.shape[2]
     order = torch.empty(n_positions, dtype=torch.int64)
     run_start = torch.empty(n_positions + 1, dtype=torch.int64)
     library_ = _KERNELS.require()
@@ -309,13 +414,31 @@ def scatter_dot(
         rows, grad = None, src.new_empty(num_rows, dim)
     else:
         rows, grad = torch.empty(n_runs, dtype=torch.int64), src.new_empty(n_runs, dim)
-    dots = src.new_empty(n_bags - dots_from_bag, n_per_bag) if values is not None else None
+    dots = None
+    if values is not None:
+        dots = src.new_empty(n_bags - dots_from_bag, n_per_bag, *(() if groups is None else (chunks,)))
     _kernel("scatter_dot", src.dtype)(
         src.data_ptr(), indices.data_ptr(), weights.data_ptr(), _ptr(values), order.data_ptr(),
         run_start.data_ptr(), n_runs, n_per_bag, dim, num_rows, _ptr(rows), None if dense else grad.data_ptr(),
-        grad.data_ptr() if dense else None, _ptr(dots), dots_from_bag * n_per_bag, torch.get_num_threads(),
+        grad.data_ptr() if dense else None, _ptr(dots), dots_from_bag * n_per_bag, _ptr(groups),
+        1 if groups is None else src.shape[1], chunks, torch.get_num_threads(),
     )
     return rows, grad, dots
+
+
+def grouped_gather(values: torch.Tensor, indices: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor,
+                   n_groups: int) -> torch.Tensor:
+    """``values (N, D)``, ``indices, groups (B, K)`` int64 (groups in ``[0, n_groups)``), ``weights (B, K, M)``
+    with ``M`` dividing ``D``; contiguous, one dtype → ``out (B, n_groups, D)``: chunk ``c`` (width ``D/M``) of
+    ``out[b, g]`` is ``Σ_{j: groups[b,j]=g} weights[b,j,c] · values[indices[b,j]]``'s chunk ``c``. One read of each
+    indexed row; time ``O(B·K·D + B·n_groups·D)``."""
+    n_bags, n_per_bag = indices.shape
+    out = values.new_empty(n_bags, n_groups, values.shape[1])
+    _kernel("grouped_gather", values.dtype)(
+        values.data_ptr(), indices.data_ptr(), groups.data_ptr(), weights.data_ptr(), n_bags, n_per_bag, n_groups,
+        weights.shape[2], values.shape[1], out.data_ptr(), torch.get_num_threads(),
+    )
+    return out
 
 
 def adam_rows_(
