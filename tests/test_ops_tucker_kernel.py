@@ -1,5 +1,6 @@
 """The C++ selection of tucker_topk (memzoo.ops.cpu_tucker) against the PyTorch selection it replaces and a plain
-brute force: the same cells, best first, for small and large candidate counts (both of the kernel's top-m routes),
+brute force: the same cells, best first, for small and large candidate counts (the kernel's bisection route and its
+insertion-buffer and partial-sort fallbacks), many ties,
 per-head and shared cores, float32 and float64, two threads, ties, NaN; and the kept cells' per-core scores
 (``memzoo::tucker_cell_scores``) against plain loops, forward and gradients, repeated rows and columns, two threads,
 double backward, opcheck."""
@@ -75,6 +76,24 @@ def test_ties_keep_the_lower_index_first():
     u, v = tucker_rank1(core_sum)
     i, j = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, knn=4, candidates=3)
     assert i.tolist() == [[0, 0, 0, 1]] and j.tolist() == [[0, 1, 2, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_ties_select_what_the_brute_force_selects(dtype):
+    """Two thirds of the rows and columns are zero vectors (+0 and -0), the rest score below them: the m best rows
+    and columns all tie, and so do most cells; the bisection route (m < n, no NaN) keeps them in index order."""
+    g = torch.Generator().manual_seed(3)
+    palette = torch.tensor([[0.0, 0.0], [-0.0, -0.0], [-1.0, -1.0]], dtype=dtype)
+    pattern = torch.arange(21) % 3
+    pick = lambda: torch.stack([pattern[torch.randperm(21, generator=g)] for _ in range(6)])  # noqa: E731
+    rows, cols = palette[pick()], palette[pick()]
+    cores = torch.rand(3, 2, 2, generator=g, dtype=dtype)
+    core_sum = cores.sum(-3)
+    u, v = tucker_rank1(core_sum)
+    assert (u > 0).all() and (v > 0).all()  # so a -0 vector projects to -0
+    i, j = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, knn=30, candidates=9)
+    ref_i, ref_j = brute_force(rows, cols, cores, 30, 9)
+    assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
 
 
 def test_a_nan_row_score_ranks_first_like_torch_topk():

@@ -10,8 +10,10 @@ For query ``q``: ``rows, cols (n, r)``, the core sum ``S (r, r)`` and its top si
 The same steps as the PyTorch path of :func:`~memzoo.ops.tucker_topk.tucker_topk` (three ``topk`` calls and four
 batched matmuls with inner sizes of ``r`` and ``m``, each a separate pass over ``(Q, ...)`` buffers), here in
 registers and a few ``m``-sized arrays per query: ``O(n·r + m·r² + m²·r + m²)`` work per query, no ``(Q, m, m)``
-buffer. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every number); equal values keep the
-lower index first. Sums are taken in index order, so a ranking that differs from PyTorch's only in the last bit can
+buffer. Each "best of" (m of n, knn of m²) bisects on the values' order-preserving integer keys with vectorised
+counts until few enough remain, keeps those in one (AVX-512 compress) pass and sorts them: about ``2n`` plus a sort
+of ``m`` or ``knn``, no insertion moves. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every
+number; a NaN takes an insertion buffer or partial sort instead); equal values keep the lower index first. Sums are taken in index order, so a ranking that differs from PyTorch's only in the last bit can
 choose the other of two near-tied cells (either is a top-``knn`` cell under float rounding).
 
 The kept cells' scores (:func:`cell_scores`, :func:`cell_scores_backward`): ``rows[i] · C_c · cols[j]`` for each cell
@@ -38,7 +40,12 @@ SOURCE = r"""
 #include <cstdint>
 #include <vector>
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 // a ranks before b: larger, NaN above every number (as torch.topk); ties: the lower index first
@@ -69,12 +76,79 @@ void best_of(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t
   std::copy(order.begin(), order.begin() + m, idx);
 }
 
+// Order-preserving integer keys: a > b as numbers iff key(a) > key(b), and -0 == +0 (the caller adds +0 first).
+inline int32_t order_key(float x) { const int32_t i = __builtin_bit_cast(int32_t, x); return i >= 0 ? i : i ^ 0x7fffffff; }
+inline int64_t order_key(double x) {
+  const int64_t i = __builtin_bit_cast(int64_t, x);
+  return i >= 0 ? i : i ^ 0x7fffffffffffffffLL;
+}
+
+// The positions c < n with key[c] >= bound into out (ascending; room for n + 16), returned: their count. AVX-512
+// compresses 16 keys a step; elsewhere a branch-free scalar loop.
+inline int64_t keep_at_least(const int32_t* key, int64_t n, int32_t bound, int32_t* out) {
+  int64_t size = 0, c = 0;
+#if defined(__AVX512F__)
+  const __m512i b = _mm512_set1_epi32(bound), step = _mm512_set1_epi32(16);
+  __m512i position = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; c + 16 <= n; c += 16) {
+    const __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(key + c), b);
+    // compress in a register and store all 16 lanes (out has 16 spare): a compressing store to memory is slow on
+    // some CPUs (microcoded on AMD Zen 4)
+    _mm512_storeu_si512(out + size, _mm512_maskz_compress_epi32(keep, position));
+    size += __builtin_popcount((unsigned)keep);
+    position = _mm512_add_epi32(position, step);
+  }
+#endif
+  for (; c < n; ++c) { out[size] = (int32_t)c; size += key[c] >= bound; }
+  return size;
+}
+inline int64_t keep_at_least(const int64_t* key, int64_t n, int64_t bound, int32_t* out) {
+  int64_t size = 0;
+  for (int64_t c = 0; c < n; ++c) { out[size] = (int32_t)c; size += key[c] >= bound; }
+  return size;
+}
+
+// The same m best as best_of, best first, found by value: bisection over the order-preserving keys (each step one
+// vectorised count over all n) until at most m + 16 keys are >= the bound (or the bound is exact), one compaction
+// pass that keeps those, and a sort of them by (key desc, index asc). A NaN anywhere takes best_of.
+template <typename T>
+void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>& order) {
+  typedef decltype(order_key(T(0))) K;
+  typedef typename std::make_unsigned<K>::type U;
+  int64_t nans = 0;
+  for (int64_t i = 0; i < n; ++i) nans += v[i] != v[i];
+  if (nans || m >= n) { best_of(v, n, m, idx, order); return; }
+  thread_local std::vector<K> keys;
+  keys.resize(n);
+  K lo = std::numeric_limits<K>::max(), hi = std::numeric_limits<K>::min();
+  for (int64_t i = 0; i < n; ++i) {
+    const K k = order_key(v[i] + T(0));
+    keys[i] = k;
+    lo = std::min(lo, k);
+    hi = std::max(hi, k);
+  }
+  const K* key = keys.data();
+  while (lo < hi) {  // invariant: at least m keys are >= lo, fewer than m are > hi
+    const K mid = (K)(lo + (K)(((U)hi - (U)lo + 1) / 2));
+    int32_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += key[i] >= mid;
+    if (count < m) { hi = mid - 1; continue; }
+    lo = mid;
+    if (count <= m + 16) break;
+  }
+  order.resize(n + 16);
+  int32_t* cand = order.data();
+  const int64_t size = keep_at_least(key, n, lo, cand);
+  std::sort(cand, cand + size, [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+  std::copy(cand, cand + m, idx);
+}
+
 template <typename T>
 void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, int64_t Q, int64_t n, int64_t r,
             int64_t m, int64_t knn, int64_t* out_i, int64_t* out_j, int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1 && Q > 1)
   {
-    std::vector<T> proj(n), rs(m * r), rank(m * m);
+    std::vector<T> proj(n), rs(m * r), rank(m * m), ct(r * m);
     std::vector<int32_t> bi(m), bj(m), best(knn), order;
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < Q; ++q) {
@@ -84,22 +158,27 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
       const T* uq = u + q * r;
       const T* vq = v + q * r;
       for (int64_t i = 0; i < n; ++i) { T s = T(0); for (int64_t a = 0; a < r; ++a) s += R[i * r + a] * uq[a]; proj[i] = s; }
-      best_of(proj.data(), n, m, bi.data(), order);
+      top_m(proj.data(), n, m, bi.data(), order);
       for (int64_t j = 0; j < n; ++j) { T s = T(0); for (int64_t b = 0; b < r; ++b) s += C[j * r + b] * vq[b]; proj[j] = s; }
-      best_of(proj.data(), n, m, bj.data(), order);
+      top_m(proj.data(), n, m, bj.data(), order);
       for (int64_t a = 0; a < m; ++a)  // rows[i_a] · S
         for (int64_t b = 0; b < r; ++b) {
           T s = T(0);
           for (int64_t c = 0; c < r; ++c) s += R[bi[a] * r + c] * Sq[c * r + b];
           rs[a * r + b] = s;
         }
-      for (int64_t a = 0; a < m; ++a)
-        for (int64_t b = 0; b < m; ++b) {
-          T s = T(0);
-          for (int64_t c = 0; c < r; ++c) s += rs[a * r + c] * C[bj[b] * r + c];
-          rank[a * m + b] = s;
+      for (int64_t c = 0; c < r; ++c)  // the kept columns transposed, (r, m): the ranking's loop over b vectorises
+        for (int64_t b = 0; b < m; ++b) ct[c * m + b] = C[bj[b] * r + c];
+      for (int64_t a = 0; a < m; ++a) {  // rank[a, b] = sum over c in order of rs[a, c] * cols[j_b, c]
+        T* out = rank.data() + a * m;
+        for (int64_t b = 0; b < m; ++b) out[b] = T(0);
+        for (int64_t c = 0; c < r; ++c) {
+          const T s = rs[a * r + c];
+          const T* col = ct.data() + c * m;
+          for (int64_t b = 0; b < m; ++b) out[b] += s * col[b];
         }
-      best_of(rank.data(), m * m, knn, best.data(), order);
+      }
+      top_m(rank.data(), m * m, knn, best.data(), order);
       for (int64_t t = 0; t < knn; ++t) {
         out_i[q * knn + t] = bi[best[t] / m];
         out_j[q * knn + t] = bj[best[t] % m];
