@@ -77,3 +77,24 @@ def test_layer_breakdown_times_every_part_and_the_table_derives_selection_and_re
               "layer_breakdown": {"pkm": {"layer_ms": 10.0, "dense_ffn_ms": 5.0, "query_ms": 1.0, "router_ms": 4.0,
                                           "read_ms": 5.0}}}
     assert "| pkm | 10.0 | 5.0 | 1.0 | 3.0 | 5.0 | 1.0 |" in bench.markdown(result)
+
+
+def test_paired_ratios_take_the_median_over_rounds_of_each_rounds_ratio(monkeypatch):
+    """Round by round each function's time over the base's; the median of those ratios, their spread, and the
+    table and target detail show both."""
+    times = iter([1.0, 2.0, 3.0,  # round 1: base, a, b
+                  2.0, 3.0, 2.0,  # round 2: the machine slows the base: a's ratio 1.5, b's 1.0
+                  1.0, 1.8, 3.3])
+    monkeypatch.setattr(bench, "timed", lambda fn, repeats, **kw: next(times))
+    out = bench.paired_ratios({"base": None, "a": None, "b": None}, "base", repeats=1, rounds=3)
+    assert out["a"]["ratio"] == pytest.approx(1.8) and out["a"]["spread"] == pytest.approx([1.5, 2.0])
+    assert out["b"]["ratio"] == pytest.approx(3.0) and out["b"]["spread"] == pytest.approx([1.0, 3.3])
+    assert out["base"]["ratio"] == 1.0 and out["a"]["ms"] == pytest.approx(2000.0)
+    row = {"ms": 1.0, "ratio_to_dense": 1.3, "ratio_spread": [1.2, 1.4], "cpu_ms": 1.0, "cpu_ratio_to_dense": 1.24,
+           "cpu_ratio_spread": [1.19, 1.30]}
+    result = {"machine": "test", "blocks": {"1": {"dense": dict(row, ratio_to_dense=1.0, cpu_ratio_to_dense=1.0),
+                                                  "memoryplus": row}}}
+    result["targets"] = bench.targets(result)
+    assert result["targets"][0]["met"]
+    assert result["targets"][0]["detail"] == "1.24x dense (CPU time, rounds 1.19–1.30; wall time 1.30x)"
+    assert "| memoryplus | 1.24 (1.19–1.30) | 1.30 (1.20–1.40) |" in bench.markdown(result)

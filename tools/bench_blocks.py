@@ -7,7 +7,9 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   equal forward FLOPs; dim 128, 4 layers, batch 12 × 64) and UltraMem, UltraMemV2 and Engram beside a narrowed FFN ("dense" with layers 1 and 3
   replaced at equal forward FLOPs, :data:`DENSE_VARIANTS`) at 1 and 2 threads; ratio = step time ÷ dense's. At 1
   thread both by wall time and by the compute thread's CPU time (the headline and the targets' measure: on a
-  shared machine it does not count the time other processes hold the core); at 2 threads by wall time. Beside it,
+  shared machine it does not count the time other processes hold the core); at 2 threads by wall time. Each ratio
+  is the median over ``--rounds`` paired rounds (every model's step timed in turn, divided by dense's of the same
+  round), with the rounds' min–max beside it. Beside it,
   where PKM's, Memory+'s and PEER's memory layer spends its time (:func:`layer_breakdown`: the layer, its query,
   selection and reads alone, and the dense FFN it replaces; fwd+bwd CPU time at 1 thread).
 - **topk** (CPU, 1 thread, CPU time of the thread): ``memzoo.ops.product_key_topk`` forward+backward at knn 32, heads 4, k_dim 96, 768
@@ -22,7 +24,7 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
   forward+backward against a dense SwiGLU FFN of equal forward FLOPs.
 
     python tools/bench_blocks.py [--device cpu|cuda] [--json docs/results/bench_blocks.json]
-        [--sections blocks,topk,lookup] [--models dense,engram,ultramem,ultramem_v2]
+        [--sections blocks,topk,lookup] [--models dense,engram,ultramem,ultramem_v2] [--repeats 10] [--rounds 5]
 
 The process runs with memzoo's allocator settings (:func:`memzoo.host_allocator.keep_freed_memory`, as every
 ``memzoo`` command). Writes the JSON (with a ``targets`` list: ``target``, ``met``, ``detail``) and a Markdown table
@@ -158,17 +160,42 @@ def train_step_fn(name: str, batch: torch.Tensor):
     return step
 
 
-def bench_blocks(threads: int, repeats: int, models=BLOCK_MODELS) -> dict:
+def paired_ratios(fns: dict, base: str, repeats: int, rounds: int, clock: str = "wall") -> dict:
+    """Each function's time over ``base``'s, paired by round: in every round each function's median of ``repeats``
+    calls (the functions in turn, so a slow stretch of a shared machine hits one round's functions alike) is divided
+    by ``base``'s of that round. ``{name: {"ms": median ms over rounds, "ratio": median ratio, "spread": [min, max]
+    ratio}}``."""
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(timed(fn, repeats, clock=clock))
+    out = {}
+    for name, times in per_round.items():
+        ratios = [t / b for t, b in zip(times, per_round[base])]
+        out[name] = {"ms": 1e3 * statistics.median(times), "ratio": statistics.median(ratios),
+                     "spread": [min(ratios), max(ratios)]}
+    return out
+
+
+def bench_blocks(threads: int, repeats: int, models=BLOCK_MODELS, rounds: int = 5) -> dict:
+    """Each model's training step over dense's at ``threads`` threads: wall time, and at one thread also the CPU
+    time of the compute thread (the headline), each the median over ``rounds`` paired rounds
+    (:func:`paired_ratios`) with the rounds' spread."""
     torch.set_num_threads(threads)
     batch = torch.randint(0, 256, (12, 65), generator=torch.Generator().manual_seed(0))
     steps = {name: train_step_fn(name, batch) for name in dict.fromkeys(("dense", *models))}
-    times = interleaved(steps, repeats)
-    rows = {name: {"ms": 1e3 * t, "ratio_to_dense": t / times["dense"]} for name, t in times.items()}
+    wall = paired_ratios(steps, "dense", repeats, rounds)
+    rows = {name: {"ms": m["ms"], "ratio_to_dense": m["ratio"], "ratio_spread": m["spread"]} for name, m in wall.items()}
     if threads == 1:  # all compute on this thread: its CPU time is the load-independent measure (the headline)
-        cpu = interleaved(steps, repeats, clock="thread")
-        for name, t in cpu.items():
-            rows[name].update(cpu_ms=1e3 * t, cpu_ratio_to_dense=t / cpu["dense"])
+        for name, m in paired_ratios(steps, "dense", repeats, rounds, clock="thread").items():
+            rows[name].update(cpu_ms=m["ms"], cpu_ratio_to_dense=m["ratio"], cpu_ratio_spread=m["spread"])
     return rows
+
+
+def _ratio_cell(row: dict, key: str) -> str:
+    """``1.24`` or, where the rounds' spread was recorded, ``1.24 (1.19–1.30)``."""
+    spread = row.get(key.replace("ratio_to_dense", "ratio_spread"))
+    return f"{row[key]:.2f}" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
 
 
 def headline_ratio(row: dict) -> float:
@@ -349,8 +376,11 @@ def targets(result: dict) -> list[dict]:
                 continue
             row = blocks[name]
             ratio = headline_ratio(row)
+            spread = row.get("cpu_ratio_spread" if "cpu_ratio_to_dense" in row else "ratio_spread")
+            rounds = f", rounds {spread[0]:.2f}–{spread[1]:.2f}" if spread else ""
             detail = f"{ratio:.2f}x dense" + (
-                f" (CPU time; wall time {row['ratio_to_dense']:.2f}x)" if "cpu_ratio_to_dense" in row else " (wall time)")
+                f" (CPU time{rounds}; wall time {row['ratio_to_dense']:.2f}x)" if "cpu_ratio_to_dense" in row
+                else f" (wall time{rounds})")
             out.append({"target": f"{name} training step <= {STEP_TARGET}x dense ({threads} thread(s), CPU)",
                         "met": ratio <= STEP_TARGET, "detail": detail})
     topk = result.get("topk_cpu", {})
@@ -379,11 +409,13 @@ def markdown(result: dict) -> str:
         lines += [f"## Training step at equal forward FLOPs, {threads} thread(s) (time ÷ dense)", ""]
         if cpu:
             lines += ["| model | ratio to dense (CPU time) | ratio to dense (wall time) |", "|---|---|---|"]
-            lines += [f"| {name} | {row['cpu_ratio_to_dense']:.2f} | {row['ratio_to_dense']:.2f} |"
+            lines += [f"| {name} | {_ratio_cell(row, 'cpu_ratio_to_dense')} | {_ratio_cell(row, 'ratio_to_dense')} |"
                       for name, row in blocks.items()]
         else:
             lines += ["| model | ratio to dense |", "|---|---|"]
-            lines += [f"| {name} | {row['ratio_to_dense']:.2f} |" for name, row in blocks.items()]
+            lines += [f"| {name} | {_ratio_cell(row, 'ratio_to_dense')} |" for name, row in blocks.items()]
+        if any("ratio_spread" in row for row in blocks.values()):
+            lines += ["", "Median of the paired rounds, (min–max) over the rounds."]
         lines.append("")
     for key, title in (("topk_cpu", "CPU, 1 thread"), ("topk_cuda", "CUDA")):
         if key not in result:
@@ -428,7 +460,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "bench_blocks.json")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (their median)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="paired rounds of the blocks section (its ratios: the median over rounds)")
     parser.add_argument("--n-keys", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--sections", default="blocks,topk,lookup", help="comma list of: blocks, topk, lookup")
     parser.add_argument("--models", default=",".join(BLOCK_MODELS),
@@ -445,7 +479,7 @@ def main(argv=None) -> dict:
     result: dict = {"machine": f"torch {torch.__version__}, {args.device}"}
     if args.device == "cpu":
         if "blocks" in sections:
-            result["blocks"] = {str(t): bench_blocks(t, args.repeats, models) for t in (1, 2)}
+            result["blocks"] = {str(t): bench_blocks(t, args.repeats, models, args.rounds) for t in (1, 2)}
             result["layer_breakdown"] = {name: layer_breakdown(name, args.repeats) for name in BREAKDOWN_MODELS
                                          if name in models}
         if "topk" in sections:
