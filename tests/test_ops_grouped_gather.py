@@ -32,7 +32,9 @@ def make(B=5, K=7, N=6, D=8, M=2, S=3, dtype=torch.float64, seed=0):
     return values, indices, groups, weights
 
 
-CASES = [dict(), dict(M=1, S=1), dict(M=4, S=4, D=8), dict(K=1, S=2), dict(B=3, K=5, N=2, M=2, S=2)]
+#: D=208, M=2 and D=72, M=3: whole register tiles of the forward, single vectors after them (float32 and float64)
+CASES = [dict(), dict(M=1, S=1), dict(M=4, S=4, D=8), dict(K=1, S=2), dict(B=3, K=5, N=2, M=2, S=2),
+         dict(D=208, M=2, S=4), dict(D=72, M=3, K=9)]
 
 
 @pytest.mark.parametrize("kernels", ["cpp", "pytorch"])

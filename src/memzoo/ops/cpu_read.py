@@ -158,7 +158,7 @@ void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, c
         const int64_t first = start[s], last = start[s + 1];
         int64_t d0 = 0;
         if (vector_chunks) {
-          for (; d0 + TILE * L <= D; d0 += TILE * L) {
+          for (; d0 + TILE * L <= D; d0 += TILE * L) {  // whole tiles of TILE vectors
             V acc[TILE] = {};
             int64_t chunk[TILE];
             for (int v = 0; v < TILE; ++v) chunk[v] = (d0 + v * L) / width;
@@ -174,12 +174,22 @@ void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, c
             }
             for (int v = 0; v < TILE; ++v) *(V*)(o + d0 + v * L) = acc[v];
           }
+          for (; d0 + L <= D; d0 += L) {  // the vectors left, one at a time
+            V acc = {};
+            const int64_t chunk = d0 / width;
+            for (int64_t m = first; m < last; ++m) {
+              const int64_t p = b * K + members[m];
+              acc += w[p * M + chunk] * *(const V*)(values + idx[p] * D + d0);
+            }
+            *(V*)(o + d0) = acc;
+          }
         }
         for (int64_t d = d0; d < D; ++d) {  // the columns left (all of them when chunks split vectors)
+          const int64_t chunk = d / width;
           T acc = T(0);
           for (int64_t m = first; m < last; ++m) {
             const int64_t p = b * K + members[m];
-            acc += w[p * M + d / width] * values[idx[p] * D + d];
+            acc += w[p * M + chunk] * values[idx[p] * D + d];
           }
           o[d] = acc;
         }
