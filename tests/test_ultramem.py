@@ -315,3 +315,23 @@ def test_memory_parallelism_refuses_ultramem_by_layer():
                                                 "knn": 2, "heads": 1}}))
     with pytest.raises(MemoryParallelError, match=r"layers\.1\.ffn \(UltraMem\) indexes its table directly.*ddp"):
         check_memory_parallel(model, 1, 1)
+
+
+@pytest.mark.parametrize("update", ["dense", "sparse"])
+def test_compiled_block_matches_eager_through_the_grouped_read(update):
+    """``torch.compile(fullgraph=True)`` traces the grouped read (a custom op with a fake implementation; a sparse
+    table's backward has a data-dependent row count): output and every gradient as in eager mode."""
+    torch.manual_seed(0)
+    block = UltraMem(DIM, n_keys=4, value_dim=6, value_expand=4, value_rows=4, heads=2, knn=3, k_dim=4, cores=2,
+                     candidates=3, update=update)
+    x = torch.randn(2, 5, DIM)
+    eager = block(x)
+    eager.pow(2).sum().backward()
+    want = {name: p.grad.to_dense().clone() for name, p in block.named_parameters()}
+    block.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    out = torch.compile(block, fullgraph=True)(x)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(p.grad.to_dense(), want[name], rtol=1e-4, atol=1e-6, msg=name)
