@@ -108,8 +108,23 @@ inline int64_t keep_at_least(const int64_t* key, int64_t n, int64_t bound, int32
   return size;
 }
 
+// idx[0..m) = the m best of the candidates cand[0..size) (size >= m), best first: by key desc, then index asc.
+// 32-bit keys sort as packed 64-bit integers (key flipped above, index below: one integer compare each).
+inline void sort_best_first(const int32_t* key, int32_t* cand, int64_t size, int64_t m, int32_t* idx) {
+  thread_local std::vector<uint64_t> packed;
+  packed.resize(size);
+  for (int64_t c = 0; c < size; ++c)
+    packed[c] = ((uint64_t)~((uint32_t)key[cand[c]] ^ 0x80000000u) << 32) | (uint32_t)cand[c];
+  std::sort(packed.begin(), packed.end());
+  for (int64_t t = 0; t < m; ++t) idx[t] = (int32_t)(packed[t] & 0xffffffffu);
+}
+inline void sort_best_first(const int64_t* key, int32_t* cand, int64_t size, int64_t m, int32_t* idx) {
+  std::sort(cand, cand + size, [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+  std::copy(cand, cand + m, idx);
+}
+
 // The same m best as best_of, best first, found by value: bisection over the order-preserving keys (each step one
-// vectorised count over all n) until at most m + 16 keys are >= the bound (or the bound is exact), one compaction
+// vectorised count over all n) until at most m + 4 keys are >= the bound (or the bound is exact), one compaction
 // pass that keeps those, and a sort of them by (key desc, index asc). A NaN anywhere takes best_of.
 template <typename T>
 void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>& order) {
@@ -134,13 +149,12 @@ void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>&
     for (int64_t i = 0; i < n; ++i) count += key[i] >= mid;
     if (count < m) { hi = mid - 1; continue; }
     lo = mid;
-    if (count <= m + 16) break;
+    if (count <= m + 4) break;
   }
   order.resize(n + 16);
   int32_t* cand = order.data();
   const int64_t size = keep_at_least(key, n, lo, cand);
-  std::sort(cand, cand + size, [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
-  std::copy(cand, cand + m, idx);
+  sort_best_first(key, cand, size, m, idx);
 }
 
 template <typename T>
