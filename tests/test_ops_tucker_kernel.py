@@ -55,6 +55,8 @@ def test_the_tucker_kernel_builds_here():
     ((2, 3), (3,), 40, 3, 20, 32),    # per-head cores, knn > 16
     ((2,), (), 80, 2, 70, 100),       # m > 64: the partial sort
     ((7, 1), (1,), 9, 1, 9, 81),      # rank 1, every candidate, every cell
+    ((3,), (), 16, 4, 6, 10),         # rank 4: the last compile-time rank of the projections
+    ((3,), (), 16, 5, 6, 10),         # rank 5: the projections' general loop
 ])
 def test_the_kernel_selects_what_the_brute_force_selects(lead, cores_lead, n, r, m, knn, dtype):
     rows, cols, cores = selection_inputs(lead, n, r, cores_lead, dtype)

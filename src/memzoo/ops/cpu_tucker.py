@@ -130,7 +130,7 @@ template <typename T>
 void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>& order) {
   typedef decltype(order_key(T(0))) K;
   typedef typename std::make_unsigned<K>::type U;
-  int64_t nans = 0;
+  int32_t nans = 0;
   for (int64_t i = 0; i < n; ++i) nans += v[i] != v[i];
   if (nans || m >= n) { best_of(v, n, m, idx, order); return; }
   thread_local std::vector<K> keys;
@@ -157,6 +157,26 @@ void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>&
   sort_best_first(key, cand, size, m, idx);
 }
 
+// out[i] = X[i, :] . w for X (n, r) row-major, summed in order a = 0..r-1 from +0; a compile-time r for r <= 4, so
+// the loop over i vectorises (interleaved loads) instead of running scalar per element.
+template <int Rank, typename T> inline void project_fixed(const T* X, const T* w, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    T s = T(0);
+    for (int a = 0; a < Rank; ++a) s += X[i * Rank + a] * w[a];
+    out[i] = s;
+  }
+}
+template <typename T> inline void project(const T* X, const T* w, int64_t n, int64_t r, T* out) {
+  switch (r) {
+    case 1: project_fixed<1>(X, w, n, out); return;
+    case 2: project_fixed<2>(X, w, n, out); return;
+    case 3: project_fixed<3>(X, w, n, out); return;
+    case 4: project_fixed<4>(X, w, n, out); return;
+    default:
+      for (int64_t i = 0; i < n; ++i) { T s = T(0); for (int64_t a = 0; a < r; ++a) s += X[i * r + a] * w[a]; out[i] = s; }
+  }
+}
+
 template <typename T>
 void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, int64_t Q, int64_t n, int64_t r,
             int64_t m, int64_t knn, int64_t* out_i, int64_t* out_j, int threads) {
@@ -171,9 +191,9 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
       const T* Sq = S + q * r * r;
       const T* uq = u + q * r;
       const T* vq = v + q * r;
-      for (int64_t i = 0; i < n; ++i) { T s = T(0); for (int64_t a = 0; a < r; ++a) s += R[i * r + a] * uq[a]; proj[i] = s; }
+      project(R, uq, n, r, proj.data());
       top_m(proj.data(), n, m, bi.data(), order);
-      for (int64_t j = 0; j < n; ++j) { T s = T(0); for (int64_t b = 0; b < r; ++b) s += C[j * r + b] * vq[b]; proj[j] = s; }
+      project(C, vq, n, r, proj.data());
       top_m(proj.data(), n, m, bj.data(), order);
       for (int64_t a = 0; a < m; ++a)  // rows[i_a] · S
         for (int64_t b = 0; b < r; ++b) {
