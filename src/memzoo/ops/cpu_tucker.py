@@ -177,6 +177,32 @@ template <typename T> inline void project(const T* X, const T* w, int64_t n, int
   }
 }
 
+// rank[a, b] = sum over c = 0..r-1 in order (from +0) of rs[a, c] * ct[c, b], for rs (m, r) and ct (r, m): the
+// loop over b vectorises; with a compile-time r (<= 4) each sum stays in a register across c.
+template <int Rank, typename T> inline void rank_fixed(const T* rs, const T* ct, int64_t m, T* rank) {
+  for (int64_t a = 0; a < m; ++a)
+    for (int64_t b = 0; b < m; ++b) {
+      T acc = T(0);
+      for (int c = 0; c < Rank; ++c) acc += rs[a * Rank + c] * ct[c * m + b];
+      rank[a * m + b] = acc;
+    }
+}
+template <typename T> inline void rank_cells(const T* rs, const T* ct, int64_t m, int64_t r, T* rank) {
+  switch (r) {
+    case 1: rank_fixed<1>(rs, ct, m, rank); return;
+    case 2: rank_fixed<2>(rs, ct, m, rank); return;
+    case 3: rank_fixed<3>(rs, ct, m, rank); return;
+    case 4: rank_fixed<4>(rs, ct, m, rank); return;
+    default:
+      for (int64_t a = 0; a < m; ++a) {
+        T* out = rank + a * m;
+        for (int64_t b = 0; b < m; ++b) out[b] = T(0);
+        for (int64_t c = 0; c < r; ++c)
+          for (int64_t b = 0; b < m; ++b) out[b] += rs[a * r + c] * ct[c * m + b];
+      }
+  }
+}
+
 template <typename T>
 void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, int64_t Q, int64_t n, int64_t r,
             int64_t m, int64_t knn, int64_t* out_i, int64_t* out_j, int threads) {
@@ -203,15 +229,7 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
         }
       for (int64_t c = 0; c < r; ++c)  // the kept columns transposed, (r, m): the ranking's loop over b vectorises
         for (int64_t b = 0; b < m; ++b) ct[c * m + b] = C[bj[b] * r + c];
-      for (int64_t a = 0; a < m; ++a) {  // rank[a, b] = sum over c in order of rs[a, c] * cols[j_b, c]
-        T* out = rank.data() + a * m;
-        for (int64_t b = 0; b < m; ++b) out[b] = T(0);
-        for (int64_t c = 0; c < r; ++c) {
-          const T s = rs[a * r + c];
-          const T* col = ct.data() + c * m;
-          for (int64_t b = 0; b < m; ++b) out[b] += s * col[b];
-        }
-      }
+      rank_cells(rs.data(), ct.data(), m, r, rank.data());
       top_m(rank.data(), m * m, knn, best.data(), order);
       for (int64_t t = 0; t < knn; ++t) {
         out_i[q * knn + t] = bi[best[t] / m];
