@@ -157,50 +157,38 @@ void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>&
   sort_best_first(key, cand, size, m, idx);
 }
 
-// out[i] = X[i, :] . w for X (n, r) row-major, summed in order a = 0..r-1 from +0; a compile-time r for r <= 4, so
-// the loop over i vectorises (interleaved loads) instead of running scalar per element.
-template <int Rank, typename T> inline void project_fixed(const T* X, const T* w, int64_t n, T* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    T s = T(0);
-    for (int a = 0; a < Rank; ++a) s += X[i * Rank + a] * w[a];
-    out[i] = s;
-  }
-}
-template <typename T> inline void project(const T* X, const T* w, int64_t n, int64_t r, T* out) {
+// Calls body(std::integral_constant<int, r>) for a rank r of 1 to 4, else body(std::integral_constant<int, 0>) (the
+// rank known only at run time): the loops below then vectorise with a constant stride and keep their sums in
+// registers.
+template <typename Body> inline void with_rank(int64_t r, Body&& body) {
   switch (r) {
-    case 1: project_fixed<1>(X, w, n, out); return;
-    case 2: project_fixed<2>(X, w, n, out); return;
-    case 3: project_fixed<3>(X, w, n, out); return;
-    case 4: project_fixed<4>(X, w, n, out); return;
-    default:
-      for (int64_t i = 0; i < n; ++i) { T s = T(0); for (int64_t a = 0; a < r; ++a) s += X[i * r + a] * w[a]; out[i] = s; }
+    case 1: body(std::integral_constant<int, 1>{}); return;
+    case 2: body(std::integral_constant<int, 2>{}); return;
+    case 3: body(std::integral_constant<int, 3>{}); return;
+    case 4: body(std::integral_constant<int, 4>{}); return;
+    default: body(std::integral_constant<int, 0>{});
   }
 }
 
-// rank[a, b] = sum over c = 0..r-1 in order (from +0) of rs[a, c] * ct[c, b], for rs (m, r) and ct (r, m): the
-// loop over b vectorises; with a compile-time r (<= 4) each sum stays in a register across c.
-template <int Rank, typename T> inline void rank_fixed(const T* rs, const T* ct, int64_t m, T* rank) {
+// out[i] = X[i, :] . w for X (n, r) row-major, summed in order a = 0..r-1 from +0 (Rank: r, or 0 for a run-time r).
+template <int Rank, typename T> inline void project(const T* X, const T* w, int64_t n, int64_t r_any, T* out) {
+  const int64_t r = Rank > 0 ? Rank : r_any;
+  for (int64_t i = 0; i < n; ++i) {
+    T s = T(0);
+    for (int64_t a = 0; a < r; ++a) s += X[i * r + a] * w[a];
+    out[i] = s;
+  }
+}
+
+// rank[a, b] = sum over c = 0..r-1 in order (from +0) of rs[a, c] * ct[c, b], for rs (m, r) and ct (r, m).
+template <int Rank, typename T> inline void rank_cells(const T* rs, const T* ct, int64_t m, int64_t r_any, T* rank) {
+  const int64_t r = Rank > 0 ? Rank : r_any;
   for (int64_t a = 0; a < m; ++a)
     for (int64_t b = 0; b < m; ++b) {
       T acc = T(0);
-      for (int c = 0; c < Rank; ++c) acc += rs[a * Rank + c] * ct[c * m + b];
+      for (int64_t c = 0; c < r; ++c) acc += rs[a * r + c] * ct[c * m + b];
       rank[a * m + b] = acc;
     }
-}
-template <typename T> inline void rank_cells(const T* rs, const T* ct, int64_t m, int64_t r, T* rank) {
-  switch (r) {
-    case 1: rank_fixed<1>(rs, ct, m, rank); return;
-    case 2: rank_fixed<2>(rs, ct, m, rank); return;
-    case 3: rank_fixed<3>(rs, ct, m, rank); return;
-    case 4: rank_fixed<4>(rs, ct, m, rank); return;
-    default:
-      for (int64_t a = 0; a < m; ++a) {
-        T* out = rank + a * m;
-        for (int64_t b = 0; b < m; ++b) out[b] = T(0);
-        for (int64_t c = 0; c < r; ++c)
-          for (int64_t b = 0; b < m; ++b) out[b] += rs[a * r + c] * ct[c * m + b];
-      }
-  }
 }
 
 template <typename T>
@@ -217,9 +205,9 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
       const T* Sq = S + q * r * r;
       const T* uq = u + q * r;
       const T* vq = v + q * r;
-      project(R, uq, n, r, proj.data());
+      with_rank(r, [&](auto k) { project<decltype(k)::value>(R, uq, n, r, proj.data()); });
       top_m(proj.data(), n, m, bi.data(), order);
-      project(C, vq, n, r, proj.data());
+      with_rank(r, [&](auto k) { project<decltype(k)::value>(C, vq, n, r, proj.data()); });
       top_m(proj.data(), n, m, bj.data(), order);
       for (int64_t a = 0; a < m; ++a)  // rows[i_a] · S
         for (int64_t b = 0; b < r; ++b) {
@@ -229,7 +217,7 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
         }
       for (int64_t c = 0; c < r; ++c)  // the kept columns transposed, (r, m): the ranking's loop over b vectorises
         for (int64_t b = 0; b < m; ++b) ct[c * m + b] = C[bj[b] * r + c];
-      rank_cells(rs.data(), ct.data(), m, r, rank.data());
+      with_rank(r, [&](auto k) { rank_cells<decltype(k)::value>(rs.data(), ct.data(), m, r, rank.data()); });
       top_m(rank.data(), m * m, knn, best.data(), order);
       for (int64_t t = 0; t < knn; ++t) {
         out_i[q * knn + t] = bi[best[t] / m];
