@@ -169,7 +169,8 @@ def test_the_read_costs_what_flops_per_token_says(update, cores, value_expand):
     K, D = 6, 6
     assert block._read_flops() == 2 * K * D
     # the op's cost counted from what it is handed: 2 per multiply-add over every (position, column)
-    formulas = {torch.ops.memzoo.grouped_weighted_gather: lambda values, indices, *_, **__: 2 * indices.numel() * values[1]}
+    formulas = {torch.ops.memzoo.grouped_weighted_gather:
+                lambda values, indices, *_, **__: 2 * indices.numel() * values[1]}
     rows, groups, scores = block.router(torch.randn(5, DIM))
     with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         block.grouped_read(block.pool.values, rows, groups, scores)

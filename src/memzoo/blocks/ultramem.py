@@ -139,8 +139,9 @@ class _TuckerMemory(ReadsPool, Block):
         pool = self.pool
         if pool.sharded_read is not None or pool.on_host:
             raise NotImplementedError(
-                f"{type(self).__name__} reads its table directly (a grouped multi-core read), which a memory-parallel (column-sharded) "
-                f"or host-resident table does not support; train it unsharded with table_device: accelerator"
+                f"{type(self).__name__} reads its table directly (a grouped multi-core read), which a "
+                f"memory-parallel (column-sharded) or host-resident table does not support; train it unsharded with "
+                f"table_device: accelerator"
             )
         E = self.value_expand
         groups = groups if E > 1 else torch.zeros_like(rows)  # one projection: every slot in group 0

@@ -129,6 +129,29 @@ void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int6
     }
 }
 
+// out[d0 + v·L ...] for NV vectors of columns = Σ over the group's positions j of w[j, chunk] · values[idx[j]] there
+// (members: the group's positions in the bag, w: the bag's (K, M) weights), summed in NV vector registers; with
+// prefetch_bytes > 0 the row two members ahead is prefetched.
+template <int NV, typename T>
+inline void group_columns(const T* values, const int64_t* idx, const int64_t* members, int64_t count, const T* w,
+                          int64_t M, int64_t width, int64_t D, int64_t d0, int64_t prefetch_bytes, T* out) {
+  typedef typename Simd<T>::V V;
+  constexpr int L = Simd<T>::L;
+  V acc[NV] = {};
+  int64_t chunk[NV];
+  for (int v = 0; v < NV; ++v) chunk[v] = (d0 + v * L) / width;
+  for (int64_t m = 0; m < count; ++m) {
+    const int64_t j = members[m];
+    if (prefetch_bytes > 0 && m + 2 < count) {
+      const char* next = (const char*)(values + idx[members[m + 2]] * D);
+      for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
+    }
+    const T* row = values + idx[j] * D + d0;
+    for (int v = 0; v < NV; ++v) acc[v] += w[j * M + chunk[v]] * *(const V*)(row + v * L);
+  }
+  for (int v = 0; v < NV; ++v) *(V*)(out + d0 + v * L) = acc[v];
+}
+
 // Grouped multi-chunk read, bags in parallel: the bag's K positions are bucketed by group (a counting sort of
 // K), then each group's output is summed in vector registers tile by tile (8 vectors of columns at a time) over
 // its positions, chunk c (width D/M) of a row weighted by w[p, c]; a group no position names is written as zeros.
@@ -136,7 +159,6 @@ void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int6
 template <typename T>
 void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, const T* w, int64_t B, int64_t K,
                     int64_t G, int64_t M, int64_t D, T* out, int threads) {
-  typedef typename Simd<T>::V V;
   constexpr int L = Simd<T>::L, TILE = 8;
   const int64_t width = D / M;
   const bool vector_chunks = width % L == 0;  // every vector of a row lies in one chunk
@@ -158,31 +180,12 @@ void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, c
         const int64_t first = start[s], last = start[s + 1];
         int64_t d0 = 0;
         if (vector_chunks) {
-          for (; d0 + TILE * L <= D; d0 += TILE * L) {  // whole tiles of TILE vectors
-            V acc[TILE] = {};
-            int64_t chunk[TILE];
-            for (int v = 0; v < TILE; ++v) chunk[v] = (d0 + v * L) / width;
-            for (int64_t m = first; m < last; ++m) {
-              const int64_t p = b * K + members[m];
-              if (d0 == 0 && m + 2 < last) {
-                const char* next = (const char*)(values + idx[b * K + members[m + 2]] * D);
-                for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
-              }
-              const T* row = values + idx[p] * D + d0;
-              const T* wp = w + p * M;
-              for (int v = 0; v < TILE; ++v) acc[v] += wp[chunk[v]] * *(const V*)(row + v * L);
-            }
-            for (int v = 0; v < TILE; ++v) *(V*)(o + d0 + v * L) = acc[v];
-          }
-          for (; d0 + L <= D; d0 += L) {  // the vectors left, one at a time
-            V acc = {};
-            const int64_t chunk = d0 / width;
-            for (int64_t m = first; m < last; ++m) {
-              const int64_t p = b * K + members[m];
-              acc += w[p * M + chunk] * *(const V*)(values + idx[p] * D + d0);
-            }
-            *(V*)(o + d0) = acc;
-          }
+          for (; d0 + TILE * L <= D; d0 += TILE * L)  // whole tiles of TILE vectors, then single vectors
+            group_columns<TILE>(values, idx + b * K, members.data() + first, last - first, w + b * K * M, M, width, D,
+                                d0, d0 == 0 ? prefetch_bytes : 0, o);
+          for (; d0 + L <= D; d0 += L)
+            group_columns<1>(values, idx + b * K, members.data() + first, last - first, w + b * K * M, M, width, D,
+                             d0, 0, o);
         }
         for (int64_t d = d0; d < D; ++d) {  // the columns left (all of them when chunks split vectors)
           const int64_t chunk = d / width;
@@ -231,7 +234,7 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
                  const int64_t* run_start, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, T* sums,
                  T* dense, T* dots, int64_t dots_from, const int64_t* group, int64_t Gs, int64_t M, int threads) {
   const Divider bag(K);
-  const int64_t width = D / M;
+  const int64_t chunks = Grouped ? M : 1, width = D / chunks;  // plain: one chunk, a constant the loops fold
   if (dense != nullptr) huge_pages(dense, N * D * (int64_t)sizeof(T));
   else huge_pages(sums, U * D * (int64_t)sizeof(T));
   const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);  // the hardware streams the rest
@@ -249,28 +252,17 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
       }
       for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
         const int64_t p = order[q];
-        if (!Grouped) {
-          const T* __restrict s = src + bag.div(p) * D;
-          const T wp = w[p];
-          if (q == run_start[u]) {
-            for (int64_t d = 0; d < D; ++d) acc[d] = wp * s[d];
-          } else {
-            for (int64_t d = 0; d < D; ++d) acc[d] += wp * s[d];
-          }
-          if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
-          continue;
-        }
-        if (q + 4 < run_start[U]) {  // a source row a few positions on: from a (B, S, D) gradient, rarely in L2
+        if (Grouped && q + 4 < run_start[U]) {  // a source row a few positions on: from a (B, S, D) gradient
           const int64_t next = order[q + 4];
           const char* ahead = (const char*)(src + (bag.div(next) * Gs + group[next]) * D);
           for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(ahead + byte);
         }
-        const T* s = src + (bag.div(p) * Gs + group[p]) * D;
-        for (int64_t c = 0; c < M; ++c) {
+        const T* s = src + (Grouped ? bag.div(p) * Gs + group[p] : bag.div(p)) * D;
+        for (int64_t c = 0; c < chunks; ++c) {
           const int64_t lo = c * width;
-          if (q == run_start[u]) axpy<true>(acc + lo, w[p * M + c], s + lo, width);
-          else axpy<false>(acc + lo, w[p * M + c], s + lo, width);
-          if (row != nullptr && p >= dots_from) dots[(p - dots_from) * M + c] = dot(row + lo, s + lo, width);
+          if (q == run_start[u]) axpy<true>(acc + lo, w[p * chunks + c], s + lo, width);
+          else axpy<false>(acc + lo, w[p * chunks + c], s + lo, width);
+          if (row != nullptr && p >= dots_from) dots[(p - dots_from) * chunks + c] = dot(row + lo, s + lo, width);
         }
       }
     }

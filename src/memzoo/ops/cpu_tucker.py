@@ -13,8 +13,9 @@ registers and a few ``m``-sized arrays per query: ``O(n·r + m·r² + m²·r + m
 buffer. Each "best of" (m of n, knn of m²) bisects on the values' order-preserving integer keys with vectorised
 counts until few enough remain, keeps those in one (AVX-512 compress) pass and sorts them: about ``2n`` plus a sort
 of ``m`` or ``knn``, no insertion moves. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every
-number; a NaN takes an insertion buffer or partial sort instead); equal values keep the lower index first. Sums are taken in index order, so a ranking that differs from PyTorch's only in the last bit can
-choose the other of two near-tied cells (either is a top-``knn`` cell under float rounding).
+number; a NaN takes an insertion buffer or partial sort instead); equal values keep the lower index first. Sums are
+taken in index order, so a ranking that differs from PyTorch's only in the last bit can choose the other of two
+near-tied cells (either is a top-``knn`` cell under float rounding).
 
 The kept cells' scores (:func:`cell_scores`, :func:`cell_scores_backward`): ``rows[i] · C_c · cols[j]`` for each cell
 and core, and the gradients in rows, cols and cores, in one pass over the ``Q·knn`` cells each; in PyTorch ops they
@@ -77,34 +78,33 @@ void best_of(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t
 }
 
 // Order-preserving integer keys: a > b as numbers iff key(a) > key(b), and -0 == +0 (the caller adds +0 first).
-inline int32_t order_key(float x) { const int32_t i = __builtin_bit_cast(int32_t, x); return i >= 0 ? i : i ^ 0x7fffffff; }
+inline int32_t order_key(float x) {
+  const int32_t i = __builtin_bit_cast(int32_t, x);
+  return i >= 0 ? i : i ^ 0x7fffffff;
+}
 inline int64_t order_key(double x) {
   const int64_t i = __builtin_bit_cast(int64_t, x);
   return i >= 0 ? i : i ^ 0x7fffffffffffffffLL;
 }
 
-// The positions c < n with key[c] >= bound into out (ascending; room for n + 16), returned: their count. AVX-512
-// compresses 16 keys a step; elsewhere a branch-free scalar loop.
-inline int64_t keep_at_least(const int32_t* key, int64_t n, int32_t bound, int32_t* out) {
+// The positions c < n with key[c] >= bound into out (ascending; room for n + 16), returned: their count. 32-bit
+// keys with AVX-512: 16 a step (compressed in a register and stored whole: a compressing store to memory is slow on
+// some CPUs, microcoded on AMD Zen 4); the rest by a branch-free scalar loop.
+template <typename K> inline int64_t keep_at_least(const K* key, int64_t n, K bound, int32_t* out) {
   int64_t size = 0, c = 0;
 #if defined(__AVX512F__)
-  const __m512i b = _mm512_set1_epi32(bound), step = _mm512_set1_epi32(16);
-  __m512i position = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (; c + 16 <= n; c += 16) {
-    const __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(key + c), b);
-    // compress in a register and store all 16 lanes (out has 16 spare): a compressing store to memory is slow on
-    // some CPUs (microcoded on AMD Zen 4)
-    _mm512_storeu_si512(out + size, _mm512_maskz_compress_epi32(keep, position));
-    size += __builtin_popcount((unsigned)keep);
-    position = _mm512_add_epi32(position, step);
+  if constexpr (sizeof(K) == 4) {
+    const __m512i b = _mm512_set1_epi32(bound), step = _mm512_set1_epi32(16);
+    __m512i position = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; c + 16 <= n; c += 16) {
+      const __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(key + c), b);
+      _mm512_storeu_si512(out + size, _mm512_maskz_compress_epi32(keep, position));
+      size += __builtin_popcount((unsigned)keep);
+      position = _mm512_add_epi32(position, step);
+    }
   }
 #endif
   for (; c < n; ++c) { out[size] = (int32_t)c; size += key[c] >= bound; }
-  return size;
-}
-inline int64_t keep_at_least(const int64_t* key, int64_t n, int64_t bound, int32_t* out) {
-  int64_t size = 0;
-  for (int64_t c = 0; c < n; ++c) { out[size] = (int32_t)c; size += key[c] >= bound; }
   return size;
 }
 

@@ -115,6 +115,15 @@ def _reference_grads(grad_out: Tensor, indices: Tensor, groups: Tensor, weights:
     return grad_rows, grad_weights
 
 
+def _rows_to_table_grad(indices: Tensor, grad_rows: Tensor, values: Tensor, sparse: bool) -> Tensor:
+    """The table's gradient from each position's row gradient ``grad_rows (B·K, D)``: a sparse COO tensor (not
+    coalesced) or a dense ``(N, D)`` one; differentiable."""
+    flat = indices.reshape(-1)
+    if sparse:
+        return torch.sparse_coo_tensor(flat.unsqueeze(0), grad_rows, values.shape, check_invariants=False)
+    return values.new_zeros(values.shape).index_add(0, flat, grad_rows)
+
+
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
@@ -123,8 +132,9 @@ def _grouped_gather(values: Tensor, indices: Tensor, groups: Tensor, weights: Te
                     sparse_grad: bool) -> Tensor:
     """``(N, D), (B, K), (B, K), (B, K, M) -> (B, S, D)``."""
     _check_index_range(OP, indices, values.shape[0])
-    _check_group_range(groups, n_groups)
-    values, indices, groups, weights = values.contiguous(), indices.contiguous(), groups.contiguous(), weights.contiguous()
+    _check_index_range(OP, groups, n_groups, name="group", limit=f"n_groups={n_groups}")
+    values, indices = values.contiguous(), indices.contiguous()
+    groups, weights = groups.contiguous(), weights.contiguous()
     if cpu_read_supports(values, weights):
         return cpu_grouped_gather(values, indices, groups, weights, n_groups)
     return _reference(values, indices, groups, weights, n_groups)
@@ -147,12 +157,11 @@ def _grouped_gather_backward_op(grad_out: Tensor, indices: Tensor, groups: Tenso
                                                           groups=groups)
         return (indices.new_empty(0) if rows is None else rows), grad_values, grad_weights
     grad_rows, grad_weights = _reference_grads(grad_out, indices, groups, weights, values)
-    flat = indices.reshape(-1)
+    grad_values = _rows_to_table_grad(indices, grad_rows, values, sparse=not dense)
     if dense:
-        grad_values = values.new_zeros(values.shape).index_add_(0, flat, grad_rows)
         return indices.new_empty(0), grad_values, grad_weights
-    grad = torch.sparse_coo_tensor(flat.unsqueeze(0), grad_rows, values.shape, check_invariants=False).coalesce()
-    return grad.indices()[0], grad.values(), grad_weights
+    grad_values = grad_values.coalesce()
+    return grad_values.indices()[0], grad_values.values(), grad_weights
 
 
 @_grouped_gather_backward_op.register_fake
@@ -162,20 +171,6 @@ def _(grad_out, indices, groups, weights, values, dense):
         return indices.new_empty(0), values.new_empty(values.shape), grad_weights
     n_rows_used = torch.library.get_ctx().new_dynamic_size()
     return indices.new_empty(n_rows_used), values.new_empty(n_rows_used, values.shape[1]), grad_weights
-
-
-def _check_group_range(groups: Tensor, n_groups: int) -> None:
-    """As :func:`memzoo.ops.sparse_gather._check_index_range`, for the groups (message names them)."""
-    if groups.numel() == 0:
-        return
-    low, high = torch.aminmax(groups)
-    if groups.is_cuda:
-        torch._assert_async((low >= 0) & (high < n_groups), f"{OP}: a group is out of range; valid: [0, {n_groups - 1}]")
-        return
-    low, high = int(low), int(high)
-    if low < 0 or high >= n_groups:
-        raise IndexError(f"{OP}: group {low if low < 0 else high} is out of range for n_groups={n_groups}; valid: "
-                         f"[0, {n_groups - 1}]")
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -192,13 +187,7 @@ def _backward(ctx, grad_out):
     need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     if torch.is_grad_enabled():  # create_graph: the differentiable reference, so the gradients have a graph
         grad_rows, grad_weights = _reference_grads(grad_out, indices, groups, weights, values)
-        grad_values = None
-        if need_values:
-            flat = indices.reshape(-1)
-            if ctx.sparse_grad:
-                grad_values = torch.sparse_coo_tensor(flat.unsqueeze(0), grad_rows, values.shape, check_invariants=False)
-            else:
-                grad_values = values.new_zeros(values.shape).index_add(0, flat, grad_rows)
+        grad_values = _rows_to_table_grad(indices, grad_rows, values, ctx.sparse_grad) if need_values else None
         return grad_values, None, None, grad_weights if need_weights else None, None, None
     # rows form when asked for, when added into a dense .grad, or when the table needs no gradient (no N·D buffer)
     sparse = not need_values or ctx.sparse_grad or _adds_into_dense_grad(values)

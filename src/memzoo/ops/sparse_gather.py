@@ -174,10 +174,12 @@ def _check_same(op: str, name: str, tensor: Tensor, values: Tensor) -> None:
         )
 
 
-def _check_index_range(op: str, indices: Tensor, num_rows: int) -> None:
-    """Runs inside the custom ops (opaque to the compiler).
+def _check_index_range(op: str, indices: Tensor, num_rows: int, name: str = "index",
+                       limit: str | None = None) -> None:
+    """Runs inside the custom ops (opaque to the compiler): every value of ``indices`` (``name``: what they are) in
+    ``[0, num_rows)``; ``limit`` says what bounds them (default: a table of ``num_rows`` rows).
 
-    CPU: exact, names the offending index. CUDA: asynchronous, like ``F.embedding`` there: a device-side assert
+    CPU: exact, names the offending value. CUDA: asynchronous, like ``F.embedding`` there: a device-side assert
     with the valid range, raised at a later synchronisation. A host-side check would stall the stream every call
     (about 60 µs, a fifth of the forward at N = 2^20, D = 1024 on an H200).
     """
@@ -186,14 +188,13 @@ def _check_index_range(op: str, indices: Tensor, num_rows: int) -> None:
     low, high = torch.aminmax(indices)
     if indices.is_cuda:
         in_range = (low >= 0) & (high < num_rows)
-        torch._assert_async(in_range, f"{op}: an index is out of range; valid: [0, {num_rows - 1}]")
+        torch._assert_async(in_range, f"{op}: {name} out of range; valid: [0, {num_rows - 1}]")
         return
     low, high = int(low), int(high)
     if low < 0 or high >= num_rows:
         bad = low if low < 0 else high
-        raise IndexError(
-            f"{op}: index {bad} is out of range for a table of {num_rows} rows; valid: [0, {num_rows - 1}]"
-        )
+        limit = f"a table of {num_rows} rows" if limit is None else limit
+        raise IndexError(f"{op}: {name} {bad} is out of range for {limit}; valid: [0, {num_rows - 1}]")
 
 
 class _Kernels(NamedTuple):
