@@ -37,8 +37,10 @@ def test_the_read_kernels_build_here():
     assert cpu_read.available(), cpu_read._KERNELS.state.get("error")
 
 
-# dims 16 and 37: whole 16-lane blocks and a remainder; N <= 4·P (counting sort) and N > 4·P (key sort)
-@pytest.mark.parametrize("case", [(10, 16, 4, 3), (7, 37, 3, 8), (5000, 20, 6, 4), (1, 5, 4, 2)])
+# dims 16, 20 (float64) and 128: runs summed in vector registers (whole vectors, up to 16 of them); 37, 20 (float32)
+# and 136 (17 vectors of float32, 34 of float64): the loop in memory; N <= 4·P (counting sort) and N > 4·P (key sort)
+@pytest.mark.parametrize("case", [(10, 16, 4, 3), (7, 37, 3, 8), (5000, 20, 6, 4), (1, 5, 4, 2), (40, 128, 6, 16),
+                                  (40, 136, 5, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernels_match_float64_reference(case, dtype):
     n_rows, dim, n_bags, k = case

@@ -7,8 +7,10 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
   (``weighted_gather``'s forward stays on PyTorch's ``embedding_bag``, which is faster there.)
 - :func:`scatter_dot`, the backward of both reads in one call: the positions are sorted by row (a stable counting
   sort when ``N <= 4·P``, else a sort of ``row·P + p`` keys), then each distinct row ``r`` (rows in parallel) sums
-  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic) and, in the same pass, optionally
-  ``dots[p] = values[r] · src[b]`` (the row ``values[r]`` is read once per distinct row, ``src[b]`` once for both).
+  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic; in vector registers when ``D`` is a whole
+  number of up to 16 vectors, 8 without AVX-512, with the weights a few positions on prefetched) and, in the same
+  pass, optionally ``dots[p] = values[r] · src[b]`` (the row ``values[r]`` is read once per distinct row, ``src[b]``
+  once for both).
   For ``weighted_gather`` (``src = grad_out``) ``G`` is the table's gradient and ``dots`` the weights' gradient;
   for ``gather_dot`` (``src = x``, ``w = grad_out``) ``G`` is the table's gradient. ``G`` comes out row-sparse
   (the ``U`` distinct rows ascending and their sums) or as a dense ``(N, D)`` tensor whose untouched rows the
@@ -204,11 +206,17 @@ void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, c
 // order (P,): positions sorted by row, stable; run_start (P+1,): where each distinct row's run starts. Returns U.
 int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, int64_t* run_start) {
   if (P == 0) { run_start[0] = 0; return 0; }
-  if (N <= 4 * P) {
+  if (N <= 4 * P) {  // counting sort; the runs are the rows counted, read off the prefix sums in row order
     std::vector<int64_t> start(N + 1, 0);
     for (int64_t p = 0; p < P; ++p) ++start[idx[p] + 1];
-    for (int64_t r = 0; r < N; ++r) start[r + 1] += start[r];
+    int64_t U = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      if (start[r + 1] != 0) run_start[U++] = start[r];
+      start[r + 1] += start[r];
+    }
+    run_start[U] = P;
     for (int64_t p = 0; p < P; ++p) order[start[idx[p]]++] = p;
+    return U;
   } else {
     std::vector<int64_t> key(P);
     for (int64_t p = 0; p < P; ++p) key[p] = idx[p] * P + p;
@@ -223,6 +231,52 @@ int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, in
 }
 
 """ + DIVIDER_CPP + r"""
+// One run of the plain scatter_dot (positions q0..q1 of one row) with D = NV vectors: the row's sum held in NV
+// vector registers over the run (no load and store of it per position), the source row read once for both the sum
+// and the dot. The same additions in the same order as the run loop of scatter_dot below. The weight 16 positions
+// on (q_end: where all runs end) is prefetched: positions sorted by row visit the weights in random order.
+template <typename T, int NV>
+inline void run_in_registers(const T* __restrict src, const T* __restrict w, const T* __restrict row,
+                             const int64_t* __restrict order, int64_t q0, int64_t q1, int64_t q_end,
+                             const Divider& bag, T* __restrict out, T* __restrict dots, int64_t dots_from) {
+  typedef typename Simd<T>::V V;
+  constexpr int L = Simd<T>::L, D = NV * L;
+  V acc[NV];
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t p = order[q];
+    const T* __restrict s = src + bag.div(p) * D;
+    if (q + 16 < q_end) __builtin_prefetch(w + order[q + 16]);
+    const V wv = w[p] - V{};  // w - (+0) is w, -0 included
+    if (q == q0) for (int v = 0; v < NV; ++v) acc[v] = wv * *(const V*)(s + v * L);
+    else for (int v = 0; v < NV; ++v) acc[v] += wv * *(const V*)(s + v * L);
+    if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
+  }
+  for (int v = 0; v < NV; ++v) *(V*)(out + v * L) = acc[v];
+}
+
+// run_in_registers for NV = D / L when D is a whole number of at most REGISTER_SUMS vectors (16 with AVX-512's 32
+// vector registers, 8 with 16); false where it does not apply (the caller takes the loop in memory).
+#if defined(__AVX512F__)
+constexpr int REGISTER_SUMS = 16;
+#else
+constexpr int REGISTER_SUMS = 8;
+#endif
+template <typename T>
+inline bool run_registers(int64_t D, const T* src, const T* w, const T* row, const int64_t* order, int64_t q0,
+                          int64_t q1, int64_t q_end, const Divider& bag, T* out, T* dots, int64_t dots_from) {
+  constexpr int L = Simd<T>::L;
+  if (D % L != 0 || D / L > REGISTER_SUMS) return false;
+  switch (D / L) {
+#define MEMZOO_RUN_NV(NV) \
+    case NV: run_in_registers<T, NV>(src, w, row, order, q0, q1, q_end, bag, out, dots, dots_from); return true;
+    MEMZOO_RUN_NV(1) MEMZOO_RUN_NV(2) MEMZOO_RUN_NV(3) MEMZOO_RUN_NV(4) MEMZOO_RUN_NV(5) MEMZOO_RUN_NV(6)
+    MEMZOO_RUN_NV(7) MEMZOO_RUN_NV(8) MEMZOO_RUN_NV(9) MEMZOO_RUN_NV(10) MEMZOO_RUN_NV(11) MEMZOO_RUN_NV(12)
+    MEMZOO_RUN_NV(13) MEMZOO_RUN_NV(14) MEMZOO_RUN_NV(15) MEMZOO_RUN_NV(16)
+#undef MEMZOO_RUN_NV
+    default: return false;
+  }
+}
+
 // For each run u (row r), rows in parallel: G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in
 // order, the first one writing (no zero pass); with values, dots[p - dots_from] = values[r] . src[p/K] for
 // p >= dots_from in the same pass (the row values[r] stays in L1 over its run, src[p/K] is read once for both).
@@ -250,6 +304,9 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
         const char* next = (const char*)(values + idx[order[run_start[u + 2]]] * D);
         for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
       }
+      if (!Grouped && run_registers<T>(D, src, w, row, order, run_start[u], run_start[u + 1], run_start[U], bag, acc,
+                                       dots, dots_from))
+        continue;
       for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
         const int64_t p = order[q];
         if (Grouped && q + 4 < run_start[U]) {  // a source row a few positions on: from a (B, S, D) gradient
