@@ -98,6 +98,23 @@ def test_many_ties_select_what_the_brute_force_selects(dtype):
     assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_more_than_128_survivors_of_the_bisection_take_the_sort(dtype):
+    """Ten rows and columns score above the rest, which all tie at zero: the bisection keeps all 140 (past the 128
+    the counting ranks take) and the m² cells tie but for the few above; the sort keeps ties in index order."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols = torch.zeros(1, 140, 2, dtype=dtype), torch.zeros(1, 140, 2, dtype=dtype)
+    rows[0, torch.randperm(140, generator=g)[:10]] = torch.rand(10, 1, generator=g, dtype=dtype) + 0.5
+    cols[0, torch.randperm(140, generator=g)[:10]] = torch.rand(10, 1, generator=g, dtype=dtype) + 0.5
+    cores = torch.rand(3, 2, 2, generator=g, dtype=dtype)
+    core_sum = cores.sum(-3)
+    u, v = tucker_rank1(core_sum)
+    assert (u > 0).all() and (v > 0).all()
+    i, j = cpu_tucker.tucker_select(rows, cols, core_sum, u, v, knn=150, candidates=135)
+    ref_i, ref_j = brute_force(rows, cols, cores, 150, 135)
+    assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
+
 def test_a_nan_row_score_ranks_first_like_torch_topk():
     rows, cols, cores = selection_inputs((1,), 8, 2, (), torch.float64)
     rows[0, 5] = float("nan")

@@ -11,8 +11,8 @@ The same steps as the PyTorch path of :func:`~memzoo.ops.tucker_topk.tucker_topk
 batched matmuls with inner sizes of ``r`` and ``m``, each a separate pass over ``(Q, ...)`` buffers), here in
 registers and a few ``m``-sized arrays per query: ``O(n·r + m·r² + m²·r + m²)`` work per query, no ``(Q, m, m)``
 buffer. Each "best of" (m of n, knn of m²) bisects on the values' order-preserving integer keys with vectorised
-counts until few enough remain, keeps those in one (AVX-512 compress) pass and sorts them: about ``2n`` plus a sort
-of ``m`` or ``knn``, no insertion moves. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every
+counts until few enough remain, keeps those in one (AVX-512 compress) pass and ranks them by counting (8 against
+one at a time; a sort past 128 of them): about ``2n`` plus ``m²/8`` or ``knn²/8`` compares, no insertion moves. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every
 number; a NaN takes an insertion buffer or partial sort instead); equal values keep the lower index first. Sums are
 taken in index order, so a ranking that differs from PyTorch's only in the last bit can choose the other of two
 near-tied cells (either is a top-``knn`` cell under float rounding).
@@ -108,15 +108,35 @@ template <typename K> inline int64_t keep_at_least(const K* key, int64_t n, K bo
   return size;
 }
 
+// Vectors of 8 unsigned 64-bit lanes (GCC/Clang vector extension; unaligned, may alias).
+typedef uint64_t vu64 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef int64_t vi64x8 __attribute__((vector_size(64), aligned(8), may_alias));
+
 // idx[0..m) = the m best of the candidates cand[0..size) (size >= m), best first: by key desc, then index asc.
-// 32-bit keys sort as packed 64-bit integers (key flipped above, index below: one integer compare each).
+// 32-bit keys sort as packed 64-bit integers (key flipped above, index below: one integer compare each, all
+// distinct). Up to 128 candidates (the bisection leaves at most m + 4 but for ties) are ranked by counting, 8 of
+// them against one broadcast candidate at a time (no branch per compare), and those ranked below m written to their
+// place; more take a sort.
 inline void sort_best_first(const int32_t* key, int32_t* cand, int64_t size, int64_t m, int32_t* idx) {
   thread_local std::vector<uint64_t> packed;
-  packed.resize(size);
+  const int64_t padded = (size + 7) / 8 * 8;
+  packed.resize(padded);
   for (int64_t c = 0; c < size; ++c)
     packed[c] = ((uint64_t)~((uint32_t)key[cand[c]] ^ 0x80000000u) << 32) | (uint32_t)cand[c];
-  std::sort(packed.begin(), packed.end());
-  for (int64_t t = 0; t < m; ++t) idx[t] = (int32_t)(packed[t] & 0xffffffffu);
+  if (size > 128) {
+    std::sort(packed.begin(), packed.begin() + size);
+    for (int64_t t = 0; t < m; ++t) idx[t] = (int32_t)(packed[t] & 0xffffffffu);
+    return;
+  }
+  for (int64_t c = size; c < padded; ++c) packed[c] = ~(uint64_t)0;  // padding ranks after every candidate
+  const uint64_t* p = packed.data();
+  for (int64_t b = 0; b < size; b += 8) {
+    const vu64 x = *(const vu64*)(p + b);
+    vi64x8 rank = {};  // comparisons give -1 where true: rank = how many candidates sort before x
+    for (int64_t q = 0; q < size; ++q) rank -= (vi64x8)((vu64{} + p[q]) < x);
+    for (int l = 0; l < 8 && b + l < size; ++l)
+      if (rank[l] < m) idx[rank[l]] = (int32_t)(p[b + l] & 0xffffffffu);
+  }
 }
 inline void sort_best_first(const int64_t* key, int32_t* cand, int64_t size, int64_t m, int32_t* idx) {
   std::sort(cand, cand + size, [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
@@ -125,7 +145,7 @@ inline void sort_best_first(const int64_t* key, int32_t* cand, int64_t size, int
 
 // The same m best as best_of, best first, found by value: bisection over the order-preserving keys (each step one
 // vectorised count over all n) until at most m + 4 keys are >= the bound (or the bound is exact), one compaction
-// pass that keeps those, and a sort of them by (key desc, index asc). A NaN anywhere takes best_of.
+// pass that keeps those, and their ranks by (key desc, index asc). A NaN anywhere takes best_of.
 template <typename T>
 void top_m(const T* v, int64_t n, int64_t m, int32_t* idx, std::vector<int32_t>& order) {
   typedef decltype(order_key(T(0))) K;
