@@ -7,8 +7,9 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
   (``weighted_gather``'s forward stays on PyTorch's ``embedding_bag``, which is faster there.)
 - :func:`scatter_dot`, the backward of both reads in one call: the positions are sorted by row (a stable counting
   sort when ``N <= 4·P``, else a sort of ``row·P + p`` keys), then each distinct row ``r`` (rows in parallel) sums
-  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic; in vector registers when ``D`` is a whole
-  number of up to 16 vectors, 8 without AVX-512, with the weights a few positions on prefetched) and, in the same
+  ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic; in vector registers when ``D``, or each
+  chunk of the grouped read's, is a whole number of up to 16 vectors, 8 without AVX-512, with the weights a few
+  positions on prefetched) and, in the same
   pass, optionally ``dots[p] = values[r] · src[b]`` (the row ``values[r]`` is read once per distinct row, ``src[b]``
   once for both).
   For ``weighted_gather`` (``src = grad_out``) ``G`` is the table's gradient and ``dots`` the weights' gradient;
@@ -231,50 +232,70 @@ int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, in
 }
 
 """ + DIVIDER_CPP + r"""
-// One run of the plain scatter_dot (positions q0..q1 of one row) with D = NV vectors: the row's sum held in NV
-// vector registers over the run (no load and store of it per position), the source row read once for both the sum
-// and the dot. The same additions in the same order as the run loop of scatter_dot below. The weight 16 positions
-// on (q_end: where all runs end) is prefetched: positions sorted by row visit the weights in random order.
-template <typename T, int NV>
-inline void run_in_registers(const T* __restrict src, const T* __restrict w, const T* __restrict row,
-                             const int64_t* __restrict order, int64_t q0, int64_t q1, int64_t q_end,
-                             const Divider& bag, T* __restrict out, T* __restrict dots, int64_t dots_from) {
+// Chunk c (width W = NV vectors) of one run of scatter_dot (positions q0..q1 of one row): the chunk's sum held in
+// NV vector registers over the run (no load and store of it per position), the source chunk read once for both
+// the sum and the dot; the same additions in the same order as the run loop of scatter_dot below. Plain: one chunk,
+// the source row src[p/K]; Grouped: the source row src[(p/K)·Gs + group[p]] (D wide) and the weight w[p·M + c].
+// The weight 16 positions on (q_end: where all runs end) is prefetched: positions sorted by row visit the weights
+// (and the bags) in random order; Grouped, in the first chunk's pass, also the source row 4 positions on (a
+// (B, Gs, D) gradient: rows from L3), whose later chunks the run's other passes then find in L1.
+template <typename T, int NV, bool Grouped>
+inline void run_chunk_in_registers(const T* __restrict src, const T* __restrict w, const T* __restrict row,
+                                   const int64_t* __restrict order, int64_t q0, int64_t q1, int64_t q_end,
+                                   const Divider& bag, const int64_t* __restrict group, int64_t Gs, int64_t D,
+                                   int64_t M, int64_t c, T* __restrict out, T* __restrict dots, int64_t dots_from) {
   typedef typename Simd<T>::V V;
-  constexpr int L = Simd<T>::L, D = NV * L;
+  constexpr int L = Simd<T>::L, W = NV * L;
+  const int64_t chunk = Grouped ? c : 0, lo = chunk * W, chunks = Grouped ? M : 1;  // plain: constants
+  const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);
   V acc[NV];
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t p = order[q];
-    const T* __restrict s = src + bag.div(p) * D;
-    if (q + 16 < q_end) __builtin_prefetch(w + order[q + 16]);
-    const V wv = w[p] - V{};  // w - (+0) is w, -0 included
+    const T* __restrict s = src + (Grouped ? (bag.div(p) * Gs + group[p]) * D : bag.div(p) * W) + lo;
+    if (q + 16 < q_end) __builtin_prefetch(w + order[q + 16] * chunks);
+    if (Grouped && chunk == 0 && q + 4 < q_end) {
+      const int64_t next = order[q + 4];
+      const char* ahead = (const char*)(src + (bag.div(next) * Gs + group[next]) * D);
+      for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(ahead + byte);
+    }
+    const V wv = w[p * chunks + chunk] - V{};  // w - (+0) is w, -0 included
     if (q == q0) for (int v = 0; v < NV; ++v) acc[v] = wv * *(const V*)(s + v * L);
     else for (int v = 0; v < NV; ++v) acc[v] += wv * *(const V*)(s + v * L);
-    if (row != nullptr && p >= dots_from) dots[p - dots_from] = dot(row, s, D);
+    if (row != nullptr && p >= dots_from) dots[(p - dots_from) * chunks + chunk] = dot(row + lo, s, W);
   }
-  for (int v = 0; v < NV; ++v) *(V*)(out + v * L) = acc[v];
+  for (int v = 0; v < NV; ++v) *(V*)(out + lo + v * L) = acc[v];
 }
 
-// run_in_registers for NV = D / L when D is a whole number of at most REGISTER_SUMS vectors (16 with AVX-512's 32
-// vector registers, 8 with 16); false where it does not apply (the caller takes the loop in memory).
+// A run in registers, chunk by chunk, when a chunk (D, or D/M Grouped) is a whole number of at most REGISTER_SUMS
+// vectors (16 with AVX-512's 32 vector registers, 8 with 16); false where it does not apply (the caller takes the
+// loop in memory).
 #if defined(__AVX512F__)
 constexpr int REGISTER_SUMS = 16;
 #else
 constexpr int REGISTER_SUMS = 8;
 #endif
-template <typename T>
-inline bool run_registers(int64_t D, const T* src, const T* w, const T* row, const int64_t* order, int64_t q0,
-                          int64_t q1, int64_t q_end, const Divider& bag, T* out, T* dots, int64_t dots_from) {
+template <typename T, bool Grouped>
+inline bool run_in_registers(const T* src, const T* w, const T* row, const int64_t* order, int64_t q0, int64_t q1,
+                             int64_t q_end, const Divider& bag, const int64_t* group, int64_t Gs, int64_t D,
+                             int64_t M, T* out, T* dots, int64_t dots_from) {
   constexpr int L = Simd<T>::L;
-  if (D % L != 0 || D / L > REGISTER_SUMS) return false;
-  switch (D / L) {
-#define MEMZOO_RUN_NV(NV) \
-    case NV: run_in_registers<T, NV>(src, w, row, order, q0, q1, q_end, bag, out, dots, dots_from); return true;
-    MEMZOO_RUN_NV(1) MEMZOO_RUN_NV(2) MEMZOO_RUN_NV(3) MEMZOO_RUN_NV(4) MEMZOO_RUN_NV(5) MEMZOO_RUN_NV(6)
-    MEMZOO_RUN_NV(7) MEMZOO_RUN_NV(8) MEMZOO_RUN_NV(9) MEMZOO_RUN_NV(10) MEMZOO_RUN_NV(11) MEMZOO_RUN_NV(12)
-    MEMZOO_RUN_NV(13) MEMZOO_RUN_NV(14) MEMZOO_RUN_NV(15) MEMZOO_RUN_NV(16)
+  const int64_t chunks = Grouped ? M : 1, width = D / chunks;
+  if (width % L != 0 || width / L > REGISTER_SUMS) return false;
+  for (int64_t c = 0; c < chunks; ++c) {
+    switch (width / L) {
+#define MEMZOO_RUN_NV(NV)                                                                                         \
+      case NV:                                                                                                    \
+        run_chunk_in_registers<T, NV, Grouped>(src, w, row, order, q0, q1, q_end, bag, group, Gs, D, M, c, out, \
+                                               dots, dots_from);                                                  \
+        break;
+      MEMZOO_RUN_NV(1) MEMZOO_RUN_NV(2) MEMZOO_RUN_NV(3) MEMZOO_RUN_NV(4) MEMZOO_RUN_NV(5) MEMZOO_RUN_NV(6)
+      MEMZOO_RUN_NV(7) MEMZOO_RUN_NV(8) MEMZOO_RUN_NV(9) MEMZOO_RUN_NV(10) MEMZOO_RUN_NV(11) MEMZOO_RUN_NV(12)
+      MEMZOO_RUN_NV(13) MEMZOO_RUN_NV(14) MEMZOO_RUN_NV(15) MEMZOO_RUN_NV(16)
 #undef MEMZOO_RUN_NV
-    default: return false;
+      default: return false;
+    }
   }
+  return true;
 }
 
 // For each run u (row r), rows in parallel: G[r] = sum_p w[p] src[p/K] into sums[u] (or dense[r]), positions in
@@ -304,8 +325,8 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
         const char* next = (const char*)(values + idx[order[run_start[u + 2]]] * D);
         for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(next + byte);
       }
-      if (!Grouped && run_registers<T>(D, src, w, row, order, run_start[u], run_start[u + 1], run_start[U], bag, acc,
-                                       dots, dots_from))
+      if (run_in_registers<T, Grouped>(src, w, row, order, run_start[u], run_start[u + 1], run_start[U], bag, group,
+                                       Gs, D, M, acc, dots, dots_from))
         continue;
       for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
         const int64_t p = order[q];
