@@ -272,21 +272,30 @@ void cell_scores(const T* rows, const T* cols, const T* cores, const int64_t* I,
 
 // The adjoint of cell_scores for grad (Q, K, M): grad_rows, grad_cols (Q, n, r), zero where no kept cell reads,
 // and grad_cores (H, M, r, r), summed per thread in the static schedule's order and then over threads in order
-// (deterministic at a fixed thread count).
-template <typename T>
-void cell_scores_backward(const T* grad, const T* rows, const T* cols, const T* cores, const int64_t* I,
-                          const int64_t* J, int64_t Q, int64_t n, int64_t r, int64_t H, int64_t M, int64_t K,
-                          T* grad_rows, T* grad_cols, T* grad_cores, int threads) {
-  const int64_t core_size = H * M * r * r;
+// (deterministic at a fixed thread count). Per cell, its row's and column's gradients are summed over the cores in
+// registers and added once; per query, the cores' gradient is summed in a local array (up to 64 entries) and added
+// once. Rank: r, or 0 for a run-time r (with_rank).
+template <int Rank, typename T>
+void cell_scores_backward_ranked(const T* __restrict grad, const T* __restrict rows, const T* __restrict cols,
+                                 const T* __restrict cores, const int64_t* __restrict I,
+                                 const int64_t* __restrict J, int64_t Q, int64_t n, int64_t r_any, int64_t H,
+                                 int64_t M, int64_t K, T* __restrict grad_rows, T* __restrict grad_cols,
+                                 T* __restrict grad_cores, int threads) {
+  const int64_t r = Rank > 0 ? Rank : r_any, core_size = H * M * r * r, per_query = M * r * r;
+  constexpr int64_t LOCAL = 64, MAX_R = Rank > 0 ? Rank : 8;
+  const bool local = per_query <= LOCAL && r <= MAX_R;
   const int used = (threads > 1 && Q > 1) ? threads : 1;
   std::vector<T> partial((size_t)used * core_size, T(0));
 #pragma omp parallel num_threads(used) if (used > 1)
   {
     T* mine = partial.data() + (size_t)omp_get_thread_num() * core_size;
+    T sums[LOCAL];
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < Q; ++q) {
-      const T* C = cores + (q % H) * M * r * r;
-      T* GC = mine + (q % H) * M * r * r;
+      const T* C = cores + (q % H) * per_query;
+      T* GC = mine + (q % H) * per_query;
+      T* G = local ? sums : GC;
+      if (local) for (int64_t e = 0; e < per_query; ++e) sums[e] = T(0);
       T* gr = grad_rows + q * n * r;
       T* gc = grad_cols + q * n * r;
       for (int64_t e = 0; e < n * r; ++e) { gr[e] = T(0); gc[e] = T(0); }
@@ -294,6 +303,22 @@ void cell_scores_backward(const T* grad, const T* rows, const T* cols, const T* 
         const int64_t i = I[q * K + t], j = J[q * K + t];
         const T* row = rows + (q * n + i) * r;
         const T* col = cols + (q * n + j) * r;
+        if (local) {
+          T gri[MAX_R] = {}, gcj[MAX_R] = {};
+          for (int64_t c = 0; c < M; ++c) {
+            const T g = grad[(q * K + t) * M + c];
+            for (int64_t a = 0; a < r; ++a)
+              for (int64_t b = 0; b < r; ++b) {
+                const T w = C[(c * r + a) * r + b];
+                gri[a] += g * w * col[b];
+                gcj[b] += g * w * row[a];
+                G[(c * r + a) * r + b] += g * row[a] * col[b];
+              }
+          }
+          for (int64_t a = 0; a < r; ++a) gr[i * r + a] += gri[a];
+          for (int64_t b = 0; b < r; ++b) gc[j * r + b] += gcj[b];
+          continue;
+        }
         for (int64_t c = 0; c < M; ++c) {
           const T g = grad[(q * K + t) * M + c];
           for (int64_t a = 0; a < r; ++a)
@@ -301,10 +326,11 @@ void cell_scores_backward(const T* grad, const T* rows, const T* cols, const T* 
               const T w = C[(c * r + a) * r + b];
               gr[i * r + a] += g * w * col[b];
               gc[j * r + b] += g * w * row[a];
-              GC[(c * r + a) * r + b] += g * row[a] * col[b];
+              G[(c * r + a) * r + b] += g * row[a] * col[b];
             }
         }
       }
+      if (local) for (int64_t e = 0; e < per_query; ++e) GC[e] += sums[e];
     }
   }
   for (int64_t e = 0; e < core_size; ++e) {
@@ -312,6 +338,16 @@ void cell_scores_backward(const T* grad, const T* rows, const T* cols, const T* 
     for (int th = 0; th < used; ++th) s += partial[(size_t)th * core_size + e];
     grad_cores[e] = s;
   }
+}
+
+template <typename T>
+void cell_scores_backward(const T* grad, const T* rows, const T* cols, const T* cores, const int64_t* I,
+                          const int64_t* J, int64_t Q, int64_t n, int64_t r, int64_t H, int64_t M, int64_t K,
+                          T* grad_rows, T* grad_cols, T* grad_cores, int threads) {
+  with_rank(r, [&](auto k) {
+    cell_scores_backward_ranked<decltype(k)::value>(grad, rows, cols, cores, I, J, Q, n, r, H, M, K, grad_rows,
+                                                    grad_cols, grad_cores, threads);
+  });
 }
 }  // namespace
 
