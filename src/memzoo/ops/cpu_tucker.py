@@ -248,9 +248,12 @@ void select(const T* rows, const T* cols, const T* S, const T* u, const T* v, in
 }
 
 // scores[q, t, c] = rows[q, I[q,t]] . cores[q % H, c] . cols[q, J[q,t]]: each kept cell's score under each core
-template <typename T>
-void cell_scores(const T* rows, const T* cols, const T* cores, const int64_t* I, const int64_t* J, int64_t Q,
-                 int64_t n, int64_t r, int64_t H, int64_t M, int64_t K, T* out, int threads) {
+// (Rank: r, or 0 for a run-time r, as with_rank hands it)
+template <int Rank, typename T>
+void cell_scores_ranked(const T* __restrict rows, const T* __restrict cols, const T* __restrict cores,
+                        const int64_t* __restrict I, const int64_t* __restrict J, int64_t Q, int64_t n,
+                        int64_t r_any, int64_t H, int64_t M, int64_t K, T* __restrict out, int threads) {
+  const int64_t r = Rank > 0 ? Rank : r_any;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && Q > 1)
   for (int64_t q = 0; q < Q; ++q) {
     const T* C = cores + (q % H) * M * r * r;
@@ -268,6 +271,14 @@ void cell_scores(const T* rows, const T* cols, const T* cores, const int64_t* I,
       }
     }
   }
+}
+
+template <typename T>
+void cell_scores(const T* rows, const T* cols, const T* cores, const int64_t* I, const int64_t* J, int64_t Q,
+                 int64_t n, int64_t r, int64_t H, int64_t M, int64_t K, T* out, int threads) {
+  with_rank(r, [&](auto k) {
+    cell_scores_ranked<decltype(k)::value>(rows, cols, cores, I, J, Q, n, r, H, M, K, out, threads);
+  });
 }
 
 // The adjoint of cell_scores for grad (Q, K, M): grad_rows, grad_cols (Q, n, r), zero where no kept cell reads,
