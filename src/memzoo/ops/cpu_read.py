@@ -9,9 +9,8 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
   sort when ``N <= 4·P``, else a sort of ``row·P + p`` keys), then each distinct row ``r`` (rows in parallel) sums
   ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic; in vector registers when ``D``, or each
   chunk of the grouped read's, is a whole number of up to 16 vectors, 8 without AVX-512, with the weights a few
-  positions on prefetched) and, in the same
-  pass, optionally ``dots[p] = values[r] · src[b]`` (the row ``values[r]`` is read once per distinct row, ``src[b]``
-  once for both).
+  positions on prefetched) and, in the same pass, optionally ``dots[p] = values[r] · src[b]`` (the row
+  ``values[r]`` is read once per distinct row, ``src[b]`` once for both).
   For ``weighted_gather`` (``src = grad_out``) ``G`` is the table's gradient and ``dots`` the weights' gradient;
   for ``gather_dot`` (``src = x``, ``w = grad_out``) ``G`` is the table's gradient. ``G`` comes out row-sparse
   (the ``U`` distinct rows ascending and their sums) or as a dense ``(N, D)`` tensor whose untouched rows the
