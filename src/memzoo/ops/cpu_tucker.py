@@ -12,8 +12,9 @@ batched matmuls with inner sizes of ``r`` and ``m``, each a separate pass over `
 registers and a few ``m``-sized arrays per query: ``O(n·r + m·r² + m²·r + m²)`` work per query, no ``(Q, m, m)``
 buffer. Each "best of" (m of n, knn of m²) bisects on the values' order-preserving integer keys with vectorised
 counts until few enough remain, keeps those in one (AVX-512 compress) pass and ranks them by counting (8 against
-one at a time; a sort past 128 of them): about ``2n`` plus ``m²/8`` or ``knn²/8`` compares, no insertion moves. Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every
-number; a NaN takes an insertion buffer or partial sort instead); equal values keep the lower index first. Sums are
+one at a time; a sort past 128 of them): about ``2n`` plus ``m²/8`` or ``knn²/8`` compares, no insertion moves.
+Selections use NaN-first order as ``torch.topk`` (a NaN ranks above every number; a NaN takes an insertion buffer or
+partial sort instead); equal values keep the lower index first. Sums are
 taken in index order, so a ranking that differs from PyTorch's only in the last bit can choose the other of two
 near-tied cells (either is a top-``knn`` cell under float rounding).
 
