@@ -203,9 +203,11 @@ def plain_cell_scores(rows, cols, cores, i, j):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-# (r 5, 3 cores: 75 core entries a query, past the local sums' 64, and a run-time rank)
+# (r 5, 3 cores: 75 core entries a query, past the local sums' 64, and a run-time rank; r 9: past the cell's
+# local row and column sums too)
 @pytest.mark.parametrize("queries, n, r, heads, cores_n, knn", [(6, 5, 2, 2, 2, 4), (4, 7, 3, 1, 3, 9),
-                                                               (3, 4, 1, 3, 1, 2), (3, 6, 5, 1, 3, 4)])
+                                                               (3, 4, 1, 3, 1, 2), (3, 6, 5, 1, 3, 4),
+                                                               (2, 10, 9, 1, 1, 3)])
 def test_the_cell_score_kernel_and_its_gradients_match_plain_loops(queries, n, r, heads, cores_n, knn, dtype):
     (rows, cols, cores), i, j = cell_inputs(queries, n, r, heads, cores_n, knn, dtype)
     tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}

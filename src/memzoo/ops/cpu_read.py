@@ -231,6 +231,15 @@ int64_t sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, in
 }
 
 """ + DIVIDER_CPP + r"""
+// Prefetches the first `bytes` of the grouped read's source row of position p: src[(p/K)·Gs + group[p]] (D wide,
+// from a (B, Gs, D) gradient: rows rarely in L2).
+template <typename T>
+inline void prefetch_group_source(const T* src, const Divider& bag, const int64_t* group, int64_t Gs, int64_t D,
+                                  int64_t p, int64_t bytes) {
+  const char* row = (const char*)(src + (bag.div(p) * Gs + group[p]) * D);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(row + byte);
+}
+
 // Chunk c (width W = NV vectors) of one run of scatter_dot (positions q0..q1 of one row): the chunk's sum held in
 // NV vector registers over the run (no load and store of it per position), the source chunk read once for both
 // the sum and the dot; the same additions in the same order as the run loop of scatter_dot below. Plain: one chunk,
@@ -252,11 +261,8 @@ inline void run_chunk_in_registers(const T* __restrict src, const T* __restrict 
     const int64_t p = order[q];
     const T* __restrict s = src + (Grouped ? (bag.div(p) * Gs + group[p]) * D : bag.div(p) * W) + lo;
     if (q + 16 < q_end) __builtin_prefetch(w + order[q + 16] * chunks);
-    if (Grouped && chunk == 0 && q + 4 < q_end) {
-      const int64_t next = order[q + 4];
-      const char* ahead = (const char*)(src + (bag.div(next) * Gs + group[next]) * D);
-      for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(ahead + byte);
-    }
+    if (Grouped && chunk == 0 && q + 4 < q_end)
+      prefetch_group_source(src, bag, group, Gs, D, order[q + 4], prefetch_bytes);
     const V wv = w[p * chunks + chunk] - V{};  // w - (+0) is w, -0 included
     if (q == q0) for (int v = 0; v < NV; ++v) acc[v] = wv * *(const V*)(s + v * L);
     else for (int v = 0; v < NV; ++v) acc[v] += wv * *(const V*)(s + v * L);
@@ -329,11 +335,8 @@ void scatter_dot(const T* src, const int64_t* idx, const T* w, const T* values, 
         continue;
       for (int64_t q = run_start[u]; q < run_start[u + 1]; ++q) {
         const int64_t p = order[q];
-        if (Grouped && q + 4 < run_start[U]) {  // a source row a few positions on: from a (B, S, D) gradient
-          const int64_t next = order[q + 4];
-          const char* ahead = (const char*)(src + (bag.div(next) * Gs + group[next]) * D);
-          for (int64_t byte = 0; byte < prefetch_bytes; byte += 64) __builtin_prefetch(ahead + byte);
-        }
+        if (Grouped && q + 4 < run_start[U])  // a source row a few positions on
+          prefetch_group_source(src, bag, group, Gs, D, order[q + 4], prefetch_bytes);
         const T* s = src + (Grouped ? bag.div(p) * Gs + group[p] : bag.div(p)) * D;
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t lo = c * width;

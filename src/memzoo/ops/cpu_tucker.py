@@ -295,7 +295,7 @@ void cell_scores_backward_ranked(const T* __restrict grad, const T* __restrict r
                                  T* __restrict grad_cores, int threads) {
   const int64_t r = Rank > 0 ? Rank : r_any, core_size = H * M * r * r, per_query = M * r * r;
   constexpr int64_t LOCAL = 64, MAX_R = Rank > 0 ? Rank : 8;
-  const bool local = per_query <= LOCAL && r <= MAX_R;
+  const bool local = per_query <= LOCAL, fits = r <= MAX_R;
   const int used = (threads > 1 && Q > 1) ? threads : 1;
   std::vector<T> partial((size_t)used * core_size, T(0));
 #pragma omp parallel num_threads(used) if (used > 1)
@@ -315,31 +315,23 @@ void cell_scores_backward_ranked(const T* __restrict grad, const T* __restrict r
         const int64_t i = I[q * K + t], j = J[q * K + t];
         const T* row = rows + (q * n + i) * r;
         const T* col = cols + (q * n + j) * r;
-        if (local) {
-          T gri[MAX_R] = {}, gcj[MAX_R] = {};
-          for (int64_t c = 0; c < M; ++c) {
-            const T g = grad[(q * K + t) * M + c];
-            for (int64_t a = 0; a < r; ++a)
-              for (int64_t b = 0; b < r; ++b) {
-                const T w = C[(c * r + a) * r + b];
-                gri[a] += g * w * col[b];
-                gcj[b] += g * w * row[a];
-                G[(c * r + a) * r + b] += g * row[a] * col[b];
-              }
-          }
-          for (int64_t a = 0; a < r; ++a) gr[i * r + a] += gri[a];
-          for (int64_t b = 0; b < r; ++b) gc[j * r + b] += gcj[b];
-          continue;
-        }
+        // the cell's row and column gradients: in locals when r fits (always at a compile-time rank), else in place
+        T cell_row[MAX_R] = {}, cell_col[MAX_R] = {};
+        T* ri = fits ? cell_row : gr + i * r;
+        T* cj = fits ? cell_col : gc + j * r;
         for (int64_t c = 0; c < M; ++c) {
           const T g = grad[(q * K + t) * M + c];
           for (int64_t a = 0; a < r; ++a)
             for (int64_t b = 0; b < r; ++b) {
               const T w = C[(c * r + a) * r + b];
-              gr[i * r + a] += g * w * col[b];
-              gc[j * r + b] += g * w * row[a];
+              ri[a] += g * w * col[b];
+              cj[b] += g * w * row[a];
               G[(c * r + a) * r + b] += g * row[a] * col[b];
             }
+        }
+        if (fits) {
+          for (int64_t a = 0; a < r; ++a) gr[i * r + a] += cell_row[a];
+          for (int64_t b = 0; b < r; ++b) gc[j * r + b] += cell_col[b];
         }
       }
       if (local) for (int64_t e = 0; e < per_query; ++e) GC[e] += sums[e];
