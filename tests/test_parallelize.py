@@ -82,3 +82,30 @@ def test_configure_model_calls_parallelize_and_no_strategy_method():
     module = LanguageModel(MODEL, activation_checkpointing=True)
     module.configure_model()  # no trainer: no mesh
     assert getattr(module.model, APPLIED)["activation_checkpointing"] is True
+
+
+@pytest.mark.slow
+def test_compile_keeps_a_sparse_pool_read_in_one_graph_per_layer():
+    """A pool with sparse updates returns a row-sparse gradient whose row count is data-dependent; compiled layers
+    trace it (dynamic output shapes captured) instead of breaking the graph, and match eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = {**MODEL, "pools": {"memory": {**MODEL["pools"]["memory"], "update": "sparse"}}}
+    torch.manual_seed(0)
+    plain = Transformer(**config)
+    compiled = Transformer(**config)
+    compiled.load_state_dict(plain.state_dict())
+    parallelize(compiled, compile="aot_eager")
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(compiled, tokens)
+    assert dict(counters["unimplemented"]) == {} and counters["aot_autograd"]["not_ok"] == 0
+    ref_loss, ref_grads = _loss_and_grads(plain, tokens)
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    values = "pools.memory.values"
+    assert grads[values].is_sparse and ref_grads[values].is_sparse
+    for name, grad in ref_grads.items():
+        got = grads[name].to_dense() if grads[name].is_sparse else grads[name]
+        torch.testing.assert_close(got, grad.to_dense() if grad.is_sparse else grad, msg=name)

@@ -4,7 +4,8 @@
    activations (``torch.utils.checkpoint``, non-reentrant); same outputs and gradients, less memory, one more
    forward per layer;
 2. compile: ``nn.Module.compile`` of each decoder layer in place (no wrapper module: parameter names, checkpoints and
-   exports are the same as without it);
+   exports are the same as without it), tracing with dynamic output shapes captured, so a pool's row-sparse
+   gradient (as many rows as the batch used) stays inside the layer's graph instead of breaking it;
 3. sharding by ``mesh``: a ``(data_parallel, memory_parallel)`` mesh
    (:class:`~memzoo.parallel.strategy.MemoryParallelStrategy`) shards pool tables over ``memory_parallel`` and the
    rest with FSDP2 over all ranks (:func:`~memzoo.parallel.memory_parallel.apply_memory_parallel`); ``None`` (one
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import checkpoint
@@ -71,10 +73,19 @@ def parallelize(
     if compile is not False:
         for layer in layers:
             layer.compile(backend="inductor" if compile is True else compile)
+            layer._compiled_call_impl = _capturing_dynamic_shapes(layer._compiled_call_impl)
     if mesh is not None:
         apply_memory_parallel(model, mesh)
     setattr(model, APPLIED, {"activation_checkpointing": activation_checkpointing, "compile": compile,
                              "mesh": names})
+
+
+def _capturing_dynamic_shapes(compiled_call):
+    """``compiled_call`` traced with ``capture_dynamic_output_shape_ops`` set for its own frames only: a sparse pool
+    read's backward op (:mod:`memzoo.ops.sparse_gather`) returns as many rows as the batch used, which dynamo
+    otherwise answers with a graph break. Scoped rather than set for the process: a graph that reads one sparse table
+    twice (a whole model compiled at once) cannot add the two sparse gradients and is left to break there."""
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(compiled_call)
 
 
 def _checkpointed(forward, *args, **kwargs):
