@@ -24,6 +24,7 @@ from memzoo.model.summary import count_parameters
 from memzoo.model.transformer import Transformer
 from memzoo.ops import candidate_pairs
 from memzoo.ops import tucker_topk as tucker_topk_module
+from memzoo.parallel import parallelize
 from memzoo.registry import block_entry, list_blocks
 
 NAMES = list_blocks()
@@ -175,18 +176,28 @@ def test_state_dict_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compile_aot_eager_equals_eager(name):
-    block = tiny_model(name).layers[0].ffn
+    """Compiled as ``memzoo fit --model.compile`` compiles it (:func:`memzoo.parallel.parallelize`: each layer in place,
+    dynamic output shapes captured; shared pools with sparse updates), outputs and every gradient equal eager's."""
+    config = tiny_config(name)
+    config.pools = {key: {**pool, "update": "sparse"} for key, pool in config.pools.items()}
+    eager, compiled = Transformer(config), Transformer(config)
+    eager.load_state_dict(tiny_model(name).state_dict())
+    compiled.load_state_dict(tiny_model(name).state_dict())
+    torch._dynamo.reset()
+    parallelize(compiled, compile="aot_eager")
     ids = token_ids()
-    x = torch.randn(2, T, DIM, requires_grad=True)
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=False)
+    outs, grads = [], []
+    for model in (eager, compiled):
+        out = model(ids)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in model.named_parameters()
+                      if p.grad is not None})
     torch._dynamo.reset()
-    eager_out = block(x, BlockContext.for_tokens(ids))
-    (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), x)
-    compiled_out = compiled(x, BlockContext.for_tokens(ids))
-    (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), x)
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    assert grads[1].keys() == grads[0].keys()
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -101,7 +101,10 @@ class MoE(Block):
         """``y[n] = Σ_j weights[n, j] · expert_{experts[n, j]}(tokens[n])``; ``(N, dim)``."""
         assignment_expert = experts.reshape(-1)  # (N·top_k,): assignment a is token a // top_k
         order = assignment_expert.argsort(stable=True)  # assignments grouped by expert
-        counts = torch.bincount(assignment_expert, minlength=self.n_experts).tolist()
+        # per-expert counts of a fixed shape (n_experts,): bincount's length depends on the data, which a compiled
+        # layer capturing dynamic output shapes could not turn into the split sizes below
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=experts.device)
+        counts = counts.scatter_add_(0, assignment_expert, torch.ones_like(assignment_expert)).tolist()
         assignment_weight = weights.reshape(-1).to(tokens.dtype)
         out = torch.zeros_like(tokens)
         for expert, assignments in zip(self.experts, order.split(counts), strict=True):
