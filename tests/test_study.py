@@ -524,7 +524,7 @@ def test_every_study_config_parses_with_print_config(capsys, tmp_path):
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
     path_override = ("--data.init_args.path", str(text))
     models = sorted(STUDY_CONFIGS.glob("model-*.yaml"))
-    assert {p.stem.removeprefix("model-") for p in models} == set(study.MODELS)
+    assert {p.stem.removeprefix("model-") for p in models} == set(study.ALL_MODELS)
     for model in models:
         out = print_config(capsys, model, STUDY_CONFIGS / "data-facts.yaml")
         assert "memzoo.LanguageModel" in out and "FactsDataModule" in out

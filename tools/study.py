@@ -75,6 +75,10 @@ MODELS: dict[str, float] = {
     "stem": 1.0,
     "mole": 1.0,
 }
+#: models trained only when named in ``--models`` (outside the default grid), name -> FLOP target: "dense-0.5x" is
+#: dense at MoLE's inference FLOPs (its layers re-parameterised into lookup tables)
+EXTRA_MODELS: dict[str, float] = {"dense-0.5x": 0.49}
+ALL_MODELS: dict[str, float] = {**MODELS, **EXTRA_MODELS}
 REFERENCE_MODEL = "dense"
 #: the study configs' ``seed_everything``: a cell trained with it is named by its model alone, another seed's cell
 #: ``<model>@seed<n>`` (``--seeds``)
@@ -207,12 +211,12 @@ def model_overrides(extra: Sequence[str]) -> list[str]:
 def flop_table(models: Iterable[str], targets: dict[str, float] | None = None, config_dir: Path = CONFIG_DIR,
                vocab_size: int | None = None, overrides: Sequence[str] = ()) -> list[ModelCost]:
     """One :class:`ModelCost` per model of ``config_dir``, ratios against ``REFERENCE_MODEL``'s own config (always
-    computed); ``targets`` maps a model to its FLOP multiple (default :data:`MODELS`); ``vocab_size`` overrides the
+    computed); ``targets`` maps a model to its FLOP multiple (default :data:`ALL_MODELS`); ``vocab_size`` overrides the
     one the configs' data section implies (a study whose data module brings its own vocabulary); ``overrides``
     (a variant's ``--set`` arguments) apply to ``models`` as their cells train them, not to the reference."""
     from memzoo.config_accounting import summarize_config
 
-    targets = MODELS if targets is None else targets
+    targets = ALL_MODELS if targets is None else targets
     models = list(models)
     overrides = model_overrides(overrides)
 
@@ -669,9 +673,9 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
 
 
 def model_color(model: str) -> str:
-    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`MODELS` order, then
+    """One colour per model, the same in every panel and plot (matplotlib's tab10 in :data:`ALL_MODELS` order, then
     :data:`MORE_COLOURS`)."""
-    names = list(MODELS)
+    names = list(ALL_MODELS)
     if model not in names:
         return "black"
     i = names.index(model)
@@ -798,7 +802,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the small study: 60 steps a cell, about 4 minutes on 2 CPU cores")
     parser.add_argument("--name", default=None, help="study name (default: quick | full)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="tiny Shakespeare text file")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help=f"subset of {list(MODELS)} (the default), or of these and {list(EXTRA_MODELS)}")
     parser.add_argument("--workloads", nargs="+", default=None, help="subset of workload names (default: all)")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed relative miss of a FLOP target")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per training")
@@ -820,9 +825,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     study = args.name or ("quick" if args.quick else "full")
     extra = variant_args(args.overrides, args.name)
-    unknown = [m for m in args.models if m not in MODELS]
+    unknown = [m for m in args.models if m not in ALL_MODELS]
     if unknown:
-        raise StudyError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+        raise StudyError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)}")
     if not args.text.is_file():
         raise StudyError(f"--text {args.text}: no such file (tiny Shakespeare, e.g. ../shared/data/tinyshakespeare.txt)")
     plan = study_plan(args.quick, args.text.resolve())
