@@ -238,6 +238,8 @@ def test_variant_cells_name_their_rate_seed_and_control():
     assert extra["memoryplus@seed7@frozen"] == [*extra["memoryplus@frozen"], "--seed_everything", "7"]  # every seed
     assert "memoryplus@lr0.03@frozen" not in extra  # controls at the config's rate
     assert capacity.study.base_model("memoryplus@lr0.03@seed7") == "memoryplus"
+    own = capacity.variants(["dense", "stem"], [3e-2], [capacity.SEED], [], configs, {"dense": [1e-3, 3e-2]})
+    assert sorted(own) == ["dense@lr0.001", "dense@lr0.03", "stem@lr0.03"]  # dense at its own rates, stem at --lrs
     engram = capacity.control_args("engram", "single_row", configs["engram"])
     assert engram == ["--model.init_args.architecture.layers.1.add.table", "single_row"]
     assert "tie_rows" in capacity.control_args("peer", "single_row", configs["peer"])[1]
@@ -366,3 +368,14 @@ def test_targets_read_every_load_below_90_percent_up_to_the_first_where_dense_ha
     assert capacity.flattened(flat) and not capacity.flattened(climbing)
     # a flat first load ends the list there
     assert [t["target"].split(":")[0] for t in capacity.targets([flat, later, *designs])] == ["people-1000"] * 3
+
+
+def test_model_lrs_parse_and_name_the_bad_spec():
+    assert capacity.parse_model_lrs(["dense=0.01,0.03", "stem=0.1"], ["dense", "stem"]) == {
+        "dense": [0.01, 0.03], "stem": [0.1]}
+    for spec, message in (("dense", "is not MODEL=RATE"), ("pkm=0.01", "not among --models"),
+                          ("dense=fast", "rates must be numbers"), ("dense=0", "must be positive")):
+        with pytest.raises(capacity.StudyError, match=message):
+            capacity.parse_model_lrs([spec], ["dense", "stem"])
+    with pytest.raises(capacity.StudyError, match="twice"):
+        capacity.parse_model_lrs(["dense=0.01", "dense=0.03"], ["dense"])

@@ -41,7 +41,7 @@ people-1,000, 1,000 exposures in batches of 64 (9,184 steps a cell), the ten mod
     python tools/capacity.py --cpu --jobs 2 --threads 1
 
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
-``--seeds``) and ``<model>@<control>``; the report's first table reads the plain cells (config rate and seed); the
+``--model-lrs dense=0.01,0.03``: a model's own rates instead; ``--seeds``) and ``<model>@<control>``; the report's first table reads the plain cells (config rate and seed); the
 targets, the saturation line and the plots read each model at its best rate, mean over its seeds (``best_rate_cells``);
 the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
 the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
@@ -552,12 +552,14 @@ def variant_name(model: str, lr: float | None = None, seed: int | None = None, c
 
 
 def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], controls: Sequence[str],
-             configs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+             configs: dict[str, dict[str, Any]], model_lrs: dict[str, list[float]] | None = None
+             ) -> dict[str, list[str]]:
     """Every cell model of the grid -> its extra ``memzoo fit`` arguments: each model at every rate x seed (the
-    AdamW rate; table rates stay the config's), and at the config's rate and every seed under each control."""
+    AdamW rate, ``lrs`` or the model's own list in ``model_lrs``; table rates stay the config's), and at the config's
+    rate and every seed under each control."""
     out: dict[str, list[str]] = {}
     for m in models:
-        for lr in lrs:
+        for lr in (model_lrs or {}).get(m, lrs):
             for seed in seeds:
                 extra = [] if lr == LR else ["--model.init_args.optimizer.init_args.lr", str(lr)]
                 out[variant_name(m, lr, seed)] = extra + ([] if seed == SEED else ["--seed_everything", str(seed)])
@@ -864,6 +866,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="optimizer steps a cell trains at least (default: the grid's)")
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="AdamW rates of the per-model sweep (default: the grid's; every cell kept, best reported)")
+    parser.add_argument("--model-lrs", nargs="+", default=[], metavar="MODEL=RATE[,RATE...]",
+                        help="a model's own rates instead of --lrs, e.g. dense=0.01,0.03")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the grid's)")
     parser.add_argument("--controls", nargs="+", default=[], choices=CONTROLS,
                         help="table controls of every memory model at its config's rate and every seed (see control_args)")
@@ -879,7 +883,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the FLOP table and the plan, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
     parser.add_argument("--write-configs", action="store_true", help="regenerate the configs and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.model_lrs = parse_model_lrs(args.model_lrs, args.models)
+    return args
+
+
+def parse_model_lrs(specs: Sequence[str], models: Sequence[str]) -> dict[str, list[float]]:
+    """``["dense=0.01,0.03"]`` -> ``{"dense": [0.01, 0.03]}``; each model one of ``models``, named once."""
+    out: dict[str, list[float]] = {}
+    for spec in specs:
+        model, sep, rates = spec.partition("=")
+        if not sep or model not in models or model in out:
+            problem = ("is not MODEL=RATE[,RATE...]" if not sep else f"names {model!r} twice" if model in out
+                       else f"names {model!r}, which is not among --models {list(models)}")
+            raise StudyError(f"--model-lrs {spec!r} {problem}")
+        try:
+            out[model] = [float(r) for r in rates.split(",")]
+        except ValueError:
+            raise StudyError(f"--model-lrs {spec!r}: rates must be numbers, e.g. {model}=0.01,0.03") from None
+        if not out[model] or any(r <= 0 for r in out[model]):
+            raise StudyError(f"--model-lrs {spec!r}: rates must be positive")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -916,8 +940,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise StudyError("the grid is not FLOP-matched:\n  " + "\n  ".join(problems))
     configs = model_configs()
     memory = {m: memory_parameters(m, args.config_dir, extra) for m in args.models}
-    cell_extra = variants(args.models, grid_spec["lrs"], grid_spec["seeds"], args.controls, configs)
+    cell_extra = variants(args.models, grid_spec["lrs"], grid_spec["seeds"], args.controls, configs, args.model_lrs)
     grid_spec["controls"] = list(args.controls)
+    if args.model_lrs:
+        grid_spec["model_lrs"] = args.model_lrs
     print(f"[capacity] {len(plan)} loads x {len(args.models)} models: "
           + ", ".join(f"{w.name} ({w.steps} steps x {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
