@@ -69,7 +69,7 @@ def test_resolved_hyperparameters_are_recorded_by_the_registry():
     spec = lm.model.layers[0].ffn.hparams
     # k_dim given; the preset's settings; value_dim and n_keys resolved from the pool
     assert spec["block"] == "memory_plus" and spec["pool"] == "mem"
-    assert (spec["gate"], spec["qk_norm"], spec["query_norm"]) == ("none", True, "none")
+    assert (spec["gate"], spec["qk_norm"], spec["query_norm"]) == ("silu", True, "none")
     assert (spec["n_keys"], spec["value_dim"], spec["per_head_keys"]) == (5, 24, True)
     assert lm.model.layers[1].ffn.hparams == {"block": "dense", "hidden": 128, "dropout": 0.0, "bias": False}
     # the export writes the family and every setting, plus what its modeling code reads

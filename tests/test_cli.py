@@ -290,9 +290,9 @@ def test_blocks_verb_lists_presets_with_their_settings_and_papers(capsys):
     assert main(["blocks", "memory_plus"]) == ["memory_plus"]
     out = capsys.readouterr().out
     assert "memory_plus  (preset of product_key_memory)" in out and "Berges et al. 2024" in out
-    assert "settings: heads=4, knn=32, query_norm='none', qk_norm=True, gate='none'" in out
-    assert "gate: Gate = 'none'" in out  # the preset's setting is the listed default
-    assert "the paper's SiLU gate is gate: silu" in out  # its paper note names the departure
+    assert "settings: heads=4, knn=32, query_norm='none', qk_norm=True, gate='silu'" in out
+    assert "gate: Gate = 'silu'" in out  # the preset's setting is the listed default
+    assert "gate: none trains faster on text and stores less at capacity" in out  # its paper note names the study
 
 
 def test_text_config_without_or_with_a_missing_path_fails_clearly(capsys):

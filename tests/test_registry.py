@@ -153,18 +153,18 @@ def test_presets_are_their_blocks_with_the_papers_settings_and_take_overrides():
     memory_plus = create_block("memory_plus", dim=16, n_keys=4, knn=2, k_dim=8)
     assert type(memory_plus) is get_block("product_key_memory")
     assert memory_plus.hparams["block"] == "memory_plus"
-    # qk-norm and 4 heads as the paper; no gate (the studies' choice, see memzoo.blocks.presets); the paper's is one key away
-    assert (memory_plus.gate, memory_plus.router.qk_norm, memory_plus.heads) == ("none", True, 4)
-    assert memory_plus.gate_proj is None and memory_plus.out_proj is None  # out = y (value_dim == dim)
-    gated = create_block("memory_plus", dim=16, n_keys=4, knn=2, k_dim=8, gate="silu")
-    assert gated.gate == "silu" and gated.gate_proj is not None and gated.out_proj is not None
+    # qk-norm, 4 heads and the SiLU gate as the paper (see memzoo.blocks.presets); the ungated layer is one key away
+    assert (memory_plus.gate, memory_plus.router.qk_norm, memory_plus.heads) == ("silu", True, 4)
+    assert memory_plus.gate_proj is not None and memory_plus.out_proj is not None  # W_2 (y ⊙ silu(W_1 x))
+    ungated = create_block("memory_plus", dim=16, n_keys=4, knn=2, k_dim=8, gate="none")
+    assert ungated.gate == "none" and ungated.gate_proj is None and ungated.out_proj is None  # y (value_dim == dim)
     pkm = create_block("pkm", dim=16, n_keys=4, knn=2, k_dim=8, heads=2)  # an override of a preset setting
     assert (pkm.gate, pkm.router.query_norm_kind, pkm.heads) == ("none", "layernorm", 2)
     entry = registry.block_entry("pkm")
     assert entry.preset_of == "product_key_memory" and entry.settings["query_norm"] == "layernorm"
     assert "Lample" in entry.paper
     defaults = {hp.name: hp.default for hp in block_hyperparameters("memory_plus")}
-    assert defaults["gate"] == "none" and defaults["qk_norm"] is True
+    assert defaults["gate"] == "silu" and defaults["qk_norm"] is True
     with pytest.raises(BlockConfigError, match=r"'gaet' \(did you mean 'gate'\?\)"):
         create_block("memory_plus", dim=16, n_keys=4, gaet="silu")
 

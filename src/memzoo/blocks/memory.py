@@ -15,8 +15,8 @@ and the layer's output is
 
 Presets (:mod:`memzoo.blocks.presets`): ``pkm`` (Lample et al. 2019, with causal LayerNorm queries in place of the
 paper's BatchNorm) and ``memory_plus`` (Berges et al. 2024: qk-norm, read from a pool the model shares between
-layers: ``{block: memory_plus, pool: shared}``; the paper's SiLU gate is ``gate: silu``, off in the preset: it lost in
-memzoo's capacity and text studies, see :mod:`memzoo.blocks.presets`).
+layers: ``{block: memory_plus, pool: shared}``, with the paper's SiLU gate; :mod:`memzoo.blocks.presets` gives
+the studies that kept it).
 
 The exact top-knn over ``n_keys²`` product keys comes from :func:`memzoo.ops.product_key_topk` and the weighted
 read from :func:`memzoo.ops.weighted_gather`, which never materialises the ``(..., H·knn, value_dim)`` rows.

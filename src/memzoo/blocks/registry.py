@@ -9,8 +9,8 @@ A *block* is a :class:`~memzoo.blocks.base.Block` built as ``cls(dim, **hyperpar
 3. a full dotted path ``"pkg.module.BlockClass"`` used in place of a name.
 
 A *preset* (:func:`register_preset`) is a name for a registered block with a paper's settings, e.g. ``memory_plus``
-= ``product_key_memory`` with qk-norm and 4 heads × top-32 (where memzoo's studies chose a default against the
-paper, the preset's ``paper`` note says so: ``memory_plus`` leaves out the paper's SiLU gate); a config names it like
+= ``product_key_memory`` with qk-norm, the SiLU gate and 4 heads × top-32 (where memzoo's studies chose a default
+against the paper, the preset's ``paper`` note says so, as ``pkm``'s causal LayerNorm queries); a config names it like
 any block and may override any of its settings. Every name also declares its ``smallest`` settings (and the pools they read), with which the
 every-block test (``tests/test_every_block.py``) builds, trains, exports and decodes it.
 """

@@ -86,7 +86,11 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
     if tied and "head.weight" in missing and "embed.weight" in mapped:
         missing.remove("head.weight")
     if missing:
-        raise InitFromError(f"{where}: the source lacks {missing[:6]}; they are not new (retrofitted) parts")
+        drifted = sorted({int(m.group(1)) for k in missing if (m := _FFN.match(k))})
+        hint = (f": layer {drifted[0]}'s recorded settings build a block with more tensors today, e.g. after a "
+                f"preset's default changed ({CHANGED_DEFAULTS}). Give the layer's spec with the setting pinned "
+                f"(init_from: architecture: layers: {{{drifted[0]}: {{...}}}})") if drifted else ""
+        raise InitFromError(f"{where}: the source lacks {missing[:6]}; they are not new (retrofitted) parts{hint}")
     model.load_state_dict(mapped, strict=False)
     loaded_pools = {id(model.pools[name]) for name in source_pools if name in getattr(model, "pools", {})}
     for i in sorted(beside_layers):
