@@ -19,8 +19,9 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   dropping it does not beat the paper in both of memzoo's measures, each on two seeds. Text (the iso-FLOP study's shakespeare
   workload, 1,000 steps): ungated wins, validation loss 1.682 / 1.669 against 1.770 / 1.782
   (study-memoryplus-no-gate.md, study-memoryplus-gated.md). Knowledge capacity at the regime that measures it
-  (docs/results/capacity-cpu-x4000.md: width 16, people-1000, every fact seen 4,000 times, where dense gains
-  about 5% in its last quarter): gated stores 38,008 / 36,908 bits (1.83x dense's), ungated 26,273 / 35,485 (1.51x). With 1,000
+  (docs/results/capacity-cpu-x4000.md: width 16, people-1000, every fact seen 4,000 times, where dense at its best
+  rate has flattened at 65.6% of the corpus): gated stores 38,008 / 36,908 bits (1.44x dense's, under a cap of 1.52x
+  the corpus sets), ungated 26,273 / 35,485 (1.19x). With 1,000
   exposures the order was the reverse (capacity-cpu.md, each at its best of three rates: ungated 29,376 against
   19,125 bits): a value row's gradient reaches it through ``W_2`` and the gate ``silu(W_1 x) ≈ W_1 x / 2``, both
   initialised small (std 0.02), so the gated table starts memorising late (a quarter into that run it holds
