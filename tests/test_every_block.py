@@ -180,9 +180,9 @@ def test_compile_aot_eager_equals_eager(name):
     dynamic output shapes captured; shared pools with sparse updates), outputs and every gradient equal eager's."""
     config = tiny_config(name)
     config.pools = {key: {**pool, "update": "sparse"} for key, pool in config.pools.items()}
-    eager, compiled = Transformer(config), Transformer(config)
-    eager.load_state_dict(tiny_model(name).state_dict())
-    compiled.load_state_dict(tiny_model(name).state_dict())
+    eager, compiled, weights = Transformer(config), Transformer(config), tiny_model(name).state_dict()
+    eager.load_state_dict(weights)
+    compiled.load_state_dict(weights)
     torch._dynamo.reset()
     parallelize(compiled, compile="aot_eager")
     ids = token_ids()

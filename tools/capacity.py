@@ -41,9 +41,9 @@ people-1,000, 1,000 exposures in batches of 64 (9,184 steps a cell), the ten mod
     python tools/capacity.py --cpu --jobs 2 --threads 1
 
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
-``--model-lrs dense=0.01,0.03``: a model's own rates instead; ``--seeds``) and ``<model>@<control>``; the report's first table reads the plain cells (config rate and seed); the
-targets, the saturation line and the plots read each model at its best rate, mean over its seeds (``best_rate_cells``);
-the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
+``--model-lrs dense=0.01,0.03``: a model's own rates instead; ``--seeds``) and ``<model>@<control>``; the report's
+first table reads the plain cells (config rate and seed); the targets, the saturation line and the plots read each
+model at its best rate, mean over its seeds (``best_rate_cells``); the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
 the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
 rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
 ``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
@@ -185,8 +185,9 @@ def model_configs(family: str = "w32") -> dict[str, dict[str, Any]]:
     ``pkm``: layer 1's FFN replaced by a product-key memory of 64² = 4,096 private values. ``memoryplus``: both FFNs
     replaced by the paper's Memory+ layers (qk-norm, ``gate: silu`` pinned) that share ONE pool of 4,096 values.
     ``peer``: both FFNs replaced by PEER layers sharing one pool of 4,096 single-neuron experts. Memory tables get
-    sparse LazyAdam updates. Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs). The lookup family (sizing in :data:`SIZING`, written into each config's
-    header): ``ultramem_v2``, ``engram``, ``stem``, ``mole``."""
+    sparse LazyAdam updates. Ablation ``memoryplus-no-gate``: Memory+ with ``gate: none`` (0.93x dense's FLOPs). The
+    lookup family (sizing in :data:`SIZING`, written into each config's header): ``ultramem_v2``, ``engram``,
+    ``stem``, ``mole``."""
 
     f = FAMILIES[family]
 

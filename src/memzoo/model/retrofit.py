@@ -36,6 +36,12 @@ class InitFromError(ValueError):
 _FFN = re.compile(r"^layers\.(\d+)\.ffn\.")
 
 
+def _pin_the_setting(layer: int) -> str:
+    """The fix for a layer whose recorded settings build another block today (a preset's default changed)."""
+    return (f"e.g. after a preset's default changed ({CHANGED_DEFAULTS}). Give the layer's spec with the setting "
+            f"pinned (init_from: architecture: layers: {{{layer}: {{...}}}})")
+
+
 def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], where: str = "init_from",
                          retrofitted: Collection[int] | None = None) -> None:
     """Copies ``source`` into ``model`` (a Transformer) with the retrofit mapping of the module docstring.
@@ -58,8 +64,7 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
         raise InitFromError(
             f"{where}: layer {layer}'s FFN holds tensors {extra[:6]} that the block its recorded settings build "
             f"today lacks, and this run does not change that layer: those settings build a different block now, "
-            f"e.g. after a preset's default changed ({CHANGED_DEFAULTS}). Give the layer's spec with the setting "
-            f"pinned (init_from: architecture: layers: {{{layer}: {{...}}}})"
+            + _pin_the_setting(layer)
         )
     unused = [k for k in unused if not _FFN.match(k)]
     if unused:
@@ -87,9 +92,8 @@ def load_initial_weights(model: nn.Module, source: Mapping[str, torch.Tensor], w
         missing.remove("head.weight")
     if missing:
         drifted = sorted({int(m.group(1)) for k in missing if (m := _FFN.match(k))})
-        hint = (f": layer {drifted[0]}'s recorded settings build a block with more tensors today, e.g. after a "
-                f"preset's default changed ({CHANGED_DEFAULTS}). Give the layer's spec with the setting pinned "
-                f"(init_from: architecture: layers: {{{drifted[0]}: {{...}}}})") if drifted else ""
+        hint = (f": layer {drifted[0]}'s recorded settings build a block with more tensors today, "
+                + _pin_the_setting(drifted[0])) if drifted else ""
         raise InitFromError(f"{where}: the source lacks {missing[:6]}; they are not new (retrofitted) parts{hint}")
     model.load_state_dict(mapped, strict=False)
     loaded_pools = {id(model.pools[name]) for name in source_pools if name in getattr(model, "pools", {})}
