@@ -238,8 +238,8 @@ inline const T* source_row(const T* src, const Divider& bag, const int64_t* grou
 }
 
 // How many positions ahead scatter_dot prefetches a source row (positions sorted by row visit the bags at random:
-// rows of a gradient of a few MiB, from L3). Plain: 8 (12-15% faster than none at D 128, 196k positions; 4 to 16
-// alike); Grouped: 4.
+// rows of a gradient of a few MiB, from L3). Plain: 8 (5-15% faster than none at D 96 and 128, 196k positions; 4
+// to 16 alike; no change at D 512); Grouped: 4.
 template <bool Grouped> constexpr int64_t source_ahead() { return Grouped ? 4 : 8; }
 
 // Chunk c (width W = NV vectors) of one run of scatter_dot (positions q0..q1 of one row): the chunk's sum held in
@@ -258,14 +258,15 @@ inline void run_chunk_in_registers(const T* __restrict src, const T* __restrict 
   constexpr int L = Simd<T>::L, W = NV * L;
   const int64_t chunk = Grouped ? c : 0, lo = chunk * W, chunks = Grouped ? M : 1;  // plain: constants
   const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);
+  const int64_t source_width = Grouped ? D : W;  // plain: W == D, a constant here
+  constexpr int64_t ahead = source_ahead<Grouped>();
   V acc[NV];
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t p = order[q];
-    const T* __restrict s = source_row<Grouped>(src, bag, group, Gs, Grouped ? D : W, p) + lo;
+    const T* __restrict s = source_row<Grouped>(src, bag, group, Gs, source_width, p) + lo;
     if (q + 16 < q_end) __builtin_prefetch(w + order[q + 16] * chunks);
-    constexpr int64_t ahead = source_ahead<Grouped>();
     if (chunk == 0 && q + ahead < q_end)
-      prefetch_row(source_row<Grouped>(src, bag, group, Gs, Grouped ? D : W, order[q + ahead]), prefetch_bytes);
+      prefetch_row(source_row<Grouped>(src, bag, group, Gs, source_width, order[q + ahead]), prefetch_bytes);
     const V wv = w[p * chunks + chunk] - V{};  // w - (+0) is w, -0 included
     if (q == q0) for (int v = 0; v < NV; ++v) acc[v] = wv * *(const V*)(s + v * L);
     else for (int v = 0; v < NV; ++v) acc[v] += wv * *(const V*)(s + v * L);
