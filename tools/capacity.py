@@ -756,12 +756,13 @@ def plot_bits_vs_step(cells: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("bits stored (negative shown as 0)")
-    # one legend naming every model of every panel (a model may be run at some loads only), in the fullest panel
+    # one legend naming every model of every panel (a model may be run at some loads only), beside the panels: over
+    # a panel it would hide the curves it names
     named = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
-    max(axes[0], key=lambda ax: len(ax.get_lines())).legend(named.values(), named.keys(), fontsize=7)
     fig.tight_layout()
+    fig.legend(named.values(), named.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
