@@ -39,9 +39,11 @@ def test_the_cpu_kernel_builds_here():
     assert cpu_topk.available(), cpu_topk._KERNELS.state.get("error")
 
 
-# (n_keys, k): n < 16 and k > 64 take the plain route inside the kernel, the others the filtered fast route
-SIZES = [(5, 1), (5, 5), (8, 16), (9, 8), (16, 16), (37, 32), (64, 8), (64, 17), (128, 32), (200, 7), (300, 64),
-         (100, 70), (1024, 32)]
+# (n_keys, k): the kernel's fast route needs n_keys >= its chunk count (8 for k <= 8, 16 or 32 above) and k <= 64.
+# Plain route: (5, 1), (5, 5), (6, 20), (8, 16), (20, 40) (three with k > n_keys), (100, 70); fast route at 8 chunks:
+# (9, 8), (64, 8), (200, 7); at 16: (16, 16), (37, 32), (64, 17), (128, 32); at 32: (300, 64), (1024, 32)
+SIZES = [(5, 1), (5, 5), (6, 20), (8, 16), (9, 8), (16, 16), (20, 40), (37, 32), (64, 8), (64, 17), (128, 32),
+         (200, 7), (300, 64), (100, 70), (1024, 32)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -52,6 +54,12 @@ def test_cpu_kernel_equals_brute_force(n_keys, k, dtype):
     ref_scores, ref_indices = brute_force(half_scores, k)
     assert torch.equal(scores, ref_scores)  # the same IEEE additions
     assert torch.equal(indices, ref_indices)  # continuous data: no ties, the order is determined
+
+
+@pytest.mark.parametrize("k", [0, 26, True])
+def test_cpu_kernel_rejects_k_beyond_the_product_set(k):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, n_keys² = 25\]"):
+        cpu_topk.half_topk_merge(torch.randn(2, 1, 3, 5), k)
 
 
 @pytest.mark.parametrize("n_keys, k", [(16, 16), (37, 32), (64, 8), (128, 32), (20, 3)])
