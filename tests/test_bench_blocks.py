@@ -71,12 +71,15 @@ def test_models_filter_refuses_an_unknown_name(capsys):
 def test_layer_breakdown_times_every_part_and_the_table_derives_selection_and_rest():
     for name in bench.BREAKDOWN_MODELS:  # PKM's memory layer is layer 2, Memory+'s and PEER's layers 1 and 3
         row = bench.layer_breakdown(name, repeats=1)
-        assert set(row) == {"layer_ms", "dense_ffn_ms", "query_ms", "router_ms", "read_ms"}
+        assert set(row) == {"layer_ms", "dense_ffn_ms", "query_ms", "router_ms", "read_ms", "read_cold_ms",
+                            "read_table_mb"}
         assert all(value > 0 for value in row.values()), name
+        # 768 tokens x 4 heads x 32 rows (PEER: x 16 experts, two tables) of 128 float32
+        assert row["read_table_mb"] == pytest.approx(768 * 4 * (16 * 2 if name == "peer" else 32) * 128 * 4 / 1e6)
     result = {"machine": "test", "targets": [],
               "layer_breakdown": {"pkm": {"layer_ms": 10.0, "dense_ffn_ms": 5.0, "query_ms": 1.0, "router_ms": 4.0,
-                                          "read_ms": 5.0}}}
-    assert "| pkm | 10.0 | 5.0 | 1.0 | 3.0 | 5.0 | 1.0 |" in bench.markdown(result)
+                                          "read_ms": 5.0, "read_cold_ms": 7.5, "read_table_mb": 50.3}}}
+    assert "| pkm | 10.0 | 5.0 | 1.0 | 3.0 | 5.0 | 7.5 | 1.0 | 50.3 |" in bench.markdown(result)
 
 
 def test_paired_ratios_take_the_median_over_rounds_of_each_rounds_ratio(monkeypatch):

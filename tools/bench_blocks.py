@@ -214,7 +214,9 @@ def layer_breakdown(name: str, repeats: int) -> dict:
     ``router`` (query, qk-norm, exact top-k, weights: ``router - query`` is the selection, which no FLOP counts),
     ``read`` (the table reads and their backward on the router's rows: ``pool.read`` / PEER's ``experts``); the
     rest of the layer (``layer - router - read``) is its projections and gate. A read's backward here sums one
-    layer's table gradient; in a training step the last read of a shared pool sums both layers' in one pass."""
+    layer's table gradient; in a training step the last read of a shared pool sums both layers' in one pass.
+    Also ``read_cold_ms``, the read with its table evicted from the caches before each call (:func:`timed_cold`),
+    and ``read_table_mb``, the MB of table rows its forward reads (``table_bytes_read_per_token`` × tokens)."""
     torch.set_num_threads(1)
     layers = study_model(name)[0].model.layers
     index = next(i for i, layer in enumerate(layers) if getattr(layer.ffn, "reads_pool", False))
@@ -236,7 +238,30 @@ def layer_breakdown(name: str, repeats: int) -> dict:
         return run
 
     times = interleaved({part: fwd_bwd(fn) for part, fn in parts.items()}, repeats, clock="thread")
-    return {f"{part}_ms": 1e3 * t for part, t in times.items()}
+    row = {f"{part}_ms": 1e3 * t for part, t in times.items()}
+    # the read again with its table out of the caches, as in a training step (where the optimizer's pass over the
+    # table and its moments, and the rest of the model, come between two reads), and the bytes it reads
+    row["read_cold_ms"] = 1e3 * timed_cold(fwd_bwd(read), repeats)
+    row["read_table_mb"] = x.shape[0] * x.shape[1] * layer.table_bytes_read_per_token() / 1e6
+    return row
+
+
+#: bytes written between two calls of :func:`timed_cold`: twice the largest last-level cache of this class of machine
+EVICT_BYTES = 64 * 2**20
+
+
+def timed_cold(fn, repeats: int) -> float:
+    """Median CPU time of the calling thread of ``fn()``, the caches evicted before each call (``EVICT_BYTES``
+    written, not timed)."""
+    evict = torch.empty(EVICT_BYTES // 4)
+    fn()
+    times = []
+    for _ in range(repeats):
+        evict.fill_(len(times))
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- lookup blocks
@@ -443,13 +468,19 @@ def markdown(result: dict) -> str:
         lines += ["## Where a memory layer's time goes (fwd+bwd, CPU time, 1 thread, 12 × 64 tokens, ms)", "",
                   "Each part alone (`layer_breakdown`): selection = router − query (qk-norm, exact top-k, weights: no "
                   "FLOPs counted), rest = layer − router − read (projections, gate; parts timed alone do not add up exactly, so "
-                  "a small rest can come out negative).", "",
-                  "| model | layer | dense FFN it replaces | query | selection | read | rest |", "|---|---|---|---|---|---|---|"]
+                  "a small rest can come out negative). Read, table cold: the same read with the table evicted from "
+                  "the caches before each call, as in a training step, where the optimizer's pass over the table and "
+                  "its moments and the rest of the model come between two reads; table MB: the rows its forward reads "
+                  "(each read row once per head and pick: a 128² × 128 float32 table is 8.4 MB).", "",
+                  "| model | layer | dense FFN it replaces | query | selection | read | read, table cold | rest | "
+                  "table MB read (fwd) |", "|---|---|---|---|---|---|---|---|---|"]
         for name, row in result["layer_breakdown"].items():
             selection = row["router_ms"] - row["query_ms"]
             rest = row["layer_ms"] - row["router_ms"] - row["read_ms"]
+            cold = f"{row['read_cold_ms']:.1f}" if "read_cold_ms" in row else "–"
+            table_mb = f"{row['read_table_mb']:.1f}" if "read_table_mb" in row else "–"
             lines.append(f"| {name} | {row['layer_ms']:.1f} | {row['dense_ffn_ms']:.1f} | {row['query_ms']:.1f} | "
-                         f"{selection:.1f} | {row['read_ms']:.1f} | {rest:.1f} |")
+                         f"{selection:.1f} | {row['read_ms']:.1f} | {cold} | {rest:.1f} | {table_mb} |")
         lines.append("")
     lines += ["## Targets", "", "| target | met | detail |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in result["targets"]]
