@@ -22,6 +22,13 @@ training (batch statistics mix every position of the batch; see the router's doc
 ``layernorm`` over each head's query features (causal); ``query_norm: batchnorm`` reproduces the paper and must be
 asked for. The ``peer`` defaults are otherwise the paper's: 8 heads, top-16 experts each, product keys shared by the
 heads, softmax weights, GELU experts.
+
+Scale-free scores (``qk_norm: true``) measured better on both of memzoo's axes at the study sizes, two seeds each:
+on the 4,000-exposure capacity grid (``docs/results/capacity-cpu-x4000*.md``, width 16) they store 1.18× dense's
+bits at AdamW 1e-2, where the paper's scores store 1.12× at their best of three rates (1e-3 / 3e-3 / 1e-2: 0.51 /
+1.12 / 1.01×, losing bits late in training at 1e-2); on Shakespeare (``docs/results/study-peer-qk-norm.md``) they
+reach 1.723 / 1.731 against 1.748 / 1.743. The default stays the paper's scores, which every stored PEER result
+used; set ``qk_norm: true`` for the better-measured router.
 """
 
 from __future__ import annotations
