@@ -132,12 +132,12 @@ void merge_heap(const T* v1, const int32_t* i1, int64_t m1, const T* v2, const i
 }
 
 
-// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= 32)
+// ---------------------------------------------------------------- fast path (finite rows, k <= 64, n >= CM)
 constexpr int CH = 16;  // elements per block of the candidate filter
 // CM: strided chunks whose maxima bound the k-th best sum from below (a template argument, chunks_for(n, k)): more
 // chunks give a tighter bound (fewer candidates to rank) but more maxima to sort, so the best count grows with k and
 // with the elements a chunk holds. Measured on random rows, 1 thread, n_keys 64-1024, k 8-64: 8 for k <= 8; 16 for
-// k <= 32 while n·k <= 4096 (5-20% faster than 32 at n_keys 64-128, k 16-32, and than 8 at k 16); else 32.
+// k <= 32 while n·k <= 4096 (5-9% faster than 32 at n_keys 64-128, k 16-32, 7-13% than 8 at k 16); else 32.
 inline int chunks_for(int64_t n, int64_t k) { return k <= 8 ? 8 : (k <= 32 && n * k <= 4096) ? 16 : 32; }
 
 // Vectors of the GCC/Clang vector extension: 32 bytes where the build has AVX, else 16 (SSE2, NEON, VSX); unaligned,
