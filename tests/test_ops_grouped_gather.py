@@ -117,8 +117,40 @@ def test_the_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.memzoo.grouped_weighted_gather,
                           (values.requires_grad_(), indices, groups, weights.requires_grad_(), 3, False))
     grad_out = torch.randn(indices.shape[0], 3, values.shape[1])
-    torch.library.opcheck(torch.ops.memzoo.grouped_weighted_gather_backward,
-                          (grad_out, indices, groups, weights.detach(), values.detach(), True))
+    for dense, dots_from_bag in ((True, 0), (False, 2)):
+        torch.library.opcheck(torch.ops.memzoo.grouped_weighted_gather_backward,
+                              (grad_out, indices, groups, weights.detach(), values.detach(), dense, dots_from_bag))
+
+
+@pytest.mark.parametrize("kernels", ["cpp", "pytorch"])
+def test_the_backward_op_gives_the_weights_gradient_of_the_last_bags_only(kernels, monkeypatch):
+    """``dots_from_bag``: the table gradient sums every bag, the weights' gradient is the last bags' (as the last
+    read of a shared table asks)."""
+    values, indices, groups, weights = make(B=6, K=5)
+    grad_out = torch.randn(6, 3, values.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with kernels_switched(cpu_read, monkeypatch, off=kernels == "pytorch"):
+        op = torch.ops.memzoo.grouped_weighted_gather_backward
+        rows, sums, dots = op(grad_out, indices, groups, weights, values, False, 4)
+        _, dense, all_dots = op(grad_out, indices, groups, weights, values, True, 0)
+    assert dots.shape == (2, 5, 2)
+    torch.testing.assert_close(dots, all_dots[4:], rtol=1e-12, atol=1e-12)
+    assert torch.equal(rows, indices.unique())
+    torch.testing.assert_close(sums, dense[rows], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [dict(), dict(M=1, S=1), dict(D=72, M=3, K=9), dict(K=1, S=2)])
+def test_the_grouped_gather_dot_kernel_matches_the_weights_gradient_formula(case, dtype):
+    """``cpu_read.gather_dot`` with groups: ``out[b,k,c]`` = chunk c of ``values[idx[b,k]] · x[b, groups[b,k]]``."""
+    values, indices, groups, weights = make(dtype=dtype, **case)
+    S, M, D = case.get("S", 3), weights.shape[2], values.shape[1]
+    x = torch.randn(indices.shape[0], S, D, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    got = cpu_read.gather_dot(values, indices, x, groups, M)
+    src = x.double()[torch.arange(indices.shape[0]).unsqueeze(1), groups]  # (B, K, D)
+    want = (values.double()[indices] * src).unflatten(-1, (M, D // M)).sum(-1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert got.shape == (*indices.shape, M) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 @pytest.mark.parametrize("change,error,match", [

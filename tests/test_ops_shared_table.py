@@ -2,13 +2,15 @@
 hand autograd one row-sparse gradient, summed by the last read to run, instead of one each for autograd to add.
 Checked against float64 references and against the per-read route: mixed ops (weighted_gather, gather_dot),
 different bag widths, duplicates, torch.autograd.grad, retain_graph, a graph never backwarded, an existing dense
-.grad, partial backward, a whole shared-pool model."""
+.grad, partial backward, a whole shared-pool model; grouped reads (UltraMem's) of one table summed among themselves,
+beside a plain read of it, and a shared UltraMemV2 pool."""
 
 import pytest
 import torch
 
 import references
-from memzoo.ops import gather_dot, weighted_gather
+from memzoo.ops import gather_dot, grouped_weighted_gather, weighted_gather
+from memzoo.ops import grouped_gather as gg
 from memzoo.ops import sparse_gather as sg
 
 
@@ -27,9 +29,10 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def per_read_route(monkeypatch):
-    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+def use_per_read_route(monkeypatch):
+    """Every read returns its own table gradient (the route off in both op modules)."""
+    for module in (sg, gg):
+        monkeypatch.setattr(module, "_shared_route", lambda ctx, values: False)
 
 
 def reads(dtype=torch.float64, seed=0):
@@ -83,7 +86,7 @@ def test_same_gradients_as_the_per_read_route(monkeypatch):
     shared = [t.grad.clone() for t in (values, *w, x)]
     for t in (values, *w, x):
         t.grad = None
-    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+    use_per_read_route(monkeypatch)
     loss_of(OPS, values, idx, w, x, upstream).backward()
     for got, want in zip(shared, (values.grad, *(t.grad for t in w), x.grad)):
         torch.testing.assert_close(got.to_dense() if got.is_sparse else got, want.to_dense() if want.is_sparse else want,
@@ -156,7 +159,118 @@ def test_a_shared_pool_model_trains_like_the_per_read_route(monkeypatch, spy):
 
     shared = grads()
     assert spy == {"deposit": 1, "sum": 1}  # layer 3's read deposits, layer 1's sums both
-    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+    use_per_read_route(monkeypatch)
+    per_read = grads()
+    assert shared.keys() == per_read.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], per_read[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def grouped_reads(dtype=torch.float64, seed=0):
+    """A table (12 rows of width 6), two grouped reads of it (bag widths 5 and 3, 3 groups, 2 chunks) and a plain
+    weighted_gather, with rows repeated inside and across reads, and the upstream gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(12, 6, generator=gen, dtype=dtype).requires_grad_()
+    idx = [torch.randint(0, 12, shape, generator=gen) for shape in ((4, 5), (3, 3), (2, 4))]
+    idx[1][0, :2] = idx[0][1, 0]
+    idx[2][1, 0] = idx[0][1, 0]
+    groups = [torch.randint(0, 3, i.shape, generator=gen) for i in idx[:2]]
+    w = [torch.randn(*i.shape, 2, generator=gen, dtype=dtype).requires_grad_() for i in idx[:2]]
+    w.append(torch.randn(idx[2].shape, generator=gen, dtype=dtype).requires_grad_())
+    upstream = [torch.randn(s, generator=gen, dtype=dtype) for s in ((4, 3, 6), (3, 3, 6), (2, 6))]
+    return values, idx, groups, w, upstream
+
+
+def grouped_loss(values, idx, groups, w, upstream, sparse_grad=True):
+    y0 = grouped_weighted_gather(values, idx[0], groups[0], w[0], 3, sparse_grad=sparse_grad)
+    h = weighted_gather(values, idx[2], w[2], sparse_grad=sparse_grad)
+    y1 = grouped_weighted_gather(values, idx[1], groups[1], w[1], 3, sparse_grad=sparse_grad)
+    return (y0 * upstream[0]).sum() + (y1 * upstream[1]).sum() + (h * upstream[2]).sum()
+
+
+def grouped_reference(values, idx, groups, w, upstream):
+    """The float64 gradients with every read's formula written out (one-hot groups, chunk weights)."""
+    leaves = [t.detach().double().requires_grad_() for t in (values, *w)]
+    v = leaves[0]
+    loss = (references.weighted_gather(v, idx[2], leaves[3]) * upstream[2].double()).sum()
+    for i in range(2):
+        onehot = torch.nn.functional.one_hot(groups[i], 3).double()  # (B, K, S)
+        rows = v[idx[i]].unflatten(-1, (2, 3)) * leaves[1 + i].unsqueeze(-1)  # (B, K, M, d)
+        y = torch.einsum("bks,bkmd->bsmd", onehot, rows).flatten(-2)
+        loss = loss + (y * upstream[i].double()).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def test_grouped_reads_sum_each_others_terms_and_a_plain_read_keeps_its_own(spy):
+    """The two grouped reads hand autograd one gradient (the second deposits, the first sums both); the plain read
+    of the same table sums only its own; every gradient equals the float64 reference."""
+    values, idx, groups, w, upstream = grouped_reads()
+    grouped_loss(values, idx, groups, w, upstream).backward()
+    assert spy == {"deposit": 1, "sum": 2}
+    want = grouped_reference(values, idx, groups, w, upstream)
+    torch.testing.assert_close(values.grad.to_dense(), want[0], rtol=1e-12, atol=1e-12)
+    for got, ref in zip((t.grad for t in w), want[1:]):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert not sg._DEPOSITS
+
+
+def test_grouped_reads_give_the_per_read_routes_gradients(monkeypatch, spy):
+    """float32, into an existing dense .grad too (the summed rows are added in place)."""
+    values, idx, groups, w, upstream = grouped_reads(dtype=torch.float32, seed=1)
+    results = []
+    for route in ("shared", "per-read"):
+        if route == "per-read":
+            use_per_read_route(monkeypatch)
+        for t in (values, *w):
+            t.grad = None
+        grouped_loss(values, idx, groups, w, upstream).backward()
+        values.grad = values.grad.to_dense()
+        grouped_loss(values, idx, groups, w, upstream, sparse_grad=False).backward()
+        results.append([t.grad.clone() for t in (values, *w)])
+    assert spy["deposit"] == 2  # the shared route ran in both backwards of the first pass
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_reads_of_other_shapes_keep_their_own_gradients(spy):
+    """Reads whose groups differ (3 and 2) take no part in each other's sums: one gradient each, both right."""
+    values, idx, groups, w, upstream = grouped_reads(seed=2)
+    y0 = grouped_weighted_gather(values, idx[0], groups[0], w[0], 3, sparse_grad=True)
+    y1 = grouped_weighted_gather(values, idx[1], groups[1].clamp(max=1), w[1], 2, sparse_grad=True)
+    ((y0 * upstream[0]).sum() + (y1 * upstream[1][:, :2]).sum()).backward()
+    assert spy == {"deposit": 0, "sum": 2}
+    v = values.detach().clone().requires_grad_()
+    want = torch.autograd.grad((grouped_weighted_gather(v, idx[0], groups[0], w[0].detach(), 3) * upstream[0]).sum()
+                               + (grouped_weighted_gather(v, idx[1], groups[1].clamp(max=1), w[1].detach(), 2)
+                                  * upstream[1][:, :2]).sum(), v)[0]
+    torch.testing.assert_close(values.grad.to_dense(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_shared_ultramem_v2_pool_trains_like_the_per_read_route(monkeypatch, spy):
+    """UltraMemV2 layers 1 and 3 reading one ``experts`` pool (the grouped read of ``up``, gather_dot of ``down``):
+    one gradient per table, every gradient as on the per-read route."""
+    import memzoo
+
+    layer = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 4, "k_dim": 8, "ffn_fraction": 0.5}
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "memzoo.LanguageModel", "init_args": {"architecture": {
+            "dim": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "block": "dense", "layers": {1: layer, 3: layer},
+            "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 16, "update": "sparse"}}}}},
+    }
+    module = memzoo.build_model(config, vocab_size=40)
+    batch = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        module.model.zero_grad(set_to_none=True)
+        logits = module.model(batch[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+                for n, p in module.model.named_parameters() if p.grad is not None}
+
+    shared = grads()
+    assert spy == {"deposit": 2, "sum": 2}  # per table (down, up): layer 3's read deposits, layer 1's sums both
+    use_per_read_route(monkeypatch)
     per_read = grads()
     assert shared.keys() == per_read.keys()
     for name in shared:
@@ -211,6 +325,6 @@ def test_reads_under_activation_checkpointing_equal_the_per_read_route(monkeypat
         return grads
 
     shared = run()
-    monkeypatch.setattr(sg, "_shared_route", lambda ctx, values: False)
+    use_per_read_route(monkeypatch)
     for got, want in zip(shared, run()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -4,7 +4,8 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
 
 - :func:`gather_dot` ``out[p] = values[idx[p]] · x[b]``: bags in parallel, ``x[b]`` in L1 over its ``K`` rows,
   the table row a few positions ahead prefetched, dot products in four vector partial sums (a fixed order).
-  (``weighted_gather``'s forward stays on PyTorch's ``embedding_bag``, which is faster there.)
+  (``weighted_gather``'s forward stays on PyTorch's ``embedding_bag``, which is faster there.) With ``groups``
+  (the grouped read's weights' gradient) ``out[p, c] = values[idx[p]] · x[b, group[p]]`` chunk by chunk.
 - :func:`scatter_dot`, the backward of both reads in one call: the positions are sorted by row (a stable counting
   sort when ``N <= 4·P``, else a sort of ``row·P + p`` keys), then each distinct row ``r`` (rows in parallel) sums
   ``G[r] = Σ_{idx[p]=r} w[p] · src[b]`` in position order (deterministic; in vector registers when ``D``, or each
@@ -120,17 +121,26 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch((const char*)row + byte);
 }
 
-template <typename T>
+// out[p] = values[idx[p]] . x[b]; grouped (the grouped read's weights' gradient): out[p·M + c] is chunk c's
+// (width D/M) dot of values[idx[p]] with x[b·G + group[p]].
+template <typename T, bool Grouped>
 void gather_dot(const T* values, const int64_t* idx, const T* x, int64_t B, int64_t K, int64_t D, T* out,
-                int threads) {
+                const int64_t* group, int64_t G, int64_t M, int threads) {
   const int64_t P = B * K, ahead = 8;  // prefetch the table row `ahead` positions on: random rows, rarely cached
   const int64_t prefetch_bytes = std::min<int64_t>(D * (int64_t)sizeof(T), 512);  // the hardware streams the rest
+  const int64_t width = Grouped ? D / M : D;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < K; ++j) {
       const int64_t p = b * K + j;
       if (p + ahead < P) prefetch_row(values + idx[p + ahead] * D, prefetch_bytes);
-      out[p] = dot(values + idx[p] * D, x + b * D, D);
+      if (!Grouped) {
+        out[p] = dot(values + idx[p] * D, x + b * D, D);
+        continue;
+      }
+      const T* row = values + idx[p] * D;
+      const T* src = x + (b * G + group[p]) * D;
+      for (int64_t c = 0; c < M; ++c) out[p * M + c] = dot(row + c * width, src + c * width, width);
     }
 }
 
@@ -398,8 +408,10 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
 
 #define MEMZOO_READ_KERNELS(T, S)                                                                                  \
   extern "C" int memzoo_gather_dot_##S(const T* v, const int64_t* i, const T* x, int64_t B, int64_t K, int64_t D, \
-                                       T* o, int th) {                                                             \
-    gather_dot<T>(v, i, x, B, K, D, o, th); return 0; }                                                            \
+                                       T* o, const int64_t* g, int64_t G, int64_t M, int th) {                     \
+    if (g == nullptr) gather_dot<T, false>(v, i, x, B, K, D, o, g, 1, 1, th);                                      \
+    else gather_dot<T, true>(v, i, x, B, K, D, o, g, G, M, th);                                                    \
+    return 0; }                                                                                                    \
   extern "C" int memzoo_scatter_dot_##S(const T* s, const int64_t* i, const T* w, const T* v, const int64_t* o,    \
                                         const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, \
                                         T* sums, T* dense, T* dots, int64_t df, const int64_t* g, int64_t G,       \
@@ -440,7 +452,7 @@ def _build() -> ctypes.CDLL:
     lib = compile_library("memzoo_sparse_read", "sparse_read.cpp", SOURCE, ["-fno-math-errno"])
     i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     declare_float_kernels(lib, {
-        "gather_dot": [ptr, ptr, ptr, i64, i64, i64, ptr, cint],
+        "gather_dot": [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, cint],
         "scatter_dot": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, cint],
         "grouped_gather": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, cint],
         "adam_rows": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint],
@@ -457,13 +469,19 @@ def _ptr(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
 
-def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``values (N, D)``, ``indices (B, K)`` int64, ``x (B, D)``, contiguous, one dtype → ``(B, K)``."""
+def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor,
+               groups: torch.Tensor | None = None, chunks: int = 1) -> torch.Tensor:
+    """``values (N, D)``, ``indices (B, K)`` int64, ``x (B, D)``, contiguous, one dtype → ``(B, K)``:
+    ``values[idx[b,j]] · x[b]``.
+
+    With ``groups (B, K)`` int64 in ``[0, S)`` (the weights' gradient of :func:`grouped_gather`): ``x (B, S, D)`` →
+    ``(B, K, chunks)``, chunk ``c``'s (width ``D/chunks``) dot of ``values[idx[b,j]]`` with ``x[b, groups[b,j]]``.
+    Time ``O(B·K·D)``."""
     n_bags, n_per_bag = indices.shape
-    out = values.new_empty(n_bags, n_per_bag)
+    out = values.new_empty(n_bags, n_per_bag, *(() if groups is None else (chunks,)))
     _kernel("gather_dot", values.dtype)(
         values.data_ptr(), indices.data_ptr(), x.data_ptr(), n_bags, n_per_bag, values.shape[1], out.data_ptr(),
-        torch.get_num_threads(),
+        _ptr(groups), 1 if groups is None else x.shape[1], chunks, torch.get_num_threads(),
     )
     return out
 

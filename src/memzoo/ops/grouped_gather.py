@@ -21,17 +21,31 @@ Kernels: on CPU for float32/float64 :func:`memzoo.ops.cpu_read.grouped_gather` (
 row, deterministic); elsewhere (CUDA, bf16/fp16, no compiler) the PyTorch reference, which gathers the ``(B, K, D)``
 rows (accumulating in float32 for bf16/fp16). ``sparse_grad=True`` makes ``values.grad`` a coalesced sparse COO
 tensor of the rows used; a dense gradient headed for a dense ``.grad`` is handed over as rows and added in place,
-as :func:`memzoo.ops.weighted_gather` does.
+as :func:`memzoo.ops.weighted_gather` does. Grouped reads of one table (a pool shared by UltraMem layers) with the
+same groups and chunks hand autograd one row-sparse gradient, summed by the last read in one pass
+(:mod:`memzoo.ops.sparse_gather`'s shared-table route); a read that leaves its term to it computes only its weights'
+gradient (:func:`memzoo.ops.cpu_read.gather_dot` with ``groups``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from memzoo.ops.cpu_read import gather_dot as cpu_gather_dot
 from memzoo.ops.cpu_read import grouped_gather as cpu_grouped_gather
 from memzoo.ops.cpu_read import scatter_dot as cpu_scatter_dot
 from memzoo.ops.cpu_read import supports as cpu_read_supports
-from memzoo.ops.sparse_gather import _adds_into_dense_grad, _check_index_range, _check_same, _check_table
+from memzoo.ops.sparse_gather import (
+    _adds_into_dense_grad,
+    _check_index_range,
+    _check_same,
+    _check_table,
+    _collect_terms,
+    _pad_bags,
+    _register_reader,
+    _rows_gradient,
+    _shared_route,
+)
 
 __all__ = ["grouped_weighted_gather"]
 
@@ -147,16 +161,19 @@ def _(values, indices, groups, weights, n_groups, sparse_grad):
 
 @torch.library.custom_op("memzoo::grouped_weighted_gather_backward", mutates_args=())
 def _grouped_gather_backward_op(grad_out: Tensor, indices: Tensor, groups: Tensor, weights: Tensor, values: Tensor,
-                                dense: bool) -> tuple[Tensor, Tensor, Tensor]:
+                                dense: bool, dots_from_bag: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """First-order backward in one op: ``(rows, grad_values, grad_weights)``; with ``dense`` ``grad_values (N, D)``
-    (``rows`` empty), else the ``U`` distinct rows ``rows (U,)`` ascending and their gradients ``(U, D)``."""
+    (``rows`` empty), else the ``U`` distinct rows ``rows (U,)`` ascending and their gradients ``(U, D)``;
+    ``grad_weights`` for the bags ``b >= dots_from_bag`` only (``(B - dots_from_bag, K, M)``: the last read of a
+    shared table sums the other reads' terms with its own but needs only its own weights' gradient)."""
     grad_out, indices, groups = grad_out.contiguous(), indices.contiguous(), groups.contiguous()
     weights, values = weights.contiguous(), values.contiguous()
     if cpu_read_supports(grad_out, weights, values):
         rows, grad_values, grad_weights = cpu_scatter_dot(grad_out, indices, weights, values, values.shape[0], dense,
-                                                          groups=groups)
+                                                          dots_from_bag, groups=groups)
         return (indices.new_empty(0) if rows is None else rows), grad_values, grad_weights
     grad_rows, grad_weights = _reference_grads(grad_out, indices, groups, weights, values)
+    grad_weights = grad_weights[dots_from_bag:].clone()
     grad_values = _rows_to_table_grad(indices, grad_rows, values, sparse=not dense)
     if dense:
         return indices.new_empty(0), grad_values, grad_weights
@@ -165,8 +182,8 @@ def _grouped_gather_backward_op(grad_out: Tensor, indices: Tensor, groups: Tenso
 
 
 @_grouped_gather_backward_op.register_fake
-def _(grad_out, indices, groups, weights, values, dense):
-    grad_weights = weights.new_empty(weights.shape)
+def _(grad_out, indices, groups, weights, values, dense, dots_from_bag=0):
+    grad_weights = weights.new_empty(weights.shape[0] - dots_from_bag, *weights.shape[1:])
     if dense:
         return indices.new_empty(0), values.new_empty(values.shape), grad_weights
     n_rows_used = torch.library.get_ctx().new_dynamic_size()
@@ -180,11 +197,46 @@ def _save(ctx, inputs, output):
     values, indices, groups, weights, n_groups, sparse_grad = inputs
     ctx.save_for_backward(values, indices, groups, weights)
     ctx.sparse_grad = sparse_grad
+    # reads of one table sum each other's terms when their outputs (groups) and chunks agree
+    _register_reader(ctx, values, ("grouped", n_groups, weights.shape[2]))
+
+
+def _shared_table_grad(ctx, values: Tensor, grad_out: Tensor, indices: Tensor, groups: Tensor, weights: Tensor,
+                       want_dots: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The table gradient of a read on the shared-table route (:mod:`memzoo.ops.sparse_gather`): ``(grad_values or
+    None, grad_weights or None)``; the last grouped read of the table sums every read's term in one pass."""
+    terms = _collect_terms(ctx, values, (grad_out, indices, groups, weights))
+    if terms is None:  # another read sums this one's term: only the weights' gradient here
+        dots = cpu_gather_dot(values, indices, grad_out, groups, weights.shape[2]) if want_dots else None
+        return None, dots
+    if len(terms) == 1:
+        cat_src, cat_indices, cat_groups, cat_weights = terms[0]
+    else:
+        width = max(term[1].shape[1] for term in terms)
+        cat_src = torch.cat([term[0] for term in terms])
+        cat_indices = torch.cat([_pad_bags(term[1], width, term[1][:, :1]) for term in terms])
+        cat_groups = torch.cat([_pad_bags(term[2], width, term[2].new_zeros(())) for term in terms])
+        cat_weights = torch.cat([_pad_bags(term[3], width, term[3].new_zeros(())) for term in terms])
+    first = cat_src.shape[0] - grad_out.shape[0]
+    if want_dots:  # this read's weights' gradient: its own (last) bags only
+        rows, sums, dots = _grouped_gather_backward_op(cat_src, cat_indices, cat_groups, cat_weights, values, False,
+                                                       first)
+        dots = dots[:, : indices.shape[1]]
+    else:
+        rows, sums, _ = cpu_scatter_dot(cat_src, cat_indices, cat_weights, None, values.shape[0], False,
+                                        groups=cat_groups)
+        dots = None
+    return _rows_gradient(values, rows, sums), dots
 
 
 def _backward(ctx, grad_out):
     values, indices, groups, weights = ctx.saved_tensors
     need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    if _shared_route(ctx, values):
+        grad_values, grad_weights = _shared_table_grad(ctx, values.contiguous(), grad_out.contiguous(),
+                                                       indices.contiguous(), groups.contiguous(), weights.contiguous(),
+                                                       need_weights)
+        return grad_values, None, None, grad_weights, None, None
     if torch.is_grad_enabled():  # create_graph: the differentiable reference, so the gradients have a graph
         grad_rows, grad_weights = _reference_grads(grad_out, indices, groups, weights, values)
         grad_values = _rows_to_table_grad(indices, grad_rows, values, ctx.sparse_grad) if need_values else None
@@ -196,8 +248,7 @@ def _backward(ctx, grad_out):
     if not need_values:
         grad_values = None
     elif sparse:
-        grad_values = torch.sparse_coo_tensor(rows.unsqueeze(0), grad_values, values.shape, is_coalesced=True,
-                                              check_invariants=False)
+        grad_values = _rows_gradient(values, rows, grad_values)
     return grad_values, None, None, grad_weights if need_weights else None, None, None
 
 

@@ -46,7 +46,8 @@ finds another read of the same table still to run in this backward (one the engi
 gradient and leaves its ``(src, indices, weights)`` with the table; the last read sorts the positions of every
 deposited term and its own by row and sums them in one pass (a fixed order), and returns the table's one gradient.
 The other gradients are unchanged; compiled graphs, double backward and dense table gradients take the per-read
-route.
+route. Reads sum only terms of their own kind: ``weighted_gather`` and ``gather_dot`` each other's, UltraMem's
+grouped reads (:mod:`memzoo.ops.grouped_gather`) those with the same groups and chunks.
 
 A dense table gradient is added where it lands. When the table's ``.grad`` already holds a dense buffer (the
 second and later micro-batches of gradient accumulation, or ``zero_grad(set_to_none=False)``), the backward hands
@@ -385,10 +386,10 @@ def _save_scatter(ctx, inputs, output):
 # When several reads of one table (a pool shared by layers) each return a row-sparse gradient, autograd adds them
 # (sparse + sparse: a zero-filled buffer of all their rows, then a merge) before the table's AccumulateGrad. Instead,
 # a read whose backward finds another read of the same table still to run in this backward (one the engine will
-# execute, :func:`_pending_reader`) returns no table gradient and leaves its ``(src, indices, weights)`` with the
-# table; the last read to run sums every deposited term and its own in one row pass (the positions of all of them
-# sorted by row, summed in a fixed order) and returns the one gradient. Only in eager first-order backwards through
-# the C++ kernels; everything else takes the per-read route.
+# execute, :func:`_pending_reader`) returns no table gradient and leaves its term (``(src, indices, weights)``; a
+# grouped read's adds its groups) with the table; the last read of that kind to run sums every deposited term and its
+# own in one row pass (the positions of all of them sorted by row, summed in a fixed order) and returns the one
+# gradient. Only in eager first-order backwards through the C++ kernels; everything else takes the per-read route.
 
 _shared_lock = threading.Lock()
 #: id(table) -> the autograd nodes of its eager CPU reads (weak: a graph freed without backward drops out)
@@ -400,9 +401,11 @@ _RAN: dict[int, set[int]] = {}
 _DEPOSITS: dict[tuple[int, int], tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]] = {}
 
 
-def _register_reader(ctx, values: Tensor) -> None:
-    """Records an eager read of ``values`` that may take part in the shared-table route (its node, weakly)."""
-    ctx.table_key = None
+def _register_reader(ctx, values: Tensor, kind: tuple = ("plain",)) -> None:
+    """Records an eager read of ``values`` that may take part in the shared-table route (its node, weakly).
+    ``kind``: reads sum each other's terms only when their kinds are equal (``("plain",)``: ``weighted_gather`` and
+    ``gather_dot``, whose terms are ``(src, indices, weights)``; the grouped read names its groups and chunks)."""
+    ctx.table_key, ctx.route_kind = None, kind
     if (torch.compiler.is_compiling() or not values.requires_grad or _will_engine_execute_node is None
             or _current_graph_task_id is None):
         return
@@ -435,7 +438,7 @@ def _pending_reader(ctx, task: int, dense_grad: bool) -> bool:
         readers = list(_READERS.get(ctx.table_key, ()))
         ran = _RAN.get(task, set())
     for node in readers:
-        if node is ctx or id(node) in ran or not node.needs_input_grad[0]:
+        if node is ctx or id(node) in ran or not node.needs_input_grad[0] or node.route_kind != ctx.route_kind:
             continue
         if not (node.sparse_grad or dense_grad):
             continue
@@ -447,17 +450,18 @@ def _pending_reader(ctx, task: int, dense_grad: bool) -> bool:
     return False
 
 
-def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weights: Tensor, want_dots: bool):
-    """The table gradient of a read on the shared-table route: ``(grad_values or None, dots or None)``; ``dots`` =
-    ``gather_dot(values, indices, src)`` when ``want_dots`` (the weights' gradient of ``weighted_gather``)."""
+def _collect_terms(ctx, values: Tensor, term: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]] | None:
+    """The shared-table route's bookkeeping for one read's table-gradient ``term`` (its ``indices`` second):
+    ``None`` when another read of the table, of this read's kind, will still run its backward in this one (the term
+    is left with the table for it); else every term deposited for this read to sum, with ``term`` last."""
     task = _current_graph_task_id()
     dense_grad = _adds_into_dense_grad(values)
-    key = (task, ctx.table_key)
+    key = (task, ctx.table_key, ctx.route_kind)
     if _pending_reader(ctx, task, dense_grad):
         with _shared_lock:
             _RAN.setdefault(task, set()).add(id(ctx))
-            _DEPOSITS.setdefault(key, (values, []))[1].append((src, indices, weights))
-        return None, (_gather_dot(values, indices, src, False) if want_dots else None)
+            _DEPOSITS.setdefault(key, (values, []))[1].append(term)
+        return None
     with _shared_lock:
         table, terms = _DEPOSITS.pop(key, (values, []))
         # the same table: activation checkpointing hands each read its own unpacked alias of it, so compare storage
@@ -468,7 +472,20 @@ def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weight
             del _RAN[old]
         for old in [k for k in _DEPOSITS if k[0] < task]:
             del _DEPOSITS[old]
-    terms = [term for term in terms if term[1].numel()] + [(src, indices, weights)]
+    return [t for t in terms if t[1].numel()] + [term]
+
+
+def _rows_gradient(values: Tensor, rows: Tensor, sums: Tensor) -> Tensor:
+    """The table's row-sparse gradient: ``sums (U, D)`` at the distinct ascending ``rows (U,)``, coalesced."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), sums, values.shape, is_coalesced=True, check_invariants=False)
+
+
+def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weights: Tensor, want_dots: bool):
+    """The table gradient of a read on the shared-table route: ``(grad_values or None, dots or None)``; ``dots`` =
+    ``gather_dot(values, indices, src)`` when ``want_dots`` (the weights' gradient of ``weighted_gather``)."""
+    terms = _collect_terms(ctx, values, (src, indices, weights))
+    if terms is None:
+        return None, (_gather_dot(values, indices, src, False) if want_dots else None)
     if len(terms) == 1:
         cat_src, cat_indices, cat_weights = src, indices, weights
     else:
@@ -483,15 +500,15 @@ def _shared_table_grad(ctx, values: Tensor, src: Tensor, indices: Tensor, weight
     else:
         rows, sums = _weighted_scatter_rows(cat_src, cat_indices, cat_weights)
         dots = None
-    grad = torch.sparse_coo_tensor(rows.unsqueeze(0), sums, values.shape, is_coalesced=True, check_invariants=False)
-    return grad, dots
+    return _rows_gradient(values, rows, sums), dots
 
 
 def _pad_bags(tensor: Tensor, width: int, fill: Tensor) -> Tensor:
-    """``(B, K) -> (B, width)``, the new columns ``fill`` (a zero weight, or the bag's first index: a term of 0)."""
+    """``(B, K, ...) -> (B, width, ...)``, the new columns ``fill`` (a zero weight, a group 0, or the bag's first
+    index: a term of 0)."""
     if tensor.shape[1] == width:
         return tensor
-    return torch.cat([tensor, fill.expand(tensor.shape[0], width - tensor.shape[1])], dim=1)
+    return torch.cat([tensor, fill.expand(tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:])], dim=1)
 
 
 def _weighted_gather_backward(ctx, grad_out):
@@ -503,9 +520,7 @@ def _weighted_gather_backward(ctx, grad_out):
         sparse = ctx.sparse_grad or _adds_into_dense_grad(values)
         rows, grad_values, grad_weights = _weighted_gather_backward_op(grad_out, indices, weights, values, not sparse)
         if sparse:
-            grad_values = torch.sparse_coo_tensor(
-                rows.unsqueeze(0), grad_values, values.shape, is_coalesced=True, check_invariants=False
-            )
+            grad_values = _rows_gradient(values, rows, grad_values)
         return grad_values, None, grad_weights, None
     grad_values = grad_weights = None
     if ctx.needs_input_grad[0]:
