@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-FILES = ("test_ops_triton.py", "test_ops_triton_topk.py")
+FILES = ("test_ops_triton.py", "test_ops_triton_topk.py", "test_ops_triton_grouped.py")
 
 
 @pytest.mark.slow

@@ -16,10 +16,11 @@ more. A ``torch.library`` custom op (``memzoo::grouped_weighted_gather``, with a
 first-order backward is one op (``memzoo::grouped_weighted_gather_backward``), and a backward that builds a graph
 (``create_graph``) runs the differentiable reference, so double backward works.
 
-Kernels: on CPU for float32/float64 :func:`memzoo.ops.cpu_read.grouped_gather` (forward) and
-:func:`memzoo.ops.cpu_read.scatter_dot` with ``groups`` (both gradients in one pass over the positions sorted by
-row, deterministic); elsewhere (CUDA, bf16/fp16, no compiler) the PyTorch reference, which gathers the ``(B, K, D)``
-rows (accumulating in float32 for bf16/fp16). ``sparse_grad=True`` makes ``values.grad`` a coalesced sparse COO
+Kernels: on CUDA the Triton kernels of :mod:`memzoo.ops.triton_grouped_gather` (each indexed row read once forward;
+the table gradient by sort and segment, deterministic); on CPU for float32/float64
+:func:`memzoo.ops.cpu_read.grouped_gather` (forward) and :func:`memzoo.ops.cpu_read.scatter_dot` with ``groups``
+(both gradients in one pass over the positions sorted by row, deterministic); elsewhere (bf16/fp16 on CPU, no
+compiler) the PyTorch reference, which gathers the ``(B, K, D)`` rows (accumulating in float32 for bf16/fp16). ``sparse_grad=True`` makes ``values.grad`` a coalesced sparse COO
 tensor of the rows used; a dense gradient headed for a dense ``.grad`` is handed over as rows and added in place,
 as :func:`memzoo.ops.weighted_gather` does. Grouped reads of one table (a pool shared by UltraMem layers) with the
 same groups and chunks hand autograd one row-sparse gradient, summed by the last read in one pass
@@ -28,6 +29,8 @@ gradient (:func:`memzoo.ops.cpu_read.gather_dot` with ``groups``).
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -141,6 +144,24 @@ def _rows_to_table_grad(indices: Tensor, grad_rows: Tensor, values: Tensor, spar
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
+class _TritonKernels(NamedTuple):
+    """The functions of :mod:`memzoo.ops.triton_grouped_gather`."""
+
+    grouped_gather: Callable
+    gather_dot: Callable
+    scatter: Callable
+
+
+def _triton_kernels(device: torch.device) -> _TritonKernels | None:
+    """The Triton kernels for CUDA tensors; ``None`` elsewhere (the C++ kernels or the reference)."""
+    if device.type != "cuda":
+        return None
+    from memzoo.ops.triton_grouped_gather import gather_dot, grouped_gather, scatter
+
+    return _TritonKernels(grouped_gather, gather_dot, scatter)
+
+
+
 @torch.library.custom_op("memzoo::grouped_weighted_gather", mutates_args=())
 def _grouped_gather(values: Tensor, indices: Tensor, groups: Tensor, weights: Tensor, n_groups: int,
                     sparse_grad: bool) -> Tensor:
@@ -149,6 +170,9 @@ def _grouped_gather(values: Tensor, indices: Tensor, groups: Tensor, weights: Te
     _check_index_range(OP, groups, n_groups, name="group", limit=f"n_groups={n_groups}")
     values, indices = values.contiguous(), indices.contiguous()
     groups, weights = groups.contiguous(), weights.contiguous()
+    triton_kernels = _triton_kernels(values.device)
+    if triton_kernels is not None:
+        return triton_kernels.grouped_gather(values, indices, groups, weights, n_groups)
     if cpu_read_supports(values, weights):
         return cpu_grouped_gather(values, indices, groups, weights, n_groups)
     return _reference(values, indices, groups, weights, n_groups)
@@ -168,6 +192,12 @@ def _grouped_gather_backward_op(grad_out: Tensor, indices: Tensor, groups: Tenso
     shared table sums the other reads' terms with its own but needs only its own weights' gradient)."""
     grad_out, indices, groups = grad_out.contiguous(), indices.contiguous(), groups.contiguous()
     weights, values = weights.contiguous(), values.contiguous()
+    triton_kernels = _triton_kernels(values.device)
+    if triton_kernels is not None:  # the table gradient (sort, segment), the weights' gradient of the last bags
+        rows, grad_values = triton_kernels.scatter(grad_out, indices, groups, weights, values.shape[0], dense)
+        grad_weights = triton_kernels.gather_dot(values, indices[dots_from_bag:], grad_out[dots_from_bag:],
+                                         groups[dots_from_bag:], weights.shape[2])
+        return (indices.new_empty(0) if rows is None else rows), grad_values, grad_weights
     if cpu_read_supports(grad_out, weights, values):
         rows, grad_values, grad_weights = cpu_scatter_dot(grad_out, indices, weights, values, values.shape[0], dense,
                                                           dots_from_bag, groups=groups)
