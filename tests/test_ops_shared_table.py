@@ -134,18 +134,27 @@ def test_backward_to_some_inputs_only(spy):
     assert not sg._DEPOSITS
 
 
-def test_a_shared_pool_model_trains_like_the_per_read_route(monkeypatch, spy):
-    """Memory+ layers 1 and 3 reading one pool: the pool's gradient and every other gradient match the per-read
-    route (float32, summation order differs)."""
+_MEMORY_PLUS = {"block": "memory_plus", "pool": "memory", "k_dim": 16, "heads": 2, "knn": 4}
+_ULTRAMEM_V2 = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 4, "k_dim": 8, "ffn_fraction": 0.5}
+
+
+@pytest.mark.parametrize("layer,pools,spied", [
+    # Memory+'s values: layer 3's read deposits, layer 1's sums both
+    (_MEMORY_PLUS, {"memory": {"n_keys": 8, "value_dim": 32, "update": "sparse"}}, {"deposit": 1, "sum": 1}),
+    # UltraMemV2's down (gather_dot) and up (the grouped read): the same per table
+    (_ULTRAMEM_V2, {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 16, "update": "sparse"}},
+     {"deposit": 2, "sum": 2}),
+], ids=["memory_plus", "ultramem_v2"])
+def test_a_shared_pool_model_trains_like_the_per_read_route(monkeypatch, spy, layer, pools, spied):
+    """Layers 1 and 3 reading one pool: one gradient per table, and the pool's gradient and every other gradient
+    match the per-read route (float32, summation order differs)."""
     import memzoo
 
     config = {
         "seed_everything": 0,
         "model": {"class_path": "memzoo.LanguageModel", "init_args": {"architecture": {
-            "dim": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "block": "dense",
-            "layers": {1: {"block": "memory_plus", "pool": "memory", "k_dim": 16, "heads": 2, "knn": 4},
-                       3: {"block": "memory_plus", "pool": "memory", "k_dim": 16, "heads": 2, "knn": 4}},
-            "pools": {"memory": {"n_keys": 8, "value_dim": 32, "update": "sparse"}}}}},
+            "dim": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "block": "dense", "layers": {1: layer, 3: layer},
+            "pools": pools}}},
     }
     module = memzoo.build_model(config, vocab_size=40)
     batch = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(0))
@@ -158,7 +167,7 @@ def test_a_shared_pool_model_trains_like_the_per_read_route(monkeypatch, spy):
                 for n, p in module.model.named_parameters() if p.grad is not None}
 
     shared = grads()
-    assert spy == {"deposit": 1, "sum": 1}  # layer 3's read deposits, layer 1's sums both
+    assert spy == spied
     use_per_read_route(monkeypatch)
     per_read = grads()
     assert shared.keys() == per_read.keys()
@@ -244,37 +253,6 @@ def test_grouped_reads_of_other_shapes_keep_their_own_gradients(spy):
                                + (grouped_weighted_gather(v, idx[1], groups[1].clamp(max=1), w[1].detach(), 2)
                                   * upstream[1][:, :2]).sum(), v)[0]
     torch.testing.assert_close(values.grad.to_dense(), want, rtol=1e-12, atol=1e-12)
-
-
-def test_a_shared_ultramem_v2_pool_trains_like_the_per_read_route(monkeypatch, spy):
-    """UltraMemV2 layers 1 and 3 reading one ``experts`` pool (the grouped read of ``up``, gather_dot of ``down``):
-    one gradient per table, every gradient as on the per-read route."""
-    import memzoo
-
-    layer = {"block": "ultramem_v2", "pool": "experts", "heads": 1, "knn": 4, "k_dim": 8, "ffn_fraction": 0.5}
-    config = {
-        "seed_everything": 0,
-        "model": {"class_path": "memzoo.LanguageModel", "init_args": {"architecture": {
-            "dim": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 16, "block": "dense", "layers": {1: layer, 3: layer},
-            "pools": {"experts": {"kind": "experts", "n_keys": 8, "value_dim": 16, "update": "sparse"}}}}},
-    }
-    module = memzoo.build_model(config, vocab_size=40)
-    batch = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(0))
-
-    def grads():
-        module.model.zero_grad(set_to_none=True)
-        logits = module.model(batch[:, :-1])
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
-        return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
-                for n, p in module.model.named_parameters() if p.grad is not None}
-
-    shared = grads()
-    assert spy == {"deposit": 2, "sum": 2}  # per table (down, up): layer 3's read deposits, layer 1's sums both
-    use_per_read_route(monkeypatch)
-    per_read = grads()
-    assert shared.keys() == per_read.keys()
-    for name in shared:
-        torch.testing.assert_close(shared[name], per_read[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_private_autograd_queries_behave_as_the_route_needs():

@@ -136,6 +136,18 @@ def _segment_sum_kernel(
 
 
 @triton.jit
+def _run_at(sorted_rows_ptr, run_end_ptr, p, d, d_mask):
+    """For sorted position ``p`` of a dense scatter: its table row, the end of the positions it sums (its run's end
+    where ``p`` starts the run, else ``p``: nothing) and the columns it writes (``d_mask`` at a run's start, none
+    elsewhere)."""
+    row = tl.load(sorted_rows_ptr + p)
+    previous = tl.load(sorted_rows_ptr + tl.maximum(p - 1, 0))  # position 0 reads itself; it starts a run anyway
+    is_start = (p == 0) | (previous != row)
+    end = tl.where(is_start, tl.load(run_end_ptr + p), p)
+    return row, end, d_mask & ((d * 0 + is_start.to(tl.int32)) != 0)  # the scalar flag as a (BLOCK_D,) mask
+
+
+@triton.jit
 def _run_sum_kernel(
     src_ptr,
     weights_ptr,
@@ -154,12 +166,8 @@ def _run_sum_kernel(
     p = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    row = tl.load(sorted_rows_ptr + p)
-    previous = tl.load(sorted_rows_ptr + tl.maximum(p - 1, 0))  # position 0 reads itself; it starts a run anyway
-    is_start = (p == 0) | (previous != row)
-    end = tl.where(is_start, tl.load(run_end_ptr + p), p)  # an empty loop for the other positions
+    row, end, writes = _run_at(sorted_rows_ptr, run_end_ptr, p, d, d_mask)
     acc = _weighted_run_sum(src_ptr, weights_ptr, order_ptr, p, end, d, d_mask, K, D, BLOCK_P, BLOCK_D, ACC)
-    writes = d_mask & ((d * 0 + is_start.to(tl.int32)) != 0)  # the scalar flag as a (BLOCK_D,) mask
     tl.store(out_ptr + row * D + d, acc.to(out_ptr.dtype.element_ty), mask=writes)
 
 

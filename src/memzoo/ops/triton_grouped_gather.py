@@ -38,6 +38,7 @@ from memzoo.ops.triton_gather import (
     SEGMENT_BLOCK_P,
     SEGMENT_WARPS,
     _accumulator,
+    _run_at,
     _run_ends,
     _segments,
 )
@@ -135,13 +136,9 @@ def _grouped_run_sum_kernel(
     p = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    row = tl.load(sorted_rows_ptr + p)
-    previous = tl.load(sorted_rows_ptr + tl.maximum(p - 1, 0))  # position 0 reads itself; it starts a run anyway
-    is_start = (p == 0) | (previous != row)
-    end = tl.where(is_start, tl.load(run_end_ptr + p), p)  # an empty loop for the other positions
+    row, end, writes = _run_at(sorted_rows_ptr, run_end_ptr, p, d, d_mask)
     acc = _grouped_run_sum(src_ptr, weights_ptr, groups_ptr, order_ptr, p, end, d, d_mask, d // WIDTH, K, S, D, M,
                            BLOCK_P, BLOCK_D, ACC)
-    writes = d_mask & ((d * 0 + is_start.to(tl.int32)) != 0)  # the scalar flag as a (BLOCK_D,) mask
     tl.store(out_ptr + row * D + d, acc.to(out_ptr.dtype.element_ty), mask=writes)
 
 
