@@ -20,12 +20,12 @@ Kernels: on CUDA the Triton kernels of :mod:`memzoo.ops.triton_grouped_gather` (
 the table gradient by sort and segment, deterministic); on CPU for float32/float64
 :func:`memzoo.ops.cpu_read.grouped_gather` (forward) and :func:`memzoo.ops.cpu_read.scatter_dot` with ``groups``
 (both gradients in one pass over the positions sorted by row, deterministic); elsewhere (bf16/fp16 on CPU, no
-compiler) the PyTorch reference, which gathers the ``(B, K, D)`` rows (accumulating in float32 for bf16/fp16). ``sparse_grad=True`` makes ``values.grad`` a coalesced sparse COO
-tensor of the rows used; a dense gradient headed for a dense ``.grad`` is handed over as rows and added in place,
-as :func:`memzoo.ops.weighted_gather` does. Grouped reads of one table (a pool shared by UltraMem layers) with the
-same groups and chunks hand autograd one row-sparse gradient, summed by the last read in one pass
-(:mod:`memzoo.ops.sparse_gather`'s shared-table route); a read that leaves its term to it computes only its weights'
-gradient (:func:`memzoo.ops.cpu_read.gather_dot` with ``groups``).
+compiler) the PyTorch reference, which gathers the ``(B, K, D)`` rows (accumulating in float32 for bf16/fp16).
+``sparse_grad=True`` makes ``values.grad`` a coalesced sparse COO tensor of the rows used; a dense gradient headed
+for a dense ``.grad`` is handed over as rows and added in place, as :func:`memzoo.ops.weighted_gather` does. Grouped
+reads of one table (a pool shared by UltraMem layers) with the same groups and chunks hand autograd one row-sparse
+gradient, summed by the last read in one pass (:mod:`memzoo.ops.sparse_gather`'s shared-table route); a read that
+leaves its term to it computes only its weights' gradient (:func:`memzoo.ops.cpu_read.gather_dot` with ``groups``).
 """
 
 from __future__ import annotations
@@ -161,7 +161,6 @@ def _triton_kernels(device: torch.device) -> _TritonKernels | None:
     return _TritonKernels(grouped_gather, gather_dot, scatter)
 
 
-
 @torch.library.custom_op("memzoo::grouped_weighted_gather", mutates_args=())
 def _grouped_gather(values: Tensor, indices: Tensor, groups: Tensor, weights: Tensor, n_groups: int,
                     sparse_grad: bool) -> Tensor:
@@ -196,7 +195,7 @@ def _grouped_gather_backward_op(grad_out: Tensor, indices: Tensor, groups: Tenso
     if triton_kernels is not None:  # the table gradient (sort, segment), the weights' gradient of the last bags
         rows, grad_values = triton_kernels.scatter(grad_out, indices, groups, weights, values.shape[0], dense)
         grad_weights = triton_kernels.gather_dot(values, indices[dots_from_bag:], grad_out[dots_from_bag:],
-                                         groups[dots_from_bag:], weights.shape[2])
+                                                 groups[dots_from_bag:], weights.shape[2])
         return (indices.new_empty(0) if rows is None else rows), grad_values, grad_weights
     if cpu_read_supports(grad_out, weights, values):
         rows, grad_values, grad_weights = cpu_scatter_dot(grad_out, indices, weights, values, values.shape[0], dense,
