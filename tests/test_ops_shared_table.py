@@ -306,3 +306,35 @@ def test_reads_under_activation_checkpointing_equal_the_per_read_route(monkeypat
     use_per_read_route(monkeypatch)
     for got, want in zip(shared, run()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")  # its .grad is reset to None
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_grouped_reads_under_activation_checkpointing_equal_the_per_read_route(monkeypatch, spy, use_reentrant):
+    """Grouped reads recomputed in the backward register new nodes mid-backward; a create_graph backward takes the
+    differentiable reference: both give the per-read route's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    values, idx, groups, w, upstream = grouped_reads(dtype=torch.float32, seed=4)
+
+    def read(i):
+        return lambda v, ww: grouped_weighted_gather(v, idx[i], groups[i], ww, 3, sparse_grad=True)
+
+    def run(create_graph=False):
+        y0 = checkpoint(read(0), values, w[0], use_reentrant=use_reentrant)
+        y1 = checkpoint(read(1), values, w[1], use_reentrant=use_reentrant)
+        ((y0 * upstream[0]).sum() + (y1 * upstream[1]).sum()).backward(create_graph=create_graph)
+        grads = [t.grad.to_dense().detach() if t.grad.is_sparse else t.grad.detach().clone() for t in (values, *w[:2])]
+        for t in (values, *w):
+            t.grad = None
+        return grads
+
+    shared, graphed = run(), run(create_graph=True)
+    # non-reentrant: the first-order backward took the route; reentrant checkpoints run each read's backward in a
+    # graph task of its own, where no other read is pending, so each sums its own term
+    assert (spy["deposit"] > 0) == (not use_reentrant)
+    use_per_read_route(monkeypatch)
+    for got in (shared, graphed):
+        for g, want in zip(got, run()):
+            torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-6)
+
