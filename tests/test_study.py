@@ -318,7 +318,29 @@ def test_run_grid_in_process_reports_after_every_cell_in_grid_order(tmp_path):
     cells = study.run_grid("quick", [(workload, m) for m in models], {m: None for m in models},
                            tmp_path / "quick-cells", jobs=1, threads=1, on_cell=reports.append)
     assert [c["model"] for c in cells] == models
-    assert [[c["model"] for c in r] for r in reports] == [["dense"], ["dense", "moe"]]
+    assert [[c["model"] for c in r] for r in reports] == [["dense", "moe"]]  # stored: one report, nothing trained
+
+
+def test_run_grid_reports_the_stored_cells_first_then_each_trained_one(tmp_path, monkeypatch):
+    """A resumed grid: its stored cells are read (and reported, together) before any training, so a partial report
+    lists every finished cell; then one report per trained cell, in grid order. Only missing cells reach a worker."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 50)
+    _store_quick_cells(tmp_path, text, ["moe"], "facts-100")
+    workload = next(w for w in study.study_plan(quick=True, text=text.resolve()) if w.name == "facts-100")
+    trained = []
+
+    def fake_training(threads, name, w, model, *rest):
+        trained.append(model)
+        return {"model": model}
+
+    monkeypatch.setattr(study, "_run_cell_in_worker", fake_training)
+    models = ["dense", "moe", "pkm"]
+    reports = []
+    cells = study.run_grid("quick", [(workload, m) for m in models], {m: None for m in models},
+                           tmp_path / "quick-cells", jobs=1, threads=1, on_cell=reports.append)
+    assert trained == ["dense", "pkm"] and [c["model"] for c in cells] == models
+    assert [[c["model"] for c in r] for r in reports] == [["moe"], ["dense", "moe"], ["dense", "moe", "pkm"]]
 
 
 def _alive(pid: int) -> bool:

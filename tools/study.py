@@ -448,18 +448,28 @@ def training_seconds(trainer: Any, n_validations: int) -> float:
     return timer.time_elapsed("train") - n_validations * timer.time_elapsed("validate")
 
 
+def stored_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_dir: Path,
+                extra: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> dict[str, Any] | None:
+    """The cell's stored result when one with today's config hash exists (:func:`load_cell`, reported as skipped),
+    else ``None``: it has to train."""
+    digest = config_hash(cell_args(study, workload, model, extra, config_dir))
+    stored = load_cell(cells_dir / f"{cell_name(workload, model)}.json", digest, cost)
+    if stored is not None:
+        print(f"[study] {cell_name(workload, model)}: done before (hash {digest[:10]}), skipped", flush=True)
+    return stored
+
+
 def run_cell(study: str, workload: Workload, model: str, cost: ModelCost, cells_dir: Path,
              extra: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """Trains one cell in-process (unless a stored result with the same config hash exists) and stores its result."""
     from memzoo.cli import main as memzoo_main
 
+    stored = stored_cell(study, workload, model, cost, cells_dir, extra, config_dir)
+    if stored is not None:
+        return stored
     args = cell_args(study, workload, model, extra, config_dir)
     digest = config_hash(args)
     path = cells_dir / f"{cell_name(workload, model)}.json"
-    stored = load_cell(path, digest, cost)
-    if stored is not None:
-        print(f"[study] {cell_name(workload, model)}: done before (hash {digest[:10]}), skipped", flush=True)
-        return stored
     print(f"[study] {cell_name(workload, model)}: training {workload.steps} steps ...", flush=True)
     start = time.perf_counter()
     cli = memzoo_main(["fit", *args])
@@ -485,6 +495,11 @@ def _run_cell_in_worker(threads: int, study: str, workload: Workload, model: str
     return run_cell(study, workload, model, cost, cells_dir, extra, config_dir)
 
 
+def _cell_failed(workload: Workload, model: str, error: BaseException) -> StudyError:
+    return StudyError(f"cell {cell_name(workload, model)} failed: {error!r}; its finished neighbours are stored, a "
+                      f"rerun resumes")
+
+
 def _die_with_parent(parent: int) -> None:
     """A ``--jobs`` worker's first step (Linux): the kernel sends it SIGKILL when the study process that started it
     exits, so a study stopped by a signal (``kill``, a job scheduler) leaves no worker training on and storing its
@@ -507,7 +522,8 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
              ) -> list[dict[str, Any]]:
     """Every cell of ``grid`` (stored ones are reused), ``jobs`` trainings at a time, each with ``threads`` torch
     threads (``jobs x threads`` should not exceed the free cores). Returns the results in grid order; calls
-    ``on_cell(results so far, in grid order)`` after every finished cell so a partial study is readable.
+    ``on_cell(results so far, in grid order)`` once for the stored cells (read before any training) and after every
+    cell trained, so a partial study is readable and lists every finished cell.
 
     With ``jobs > 1`` each cell trains in a fresh spawned process: cells share no state, and a cell's tokens/s is
     measured while the other jobs train (the throughput ratios stay comparable when every cell runs that way). The
@@ -518,13 +534,31 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
         raise StudyError(f"--jobs and --threads must be >= 1, got jobs={jobs}, threads={threads}")
     results: dict[int, dict[str, Any]] = {}
 
-    def finished(i: int, result: dict[str, Any]) -> None:
-        results[i] = result
+    def report() -> None:
         if on_cell is not None:
             on_cell([results[j] for j in sorted(results)])
 
+    def finished(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        report()
+
+    to_train = []
+    for i, (workload, model) in enumerate(grid):
+        try:  # (its config hash reads the config files its arguments name)
+            stored = stored_cell(study, workload, model, costs[model], cells_dir,
+                                 (*extra, *cell_extra.get(model, ())), config_dir)
+        except OSError as error:
+            raise _cell_failed(workload, model, error) from error
+        if stored is None:
+            to_train.append(i)
+        else:
+            results[i] = stored
+    if results:
+        report()
+
     if jobs == 1:
-        for i, (workload, model) in enumerate(grid):
+        for i in to_train:
+            workload, model = grid[i]
             finished(i, _run_cell_in_worker(threads, study, workload, model, costs[model], cells_dir,
                                             (*extra, *cell_extra.get(model, ())), config_dir))
         return [results[i] for i in range(len(grid))]
@@ -535,10 +569,9 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent,
                              initargs=(os.getpid(),)) as pool:
-        pending = {pool.submit(_run_cell_in_worker, threads, study, w, m, costs[m], cells_dir,
-                               (*extra, *cell_extra.get(m, ())),
-                               config_dir): i
-                   for i, (w, m) in enumerate(grid)}
+        pending = {pool.submit(_run_cell_in_worker, threads, study, *grid[i], costs[grid[i][1]], cells_dir,
+                               (*extra, *cell_extra.get(grid[i][1], ())), config_dir): i
+                   for i in to_train}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)  # report each cell as it finishes
             for future in done:
@@ -547,9 +580,7 @@ def run_grid(study: str, grid: Sequence[tuple[Workload, str]], costs: dict[str, 
                 if error is not None:
                     for other in pending:
                         other.cancel()
-                    workload, model = grid[i]
-                    raise StudyError(f"cell {cell_name(workload, model)} failed: {error!r}; its finished "
-                                     f"neighbours are stored, a rerun resumes") from error
+                    raise _cell_failed(*grid[i], error) from error
                 finished(i, future.result())
     return [results[i] for i in range(len(grid))]
 
