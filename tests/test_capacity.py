@@ -4,6 +4,7 @@ fake cells, and the quick path end to end on a 2-cell micro grid (real training,
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -187,6 +188,7 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     assert [c["model"] for c in result["cells"]] == ["dense", "memoryplus"]
     report = json.loads((tmp_path / "micro.json").read_text())
     assert report["targets"] and all(set(t) == {"target", "met", "detail"} for t in report["targets"])
+    assert report["hardware"] == f"{os.cpu_count()} shared CPU cores"  # (a GPU by name where one trained the cells)
     assert {c["model"]: c["memory_params"] for c in report["cells"]} == {"dense": 0, "memoryplus": 64 * 64 * 32}
     for c in report["cells"]:
         assert c["max_bits"] == pytest.approx(capacity.biographies(6).max_bits)
@@ -205,7 +207,10 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     assert [c["bits"] for c in again["cells"]] == [c["bits"] for c in result["cells"]]
     assert md.read_text().count("Reading: hand-written.") == 1  # the notes survive the rewrite, once
     shutil.rmtree(tmp_path / "micro-cells")  # a fresh clone: the page is committed, its cells folder is not
+    page = json.loads((tmp_path / "micro.json").read_text())
+    (tmp_path / "micro.json").write_text(json.dumps({**page, "hardware": "one NVIDIA H200"}))  # trained elsewhere
     restored = capacity.main([*argv, "--report-only"])  # the cells come back from micro.json, nothing trains
+    assert json.loads((tmp_path / "micro.json").read_text())["hardware"] == "one NVIDIA H200"  # its machine kept
     assert [c["bits"] for c in restored["cells"]] == [c["bits"] for c in result["cells"]]
     assert sorted(p.name for p in (tmp_path / "micro-cells").iterdir()) == ["people-6__dense.json",
                                                                              "people-6__memoryplus.json"]

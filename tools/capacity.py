@@ -66,6 +66,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -946,7 +947,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           + ", ".join(f"{w.name} ({w.steps} steps x {w.tokens_per_step} tokens)" for w in plan), flush=True)
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     meta = {"command": shlex.join(["python", "tools/capacity.py", *command]), "grid": grid_spec, "family": family,
-            "hardware": "2 shared CPU cores" if not args.gpu else "one GPU",
+            "hardware": _hardware(args.out / f"{name}.json" if args.report_only else None),
             "tolerance": args.tolerance, "torch_threads": args.threads, "jobs": args.jobs, "overrides": extra,
             "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
             "planned_cells": [study.cell_name(w, m) for w in plan for m in cell_extra]}
@@ -978,6 +979,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("[capacity] wrote " + ", ".join(str(p) for p in paths.values()))
     return {"cells": with_bits, "variant_cells": report["variant_cells"], "controls": report["controls"],
             "lr_sweep": report["lr_sweep"], "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _hardware(page: Path | None = None) -> str:
+    """What the cells train on, for the page: the GPU by name where Lightning's ``auto`` accelerator takes one, else
+    the CPU's cores. With ``page`` (``--report-only``) the stored page's own, so a page trained elsewhere keeps its
+    machine."""
+    if page is not None and page.exists():
+        stored = json.loads(page.read_text()).get("hardware")
+        if stored:
+            return stored
+    import torch
+
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} shared CPU cores"
 
 
 if __name__ == "__main__":

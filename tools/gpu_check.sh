@@ -21,6 +21,10 @@ timeout 60 python3 tools/bench_peer.py --device cuda --json "$out/bench_peer.jso
 timeout 90 python3 tools/bench_blocks.py --device cuda --repeats 5 --json "$out/bench_blocks_cuda.json" 2>&1 | tail -25
 # host tables: on-device vs host with prefetch overlap vs host without (JSON + .md)
 timeout 90 python3 tools/bench_host_tables.py --device cuda --json "$out/bench_host_tables_cuda.json" 2>&1 | tail -6
-# knowledge capacity on the larger grid (loads up to 10,000 people): resumable, so whatever cells finish within the
-# timeout are kept in $out/capacity-gpu-cells/ and reported in $out/capacity-gpu.{json,md,png}
-timeout 120 python3 tools/capacity.py --gpu --jobs 6 --threads 2 --out "$out" 2>&1 | grep -a "^\[capacity\]\|^\[study\]\|^met\|^MISSED\|^| " | tail -40
+# knowledge capacity at the regime that measures it, on the GPU: the first quarter of the 4,000-exposure grid's dense
+# and STEM cells (9,181 steps; on the CPU 18,311 and 30,318 bits, docs/results/capacity-cpu-x4000-first-quarter.md):
+# the GPU's time per cell there, what sizes a GPU grid, and whether its bits agree with the CPU's. Resumable; the
+# page (hardware: the GPU by name) lands in $out/capacity-gpu-x4000-first-quarter.{json,md,png}
+timeout 120 python3 tools/capacity.py --cpu --name capacity-gpu-x4000-first-quarter --exposures 4000 --models dense stem \
+  --model-lrs stem=0.03 --seeds 1337 --jobs 2 --threads 1 --set trainer.max_steps=9181 --out "$out" 2>&1 \
+  | grep -a "^\[capacity\]\|^\[study\]\|^met\|^MISSED\|^| " | tail -20
