@@ -261,6 +261,12 @@ def test_lr_sweep_and_control_rows_on_fake_cells():
     (sweep,) = capacity.lr_sweep(cells)
     assert sweep["best_lr"] == 0.03 and sweep["best_bits"] == pytest.approx(115.0)
     assert [r["mean_bits"] for r in sweep["bits_by_lr"]] == [90.0, 115.0]
+    assert not sweep["bracketed"]  # its best rate is the highest run: a higher one may store more
+    above = {"knowledge_load": 10, "model": "pkm@lr0.1", "bits": 50.0, "final": {"fact_recall": 0.1}}
+    (swept,) = capacity.lr_sweep([*cells, above])
+    assert swept["best_lr"] == 0.03 and swept["bracketed"]
+    assert not capacity.lr_sweep([*cells, {**above, "bits": 200.0}])[0]["bracketed"]  # the new top rate wins
+    assert not capacity.bracketed(0.01, [0.01])
     rows = {(r["control"], r["seed"]): r for r in capacity.control_rows(cells)}
     assert rows["frozen", capacity.SEED]["bits_attributed"] == 70.0
     assert rows["shuffled", capacity.SEED]["bits_attributed"] == 90.0

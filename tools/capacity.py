@@ -43,7 +43,7 @@ people-1,000, 1,000 exposures in batches of 64 (9,184 steps a cell), the ten mod
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
 ``--model-lrs dense=0.01,0.03``: a model's own rates instead; ``--seeds``) and ``<model>@<control>``; the report's
 first table reads the plain cells (config rate and seed); the targets, the saturation line and the plots read each
-model at its best rate, mean over its seeds (``best_rate_cells``); the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate) and
+model at its best rate, mean over its seeds (``best_rate_cells``); the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate, whether the sweep brackets it) and
 the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
 rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
 ``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
@@ -599,14 +599,22 @@ def _mean_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {k: points[0][k] if k in ("step", "tokens", "train_flops") else mean(k) for k in points[0]}
 
 
+def bracketed(best: float, rates: Sequence[float]) -> bool:
+    """Whether a sweep brackets its best rate: a lower and a higher rate were run (so at least three), and both
+    stored less. A best rate at either end of its sweep may be beaten by one past that end."""
+    return min(rates) < best < max(rates)
+
+
 def lr_sweep(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (load, model): the mean bits over seeds at each rate, and the best rate (every cell stays in the JSON)."""
+    """Per (load, model): the mean bits over seeds at each rate, the best rate and whether the sweep brackets it
+    (:func:`bracketed`); every cell stays in the JSON."""
     out = []
     for (load, model), by_lr in sorted(_rate_groups(cells).items()):
         bits = {lr: [c["bits"] for c in group] for lr, group in by_lr.items()}
         means = {lr: _mean(b) for lr, b in bits.items()}
         best = max(means, key=means.get)
         out.append({"knowledge_load": load, "model": model, "best_lr": best, "best_bits": means[best],
+                    "bracketed": bracketed(best, list(means)),
                     "bits_by_lr": [{"lr": lr, "mean_bits": means[lr], "bits": bits[lr]} for lr in sorted(bits)]})
     return out
 
@@ -821,9 +829,12 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
              ""]
             if controls else []),
           *(["### Best rate per model, mean over its seeds (what the targets, saturation and plots read)", "",
-             "| people | model | best rate | seeds | bits per seed | mean bits | % of corpus | "
-             "(bits − dense) / memory param |", "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: |",
-             *(f"| {c['knowledge_load']:,} | {c['model']} | {c['lr']:g} | {', '.join(map(str, c['seeds']))} | "
+             "| people | model | best rate | rates run (best bracketed?) | seeds | bits per seed | mean bits | "
+             "% of corpus | (bits − dense) / memory param |",
+             "| ---: | --- | ---: | --- | --- | --- | ---: | ---: | ---: |",
+             *(f"| {c['knowledge_load']:,} | {c['model']} | {c['lr']:g} | "
+               f"{', '.join(format(r, 'g') for r in c['rates'])} ({'yes' if bracketed(c['lr'], c['rates']) else 'no'}) | "
+               f"{', '.join(map(str, c['seeds']))} | "
                f"{' / '.join(_bits(b) for b in c['bits_by_seed'])} | {_bits(c['bits'])} | {c['bits_fraction']:.1%} | "
                f"{'–' if c['bits_per_memory_param'] is None else format(c['bits_per_memory_param'], '.3f')} |"
                for c in sorted(best, key=lambda c: (c["knowledge_load"], list(ALL_MODELS).index(c["model"])))),
