@@ -34,17 +34,27 @@ at people-3000 (docs/results/capacity-x1000-b64.md; a people-3000 cell took 46-6
     python tools/capacity.py --name capacity-x1000-b64 --loads 1000 2000 3000 --exposures 1000 --batch-size 64 \
         --models dense engram memoryplus --lrs 0.003 0.01 0.03 --seeds 1337 1338 --jobs 3 --threads 1
 
-The CPU grid at capacity (``--cpu``): the ``w16`` family (every width halved: a third of w32's dense parameters and
-FLOPs; a step costs ~0.7x w32's on this CPU, since the 728-word softmax and the attention do not shrink) at
-people-1,000, 1,000 exposures in batches of 64 (9,184 steps a cell), the ten models at one rate and seed::
+The CPU grid (``--cpu``): the ``w16`` family (every width halved: a third of w32's dense parameters and FLOPs; a
+step costs ~0.7x w32's on this CPU, since the 728-word softmax and the attention do not shrink) at people-1,000,
+1,000 exposures in batches of 64 (9,184 steps a cell), the ten models at one rate and seed::
 
     python tools/capacity.py --cpu --jobs 2 --threads 1
+
+There w16's dense is still climbing (its last quarter adds 6-11%). With ``--exposures 4000`` (36,724 steps, 17-43 min
+a cell two at a time on the 2 cores) it flattens at 65.6% of the corpus: the regime that measures capacity,
+docs/results/capacity-cpu-x4000.md (every design at three rates and two seeds; the page heads with its command).
+The first quarter of its dense and STEM cells, under the whole run's schedule, reproduces their stored first
+validation in ~6 min::
+
+    python tools/capacity.py --cpu --name capacity-cpu-x4000-first-quarter --exposures 4000 --models dense stem \
+        --model-lrs stem=0.03 --seeds 1337 --jobs 2 --threads 1 --set trainer.max_steps=9181
 
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
 ``--model-lrs dense=0.01,0.03``: a model's own rates instead; ``--seeds``) and ``<model>@<control>``; the report's
 first table reads the plain cells (config rate and seed); the targets, the saturation line and the plots read each
 model at its best rate, mean over its seeds (``best_rate_cells``); the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate, whether the sweep brackets it) and
-the controls. **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
+the controls. ``tools/gpu_check.sh`` trains the first quarter of the 4,000-exposure cells of every design at once on
+one GPU (what sizes a GPU grid). **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
 rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
 ``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
 ``shuffled`` permutes the trained rows before the last validation. ``controls`` rows in the JSON carry
@@ -52,7 +62,7 @@ rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains
 
     python tools/capacity.py --quick --models memoryplus peer engram --controls frozen single_row shuffled --jobs 2
 
-    python tools/capacity.py --gpu --jobs 6 --threads 2   # the larger GPU grid (tools/gpu_check.sh)
+    python tools/capacity.py --gpu --jobs 6 --threads 2   # loads up to 10,000 people at 100 exposures, for a GPU
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
     python tools/capacity.py --write-configs              # regenerate configs/capacity/model-*.yaml
 
