@@ -57,7 +57,7 @@ step bench_blocks 90 python3 tools/bench_blocks.py --device cuda --repeats 5 --j
 # what a whole grid costs here. Resumable; the page's hardware names the GPU.
 step capacity 150 python3 tools/capacity.py --cpu --name capacity-gpu-x4000-first-quarter --exposures 4000 \
   --models dense dense-2x moe pkm memoryplus peer ultramem_v2 engram stem mole --lrs 0.01 \
-  --model-lrs memoryplus=0.03 peer=0.003 mole=0.03 --seeds 1337 --jobs 10 --threads 1 \
+  --model-lrs memoryplus=0.03 peer=0.003 mole=0.03 moe=0.003 --seeds 1337 --jobs 10 --threads 1 \
   --set trainer.max_steps=9181 --out "$dir"
 step bench_memory 45 python3 tools/bench_memory.py --sections cuda,layer_step --json "$dir/bench_memory.json"
 step bench_peer 25 python3 tools/bench_peer.py --device cuda --json "$dir/bench_peer.json"
