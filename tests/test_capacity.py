@@ -215,6 +215,27 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     assert sorted(p.name for p in (tmp_path / "micro-cells").iterdir()) == ["people-6__dense.json",
                                                                              "people-6__memoryplus.json"]
 
+    # --cells-of: a page of its own over micro's cells; the trained cell is reused, only its control trains
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    page_before = (tmp_path / "micro.json").read_text()
+    runs_before = {p.name for p in tmp_path.glob("runs/*")}
+    shared = ["--quick", "--models", "memoryplus", "--loads", "6", "--exposures", "2", "--batch-size", "4",
+              "--min-steps", "0", "--out", str(tmp_path), "--cells-of", "micro"]
+    ctl = capacity.main([*shared, "--name", "micro-ctl", "--controls", "frozen"])
+    trained = sorted({p.name for p in tmp_path.glob("runs/*")} - runs_before)
+    assert trained == ["study-micro-people-6-memoryplus@frozen"]  # in micro's cells, under micro's experiment name
+    (row,) = ctl["controls"]
+    assert row["bits_trained"] == restored["cells"][1]["bits"]  # paired with micro's stored memoryplus cell
+    assert (tmp_path / "micro.json").read_text() == page_before  # micro's own page is not rewritten
+    assert (tmp_path / "micro-cells" / "people-6__memoryplus@frozen.json").exists()
+    with pytest.raises(capacity.StudyError, match="people-6__memoryplus of micro were trained with other arguments"):
+        capacity.main([*shared[:8], "8", *shared[9:], "--name", "micro-b8"])  # batch 8: would replace its cells
+    with pytest.raises(capacity.StudyError, match="with --set"):
+        capacity.main([*shared, "--name", "micro-set", "--set", "trainer.max_steps=1"])
+    with pytest.raises(capacity.StudyError, match="this run's own study"):
+        capacity.main([*shared, "--name", "micro"])
+
 
 def test_summarize_config_vocab_size_override_sizes_the_embedding():
     from memzoo.config_accounting import summarize_config
@@ -240,7 +261,11 @@ def test_variant_cells_name_their_rate_seed_and_control():
     assert "dense@frozen" not in extra  # dense has no table
     assert extra["memoryplus@frozen"] == ["--model.init_args.freeze", '["pools.memory.*"]']
     assert extra["memoryplus@seed7@frozen"] == [*extra["memoryplus@frozen"], "--seed_everything", "7"]  # every seed
-    assert "memoryplus@lr0.03@frozen" not in extra  # controls at the config's rate
+    rate = ["--model.init_args.optimizer.init_args.lr", "0.03"]
+    assert extra["memoryplus@lr0.03@frozen"] == [*extra["memoryplus@frozen"], *rate]  # the control of every rate
+    assert extra["memoryplus@lr0.03@seed7@frozen"] == [*extra["memoryplus@frozen"], *rate, "--seed_everything", "7"]
+    mole = capacity.variants(["mole"], [capacity.LR], [capacity.SEED], ["frozen", "shuffled"], configs)
+    assert sorted(mole) == ["mole", "mole@frozen"]  # MoLE's experts have no rows to shuffle
     assert capacity.study.base_model("memoryplus@lr0.03@seed7") == "memoryplus"
     own = capacity.variants(["dense", "stem"], [3e-2], [capacity.SEED], [], configs, {"dense": [1e-3, 3e-2]})
     assert sorted(own) == ["dense@lr0.001", "dense@lr0.03", "stem@lr0.03"]  # dense at its own rates, stem at --lrs

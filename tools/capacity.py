@@ -54,13 +54,20 @@ Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate,
 first table reads the plain cells (config rate and seed); the targets, the saturation line and the plots read each
 model at its best rate, mean over its seeds (``best_rate_cells``); the JSON keeps every cell (``variant_cells``), the sweep (``lr_sweep``: mean bits over seeds per rate, best rate, whether the sweep brackets it) and
 the controls. ``tools/gpu_check.sh`` trains the first quarter of the 4,000-exposure cells of every design at once on
-one GPU (what sizes a GPU grid). **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at its config's
-rate and every seed of ``--seeds``; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
+one GPU (what sizes a GPU grid). **Controls** (``--controls frozen single_row shuffled``, on every model with a table, at every
+rate and seed it runs at; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
 ``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
 ``shuffled`` permutes the trained rows before the last validation. ``controls`` rows in the JSON carry
 ``bits_trained``, ``bits_control`` and ``bits_attributed`` = trained - control: the bits the table holds.
 
     python tools/capacity.py --quick --models memoryplus peer engram --controls frozen single_row shuffled --jobs 2
+
+``--cells-of STUDY`` trains and reuses STUDY's cells (restored from its committed JSON) and writes the page as
+``--name``: the controls of the capacity regime's best rates reuse the 4,000-exposure grid's trained cells::
+
+    python tools/capacity.py --cpu --name capacity-cpu-x4000-controls --cells-of capacity-cpu-x4000 --exposures 4000 \
+        --models dense stem memoryplus --lrs 0.01 --model-lrs memoryplus=0.03 --seeds 1337 \
+        --controls frozen single_row shuffled --jobs 2 --threads 1
 
     python tools/capacity.py --gpu --jobs 6 --threads 2   # loads up to 10,000 people at 100 exposures, for a GPU
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
@@ -563,23 +570,23 @@ def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], 
              configs: dict[str, dict[str, Any]], model_lrs: dict[str, list[float]] | None = None
              ) -> dict[str, list[str]]:
     """Every cell model of the grid -> its extra ``memzoo fit`` arguments: each model at every rate x seed (the
-    AdamW rate, ``lrs`` or the model's own list in ``model_lrs``; table rates stay the config's), and at the config's
-    rate and every seed under each control."""
+    AdamW rate, ``lrs`` or the model's own list in ``model_lrs``; table rates stay the config's), and a memory model
+    at each of those rates and seeds under each control (the control of every trained cell; run controls at one rate
+    by naming only it, e.g. ``--model-lrs memoryplus=0.03`` with ``--cells-of`` the study that swept the rates)."""
     out: dict[str, list[str]] = {}
     for m in models:
+        model_controls = list(controls) if m in MEMORY_MODELS else []
+        if m == "mole" and any(c != "frozen" for c in model_controls):
+            print("[capacity] controls other than frozen are not defined for mole (its experts have no rows): "
+                  "only frozen runs", flush=True)
+            model_controls = [c for c in model_controls if c == "frozen"]
         for lr in (model_lrs or {}).get(m, lrs):
+            rate = [] if lr == LR else ["--model.init_args.optimizer.init_args.lr", str(lr)]
             for seed in seeds:
-                extra = [] if lr == LR else ["--model.init_args.optimizer.init_args.lr", str(lr)]
-                out[variant_name(m, lr, seed)] = extra + ([] if seed == SEED else ["--seed_everything", str(seed)])
-        if m in MEMORY_MODELS:
-            for control in controls:
-                if control != "frozen" and m == "mole":
-                    print(f"[capacity] control {control} is not defined for mole (its experts have no rows): "
-                          f"only frozen runs", flush=True)
-                    continue
-                for seed in seeds:
-                    out[variant_name(m, seed=seed, control=control)] = control_args(m, control, configs[m]) + (
-                        [] if seed == SEED else ["--seed_everything", str(seed)])
+                seeded = [] if seed == SEED else ["--seed_everything", str(seed)]
+                out[variant_name(m, lr, seed)] = rate + seeded
+                for control in model_controls:
+                    out[variant_name(m, lr, seed, control)] = control_args(m, control, configs[m]) + rate + seeded
     return out
 
 
@@ -868,6 +875,27 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     return paths
 
 
+def check_shared_cells(cells_of: str, cells_name: str, grid: Sequence[tuple[Workload, str]], cells_dir: Path,
+                       extra: Sequence[str], cell_extra: dict[str, list[str]], config_dir: Path) -> None:
+    """Raises :class:`StudyError` where a planned cell of ``--cells-of`` would replace a cell of that study trained
+    under other arguments (a stored file with another config hash): a run that shares a study's cells adds cells
+    to it, never overwrites them. ``--set`` is refused outright, since it changes every cell's arguments."""
+    if extra:
+        raise StudyError(f"--cells-of {cells_of} with --set: the overrides change every cell's arguments, so no "
+                         f"cell of {cells_of} could be reused and its stored cells would be replaced; drop --set or "
+                         f"--cells-of")
+    clashes = []
+    for w, m in grid:
+        path = cells_dir / f"{study.cell_name(w, m)}.json"
+        digest = study.config_hash(study.cell_args(cells_name, w, m, cell_extra[m], config_dir))
+        if path.exists() and study.load_cell(path, digest) is None:
+            clashes.append(study.cell_name(w, m))
+    if clashes:
+        raise StudyError(f"--cells-of {cells_of}: cell(s) {', '.join(clashes)} of {cells_of} were trained with other "
+                         f"arguments (loads, exposures, batch size or configs); give this run {cells_of}'s grid "
+                         f"options (its page's command), or drop --cells-of to train apart")
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -877,6 +905,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default=None,
                         help="study name (default: capacity-quick | capacity | capacity-gpu; quick and full share "
                              "the cells of `capacity`)")
+    parser.add_argument("--cells-of", default=None, metavar="STUDY",
+                        help="train and reuse the cells of STUDY (its cells folder and config hashes, restored from "
+                             "its JSON) while writing this run's page as --name: e.g. controls of a committed grid's "
+                             "cells without rewriting its page")
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         help=f"subset of {list(MODELS)} (default: all), or the ablations {list(ABLATIONS)}")
     parser.add_argument("--loads", nargs="+", type=int, default=None, help="people per load (default: the grid's)")
@@ -939,7 +971,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default_name = ("capacity-gpu" if args.gpu else "capacity-cpu" if args.cpu else "capacity-quick" if args.quick
                     else "capacity")
     name = args.name or default_name
-    cells_name = args.name or ("capacity" if args.quick else default_name)  # quick = the full grid's first cells
+    cells_name = args.cells_of or args.name or ("capacity" if args.quick else default_name)  # quick: the full grid's
+    if args.cells_of is not None and args.cells_of == name:
+        raise StudyError(f"--cells-of {args.cells_of!r} is this run's own study; give the page its own --name")
     for key in ("loads", "exposures", "batch_size", "min_steps", "lrs", "seeds"):
         if getattr(args, key) is not None:
             grid_spec[key] = getattr(args, key)
@@ -976,11 +1010,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
     cells_dir = args.out / f"{cells_name}-cells"
-    restored = study.restore_cells(args.out / f"{name}.json", cells_dir)
+    pages = list(dict.fromkeys([name, cells_name]))
+    restored = sum(study.restore_cells(args.out / f"{page}.json", cells_dir) for page in pages)
     if restored:
-        print(f"[capacity] {restored} cell records restored from {name}.json into {cells_dir}", flush=True)
+        print(f"[capacity] {restored} cell records restored from {' and '.join(f'{p}.json' for p in pages)} into "
+              f"{cells_dir}", flush=True)
     by_model = {m: next(c for c in costs if c.model == study.base_model(m)) for m in cell_extra}
     grid = [(w, m) for w in plan for m in cell_extra]
+    if args.cells_of is not None:
+        check_shared_cells(args.cells_of, cells_name, grid, cells_dir, extra, cell_extra, args.config_dir)
     if args.report_only:
         stored = (study.load_cell(cells_dir / f"{study.cell_name(w, m)}.json",
                                   study.config_hash(study.cell_args(cells_name, w, m, [*extra, *cell_extra[m]],
