@@ -374,11 +374,13 @@ def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeyp
     for r in report["controls"]:
         assert set(r) >= {"bits_trained", "bits_control", "bits_attributed"}
         assert r["bits_attributed"] == pytest.approx(r["bits_trained"] - r["bits_control"])
+        assert r["lr"] == capacity.LR and r["seed"] == capacity.SEED
     assert {c["model"] for c in report["variant_cells"]} == {"pkm@frozen", "pkm@single_row", "pkm@shuffled"}
     assert result["controls"] == report["controls"]
     md = (tmp_path / "ctl.md").read_text()
     assert "Cells run: 4 of 4" in md and not report["cells_not_run"]  # the control cells count as run
     assert all(f"| pkm@{c} |" in md for c in ("frozen", "single_row", "shuffled"))  # every cell's bits are listed
+    assert f"| 4 | pkm | {capacity.LR:g} | {capacity.SEED} | frozen |" in md  # the controls table names rate and seed
     assert report["command"].startswith("python tools/capacity.py --models pkm")
 
 

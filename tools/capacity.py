@@ -590,6 +590,11 @@ def variants(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], 
     return out
 
 
+def cell_rate(cell_model: str) -> float:
+    """The AdamW rate of a cell named by :func:`variant_name`: its ``@lr<rate>``, else the config's :data:`LR`."""
+    return next((float(v[2:]) for v in cell_model.split("@")[1:] if v.startswith("lr")), LR)
+
+
 def _rate_groups(cells: Sequence[dict[str, Any]]) -> dict[tuple[int, str], dict[float, list[dict[str, Any]]]]:
     """(load, model) -> AdamW rate -> the cells of every seed at that rate (controls left out)."""
     groups: dict[tuple[int, str], dict[float, list[dict[str, Any]]]] = {}
@@ -597,7 +602,7 @@ def _rate_groups(cells: Sequence[dict[str, Any]]) -> dict[tuple[int, str], dict[
         model, _, variant = c["model"].partition("@")
         if any(part in CONTROLS for part in variant.split("@")):
             continue
-        lr = next((float(v[2:]) for v in variant.split("@") if v.startswith("lr")), LR)
+        lr = cell_rate(c["model"])
         groups.setdefault((c["knowledge_load"], model), {}).setdefault(lr, []).append(c)
     return groups
 
@@ -670,7 +675,7 @@ def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per control cell: ``bits_trained`` (the model's cell at the same load, rate and seed),
     ``bits_control`` and ``bits_attributed`` = trained - control (the bits the table holds by that control); ``model``
-    is the base model, ``seed`` the cells' seed."""
+    is the base model, ``lr`` and ``seed`` the cells' AdamW rate and seed."""
     by = {(c["knowledge_load"], c["model"]): c for c in cells}
     out = []
     for c in cells:
@@ -679,8 +684,8 @@ def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         trained = by.get((c["knowledge_load"], trained_name))
         seed = study.cell_seed(trained_name, SEED)
-        out.append({"knowledge_load": c["knowledge_load"], "model": trained_name.split("@")[0], "seed": seed,
-                    "control": control,
+        out.append({"knowledge_load": c["knowledge_load"], "model": trained_name.split("@")[0],
+                    "lr": cell_rate(trained_name), "seed": seed, "control": control,
                     "bits_trained": None if trained is None else trained["bits"], "bits_control": c["bits"],
                     "bits_attributed": None if trained is None else trained["bits"] - c["bits"],
                     "recall_trained": None if trained is None else trained["final"]["fact_recall"],
@@ -697,7 +702,7 @@ def results_table(cells: Sequence[dict[str, Any]]) -> str:
         recall = c["final"]["fact_recall"]
         lines.append(
             f"| {c['knowledge_load']:,} | {c['max_bits']:,.0f} | {c['model']} | {c['bits']:,.0f} | "
-            f"{c['bits_fraction']:.1%} | {'–' if recall is None else format(recall, '.3f')} | "
+            f"{c['bits_fraction']:.1%} | {_recall(recall)} | "
             f"{c['bits_per_param']:.3f} | {c['bits_per_dense_param']:.3f} | "
             f"{'–' if c.get('bits_per_memory_param') is None else format(c['bits_per_memory_param'], '.3f')} | "
             f"{c['memory_params']:,} | "
@@ -796,6 +801,10 @@ def _bits(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f}"
 
 
+def _recall(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any], memory: dict[str, int],
                  out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     """Writes ``<name>.json``, ``<name>.md`` and ``<name>-bits-vs-load.png``; returns their paths."""
@@ -838,11 +847,14 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
           *(["### Controls (bits attributed to the table = trained − control)", "",
-             "| people | model | seed | control | bits trained | bits control | bits attributed |",
-             "| ---: | --- | ---: | --- | ---: | ---: | ---: |",
-             *(f"| {r['knowledge_load']:,} | {r['model']} | {r['seed']} | {r['control']} | "
-               f"{_bits(r['bits_trained'])} | {_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} |"
-               for r in sorted(controls, key=lambda r: (r["knowledge_load"], r["model"], r["control"], r["seed"]))),
+             "| people | model | rate | seed | control | bits trained | bits control | bits attributed | "
+             "recall trained / control |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+             *(f"| {r['knowledge_load']:,} | {r['model']} | {r['lr']:g} | {r['seed']} | {r['control']} | "
+               f"{_bits(r['bits_trained'])} | {_bits(r['bits_control'])} | {_bits(r['bits_attributed'])} | "
+               f"{_recall(r['recall_trained'])} / {_recall(r['recall_control'])} |"
+               for r in sorted(controls, key=lambda r: (r["knowledge_load"], r["model"], r["lr"], r["control"],
+                                                        r["seed"]))),
              ""]
             if controls else []),
           *(["### Best rate per model, mean over its seeds (what the targets, saturation and plots read)", "",
