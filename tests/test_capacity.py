@@ -282,7 +282,7 @@ def test_variant_cells_name_their_rate_seed_and_control():
 def test_lr_sweep_and_control_rows_on_fake_cells():
     cells = [{"knowledge_load": 10, "model": m, "bits": b, "final": {"fact_recall": 0.5}} for m, b in
              [("pkm", 100.0), ("pkm@seed2", 80.0), ("pkm@lr0.03", 120.0), ("pkm@lr0.03@seed2", 110.0),
-              ("pkm@frozen", 30.0), ("pkm@shuffled", 10.0), ("pkm@seed2@frozen", 20.0)]]
+              ("pkm@frozen", 30.0), ("pkm@shuffled", -500.0), ("pkm@seed2@frozen", 20.0)]]
     (sweep,) = capacity.lr_sweep(cells)
     assert sweep["best_lr"] == 0.03 and sweep["best_bits"] == pytest.approx(115.0)
     assert [r["mean_bits"] for r in sweep["bits_by_lr"]] == [90.0, 115.0]
@@ -294,7 +294,8 @@ def test_lr_sweep_and_control_rows_on_fake_cells():
     assert not capacity.bracketed(0.01, [0.01])
     rows = {(r["control"], r["seed"]): r for r in capacity.control_rows(cells)}
     assert rows["frozen", capacity.SEED]["bits_attributed"] == 70.0
-    assert rows["shuffled", capacity.SEED]["bits_attributed"] == 90.0
+    assert rows["shuffled", capacity.SEED]["bits_attributed"] == 100.0  # a bound below 0 stores nothing: all 100
+    assert rows["shuffled", capacity.SEED]["bits_control"] == -500.0  # the bound itself is kept
     assert rows["frozen", 2]["bits_attributed"] == 60.0 and rows["frozen", 2]["model"] == "pkm"  # trained at seed 2
 
 
@@ -373,7 +374,7 @@ def test_frozen_tied_and_shuffled_tables_change_as_they_should(tmp_path, monkeyp
     assert {r["control"] for r in report["controls"]} == {"frozen", "single_row", "shuffled"}
     for r in report["controls"]:
         assert set(r) >= {"bits_trained", "bits_control", "bits_attributed"}
-        assert r["bits_attributed"] == pytest.approx(r["bits_trained"] - r["bits_control"])
+        assert r["bits_attributed"] == pytest.approx(r["bits_trained"] - max(r["bits_control"], 0))
         assert r["lr"] == capacity.LR and r["seed"] == capacity.SEED
     assert {c["model"] for c in report["variant_cells"]} == {"pkm@frozen", "pkm@single_row", "pkm@shuffled"}
     assert result["controls"] == report["controls"]

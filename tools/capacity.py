@@ -58,7 +58,8 @@ one GPU (what sizes a GPU grid). **Controls** (``--controls frozen single_row sh
 rate and seed it runs at; see :func:`control_args`): ``frozen`` trains everything but the tables (``freeze:`` patterns),
 ``single_row`` gives Engram its ``table: single_row`` and ties a pool's rows to their mean after every step,
 ``shuffled`` permutes the trained rows before the last validation. ``controls`` rows in the JSON carry
-``bits_trained``, ``bits_control`` and ``bits_attributed`` = trained - control: the bits the table holds.
+``bits_trained``, ``bits_control`` and ``bits_attributed`` = trained - max(control, 0): the bits the table holds (a
+control's bound below zero, a confidently wrong model, says it stores nothing, not negative bits).
 
     python tools/capacity.py --quick --models memoryplus peer engram --controls frozen single_row shuffled --jobs 2
 
@@ -674,7 +675,8 @@ def best_rate_cells(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per control cell: ``bits_trained`` (the model's cell at the same load, rate and seed),
-    ``bits_control`` and ``bits_attributed`` = trained - control (the bits the table holds by that control); ``model``
+    ``bits_control`` and ``bits_attributed`` = trained - max(control, 0) (the bits the table holds by that control:
+    the bound is a lower bound, so a control below zero stores nothing, not negative bits); ``model``
     is the base model, ``lr`` and ``seed`` the cells' AdamW rate and seed."""
     by = {(c["knowledge_load"], c["model"]): c for c in cells}
     out = []
@@ -687,7 +689,7 @@ def control_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"knowledge_load": c["knowledge_load"], "model": trained_name.split("@")[0],
                     "lr": cell_rate(trained_name), "seed": seed, "control": control,
                     "bits_trained": None if trained is None else trained["bits"], "bits_control": c["bits"],
-                    "bits_attributed": None if trained is None else trained["bits"] - c["bits"],
+                    "bits_attributed": None if trained is None else trained["bits"] - max(c["bits"], 0.0),
                     "recall_trained": None if trained is None else trained["final"]["fact_recall"],
                     "recall_control": c["final"]["fact_recall"]})
     return out
@@ -846,7 +848,7 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
-          *(["### Controls (bits attributed to the table = trained − control)", "",
+          *(["### Controls (bits attributed to the table = trained − control, a control below 0 counted as 0)", "",
              "| people | model | rate | seed | control | bits trained | bits control | bits attributed | "
              "recall trained / control |",
              "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
