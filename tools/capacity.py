@@ -1024,11 +1024,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
 
     cells_dir = args.out / f"{cells_name}-cells"
-    pages = list(dict.fromkeys([name, cells_name]))
-    restored = sum(study.restore_cells(args.out / f"{page}.json", cells_dir) for page in pages)
-    if restored:
-        print(f"[capacity] {restored} cell records restored from {' and '.join(f'{p}.json' for p in pages)} into "
-              f"{cells_dir}", flush=True)
+    for page in dict.fromkeys([name, cells_name]):  # this page's cells, and the shared study's (--cells-of)
+        restored = study.restore_cells(args.out / f"{page}.json", cells_dir)
+        if restored:
+            print(f"[capacity] {restored} cell records restored from {page}.json into {cells_dir}", flush=True)
     by_model = {m: next(c for c in costs if c.model == study.base_model(m)) for m in cell_extra}
     grid = [(w, m) for w in plan for m in cell_extra]
     if args.cells_of is not None:
