@@ -890,14 +890,10 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
 
 
 def check_shared_cells(cells_of: str, cells_name: str, grid: Sequence[tuple[Workload, str]], cells_dir: Path,
-                       extra: Sequence[str], cell_extra: dict[str, list[str]], config_dir: Path) -> None:
+                       cell_extra: dict[str, list[str]], config_dir: Path) -> None:
     """Raises :class:`StudyError` where a planned cell of ``--cells-of`` would replace a cell of that study trained
     under other arguments (a stored file with another config hash): a run that shares a study's cells adds cells
-    to it, never overwrites them. ``--set`` is refused outright, since it changes every cell's arguments."""
-    if extra:
-        raise StudyError(f"--cells-of {cells_of} with --set: the overrides change every cell's arguments, so no "
-                         f"cell of {cells_of} could be reused and its stored cells would be replaced; drop --set or "
-                         f"--cells-of")
+    to it, never overwrites them (``main`` refuses ``--set`` with ``--cells-of`` before this)."""
     clashes = []
     for w, m in grid:
         path = cells_dir / f"{study.cell_name(w, m)}.json"
@@ -985,9 +981,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default_name = ("capacity-gpu" if args.gpu else "capacity-cpu" if args.cpu else "capacity-quick" if args.quick
                     else "capacity")
     name = args.name or default_name
-    cells_name = args.cells_of or args.name or ("capacity" if args.quick else default_name)  # quick: the full grid's
+    # quick trains into the full grid's cells; --cells-of into that study's
+    cells_name = args.cells_of or args.name or ("capacity" if args.quick else default_name)
     if args.cells_of is not None and args.cells_of == name:
         raise StudyError(f"--cells-of {args.cells_of!r} is this run's own study; give the page its own --name")
+    if args.cells_of is not None and args.overrides:
+        raise StudyError(f"--cells-of {args.cells_of} with --set: the overrides change every cell's arguments, so no "
+                         f"cell of {args.cells_of} could be reused and its stored cells would be replaced; drop --set "
+                         f"or --cells-of")
     for key in ("loads", "exposures", "batch_size", "min_steps", "lrs", "seeds"):
         if getattr(args, key) is not None:
             grid_spec[key] = getattr(args, key)
@@ -1031,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     by_model = {m: next(c for c in costs if c.model == study.base_model(m)) for m in cell_extra}
     grid = [(w, m) for w in plan for m in cell_extra]
     if args.cells_of is not None:
-        check_shared_cells(args.cells_of, cells_name, grid, cells_dir, extra, cell_extra, args.config_dir)
+        check_shared_cells(args.cells_of, cells_name, grid, cells_dir, cell_extra, args.config_dir)
     if args.report_only:
         stored = (study.load_cell(cells_dir / f"{study.cell_name(w, m)}.json",
                                   study.config_hash(study.cell_args(cells_name, w, m, [*extra, *cell_extra[m]],
