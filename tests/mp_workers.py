@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import traceback
 
 import torch
@@ -54,6 +56,9 @@ def start_ranks(function, n_processes: int, *args) -> None:
 
 
 def _one_thread(rank, function, args):
+    # a rank killed by a signal (SIGSEGV, SIGABRT from a heap check) prints every thread's Python stack to the
+    # test's captured stderr, so a failure names the line it happened on
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
     torch.set_num_threads(1)
     function(rank, *args)
 
