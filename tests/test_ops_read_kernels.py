@@ -71,6 +71,71 @@ def test_kernels_on_an_empty_batch():
         assert torch.equal(dense, torch.zeros(6, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("bad", [-1, 30, 2**40])
+def test_an_index_outside_the_table_raises_before_anything_is_written(bad):
+    """Each kernel range-checks its indices (and groups) before it reads or writes: an out-of-range row would
+    otherwise read or write outside the table or the sort's buckets. The error names the value and the range; the
+    table and the optimizer state are untouched."""
+    values, indices, weights, src = inputs(30, 8, 4, 3)
+    indices[2, 1] = bad
+    message = rf"indices holds {bad}, outside \[0, 30\)"
+    with pytest.raises(IndexError, match=rf"gather_dot: {message}"):
+        cpu_read.gather_dot(values, indices, src)
+    for dense in (False, True):
+        with pytest.raises(IndexError, match=rf"scatter_dot: {message}"):
+            cpu_read.scatter_dot(src, indices, weights, values, 30, dense=dense)
+    groups, chunked = torch.zeros_like(indices), weights.unsqueeze(-1).expand(-1, -1, 2).contiguous()
+    with pytest.raises(IndexError, match=rf"grouped_gather: {message}"):
+        cpu_read.grouped_gather(values, indices, groups, chunked, 1)
+    indices[2, 1] = 0
+    groups[1, 0] = 3
+    with pytest.raises(IndexError, match=r"grouped_gather: groups holds 3, outside \[0, 2\)"):
+        cpu_read.grouped_gather(values, indices, groups, chunked, 2)
+    with pytest.raises(IndexError, match=r"scatter_dot: groups holds 3, outside \[0, 2\)"):
+        cpu_read.scatter_dot(torch.randn(4, 2, 8, dtype=torch.float64), indices, chunked, values, 30, False,
+                             groups=groups)
+    with pytest.raises(IndexError, match=r"gather_dot: groups holds 3, outside \[0, 2\)"):
+        cpu_read.gather_dot(values, indices, torch.randn(4, 2, 8, dtype=torch.float64), groups, 2)
+    param, moments, step = values.clone(), torch.zeros(2, 30, 8, dtype=torch.float64), torch.zeros(30, dtype=torch.int64)
+    rows = torch.tensor([3, bad])
+    with pytest.raises(IndexError, match=rf"adam_rows_: rows holds {bad}, outside \[0, 30\)"):
+        cpu_read.adam_rows_(param, moments[0], moments[1], step, rows, torch.ones(2, 8, dtype=torch.float64), 0.1,
+                            (0.9, 0.99), 1e-8, 0.0)
+    assert torch.equal(param, values) and not moments.any() and not step.any()
+
+
+def test_a_wrong_layout_raises_naming_the_argument():
+    """The kernels read raw row-major memory: a non-contiguous, mistyped or misshapen argument is refused by name
+    (a float32 step count, an int32 index, a transposed table, a gradient of another width, mixed float dtypes)."""
+    values, indices, weights, src = inputs(30, 8, 4, 3)
+    table = torch.zeros(30, 8, dtype=torch.float64)
+    grad, rows = torch.ones(2, 8, dtype=torch.float64), torch.tensor([1, 2])
+
+    def adam(step=torch.zeros(30, dtype=torch.int64), grad=grad, rows=rows):
+        cpu_read.adam_rows_(table, table.clone(), table.clone(), step, rows, grad, 0.1, (0.9, 0.99), 1e-8, 0.0)
+
+    with pytest.raises(ValueError, match=r"adam_rows_: step must be torch.int64, got torch.float32"):
+        adam(step=torch.zeros(30))
+    with pytest.raises(ValueError, match=r"adam_rows_: step has shape \(15,\), expected \(30,\)"):
+        adam(step=torch.zeros(15, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"adam_rows_: grad has shape \(2, 4\), expected \(2, 8\)"):
+        adam(grad=torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"adam_rows_: grad has shape \(2, 8\), expected \(30, 8\)"):
+        adam(rows=None)
+    with pytest.raises(ValueError, match=r"gather_dot: indices must be torch.int64, got torch.int32"):
+        cpu_read.gather_dot(values, indices.int(), src)
+    with pytest.raises(ValueError, match=r"gather_dot: values must be a contiguous CPU tensor"):
+        cpu_read.gather_dot(values.t().contiguous().t(), indices, src)
+    with pytest.raises(ValueError, match=r"scatter_dot: weights must be torch.float64, got torch.float32"):
+        cpu_read.scatter_dot(src, indices, weights.float(), values, 30, dense=True)
+    with pytest.raises(ValueError, match=r"scatter_dot: values has shape \(30, 8\), expected \(40, 8\)"):
+        cpu_read.scatter_dot(src, indices, weights, values, 40, dense=True)
+    with pytest.raises(ValueError, match=r"scatter_dot: dots_from_bag=5 outside \[0, 4\]"):
+        cpu_read.scatter_dot(src, indices, weights, values, 30, dense=True, dots_from_bag=5)
+    with pytest.raises(ValueError, match=r"grouped_gather: 3 weights a position do not divide D=8"):
+        cpu_read.grouped_gather(values, indices, torch.zeros_like(indices), torch.ones(4, 3, 3, dtype=torch.float64), 1)
+
+
 @pytest.mark.parametrize("first", [0, 2, 5])
 def test_scatter_dot_takes_dots_from_a_bag_on(first):
     """dots only for the bags from dots_from_bag on (the last read of a shared table); the table gradient over all."""

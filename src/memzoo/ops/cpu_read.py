@@ -24,9 +24,12 @@ For a table ``values (N, D)`` and ``B`` bags of ``K`` row indices (``P = B·K`` 
   row (weight decay, both moments, bias corrections from the row's own step count in float64), rows in parallel;
   no gathered copies of the table or its moments.
 
-float32 and float64 only (callers keep their PyTorch path for other dtypes). The source has no torch headers; it is
-compiled with ``torch.utils.cpp_extension.load`` on first use and called through ``ctypes``, as
-:mod:`memzoo.ops.cpu_topk` (same cache, same ``MEMZOO_CPU_KERNELS=0`` switch, one warning when it cannot be built).
+float32 and float64 only (callers keep their PyTorch path for other dtypes). Every entry point checks its
+arguments' layouts (contiguous, dtypes, shapes: O(1), ``ValueError``) and, in the kernel, its indices and groups
+(O(B·K), ``IndexError`` naming the value) before it reads or writes anything: an index outside the table would
+otherwise touch memory that is not the table's. The source has no torch headers; it is compiled with
+``torch.utils.cpp_extension.load`` on first use and called through ``ctypes``, as :mod:`memzoo.ops.cpu_topk` (same
+cache, same ``MEMZOO_CPU_KERNELS=0`` switch, one warning when it cannot be built).
 """
 
 from __future__ import annotations
@@ -211,6 +214,14 @@ void grouped_gather(const T* values, const int64_t* idx, const int64_t* group, c
       }
     }
   }
+}
+
+// Whether every idx[0..n) lies in [0, limit): the kernels read and write table rows (and sort buckets) at these
+// indices, so one outside would touch memory that is not theirs. Branch-free; O(n) next to the kernels' O(n·D).
+inline bool all_below(const int64_t* idx, int64_t n, int64_t limit) {
+  uint64_t outside = 0;
+  for (int64_t p = 0; p < n; ++p) outside |= (uint64_t)(uint64_t(idx[p]) >= uint64_t(limit));
+  return outside == 0;
 }
 
 // order (P,): positions sorted by row, stable; run_start (P+1,): where each distinct row's run starts. Returns U.
@@ -406,9 +417,14 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
 }
 }  // namespace
 
+// The entry points return 0, or without touching any output OUT_OF_RANGE when an index is outside [0, N) and
+// GROUP_OUT_OF_RANGE when a group is outside [0, G) (the caller names the value; see all_below).
+constexpr int OUT_OF_RANGE = 1, GROUP_OUT_OF_RANGE = 2;
 #define MEMZOO_READ_KERNELS(T, S)                                                                                  \
-  extern "C" int memzoo_gather_dot_##S(const T* v, const int64_t* i, const T* x, int64_t B, int64_t K, int64_t D, \
-                                       T* o, const int64_t* g, int64_t G, int64_t M, int th) {                     \
+  extern "C" int memzoo_gather_dot_##S(const T* v, int64_t N, const int64_t* i, const T* x, int64_t B, int64_t K,  \
+                                       int64_t D, T* o, const int64_t* g, int64_t G, int64_t M, int th) {          \
+    if (!all_below(i, B * K, N)) return OUT_OF_RANGE;                                                              \
+    if (g != nullptr && !all_below(g, B * K, G)) return GROUP_OUT_OF_RANGE;                                        \
     if (g == nullptr) gather_dot<T, false>(v, i, x, B, K, D, o, g, 1, 1, th);                                      \
     else gather_dot<T, true>(v, i, x, B, K, D, o, g, G, M, th);                                                    \
     return 0; }                                                                                                    \
@@ -416,20 +432,28 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
                                         const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, \
                                         T* sums, T* dense, T* dots, int64_t df, const int64_t* g, int64_t G,       \
                                         int64_t M, int th) {                                                       \
+    if (!all_below(i, rs[U], N)) return OUT_OF_RANGE;                                                              \
+    if (g != nullptr && !all_below(g, rs[U], G)) return GROUP_OUT_OF_RANGE;                                        \
     if (g == nullptr) scatter_dot<T, false>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, g, 1, 1, th); \
     else scatter_dot<T, true>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, g, G, M, th);            \
     return 0; }                                                                                                    \
-  extern "C" int memzoo_grouped_gather_##S(const T* v, const int64_t* i, const int64_t* g, const T* w, int64_t B,   \
-                                           int64_t K, int64_t G, int64_t M, int64_t D, T* o, int th) {              \
+  extern "C" int memzoo_grouped_gather_##S(const T* v, int64_t N, const int64_t* i, const int64_t* g, const T* w,  \
+                                           int64_t B, int64_t K, int64_t G, int64_t M, int64_t D, T* o, int th) {   \
+    if (!all_below(i, B * K, N)) return OUT_OF_RANGE;                                                              \
+    if (!all_below(g, B * K, G)) return GROUP_OUT_OF_RANGE;                                                        \
     grouped_gather<T>(v, i, g, w, B, K, G, M, D, o, th); return 0; }                                               \
-  extern "C" int memzoo_adam_rows_##S(T* p, T* m, T* v, int64_t* st, const int64_t* rows, const T* g, int64_t U,   \
-                                      int64_t D, double lr, double b1, double b2, double eps, double wd, int th) { \
+  extern "C" int memzoo_adam_rows_##S(T* p, int64_t N, T* m, T* v, int64_t* st, const int64_t* rows, const T* g,   \
+                                      int64_t U, int64_t D, double lr, double b1, double b2, double eps, double wd, \
+                                      int th) {                                                                    \
+    if (rows != nullptr ? !all_below(rows, U, N) : U != N) return OUT_OF_RANGE;                                    \
     adam_rows<T>(p, m, v, st, rows, g, U, D, lr, b1, b2, eps, wd, th); return 0; }
 
 MEMZOO_READ_KERNELS(float, f32)
 MEMZOO_READ_KERNELS(double, f64)
 
+// U, or -1 (nothing written) when an index is outside [0, N).
 extern "C" int64_t memzoo_sort_by_row(const int64_t* idx, int64_t P, int64_t N, int64_t* order, int64_t* rs) {
+  if (!all_below(idx, P, N)) return -1;
   return sort_by_row(idx, P, N, order, rs);
 }
 """
@@ -452,10 +476,10 @@ def _build() -> ctypes.CDLL:
     lib = compile_library("memzoo_sparse_read", "sparse_read.cpp", SOURCE, ["-fno-math-errno"])
     i64, ptr, f64, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     declare_float_kernels(lib, {
-        "gather_dot": [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, cint],
+        "gather_dot": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, cint],
         "scatter_dot": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, cint],
-        "grouped_gather": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, cint],
-        "adam_rows": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint],
+        "grouped_gather": [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, cint],
+        "adam_rows": [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, f64, f64, f64, f64, f64, cint],
     })
     lib.memzoo_sort_by_row.argtypes, lib.memzoo_sort_by_row.restype = [ptr, i64, i64, ptr, ptr], i64
     return lib
@@ -469,20 +493,62 @@ def _ptr(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
 
+def _check_layout(op: str, dtype: torch.dtype, shapes: dict[str, tuple[torch.Tensor | None, tuple[int, ...]]],
+                  floats: tuple[str, ...]) -> None:
+    """What the kernels assume of their arguments, in O(1): each ``shapes[name] = (tensor, shape)`` (``None``
+    tensors skipped) a contiguous CPU tensor of exactly ``shape``, of ``dtype`` (float32 or float64) when its name
+    is in ``floats``, else int64. A ``ValueError`` naming the argument otherwise: the kernels read and write raw
+    row-major memory, so another layout would touch memory that is not the tensor's."""
+    where = f"memzoo.ops.cpu_read.{op}"
+    if dtype not in FLOAT_SUFFIX:
+        raise ValueError(f"{where}: float32 or float64 tensors only, got {dtype}")
+    for name, (tensor, shape) in shapes.items():
+        if tensor is None:
+            continue
+        want = dtype if name in floats else torch.int64
+        if tensor.dtype != want:
+            raise ValueError(f"{where}: {name} must be {want}, got {tensor.dtype}")
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"{where}: {name} must be a contiguous CPU tensor (got device {tensor.device}, strides "
+                             f"{tensor.stride()}); call .contiguous() first")
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+
+
+def _raise_out_of_range(op: str, status: int, indices: torch.Tensor, limit: int,
+                        groups: torch.Tensor | None = None, n_groups: int = 0, name: str = "indices") -> None:
+    """A kernel's refusal (status 1: an index outside ``[0, limit)``, 2: a group outside ``[0, n_groups)``; it
+    wrote nothing) as an ``IndexError`` naming the first such value; nothing for status 0."""
+    if status == 0:
+        return
+    tensor, bound, what = (indices, limit, name) if status == 1 else (groups, n_groups, "groups")
+    flat = tensor.reshape(-1)
+    bad = int(flat[(flat < 0) | (flat >= bound)][0])
+    raise IndexError(f"memzoo.ops.cpu_read.{op}: {what} holds {bad}, outside [0, {bound})")
+
+
 def gather_dot(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor,
                groups: torch.Tensor | None = None, chunks: int = 1) -> torch.Tensor:
-    """``values (N, D)``, ``indices (B, K)`` int64, ``x (B, D)``, contiguous, one dtype → ``(B, K)``:
+    """``values (N, D)``, ``indices (B, K)`` int64 in ``[0, N)``, ``x (B, D)``, contiguous, one dtype → ``(B, K)``:
     ``values[idx[b,j]] · x[b]``.
 
     With ``groups (B, K)`` int64 in ``[0, S)`` (the weights' gradient of :func:`grouped_gather`): ``x (B, S, D)`` →
     ``(B, K, chunks)``, chunk ``c``'s (width ``D/chunks``) dot of ``values[idx[b,j]]`` with ``x[b, groups[b,j]]``.
-    Time ``O(B·K·D)``."""
+    Time ``O(B·K·D)``. Every kernel here checks its layouts (``ValueError``) and its indices and groups
+    (``IndexError``, in the kernel: O(B·K)) before it reads or writes anything."""
     n_bags, n_per_bag = indices.shape
+    n_rows, dim = values.shape
+    n_groups = 1 if groups is None else x.shape[1]
+    _check_layout("gather_dot", values.dtype, {
+        "values": (values, (n_rows, dim)), "indices": (indices, (n_bags, n_per_bag)),
+        "groups": (groups, (n_bags, n_per_bag)), "x": (x, (n_bags, dim) if groups is None else (n_bags, n_groups, dim)),
+    }, floats=("values", "x"))
     out = values.new_empty(n_bags, n_per_bag, *(() if groups is None else (chunks,)))
-    _kernel("gather_dot", values.dtype)(
-        values.data_ptr(), indices.data_ptr(), x.data_ptr(), n_bags, n_per_bag, values.shape[1], out.data_ptr(),
-        _ptr(groups), 1 if groups is None else x.shape[1], chunks, torch.get_num_threads(),
+    status = _kernel("gather_dot", values.dtype)(
+        values.data_ptr(), n_rows, indices.data_ptr(), x.data_ptr(), n_bags, n_per_bag, dim, out.data_ptr(),
+        _ptr(groups), n_groups, chunks, torch.get_num_threads(),
     )
+    _raise_out_of_range("gather_dot", status, indices, n_rows, groups, n_groups)
     return out
 
 
@@ -490,8 +556,8 @@ def scatter_dot(
     src: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor | None, num_rows: int,
     dense: bool, dots_from_bag: int = 0, groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """``src (B, D)``, ``indices (B, K)`` int64 in ``[0, num_rows)``, ``weights (B, K)``, ``values (N, D)`` or
-    ``None``; contiguous, one dtype → ``(rows, G, dots)``:
+    """``src (B, D)``, ``indices (B, K)`` int64 in ``[0, num_rows)``, ``weights (B, K)``, ``values (num_rows, D)``
+    or ``None``; contiguous, one dtype → ``(rows, G, dots)``:
 
     - ``G[r] = Σ_{idx[b,j]=r} weights[b,j] · src[b]``: with ``dense`` a ``(num_rows, D)`` tensor (zero in rows not
       indexed) and ``rows = None``; else the ``U`` distinct rows ascending ``rows (U,)`` and ``G (U, D)``;
@@ -508,11 +574,21 @@ def scatter_dot(
     n_bags, n_per_bag = indices.shape
     n_positions, dim = n_bags * n_per_bag, src.shape[-1]
     chunks = 1 if groups is None else weights.shape[2]
+    n_groups = 1 if groups is None else src.shape[1]
+    if not 0 <= dots_from_bag <= n_bags:
+        raise ValueError(f"memzoo.ops.cpu_read.scatter_dot: dots_from_bag={dots_from_bag} outside [0, {n_bags}]")
+    bag_shape = (n_bags, n_per_bag)
+    _check_layout("scatter_dot", src.dtype, {
+        "src": (src, (n_bags, dim) if groups is None else (n_bags, n_groups, dim)), "indices": (indices, bag_shape),
+        "weights": (weights, bag_shape if groups is None else (*bag_shape, chunks)), "groups": (groups, bag_shape),
+        "values": (values, (num_rows, dim)),
+    }, floats=("src", "weights", "values"))
     order = torch.empty(n_positions, dtype=torch.int64)
     run_start = torch.empty(n_positions + 1, dtype=torch.int64)
     library_ = _KERNELS.require()
     n_runs = library_.memzoo_sort_by_row(indices.data_ptr(), n_positions, num_rows, order.data_ptr(),
                                          run_start.data_ptr())
+    _raise_out_of_range("scatter_dot", 1 if n_runs < 0 else 0, indices, num_rows)
     if dense:  # the kernel writes every row: its sums, or zeros where no index points
         rows, grad = None, src.new_empty(num_rows, dim)
     else:
@@ -520,27 +596,37 @@ def scatter_dot(
     dots = None
     if values is not None:
         dots = src.new_empty(n_bags - dots_from_bag, n_per_bag, *(() if groups is None else (chunks,)))
-    _kernel("scatter_dot", src.dtype)(
+    status = _kernel("scatter_dot", src.dtype)(
         src.data_ptr(), indices.data_ptr(), weights.data_ptr(), _ptr(values), order.data_ptr(),
         run_start.data_ptr(), n_runs, n_per_bag, dim, num_rows, _ptr(rows), None if dense else grad.data_ptr(),
-        grad.data_ptr() if dense else None, _ptr(dots), dots_from_bag * n_per_bag, _ptr(groups),
-        1 if groups is None else src.shape[1], chunks, torch.get_num_threads(),
+        grad.data_ptr() if dense else None, _ptr(dots), dots_from_bag * n_per_bag, _ptr(groups), n_groups, chunks,
+        torch.get_num_threads(),
     )
+    _raise_out_of_range("scatter_dot", status, indices, num_rows, groups, n_groups)
     return rows, grad, dots
 
 
 def grouped_gather(values: torch.Tensor, indices: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor,
                    n_groups: int) -> torch.Tensor:
-    """``values (N, D)``, ``indices, groups (B, K)`` int64 (groups in ``[0, n_groups)``), ``weights (B, K, M)``
-    with ``M`` dividing ``D``; contiguous, one dtype → ``out (B, n_groups, D)``: chunk ``c`` (width ``D/M``) of
-    ``out[b, g]`` is ``Σ_{j: groups[b,j]=g} weights[b,j,c] · values[indices[b,j]]``'s chunk ``c``. One read of each
-    indexed row; time ``O(B·K·D + B·n_groups·D)``."""
+    """``values (N, D)``, ``indices, groups (B, K)`` int64 (indices in ``[0, N)``, groups in ``[0, n_groups)``),
+    ``weights (B, K, M)`` with ``M`` dividing ``D``; contiguous, one dtype → ``out (B, n_groups, D)``: chunk ``c``
+    (width ``D/M``) of ``out[b, g]`` is ``Σ_{j: groups[b,j]=g} weights[b,j,c] · values[indices[b,j]]``'s chunk
+    ``c``. One read of each indexed row; time ``O(B·K·D + B·n_groups·D)``."""
     n_bags, n_per_bag = indices.shape
-    out = values.new_empty(n_bags, n_groups, values.shape[1])
-    _kernel("grouped_gather", values.dtype)(
-        values.data_ptr(), indices.data_ptr(), groups.data_ptr(), weights.data_ptr(), n_bags, n_per_bag, n_groups,
-        weights.shape[2], values.shape[1], out.data_ptr(), torch.get_num_threads(),
+    n_rows, dim = values.shape
+    chunks = weights.shape[-1]
+    if chunks < 1 or dim % chunks:
+        raise ValueError(f"memzoo.ops.cpu_read.grouped_gather: {chunks} weights a position do not divide D={dim}")
+    _check_layout("grouped_gather", values.dtype, {
+        "values": (values, (n_rows, dim)), "indices": (indices, (n_bags, n_per_bag)),
+        "groups": (groups, (n_bags, n_per_bag)), "weights": (weights, (n_bags, n_per_bag, chunks)),
+    }, floats=("values", "weights"))
+    out = values.new_empty(n_bags, n_groups, dim)
+    status = _kernel("grouped_gather", values.dtype)(
+        values.data_ptr(), n_rows, indices.data_ptr(), groups.data_ptr(), weights.data_ptr(), n_bags, n_per_bag,
+        n_groups, chunks, dim, out.data_ptr(), torch.get_num_threads(),
     )
+    _raise_out_of_range("grouped_gather", status, indices, n_rows, groups, n_groups)
     return out
 
 
@@ -550,11 +636,21 @@ def adam_rows_(
     weight_decay: float,
 ) -> None:
     """LazyAdam's update (:class:`memzoo.training.rowwise_optim.LazyAdam`) in place on ``param, exp_avg, exp_avg_sq (N, D)``
-    and ``step (N,)`` int64 for the rows ``rows (U,)`` (distinct; ``None``: every row, ``U = N``) with their
-    gradients ``grad (U, D)``; all contiguous, one float dtype on CPU. Rows in parallel, one pass each."""
-    n_rows, dim = grad.shape
-    _kernel("adam_rows", param.dtype)(
-        param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(), _ptr(rows), grad.data_ptr(),
-        n_rows, dim, float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
+    and ``step (N,)`` int64 for the rows ``rows (U,)`` int64 (distinct, in ``[0, N)``; ``None``: every row,
+    ``U = N``) with their gradients ``grad (U, D)``; all contiguous, one float dtype on CPU. Rows in parallel, one
+    pass each. Layouts and rows are checked first, as :func:`gather_dot`'s."""
+    n_table_rows, dim = param.shape
+    n_rows = grad.shape[0]
+    table = (n_table_rows, dim)
+    _check_layout("adam_rows_", param.dtype, {
+        "param": (param, table), "exp_avg": (exp_avg, table), "exp_avg_sq": (exp_avg_sq, table),
+        "step": (step, (n_table_rows,)), "rows": (rows, (n_rows,)),
+        "grad": (grad, (n_rows if rows is not None else n_table_rows, dim)),
+    }, floats=("param", "exp_avg", "exp_avg_sq", "grad"))
+    status = _kernel("adam_rows", param.dtype)(
+        param.data_ptr(), n_table_rows, exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(), _ptr(rows),
+        grad.data_ptr(), n_rows, dim, float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
         torch.get_num_threads(),
     )
+    if rows is not None:
+        _raise_out_of_range("adam_rows_", status, rows, n_table_rows, name="rows")
