@@ -102,6 +102,9 @@ def test_an_index_outside_the_table_raises_before_anything_is_written(bad):
         cpu_read.adam_rows_(param, moments[0], moments[1], step, rows, torch.ones(2, 8, dtype=torch.float64), 0.1,
                             (0.9, 0.99), 1e-8, 0.0)
     assert torch.equal(param, values) and not moments.any() and not step.any()
+    cpu_read.adam_rows_(param, moments[0], moments[1], step, rows[:0], torch.ones(0, 8, dtype=torch.float64), 0.1,
+                        (0.9, 0.99), 1e-8, 0.0)  # no row touched: nothing to do (not "every row")
+    assert torch.equal(param, values) and not moments.any() and not step.any()
 
 
 def test_a_wrong_layout_raises_naming_the_argument():

@@ -647,6 +647,8 @@ def adam_rows_(
         "step": (step, (n_table_rows,)), "rows": (rows, (n_rows,)),
         "grad": (grad, (n_rows if rows is not None else n_table_rows, dim)),
     }, floats=("param", "exp_avg", "exp_avg_sq", "grad"))
+    if rows is not None and n_rows == 0:  # no row touched (an empty tensor's data pointer is NULL: "every row")
+        return
     status = _kernel("adam_rows", param.dtype)(
         param.data_ptr(), n_table_rows, exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(), _ptr(rows),
         grad.data_ptr(), n_rows, dim, float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
