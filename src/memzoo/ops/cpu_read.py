@@ -418,7 +418,8 @@ void adam_rows(T* param, T* m, T* v, int64_t* step, const int64_t* rows, const T
 }  // namespace
 
 // The entry points return 0, or without touching any output OUT_OF_RANGE when an index is outside [0, N) and
-// GROUP_OUT_OF_RANGE when a group is outside [0, G) (the caller names the value; see all_below).
+// GROUP_OUT_OF_RANGE when a group is outside [0, G) (the caller names the value; see all_below). scatter_dot's
+// indices were checked by memzoo_sort_by_row, whose order and runs it takes.
 constexpr int OUT_OF_RANGE = 1, GROUP_OUT_OF_RANGE = 2;
 #define MEMZOO_READ_KERNELS(T, S)                                                                                  \
   extern "C" int memzoo_gather_dot_##S(const T* v, int64_t N, const int64_t* i, const T* x, int64_t B, int64_t K,  \
@@ -432,7 +433,6 @@ constexpr int OUT_OF_RANGE = 1, GROUP_OUT_OF_RANGE = 2;
                                         const int64_t* rs, int64_t U, int64_t K, int64_t D, int64_t N, int64_t* rows, \
                                         T* sums, T* dense, T* dots, int64_t df, const int64_t* g, int64_t G,       \
                                         int64_t M, int th) {                                                       \
-    if (!all_below(i, rs[U], N)) return OUT_OF_RANGE;                                                              \
     if (g != nullptr && !all_below(g, rs[U], G)) return GROUP_OUT_OF_RANGE;                                        \
     if (g == nullptr) scatter_dot<T, false>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, g, 1, 1, th); \
     else scatter_dot<T, true>(s, i, w, v, o, rs, U, K, D, N, rows, sums, dense, dots, df, g, G, M, th);            \
