@@ -165,8 +165,10 @@ def main(args: Sequence[str] | None = None) -> object:
         load_plugins(plugins)
     if verb in LIGHTNING_VERBS:
         from memzoo.cli_lightning import run_lightning_cli
+        from memzoo.subnormals import flushing_subnormals
 
-        return run_lightning_cli([verb, *rest])
+        with flushing_subnormals():  # a confident model's subnormal floats would slow every CPU step
+            return run_lightning_cli([verb, *rest])
     if verb == "blocks":
         from memzoo.cli_verbs import blocks_command
 
