@@ -51,6 +51,30 @@ def test_the_w16_family_halves_every_width_and_stays_flop_matched():
     assert [(w["name"], w["steps"], w["batch_size"]) for w in plan["plan"]] == [("people-1000", 9184, 64)]
 
 
+def test_the_cpu_hour_grid_is_w8_flop_matched_with_three_rates_per_model():
+    """``--cpu-hour``: the w8 family (width 8, tables of 4,096 rows of width 8) within 10% of every FLOP target,
+    people-300 at 2,000 exposures in batches of 64, every model at its own three rates; ``--model-lrs`` replaces one
+    model's rates and ``--lrs`` every model's; two grid flags are refused."""
+    folder = capacity.FAMILIES["w8"].config_dir
+    costs = capacity.study.flop_table(list(capacity.MODELS), capacity.MODELS, folder, vocab_size=capacity.vocab_size())
+    assert capacity.study.check_flop_matching(costs, 0.10, folder) == []
+    assert capacity.memory_parameters("memoryplus", folder) == 64 * 64 * 8
+    assert capacity.model_configs("w8")["dense"]["model"]["init_args"]["architecture"]["dim"] == 8
+    plan = capacity.main(["--cpu-hour", "--dry-run"])
+    assert [(w["name"], w["steps"], w["batch_size"]) for w in plan["plan"]] == [("people-300", 5500, 64)]
+    assert len(plan["cells"]) == 3 * len(capacity.MODELS)
+    assert {c.split("__")[1] for c in plan["cells"] if c.split("__")[1].startswith("dense@")} == {
+        "dense@lr0.03", "dense@lr0.1"}  # and the config's 1e-2 as the plain cell
+    assert "people-300__peer@lr0.003" in plan["cells"] and "people-300__peer@lr0.1" not in plan["cells"]
+    one = capacity.main(["--cpu-hour", "--dry-run", "--models", "dense", "peer", "--model-lrs", "peer=0.02"])
+    assert one["cells"] == ["people-300__dense", "people-300__dense@lr0.03", "people-300__dense@lr0.1",
+                            "people-300__peer@lr0.02"]
+    every = capacity.main(["--cpu-hour", "--dry-run", "--models", "dense", "peer", "--lrs", "0.01"])
+    assert every["cells"] == ["people-300__dense", "people-300__peer"]
+    with pytest.raises(capacity.StudyError, match="choose one grid"):
+        capacity.main(["--cpu", "--cpu-hour", "--dry-run"])
+
+
 def test_every_capacity_config_parses_and_the_grid_is_flop_matched():
     costs = capacity.study.flop_table(list(capacity.MODELS), capacity.MODELS, capacity.CONFIG_DIR,
                                       vocab_size=capacity.vocab_size())

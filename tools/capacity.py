@@ -49,6 +49,13 @@ validation in ~6 min::
     python tools/capacity.py --cpu --name capacity-cpu-x4000-first-quarter --exposures 4000 --models dense stem \
         --model-lrs stem=0.03 --seeds 1337 --jobs 2 --threads 1 --set trainer.max_steps=9181
 
+The CPU grid in an hour (``--cpu-hour``): the ``w8`` family (a quarter of w32's widths; its dense stores about
+three quarters of people-300 and flattens there after 2,000 exposures in batches of 64, 5,500 steps), the ten models
+at three rates each (``CPU_HOUR``'s per-model rates; ``--model-lrs`` replaces a model's, ``--lrs`` every model's),
+one seed; docs/results/capacity-cpu-hour.md (its page gives the grid's wall time)::
+
+    python tools/capacity.py --cpu-hour --jobs 2 --threads 1
+
 Variant cells are named ``<model>@lr<rate>@seed<n>`` (``--lrs``: the AdamW rate, tables keep their config rate;
 ``--model-lrs dense=0.01,0.03``: a model's own rates instead; ``--seeds``) and ``<model>@<control>``; the report's
 first table reads the plain cells (config rate and seed); the targets, the saturation line and the plots read each
@@ -160,7 +167,12 @@ class Family:
     """The sizes of one model family; every other setting (2 layers, 2 heads, context 64, tables of 64² rows, the
     rates) is shared. ``w32`` is the grids' family (configs/capacity/); ``w16`` halves every width (configs/
     capacity-w16/, ``--family w16``): about a third of the FLOPs and parameters (a step costs ~0.7x w32's on this
-    CPU: the 728-word softmax and the attention do not shrink)."""
+    CPU: the 728-word softmax and the attention do not shrink); ``w8`` (configs/capacity-w8/, the ``--cpu-hour``
+    grid's) quarters w32's widths: dense has 20,896 forward FLOPs per token and 9,448 parameters, more than half of
+    both in the 728-word output layer, and a step costs about what w16's does (the output layer, the softmax and
+    2 heads of width 4 dominate), so it buys a smaller capacity (a smaller load that measures it), not faster steps.
+    At width 8 the fixed attention and output costs are a larger share, so MoE, STEM and MoLE are sized by their
+    FLOPs (the FLOP table of the page), not by halving w16's widths."""
 
     dim: int
     config_dir: Path
@@ -192,6 +204,8 @@ FAMILIES: dict[str, Family] = {
         "stem": "STEM in both layers, hidden 96: 1.01x dense's FLOPs; token tables of 728 x 96 x 2 per layer.",
         "mole": "MoLE-4E in both layers, dense GELU FFN and 4 experts all of width 20: 1.02x dense's FLOPs as trained.",
     }),
+    "w8": Family(8, ROOT / "configs" / "capacity-w8", (16, 56), 28, (6, 12), (4, 8), (6, 8),
+                 (4, 4, 0.125), (24, 8), 88, 16, {}),
 }
 
 
@@ -332,6 +346,16 @@ QUICK = {**FULL, "loads": (300,), "lrs": (LR,), "seeds": (SEED,)}
 #: seed (the second is ``--seeds 1337 1338``: twice the time)
 CPU = {"loads": (1000,), "exposures": 1000, "batch_size": 64, "val_points": 4, "min_steps": 0, "lrs": (LR,),
        "seeds": (SEED,), "family": "w16"}
+#: the CPU grid in an hour (``--cpu-hour``): the ``w8`` family (every width a quarter of w32's; w8's dense stores
+#: ~72% of people-300 after 2,000 exposures in batches of 64, its last quarter adding ~5%), every model at three
+#: rates of its own (``model_lrs``, w16's best rates shifted up: the narrower models learn best at higher rates) and
+#: one seed. What it reduces against the 4,000-exposure w16 grid: width 8 (a sixth of w16's parameters outside the
+#: tables), 300 people, 2,000 exposures, one seed (``--seeds 1337 1338`` doubles its time)
+CPU_HOUR = {"loads": (300,), "exposures": 2000, "batch_size": 64, "val_points": 4, "min_steps": 0, "lrs": (LR,),
+            "seeds": (SEED,), "family": "w8", "model_lrs": {
+                **{m: [1.0e-2, 3.0e-2, 1.0e-1] for m in ("dense", "dense-2x", "pkm", "memoryplus", "ultramem_v2",
+                                                         "engram", "stem", "mole", "memoryplus-no-gate")},
+                **{m: [3.0e-3, 1.0e-2, 3.0e-2] for m in ("moe", "peer")}}}
 GPU = {"loads": (300, 1000, 3000, 10000), "exposures": 100, "batch_size": 64, "val_points": 4, "min_steps": 1500,
        "lrs": (3.0e-3, LR, 3.0e-2), "seeds": (SEED, SEED + 1)}
 
@@ -833,6 +857,10 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
                 f"dense stores at most {sat['max_bits']:,.0f} bits ({sat['bits_per_param']:.3f} per parameter, at "
                 f"{sat['at_load']:,} people); first load below 90% of the corpus: {sat['first_load_below_90pct']}")
     loads = ", ".join(f"{n:,}" for n in meta.get("grid", {}).get("loads", ()))
+    grid = meta.get("grid", {})
+    schedule = (f"each fact seen at least {grid.get('exposures', '?')} times in batches of "
+                f"{grid.get('batch_size', '?')} sequences"
+                + (f", every cell at least {grid['min_steps']:,} steps" if grid.get("min_steps") else ""))
     md = [f"## Knowledge capacity: bits stored per parameter (`{name}`)", "",
           "Synthetic biographies (`memzoo.data.BiographiesDataModule`): N people with five independent, uniformly "
           "random attributes (birth date, city, university, major, employer; 39.6 bits a person) over a "
@@ -840,10 +868,8 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           "Allen-Zhu & Li (arXiv 2404.05405): N · Σ_a log2 |V_a| minus the model's total cross-entropy (bits) on "
           "every person's attribute values, measured after training on every fact. Models: width "
           f"{FAMILIES[meta.get('family', 'w32')].dim}, 2 layers, "
-          "FLOP-matched to dense with `memzoo.accounting` (dense-2x at 2x); each fact seen at least "
-          f"{meta.get('grid', {}).get('exposures', '?')} times, every cell at least "
-          f"{meta.get('grid', {}).get('min_steps', 0):,} steps of {meta.get('grid', {}).get('batch_size', '?')} "
-          f"sequences; grid loads: {loads} people.", "",
+          f"FLOP-matched to dense with `memzoo.accounting` (dense-2x at 2x); {schedule}; grid loads: {loads} "
+          "people.", "",
           f"Command: `{meta.get('command', '')}` ({meta.get('hardware', 'CPU')})", "",
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
@@ -912,9 +938,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"the small grid: {QUICK}")
     parser.add_argument("--gpu", action="store_true", help=f"the larger grid for a GPU: {GPU}")
     parser.add_argument("--cpu", action="store_true", help=f"the CPU grid at capacity (w16 family): {CPU}")
+    parser.add_argument("--cpu-hour", action="store_true",
+                        help=f"the CPU grid in an hour (w8 family; per-model rates unless --model-lrs): {CPU_HOUR}")
     parser.add_argument("--name", default=None,
-                        help="study name (default: capacity-quick | capacity | capacity-gpu; quick and full share "
-                             "the cells of `capacity`)")
+                        help="study name (default: capacity-quick | capacity | capacity-cpu | capacity-cpu-hour | "
+                             "capacity-gpu; quick and full share the cells of `capacity`)")
     parser.add_argument("--cells-of", default=None, metavar="STUDY",
                         help="train and reuse the cells of STUDY (its cells folder and config hashes, restored from "
                              "its JSON) while writing this run's page as --name: e.g. controls of a committed grid's "
@@ -929,7 +957,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="AdamW rates of the per-model sweep (default: the grid's; every cell kept, best reported)")
     parser.add_argument("--model-lrs", nargs="+", default=[], metavar="MODEL=RATE[,RATE...]",
-                        help="a model's own rates instead of --lrs, e.g. dense=0.01,0.03")
+                        help="a model's own rates instead of --lrs or the grid's, e.g. dense=0.01,0.03")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the grid's)")
     parser.add_argument("--controls", nargs="+", default=[], choices=CONTROLS,
                         help="table controls of every memory model at its config's rate and every seed (see control_args)")
@@ -937,7 +965,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                        help="the model family (default: the grid's, w32 but for --cpu): its configs' folder")
+                        help="the model family (default: the grid's, w32; w16 for --cpu, w8 for --cpu-hour): its configs' folder")
     parser.add_argument("--config-dir", type=Path, default=None, help="the configs (default: the family's folder)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -970,16 +998,22 @@ def parse_model_lrs(specs: Sequence[str], models: Sequence[str]) -> dict[str, li
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    grid_spec = dict(GPU if args.gpu else CPU if args.cpu else QUICK if args.quick else FULL)
+    if sum((args.gpu, args.cpu, args.cpu_hour, args.quick)) > 1:
+        raise StudyError("choose one grid of --quick, --cpu, --cpu-hour and --gpu")
+    grid_spec = dict(GPU if args.gpu else CPU if args.cpu else CPU_HOUR if args.cpu_hour else QUICK if args.quick
+                     else FULL)
     family = args.family or grid_spec.get("family", "w32")
     grid_spec.pop("family", None)
+    grid_lrs = grid_spec.pop("model_lrs", {})
+    if args.lrs is None:  # the grid's own per-model rates for the models run; --model-lrs replaces a model's
+        args.model_lrs = {**{m: list(r) for m, r in grid_lrs.items() if m in args.models}, **args.model_lrs}
     args.config_dir = args.config_dir or FAMILIES[family].config_dir
     if args.write_configs:
         paths = write_configs(args.config_dir, family)
         print("[capacity] wrote " + ", ".join(p.name for p in paths))
         return {"configs": [str(p) for p in paths]}
-    default_name = ("capacity-gpu" if args.gpu else "capacity-cpu" if args.cpu else "capacity-quick" if args.quick
-                    else "capacity")
+    default_name = ("capacity-gpu" if args.gpu else "capacity-cpu" if args.cpu else "capacity-cpu-hour"
+                    if args.cpu_hour else "capacity-quick" if args.quick else "capacity")
     name = args.name or default_name
     # quick trains into the full grid's cells; --cells-of into that study's
     cells_name = args.cells_of or args.name or ("capacity" if args.quick else default_name)
@@ -1022,7 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "workloads": json.loads(json.dumps([asdict(w) for w in plan], default=str)),
             "planned_cells": [study.cell_name(w, m) for w in plan for m in cell_extra]}
     if args.dry_run:
-        return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory}
+        return {"flop_table": [asdict(c) for c in costs], "plan": meta["workloads"], "memory_params": memory,
+                "cells": meta["planned_cells"]}
 
     cells_dir = args.out / f"{cells_name}-cells"
     for page in dict.fromkeys([name, cells_name]):  # this page's cells, and the shared study's (--cells-of)
