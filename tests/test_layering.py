@@ -31,6 +31,7 @@ ALLOWED = {
     "config_errors": set(),
     "cli_base": set(),
     "host_allocator": set(),  # the process's allocator settings: stdlib only
+    "subnormals": set(),  # the CPU float mode while a training verb runs: torch only
     "registry": {"blocks"},  # the public path of memzoo.blocks.registry
     "blocks": LOW | {"blocks"},
     "model": LOW | {"registry", "blocks", "model"},
