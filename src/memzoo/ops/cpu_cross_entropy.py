@@ -15,10 +15,7 @@ the buffer while a row is still in cache), and the backward has nothing left to 
 
 float32 exponentials use the vectorised polynomial of :data:`memzoo.ops.cpu_build.EXP_CPP`; an exponent below
 −87.5 (a probability under about 1e-38 of its row's largest) is taken at −87.5, so such a probability is off by at
-most 1.2e-38 absolute; a gradient entry below the smallest normal float (1.2e-38 in float32: a probability under
-about ``1.2e-38 / scale``, e.g. 5e-35 for a mean over 4,096 tokens) is written as 0. A confident model's gradient
-is otherwise full of subnormal floats, which the CPU handles in microcode: the backward matmuls that read them ran
-up to ~2x slower late in a training of the capacity study's width-8 models. NaN logits give a NaN loss and gradient for their row, as in PyTorch. float64 uses
+most 1.2e-38 absolute. NaN logits give a NaN loss and gradient for their row, as in PyTorch. float64 uses
 ``std::exp``. Built with ``torch.utils.cpp_extension.load`` on first use and called through ``ctypes``, as the other
 kernels of :mod:`memzoo.ops` (same cache, same ``MEMZOO_CPU_KERNELS=0`` switch, one warning when it cannot be built).
 """
@@ -42,7 +39,6 @@ __all__ = ["available", "cross_entropy_forward", "library", "supports"]
 SOURCE = r"""
 #include <cstdint>
 #include <cmath>
-#include <limits>
 #include <omp.h>
 """ + EXP_CPP + r"""
 namespace {
@@ -77,12 +73,8 @@ void xent_fwd(const T* __restrict x, const int64_t* __restrict y, int64_t N, int
         s += e;
       }
       const T r = scale / s;
-      const T tiny = std::numeric_limits<T>::min();  // subnormal gradients would slow every matmul that reads them
 #pragma omp simd
-      for (int64_t v = 0; v < V; ++v) {
-        const T g = gr[v] * r;
-        gr[v] = std::fabs(g) < tiny ? T(0) : g;
-      }
+      for (int64_t v = 0; v < V; ++v) gr[v] *= r;
       gr[t] -= scale;
     } else {
 #pragma omp simd reduction(+ : s)
