@@ -4,22 +4,24 @@ Floats below the smallest normal number (1.2e-38 in float32) are *subnormal*; x8
 microcode, tens of times slower than normal floats. A language model that grows confident produces them every step:
 probabilities of ``exp(-80)`` and below in the softmax, their gradients scaled by ``1 / tokens``, and the matmuls
 and elementwise kernels that read those gradients slow down with them. On the shared 2-core CPU the capacity
-study's width-8 dense model (``configs/capacity-w8/model-dense.yaml``, AdamW 3e-2, one thread) went from 26 to
-30 ms a step between steps 800 and 3,200 with them (the loss kernel already writing its tiny gradients as zero), and
-stayed at 26-27 ms with them flushed (the losses printed to three decimals identical); its whole 5,500-step
-``tools/capacity.py --cpu-hour`` cell took 364-398 s with neither, 163 s with both (same final loss).
+study's width-8 dense cell (``tools/capacity.py --cpu-hour``: ``configs/capacity-w8/model-dense.yaml`` at AdamW
+3e-2, 5,500 steps, one thread) took 364-398 s with subnormals and 163 s with them flushed (final validation loss
+1.0925 in both), its steps slowing as the model grew confident.
 
 :func:`flushing_subnormals` sets the CPU's flush-to-zero and denormals-are-zero modes (``torch.set_flush_denormal``)
-on the calling thread for the duration of a ``with`` block and restores the previous mode after it. Threads created
-inside the block (a torch/OpenMP pool started by the first parallel op) inherit the mode and keep it; a pool started
-before the block keeps its own mode, so apply it before the first parallel op (``memzoo``'s training verbs do, first
-thing). Every result changes by at most the subnormal values themselves (< 1.2e-38 absolute), as on GPUs, whose
-fast paths flush them too. ``MEMZOO_FLUSH_SUBNORMALS=0`` leaves the mode as it is.
+for the duration of a ``with`` block and restores the previous mode after it, on the calling thread and on every
+thread of the GNU OpenMP pool that torch's CPU ops and memzoo's C++ kernels share (where torch runs on libgomp, as
+its Linux wheels do; each thread runs one call in a parallel region). Threads created inside the block inherit the
+mode. Every result changes by at most the subnormal values themselves (< 1.2e-38 absolute), as on GPUs, whose fast
+paths flush them too; but training amplifies any change, so a run with the mode differs from one without it beyond
+that (``MEMZOO_FLUSH_SUBNORMALS=0`` reproduces a run trained without it). ``MEMZOO_FLUSH_SUBNORMALS=0`` leaves
+the mode as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from collections.abc import Iterator
 
@@ -37,12 +39,44 @@ def subnormals_flushed() -> bool:
     return bool((torch.tensor([_SUBNORMAL], dtype=torch.float32) * 1.0)[0] == 0)
 
 
+def _openmp_runtimes() -> list[ctypes.CDLL]:
+    """The GNU OpenMP runtimes loaded in this process (Linux: from ``/proc/self/maps``); ``[]`` elsewhere."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if line.rstrip().split("/")[-1].startswith("libgomp")})
+    except OSError:
+        return []
+    runtimes = []
+    for path in paths:
+        try:
+            runtimes.append(ctypes.CDLL(path))
+        except OSError:
+            continue
+    return [lib for lib in runtimes if hasattr(lib, "GOMP_parallel")]
+
+
+_PARALLEL_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _set_mode(on: bool) -> bool:
+    """Sets the mode on the calling thread and on every thread of each loaded OpenMP pool (as many as torch uses);
+    ``False`` where the CPU cannot flush."""
+    import torch
+
+    supported = torch.set_flush_denormal(on)
+    if supported:
+        body = _PARALLEL_BODY(lambda _: torch.set_flush_denormal(on))
+        for runtime in _openmp_runtimes():
+            runtime.GOMP_parallel.argtypes = [_PARALLEL_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            runtime.GOMP_parallel(body, None, max(torch.get_num_threads(), 1), 0)
+    return supported
+
+
 @contextlib.contextmanager
 def flushing_subnormals(enabled: bool | None = None) -> Iterator[bool]:
     """Within the block this thread's float arithmetic flushes subnormals to zero (see the module docstring); the
     previous mode is restored on exit. ``enabled=None`` reads ``MEMZOO_FLUSH_SUBNORMALS`` (on unless ``0``). Yields
     whether the mode is on inside the block (``False`` where the CPU cannot flush)."""
-    import torch
 
     if enabled is None:
         enabled = os.environ.get(ENV_SWITCH, "1") != "0"
@@ -50,9 +84,9 @@ def flushing_subnormals(enabled: bool | None = None) -> Iterator[bool]:
     if not enabled:
         yield before
         return
-    supported = torch.set_flush_denormal(True)
+    supported = _set_mode(True)
     try:
         yield supported
     finally:
         if supported and not before:
-            torch.set_flush_denormal(False)
+            _set_mode(False)
