@@ -14,8 +14,7 @@ thread of the GNU OpenMP pool that torch's CPU ops and memzoo's C++ kernels shar
 its Linux wheels do; each thread runs one call in a parallel region). Threads created inside the block inherit the
 mode. Every result changes by at most the subnormal values themselves (< 1.2e-38 absolute), as on GPUs, whose fast
 paths flush them too; but training amplifies any change, so a run with the mode differs from one without it beyond
-that (``MEMZOO_FLUSH_SUBNORMALS=0`` reproduces a run trained without it). ``MEMZOO_FLUSH_SUBNORMALS=0`` leaves
-the mode as it is.
+that. ``MEMZOO_FLUSH_SUBNORMALS=0`` leaves the mode as it is, which is what reproduces a run trained without it.
 """
 
 from __future__ import annotations
@@ -74,10 +73,9 @@ def _set_mode(on: bool) -> bool:
 
 @contextlib.contextmanager
 def flushing_subnormals(enabled: bool | None = None) -> Iterator[bool]:
-    """Within the block this thread's float arithmetic flushes subnormals to zero (see the module docstring); the
-    previous mode is restored on exit. ``enabled=None`` reads ``MEMZOO_FLUSH_SUBNORMALS`` (on unless ``0``). Yields
-    whether the mode is on inside the block (``False`` where the CPU cannot flush)."""
-
+    """Within the block this thread's and the OpenMP pool's float arithmetic flushes subnormals to zero (see the
+    module docstring); the previous mode is restored on exit. ``enabled=None`` reads ``MEMZOO_FLUSH_SUBNORMALS`` (on
+    unless ``0``). Yields whether the mode is on inside the block (``False`` where the CPU cannot flush)."""
     if enabled is None:
         enabled = os.environ.get(ENV_SWITCH, "1") != "0"
     before = subnormals_flushed()
