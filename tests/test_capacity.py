@@ -4,12 +4,13 @@ fake cells, and the quick path end to end on a 2-cell micro grid (real training,
 import importlib.util
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from memzoo.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,7 +213,9 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     assert [c["model"] for c in result["cells"]] == ["dense", "memoryplus"]
     report = json.loads((tmp_path / "micro.json").read_text())
     assert report["targets"] and all(set(t) == {"target", "met", "detail"} for t in report["targets"])
-    assert report["hardware"] == f"{os.cpu_count()} shared CPU cores"  # (a GPU by name where one trained the cells)
+    assert report["hardware"] == describe_machine()  # the CPU by name (a GPU by name where one trained the cells)
+    assert all(c["machine"] == describe_machine() for c in report["cells"])  # each cell names its own machine
+    assert f"Trained on: {describe_machine()} (2 cells)" in (tmp_path / "micro.md").read_text()
     assert {c["model"]: c["memory_params"] for c in report["cells"]} == {"dense": 0, "memoryplus": 64 * 64 * 32}
     for c in report["cells"]:
         assert c["max_bits"] == pytest.approx(capacity.biographies(6).max_bits)

@@ -32,6 +32,7 @@ ALLOWED = {
     "cli_base": set(),
     "host_allocator": set(),  # the process's allocator settings: stdlib only
     "subnormals": set(),  # the CPU float mode while a training verb runs: torch only
+    "machine": set(),  # the processor or GPU a result was measured on: torch and the stdlib only
     "registry": {"blocks"},  # the public path of memzoo.blocks.registry
     "blocks": LOW | {"blocks"},
     "model": LOW | {"registry", "blocks", "model"},

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from memzoo.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIGS = ROOT / "configs" / "study"
 
@@ -201,6 +203,16 @@ def test_read_validation_merges_split_rows_and_parses_memory_usage(tmp_path):
     assert result["train_flops"] == 40 * 16 * 3 * 1000
     assert result["final"]["val_loss"] == 1.5 and result["final"]["fact_recall"] == 0.5
     assert [p["tokens"] for p in result["curve"]] == [20 * 16, 40 * 16]
+    assert result["machine"] == describe_machine()  # where it trained: a run repeats to the bit only there
+
+
+def test_machines_line_counts_each_machine_and_the_cells_that_name_none():
+    cells = [{"machine": "2 CPU cores: A"}, {"machine": "one H200"}, {}, {"machine": "2 CPU cores: A"},
+             {"machine": None}]
+    assert study.machines_line(cells) == (
+        "Trained on: 2 CPU cores: A (2 cells); not recorded (cells trained before cells named their machine) "
+        "(2 cells); one H200 (1 cell)")
+    assert study.machines_line([]) == "Trained on: no cells yet"
 
 
 def test_cell_result_without_validation_is_an_error(tmp_path):

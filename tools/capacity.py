@@ -44,8 +44,8 @@ There w16's dense is still climbing (its last quarter adds 6-11%). With ``--expo
 a cell two at a time on the 2 cores) it flattens at 65.6% of the corpus: the regime that measures capacity,
 docs/results/capacity-cpu-x4000.md (every design at three rates and two seeds; the page heads with its command).
 The first quarter of its dense and STEM cells, under the whole run's schedule, trains to their stored first
-validation in ~6 min (to the bit at commit ``59af04e``, which trained them; the current code's STEM stores 24,660
-bits there against 30,318)::
+validation in ~6 min (to the bit only on the processor that trained them: cells record theirs, ``machine``; on an
+Intel Xeon STEM stores 24,660 bits there against the stored 30,318, at the commit that trained it and today)::
 
     python tools/capacity.py --cpu --name capacity-cpu-x4000-first-quarter --exposures 4000 --models dense stem \
         --model-lrs stem=0.03 --seeds 1337 --jobs 2 --threads 1 --set trainer.max_steps=9181
@@ -92,7 +92,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -871,7 +870,8 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           f"{FAMILIES[meta.get('family', 'w32')].dim}, 2 layers, "
           f"FLOP-matched to dense with `memzoo.accounting` (dense-2x at 2x); {schedule}; grid loads: {loads} "
           "people.", "",
-          f"Command: `{meta.get('command', '')}` ({meta.get('hardware', 'CPU')})", "",
+          f"Command: `{meta.get('command', '')}` (run on {meta.get('hardware', 'CPU')})", "",
+          study.machines_line(every), "",
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
@@ -1091,18 +1091,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _hardware(page: Path | None = None) -> str:
-    """What the cells train on, for the page: the GPU by name where Lightning's ``auto`` accelerator takes one, else
-    the CPU's cores. With ``page`` (``--report-only``) the stored page's own, so a page trained elsewhere keeps its
-    machine."""
+    """The machine this run trains on (:func:`memzoo.machine.describe_machine`), for the page's command line (each
+    cell records its own, :func:`study.machines_line`). With ``page`` (``--report-only``) the stored page's own, so a
+    page trained elsewhere keeps its machine."""
     if page is not None and page.exists():
         stored = json.loads(page.read_text()).get("hardware")
         if stored:
             return stored
-    import torch
+    from memzoo.machine import describe_machine
 
-    if torch.cuda.is_available():
-        return f"one {torch.cuda.get_device_name(0)}"
-    return f"{os.cpu_count()} shared CPU cores"
+    return describe_machine()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from memzoo.atomic import write_bytes_atomic
+from memzoo.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "study"
@@ -319,7 +320,7 @@ def load_cell(path: Path, expected_hash: str, cost: ModelCost | None = None) -> 
 #: page's JSON adds derived ones (bits, ratios) to each cell it lists.
 CELL_FIELDS = ("workload", "model", "knowledge_load", "config_hash", "args", "run_dir", "steps", "tokens",
                "train_seconds", "tokens_per_s", "final", "memory", "curve", "wall_seconds", "flops_per_token",
-               "parameters", "active_parameters", "train_flops")
+               "parameters", "active_parameters", "train_flops", "machine")
 
 
 def restore_cells(page_json: Path, cells_dir: Path) -> int:
@@ -418,6 +419,7 @@ def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Pa
         "tokens": tokens,
         "train_seconds": train_seconds,
         "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
+        "machine": describe_machine(),
         "final": {
             "step": final["step"],
             "val_loss": final["val/loss"],
@@ -433,6 +435,20 @@ def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Pa
             for r in rows
         ],
     }, cost)
+
+
+def machines_line(cells: Sequence[dict[str, Any]]) -> str:
+    """Where a page's cells trained, for its header: each machine (:func:`memzoo.machine.describe_machine`, recorded
+    by :func:`cell_result`) with its cell count, most cells first, and how many cells recorded none. A run on one CPU
+    thread repeats to the bit only on the machine that trained it."""
+    counts: dict[str, int] = {}
+    for cell in cells:
+        machine = cell.get("machine") or "not recorded (cells trained before cells named their machine)"
+        counts[machine] = counts.get(machine, 0) + 1
+    if not counts:
+        return "Trained on: no cells yet"
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return "Trained on: " + "; ".join(f"{machine} ({n} cell{'s' * (n != 1)})" for machine, n in ranked)
 
 
 def training_seconds(trainer: Any, n_validations: int) -> float:
@@ -793,7 +809,8 @@ def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[Mo
                                       "targets": checked, "equal_wall_clock": same_time, "cells": list(cells)})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
     has_facts = any(c["knowledge_load"] is not None for c in cells)
-    md = [f"# Study `{study}`", "", f"Command: `{meta.get('command', '')}`", "", "## Models (FLOPs matched)", "",
+    md = [f"# Study `{study}`", "", f"Command: `{meta.get('command', '')}`", "", machines_line(cells), "",
+          "## Models (FLOPs matched)", "",
           format_flop_table(costs), "", "## Results (final validation)", "", results_table(cells), ""]
     if same_time:
         md += ["## Text at equal wall-clock", "",
