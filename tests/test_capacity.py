@@ -226,6 +226,22 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     md = tmp_path / "micro.md"
     md.write_text(md.read_text() + f"{capacity.NOTES_MARKER}\nReading: hand-written.\n")
 
+    # --reproduce: every cell trains again as micro-reproduced (nothing restored) and is compared with micro.json's
+    fresh = capacity.main([*argv, "--reproduce"])
+    assert [c["bits"] for c in fresh["cells"]] == [c["bits"] for c in result["cells"]]  # same machine: to the bit
+    assert all("study-micro-reproduced-people-6-" in c["run_dir"] for c in fresh["cells"])  # trained, not restored
+    reproduced = json.loads((tmp_path / "micro-reproduced.json").read_text())["reproduction"]
+    assert [(r["model"], r["status"], r["delta_bits"]) for r in reproduced["rows"]] == [
+        ("dense", "bit-exact", 0.0), ("memoryplus", "bit-exact", 0.0)]
+    assert reproduced["compared"] == reproduced["bit_exact"] == 2
+    assert "2 of 2 cells that train the committed runs came out bit-exact" in (
+        tmp_path / "micro-reproduced.md").read_text()
+    assert json.loads((tmp_path / "micro.json").read_text()) == report  # the committed page is left alone
+    with pytest.raises(capacity.StudyError, match="no committed page .*other.json to reproduce"):
+        capacity.main([*argv[:-4], "--name", "other", "--out", str(tmp_path), "--reproduce"])
+    with pytest.raises(capacity.StudyError, match="takes neither --cells-of nor --report-only"):
+        capacity.main([*argv, "--reproduce", "--report-only"])
+
     def no_training(*args, **kwargs):
         raise AssertionError("a stored cell was trained again")
 
