@@ -206,6 +206,42 @@ def test_read_validation_merges_split_rows_and_parses_memory_usage(tmp_path):
     assert result["machine"] == describe_machine()  # where it trained: a run repeats to the bit only there
 
 
+def test_reproduction_rows_pair_each_cell_with_its_committed_run():
+    def cell(model, loss, args=("--config", "/a/model.yaml", "--experiment", "study-x-dense"), machine=None):
+        return {"workload": "w", "model": model, "final": {"val_loss": loss}, "args": list(args), "machine": machine}
+
+    committed = [cell("dense", 1.5, machine="A"), cell("pkm", 1.25), cell("peer", 2.0, args=("--lr", "1"))]
+    here = [cell("dense", 1.5, ("--config", "/b/model.yaml", "--experiment", "study-x-reproduced-dense"), "B"),
+            cell("pkm", 1.0), cell("peer", 2.0), cell("stem", 3.0)]
+    rep = study.reproduction_rows(here, committed, bits=lambda c: 10 * c["final"]["val_loss"])
+    rows = {r["model"]: r for r in rep["rows"]}
+    assert [r["model"] for r in rep["rows"]] == ["dense", "peer", "pkm", "stem"]
+    assert rows["dense"]["status"] == "bit-exact"  # another folder and run name: the same run
+    assert (rows["dense"]["committed_machine"], rows["dense"]["machine"]) == ("A", "B")
+    assert rows["pkm"]["status"] == "differs" and rows["pkm"]["delta_val_loss"] == -0.25
+    assert rows["pkm"]["delta_bits"] == -2.5 and rows["pkm"]["committed_bits"] == 12.5
+    assert rows["peer"]["status"] == "other arguments"  # equal loss, but not the committed run
+    assert rows["stem"]["status"] == "no committed cell" and "committed_val_loss" not in rows["stem"]
+    assert (rep["compared"], rep["bit_exact"], rep["max_abs_delta_val_loss"], rep["max_abs_delta_bits"]) == (
+        2, 1, 0.25, 2.5)
+    md = "\n".join(study.reproduction_section(rep, bits=True, level=3))
+    assert md.startswith("### Reproduction: each cell against the committed one")
+    assert "1 of 2 cells that train the committed runs came out bit-exact; the largest validation-loss difference " \
+           "is 0.2500 (2 bits at most)" in md
+    assert "| w | pkm | differs | 1.2500 → 1.0000 | -0.2500 | 12 → 10 | -2 (-20.0%) | not recorded |" in md
+    assert "| w | stem | no committed cell | – → 3.0000 | – | – → 30 | – | – |" in md
+    assert "bits" not in "\n".join(study.reproduction_section(study.reproduction_rows(here, committed)))
+
+
+def test_reproduce_needs_a_committed_page_and_trains_every_cell(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 200)
+    with pytest.raises(study.StudyError, match="no committed page .*mine.json to reproduce"):
+        study.main(["--name", "mine", "--out", str(tmp_path), "--text", str(text), "--reproduce"])
+    with pytest.raises(study.StudyError, match="--reproduce trains every cell afresh; drop --report-only"):
+        study.main(["--name", "mine", "--out", str(tmp_path), "--reproduce", "--report-only"])
+
+
 def test_machines_line_counts_each_machine_and_the_cells_that_name_none():
     cells = [{"machine": "2 CPU cores: A"}, {"machine": "one H200"}, {}, {"machine": "2 CPU cores: A"},
              {"machine": None}]

@@ -855,7 +855,9 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
     sat = saturation(best)
     done = {f"people-{c['knowledge_load']}__{c['model']}" for c in every}
     not_run = [n for n in meta.get("planned_cells", []) if n not in done]
-    reproduction = None if reference is None else reproduction_rows(every, reference)
+    reproduction = (None if reference is None else
+                    study.reproduction_rows(every, reference, bits=lambda c: biographies(c["knowledge_load"])
+                                            .knowledge_bits(c["final"]["val_loss"])))
     study.write_json_atomic(paths["json"], {"study": name, **meta, "flop_table": [asdict(c) for c in costs],
                                             "memory_params": memory, "dense_saturation": sat, "targets": checked,
                                             "cells_not_run": not_run, "lr_sweep": lr_sweep(cells + variant_cells),
@@ -883,7 +885,7 @@ def write_report(name: str, cells: Sequence[dict[str, Any]], costs: Sequence[Any
           f"Command: `{meta.get('command', '')}` (run on {meta.get('hardware', 'CPU')})", "",
           study.machines_line(every), "",
           "### Models (FLOPs matched)", "", study.format_flop_table(costs), "",
-          *([] if reproduction is None else reproduction_section(reproduction)),
+          *([] if reproduction is None else study.reproduction_section(reproduction, bits=True, level=3)),
           "### Bits stored (final validation over every fact)", "", results_table(cells), "",
           f"Dense saturation: {sat_line}", "",
           *(["### Controls (bits attributed to the table = trained − control, a control below 0 counted as 0)", "",
@@ -945,76 +947,6 @@ def check_shared_cells(cells_of: str, cells_name: str, grid: Sequence[tuple[Work
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def reference_cells(page_json: Path) -> list[dict[str, Any]]:
-    """The cells (plain and variant) of a committed page, for ``--reproduce`` to compare with."""
-    try:
-        page = json.loads(page_json.read_text())
-    except FileNotFoundError:
-        raise StudyError(f"--reproduce: no committed page {page_json} to reproduce; name a page that exists with "
-                         f"--name (and its grid's flags), or drop --reproduce") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StudyError(f"{page_json}: not valid JSON ({err}); restore it with git checkout") from None
-    return [c for c in [*page.get("cells", []), *page.get("variant_cells", [])] if isinstance(c, dict)]
-
-
-def _same_run(args: Sequence[str], other: Sequence[str]) -> bool:
-    """Whether two cells' arguments train the same run: equal but for the experiment's name (a run folder) and the
-    folder the config files lie in (their content is in each cell's config hash, not compared here)."""
-    def key(a: Sequence[str]) -> list[str]:
-        a = list(a)
-        return [Path(x).name if i and a[i - 1] == "--config" else "" if i and a[i - 1] == "--experiment" else x
-                for i, x in enumerate(a)]
-    return key(args) == key(other)
-
-
-def reproduction_rows(cells: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Each reproduced cell beside the committed cell of the same load and name: bits, final validation loss, the
-    difference, and where each trained. ``status``: ``bit-exact`` (equal validation loss), ``differs``, ``no committed
-    cell`` or ``other arguments`` (the committed cell trained another run: compared, but not a reproduction).
-    A one-thread CPU run repeats to the bit on the machine that trained it; elsewhere kernels round differently and
-    training amplifies that (docs/results/capacity-cpu-x4000-first-quarter.md)."""
-    committed = {(c.get("knowledge_load"), c.get("model")): c for c in reference}
-    rows = []
-    for cell in sorted(cells, key=lambda c: (c["knowledge_load"], c["model"])):
-        ref = committed.get((cell["knowledge_load"], cell["model"]))
-        row = {"knowledge_load": cell["knowledge_load"], "model": cell["model"], "bits": cell.get("bits"),
-               "val_loss": cell["final"]["val_loss"], "machine": cell.get("machine")}
-        if ref is None:
-            rows.append({**row, "status": "no committed cell"})
-            continue
-        ref_loss = ref["final"]["val_loss"]
-        ref_bits = biographies(cell["knowledge_load"]).knowledge_bits(ref_loss)
-        status = ("other arguments" if not _same_run(cell.get("args", []), ref.get("args", []))
-                  else "bit-exact" if ref_loss == row["val_loss"] else "differs")
-        rows.append({**row, "status": status, "committed_bits": ref_bits, "committed_val_loss": ref_loss,
-                     "committed_machine": ref.get("machine"), "delta_bits": row["bits"] - ref_bits,
-                     "delta_fraction": (row["bits"] - ref_bits) / ref_bits if ref_bits else None})
-    compared = [r for r in rows if r["status"] in ("bit-exact", "differs")]
-    return {"rows": rows, "compared": len(compared), "bit_exact": sum(r["status"] == "bit-exact" for r in compared),
-            "max_abs_delta_bits": max((abs(r["delta_bits"]) for r in compared), default=None)}
-
-
-def reproduction_section(reproduction: dict[str, Any]) -> list[str]:
-    """The reproduced page's comparison with the committed page, as Markdown lines."""
-    lines = ["### Reproduction: each cell against the committed one", "",
-             f"{reproduction['bit_exact']} of {reproduction['compared']} cells that train the committed runs came out "
-             "bit-exact" + ("" if reproduction["max_abs_delta_bits"] is None else
-                            f"; the largest difference is {reproduction['max_abs_delta_bits']:,.0f} bits") + ". "
-             "A one-thread CPU run repeats to the bit only on the processor that trained it.", "",
-             "| people | cell | status | bits (committed → here) | Δ bits | val loss (committed → here) | "
-             "committed on |", "| ---: | --- | --- | ---: | ---: | --- | --- |"]
-    for r in reproduction["rows"]:
-        if "committed_bits" not in r:
-            lines.append(f"| {r['knowledge_load']:,} | {r['model']} | {r['status']} | – → {_bits(r['bits'])} | – | "
-                         f"– → {r['val_loss']:.4f} | – |")
-            continue
-        share = "" if r["delta_fraction"] is None else f" ({r['delta_fraction']:+.1%})"
-        lines.append(f"| {r['knowledge_load']:,} | {r['model']} | {r['status']} | {_bits(r['committed_bits'])} → "
-                     f"{_bits(r['bits'])} | {r['delta_bits']:+,.0f}{share} | {r['committed_val_loss']:.4f} → "
-                     f"{r['val_loss']:.4f} | {r['committed_machine'] or 'not recorded'} |")
-    return [*lines, ""]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"the small grid: {QUICK}")
@@ -1106,7 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.reproduce:
         if args.cells_of is not None or args.report_only:
             raise StudyError("--reproduce trains every cell afresh; it takes neither --cells-of nor --report-only")
-        reference = reference_cells(args.out / f"{name}.json")
+        reference = study.reference_cells(args.out / f"{name}.json")
         name = cells_name = f"{name}-reproduced"
     if args.cells_of is not None and args.cells_of == name:
         raise StudyError(f"--cells-of {args.cells_of!r} is this run's own study; give the page its own --name")

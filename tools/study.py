@@ -12,7 +12,10 @@ batches with the same schedule.
 Each cell runs in-process through ``memzoo.cli.main(["fit", ...])`` (one training at a time, ``--threads`` torch
 threads), writes its run folder ``runs/study-<study>-<workload>-<model>/version_<n>/`` and then its result JSON,
 atomically, to ``docs/results/<study>-cells/<workload>__<model>.json``. A rerun skips every cell whose result exists
-with the same config hash (model file, data file, command-line overrides), so an interrupted study resumes.
+with the same config hash (model file, data file, command-line overrides), so an interrupted study resumes; a fresh
+clone restores the committed page's cells (:func:`restore_cells`) and trains none of them again. ``--reproduce``
+trains them afresh as ``<study>-reproduced`` and heads that page with each cell beside its committed one
+(:func:`reproduction_rows`): bit-exact on the processor that trained them (each cell names its ``machine``).
 Outputs: ``docs/results/<study>.json`` (all cells, the FLOP table, the targets), ``<study>.md`` (tables) and two
 plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, one panel per workload) and
 ``<study>-recall-vs-load.png`` (fact recall against knowledge load).
@@ -21,6 +24,7 @@ plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, on
     python tools/study.py --jobs 2 --threads 1    # the full study, 44 cells (the 28 of its first 7 models: 46 min)
     python tools/study.py --dry-run               # the FLOP/parameter table and the plan only
     python tools/study.py --report-only           # rewrite the json/md/png from the stored cells
+    python tools/study.py --quick --reproduce     # the quick cells trained afresh, each against its committed one
     python tools/study.py --name full-lr-3e-3 --set model.init_args.optimizer.init_args.lr=3e-3   # a variant study
     python tools/study.py --name study --workloads shakespeare --seeds 1337 2 --jobs 2 --threads 1   # text, 2 seeds
 
@@ -51,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from memzoo.atomic import write_bytes_atomic
 from memzoo.machine import describe_machine
@@ -351,6 +355,91 @@ def restore_cells(page_json: Path, cells_dir: Path) -> int:
         write_json_atomic(path, {key: record[key] for key in CELL_FIELDS if key in record})
         written += 1
     return written
+
+
+def reference_cells(page_json: Path) -> list[dict[str, Any]]:
+    """The cells (plain and variant) of a committed results page, for ``--reproduce`` to compare with."""
+    try:
+        page = json.loads(page_json.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"--reproduce: no committed page {page_json} to reproduce; name a page that exists with "
+                         f"--name (and its grid's flags), or drop --reproduce") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StudyError(f"{page_json}: not valid JSON ({err}); restore it with git checkout") from None
+    return [c for c in [*page.get("cells", []), *page.get("variant_cells", [])] if isinstance(c, dict)]
+
+
+def same_run(args: Sequence[str], other: Sequence[str]) -> bool:
+    """Whether two cells' arguments train the same run: equal but for the experiment's name (a run folder) and the
+    folder the config files lie in (their content is in each cell's config hash, not compared here)."""
+    def key(a: Sequence[str]) -> list[str]:
+        a = list(a)
+        return [Path(x).name if i and a[i - 1] == "--config" else "" if i and a[i - 1] == "--experiment" else x
+                for i, x in enumerate(a)]
+    return key(args) == key(other)
+
+
+def reproduction_rows(cells: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]],
+                      bits: Callable[[dict[str, Any]], float] | None = None) -> dict[str, Any]:
+    """Each reproduced cell beside the committed cell of the same workload and name: final validation loss (and
+    ``bits(cell)`` where given), the difference, and where each trained. ``status``: ``bit-exact`` (equal
+    validation loss), ``differs``, ``no committed cell`` or ``other arguments`` (the committed cell trained another
+    run: compared, but not a reproduction). A one-thread CPU run repeats to the bit on the machine that trained it;
+    elsewhere kernels round differently and training amplifies that (:mod:`memzoo.machine`)."""
+    committed = {(c.get("workload"), c.get("model")): c for c in reference}
+    rows = []
+    for cell in sorted(cells, key=lambda c: (c["workload"], c["model"])):
+        ref = committed.get((cell["workload"], cell["model"]))
+        row = {"workload": cell["workload"], "model": cell["model"], "val_loss": cell["final"]["val_loss"],
+               "machine": cell.get("machine"), **({} if bits is None else {"bits": bits(cell)})}
+        if ref is None:
+            rows.append({**row, "status": "no committed cell"})
+            continue
+        status = ("other arguments" if not same_run(cell.get("args", []), ref.get("args", []))
+                  else "bit-exact" if ref["final"]["val_loss"] == row["val_loss"] else "differs")
+        row |= {"status": status, "committed_val_loss": ref["final"]["val_loss"],
+                "committed_machine": ref.get("machine"),
+                "delta_val_loss": row["val_loss"] - ref["final"]["val_loss"]}
+        if bits is not None:
+            row |= {"committed_bits": bits(ref), "delta_bits": row["bits"] - bits(ref)}
+        rows.append(row)
+    compared = [r for r in rows if r["status"] in ("bit-exact", "differs")]
+    largest = max(compared, key=lambda r: abs(r["delta_val_loss"]), default=None)
+    return {"rows": rows, "compared": len(compared), "bit_exact": sum(r["status"] == "bit-exact" for r in compared),
+            "max_abs_delta_val_loss": None if largest is None else abs(largest["delta_val_loss"]),
+            **({} if bits is None else {"max_abs_delta_bits": max((abs(r["delta_bits"]) for r in compared),
+                                                                  default=None)})}
+
+
+def reproduction_section(reproduction: dict[str, Any], bits: bool = False, level: int = 2) -> list[str]:
+    """A reproduced page's comparison with the committed page (:func:`reproduction_rows`), as Markdown lines under a
+    heading of ``level``; with ``bits`` also the bits columns (the capacity study's)."""
+    largest = reproduction["max_abs_delta_val_loss"]
+    summary = (f"{reproduction['bit_exact']} of {reproduction['compared']} cells that train the committed runs came "
+               "out bit-exact" + ("" if largest is None else f"; the largest validation-loss difference is {largest:.4f}")
+               + ("" if not bits or reproduction.get("max_abs_delta_bits") is None
+                  else f" ({reproduction['max_abs_delta_bits']:,.0f} bits at most)")
+               + ". A one-thread CPU run repeats to the bit only on the processor that trained it.")
+    head = "| workload | cell | status | val loss (committed → here) | Δ val loss |"
+    rule = "| --- | --- | --- | --- | ---: |"
+    if bits:
+        head += " bits (committed → here) | Δ bits |"
+        rule += " ---: | ---: |"
+    lines = [f"{'#' * level} Reproduction: each cell against the committed one", "", summary, "", head + " committed on |",
+             rule + " --- |"]
+    for r in reproduction["rows"]:
+        if "committed_val_loss" not in r:
+            line = f"| {r['workload']} | {r['model']} | {r['status']} | – → {r['val_loss']:.4f} | – |"
+            line += f" – → {r['bits']:,.0f} | – |" if bits else ""
+            lines.append(line + " – |")
+            continue
+        line = (f"| {r['workload']} | {r['model']} | {r['status']} | {r['committed_val_loss']:.4f} → "
+                f"{r['val_loss']:.4f} | {r['delta_val_loss']:+.4f} |")
+        if bits:
+            share = f" ({r['delta_bits'] / r['committed_bits']:+.1%})" if r["committed_bits"] else ""
+            line += f" {r['committed_bits']:,.0f} → {r['bits']:,.0f} | {r['delta_bits']:+,.0f}{share} |"
+        lines.append(line + f" {r['committed_machine'] or 'not recorded'} |")
+    return [*lines, ""]
 
 
 def with_cost(cell: dict[str, Any], cost: ModelCost) -> dict[str, Any]:
@@ -795,8 +884,9 @@ def plot_recall_vs_load(cells: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[ModelCost], out_dir: Path,
-                 meta: dict[str, Any]) -> dict[str, Path]:
-    """Writes ``<study>.json``, ``<study>.md`` and the two plots into ``out_dir``; returns their paths."""
+                 meta: dict[str, Any], reference: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """Writes ``<study>.json``, ``<study>.md`` and the two plots into ``out_dir``; returns their paths. With
+    ``reference`` (``--reproduce``: the committed page's cells) both also compare each cell with its committed one."""
     paths = {
         "json": out_dir / f"{study}.json",
         "md": out_dir / f"{study}.md",
@@ -805,11 +895,14 @@ def write_report(study: str, cells: Sequence[dict[str, Any]], costs: Sequence[Mo
     }
     checked = targets(cells)
     same_time = equal_wall_clock(cells)
+    reproduction = None if reference is None else reproduction_rows(cells, reference)
     write_json_atomic(paths["json"], {"study": study, **meta, "flop_table": [asdict(c) for c in costs],
-                                      "targets": checked, "equal_wall_clock": same_time, "cells": list(cells)})
+                                      "targets": checked, "equal_wall_clock": same_time, "cells": list(cells),
+                                      **({} if reproduction is None else {"reproduction": reproduction})})
     target_lines = [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})" for t in checked]
     has_facts = any(c["knowledge_load"] is not None for c in cells)
     md = [f"# Study `{study}`", "", f"Command: `{meta.get('command', '')}`", "", machines_line(cells), "",
+          *([] if reproduction is None else reproduction_section(reproduction)),
           "## Models (FLOPs matched)", "",
           format_flop_table(costs), "", "## Results (final validation)", "", results_table(cells), ""]
     if same_time:
@@ -866,6 +959,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "<model>@seed<n>, and the text targets need every seed to agree")
     parser.add_argument("--dry-run", action="store_true", help="print the FLOP table and the plan, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
+    parser.add_argument("--reproduce", action="store_true",
+                        help="train the study's cells afresh (none restored from the committed page) as "
+                             "<name>-reproduced and compare each with the committed <name>.json's cell")
     return parser.parse_args(argv)
 
 
@@ -873,6 +969,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     study = args.name or ("quick" if args.quick else "full")
     extra = variant_args(args.overrides, args.name)
+    reference = None
+    if args.reproduce:
+        if args.report_only:
+            raise StudyError("--reproduce trains every cell afresh; drop --report-only")
+        reference = reference_cells(args.out / f"{study}.json")
+        study = f"{study}-reproduced"
     unknown = [m for m in args.models if m not in ALL_MODELS]
     if unknown:
         raise StudyError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)}")
@@ -917,9 +1019,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cells = [c for c in stored if c is not None]
     else:
         cells = run_grid(study, grid, by_model, cells_dir, args.jobs, args.threads,
-                         on_cell=lambda done: write_report(study, done, costs, args.out, meta), extra=extra,
-                         cell_extra=cell_extra)
-    paths = write_report(study, cells, costs, args.out, meta)
+                         on_cell=lambda done: write_report(study, done, costs, args.out, meta, reference),
+                         extra=extra, cell_extra=cell_extra)
+    paths = write_report(study, cells, costs, args.out, meta, reference)
     print(results_table(cells))
     for t in targets(cells):
         print(f"{'met' if t['met'] else 'MISSED'}: {t['target']} ({t['detail']})")
