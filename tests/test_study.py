@@ -43,6 +43,13 @@ def test_config_hash_covers_arguments_and_config_file_contents(tmp_path):
     assert study.config_hash(["--config", str(moved / "model.yaml"), "--trainer.max_steps", "10"]) == \
         study.config_hash(args)
 
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"merges": ["a b"]}')
+    with_tokenizer = [*args, "--data.init_args.tokenizer", str(tokenizer)]
+    before = study.config_hash(with_tokenizer)
+    tokenizer.write_text('{"merges": ["b a"]}')  # other merges, other tokens: the cell must rerun
+    assert study.config_hash(with_tokenizer) != before
+
 
 def test_load_cell_resumes_only_matching_complete_results(tmp_path):
     path = tmp_path / "cells" / "facts-100__dense.json"
@@ -157,6 +164,46 @@ def test_a_variants_model_overrides_reach_its_flop_row_and_not_the_reference():
     assert varied.flops_per_token > plain.flops_per_token  # twice the rows read per head
     assert varied.flop_ratio / plain.flop_ratio == pytest.approx(varied.flops_per_token / plain.flops_per_token)
     assert varied.parameters == plain.parameters
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+def test_write_bpe_tokenizer_learns_from_the_training_share_only(tmp_path):
+    from memzoo.data.tokenizers import build_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("abc abd " * 1000 + " xyzw" * 100)  # "xyzw" only in the held-out tail (the last 10%)
+    path = study.write_bpe_tokenizer(text, tmp_path / "bpe.json", vocab_size=300)
+    tokenizer = build_tokenizer(str(path))
+    # 256 bytes, <|endoftext|> and the merges this short text has (fewer than asked for)
+    assert 257 < tokenizer.vocab_size <= 300 and tokenizer.eos_id == tokenizer.pad_id  # <|endoftext|> ends and pads
+    assert len(tokenizer.encode(" abc")) == 1  # merged: learned from the text
+    assert len(tokenizer.encode(" xyzw")) == 5  # never merged: the tail is not learned from
+    assert tokenizer.decode(tokenizer.encode("abc xyzw é")) == "abc xyzw é"  # byte-level: any text round-trips
+    with pytest.raises(study.StudyError, match="--bpe-vocab 256: a byte-level BPE needs >= 257 ids"):
+        study.write_bpe_tokenizer(text, tmp_path / "small.json", vocab_size=256)
+
+
+def test_the_committed_bpe_tokenizer_loads_with_its_vocabulary():
+    from memzoo.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(str(study.BPE_TOKENIZER))
+    assert tokenizer.vocab_size == study.BPE_VOCAB
+    line = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert tokenizer.decode(tokenizer.encode(line)) == line
+    assert len(tokenizer.encode(line)) < len(line.encode()) / 2  # subwords: under half the bytes
+
+
+def test_a_study_tokenizer_reaches_every_cell_and_the_flop_table(tmp_path, monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    byte = study.main(["--dry-run", "--text", str(text), "--models", "dense"])
+    bpe = study.main(["--dry-run", "--text", str(text), "--models", "dense", "--tokenizer", str(study.BPE_TOKENIZER)])
+    assert all(["tokenizer", str(study.BPE_TOKENIZER)] in w["data_args"] for w in bpe["plan"])
+    assert not any(a[0] == "tokenizer" for w in byte["plan"] for a in w["data_args"])
+    # the output layer and embedding grow by (2048 - 258) x 128: FLOPs by 2x that, the table counts it
+    assert bpe["flop_table"][0]["flops_per_token"] - byte["flop_table"][0]["flops_per_token"] == 2 * 1790 * 128
+    with pytest.raises(study.StudyError, match="--tokenizer .*missing.json"):
+        study.main(["--dry-run", "--text", str(text), "--tokenizer", str(tmp_path / "missing.json")])
 
 
 def test_a_grid_that_is_not_matched_is_refused(tmp_path, monkeypatch):

@@ -27,6 +27,13 @@ plots, ``<study>-loss-vs-flops.png`` (validation loss against training FLOPs, on
     python tools/study.py --quick --reproduce     # the quick cells trained afresh, each against its committed one
     python tools/study.py --name full-lr-3e-3 --set model.init_args.optimizer.init_args.lr=3e-3   # a variant study
     python tools/study.py --name study --workloads shakespeare --seeds 1337 2 --jobs 2 --threads 1   # text, 2 seeds
+    python tools/study.py --name study-bpe --workloads shakespeare --seeds 1337 2 --jobs 2 --threads 1 \
+        --tokenizer configs/study/tokenizer-shakespeare-bpe-2048.json   # text at a 2,048-id subword vocabulary
+
+``--tokenizer`` tokenises every workload with a ``tokenizer.json`` (its content is part of each cell's hash) and the
+FLOP table counts its vocabulary. The committed one is a byte-level BPE of 2,048 ids learned from the first 90% of
+tiny Shakespeare (``--write-bpe`` rewrites it): the vocabulary kind that the token-indexed tables (STEM, Engram,
+MoLE) are designed for, where a byte vocabulary gives a table one row per byte.
 
 A variant study (``--name`` + ``--set KEY=VALUE``, repeatable) appends ``--KEY VALUE`` to every cell's ``memzoo fit``
 arguments; a dict-valued key (``layers``, ``pools``) takes the whole dict as JSON, e.g.
@@ -53,7 +60,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -184,6 +191,38 @@ def study_plan(quick: bool, text: Path) -> list[Workload]:
     return [*facts, shakespeare]
 
 
+#: the committed byte-level BPE of tiny Shakespeare (``--write-bpe``): ``--tokenizer`` for a study at a subword
+#: vocabulary, the one token-indexed tables (STEM, Engram, MoLE) are designed for
+BPE_TOKENIZER = CONFIG_DIR / "tokenizer-shakespeare-bpe-2048.json"
+BPE_VOCAB = 2048
+#: the share of the text the BPE learns from: the text workload validates on the last 10% of the tokens
+BPE_TRAIN_SHARE = 0.9
+
+
+def write_bpe_tokenizer(text: Path, path: Path = BPE_TOKENIZER, vocab_size: int = BPE_VOCAB) -> Path:
+    """Learns a byte-level BPE of ``vocab_size`` ids at most (``<|endoftext|>`` and the 256 bytes among them) from
+    the first :data:`BPE_TRAIN_SHARE` of ``text`` (not the held-out tail) with the ``tokenizers`` library and writes
+    its ``tokenizer.json`` to ``path`` atomically. About a second for tiny Shakespeare (1.1 MB)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise StudyError(f"--bpe-vocab {vocab_size}: a byte-level BPE needs >= 257 ids (256 bytes + end of text)")
+    content = text.read_text(encoding="utf-8")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([content[: int(len(content) * BPE_TRAIN_SHARE)]], trainer=trainer)
+    write_bytes_atomic(path, tokenizer.to_str(pretty=True).encode())
+    return path
+
+
+def with_tokenizer(plan: Sequence[Workload], spec: str) -> list[Workload]:
+    """Every workload of ``plan`` tokenised by ``spec`` (``--data.init_args.tokenizer``)."""
+    return [replace(w, data_args=(*w.data_args, ("tokenizer", spec))) for w in plan]
+
+
 # ------------------------------------------------------------------------------------------------------- FLOPs
 @dataclass(frozen=True)
 class ModelCost:
@@ -297,7 +336,7 @@ def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] =
 
 def config_hash(args: Sequence[str]) -> str:
     """SHA-256 of what determines a cell's result: the study version, the arguments and the content of every config
-    file they name (so editing a YAML invalidates exactly the cells that use it)."""
+    file and ``tokenizer.json`` they name (so editing a YAML invalidates exactly the cells that use it)."""
     h = hashlib.sha256(f"memzoo-study-v{STUDY_VERSION}\n".encode())
     args = list(args)
     for i, arg in enumerate(args):
@@ -305,6 +344,8 @@ def config_hash(args: Sequence[str]) -> str:
         h.update((Path(arg).name if is_config else arg).encode() + b"\0")
         if is_config:
             h.update(Path(arg).read_bytes())
+        elif i > 0 and args[i - 1] == "--data.init_args.tokenizer" and Path(arg).is_file():
+            h.update(Path(arg).read_bytes())  # a tokenizer.json's merges decide every token
     return h.hexdigest()
 
 
@@ -957,6 +998,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED],
                         help=f"seeds of every model (default: the configs' {SEED}); another seed's cells are "
                              "<model>@seed<n>, and the text targets need every seed to agree")
+    parser.add_argument("--tokenizer", default=None, metavar="SPEC",
+                        help="tokenise every workload with SPEC ('byte', the configs' default, or a tokenizer.json, "
+                             f"e.g. {BPE_TOKENIZER.relative_to(ROOT)}); the FLOP table counts its vocabulary")
+    parser.add_argument("--write-bpe", action="store_true",
+                        help=f"learn the byte-level BPE of --text ({BPE_VOCAB} ids) into "
+                             f"{BPE_TOKENIZER.relative_to(ROOT)} and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the FLOP table and the plan, train nothing")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
     parser.add_argument("--reproduce", action="store_true",
@@ -980,7 +1027,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise StudyError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)}")
     if not args.text.is_file():
         raise StudyError(f"--text {args.text}: no such file (tiny Shakespeare, e.g. ../shared/data/tinyshakespeare.txt)")
+    if args.write_bpe:
+        path = write_bpe_tokenizer(args.text)
+        print(f"[study] wrote {_relative(path)}", flush=True)
+        return {"tokenizer": str(path)}
     plan = study_plan(args.quick, args.text.resolve())
+    vocab_size = None
+    if args.tokenizer is not None:
+        from memzoo.data.tokenizers import build_tokenizer
+
+        spec = args.tokenizer if args.tokenizer == "byte" else str(Path(args.tokenizer).resolve())
+        try:
+            vocab_size = build_tokenizer(spec).vocab_size
+        except (OSError, ValueError) as err:
+            raise StudyError(f"--tokenizer {args.tokenizer}: {err}") from None
+        plan = with_tokenizer(plan, spec)
     if args.workloads is not None:
         names = [w.name for w in plan]
         missing = [w for w in args.workloads if w not in names]
@@ -988,7 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise StudyError(f"unknown workload(s) {missing}; this study has {names}")
         plan = [w for w in plan if w.name in args.workloads]
 
-    costs = flop_table(args.models, overrides=extra)
+    costs = flop_table(args.models, vocab_size=vocab_size, overrides=extra)
     print(format_flop_table(costs), flush=True)
     problems = check_flop_matching(costs, args.tolerance)
     if problems:
