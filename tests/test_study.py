@@ -49,6 +49,9 @@ def test_config_hash_covers_arguments_and_config_file_contents(tmp_path):
     before = study.config_hash(with_tokenizer)
     tokenizer.write_text('{"merges": ["b a"]}')  # other merges, other tokens: the cell must rerun
     assert study.config_hash(with_tokenizer) != before
+    (moved / "tokenizer.json").write_text('{"merges": ["b a"]}')  # a moved checkout's tokenizer: the same cells
+    assert study.config_hash([*args, "--data.init_args.tokenizer", str(moved / "tokenizer.json")]) == \
+        study.config_hash(with_tokenizer)
 
 
 def test_load_cell_resumes_only_matching_complete_results(tmp_path):

@@ -334,18 +334,20 @@ def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] =
     ]
 
 
+#: the argument that names a workload's tokenizer (``--tokenizer``, :func:`with_tokenizer`)
+TOKENIZER_ARG = "--data.init_args.tokenizer"
+
+
 def config_hash(args: Sequence[str]) -> str:
     """SHA-256 of what determines a cell's result: the study version, the arguments and the content of every config
     file and ``tokenizer.json`` they name (so editing a YAML invalidates exactly the cells that use it)."""
     h = hashlib.sha256(f"memzoo-study-v{STUDY_VERSION}\n".encode())
     args = list(args)
     for i, arg in enumerate(args):
-        is_config = i > 0 and args[i - 1] == "--config"
-        h.update((Path(arg).name if is_config else arg).encode() + b"\0")
-        if is_config:
+        is_file = i > 0 and (args[i - 1] == "--config" or args[i - 1] == TOKENIZER_ARG and Path(arg).is_file())
+        h.update((Path(arg).name if is_file else arg).encode() + b"\0")
+        if is_file:  # by name and content: a moved checkout keeps its cells; a tokenizer's merges decide every token
             h.update(Path(arg).read_bytes())
-        elif i > 0 and args[i - 1] == "--data.init_args.tokenizer" and Path(arg).is_file():
-            h.update(Path(arg).read_bytes())  # a tokenizer.json's merges decide every token
     return h.hexdigest()
 
 
@@ -412,11 +414,11 @@ def reference_cells(page_json: Path) -> list[dict[str, Any]]:
 
 def same_run(args: Sequence[str], other: Sequence[str]) -> bool:
     """Whether two cells' arguments train the same run: equal but for the experiment's name (a run folder) and the
-    folder the config files lie in (their content is in each cell's config hash, not compared here)."""
+    folder the config and tokenizer files lie in (their content is in each cell's config hash, not compared here)."""
     def key(a: Sequence[str]) -> list[str]:
         a = list(a)
-        return [Path(x).name if i and a[i - 1] == "--config" else "" if i and a[i - 1] == "--experiment" else x
-                for i, x in enumerate(a)]
+        return [Path(x).name if i and a[i - 1] in ("--config", TOKENIZER_ARG) else
+                "" if i and a[i - 1] == "--experiment" else x for i, x in enumerate(a)]
     return key(args) == key(other)
 
 
