@@ -884,7 +884,7 @@ def plot_loss_vs_flops(cells: Sequence[dict[str, Any]], path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_title(w)
         ax.set_xlabel("training FLOPs (3 × forward)")
-        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
         # every panel (a panel may hold a subset of the models), beside it: 20 cells would cover the curves
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
