@@ -4,6 +4,8 @@ targets) on fake cell results, and that every configs/study/*.yaml parses. No tr
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -254,20 +256,48 @@ def test_read_validation_merges_split_rows_and_parses_memory_usage(tmp_path):
     assert result["final"]["val_loss"] == 1.5 and result["final"]["fact_recall"] == 0.5
     assert [p["tokens"] for p in result["curve"]] == [20 * 16, 40 * 16]
     assert result["machine"] == describe_machine()  # where it trained: a run repeats to the bit only there
+    assert result["code"] == study.code_version()  # with which code and configs
+    assert result["flush_subnormals"] is (os.environ.get("MEMZOO_FLUSH_SUBNORMALS", "1") != "0")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_version_names_the_commit_and_changes_to_code_or_configs(tmp_path):
+    assert study.code_version(tmp_path) is None  # not a checkout
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert study.code_version(tmp_path) == head
+    (tmp_path / "notes.md").write_text("b\n")  # outside src and configs: the same code
+    assert study.code_version(tmp_path) == head
+    (tmp_path / "src" / "m.py").write_text("x = 2\n")
+    assert study.code_version(tmp_path) == head + "+changes"
 
 
 def test_reproduction_rows_pair_each_cell_with_its_committed_run():
-    def cell(model, loss, args=("--config", "/a/model.yaml", "--experiment", "study-x-dense"), machine=None):
-        return {"workload": "w", "model": model, "final": {"val_loss": loss}, "args": list(args), "machine": machine}
+    def cell(model, loss, args=("--config", "/a/model.yaml", "--experiment", "study-x-dense"), machine=None,
+             code=None, flush=None):
+        return {"workload": "w", "model": model, "final": {"val_loss": loss}, "args": list(args), "machine": machine,
+                "code": code, "flush_subnormals": flush}
 
-    committed = [cell("dense", 1.5, machine="A"), cell("pkm", 1.25), cell("peer", 2.0, args=("--lr", "1"))]
-    here = [cell("dense", 1.5, ("--config", "/b/model.yaml", "--experiment", "study-x-reproduced-dense"), "B"),
-            cell("pkm", 1.0), cell("peer", 2.0), cell("stem", 3.0)]
+    committed = [cell("dense", 1.5, machine="A", code="c1", flush=False), cell("pkm", 1.25),
+                 cell("peer", 2.0, args=("--lr", "1"))]
+    here = [cell("dense", 1.5, ("--config", "/b/model.yaml", "--experiment", "study-x-reproduced-dense"), "B", "c2",
+                 True), cell("pkm", 1.0), cell("peer", 2.0), cell("stem", 3.0)]
     rep = study.reproduction_rows(here, committed, bits=lambda c: 10 * c["final"]["val_loss"])
     rows = {r["model"]: r for r in rep["rows"]}
     assert [r["model"] for r in rep["rows"]] == ["dense", "peer", "pkm", "stem"]
     assert rows["dense"]["status"] == "bit-exact"  # another folder and run name: the same run
     assert (rows["dense"]["committed_machine"], rows["dense"]["machine"]) == ("A", "B")
+    assert (rows["dense"]["committed_code"], rows["dense"]["code"]) == ("c1", "c2")
+    assert (rows["dense"]["committed_flush_subnormals"], rows["dense"]["flush_subnormals"]) == (False, True)
     assert rows["pkm"]["status"] == "differs" and rows["pkm"]["delta_val_loss"] == -0.25
     assert rows["pkm"]["delta_bits"] == -2.5 and rows["pkm"]["committed_bits"] == 12.5
     assert rows["peer"]["status"] == "other arguments"  # equal loss, but not the committed run
@@ -278,6 +308,8 @@ def test_reproduction_rows_pair_each_cell_with_its_committed_run():
     assert md.startswith("### Reproduction: each cell against the committed one")
     assert "1 of 2 cells that train the committed runs came out bit-exact; the largest validation-loss difference " \
            "is 0.2500 (2 bits at most)" in md
+    assert ("Committed cells: code not recorded (2), c1 (1); subnormals flushed: not recorded (2), no (1). This run: "
+            "B, code c2, subnormals flushed: yes.") in md
     assert "| w | pkm | differs | 1.2500 → 1.0000 | -0.2500 | 12 → 10 | -2 (-20.0%) | not recorded |" in md
     assert "| w | stem | no committed cell | – → 3.0000 | – | – → 30 | – | – |" in md
     assert "bits" not in "\n".join(study.reproduction_section(study.reproduction_rows(here, committed)))

@@ -66,6 +66,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from memzoo.atomic import write_bytes_atomic
 from memzoo.machine import describe_machine
+from memzoo.subnormals import ENV_SWITCH as SUBNORMALS_SWITCH
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "study"
@@ -367,7 +368,7 @@ def load_cell(path: Path, expected_hash: str, cost: ModelCost | None = None) -> 
 #: page's JSON adds derived ones (bits, ratios) to each cell it lists.
 CELL_FIELDS = ("workload", "model", "knowledge_load", "config_hash", "args", "run_dir", "steps", "tokens",
                "train_seconds", "tokens_per_s", "final", "memory", "curve", "wall_seconds", "flops_per_token",
-               "parameters", "active_parameters", "train_flops", "machine")
+               "parameters", "active_parameters", "train_flops", "machine", "code", "flush_subnormals")
 
 
 def restore_cells(page_json: Path, cells_dir: Path) -> int:
@@ -434,14 +435,16 @@ def reproduction_rows(cells: Sequence[dict[str, Any]], reference: Sequence[dict[
     for cell in sorted(cells, key=lambda c: (c["workload"], c["model"])):
         ref = committed.get((cell["workload"], cell["model"]))
         row = {"workload": cell["workload"], "model": cell["model"], "val_loss": cell["final"]["val_loss"],
-               "machine": cell.get("machine"), **({} if bits is None else {"bits": bits(cell)})}
+               "machine": cell.get("machine"), "code": cell.get("code"),
+               "flush_subnormals": cell.get("flush_subnormals"), **({} if bits is None else {"bits": bits(cell)})}
         if ref is None:
             rows.append({**row, "status": "no committed cell"})
             continue
         status = ("other arguments" if not same_run(cell.get("args", []), ref.get("args", []))
                   else "bit-exact" if ref["final"]["val_loss"] == row["val_loss"] else "differs")
         row |= {"status": status, "committed_val_loss": ref["final"]["val_loss"],
-                "committed_machine": ref.get("machine"),
+                "committed_machine": ref.get("machine"), "committed_code": ref.get("code"),
+                "committed_flush_subnormals": ref.get("flush_subnormals"),
                 "delta_val_loss": row["val_loss"] - ref["final"]["val_loss"]}
         if bits is not None:
             row |= {"committed_bits": bits(ref), "delta_bits": row["bits"] - bits(ref)}
@@ -468,8 +471,25 @@ def reproduction_section(reproduction: dict[str, Any], bits: bool = False, level
     if bits:
         head += " bits (committed → here) | Δ bits |"
         rule += " ---: | ---: |"
-    lines = [f"{'#' * level} Reproduction: each cell against the committed one", "", summary, "", head + " committed on |",
-             rule + " --- |"]
+    def tally(key: str) -> str:
+        counts: dict[str, int] = {}
+        for r in reproduction["rows"]:
+            if "committed_val_loss" in r:
+                value = r.get(key)
+                name = ("not recorded" if value is None else ("yes" if value else "no") if isinstance(value, bool)
+                        else str(value))
+                counts[name] = counts.get(name, 0) + 1
+        return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda item: -item[1])) or "–"
+
+    here = reproduction["rows"][0] if reproduction["rows"] else {}
+    flushed = here.get("flush_subnormals")
+    setup = (f"Committed cells: code {tally('committed_code')}; subnormals flushed: "
+             f"{tally('committed_flush_subnormals')}. This run: {here.get('machine') or 'not recorded'}, code "
+             f"{here.get('code') or 'not recorded'}, subnormals flushed: "
+             f"{'not recorded' if flushed is None else 'yes' if flushed else 'no'}. A cell repeats to the bit only "
+             f"with the same machine, code and `{SUBNORMALS_SWITCH}` setting.")
+    lines = [f"{'#' * level} Reproduction: each cell against the committed one", "", summary, "", setup, "",
+             head + " committed on |", rule + " --- |"]
     for r in reproduction["rows"]:
         if "committed_val_loss" not in r:
             line = f"| {r['workload']} | {r['model']} | {r['status']} | – → {r['val_loss']:.4f} | – |"
@@ -552,6 +572,8 @@ def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Pa
         "train_seconds": train_seconds,
         "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
         "machine": describe_machine(),
+        "code": code_version(),
+        "flush_subnormals": os.environ.get(SUBNORMALS_SWITCH, "1") != "0",
         "final": {
             "step": final["step"],
             "val_loss": final["val/loss"],
@@ -567,6 +589,25 @@ def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Pa
             for r in rows
         ],
     }, cost)
+
+
+def code_version(root: Path = ROOT) -> str | None:
+    """The commit of the memzoo checkout that trains a cell (``git rev-parse HEAD``), with ``+changes`` when its
+    ``src`` or ``configs`` differ from that commit; ``None`` outside a git checkout. What a reproduction needs
+    beside the machine: the code and configs that trained the cell."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src", "configs").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changed else "")
 
 
 def machines_line(cells: Sequence[dict[str, Any]]) -> str:
