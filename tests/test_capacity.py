@@ -239,14 +239,16 @@ def test_quick_path_on_a_two_cell_micro_grid_trains_reports_and_resumes(tmp_path
     assert json.loads((tmp_path / "micro.json").read_text()) == report  # the committed page is left alone
     with pytest.raises(capacity.StudyError, match="no committed page .*other.json to reproduce"):
         capacity.main([*argv[:-4], "--name", "other", "--out", str(tmp_path), "--reproduce"])
-    with pytest.raises(capacity.StudyError, match="takes neither --cells-of nor --report-only"):
-        capacity.main([*argv, "--reproduce", "--report-only"])
+    with pytest.raises(capacity.StudyError, match="--reproduce trains the cells afresh .*; drop --cells-of"):
+        capacity.main([*argv, "--reproduce", "--cells-of", "micro"])
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored cell was trained again")
 
     monkeypatch.setattr("memzoo.cli.main", no_training)
     again = capacity.main(argv)  # resumes: every cell stored with the same hash
+    capacity.main([*argv, "--reproduce", "--report-only"])  # the reproduced page rewritten, nothing trained
+    assert json.loads((tmp_path / "micro-reproduced.json").read_text())["reproduction"] == reproduced
     assert [c["bits"] for c in again["cells"]] == [c["bits"] for c in result["cells"]]
     assert md.read_text().count("Reading: hand-written.") == 1  # the notes survive the rewrite, once
     shutil.rmtree(tmp_path / "micro-cells")  # a fresh clone: the page is committed, its cells folder is not

@@ -315,13 +315,11 @@ def test_reproduction_rows_pair_each_cell_with_its_committed_run():
     assert "bits" not in "\n".join(study.reproduction_section(study.reproduction_rows(here, committed)))
 
 
-def test_reproduce_needs_a_committed_page_and_trains_every_cell(tmp_path):
+def test_reproduce_needs_a_committed_page(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be " * 200)
     with pytest.raises(study.StudyError, match="no committed page .*mine.json to reproduce"):
         study.main(["--name", "mine", "--out", str(tmp_path), "--text", str(text), "--reproduce"])
-    with pytest.raises(study.StudyError, match="--reproduce trains every cell afresh; drop --report-only"):
-        study.main(["--name", "mine", "--out", str(tmp_path), "--reproduce", "--report-only"])
 
 
 def test_machines_line_counts_each_machine_and_the_cells_that_name_none():

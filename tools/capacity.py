@@ -988,7 +988,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the stored cells")
     parser.add_argument("--reproduce", action="store_true",
                         help="train the grid's cells afresh (none restored from the committed pages) as "
-                             "<name>-reproduced and compare each with the committed <name>.json's cell")
+                             "<name>-reproduced and compare each with the committed <name>.json's cell (with "
+                             "--report-only: rewrite that page from its stored cells)")
     parser.add_argument("--write-configs", action="store_true", help="regenerate the configs and exit")
     args = parser.parse_args(argv)
     args.model_lrs = parse_model_lrs(args.model_lrs, args.models)
@@ -1036,8 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cells_name = args.cells_of or args.name or ("capacity" if args.quick else default_name)
     reference = None
     if args.reproduce:
-        if args.cells_of is not None or args.report_only:
-            raise StudyError("--reproduce trains every cell afresh; it takes neither --cells-of nor --report-only")
+        if args.cells_of is not None:
+            raise StudyError("--reproduce trains the cells afresh as <name>-reproduced; drop --cells-of")
         reference = study.reference_cells(args.out / f"{name}.json")
         name = cells_name = f"{name}-reproduced"
     if args.cells_of is not None and args.cells_of == name:
