@@ -465,7 +465,7 @@ def reproduction_section(reproduction: dict[str, Any], bits: bool = False, level
                "out bit-exact" + ("" if largest is None else f"; the largest validation-loss difference is {largest:.4f}")
                + ("" if not bits or reproduction.get("max_abs_delta_bits") is None
                   else f" ({reproduction['max_abs_delta_bits']:,.0f} bits at most)")
-               + ". A one-thread CPU run repeats to the bit only on the processor that trained it.")
+               + ".")
     head = "| workload | cell | status | val loss (committed → here) | Δ val loss |"
     rule = "| --- | --- | --- | --- | ---: |"
     if bits:
