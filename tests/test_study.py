@@ -315,6 +315,21 @@ def test_reproduction_rows_pair_each_cell_with_its_committed_run():
     assert "bits" not in "\n".join(study.reproduction_section(study.reproduction_rows(here, committed)))
 
 
+def test_reproduce_trains_a_study_afresh_beside_its_committed_page(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the cells' run folders land here, not in the checkout
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 200)
+    argv = ["--quick", "--models", "dense", "--workloads", "facts-100", "--name", "mini", "--out", str(tmp_path),
+            "--text", str(text), "--threads", "1"]
+    first = study.main(argv)
+    again = study.main([*argv, "--reproduce"])
+    assert [c["final"]["val_loss"] for c in again["cells"]] == [c["final"]["val_loss"] for c in first["cells"]]
+    assert "study-mini-reproduced-facts-100-dense" in again["cells"][0]["run_dir"]  # trained, not restored
+    page = json.loads((tmp_path / "mini-reproduced.json").read_text())
+    assert [(r["model"], r["status"]) for r in page["reproduction"]["rows"]] == [("dense", "bit-exact")]
+    assert "## Reproduction: each cell against the committed one" in (tmp_path / "mini-reproduced.md").read_text()
+
+
 def test_reproduce_needs_a_committed_page(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be " * 200)
