@@ -60,6 +60,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -67,6 +68,7 @@ from typing import Any, Callable, Iterable, Sequence
 from memzoo.atomic import write_bytes_atomic
 from memzoo.machine import describe_machine
 from memzoo.subnormals import ENV_SWITCH as SUBNORMALS_SWITCH
+from memzoo.subnormals import flush_requested
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "study"
@@ -337,6 +339,8 @@ def cell_args(study: str, workload: Workload, model: str, extra: Sequence[str] =
 
 #: the argument that names a workload's tokenizer (``--tokenizer``, :func:`with_tokenizer`)
 TOKENIZER_ARG = "--data.init_args.tokenizer"
+#: arguments whose value is a file that a cell's hash reads by name and content (a tokenizer spec may be "byte")
+FILE_ARGS = ("--config", TOKENIZER_ARG)
 
 
 def config_hash(args: Sequence[str]) -> str:
@@ -345,7 +349,7 @@ def config_hash(args: Sequence[str]) -> str:
     h = hashlib.sha256(f"memzoo-study-v{STUDY_VERSION}\n".encode())
     args = list(args)
     for i, arg in enumerate(args):
-        is_file = i > 0 and (args[i - 1] == "--config" or args[i - 1] == TOKENIZER_ARG and Path(arg).is_file())
+        is_file = i > 0 and args[i - 1] in FILE_ARGS and (args[i - 1] == "--config" or Path(arg).is_file())
         h.update((Path(arg).name if is_file else arg).encode() + b"\0")
         if is_file:  # by name and content: a moved checkout keeps its cells; a tokenizer's merges decide every token
             h.update(Path(arg).read_bytes())
@@ -418,7 +422,7 @@ def same_run(args: Sequence[str], other: Sequence[str]) -> bool:
     folder the config and tokenizer files lie in (their content is in each cell's config hash, not compared here)."""
     def key(a: Sequence[str]) -> list[str]:
         a = list(a)
-        return [Path(x).name if i and a[i - 1] in ("--config", TOKENIZER_ARG) else
+        return [Path(x).name if i and a[i - 1] in FILE_ARGS else
                 "" if i and a[i - 1] == "--experiment" else x for i, x in enumerate(a)]
     return key(args) == key(other)
 
@@ -447,7 +451,8 @@ def reproduction_rows(cells: Sequence[dict[str, Any]], reference: Sequence[dict[
                 "committed_flush_subnormals": ref.get("flush_subnormals"),
                 "delta_val_loss": row["val_loss"] - ref["final"]["val_loss"]}
         if bits is not None:
-            row |= {"committed_bits": bits(ref), "delta_bits": row["bits"] - bits(ref)}
+            committed_bits = bits(ref)
+            row |= {"committed_bits": committed_bits, "delta_bits": row["bits"] - committed_bits}
         rows.append(row)
     compared = [r for r in rows if r["status"] in ("bit-exact", "differs")]
     largest = max(compared, key=lambda r: abs(r["delta_val_loss"]), default=None)
@@ -472,14 +477,10 @@ def reproduction_section(reproduction: dict[str, Any], bits: bool = False, level
         head += " bits (committed → here) | Δ bits |"
         rule += " ---: | ---: |"
     def tally(key: str) -> str:
-        counts: dict[str, int] = {}
-        for r in reproduction["rows"]:
-            if "committed_val_loss" in r:
-                value = r.get(key)
-                name = ("not recorded" if value is None else ("yes" if value else "no") if isinstance(value, bool)
-                        else str(value))
-                counts[name] = counts.get(name, 0) + 1
-        return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda item: -item[1])) or "–"
+        values = (r.get(key) for r in reproduction["rows"] if "committed_val_loss" in r)
+        names = ("not recorded" if v is None else ("yes" if v else "no") if isinstance(v, bool) else str(v)
+                 for v in values)
+        return ", ".join(f"{name} ({n})" for name, n in Counter(names).most_common()) or "–"
 
     here = reproduction["rows"][0] if reproduction["rows"] else {}
     flushed = here.get("flush_subnormals")
@@ -573,7 +574,7 @@ def cell_result(workload: Workload, model: str, cost: ModelCost, metrics_csv: Pa
         "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
         "machine": describe_machine(),
         "code": code_version(),
-        "flush_subnormals": os.environ.get(SUBNORMALS_SWITCH, "1") != "0",
+        "flush_subnormals": flush_requested(),
         "final": {
             "step": final["step"],
             "val_loss": final["val/loss"],
@@ -614,14 +615,11 @@ def machines_line(cells: Sequence[dict[str, Any]]) -> str:
     """Where a page's cells trained, for its header: each machine (:func:`memzoo.machine.describe_machine`, recorded
     by :func:`cell_result`) with its cell count, most cells first, and how many cells recorded none. A run on one CPU
     thread repeats to the bit only on the machine that trained it."""
-    counts: dict[str, int] = {}
-    for cell in cells:
-        machine = cell.get("machine") or "not recorded (cells trained before cells named their machine)"
-        counts[machine] = counts.get(machine, 0) + 1
+    counts = Counter(cell.get("machine") or "not recorded (cells trained before cells named their machine)"
+                     for cell in cells)
     if not counts:
         return "Trained on: no cells yet"
-    ranked = sorted(counts.items(), key=lambda item: -item[1])
-    return "Trained on: " + "; ".join(f"{machine} ({n} cell{'s' * (n != 1)})" for machine, n in ranked)
+    return "Trained on: " + "; ".join(f"{machine} ({n} cell{'s' * (n != 1)})" for machine, n in counts.most_common())
 
 
 def training_seconds(trainer: Any, n_validations: int) -> float:

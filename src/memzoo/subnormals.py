@@ -24,11 +24,16 @@ import ctypes
 import os
 from collections.abc import Iterator
 
-__all__ = ["ENV_SWITCH", "flushing_subnormals", "subnormals_flushed"]
+__all__ = ["ENV_SWITCH", "flush_requested", "flushing_subnormals", "subnormals_flushed"]
 
 #: ``MEMZOO_FLUSH_SUBNORMALS=0`` leaves the CPU's float mode as it is
 ENV_SWITCH = "MEMZOO_FLUSH_SUBNORMALS"
 _SUBNORMAL = 1.0e-39  # below float32's smallest normal number, 1.1754944e-38
+
+
+def flush_requested() -> bool:
+    """Whether ``MEMZOO_FLUSH_SUBNORMALS`` asks training to flush subnormals (on unless it is ``0``)."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def subnormals_flushed() -> bool:
@@ -77,7 +82,7 @@ def flushing_subnormals(enabled: bool | None = None) -> Iterator[bool]:
     module docstring); the previous mode is restored on exit. ``enabled=None`` reads ``MEMZOO_FLUSH_SUBNORMALS`` (on
     unless ``0``). Yields whether the mode is on inside the block (``False`` where the CPU cannot flush)."""
     if enabled is None:
-        enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+        enabled = flush_requested()
     before = subnormals_flushed()
     if not enabled:
         yield before
