@@ -51,7 +51,7 @@ a cell two at a time on the 2 cores) it flattens at 65.6% of the corpus: the reg
 docs/results/capacity-cpu-x4000.md (every design at three rates and two seeds; the page heads with its command).
 The first quarter of its dense and STEM cells, under the whole run's schedule, trains to their stored first
 validation in ~6 min (to the bit only on the processor that trained them: cells record theirs, ``machine``; on an
-Intel Xeon STEM stores 24,660 bits there against the stored 30,318, at the commit that trained it and today)::
+Intel Xeon STEM stores 24,660 bits there against the stored 30,318, at the commit that trained it, 59af04e, and at d3e0bf3)::
 
     python tools/capacity.py --cpu --name capacity-cpu-x4000-first-quarter --exposures 4000 --models dense stem \
         --model-lrs stem=0.03 --seeds 1337 --jobs 2 --threads 1 --set trainer.max_steps=9181
