@@ -150,8 +150,8 @@ def check_memory_parallel(model: nn.Module, memory_parallel: int, world_size: in
         if pool.kind != "memory":
             raise MemoryParallelError(
                 f"pool {name!r} has kind {pool.kind!r}; MemoryParallelStrategy shards product-key memory values "
-                f"(kind: memory) only, at any memory_parallel. Train PEER expert pools with the ddp strategy "
-                f"(--trainer.strategy ddp)"
+                f"(kind: memory) only, at any memory_parallel. Train expert pools (PEER, UltraMemV2) with the ddp "
+                f"strategy (--trainer.strategy ddp)"
             )
 
 
