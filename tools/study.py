@@ -58,6 +58,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -476,19 +477,18 @@ def reproduction_section(reproduction: dict[str, Any], bits: bool = False, level
     if bits:
         head += " bits (committed → here) | Δ bits |"
         rule += " ---: | ---: |"
+    def recorded(value: Any) -> str:
+        return "not recorded" if value is None else ("yes" if value else "no") if isinstance(value, bool) else str(value)
+
     def tally(key: str) -> str:
-        values = (r.get(key) for r in reproduction["rows"] if "committed_val_loss" in r)
-        names = ("not recorded" if v is None else ("yes" if v else "no") if isinstance(v, bool) else str(v)
-                 for v in values)
+        names = (recorded(r.get(key)) for r in reproduction["rows"] if "committed_val_loss" in r)
         return ", ".join(f"{name} ({n})" for name, n in Counter(names).most_common()) or "–"
 
     here = reproduction["rows"][0] if reproduction["rows"] else {}
-    flushed = here.get("flush_subnormals")
     setup = (f"Committed cells: code {tally('committed_code')}; subnormals flushed: "
-             f"{tally('committed_flush_subnormals')}. This run: {here.get('machine') or 'not recorded'}, code "
-             f"{here.get('code') or 'not recorded'}, subnormals flushed: "
-             f"{'not recorded' if flushed is None else 'yes' if flushed else 'no'}. A cell repeats to the bit only "
-             f"with the same machine, code and `{SUBNORMALS_SWITCH}` setting.")
+             f"{tally('committed_flush_subnormals')}. This run: {recorded(here.get('machine'))}, code "
+             f"{recorded(here.get('code'))}, subnormals flushed: {recorded(here.get('flush_subnormals'))}. A cell "
+             f"repeats to the bit only with the same machine, code and `{SUBNORMALS_SWITCH}` setting.")
     lines = [f"{'#' * level} Reproduction: each cell against the committed one", "", summary, "", setup, "",
              head + " committed on |", rule + " --- |"]
     for r in reproduction["rows"]:
@@ -596,8 +596,6 @@ def code_version(root: Path = ROOT) -> str | None:
     """The commit of the memzoo checkout that trains a cell (``git rev-parse HEAD``), with ``+changes`` when its
     ``src`` or ``configs`` differ from that commit; ``None`` outside a git checkout. What a reproduction needs
     beside the machine: the code and configs that trained the cell."""
-    import subprocess
-
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
 
