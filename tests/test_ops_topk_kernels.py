@@ -309,3 +309,24 @@ def test_empty_batch():
     assert scores.shape == indices.shape == (0, 2, 4)
     grads = torch.autograd.grad(scores.sum(), (query, sub_keys), allow_unused=True)
     assert grads[1] is None or not grads[1].any()
+
+
+@pytest.mark.parametrize("n_keys", [64, 128, 256])
+def test_cpu_kernel_at_every_ranking_network_size(n_keys):
+    """k from 1 to 64 puts the candidate lists, the chunk maxima and the candidate pairs at every size the ranking
+    takes (sorting networks of 8, 16, 32 and 64 keys with AVX-512 and the counting ranks past them): on continuous
+    data the brute force's scores and indices; on data with signed zeros, mixed signs and ties the exact scores,
+    each index scoring what it claims, none twice."""
+    gen = torch.Generator().manual_seed(n_keys)
+    continuous = torch.randn(2, 2, 24, n_keys, generator=gen)
+    tied = torch.randint(-2, 3, (2, 2, 24, n_keys), generator=gen).float() / 2
+    tied[tied == 0] = torch.tensor([0.0, -0.0])[torch.randint(0, 2, (int((tied == 0).sum()),), generator=gen)]
+    for k in (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 48, 63, 64):
+        scores, indices = cpu_topk.half_topk_merge(continuous, k)
+        ref_scores, ref_indices = brute_force(continuous, k)
+        assert torch.equal(scores, ref_scores) and torch.equal(indices, ref_indices), k
+        scores, indices = cpu_topk.half_topk_merge(tied, k)
+        assert torch.equal(scores, brute_force(tied, k)[0]), k
+        sums = (tied[0].transpose(0, 1)[..., :, None] + tied[1].transpose(0, 1)[..., None, :]).flatten(-2)
+        assert torch.equal(sums.gather(-1, indices), scores), k
+        assert all(len(set(row)) == k for row in indices.reshape(-1, k).tolist()), k

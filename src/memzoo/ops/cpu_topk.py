@@ -14,23 +14,28 @@ Given the half scores of ``R = T·H`` (token, head) rows, ``s1, s2`` of ``n_keys
    halves are filtered with that test (one vector test per 16 elements; with AVX2 the passing lanes are moved to the
    front by a permutation from a table and stored whole, no branch per element), leaving a few dozen of
    ``n_keys`` on random data, each list a prefix of its sorted half.
-3. **Sort the candidates** by counting ranks (``#better + #equal before``: a whole vector of candidates against
-   one broadcast candidate at a time, branch-free; a partial sort when there are more than 128, as under wide
-   ties), keeping the best ``k`` of each half (a pair of ranks ``(a, b)``
-   in a top-k set closed under "beaten or tied by" has ``(a+1)(b+1) <= k``).
+3. **Sort the candidates** (the chunk maxima of 1. too): float32 lists of up to 64 with AVX-512 by a bitonic
+   sorting network over packed 64-bit keys (the value's order-preserving bits above the position, so one signed
+   max/min ranks by value and then position), others by counting ranks (``#better + #equal before``: a whole
+   vector of candidates against one broadcast candidate at a time, branch-free), both branch-free and in the same
+   order (best first, ties by position); a partial sort when there are more than 128, as under wide ties. The best
+   ``k`` of each half are kept (a pair of ranks ``(a, b)`` in a top-k set closed under "beaten or tied by" has
+   ``(a+1)(b+1) <= k``).
 4. **A tighter bound** from the sorted candidates (the best ``A × B >= k`` rectangle, as in 1.), then the
    **candidate pairs**: ranks with ``(a+1)(b+1) <= k`` and a sum at least the bound (about 60 of the 119 for
    ``k = 32`` on random data). They hold a whole top-k.
-5. **Select**: the bound is raised by a few bisection steps while at least ``k`` pairs stay above it (each count is
-   one vectorised pass), and the pairs above it are ranked by counting as in 3.; ranks below ``k`` are written.
+5. **Select**: pairs that the network of 3. takes (up to 64) are ranked at once; more are first cut by raising the
+   bound in a few bisection steps while at least ``k`` pairs stay above it (each count is one vectorised pass), and
+   the pairs above it are ranked as in 3.; ranks below ``k`` are written.
 
 Exact (every filter keeps all elements tied at its bound, and the sums are the same IEEE additions the reference
 makes; ties come out in any order, as in ``torch.topk``). A row holding NaN or an infinity, ``k > 64`` or
 ``n_keys < C`` takes the plain route: a size-``k`` min-heap top-k of each half, then a merge by the staircase
 frontier with a max-heap of at most ``k + 1`` pairs (NaN ranks above every number, as in ``torch.topk``). Cost per
-row ``O(n_keys + m² + P²)`` for ``m`` candidates and ``P`` pairs, ``O(n_keys)`` memory per thread; rows run in
-parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime torch has loaded). The vector code uses the
-GCC/Clang vector extension (32-byte vectors with AVX, 16-byte ones elsewhere).
+row ``O(n_keys + m² + P²)`` for ``m`` candidates and ``P`` pairs (``O(m log² m)`` by the network),
+``O(n_keys)`` memory per thread; rows run in parallel over ``torch.get_num_threads()`` OpenMP threads (the runtime
+torch has loaded). The vector code uses the GCC/Clang vector extension (32-byte vectors with AVX, 16-byte ones
+elsewhere) and, for the networks, AVX-512 intrinsics where the build has them.
 
 The source has no torch headers: it compiles in about a second with ``torch.utils.cpp_extension.load`` into
 torch's extension cache (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, one build per source and CPU
@@ -203,6 +208,111 @@ template <typename T> inline void pad_inf(T* v, int64_t m) {
   for (int64_t j = m; j < padded<T>(m); ++j) v[j] = -std::numeric_limits<T>::infinity();
 }
 
+#if defined(__AVX512F__)
+// Sorting networks for the small rankings of float rows (up to 64 elements) on AVX-512: each element one int64, its
+// value's order-preserving int32 above its position complemented, so a signed 64-bit max ranks by value and then by
+// position (the smaller first): the order rank_select gives, with no mask work. A bitonic network over NR vectors of
+// 8 keys; O(m log² m) compare-exchanges, branch-free.
+namespace net {
+#define MEMZOO_NET_INLINE __attribute__((always_inline)) inline
+// The order-preserving int32 of each float lane: bits for x >= +0, bits ^ 0x7FFFFFFF below; -0 is first made +0
+// (x + 0), so that it ties with +0 as in a float comparison.
+MEMZOO_NET_INLINE __m256i ordered(__m256 x) {
+  const __m256i b = _mm256_castps_si256(_mm256_add_ps(x, _mm256_setzero_ps()));
+  return _mm256_xor_si256(b, _mm256_srli_epi32(_mm256_srai_epi32(b, 31), 1));
+}
+// The lanes of vector r that keep the better key of their pair at stage (block S, distance D < 8): the lower lane of
+// a pair in a block sorted best first, the upper one in a block sorted worst first.
+constexpr __mmask8 keeps_better(int r, int s, int d) {
+  unsigned mask = 0;
+  for (int l = 0; l < 8; ++l) {
+    const int g = 8 * r + l;
+    mask |= (unsigned)(((g & d) == 0) != ((g & s) != 0)) << l;
+  }
+  return (__mmask8)mask;
+}
+// One compare-exchange stage: across vectors (r against r ^ D/8) or within each (lane l against l ^ D).
+template <int NR, int S, int D>
+MEMZOO_NET_INLINE void stage(__m512i* v) {
+  if constexpr (D >= 8) {
+    constexpr int step = D / 8;
+    for (int r = 0; r < NR; ++r) {
+      if (r & step) continue;
+      const int o = r ^ step;
+      const __m512i hi = _mm512_max_epi64(v[r], v[o]), lo = _mm512_min_epi64(v[r], v[o]);
+      if (((8 * r) & S) == 0) { v[r] = hi; v[o] = lo; } else { v[r] = lo; v[o] = hi; }
+    }
+  } else {
+    const __m512i partner = _mm512_xor_si512(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(D));
+    for (int r = 0; r < NR; ++r) {
+      const __m512i p = _mm512_permutexvar_epi64(partner, v[r]);
+      v[r] = _mm512_mask_blend_epi64(keeps_better(r, S, D), _mm512_min_epi64(v[r], p), _mm512_max_epi64(v[r], p));
+    }
+  }
+}
+template <int NR, int S, int D>
+MEMZOO_NET_INLINE void merge(__m512i* v) {
+  stage<NR, S, D>(v);
+  if constexpr (D > 1) merge<NR, S, D / 2>(v);
+}
+template <int NR, int S = 2>
+MEMZOO_NET_INLINE void sort(__m512i* v) {
+  merge<NR, S, S / 2>(v);
+  if constexpr (S < 8 * NR) sort<NR, S * 2>(v);
+}
+// x[0..m), m <= 8·NR, ranked: emit(rank, p) for the best min(m, limit), best first.
+template <int NR, typename Emit>
+MEMZOO_NET_INLINE void rank(const float* x, int64_t m, int64_t limit, Emit emit) {
+  __m512i v[NR];
+  const __m256 worst = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int r = 0; r < NR; ++r) {  // lanes past m: -inf at positions >= m, so after every element of x
+    const int64_t left = m - 8 * r;
+    const __mmask8 in = left >= 8 ? (__mmask8)0xFF : left <= 0 ? (__mmask8)0 : (__mmask8)((1u << left) - 1);
+    const __m256i value = ordered(_mm256_mask_loadu_ps(worst, in, x + 8 * r));
+    const __m256i position = _mm256_add_epi32(_mm256_set1_epi32(8 * r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    v[r] = _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepi32_epi64(value), 32),
+                           _mm512_cvtepu32_epi64(_mm256_xor_si256(position, _mm256_set1_epi32(-1))));
+  }
+  sort<NR>(v);
+  alignas(32) int32_t position[8 * NR];
+  for (int r = 0; r < NR; ++r)
+    _mm256_store_si256((__m256i*)(position + 8 * r), _mm256_xor_si256(_mm512_cvtepi64_epi32(v[r]), _mm256_set1_epi32(-1)));
+  const int64_t n = std::min(m, limit);
+  for (int64_t j = 0; j < n; ++j) emit(j, (int64_t)position[j]);
+}
+#undef MEMZOO_NET_INLINE
+}  // namespace net
+#endif
+
+// Whether rank_best ranks m elements of type T with a sorting network here (float, m <= 64, AVX-512).
+template <typename T> inline bool by_network(int64_t m) {
+#if defined(__AVX512F__)
+  return sizeof(T) == 4 && m <= 64;
+#else
+  (void)m;
+  return false;
+#endif
+}
+
+// rank_select's ranking of v[0..m) (emit(rank, p) for the ranks below `limit`; best first, ties in index order) by
+// a sorting network where by_network says so, else by counting (v then needs room up to padded(m), which it pads).
+template <typename T, typename Emit>
+inline void rank_best(T* v, int64_t m, int64_t limit, Emit emit) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    if (m <= 64) {
+      if (m <= 8) net::rank<1>(v, m, limit, emit);
+      else if (m <= 16) net::rank<2>(v, m, limit, emit);
+      else if (m <= 32) net::rank<4>(v, m, limit, emit);
+      else net::rank<8>(v, m, limit, emit);
+      return;
+    }
+  }
+#endif
+  pad_inf(v, m);
+  rank_select(v, m, limit, emit);
+}
+
 // Candidate pair sums of the merge: the rank pairs (a, b) with (a+1)(b+1) <= k, sum_{a=1..k} floor(k / a).
 inline int64_t candidate_pairs(int64_t k) {
   int64_t s = 0;
@@ -335,9 +445,8 @@ inline int64_t compact(const T* s, int64_t n, T other_max, T bound, T* cv, int32
 template <typename T>
 inline int64_t best_candidates(T* cv, const int32_t* ci, int64_t m, int64_t k, T* sv, int32_t* si,
                                int32_t* order) {
-  if (m <= 128) {  // counting ranks: O(m²), branch-free
-    pad_inf(cv, m);
-    rank_select(cv, m, k, [&](int64_t r, int64_t p) { sv[r] = cv[p]; si[r] = ci[p]; });
+  if (m <= 128) {  // a sorting network (up to 64 floats), else counting ranks: O(m²), branch-free
+    rank_best(cv, m, k, [&](int64_t r, int64_t p) { sv[r] = cv[p]; si[r] = ci[p]; });
     return std::min(m, k);
   }
   // many candidates (wide ties, e.g. equal scores everywhere): a partial sort, O(m log k)
@@ -397,8 +506,8 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
                w.ha.data(), w.hb.data());
     return;
   }
-  rank_select(m1, CM, CM, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
-  rank_select(m2, CM, CM, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
+  rank_best(m1, CM, CM, [&](int64_t r, int64_t p) { r1[r] = m1[p]; });
+  rank_best(m2, CM, CM, [&](int64_t r, int64_t p) { r2[r] = m2[p]; });
   // A·B >= k distinct pairs (chunk maxima are distinct elements) all sum to at least r1[A-1] + r2[B-1].
   T bound = -std::numeric_limits<T>::infinity();
   const int64_t* cdiv = w.cdiv.data();
@@ -428,6 +537,13 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
     P += got;
     if (got == 0) break;  // x + v2[0] < bound: no later a (smaller x) has a pair either
   }
+  const int32_t* i1 = w.si1.data();
+  const int32_t* i2 = w.si2.data();
+  auto write = [&](int64_t r, int64_t p) { out_s[r] = ps[p]; out_i[r] = (int64_t)i1[pa[p]] * n + i2[pb[p]]; };
+  if (by_network<T>(P)) {  // few enough pairs to rank them all in one network
+    rank_best(ps, P, k, write);
+    return;
+  }
   // A threshold t with at least k pairs >= t, raised by bisection (the count is one vectorised pass), then the
   // pairs >= t ranked: every pair above the k-th best sum is >= t, so they hold a whole top-k.
   pad_inf(ps, P);
@@ -446,12 +562,7 @@ void row_pk(const T* s1, const T* s2, int64_t n, int64_t k, T* out_s, int64_t* o
     ps[kept] = x; pa[kept] = pa[p]; pb[kept] = pb[p];
     kept += (x >= lo);
   }
-  pad_inf(ps, kept);
-  const int32_t* i1 = w.si1.data();
-  const int32_t* i2 = w.si2.data();
-  rank_select(ps, kept, k, [&](int64_t r, int64_t p) {
-    out_s[r] = ps[p]; out_i[r] = (int64_t)i1[pa[p]] * n + i2[pb[p]];
-  });
+  rank_best(ps, kept, k, write);
 }
 
 }  // namespace pk
