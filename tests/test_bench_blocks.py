@@ -101,3 +101,13 @@ def test_paired_ratios_take_the_median_over_rounds_of_each_rounds_ratio(monkeypa
     assert result["targets"][0]["met"]
     assert result["targets"][0]["detail"] == "1.24x dense (CPU time, rounds 1.19–1.30; wall time 1.30x)"
     assert "| memoryplus | 1.24 (1.19–1.30) | 1.30 (1.20–1.40) |" in bench.markdown(result)
+
+
+def test_topk_section_times_the_merge_kernel_alone_and_the_table_shows_it():
+    rows = bench.bench_topk("cpu", [32], tokens=8, repeats=1)
+    assert rows["32"]["merge_kernel_us_per_row"] > 0 and rows["32"]["speedup_vs_previous"] > 0
+    table = bench.markdown({"machine": "test", "targets": [], "topk_cpu": {
+        "128": {"speedup_vs_previous": 4.0, "merge_kernel_us_per_row": 0.81},
+        "1024": {"speedup_vs_previous": 5.0}}})
+    assert "merge kernel alone, forward (µs per token and head)" in table
+    assert "| 128 | 4.00x | 0.81 |" in table and "| 1024 | 5.00x | n/a |" in table

@@ -15,7 +15,9 @@ One run measures, as ratios within the run (absolute times only in the JSON's ra
 - **topk** (CPU, 1 thread, CPU time of the thread): ``memzoo.ops.product_key_topk`` forward+backward at knn 32, heads 4, k_dim 96, 768
   tokens, n_keys 128–1024, against the previous PyTorch path (per-half ``torch.topk`` + top-k of the candidate
   sums, autograd through the indexing) and against ``torch.topk`` of the full ``n_keys²`` product set (measured
-  on 64 tokens and scaled to 768; left out where it would not fit in memory).
+  on 64 tokens and scaled to 768; left out where it would not fit in memory); beside them the forward merge kernel
+  alone (``memzoo.ops.cpu_topk.half_topk_merge`` on the half scores: bounds, candidates, ranking, selection), in µs
+  per (token, head) row.
 - **lookup** (CPU, 1 thread, CPU time of the thread): the token-indexed blocks (STEM; MoLE as trained, ``experts``,
   and re-parameterised, ``lookup``; Engram alone, 2- and 3-grams, 8 heads × 32 values per order) forward+backward at dim 256, vocab 8192, batch 8 × 128, each against a dense
   SwiGLU FFN of equal forward FLOPs (hidden = the block's FLOPs ÷ 6·dim); ratio = block ÷ that dense FFN.
@@ -49,8 +51,8 @@ from memzoo.blocks.base import BlockContext
 from memzoo.blocks.registry import create_block
 from memzoo.host_allocator import keep_freed_memory
 from memzoo.nn.cross_entropy import cross_entropy
-from memzoo.ops import product_key_topk
-from memzoo.ops.product_keys import _candidate_ranks
+from memzoo.ops import cpu_topk, product_key_topk
+from memzoo.ops.product_keys import _candidate_ranks, _half_scores
 from memzoo.training.module import LanguageModel
 from memzoo.training.optim import build_optimizer
 
@@ -358,6 +360,11 @@ def bench_topk(device: str, n_keys_list, tokens: int, repeats: int, dtype=torch.
             t_full = timed(fwd_bwd(full_product_topk, q_small, sub_keys, 32), max(3, repeats // 3), clock="thread")
             row["full_product_ms_scaled"] = 1e3 * t_full * tokens / small
             row["speedup_vs_full_product"] = t_full * tokens / small / times["new"]
+        if device == "cpu" and cpu_topk.available():  # the merge kernel alone, forward: per (token, head) row
+            with torch.no_grad():
+                half_scores = _half_scores(query, sub_keys).contiguous()
+            t_merge = timed(lambda h=half_scores: cpu_topk.half_topk_merge(h, 32), repeats, clock="thread")
+            row["merge_kernel_us_per_row"] = 1e6 * t_merge / (tokens * query.shape[1])
         rows[str(n_keys)] = row
     return rows
 
@@ -447,11 +454,15 @@ def markdown(result: dict) -> str:
             continue
         rows = result[key]
         extra = [c for c in ("speedup_vs_full_product", "speedup_vs_torch_topk_halves") if any(c in r for r in rows.values())]
+        merge = any("merge_kernel_us_per_row" in r for r in rows.values())
         lines += [f"## product_key_topk fwd+bwd, knn 32, {title} (speedup of the new path)", "",
-                  "| n_keys | vs previous path | " + " | ".join(c.replace("speedup_", "").replace("_", " ") for c in extra) + " |",
-                  "|---|---|" + "---|" * len(extra)]
+                  "| n_keys | vs previous path | " + " | ".join(c.replace("speedup_", "").replace("_", " ") for c in extra)
+                  + (" | merge kernel alone, forward (µs per token and head)" if merge else "") + " |",
+                  "|---|---|" + "---|" * (len(extra) + merge)]
         for n, row in rows.items():
             cells = [f"{row[c]:.2f}x" if c in row else "n/a (memory)" for c in extra]
+            if merge:
+                cells.append(f"{row['merge_kernel_us_per_row']:.2f}" if "merge_kernel_us_per_row" in row else "n/a")
             lines.append(f"| {n} | {row['speedup_vs_previous']:.2f}x | " + " | ".join(cells) + " |")
         lines.append("")
     if "lookup_cpu" in result:
