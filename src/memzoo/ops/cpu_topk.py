@@ -300,7 +300,7 @@ template <typename T, typename Emit>
 inline void rank_best(T* v, int64_t m, int64_t limit, Emit emit) {
 #if defined(__AVX512F__)
   if constexpr (sizeof(T) == 4) {
-    if (m <= 64) {
+    if (by_network<T>(m)) {
       if (m <= 8) net::rank<1>(v, m, limit, emit);
       else if (m <= 16) net::rank<2>(v, m, limit, emit);
       else if (m <= 32) net::rank<4>(v, m, limit, emit);
