@@ -111,3 +111,23 @@ def test_topk_section_times_the_merge_kernel_alone_and_the_table_shows_it():
         "1024": {"speedup_vs_previous": 5.0}}})
     assert "merge kernel alone, forward (µs per token and head)" in table
     assert "| 128 | 4.00x | 0.81 |" in table and "| 1024 | 5.00x | n/a |" in table
+
+
+def test_a_run_whose_rounds_disagree_is_flagged_busy_and_a_quiet_one_is_not():
+    def rows(pkm_spread, peer_wall_spread):
+        return {"dense": {"ms": 1.0, "ratio_to_dense": 1.0, "ratio_spread": [1.0, 1.0], "cpu_ms": 1.0,
+                          "cpu_ratio_to_dense": 1.0, "cpu_ratio_spread": [1.0, 1.0]},
+                "pkm": {"ms": 1.2, "ratio_to_dense": 1.2, "ratio_spread": peer_wall_spread, "cpu_ms": 1.2,
+                        "cpu_ratio_to_dense": 1.2, "cpu_ratio_spread": pkm_spread}}
+
+    quiet = {"machine": "test", "blocks": {"1": rows([1.1, 1.5], [1.0, 2.0])}}  # the wall spread is not the headline
+    quiet["targets"] = bench.targets(quiet)
+    assert bench.widest_round_spread(quiet["blocks"]["1"]) == pytest.approx(1.5 / 1.1)
+    assert bench.busy_machine_warnings(quiet) == [] and "Busy machine" not in bench.markdown(quiet)
+    busy = {"machine": "test", "blocks": {"1": rows([1.16, 1.89], [1.0, 1.0]),
+                                          "2": {"dense": {"ms": 1.0, "ratio_to_dense": 1.0, "ratio_spread": [1.0, 1.5]}}}}
+    busy["targets"] = bench.targets(busy)
+    warnings = bench.busy_machine_warnings(busy)
+    assert [w.split(":")[0] for w in warnings] == ["1 thread(s)", "2 thread(s)"]
+    assert "differ by up to 1.63x" in warnings[0] and "differ by up to 1.50x" in warnings[1]
+    assert bench.markdown(busy).count("**Busy machine**") == 2

@@ -95,6 +95,9 @@ DENSE_VARIANT_POOLS = {
                                        "lr": 1.0e-2, "weight_decay": 0.0}},
 }
 STEP_TARGET, TOPK_TARGET, GPU_LAYER_TARGET, GPU_TOPK_TARGET = 1.25, 4.0, 1.2, 2.0
+#: a run whose model's rounds differ by more than this factor (slowest round's ratio ÷ fastest) is flagged busy; the
+#: committed run's widest are 1.20 (1 thread, CPU time) and 1.35 (2 threads, wall time), runs beside other jobs' 1.9–2.0
+BUSY_SPREAD = 1.4
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -198,6 +201,29 @@ def _ratio_cell(row: dict, key: str) -> str:
     """``1.24`` or, where the rounds' spread was recorded, ``1.24 (1.19–1.30)``."""
     spread = row.get(key.replace("ratio_to_dense", "ratio_spread"))
     return f"{row[key]:.2f}" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
+
+
+def widest_round_spread(blocks: dict) -> float:
+    """The largest max ÷ min of a model's per-round ratios (its headline clock's) in one thread count's blocks; 1.0
+    where no spread was recorded. Near 1 when the rounds agree; a busy machine shows as a wide spread."""
+    widest = 1.0
+    for row in blocks.values():
+        spread = row.get("cpu_ratio_spread" if "cpu_ratio_to_dense" in row else "ratio_spread")
+        if spread and spread[0] > 0:
+            widest = max(widest, spread[1] / spread[0])
+    return widest
+
+
+def busy_machine_warnings(result: dict) -> list[str]:
+    """One line per thread count whose rounds disagree by more than :data:`BUSY_SPREAD` (a model's slowest round's
+    ratio over its fastest): that run's ratios say more about the machine's other jobs than about the blocks."""
+    out = []
+    for threads, blocks in result.get("blocks", {}).items():
+        widest = widest_round_spread(blocks)
+        if widest > BUSY_SPREAD:
+            out.append(f"{threads} thread(s): a model's rounds differ by up to {widest:.2f}x (over {BUSY_SPREAD}x): "
+                       f"the machine was busy; rerun on a quiet machine before comparing these ratios")
+    return out
 
 
 def headline_ratio(row: dict) -> float:
@@ -436,6 +462,9 @@ def targets(result: dict) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = ["# Memory blocks against dense, product-key top-k against the previous path", "",
              f"Ratios measured in one run (`python tools/bench_blocks.py`); {result['machine']}.", ""]
+    lines += [f"**Busy machine**: {warning}." for warning in busy_machine_warnings(result)]
+    if lines[-1] != "":
+        lines.append("")
     for threads, blocks in result.get("blocks", {}).items():
         cpu = all("cpu_ratio_to_dense" in row for row in blocks.values())
         lines += [f"## Training step at equal forward FLOPs, {threads} thread(s) (time ÷ dense)", ""]
@@ -539,6 +568,8 @@ def main(argv=None) -> dict:
     result["targets"] = targets(result)
     for target in result["targets"]:
         print(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['detail']}")
+    for warning in busy_machine_warnings(result):
+        print(f"WARNING {warning}", file=sys.stderr)
     text = markdown(result)
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
