@@ -114,10 +114,10 @@ def test_topk_section_times_the_merge_kernel_alone_and_the_table_shows_it():
 
 
 def test_a_run_whose_rounds_disagree_is_flagged_busy_and_a_quiet_one_is_not():
-    def rows(pkm_spread, peer_wall_spread):
+    def rows(pkm_spread, pkm_wall_spread):
         return {"dense": {"ms": 1.0, "ratio_to_dense": 1.0, "ratio_spread": [1.0, 1.0], "cpu_ms": 1.0,
                           "cpu_ratio_to_dense": 1.0, "cpu_ratio_spread": [1.0, 1.0]},
-                "pkm": {"ms": 1.2, "ratio_to_dense": 1.2, "ratio_spread": peer_wall_spread, "cpu_ms": 1.2,
+                "pkm": {"ms": 1.2, "ratio_to_dense": 1.2, "ratio_spread": pkm_wall_spread, "cpu_ms": 1.2,
                         "cpu_ratio_to_dense": 1.2, "cpu_ratio_spread": pkm_spread}}
 
     quiet = {"machine": "test", "blocks": {"1": rows([1.1, 1.5], [1.0, 2.0])}}  # the wall spread is not the headline

@@ -208,7 +208,7 @@ def widest_round_spread(blocks: dict) -> float:
     where no spread was recorded. Near 1 when the rounds agree; a busy machine shows as a wide spread."""
     widest = 1.0
     for row in blocks.values():
-        spread = row.get("cpu_ratio_spread" if "cpu_ratio_to_dense" in row else "ratio_spread")
+        spread = headline_spread(row)
         if spread and spread[0] > 0:
             widest = max(widest, spread[1] / spread[0])
     return widest
@@ -229,6 +229,11 @@ def busy_machine_warnings(result: dict) -> list[str]:
 def headline_ratio(row: dict) -> float:
     """A block's step ÷ dense's: by the compute thread's CPU time where measured (1 thread), else wall time."""
     return row.get("cpu_ratio_to_dense", row["ratio_to_dense"])
+
+
+def headline_spread(row: dict) -> list[float] | None:
+    """The rounds' ``[min, max]`` of :func:`headline_ratio`'s clock, or ``None`` where no spread was recorded."""
+    return row.get("cpu_ratio_spread" if "cpu_ratio_to_dense" in row else "ratio_spread")
 
 
 #: the product-key models whose layer :func:`layer_breakdown` takes apart
@@ -434,7 +439,7 @@ def targets(result: dict) -> list[dict]:
                 continue
             row = blocks[name]
             ratio = headline_ratio(row)
-            spread = row.get("cpu_ratio_spread" if "cpu_ratio_to_dense" in row else "ratio_spread")
+            spread = headline_spread(row)
             rounds = f", rounds {spread[0]:.2f}–{spread[1]:.2f}" if spread else ""
             detail = f"{ratio:.2f}x dense" + (
                 f" (CPU time{rounds}; wall time {row['ratio_to_dense']:.2f}x)" if "cpu_ratio_to_dense" in row
@@ -462,9 +467,8 @@ def targets(result: dict) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = ["# Memory blocks against dense, product-key top-k against the previous path", "",
              f"Ratios measured in one run (`python tools/bench_blocks.py`); {result['machine']}.", ""]
-    lines += [f"**Busy machine**: {warning}." for warning in busy_machine_warnings(result)]
-    if lines[-1] != "":
-        lines.append("")
+    for warning in busy_machine_warnings(result):
+        lines += [f"**Busy machine**: {warning}.", ""]
     for threads, blocks in result.get("blocks", {}).items():
         cpu = all("cpu_ratio_to_dense" in row for row in blocks.values())
         lines += [f"## Training step at equal forward FLOPs, {threads} thread(s) (time ÷ dense)", ""]
