@@ -55,6 +55,7 @@ import yaml
 pytest.importorskip("transformers")
 
 from memzoo.cli import LIGHTNING_VERBS, PLAIN_VERBS, main  # noqa: E402
+from tool_parsing import parse_tool_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -475,31 +476,8 @@ def test_test_suite_commands_are_the_ci_command(command):
 def test_tool_commands_parse(command, monkeypatch):
     """Studies and benchmarks take minutes to hours: their arguments are parsed by the tool's own parser, which
     then stops the tool."""
-    import argparse
-
     words, _ = split_comment(command)
-    argv = shlex.split(optional_parts(words))[1:]
-    path = ROOT / argv[0]
-    assert path.is_file(), command
-    spec = importlib.util.spec_from_file_location(f"doc_tool_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    parse = argparse.ArgumentParser.parse_args
-
-    class Parsed(Exception):
-        pass
-
-    def parse_then_stop(self, args=None, namespace=None):
-        raise Parsed(parse(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(Parsed):
-        try:
-            module.main(argv[1:])
-        except TypeError:  # main() without an argv parameter reads sys.argv
-            module.main()
+    parse_tool_args(shlex.split(optional_parts(words))[1:], monkeypatch)
 
 
 @pytest.mark.parametrize("command", sorted(c for c in COMMANDS if rule_of(c) == "verb named in prose"))
