@@ -131,3 +131,18 @@ def test_a_run_whose_rounds_disagree_is_flagged_busy_and_a_quiet_one_is_not():
     assert [w.split(":")[0] for w in warnings] == ["1 thread(s)", "2 thread(s)"]
     assert "differ by up to 1.63x" in warnings[0] and "differ by up to 1.50x" in warnings[1]
     assert bench.markdown(busy).count("**Busy machine**") == 2
+
+
+def test_the_gpu_sections_run_their_code_small_on_a_cpu_and_report_their_targets():
+    """The CUDA-only parts (top-k against torch.topk, the 1.3B layer) run only on a lent GPU: the same code at small
+    sizes on the CPU here, so the one GPU run does not fail on a Python error."""
+    topk = bench.bench_topk("cpu", [32], tokens=8, repeats=1, against_torch_topk=True)
+    assert topk["32"]["speedup_vs_torch_topk_halves"] > 0 and topk["32"]["torch_topk_halves_ms"] > 0
+    layer = bench.bench_layer_13b(1, device="cpu", dim=64, n_keys=32, tokens=16, k_dim=32)
+    assert layer["ratio"] > 0 and layer["dense_hidden"] >= 64
+    assert layer["memory_flops_per_token"] / layer["dense_flops_per_token"] == pytest.approx(1.0, rel=0.5)
+    result = {"machine": "test", "topk_cuda": topk, "layer_13b": layer}
+    result["targets"] = bench.targets(result)
+    assert [t["target"].split(" ")[0] for t in result["targets"]] == ["top-k", "1.3B-shape"]
+    table = bench.markdown(result)
+    assert "CUDA" in table and f"{topk['32']['speedup_vs_torch_topk_halves']:.2f}x" in table

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench_memory.py"
 
@@ -46,3 +47,17 @@ def test_peak_cpu_bytes_sees_a_temporary(bench):
         torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)  # 8 MiB, freed at once
 
     assert 8 * 2**20 <= bench.peak_cpu_bytes(allocate_and_free) < 9 * 2**20
+
+
+def test_the_cuda_rows_code_runs_small_on_a_cpu(bench, monkeypatch):
+    """The cuda section runs only on a lent GPU: its row code (bf16 read vs embedding_bag, both gradient modes,
+    traffic and temporaries) runs here at a small size, CUDA's peak-memory counter standing in for the CPU's."""
+    monkeypatch.setattr(bench, "peak_cuda_bytes", lambda fn, device: bench.peak_cpu_bytes(fn))
+    device = torch.device("cpu")
+    inputs = bench.read_inputs(2**10, 32, 2**6, 8, device, dtype=torch.bfloat16)
+    rows = [bench.cuda_row(inputs, sparse_grad, 10.0, device) for sparse_grad in (False, True)]
+    assert [row["sparse_grad"] for row in rows] == [False, True] and rows[0]["dtype"] == "bfloat16"
+    for row in rows:
+        for key in ("fwd_ms", "bwd_ms", "fwd_GBps", "bwd_GBps", "fwd_vs_embedding_bag", "table_bwd_vs_embedding_bag"):
+            assert row[key] > 0 and math.isfinite(row[key]), (key, row)
+    assert "== cuda" in bench.format_table("cuda", rows)

@@ -370,7 +370,11 @@ def fwd_bwd(fn, query, sub_keys, k):
     return run
 
 
-def bench_topk(device: str, n_keys_list, tokens: int, repeats: int, dtype=torch.float32) -> dict:
+def bench_topk(device: str, n_keys_list, tokens: int, repeats: int, dtype=torch.float32,
+               against_torch_topk: bool | None = None) -> dict:
+    """Product-key top-k fwd+bwd (4 heads, Dk 96, knn 32) against the previous path, and (``against_torch_topk``,
+    default: on CUDA) against ``torch.topk`` of the per-half scores, per ``n_keys``: ms and speedups."""
+    against_torch_topk = device == "cuda" if against_torch_topk is None else against_torch_topk
     rows = {}
     for n_keys in n_keys_list:
         gen = torch.Generator().manual_seed(n_keys)
@@ -378,12 +382,12 @@ def bench_topk(device: str, n_keys_list, tokens: int, repeats: int, dtype=torch.
         sub_keys = torch.randn(4, 2, n_keys, 48, generator=gen).to(device, dtype).requires_grad_()
         fns = {"new": fwd_bwd(product_key_topk, query, sub_keys, 32),
                "previous": fwd_bwd(previous_topk, query, sub_keys, 32)}
-        if device == "cuda":
+        if against_torch_topk:
             fns["torch_topk_halves"] = fwd_bwd(half_scores_topk, query, sub_keys, 32)
         times = interleaved(fns, repeats, device=device, clock="thread" if device == "cpu" else "wall")
         row = {f"{name}_ms": 1e3 * t for name, t in times.items()}
         row["speedup_vs_previous"] = times["previous"] / times["new"]
-        if device == "cuda":
+        if against_torch_topk:
             row["speedup_vs_torch_topk_halves"] = times["torch_topk_halves"] / times["new"]
         small = 64
         if device == "cpu" and 4 * small * n_keys**2 * 4 * 3 < 2**30:  # scores, grads and topk buffers < 1 GiB
@@ -401,24 +405,27 @@ def bench_topk(device: str, n_keys_list, tokens: int, repeats: int, dtype=torch.
 
 
 # ---------------------------------------------------------------------------------------------- 1.3B layer (GPU)
-def bench_layer_13b(repeats: int) -> dict:
+def bench_layer_13b(repeats: int, device: str = "cuda", dim: int = 2048, n_keys: int = 1024, tokens: int = 8192,
+                    k_dim: int = 512) -> dict:
+    """The paper's 1.3B memory layer (dim 2048, 1024² keys, value_dim 2048, 4 heads, knn 32, qk-norm, SiLU gate) in
+    bfloat16 against a SwiGLU FFN of equal FLOPs, fwd+bwd on ``tokens`` tokens: ms and the ratio (the sizes are
+    arguments only so a test can run the same code small on a CPU)."""
     from memzoo.blocks.dense import DenseMLP
     from memzoo.blocks.memory import ProductKeyMemory
 
-    dim, tokens = 2048, 8192
     torch.manual_seed(0)
-    memory = ProductKeyMemory(dim, heads=4, knn=32, k_dim=512, qk_norm=True, gate="silu", n_keys=1024,
-                              value_dim=2048).cuda().bfloat16()
+    memory = ProductKeyMemory(dim, heads=4, knn=32, k_dim=k_dim, qk_norm=True, gate="silu", n_keys=n_keys,
+                              value_dim=dim).to(device, torch.bfloat16)
     hidden = max(64, round(memory.flops_per_token() / (6 * dim) / 64) * 64)  # SwiGLU: 6·dim·hidden FLOPs/token
-    dense = DenseMLP(dim, hidden=hidden).cuda().bfloat16()
-    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dense = DenseMLP(dim, hidden=hidden).to(device, torch.bfloat16)
+    x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
 
     def step(block):
         def run():
             block(x).float().square().mean().backward()
         return run
 
-    times = interleaved({"memory": step(memory), "dense": step(dense)}, repeats, device="cuda")
+    times = interleaved({"memory": step(memory), "dense": step(dense)}, repeats, device=device)
     return {
         "memory_ms": 1e3 * times["memory"], "dense_ms": 1e3 * times["dense"],
         "ratio": times["memory"] / times["dense"], "dense_hidden": hidden,
