@@ -27,7 +27,7 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   initialised small (std 0.02), so the gated table starts memorising late (a quarter into that run it holds
   3,221 / 1,274 bits against the ungated 7,844 / 9,785), then passes the ungated one once training is long enough.
   At width 8 (people-1000, capacity-cpu-hour-people-1000-x4000.md, one seed) it does not: both flatten, the gated
-  layer at a third of the ungated one's bits, so which is ahead depends on the width.
+  layer at half the ungated one's bits, so which is ahead depends on the width.
 
 Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
 
