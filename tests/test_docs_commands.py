@@ -55,7 +55,7 @@ import yaml
 pytest.importorskip("transformers")
 
 from memzoo.cli import LIGHTNING_VERBS, PLAIN_VERBS, main  # noqa: E402
-from tool_parsing import parse_tool_args  # noqa: E402
+from tool_parsing import joined_lines, parse_tool_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -120,19 +120,6 @@ def documented_commands() -> dict[str, list[str]]:
             if span.startswith(("memzoo ", "python ")):
                 found.setdefault(span, []).append(path.name)
     return found
-
-
-def joined_lines(block: str) -> list[str]:
-    """The stripped lines of a shell block, a line ending in ``\\`` joined with the next (one space between)."""
-    lines, pending = [], ""
-    for line in block.splitlines():
-        line = line.strip()
-        if line.endswith("\\"):
-            pending += line[:-1].rstrip() + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    return [*lines, pending.strip()] if pending else lines
 
 
 def documented_python_blocks() -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tool_parsing import parse_tool_args
+from tool_parsing import joined_lines, parse_tool_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
@@ -21,25 +21,11 @@ DEVICE_LIMIT_S = 600  # the device tool's limit on one command
 INSTALL_AND_PACK_S = 100  # left beside the steps for the wheel install, the import check and the packing
 
 
-def script_lines() -> list[str]:
-    """The script's lines, a line ending in ``\\`` joined with the next, comments dropped."""
-    lines, pending = [], ""
-    for line in SCRIPT.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1].rstrip() + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    return lines
-
-
 def steps() -> list[tuple[str, int, list[str]]]:
-    """``(name, limit in seconds, argv)`` of every ``step NAME SECONDS COMMAND...`` line, in order."""
+    """``(name, limit in seconds, argv)`` of every ``step NAME SECONDS COMMAND...`` line of the script (continuation
+    lines joined), in order."""
     found = []
-    for line in script_lines():
+    for line in joined_lines(SCRIPT.read_text(encoding="utf-8")):
         if line.startswith("step "):
             _, name, limit, *argv = shlex.split(line)
             found.append((name, int(limit), argv))

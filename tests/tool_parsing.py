@@ -1,6 +1,7 @@
-"""A tool of ``tools/`` (a study or benchmark of minutes to hours) checked without running it: its ``main`` is given
-an argv and stops as soon as its own argument parser has parsed it, so a test learns whether a documented or scripted
-command line is one the tool accepts, in milliseconds."""
+"""Command lines checked without running them: shell text split into commands (:func:`joined_lines`), and a tool of
+``tools/`` (a study or benchmark of minutes to hours) whose ``main`` is given an argv and stops as soon as its own
+argument parser has parsed it (:func:`parse_tool_args`), so a test learns whether a documented or scripted command
+line is one the tool accepts, in milliseconds."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def joined_lines(block: str) -> list[str]:
+    """The stripped lines of a shell block, a line ending in ``\\`` joined with the next (one space between)."""
+    lines, pending = [], ""
+    for line in block.splitlines():
+        line = line.strip()
+        if line.endswith("\\"):
+            pending += line[:-1].rstrip() + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    return [*lines, pending.strip()] if pending else lines
 
 
 def load_tool(path: Path, monkeypatch) -> ModuleType:
