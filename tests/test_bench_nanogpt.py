@@ -125,6 +125,22 @@ def test_run_against_a_stand_in_reports_ratios_and_counts(tmp_path, capsys, voca
     assert result["median_cpu_time_ratio_memzoo_vs_nanogpt"] > 0
     assert result["params"]["memzoo"]["non_embedding"] < result["params"]["memzoo"]["total"]
     assert "ratio memzoo/nanoGPT" in capsys.readouterr().out
+    (target,) = result["targets"]
+    assert target["met"] is result["target_met"] is (result["median_ratio_memzoo_vs_nanogpt"] >= 1.0)
+    assert target["target"].startswith("memzoo's dense decoder >= 1.0x nanoGPT's tokens/s")
+    assert ("both with fused AdamW" in target["target"]) is fused
+
+
+@pytest.mark.parametrize("ratios, met", [([0.97, 1.01, 1.04], True), ([0.93, 0.99, 1.02], False)])
+def test_targets_read_the_median_wall_time_ratio_over_pairs(ratios, met):
+    result = {"ratios_memzoo_vs_nanogpt": ratios, "median_ratio_memzoo_vs_nanogpt": sorted(ratios)[1],
+              "median_cpu_time_ratio_memzoo_vs_nanogpt": 1.2, "compiled": True, "torch_threads": 1,
+              "adamw_fused": {"nanogpt": False, "memzoo": True}}
+    (target,) = load_bench().targets(result)
+    assert target["met"] is met
+    assert target["target"].endswith("(1 thread(s), compiled, each AdamW as configured)")
+    assert target["detail"] == (f"{sorted(ratios)[1]:.3f}x by wall time (median of 3 pairs, {min(ratios):.2f}–"
+                                f"{max(ratios):.2f}); 1.200x by CPU time")
 
 
 def test_compile_needs_a_warmup_to_compile_in(tmp_path):
