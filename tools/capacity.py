@@ -84,7 +84,7 @@ control's bound below zero, a confidently wrong model, says it stores nothing, n
         --models dense stem memoryplus --lrs 0.01 --model-lrs memoryplus=0.03 --seeds 1337 \
         --controls frozen single_row shuffled --jobs 2 --threads 1
 
-    python tools/capacity.py --gpu --jobs 6 --threads 2   # loads up to 10,000 people at 100 exposures, for a GPU
+    python tools/capacity.py --gpu --jobs 10 --threads 1  # w32 at people-3,000 and -4,500, 1,000 exposures: a GPU's
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
     python tools/capacity.py --write-configs              # regenerate configs/capacity/model-*.yaml
 
@@ -362,8 +362,13 @@ CPU_HOUR = {"loads": (300,), "exposures": 2000, "batch_size": 64, "val_points": 
                 **{m: [1.0e-2, 3.0e-2, 1.0e-1] for m in ("dense", "dense-2x", "pkm", "memoryplus", "ultramem_v2",
                                                          "engram", "stem", "mole", "memoryplus-no-gate")},
                 **{m: [3.0e-3, 1.0e-2, 3.0e-2] for m in ("moe", "peer")}}}
-GPU = {"loads": (300, 1000, 3000, 10000), "exposures": 100, "batch_size": 64, "val_points": 4, "min_steps": 1500,
-       "lrs": (3.0e-3, LR, 3.0e-2), "seeds": (SEED, SEED + 1)}
+#: the GPU grid (``--gpu``): the ``w32`` family at the regime that measures capacity, 1,000 exposures in batches of 64:
+#: people-3,000, where w32's dense flattens at ~72% of the corpus (docs/results/capacity-x1000-b64.md; any design is
+#: capped at ~1.4x dense there), and people-4,500, where the corpus leaves room for 2x dense; every model at its
+#: config's rate, one seed: 20 cells of 27,516 and 41,360 steps (a people-3,000 cell took 46-65 min on the 2-core
+#: CPU). Sized from the CPU: ``tools/gpu_check.sh`` first measures what such cells cost on a GPU, ten at once
+GPU = {"loads": (3000, 4500), "exposures": 1000, "batch_size": 64, "val_points": 4, "min_steps": 0, "lrs": (LR,),
+       "seeds": (SEED,), "family": "w32"}
 
 
 # ------------------------------------------------------------------------------------------------------- bits
