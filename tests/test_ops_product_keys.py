@@ -59,6 +59,18 @@ def test_gradients_match_brute_force():
     assert sub_keys.grad is None and grads[1].abs().sum() > 0
 
 
+def test_backward_is_not_handed_a_zero_filled_gradient_for_the_indices():
+    """The indices output carries no gradient: autograd must not allocate and zero-fill a (T, H, k) tensor for it
+    on every backward (the kernel reads only the scores' gradient)."""
+    query, sub_keys = random_inputs((64,), 4, 16, 8, dtype=torch.float32)
+    scores, _ = product_key_topk(query, sub_keys, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        scores.square().sum().backward()
+    zero_filled = [e.input_shapes[0] for e in prof.events() if e.name == "aten::zero_" and e.input_shapes]
+    assert [64, 4, 8] not in zero_filled, zero_filled
+    assert query.grad is not None and sub_keys.grad is not None and query.grad.abs().sum() > 0
+
+
 def test_gradcheck():
     query, sub_keys = random_inputs((2,), 2, 6, 4)
     assert torch.autograd.gradcheck(lambda q, c: product_key_topk(q, c, 3)[0], (query, sub_keys))

@@ -171,6 +171,9 @@ def _torch_half_topk_merge(half_scores: Tensor, k: int) -> tuple[Tensor, Tensor]
 def _save_for_backward(ctx, inputs, output):
     query, sub_keys, _ = inputs
     ctx.save_for_backward(query, sub_keys, output[1])
+    # the indices output has no gradient: autograd would otherwise hand the backward a zero-filled (T, H, k) tensor
+    # for it every step
+    ctx.set_materialize_grads(False)
 
 
 def _product_key_topk_backward(ctx, grad_scores, _grad_indices):
@@ -179,6 +182,8 @@ def _product_key_topk_backward(ctx, grad_scores, _grad_indices):
     A first-order backward runs as one kernel; under ``create_graph`` it is built from the differentiable
     ``weighted_gather`` / ``weighted_scatter`` ops, so double backward works."""
     query, sub_keys, indices = ctx.saved_tensors
+    if grad_scores is None:  # the scores took no part in the loss
+        return None, None, None
     if torch.is_grad_enabled():
         grad_query, grad_keys = _gather_backward(grad_scores, indices, query, sub_keys, differentiable=True)
     else:
