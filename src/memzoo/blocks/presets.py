@@ -27,7 +27,11 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   initialised small (std 0.02), so the gated table starts memorising late (a quarter into that run it holds
   3,221 / 1,274 bits against the ungated 7,844 / 9,785), then passes the ungated one once training is long enough.
   At width 8 (people-1000, capacity-cpu-hour-people-1000-x4000.md, one seed) it does not: both flatten, the gated
-  layer at half the ungated one's bits, so which is ahead depends on the width.
+  layer at half the ungated one's bits, so which is ahead depends on the width. The other settings (heads, knn,
+  qk-norm; and the pool's value rate, init and size) stay the paper's for the same rule: in the ablations where
+  width-8 dense has flattened (docs/results/README.md, people-300, two seeds) a 4x lower value rate stores +14% /
+  +15% but loses on text in both seeds, one head of 8 rows gains +2% / +7% but lost far in one seed at width 32, and
+  a 4x pool stores +30% / +21% at 1.20x the FLOPs (a size, not an equal-FLOP default).
 
 Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
 
