@@ -31,7 +31,8 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   qk-norm; and the pool's value rate, init and size) stay the paper's for the same rule: in the ablations where
   width-8 dense has flattened (docs/results/README.md, people-300, two seeds) a 4x lower value rate stores +14% /
   +15% but loses on text in both seeds, one head of 8 rows gains +2% / +7% but lost far in one seed at width 32, and
-  a 4x pool stores +30% / +21% at 1.20x the FLOPs (a size, not an equal-FLOP default).
+  a 4x pool stores +30% / +21% at 1.20x the FLOPs (a size, not an equal-FLOP default); read by one head at equal
+  FLOPs it stores +34% / +11%, but the text analogue (4x pool, one head) is behind the preset in both seeds.
 
 Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
 
