@@ -32,7 +32,7 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   width-8 dense has flattened (docs/results/README.md, people-300, two seeds) a 4x lower value rate stores +14% /
   +15% but loses on text in both seeds, one head of 8 rows gains +2% / +7% but lost far in one seed at width 32, and
   a 4x pool stores +30% / +21% at 1.20x the FLOPs (a size, not an equal-FLOP default); read by one head at equal
-  FLOPs it stores +34% / +11%, but the text analogue (4x pool, one head) is behind the preset in both seeds.
+  FLOPs it stores +34% / +11% (a third seed: -4%), and the text analogue (4x pool, one head) is behind the preset in both seeds.
 
 Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
 
