@@ -29,10 +29,10 @@ i}}``); ``stem`` and ``mole`` name the token-indexed blocks below; product-key m
   At width 8 (people-1000, capacity-cpu-hour-people-1000-x4000.md, one seed) it does not: both flatten, the gated
   layer at half the ungated one's bits, so which is ahead depends on the width. The other settings (heads, knn,
   qk-norm; and the pool's value rate, init and size) stay the paper's for the same rule: in the ablations where
-  width-8 dense has flattened (docs/results/README.md, people-300, two seeds) a 4x lower value rate stores +14% /
-  +15% but loses on text in both seeds, one head of 8 rows gains +2% / +7% but lost far in one seed at width 32, and
-  a 4x pool stores +30% / +21% at 1.20x the FLOPs (a size, not an equal-FLOP default); read by one head at equal
-  FLOPs it stores +34% / +11% (a third seed: -4%), and the text analogue (4x pool, one head) is behind the preset in both seeds.
+  width-8 dense has flattened (docs/results/README.md, people-300) a 4x lower value rate stores +14% / +15% / -20%
+  (three seeds) and loses on text in both seeds tried; one head over a 4x pool +34% / +11% / -4%, its text analogue
+  behind in both; one head of 8 rows +2% / +7% (two seeds) but far behind in one seed at width 32; and a 4x pool,
+  ahead in all three seeds (+30% / +21% / +3%), costs 1.20x the FLOPs: a size, not an equal-FLOP default.
 
 Token-indexed blocks (their tables are read by token id; the model hands them its ``vocab_size``):
 
