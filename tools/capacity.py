@@ -84,7 +84,7 @@ control's bound below zero, a confidently wrong model, says it stores nothing, n
         --models dense stem memoryplus --lrs 0.01 --model-lrs memoryplus=0.03 --seeds 1337 \
         --controls frozen single_row shuffled --jobs 2 --threads 1
 
-    python tools/capacity.py --gpu --jobs 10 --threads 1  # w32 at people-3,000 and -4,500, 1,000 exposures: a GPU's
+    python tools/capacity.py --gpu --jobs 10 --threads 1  # w32, people-3,000 and -4,500, 1,000 exposures: for a GPU
     python tools/capacity.py --report-only                # rewrite json/md/png from the stored cells
     python tools/capacity.py --write-configs              # regenerate configs/capacity/model-*.yaml
 

@@ -182,7 +182,7 @@ def _product_key_topk_backward(ctx, grad_scores, _grad_indices):
     A first-order backward runs as one kernel; under ``create_graph`` it is built from the differentiable
     ``weighted_gather`` / ``weighted_scatter`` ops, so double backward works."""
     query, sub_keys, indices = ctx.saved_tensors
-    if grad_scores is None:  # the scores took no part in the loss
+    if grad_scores is None:  # a backward through the indices alone (gradcheck asks for each output's in turn)
         return None, None, None
     if torch.is_grad_enabled():
         grad_query, grad_keys = _gather_backward(grad_scores, indices, query, sub_keys, differentiable=True)
